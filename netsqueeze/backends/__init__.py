@@ -1,0 +1,1 @@
+"""Backends: emit the IR as a torch.fx GraphModule or an ONNX ModelProto."""

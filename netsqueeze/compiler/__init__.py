@@ -1,0 +1,1 @@
+"""The compiler: compile(), policy resolution, pass manager, calibration and report."""

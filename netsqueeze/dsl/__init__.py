@@ -1,0 +1,1 @@
+"""Policy language: Lark grammar, AST with source spans, parser and checker."""

@@ -1,0 +1,122 @@
+"""The one diagnostic type of netsqueeze and the exceptions that carry diagnostics.
+
+Every error a user can cause (a policy mistake, an unsupported operator, a model/input
+mismatch, an infeasible budget or solve) is a `NetsqueezeError` holding one or more
+`Diagnostic`s, each naming its place: a `file:line:col` span or an IR node id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from difflib import get_close_matches
+from typing import Literal
+
+Severity = Literal["error", "warning", "note"]
+
+
+@dataclass(frozen=True)
+class SourceSpan:
+    """A range in a source file; lines and columns are 1-based, `end_col` is exclusive."""
+
+    file: str
+    line: int
+    col: int
+    end_line: int | None = None
+    end_col: int | None = None
+    text: str | None = None  # full source text, used to show the offending line
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.col}"
+
+    def source_line(self) -> str | None:
+        if self.text is None:
+            return None
+        lines = self.text.splitlines()
+        return lines[self.line - 1] if 0 < self.line <= len(lines) else None
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    """A message with a severity and a place: a source span, a node id, or both."""
+
+    message: str
+    severity: Severity = "error"
+    span: SourceSpan | None = None
+    node: str | None = None
+    notes: tuple[str, ...] = field(default=())
+
+    def format(self) -> str:
+        where = str(self.span) if self.span is not None else (f"node '{self.node}'" if self.node else "")
+        head = f"{where}: {self.severity}: {self.message}" if where else f"{self.severity}: {self.message}"
+        if self.span is not None and self.node:
+            head += f" (node '{self.node}')"
+        out = [head]
+        line = self.span.source_line() if self.span is not None else None
+        if line is not None and self.span is not None:
+            out.append(f"  {line}")
+            width = 1
+            if self.span.end_col is not None and (self.span.end_line in (None, self.span.line)):
+                width = max(1, self.span.end_col - self.span.col)
+            out.append("  " + " " * (self.span.col - 1) + "^" + "~" * (width - 1))
+        out.extend(f"  note: {n}" for n in self.notes)
+        return "\n".join(out)
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+class NetsqueezeError(Exception):
+    """Base of every error netsqueeze raises for something the user wrote or fed in."""
+
+    def __init__(self, diagnostics: Diagnostic | str | Sequence[Diagnostic], *, node: str | None = None):
+        if isinstance(diagnostics, str):
+            diagnostics = [Diagnostic(diagnostics, node=node)]
+        elif isinstance(diagnostics, Diagnostic):
+            diagnostics = [diagnostics]
+        self.diagnostics: tuple[Diagnostic, ...] = tuple(diagnostics)
+        super().__init__("\n".join(d.format() for d in self.diagnostics))
+
+    @property
+    def message(self) -> str:
+        return self.diagnostics[0].message if self.diagnostics else ""
+
+
+class PolicyError(NetsqueezeError):
+    """A policy file or text that does not parse or does not check."""
+
+
+class CaptureError(NetsqueezeError):
+    """A model the frontend cannot capture or import."""
+
+
+class InputMismatchError(NetsqueezeError):
+    """Example inputs or calibration data that do not fit the model."""
+
+
+class UnsupportedOpError(NetsqueezeError):
+    """An operator a route cannot handle (e.g. an opaque ONNX op emitted to torch)."""
+
+
+class VerifyError(NetsqueezeError):
+    """A graph that fails `Graph.verify()`: structure, shapes or params inconsistent."""
+
+
+class PassError(NetsqueezeError):
+    """A pass that failed inside a pipeline; names the pass and the passes before it."""
+
+
+class BudgetError(NetsqueezeError):
+    """A budget or guard the passes cannot meet; states what was reached."""
+
+
+class SolverError(NetsqueezeError):
+    """An optimisation problem that is infeasible or that the solver could not solve."""
+
+
+def did_you_mean(word: str, choices: Iterable[str], n: int = 3) -> str:
+    """' (did you mean 'x'?)' for the closest choices, or '' when nothing is close."""
+    close = get_close_matches(word, sorted(set(choices)), n=n, cutoff=0.6)
+    if not close:
+        return ""
+    return " (did you mean " + " or ".join(f"'{c}'" for c in close) + "?)"

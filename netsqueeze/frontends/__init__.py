@@ -1,0 +1,1 @@
+"""Frontends: torch (fx / torch.export) and ONNX models lowered into the IR."""

@@ -1,0 +1,10 @@
+"""The NetworkX-based IR shared by every frontend, pass and backend."""
+
+from netsqueeze.ir.graph import Graph, Node, Origin, TensorMeta, Value
+from netsqueeze.ir.ops import OPS, OpSpec, infer_shapes, node_flops, node_params, spec
+from netsqueeze.ir.stats import GraphStats, NodeStats, format_stats, graph_stats
+
+__all__ = [
+    "OPS", "Graph", "GraphStats", "Node", "NodeStats", "OpSpec", "Origin", "TensorMeta", "Value",
+    "format_stats", "graph_stats", "infer_shapes", "node_flops", "node_params", "spec",
+]

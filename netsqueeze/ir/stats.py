@@ -1,0 +1,62 @@
+"""Params / FLOPs / bytes accounting per node and for the whole graph."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from netsqueeze.ir.graph import Graph
+from netsqueeze.ir.ops import node_flops, node_param_bytes, node_params
+
+
+@dataclass(frozen=True)
+class NodeStats:
+    id: str
+    kind: str
+    shapes: tuple[str, ...]
+    params: int
+    flops: int
+    param_bytes: int
+    activation_bytes: int
+
+
+@dataclass(frozen=True)
+class GraphStats:
+    nodes: dict[str, NodeStats]
+
+    @property
+    def params(self) -> int:
+        return sum(n.params for n in self.nodes.values())
+
+    @property
+    def flops(self) -> int:
+        return sum(n.flops for n in self.nodes.values())
+
+    @property
+    def param_bytes(self) -> int:
+        return sum(n.param_bytes for n in self.nodes.values())
+
+
+_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1, "int64": 8, "int32": 4, "bool": 1}
+
+
+def graph_stats(graph: Graph) -> GraphStats:
+    out: dict[str, NodeStats] = {}
+    for node in graph.nodes():
+        act = sum(m.numel() * _SIZES.get(m.dtype, 4) for m in node.meta)
+        out[node.id] = NodeStats(
+            node.id, node.kind, tuple(str(m) for m in node.meta), node_params(node), node_flops(graph, node),
+            node_param_bytes(node), act,
+        )
+    return GraphStats(out)
+
+
+def format_stats(stats: GraphStats) -> str:
+    rows = [("node", "kind", "shape", "params", "FLOPs")]
+    for s in stats.nodes.values():
+        if s.kind in ("input", "output"):
+            continue
+        rows.append((s.id, s.kind, ", ".join(s.shapes), f"{s.params:,}", f"{s.flops:,}"))
+    rows.append(("total", "", "", f"{stats.params:,}", f"{stats.flops:,}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    return "\n".join("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in rows)

@@ -1,0 +1,120 @@
+"""Pass base classes, the `PassContext` a pass sees, and per-pass results.
+
+A pass is a frozen dataclass: its fields are its options (typed, with defaults), so the
+policy checker validates a policy's arguments against them and custom passes get checking
+for free. Passes never import the compiler or backends: calibration activations, the
+selected nodes and logging come through `PassContext`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, TypeVar
+
+import torch
+
+from netsqueeze.errors import Diagnostic, NetsqueezeError
+from netsqueeze.ir.graph import Graph, Value
+
+T = TypeVar("T")
+
+
+@dataclass
+class PassResult:
+    """What a transform did: whether it changed the graph, which nodes it touched, notes for the report."""
+
+    changed: bool = False
+    touched: set[str] = field(default_factory=set)
+    removed: set[str] = field(default_factory=set)
+    notes: list[str] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+# A source of calibration activations: given tapped values, yields one list of tensors per batch.
+ActivationStream = Callable[[Graph, Sequence[Value]], Iterator[list[torch.Tensor]]]
+
+
+@dataclass
+class PassContext:
+    """Everything a pass may use besides the graph.
+
+    - `selected`: node ids the policy's `on SELECTOR` picked for this invocation (None = every node).
+    - `stream(graph, values)`: streams calibration activations at `values`, one batch at a time.
+    - `analyses`: the analysis cache, managed by the pass manager.
+    - `budget`: global targets from the policy (e.g. {"flops": 0.5, "params": 0.25}), ratios of the original.
+    """
+
+    selected: frozenset[str] | None = None
+    stream_fn: ActivationStream | None = None
+    budget: dict[str, float] = field(default_factory=dict)
+    bounds: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    log: Callable[[str], None] = field(default=lambda msg: None)
+    analyses: dict[str, Any] = field(default_factory=dict)
+    # original graph before the pipeline (read-only), for budgets relative to the original
+    original: Graph | None = None
+
+    def is_selected(self, node_id: str) -> bool:
+        return self.selected is None or node_id in self.selected
+
+    def stream(self, graph: Graph, values: Sequence[Value]) -> Iterator[list[torch.Tensor]]:
+        if self.stream_fn is None:
+            raise NetsqueezeError(Diagnostic("this pass needs calibration data: pass calibration=... to compile()"))
+        return self.stream_fn(graph, values)
+
+    def analysis(self, cls: type[AnalysisPass[T]], graph: Graph, **options: Any) -> T:
+        """The cached result of analysis `cls` on `graph`, computed on first use."""
+        inst = cls(**options)
+        key = f"{cls.name}:{inst!r}"
+        if key not in self.analyses:
+            self.analyses[key] = inst.compute(graph, self)
+        return self.analyses[key]  # type: ignore[no-any-return]
+
+    def invalidate(self, preserved: frozenset[str] | None) -> None:
+        """Drops cached analyses except those whose pass name is in `preserved` (None keeps all)."""
+        if preserved is None:
+            return
+        for k in list(self.analyses):
+            if k.split(":", 1)[0] not in preserved:
+                del self.analyses[k]
+
+    def with_selection(self, selected: frozenset[str] | None) -> PassContext:
+        return dataclasses.replace(self, selected=selected)
+
+
+@dataclass(frozen=True)
+class Pass:
+    """Base of every pass. Subclasses are frozen dataclasses with a ClassVar `name` and a docstring."""
+
+    name: ClassVar[str] = ""
+    # Names of analyses this pass keeps valid; None means "all" (analyses and read-only passes).
+    preserves: ClassVar[frozenset[str] | None] = frozenset()
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        raise NotImplementedError
+
+    @classmethod
+    def options(cls) -> list[dataclasses.Field[Any]]:
+        return [f for f in dataclasses.fields(cls) if f.init]
+
+
+@dataclass(frozen=True)
+class AnalysisPass(Pass, Generic[T]):
+    """A pass that computes a cached result and never changes the graph."""
+
+    preserves: ClassVar[frozenset[str] | None] = None
+
+    def compute(self, graph: Graph, ctx: PassContext) -> T:
+        raise NotImplementedError
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        key = f"{self.name}:{self!r}"
+        ctx.analyses[key] = self.compute(graph, ctx)
+        return PassResult(changed=False)
+
+
+@dataclass(frozen=True)
+class TransformPass(Pass):
+    """A pass that rewrites the graph in place and reports what it changed."""

@@ -1,0 +1,3 @@
+"""Imports every built-in pass module so that their `@register_pass` decorators run."""
+
+from netsqueeze.passes import dead_code, fold_bn, shape_inference  # noqa: F401

@@ -1,0 +1,60 @@
+"""`fold_bn`: folds inference-mode BatchNorm into the preceding conv, conv_transpose or linear."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from netsqueeze.ir.graph import Graph
+from netsqueeze.passes.base import PassContext, PassResult, TransformPass
+from netsqueeze.passes.registry import register_pass
+
+
+@register_pass
+@dataclass(frozen=True)
+class FoldBN(TransformPass):
+    """Folds y = γ·(Wx + b − μ)/√(σ²+ε) + β into W' = s·W, b' = s·(b − μ) + β with s = γ/√(σ²+ε).
+
+    Exact up to float rounding (computed in float64). Applies when the BatchNorm's only
+    operand is a producer output that nothing else reads and the channel axis is the
+    producer's output-channel axis (conv: axis 1; linear: only for rank-2 outputs).
+    Selected nodes are the BatchNorms to fold (default: all). Guarantees: each folded
+    BatchNorm is gone and its producer has a bias.
+    """
+
+    name: ClassVar[str] = "fold_bn"
+    preserves: ClassVar[frozenset[str] | None] = frozenset({"shape_inference"})
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        result = PassResult()
+        for bn in graph.by_kind("batch_norm"):
+            if not ctx.is_selected(bn.id):
+                continue
+            src, out = graph.operands(bn.id)[0]
+            prod = graph.node(src)
+            if prod.kind not in ("conv", "conv_transpose", "linear") or len(graph.users(src)) != 1:
+                continue
+            if prod.kind == "linear" and len(prod.meta[0].shape) != 2:
+                continue
+            if prod.kind == "conv_transpose" and prod.attrs.get("groups", 1) != 1:
+                continue
+            p, q = prod.params, bn.params
+            dt = p["weight"].dtype
+            var = q["running_var"].double()
+            s = (q["weight"].double() if "weight" in q else torch.ones_like(var)) / torch.sqrt(var + bn.attrs["eps"])
+            beta = q["bias"].double() if "bias" in q else torch.zeros_like(var)
+            b = p["bias"].double() if "bias" in p else torch.zeros_like(var)
+            w = p["weight"].double()
+            axis = 1 if prod.kind == "conv_transpose" else 0
+            shape = [1] * w.dim()
+            shape[axis] = -1
+            p["weight"] = (w * s.reshape(shape)).to(dt)
+            p["bias"] = (s * (b - q["running_mean"].double()) + beta).to(dt)
+            graph.replace_uses((bn.id, 0), (src, out))
+            graph.remove_node(bn.id)
+            result.removed.add(bn.id)
+            result.touched.add(src)
+        result.changed = bool(result.removed)
+        return result
