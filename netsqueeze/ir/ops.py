@@ -294,6 +294,15 @@ for _k, _cost in [("relu", 1), ("clip", 1), ("leaky_relu", 2), ("gelu", 8), ("si
     op(_k, "elementwise", flops=_per_out(_cost))(_same)
 
 
+@op("lrn", "barrier", flops=_per_out(6))
+def _lrn(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
+    """Local response norm across channels; attrs size, alpha, beta, bias (torch nn.LocalResponseNorm's k).
+
+    Mixes neighbouring channels, so channel analysis treats it as a barrier.
+    """
+    return [ins[0]]
+
+
 @op("softmax", "barrier", flops=_per_out(5))
 def _softmax(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     """Softmax along `axis`; couples the whole axis, so it is a barrier when that axis is the channel axis."""
