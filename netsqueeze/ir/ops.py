@@ -486,7 +486,7 @@ def _resize(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     if node.attrs.get("size"):
         sp = tuple(node.attrs["size"])
     else:
-        sp = tuple(int(math.floor(d * s)) for d, s in zip(x.shape[2:], node.attrs["scale"]))
+        sp = tuple(math.floor(d * s) for d, s in zip(x.shape[2:], node.attrs["scale"]))
     return [TensorMeta((*x.shape[:2], *sp), x.dtype)]
 
 

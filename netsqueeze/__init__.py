@@ -1,0 +1,36 @@
+"""netsqueeze: a declarative model-compression compiler for PyTorch and ONNX models."""
+
+from netsqueeze.compiler.api import CompileResult, compile, import_model
+from netsqueeze.compiler.pipeline import Step, run_pipeline
+from netsqueeze.compiler.report import CompileReport
+from netsqueeze.errors import (
+    BudgetError,
+    CaptureError,
+    Diagnostic,
+    InputMismatchError,
+    NetsqueezeError,
+    PassError,
+    PolicyError,
+    SolverError,
+    SourceSpan,
+    UnsupportedOpError,
+    VerifyError,
+)
+from netsqueeze.ir import Graph
+from netsqueeze.passes import (
+    AnalysisPass,
+    Pass,
+    PassContext,
+    PassResult,
+    TransformPass,
+    get_pass,
+    register_pass,
+)
+
+__all__ = [
+    "AnalysisPass", "BudgetError", "CaptureError", "CompileReport", "CompileResult", "Diagnostic", "Graph",
+    "InputMismatchError", "NetsqueezeError", "Pass", "PassContext", "PassError", "PassResult", "PolicyError",
+    "SolverError", "SourceSpan", "Step", "TransformPass", "UnsupportedOpError", "VerifyError", "compile",
+    "get_pass", "import_model", "register_pass", "run_pipeline",
+]
+__version__ = "0.1.0"

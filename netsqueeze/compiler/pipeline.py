@@ -1,0 +1,90 @@
+"""The pass manager: runs a pipeline, verifies after every pass, records time and changes per pass."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from netsqueeze.errors import Diagnostic, NetsqueezeError, PassError
+from netsqueeze.ir.graph import Graph
+from netsqueeze.ir.stats import GraphStats, graph_stats
+from netsqueeze.passes.base import Pass, PassContext, PassResult
+
+
+@dataclass(frozen=True)
+class Step:
+    """One pipeline entry: a pass instance, the nodes its `on` clause selected, and where it was written."""
+
+    instance: Pass
+    selected: frozenset[str] | None = None
+    where: str = ""  # "policy.sqz:7" for policy steps, "" for Python-built pipelines
+
+
+@dataclass
+class PassRecord:
+    """What one pass did: time, result, and the graph statistics before and after it."""
+
+    name: str
+    options: str
+    where: str
+    seconds: float
+    result: PassResult
+    before: GraphStats
+    after: GraphStats
+
+    def changed_nodes(self) -> list[str]:
+        """Nodes whose shapes, params or FLOPs differ, plus added and removed nodes, in a stable order."""
+        b, a = self.before.nodes, self.after.nodes
+        out = [n for n in b if n not in a or b[n] != a[n]]
+        out += [n for n in a if n not in b]
+        return out
+
+
+@dataclass
+class PipelineRun:
+    records: list[PassRecord] = field(default_factory=list)
+
+
+def _describe(p: Pass) -> str:
+    opts = [f"{f.name}={getattr(p, f.name)!r}" for f in p.options()]
+    return ", ".join(opts)
+
+
+def run_pipeline(graph: Graph, steps: Sequence[Step | Pass], ctx: PassContext) -> PipelineRun:
+    """Runs `steps` on `graph` in place. Each pass is followed by `graph.verify()`.
+
+    A failure is re-raised as `PassError` naming the failing pass, where it was written and
+    the passes that ran before it; a `NetsqueezeError`'s own diagnostics are kept.
+    """
+    run = PipelineRun()
+    done: list[str] = []
+    stats = graph_stats(graph)
+    for raw in steps:
+        step = raw if isinstance(raw, Step) else Step(raw)
+        p = step.instance
+        if not isinstance(p, Pass):
+            raise PassError(f"pipeline entry {p!r} is not a Pass instance")
+        label = f"pass '{p.name}'" + (f" ({step.where})" if step.where else "")
+        before_txt = "passes run before it: " + (", ".join(done) if done else "none")
+        t0 = time.perf_counter()
+        try:
+            result = p.run(graph, ctx.with_selection(step.selected))
+            if not isinstance(result, PassResult):
+                raise TypeError(f"run() returned {type(result).__name__}, expected PassResult")
+            graph.verify()
+        except NetsqueezeError as e:
+            diags = [
+                Diagnostic(f"{label} failed: {d.message}", d.severity, d.span, d.node, (*d.notes, before_txt))
+                for d in e.diagnostics
+            ]
+            raise PassError(diags) from e
+        except Exception as e:
+            raise PassError(Diagnostic(f"{label} failed: {type(e).__name__}: {e}", notes=(before_txt,))) from e
+        seconds = time.perf_counter() - t0
+        ctx.invalidate(p.preserves if result.changed else None)
+        after = graph_stats(graph)
+        run.records.append(PassRecord(p.name, _describe(p), step.where, seconds, result, stats, after))
+        stats = after
+        done.append(p.name)
+    return run

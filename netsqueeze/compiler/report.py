@@ -1,0 +1,103 @@
+"""The compile report: per pass and per node, shapes, params and FLOPs before/after, times, fidelity."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from netsqueeze.compiler.pipeline import PassRecord
+from netsqueeze.ir.stats import GraphStats
+
+
+def _table(rows: list[tuple[str, ...]], right: set[int]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for j, r in enumerate(rows):
+        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        lines.append("  ".join(cells).rstrip())
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _ratio(a: int, b: int) -> str:
+    return f"{a / b:.2f}x" if b else "-"
+
+
+@dataclass
+class CompileReport:
+    """Everything `compile()` measured. `str(report)` prints it as tables."""
+
+    model_name: str
+    frontend: str
+    target: str
+    before: GraphStats
+    after: GraphStats
+    passes: list[PassRecord] = field(default_factory=list)
+    times: dict[str, float] = field(default_factory=dict)
+    policy_hash: str | None = None
+    plan: str | None = None
+    fidelity: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def params_ratio(self) -> float:
+        """Original params / compressed params (2.0 = half the params)."""
+        return self.before.params / max(1, self.after.params)
+
+    @property
+    def flops_ratio(self) -> float:
+        return self.before.flops / max(1, self.after.flops)
+
+    def node_rows(self) -> list[tuple[str, ...]]:
+        rows: list[tuple[str, ...]] = []
+        b, a = self.before.nodes, self.after.nodes
+        for nid in [*b, *[n for n in a if n not in b]]:
+            nb, na = b.get(nid), a.get(nid)
+            kind = (nb or na).kind  # type: ignore[union-attr]
+            if kind in ("input", "output", "constant"):
+                continue
+            shape_b = ", ".join(nb.shapes) if nb else "(new)"
+            shape_a = ", ".join(na.shapes) if na else "(removed)"
+            rows.append((
+                nid, kind, shape_b, shape_a if shape_a != shape_b else "=",
+                f"{nb.params if nb else 0:,}", f"{na.params if na else 0:,}",
+                f"{nb.flops if nb else 0:,}", f"{na.flops if na else 0:,}",
+            ))
+        return rows
+
+    def format(self) -> str:
+        out = [f"netsqueeze report: {self.model_name} ({self.frontend} -> {self.target})"]
+        if self.policy_hash:
+            out.append(f"policy sha256: {self.policy_hash}")
+        out.append("")
+        prow: list[tuple[str, ...]] = [("pass", "where", "time", "changed", "params", "FLOPs", "notes")]
+        for r in self.passes:
+            changed = len(r.changed_nodes())
+            prow.append((
+                r.name, r.where or "-", f"{r.seconds * 1000:.1f} ms", f"{changed} nodes",
+                f"{r.before.params:,} -> {r.after.params:,}", f"{r.before.flops:,} -> {r.after.flops:,}",
+                "; ".join(r.result.notes)[:80],
+            ))
+        if len(prow) > 1:
+            out += ["passes:", _table(prow, {2}), ""]
+        rows: list[tuple[str, ...]] = [("node", "kind", "shape before", "shape after", "params", "params'",
+                                        "FLOPs", "FLOPs'")]
+        rows += self.node_rows()
+        out += ["nodes:", _table(rows, {4, 5, 6, 7}), ""]
+        out.append(
+            f"total: params {self.before.params:,} -> {self.after.params:,} ({_ratio(self.before.params, self.after.params)}"
+            f" smaller), FLOPs {self.before.flops:,} -> {self.after.flops:,} "
+            f"({_ratio(self.before.flops, self.after.flops)} fewer), weight bytes {self.before.param_bytes:,} -> "
+            f"{self.after.param_bytes:,}"
+        )
+        if self.fidelity:
+            out.append("fidelity: " + ", ".join(f"{k} {v:.3g}" for k, v in self.fidelity.items()))
+        if self.times:
+            out.append("time: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in self.times.items()))
+        out.extend(f"note: {n}" for n in self.notes)
+        if self.plan:
+            out += ["", "resolved plan:", self.plan]
+        return "\n".join(out)
+
+    def __str__(self) -> str:
+        return self.format()
