@@ -6,7 +6,6 @@ each entry point naming a Pass subclass. A duplicate name is an error.
 
 from __future__ import annotations
 
-import dataclasses
 from importlib import metadata
 from typing import TypeVar
 
@@ -24,7 +23,9 @@ def register_pass(cls: P) -> P:
     """Class decorator: registers a Pass subclass under its `name`."""
     if not (isinstance(cls, type) and issubclass(cls, Pass)):
         raise NetsqueezeError(f"register_pass expects a Pass subclass, got {cls!r}")
-    if not dataclasses.is_dataclass(cls) or not cls.__dataclass_params__.frozen:  # type: ignore[attr-defined]
+    # checked on the class itself: a subclass without @dataclass inherits the base's dataclass params
+    params = cls.__dict__.get("__dataclass_params__")
+    if params is None or not params.frozen:
         raise NetsqueezeError(f"pass {cls.__name__} must be a frozen dataclass (@dataclass(frozen=True))")
     name = cls.name
     if not name or not name.isidentifier():

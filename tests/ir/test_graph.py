@@ -1,0 +1,88 @@
+"""IR: construction, verify diagnostics, deterministic printing, accounting."""
+
+import pytest
+import torch
+
+from netsqueeze.errors import VerifyError
+from netsqueeze.ir import Graph, graph_stats
+
+
+def small_graph() -> Graph:
+    torch.manual_seed(0)
+    g = Graph("small")
+    g.add_node("x", "input", attrs={"shape": (2, 3, 8, 8)})
+    g.add_node("conv", "conv", ["x"], attrs={"stride": (1, 1), "padding": (1, 1, 1, 1), "dilation": (1, 1),
+                                             "groups": 1}, params={"weight": torch.randn(4, 3, 3, 3),
+                                                                    "bias": torch.zeros(4)})
+    g.add_node("relu", "relu", ["conv"])
+    g.add_node("add", "add", ["relu", "relu"])  # the same value twice
+    g.add_node("flat", "flatten", ["add"], attrs={"start_dim": 1})
+    g.add_node("fc", "linear", ["flat"], params={"weight": torch.randn(10, 256)})
+    g.add_node("out", "output", ["fc"])
+    g.infer_shapes()
+    return g
+
+
+def test_shapes_and_operand_order() -> None:
+    g = small_graph()
+    g.verify()
+    assert g.node("fc").meta[0].shape == (2, 10)
+    assert g.operands("add") == [("relu", 0), ("relu", 0)]
+    assert [u[0] for u in g.users("relu")] == ["add", "add"]
+
+
+def test_printer_is_deterministic() -> None:
+    a, b = str(small_graph()), str(small_graph())
+    assert a == b
+    assert "%conv: float32[2, 4, 8, 8] = conv(%x) {dilation=[1, 1], groups=1, padding=[1, 1, 1, 1], stride=[1, 1]}" in a
+
+
+def test_stats() -> None:
+    s = graph_stats(small_graph())
+    assert s.nodes["conv"].params == 4 * 3 * 9 + 4
+    assert s.nodes["fc"].params == 2560
+    assert s.params == 112 + 2560
+    # conv: 2·27 per output element + bias, 2·4·8·8 outputs; linear: 2·2560 per row, 2 rows
+    assert s.nodes["conv"].flops == 2 * 27 * 512 + 512
+    assert s.nodes["fc"].flops == 2 * 2 * 2560
+
+
+def test_verify_catches_stale_shapes_and_names_the_node() -> None:
+    g = small_graph()
+    g.node("fc").params["weight"] = torch.randn(10, 100)
+    with pytest.raises(VerifyError) as e:
+        g.verify()
+    assert str(e.value) == "node 'fc': error: linear 'fc': input has 256 features but weight expects 100"
+
+
+def test_verify_reports_every_problem() -> None:
+    g = small_graph()
+    g.node("conv").params["bias"] = torch.zeros(5)
+    g.node("fc").params["weight"] = torch.randn(10, 100)
+    with pytest.raises(VerifyError) as e:
+        g.verify()
+    assert [d.node for d in e.value.diagnostics] == ["conv", "fc"]
+
+
+def test_cycle_is_reported() -> None:
+    g = small_graph()
+    g.set_operand("conv", 0, ("relu", 0))
+    with pytest.raises(VerifyError, match="graph has a cycle: conv -> relu"):
+        g.verify()
+
+
+def test_duplicate_id_and_unknown_node() -> None:
+    g = small_graph()
+    with pytest.raises(VerifyError, match="duplicate node id 'relu'"):
+        g.add_node("relu", "relu", ["conv"])
+    with pytest.raises(VerifyError, match=r"no node 'rleu' in the graph \(did you mean 'relu'\?\)"):
+        g.node("rleu")
+
+
+def test_copy_is_deep() -> None:
+    g = small_graph()
+    h = g.copy()
+    h.node("conv").params["weight"].zero_()
+    h.remove_node("out")
+    assert g.node("conv").params["weight"].abs().sum() > 0
+    assert "out" in g and g.outputs == ["out"]
