@@ -1,0 +1,108 @@
+"""compile() end to end on the zoo: empty pipeline, fold_bn + dead_code, report, errors, input untouched."""
+
+from __future__ import annotations
+
+import copy
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
+
+import netsqueeze as ns
+from netsqueeze.passes.dead_code import DeadCode
+from netsqueeze.passes.fold_bn import FoldBN
+from tests.zoo import ZOO
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def n_params(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def max_err(a: torch.nn.Module, b: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> float:
+    with torch.no_grad():
+        ya, yb = a(*inputs), b(*inputs)
+    ya = ya if isinstance(ya, tuple) else (ya,)
+    yb = yb if isinstance(yb, tuple) else (yb,)
+    return max(float((x - y).abs().max()) for x, y in zip(ya, yb))
+
+
+def fresh_inputs(inputs: tuple[torch.Tensor, ...], seed: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(t.shape, generator=g) if t.is_floating_point() else t.clone() for t in inputs)
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_empty_pipeline_reproduces_outputs(name: str) -> None:
+    model, inputs = ZOO[name]()
+    state = copy.deepcopy(model.state_dict())
+    res = ns.compile(model, [], example_inputs=inputs)
+    assert max_err(model, res.model, fresh_inputs(inputs, 1)) <= 1e-5
+    assert n_params(res.model) == n_params(model) == res.report.after.params
+    # the user's model is untouched
+    assert model.training is False
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_fold_bn_dead_code(name: str) -> None:
+    model, inputs = ZOO[name]()
+    res = ns.compile(model, [FoldBN(), DeadCode()], example_inputs=inputs)
+    assert max_err(model, res.model, fresh_inputs(inputs, 2)) <= 1e-4
+    assert not [n.id for n in res.graph.nodes() if n.kind == "batch_norm"]
+    assert n_params(res.model) == res.report.after.params
+    assert [r.name for r in res.report.passes] == ["fold_bn", "dead_code"]
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_printed_ir_is_deterministic(name: str) -> None:
+    (m1, i1), (m2, i2) = ZOO[name](), ZOO[name]()
+    assert str(ns.import_model(m1, i1)) == str(ns.import_model(m2, i2))
+
+
+def test_report_lists_passes_and_nodes() -> None:
+    model, inputs = ZOO["vgg"]()
+    res = ns.compile(model, [FoldBN(), DeadCode()], example_inputs=inputs)
+    text = str(res.report)
+    assert "fold_bn" in text and "dead_code" in text
+    assert "(removed)" in text  # the folded BatchNorms
+    assert res.report.after.params < res.report.before.params
+    assert res.report.fidelity["max_abs_error"] <= 1e-4
+
+
+def test_pass_error_inside_compile_names_the_pass() -> None:
+    model, inputs = ZOO["mlp"]()
+
+    class Boom(ns.TransformPass):
+        name = "boom"
+
+        def run(self, graph: ns.Graph, ctx: ns.PassContext) -> ns.PassResult:
+            raise RuntimeError("no")
+
+    with pytest.raises(ns.PassError, match=r"pass 'boom' failed: RuntimeError: no"):
+        ns.compile(model, [FoldBN(), Boom()], example_inputs=inputs)
+
+
+def test_missing_example_inputs() -> None:
+    model, _ = ZOO["mlp"]()
+    with pytest.raises(ns.InputMismatchError, match="a torch model needs example inputs"):
+        ns.compile(model, [])
+
+
+def test_calibration_of_wrong_shape() -> None:
+    model, inputs = ZOO["mlp"]()
+    bad = torch.randn(4, *[d + 1 for d in inputs[0].shape[1:]])
+    with pytest.raises(ns.InputMismatchError, match="calibration batch 0: input 'x' has shape"):
+        ns.compile(model, [], example_inputs=inputs, calibration=[bad])
+
+
+def test_custom_pass_example_runs() -> None:
+    mod = runpy.run_path(str(ROOT / "examples" / "custom_pass.py"), run_name="example")
+    res = mod["main"]()
+    rec = res.report.passes[-1]
+    assert rec.name == "magnitude_sparsify"
+    assert rec.result.metrics["sparsity"] >= 0.5
+    assert ns.get_pass("magnitude_sparsify") is mod["MagnitudeSparsify"]
+    ns.passes.unregister_pass("magnitude_sparsify")
