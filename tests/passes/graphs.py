@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from netsqueeze.ir.graph import Graph, Value
 from netsqueeze.passes.base import PassContext
+from netsqueeze.passes.dependency import ChannelGroup
 
 
 def _t(*shape: int, scale: float = 0.3) -> torch.Tensor:
@@ -169,3 +170,13 @@ def stream_ctx(batches: list[list[torch.Tensor]],
             yield outs[len(outs) - len(values):]
 
     return PassContext(stream_fn=stream, **kw)  # type: ignore[arg-type]
+
+
+def zero_channels(graph: Graph, group: ChannelGroup, drop: Sequence[int]) -> None:
+    """Zeroes what creates the `drop` channels of `group` (producer weights, biases, norm affine params)."""
+    for m in group.members:
+        if m.param is None or m.role == "consumer" or m.param in ("running_mean", "running_var"):
+            continue
+        t = graph.node(m.node).params[m.param]
+        pos = torch.tensor([p for c in drop for p in m.index[c]], dtype=torch.long)
+        t.index_fill_(m.axis, pos, 0.0)

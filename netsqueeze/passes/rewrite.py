@@ -1,0 +1,191 @@
+"""The one rewriting routine of structural compression: apply a per-group channel selection to a graph.
+
+Every structural pass (trim, squeeze_fold, custom pruning passes) chooses channels and calls `apply_selection`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from netsqueeze.errors import Diagnostic, NetsqueezeError
+from netsqueeze.ir.graph import Graph, TensorMeta
+from netsqueeze.passes.base import PassResult
+from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups, Member
+
+# The bias a consumer member's weight axis feeds, and the weight axis that indexes it.
+_CONSUMER_BIAS: dict[tuple[str, str], tuple[str, int]] = {
+    ("conv", "weight"): ("bias", 0), ("linear", "weight"): ("bias", 0),
+    ("conv_transpose", "weight"): ("bias", 1), ("attention", "in_proj_weight"): ("in_proj_bias", 0),
+    ("attention", "out_proj_weight"): ("out_proj_bias", 0),
+}
+
+
+@dataclass(frozen=True)
+class ChannelSelection:
+    """What to do with one channel group.
+
+    - `keep`: group channels to keep (any order; applied in ascending order).
+    - `fold`: optional T [len(keep), group size]: every consumer's input channel c is reconstructed as
+      A_c ≈ Σ_s A_s·T[s, c] + t₀[c], so consumers get W'[o, s] = Σ_c W[o, c]·T[s, c] (per kernel tap for
+      conv, per position of the block for flatten→linear). Rows follow ascending `keep`.
+    - `bias_shift`: optional t₀, the intercept of that reconstruction; consumers' biases get += W·t₀
+      (with the original W). A tensor [group size] applies to every consumer; a mapping
+      {consumer node id: tensor over that consumer's input axis (original positions)} gives each
+      consumer its own (e.g. removed channels' mean activation measured at its input).
+    """
+
+    keep: Sequence[int]
+    fold: torch.Tensor | None = None
+    bias_shift: torch.Tensor | Mapping[str, torch.Tensor] | None = None
+
+
+def _key(m: Member) -> tuple[str, str, int]:
+    return (m.node, m.param if m.param is not None else f"#{m.output}", m.axis)
+
+
+def _err(group: ChannelGroup, msg: str) -> NetsqueezeError:
+    node = group.producers[0] if group.producers else group.members[0].node
+    return NetsqueezeError(Diagnostic(f"channel group {group.id}: {msg}", node=node))
+
+
+def _positions(m: Member, channels: Sequence[int]) -> list[int]:
+    return [p for c in channels for p in m.index[c]]
+
+
+def apply_selection(graph: Graph, groups: ChannelGroups, selection: Mapping[int, ChannelSelection]) -> PassResult:
+    """Rewrites every member of every selected group, then re-infers shapes and verifies the graph.
+
+    The extension point for custom pruning passes: compute `groups` with the `dependency` analysis
+    (`ctx.analysis(DependencyAnalysis, graph)`), choose per group id the channels to keep (and, to
+    reconstruct instead of just delete, a fold matrix and intercept), call this, and return its result.
+    Params of producers, norms and biases are sliced along the member axis; consumers' weights are
+    folded (if `fold`), bias-compensated (if `bias_shift`) and sliced; attrs that hold channel counts
+    (split sizes, slice bounds, reshape targets, depthwise `groups`, instance-norm `num_groups`,
+    attention `num_heads`) are updated. Several groups may share one param axis (concat consumers):
+    their removals are merged. Raises `NetsqueezeError` naming the node for a frozen group asked to
+    shrink, an empty or out-of-range `keep`, a fold of the wrong shape, or a fold into a consumer that
+    is not linear in its input channels (grouped convs). Guarantees: `graph.verify()` passes.
+    """
+    removed: dict[tuple[str, str, int], set[int]] = {}
+    old_meta = {n.id: list(n.meta) for n in graph.nodes()}
+    touched: set[str] = set()
+    bias_updates: list[tuple[Member, torch.Tensor]] = []
+    folds: list[tuple[Member, list[int], torch.Tensor]] = []
+    for gid in sorted(selection):
+        sel, group = selection[gid], groups[gid]
+        keep = sorted(set(int(k) for k in sel.keep))
+        if len(keep) != len(sel.keep) or (keep and (keep[0] < 0 or keep[-1] >= group.size)):
+            raise _err(group, f"keep must be distinct channel indices in 0..{group.size - 1}")
+        if not keep:
+            raise _err(group, "a selection must keep at least one channel")
+        drop = [c for c in range(group.size) if c not in set(keep)]
+        if not drop and sel.fold is None and sel.bias_shift is None:
+            continue
+        if group.frozen is not None:
+            raise _err(group, f"is frozen ({group.frozen}) and cannot shrink")
+        if sel.fold is not None and tuple(sel.fold.shape) != (len(keep), group.size):
+            raise _err(group, f"fold has shape {list(sel.fold.shape)}, expected [{len(keep)}, {group.size}]")
+        for m in group.members:
+            removed.setdefault(_key(m), set()).update(_positions(m, drop))
+            touched.add(m.node)
+            if m.role != "consumer":
+                continue
+            shift = sel.bias_shift
+            if isinstance(shift, Mapping):
+                if m.node in shift:
+                    bias_updates.append((m, shift[m.node]))
+            elif shift is not None:
+                if shift.shape != (group.size,):
+                    raise _err(group, f"bias_shift has shape {list(shift.shape)}, expected [{group.size}]")
+                full = torch.zeros(graph.node(m.node).params[m.target].shape[m.axis], dtype=torch.float64)
+                for c in range(group.size):
+                    full[list(m.index[c])] = float(shift[c])
+                bias_updates.append((m, full))
+            if sel.fold is not None:
+                node = graph.node(m.node)
+                if node.kind == "conv" and node.attrs.get("groups", 1) != 1:
+                    raise _err(group, f"cannot fold into grouped conv '{m.node}' (not linear in its input channels)")
+                if len({len(p) for p in m.index}) != 1:
+                    raise _err(group, f"cannot fold into '{m.node}': channels occupy unequal blocks")
+                folds.append((m, keep, sel.fold))
+    if not removed and not bias_updates and not folds:
+        return PassResult(changed=False)
+    # biases first: t₀ passes through the original weights
+    for m, shift in bias_updates:
+        node = graph.node(m.node)
+        bias_name, out_axis = _CONSUMER_BIAS[(node.kind, m.target)]
+        w = node.params[m.target].double()
+        s = shift.double().reshape([-1 if i == m.axis else 1 for i in range(w.dim())])
+        delta = (w * s).sum(dim=[i for i in range(w.dim()) if i != out_axis])
+        if bias_name not in node.params:
+            node.params[bias_name] = torch.zeros(w.shape[out_axis], dtype=node.params[m.target].dtype)
+        node.params[bias_name] = (node.params[bias_name].double() + delta).to(node.params[m.target].dtype)
+    for m, keep, t in folds:
+        node = graph.node(m.node)
+        w = node.params[m.target]
+        wm = w.double().movedim(m.axis, -1)
+        idx = torch.tensor([list(p) for p in m.index])  # [channels, block]
+        wc = wm[..., idx]  # [..., channels, block]
+        folded = torch.einsum("...cj,sc->...sj", wc, t.double())
+        wm[..., idx[keep]] = folded
+        node.params[m.target] = wm.movedim(-1, m.axis).to(w.dtype).contiguous()
+    for (nid, target, axis), pos in removed.items():
+        if not pos or target.startswith("#"):
+            continue
+        node = graph.node(nid)
+        t = node.params[target]
+        keep_idx = torch.tensor([i for i in range(t.shape[axis]) if i not in pos], dtype=torch.long)
+        node.params[target] = t.index_select(axis, keep_idx).contiguous()
+    _update_attrs(graph, removed, old_meta)
+    graph.infer_shapes()
+    graph.verify()
+    return PassResult(changed=True, touched=touched)
+
+
+def _update_attrs(graph: Graph, removed: dict[tuple[str, str, int], set[int]],
+                  old_meta: dict[str, list[TensorMeta]]) -> None:
+    """Rewrites attrs that spell out channel counts, from the old shapes and the removed positions."""
+
+    def gone(nid: str, out: int, axis: int) -> set[int]:
+        return removed.get((nid, f"#{out}", axis), set())
+
+    for node in graph.nodes():
+        a, k = node.attrs, node.kind
+        ops = graph.operands(node.id)
+        if k == "split":
+            ax = a["axis"] % len(old_meta[node.id][0].shape)
+            a["sizes"] = tuple(s - len(gone(node.id, j, ax)) for j, s in enumerate(a["sizes"]))
+        elif k == "slice":
+            src = ops[0]
+            shape = old_meta[src[0]][src[1]].shape
+            ax = a["axis"] % len(shape)
+            lost = gone(src[0], src[1], ax)
+            if lost:
+                start, end, step = slice(a["start"], a["end"], a.get("step", 1)).indices(shape[ax])
+                new_start = start - sum(1 for p in lost if p < start)
+                a["start"], a["end"] = new_start, new_start + len(range(start, end, step)) - len(gone(node.id, 0, ax))
+        elif k == "reshape":
+            shape = list(a["shape"])
+            for b, d in enumerate(shape):
+                if d > 0:
+                    shape[b] = d - len(gone(node.id, 0, b))
+            a["shape"] = tuple(shape)
+        elif k == "conv" and a.get("groups", 1) > 1:
+            old_in = old_meta[ops[0][0]][ops[0][1]].shape[1]
+            if a["groups"] == old_in:  # depthwise: one group per channel
+                a["groups"] = old_in - len(gone(ops[0][0], ops[0][1], 1))
+        elif k == "group_norm":
+            old_c = old_meta[node.id][0].shape[1]
+            if a["num_groups"] == old_c:
+                a["num_groups"] = old_c - len(gone(node.id, 0, 1))
+        elif k == "attention":
+            a["num_heads"] = int(node.params["in_proj_weight"].shape[0]) // (3 * a["head_dim"])
+        elif k == "layer_norm":
+            rank = len(old_meta[node.id][0].shape)
+            ns = list(a["normalized_shape"])
+            for i in range(len(ns)):
+                ns[i] -= len(gone(node.id, 0, rank - len(ns) + i))
+            a["normalized_shape"] = tuple(ns)
