@@ -1,0 +1,487 @@
+"""Torch backend: emits an IR `Graph` as a `torch.fx.GraphModule` of real torch.nn layers.
+
+Per-kind emitters live in `EMITTERS`; `@emitter("kind")` adds or replaces one (e.g. from a pass package).
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from netsqueeze.backends.torch_modules import Attention, Opaque, ParamHolder
+from netsqueeze.errors import Diagnostic, UnsupportedOpError
+from netsqueeze.ir.graph import Graph, Node, Value
+from netsqueeze.ir.ops import BUFFERS
+
+__all__ = ["EMITTERS", "Emitter", "ModuleBuilder", "emitter", "to_torch"]
+
+
+class ModuleBuilder:
+    """What an emitter sees: the fx graph under construction and the module tree it fills."""
+
+    def __init__(self, graph: Graph) -> None:
+        self.ir = graph
+        self.fx = fx.Graph()
+        self.root = nn.Module()
+        self._paths: dict[str, str] = {}
+        self._taken: set[str] = set()
+
+    def path(self, node: Node) -> str:
+        """A module path for the node: its id where that is a valid, free dotted path."""
+        if node.id in self._paths:
+            return self._paths[node.id]
+        parts = [re.sub(r"\W", "_", p) or "_" for p in node.id.split(".")]
+        cand = ".".join(parts)
+        if not self._free(cand):
+            cand = re.sub(r"\W", "_", node.id)
+            base, i = cand, 1
+            while not self._free(cand):
+                cand, i = f"{base}_{i}", i + 1
+        self._taken.add(cand)
+        self._paths[node.id] = cand
+        return cand
+
+    def _free(self, cand: str) -> bool:
+        # a module path may neither repeat nor sit inside / above another module's path
+        return not any(t == cand or t.startswith(cand + ".") or cand.startswith(t + ".") for t in self._taken)
+
+    def add_module(self, node: Node, module: nn.Module) -> str:
+        path = self.path(node)
+        parent: nn.Module = self.root
+        parts = path.split(".")
+        for p in parts[:-1]:
+            if not hasattr(parent, p):
+                parent.add_module(p, nn.Module())
+            parent = getattr(parent, p)
+        parent.add_module(parts[-1], module)
+        return path
+
+    def call_module(self, node: Node, module: nn.Module, args: Sequence[Any], kwargs: dict[str, Any] | None = None
+                    ) -> fx.Node:
+        return self.fx.call_module(self.add_module(node, module), tuple(args), kwargs or {})
+
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> fx.Node:
+        return self.fx.call_function(fn, args, kwargs)
+
+    def params(self, node: Node) -> fx.Node:
+        """Registers the node's params on a holder module; returns its get_attr base path."""
+        return self.fx.get_attr(self.add_module(node, ParamHolder(node.params, BUFFERS)))
+
+    def param(self, node: Node, name: str) -> fx.Node:
+        if node.id not in self._paths:
+            self.add_module(node, ParamHolder(node.params, BUFFERS))
+        return self.fx.get_attr(f"{self._paths[node.id]}.{name}")
+
+
+Emitter = Callable[[ModuleBuilder, Node, list[fx.Node]], "fx.Node | list[fx.Node]"]
+EMITTERS: dict[str, Emitter] = {}
+
+
+def emitter(*kinds: str) -> Callable[[Emitter], Emitter]:
+    def reg(fn: Emitter) -> Emitter:
+        for k in kinds:
+            EMITTERS[k] = fn
+        return fn
+
+    return reg
+
+
+def _p(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t.detach().clone())
+
+
+def _set_params(m: nn.Module, node: Node, names: dict[str, str] | None = None) -> nn.Module:
+    """Copies the node's params into `m` (cloned), by IR name or through `names` (IR -> module)."""
+    for k, t in node.params.items():
+        attr = (names or {}).get(k, k)
+        if k in BUFFERS:
+            getattr(m, attr).data = t.detach().clone()
+        else:
+            setattr(m, attr, _p(t))
+    return m
+
+
+def _sym(pads: Sequence[int], dims: int) -> bool:
+    return tuple(pads[:dims]) == tuple(pads[dims:])
+
+
+def _torch_pad(begins: Sequence[int], ends: Sequence[int]) -> list[int]:
+    out: list[int] = []
+    for b, e in zip(reversed(begins), reversed(ends)):
+        out += [int(b), int(e)]
+    return out
+
+
+@emitter("conv")
+def _conv(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
+    w = node.params["weight"]
+    dims = w.dim() - 2
+    a = node.attrs
+    g = a.get("groups", 1)
+    pads = tuple(a.get("padding", (0,) * 2 * dims))
+    cls: Any = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+    m = cls(w.shape[1] * g, w.shape[0], tuple(w.shape[2:]), stride=tuple(a.get("stride", (1,) * dims)),
+            padding=pads[:dims] if _sym(pads, dims) else 0, dilation=tuple(a.get("dilation", (1,) * dims)),
+            groups=g, bias="bias" in node.params, dtype=w.dtype)
+    x = xs[0]
+    if not _sym(pads, dims):
+        x = b.call(F.pad, x, _torch_pad(pads[:dims], pads[dims:]))
+    return b.call_module(node, _set_params(m, node), [x])
+
+
+@emitter("conv_transpose")
+def _conv_t(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
+    w = node.params["weight"]
+    dims = w.dim() - 2
+    a = node.attrs
+    g = a.get("groups", 1)
+    pads = tuple(a.get("padding", (0,) * 2 * dims))
+    if not _sym(pads, dims):
+        raise UnsupportedOpError(Diagnostic(f"conv_transpose '{node.id}' has asymmetric padding {list(pads)}, "
+                                            "which torch cannot express", node=node.id))
+    cls: Any = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[dims]
+    m = cls(w.shape[0], w.shape[1] * g, tuple(w.shape[2:]), stride=tuple(a.get("stride", (1,) * dims)),
+            padding=pads[:dims], output_padding=tuple(a.get("output_padding", (0,) * dims)), groups=g,
+            bias="bias" in node.params, dilation=tuple(a.get("dilation", (1,) * dims)), dtype=w.dtype)
+    return b.call_module(node, _set_params(m, node), [xs[0]])
+
+
+@emitter("linear")
+def _linear(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
+    w = node.params["weight"]
+    m = nn.Linear(w.shape[1], w.shape[0], bias="bias" in node.params, dtype=w.dtype)
+    return b.call_module(node, _set_params(m, node), [xs[0]])
+
+
+@emitter("batch_norm")
+def _bn(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
+    p = node.params
+    rank = len(node.meta[0].shape) if node.meta else 4
+    affine = "weight" in p and "bias" in p
+    if ("weight" in p) != ("bias" in p):  # half-affine: no torch layer matches, use the functional form
+        w = b.param(node, "weight") if "weight" in p else None
+        bias = b.param(node, "bias") if "bias" in p else None
+        return b.call(F.batch_norm, xs[0], b.param(node, "running_mean"), b.param(node, "running_var"), w, bias,
+                      False, 0.0, node.attrs.get("eps", 1e-5))
+    cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}.get(rank, nn.BatchNorm2d)
+    c = p["running_mean"].shape[0]
+    m = cls(c, eps=node.attrs.get("eps", 1e-5), affine=affine, dtype=p["running_mean"].dtype)
+    m.register_buffer("num_batches_tracked", None)  # the state_dict holds exactly the IR's params
+    m.eval()
+    return b.call_module(node, _set_params(m, node), [xs[0]])
+
+
+@emitter("layer_norm")
+def _ln(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
+    p = node.params
+    m = nn.LayerNorm(tuple(node.attrs["normalized_shape"]), eps=node.attrs.get("eps", 1e-5),
+                     elementwise_affine="weight" in p, bias="bias" in p)
+    if "bias" in p and "weight" not in p:
+        return b.call(F.layer_norm, xs[0], tuple(node.attrs["normalized_shape"]), None, b.param(node, "bias"),
+                      node.attrs.get("eps", 1e-5))
+    return b.call_module(node, _set_params(m, node), [xs[0]])
+
+
+@emitter("group_norm")
+def _gn(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
+    p = node.params
+    c = node.meta[0].shape[1]
+    if ("weight" in p) != ("bias" in p):
+        return b.call(F.group_norm, xs[0], node.attrs["num_groups"], b.param(node, "weight") if "weight" in p
+                      else None, b.param(node, "bias") if "bias" in p else None, node.attrs.get("eps", 1e-5))
+    m = nn.GroupNorm(node.attrs["num_groups"], c, eps=node.attrs.get("eps", 1e-5), affine="weight" in p)
+    return b.call_module(node, _set_params(m, node), [xs[0]])
+
+
+@emitter("embedding")
+def _embedding(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
+    w = node.params["weight"]
+    return b.call_module(node, _set_params(nn.Embedding(w.shape[0], w.shape[1], dtype=w.dtype), node), [xs[0]])
+
+
+@emitter("attention")
+def _attention(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
+    a, p = node.attrs, node.params
+    m = Attention(a["embed_dim"], a["num_heads"], a["head_dim"], a.get("batch_first", True),
+                  "in_proj_bias" in p, "out_proj_bias" in p)
+    return b.call_module(node, _set_params(m, node), xs)
+
+
+@emitter("lrn")
+def _lrn(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
+    a = node.attrs
+    m = nn.LocalResponseNorm(a["size"], alpha=a.get("alpha", 1e-4), beta=a.get("beta", 0.75), k=a.get("bias", 1.0))
+    return b.call_module(node, m, xs)
+
+
+def _unary(fn: Callable[..., Any], **fixed: Any) -> Emitter:
+    def emit(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
+        return b.call(fn, xs[0], **fixed)
+
+    return emit
+
+
+def _binary(fn: Callable[..., Any]) -> Emitter:
+    def emit(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
+        return b.call(fn, xs[0], xs[1])
+
+    return emit
+
+
+_UNARY: list[tuple[str, Callable[..., Any]]] = [
+    ("relu", F.relu), ("silu", F.silu), ("sigmoid", torch.sigmoid), ("tanh", torch.tanh),
+    ("hardswish", F.hardswish), ("hardsigmoid", F.hardsigmoid)]
+_BINARY: list[tuple[str, Callable[..., Any]]] = [
+    ("add", torch.add), ("sub", torch.sub), ("mul", torch.mul), ("div", torch.div), ("matmul", torch.matmul)]
+for _k, _fn in _UNARY:
+    EMITTERS[_k] = _unary(_fn)
+for _k, _fn in _BINARY:
+    EMITTERS[_k] = _binary(_fn)
+
+
+@emitter("identity")
+def _identity(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
+    return xs[0]
+
+
+@emitter("gelu")
+def _gelu(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
+    return b.call(F.gelu, xs[0], approximate=node.attrs.get("approximate", "none"))
+
+
+@emitter("leaky_relu")
+def _leaky(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
+    return b.call(F.leaky_relu, xs[0], node.attrs.get("negative_slope", 0.01))
+
+
+@emitter("clip")
+def _clip(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
+    lo, hi = node.attrs.get("min"), node.attrs.get("max")
+    if lo is not None and hi is not None:
+        return b.call(F.hardtanh, xs[0], float(lo), float(hi))
+    return b.call(torch.clamp, xs[0], lo, hi)
+
+
+@emitter("softmax")
+def _softmax(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
+    return b.call(torch.softmax, xs[0], node.attrs["axis"])
+
+
+@emitter("concat")
+def _concat(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
+    return b.call(torch.cat, list(xs), node.attrs["axis"])
+
+
+@emitter("split")
+def _split(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> list[fx.Node]:
+    parts = b.call(torch.split, xs[0], list(node.attrs["sizes"]), node.attrs["axis"])
+    return [b.call(operator.getitem, parts, i) for i in range(len(node.attrs["sizes"]))]
+
+
+@emitter("slice")
+def _slice(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
+    a = node.attrs
+    rank = len(node.meta[0].shape)
+    ax = a["axis"] % rank
+    idx = (slice(None),) * ax + (slice(a["start"], a["end"], a.get("step", 1)),)
+    return b.call(operator.getitem, xs[0], idx)
+
+
+@emitter("flatten")
+def _flatten(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
+    return b.call(torch.flatten, xs[0], node.attrs.get("start_dim", 1), node.attrs.get("end_dim", -1))
+
+
+@emitter("reshape")
+def _reshape(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
+    # 0 copies the input dim at run time, so the batch size is not baked in
+    shape = [b.fx.call_method("size", (xs[0], i)) if d == 0 else int(d) for i, d in enumerate(node.attrs["shape"])]
+    return b.fx.call_method("reshape", (xs[0], *shape))
+
+
+@emitter("transpose")
+def _transpose(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
+    return b.call(torch.permute, xs[0], tuple(node.attrs["perm"]))
+
+
+@emitter("squeeze")
+def _squeeze(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
+    return b.call(torch.squeeze, xs[0], tuple(node.attrs["axes"]))
+
+
+@emitter("unsqueeze")
+def _unsqueeze(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
+    rank = len(node.meta[0].shape)
+    x = xs[0]
+    for ax in sorted(a % rank for a in node.attrs["axes"]):
+        x = b.call(torch.unsqueeze, x, ax)
+    return x
+
+
+def _pool_pad(b: ModuleBuilder, node: Node, x: fx.Node, dims: int, value: float) -> tuple[fx.Node, tuple[int, ...]]:
+    pads = tuple(node.attrs.get("padding", (0,) * 2 * dims))
+    if _sym(pads, dims):
+        return x, pads[:dims]
+    return b.call(F.pad, x, _torch_pad(pads[:dims], pads[dims:]), "constant", value), (0,) * dims
+
+
+@emitter("max_pool")
+def _max_pool(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
+    a = node.attrs
+    k = tuple(a["kernel"])
+    dims = len(k)
+    x, pad = _pool_pad(b, node, xs[0], dims, float("-inf"))
+    fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[dims]
+    return b.call(fn, x, k, tuple(a.get("stride") or k), pad, tuple(a.get("dilation", (1,) * dims)),
+                  bool(a.get("ceil_mode", False)))
+
+
+@emitter("avg_pool")
+def _avg_pool(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
+    a = node.attrs
+    k = tuple(a["kernel"])
+    dims = len(k)
+    pads = tuple(a.get("padding", (0,) * 2 * dims))
+    if not _sym(pads, dims) and not a.get("count_include_pad", True):
+        raise UnsupportedOpError(Diagnostic(f"avg_pool '{node.id}': asymmetric padding without "
+                                            "count_include_pad has no torch equivalent", node=node.id))
+    x, pad = _pool_pad(b, node, xs[0], dims, 0.0)
+    fn = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[dims]
+    return b.call(fn, x, k, tuple(a.get("stride") or k), pad, bool(a.get("ceil_mode", False)),
+                  bool(a.get("count_include_pad", True)))
+
+
+@emitter("adaptive_avg_pool")
+def _adaptive(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
+    size = tuple(node.attrs["output_size"])
+    fn = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[len(size)]
+    return b.call(fn, xs[0], size)
+
+
+@emitter("mean")
+def _mean(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
+    return b.call(torch.mean, xs[0], tuple(node.attrs["axes"]), bool(node.attrs.get("keepdim", False)))
+
+
+@emitter("pad")
+def _pad(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
+    pads = list(node.attrs["pads"])
+    rank = len(pads) // 2
+    tp = _torch_pad(pads[:rank], pads[rank:])
+    mode = node.attrs.get("mode", "constant")
+    while len(tp) > 2 and tp[-2:] == [0, 0] and mode != "constant":
+        tp = tp[:-2]  # reflect/replicate accept spatial axes only
+    if mode == "constant":
+        return b.call(F.pad, xs[0], tp, "constant", float(node.attrs.get("value", 0.0)))
+    return b.call(F.pad, xs[0], tp, mode)
+
+
+@emitter("resize")
+def _resize(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
+    a = node.attrs
+    mode = a.get("mode", "nearest")
+    dims = len(node.meta[0].shape) - 2
+    if mode == "linear":
+        mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[dims]
+    kw: dict[str, Any] = {"mode": mode}
+    if mode not in ("nearest", "nearest-exact"):
+        kw["align_corners"] = bool(a.get("align_corners", False))
+    if a.get("size"):
+        kw["size"] = tuple(a["size"])
+    else:
+        kw["scale_factor"] = tuple(float(s) for s in a["scale"])
+    return b.call(F.interpolate, xs[0], **kw)
+
+
+@emitter("constant")
+def _constant(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
+    return b.param(node, "value")
+
+
+def _qshape(node: Node, t: fx.Node, b: ModuleBuilder, rank: int) -> fx.Node:
+    if node.params["scale"].dim() == 0 or "axis" not in node.attrs:
+        return t
+    shape = [1] * rank
+    shape[node.attrs["axis"] % rank] = -1
+    return b.fx.call_method("reshape", (t, *shape))
+
+
+@emitter("quantize")
+def _quantize(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
+    rank = len(node.meta[0].shape)
+    dt = node.params["zero_point"].dtype
+    info = torch.iinfo(dt)
+    s = _qshape(node, b.param(node, "scale"), b, rank)
+    z = _qshape(node, b.param(node, "zero_point"), b, rank)
+    q = b.call(torch.add, b.call(torch.round, b.call(torch.div, xs[0], s)), z)
+    return b.fx.call_method("to", (b.call(torch.clamp, q, info.min, info.max), dt))
+
+
+@emitter("dequantize")
+def _dequantize(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
+    rank = len(node.meta[0].shape)
+    s = _qshape(node, b.param(node, "scale"), b, rank)
+    z = _qshape(node, b.param(node, "zero_point"), b, rank)
+    x = b.call(torch.sub, b.fx.call_method("to", (xs[0], torch.float32)), z)
+    return b.call(torch.mul, x, s)
+
+
+@emitter("opaque")
+def _opaque(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node | list[fx.Node]:
+    fn = node.origin.payload
+    if fn is None or not callable(fn) or isinstance(fn, type):
+        raise UnsupportedOpError(Diagnostic(
+            f"opaque node '{node.id}' (op type '{node.origin.op_type or '?'}', from "
+            f"{node.origin.frontend or 'unknown'}) has no torch implementation", node=node.id))
+    out = b.call_module(node, Opaque(copy.deepcopy(fn), node.origin.op_type), xs)
+    if len(node.meta) > 1:
+        return [b.call(operator.getitem, out, i) for i in range(len(node.meta))]
+    return out
+
+
+def to_torch(graph: Graph, *, extra_outputs: Sequence[Value] = ()) -> fx.GraphModule:
+    """Emits `graph` as an eval-mode GraphModule whose layers sit at the node ids' dotted paths.
+
+    Forward takes the graph inputs positionally and returns one tensor for one output, else a
+    tuple; with `extra_outputs` it always returns `(*outputs, *extras)`. Params are cloned.
+    """
+    b = ModuleBuilder(graph)
+    env: dict[Value, fx.Node] = {}
+    used_names: set[str] = set()
+    for nid in graph.inputs:
+        name = re.sub(r"\W", "_", nid)
+        if not name or name[0].isdigit() or name in used_names:
+            name = f"input_{len(used_names)}"
+        used_names.add(name)
+        env[(nid, 0)] = b.fx.placeholder(name)
+    outs: list[fx.Node] = []
+    for node in graph.nodes():
+        if node.kind == "input":
+            continue
+        args = [env[v] for v in graph.operands(node.id)]
+        if node.kind == "output":
+            outs.append(args[0])
+            continue
+        emit = EMITTERS.get(node.kind)
+        if emit is None:
+            raise UnsupportedOpError(Diagnostic(f"the torch backend has no emitter for op kind '{node.kind}' "
+                                                f"(node '{node.id}')", node=node.id))
+        r = emit(b, node, args)
+        for i, fxn in enumerate(r if isinstance(r, list) else [r]):
+            env[(node.id, i)] = fxn
+    extras = [env[(v[0], v[1])] for v in extra_outputs]
+    if extras:
+        b.fx.output((*outs, *extras))
+    else:
+        b.fx.output(outs[0] if len(outs) == 1 else tuple(outs))
+    gm = fx.GraphModule(b.root, b.fx, class_name=re.sub(r"\W", "_", graph.name) or "Emitted")
+    gm.eval()
+    return gm

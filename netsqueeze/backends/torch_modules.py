@@ -1,0 +1,76 @@
+"""nn.Modules the torch backend places in emitted GraphModules where torch has no exact match."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Attention(nn.Module):
+    """Multi-head attention whose inner width H·Dh may differ from embed_dim (after head pruning).
+
+    Parameter names and layouts follow the IR's attention node: in_proj_weight [3·H·Dh, E] (q, k, v
+    stacked), in_proj_bias [3·H·Dh], out_proj_weight [E, H·Dh], out_proj_bias [E].
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, head_dim: int, batch_first: bool = True,
+                 in_bias: bool = True, out_bias: bool = True) -> None:
+        super().__init__()
+        self.embed_dim, self.num_heads, self.head_dim, self.batch_first = embed_dim, num_heads, head_dim, batch_first
+        inner = num_heads * head_dim
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * inner, embed_dim))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * inner)) if in_bias else None
+        self.out_proj_weight = nn.Parameter(torch.empty(embed_dim, inner))
+        self.out_proj_bias = nn.Parameter(torch.empty(embed_dim)) if out_bias else None
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        inner = self.num_heads * self.head_dim
+        w = self.in_proj_weight
+        b = self.in_proj_bias
+        q = F.linear(query, w[:inner], None if b is None else b[:inner])
+        k = F.linear(key, w[inner : 2 * inner], None if b is None else b[inner : 2 * inner])
+        v = F.linear(value, w[2 * inner :], None if b is None else b[2 * inner :])
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(t.shape[0], t.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            attn_mask = ~attn_mask  # nn.MultiheadAttention masks True = blocked; sdpa True = allowed
+        o = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=attn_mask)
+        o = o.transpose(1, 2).reshape(o.shape[0], o.shape[2], inner)
+        out = F.linear(o, self.out_proj_weight, self.out_proj_bias)
+        return out if self.batch_first else out.transpose(0, 1)
+
+
+class ParamHolder(nn.Module):
+    """Holds a node's params as parameters or buffers (by the IR's naming) for get_attr access."""
+
+    def __init__(self, params: dict[str, torch.Tensor], buffers: frozenset[str]) -> None:
+        super().__init__()
+        for k, t in params.items():
+            if k in buffers or not t.is_floating_point():
+                self.register_buffer(k, t.detach().clone())
+            else:
+                self.register_parameter(k, nn.Parameter(t.detach().clone()))
+
+
+class Opaque(nn.Module):
+    """Runs an opaque node's torch callable (a private copy, so edits never reach the IR)."""
+
+    def __init__(self, fn: Callable[..., Any], op_type: str = "") -> None:
+        super().__init__()
+        self.fn = fn
+        self.op_type = op_type
+
+    def forward(self, *xs: torch.Tensor) -> Any:
+        return self.fn(*xs)
+
+    def extra_repr(self) -> str:
+        return self.op_type
