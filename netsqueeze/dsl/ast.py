@@ -446,6 +446,10 @@ class Policy:
         return h.hexdigest()
 
     @property
+    def inputs(self) -> tuple[InputDecl, ...]:
+        return tuple(s for s in self.body if isinstance(s, InputDecl))
+
+    @property
     def invocations(self) -> tuple[Invocation, ...]:
         return tuple(s for s in self.body if isinstance(s, Invocation))
 

@@ -39,7 +39,8 @@ _TERMINAL_WORDS = {
 @cache
 def _lark() -> Lark:
     grammar = (Path(__file__).parent / "grammar.lark").read_text()
-    return Lark(grammar, parser="lalr", lexer="contextual", start=["start", "value"], maybe_placeholders=True)
+    return Lark(grammar, parser="lalr", lexer="contextual", start=["start", "value"], maybe_placeholders=True,
+                propagate_positions=True)
 
 
 class _SyntaxProblem(Exception):

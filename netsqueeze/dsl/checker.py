@@ -1,0 +1,478 @@
+"""Semantic checks of a parsed policy against pass schemas (plain data, so dsl never imports passes).
+
+Every problem becomes a located `Diagnostic`; `check_policy` reports all of them at once.
+The same value conversion (`Checker.option_values`) builds pass options in the compiler.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from netsqueeze.dsl import ast
+from netsqueeze.dsl.values import DIMENSION_WORDS
+from netsqueeze.errors import Diagnostic, PolicyError, SourceSpan, did_you_mean
+
+TypeKind = Literal["int", "float", "bool", "str", "literal", "list", "tuple", "optional", "any"]
+Unit = Literal["ratio", "count", "duration"]
+
+
+@dataclass(frozen=True)
+class TypeDesc:
+    """A small description of an option's Python type: scalars, Literal choices, list/tuple, optional."""
+
+    kind: TypeKind
+    choices: tuple[Any, ...] = ()  # literal
+    args: tuple[TypeDesc, ...] = ()  # list: (item,); tuple: fixed items, or (item,) with variadic; optional: (inner,)
+    variadic: bool = True  # tuple[T, ...]
+
+    def __str__(self) -> str:
+        if self.kind == "literal":
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        if self.kind in ("list", "tuple"):
+            if self.kind == "tuple" and not self.variadic:
+                return "(" + ", ".join(str(a) for a in self.args) + ")"
+            return f"a list of {self.args[0]}" if self.args else "a list"
+        if self.kind == "optional":
+            return f"{self.args[0]} or none"
+        return {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}.get(
+            self.kind, "any value"
+        )
+
+
+@dataclass(frozen=True)
+class OptionSchema:
+    """One option of a pass: its type, default, doc, and the range/unit from the field's metadata."""
+
+    name: str
+    type: TypeDesc
+    default: Any = None
+    required: bool = False
+    doc: str = ""
+    min: float | None = None
+    max: float | None = None
+    unit: Unit | None = None
+
+
+@dataclass(frozen=True)
+class PassSchema:
+    name: str
+    options: tuple[OptionSchema, ...] = ()
+    doc: str = ""
+
+    def option(self, name: str) -> OptionSchema | None:
+        return next((o for o in self.options if o.name == name), None)
+
+
+DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
+# name -> (option schema) for the fixed statements; the same coercion serves them and pass options
+_INT = TypeDesc("int")
+_RATIO = TypeDesc("float")
+CALIBRATE_KEYS: dict[str, OptionSchema] = {
+    "samples": OptionSchema("samples", _INT, 512, min=1, unit="count"),
+    "batch": OptionSchema("batch", _INT, 32, min=1, unit="count"),
+    "seed": OptionSchema("seed", _INT, 0, min=0),
+    "data": OptionSchema("data", TypeDesc("str"), None),
+}
+BUDGET_METRICS: dict[str, OptionSchema] = {
+    "params": OptionSchema("params", _RATIO, min=0, max=1, unit="ratio"),
+    "flops": OptionSchema("flops", _RATIO, min=0, max=1, unit="ratio"),
+    "bytes": OptionSchema("bytes", _RATIO, min=0, max=1, unit="ratio"),
+    "latency": OptionSchema("latency", _RATIO, min=0, unit="duration"),
+}
+BOUNDS_KEYS: dict[str, OptionSchema] = {
+    "min_channels": OptionSchema("min_channels", _INT, 1, min=1),
+    "max_ratio": OptionSchema("max_ratio", _RATIO, 1.0, min=0, max=1, unit="ratio"),
+    "round_to": OptionSchema("round_to", _INT, 1, min=1),
+}
+GUARD_METRICS: dict[str, OptionSchema] = {
+    "output_error": OptionSchema("output_error", _RATIO, min=0, max=1, unit="ratio"),
+    "top1_drop": OptionSchema("top1_drop", _RATIO, min=0, max=1, unit="ratio"),
+}
+
+
+class _Bad(Exception):
+    def __init__(self, message: str, span: SourceSpan, notes: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.diag = Diagnostic(message, span=span, notes=notes)
+
+
+def _describe(v: ast.Value | ast.Selector) -> str:
+    if isinstance(v, ast.Number):
+        return f"'{v.to_text()}'"
+    if isinstance(v, ast.Str):
+        return f"the string {v.to_text()}"
+    if isinstance(v, ast.Ident | ast.SelName):
+        return f"the name '{v.to_text()}'"
+    if isinstance(v, ast.ListValue):
+        return f"the list {v.to_text()}"
+    if isinstance(v, ast.Words):
+        return f"the words '{v.to_text()}'"
+    return f"the selector '{v.to_text()}'"
+
+
+def _fmt_bound(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(x)
+
+
+VALUE_TYPES = (ast.Number, ast.Str, ast.Ident, ast.Words, ast.ListValue)
+
+
+@dataclass
+class Env:
+    """The `let` and `param` definitions visible to a policy (imported ones included)."""
+
+    defs: dict[str, ast.Definition] = field(default_factory=dict)
+
+    def value(self, v: ast.Value, seen: tuple[str, ...] = ()) -> ast.Value:
+        """`v` with references to params and value lets replaced by their values."""
+        if isinstance(v, ast.ListValue):
+            return ast.ListValue(tuple(self.value(i, seen) for i in v.items), span=v.span)
+        if not isinstance(v, ast.Ident) or v.name not in self.defs:
+            return v
+        if v.name in seen:
+            raise _Bad(f"'{v.name}' is defined in terms of itself ({' -> '.join((*seen, v.name))})", v.span)
+        d = self.defs[v.name]
+        target = d.value
+        if isinstance(target, ast.SelName):
+            target = ast.Ident(target.name, span=target.span)
+        elif isinstance(target, ast.SelString):
+            target = ast.Str(target.name, span=target.span)
+        if not isinstance(target, VALUE_TYPES):
+            raise _Bad(f"'{v.name}' is a selector (let at {_short(d.span)}), not a value", v.span)
+        resolved = self.value(target, (*seen, v.name))
+        return resolved
+
+    def selector(self, name: str) -> ast.Selector | None:
+        """The selector a `let` binds, or None when `name` is not a selector let."""
+        d = self.defs.get(name)
+        if not isinstance(d, ast.Let):
+            return None
+        v = d.value
+        if isinstance(v, ast.Str):
+            return ast.SelString(v.value, span=v.span)
+        return None if isinstance(v, VALUE_TYPES) else v
+
+
+def _short(span: SourceSpan) -> str:
+    return f"{span.file}:{span.line}"
+
+
+class Checker:
+    """Collects every diagnostic of a policy; reusable by the compiler to convert option values."""
+
+    def __init__(self, policy: ast.Policy, schemas: Mapping[str, PassSchema]) -> None:
+        self.policy = policy
+        self.schemas = schemas
+        self.diags: list[Diagnostic] = []
+        self.env = Env()
+
+    def error(self, message: str, span: SourceSpan, *notes: str) -> None:
+        self.diags.append(Diagnostic(message, span=span, notes=tuple(notes)))
+
+    def guard(self, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except _Bad as b:
+            self.diags.append(b.diag)
+            return None
+
+    # ---- entry point
+    def check(self) -> list[Diagnostic]:
+        self._definitions()
+        seen_inputs: dict[str, ast.InputDecl] = {}
+        calib: dict[str, ast.Option] = {}
+        budget: dict[str, ast.BudgetItem] = {}
+        bounds: dict[str, ast.Option] = {}
+        guard: ast.Guard | None = None
+        for s in self.policy.body:
+            if isinstance(s, ast.InputDecl):
+                if s.name in seen_inputs:
+                    self.error(f"input '{s.name}' declared twice", s.span, f"first declared at {seen_inputs[s.name].span}")
+                seen_inputs[s.name] = s
+                if s.dtype not in DTYPES:
+                    self.error(f"unknown dtype '{s.dtype}'{did_you_mean(s.dtype, DTYPES) or ' (one of ' + ', '.join(DTYPES) + ')'}", s.span)
+            elif isinstance(s, ast.Calibrate):
+                for o in s.settings:
+                    self._fixed(o.key, o.value, o.span, CALIBRATE_KEYS, "calibration setting", calib, o)
+            elif isinstance(s, ast.Budget):
+                for item in s.items:
+                    self._fixed(item.metric, item.value, item.span, BUDGET_METRICS, "budget metric", budget, item)
+            elif isinstance(s, ast.Bounds):
+                local: dict[str, Any] = {} if s.selector is not None else bounds
+                for o in s.options:
+                    self._fixed(o.key, o.value, o.span, BOUNDS_KEYS, "bound", local, o)
+                if s.selector is not None:
+                    self.selector(s.selector)
+            elif isinstance(s, ast.Guard):
+                if guard is not None:
+                    self.error("a second 'guard'; a policy has at most one", s.span, f"first guard at {guard.span}")
+                guard = s
+                self._fixed(s.metric, s.value, s.span, GUARD_METRICS, "guard", {}, s,
+                            names={"output_error": "output error", "top1_drop": "top1 drop"})
+            elif isinstance(s, ast.Invocation):
+                self._invocation(s)
+        return self.diags
+
+    # ---- definitions
+    def _definitions(self) -> None:
+        for d in self.policy.all_definitions():
+            if d.name in self.env.defs:
+                prev = self.env.defs[d.name]
+                self.error(f"'{d.name}' is defined twice", d.span, f"first defined at {prev.span}")
+                continue
+            self.env.defs[d.name] = d
+        for d in self.env.defs.values():
+            sel = self.env.selector(d.name)
+            if sel is not None:
+                self.selector(sel)
+                self._walk_names(sel, (d.name,), d)
+            else:
+                try:
+                    self.env.value(ast.Ident(d.name, span=d.span))
+                except _Bad as b:
+                    self.diags.append(b.diag)
+
+    # ---- fixed statements (calibrate, budget, bounds, guard)
+    def _fixed(
+        self, key: str, value: ast.Value, span: SourceSpan, table: Mapping[str, OptionSchema], what: str,
+        seen: dict[str, Any], node: Any, names: Mapping[str, str] | None = None,
+    ) -> Any:
+        names = names or {}
+        shown = names.get(key, key)
+        if key not in table:
+            choices = [names.get(k, k) for k in table]
+            hint = did_you_mean(shown, choices) or f" (one of: {', '.join(choices)})"
+            self.error(f"unknown {what} '{shown}'{hint}", span)
+            return None
+        if key in seen:
+            self.error(f"{what} '{shown}' given twice", span, f"first given at {seen[key].span}")
+            return None
+        seen[key] = node
+        return self.guard(lambda: self.convert(value, table[key], f"{what} '{shown}'"))
+
+    # ---- invocations
+    def _invocation(self, inv: ast.Invocation) -> None:
+        schema = self.schemas.get(inv.pass_name)
+        if schema is None:
+            hint = did_you_mean(inv.pass_name, self.schemas) or (
+                f" (registered: {', '.join(sorted(self.schemas))})" if self.schemas else ""
+            )
+            self.error(f"unknown pass '{inv.pass_name}'{hint}", inv.name_span)
+        if inv.selector is not None:
+            self.selector(inv.selector)
+        if inv.expect is not None:
+            if inv.selector is None:
+                self.error("'expect' needs an 'on SELECTOR' clause", inv.expect.span)
+            elif inv.expect.high is not None and inv.expect.high < inv.expect.low:
+                self.error(f"empty range in '{inv.expect.to_text()}'", inv.expect.span)
+        if schema is not None:
+            self.option_values(inv, schema, report=True)
+
+    def option_values(self, inv: ast.Invocation, schema: PassSchema, report: bool = False) -> dict[str, Any]:
+        """The converted options of `inv` (only those it sets); problems go to `self.diags` if `report`."""
+        out: dict[str, Any] = {}
+        given: dict[str, ast.Option] = {}
+        names = [o.name for o in schema.options]
+        for opt in inv.options:
+            target = schema.option(opt.key)
+            if target is None:
+                if not report:
+                    continue
+                if not names:
+                    self.error(f"pass '{schema.name}' takes no options", opt.span)
+                else:
+                    hint = did_you_mean(opt.key, names) or f" (options: {', '.join(names)})"
+                    self.error(f"unknown option '{opt.key}' for pass '{schema.name}'{hint}", opt.span)
+                continue
+            if opt.key in given:
+                if report:
+                    self.error(f"option '{opt.key}' given twice for pass '{schema.name}'", opt.span,
+                               f"first given at {given[opt.key].span}")
+                continue
+            given[opt.key] = opt
+            try:
+                out[opt.key] = self.convert(opt.value, target, f"option '{opt.key}' of pass '{schema.name}'")
+            except _Bad as b:
+                if report:
+                    self.diags.append(b.diag)
+        if report:
+            for o in schema.options:
+                if o.required and o.name not in given:
+                    self.error(f"pass '{schema.name}' needs option '{o.name}' ({o.type})", inv.name_span)
+        return out
+
+    # ---- values
+    def convert(self, value: ast.Value, opt: OptionSchema, what: str) -> Any:
+        """Converts a policy value to the Python value an option of type `opt.type` takes."""
+        v = self.env.value(value)
+        result = self._coerce(v, opt.type, opt, what)
+        self._range(result, v, opt, what)
+        return result
+
+    def _coerce(self, v: ast.Value, t: TypeDesc, opt: OptionSchema, what: str) -> Any:
+        if t.kind == "optional":
+            if isinstance(v, ast.Ident) and v.name == "none":
+                return None
+            return self._coerce(v, t.args[0], opt, what)
+        if t.kind == "any":
+            return _plain(v)
+        if t.kind == "bool":
+            if isinstance(v, ast.Ident) and v.name in ("true", "false"):
+                return v.name == "true"
+            raise _Bad(f"{what} expects true or false, got {_describe(v)}", v.span)
+        if t.kind in ("int", "float"):
+            if not isinstance(v, ast.Number):
+                raise _Bad(f"{what} expects {t}, got {_describe(v)}", v.span)
+            self._unit(v, t, opt, what)
+            m = v.magnitude
+            if t.kind == "int":
+                if isinstance(m, float) and not m.is_integer():
+                    raise _Bad(f"{what} expects an integer, got '{v.to_text()}'", v.span)
+                return int(m)
+            return float(m)
+        if t.kind == "str":
+            if isinstance(v, ast.Str):
+                return v.value
+            if isinstance(v, ast.Ident | ast.Words):
+                return v.to_text()
+            raise _Bad(f"{what} expects a string, got {_describe(v)}", v.span)
+        if t.kind == "literal":
+            word: Any = v.value if isinstance(v, ast.Str) else v.name if isinstance(v, ast.Ident) else None
+            if isinstance(v, ast.Number):
+                word = v.magnitude
+            for c in t.choices:
+                if c == word and type(c) is not bool:
+                    return c
+                if isinstance(c, bool) and isinstance(v, ast.Ident) and v.name == str(c).lower():
+                    return c
+            strs = [str(c) for c in t.choices]
+            hint = did_you_mean(str(word), strs) if isinstance(word, str) else ""
+            raise _Bad(f"{what} must be one of {', '.join(repr(c) for c in t.choices)}, got {_describe(v)}{hint}", v.span)
+        if t.kind in ("list", "tuple"):
+            items: tuple[ast.Value, ...]
+            if isinstance(v, ast.ListValue):
+                items = v.items
+            elif isinstance(v, ast.Words):
+                items = v.words
+            else:
+                raise _Bad(f"{what} expects {t}, got {_describe(v)}", v.span)
+            if t.kind == "tuple" and not t.variadic:
+                if len(items) != len(t.args):
+                    raise _Bad(f"{what} expects {len(t.args)} items {t}, got {len(items)}", v.span)
+                return tuple(self._coerce(self.env.value(i), a, opt, what) for i, a in zip(items, t.args))
+            conv = [self._coerce(self.env.value(i), t.args[0], opt, what) if t.args else _plain(i) for i in items]
+            return tuple(conv) if t.kind == "tuple" else conv
+        raise _Bad(f"{what} has an unsupported type", v.span)
+
+    def _unit(self, v: ast.Number, t: TypeDesc, opt: OptionSchema, what: str) -> None:
+        dim = v.dimension
+        if opt.unit == "ratio":
+            ok, want = {"number", "ratio"}, "a ratio (a number or a percentage)"
+        elif opt.unit == "duration":
+            ok, want = {"number", "duration"}, "a duration (e.g. 12ms, 2s)"
+        elif opt.unit == "count" or t.kind == "int":
+            ok, want = {"number", "count"}, "a count (e.g. 512, 4K, 4.5M)"
+        else:
+            ok, want = {"number", "ratio", "count"}, "a number"
+        if dim not in ok:
+            raise _Bad(f"wrong unit for {what}: expected {want}, got {DIMENSION_WORDS[dim]} '{v.to_text()}'", v.span)
+
+    def _range(self, result: Any, v: ast.Value, opt: OptionSchema, what: str) -> None:
+        if isinstance(result, bool) or not isinstance(result, int | float):
+            return
+        lo, hi = opt.min, opt.max
+        if (lo is not None and result < lo) or (hi is not None and result > hi):
+            if lo is not None and hi is not None:
+                rng = f"between {_fmt_bound(lo)} and {_fmt_bound(hi)}"
+                if opt.unit == "ratio":
+                    rng += f" ({_fmt_bound(lo * 100)}% to {_fmt_bound(hi * 100)}%)"
+            elif lo is not None:
+                rng = f">= {_fmt_bound(lo)}"
+            else:
+                rng = f"<= {_fmt_bound(hi)}"  # type: ignore[arg-type]
+            raise _Bad(f"{what} must be {rng}, got '{v.to_text()}'", v.span)
+
+    # ---- selectors
+    def selector(self, sel: ast.Selector) -> None:
+        """Checks what can be checked without a model: let references and regexes."""
+        if isinstance(sel, ast.SelName):
+            d = self.env.defs.get(sel.name)
+            if d is not None and self.env.selector(sel.name) is None:
+                kind = "a parameter" if isinstance(d, ast.Param) else "a value"
+                self.error(f"'{sel.name}' is {kind} (defined at {_short(d.span)}), not a selector", sel.span)
+            return
+        if isinstance(sel, ast.SelRegex):
+            try:
+                re.compile(sel.pattern)
+            except re.error as e:
+                self.error(f"invalid regular expression: {e}", sel.span)
+            return
+        if isinstance(sel, ast.SelWhere):
+            self._condition(sel.cond)
+        for child in _children(sel):
+            self.selector(child)
+
+    def _walk_names(self, sel: ast.Selector, seen: tuple[str, ...], origin: ast.Definition) -> None:
+        # cycle detection through let references only (other checks happen at the let itself)
+        if isinstance(sel, ast.SelName):
+            if sel.name == origin.name:
+                chain = " -> ".join((*seen, sel.name))
+                self.error(f"selector '{origin.name}' is defined in terms of itself ({chain})", origin.span)
+                return
+            inner = self.env.selector(sel.name)
+            if inner is not None and sel.name not in seen:
+                self._walk_names(inner, (*seen, sel.name), origin)
+            return
+        for child in _children(sel):
+            self._walk_names(child, seen, origin)
+
+    def _condition(self, c: ast.Condition) -> None:
+        if isinstance(c, ast.Compare):
+            self.guard(lambda: self.env.value(c.value))
+        elif isinstance(c, ast.BoolOp):
+            self._condition(c.left)
+            self._condition(c.right)
+        else:
+            self._condition(c.cond)
+
+
+def _children(sel: ast.Selector) -> list[ast.Selector]:
+    if isinstance(sel, ast.SelFunc):
+        return [sel.arg]
+    if isinstance(sel, ast.SelBetween):
+        return [sel.start, sel.end]
+    if isinstance(sel, ast.SelWhere):
+        return [sel.base]
+    if isinstance(sel, ast.SelBinary):
+        return [sel.left, sel.right]
+    return []
+
+
+def _plain(v: ast.Value) -> Any:
+    if isinstance(v, ast.Number):
+        return v.magnitude
+    if isinstance(v, ast.Str):
+        return v.value
+    if isinstance(v, ast.Ident | ast.Words):
+        return v.to_text()
+    return [_plain(i) for i in v.items]
+
+
+def sort_diagnostics(diags: list[Diagnostic]) -> list[Diagnostic]:
+    """File order (by file, line, column), so reports read top to bottom."""
+
+    def key(d: Diagnostic) -> tuple[str, int, int]:
+        s = d.span
+        return (s.file, s.line, s.col) if s is not None else ("", 0, 0)
+
+    return sorted(diags, key=key)
+
+
+def check_policy(policy: ast.Policy, schemas: Mapping[str, PassSchema]) -> None:
+    """Checks `policy` against pass `schemas`; raises `PolicyError` carrying every diagnostic."""
+    diags = Checker(policy, schemas).check()
+    if diags:
+        raise PolicyError(sort_diagnostics(diags))
