@@ -1,0 +1,629 @@
+"""ONNX backend: an `ir.Graph` becomes an `onnx.ModelProto` (opset 17+, fp32 or fp16) through onnx-graphsurgeon.
+
+Inputs and outputs get a symbolic batch dimension so the model runs at any batch size.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import torch
+from onnx import helper
+
+from netsqueeze.errors import Diagnostic, UnsupportedOpError
+from netsqueeze.ir.graph import Graph, Node, TensorMeta, Value
+
+MIN_OPSET, MAX_OPSET = 17, 23
+TWO_GB = 2**31 - 1
+BATCH = "batch"
+
+_NP_DTYPES = {
+    "float32": np.float32, "float16": np.float16, "float64": np.float64, "int64": np.int64, "int32": np.int32,
+    "int16": np.int16, "int8": np.int8, "uint8": np.uint8, "bool": np.bool_,
+}
+
+
+def _np_dtype(name: str) -> Any:
+    if name not in _NP_DTYPES:
+        raise UnsupportedOpError(f"dtype '{name}' cannot be exported to ONNX")
+    return _NP_DTYPES[name]
+
+
+class _Exporter:
+    def __init__(self, graph: Graph, opset: int, fp16: bool, keep_io_fp32: bool) -> None:
+        self.ir = graph
+        self.opset = opset
+        self.fp16 = fp16
+        self.keep_io_fp32 = keep_io_fp32
+        self.fdt: Any = np.float16 if fp16 else np.float32
+        self.names: set[str] = set()
+        self.values: dict[Value, gs.Tensor] = {}
+        self.nodes: list[gs.Node] = []
+        self.opaque: dict[str, list[bytes]] = {}
+        self.domain_opsets: dict[str, int] = {}
+        self.cur: Node | None = None
+        # Graph input/output names are reserved up front so internal tensors never take them.
+        self.io_names = {self._io_name(graph.node(n)) for n in [*graph.inputs, *graph.outputs]}
+
+    @staticmethod
+    def _io_name(node: Node) -> str:
+        return node.origin.source_name if node.origin.frontend == "onnx" and node.origin.source_name else node.id
+
+    # ---- building blocks ---------------------------------------------------------------------
+    def fresh(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.names or name in self.io_names:
+            name, i = f"{base}_{i}", i + 1
+        self.names.add(name)
+        return name
+
+    def const(self, name: str, value: np.ndarray | torch.Tensor, *, keep: bool = False) -> gs.Constant:
+        """An initializer; float32 data becomes float16 in fp16 mode unless `keep`."""
+        arr = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        if arr.dtype == np.float32 and self.fp16 and not keep:
+            arr = arr.astype(np.float16)
+        return gs.Constant(self.fresh(name), np.ascontiguousarray(arr))
+
+    def ints(self, name: str, values: list[int] | tuple[int, ...]) -> gs.Constant:
+        return gs.Constant(self.fresh(name), np.asarray(list(values), dtype=np.int64))
+
+    def param(self, key: str) -> gs.Constant:
+        assert self.cur is not None
+        return self.const(f"{self.cur.id}.{key}", self.cur.params[key])
+
+    def op(self, op: str, inputs: list[gs.Tensor], attrs: dict[str, Any] | None = None, *, outputs: int = 1,
+           name: str | None = None, domain: str | None = None) -> list[gs.Variable]:
+        assert self.cur is not None
+        base = name or (self.cur.id if not any(n.name == self.cur.id for n in self.nodes) else f"{self.cur.id}/{op}")
+        nname = self.fresh(base)
+        outs = [gs.Variable(self.fresh(nname if outputs == 1 else f"{nname}:{i}")) for i in range(outputs)]
+        self.nodes.append(gs.Node(op, nname, attrs or {}, list(inputs), outs, domain=domain))
+        return outs
+
+    def op1(self, op: str, inputs: list[gs.Tensor], attrs: dict[str, Any] | None = None) -> gs.Variable:
+        return self.op(op, inputs, attrs)[0]
+
+    def empty(self) -> gs.Variable:
+        return gs.Variable.empty()
+
+    def scalar(self, name: str, v: float) -> gs.Constant:
+        return self.const(name, np.asarray(v, dtype=np.float32))
+
+    # ---- the walk ---------------------------------------------------------------------------------
+    def run(self) -> gs.Graph:
+        g = self.ir
+        batch = None
+        inputs: list[gs.Variable] = []
+        for nid in g.inputs:
+            node = g.node(nid)
+            meta = node.meta[0]
+            shape: list[Any] = list(meta.shape)
+            if shape:
+                batch = shape[0] if batch is None else batch
+                shape[0] = BATCH
+            dt = _np_dtype(meta.dtype)
+            cast = self.fp16 and dt == np.float32
+            v = gs.Variable(self._io_name(node), np.float32 if cast and self.keep_io_fp32 else
+                            (np.float16 if cast else dt), shape)
+            self.names.add(v.name)
+            inputs.append(v)
+            self.values[(nid, 0)] = v
+            if cast and self.keep_io_fp32:
+                self.cur = node
+                self.values[(nid, 0)] = self.op1("Cast", [v], {"to": onnx.TensorProto.FLOAT16})
+        for node in g.nodes():
+            if node.kind in ("input", "output"):
+                continue
+            self.cur = node
+            emit = EMITTERS.get(node.kind)
+            if emit is None:
+                raise UnsupportedOpError(Diagnostic(f"op kind '{node.kind}' of node '{node.id}' has no ONNX "
+                                                    f"equivalent", node=node.id))
+            ins = [self.values[v] for v in g.operands(node.id)]
+            outs = emit(self, node, ins)
+            for i, t in enumerate(outs):
+                self.values[(node.id, i)] = t
+        outputs: list[gs.Variable] = []
+        taken: set[int] = {id(v) for v in inputs}
+        for nid in g.outputs:
+            node = g.node(nid)
+            self.cur = node
+            src = self.values[g.operands(nid)[0]]
+            meta = node.meta[0]
+            dt = _np_dtype(meta.dtype)
+            name = self._io_name(node)
+            if self.fp16 and dt == np.float32 and self.keep_io_fp32:
+                src = self.op1("Cast", [src], {"to": onnx.TensorProto.FLOAT})
+            elif self.fp16 and dt == np.float32:
+                dt = np.float16
+            if isinstance(src, gs.Constant) or id(src) in taken:
+                src = self.op1("Identity", [src])
+            taken.add(id(src))
+            self.names.discard(src.name)
+            src.name = name
+            shape = list(meta.shape)
+            if shape and batch is not None and shape[0] == batch:
+                shape[0] = BATCH
+            src.dtype, src.shape = dt, shape
+            outputs.append(src)
+        gs_graph = gs.Graph(self.nodes, inputs, outputs, name=g.name, opset=self.opset)
+        return gs_graph
+
+
+Emitter = Callable[[_Exporter, Node, list[gs.Tensor]], list[gs.Tensor]]
+EMITTERS: dict[str, Emitter] = {}
+
+
+def emitter(*kinds: str) -> Callable[[Emitter], Emitter]:
+    def register(fn: Emitter) -> Emitter:
+        for k in kinds:
+            EMITTERS[k] = fn
+        return fn
+
+    return register
+
+
+def _payload_attrs(op_type: str, attrs: list[bytes], fp16: bool) -> list[onnx.AttributeProto]:
+    out = []
+    for raw in attrs:
+        a = onnx.AttributeProto()
+        a.ParseFromString(raw)
+        # In fp16 mode float32 tensors are float16; a Cast to float32 would break the types downstream.
+        if fp16 and op_type in ("Cast", "EyeLike", "RandomNormalLike", "RandomUniformLike") and a.name in ("to", "dtype") \
+                and a.i == onnx.TensorProto.FLOAT:
+            a.i = onnx.TensorProto.FLOAT16
+        out.append(a)
+    return out
+
+
+def to_onnx(
+    graph: Graph,
+    *,
+    opset: int = 17,
+    precision: Literal["fp32", "fp16"] = "fp32",
+    keep_io_fp32: bool = True,
+    metadata: Mapping[str, str] | None = None,
+) -> onnx.ModelProto:
+    """Emits `graph` as ONNX; fp16 stores weights and computes in half precision (I/O fp32 when `keep_io_fp32`).
+
+    Raises `UnsupportedOpError` for nodes with no ONNX form (an opaque torch callable, names node and op type).
+    """
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise UnsupportedOpError(f"cannot export at opset {opset}: netsqueeze emits opsets {MIN_OPSET}..{MAX_OPSET}")
+    if precision not in ("fp32", "fp16"):
+        raise UnsupportedOpError(f"unknown precision '{precision}' (expected 'fp32' or 'fp16')")
+    ex = _Exporter(graph, opset, precision == "fp16", keep_io_fp32)
+    gsg = ex.run()
+    model = gs.export_onnx(gsg, do_type_check=False)
+    del model.opset_import[:]
+    domains = {""} | {str(n.domain) for n in ex.nodes if n.domain}
+    for d in sorted(domains):
+        model.opset_import.append(helper.make_opsetid(d, opset if d == "" else ex.domain_opsets.get(d, 1)))
+    model.ir_version = helper.find_min_ir_version_for(list(model.opset_import))
+    # Opaque nodes get their original attributes back verbatim (graphsurgeon cannot carry raw AttributeProtos).
+    for n in model.graph.node:
+        if n.name in ex.opaque:
+            del n.attribute[:]
+            n.attribute.extend(_payload_attrs(n.op_type, ex.opaque[n.name], ex.fp16))
+    model.producer_name = "netsqueeze"
+    for k, v in sorted((metadata or {}).items()):
+        model.metadata_props.append(onnx.StringStringEntryProto(key=str(k), value=str(v)))
+    infer_shapes_inplace(model)
+    return model
+
+
+def infer_shapes_inplace(model: onnx.ModelProto) -> None:
+    """ONNX shape inference on a weightless copy (initializers stubbed as external data): same value_info,
+    without serialising the weights twice."""
+    skeleton = onnx.ModelProto()
+    graph = model.graph
+    skeleton.ir_version = model.ir_version
+    skeleton.opset_import.extend(model.opset_import)
+    for field in ("node", "input", "output", "sparse_initializer"):
+        getattr(skeleton.graph, field).extend(getattr(graph, field))
+    skeleton.functions.extend(model.functions)
+    for t in graph.initializer:
+        stub = skeleton.graph.initializer.add()
+        stub.name, stub.data_type = t.name, t.data_type
+        stub.dims.extend(t.dims)
+        stub.data_location = onnx.TensorProto.EXTERNAL
+        stub.external_data.add(key="location", value="__weights__")
+    inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False)
+    del graph.value_info[:]
+    graph.value_info.extend(inferred.graph.value_info)
+
+
+def save_onnx(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
+    """Writes one file; weights go to an external data file next to it only when the model exceeds 2 GB."""
+    path = os.fspath(path)
+    if model.ByteSize() < TWO_GB:
+        onnx.save_model(model, path)
+    else:
+        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=os.path.basename(path) + ".data", size_threshold=1024)
+
+
+# ---- emitters -------------------------------------------------------------------------------------------
+def _meta(ex: _Exporter, node: Node) -> TensorMeta:
+    return node.meta[0]
+
+
+@emitter("constant")
+def _constant(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
+    return [ex.const(node.id, node.params["value"])]
+
+
+@emitter("identity")
+def _identity(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
+    return ex.op("Identity", ins)
+
+
+_SIMPLE = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "hardswish": "HardSwish", "add": "Add",
+           "sub": "Sub", "mul": "Mul", "div": "Div", "matmul": "MatMul"}
+
+
+@emitter(*_SIMPLE)
+def _simple(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
+    return ex.op(_SIMPLE[node.kind], ins)
+
+
+@emitter("conv", "conv_transpose")
+def _conv(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
+    a = node.attrs
+    w = node.params["weight"]
+    dims = w.dim() - 2
+    attrs: dict[str, Any] = {
+        "kernel_shape": list(w.shape[2:]),
+        "strides": list(a.get("stride", [1] * dims)),
+        "pads": list(a.get("padding", [0] * 2 * dims)),
+        "dilations": list(a.get("dilation", [1] * dims)),
+        "group": int(a.get("groups", 1)),
+    }
+    if node.kind == "conv_transpose" and any(a.get("output_padding", [0] * dims)):
+        attrs["output_padding"] = list(a["output_padding"])
+    inputs = [ins[0], ex.param("weight")] + ([ex.param("bias")] if "bias" in node.params else [])
+    return ex.op("Conv" if node.kind == "conv" else "ConvTranspose", inputs, attrs)
+
+
+@emitter("linear")
+def _linear(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
+    x = ex.ir.input_metas(node.id)[0]
+    w = node.params["weight"]
+    if len(x.shape) == 2:
+        inputs = [ins[0], ex.param("weight")] + ([ex.param("bias")] if "bias" in node.params else [])
+        return ex.op("Gemm", inputs, {"transB": 1})
+    wt = ex.const(f"{node.id}.weight", w.t().contiguous())
+    if "bias" not in node.params:
+        return ex.op("MatMul", [ins[0], wt])
+    y = ex.op1("MatMul", [ins[0], wt])
+    return ex.op("Add", [y, ex.param("bias")])
+
+
+@emitter("batch_norm")
+def _bn(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
+    p = node.params
+    c = p["running_mean"].shape[0]
+    w = ex.param("weight") if "weight" in p else ex.const(f"{node.id}.weight", torch.ones(c))
+    b = ex.param("bias") if "bias" in p else ex.const(f"{node.id}.bias", torch.zeros(c))
+    return ex.op("BatchNormalization", [ins[0], w, b, ex.param("running_mean"), ex.param("running_var")],
+                 {"epsilon": float(node.attrs.get("eps", 1e-5))})
+
+
+@emitter("layer_norm")
+def _ln(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
+    ns = list(node.attrs["normalized_shape"])
+    w = ex.param("weight") if "weight" in node.params else ex.const(f"{node.id}.weight", torch.ones(ns))
+    inputs = [ins[0], w] + ([ex.param("bias")] if "bias" in node.params else [])
+    return ex.op("LayerNormalization", inputs, {"axis": -len(ns), "epsilon": float(node.attrs.get("eps", 1e-5))})
+
+
+@emitter("group_norm")
+def _gn(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
+    x = ex.ir.input_metas(node.id)[0]
+    c, g = x.shape[1], int(node.attrs["num_groups"])
+    eps = float(node.attrs.get("eps", 1e-5))
+    w = node.params.get("weight", torch.ones(c))
+    b = node.params.get("bias", torch.zeros(c))
+    if g == c:
+        return ex.op("InstanceNormalization", [ins[0], ex.const(f"{node.id}.weight", w),
+                                               ex.const(f"{node.id}.bias", b)], {"epsilon": eps})
+    if ex.opset >= 21:
+        return ex.op("GroupNormalization", [ins[0], ex.const(f"{node.id}.weight", w), ex.const(f"{node.id}.bias", b)],
+                     {"epsilon": eps, "num_groups": g})
+    # Before opset 21: normalise [N, G, -1] with InstanceNormalization, then the per-channel affine.
+    r = ex.op1("Reshape", [ins[0], ex.ints(f"{node.id}.groups", [0, g, -1])])
+    n = ex.op1("InstanceNormalization", [r, ex.const(f"{node.id}.ones", torch.ones(g)),
+                                         ex.const(f"{node.id}.zeros", torch.zeros(g))], {"epsilon": eps})
+    shape_of = ex.op1("Shape", [ins[0]])
+    back = ex.op1("Reshape", [n, shape_of])
+    bshape = [c] + [1] * (len(x.shape) - 2)
+    y = ex.op1("Mul", [back, ex.const(f"{node.id}.weight", w.reshape(bshape))])
+    return ex.op("Add", [y, ex.const(f"{node.id}.bias", b.reshape(bshape))])
+
+
+@emitter("clip")
+def _clip(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
+    a = node.attrs
+    lo, hi = a.get("min"), a.get("max")
+    inputs = [ins[0], ex.const(f"{node.id}.min", np.asarray(lo, np.float32)) if lo is not None else ex.empty()]
+    if hi is not None:
+        inputs.append(ex.const(f"{node.id}.max", np.asarray(hi, np.float32)))
+    return ex.op("Clip", inputs)
+
+
+@emitter("leaky_relu")
+def _leaky(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
+    return ex.op("LeakyRelu", ins, {"alpha": float(node.attrs.get("negative_slope", 0.01))})
+
+
+@emitter("hardsigmoid")
+def _hsig(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
+    return ex.op("HardSigmoid", ins, {"alpha": float(node.attrs.get("alpha", 1 / 6)),
+                                      "beta": float(node.attrs.get("beta", 0.5))})
+
+
+@emitter("silu")
+def _silu(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
+    return ex.op("Mul", [ins[0], ex.op1("Sigmoid", ins)])
+
+
+@emitter("gelu")
+def _gelu(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
+    approx = str(node.attrs.get("approximate", "none"))
+    if ex.opset >= 20:
+        return ex.op("Gelu", ins, {"approximate": approx})
+    x = ins[0]
+    if approx == "tanh":
+        # 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))
+        x3 = ex.op1("Mul", [ex.op1("Mul", [x, x]), x])
+        inner = ex.op1("Add", [x, ex.op1("Mul", [x3, ex.scalar(f"{node.id}.c", 0.044715)])])
+        t = ex.op1("Tanh", [ex.op1("Mul", [inner, ex.scalar(f"{node.id}.k", float(np.sqrt(2 / np.pi)))])])
+    else:
+        t = ex.op1("Erf", [ex.op1("Div", [x, ex.scalar(f"{node.id}.sqrt2", float(np.sqrt(2)))])])
+    one = ex.op1("Add", [t, ex.scalar(f"{node.id}.one", 1.0)])
+    return ex.op("Mul", [ex.op1("Mul", [x, one]), ex.scalar(f"{node.id}.half", 0.5)])
+
+
+@emitter("softmax")
+def _softmax(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
+    return ex.op("Softmax", ins, {"axis": int(node.attrs["axis"])})
+
+
+@emitter("lrn")
+def _lrn(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
+    a = node.attrs
+    return ex.op("LRN", ins, {"size": int(a["size"]), "alpha": float(a.get("alpha", 1e-4)),
+                              "beta": float(a.get("beta", 0.75)), "bias": float(a.get("bias", 1.0))})
+
+
+@emitter("concat")
+def _concat(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
+    return ex.op("Concat", ins, {"axis": int(node.attrs["axis"])})
+
+
+@emitter("split")
+def _split(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
+    sizes = list(node.attrs["sizes"])
+    return ex.op("Split", [ins[0], ex.ints(f"{node.id}.sizes", sizes)], {"axis": int(node.attrs["axis"])},
+                 outputs=len(sizes))
+
+
+@emitter("slice")
+def _slice(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
+    a = node.attrs
+    return ex.op("Slice", [ins[0], ex.ints(f"{node.id}.starts", [a["start"]]), ex.ints(f"{node.id}.ends", [a["end"]]),
+                           ex.ints(f"{node.id}.axes", [a["axis"]]), ex.ints(f"{node.id}.steps", [a.get("step", 1)])])
+
+
+@emitter("flatten")
+def _flatten(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
+    rank = len(ex.ir.input_metas(node.id)[0].shape)
+    st = node.attrs.get("start_dim", 1) % max(rank, 1)
+    en = node.attrs.get("end_dim", -1) % max(rank, 1)
+    if en == rank - 1 and st > 0:
+        return ex.op("Flatten", ins, {"axis": st})
+    # 0 keeps the leading dims symbolic (batch), -1 takes the flattened block.
+    tail = list(_meta(ex, node).shape[st + 1:])
+    return ex.op("Reshape", [ins[0], ex.ints(f"{node.id}.shape", [0] * st + [-1] + tail)])
+
+
+@emitter("reshape")
+def _reshape(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
+    src = ex.ir.input_metas(node.id)[0].shape
+    shape = list(node.attrs["shape"])
+    # A leading dim equal to the input's batch dim is written as 0 (copy) so other batch sizes work.
+    if shape and src and shape[0] == src[0] > 0:
+        shape[0] = 0
+    return ex.op("Reshape", [ins[0], ex.ints(f"{node.id}.shape", shape)])
+
+
+@emitter("transpose")
+def _transpose(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
+    return ex.op("Transpose", ins, {"perm": list(node.attrs["perm"])})
+
+
+@emitter("squeeze", "unsqueeze")
+def _squeeze(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
+    axes = list(node.attrs["axes"])
+    if node.kind == "squeeze":
+        shape = ex.ir.input_metas(node.id)[0].shape
+        axes = [a % len(shape) for a in axes if shape[a] == 1]  # torch ignores non-1 dims; ONNX rejects them
+        if not axes:
+            return ex.op("Identity", ins)
+    return ex.op("Squeeze" if node.kind == "squeeze" else "Unsqueeze", [ins[0], ex.ints(f"{node.id}.axes", axes)])
+
+
+@emitter("max_pool", "avg_pool")
+def _pool(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
+    a = node.attrs
+    kernel = list(a["kernel"])
+    dims = len(kernel)
+    attrs: dict[str, Any] = {
+        "kernel_shape": kernel,
+        "strides": list(a.get("stride") or kernel),
+        "pads": list(a.get("padding", [0] * 2 * dims)),
+        "ceil_mode": int(bool(a.get("ceil_mode", False))),
+    }
+    if node.kind == "max_pool":
+        attrs["dilations"] = list(a.get("dilation", [1] * dims))
+        return ex.op("MaxPool", ins, attrs)
+    attrs["count_include_pad"] = int(bool(a.get("count_include_pad", True)))
+    return ex.op("AveragePool", ins, attrs)
+
+
+@emitter("adaptive_avg_pool")
+def _adaptive(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
+    x = ex.ir.input_metas(node.id)[0]
+    out = list(node.attrs["output_size"])
+    if all(o == 1 for o in out):
+        return ex.op("GlobalAveragePool", ins)
+    sp = x.shape[2:]
+    if any(s % o for s, o in zip(sp, out)):
+        raise UnsupportedOpError(Diagnostic(f"adaptive_avg_pool '{node.id}': output size {out} does not divide "
+                                            f"input size {list(sp)}, which ONNX cannot express", node=node.id))
+    k = [s // o for s, o in zip(sp, out)]
+    return ex.op("AveragePool", ins, {"kernel_shape": k, "strides": k})
+
+
+@emitter("mean")
+def _mean(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
+    axes = list(node.attrs["axes"])
+    keep = int(bool(node.attrs.get("keepdim", False)))
+    if ex.opset >= 18:
+        return ex.op("ReduceMean", [ins[0], ex.ints(f"{node.id}.axes", axes)], {"keepdims": keep})
+    return ex.op("ReduceMean", ins, {"axes": axes, "keepdims": keep})
+
+
+_PAD_MODES = {"constant": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+
+
+@emitter("pad")
+def _pad(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
+    a = node.attrs
+    mode = _PAD_MODES.get(str(a.get("mode", "constant")))
+    if mode is None or (mode == "wrap" and ex.opset < 19):
+        raise UnsupportedOpError(Diagnostic(f"pad '{node.id}': mode '{a.get('mode')}' has no ONNX form at opset "
+                                            f"{ex.opset}", node=node.id))
+    inputs = [ins[0], ex.ints(f"{node.id}.pads", list(a["pads"]))]
+    if mode == "constant":
+        dt = _np_dtype(_meta(ex, node).dtype)
+        dt = ex.fdt if dt == np.float32 else dt
+        inputs.append(gs.Constant(ex.fresh(f"{node.id}.value"), np.asarray(a.get("value", 0.0), dtype=dt)))
+    return ex.op("Pad", inputs, {"mode": mode})
+
+
+@emitter("resize")
+def _resize(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
+    a = node.attrs
+    x = ex.ir.input_metas(node.id)[0]
+    mode = str(a.get("mode", "nearest"))
+    mode = {"bilinear": "linear", "trilinear": "linear", "bicubic": "cubic"}.get(mode, mode)
+    attrs: dict[str, Any] = {
+        "mode": mode,
+        "coordinate_transformation_mode": str(a.get("coordinate_transformation_mode", "asymmetric" if mode ==
+                                                    "nearest" else "half_pixel")),
+        "nearest_mode": str(a.get("nearest_mode", "floor")),
+    }
+    if mode == "cubic":
+        attrs["cubic_coeff_a"] = float(a.get("cubic_coeff_a", -0.75))
+        attrs["exclude_outside"] = int(a.get("exclude_outside", 0))
+    if a.get("scale"):
+        scales = np.asarray([1.0, 1.0, *a["scale"]], dtype=np.float32)
+        return ex.op("Resize", [ins[0], ex.empty(), gs.Constant(ex.fresh(f"{node.id}.scales"), scales)], attrs)
+    size = list(a["size"])
+    if ex.opset >= 18:
+        attrs["axes"] = list(range(2, len(x.shape)))
+        return ex.op("Resize", [ins[0], ex.empty(), ex.empty(), ex.ints(f"{node.id}.sizes", size)], attrs)
+    # Opset 17 wants sizes for every axis: take N and C from the runtime shape to keep the batch free.
+    nc = ex.op1("Slice", [ex.op1("Shape", [ins[0]]), ex.ints(f"{node.id}.s0", [0]), ex.ints(f"{node.id}.s1", [2])])
+    sizes = ex.op1("Concat", [nc, ex.ints(f"{node.id}.sizes", size)], {"axis": 0})
+    return ex.op("Resize", [ins[0], ex.empty(), ex.empty(), sizes], attrs)
+
+
+@emitter("embedding")
+def _embedding(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
+    return ex.op("Gather", [ex.param("weight"), ins[0]], {"axis": 0})
+
+
+@emitter("quantize", "dequantize")
+def _qdq(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
+    x = ins[0]
+    scale = ex.const(f"{node.id}.scale", node.params["scale"], keep=True)
+    zp = ex.const(f"{node.id}.zero_point", node.params["zero_point"])
+    axis = {"axis": int(node.attrs.get("axis", 1))} if node.params["scale"].dim() > 0 else {}
+    if node.kind == "quantize":
+        if ex.fp16:  # scales stay fp32 so the quantised values are unchanged
+            x = ex.op1("Cast", [x], {"to": onnx.TensorProto.FLOAT})
+        return ex.op("QuantizeLinear", [x, scale, zp], axis)
+    y = ex.op1("DequantizeLinear", [x, scale, zp], axis) if ex.fp16 else None
+    if y is not None:
+        return ex.op("Cast", [y], {"to": onnx.TensorProto.FLOAT16})
+    return ex.op("DequantizeLinear", [x, scale, zp], axis)
+
+
+@emitter("attention")
+def _attention(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
+    """nn.MultiheadAttention (no mask) written out as projections, scaled dot products and a softmax."""
+    a, p = node.attrs, node.params
+    if len(ins) > 3:
+        raise UnsupportedOpError(Diagnostic(f"attention '{node.id}' with a mask cannot be exported to ONNX yet",
+                                            node=node.id))
+    h, dh = int(a["num_heads"]), int(a["head_dim"])
+    bf = bool(a.get("batch_first", True))
+    w = p["in_proj_weight"]
+    b = p.get("in_proj_bias")
+    heads = []
+    for i, t in enumerate(ins[:3]):
+        if not bf:  # [L, N, E] → [N, L, E]
+            t = ex.op1("Transpose", [t], {"perm": [1, 0, 2]})
+        proj = ex.op1("MatMul", [t, ex.const(f"{node.id}.w{i}", w[i * h * dh:(i + 1) * h * dh].t().contiguous())])
+        if b is not None:
+            proj = ex.op1("Add", [proj, ex.const(f"{node.id}.b{i}", b[i * h * dh:(i + 1) * h * dh])])
+        r = ex.op1("Reshape", [proj, ex.ints(f"{node.id}.heads{i}", [0, 0, h, dh])])
+        heads.append(ex.op1("Transpose", [r], {"perm": [0, 2, 3, 1] if i == 1 else [0, 2, 1, 3]}))
+    scores = ex.op1("Div", [ex.op1("MatMul", [heads[0], heads[1]]), ex.scalar(f"{node.id}.scale", float(np.sqrt(dh)))])
+    attn = ex.op1("Softmax", [scores], {"axis": -1})
+    ctx = ex.op1("Transpose", [ex.op1("MatMul", [attn, heads[2]])], {"perm": [0, 2, 1, 3]})
+    merged = ex.op1("Reshape", [ctx, ex.ints(f"{node.id}.merge", [0, 0, h * dh])])
+    out = ex.op1("MatMul", [merged, ex.const(f"{node.id}.out_w", p["out_proj_weight"].t().contiguous())])
+    if "out_proj_bias" in p:
+        out = ex.op1("Add", [out, ex.param("out_proj_bias")])
+    if not bf:
+        out = ex.op1("Transpose", [out], {"perm": [1, 0, 2]})
+    return [out]
+
+
+@emitter("opaque")
+def _opaque(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
+    o = node.origin
+    payload = o.payload
+    if o.frontend != "onnx" or not isinstance(payload, dict) or "op_type" not in payload:
+        raise UnsupportedOpError(Diagnostic(
+            f"node '{node.id}' is an opaque {o.frontend or 'unknown'} op ({o.op_type or 'unknown op type'}) with no "
+            f"ONNX equivalent", node=node.id))
+    op_type, domain = str(payload["op_type"]), str(payload.get("domain", ""))
+    if domain in ("", "ai.onnx"):
+        src = int(payload.get("opset", ex.opset))
+        try:
+            then = onnx.defs.get_schema(op_type, src, "").since_version
+            now = onnx.defs.get_schema(op_type, ex.opset, "").since_version
+        except onnx.defs.SchemaError:
+            then = now = -1
+        if then != now:
+            raise UnsupportedOpError(Diagnostic(
+                f"node '{node.id}' ({op_type}) was imported at opset {src} and its definition changed by opset "
+                f"{ex.opset}; netsqueeze cannot re-emit it verbatim", node=node.id))
+    else:
+        ex.domain_opsets.setdefault(domain, int(payload.get("domain_opset", 1)))
+    outs = ex.op(op_type, ins, outputs=int(payload.get("num_outputs", len(node.meta))), domain=domain or None)
+    ex.opaque[ex.nodes[-1].name] = list(payload.get("attributes", []))
+    if ex.fp16:
+        for t, m in zip(outs, node.meta):
+            if m.dtype == "float32":
+                t.dtype = np.float16
+    return list(outs)
