@@ -83,10 +83,10 @@ def cmd_inspect(a: argparse.Namespace) -> int:
             print(f"  {n.id}: {n.origin.op_type}")
     if a.groups:
         from netsqueeze.passes.base import PassContext
-        from netsqueeze.passes.dependency import Dependency, format_groups
+        from netsqueeze.passes.dependency import DependencyAnalysis, format_groups
 
         print()
-        print(format_groups(PassContext().analysis(Dependency, g)))
+        print(format_groups(PassContext().analysis(DependencyAnalysis, g)))
     return 0
 
 

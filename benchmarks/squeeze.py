@@ -1,0 +1,226 @@
+"""Squeeze-and-fold on full Fashion-MNIST, side by side with trim and Torch-Pruning, all in one run.
+
+    .venv/bin/python benchmarks/squeeze.py [--quick]
+
+Trains (once, cached) a VGG-style and a ResNet-style model, compresses them one-shot (no fine-tuning)
+and prints/writes benchmarks/results/squeeze.md and squeeze.png: top-1 against params and FLOPs
+ratios for squeeze_fold, trim (every criterion) and Torch-Pruning group-L1 / group-Taylor at the
+same FLOPs; latency of original and compressed models in torch and ONNX Runtime (CPU, 2 threads,
+batch 1 and 64, median of 50 runs) as ratios beside the FLOPs ratio; compile time and peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import netsqueeze as ns
+from benchmarks.common import (
+    RESULTS,
+    accuracy,
+    fashion_mnist,
+    markdown_table,
+    ort_latency,
+    torch_latency,
+    trained,
+)
+from netsqueeze.ir.stats import graph_stats
+from netsqueeze.passes.fold_bn import FoldBN
+from netsqueeze.passes.registry import all_passes
+from netsqueeze.passes.squeeze_fold import SqueezeFold
+
+
+class PeakRSS:
+    """Peak resident memory growth (MiB) while the block runs, sampled from /proc every 5 ms."""
+
+    def __enter__(self) -> PeakRSS:
+        self.base = self._rss()
+        self.peak = self.base
+        self._stop = False
+        self._t = threading.Thread(target=self._poll, daemon=True)
+        self._t.start()
+        return self
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    def _poll(self) -> None:
+        while not self._stop:
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.005)
+
+    def __exit__(self, *a: Any) -> None:
+        self._stop = True
+        self._t.join()
+        self.mib = (self.peak - self.base) / 2**20
+
+
+def flops_params(model: nn.Module) -> tuple[int, int]:
+    s = graph_stats(ns.import_model(model, (torch.randn(2, 1, 28, 28),)))
+    return s.flops, s.params
+
+
+def tp_prune(model: nn.Module, data: dict[str, torch.Tensor], flops_keep: float, kind: str) -> nn.Module:
+    """Torch-Pruning (DepGraph) group pruning with uniform per-layer ratio, bisected to `flops_keep`."""
+    import torch_pruning as tp
+
+    base_flops, _ = flops_params(model)
+    x = data["train_x"][:256]
+    y = data["train_y"][:256]
+
+    def prune(ratio: float) -> nn.Module:
+        m = copy.deepcopy(model)
+        imp = tp.importance.GroupMagnitudeImportance(p=1) if kind == "l1" else tp.importance.GroupTaylorImportance()
+        last = [mod for mod in m.modules() if isinstance(mod, nn.Linear)][-1]
+        pruner = tp.pruner.MetaPruner(m, torch.randn(1, 1, 28, 28), importance=imp, pruning_ratio=ratio,
+                                      ignored_layers=[last])
+        if kind == "taylor":
+            m.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+        pruner.step()
+        m.zero_grad()
+        return m.eval()
+
+    lo, hi = 0.0, 0.95
+    best = model
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        m = prune(mid)
+        if flops_params(m)[0] <= flops_keep * base_flops:
+            hi, best = mid, m
+        else:
+            lo = mid
+    return best
+
+
+def run_ns(model: nn.Module, passes: list[Any], calib: torch.Tensor, policy_budget: dict[str, float] | None = None
+           ) -> tuple[ns.CompileResult, float, float]:
+    t0 = time.perf_counter()
+    with PeakRSS() as mem:
+        if policy_budget:
+            budget = ", ".join(f"{k} <= {v:.4%}" for k, v in policy_budget.items())
+            steps = "\n".join(f"  {p}" for p in passes)
+            text = f"policy bench {{\n  calibrate samples {len(calib)}\n  budget {budget}\n{steps}\n}}\n"
+            res = ns.compile(model, text, example_inputs=(calib[:2],), calibration=calib)
+        else:
+            res = ns.compile(model, passes, example_inputs=(calib[:2],), calibration=calib)
+    return res, time.perf_counter() - t0, mem.mib
+
+
+def latencies(model: nn.Module) -> dict[str, float]:
+    import onnx
+
+    from netsqueeze.backends.onnx import to_onnx
+
+    g = ns.import_model(model, (torch.randn(2, 1, 28, 28),))
+    proto = to_onnx(g)
+    blob = proto.SerializeToString()
+    onnx.checker.check_model(proto)
+    return {f"{rt}_b{b}": fn(b) for b in (1, 64) for rt, fn in
+            (("torch", lambda b: torch_latency(model, b)), ("ort", lambda b: ort_latency(blob, b)))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer points, 1000 test images (smoke run)")
+    ap.add_argument("--models", default="vgg,resnet")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    data = fashion_mnist()
+    test_x, test_y = (data["test_x"][:1000], data["test_y"][:1000]) if args.quick else (data["test_x"], data["test_y"])
+    calib = data["train_x"][torch.randperm(len(data["train_x"]), generator=torch.Generator().manual_seed(0))[:2048]]
+    energies = [0.995] if args.quick else [0.99, 0.995, 0.998, 0.999]
+    trim_criteria = [c for c in ("l1", "l2", "bn_scale", "activation", "gdnt", "random") if "trim" in all_passes()]
+    rows: list[list[str]] = []
+    lat_rows: list[list[str]] = []
+    plot: dict[str, list[tuple[float, float, str]]] = {}
+    for name in args.models.split(","):
+        model = trained(name, data)
+        base_acc = accuracy(model, test_x, test_y)
+        base_flops, base_params = flops_params(model)
+        rows.append([name, "original", "-", "1.00x", "1.00x", f"{base_acc:.2%}", "-", "-", "-"])
+        lat0 = latencies(model)
+        for e in energies:
+            res, secs, mib = run_ns(model, [FoldBN(), SqueezeFold(energy=e)], calib)
+            acc = accuracy(res.model, test_x, test_y)
+            fr, pr = res.report.flops_ratio, res.report.params_ratio
+            rows.append([name, "squeeze_fold", f"energy {e}", f"{pr:.2f}x", f"{fr:.2f}x", f"{acc:.2%}",
+                         f"{(base_acc - acc) * 100:+.2f}", f"{secs:.1f}", f"{mib:.0f}"])
+            plot.setdefault(f"{name} squeeze_fold", []).append((fr, acc, ""))
+            lat = latencies(res.model)
+            lat_rows.append([name, f"squeeze_fold e={e}", f"{fr:.2f}x"] +
+                            [f"{lat0[k] / lat[k]:.2f}x ({lat[k]:.2f} ms)" for k in sorted(lat0)])
+            keep = 1.0 / fr
+            for crit in trim_criteria:
+                try:
+                    tres, tsecs, tmib = run_ns(model, ["fold_bn", f"trim {{ criterion = {crit} }}"], calib,
+                                               {"flops": keep})
+                except ns.NetsqueezeError as err:
+                    rows.append([name, f"trim {crit}", f"same FLOPs as e={e}", "-", "-", "failed", "-", "-",
+                                 str(err).splitlines()[0][:60]])
+                    continue
+                tacc = accuracy(tres.model, test_x, test_y)
+                rows.append([name, f"trim {crit}", f"same FLOPs as e={e}", f"{tres.report.params_ratio:.2f}x",
+                             f"{tres.report.flops_ratio:.2f}x", f"{tacc:.2%}", f"{(base_acc - tacc) * 100:+.2f}",
+                             f"{tsecs:.1f}", f"{tmib:.0f}"])
+                plot.setdefault(f"{name} trim {crit}", []).append((tres.report.flops_ratio, tacc, ""))
+            for kind in ("l1", "taylor"):
+                t0 = time.perf_counter()
+                with PeakRSS() as mem:
+                    pm = tp_prune(model, data, keep, kind)
+                secs = time.perf_counter() - t0
+                f2, p2 = flops_params(pm)
+                pacc = accuracy(pm, test_x, test_y)
+                rows.append([name, f"torch-pruning group-{kind}", f"same FLOPs as e={e}", f"{base_params / p2:.2f}x",
+                             f"{base_flops / f2:.2f}x", f"{pacc:.2%}", f"{(base_acc - pacc) * 100:+.2f}",
+                             f"{secs:.1f}", f"{mem.mib:.0f}"])
+                plot.setdefault(f"{name} torch-pruning {kind}", []).append((base_flops / f2, pacc, ""))
+        lat_rows.append([name, "original (ms)", "1.00x"] + [f"{lat0[k]:.2f} ms" for k in sorted(lat0)])
+
+    header = ["model", "method", "setting", "params ratio", "FLOPs ratio", "top-1", "drop (pts)", "compile s",
+              "peak MiB"]
+    lat_header = ["model", "compressed", "FLOPs ratio"] + [f"speed-up {k}" for k in sorted(lat0)]
+    text = "\n\n".join([
+        "# squeeze-and-fold on Fashion-MNIST (one-shot, no fine-tuning)",
+        f"test images: {len(test_x)}; calibration: {len(calib)} training images; CPU, 2 threads",
+        markdown_table(header, rows),
+        "## latency (median of 50 runs; speed-up = original / compressed)",
+        markdown_table(lat_header, lat_rows),
+    ]) + "\n"
+    print(text)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / ("squeeze-quick.md" if args.quick else "squeeze.md")
+    out.write_text(text)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for label, pts in sorted(plot.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax.set_xlabel("FLOPs reduction (x)")
+        ax.set_ylabel("top-1 (no fine-tuning)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.savefig(out.with_suffix(".png"), dpi=120, bbox_inches="tight")
+    except ImportError:
+        print("matplotlib missing: no plot (pip install -e '.[bench]')", file=sys.stderr)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

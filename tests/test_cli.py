@@ -1,0 +1,59 @@
+"""The `netsqueeze` command: inspect, compile, and its error exits."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from netsqueeze.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = str(ROOT / "examples" / "demo_model.py")
+
+
+def test_inspect_prints_ir_and_stats(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", DEMO]) == 0
+    out = capsys.readouterr().out
+    assert "graph SmallVGG (x) -> (output) {" in out
+    assert "%features.0.0: float32[8, 32, 28, 28] = conv(%x)" in out
+    assert out.rstrip().splitlines()[-1].split()[0] == "total"
+
+
+def test_inspect_lists_opaque_ops(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "m.py"
+    f.write_text(
+        "import torch\n"
+        "class M(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__(); self.fc = torch.nn.Linear(4, 4)\n"
+        "    def forward(self, x):\n"
+        "        return torch.cumsum(self.fc(x), 1)\n"
+        "def build():\n"
+        "    return M().eval(), (torch.randn(2, 4),)\n"
+    )
+    assert main(["inspect", str(f)]) == 0
+    out = capsys.readouterr().out
+    assert "1 opaque op(s)" in out and "cumsum" in out
+
+
+def test_compile_writes_a_loadable_module(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "m.pt"
+    before = hashlib.sha256(Path(DEMO).read_bytes()).hexdigest()
+    assert main(["compile", DEMO, "-o", str(out)]) == 0
+    assert "netsqueeze report" in capsys.readouterr().out
+    m = torch.load(out, weights_only=False)
+    assert m(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+    assert hashlib.sha256(Path(DEMO).read_bytes()).hexdigest() == before
+
+
+def test_compile_refuses_to_overwrite_its_input(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compile", DEMO, "-o", DEMO]) == 1
+    assert "refusing to overwrite the input model" in capsys.readouterr().err
+
+
+def test_missing_model_file(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", "nope.py"]) == 1
+    assert capsys.readouterr().err.strip() == "error: model file 'nope.py' does not exist"
