@@ -30,7 +30,9 @@ class ChannelSelection:
     - `keep`: group channels to keep (any order; applied in ascending order).
     - `fold`: optional T [len(keep), group size]: every consumer's input channel c is reconstructed as
       A_c ≈ Σ_s A_s·T[s, c] + t₀[c], so consumers get W'[o, s] = Σ_c W[o, c]·T[s, c] (per kernel tap for
-      conv, per position of the block for flatten→linear). Rows follow ascending `keep`.
+      conv, per position of the block for flatten→linear). Rows follow ascending `keep`. A mapping
+      {consumer node id: T} gives each consumer the reconstruction measured at its own input
+      (consumers of a residual stream read different values); consumers not in it are only sliced.
     - `bias_shift`: optional t₀, the intercept of that reconstruction; consumers' biases get += W·t₀
       (with the original W). A tensor [group size] applies to every consumer; a mapping
       {consumer node id: tensor over that consumer's input axis (original positions)} gives each
@@ -38,7 +40,7 @@ class ChannelSelection:
     """
 
     keep: Sequence[int]
-    fold: torch.Tensor | None = None
+    fold: torch.Tensor | Mapping[str, torch.Tensor] | None = None
     bias_shift: torch.Tensor | Mapping[str, torch.Tensor] | None = None
 
 
@@ -86,8 +88,10 @@ def apply_selection(graph: Graph, groups: ChannelGroups, selection: Mapping[int,
             continue
         if group.frozen is not None:
             raise _err(group, f"is frozen ({group.frozen}) and cannot shrink")
-        if sel.fold is not None and tuple(sel.fold.shape) != (len(keep), group.size):
-            raise _err(group, f"fold has shape {list(sel.fold.shape)}, expected [{len(keep)}, {group.size}]")
+        fold_of = dict(sel.fold) if isinstance(sel.fold, Mapping) else None
+        for t in (fold_of or {}).values() if fold_of is not None else ([sel.fold] if sel.fold is not None else []):
+            if tuple(t.shape) != (len(keep), group.size):
+                raise _err(group, f"fold has shape {list(t.shape)}, expected [{len(keep)}, {group.size}]")
         for m in group.members:
             removed.setdefault(_key(m), set()).update(_positions(m, drop))
             touched.add(m.node)
@@ -104,13 +108,14 @@ def apply_selection(graph: Graph, groups: ChannelGroups, selection: Mapping[int,
                 for c in range(group.size):
                     full[list(m.index[c])] = float(shift[c])
                 bias_updates.append((m, full))
-            if sel.fold is not None:
+            fold = fold_of.get(m.node) if fold_of is not None else sel.fold
+            if fold is not None:
                 node = graph.node(m.node)
                 if node.kind == "conv" and node.attrs.get("groups", 1) != 1:
                     raise _err(group, f"cannot fold into grouped conv '{m.node}' (not linear in its input channels)")
                 if len({len(p) for p in m.index}) != 1:
                     raise _err(group, f"cannot fold into '{m.node}': channels occupy unequal blocks")
-                folds.append((m, keep, sel.fold))
+                folds.append((m, keep, fold))
     if not removed and not bias_updates and not folds:
         return PassResult(changed=False)
     # biases first: t₀ passes through the original weights
@@ -168,11 +173,11 @@ def _update_attrs(graph: Graph, removed: dict[tuple[str, str, int], set[int]],
                 new_start = start - sum(1 for p in lost if p < start)
                 a["start"], a["end"] = new_start, new_start + len(range(start, end, step)) - len(gone(node.id, 0, ax))
         elif k == "reshape":
-            shape = list(a["shape"])
-            for b, d in enumerate(shape):
+            dims = list(a["shape"])
+            for b, d in enumerate(dims):
                 if d > 0:
-                    shape[b] = d - len(gone(node.id, 0, b))
-            a["shape"] = tuple(shape)
+                    dims[b] = d - len(gone(node.id, 0, b))
+            a["shape"] = tuple(dims)
         elif k == "conv" and a.get("groups", 1) > 1:
             old_in = old_meta[ops[0][0]][ops[0][1]].shape[1]
             if a["groups"] == old_in:  # depthwise: one group per channel

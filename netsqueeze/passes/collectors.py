@@ -1,0 +1,126 @@
+"""Streaming statistics over calibration batches: running moments, Gram matrices, reservoir samples.
+
+Structural passes feed them one batch at a time from `PassContext.stream`, so memory never holds all activations.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def channel_rows(t: torch.Tensor, axis: int, spatial_mean: bool = False) -> torch.Tensor:
+    """[rows, positions] view of `t` with `axis` last; with `spatial_mean`, axes after `axis` are averaged first.
+
+    Conv maps [N, C, H, W] on axis 1 give N·H·W rows, or N rows with `spatial_mean` (H×W averaged).
+    """
+    axis = axis % t.dim()
+    if spatial_mean and t.dim() > axis + 1:
+        t = t.mean(dim=tuple(range(axis + 1, t.dim())))
+    return t.movedim(axis, -1).reshape(-1, t.shape[axis]).double()
+
+
+class Moments:
+    """Running count, mean, mean |x| and variance per column (float64 sums)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.sum: torch.Tensor | None = None
+        self.sum_sq: torch.Tensor | None = None
+        self.sum_abs: torch.Tensor | None = None
+
+    def update(self, rows: torch.Tensor) -> None:
+        rows = rows.double()
+        s, q, a = rows.sum(0), (rows * rows).sum(0), rows.abs().sum(0)
+        if self.sum is None or self.sum_sq is None or self.sum_abs is None:
+            self.sum, self.sum_sq, self.sum_abs = s, q, a
+        else:
+            self.sum += s
+            self.sum_sq += q
+            self.sum_abs += a
+        self.n += rows.shape[0]
+
+    def _need(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.sum is None or self.sum_sq is None or self.sum_abs is None or self.n == 0:
+            raise ValueError("no calibration rows were collected")
+        return self.sum, self.sum_sq, self.sum_abs
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self._need()[0] / self.n
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return self._need()[2] / self.n
+
+    @property
+    def var(self) -> torch.Tensor:
+        s, q, _ = self._need()
+        return (q / self.n - (s / self.n) ** 2).clamp_min(0.0)
+
+
+class Gram:
+    """Running XᵀX and column sums: the uncentred Gram matrix and the covariance of the rows."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.xtx: torch.Tensor | None = None
+        self.sum: torch.Tensor | None = None
+
+    def update(self, rows: torch.Tensor) -> None:
+        rows = rows.double()
+        g, s = rows.T @ rows, rows.sum(0)
+        if self.xtx is None or self.sum is None:
+            self.xtx, self.sum = g, s
+        else:
+            self.xtx += g
+            self.sum += s
+        self.n += rows.shape[0]
+
+    @property
+    def gram(self) -> torch.Tensor:
+        if self.xtx is None or self.n == 0:
+            raise ValueError("no calibration rows were collected")
+        return self.xtx / self.n
+
+    @property
+    def mean(self) -> torch.Tensor:
+        if self.sum is None or self.n == 0:
+            raise ValueError("no calibration rows were collected")
+        return self.sum / self.n
+
+    @property
+    def cov(self) -> torch.Tensor:
+        mu = self.mean
+        return self.gram - torch.outer(mu, mu)
+
+
+class Reservoir:
+    """A uniform sample of at most `capacity` rows from a stream (Vitter's algorithm R), seeded."""
+
+    def __init__(self, capacity: int, seed: int = 0) -> None:
+        self.capacity = capacity
+        self.seen = 0
+        self.rows: torch.Tensor | None = None
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def update(self, rows: torch.Tensor) -> None:
+        rows = rows.detach().double()
+        if self.rows is None:
+            self.rows = torch.empty(0, rows.shape[1], dtype=torch.float64)
+        fill = min(max(0, self.capacity - self.rows.shape[0]), rows.shape[0])
+        if fill:
+            self.rows = torch.cat([self.rows, rows[:fill]])
+            self.seen += fill
+        rest = rows[fill:]
+        if rest.shape[0]:
+            # algorithm R, vectorised: row i of the rest replaces slot j ~ U[0, seen + i] when j < capacity
+            seen = self.seen + torch.arange(1, rest.shape[0] + 1, dtype=torch.float64)
+            j = (torch.rand(rest.shape[0], generator=self.gen, dtype=torch.float64) * seen).long()
+            for i in torch.nonzero(j < self.capacity).flatten().tolist():  # in order: later rows win
+                self.rows[int(j[i])] = rest[i]
+            self.seen += rest.shape[0]
+
+    def sample(self) -> torch.Tensor:
+        if self.rows is None:
+            raise ValueError("no calibration rows were collected")
+        return self.rows

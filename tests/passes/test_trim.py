@@ -1,0 +1,136 @@
+"""`trim`: criteria, ratio and budget targets, selection, bias compensation, the gdnt estimator, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from netsqueeze.errors import BudgetError, NetsqueezeError
+from netsqueeze.ir.stats import graph_stats
+from netsqueeze.passes.base import PassContext
+from netsqueeze.passes.collectors import Gram, Moments, Reservoir, channel_rows
+from netsqueeze.passes.dependency import find_groups
+from netsqueeze.passes.trim import Trim, fr_cross_edges, gdnt_scores
+from tests.passes.graphs import attention, cnn, input_batches, mlp, run, stream_ctx
+
+torch.set_grad_enabled(False)
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2", "bn_scale", "activation", "random", "gdnt"])
+@pytest.mark.parametrize("make", [mlp, cnn, attention])
+def test_every_criterion_halves_every_prunable_group(make, criterion: str) -> None:  # type: ignore[no-untyped-def]
+    g = make()
+    before = {gr.id: gr.size for gr in find_groups(g).prunable()}
+    ctx = stream_ctx(input_batches(g, n=3))
+    res = Trim(criterion=criterion, ratio=0.5, gdnt_samples=60)  # type: ignore[arg-type]
+    out = res.run(g, ctx)
+    g.verify()
+    assert out.changed
+    after = find_groups(g)
+    assert sum(gr.size for gr in after.prunable()) == sum(s - s // 2 for s in before.values())
+    y = run(g, input_batches(g, n=1)[0])[0]
+    assert torch.isfinite(y).all()
+
+
+def test_l1_removes_the_smallest_filters() -> None:
+    g = mlp()
+    w = g.node("fc1").params["weight"]
+    w[[3, 7, 11]] *= 1e-3
+    Trim(ratio=3 / 16 + 1e-6, bias_compensation=False).run(g, PassContext())
+    assert g.node("fc1").params["weight"].shape[0] == 13
+    # fc2 was also trimmed by 3/16 → floor(12·0.1875) = 2
+    assert g.node("fc2").params["weight"].shape == (10, 13)
+
+
+def test_selection_restricts_groups() -> None:
+    g = mlp()
+    Trim(ratio=0.5).run(g, PassContext(selected=frozenset({"fc2"})))
+    assert g.node("fc1").params["weight"].shape[0] == 16 and g.node("fc2").params["weight"].shape[0] == 6
+
+
+def test_round_to_and_min_channels() -> None:
+    g = mlp()
+    Trim(ratio=0.9, round_to=4, min_channels=3).run(g, PassContext())
+    assert g.node("fc1").params["weight"].shape[0] == 4  # 16 → 2 → rounded up to 4
+    assert g.node("fc2").params["weight"].shape[0] == 4  # 12 → 2 → 3 (floor) → rounded to 4
+
+
+def test_flops_budget_met_by_global_ranking() -> None:
+    g = cnn()
+    f0 = graph_stats(g).flops
+    ctx = PassContext(budget={"flops": 0.6})
+    res = Trim(criterion="l1").run(g, ctx)
+    f1 = graph_stats(g).flops
+    assert f1 <= 0.6 * f0 and res.metrics["flops_ratio"] == pytest.approx(f1 / f0)
+    assert f1 > 0.4 * f0  # the search stops near the budget, not at the floor
+
+
+def test_unsatisfiable_budget_states_what_was_reached() -> None:
+    g = mlp()
+    with pytest.raises(BudgetError, match=r"reaches flops \d+\.\d% , params|reaches flops") as e:
+        Trim().run(g, PassContext(budget={"params": 0.01}))
+    assert "params <= 1%" in str(e.value) and e.value.diagnostics[0].node == "fc1"
+
+
+def test_bad_options_are_errors_naming_a_node() -> None:
+    g = mlp()
+    with pytest.raises(NetsqueezeError, match="leaves no channel") as e:
+        Trim(ratio=1.0).run(g, PassContext())
+    assert e.value.diagnostics[0].node == "fc1"
+    with pytest.raises(NetsqueezeError, match="needs a `ratio`"):
+        Trim().run(g, PassContext())
+    with pytest.raises(NetsqueezeError, match="calibration"):
+        Trim(ratio=0.5, criterion="activation").run(g, PassContext())
+
+
+def test_bias_compensation_restores_removed_means() -> None:
+    """A hidden layer whose low-variance channels carry large means: compensation keeps the output close."""
+    torch.manual_seed(3)
+    g = mlp()
+    fc1 = g.node("fc1").params
+    fc1["weight"][8:] *= 0.01  # channels 8..15 nearly constant …
+    fc1["bias"][8:] = 2.0  # … at a large mean
+    batches = input_batches(g, n=4)
+    ref = [run(g, b)[0] for b in batches]
+
+    def err(comp: bool) -> float:
+        h = g.copy()
+        Trim(criterion="activation", activation_stat="variance", ratio=0.5, bias_compensation=comp).run(
+            h, stream_ctx(batches, selected=frozenset({"fc1"})))
+        return max(float((run(h, b)[0] - r).abs().max()) for b, r in zip(batches, ref))
+
+    assert err(True) < 0.05 < err(False)
+
+
+def test_fr_statistic_and_gdnt_rank_dependent_neurons() -> None:
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(50, 2))
+    assert fr_cross_edges(a, a + 100.0) == 1  # separated clouds: one bridge
+    torch.manual_seed(0)
+    n = 300
+    parents = torch.randn(n, 4, dtype=torch.float64)
+    children = torch.stack([parents[:, 0] * 2 + 0.05 * torch.randn(n, dtype=torch.float64),
+                            parents[:, 2] - 0.05 * torch.randn(n, dtype=torch.float64)], 1)
+    s = gdnt_scores(parents, children, child_groups=2, seed=0)
+    assert s[0] > 0.5 and s[2] > 0.5 and s[1] < 0.3 and s[3] < 0.3
+
+
+def test_collectors_stream_exactly() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(7, 5, 3, 3)
+    mo, gr = Moments(), Gram()
+    for chunk in x.split(3):
+        rows = channel_rows(chunk, 1)
+        mo.update(rows)
+        gr.update(rows)
+    full = channel_rows(x, 1)
+    torch.testing.assert_close(mo.mean, full.mean(0))
+    torch.testing.assert_close(mo.var, full.var(0, unbiased=False))
+    torch.testing.assert_close(gr.cov, torch.cov(full.T, correction=0))
+    assert channel_rows(x, 1, spatial_mean=True).shape == (7, 5)
+    res = Reservoir(10, seed=0)
+    for chunk in torch.arange(1000.0).reshape(-1, 1).split(37):
+        res.update(chunk)
+    sample = res.sample()
+    assert sample.shape == (10, 1) and len(set(sample.flatten().tolist())) == 10 and sample.max() > 100
