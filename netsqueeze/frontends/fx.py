@@ -220,7 +220,7 @@ def _infer(graph: Graph, nid: str) -> list[TensorMeta]:
 def _op_type(nd: fx.Node) -> str:
     t = nd.target
     if isinstance(t, torch._ops.OpOverload):
-        return str(t.name()) + "." + t._overloadname
+        return f"{t.namespace}::{t._overloadpacket.__name__}.{t._overloadname}"
     if nd.op == "call_method":
         return f"Tensor.{t}"
     if callable(t):
@@ -480,6 +480,9 @@ def _reshape(cx: _Capture, a: dict[str, Any]) -> Value:
     size = [int(d) for d in a.get("size") or ()]
     if -1 in size and size.index(-1) < len(target) and target[size.index(-1)] != 0:
         target[size.index(-1)] = -1
+    elif -1 not in target and len(target) >= 2 and target[-1] != 0:
+        # torch.export resolves -1; inferring the trailing dim keeps the IR free of baked-in spatial sizes
+        target[-1] = -1
     return (cx.emit("reshape", [x], {"shape": tuple(target)}), 0)
 
 
@@ -999,7 +1002,8 @@ def _convert_node(cx: _Capture, nd: fx.Node) -> None:
     if packet is not None and packet in HANDLERS:
         try:
             result = HANDLERS[packet](cx, a)
-        except _Unmappable:
+        except (_Unmappable, KeyError, IndexError, TypeError, ValueError):
+            # outside the canonical op's conventions: keep it working as an opaque call
             result = None
     if result is None:
         result = _opaque(cx, nd)
@@ -1033,8 +1037,7 @@ def _resolve(cx: _Capture, nd: fx.Node) -> tuple[str | None, dict[str, Any]]:
         if packet == "adaptive_avg_pool2d":
             a["output_size"] = mod.output_size  # type: ignore[attr-defined]
         a = {k: v for k, v in a.items()}
-        first = "indices" if packet == "embedding" else ("input" if packet in (
-            "conv2d", "conv_transpose2d", "linear", "batch_norm", "layer_norm", "group_norm") else "self")
+        first = "indices" if packet == "embedding" else _schema_for(packet).arguments[0].name
         a[first] = args[0] if args else kwargs.get("input")
         return packet, a
     if nd.op == "call_method":
@@ -1189,6 +1192,24 @@ def _check_inputs(model: nn.Module, names: list[str], example_inputs: tuple[torc
             h.remove()
 
 
+def _check_count(model: nn.Module, n: int) -> None:
+    import inspect
+
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return
+    pos = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in pos if p.default is p.empty]
+    if not len(required) <= n <= len(pos):
+        want = f"{len(required)}" if len(required) == len(pos) else f"{len(required)} to {len(pos)}"
+        raise InputMismatchError(Diagnostic(
+            f"{type(model).__name__}.forward takes {want} inputs ({', '.join(p.name for p in pos)}) "
+            f"but {n} example inputs were given"))
+
+
 def _forward_names(model: nn.Module, n: int) -> list[str]:
     import inspect
 
@@ -1231,6 +1252,7 @@ def from_torch(model: nn.Module | fx.GraphModule | torch.export.ExportedProgram,
     try:
         model.eval()  # the IR is inference-mode (BatchNorm running stats, no dropout)
         names = _forward_names(model, len(example_inputs))
+        _check_count(model, len(example_inputs))
         _check_inputs(model, names, example_inputs)
         try:
             ep = torch.export.export(model, example_inputs, strict=False)

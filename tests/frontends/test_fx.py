@@ -1,0 +1,193 @@
+"""Torch frontend: ids, op mapping, canonical attrs, determinism, fallback capture and its errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from netsqueeze.backends.torch import to_torch
+from netsqueeze.errors import CaptureError, InputMismatchError
+from netsqueeze.frontends.fx import from_torch
+from tests.zoo import ZOO
+
+
+def max_err(a: nn.Module, b: nn.Module, inputs: tuple[torch.Tensor, ...]) -> float:
+    with torch.no_grad():
+        ya, yb = a(*inputs), b(*inputs)
+    ya = ya if isinstance(ya, tuple) else (ya,)
+    yb = yb if isinstance(yb, tuple) else (yb,)
+    assert len(ya) == len(yb)
+    return max(float((x - y).abs().max()) for x, y in zip(ya, yb))
+
+
+class Misc(nn.Module):
+    """One of most mapped ops: the capture must contain no opaque node and reproduce the outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(4, 6, 3, padding=2, dilation=2)
+        self.c2 = nn.Conv2d(4, 8, 4, padding="same")  # even kernel: asymmetric padding
+        self.dw = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8)
+        self.up = nn.ConvTranspose2d(8, 4, 2, stride=2)
+        self.gn = nn.GroupNorm(2, 4)
+        self.lrn = nn.LocalResponseNorm(3)
+        self.ln = nn.LayerNorm(6)
+        self.emb = nn.Embedding(10, 6)
+        self.lin = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor, seq: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        y = self.up(self.dw(F.leaky_relu(self.c2(x), 0.2)))
+        y = self.lrn(self.gn(y))
+        a, b = torch.chunk(y, 2, dim=1)
+        y = torch.cat([F.silu(a), F.hardsigmoid(b), torch.clamp(a, -0.5, 0.5)], dim=1)[:, 1:5]
+        y = F.pad(y, (1, 0, 2, 1))
+        y = F.interpolate(y, scale_factor=2, mode="nearest")
+        y = F.max_pool2d(y, 3, 2, padding=1)
+        z = y.reshape(y.shape[0], 4, -1).permute(0, 2, 1)
+        z = torch.softmax(z @ z.transpose(1, 2), dim=-1).unsqueeze(1).squeeze(1)
+        s = self.ln(self.c1(seq).transpose(1, 2)) + self.emb(idx)
+        s = torch.bmm(s, self.lin(s).transpose(1, 2)) / 3.0 - 1.0
+        return z.mean(dim=-1), (1.0 - s).mean(-1), torch.sigmoid(y.flatten(1))
+
+
+def misc() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    torch.manual_seed(0)
+    return Misc().eval(), (torch.randn(2, 4, 10, 10), torch.randn(2, 4, 7), torch.randint(0, 10, (2, 7)))
+
+
+def test_resnet_ids_are_module_paths() -> None:
+    model, inputs = ZOO["resnet"]()
+    g = from_torch(model, inputs)
+    ids = {n.id for n in g.nodes()}
+    assert {"x", "conv1", "bn1", "layer1.0.conv1", "layer1.0.add", "layer1.0.relu", "layer1.0.relu_1",
+            "layer2.0.downsample.0", "layer2.0.downsample.1", "fc", "flatten", "output"} <= ids
+    assert g.inputs == ["x"] and g.outputs == ["output"]
+    assert g.node("layer2.0.conv1").attrs == {"stride": (2, 2), "padding": (1, 1, 1, 1), "dilation": (1, 1),
+                                              "groups": 1}
+    assert g.node("layer1.0.add").kind == "add"
+
+
+def test_transformer_attention_is_one_node() -> None:
+    model, inputs = ZOO["transformer"]()
+    g = from_torch(model, inputs)
+    att = g.by_kind("attention")
+    assert [n.id for n in att] == ["layers.0.attn", "layers.1.attn"]
+    n = att[0]
+    assert n.attrs == {"num_heads": 4, "embed_dim": 16, "head_dim": 4, "batch_first": True}
+    assert {k: list(v.shape) for k, v in n.params.items()} == {
+        "in_proj_weight": [48, 16], "in_proj_bias": [48], "out_proj_weight": [16, 16], "out_proj_bias": [16]}
+    assert len(set(g.operands(n.id))) == 1 and len(g.operands(n.id)) == 3
+    assert not g.by_kind("opaque")
+
+
+def test_unknown_op_is_opaque_and_runs() -> None:
+    model, inputs = ZOO["unknown_op"]()
+    g = from_torch(model, inputs)
+    assert [(n.id, n.origin.op_type) for n in g.by_kind("opaque")] == [
+        ("cumsum", "aten::cumsum.default"), ("erfinv", "aten::erfinv.default")]
+    assert max_err(model, to_torch(g), (torch.randn(7, 12),)) <= 1e-5
+
+
+def test_misc_ops_map_to_canonical_ops() -> None:
+    model, inputs = misc()
+    g = from_torch(model, inputs)
+    kinds = {n.kind for n in g.nodes()}
+    assert "opaque" not in kinds, [n.origin.op_type for n in g.by_kind("opaque")]
+    assert {"conv", "conv_transpose", "group_norm", "lrn", "split", "concat", "slice", "pad", "resize",
+            "max_pool", "reshape", "transpose", "matmul", "softmax", "unsqueeze", "squeeze", "layer_norm",
+            "embedding", "linear", "div", "sub", "clip", "leaky_relu", "silu", "hardsigmoid", "mean",
+            "flatten", "constant"} <= kinds
+    assert g.node("c2").attrs["padding"] == (1, 1, 2, 2)  # ONNX order: begins, then ends
+    assert g.node("c1").attrs["padding"] == (2, 2) and g.node("c1").attrs["dilation"] == (2,)
+    assert g.node("pad").attrs["pads"] == (0, 0, 2, 1, 0, 0, 1, 0)
+    assert g.node("reshape").attrs["shape"] == (0, 4, -1)
+    em = to_torch(g)
+    assert max_err(model, em, inputs) <= 1e-5
+    other = (torch.randn(5, 4, 10, 10), torch.randn(5, 4, 7), torch.randint(0, 10, (5, 7)))
+    assert max_err(model, em, other) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["vgg", "transformer", "mobilenetv2"])
+def test_printed_ir_is_deterministic(name: str) -> None:
+    model, inputs = ZOO[name]()
+    assert str(from_torch(model, inputs)) == str(from_torch(ZOO[name]()[0], inputs))
+
+
+def test_model_is_not_modified() -> None:
+    model, inputs = ZOO["resnet"]()
+    model.train()
+    model.layer1.eval()
+    flags = {k: m.training for k, m in model.named_modules()}
+    state = copy.deepcopy(model.state_dict())
+    g = from_torch(model, inputs)
+    assert {k: m.training for k, m in model.named_modules()} == flags
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    # params are cloned: editing the IR leaves the model alone
+    g.node("conv1").params["weight"].zero_()
+    assert model.conv1.weight.abs().sum() > 0
+
+
+def test_symbolic_trace_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_export(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("export disabled for this test")
+
+    for name in ("resnet", "lenet", "mobilenetv2", "unknown_op"):
+        model, inputs = ZOO[name]()
+        expected = {n.id for n in from_torch(model, inputs).nodes() if n.kind in ("conv", "linear", "batch_norm")}
+        monkeypatch.setattr(torch.export, "export", no_export)
+        g = from_torch(model, inputs)
+        monkeypatch.undo()
+        assert {n.id for n in g.nodes() if n.kind in ("conv", "linear", "batch_norm")} == expected
+        assert max_err(model, to_torch(g), inputs) <= 1e-5
+
+
+def test_exported_program_and_graph_module_inputs() -> None:
+    model, inputs = ZOO["vgg"]()
+    ep = torch.export.export(model, inputs, strict=False)
+    g = from_torch(ep, inputs)
+    assert str(g).replace("ExportedProgram", "VGG") == str(from_torch(model, inputs))
+    gm = torch.fx.symbolic_trace(model)
+    assert max_err(model, to_torch(from_torch(gm, inputs)), inputs) <= 1e-5
+
+
+def test_wrong_shape_input() -> None:
+    model, _ = ZOO["lenet"]()
+    with pytest.raises(InputMismatchError) as e:
+        from_torch(model, (torch.randn(2, 3, 28, 28),))
+    assert e.value.message == ("example input 'x' (given float32[2, 3, 28, 28]) does not fit the model: "
+                               "layer 'conv1' (Conv2d) expects [N, 1, H, W]")
+    assert "reason: RuntimeError" in str(e.value) and e.value.diagnostics[0].node == "conv1"
+
+
+def test_wrong_dtype_input() -> None:
+    model, _ = ZOO["mlp"]()
+    with pytest.raises(InputMismatchError) as e:
+        from_torch(model, (torch.randn(4, 20, dtype=torch.float64),))
+    assert e.value.message == ("example input 'x' (given float64[4, 20]) does not fit the model: "
+                               "layer 'fc1' (Linear) expects float32[..., 20]")
+
+
+def test_wrong_input_count() -> None:
+    model, inputs = ZOO["mlp"]()
+    with pytest.raises(InputMismatchError) as e:
+        from_torch(model, (*inputs, *inputs))
+    assert e.value.message == "MLP.forward takes 1 inputs (x) but 2 example inputs were given"
+
+
+class DataDependent(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            return x * 2
+        return x - 1
+
+
+def test_uncapturable_model() -> None:
+    with pytest.raises(CaptureError) as e:
+        from_torch(DataDependent(), (torch.randn(2, 3),))
+    text = str(e.value)
+    assert "neither torch.export nor torch.fx.symbolic_trace" in text
+    assert "torch.export:" in text and "torch.fx.symbolic_trace: TraceError" in text
