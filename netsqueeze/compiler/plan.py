@@ -176,18 +176,21 @@ class _Resolver:
     def select(self, sel: ast.Selector, expect: ast.Expect | None) -> dict[str, int]:
         """Matches of `sel`; reports names that match nothing unless `expect` admits zero."""
         self.sel.misses = []
-        n_hard = len(self.sel.diags)
+        n_hard, n_poisoned = len(self.sel.diags), self.sel.poisoned
         m = self.sel.evaluate(sel)
         hard = self.sel.diags[n_hard:]
         self.diags += hard
         allow_zero = expect is not None and expect.admits(0)
-        if not allow_zero:
+        if self.sel.poisoned > n_poisoned:
+            pass  # the checker already reported why this selector is wrong
+        elif not allow_zero:
             self.diags += self.sel.misses
             if not m and not self.sel.misses and not hard:
                 self.diags.append(Diagnostic(
                     f"selector '{sel.to_text()}' matches no node (add 'expect 0..' if that is intended)",
                     span=sel.span))
-        if expect is not None and m and not expect.admits(len(m)):
+        empty_range = expect is not None and expect.high is not None and expect.high < expect.low
+        if expect is not None and m and not expect.admits(len(m)) and not empty_range:
             rng = expect.to_text().removeprefix("expect ")
             self.diags.append(Diagnostic(
                 f"selector '{sel.to_text()}' matches {len(m)} node{'s' if len(m) != 1 else ''}, expected {rng}",
@@ -208,8 +211,8 @@ class _Resolver:
         steps: list[PlanStep] = []
         for inv, opts, (sel, overrides) in zip(invs, options, selected):
             cls = self.passes.get(inv.pass_name)
-            if cls is None:
-                continue
+            if cls is None or self.diags:
+                continue  # the policy is rejected anyway; a half-checked instance would only add noise
             try:
                 inst = cls(**opts)
             except Exception as e:  # a pass's own validation (__post_init__) rejecting the options
@@ -337,7 +340,7 @@ def explain(plan: Plan, graph: Graph) -> str:
     lines = [f"policy {plan.policy_name} (sha256 {plan.policy_hash[:16]})"]
     whole = [(i, s) for i, s in enumerate(plan.steps, 1) if s.selected is None]
     if whole:
-        lines.append("whole graph:")
+        lines.append("whole graph (no 'on': the pass decides which nodes it touches):")
         lines += [f"  {i}. {format_instance(s.instance)}  [{s.where}]" for i, s in whole]
     lines.append("per node:")
     for node in graph.nodes():
@@ -354,7 +357,7 @@ def explain(plan: Plan, graph: Graph) -> str:
                 extra = " over " + ", ".join(f"{sp.file}:{sp.line}" for sp in s.overrides[node.id])
             lines.append(f"    {i}. {format_instance(s.instance)}  [{s.where}{extra}]")
         if not touched:
-            lines.append("    -" if not whole else "    (whole-graph steps only)")
+            lines.append("    -")
     return "\n".join(lines) + "\n"
 
 

@@ -99,6 +99,9 @@ class SelectorEvaluator:
     diags: list[Diagnostic] = field(default_factory=list)
     misses: list[Diagnostic] = field(default_factory=list)
 
+    # incremented where the checker already reported the problem, so no "matches nothing" follows it
+    poisoned: int = 0
+
     def __post_init__(self) -> None:
         self.order = self.graph.topo_order()
         self.pos = {n: i for i, n in enumerate(self.order)}
@@ -125,6 +128,9 @@ class SelectorEvaluator:
                 if sel.name in stack:
                     return {}  # the checker reports the cycle
                 return self.evaluate(inner, (*stack, sel.name))
+            if sel.name in self.env.defs:
+                self.poisoned += 1  # a param or value let used as a selector
+                return {}
             if sel.name in self.graph:
                 return {sel.name: EXACT}
             self._miss(sel, f"node id '{sel.name}'", sel.name)
@@ -143,7 +149,8 @@ class SelectorEvaluator:
             try:
                 rx = re.compile(sel.pattern)
             except re.error:
-                return {}  # reported by the checker
+                self.poisoned += 1
+                return {}
             m = {n: PATTERN for n in self.order if rx.fullmatch(n)}
             if not m:
                 self._miss(sel, f"regex {sel.to_text()}", sel.pattern)

@@ -34,7 +34,8 @@ class TypeDesc:
         if self.kind in ("list", "tuple"):
             if self.kind == "tuple" and not self.variadic:
                 return "(" + ", ".join(str(a) for a in self.args) + ")"
-            return f"a list of {self.args[0]}" if self.args else "a list"
+            plural = {"int": "integers", "float": "numbers", "bool": "booleans", "str": "strings"}
+            return f"a list of {plural.get(self.args[0].kind, self.args[0])}" if self.args else "a list"
         if self.kind == "optional":
             return f"{self.args[0]} or none"
         return {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}.get(
@@ -241,7 +242,7 @@ class Checker:
         seen: dict[str, Any], node: Any, names: Mapping[str, str] | None = None,
     ) -> Any:
         names = names or {}
-        shown = names.get(key, key)
+        shown = names.get(key, key.replace("_", " ") if table is GUARD_METRICS else key)
         if key not in table:
             choices = [names.get(k, k) for k in table]
             hint = did_you_mean(shown, choices) or f" (one of: {', '.join(choices)})"
@@ -357,6 +358,8 @@ class Checker:
                 items = v.items
             elif isinstance(v, ast.Words):
                 items = v.words
+            elif t.kind == "list" or t.variadic:
+                items = (v,)  # one value where a list is expected: a list of one
             else:
                 raise _Bad(f"{what} expects {t}, got {_describe(v)}", v.span)
             if t.kind == "tuple" and not t.variadic:

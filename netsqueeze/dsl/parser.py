@@ -485,7 +485,7 @@ class _Loader:
                 text = path.read_text()
             except (OSError, UnicodeDecodeError) as e:
                 reason = "no such file" if isinstance(e, FileNotFoundError) else str(e)
-                self.diags.append(Diagnostic(f"cannot import '{imp.path}': {reason} ({path})", span=imp.span))
+                self.diags.append(Diagnostic(f"cannot import '{imp.path}': {reason}", span=imp.span))
                 continue
             shown = str(Path(importer).parent / imp.path) if not importer.startswith("<") else imp.path
             items, diags = _parse_tree_items(text, shown)
