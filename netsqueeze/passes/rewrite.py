@@ -88,8 +88,9 @@ def apply_selection(graph: Graph, groups: ChannelGroups, selection: Mapping[int,
             continue
         if group.frozen is not None:
             raise _err(group, f"is frozen ({group.frozen}) and cannot shrink")
-        fold_of = dict(sel.fold) if isinstance(sel.fold, Mapping) else None
-        for t in (fold_of or {}).values() if fold_of is not None else ([sel.fold] if sel.fold is not None else []):
+        fold_all = sel.fold if isinstance(sel.fold, torch.Tensor) else None
+        fold_of = None if sel.fold is None or fold_all is not None else dict(sel.fold)
+        for t in list((fold_of or {}).values()) + ([fold_all] if fold_all is not None else []):
             if tuple(t.shape) != (len(keep), group.size):
                 raise _err(group, f"fold has shape {list(t.shape)}, expected [{len(keep)}, {group.size}]")
         for m in group.members:
@@ -98,7 +99,7 @@ def apply_selection(graph: Graph, groups: ChannelGroups, selection: Mapping[int,
             if m.role != "consumer":
                 continue
             shift = sel.bias_shift
-            if isinstance(shift, Mapping):
+            if shift is not None and not isinstance(shift, torch.Tensor):
                 if m.node in shift:
                     bias_updates.append((m, shift[m.node]))
             elif shift is not None:
@@ -108,7 +109,7 @@ def apply_selection(graph: Graph, groups: ChannelGroups, selection: Mapping[int,
                 for c in range(group.size):
                     full[list(m.index[c])] = float(shift[c])
                 bias_updates.append((m, full))
-            fold = fold_of.get(m.node) if fold_of is not None else sel.fold
+            fold = fold_of.get(m.node) if fold_of is not None else fold_all
             if fold is not None:
                 node = graph.node(m.node)
                 if node.kind == "conv" and node.attrs.get("groups", 1) != 1:
