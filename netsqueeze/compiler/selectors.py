@@ -212,6 +212,8 @@ class SelectorEvaluator:
         if isinstance(c, ast.Compare):
             if c.attr not in attrs:
                 return False
+            if isinstance(c.value, ast.Ident) and c.value.name in attrs and c.value.name not in self.env.defs:
+                return _cmp(attrs[c.attr], c.op, attrs[c.value.name])  # attribute against attribute
             try:
                 value = _py(self.env.value(c.value))
             except Exception:
