@@ -11,6 +11,7 @@ from netsqueeze.ir.stats import graph_stats
 from netsqueeze.passes.base import PassContext
 from netsqueeze.passes.collectors import Gram, Moments, Reservoir, channel_rows
 from netsqueeze.passes.dependency import find_groups
+from netsqueeze.passes.rewrite import ChannelSelection, apply_selection
 from netsqueeze.passes.trim import Trim, fr_cross_edges, gdnt_scores
 from tests.passes.graphs import attention, cnn, input_batches, mlp, run, stream_ctx
 
@@ -134,3 +135,73 @@ def test_collectors_stream_exactly() -> None:
         res.update(chunk)
     sample = res.sample()
     assert sample.shape == (10, 1) and len(set(sample.flatten().tolist())) == 10 and sample.max() > 100
+
+
+# ---- acceptance on the zoo (torch frontend and backend) ----
+ZOO_NAMES = ["mlp", "lenet", "vgg", "resnet", "densenet", "mobilenetv2", "transformer", "unknown_op"]
+
+
+def _torch_runner(graph, inputs, values):  # type: ignore[no-untyped-def]
+    from netsqueeze.backends.torch import to_torch
+
+    out = to_torch(graph, extra_outputs=values)(*inputs)
+    return list(out) if isinstance(out, tuple) else [out]
+
+
+@pytest.mark.parametrize("name", ZOO_NAMES)
+def test_zoo_half_trim_is_exact_on_zeroed_channels(name: str) -> None:
+    from netsqueeze.backends.torch import to_torch
+    from netsqueeze.frontends.fx import from_torch
+    from tests.passes.graphs import zero_channels
+    from tests.zoo import ZOO
+
+    model, x = ZOO[name]()
+    g = from_torch(model, x)
+    groups = find_groups(g)
+    sel = {gr.id: ChannelSelection(keep=list(range(0, gr.size, 2))) for gr in groups.prunable() if gr.size > 1}
+    for gid, s in sel.items():
+        zero_channels(g, groups[gid], [c for c in range(groups[gid].size) if c not in s.keep])
+    before = to_torch(g)(*x)
+    # zeroed channels are 0 at the consumers' inputs, except behind sigmoid (0.5): pass that constant
+    # through the consumers' biases, the intercept path of the rewrite
+    taps = [(gid, m, v) for gid in sel for m in groups[gid].members_of("consumer")
+            for v in groups[gid].members if v.param is None
+            and g.node(m.node).kind in ("conv", "linear") and (v.node, v.output) == g.operands(m.node)[0]]
+    acts = _torch_runner(g, x, [(v.node, v.output or 0) for _, _, v in taps])[1:]
+    shifts: dict[int, dict[str, torch.Tensor]] = {}
+    for (gid, m, v), a in zip(taps, acts):
+        mean = channel_rows(a, v.axis).mean(0)
+        shift = torch.zeros(g.node(m.node).params["weight"].shape[m.axis], dtype=torch.float64)
+        for c in range(groups[gid].size):
+            if c not in sel[gid].keep:
+                shift[list(m.index[c])] = mean[list(v.index[c])]
+        shifts.setdefault(gid, {})[m.node] = shift
+    sel = {gid: ChannelSelection(keep=s.keep, bias_shift=shifts.get(gid)) for gid, s in sel.items()}
+    p0 = graph_stats(g).params
+    apply_selection(g, groups, sel)
+    g.verify()
+    m = to_torch(g)
+    after = m(*x)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+    st = graph_stats(g)
+    assert sum(p.numel() for p in m.parameters()) == st.params
+    assert (st.params < p0) == bool(sel)
+
+
+@pytest.mark.parametrize("name", ["vgg", "resnet", "transformer"])
+def test_zoo_trim_with_calibration(name: str) -> None:
+    from netsqueeze.backends.torch import to_torch
+    from netsqueeze.frontends.fx import from_torch
+    from tests.zoo import ZOO
+
+    model, x = ZOO[name]()
+    g = from_torch(model, x)
+    gen = torch.Generator().manual_seed(0)
+    batches = [[torch.randn(t.shape, generator=gen) if t.is_floating_point() else t for t in x] for _ in range(3)]
+    f0 = graph_stats(g).flops
+    res = Trim(criterion="gdnt", ratio=0.5, gdnt_samples=30).run(g, stream_ctx(batches, runner=_torch_runner))
+    g.verify()
+    m = to_torch(g)
+    assert torch.isfinite(m(*x)).all()
+    assert sum(p.numel() for p in m.parameters()) == graph_stats(g).params
+    assert res.metrics["flops_ratio"] == pytest.approx(graph_stats(g).flops / f0)
