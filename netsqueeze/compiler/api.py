@@ -146,7 +146,7 @@ def _parse_policy(policy: PolicyLike, params: Mapping[str, Any] | None) -> Any:
 
     str_params = {k: str(v) for k, v in (params or {}).items()}
     if isinstance(policy, os.PathLike) or (isinstance(policy, str) and "{" not in policy):
-        return dsl.load_policy(policy, params=str_params)
+        return dsl.load_policy(Path(policy), params=str_params)
     if isinstance(policy, str):
         return dsl.parse_policy(policy, "<policy>", params=str_params)
     return policy

@@ -1,5 +1,3 @@
 """Imports every built-in pass module so that their `@register_pass` decorators run."""
 
-import netsqueeze.passes.dependency
-import netsqueeze.passes.trim  # noqa: F401
-from netsqueeze.passes import dead_code, fold_bn, shape_inference  # noqa: F401
+from netsqueeze.passes import dead_code, dependency, fold_bn, shape_inference, squeeze_fold, trim  # noqa: F401

@@ -128,6 +128,9 @@ def apply_selection(graph: Graph, groups: ChannelGroups, selection: Mapping[int,
         delta = (w * s).sum(dim=[i for i in range(w.dim()) if i != out_axis])
         if bias_name not in node.params:
             node.params[bias_name] = torch.zeros(w.shape[out_axis], dtype=node.params[m.target].dtype)
+            # the analysis saw no bias here: it shrinks with the weight's output axis
+            if (m.node, m.target, out_axis) in removed:
+                removed[(m.node, bias_name, 0)] = set(removed[(m.node, m.target, out_axis)])
         node.params[bias_name] = (node.params[bias_name].double() + delta).to(node.params[m.target].dtype)
     for m, keep, t in folds:
         node = graph.node(m.node)

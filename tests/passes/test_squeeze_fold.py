@@ -1,0 +1,110 @@
+"""squeeze_fold: exact-rank hidden layers squeeze to r channels and reproduce outputs, per consumer type."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import netsqueeze as ns
+from netsqueeze.compiler.calibration import activation_stream, calibration_source
+from netsqueeze.passes.squeeze_fold import SqueezeFold
+
+
+def duplicate_rows(w: torch.Tensor, b: torch.Tensor, r: int, gen: torch.Generator) -> None:
+    """Makes every output channel a positive multiple of one of the first r: relu keeps the rank at r."""
+    n = w.shape[0]
+    src = torch.arange(n) % r
+    scale = torch.rand(n, generator=gen) + 0.5
+    scale[:r] = 1.0
+    with torch.no_grad():
+        w.copy_(w[src] * scale.view(-1, *[1] * (w.dim() - 1)))
+        b.copy_(b[src] * scale)
+
+
+def mlp(r: int) -> nn.Module:
+    g = torch.Generator().manual_seed(0)
+    m = nn.Sequential(nn.Linear(10, 24), nn.ReLU(), nn.Linear(24, 5)).eval()
+    duplicate_rows(m[0].weight, m[0].bias, r, g)
+    return m
+
+
+def cnn(r: int) -> nn.Module:
+    g = torch.Generator().manual_seed(1)
+    m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=0), nn.ReLU(), nn.Conv2d(16, 8, 3), nn.ReLU(),
+                      nn.Flatten(), nn.Linear(8 * 4 * 4, 6)).eval()
+    duplicate_rows(m[0].weight, m[0].bias, r, g)
+    duplicate_rows(m[2].weight, m[2].bias, 3, g)
+    return m
+
+
+CASES = {
+    "linear": (mlp, (10,), 4, {"0": 4}),
+    "conv_and_flatten_linear": (cnn, (3, 8, 8), 5, {"0": 5, "2": 3}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_exact_rank_squeezes_to_r_and_reproduces(case: str) -> None:
+    build, shape, r, want = CASES[case]
+    model = build(r)
+    torch.manual_seed(5)
+    calib = torch.randn(256, *shape)
+    x = torch.randn(32, *shape)
+    res = ns.compile(model, [SqueezeFold(energy=1 - 1e-9)], example_inputs=(x[:2],), calibration=calib)
+    for nid, k in want.items():
+        assert res.graph.node(nid).params["weight"].shape[0] == k
+    with torch.no_grad():
+        err = float((res.model(x) - model(x)).abs().max())
+    assert err < 1e-4
+    assert res.report.after.params < res.report.before.params
+
+
+def test_ratio_and_needs_calibration() -> None:
+    model = mlp(4)
+    x = torch.randn(4, 10)
+    res = ns.compile(model, [SqueezeFold(ratio=0.5)], example_inputs=(x,), calibration=torch.randn(128, 10))
+    assert res.graph.node("0").params["weight"].shape == (12, 10)
+    assert res.graph.node("2").params["weight"].shape == (5, 12)
+    with pytest.raises(ns.PassError, match="this pass needs calibration data"):
+        ns.compile(model, [SqueezeFold(ratio=0.5)], example_inputs=(x,))
+
+
+def test_budget_search_meets_flops_budget() -> None:
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 3), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 4 * 4, 6)).eval()  # full rank: energy maps smoothly
+    calib = torch.randn(128, 3, 8, 8)
+    graph = ns.import_model(model, (calib[:2],))
+    before = ns.ir.graph_stats(graph)
+    ctx = ns.PassContext(stream_fn=activation_stream(calibration_source(calib)), budget={"flops": 0.5},
+                         original=graph.copy())
+    ns.run_pipeline(graph, [SqueezeFold()], ctx)
+    after = ns.ir.graph_stats(graph)
+    assert after.flops <= 0.5 * before.flops
+    # the search keeps about as much as the budget allows (one channel is ~3% of the FLOPs here)
+    assert after.flops > 0.4 * before.flops
+
+
+def test_search_without_budget_is_an_error() -> None:
+    model = mlp(4)
+    x = torch.randn(4, 10)
+    with pytest.raises(ns.PassError, match="squeeze_fold needs `energy`, `ratio`, or a policy `budget`"):
+        ns.compile(model, [SqueezeFold()], example_inputs=(x,), calibration=torch.randn(64, 10))
+
+
+@pytest.mark.parametrize("name", ["resnet", "vgg", "lenet", "mobilenetv2", "transformer", "densenet"])
+def test_zoo_models_squeeze_and_still_verify(name: str) -> None:
+    from tests.zoo import ZOO
+
+    if name not in ZOO:
+        pytest.skip(f"zoo has no {name}")
+    model, inputs = ZOO[name]()
+    torch.manual_seed(0)
+    calib = torch.randn(64, *inputs[0].shape[1:]) if inputs[0].is_floating_point() else inputs[0]
+    res = ns.compile(model, [SqueezeFold(energy=0.9)], example_inputs=inputs, calibration=calib)
+    res.graph.verify()
+    assert res.report.after.params <= res.report.before.params
+    with torch.no_grad():
+        out = res.model(*inputs)
+    assert torch.isfinite(out if isinstance(out, torch.Tensor) else out[0]).all()
