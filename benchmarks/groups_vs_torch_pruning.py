@@ -13,9 +13,9 @@ import torch_pruning as tp
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from netsqueeze.frontends.fx import from_torch  # noqa: E402
-from netsqueeze.passes.dependency import find_groups  # noqa: E402
-from tests.zoo import ZOO  # noqa: E402
+from netsqueeze.frontends.fx import from_torch
+from netsqueeze.passes.dependency import find_groups
+from tests.zoo import ZOO
 
 
 def ours(model: nn.Module, x: tuple[torch.Tensor, ...]) -> tuple[list[str], list[str]]:
