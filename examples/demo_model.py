@@ -35,3 +35,10 @@ def build() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
                 m.running_var.uniform_(0.5, 2.0)
                 m.weight.uniform_(0.5, 1.5)
     return model, (torch.randn(8, 1, 28, 28),)
+
+
+def calibration() -> torch.Tensor:
+    """Calibration inputs for `netsqueeze compile` when no --calib is given: smooth random images."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(512, 1, 28, 28, generator=g)
+    return torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1) * 3.0

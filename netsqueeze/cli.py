@@ -42,7 +42,7 @@ def _graph(model: str, shapes: dict[str, tuple[int, ...]]) -> Any:
 def cmd_compile(a: argparse.Namespace) -> int:
     import torch
 
-    from netsqueeze.compiler.api import compile, load_model_file
+    from netsqueeze.compiler.api import compile, file_calibration, load_model_file
 
     out = Path(a.output)
     src = Path(a.model.split(".py:")[0])
@@ -51,9 +51,12 @@ def cmd_compile(a: argparse.Namespace) -> int:
     target: Literal["torch", "onnx"] = a.target or ("onnx" if out.suffix == ".onnx" else "torch")
     model: Any = a.model
     inputs = None
+    calib: Any = a.calib
     if not a.model.endswith(".onnx"):
         model, inputs = load_model_file(a.model)
-    res = compile(model, a.policy or [], example_inputs=inputs, calibration=a.calib, target=target,
+        if calib is None:
+            calib = file_calibration(a.model)
+    res = compile(model, a.policy or [], example_inputs=inputs, calibration=calib, target=target,
                   params=_parse_sets(a.set), precision=a.precision, input_shapes=_parse_shapes(a.input_shape) or None)
     print(res.report)
     if target == "onnx":

@@ -104,6 +104,16 @@ def load_model_file(path: str | os.PathLike[str]) -> tuple[Any, tuple[torch.Tens
     raise CaptureError(f"unsupported model file '{p}' (use .onnx, .py, .pt, .pth or .pt2)")
 
 
+def file_calibration(path: str | os.PathLike[str]) -> Any:
+    """Calibration data a model's .py file provides through a `calibration()` function, or None."""
+    text = str(path).split(".py:")[0]
+    if not text.endswith(".py"):
+        return None
+    mod = sys.modules.get(f"_netsqueeze_model_{Path(text).stem}")
+    fn = getattr(mod, "calibration", None) if mod is not None else None
+    return fn() if callable(fn) else None
+
+
 def import_model(model: Any, example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
                  *, input_shapes: Mapping[str, Sequence[int]] | None = None) -> Graph:
     """Lowers a torch model (Module, GraphModule, ExportedProgram), an ONNX model or a model file into the IR."""
