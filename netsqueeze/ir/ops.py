@@ -211,13 +211,14 @@ def _matmul(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
 
 def _attn_flops(node: Node, ins: list[TensorMeta], outs: list[TensorMeta]) -> int:
     e = node.attrs["embed_dim"]
+    inner = node.attrs["num_heads"] * node.attrs["head_dim"]  # shrinks when heads are pruned
     q = ins[0]
     bf = node.attrs.get("batch_first", True)
     l_q = q.shape[1] if bf else q.shape[0]
     l_k = ins[1].shape[1] if bf else ins[1].shape[0]
     b = q.numel() // (l_q * q.shape[-1])
-    proj = 2 * (l_q * e * e + 2 * l_k * e * e + l_q * e * e)
-    return b * (proj + 4 * l_q * l_k * e)
+    proj = 2 * (l_q * e * inner + 2 * l_k * e * inner + l_q * inner * e)
+    return b * (proj + 4 * l_q * l_k * inner)
 
 
 @op(
