@@ -15,7 +15,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from netsqueeze.errors import CaptureError, Diagnostic, InputMismatchError, NetsqueezeError
+from netsqueeze.errors import CaptureError, Diagnostic, InputMismatchError, NetsqueezeError, VerifyError
 from netsqueeze.ir.graph import Graph, Origin, TensorMeta, Value
 
 __all__ = ["AtenCall", "FnCall", "MethodCall", "ModuleCall", "from_torch"]
@@ -810,7 +810,7 @@ def _fold(cx: _Capture, nd: fx.Node) -> bool:
     ins = nd.all_input_nodes
     if not ins or not all(i in cx.consts or not _is_value(cx.env.get(i)) for i in ins):
         return False
-    if nd.op != "call_function" or not any(i in cx.consts for i in ins):
+    if nd.op not in ("call_function", "call_method") or not any(i in cx.consts for i in ins):
         return False
 
     def sub(a: Any) -> Any:
@@ -820,8 +820,12 @@ def _fold(cx: _Capture, nd: fx.Node) -> bool:
             return type(a)(sub(x) for x in a)
         return a
 
+    args, kwargs = sub(nd.args), sub(dict(nd.kwargs))
     with torch.no_grad():
-        r = nd.target(*sub(nd.args), **sub(dict(nd.kwargs)))  # type: ignore[operator]
+        if nd.op == "call_method":
+            r = getattr(args[0], str(nd.target))(*args[1:], **kwargs)
+        else:
+            r = nd.target(*args, **kwargs)  # type: ignore[operator]
     if isinstance(r, torch.Tensor):
         cx.consts[nd] = r.detach().clone()
         return True
@@ -1000,10 +1004,13 @@ def _convert_node(cx: _Capture, nd: fx.Node) -> None:
         packet, inplace = packet[:-1], True
     result: Any = None
     if packet is not None and packet in HANDLERS:
+        first = cx.graph._counter
         try:
             result = HANDLERS[packet](cx, a)
-        except (_Unmappable, KeyError, IndexError, TypeError, ValueError):
-            # outside the canonical op's conventions: keep it working as an opaque call
+        except (_Unmappable, VerifyError, KeyError, IndexError, TypeError, ValueError):
+            # outside the canonical op's conventions: drop what the handler made, keep it as an opaque call
+            for n in sorted((n for n in cx.graph.nodes() if n.order >= first), key=lambda n: -n.order):
+                cx.graph.remove_node(n.id)
             result = None
     if result is None:
         result = _opaque(cx, nd)

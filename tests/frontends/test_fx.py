@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -89,7 +90,10 @@ def test_unknown_op_is_opaque_and_runs() -> None:
     g = from_torch(model, inputs)
     assert [(n.id, n.origin.op_type) for n in g.by_kind("opaque")] == [
         ("cumsum", "aten::cumsum.default"), ("erfinv", "aten::erfinv.default")]
-    assert max_err(model, to_torch(g), (torch.randn(7, 12),)) <= 1e-5
+    x = torch.randn(7, 12)
+    assert max_err(model, to_torch(g), (x,)) <= 1e-5
+    payload = pickle.loads(pickle.dumps(g.node("cumsum").origin.payload))
+    assert torch.equal(payload(x), torch.cumsum(x, dim=1))
 
 
 def test_misc_ops_map_to_canonical_ops() -> None:
