@@ -108,3 +108,24 @@ def test_zoo_models_squeeze_and_still_verify(name: str) -> None:
     with torch.no_grad():
         out = res.model(*inputs)
     assert torch.isfinite(out if isinstance(out, torch.Tensor) else out[0]).all()
+
+
+def test_onnx_input_squeezes_and_runs_in_onnxruntime() -> None:
+    import numpy as np
+    import onnxruntime as ort
+
+    from netsqueeze.backends.onnx import to_onnx
+
+    model = cnn(5)
+    torch.manual_seed(7)
+    calib = torch.randn(256, 3, 8, 8)
+    onnx_model = to_onnx(ns.import_model(model, (calib[:2],)))
+    res = ns.compile(onnx_model, [SqueezeFold(energy=1 - 1e-9)], calibration=calib, target="onnx")
+    convs = [n for n in res.graph.nodes() if n.kind == "conv"]
+    assert [n.params["weight"].shape[0] for n in convs] == [5, 3]
+    x = torch.randn(16, 3, 8, 8)
+    sess = ort.InferenceSession(res.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert np.abs(got - want).max() < 1e-4
