@@ -102,7 +102,7 @@ class BasicBlock(nn.Module):
 class ResNetStyle(nn.Module):
     """ResNet-style CNN: stem, three stages of two basic blocks (1x1 downsample shortcuts), GAP, FC."""
 
-    def __init__(self, w: int = 32, classes: int = 10) -> None:
+    def __init__(self, w: int = 16, classes: int = 10) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(1, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
         self.layer1 = nn.Sequential(BasicBlock(w, w, 1), BasicBlock(w, w, 1))
