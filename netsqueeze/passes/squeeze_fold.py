@@ -55,9 +55,11 @@ class SqueezeFold(TransformPass):
     5. The rest is deleted through the shared `apply_selection` routine.
     Exact when activations have exact rank r and consumers are linear in their input channels. It
     approximates at zero-padded conv borders (t₀ enters the bias at every output position). A group
-    whose consumers are not linear in its channels (grouped/depthwise conv, attention, opaque) gets a
-    diagnostic note and is left alone, or with `nonlinear = "remove"` is pruned by the same greedy
-    order with only the intercept compensated.
+    with a consumer that is not linear in its input channels (grouped conv, conv_transpose, attention's
+    out_proj) gets a note in the report and is left alone; with `nonlinear = "remove"` such consumers
+    are only sliced (their removed inputs are lost, not reconstructed) while the group's linear
+    consumers still get the fold. Groups frozen by the dependency analysis (graph outputs, opaque
+    ops, LayerNorm over the channel axis) are never touched.
     Needs calibration data. Guarantees: the graph verifies; params/FLOPs never grow.
     """
 
@@ -84,22 +86,25 @@ class SqueezeFold(TransformPass):
                 result.notes.append(f"group {g.id} ({g.producers[0] if g.producers else '?'}): consumer "
                                     f"'{bad[0].node}' is not linear in its input channels; left alone")
                 continue
-            plans[g.id] = [self._probe(graph, m) for m in cons if self._foldable(graph, m)] or []
+            probes = [self._probe(graph, m) for m in cons if self._foldable(graph, m)]
+            if not probes:
+                result.notes.append(f"group {g.id}: no consumer is linear in its channels, nothing to measure; left alone")
+                continue
+            plans[g.id] = probes
         if not plans:
             return result
         self._collect(graph, ctx, [p for ps in plans.values() for p in ps])
-        covs = {gid: self._pooled_cov(probes) for gid, probes in plans.items() if probes}
+        covs = {gid: self._pooled_cov(probes) for gid, probes in plans.items()}
         energy = self.energy
         if energy is None and self.ratio is None:
             energy = self._search_energy(graph, groups, plans, covs, ctx)
         selection = {}
         for gid, probes in plans.items():
             g = groups[gid]
-            k = self._kept(g, covs.get(gid), energy, ctx)
+            k = self._kept(g, covs[gid], energy, ctx)
             if k >= g.size:
                 continue
-            order_cov = covs.get(gid)
-            keep = select_channels(order_cov, k, self.method, self.ridge) if order_cov is not None else list(range(k))
+            keep = select_channels(covs[gid], k, self.method, self.ridge)
             selection[gid] = self._selection(graph, keep, probes)
         if not selection:
             return result
@@ -202,8 +207,8 @@ class SqueezeFold(TransformPass):
             sel = {}
             for gid, _probes in plans.items():
                 grp = groups[gid]  # type: ignore[index]
-                k = self._kept(grp, covs.get(gid), e, ctx)
-                if k < grp.size and gid in covs:
+                k = self._kept(grp, covs[gid], e, ctx)
+                if k < grp.size:
                     sel[gid] = ChannelSelection(keep=list(range(k)))
             apply_selection(g2, groups, sel)  # type: ignore[arg-type]
             s = graph_stats(g2)
