@@ -238,9 +238,17 @@ def _binary(fn: Callable[..., Any]) -> Emitter:
 
 _UNARY: list[tuple[str, Callable[..., Any]]] = [
     ("relu", F.relu), ("silu", F.silu), ("sigmoid", torch.sigmoid), ("tanh", torch.tanh),
-    ("hardswish", F.hardswish), ("hardsigmoid", F.hardsigmoid)]
+    ("hardswish", F.hardswish)]
 _BINARY: list[tuple[str, Callable[..., Any]]] = [
     ("add", torch.add), ("sub", torch.sub), ("mul", torch.mul), ("div", torch.div), ("matmul", torch.matmul)]
+@emitter("hardsigmoid")
+def _hardsigmoid(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
+    alpha, beta = float(node.attrs.get("alpha", 1 / 6)), float(node.attrs.get("beta", 0.5))
+    if abs(alpha - 1 / 6) < 1e-9 and beta == 0.5:
+        return b.call(F.hardsigmoid, xs[0])
+    return b.call(torch.clamp, b.call(torch.add, b.call(torch.mul, xs[0], alpha), beta), 0.0, 1.0)
+
+
 for _k, _fn in _UNARY:
     EMITTERS[_k] = _unary(_fn)
 for _k, _fn in _BINARY:
@@ -387,13 +395,25 @@ def _pad(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
 @emitter("resize")
 def _resize(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
     a = node.attrs
-    mode = a.get("mode", "nearest")
+    mode = str(a.get("mode", "nearest"))
     dims = len(node.meta[0].shape) - 2
-    if mode == "linear":
-        mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[dims]
-    kw: dict[str, Any] = {"mode": mode}
-    if mode not in ("nearest", "nearest-exact"):
-        kw["align_corners"] = bool(a.get("align_corners", False))
+    ctm = str(a.get("coordinate_transformation_mode", "asymmetric" if mode == "nearest" else "half_pixel"))
+    kw: dict[str, Any] = {}
+    if mode == "nearest":
+        nearest = str(a.get("nearest_mode", "floor"))
+        if ctm == "asymmetric" and nearest == "floor":
+            kw["mode"] = "nearest"
+        elif ctm in ("half_pixel", "pytorch_half_pixel") and nearest == "round_prefer_floor":
+            kw["mode"] = "nearest-exact"
+    elif mode in ("linear", "cubic") and ctm in ("half_pixel", "pytorch_half_pixel", "align_corners"):
+        kw["mode"] = {1: "linear", 2: "bilinear", 3: "trilinear"}[dims] if mode == "linear" else "bicubic"
+        kw["align_corners"] = ctm == "align_corners" or bool(a.get("align_corners", False))
+        if mode == "cubic" and (float(a.get("cubic_coeff_a", -0.75)) != -0.75 or a.get("exclude_outside")):
+            kw = {}
+    if not kw or (kw["mode"] == "bicubic" and dims != 2):
+        raise UnsupportedOpError(Diagnostic(
+            f"resize '{node.id}': mode '{mode}' with coordinate_transformation_mode '{ctm}' has no torch "
+            "equivalent", node=node.id))
     if a.get("size"):
         kw["size"] = tuple(a["size"])
     else:

@@ -585,9 +585,15 @@ def _upsample(cx: _Capture, a: dict[str, Any]) -> Value:
     size = tuple(int(d) for d in cx.out_meta().shape[2:])
     assert cx.cur is not None
     linear = a["_linear"] if "_linear" in a else "nearest" not in str(cx.cur.target)
+    # coordinate conventions spelled the ONNX way, so both backends agree on what torch computed
     attrs: dict[str, Any] = {"size": size, "mode": "linear" if linear else "nearest"}
     if linear:
-        attrs["align_corners"] = bool(a.get("align_corners", False))
+        align = bool(a.get("align_corners", False))
+        attrs["align_corners"] = align
+        attrs["coordinate_transformation_mode"] = "align_corners" if align else "pytorch_half_pixel"
+    else:
+        attrs["coordinate_transformation_mode"] = "asymmetric"
+        attrs["nearest_mode"] = "floor"
     return (cx.emit("resize", [cx.val(a["input"] if "input" in a else a["self"])], attrs), 0)
 
 

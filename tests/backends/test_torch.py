@@ -198,3 +198,25 @@ def test_emitted_module_does_not_touch_input_model() -> None:
         for p in em.parameters():
             p.zero_()
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def _unary_graph(kind: str, attrs: dict[str, object], shape: tuple[int, ...]) -> Graph:
+    g = Graph("unary")
+    g.add_node("x", "input", attrs={"shape": shape, "dtype": "float32"})
+    g.add_node("op", kind, ["x"], attrs=attrs)
+    g.add_node("output", "output", ["op"])
+    g.infer_shapes()
+    return g
+
+
+def test_onnx_style_attrs() -> None:
+    x = torch.randn(2, 3, 5, 5)
+    hs = to_torch(_unary_graph("hardsigmoid", {"alpha": 0.2, "beta": 0.5}, (2, 3, 5, 5)))
+    assert torch.allclose(hs(x), torch.clamp(0.2 * x + 0.5, 0, 1))
+    rs = to_torch(_unary_graph("resize", {"size": (9, 9), "mode": "linear",
+                                          "coordinate_transformation_mode": "align_corners"}, (2, 3, 5, 5)))
+    ref = torch.nn.functional.interpolate(x, size=(9, 9), mode="bilinear", align_corners=True)
+    assert torch.allclose(rs(x), ref)
+    with pytest.raises(UnsupportedOpError, match="resize 'op'"):
+        to_torch(_unary_graph("resize", {"size": (9, 9), "mode": "linear",
+                                         "coordinate_transformation_mode": "asymmetric"}, (2, 3, 5, 5)))
