@@ -46,6 +46,7 @@ class _Exporter:
         self.nodes: list[gs.Node] = []
         self.opaque: dict[str, list[bytes]] = {}
         self.domain_opsets: dict[str, int] = {}
+        self.weights: dict[str, np.ndarray] = {}
         self.cur: Node | None = None
         # Graph input/output names are reserved up front so internal tensors never take them.
         self.io_names = {self._io_name(graph.node(n)) for n in [*graph.inputs, *graph.outputs]}
@@ -62,17 +63,26 @@ class _Exporter:
         self.names.add(name)
         return name
 
-    def const(self, name: str, value: np.ndarray | torch.Tensor, *, keep: bool = False) -> gs.Constant:
-        """An initializer; float32 data becomes float16 in fp16 mode unless `keep`."""
+    def const(self, name: str, value: np.ndarray | torch.Tensor, *, keep: bool = False) -> gs.Tensor:
+        """An initializer; float32 data becomes float16 in fp16 mode unless `keep`.
+
+        Big tensors stay out of graphsurgeon (a placeholder Variable) and are written into the
+        model once after export: graphsurgeon would copy every weight three times.
+        """
         arr = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
         if arr.dtype == np.float32 and self.fp16 and not keep:
             arr = arr.astype(np.float16)
-        return gs.Constant(self.fresh(name), np.ascontiguousarray(arr))
+        arr = np.ascontiguousarray(arr)
+        if arr.nbytes < 4096:
+            return gs.Constant(self.fresh(name), arr)
+        v = gs.Variable(self.fresh(name), arr.dtype, arr.shape)
+        self.weights[v.name] = arr
+        return v
 
     def ints(self, name: str, values: list[int] | tuple[int, ...]) -> gs.Constant:
         return gs.Constant(self.fresh(name), np.asarray(list(values), dtype=np.int64))
 
-    def param(self, key: str) -> gs.Constant:
+    def param(self, key: str) -> gs.Tensor:
         assert self.cur is not None
         return self.const(f"{self.cur.id}.{key}", self.cur.params[key])
 
@@ -91,7 +101,7 @@ class _Exporter:
     def empty(self) -> gs.Variable:
         return gs.Variable.empty()
 
-    def scalar(self, name: str, v: float) -> gs.Constant:
+    def scalar(self, name: str, v: float) -> gs.Tensor:
         return self.const(name, np.asarray(v, dtype=np.float32))
 
     # ---- the walk ---------------------------------------------------------------------------------
@@ -141,7 +151,7 @@ class _Exporter:
                 src = self.op1("Cast", [src], {"to": onnx.TensorProto.FLOAT})
             elif self.fp16 and dt == np.float32:
                 dt = np.float16
-            if isinstance(src, gs.Constant) or id(src) in taken:
+            if isinstance(src, gs.Constant) or src.name in self.weights or id(src) in taken:
                 src = self.op1("Identity", [src])
             taken.add(id(src))
             self.names.discard(src.name)
@@ -200,6 +210,10 @@ def to_onnx(
     ex = _Exporter(graph, opset, precision == "fp16", keep_io_fp32)
     gsg = ex.run()
     model = gs.export_onnx(gsg, do_type_check=False)
+    for wname, arr in ex.weights.items():
+        t = model.graph.initializer.add(name=wname, data_type=helper.np_dtype_to_tensor_dtype(arr.dtype))
+        t.dims.extend(arr.shape)
+        t.raw_data = arr.tobytes()
     del model.opset_import[:]
     domains = {""} | {str(n.domain) for n in ex.nodes if n.domain}
     for d in sorted(domains):

@@ -44,11 +44,9 @@ def _fail(msg: str, node: str | None = None) -> CaptureError:
 
 
 def load_model(model: str | os.PathLike[str] | onnx.ModelProto) -> onnx.ModelProto:
-    """Reads a model without ever writing to its file; a given ModelProto is copied, never changed."""
+    """Reads a model without ever writing to its file; a given ModelProto is only read, never changed."""
     if isinstance(model, onnx.ModelProto):
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        return copy
+        return model
     path = os.fspath(model)
     if not os.path.isfile(path):
         raise _fail(f"cannot read ONNX model '{path}': no such file")
@@ -160,6 +158,7 @@ class _Importer:
         self.skip: set[int] = set()
         self.fused: dict[int, Callable[[], None]] = {}
         self.value_info: dict[str, TensorMeta] = {}
+        self.owned: dict[int, str] = {}  # id(array) → name: arrays made at import, not yet handed to a node
         self.cur_id = ""
         self.cur_op = ""
         self.nodes: list[Any] = []  # graphsurgeon nodes, in file order
@@ -173,8 +172,15 @@ class _Importer:
         if isinstance(t, gs.Constant):
             arr = np.asarray(t.values)
             self.consts[t.name] = arr
+            self.owned[id(arr)] = t.name
             return arr
         return None
+
+    def take(self, arr: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """A torch tensor for a param: the first user of an import-made array gets it without a copy."""
+        if isinstance(arr, torch.Tensor):
+            return arr
+        return _to_torch(arr, owned=self.owned.pop(id(arr), None) is not None)
 
     def is_const(self, t: gs.Tensor) -> bool:
         return self.const(t) is not None
@@ -188,7 +194,7 @@ class _Importer:
             raise _fail(f"node '{self.cur_id}' ({self.cur_op}) reads '{t.name}', which is not defined",
                         node=self.cur_id)
         nid = self.graph.add_node(t.name or f"{self.cur_id}/const", "constant",
-                                  params={"value": _to_torch(arr)},
+                                  params={"value": self.take(arr)},
                                   origin=Origin("onnx", t.name, "Constant"), unique=True)
         self._infer(nid)
         self.vals[t.name] = (nid, 0)
@@ -203,7 +209,7 @@ class _Importer:
     def emit(self, kind: str, inputs: list[Value], attrs: dict[str, Any] | None = None,
              params: Mapping[str, np.ndarray | torch.Tensor] | None = None, *, suffix: str = "") -> Value:
         nid = self.cur_id + (f"/{suffix}" if suffix else "")
-        ps = {k: v if isinstance(v, torch.Tensor) else _to_torch(v) for k, v in (params or {}).items()}
+        ps = {k: self.take(v) for k, v in (params or {}).items()}
         nid = self.graph.add_node(nid, kind, inputs, attrs=attrs, params=ps,
                                   origin=Origin("onnx", self.cur_id, self.cur_op), unique=True)
         self._infer(nid)
@@ -283,8 +289,7 @@ class _Importer:
 
     def _shape_inference(self, shapes: dict[str, tuple[int, ...]]) -> None:
         """ONNX shape inference at the fixed input shapes: output shapes of opaque nodes come from here."""
-        m = onnx.ModelProto()
-        m.CopyFrom(self.proto)
+        m = skeleton(self.proto)
         for i in m.graph.input:
             if i.name in shapes:
                 dims = i.type.tensor_type.shape.dim
@@ -321,9 +326,15 @@ class _Importer:
             fill = np.asarray(v.values).reshape(-1) if v is not None else np.zeros(1, np.float32)
             shape = tuple(int(d) for d in self.consts[ins[0].name])
             self.consts[n.outputs[0].name] = np.full(shape, fill[0], dtype=fill.dtype)
+            self.owned[id(self.consts[n.outputs[0].name])] = n.outputs[0].name
             return True
         if n.op in ("Identity", "Dropout"):
             self.consts[n.outputs[0].name] = self.consts[ins[0].name]
+            return True
+        if n.op == "Constant" and isinstance(n.attrs.get("value"), gs.Constant):
+            arr = np.asarray(n.attrs["value"].values)
+            self.consts[n.outputs[0].name] = arr
+            self.owned[id(arr)] = n.outputs[0].name
             return True
         feeds = {t.name: self.consts[t.name] for t in ins}
         try:
@@ -448,11 +459,43 @@ def _evaluate(proto: onnx.NodeProto, feeds: dict[str, np.ndarray], opset: int) -
     return [np.asarray(r) for r in res]
 
 
-def _to_torch(arr: np.ndarray) -> torch.Tensor:
-    a = np.ascontiguousarray(arr)
-    if a.dtype == np.uint16 or a.dtype.kind == "V":
-        raise CaptureError(f"constant of unsupported dtype {a.dtype}")
-    return torch.from_numpy(a.copy())
+def _to_torch(arr: np.ndarray, owned: bool = False) -> torch.Tensor:
+    """`owned`: the array was made for this one use, so torch may take it without a copy."""
+    if arr.dtype == np.uint16 or arr.dtype.kind == "V":
+        raise CaptureError(f"constant of unsupported dtype {arr.dtype}")
+    if owned and arr.flags.c_contiguous and arr.flags.writeable:
+        return torch.from_numpy(arr)
+    return torch.from_numpy(np.array(arr, order="C", copy=True))
+
+
+def _stub(t: onnx.TensorProto) -> onnx.TensorProto:
+    """Same name, type and dims, data marked external: enough for shape inference, no bytes copied."""
+    stub = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=list(t.dims))
+    stub.data_location = onnx.TensorProto.EXTERNAL
+    stub.external_data.add(key="location", value="__weights__")
+    return stub
+
+
+def skeleton(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of the model without weight bytes (initializers and big Constant values stubbed)."""
+    m = onnx.ModelProto(ir_version=proto.ir_version, producer_name=proto.producer_name)
+    m.opset_import.extend(proto.opset_import)
+    m.functions.extend(proto.functions)
+    g = proto.graph
+    for field in ("input", "output", "value_info", "sparse_initializer"):
+        getattr(m.graph, field).extend(getattr(g, field))
+    m.graph.initializer.extend(_stub(t) if t.ByteSize() > 4096 else t for t in g.initializer)
+    for n in g.node:
+        big = n.op_type == "Constant" and any(a.name == "value" and a.t.ByteSize() > 4096 for a in n.attribute)
+        if not big:
+            m.graph.node.append(n)
+            continue
+        copy = m.graph.node.add(op_type=n.op_type, name=n.name, domain=n.domain)
+        copy.input.extend(n.input)
+        copy.output.extend(n.output)
+        copy.attribute.add(name="value", type=onnx.AttributeProto.TENSOR).t.CopyFrom(
+            _stub(next(a.t for a in n.attribute if a.name == "value")))
+    return m
 
 
 Handler = Callable[[_Importer, gs.Node], bool]
@@ -579,7 +622,9 @@ def _gemm(imp: _Importer, n: gs.Node) -> bool:
     alpha, beta = float(n.attrs.get("alpha", 1.0)), float(n.attrs.get("beta", 1.0))
     if int(n.attrs.get("transA", 0)) or b is None or b is _ABSENT or c is _ABSENT or b.ndim != 2:
         return False
-    w = (b if int(n.attrs.get("transB", 0)) else b.T) * np.float32(alpha)
+    w = b if int(n.attrs.get("transB", 0)) else b.T
+    if alpha != 1.0:
+        w = w * np.float32(alpha)
     params: dict[str, np.ndarray] = {"weight": np.ascontiguousarray(w, dtype=np.float32)}
     if c is not None and beta != 0.0:
         if c.size not in (1, w.shape[0]) or (c.ndim == 2 and c.shape[0] != 1):

@@ -1,0 +1,51 @@
+"""The onnx package's light models: import, verify, round-trip onnx→IR→onnx, fp16, checked in ONNX Runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from netsqueeze.backends.onnx import to_onnx
+from netsqueeze.frontends.onnx import from_onnx
+from tests.frontends.onnx_models import (
+    LIGHT_MODELS, input_shapes, light_path, randomized, run, sha256,
+)
+
+assert len(LIGHT_MODELS) == 9, LIGHT_MODELS
+
+
+@pytest.mark.parametrize("name", LIGHT_MODELS)
+def test_light_model(name: str) -> None:
+    path = light_path(name)
+    before = sha256(path)
+    g = from_onnx(path)
+    assert sha256(path) == before  # the input file is never modified
+    g.verify()
+    assert g.meta["frontend"] == "onnx" and g.meta["opset"] == 9
+    assert g.by_kind("opaque") == []
+    assert not g.by_kind("constant") or name in ("densenet121", "inception_v2")  # BN-style scale/shift Mul/Add
+
+    # The shipped weights are constants (the stored output is input-independent); that output is
+    # checked on the onnx→torch route (tests/test_onnx_routes.py), which is cheaper than a second ORT run.
+    x = np.random.default_rng(1).standard_normal(input_shapes(onnx.load(str(path)))[0], dtype=np.float32)
+
+    # Random weights: the round trip must reproduce the original graph's ORT output.
+    model = randomized(path)
+    g = from_onnx(model)
+    orig = run(model, x)[0]
+    exported = to_onnx(g)
+    onnx.checker.check_model(exported, full_check=True)
+    got = run(exported, x)[0]
+    err = float(np.abs(got - orig).max())
+    assert err < 1e-4, f"{name}: max abs error {err}"
+
+    half = to_onnx(g, precision="fp16")
+    onnx.checker.check_model(half)
+    got16 = run(half, x)[0]
+    assert got16.dtype == np.float32
+    rel = float(np.abs(got16 - orig).max() / np.abs(orig).max())
+    assert rel < 1e-2, f"{name}: fp16 relative error {rel}"
+    ratio = half.ByteSize() / exported.ByteSize()
+    assert ratio < 0.6, f"{name}: fp16 size ratio {ratio}"
+    print(f"{name}: fp32 max abs err {err:.2e}, fp16 rel err {rel:.2e}, fp16 size ratio {ratio:.3f}")
