@@ -244,7 +244,8 @@ def handles(*names: str) -> Callable[[Handler], Handler]:
 
 def _simple(kind: str, attrs: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> Handler:
     def h(cx: _Capture, a: dict[str, Any]) -> Value:
-        return (cx.emit(kind, [cx.val(a["self"])], attrs(a) if attrs else {}), 0)
+        x = a["self"] if "self" in a else a["input"]  # aten.dropout & co. name their operand `input`
+        return (cx.emit(kind, [cx.val(x)], attrs(a) if attrs else {}), 0)
 
     return h
 

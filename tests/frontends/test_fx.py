@@ -195,3 +195,9 @@ def test_uncapturable_model() -> None:
     text = str(e.value)
     assert "neither torch.export nor torch.fx.symbolic_trace" in text
     assert "torch.export:" in text and "torch.fx.symbolic_trace: TraceError" in text
+
+
+def test_eval_dropout_is_identity() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.3), torch.nn.ReLU()).eval()
+    g = from_torch(model, (torch.randn(2, 4),))
+    assert [n.kind for n in g.nodes()] == ["input", "linear", "identity", "relu", "output"]
