@@ -40,9 +40,6 @@ def theirs(model: nn.Module, x: tuple[torch.Tensor, ...]) -> list[str]:
 
 
 NOTES = {
-    "mlp": "The frontend emits eval-mode dropout as an opaque `aten::dropout` node; unknown ops stop our "
-           "propagation by design, so fc1's group is frozen. Torch-Pruning traces through dropout.",
-    "vgg": "Same dropout-as-opaque effect in the classifier.",
     "transformer": "We freeze the residual/embedding width (LayerNorm normalises over it, so removing channels "
                    "changes every output; attention embed_dim is kept) and prune whole heads; Torch-Pruning "
                    "prunes the embedding dim through LayerNorm (approximate) and, by default, head dims.",
@@ -51,6 +48,10 @@ NOTES = {
     "mobilenetv2": "Depthwise convs join their input group in both tools.",
     "densenet": "Concat inputs keep separate groups with offset index maps in both tools.",
 }
+
+
+def _size(label: str) -> int:
+    return int(label.rsplit("(", 1)[1].split(")")[0]) if "(" in label else -1
 
 
 def main() -> None:
@@ -69,7 +70,10 @@ def main() -> None:
         for i in range(max(len(free), len(tpg))):
             lines.append(f"| {free[i] if i < len(free) else ''} | {tpg[i] if i < len(tpg) else ''} |")
         lines += ["", "Frozen (netsqueeze):", ""] + [f"- {f}" for f in frozen]
-        lines += ["", f"Differences: {NOTES.get(name, 'none beyond the frozen input/output groups.')}", ""]
+        same = sorted(_size(g) for g in free) == sorted(_size(g) for g in tpg)
+        note = "none: the same number of prunable groups with the same sizes" if same else \
+            NOTES.get(name, "UNEXPLAINED (the group lists differ and no note explains why)")
+        lines += ["", f"Differences: {note}", ""]
     out = Path(__file__).parent / "results" / "groups.md"
     out.write_text("\n".join(lines) + "\n")
     print(out.read_text())
