@@ -129,6 +129,8 @@ def check_structure(proto: onnx.ModelProto, ids: list[str]) -> list[int]:
             path.append(cur)
             cur = next(d for d in deps[cur] if d in left)
         cycle = list(reversed(path[seen[cur]:]))
+        k = cycle.index(min(cycle))  # start at the node that comes first in the file: deterministic
+        cycle = cycle[k:] + cycle[:k]
         names = " -> ".join(ids[i] for i in [*cycle, cycle[0]])
         raise _fail(f"graph has a cycle: {names}", node=ids[cycle[0]])
     return order

@@ -9,7 +9,12 @@ import pytest
 from netsqueeze.backends.onnx import to_onnx
 from netsqueeze.frontends.onnx import from_onnx
 from tests.frontends.onnx_models import (
-    LIGHT_MODELS, input_shapes, light_path, randomized, run, sha256,
+    LIGHT_MODELS,
+    input_shapes,
+    light_path,
+    randomized,
+    run,
+    sha256,
 )
 
 assert len(LIGHT_MODELS) == 9, LIGHT_MODELS
