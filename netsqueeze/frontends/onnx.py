@@ -24,12 +24,11 @@ from netsqueeze.ir.ops import infer_node
 MIN_OPSET, MAX_OPSET = 7, 23
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 
-# Ops evaluated at import time when every input is a constant (cheap, deterministic, no weights of their own).
-_FOLDABLE = frozenset({
-    "Constant", "ConstantOfShape", "Unsqueeze", "Squeeze", "Reshape", "Cast", "Concat", "Gather", "Slice",
-    "Transpose", "Mul", "Add", "Sub", "Div", "Shape", "Range", "Expand", "Flatten", "Identity", "Neg",
-    "Sqrt", "Pow", "Equal", "Where", "Floor", "Ceil", "ReduceProd", "Not", "Less", "Greater", "Tile", "Min",
-    "Max", "Abs", "Size", "Split", "CastLike", "Exp", "Reciprocal", "Sum", "Dropout",
+# Any default-domain op whose inputs are all constants is evaluated at import, except these: random ops
+# (not deterministic) and Q/DQ (their placement is the quantisation recipe, so they stay nodes).
+_NOT_FOLDABLE = frozenset({
+    "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli",
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "If", "Loop", "Scan",
 })
 
 
@@ -310,7 +309,7 @@ class _Importer:
 
     # ---- constant folding ---------------------------------------------------------------------
     def _fold(self, n: gs.Node, proto: onnx.NodeProto) -> bool:
-        if n.op not in _FOLDABLE:
+        if n.op in _NOT_FOLDABLE:
             return False
         if n.op == "Shape":
             # Shapes are static in the IR, so Shape of any known tensor is a constant.
@@ -389,14 +388,22 @@ class _Importer:
         def producer(t: gs.Tensor) -> Any:
             return t.inputs[0] if len(t.inputs) == 1 else None
 
+        def peek(t: gs.Tensor) -> np.ndarray | None:
+            """A constant's value before the walk has folded anything: initializers and Constant nodes."""
+            arr = self.const(t)
+            src = producer(t)
+            if arr is None and src is not None and src.op == "Constant" and isinstance(src.attrs.get("value"), gs.Constant):
+                return np.asarray(src.attrs["value"].values)
+            return arr
+
         def scalar(n: gs.Node, want: float) -> gs.Tensor | None:
             """The non-constant operand of a binary node whose other operand is the scalar `want`."""
             if len(n.inputs) != 2:
                 return None
             for a, b in ((0, 1), (1, 0)):
-                arr = self.const(n.inputs[b])
+                arr = peek(n.inputs[b])
                 if arr is not None and arr.size == 1 and abs(float(arr.reshape(-1)[0]) - want) < 1e-3 \
-                        and not self.is_const(n.inputs[a]):
+                        and peek(n.inputs[a]) is None:
                     return n.inputs[a]  # type: ignore[no-any-return]
             return None
 

@@ -75,3 +75,15 @@ def input_shapes(model: onnx.ModelProto) -> list[tuple[int, ...]]:
     inits = {t.name for t in model.graph.initializer}
     return [tuple(d.dim_value or 1 for d in i.type.tensor_type.shape.dim) for i in model.graph.input
             if i.name not in inits]
+
+
+_REFERENCES: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def randomized_reference(name: str, model: onnx.ModelProto | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(input, ORT output) of the randomized light model; computed once per test session."""
+    if name not in _REFERENCES:
+        m = model if model is not None else randomized(light_path(name))
+        x = np.random.default_rng(1).standard_normal(input_shapes(m)[0], dtype=np.float32)
+        _REFERENCES[name] = (x, run(m, x)[0])
+    return _REFERENCES[name]

@@ -10,9 +10,9 @@ from netsqueeze.backends.onnx import to_onnx
 from netsqueeze.frontends.onnx import from_onnx
 from tests.frontends.onnx_models import (
     LIGHT_MODELS,
-    input_shapes,
     light_path,
     randomized,
+    randomized_reference,
     run,
     sha256,
 )
@@ -33,12 +33,10 @@ def test_light_model(name: str) -> None:
 
     # The shipped weights are constants (the stored output is input-independent); that output is
     # checked on the onnx→torch route (tests/test_onnx_routes.py), which is cheaper than a second ORT run.
-    x = np.random.default_rng(1).standard_normal(input_shapes(onnx.load(str(path)))[0], dtype=np.float32)
-
     # Random weights: the round trip must reproduce the original graph's ORT output.
     model = randomized(path)
     g = from_onnx(model)
-    orig = run(model, x)[0]
+    x, orig = randomized_reference(name, model)
     exported = to_onnx(g)
     onnx.checker.check_model(exported, full_check=True)
     got = run(exported, x)[0]
