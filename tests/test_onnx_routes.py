@@ -92,17 +92,33 @@ def test_opaque_onnx_op_to_torch_is_an_error() -> None:
     assert e.value.diagnostics[0].node == "cs"
 
 
+# The three big ones (240-550 MB of weights) only check the stored output here; their random-weight
+# round trip runs in ORT (tests/frontends/test_onnx_light.py) and their ops are covered by the others.
+BIG = {"bvlc_alexnet", "vgg19", "zfnet512"}
+TORCH_GAPS = {"inception_v1": "torch backend: avg_pool with asymmetric padding and count_include_pad=False "
+                              "(GoogLeNet's last pool) has no emitter yet"}
+
+
 @pytest.mark.parametrize("name", LIGHT_MODELS)
 def test_light_model_to_torch(name: str) -> None:
+    if name in TORCH_GAPS:
+        with pytest.raises(UnsupportedOpError):
+            to_torch(from_onnx(light_path(name)))
+        pytest.xfail(TORCH_GAPS[name])
     # Shipped weights: the stored reference output.
     g = from_onnx(light_path(name))
     ref = light_reference(name)
-    x, orig = randomized_reference(name)
+    shape = g.node(g.inputs[0]).attrs["shape"]
+    x = np.random.default_rng(1).standard_normal(shape, dtype=np.float32)
     with torch.no_grad():
         out = to_torch(g)(torch.from_numpy(x)).numpy()
     assert out.shape == ref.shape and np.abs(out - ref).max() < 1e-4
+    if name in BIG:
+        return
     # Random weights: the ORT output of the original graph.
-    g = from_onnx(randomized(light_path(name)))
+    model = randomized(light_path(name))
+    x, orig = randomized_reference(name, model)
+    g = from_onnx(model)
     with torch.no_grad():
         out = to_torch(g)(torch.from_numpy(x)).numpy()
     err = float(np.abs(out - orig).max())
