@@ -135,7 +135,7 @@ def test_check_file(tmp_path: Path) -> None:
         "unknown pass 'trm' (did you mean 'trim'?)",
         "unknown option 'ration' for pass 'trim' (did you mean 'ratio' or 'criterion'?)",
     ]
-    assert check_file(ROOT / "examples" / "vgg_edge.sqz", passes=_passes()) == []
+    assert check_file(ROOT / "examples" / "vgg_edge.sqz") == []  # the real registry
     assert check_file(tmp_path / "missing.sqz", passes=_passes())[0].message.startswith("cannot read policy")
 
 
@@ -154,18 +154,21 @@ def test_pass_rejecting_options() -> None:
 
 @pytest.mark.parametrize(("example", "model", "expected"), [
     ("vgg_edge", "vgg", {"trim": {"features.3", "features.7", "features.10", "features.14"},
-                         "net_trim": {"classifier.5"}}),
-    ("resnet_trim", "resnet", {"trim": {"layer1.0.conv1", "layer2.0.downsample.0", "conv1"}}),
-    ("transformer_quant", "transformer", {"squeeze_fold": {"layers.0.ff1", "layers.0.ff2"}}),
+                         "squeeze_fold": {"features.0", "features.3", "features.14", "classifier.1"}}),
+    ("resnet_trim", "resnet", {"trim": {"layer1.0.conv1", "layer3.0.conv1", "layer2.0.downsample.0", "conv1",
+                                        "layer1.0.conv2"}}),
+    ("transformer_ffn", "transformer", {"squeeze_fold": {"layers.0.ff1", "layers.1.ff1"}}),
 ])
 def test_examples_resolve_on_zoo_models(example: str, model: str, expected: dict[str, set[str]]) -> None:
+    """The examples against the real passes (they are compiled for real in test_examples.py)."""
     from netsqueeze.frontends.fx import from_torch
+    from netsqueeze.passes.registry import all_passes
     from tests.zoo import ZOO
 
     m, x = ZOO[model]()
     graph = from_torch(m, x)
     plan = resolve(parse_policy((ROOT / "examples" / f"{example}.sqz").read_text(), f"{example}.sqz"), graph,
-                   passes())
+                   all_passes())
     selected: dict[str, set[str]] = {}
     for s in plan.steps:
         selected.setdefault(s.pass_name, set()).update(s.selected or ())
