@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +23,14 @@ from netsqueeze.compiler.calibration import (
 )
 from netsqueeze.compiler.pipeline import Step, run_pipeline
 from netsqueeze.compiler.report import CompileReport
-from netsqueeze.errors import BudgetError, CaptureError, Diagnostic, InputMismatchError, NetsqueezeError
+from netsqueeze.errors import (
+    BudgetError,
+    CaptureError,
+    Diagnostic,
+    InputMismatchError,
+    NetsqueezeError,
+    SourceSpan,
+)
 from netsqueeze.ir.graph import Graph
 from netsqueeze.ir.stats import graph_stats
 from netsqueeze.passes.base import Pass, PassContext
@@ -149,6 +156,7 @@ class _Resolved:
     policy_hash: str | None
     plan_text: str | None
     inputs: list[Any]
+    budget_spans: dict[str, SourceSpan] = field(default_factory=dict)
 
 
 def _parse_policy(policy: PolicyLike, params: Mapping[str, Any] | None) -> Any:
@@ -176,7 +184,7 @@ def _resolve(policy: PolicyLike, graph: Graph, params: Mapping[str, Any] | None)
     plan = resolve(_parse_policy(policy, params), graph, all_passes())
     steps = [Step(s.instance, s.selected, f"{s.span.file}:{s.span.line}") for s in plan.steps]
     return _Resolved(steps, dict(plan.budget), dict(plan.bounds), plan.guard, dict(plan.calibration),
-                     plan.policy_hash, plan.to_text(), list(plan.inputs))
+                     plan.policy_hash, plan.to_text(), list(plan.inputs), dict(plan.budget_spans))
 
 
 def _declared_inputs(policy: PolicyLike, params: Mapping[str, Any] | None) -> tuple[torch.Tensor, ...] | None:
@@ -220,29 +228,38 @@ def measure_output_error(original: Graph, compressed: Graph, batches: Calibratio
     return {"output_error": math.sqrt(num / den) if den else 0.0, "max_abs_error": max_abs}
 
 
-def _check_budget(budget: Mapping[str, float], before: Any, after: Any) -> None:
-    reached = {"params": after.params / max(1, before.params), "flops": after.flops / max(1, before.flops)}
+def _check_budget(budget: Mapping[str, float], before: Any, after: Any,
+                  spans: Mapping[str, SourceSpan] | None = None) -> None:
+    """Raises BudgetError, located at each missed `budget` item, stating what the pipeline reached."""
+    # latency is handed to the passes (ctx.budget) but compile() does not measure it
+    attr = {"params": "params", "flops": "flops", "bytes": "param_bytes"}
     problems = []
     for key, limit in budget.items():
-        if key not in reached:
+        if key not in attr:
             continue
-        if reached[key] > limit + 1e-9:
+        total, now = getattr(before, attr[key]), getattr(after, attr[key])
+        reached = now / max(1, total)
+        if reached > limit + 1e-9:
             problems.append(Diagnostic(
-                f"budget {key} <= {limit:.1%} not met: the pipeline reached {reached[key]:.1%} "
-                f"({getattr(after, key):,} of {getattr(before, key):,} {key})"))
+                f"budget {key} <= {limit:.1%} not met: the pipeline reached {reached:.1%} "
+                f"({now:,} of {total:,} {key})", span=(spans or {}).get(key)))
     if problems:
         raise BudgetError(problems)
 
 
 def _check_guard(guard: Any, fidelity: Mapping[str, float]) -> None:
+    """Raises BudgetError, located at the `guard` statement, when the guard cannot be measured or is missed."""
     if guard is None:
         return
     metric, limit = str(guard.metric), float(guard.limit)
+    span = getattr(guard, "span", None)
     if metric not in fidelity:
-        raise BudgetError(f"guard {metric} cannot be measured: "
-                          + ("pass eval_fn=... to compile()" if metric == "top1_drop" else "no data to run"))
+        raise BudgetError(Diagnostic(
+            f"guard {metric.replace('_', ' ')} cannot be measured: "
+            + ("pass eval_fn=... to compile()" if metric == "top1_drop" else "no data to run"), span=span))
     if fidelity[metric] > limit + 1e-12:
-        raise BudgetError(f"guard {metric.replace('_', ' ')} <= {limit:.2%} not met: reached {fidelity[metric]:.2%}")
+        raise BudgetError(Diagnostic(
+            f"guard {metric.replace('_', ' ')} <= {limit:.2%} not met: reached {fidelity[metric]:.2%}", span=span))
 
 
 # ---- compile -------------------------------------------------------------------------------------------
@@ -303,7 +320,7 @@ def compile(
     run = run_pipeline(graph, resolved.steps, ctx)
     times["passes"] = time.perf_counter() - t2
     after = graph_stats(graph)
-    _check_budget(resolved.budget, before, after)
+    _check_budget(resolved.budget, before, after, resolved.budget_spans)
 
     fidelity: dict[str, float] = {}
     notes: list[str] = []

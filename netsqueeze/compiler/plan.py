@@ -103,6 +103,8 @@ def schemas_of(passes: Mapping[str, type[Pass]]) -> dict[str, PassSchema]:
 class Guard:
     metric: str  # "output_error" | "top1_drop"
     limit: float  # a ratio: 0.02 = 2%
+    # the `guard ...` statement, for a located error when the compiled model misses the limit
+    span: SourceSpan | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -125,6 +127,8 @@ class Plan:
     policy_name: str
     steps: list[PlanStep]
     budget: dict[str, float] = field(default_factory=dict)
+    # metric -> the `budget` item that set it (`flops <= 50%`), for located budget errors
+    budget_spans: dict[str, SourceSpan] = field(default_factory=dict)
     bounds: dict[str, Any] = field(default_factory=dict)
     guard: Guard | None = None
     calibration: dict[str, Any] = field(default_factory=dict)
@@ -289,8 +293,10 @@ class _Resolver:
                     for item in s.items:
                         if item.metric in BUDGET_METRICS:
                             plan.budget[item.metric] = float(conv(item.value, BUDGET_METRICS[item.metric], item.metric))
+                            plan.budget_spans[item.metric] = _through(item.span, item.value.span)
                 elif isinstance(s, ast.Guard) and s.metric in GUARD_METRICS:
-                    plan.guard = Guard(s.metric, float(conv(s.value, GUARD_METRICS[s.metric], s.metric)))
+                    plan.guard = Guard(s.metric, float(conv(s.value, GUARD_METRICS[s.metric], s.metric)),
+                                       span=_through(s.span, s.value.span))
                 elif isinstance(s, ast.Bounds):
                     vals = {o.key: conv(o.value, BOUNDS_KEYS[o.key], o.key) for o in s.options if o.key in BOUNDS_KEYS}
                     if s.selector is None:
@@ -313,6 +319,13 @@ class _Resolver:
                 n: {k: v for k, (_, v, _) in slot.items()}
                 for n, slot in sorted(per_node.items(), key=lambda kv: self.sel.pos[kv[0]])
             }
+
+
+def _through(start: SourceSpan, end: SourceSpan) -> SourceSpan:
+    """The span from `start` to the end of `end` (a whole `flops <= 50%`), or `start` if `end` is elsewhere."""
+    if end.file != start.file or end.end_col is None:
+        return start
+    return SourceSpan(start.file, start.line, start.col, end.end_line or end.line, end.end_col, start.text)
 
 
 def _dedupe(diags: list[Diagnostic]) -> list[Diagnostic]:
