@@ -439,8 +439,8 @@ def _flatten(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]
     rank = len(ex.ir.input_metas(node.id)[0].shape)
     st = node.attrs.get("start_dim", 1) % max(rank, 1)
     en = node.attrs.get("end_dim", -1) % max(rank, 1)
-    if en == rank - 1 and st > 0:
-        return ex.op("Flatten", ins, {"axis": st})
+    if en == rank - 1 and st == 1:  # ONNX Flatten is always 2-D, torch's only for start_dim 1
+        return ex.op("Flatten", ins, {"axis": 1})
     # 0 keeps the leading dims symbolic (batch), -1 takes the flattened block.
     tail = list(_meta(ex, node).shape[st + 1:])
     return ex.op("Reshape", [ins[0], ex.ints(f"{node.id}.shape", [0] * st + [-1] + tail)])

@@ -366,6 +366,7 @@ class _Importer:
             "domain": n.domain or "",
             "attributes": [a.SerializeToString() for a in proto.attribute],
             "opset": self.opset,
+            "domain_opset": next((int(i.version) for i in self.proto.opset_import if i.domain == (n.domain or "")), 1),
             "num_outputs": len(n.outputs),
             "output_names": [t.name for t in n.outputs],
         }

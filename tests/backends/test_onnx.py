@@ -136,3 +136,15 @@ def test_attention_matches_torch() -> None:
     with torch.no_grad():
         ref = mha(x, x, x, need_weights=False)[0].numpy()
     assert np.abs(run(m, x.numpy())[0] - ref).max() < 1e-5
+
+
+def test_flatten_keeps_torch_semantics() -> None:
+    g = Graph("f")
+    g.add_node("x", "input", attrs={"shape": (2, 3, 4, 5), "dtype": "float32"})
+    g.add_node("inner", "flatten", ["x"], attrs={"start_dim": 2, "end_dim": -1})
+    g.add_node("outer", "flatten", ["inner"], attrs={"start_dim": 0, "end_dim": 1})
+    g.add_node("y", "output", ["outer"])
+    g.infer_shapes()
+    x = torch.randn(2, 3, 4, 5)
+    (y,) = run(to_onnx(g), x.numpy())
+    assert np.array_equal(y, torch.flatten(torch.flatten(x, 2), 0, 1).numpy())
