@@ -584,9 +584,10 @@ def _qdq(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
 def _attention(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
     """nn.MultiheadAttention (no mask) written out as projections, scaled dot products and a softmax."""
     a, p = node.attrs, node.params
-    if len(ins) > 3:
-        raise UnsupportedOpError(Diagnostic(f"attention '{node.id}' with a mask cannot be exported to ONNX yet",
-                                            node=node.id))
+    mask_meta = ex.ir.input_metas(node.id)[3] if len(ins) > 3 else None
+    if mask_meta is not None and len(mask_meta.shape) not in (2, 3):
+        raise UnsupportedOpError(Diagnostic(f"attention '{node.id}': a mask of shape {list(mask_meta.shape)} "
+                                            "cannot be exported to ONNX", node=node.id))
     h, dh = int(a["num_heads"]), int(a["head_dim"])
     bf = bool(a.get("batch_first", True))
     w = p["in_proj_weight"]
@@ -601,6 +602,15 @@ def _attention(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tenso
         r = ex.op1("Reshape", [proj, ex.ints(f"{node.id}.heads{i}", [0, 0, h, dh])])
         heads.append(ex.op1("Transpose", [r], {"perm": [0, 2, 3, 1] if i == 1 else [0, 2, 1, 3]}))
     scores = ex.op1("Div", [ex.op1("MatMul", [heads[0], heads[1]]), ex.scalar(f"{node.id}.scale", float(np.sqrt(dh)))])
+    if mask_meta is not None:
+        mask = ins[3]
+        if len(mask_meta.shape) == 3:  # [N·H, L, S] → [N, H, L, S]
+            mask = ex.op1("Reshape", [mask, ex.ints(f"{node.id}.mask_shape", [-1, h, *mask_meta.shape[1:]])])
+        if mask_meta.dtype == "bool":  # nn.MultiheadAttention: True = may not attend
+            neg = ex.const(f"{node.id}.neg_inf", np.asarray(-np.inf, dtype=np.float32))
+            scores = ex.op1("Where", [mask, neg, scores])
+        else:
+            scores = ex.op1("Add", [scores, mask])
     attn = ex.op1("Softmax", [scores], {"axis": -1})
     ctx = ex.op1("Transpose", [ex.op1("MatMul", [attn, heads[2]])], {"perm": [0, 2, 1, 3]})
     merged = ex.op1("Reshape", [ctx, ex.ints(f"{node.id}.merge", [0, 0, h * dh])])

@@ -148,3 +148,25 @@ def test_flatten_keeps_torch_semantics() -> None:
     x = torch.randn(2, 3, 4, 5)
     (y,) = run(to_onnx(g), x.numpy())
     assert np.array_equal(y, torch.flatten(torch.flatten(x, 2), 0, 1).numpy())
+
+
+@pytest.mark.parametrize("boolean", [True, False])
+def test_attention_with_mask_matches_torch(boolean: bool) -> None:
+    mha = torch.nn.MultiheadAttention(8, 2, batch_first=True).eval()
+    causal = torch.triu(torch.ones(5, 5, dtype=torch.bool), 1)
+    mask = causal if boolean else torch.randn(5, 5)
+    g = Graph("attn")
+    g.add_node("q", "input", attrs={"shape": (2, 5, 8), "dtype": "float32"})
+    g.add_node("m", "constant", params={"value": mask})
+    g.add_node("mha", "attention", ["q", "q", "q", "m"],
+               attrs={"num_heads": 2, "embed_dim": 8, "head_dim": 4, "batch_first": True},
+               params={"in_proj_weight": mha.in_proj_weight.detach(), "in_proj_bias": mha.in_proj_bias.detach(),
+                       "out_proj_weight": mha.out_proj.weight.detach(), "out_proj_bias": mha.out_proj.bias.detach()})
+    g.add_node("y", "output", ["mha"])
+    g.infer_shapes()
+    m = to_onnx(g)
+    onnx.checker.check_model(m, full_check=True)
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        ref = mha(x, x, x, attn_mask=mask, need_weights=False)[0].numpy()
+    assert np.abs(run(m, x.numpy())[0] - ref).max() < 1e-5
