@@ -37,12 +37,16 @@ def _reference(name: str) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...], np
     return model, inputs, ref.numpy()
 
 
-def _export(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> onnx.ModelProto:
-    f = io.BytesIO()
+def _export(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], dynamo: bool) -> onnx.ModelProto:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        if dynamo:
+            prog = torch.onnx.export(model, inputs, dynamo=True, verbose=False)
+            assert prog is not None
+            return prog.model_proto
+        f = io.BytesIO()
         torch.onnx.export(model, inputs, f, dynamo=False, opset_version=17)
-    return onnx.load_from_string(f.getvalue())
+        return onnx.load_from_string(f.getvalue())
 
 
 @pytest.mark.parametrize("name", EXPORTABLE)
@@ -54,10 +58,11 @@ def test_torch_to_onnx(name: str) -> None:
     assert np.abs(out - ref).max() < 1e-4
 
 
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
 @pytest.mark.parametrize("name", EXPORTABLE)
-def test_torch_export_round_trips_through_ir(name: str) -> None:
+def test_torch_export_round_trips_through_ir(name: str, dynamo: bool) -> None:
     model, inputs, ref = _reference(name)
-    exported = _export(model, inputs)
+    exported = _export(model, inputs, dynamo)
     g = from_onnx(exported)
     assert g.by_kind("opaque") == [], [n.origin.op_type for n in g.by_kind("opaque")]
     feeds = [x.numpy() for x in inputs]

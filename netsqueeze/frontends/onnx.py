@@ -154,7 +154,6 @@ class _Importer:
         self.graph = Graph(name)
         self.vals: dict[str, Value] = {}
         self.consts: dict[str, np.ndarray] = {}
-        self.const_nodes: dict[str, str] = {}
         self.input_shapes = input_shapes
         self.skip: set[int] = set()
         self.fused: dict[int, Callable[[], None]] = {}
