@@ -257,9 +257,12 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
     path = os.fspath(path)
     if model.ByteSize() < TWO_GB:
         onnx.save_model(model, path)
-    else:
-        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=os.path.basename(path) + ".data", size_threshold=1024)
+        return
+    # onnx moves the bytes out of the proto it saves: work on a copy so the caller's model stays whole.
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    onnx.save_model(copy, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=os.path.basename(path) + ".data", size_threshold=1024)
 
 
 # ---- emitters -------------------------------------------------------------------------------------------

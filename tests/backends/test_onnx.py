@@ -170,3 +170,23 @@ def test_attention_with_mask_matches_torch(boolean: bool) -> None:
     with torch.no_grad():
         ref = mha(x, x, x, attn_mask=mask, need_weights=False)[0].numpy()
     assert np.abs(run(m, x.numpy())[0] - ref).max() < 1e-5
+
+
+def test_save_past_the_limit_uses_one_external_data_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import netsqueeze.backends.onnx as backend
+
+    w = torch.randn(64, 32)
+    g = Graph("fc")
+    g.add_node("x", "input", attrs={"shape": (1, 32), "dtype": "float32"})
+    g.add_node("fc", "linear", ["x"], params={"weight": w})
+    g.add_node("y", "output", ["fc"])
+    g.infer_shapes()
+    m = to_onnx(g)
+    before = m.SerializeToString()
+    monkeypatch.setattr(backend, "TWO_GB", 1000)  # stand-in for 2 GB: the same code path, small files
+    save_onnx(m, tmp_path / "big.onnx")
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
+    assert m.SerializeToString() == before
+    x = torch.randn(3, 32)
+    assert np.abs(run(tmp_path / "big.onnx", x.numpy())[0] - (x @ w.T).numpy()).max() < 1e-4
+    assert torch.equal(from_onnx(tmp_path / "big.onnx").node("fc").params["weight"], w)
