@@ -163,6 +163,7 @@ class _Importer:
         self.cur_op = ""
         self.nodes: list[Any] = []  # graphsurgeon nodes, in file order
         self.ids: list[str] = []
+        self.reserved: set[str] = set()
         self.protos: list[onnx.NodeProto] = []
 
     # ---- helpers used by the op handlers ----------------------------------------------------
@@ -193,7 +194,10 @@ class _Importer:
         if arr is None:
             raise _fail(f"node '{self.cur_id}' ({self.cur_op}) reads '{t.name}', which is not defined",
                         node=self.cur_id)
-        nid = self.graph.add_node(t.name or f"{self.cur_id}/const", "constant",
+        base = t.name or f"{self.cur_id}/const"
+        if base in self.reserved:  # ONNX node names own their ids; a tensor of the same name yields
+            base = f"{base}/value"
+        nid = self.graph.add_node(base, "constant",
                                   params={"value": self.take(arr)},
                                   origin=Origin("onnx", t.name, "Constant"), unique=True)
         self._infer(nid)
@@ -253,6 +257,7 @@ class _Importer:
         if len(nodes) != len(protos):
             raise _fail("onnx-graphsurgeon imported a different number of nodes than the file holds")
         self.nodes, self.ids, self.protos = nodes, ids, protos
+        self.reserved = set(ids)
         self._find_patterns(order)
         for idx in order:
             if idx in self.skip:
@@ -1045,7 +1050,7 @@ def _qdq(imp: _Importer, n: gs.Node) -> bool:
         return False
     if zp is None:
         zp = np.zeros(scale.shape, np.uint8)
-    if zp.dtype not in (np.int8, np.uint8, np.int32) or scale.dtype != np.float32:
+    if zp.dtype not in (np.int8, np.uint8) or scale.dtype != np.float32:
         return False
     kind = "quantize" if n.op == "QuantizeLinear" else "dequantize"
     attrs = {"axis": int(n.attrs.get("axis", 1))}

@@ -297,3 +297,9 @@ def test_model_proto_is_not_modified() -> None:
     before = m.SerializeToString()
     from_onnx(m)
     assert m.SerializeToString() == before
+
+
+def test_tensor_named_like_a_later_node_does_not_take_its_id() -> None:
+    nodes = [helper.make_node("Add", ["x", "mul"], ["a"], name="add"), helper.make_node("Mul", ["a", "a"], ["y"], name="mul")]
+    m = model(nodes, X2, {"mul": w(8)})
+    assert [n.id for n in from_onnx(m).nodes()] == ["x", "mul/value", "add", "mul", "y"]
