@@ -634,7 +634,7 @@ def _conv_t(imp: _Importer, n: gs.Node) -> bool:
 def _gemm(imp: _Importer, n: gs.Node) -> bool:
     b, c = _const_in(imp, n, 1), _const_in(imp, n, 2)
     alpha, beta = float(n.attrs.get("alpha", 1.0)), float(n.attrs.get("beta", 1.0))
-    if int(n.attrs.get("transA", 0)) or b is None or b is _ABSENT or c is _ABSENT or b.ndim != 2:
+    if b is None or b is _ABSENT or c is _ABSENT or b.ndim != 2 or b.dtype != np.float32 or imp.is_const(n.inputs[0]):
         return False
     w = b if int(n.attrs.get("transB", 0)) else b.T
     if alpha != 1.0:
@@ -644,7 +644,10 @@ def _gemm(imp: _Importer, n: gs.Node) -> bool:
         if c.size not in (1, w.shape[0]) or (c.ndim == 2 and c.shape[0] != 1):
             return False  # a per-row bias is not a linear layer's bias
         params["bias"] = np.broadcast_to(c.reshape(-1) * np.float32(beta), (w.shape[0],)).astype(np.float32)
-    return _bind(imp, n, imp.emit("linear", [imp.value(n.inputs[0])], {}, params))
+    x = imp.value(n.inputs[0])
+    if int(n.attrs.get("transA", 0)):
+        x = imp.emit("transpose", [x], {"perm": [1, 0]}, suffix="transA")
+    return _bind(imp, n, imp.emit("linear", [x], {}, params))
 
 
 @handles("MatMul")

@@ -64,6 +64,7 @@ CASES: list[tuple[str, onnx.ModelProto, set[str]]] = [
     ("conv_transpose", model([N("ConvTranspose", ["x", "W", "B"], strides=[2, 2], pads=[1, 1, 1, 1],
                                 output_padding=[1, 1])], X4, {"W": w(4, 3, 3, 3), "B": w(3)}), {"conv_transpose"}),
     ("gemm", model([N("Gemm", ["x", "W", "C"], alpha=0.5, beta=2.0)], X2, {"W": w(8, 5), "C": w(5)}), {"linear"}),
+    ("gemm_transa", model([N("Gemm", ["x", "W"], transA=1)], {"x": (8, 2)}, {"W": w(8, 5)}), {"transpose", "linear"}),
     ("gemm_transb", model([N("Gemm", ["x", "W", "C"], transB=1)], X2, {"W": w(5, 8), "C": w(1, 5)}), {"linear"}),
     ("matmul_add", model([N("MatMul", ["x", "W"], ["h"]), N("Add", ["h", "B"])], X3, {"W": w(8, 4), "B": w(4)}),
      {"linear"}),
