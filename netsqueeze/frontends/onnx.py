@@ -359,6 +359,10 @@ class _Importer:
         if any(not t.name for t in inputs):
             raise _fail(f"node '{self.cur_id}' ({n.op}) skips an optional input in the middle; "
                         f"netsqueeze cannot keep such an unknown op", node=self.cur_id)
+        outer = sorted(_outer_names(proto))
+        if outer:
+            raise _fail(f"node '{self.cur_id}' ({n.op}) reads {', '.join(repr(o) for o in outer[:3])} from the "
+                        f"enclosing graph inside its subgraph; netsqueeze cannot keep such an op", node=self.cur_id)
         metas = []
         for t in n.outputs:
             if t.name not in self.value_info:
@@ -457,6 +461,18 @@ class _Importer:
                 self.vals[out.name] = self.emit("gelu", [self.value(x)], {"approximate": "none"})
 
             self.fused[index[id(last)]] = fuse
+
+
+def _outer_names(node: onnx.NodeProto) -> set[str]:
+    """Tensors a node's subgraphs (If/Loop/Scan bodies) read from the enclosing scope."""
+    free: set[str] = set()
+    for a in node.attribute:
+        for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+            local = {i.name for i in sub.input} | {t.name for t in sub.initializer} | {""}
+            for n in sub.node:
+                free |= {t for t in n.input if t not in local} | (_outer_names(n) - local)
+                local |= set(n.output)
+    return free
 
 
 def _evaluate(proto: onnx.NodeProto, feeds: dict[str, np.ndarray], opset: int) -> list[np.ndarray]:

@@ -304,3 +304,14 @@ def test_tensor_named_like_a_later_node_does_not_take_its_id() -> None:
     nodes = [helper.make_node("Add", ["x", "mul"], ["a"], name="add"), helper.make_node("Mul", ["a", "a"], ["y"], name="mul")]
     m = model(nodes, X2, {"mul": w(8)})
     assert [n.id for n in from_onnx(m).nodes()] == ["x", "mul/value", "add", "mul", "y"]
+
+
+def test_subgraph_reading_outer_scope_is_an_error() -> None:
+    then = helper.make_graph([helper.make_node("Relu", ["x"], ["t"])], "then", [],
+                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2, 8])])
+    other = helper.make_graph([helper.make_node("Neg", ["x"], ["e"])], "else", [],
+                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, [2, 8])])
+    nodes = [helper.make_node("If", ["c"], ["y"], name="branch", then_branch=then, else_branch=other)]
+    m = model(nodes, {"x": (2, 8), "c": ()}, in_types={"c": TensorProto.BOOL})
+    _raises(m, "node 'branch' (If) reads 'x' from the enclosing graph inside its subgraph; netsqueeze cannot keep "
+               "such an op", "branch")
