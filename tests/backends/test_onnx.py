@@ -190,3 +190,25 @@ def test_save_past_the_limit_uses_one_external_data_file(tmp_path: Path, monkeyp
     x = torch.randn(3, 32)
     assert np.abs(run(tmp_path / "big.onnx", x.numpy())[0] - (x @ w.T).numpy()).max() < 1e-4
     assert torch.equal(from_onnx(tmp_path / "big.onnx").node("fc").params["weight"], w)
+
+
+def _one_op(op: str, opset: int, **attrs: object) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 5])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 5])
+    return helper.make_model(helper.make_graph([helper.make_node(op, ["x"], ["y"], name="op", **attrs)], "g", [x], [y]),
+                             opset_imports=[helper.make_opsetid("", opset)], ir_version=7)
+
+
+def test_old_opaque_op_with_type_only_changes_is_re_emitted() -> None:
+    m = _one_op("Cos", 9)  # Cos 7 is still current at 17
+    out = to_onnx(from_onnx(m))
+    v = np.random.rand(2, 5).astype(np.float32)
+    assert np.abs(run(out, v)[0] - np.cos(v)).max() < 1e-6
+
+
+def test_old_opaque_op_that_was_redefined_is_an_error() -> None:
+    g = from_onnx(_one_op("Hardmax", 11, axis=1))  # Hardmax 13 changed its axis semantics
+    with pytest.raises(UnsupportedOpError) as e:
+        to_onnx(g)
+    assert e.value.message == ("node 'op' (Hardmax) was imported at opset 11 and its definition changed by opset 17; "
+                               "netsqueeze cannot re-emit it verbatim")
