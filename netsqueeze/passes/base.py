@@ -80,6 +80,24 @@ class PassContext:
             if k.split(":", 1)[0] not in preserved:
                 del self.analyses[k]
 
+    def bounds_for(self, node_ids: Sequence[str]) -> dict[str, Any]:
+        """The policy's per-layer bounds for a channel group produced by `node_ids`: global `bounds`
+        merged with every `bounds on SELECTOR` entry of those nodes, the most restrictive winning
+        (largest min_channels and round_to, smallest max_ratio)."""
+        entries = [{k: v for k, v in self.bounds.items() if k != "per_node"}]
+        per_node = self.bounds.get("per_node", {})
+        entries += [per_node[n] for n in node_ids if n in per_node]
+        out: dict[str, Any] = {}
+        for e in entries:
+            for k, v in e.items():
+                if k == "max_ratio":
+                    out[k] = min(out.get(k, v), v)
+                elif k in ("min_channels", "round_to"):
+                    out[k] = max(out.get(k, v), v)
+                else:
+                    out.setdefault(k, v)
+        return out
+
     def with_selection(self, selected: frozenset[str] | None) -> PassContext:
         return dataclasses.replace(self, selected=selected)
 

@@ -16,7 +16,13 @@ from netsqueeze.passes.base import PassContext, PassResult, TransformPass
 from netsqueeze.passes.dependency import ChannelGroup, DependencyAnalysis, Member
 from netsqueeze.passes.registry import register_pass
 from netsqueeze.passes.rewrite import ChannelSelection, apply_selection
-from netsqueeze.passes.squeeze_math import covariance, rank_for_energy, reconstruction, select_channels
+from netsqueeze.passes.squeeze_math import (
+    covariance,
+    kept_for_error,
+    rank_for_energy,
+    ranking,
+    reconstruction,
+)
 
 # consumer (kind, weight param) whose output is linear in that input axis, so a reconstruction folds exactly
 _FOLDABLE = {("conv", "weight"), ("linear", "weight")}
@@ -64,8 +70,10 @@ class SqueezeFold(TransformPass):
     """
 
     name: ClassVar[str] = "squeeze_fold"
-    energy: float | None = field(default=None, metadata={"min": 0.0, "max": 1.0})
-    ratio: float | None = field(default=None, metadata={"min": 0.0, "max": 1.0})
+    energy: float | None = field(default=None, metadata={"min": 0.0, "max": 1.0, "unit": "ratio"})
+    ratio: float | None = field(default=None, metadata={"min": 0.0, "max": 1.0, "unit": "ratio"})
+    energy_of: Literal["reconstruction", "spectrum"] = "reconstruction"
+    weighting: Literal["consumer", "none"] = "consumer"
     method: Literal["greedy", "qr"] = "greedy"
     ridge: float = field(default=1e-6, metadata={"min": 0.0})
     min_channels: int = field(default=1, metadata={"min": 1})
@@ -94,18 +102,17 @@ class SqueezeFold(TransformPass):
         if not plans:
             return result
         self._collect(graph, ctx, [p for ps in plans.values() for p in ps])
-        covs = {gid: self._pooled_cov(probes) for gid, probes in plans.items()}
+        ranks = {gid: self._rank(graph, probes) for gid, probes in plans.items()}
         energy = self.energy
         if energy is None and self.ratio is None:
-            energy = self._search_energy(graph, groups, plans, covs, ctx)
+            energy = self._search_energy(graph, groups, ranks, ctx)
         selection = {}
         for gid, probes in plans.items():
             g = groups[gid]
-            k = self._kept(g, covs[gid], energy, ctx)
+            k = self._kept(g, ranks[gid], energy, ctx)
             if k >= g.size:
                 continue
-            keep = select_channels(covs[gid], k, self.method, self.ridge)
-            selection[gid] = self._selection(graph, keep, probes)
+            selection[gid] = self._selection(graph, ranks[gid][0][:k], probes)
         if not selection:
             return result
         out = apply_selection(graph, groups, selection)
@@ -148,27 +155,48 @@ class SqueezeFold(TransformPass):
                 p.pos_sum += a.reshape(-1, *idx.shape).sum(0)
                 p.rows += a.reshape(-1, *idx.shape).shape[0]
 
-    @staticmethod
-    def _pooled_cov(probes: list[_Probe]) -> torch.Tensor:
-        total = None
+    def _rank(self, graph: Graph, probes: list[_Probe]) -> tuple[list[int], list[float], torch.Tensor]:
+        """(channel order, prefix errors, pooled covariance) for one group.
+
+        Consumers are pooled with equal weight: covariances normalised by their trace, metrics by the
+        consumer-output variance they imply; exact for the common single-consumer group.
+        """
+        cov_sum: torch.Tensor | None = None
+        met_sum: torch.Tensor | None = None
         for p in probes:
             cov = covariance(p.moment / max(1, p.count))
             cov = cov / cov.trace().clamp_min(1e-30)
-            total = cov if total is None else total + cov
-        assert total is not None
-        return total
+            met = self._metric(graph, p.member) if self.weighting == "consumer" else torch.eye(cov.shape[0],
+                                                                                            dtype=cov.dtype)
+            met = met / torch.trace(met @ cov).clamp_min(1e-30)
+            cov_sum = cov if cov_sum is None else cov_sum + cov
+            met_sum = met if met_sum is None else met_sum + met
+        assert cov_sum is not None and met_sum is not None
+        order, err = ranking(cov_sum, self.method, met_sum, max(self.ridge, 1e-9))
+        return order, err, cov_sum
 
-    def _kept(self, g: ChannelGroup, cov: torch.Tensor | None, energy: float | None, ctx: PassContext) -> int:
+    @staticmethod
+    def _metric(graph: Graph, m: Member) -> torch.Tensor:
+        """Σ_o WᵀW of a consumer in group-channel space, summed over kernel taps / block positions."""
+        w = graph.node(m.node).params[m.param or "weight"].double().movedim(m.axis, -1)
+        idx = torch.tensor([list(q) for q in m.index])  # [C, block]
+        wc = w[..., idx].reshape(-1, *idx.shape)  # [rows, C, block]
+        return torch.einsum("rcb,rdb->cd", wc, wc)
+
+    def _kept(self, g: ChannelGroup, rank: tuple[list[int], list[float], torch.Tensor], energy: float | None,
+              ctx: PassContext) -> int:
         if self.ratio is not None:
             k = g.size - round(self.ratio * g.size)
-        elif cov is not None and energy is not None:
-            k = rank_for_energy(cov, energy)
+        elif energy is not None:
+            k = kept_for_error(rank[1], 1.0 - energy) if self.energy_of == "reconstruction" else \
+                rank_for_energy(rank[2], energy)
         else:
             k = g.size
-        round_to = int(ctx.bounds.get("round_to", self.round_to))
-        floor = max(int(ctx.bounds.get("min_channels", self.min_channels)), 1)
-        if "max_ratio" in ctx.bounds:  # at most this share of a group's channels may go
-            floor = max(floor, g.size - math.floor(float(ctx.bounds["max_ratio"]) * g.size))
+        b = ctx.bounds_for(g.producers)
+        round_to = int(b.get("round_to", self.round_to))
+        floor = max(int(b.get("min_channels", self.min_channels)), 1)
+        if "max_ratio" in b:  # at most this share of a group's channels may go
+            floor = max(floor, g.size - math.floor(float(b["max_ratio"]) * g.size))
         k = max(k, floor)
         if round_to > 1:
             k = min(g.size, int(math.ceil(k / round_to) * round_to))
@@ -195,8 +223,8 @@ class SqueezeFold(TransformPass):
             shifts[p.member.node] = full
         return ChannelSelection(keep=keep, fold=folds, bias_shift=shifts)
 
-    def _search_energy(self, graph: Graph, groups: object, plans: dict[int, list[_Probe]],
-                       covs: dict[int, torch.Tensor], ctx: PassContext) -> float:
+    def _search_energy(self, graph: Graph, groups: object,
+                       ranks: dict[int, tuple[list[int], list[float], torch.Tensor]], ctx: PassContext) -> float:
         """Largest energy whose squeezed graph meets the policy budget (bisection on a copy)."""
         if not ctx.budget:
             raise BudgetError(Diagnostic("squeeze_fold needs `energy`, `ratio`, or a policy `budget`"))
@@ -205,9 +233,9 @@ class SqueezeFold(TransformPass):
         def meets(e: float) -> bool:
             g2 = graph.copy()
             sel = {}
-            for gid, _probes in plans.items():
+            for gid, rank in ranks.items():
                 grp = groups[gid]  # type: ignore[index]
-                k = self._kept(grp, covs[gid], e, ctx)
+                k = self._kept(grp, rank, e, ctx)
                 if k < grp.size:
                     sel[gid] = ChannelSelection(keep=list(range(k)))
             apply_selection(g2, groups, sel)  # type: ignore[arg-type]

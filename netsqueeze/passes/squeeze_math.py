@@ -35,51 +35,85 @@ def _ridge(cov: torch.Tensor, ridge: float) -> torch.Tensor:
     return cov + ridge * scale * torch.eye(cov.shape[0], dtype=cov.dtype)
 
 
-def select_qr(cov: torch.Tensor, k: int, ridge: float = 1e-6) -> list[int]:
-    """Column-pivoted QR on the centred activations, done as pivoted Cholesky of Σ.
+def _metric(m: torch.Tensor | None, c: int) -> torch.Tensor:
+    return torch.eye(c, dtype=torch.float64) if m is None else m.double()
 
-    Picks, at each step, the channel with the largest residual variance after projecting out
-    the channels already chosen — exactly the pivot order of QR with column pivoting on A.
+
+def ranking(cov: torch.Tensor, method: Selector, metric: torch.Tensor | None = None,
+            ridge: float = 1e-6) -> tuple[list[int], list[float]]:
+    """Channels in the order they are worth keeping, and the reconstruction error of every prefix.
+
+    Returns (order, err) where keeping `order[:k]` and reconstructing the rest by least squares
+    leaves the relative error err[k] = tr(M·Σ_res)/tr(M·Σ) (err[0] = 1, err[C] = 0). M is the
+    consumers' input metric Σ_o WᵀW (per kernel tap / block position, summed), so the error is the
+    one the consumers' outputs see; M = I measures the channels themselves.
+
+    - `greedy`: backward elimination. With P = Σ_SS⁻¹, dropping j from S adds
+      (Σ_{:,S}P e_j)ᵀ M (Σ_{:,S}P e_j) / P_jj to the error (the part of every channel along x_j's
+      component orthogonal to S∖{j}); the cheapest channel goes first, P is downdated in O(|S|²).
+    - `qr`: column-pivoted QR on the centred activations, done as pivoted Cholesky of Σ: each step
+      keeps the channel with the largest residual variance.
     """
-    res = _ridge(cov.double(), ridge).clone()
-    chosen: list[int] = []
-    for _ in range(k):
-        d = res.diagonal().clone()
-        if chosen:
-            d[chosen] = -1.0
-        j = int(torch.argmax(d))
-        chosen.append(j)
-        col = res[:, j] / res[j, j].sqrt()
-        res -= torch.outer(col, col)
-    return sorted(chosen)
+    c = cov.shape[0]
+    m = _metric(metric, c)
+    cov = cov.double()
+    if method == "qr":
+        res = cov.clone()
+        order: list[int] = []
+        for _ in range(c):
+            d = res.diagonal().clone()
+            d[order] = -float("inf")
+            j = int(torch.argmax(d))
+            order.append(j)
+            if res[j, j] > 0:
+                col = res[:, j] / res[j, j].sqrt()
+                res = res - torch.outer(col, col)
+    else:
+        reg = _ridge(cov, ridge)
+        keep = list(range(c))
+        p = torch.linalg.inv(reg)
+        removed: list[int] = []
+        while len(keep) > 1:
+            proj = reg[:, keep] @ p  # C × |S|
+            score = (proj * (m @ proj)).sum(0) / p.diagonal()
+            j = int(torch.argmin(score))
+            pj = p[:, j]
+            p = p - torch.outer(pj, pj) / pj[j]
+            mask = torch.ones(len(keep), dtype=torch.bool)
+            mask[j] = False
+            p = p[mask][:, mask]
+            removed.append(keep.pop(j))
+        order = keep + removed[::-1]
+    return order, prefix_errors(cov, m, order)
 
 
-def select_greedy(cov: torch.Tensor, k: int, ridge: float = 1e-6) -> list[int]:
-    """Greedy backward elimination: repeatedly drop the channel whose removal adds the least
-    reconstruction error of *all* channels, until k remain.
-
-    With P = Σ_SS⁻¹, dropping j from S adds ‖Σ_{:,S} P e_j‖² / P_jj to the least-squares error
-    (the variance of all channels along x_j's part orthogonal to S∖{j}); P is downdated in O(|S|²).
-    """
-    cov = _ridge(cov.double(), ridge)
-    keep = list(range(cov.shape[0]))
-    p = torch.linalg.inv(cov)
-    while len(keep) > k:
-        proj = cov[:, keep] @ p  # C × |S|
-        score = (proj**2).sum(0) / p.diagonal()
-        j = int(torch.argmin(score))
-        pj = p[:, j]
-        p = p - torch.outer(pj, pj) / pj[j]
-        mask = torch.ones(len(keep), dtype=torch.bool)
-        mask[j] = False
-        p = p[mask][:, mask]
-        del keep[j]
-    return keep
+def prefix_errors(cov: torch.Tensor, metric: torch.Tensor, order: list[int]) -> list[float]:
+    """err[k] = tr(M·Σ_res)/tr(M·Σ) after projecting out `order[:k]` (Gram–Schmidt in that order)."""
+    res = cov.double().clone()
+    m = metric.double()
+    total = float((m * res).sum())
+    if total <= 0:
+        return [1.0] + [0.0] * len(order)
+    tiny = 1e-13 * float(res.diagonal().abs().max())
+    err = [1.0]
+    for j in order:
+        if res[j, j] > tiny:
+            col = res[:, j] / res[j, j].sqrt()
+            res = res - torch.outer(col, col)
+        err.append(min(1.0, max(0.0, float((m * res).sum()) / total)))
+    err[-1] = 0.0
+    return err
 
 
-def select_channels(cov: torch.Tensor, k: int, method: Selector, ridge: float = 1e-6) -> list[int]:
+def kept_for_error(err: list[float], limit: float) -> int:
+    """Smallest k (≥ 1) whose prefix error is within `limit`."""
+    return next((k for k in range(1, len(err)) if err[k] <= limit + 1e-12), len(err) - 1)
+
+
+def select_channels(cov: torch.Tensor, k: int, method: Selector, ridge: float = 1e-6,
+                    metric: torch.Tensor | None = None) -> list[int]:
     k = max(1, min(k, cov.shape[0]))
-    return select_greedy(cov, k, ridge) if method == "greedy" else select_qr(cov, k, ridge)
+    return sorted(ranking(cov, method, metric, ridge)[0][:k])
 
 
 def reconstruction(moment: torch.Tensor, keep: list[int], ridge: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:

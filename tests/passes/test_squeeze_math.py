@@ -64,3 +64,22 @@ def test_intercept_only_when_nothing_kept_matches_mean() -> None:
     assert float(t[0, 0]) == 1.0 and float(t0[0]) == 0.0
     # the mean is preserved by the affine reconstruction
     assert torch.allclose((a[:, keep] @ t + t0).mean(0), a.mean(0), atol=1e-9)
+
+
+def test_ranking_prefix_errors_match_least_squares() -> None:
+    from netsqueeze.passes.squeeze_math import ranking
+
+    g = torch.Generator().manual_seed(9)
+    a = low_rank(1500, 12, 4, seed=9) + 0.2 * torch.randn(1500, 12, generator=g, dtype=torch.float64)
+    m = moment_of(a)
+    for method in ("greedy", "qr"):
+        order, err = ranking(covariance(m), method)  # type: ignore[arg-type]
+        assert sorted(order) == list(range(12)) and err[0] == 1.0 and err[-1] == 0.0
+        for k in (2, 5, 9):
+            keep = sorted(order[:k])
+            assert abs(err[k] - relative_error(m, keep, *reconstruction(m, keep))) < 1e-9
+    # a consumer metric that ignores channel 0 makes it the cheapest to drop
+    w = torch.eye(12, dtype=torch.float64)
+    w[0, 0] = 0.0
+    order, _ = ranking(covariance(m), "greedy", w.T @ w)
+    assert order[-1] == 0
