@@ -279,6 +279,7 @@ class _Importer:
             src = self.value(gs.Variable(o.name)) if o.name in self.vals else self._const_output(o.name, gsg)
             nid = g.add_node(o.name, "output", [src], origin=Origin("onnx", o.name, "output"), unique=True)
             self._infer(nid)
+        _absorb_affine_into_bn(g)
         try:
             g.infer_shapes()
             g.verify()
@@ -461,6 +462,51 @@ class _Importer:
                 self.vals[out.name] = self.emit("gelu", [self.value(x)], {"approximate": "none"})
 
             self.fused[index[id(last)]] = fuse
+
+
+def _per_channel(g: Graph, node_id: str, value: Value, c: int, rank: int) -> torch.Tensor | None:
+    """The [C] vector of a mul/add operand that is a constant of shape [C, 1, ...] or [1, C, 1, ...]."""
+    (a, _), (b, _) = g.operands(node_id)
+    other = b if a == value[0] else a
+    node = g.node(other)
+    if node.kind != "constant" or len(g.users(other)) != 1:
+        return None
+    v = node.params["value"]
+    if v.dtype != torch.float32 or v.numel() != c or tuple(v.shape) not in (
+            (c,) + (1,) * (rank - 2), (1, c) + (1,) * (rank - 2)):
+        return None
+    return v.reshape(c)
+
+
+def _absorb_affine_into_bn(g: Graph) -> None:
+    """BatchNorm → Mul(γ) → Add(β) with per-channel constants (Caffe2 exports) becomes one BatchNorm.
+
+    Exact: weight·γ and bias·γ + β. Channel analysis then sees one per-channel op instead of two
+    broadcasts against constants.
+    """
+    for bn in g.by_kind("batch_norm"):
+        users = g.users(bn.id)
+        if len(users) != 1 or g.node(users[0][0]).kind != "mul":
+            continue
+        mul = g.node(users[0][0])
+        rank, c = len(bn.meta[0].shape), bn.meta[0].shape[1]
+        gamma = _per_channel(g, mul.id, (bn.id, 0), c, rank)
+        add_users = g.users(mul.id)
+        if gamma is None or len(add_users) != 1 or g.node(add_users[0][0]).kind != "add":
+            continue
+        add = g.node(add_users[0][0])
+        beta = _per_channel(g, add.id, (mul.id, 0), c, rank)
+        if beta is None or mul.meta != bn.meta or add.meta != bn.meta:
+            continue
+        w = bn.params.get("weight", torch.ones(c))
+        b = bn.params.get("bias", torch.zeros(c))
+        bn.params["weight"], bn.params["bias"] = w * gamma, b * gamma + beta
+        consts = [s for s, _ in g.operands(mul.id) + g.operands(add.id) if g.node(s).kind == "constant"]
+        g.replace_uses((add.id, 0), (bn.id, 0))
+        g.remove_node(add.id)
+        g.remove_node(mul.id)
+        for k in consts:
+            g.remove_node(k)
 
 
 def _outer_names(node: onnx.NodeProto) -> set[str]:

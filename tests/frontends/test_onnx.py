@@ -71,6 +71,9 @@ CASES: list[tuple[str, onnx.ModelProto, set[str]]] = [
     ("matmul_act", model([N("Transpose", ["x"], ["t"], perm=[0, 2, 1]), N("MatMul", ["x", "t"])], X3), {"matmul"}),
     ("batch_norm", model([N("BatchNormalization", ["x", "s", "b", "m", "v"], epsilon=1e-3)], X4,
                          {"s": pos(4), "b": w(4), "m": w(4), "v": pos(4)}), {"batch_norm"}),
+    ("bn_mul_add", model([N("BatchNormalization", ["x", "s", "b", "m", "v"], ["n"]), N("Mul", ["n", "g"], ["p"]),
+                          N("Add", ["p", "be"])], X4, {"s": pos(4), "b": w(4), "m": w(4), "v": pos(4),
+                                                      "g": w(4, 1, 1), "be": w(1, 4, 1, 1)}), {"batch_norm"}),
     ("layer_norm", model([N("LayerNormalization", ["x", "s", "b"], axis=-1)], X3, {"s": pos(8), "b": w(8)}),
      {"layer_norm"}),
     ("instance_norm", model([N("InstanceNormalization", ["x", "s", "b"])], X4, {"s": pos(4), "b": w(4)}),
@@ -208,6 +211,11 @@ def test_gelu_pattern_and_matmul_add_fuse_to_single_nodes() -> None:
     (lin,) = g.by_kind("linear")
     assert lin.id == "MatMul_0" and set(lin.params) == {"weight", "bias"}
     assert [n.kind for n in g.nodes()] == ["input", "linear", "output"]
+
+
+def test_bn_mul_add_is_one_batch_norm() -> None:
+    g = from_onnx(next(c[1] for c in CASES if c[0] == "bn_mul_add"))
+    assert [n.kind for n in g.nodes()] == ["input", "batch_norm", "output"]
 
 
 def test_node_ids_unique_and_deterministic() -> None:

@@ -29,7 +29,7 @@ def test_light_model(name: str) -> None:
     g.verify()
     assert g.meta["frontend"] == "onnx" and g.meta["opset"] == 9
     assert g.by_kind("opaque") == []
-    assert not g.by_kind("constant") or name in ("densenet121", "inception_v2")  # BN-style scale/shift Mul/Add
+    assert g.by_kind("constant") == []  # weights are params; Caffe2's BN→Mul→Add is one batch_norm
 
     # The shipped weights are constants (the stored output is input-independent); that output is
     # checked on the onnx→torch route (tests/test_onnx_routes.py), which is cheaper than a second ORT run.
