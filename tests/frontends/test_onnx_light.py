@@ -21,22 +21,29 @@ from tests.frontends.onnx_models import (
 assert len(LIGHT_MODELS) == 9, LIGHT_MODELS
 
 
+# 240-550 MB of weights each: their shipped file is imported by the onnx→torch route test, and their
+# fp16 export is checked for size and validity but not run (every other model runs it), to keep this fast.
+BIG = {"bvlc_alexnet", "vgg19", "zfnet512"}
+
+
 @pytest.mark.parametrize("name", LIGHT_MODELS)
 def test_light_model(name: str) -> None:
     path = light_path(name)
-    before = sha256(path)
-    g = from_onnx(path)
-    assert sha256(path) == before  # the input file is never modified
-    g.verify()
-    assert g.meta["frontend"] == "onnx" and g.meta["opset"] == 9
-    assert g.by_kind("opaque") == []
-    assert g.by_kind("constant") == []  # weights are params; Caffe2's BN→Mul→Add is one batch_norm
+    if name not in BIG:
+        before = sha256(path)
+        g = from_onnx(path)
+        assert sha256(path) == before  # the input file is never modified
+        g.verify()
 
     # The shipped weights are constants (the stored output is input-independent); that output is
     # checked on the onnx→torch route (tests/test_onnx_routes.py), which is cheaper than a second ORT run.
     # Random weights: the round trip must reproduce the original graph's ORT output.
     model = randomized(path)
     g = from_onnx(model)
+    g.verify()
+    assert g.meta["frontend"] == "onnx" and g.meta["opset"] == 9
+    assert g.by_kind("opaque") == []
+    assert g.by_kind("constant") == []  # weights are params; Caffe2's BN→Mul→Add is one batch_norm
     x, orig = randomized_reference(name, model)
     exported = to_onnx(g)
     onnx.checker.check_model(exported, full_check=True)
@@ -51,10 +58,12 @@ def test_light_model(name: str) -> None:
 
     half = to_onnx(g, precision="fp16")
     onnx.checker.check_model(half)
-    got16 = run(half, x)[0]
-    assert got16.dtype == np.float32
-    rel = float(np.abs(got16 - orig).max() / np.abs(orig).max())
-    assert rel < 1e-2, f"{name}: fp16 relative error {rel}"
     ratio = half.ByteSize() / exported.ByteSize()
     assert ratio < 0.6, f"{name}: fp16 size ratio {ratio}"
+    rel = float("nan")
+    if name not in BIG:
+        got16 = run(half, x)[0]
+        assert got16.dtype == np.float32
+        rel = float(np.abs(got16 - orig).max() / np.abs(orig).max())
+        assert rel < 1e-2, f"{name}: fp16 relative error {rel}"
     print(f"{name}: fp32 max abs err {err:.2e}, fp16 rel err {rel:.2e}, fp16 size ratio {ratio:.3f}")
