@@ -181,6 +181,13 @@ def test_op_round_trip(case: str) -> None:
     for a, b in zip(ref, out):
         assert a.shape == b.shape
         assert np.abs(a.astype(np.float64) - b).max() <= 1e-4 * max(1.0, float(np.abs(a).max())), case
+    # fp16: weights and compute in half precision, I/O still fp32.
+    half = to_onnx(g, precision="fp16")
+    onnx.checker.check_model(half, full_check=True)
+    for a, b in zip(ref, run(half, *feeds)):
+        assert b.dtype == a.dtype
+        tol = 0.5 if case.startswith("qdq") else 1e-2  # a half-precision rounding may flip one int8 step
+        assert np.abs(a.astype(np.float64) - b).max() <= tol * max(1.0, float(np.abs(a).max())), case
     # onnx→torch: the same numbers, or a clear error naming the node for what torch cannot express.
     if case in TORCH_GAPS:
         pytest.xfail(TORCH_GAPS[case])
