@@ -47,6 +47,7 @@ class _Exporter:
         self.opaque: dict[str, list[bytes]] = {}
         self.domain_opsets: dict[str, int] = {}
         self.weights: dict[str, np.ndarray] = {}
+        self.node_names: set[str] = set()
         self.cur: Node | None = None
         # Graph input/output names are reserved up front so internal tensors never take them.
         self.io_names = {self._io_name(graph.node(n)) for n in [*graph.inputs, *graph.outputs]}
@@ -89,10 +90,11 @@ class _Exporter:
     def op(self, op: str, inputs: list[gs.Tensor], attrs: dict[str, Any] | None = None, *, outputs: int = 1,
            name: str | None = None, domain: str | None = None) -> list[gs.Variable]:
         assert self.cur is not None
-        base = name or (self.cur.id if not any(n.name == self.cur.id for n in self.nodes) else f"{self.cur.id}/{op}")
+        base = name or (self.cur.id if self.cur.id not in self.node_names else f"{self.cur.id}/{op}")
         nname = self.fresh(base)
         outs = [gs.Variable(self.fresh(nname if outputs == 1 else f"{nname}:{i}")) for i in range(outputs)]
         self.nodes.append(gs.Node(op, nname, attrs or {}, list(inputs), outs, domain=domain))
+        self.node_names.add(nname)
         return outs
 
     def op1(self, op: str, inputs: list[gs.Tensor], attrs: dict[str, Any] | None = None) -> gs.Variable:
