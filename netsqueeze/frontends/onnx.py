@@ -137,6 +137,8 @@ def check_structure(proto: onnx.ModelProto, ids: list[str]) -> list[int]:
 
 def _static_shape(vi: onnx.ValueInfoProto, given: tuple[int, ...] | None) -> tuple[int, ...]:
     dims = vi.type.tensor_type.shape.dim
+    if given is None and not vi.type.tensor_type.HasField("shape"):
+        raise _fail(f"model input '{vi.name}' declares no shape; pass input_shapes={{'{vi.name}': (...)}}")
     if given is not None:
         if len(given) != len(dims):
             raise _fail(f"input_shapes['{vi.name}'] has rank {len(given)} but the model input has rank {len(dims)}")

@@ -330,3 +330,14 @@ def test_subgraph_reading_outer_scope_is_an_error() -> None:
     m = model(nodes, {"x": (2, 8), "c": ()}, in_types={"c": TensorProto.BOOL})
     _raises(m, "node 'branch' (If) reads 'x' from the enclosing graph inside its subgraph; netsqueeze cannot keep "
                "such an op", "branch")
+
+
+def test_input_without_shape_needs_input_shapes() -> None:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, None)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    m = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]),
+                          opset_imports=[helper.make_opsetid("", 17)])
+    _raises(m, "model input 'x' declares no shape; pass input_shapes={'x': (...)}")
+    assert from_onnx(m, input_shapes={"x": (2, 3)}).node("y").meta[0].shape == (2, 3)
+    with pytest.raises(CaptureError, match=r"input_shapes names unknown inputs \['z'\]"):
+        from_onnx(m, input_shapes={"z": (1,)})
