@@ -113,7 +113,9 @@ def load_model_file(path: str | os.PathLike[str]) -> tuple[Any, tuple[torch.Tens
 
 def file_calibration(path: str | os.PathLike[str]) -> Any:
     """Calibration data a model's .py file provides through a `calibration()` function, or None."""
-    text = str(path).split(".py:")[0]
+    text = str(path)
+    if ".py:" in text:
+        text = text.rsplit(":", 1)[0]
     if not text.endswith(".py"):
         return None
     mod = sys.modules.get(f"_netsqueeze_model_{Path(text).stem}")
@@ -182,7 +184,7 @@ def _resolve(policy: PolicyLike, graph: Graph, params: Mapping[str, Any] | None)
     from netsqueeze.compiler.plan import resolve
 
     plan = resolve(_parse_policy(policy, params), graph, all_passes())
-    steps = [Step(s.instance, s.selected, f"{s.span.file}:{s.span.line}") for s in plan.steps]
+    steps = [Step(s.instance, s.selected, f"{s.span.file}:{s.span.line}", s.span) for s in plan.steps]
     return _Resolved(steps, dict(plan.budget), dict(plan.bounds), plan.guard, dict(plan.calibration),
                      plan.policy_hash, plan.to_text(), list(plan.inputs), dict(plan.budget_spans))
 
@@ -302,6 +304,13 @@ def compile(
 
     cal = resolved.calibration
     source: CalibrationSource | None = None
+    if calibration is None and cal.get("data"):
+        # `calibrate data "file"` in the policy: relative to the policy file
+        data = Path(str(cal["data"]))
+        policy_file = resolved.steps[0].span.file if resolved.steps and resolved.steps[0].span else None
+        if not data.is_absolute() and policy_file and Path(policy_file).exists():
+            data = Path(policy_file).parent / data
+        calibration = data
     if calibration is not None:
         source = calibration_source(calibration, batch_size=int(cal.get("batch", 64)), samples=cal.get("samples"))
         first = next(iter(source()), None)

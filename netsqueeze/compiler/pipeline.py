@@ -6,7 +6,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from netsqueeze.errors import Diagnostic, NetsqueezeError, PassError
+from netsqueeze.errors import Diagnostic, NetsqueezeError, PassError, SourceSpan
 from netsqueeze.ir.graph import Graph
 from netsqueeze.ir.stats import GraphStats, graph_stats
 from netsqueeze.passes.base import Pass, PassContext, PassResult
@@ -19,6 +19,7 @@ class Step:
     instance: Pass
     selected: frozenset[str] | None = None
     where: str = ""  # "policy.sqz:7" for policy steps, "" for Python-built pipelines
+    span: SourceSpan | None = None  # the invocation in the policy: errors without a place of their own get it
 
 
 @dataclass
@@ -75,12 +76,14 @@ def run_pipeline(graph: Graph, steps: Sequence[Step | Pass], ctx: PassContext) -
             graph.verify()
         except NetsqueezeError as e:
             diags = [
-                Diagnostic(f"{label} failed: {d.message}", d.severity, d.span, d.node, (*d.notes, before_txt))
+                Diagnostic(f"{label} failed: {d.message}", d.severity, d.span or step.span, d.node,
+                           (*d.notes, before_txt))
                 for d in e.diagnostics
             ]
             raise PassError(diags) from e
         except Exception as e:
-            raise PassError(Diagnostic(f"{label} failed: {type(e).__name__}: {e}", notes=(before_txt,))) from e
+            raise PassError(Diagnostic(f"{label} failed: {type(e).__name__}: {e}", span=step.span,
+                                       notes=(before_txt,))) from e
         seconds = time.perf_counter() - t0
         ctx.invalidate(p.preserves if result.changed else None)
         after = graph_stats(graph)

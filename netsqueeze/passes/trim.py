@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -140,9 +140,9 @@ class Trim(TransformPass):
 
     name: ClassVar[str] = "trim"
     criterion: Criterion = "l1"
-    ratio: float | None = None
-    round_to: int = 1
-    min_channels: int = 1
+    ratio: float | None = field(default=None, metadata={"min": 0.0, "max": 0.999, "unit": "ratio"})
+    round_to: int = field(default=1, metadata={"min": 1})
+    min_channels: int = field(default=1, metadata={"min": 1})
     activation_stat: Literal["mean_abs", "variance"] = "mean_abs"
     bias_compensation: bool = True
     seed: int = 0
@@ -151,11 +151,10 @@ class Trim(TransformPass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         groups = ctx.analysis(DependencyAnalysis, graph).restrict(ctx.selected)
-        min_keep = max(self.min_channels, int(ctx.bounds.get("min_channels", 1)))
-        round_to = max(self.round_to, int(ctx.bounds.get("round_to", 1)))
-        cands = [g for g in groups.prunable() if g.size > min_keep]
+        lim = {g.id: self._limits(g, ctx) for g in groups.prunable()}
+        cands = [g for g in groups.prunable() if g.size > lim[g.id][0]]
         first = cands[0].producers[0] if cands else None
-        self._check(first, min_keep, round_to, ctx)
+        self._check(first, self.min_channels, self.round_to, ctx)
         notes: list[str] = []
         if not cands:
             return PassResult(changed=False, notes=["no prunable channel group"])
@@ -164,11 +163,10 @@ class Trim(TransformPass):
         scores = {g.id: self._score(graph, g, obs[g.id], moments, reservoirs, notes) for g in cands}
         before = graph_stats(ctx.original or graph)
         if self.ratio is not None:
-            sel = {g.id: self._keep_top(scores[g.id], self._ratio_keep(g.size, min_keep, round_to)) for g in cands}
+            sel = {g.id: self._keep_top(scores[g.id], self._ratio_keep(g.size, *lim[g.id])) for g in cands}
         else:
             budget = {k: v for k, v in ctx.budget.items() if k in ("flops", "params")}
-            sel = self._budget(graph, groups, cands, scores, min_keep, round_to, budget, before.flops,
-                               before.params)
+            sel = self._budget(graph, groups, cands, scores, lim, budget, before.flops, before.params)
         sel = {gid: s for gid, s in sel.items() if len(s.keep) < groups[gid].size}
         if self.bias_compensation and moments:
             sel = {gid: self._compensate(graph, groups[gid], s, obs[gid], moments) for gid, s in sel.items()}
@@ -196,6 +194,15 @@ class Trim(TransformPass):
             if k in ctx.budget and not 0.0 < ctx.budget[k] <= 1.0:
                 raise fail(f"budget {k} = {ctx.budget[k]} must be a ratio in (0, 1]")
 
+    def _limits(self, g: ChannelGroup, ctx: PassContext) -> tuple[int, int]:
+        """(fewest channels to keep, rounding) for a group: the pass options and the policy's bounds
+        (global and `bounds on` its producers), the most restrictive winning; max_ratio caps removal."""
+        b = ctx.bounds_for(g.producers)
+        min_keep = max(self.min_channels, int(b.get("min_channels", 1)))
+        if "max_ratio" in b:
+            min_keep = max(min_keep, g.size - math.floor(float(b["max_ratio"]) * g.size + 1e-9))
+        return min(min_keep, g.size), max(self.round_to, int(b.get("round_to", 1)))
+
     def _ratio_keep(self, size: int, min_keep: int, round_to: int) -> int:
         assert self.ratio is not None
         keep = size - math.floor(self.ratio * size + 1e-9)
@@ -208,7 +215,7 @@ class Trim(TransformPass):
         return ChannelSelection(keep=sorted(order[:k]))
 
     def _budget(self, graph: Graph, groups: ChannelGroups, cands: list[ChannelGroup],
-                scores: dict[int, torch.Tensor], min_keep: int, round_to: int, budget: dict[str, float],
+                scores: dict[int, torch.Tensor], lim: dict[int, tuple[int, int]], budget: dict[str, float],
                 flops0: int, params0: int) -> dict[int, ChannelSelection]:
         entries: list[tuple[float, int, int]] = []
         for g in cands:
@@ -224,6 +231,7 @@ class Trim(TransformPass):
             out = {}
             for gid, d in drop.items():
                 size = groups[gid].size
+                min_keep, round_to = lim[gid]
                 keep = max(min(size, min_keep), size - d)
                 keep = min(size, math.ceil(keep / round_to) * round_to)
                 out[gid] = self._keep_top(scores[gid], keep)
