@@ -140,7 +140,7 @@ def _static_shape(vi: onnx.ValueInfoProto, given: tuple[int, ...] | None) -> tup
     if given is None and not vi.type.tensor_type.HasField("shape"):
         raise _fail(f"model input '{vi.name}' declares no shape; pass input_shapes={{'{vi.name}': (...)}}")
     if given is not None:
-        if len(given) != len(dims):
+        if vi.type.tensor_type.HasField("shape") and len(given) != len(dims):
             raise _fail(f"input_shapes['{vi.name}'] has rank {len(given)} but the model input has rank {len(dims)}")
         return tuple(int(d) for d in given)
     # A symbolic dim (batch, sequence) is taken as 1: shapes in the IR are concrete.
@@ -300,10 +300,10 @@ class _Importer:
         m = skeleton(self.proto)
         for i in m.graph.input:
             if i.name in shapes:
-                dims = i.type.tensor_type.shape.dim
-                for d, v in zip(dims, shapes[i.name]):
-                    d.Clear()
-                    d.dim_value = v
+                shape = i.type.tensor_type.shape
+                shape.Clear()
+                for v in shapes[i.name]:
+                    shape.dim.add(dim_value=v)
         try:
             inferred = onnx.shape_inference.infer_shapes(m, data_prop=True)
         except Exception:
