@@ -609,6 +609,7 @@ def from_onnx(
 
 # ---- op handlers: each returns False to leave the node opaque -------------------------------------------
 _ABSENT = object()
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float16))
 
 
 def _in(n: gs.Node, i: int) -> gs.Tensor | None:
@@ -663,7 +664,7 @@ def _auto_pads(imp: _Importer, n: gs.Node, spatial: tuple[int, ...], kernel: lis
 @handles("Conv")
 def _conv(imp: _Importer, n: gs.Node) -> bool:
     w, b = _const_in(imp, n, 1), _const_in(imp, n, 2)
-    if w is None or w is _ABSENT or b is _ABSENT or w.dtype != np.float32:
+    if w is None or w is _ABSENT or b is _ABSENT or w.dtype not in _FLOATS:
         return False
     x = imp.meta(n.inputs[0])
     dims = w.ndim - 2
@@ -698,16 +699,16 @@ def _conv_t(imp: _Importer, n: gs.Node) -> bool:
 def _gemm(imp: _Importer, n: gs.Node) -> bool:
     b, c = _const_in(imp, n, 1), _const_in(imp, n, 2)
     alpha, beta = float(n.attrs.get("alpha", 1.0)), float(n.attrs.get("beta", 1.0))
-    if b is None or b is _ABSENT or c is _ABSENT or b.ndim != 2 or b.dtype != np.float32 or imp.is_const(n.inputs[0]):
+    if b is None or b is _ABSENT or c is _ABSENT or b.ndim != 2 or b.dtype not in _FLOATS or imp.is_const(n.inputs[0]):
         return False
     w = b if int(n.attrs.get("transB", 0)) else b.T
     if alpha != 1.0:
-        w = w * np.float32(alpha)
-    params: dict[str, np.ndarray] = {"weight": np.ascontiguousarray(w, dtype=np.float32)}
+        w = w * w.dtype.type(alpha)
+    params: dict[str, np.ndarray] = {"weight": np.ascontiguousarray(w)}
     if c is not None and beta != 0.0:
         if c.size not in (1, w.shape[0]) or (c.ndim == 2 and c.shape[0] != 1):
             return False  # a per-row bias is not a linear layer's bias
-        params["bias"] = np.broadcast_to(c.reshape(-1) * np.float32(beta), (w.shape[0],)).astype(np.float32)
+        params["bias"] = np.broadcast_to(c.reshape(-1) * c.dtype.type(beta), (w.shape[0],)).astype(w.dtype)
     x = imp.value(n.inputs[0])
     if int(n.attrs.get("transA", 0)):
         x = imp.emit("transpose", [x], {"perm": [1, 0]}, suffix="transA")
@@ -718,7 +719,7 @@ def _gemm(imp: _Importer, n: gs.Node) -> bool:
 def _matmul(imp: _Importer, n: gs.Node) -> bool:
     a, b = n.inputs[0], n.inputs[1]
     wb = imp.const(b)
-    if wb is not None and wb.ndim == 2 and not imp.is_const(a) and wb.dtype == np.float32 \
+    if wb is not None and wb.ndim == 2 and not imp.is_const(a) and wb.dtype in _FLOATS \
             and len(imp.meta(a).shape) >= 2:
         params: dict[str, np.ndarray] = {"weight": np.ascontiguousarray(wb.T)}
         out = n.outputs[0]
@@ -727,7 +728,7 @@ def _matmul(imp: _Importer, n: gs.Node) -> bool:
             other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
             bias = imp.const(other)
             if bias is not None and bias.size == wb.shape[1] and bias.shape[-1:] == (wb.shape[1],) \
-                    and other is not out and bias.dtype == np.float32:
+                    and other is not out and bias.dtype == wb.dtype:
                 params["bias"] = bias.reshape(-1)
                 v = imp.emit("linear", [imp.value(a)], {}, params)
                 imp.skip.add(next(i for i, m in enumerate(imp.nodes) if m is add))
@@ -1096,7 +1097,7 @@ def _lrn(imp: _Importer, n: gs.Node) -> bool:
 def _gather(imp: _Importer, n: gs.Node) -> bool:
     table, idx = imp.const(n.inputs[0]), n.inputs[1]
     if table is not None and table.ndim == 2 and int(n.attrs.get("axis", 0)) == 0 and not imp.is_const(idx) \
-            and table.dtype == np.float32:
+            and table.dtype in _FLOATS:
         return _bind(imp, n, imp.emit("embedding", [imp.value(idx)], {}, {"weight": table}))
     ind = imp.const(idx)
     if ind is not None and ind.ndim == 0 and table is None:

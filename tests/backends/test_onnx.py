@@ -212,3 +212,13 @@ def test_old_opaque_op_that_was_redefined_is_an_error() -> None:
         to_onnx(g)
     assert e.value.message == ("node 'op' (Hardmax) was imported at opset 11 and its definition changed by opset 17; "
                                "netsqueeze cannot re-emit it verbatim")
+
+
+def test_fp16_export_imports_back_with_canonical_ops() -> None:
+    g, _ = small_cnn()
+    half = to_onnx(g, opset=21, precision="fp16", keep_io_fp32=False)  # 21: GroupNormalization, Gelu native
+    back = from_onnx(half)
+    assert {n.kind for n in back.nodes()} == {n.kind for n in g.nodes()}
+    assert back.node("conv").params["weight"].dtype == torch.float16
+    x = np.random.rand(1, 3, 8, 8).astype(np.float16)
+    assert np.array_equal(run(to_onnx(back, opset=21), x)[0], run(half, x)[0])
