@@ -1,7 +1,5 @@
-"""ONNX backend: an `ir.Graph` becomes an `onnx.ModelProto` (opset 17+, fp32 or fp16) through onnx-graphsurgeon.
-
-Inputs and outputs get a symbolic batch dimension so the model runs at any batch size.
-"""
+"""ONNX backend: an `ir.Graph` becomes an `onnx.ModelProto` (opset 17+, fp32 or fp16) through onnx-graphsurgeon,
+with a symbolic batch dimension on inputs and outputs."""
 
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
-"""ONNX frontend: a model file or `onnx.ModelProto`, read through onnx-graphsurgeon, becomes an `ir.Graph`.
-
-Constant sub-expressions (Constant, ConstantOfShape, Unsqueeze of a weight, Shape of a static tensor, ...)
-are folded at import; what a known op consumes as weights becomes its params, anything else unknown an opaque node.
-"""
+"""ONNX frontend: a model file or `onnx.ModelProto`, read through onnx-graphsurgeon, becomes an `ir.Graph`;
+constant subgraphs are folded into params, unknown ops become opaque nodes re-emitted verbatim."""
 
 from __future__ import annotations
 
