@@ -93,6 +93,14 @@ CASES: list[tuple[str, onnx.ModelProto, set[str]]] = [
                         N("Mul", ["x", "a"], ["m"]), N("Mul", ["m", "half"])], X2,
                        {"sq": f32(np.sqrt(2)).reshape(()), "one": f32(1).reshape(()), "half": f32(0.5).reshape(())}),
      {"gelu"}),
+    ("gelu_erf_half_first", model([N("Mul", ["x", "isq"], ["d"]), N("Erf", ["d"], ["e"]), N("Add", ["one", "e"], ["a"]),
+                                   N("Mul", ["x", "half"], ["h"]), N("Mul", ["h", "a"])], X2,
+                                  {"isq": f32(1 / np.sqrt(2)).reshape(()), "one": f32(1).reshape(()),
+                                   "half": f32(0.5).reshape(())}), {"gelu"}),
+    ("gelu_erf_half_mid", model([N("Div", ["x", "sq"], ["d"]), N("Erf", ["d"], ["e"]), N("Add", ["e", "one"], ["a"]),
+                                 N("Mul", ["a", "half"], ["m"]), N("Mul", ["m", "x"])], X2,
+                                {"sq": f32(np.sqrt(2)).reshape(()), "one": f32(1).reshape(()),
+                                 "half": f32(0.5).reshape(())}), {"gelu"}),
     ("softmax13", model([N("Softmax", ["x"], axis=1)], X3), {"softmax"}),
     ("softmax11_2d", model([N("Softmax", ["x"], axis=1)], X3, opset=11), {"softmax", "flatten", "reshape"}),
     ("binary", model([N("Add", ["x", "c"], ["a"]), N("Sub", ["a", "x"], ["s"]), N("Mul", ["s", "c"], ["m"]),
@@ -212,8 +220,9 @@ def test_opaque_payload_and_meta() -> None:
 
 
 def test_gelu_pattern_and_matmul_add_fuse_to_single_nodes() -> None:
-    g = from_onnx(next(c[1] for c in CASES if c[0] == "gelu_erf"))
-    assert [n.kind for n in g.nodes()] == ["input", "gelu", "output"]
+    for case in ("gelu_erf", "gelu_erf_half_first", "gelu_erf_half_mid"):
+        g = from_onnx(next(c[1] for c in CASES if c[0] == case))
+        assert [n.kind for n in g.nodes()] == ["input", "gelu", "output"], case
     g = from_onnx(next(c[1] for c in CASES if c[0] == "matmul_add"))
     (lin,) = g.by_kind("linear")
     assert lin.id == "MatMul_0" and set(lin.params) == {"weight", "bias"}
