@@ -13,7 +13,7 @@ from netsqueeze.errors import BudgetError, Diagnostic
 from netsqueeze.ir.graph import Graph, Value
 from netsqueeze.ir.stats import graph_stats
 from netsqueeze.passes.base import PassContext, PassResult, TransformPass
-from netsqueeze.passes.dependency import ChannelGroup, DependencyAnalysis, Member
+from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups, DependencyAnalysis, Member, find_groups
 from netsqueeze.passes.registry import register_pass
 from netsqueeze.passes.rewrite import ChannelSelection, apply_selection
 from netsqueeze.passes.squeeze_math import (
@@ -40,6 +40,24 @@ class _Probe:
     rows: int = 0  # rows per position in `pos_sum`
 
 
+@dataclass
+class _Cross:
+    """Streamed cross statistics between the squeezed graph's kept channels and the original channels."""
+
+    xtx: torch.Tensor  # (k+1)x(k+1): [a'_S, 1]ᵀ[a'_S, 1]
+    xty: torch.Tensor  # (k+1)xC:     [a'_S, 1]ᵀ a
+    sum_now: torch.Tensor  # [k, block] per-position sums of a'_S
+    sum_ref: torch.Tensor  # [C, block] per-position sums of a
+    count: int = 0
+    rows: int = 0
+
+    @staticmethod
+    def empty(k: int, c: int, block: int) -> _Cross:
+        z = torch.zeros
+        return _Cross(z(k + 1, k + 1, dtype=torch.float64), z(k + 1, c, dtype=torch.float64),
+                      z(k, block, dtype=torch.float64), z(c, block, dtype=torch.float64))
+
+
 @register_pass
 @dataclass(frozen=True)
 class SqueezeFold(TransformPass):
@@ -58,7 +76,11 @@ class SqueezeFold(TransformPass):
     4. Per consumer, least squares with intercept a ≈ a_S·T + t₀ (`ridge` for ill-conditioned Grams),
        folded: W'[o,s] = Σ_c W[o,c]·T[s,c] per kernel tap / block position; bias += W·t₀ (t₀ per
        position for flatten blocks).
-    5. The rest is deleted through the shared `apply_selection` routine.
+    5. The rest is deleted through the shared `apply_selection` routine. `mode = cascade` (default)
+       squeezes the groups one at a time in graph order and refits each group's reconstruction from
+       the kept channels *as the already-squeezed graph computes them* to the original activations,
+       so later folds absorb the error of earlier ones (as Net-Trim's cascade mode does); `parallel`
+       fits every group on the original graph at once (one calibration pass instead of 1 + 2 per group).
     Exact when activations have exact rank r and consumers are linear in their input channels. It
     approximates at zero-padded conv borders (t₀ enters the bias at every output position). A group
     with a consumer that is not linear in its input channels (grouped conv, conv_transpose, attention's
@@ -79,6 +101,7 @@ class SqueezeFold(TransformPass):
     min_channels: int = field(default=1, metadata={"min": 1})
     round_to: int = field(default=1, metadata={"min": 1})
     nonlinear: Literal["skip", "remove"] = "skip"
+    mode: Literal["cascade", "parallel"] = "cascade"
     max_samples: int = field(default=200_000, metadata={"min": 1})
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
@@ -106,17 +129,35 @@ class SqueezeFold(TransformPass):
         energy = self.energy
         if energy is None and self.ratio is None:
             energy = self._search_energy(graph, groups, ranks, ctx)
-        selection = {}
-        for gid, probes in plans.items():
-            g = groups[gid]
-            k = self._kept(g, ranks[gid], energy, ctx)
-            if k >= g.size:
-                continue
-            selection[gid] = self._selection(graph, ranks[gid][0][:k], probes)
-        if not selection:
+        keeps = {gid: sorted(ranks[gid][0][: self._kept(groups[gid], ranks[gid], energy, ctx)])
+                 for gid in plans}
+        keeps = {gid: k for gid, k in keeps.items() if len(k) < groups[gid].size}
+        if not keeps:
             return result
-        out = apply_selection(graph, groups, selection)
-        out.notes = [*result.notes, f"squeezed {len(selection)} groups" + (f" at energy {energy:.4f}" if energy else "")]
+        if self.mode == "parallel":
+            out = apply_selection(graph, groups, {gid: self._selection(graph, keeps[gid], plans[gid])
+                                                  for gid in keeps})
+        else:
+            out = self._cascade(graph, ctx, groups, keeps, plans)
+        out.notes = [*result.notes, f"squeezed {len(keeps)} groups ({self.mode})"
+                     + (f" at energy {energy:.4f}" if energy else "")]
+        return out
+
+    def _cascade(self, graph: Graph, ctx: PassContext, groups: ChannelGroups, keeps: dict[int, list[int]],
+                 plans: dict[int, list[_Probe]]) -> PassResult:
+        """Squeezes one group at a time in graph order, refitting each fold on the current graph."""
+        ref = graph.copy()
+        pos = {nid: i for i, nid in enumerate(graph.topo_order())}
+        order = sorted(keeps, key=lambda gid: min(pos[n] for n in groups[gid].producers or groups[gid].consumers))
+        out = PassResult(changed=True)
+        for gid in order:
+            ident = groups[gid].producers, groups[gid].consumers
+            # earlier rewrites may shift index maps of shared axes (concat): regroup, find this group again
+            now = find_groups(graph)
+            fresh = next(g for g in now if (g.producers, g.consumers) == ident)
+            sel = self._refit(graph, ref, ctx, fresh, keeps[gid], plans[gid])
+            r = apply_selection(graph, now, {fresh.id: sel})
+            out.touched |= r.touched
         return out
 
     # ---- pieces ---------------------------------------------------------------------------------
@@ -135,6 +176,14 @@ class SqueezeFold(TransformPass):
         z = torch.zeros(c + 1, c + 1, dtype=torch.float64)
         return _Probe(m, graph.operands(m.node)[0], z, torch.zeros(c, block, dtype=torch.float64))
 
+    @staticmethod
+    def _gather(graph: Graph, m: Member, x: torch.Tensor) -> torch.Tensor:
+        """A consumer's input in group-channel space: [samples, C, block] (conv reads axis 1, linear the last)."""
+        xm = x.detach().double()
+        xm = xm.movedim(1, -1) if graph.node(m.node).kind == "conv" else xm
+        idx = torch.tensor([list(q) for q in m.index])  # [C, block]
+        return xm[..., idx].reshape(-1, *idx.shape)
+
     def _collect(self, graph: Graph, ctx: PassContext, probes: list[_Probe]) -> None:
         values = list(dict.fromkeys(p.value for p in probes))
         for batch in ctx.stream(graph, values):
@@ -142,18 +191,49 @@ class SqueezeFold(TransformPass):
             for p in probes:
                 if p.count >= self.max_samples:
                     continue
-                x = acts[p.value].detach().double()
-                kind = graph.node(p.member.node).kind
-                # move the consumer's input axis last: conv reads axis 1, linear the last axis
-                xm = x.movedim(1, -1) if kind == "conv" else x
-                idx = torch.tensor([list(q) for q in p.member.index])  # [C, block]
-                a = xm[..., idx]  # [..., C, block]
-                rows = a.movedim(-2, -1).reshape(-1, idx.shape[0])  # samples x C
+                a = self._gather(graph, p.member, acts[p.value])  # [n, C, block]
+                rows = a.movedim(-1, 1).reshape(-1, a.shape[1])  # samples x C
                 aug = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], 1)
                 p.moment += aug.T @ aug
                 p.count += rows.shape[0]
-                p.pos_sum += a.reshape(-1, *idx.shape).sum(0)
-                p.rows += a.reshape(-1, *idx.shape).shape[0]
+                p.pos_sum += a.sum(0)
+                p.rows += a.shape[0]
+
+    def _refit(self, graph: Graph, ref: Graph, ctx: PassContext, g: ChannelGroup, keep: list[int],
+               probes: list[_Probe]) -> ChannelSelection:
+        """Cascade: least squares from the kept channels *as the already-squeezed graph computes them*
+        to the original activations, so each fold also corrects the drift of the layers before it."""
+        cur = {m.node: m for m in g.members_of("consumer")}
+        values = list(dict.fromkeys(p.value for p in probes))
+        k = len(keep)
+        stats = {p.member.node: _Cross.empty(k, len(p.member.index), len(p.member.index[0])) for p in probes}
+        for now, orig in zip(ctx.stream(graph, values), ctx.stream(ref, values)):
+            acts_now, acts_ref = dict(zip(values, now)), dict(zip(values, orig))
+            for p in probes:
+                st = stats[p.member.node]
+                if st.count >= self.max_samples:
+                    continue
+                a_s = self._gather(graph, cur[p.member.node], acts_now[p.value])[:, keep]  # [n, k, block]
+                a = self._gather(ref, p.member, acts_ref[p.value])  # [n, C, block]
+                x = a_s.movedim(-1, 1).reshape(-1, k)
+                y = a.movedim(-1, 1).reshape(-1, a.shape[1])
+                x1 = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
+                st.xtx += x1.T @ x1
+                st.xty += x1.T @ y
+                st.sum_now += a_s.sum(0)
+                st.sum_ref += a.sum(0)
+                st.count += x.shape[0]
+                st.rows += a.shape[0]
+        fits = {}
+        for p in probes:
+            st = stats[p.member.node]
+            reg = self.ridge * float(st.xtx.diagonal()[:-1].mean().clamp_min(1e-30)) * torch.eye(k + 1,
+                                                                                              dtype=torch.float64)
+            reg[-1, -1] = 0.0
+            t = torch.linalg.lstsq(st.xtx + reg, st.xty).solution[:-1]  # k x C (last row: intercept)
+            n = max(1, st.rows)
+            fits[p.member.node] = (t, st.sum_ref / n - torch.einsum("sj,sc->cj", st.sum_now / n, t))
+        return self._selection_from(graph, cur, keep, fits)
 
     def _rank(self, graph: Graph, probes: list[_Probe]) -> tuple[list[int], list[float], torch.Tensor]:
         """(channel order, prefix errors, pooled covariance) for one group.
@@ -203,24 +283,31 @@ class SqueezeFold(TransformPass):
         return min(k, g.size)
 
     def _selection(self, graph: Graph, keep: list[int], probes: list[_Probe]) -> ChannelSelection:
-        keep = sorted(keep)
-        folds: dict[str, torch.Tensor] = {}
-        shifts: dict[str, torch.Tensor] = {}
+        """Parallel: the reconstruction measured on the pass-start graph, per consumer."""
+        fits = {}
         for p in probes:
-            moment = p.moment / max(1, p.count)
-            t, t0 = reconstruction(moment, keep, self.ridge)
-            folds[p.member.node] = t
+            t, t0 = reconstruction(p.moment / max(1, p.count), keep, self.ridge)
             # per-position intercept: mean at each block position minus the kept channels' mapped mean
             mean_pos = p.pos_sum / max(1, p.rows)  # [C, block]
-            t0_pos = mean_pos - torch.einsum("sj,sc->cj", mean_pos[keep], t)
-            if t0_pos.shape[1] == 1:
-                t0_pos = t0.unsqueeze(1)
-            n_axis = graph.node(p.member.node).params[p.member.param or "weight"].shape[p.member.axis]
+            t0_pos = mean_pos - torch.einsum("sj,sc->cj", mean_pos[keep], t) if mean_pos.shape[1] > 1 \
+                else t0.unsqueeze(1)
+            fits[p.member.node] = (t, t0_pos)
+        return self._selection_from(graph, {p.member.node: p.member for p in probes}, keep, fits)
+
+    @staticmethod
+    def _selection_from(graph: Graph, members: dict[str, Member], keep: list[int],
+                        fits: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> ChannelSelection:
+        folds: dict[str, torch.Tensor] = {}
+        shifts: dict[str, torch.Tensor] = {}
+        for nid, (t, t0_pos) in fits.items():
+            m = members[nid]
+            folds[nid] = t
+            n_axis = graph.node(nid).params[m.param or "weight"].shape[m.axis]
             full = torch.zeros(n_axis, dtype=torch.float64)
-            idx = torch.tensor([list(q) for q in p.member.index])
+            idx = torch.tensor([list(q) for q in m.index])
             full[idx.flatten()] = t0_pos.flatten()
-            full[idx[keep].flatten()] = 0.0
-            shifts[p.member.node] = full
+            full[idx[keep].flatten()] = 0.0  # kept channels are still computed: no intercept for them
+            shifts[nid] = full
         return ChannelSelection(keep=keep, fold=folds, bias_shift=shifts)
 
     def _search_energy(self, graph: Graph, groups: object,
