@@ -156,8 +156,12 @@ CASES: list[tuple[str, onnx.ModelProto, set[str]]] = [
     ("qdq_weight", model([N("DequantizeLinear", ["Wq", "s", "z"], ["wd"], axis=1), N("MatMul", ["x", "wd"])], X2,
                          {"Wq": R.integers(-100, 100, (8, 3)).astype(np.int8), "s": f32(0.01, 0.02, 0.03),
                           "z": np.zeros(3, np.int8)}), {"dequantize", "matmul"}),
-    ("opaque", model([N("CumSum", ["x", "ax"], ["c"]), N("Relu", ["c"])], X2, {"ax": i64(1).reshape(())}),
-     {"opaque", "relu"}),
+    ("opaque_torchable", model([N("Pow", ["x", "two"], ["p"]), N("Sqrt", ["p"], ["s"]), N("Cast", ["s"], ["c"], to=TensorProto.FLOAT16),
+                                N("Cast", ["c"], ["d"], to=TensorProto.FLOAT), N("Max", ["d", "x"], ["m"]),
+                                N("ReduceSum", ["m", "ax"], ["r"], keepdims=1), N("Add", ["r", "x"], ["a"]),
+                                N("CumSum", ["a", "one"], exclusive=1, reverse=1)], X2,
+                               {"two": f32(2).reshape(()), "one": i64(1).reshape(()), "ax": i64(1)}), {"opaque"}),
+    ("opaque", model([N("Hardmax", ["x"], ["c"], axis=1), N("Relu", ["c"])], X2), {"opaque", "relu"}),
 ]
 
 
@@ -215,8 +219,8 @@ def test_opaque_payload_and_meta() -> None:
     m = next(c[1] for c in CASES if c[0] == "opaque")
     g = from_onnx(m)
     (node,) = g.by_kind("opaque")
-    assert node.id == "CumSum_0" and node.origin.op_type == "CumSum" and node.origin.frontend == "onnx"
-    assert node.origin.payload["op_type"] == "CumSum" and str(node.meta[0]) == "float32[2, 8]"
+    assert node.id == "Hardmax_0" and node.origin.op_type == "Hardmax" and node.origin.frontend == "onnx"
+    assert node.origin.payload["op_type"] == "Hardmax" and str(node.meta[0]) == "float32[2, 8]"
 
 
 def test_gelu_pattern_and_matmul_add_fuse_to_single_nodes() -> None:
