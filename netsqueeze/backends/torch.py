@@ -358,13 +358,17 @@ def _avg_pool(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
     k = tuple(a["kernel"])
     dims = len(k)
     pads = tuple(a.get("padding", (0,) * 2 * dims))
-    if not _sym(pads, dims) and not a.get("count_include_pad", True):
-        raise UnsupportedOpError(Diagnostic(f"avg_pool '{node.id}': asymmetric padding without "
-                                            "count_include_pad has no torch equivalent", node=node.id))
-    x, pad = _pool_pad(b, node, xs[0], dims, 0.0)
     fn = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[dims]
-    return b.call(fn, x, k, tuple(a.get("stride") or k), pad, bool(a.get("ceil_mode", False)),
-                  bool(a.get("count_include_pad", True)))
+    stride, ceil = tuple(a.get("stride") or k), bool(a.get("ceil_mode", False))
+    x, pad = _pool_pad(b, node, xs[0], dims, 0.0)
+    if _sym(pads, dims) or a.get("count_include_pad", True):
+        return b.call(fn, x, k, stride, pad, ceil, bool(a.get("count_include_pad", True)))
+    # asymmetric padding excluded from the count (ONNX's default): torch pools only symmetric padding,
+    # so pad explicitly and divide the window sums by the pooled count of real (unpadded) positions
+    ones = b.call(torch.ones_like, b.call(operator.getitem, xs[0], (slice(None, 1), slice(None, 1))))
+    ones_p, _ = _pool_pad(b, node, ones, dims, 0.0)
+    num = b.call(fn, x, k, stride, pad, ceil, True)
+    return b.call(torch.div, num, b.call(fn, ones_p, k, stride, pad, ceil, True))
 
 
 @emitter("adaptive_avg_pool")
