@@ -70,7 +70,8 @@ class SqueezeFold(TransformPass):
        every position of a channel's H·W block is a sample).
     2. The kept count: the smallest r whose eigenvalues hold `energy` of the (trace-normalised, summed
        over consumers) covariance spectrum, or `ratio` of channels removed, or — when the policy sets a
-       `budget` and neither is given — the largest energy whose result meets the budget (bisection).
+       `budget` and neither is given — a search for the largest model that meets the budget
+       (`allocation`, see `_budget_counts`).
     3. The kept set: `greedy` backward elimination (default: it measured lower reconstruction error
        than `qr` on every benchmark model) or column-pivoted `qr`.
     4. Per consumer, least squares with intercept a ≈ a_S·T + t₀ (`ridge` for ill-conditioned Grams),
@@ -102,6 +103,7 @@ class SqueezeFold(TransformPass):
     round_to: int = field(default=1, metadata={"min": 1})
     nonlinear: Literal["skip", "remove"] = "skip"
     mode: Literal["cascade", "parallel"] = "cascade"
+    allocation: Literal["lagrange", "uniform"] = "lagrange"
     max_samples: int = field(default=200_000, metadata={"min": 1})
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
@@ -126,11 +128,11 @@ class SqueezeFold(TransformPass):
             return result
         self._collect(graph, ctx, [p for ps in plans.values() for p in ps])
         ranks = {gid: self._rank(graph, probes) for gid, probes in plans.items()}
-        energy = self.energy
-        if energy is None and self.ratio is None:
-            energy = self._search_energy(graph, groups, ranks, ctx)
-        keeps = {gid: sorted(ranks[gid][0][: self._kept(groups[gid], ranks[gid], energy, ctx)])
-                 for gid in plans}
+        if self.energy is None and self.ratio is None:
+            counts = self._budget_counts(graph, groups, ranks, ctx)
+        else:
+            counts = {gid: self._kept(groups[gid], ranks[gid], self.energy, ctx) for gid in plans}
+        keeps = {gid: sorted(ranks[gid][0][: counts[gid]]) for gid in plans}
         keeps = {gid: k for gid, k in keeps.items() if len(k) < groups[gid].size}
         if not keeps:
             return result
@@ -139,8 +141,8 @@ class SqueezeFold(TransformPass):
                                                   for gid in keeps})
         else:
             out = self._cascade(graph, ctx, groups, keeps, plans)
-        out.notes = [*result.notes, f"squeezed {len(keeps)} groups ({self.mode})"
-                     + (f" at energy {energy:.4f}" if energy else "")]
+        out.notes = [*result.notes, f"squeezed {len(keeps)} groups ({self.mode}): "
+                     + ", ".join(f"{groups[g].size}->{len(k)}" for g, k in sorted(keeps.items()))]
         return out
 
     def _cascade(self, graph: Graph, ctx: PassContext, groups: ChannelGroups, keeps: dict[int, list[int]],
@@ -263,25 +265,6 @@ class SqueezeFold(TransformPass):
         wc = w[..., idx].reshape(-1, *idx.shape)  # [rows, C, block]
         return torch.einsum("rcb,rdb->cd", wc, wc)
 
-    def _kept(self, g: ChannelGroup, rank: tuple[list[int], list[float], torch.Tensor], energy: float | None,
-              ctx: PassContext) -> int:
-        if self.ratio is not None:
-            k = g.size - round(self.ratio * g.size)
-        elif energy is not None:
-            k = kept_for_error(rank[1], 1.0 - energy) if self.energy_of == "reconstruction" else \
-                rank_for_energy(rank[2], energy)
-        else:
-            k = g.size
-        b = ctx.bounds_for(g.producers)
-        round_to = int(b.get("round_to", self.round_to))
-        floor = max(int(b.get("min_channels", self.min_channels)), 1)
-        if "max_ratio" in b:  # at most this share of a group's channels may go
-            floor = max(floor, g.size - math.floor(float(b["max_ratio"]) * g.size))
-        k = max(k, floor)
-        if round_to > 1:
-            k = min(g.size, int(math.ceil(k / round_to) * round_to))
-        return min(k, g.size)
-
     def _selection(self, graph: Graph, keep: list[int], probes: list[_Probe]) -> ChannelSelection:
         """Parallel: the reconstruction measured on the pass-start graph, per consumer."""
         fits = {}
@@ -310,38 +293,89 @@ class SqueezeFold(TransformPass):
             shifts[nid] = full
         return ChannelSelection(keep=keep, fold=folds, bias_shift=shifts)
 
-    def _search_energy(self, graph: Graph, groups: object,
-                       ranks: dict[int, tuple[list[int], list[float], torch.Tensor]], ctx: PassContext) -> float:
-        """Largest energy whose squeezed graph meets the policy budget (bisection on a copy)."""
-        if not ctx.budget:
-            raise BudgetError(Diagnostic("squeeze_fold needs `energy`, `ratio`, or a policy `budget`"))
+    def _kept(self, g: ChannelGroup, rank: tuple[list[int], list[float], torch.Tensor], energy: float | None,
+              ctx: PassContext) -> int:
+        if self.ratio is not None:
+            k = g.size - round(self.ratio * g.size)
+        elif energy is not None:
+            k = kept_for_error(rank[1], 1.0 - energy) if self.energy_of == "reconstruction" else \
+                rank_for_energy(rank[2], energy)
+        else:
+            k = g.size
+        return self._clamp(g, k, ctx)
+
+    def _clamp(self, g: ChannelGroup, k: int, ctx: PassContext) -> int:
+        """`k` within the policy's bounds for this group (min_channels, max_ratio, round_to)."""
+        b = ctx.bounds_for(g.producers)
+        round_to = int(b.get("round_to", self.round_to))
+        floor = max(int(b.get("min_channels", self.min_channels)), 1)
+        if "max_ratio" in b:  # at most this share of a group's channels may go
+            floor = max(floor, g.size - math.floor(float(b["max_ratio"]) * g.size))
+        k = max(k, floor)
+        if round_to > 1:
+            k = min(g.size, int(math.ceil(k / round_to) * round_to))
+        return min(k, g.size)
+
+    def _budget_counts(self, graph: Graph, groups: ChannelGroups,
+                       ranks: dict[int, tuple[list[int], list[float], torch.Tensor]], ctx: PassContext) -> dict[int, int]:
+        """Kept channels per group for the policy's budget (search mode).
+
+        `lagrange` (default): each group keeps argmin_k err_g(k) + λ·cost_g·k, where err_g is the
+        group's prefix reconstruction error and cost_g the budget share one of its channels costs
+        (measured by removing one channel on a copy); the smallest λ whose graph meets the budget wins
+        (bisection, every candidate measured exactly). Channels go where they buy the least error per
+        FLOP/param. `uniform`: one energy threshold for every group, the largest that meets the budget.
+        """
+        budget = {k: v for k, v in ctx.budget.items() if k in ("flops", "params")}
+        if not budget:
+            raise BudgetError(Diagnostic("squeeze_fold needs `energy`, `ratio`, or a flops/params `budget`"))
         base = graph_stats(ctx.original or graph)
+        now = graph_stats(graph)
 
-        def meets(e: float) -> bool:
+        def stats_for(counts: dict[int, int]) -> tuple[float, float]:
             g2 = graph.copy()
-            sel = {}
-            for gid, rank in ranks.items():
-                grp = groups[gid]  # type: ignore[index]
-                k = self._kept(grp, rank, e, ctx)
-                if k < grp.size:
-                    sel[gid] = ChannelSelection(keep=list(range(k)))
-            apply_selection(g2, groups, sel)  # type: ignore[arg-type]
-            s = graph_stats(g2)
-            ok = True
-            if "flops" in ctx.budget:
-                ok &= s.flops <= ctx.budget["flops"] * base.flops
-            if "params" in ctx.budget:
-                ok &= s.params <= ctx.budget["params"] * base.params
-            return ok
+            apply_selection(g2, groups, {gid: ChannelSelection(keep=list(range(k)))
+                                         for gid, k in counts.items() if k < groups[gid].size})
+            st = graph_stats(g2)
+            return st.flops / max(1, base.flops), st.params / max(1, base.params)
 
-        lo, hi = 0.0, 1.0
-        if not meets(lo):
+        def meets(r: tuple[float, float]) -> bool:
+            return r[0] <= budget.get("flops", math.inf) + 1e-12 and r[1] <= budget.get("params", math.inf) + 1e-12
+
+        smallest = {gid: self._clamp(groups[gid], 1, ctx) for gid in ranks}
+        reached = stats_for(smallest)
+        if not meets(reached):
             raise BudgetError(Diagnostic(
-                f"squeeze_fold cannot meet the budget {ctx.budget}: even one channel per group is not enough"))
-        for _ in range(14):
+                "squeeze_fold cannot meet the budget "
+                + ", ".join(f"{k} <= {v:.1%}" for k, v in budget.items())
+                + f": squeezing every group to its minimum reaches flops {reached[0]:.1%}, params {reached[1]:.1%}",
+                node=groups[next(iter(ranks))].producers[0] if groups[next(iter(ranks))].producers else None))
+        if self.allocation == "uniform":
+            def counts_at(e: float) -> dict[int, int]:
+                return {gid: self._kept(groups[gid], ranks[gid], e, ctx) for gid in ranks}
+
+            lo, hi = 0.0, 1.0
+            for _ in range(16):
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if meets(stats_for(counts_at(mid))) else (lo, mid)
+            return counts_at(lo)
+        cost: dict[int, float] = {}
+        for gid in ranks:
+            size = groups[gid].size
+            f1, p1 = stats_for({gid: size - 1})
+            df, dp = now.flops / max(1, base.flops) - f1, now.params / max(1, base.params) - p1
+            cost[gid] = sum(d / budget[k] for k, d in (("flops", df), ("params", dp)) if k in budget) + 1e-12
+
+        def counts_at_lambda(lam: float) -> dict[int, int]:
+            out = {}
+            for gid, (_, err, _) in ranks.items():
+                ks = range(1, len(err))
+                best = min(ks, key=lambda k: err[k] + lam * cost[gid] * k)
+                out[gid] = self._clamp(groups[gid], best, ctx)
+            return out
+
+        lo, hi = -12.0, 6.0  # log10 λ: small keeps everything, large keeps the minimum
+        for _ in range(24):
             mid = (lo + hi) / 2
-            if meets(mid):
-                lo = mid
-            else:
-                hi = mid
-        return lo
+            lo, hi = (lo, mid) if meets(stats_for(counts_at_lambda(10**mid))) else (mid, hi)
+        return counts_at_lambda(10**hi)

@@ -89,7 +89,7 @@ def test_budget_search_meets_flops_budget() -> None:
 def test_search_without_budget_is_an_error() -> None:
     model = mlp(4)
     x = torch.randn(4, 10)
-    with pytest.raises(ns.PassError, match="squeeze_fold needs `energy`, `ratio`, or a policy `budget`"):
+    with pytest.raises(ns.PassError, match="squeeze_fold needs `energy`, `ratio`, or a flops/params `budget`"):
         ns.compile(model, [SqueezeFold()], example_inputs=(x,), calibration=torch.randn(64, 10))
 
 
