@@ -100,8 +100,6 @@ def test_opaque_onnx_op_to_torch_is_an_error() -> None:
 # The three big ones (240-550 MB of weights) only check the stored output here; their random-weight
 # round trip runs in ORT (tests/frontends/test_onnx_light.py) and their ops are covered by the others.
 BIG = {"bvlc_alexnet", "vgg19", "zfnet512"}
-TORCH_GAPS = {"inception_v1": "torch backend: avg_pool with asymmetric padding and count_include_pad=False "
-                              "(GoogLeNet's last pool) has no emitter yet"}
 
 
 @pytest.mark.parametrize("name", LIGHT_MODELS)
@@ -113,12 +111,7 @@ def test_light_model_to_torch(name: str) -> None:
     ref = light_reference(name)
     shape = g.node(g.inputs[0]).attrs["shape"]
     x = np.random.default_rng(1).standard_normal(shape, dtype=np.float32)
-    try:
-        module = to_torch(g)
-    except UnsupportedOpError:
-        if name in TORCH_GAPS:
-            pytest.xfail(TORCH_GAPS[name])
-        raise
+    module = to_torch(g)
     with torch.no_grad():
         out = module(torch.from_numpy(x)).numpy()
     assert out.shape == ref.shape and np.abs(out - ref).max() < 1e-4

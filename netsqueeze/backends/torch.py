@@ -299,8 +299,15 @@ def _slice(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
     a = node.attrs
     rank = len(node.meta[0].shape)
     ax = a["axis"] % rank
-    idx = (slice(None),) * ax + (slice(a["start"], a["end"], a.get("step", 1)),)
-    return b.call(operator.getitem, xs[0], idx)
+    step = a.get("step", 1)
+    if step > 0:
+        return b.call(operator.getitem, xs[0], (slice(None),) * ax + (slice(a["start"], a["end"], step),))
+    # torch slicing has no negative steps: flip the axis and slice forwards
+    size = b.ir.input_metas(node.id)[0].shape[ax]
+    r = range(*slice(a["start"], a["end"], step).indices(size))
+    first = size - 1 - r[0] if len(r) else 0
+    fwd = slice(first, first + (len(r) - 1) * -step + 1, -step) if len(r) else slice(0, 0)
+    return b.call(operator.getitem, b.call(torch.flip, xs[0], (ax,)), (slice(None),) * ax + (fwd,))
 
 
 @emitter("flatten")

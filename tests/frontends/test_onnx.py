@@ -169,7 +169,6 @@ CASES: list[tuple[str, onnx.ModelProto, set[str]]] = [
 TORCH_UNSUPPORTED = {"opaque"}
 TORCH_ERRORS: dict[str, str] = {}
 # Known gaps of the torch backend (the ONNX half of these cases still runs and must pass).
-TORCH_GAPS = {"slice_negative_step": "torch backend: slice with a negative step (x[::-2]) needs torch.flip"}
 
 
 @pytest.mark.parametrize("case", [c[0] for c in CASES])
@@ -205,8 +204,6 @@ def test_op_round_trip(case: str) -> None:
         with torch.no_grad():
             res = to_torch(g)(*[torch.from_numpy(f) for f in feeds])
     except (UnsupportedOpError, ValueError) as e:
-        if case in TORCH_GAPS:
-            pytest.xfail(TORCH_GAPS[case])
         if isinstance(e, ValueError):
             raise
         TORCH_ERRORS[case] = e.message
