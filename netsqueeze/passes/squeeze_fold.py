@@ -289,7 +289,6 @@ class SqueezeFold(TransformPass):
             full = torch.zeros(n_axis, dtype=torch.float64)
             idx = torch.tensor([list(q) for q in m.index])
             full[idx.flatten()] = t0_pos.flatten()
-            full[idx[keep].flatten()] = 0.0  # kept channels are still computed: no intercept for them
             shifts[nid] = full
         return ChannelSelection(keep=keep, fold=folds, bias_shift=shifts)
 

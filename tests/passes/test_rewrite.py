@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -12,7 +14,12 @@ from netsqueeze.passes.dependency import ChannelGroups, find_groups
 from netsqueeze.passes.rewrite import ChannelSelection, apply_selection
 from tests.passes.graphs import attention, cnn, conv, linear, mlp, run, zero_channels
 
-torch.set_grad_enabled(False)
+
+@pytest.fixture(autouse=True)
+def _no_grad() -> Iterator[None]:
+    """Gradients off inside these tests only (a module-level switch would leak into other test files)."""
+    with torch.no_grad():
+        yield
 
 
 def half_selection(groups: ChannelGroups) -> dict[int, ChannelSelection]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +17,12 @@ from netsqueeze.passes.rewrite import ChannelSelection, apply_selection
 from netsqueeze.passes.trim import Trim, fr_cross_edges, gdnt_scores
 from tests.passes.graphs import attention, cnn, input_batches, mlp, run, stream_ctx
 
-torch.set_grad_enabled(False)
+
+@pytest.fixture(autouse=True)
+def _no_grad() -> Iterator[None]:
+    """Gradients off inside these tests only (a module-level switch would leak into other test files)."""
+    with torch.no_grad():
+        yield
 
 
 @pytest.mark.parametrize("criterion", ["l1", "l2", "bn_scale", "activation", "random", "gdnt"])
