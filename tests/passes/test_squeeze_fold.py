@@ -129,3 +129,16 @@ def test_onnx_input_squeezes_and_runs_in_onnxruntime() -> None:
     with torch.no_grad():
         want = model(x).numpy()
     assert np.abs(got - want).max() < 1e-4
+
+
+def test_cascade_is_at_least_as_faithful_as_parallel() -> None:
+    from tests.zoo import ZOO
+
+    model, inputs = ZOO["vgg"]()
+    torch.manual_seed(3)
+    calib = torch.randn(256, *inputs[0].shape[1:])
+    err = {}
+    for mode in ("parallel", "cascade"):
+        res = ns.compile(model, [SqueezeFold(ratio=0.4, mode=mode)], example_inputs=inputs, calibration=calib)
+        err[mode] = res.report.fidelity["output_error"]
+    assert 0 < err["cascade"] <= err["parallel"] * 1.05
