@@ -106,3 +106,13 @@ def test_custom_pass_example_runs() -> None:
     assert rec.result.metrics["sparsity"] >= 0.5
     assert ns.get_pass("magnitude_sparsify") is mod["MagnitudeSparsify"]
     ns.passes.unregister_pass("magnitude_sparsify")
+
+
+def test_onnx_target_carries_policy_hash_and_plan() -> None:
+    model, inputs = ZOO["mlp"]()
+    text = "policy p {\n  fold_bn\n  dead_code\n}\n"
+    res = ns.compile(model, text, example_inputs=inputs, target="onnx")
+    meta = {e.key: e.value for e in res.model.metadata_props}
+    assert meta["netsqueeze.policy_hash"] == res.report.policy_hash and len(meta["netsqueeze.policy_hash"]) == 64
+    assert meta["netsqueeze.plan"].splitlines()[1:] == ["1. fold_bn()  # <policy>:2",
+                                                        "2. dead_code(remove_identity=True)  # <policy>:3"]
