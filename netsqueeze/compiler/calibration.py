@@ -117,10 +117,12 @@ def activation_stream(source: CalibrationSource) -> ActivationStream:
 
         module = to_torch(graph, extra_outputs=list(values))
         n_out = len(graph.outputs)
-        with torch.no_grad():
-            for i, batch in enumerate(source()):
-                check_batch(graph, batch, f"calibration batch {i}")
+        for i, batch in enumerate(source()):
+            check_batch(graph, batch, f"calibration batch {i}")
+            # no_grad only around the call: a `with` spanning the yield would leave gradients off in the
+            # consumer's code (grad mode is thread-global) until the generator is closed
+            with torch.no_grad():
                 outs = module(*batch)
-                yield list(outs[n_out:])
+            yield list(outs[n_out:])
 
     return stream

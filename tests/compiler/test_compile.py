@@ -12,6 +12,7 @@ import torch
 import netsqueeze as ns
 from netsqueeze.passes.dead_code import DeadCode
 from netsqueeze.passes.fold_bn import FoldBN
+from netsqueeze.passes.squeeze_fold import SqueezeFold
 from tests.zoo import ZOO
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,3 +117,10 @@ def test_onnx_target_carries_policy_hash_and_plan() -> None:
     assert meta["netsqueeze.policy_hash"] == res.report.policy_hash and len(meta["netsqueeze.policy_hash"]) == 64
     assert meta["netsqueeze.plan"].splitlines()[1:] == ["1. fold_bn()  # <policy>:2",
                                                         "2. dead_code(remove_identity=True)  # <policy>:3"]
+
+
+def test_compile_leaves_gradients_on() -> None:
+    model, inputs = ZOO["mlp"]()
+    assert torch.is_grad_enabled()
+    ns.compile(model, [SqueezeFold(ratio=0.25)], example_inputs=inputs, calibration=torch.randn(64, 20))
+    assert torch.is_grad_enabled()
