@@ -119,9 +119,10 @@ class Trim(TransformPass):
     `BudgetError` states what was reached when it cannot. `round_to` rounds kept counts up,
     `min_channels` is a floor per group.
 
-    Criteria (higher = kept): `l1`/`l2` — norm of the channel's producer weights (rows/filters of every
-    producer in the group); `bn_scale` — |γ| of the group's batch/group norms (network slimming, Liu et
-    al. 2017; l1 where a group has none); `activation` — mean |a| or variance at the consumers'
+    Criteria (higher = kept): `l1`/`l2` — group magnitude: the norm of every weight slice the channel
+    owns (producer rows, consumer columns), normalised per member and averaged, as Torch-Pruning's
+    group magnitude; `bn_scale` — |γ| of the group's batch/group norms (network slimming, Liu et al.
+    2017; l1 where a group has none, with a note — so put `trim` before `fold_bn` for it); `activation` — mean |a| or variance at the consumers'
     inputs; `random` (seeded); `gdnt` — geometric dependency of the next layer on each neuron (GDNT /
     MINT, Yasaei Sekeh lab; Henze–Penrose via Friedman–Rafsky, Yasaei Sekeh & Hero 2019;
     METHODS.md §3). Choices for gdnt, where the method leaves them open: the parents are the group's
@@ -333,12 +334,17 @@ class Trim(TransformPass):
         if crit in ("activation", "gdnt"):
             notes.append(f"group {g.id}: no observable consumer input, {crit} fell back to l1")
             crit = "l1"
-        total = torch.zeros(g.size, dtype=torch.float64)
-        for m in g.members_of("producer"):
+        # group magnitude (as Torch-Pruning's GroupMagnitudeImportance): every weight slice the channel
+        # owns — producer rows and consumer columns — each member normalised by its mean, then averaged;
+        # producer rows alone misjudge channels after fold_bn has rescaled them
+        parts = []
+        for m in (*g.members_of("producer"), *g.members_of("consumer")):
             w = graph.node(m.node).params[m.param or ""].double().movedim(m.axis, 0)
             per_pos = w.abs().flatten(1).sum(1) if crit == "l1" else (w * w).flatten(1).sum(1)
-            total += torch.stack([per_pos[list(p)].sum() for p in m.index])
-        return total if crit == "l1" else total.sqrt()
+            v = torch.stack([per_pos[list(p)].sum() for p in m.index])
+            v = v if crit == "l1" else v.sqrt()
+            parts.append(v / v.mean().clamp_min(1e-30))
+        return torch.stack(parts).mean(0) if parts else torch.zeros(g.size, dtype=torch.float64)
 
     def _compensate(self, graph: Graph, g: ChannelGroup, sel: ChannelSelection, obs: list[_Obs],
                     moments: dict[tuple[Value, int], Moments]) -> ChannelSelection:
