@@ -135,11 +135,48 @@ def latencies(model: nn.Module) -> dict[str, float]:
             (("torch", lambda b: torch_latency(model, b)), ("ort", lambda b: ort_latency(blob, b)))}
 
 
+def plot_results(md: Path) -> None:
+    """One panel per model: top-1 (one-shot) against FLOPs reduction for every method, from the results table."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot (pip install -e '.[bench]')", file=sys.stderr)
+        return
+    series: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for line in md.read_text().splitlines():
+        c = [x.strip() for x in line.strip("|").split("|")]
+        if len(c) != 9 or not c[4].endswith("x") or not c[5].endswith("%"):
+            continue
+        if " = " in c[1]:  # design variants: in the table, not the plot
+            continue
+        series.setdefault(c[0], {}).setdefault(c[1], []).append((float(c[4][:-1]), float(c[5][:-1])))
+    fig, axes = plt.subplots(1, len(series), figsize=(6 * len(series), 4.5), squeeze=False)
+    for ax, (model, methods) in zip(axes[0], series.items()):
+        for method, pts in sorted(methods.items()):
+            pts.sort()
+            bold = method == "squeeze_fold"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", lw=3 if bold else 1,
+                    color="black" if bold else None, label=method)
+        ax.set_title(f"{model}: one-shot top-1 vs FLOPs reduction")
+        ax.set_xlabel("FLOPs reduction (x)")
+        ax.set_ylabel("top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.savefig(md.with_suffix(".png"), dpi=110, bbox_inches="tight")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer points, 1000 test images (smoke run)")
     ap.add_argument("--models", default="vgg,resnet")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from the results table")
     args = ap.parse_args()
+    if args.plot_only:
+        plot_results(RESULTS / ("squeeze-quick.md" if args.quick else "squeeze.md"))
+        return
     torch.manual_seed(0)
     data = fashion_mnist()
     test_x, test_y = (data["test_x"][:1000], data["test_y"][:1000]) if args.quick else (data["test_x"], data["test_y"])
@@ -149,7 +186,6 @@ def main() -> None:
     trim_criteria = [c for c in ("l1", "l2", "bn_scale", "activation", "gdnt", "random") if "trim" in all_passes()]
     rows: list[list[str]] = []
     lat_rows: list[list[str]] = []
-    plot: dict[str, list[tuple[float, float, str]]] = {}
     lat0: dict[str, float] = {}
 
     def row(name: str, method: str, setting: str, pr: float, fr: float, acc: float, base_acc: float,
@@ -169,7 +205,6 @@ def main() -> None:
             acc = accuracy(res.model, test_x, test_y)
             fr, pr = res.report.flops_ratio, res.report.params_ratio
             row(name, "squeeze_fold", f"params <= {b:.1%}", pr, fr, acc, base_acc, secs, mib)
-            plot.setdefault(f"{name} squeeze_fold", []).append((fr, acc, ""))
             lat = latencies(res.model)
             lat_rows.append([name, f"squeeze_fold params <= {b:.1%}", f"{fr:.2f}x"] +
                             [f"{lat0[k] / lat[k]:.2f}x ({lat[k]:.2f} ms)" for k in sorted(lat0)])
@@ -191,7 +226,6 @@ def main() -> None:
                 tacc = accuracy(tres.model, test_x, test_y)
                 row(name, f"trim {crit}", f"FLOPs {fr:.2f}x", tres.report.params_ratio, tres.report.flops_ratio, tacc,
                     base_acc, tsecs, tmib)
-                plot.setdefault(f"{name} trim {crit}", []).append((tres.report.flops_ratio, tacc, ""))
             for kind in ("l1", "taylor"):
                 t0 = time.perf_counter()
                 with PeakRSS() as mem:
@@ -201,7 +235,6 @@ def main() -> None:
                 pacc = accuracy(pm, test_x, test_y)
                 row(name, f"torch-pruning group-{kind}", f"FLOPs {fr:.2f}x", base_params / p2, base_flops / f2, pacc,
                     base_acc, secs, mem.mib)
-                plot.setdefault(f"{name} torch-pruning {kind}", []).append((base_flops / f2, pacc, ""))
 
     header = ["model", "method", "setting", "params ratio", "FLOPs ratio", "top-1", "drop (pts)", "compile s",
               "peak MiB"]
@@ -219,23 +252,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / ("squeeze-quick.md" if args.quick else "squeeze.md")
     out.write_text(text)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(8, 5))
-        for label, pts in sorted(plot.items()):
-            pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-        ax.set_xlabel("FLOPs reduction (x)")
-        ax.set_ylabel("top-1 (no fine-tuning)")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-        fig.savefig(out.with_suffix(".png"), dpi=120, bbox_inches="tight")
-    except ImportError:
-        print("matplotlib missing: no plot (pip install -e '.[bench]')", file=sys.stderr)
+    plot_results(out)
     print(f"wrote {out}")
 
 
