@@ -15,6 +15,7 @@ from onnx import helper
 
 from netsqueeze.errors import Diagnostic, UnsupportedOpError
 from netsqueeze.ir.graph import Graph, Node, TensorMeta, Value
+from netsqueeze.ir.tables import registrar
 
 MIN_OPSET, MAX_OPSET = 17, 23
 TWO_GB = 2**31 - 1
@@ -169,13 +170,7 @@ Emitter = Callable[[_Exporter, Node, list[gs.Tensor]], list[gs.Tensor]]
 EMITTERS: dict[str, Emitter] = {}
 
 
-def emitter(*kinds: str) -> Callable[[Emitter], Emitter]:
-    def register(fn: Emitter) -> Emitter:
-        for k in kinds:
-            EMITTERS[k] = fn
-        return fn
-
-    return register
+emitter = registrar(EMITTERS)
 
 
 def _payload_attrs(op_type: str, attrs: list[bytes], fp16: bool) -> list[onnx.AttributeProto]:

@@ -20,6 +20,7 @@ from netsqueeze.backends.torch_modules import Attention, Opaque, ParamHolder
 from netsqueeze.errors import Diagnostic, UnsupportedOpError
 from netsqueeze.ir.graph import Graph, Node, Value
 from netsqueeze.ir.ops import BUFFERS
+from netsqueeze.ir.tables import registrar
 
 __all__ = ["EMITTERS", "Emitter", "ModuleBuilder", "emitter", "to_torch"]
 
@@ -85,13 +86,7 @@ Emitter = Callable[[ModuleBuilder, Node, list[fx.Node]], "fx.Node | list[fx.Node
 EMITTERS: dict[str, Emitter] = {}
 
 
-def emitter(*kinds: str) -> Callable[[Emitter], Emitter]:
-    def reg(fn: Emitter) -> Emitter:
-        for k in kinds:
-            EMITTERS[k] = fn
-        return fn
-
-    return reg
+emitter = registrar(EMITTERS)
 
 
 def _p(t: torch.Tensor) -> nn.Parameter:

@@ -17,6 +17,7 @@ from torch import nn
 
 from netsqueeze.errors import CaptureError, Diagnostic, InputMismatchError, NetsqueezeError, VerifyError
 from netsqueeze.ir.graph import Graph, Origin, TensorMeta, Value
+from netsqueeze.ir.tables import registrar
 
 __all__ = ["AtenCall", "FnCall", "MethodCall", "ModuleCall", "from_torch"]
 
@@ -233,13 +234,7 @@ Handler = Callable[[_Capture, dict[str, Any]], Any]
 HANDLERS: dict[str, Handler] = {}
 
 
-def handles(*names: str) -> Callable[[Handler], Handler]:
-    def reg(fn: Handler) -> Handler:
-        for n in names:
-            HANDLERS[n] = fn
-        return fn
-
-    return reg
+handles = registrar(HANDLERS)
 
 
 def _simple(kind: str, attrs: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> Handler:

@@ -19,6 +19,7 @@ from onnx import helper
 from netsqueeze.errors import CaptureError, Diagnostic, NetsqueezeError
 from netsqueeze.ir.graph import Graph, Origin, TensorMeta, Value
 from netsqueeze.ir.ops import infer_node
+from netsqueeze.ir.tables import registrar
 
 MIN_OPSET, MAX_OPSET = 7, 23
 _DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -652,13 +653,7 @@ Handler = Callable[[_Importer, gs.Node], bool]
 HANDLERS: dict[str, Handler] = {}
 
 
-def handles(*ops: str) -> Callable[[Handler], Handler]:
-    def register(fn: Handler) -> Handler:
-        for o in ops:
-            HANDLERS[o] = fn
-        return fn
-
-    return register
+handles = registrar(HANDLERS)
 
 
 def from_onnx(
