@@ -9,6 +9,7 @@ from netsqueeze.errors import (
     Diagnostic,
     InputMismatchError,
     NetsqueezeError,
+    PassBudgetError,
     PassError,
     PolicyError,
     SolverError,
@@ -29,7 +30,7 @@ from netsqueeze.passes import (
 
 __all__ = [
     "AnalysisPass", "BudgetError", "CaptureError", "CompileReport", "CompileResult", "Diagnostic", "Graph",
-    "InputMismatchError", "NetsqueezeError", "Pass", "PassContext", "PassError", "PassResult", "PolicyError",
+    "InputMismatchError", "NetsqueezeError", "Pass", "PassBudgetError", "PassContext", "PassError", "PassResult", "PolicyError",
     "SolverError", "SourceSpan", "Step", "TransformPass", "UnsupportedOpError", "VerifyError", "compile",
     "get_pass", "import_model", "register_pass", "run_pipeline",
 ]

@@ -110,6 +110,10 @@ class BudgetError(NetsqueezeError):
     """A budget or guard the passes cannot meet; states what was reached."""
 
 
+class PassBudgetError(PassError, BudgetError):
+    """A budget or guard that a pass inside the pipeline found it cannot meet: catchable as either."""
+
+
 class SolverError(NetsqueezeError):
     """An optimisation problem that is infeasible or that the solver could not solve."""
 

@@ -230,6 +230,26 @@ def measure_output_error(original: Graph, compressed: Graph, batches: Calibratio
     return {"output_error": math.sqrt(num / den) if den else 0.0, "max_abs_error": max_abs}
 
 
+def _fidelity_fn(original: Graph, metric: str, batches: CalibrationSource | None,
+                 eval_fn: Callable[[Any], float] | None) -> Callable[[Graph], dict[str, float]]:
+    """The guard's measurement of a candidate graph, for search passes (`PassContext.fidelity_fn`):
+    output error on the calibration batches, or the top-1 drop through the user's `eval_fn`."""
+    base: list[float] = []
+
+    def measure(graph: Graph) -> dict[str, float]:
+        if metric == "top1_drop":
+            if eval_fn is None:
+                return {}
+            from netsqueeze.backends.torch import to_torch
+
+            if not base:
+                base.append(float(eval_fn(to_torch(original))))
+            return {"top1_drop": base[0] - float(eval_fn(to_torch(graph)))}
+        return measure_output_error(original, graph, batches) if batches is not None else {}
+
+    return measure
+
+
 def _check_budget(budget: Mapping[str, float], before: Any, after: Any,
                   spans: Mapping[str, SourceSpan] | None = None) -> None:
     """Raises BudgetError, located at each missed `budget` item, stating what the pipeline reached."""
@@ -317,6 +337,11 @@ def compile(
         if first is None:
             raise InputMismatchError("calibration data is empty")
         check_batch(graph, first, "calibration batch 0")
+    eval_batches: CalibrationSource | None = source
+    if eval_batches is None and example_inputs is not None:
+        ex = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+        eval_batches = lambda: iter([ex])  # noqa: E731
+    guard = resolved.guard
     ctx = PassContext(
         stream_fn=activation_stream(source) if source is not None else None,
         budget=resolved.budget,
@@ -324,6 +349,8 @@ def compile(
         seed=int(cal.get("seed", seed)),
         log=log or (lambda msg: None),
         original=original,
+        guard=(str(guard.metric), float(guard.limit)) if guard is not None else None,
+        fidelity_fn=_fidelity_fn(original, str(guard.metric), eval_batches, eval_fn) if guard is not None else None,
     )
     t2 = time.perf_counter()
     run = run_pipeline(graph, resolved.steps, ctx)
@@ -333,10 +360,6 @@ def compile(
 
     fidelity: dict[str, float] = {}
     notes: list[str] = []
-    eval_batches: CalibrationSource | None = source
-    if eval_batches is None and example_inputs is not None:
-        ex = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-        eval_batches = lambda: iter([ex])  # noqa: E731
     if eval_batches is not None and any(n.kind != "input" for n in graph.nodes()):
         try:
             fidelity.update(measure_output_error(original, graph, eval_batches))

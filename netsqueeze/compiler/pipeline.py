@@ -6,7 +6,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from netsqueeze.errors import Diagnostic, NetsqueezeError, PassError, SourceSpan
+from netsqueeze.errors import BudgetError, Diagnostic, NetsqueezeError, PassBudgetError, PassError, SourceSpan
 from netsqueeze.ir.graph import Graph
 from netsqueeze.ir.stats import GraphStats, graph_stats
 from netsqueeze.passes.base import Pass, PassContext, PassResult
@@ -80,7 +80,7 @@ def run_pipeline(graph: Graph, steps: Sequence[Step | Pass], ctx: PassContext) -
                            (*d.notes, before_txt))
                 for d in e.diagnostics
             ]
-            raise PassError(diags) from e
+            raise (PassBudgetError if isinstance(e, BudgetError) else PassError)(diags) from e
         except Exception as e:
             raise PassError(Diagnostic(f"{label} failed: {type(e).__name__}: {e}", span=step.span,
                                        notes=(before_txt,))) from e

@@ -244,6 +244,12 @@ class Graph:
         g.meta = copy.deepcopy(self.meta)
         return g
 
+    def assign(self, other: Graph) -> None:
+        """Replaces this graph's contents with `other`'s, in place (a pass keeping the better of two candidates)."""
+        g = other.copy()
+        self.name, self.nx, self.inputs, self.outputs = g.name, g.nx, g.inputs, g.outputs
+        self._counter, self.meta = g._counter, g.meta
+
     def verify(self) -> None:
         from netsqueeze.ir.verify import verify
 

@@ -4,6 +4,7 @@ the consumers (Ozen & Orailoglu, "Squeezing Correlated Neurons", ECML PKDD 2020;
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -132,22 +133,35 @@ class SqueezeFold(TransformPass):
             return result
         self._collect(graph, ctx, [p for ps in plans.values() for p in ps])
         ranks = {gid: self._rank(graph, probes) for gid, probes in plans.items()}
-        if self.energy is None and self.ratio is None:
-            counts = self._budget_counts(graph, groups, ranks, ctx)
+        searching = self.energy is None and self.ratio is None
+        if searching:
+            counts, line = self._search_counts(graph, groups, ranks, plans, ctx)
+            result.notes.append(line)
         else:
             counts = {gid: self._kept(groups[gid], ranks[gid], self.energy, ctx) for gid in plans}
         keeps = {gid: sorted(ranks[gid][0][: counts[gid]]) for gid in plans}
         keeps = {gid: k for gid, k in keeps.items() if len(k) < groups[gid].size}
         if not keeps:
             return result
-        if self.mode == "parallel":
-            out = apply_selection(graph, groups, {gid: self._selection(graph, keeps[gid], plans[gid])
-                                                  for gid in keeps})
-        else:
-            out = self._cascade(graph, ctx, groups, keeps, plans)
-        out.notes = [*result.notes, f"squeezed {len(keeps)} groups ({self.mode}): "
+        start = graph.copy() if searching and self.mode == "cascade" and ctx.guard is not None else None
+        mode = self.mode
+        out = self._squeeze(graph, ctx, groups, keeps, plans, mode)
+        if start is not None and (check := ctx.guard_check(graph)) is not None and not check[0]:
+            # the search measured parallel folds; keep that model when the cascade's refit misses the guard
+            graph.assign(start)
+            mode = "parallel"
+            out = self._squeeze(graph, ctx, groups, keeps, plans, mode)
+            result.notes.append(f"cascade reached {check[1]:.2%}, over the guard: kept the parallel fold")
+        out.notes = [*result.notes, f"squeezed {len(keeps)} groups ({mode}): "
                      + ", ".join(f"{groups[g].size}->{len(k)}" for g, k in sorted(keeps.items()))]
         return out
+
+    def _squeeze(self, graph: Graph, ctx: PassContext, groups: ChannelGroups, keeps: dict[int, list[int]],
+                 plans: dict[int, list[_Probe]], mode: str) -> PassResult:
+        if mode == "parallel":
+            return apply_selection(graph, groups, {gid: self._selection(graph, keeps[gid], plans[gid])
+                                                   for gid in keeps})
+        return self._cascade(graph, ctx, groups, keeps, plans)
 
     def _cascade(self, graph: Graph, ctx: PassContext, groups: ChannelGroups, keeps: dict[int, list[int]],
                  plans: dict[int, list[_Probe]]) -> PassResult:
@@ -319,19 +333,31 @@ class SqueezeFold(TransformPass):
             k = min(g.size, int(math.ceil(k / round_to) * round_to))
         return min(k, g.size)
 
-    def _budget_counts(self, graph: Graph, groups: ChannelGroups,
-                       ranks: dict[int, tuple[list[int], list[float], torch.Tensor]], ctx: PassContext) -> dict[int, int]:
-        """Kept channels per group for the policy's budget (search mode).
+    def _search_counts(self, graph: Graph, groups: ChannelGroups,
+                       ranks: dict[int, tuple[list[int], list[float], torch.Tensor]], plans: dict[int, list[_Probe]],
+                       ctx: PassContext) -> tuple[dict[int, int], str]:
+        """Kept channels per group in search mode: the smallest model that meets the policy's budget and
+        guard, and a line for the report.
 
-        `lagrange` (default): each group keeps argmin_k err_g(k) + λ·cost_g·k, where err_g is the
-        group's prefix reconstruction error and cost_g the budget share one of its channels costs
-        (measured by removing one channel on a copy); the smallest λ whose graph meets the budget wins
-        (bisection, every candidate measured exactly). Channels go where they buy the least error per
-        FLOP/param. `uniform`: one energy threshold for every group, the largest that meets the budget.
+        The candidates are one family of allocations, ordered from keep-everything to keep-the-minimum:
+        - `lagrange` (default): each group keeps argmin_k err_g(k) + λ·cost_g·k, where err_g is the
+          group's prefix reconstruction error and cost_g the budget share one of its channels costs
+          (measured by removing one channel on a copy); channels go where they buy the least error per
+          FLOP/param. The family is indexed by log λ.
+        - `uniform`: one reconstruction-energy threshold for every group.
+        1. Budget (flops/params): bisection for the largest candidate that meets it, every candidate's
+           stats measured exactly on a sliced copy. Without a guard this is the answer: the least
+           reconstruction error the budget allows.
+        2. Guard (`guard output error` / `guard top1 drop`, measured by the compiler through
+           `ctx.fidelity_fn`): from step 1's candidate (keep-everything without a budget), bisection
+           towards smaller candidates for the smallest one whose guard still holds, each squeezed on a
+           copy with its parallel fold. When even step 1's candidate misses the guard, the budget and
+           the guard cannot both hold: a BudgetError states what the guard reached there.
         """
         budget = {k: v for k, v in ctx.budget.items() if k in ("flops", "params")}
-        if not budget:
-            raise BudgetError(Diagnostic("squeeze_fold needs `energy`, `ratio`, or a flops/params `budget`"))
+        guarded = ctx.guard is not None and ctx.fidelity_fn is not None
+        if not budget and not guarded:
+            raise BudgetError(Diagnostic("squeeze_fold needs `energy`, `ratio`, a flops/params `budget` or a `guard`"))
         base = graph_stats(ctx.original or graph)
         now = graph_stats(graph)
 
@@ -346,39 +372,77 @@ class SqueezeFold(TransformPass):
             return r[0] <= budget.get("flops", math.inf) + 1e-12 and r[1] <= budget.get("params", math.inf) + 1e-12
 
         smallest = {gid: self._clamp(groups[gid], 1, ctx) for gid in ranks}
-        reached = stats_for(smallest)
-        if not meets(reached):
+        if budget and not meets(reached := stats_for(smallest)):
             raise BudgetError(Diagnostic(
                 "squeeze_fold cannot meet the budget "
                 + ", ".join(f"{k} <= {v:.1%}" for k, v in budget.items())
                 + f": squeezing every group to its minimum reaches flops {reached[0]:.1%}, params {reached[1]:.1%}",
                 node=groups[next(iter(ranks))].producers[0] if groups[next(iter(ranks))].producers else None))
+        family: Callable[[float], dict[int, int]]
         if self.allocation == "uniform":
-            def counts_at(e: float) -> dict[int, int]:
-                return {gid: self._kept(groups[gid], ranks[gid], e, ctx) for gid in ranks}
+            lo, hi, steps = -1.0, 0.0, 16  # t = −energy
 
-            lo, hi = 0.0, 1.0
-            for _ in range(16):
-                mid = (lo + hi) / 2
-                lo, hi = (mid, hi) if meets(stats_for(counts_at(mid))) else (lo, mid)
-            return counts_at(lo)
-        cost: dict[int, float] = {}
-        for gid in ranks:
-            size = groups[gid].size
-            f1, p1 = stats_for({gid: size - 1})
-            df, dp = now.flops / max(1, base.flops) - f1, now.params / max(1, base.params) - p1
-            cost[gid] = sum(d / budget[k] for k, d in (("flops", df), ("params", dp)) if k in budget) + 1e-12
+            def family(t: float) -> dict[int, int]:
+                return {gid: self._kept(groups[gid], ranks[gid], -t, ctx) for gid in ranks}
+        else:
+            weight = {k: 1.0 / budget[k] for k in budget} if budget else {"flops": 1.0, "params": 1.0}
+            cost: dict[int, float] = {}
+            for gid in ranks:
+                f1, p1 = stats_for({gid: groups[gid].size - 1})
+                delta = {"flops": now.flops / max(1, base.flops) - f1, "params": now.params / max(1, base.params) - p1}
+                cost[gid] = sum(w * delta[k] for k, w in weight.items()) + 1e-12
+            lo, hi, steps = -12.0, 6.0, 24  # t = log10 λ: small keeps everything, large keeps the minimum
 
-        def counts_at_lambda(lam: float) -> dict[int, int]:
-            out = {}
-            for gid, (_, err, _) in ranks.items():
-                ks = range(1, len(err))
-                best = min(ks, key=lambda k: err[k] + lam * cost[gid] * k)
-                out[gid] = self._clamp(groups[gid], best, ctx)
-            return out
+            def family(t: float) -> dict[int, int]:
+                out = {}
+                for gid, (_, err, _) in ranks.items():
+                    best = min(range(1, len(err)), key=lambda k: err[k] + 10**t * cost[gid] * k)
+                    out[gid] = self._clamp(groups[gid], best, ctx)
+                return out
 
-        lo, hi = -12.0, 6.0  # log10 λ: small keeps everything, large keeps the minimum
-        for _ in range(24):
-            mid = (lo + hi) / 2
-            lo, hi = (lo, mid) if meets(stats_for(counts_at_lambda(10**mid))) else (mid, hi)
-        return counts_at_lambda(10**hi)
+        t_budget = lo
+        if budget:
+            a, b = lo, hi
+            for _ in range(steps):
+                mid = (a + b) / 2
+                a, b = (a, mid) if meets(stats_for(family(mid))) else (mid, b)
+            t_budget = b
+        line = f"search ({self.allocation}): budget met at t = {t_budget:.3g}"
+        if not guarded or ctx.guard is None:
+            return family(t_budget), line
+        metric, limit = ctx.guard
+        seen: dict[tuple[tuple[int, int], ...], tuple[bool, float] | None] = {}
+
+        def guard_at(t: float) -> tuple[bool, float] | None:
+            counts = family(t)
+            key = tuple(sorted(counts.items()))
+            if key not in seen:
+                keeps = {gid: sorted(ranks[gid][0][:k]) for gid, k in counts.items() if k < groups[gid].size}
+                g2 = graph.copy()
+                if keeps:
+                    apply_selection(g2, groups, {gid: self._selection(g2, k, plans[gid]) for gid, k in keeps.items()})
+                seen[key] = ctx.guard_check(g2)
+            return seen[key]
+
+        first = guard_at(t_budget)
+        if first is None:  # the compiler cannot measure it (no eval_fn): compile() reports that
+            return family(t_budget), line
+        name = metric.replace("_", " ")
+        if not first[0]:
+            raise BudgetError(Diagnostic(
+                f"squeeze_fold cannot meet guard {name} <= {limit:.2%}"
+                + (" within the budget " + ", ".join(f"{k} <= {v:.1%}" for k, v in budget.items()) if budget else "")
+                + f": the least squeezed candidate reaches {first[1]:.2%}",
+                node=groups[next(iter(ranks))].producers[0] if groups[next(iter(ranks))].producers else None))
+        a, b = t_budget, hi
+        end = guard_at(hi)
+        if end is not None and end[0]:
+            a = hi
+        else:
+            for _ in range(14):
+                mid = (a + b) / 2
+                got = guard_at(mid)
+                a, b = (mid, b) if got is not None and got[0] else (a, mid)
+        final = guard_at(a)
+        return family(a), (f"{line}; guard {name} <= {limit:.2%}: smallest candidate meeting it at t = {a:.3g} "
+                           f"({final[1] if final else float('nan'):.2%}, {len(seen)} candidates measured)")

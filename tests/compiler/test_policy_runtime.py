@@ -37,5 +37,6 @@ def test_budget_failure_inside_a_pass_points_at_its_invocation(tmp_path: Path) -
     with pytest.raises(ns.PassError) as e:
         ns.compile(model, pol, example_inputs=inputs)
     text = str(e.value)
+    assert isinstance(e.value, ns.BudgetError)  # where it failed (PassError) and what (BudgetError)
     assert text.startswith(f"{pol}:3:3: error: pass 'trim' ({pol}:3) failed: trim cannot meet the budget")
     assert "  trim on type(linear) { criterion = l1 }\n    ^" in text

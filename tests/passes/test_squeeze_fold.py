@@ -89,7 +89,7 @@ def test_budget_search_meets_flops_budget() -> None:
 def test_search_without_budget_is_an_error() -> None:
     model = mlp(4)
     x = torch.randn(4, 10)
-    with pytest.raises(ns.PassError, match="squeeze_fold needs `energy`, `ratio`, or a flops/params `budget`"):
+    with pytest.raises(ns.PassError, match="squeeze_fold needs `energy`, `ratio`, a flops/params `budget` or a `guard`"):
         ns.compile(model, [SqueezeFold()], example_inputs=(x,), calibration=torch.randn(64, 10))
 
 
@@ -142,3 +142,65 @@ def test_cascade_is_at_least_as_faithful_as_parallel() -> None:
         res = ns.compile(model, [SqueezeFold(ratio=0.4, mode=mode)], example_inputs=inputs, calibration=calib)
         err[mode] = res.report.fidelity["output_error"]
     assert 0 < err["cascade"] <= err["parallel"] * 1.05
+
+
+def _guard_model() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 5)).eval()
+    return m, torch.randn(256, 10, generator=torch.Generator().manual_seed(1))
+
+
+def _guarded(stmts: str) -> str:
+    return f"policy p {{\n  {stmts}\n  squeeze_fold on type(linear) except last(type(linear))\n}}\n"
+
+
+def test_search_with_guard_finds_the_smallest_model_within_it() -> None:
+    model, calib = _guard_model()
+    res = {lim: ns.compile(model, _guarded(f"guard output error <= {lim}%"), example_inputs=(calib[:2],),
+                           calibration=calib) for lim in (2, 10)}
+    before = res[2].report.before.params
+    assert before == 1573
+    for lim, r in res.items():
+        assert r.report.fidelity["output_error"] <= lim / 100
+        # the search stops close to the limit: the guard is what bounds the squeeze
+        assert r.report.fidelity["output_error"] >= 0.5 * lim / 100
+    assert res[10].report.after.params < res[2].report.after.params < before
+
+
+def test_search_with_budget_and_guard_squeezes_past_the_budget_while_the_guard_holds() -> None:
+    model, calib = _guard_model()
+    plain = ns.compile(model, _guarded("budget params <= 50%"), example_inputs=(calib[:2],), calibration=calib)
+    guarded = ns.compile(model, _guarded("budget params <= 50%\n  guard output error <= 25%"),
+                         example_inputs=(calib[:2],), calibration=calib)
+    assert plain.report.after.params <= 0.5 * plain.report.before.params
+    assert guarded.report.after.params < plain.report.after.params
+    assert plain.report.fidelity["output_error"] < guarded.report.fidelity["output_error"] <= 0.25
+
+
+def test_guard_unreachable_within_budget_is_a_located_error() -> None:
+    model, calib = _guard_model()
+    with pytest.raises(ns.BudgetError) as e:
+        ns.compile(model, _guarded("budget params <= 30%\n  guard output error <= 0.5%"), example_inputs=(calib[:2],),
+                   calibration=calib)
+    assert str(e.value).startswith(
+        "<policy>:4:3: error: pass 'squeeze_fold' (<policy>:4) failed: squeeze_fold cannot meet guard output error "
+        "<= 0.50% within the budget params <= 30.0%: the least squeezed candidate reaches ")
+    assert "(node '0')\n    squeeze_fold on type(linear) except last(type(linear))\n    ^~~~" in str(e.value)
+
+
+def test_search_with_top1_guard_uses_eval_fn() -> None:
+    model, calib = _guard_model()
+    labels = model(calib).argmax(1)
+    calls: list[float] = []
+
+    def top1(m: nn.Module) -> float:
+        with torch.no_grad():
+            acc = float((m(calib).argmax(1) == labels).double().mean())
+        calls.append(acc)
+        return acc
+
+    res = ns.compile(model, _guarded("guard top1 drop <= 5%"), example_inputs=(calib[:2],), calibration=calib,
+                     eval_fn=top1)
+    assert len(calls) > 4  # the search measured its candidates through eval_fn
+    assert res.report.fidelity["top1_drop"] <= 0.05
+    assert res.report.after.params < res.report.before.params
