@@ -30,7 +30,9 @@ class ChannelSelection:
     - `keep`: group channels to keep (any order; applied in ascending order).
     - `fold`: optional T [len(keep), group size]: every consumer's input channel c is reconstructed as
       A_c ≈ Σ_s A_s·T[s, c] + t₀[c], so consumers get W'[o, s] = Σ_c W[o, c]·T[s, c] (per kernel tap for
-      conv, per position of the block for flatten→linear). Rows follow ascending `keep`. A mapping
+      conv, per position of the block for flatten→linear). Rows follow ascending `keep`. For a consumer
+      whose channels occupy blocks (flatten→linear), T may be [len(keep), block, group size, block]:
+      feature (c, j) ≈ Σ_{s,i} A[s, i]·T[s, i, c, j], so W'[o, (s, i)] = Σ_{c,j} W[o, (c, j)]·T[s, i, c, j]. A mapping
       {consumer node id: T} gives each consumer the reconstruction measured at its own input
       (consumers of a residual stream read different values); consumers not in it are only sliced.
     - `bias_shift`: optional t₀, the intercept of that reconstruction; consumers' biases get += W·t₀
@@ -91,8 +93,10 @@ def apply_selection(graph: Graph, groups: ChannelGroups, selection: Mapping[int,
         fold_all = sel.fold if isinstance(sel.fold, torch.Tensor) else None
         fold_of = None if sel.fold is None or fold_all is not None else dict(sel.fold)
         for t in list((fold_of or {}).values()) + ([fold_all] if fold_all is not None else []):
-            if tuple(t.shape) != (len(keep), group.size):
-                raise _err(group, f"fold has shape {list(t.shape)}, expected [{len(keep)}, {group.size}]")
+            if tuple(t.shape) != (len(keep), group.size) and not (
+                    t.dim() == 4 and tuple(t.shape[::2]) == (len(keep), group.size) and t.shape[1] == t.shape[3]):
+                raise _err(group, f"fold has shape {list(t.shape)}, expected [{len(keep)}, {group.size}] "
+                                  f"(or [{len(keep)}, block, {group.size}, block])")
         for m in group.members:
             removed.setdefault(_key(m), set()).update(_positions(m, drop))
             touched.add(m.node)
@@ -116,6 +120,9 @@ def apply_selection(graph: Graph, groups: ChannelGroups, selection: Mapping[int,
                     raise _err(group, f"cannot fold into grouped conv '{m.node}' (not linear in its input channels)")
                 if len({len(p) for p in m.index}) != 1:
                     raise _err(group, f"cannot fold into '{m.node}': channels occupy unequal blocks")
+                if fold.dim() == 4 and fold.shape[1] != len(m.index[0]):
+                    raise _err(group, f"fold for '{m.node}' has blocks of {fold.shape[1]}, its channels occupy "
+                                      f"{len(m.index[0])} positions")
                 folds.append((m, keep, fold))
     if not removed and not bias_updates and not folds:
         return PassResult(changed=False)
@@ -138,7 +145,10 @@ def apply_selection(graph: Graph, groups: ChannelGroups, selection: Mapping[int,
         wm = w.double().movedim(m.axis, -1)
         idx = torch.tensor([list(p) for p in m.index])  # [channels, block]
         wc = wm[..., idx]  # [..., channels, block]
-        folded = torch.einsum("...cj,sc->...sj", wc, t.double())
+        if t.dim() == 4:  # kept channel s at block position i stands in for channel c at position j
+            folded = torch.einsum("...cj,sicj->...si", wc, t.double())
+        else:
+            folded = torch.einsum("...cj,sc->...sj", wc, t.double())
         wm[..., idx[keep]] = folded
         node.params[m.target] = wm.movedim(-1, m.axis).to(w.dtype).contiguous()
     for (nid, target, axis), pos in removed.items():

@@ -39,6 +39,12 @@ class _Probe:
     pos_sum: torch.Tensor  # [C, block] per-position sums (for per-position intercepts)
     count: int = 0  # samples (rows) in `moment`
     rows: int = 0  # rows per position in `pos_sum`
+    # block_fit = full (flatten→linear): augmented second moment over all C·block features, one row per sample
+    full: torch.Tensor | None = None
+
+    @property
+    def block(self) -> int:
+        return int(self.pos_sum.shape[1])
 
 
 @dataclass
@@ -110,6 +116,8 @@ class SqueezeFold(TransformPass):
     mode: Literal["cascade", "parallel"] = "cascade"
     allocation: Literal["lagrange", "uniform"] = "lagrange"
     max_samples: int = field(default=200_000, metadata={"min": 1})
+    block_fit: Literal["full", "shared"] = "full"
+    max_block_features: int = field(default=4096, metadata={"min": 1})
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         groups = ctx.analysis(DependencyAnalysis, graph).restrict(ctx.selected)
@@ -190,11 +198,12 @@ class SqueezeFold(TransformPass):
             return False
         return len({len(p) for p in m.index}) == 1
 
-    @staticmethod
-    def _probe(graph: Graph, m: Member) -> _Probe:
+    def _probe(self, graph: Graph, m: Member) -> _Probe:
         c, block = len(m.index), len(m.index[0])
         z = torch.zeros(c + 1, c + 1, dtype=torch.float64)
-        return _Probe(m, graph.operands(m.node)[0], z, torch.zeros(c, block, dtype=torch.float64))
+        full = block > 1 and self.block_fit == "full" and c * block <= self.max_block_features
+        return _Probe(m, graph.operands(m.node)[0], z, torch.zeros(c, block, dtype=torch.float64),
+                      full=torch.zeros(c * block + 1, c * block + 1, dtype=torch.float64) if full else None)
 
     @staticmethod
     def _gather(graph: Graph, m: Member, x: torch.Tensor) -> torch.Tensor:
@@ -216,6 +225,9 @@ class SqueezeFold(TransformPass):
                 aug = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], 1)
                 p.moment += aug.T @ aug
                 p.count += rows.shape[0]
+                if p.full is not None:
+                    flat = torch.cat([a.reshape(a.shape[0], -1), torch.ones(a.shape[0], 1, dtype=a.dtype)], 1)
+                    p.full += flat.T @ flat
                 p.pos_sum += a.sum(0)
                 p.rows += a.shape[0]
 
@@ -226,7 +238,8 @@ class SqueezeFold(TransformPass):
         cur = {m.node: m for m in g.members_of("consumer")}
         values = list(dict.fromkeys(p.value for p in probes))
         k = len(keep)
-        stats = {p.member.node: _Cross.empty(k, len(p.member.index), len(p.member.index[0])) for p in probes}
+        stats = {p.member.node: _Cross.empty(k * p.block, len(p.member.index) * p.block, 1) if p.full is not None
+                 else _Cross.empty(k, len(p.member.index), p.block) for p in probes}
         for now, orig in zip(ctx.stream(graph, values), ctx.stream(ref, values)):
             acts_now, acts_ref = dict(zip(values, now)), dict(zip(values, orig))
             for p in probes:
@@ -235,7 +248,9 @@ class SqueezeFold(TransformPass):
                     continue
                 a_s = self._gather(graph, cur[p.member.node], acts_now[p.value])[:, keep]  # [n, k, block]
                 a = self._gather(ref, p.member, acts_ref[p.value])  # [n, C, block]
-                x = a_s.movedim(-1, 1).reshape(-1, k)
+                if p.full is not None:  # every feature of the block is its own column
+                    a_s, a = a_s.reshape(a_s.shape[0], -1, 1), a.reshape(a.shape[0], -1, 1)
+                x = a_s.movedim(-1, 1).reshape(-1, a_s.shape[1])
                 y = a.movedim(-1, 1).reshape(-1, a.shape[1])
                 x1 = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
                 st.xtx += x1.T @ x1
@@ -247,12 +262,14 @@ class SqueezeFold(TransformPass):
         fits = {}
         for p in probes:
             st = stats[p.member.node]
-            reg = self.ridge * float(st.xtx.diagonal()[:-1].mean().clamp_min(1e-30)) * torch.eye(k + 1,
-                                                                                              dtype=torch.float64)
+            kf = st.xtx.shape[0] - 1
+            reg = self.ridge * float(st.xtx.diagonal()[:-1].mean().clamp_min(1e-30)) * torch.eye(kf + 1,
+                                                                                               dtype=torch.float64)
             reg[-1, -1] = 0.0
             t = torch.linalg.lstsq(st.xtx + reg, st.xty).solution[:-1]  # k x C (last row: intercept)
             n = max(1, st.rows)
-            fits[p.member.node] = (t, st.sum_ref / n - torch.einsum("sj,sc->cj", st.sum_now / n, t))
+            t0 = st.sum_ref / n - torch.einsum("sj,sc->cj", st.sum_now / n, t)
+            fits[p.member.node] = self._shaped(p, k, t, t0)
         return self._selection_from(graph, cur, keep, fits)
 
     def _rank(self, graph: Graph, probes: list[_Probe]) -> tuple[list[int], list[float], torch.Tensor]:
@@ -263,6 +280,13 @@ class SqueezeFold(TransformPass):
         """
         cov_sum: torch.Tensor | None = None
         met_sum: torch.Tensor | None = None
+        full = probes[0].full
+        if len(probes) == 1 and full is not None:  # flatten→linear: rank channels by their blocks
+            p = probes[0]
+            met = self._metric(graph, p.member, full=True) if self.weighting == "consumer" else None
+            order, err = ranking(covariance(full / max(1, p.rows)), self.method, met, max(self.ridge, 1e-9),
+                                 block=p.block)
+            return order, err, covariance(p.moment / max(1, p.count))
         for p in probes:
             cov = covariance(p.moment / max(1, p.count))
             cov = cov / cov.trace().clamp_min(1e-30)
@@ -276,17 +300,35 @@ class SqueezeFold(TransformPass):
         return order, err, cov_sum
 
     @staticmethod
-    def _metric(graph: Graph, m: Member) -> torch.Tensor:
-        """Σ_o WᵀW of a consumer in group-channel space, summed over kernel taps / block positions."""
+    def _metric(graph: Graph, m: Member, full: bool = False) -> torch.Tensor:
+        """Σ_o WᵀW of a consumer in group-channel space, summed over kernel taps / block positions
+        (`full`: over every feature of the blocks, C·block square)."""
         w = graph.node(m.node).params[m.param or "weight"].double().movedim(m.axis, -1)
         idx = torch.tensor([list(q) for q in m.index])  # [C, block]
         wc = w[..., idx].reshape(-1, *idx.shape)  # [rows, C, block]
+        if full:
+            wf = wc.reshape(wc.shape[0], -1)
+            return wf.T @ wf
         return torch.einsum("rcb,rdb->cd", wc, wc)
+
+    @staticmethod
+    def _shaped(p: _Probe, k: int, t: torch.Tensor, t0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A fit over block features (k·block × C·block, intercept C·block) as the fold
+        [k, block, C, block] and intercept [C, block]; a shared fit passes through."""
+        if p.full is None:
+            return t, t0
+        c, b = len(p.member.index), p.block
+        return t.reshape(k, b, c, b), t0.reshape(c, b)
 
     def _selection(self, graph: Graph, keep: list[int], probes: list[_Probe]) -> ChannelSelection:
         """Parallel: the reconstruction measured on the pass-start graph, per consumer."""
         fits = {}
         for p in probes:
+            if p.full is not None:
+                feats = [s * p.block + j for s in keep for j in range(p.block)]
+                tf, t0f = reconstruction(p.full / max(1, p.rows), feats, self.ridge)
+                fits[p.member.node] = self._shaped(p, len(keep), tf, t0f)
+                continue
             t, t0 = reconstruction(p.moment / max(1, p.count), keep, self.ridge)
             # per-position intercept: mean at each block position minus the kept channels' mapped mean
             mean_pos = p.pos_sum / max(1, p.rows)  # [C, block]

@@ -40,7 +40,7 @@ def _metric(m: torch.Tensor | None, c: int) -> torch.Tensor:
 
 
 def ranking(cov: torch.Tensor, method: Selector, metric: torch.Tensor | None = None,
-            ridge: float = 1e-6) -> tuple[list[int], list[float]]:
+            ridge: float = 1e-6, block: int = 1) -> tuple[list[int], list[float]]:
     """Channels in the order they are worth keeping, and the reconstruction error of every prefix.
 
     Returns (order, err) where keeping `order[:k]` and reconstructing the rest by least squares
@@ -48,43 +48,67 @@ def ranking(cov: torch.Tensor, method: Selector, metric: torch.Tensor | None = N
     consumers' input metric Σ_o WᵀW (per kernel tap / block position, summed), so the error is the
     one the consumers' outputs see; M = I measures the channels themselves.
 
-    - `greedy`: backward elimination. With P = Σ_SS⁻¹, dropping j from S adds
-      (Σ_{:,S}P e_j)ᵀ M (Σ_{:,S}P e_j) / P_jj to the error (the part of every channel along x_j's
-      component orthogonal to S∖{j}); the cheapest channel goes first, P is downdated in O(|S|²).
+    `block` > 1: `cov` and `metric` are over features, channel c owning features c·block ..
+    c·block+block−1 (the H·W positions of a channel feeding a linear layer after flatten); a channel
+    is kept or removed with all its features and every removed feature is reconstructed from every
+    kept one.
+
+    - `greedy`: backward elimination. With P = Σ_SS⁻¹, dropping channel J from S adds
+      tr(P_JJ⁻¹ · (Σ_{:,S}P_{:,J})ᵀ M (Σ_{:,S}P_{:,J})) to the error (the part of every feature along
+      J's component orthogonal to S∖J); the cheapest channel goes first and P is downdated by the
+      Schur complement.
     - `qr`: column-pivoted QR on the centred activations, done as pivoted Cholesky of Σ: each step
       keeps the channel with the largest residual variance.
     """
-    c = cov.shape[0]
-    m = _metric(metric, c)
+    n_feat = cov.shape[0]
+    c = n_feat // block
+    m = _metric(metric, n_feat)
     cov = cov.double()
+
+    def feats(chans: list[int]) -> list[int]:
+        return [ch * block + i for ch in chans for i in range(block)]
+
     if method == "qr":
         res = cov.clone()
         order: list[int] = []
+        tiny = 1e-13 * float(cov.diagonal().abs().max().clamp_min(1e-300))
         for _ in range(c):
-            d = res.diagonal().clone()
+            d = res.diagonal().reshape(c, block).sum(1)
             d[order] = -float("inf")
             j = int(torch.argmax(d))
             order.append(j)
-            if res[j, j] > 0:
-                col = res[:, j] / res[j, j].sqrt()
-                res = res - torch.outer(col, col)
+            for f in feats([j]):
+                if res[f, f] > tiny:
+                    col = res[:, f] / res[f, f].sqrt()
+                    res = res - torch.outer(col, col)
     else:
         reg = _ridge(cov, ridge)
+        mreg = m @ reg
         keep = list(range(c))
-        p = torch.linalg.inv(reg)
+        p = torch.linalg.inv(reg)  # over the kept channels' features, in `keep` order
         removed: list[int] = []
         while len(keep) > 1:
-            proj = reg[:, keep] @ p  # C × |S|
-            score = (proj * (m @ proj)).sum(0) / p.diagonal()
+            fs = feats(keep)
+            proj = reg[:, fs] @ p  # F × |S|·block
+            mproj = mreg[:, fs] @ p
+            nk = len(keep)
+            if block == 1:
+                score = (proj * mproj).sum(0) / p.diagonal()
+            else:
+                pr, mp = proj.reshape(n_feat, nk, block), mproj.reshape(n_feat, nk, block)
+                inner = torch.einsum("fni,fnj->nij", pr, mp)
+                ar = torch.arange(nk)
+                pjj = p.reshape(nk, block, nk, block)[ar, :, ar, :]  # nk × block × block
+                score = torch.linalg.solve(pjj, inner).diagonal(dim1=1, dim2=2).sum(1)
             j = int(torch.argmin(score))
-            pj = p[:, j]
-            p = p - torch.outer(pj, pj) / pj[j]
-            mask = torch.ones(len(keep), dtype=torch.bool)
-            mask[j] = False
-            p = p[mask][:, mask]
+            jf = list(range(j * block, (j + 1) * block))
+            rest = [i for i in range(nk * block) if i not in set(jf)]
+            pjj_inv = torch.linalg.inv(p[jf][:, jf])
+            p = p[rest][:, rest] - p[rest][:, jf] @ pjj_inv @ p[jf][:, rest]
             removed.append(keep.pop(j))
         order = keep + removed[::-1]
-    return order, prefix_errors(cov, m, order)
+    err = prefix_errors(cov, m, feats(order))
+    return order, err[::block]
 
 
 def prefix_errors(cov: torch.Tensor, metric: torch.Tensor, order: list[int]) -> list[float]:
