@@ -230,22 +230,24 @@ def measure_output_error(original: Graph, compressed: Graph, batches: Calibratio
     return {"output_error": math.sqrt(num / den) if den else 0.0, "max_abs_error": max_abs}
 
 
-def _fidelity_fn(original: Graph, metric: str, batches: CalibrationSource | None,
-                 eval_fn: Callable[[Any], float] | None) -> Callable[[Graph], dict[str, float]]:
-    """The guard's measurement of a candidate graph, for search passes (`PassContext.fidelity_fn`):
-    output error on the calibration batches, or the top-1 drop through the user's `eval_fn`."""
+def _fidelity_fn(original: Graph, batches: CalibrationSource | None,
+                 eval_fn: Callable[[Any], float] | None) -> Callable[[Graph, str], float | None]:
+    """Fidelity of a candidate graph, for search passes (`PassContext.fidelity`): output error on the
+    calibration batches, or the top-1 drop through the user's `eval_fn`."""
     base: list[float] = []
 
-    def measure(graph: Graph) -> dict[str, float]:
+    def measure(graph: Graph, metric: str) -> float | None:
         if metric == "top1_drop":
             if eval_fn is None:
-                return {}
+                return None
             from netsqueeze.backends.torch import to_torch
 
             if not base:
                 base.append(float(eval_fn(to_torch(original))))
-            return {"top1_drop": base[0] - float(eval_fn(to_torch(graph)))}
-        return measure_output_error(original, graph, batches) if batches is not None else {}
+            return base[0] - float(eval_fn(to_torch(graph)))
+        if batches is None or metric not in ("output_error", "max_abs_error"):
+            return None
+        return measure_output_error(original, graph, batches)[metric]
 
     return measure
 
@@ -350,7 +352,7 @@ def compile(
         log=log or (lambda msg: None),
         original=original,
         guard=(str(guard.metric), float(guard.limit)) if guard is not None else None,
-        fidelity_fn=_fidelity_fn(original, str(guard.metric), eval_batches, eval_fn) if guard is not None else None,
+        fidelity_fn=_fidelity_fn(original, eval_batches, eval_fn),
     )
     t2 = time.perf_counter()
     run = run_pipeline(graph, resolved.steps, ctx)

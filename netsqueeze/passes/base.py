@@ -9,7 +9,7 @@ selected nodes and logging come through `PassContext`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -45,9 +45,9 @@ class PassContext:
     - `analyses`: the analysis cache, managed by the pass manager.
     - `budget`: global targets from the policy (e.g. {"flops": 0.5, "params": 0.25}), ratios of the original.
     - `guard`: the policy's fidelity limit as (metric, limit), e.g. ("output_error", 0.02) or
-      ("top1_drop", 0.01); `fidelity(graph)` measures a candidate graph against `original` (the
-      compiler runs it on the calibration data, or through the user's `eval_fn` for top-1), so a
-      search pass can test candidates against the guard without importing a backend.
+      ("top1_drop", 0.01). `fidelity(graph, metric)` measures a candidate graph against `original`
+      (the compiler runs it on the calibration data, or through the user's `eval_fn` for top-1), so a
+      search pass can test candidates without importing a backend.
     """
 
     selected: frozenset[str] | None = None
@@ -60,7 +60,7 @@ class PassContext:
     # original graph before the pipeline (read-only), for budgets relative to the original
     original: Graph | None = None
     guard: tuple[str, float] | None = None
-    fidelity_fn: Callable[[Graph], Mapping[str, float]] | None = None
+    fidelity_fn: Callable[[Graph, str], float | None] | None = None
 
     def is_selected(self, node_id: str) -> bool:
         return self.selected is None or node_id in self.selected
@@ -73,13 +73,17 @@ class PassContext:
     def guard_check(self, graph: Graph) -> tuple[bool, float] | None:
         """(met, reached) of the policy's guard on candidate `graph`; None when the policy sets no guard
         or the compiler cannot measure it (no calibration data; no eval_fn for top-1)."""
-        if self.guard is None or self.fidelity_fn is None:
+        if self.guard is None:
             return None
         metric, limit = self.guard
-        values = self.fidelity_fn(graph)
-        if metric not in values:
-            return None
-        return values[metric] <= limit + 1e-12, float(values[metric])
+        value = self.fidelity(graph, metric)
+        return None if value is None else (value <= limit + 1e-12, value)
+
+    def fidelity(self, graph: Graph, metric: str = "output_error") -> float | None:
+        """`metric` ("output_error": relative L2 error of the outputs on the calibration data;
+        "top1_drop": through the user's eval_fn) of candidate `graph` against `original`, or None
+        when the compiler cannot measure it."""
+        return None if self.fidelity_fn is None else self.fidelity_fn(graph, metric)
 
     def analysis(self, cls: type[AnalysisPass[T]], graph: Graph, **options: Any) -> T:
         """The cached result of analysis `cls` on `graph`, computed on first use."""

@@ -118,6 +118,8 @@ class SqueezeFold(TransformPass):
     max_samples: int = field(default=200_000, metadata={"min": 1})
     block_fit: Literal["full", "shared"] = "full"
     max_block_features: int = field(default=4096, metadata={"min": 1})
+    sensitivity: Literal["output", "none"] = "output"
+    sensitivity_rounds: int = field(default=2, metadata={"min": 1})
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         groups = ctx.analysis(DependencyAnalysis, graph).restrict(ctx.selected)
@@ -375,6 +377,48 @@ class SqueezeFold(TransformPass):
             k = min(g.size, int(math.ceil(k / round_to) * round_to))
         return min(k, g.size)
 
+    def _sensitivities(self, graph: Graph, groups: ChannelGroups,
+                       ranks: dict[int, tuple[list[int], list[float], torch.Tensor]], plans: dict[int, list[_Probe]],
+                       counts: dict[int, int], ctx: PassContext) -> dict[int, float]:
+        """Per group, the model's squared relative output error per unit of the group's own
+        reconstruction error: the group alone squeezed to its count in `counts` (half its channels
+        when that keeps them all), folded in parallel on a copy, measured by `ctx.fidelity`."""
+        out: dict[int, float] = {}
+        for gid, (order, err, _) in ranks.items():
+            size = groups[gid].size
+            k = counts[gid] if counts[gid] < size else max(1, size // 2)
+            if err[k] <= 1e-9:
+                continue
+            g2 = graph.copy()
+            apply_selection(g2, groups, {gid: self._selection(g2, sorted(order[:k]), plans[gid])})
+            e = ctx.fidelity(g2)
+            if e is not None:
+                out[gid] = max(e * e / err[k], 1e-6)
+        return out
+
+    def _fill(self, groups: ChannelGroups, ranks: dict[int, tuple[list[int], list[float], torch.Tensor]],
+              counts: dict[int, int], sens: dict[int, float], cost: dict[int, float],
+              stats_for: Callable[[dict[int, int]], tuple[float, float]],
+              meets: Callable[[tuple[float, float]], bool], ctx: PassContext) -> dict[int, int]:
+        """Spends the budget the λ bisection leaves unused (its steps are coarse with `round_to`): gives
+        channels back, one rounding step at a time, to the group whose weighted error falls most per
+        unit of cost, while the budget still holds."""
+        counts = dict(counts)
+        while True:
+            best: tuple[float, int, int] | None = None
+            for gid, (_, err, _) in ranks.items():
+                k = counts[gid]
+                step = max(1, int(ctx.bounds_for(groups[gid].producers).get("round_to", self.round_to)))
+                k2 = min(groups[gid].size, k + step)
+                if k2 == k:
+                    continue
+                gain = sens[gid] * (err[k] - err[k2]) / (cost[gid] * (k2 - k))
+                if gain > 0 and (best is None or gain > best[0]) and meets(stats_for({**counts, gid: k2})):
+                    best = (gain, gid, k2)
+            if best is None:
+                return counts
+            counts[best[1]] = best[2]
+
     def _search_counts(self, graph: Graph, groups: ChannelGroups,
                        ranks: dict[int, tuple[list[int], list[float], torch.Tensor]], plans: dict[int, list[_Probe]],
                        ctx: PassContext) -> tuple[dict[int, int], str]:
@@ -421,6 +465,8 @@ class SqueezeFold(TransformPass):
                 + f": squeezing every group to its minimum reaches flops {reached[0]:.1%}, params {reached[1]:.1%}",
                 node=groups[next(iter(ranks))].producers[0] if groups[next(iter(ranks))].producers else None))
         family: Callable[[float], dict[int, int]]
+        sens: dict[int, float] = dict.fromkeys(ranks, 1.0)
+        cost: dict[int, float] = {}
         if self.allocation == "uniform":
             lo, hi, steps = -1.0, 0.0, 16  # t = −energy
 
@@ -428,7 +474,6 @@ class SqueezeFold(TransformPass):
                 return {gid: self._kept(groups[gid], ranks[gid], -t, ctx) for gid in ranks}
         else:
             weight = {k: 1.0 / budget[k] for k in budget} if budget else {"flops": 1.0, "params": 1.0}
-            cost: dict[int, float] = {}
             for gid in ranks:
                 f1, p1 = stats_for({gid: groups[gid].size - 1})
                 delta = {"flops": now.flops / max(1, base.flops) - f1, "params": now.params / max(1, base.params) - p1}
@@ -438,20 +483,29 @@ class SqueezeFold(TransformPass):
             def family(t: float) -> dict[int, int]:
                 out = {}
                 for gid, (_, err, _) in ranks.items():
-                    best = min(range(1, len(err)), key=lambda k: err[k] + 10**t * cost[gid] * k)
+                    best = min(range(1, len(err)), key=lambda k: sens[gid] * err[k] + 10**t * cost[gid] * k)
                     out[gid] = self._clamp(groups[gid], best, ctx)
                 return out
 
-        t_budget = lo
-        if budget:
+        def budget_t() -> float:
             a, b = lo, hi
             for _ in range(steps):
                 mid = (a + b) / 2
                 a, b = (a, mid) if meets(stats_for(family(mid))) else (mid, b)
-            t_budget = b
+            return b
+
+        t_budget = budget_t() if budget else lo
         line = f"search ({self.allocation}): budget met at t = {t_budget:.3g}"
+        if self.allocation == "lagrange" and self.sensitivity == "output" and ctx.fidelity(graph) is not None:
+            for _ in range(self.sensitivity_rounds):
+                sens.update(self._sensitivities(graph, groups, ranks, plans, family(t_budget), ctx))
+                t_budget = budget_t() if budget else lo
+            line += " after weighting groups by output sensitivity (" + ", ".join(
+                f"{groups[g].producers[0] if groups[g].producers else g}: {v:.3g}" for g, v in sorted(sens.items())) + ")"
         if not guarded or ctx.guard is None:
-            return family(t_budget), line
+            if not budget or self.allocation != "lagrange":
+                return family(t_budget), line
+            return self._fill(groups, ranks, family(t_budget), sens, cost, stats_for, meets, ctx), line
         metric, limit = ctx.guard
         seen: dict[tuple[tuple[int, int], ...], tuple[bool, float] | None] = {}
 
