@@ -127,8 +127,11 @@ class SqueezeFold(TransformPass):
         plans: dict[int, list[_Probe]] = {}
         for g in groups.prunable():
             cons = g.members_of("consumer")
-            bad = [m for m in cons if not self._foldable(graph, m)]
-            if not cons:
+            # a grouped conv reads these channels through weight slots shared across its groups
+            grouped = [m for m in g.members if m.role == "param" and m.param == "weight" and m.axis == 1
+                       and graph.node(m.node).kind == "conv" and graph.node(m.node).attrs.get("groups", 1) != 1]
+            bad = [m for m in cons if not self._foldable(graph, m)] + grouped
+            if not cons and not grouped:
                 continue
             if bad and self.nonlinear == "skip":
                 result.notes.append(f"group {g.id} ({g.producers[0] if g.producers else '?'}): consumer "

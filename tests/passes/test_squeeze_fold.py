@@ -38,9 +38,49 @@ def cnn(r: int) -> nn.Module:
     return m
 
 
+class ResidualSum(nn.Module):
+    """Two producers summed, the sum read by a linear layer directly and by another through a relu."""
+
+    def __init__(self, r: int) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(2)
+        self.fc1, self.fc2 = nn.Linear(10, 16), nn.Linear(10, 16)
+        self.fc3, self.fc4 = nn.Linear(16, 5), nn.Linear(16, 5)
+        # the same duplication pattern in both producers keeps the sum at rank r
+        scale = torch.rand(16, generator=g) + 0.5
+        scale[:r] = 1.0
+        src = torch.arange(16) % r
+        with torch.no_grad():
+            for fc in (self.fc1, self.fc2):
+                fc.weight.copy_(fc.weight[src] * scale[:, None])
+                fc.bias.copy_(fc.bias[src] * scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = torch.relu(self.fc1(x)) + torch.relu(self.fc2(x))
+        return self.fc3(s) + self.fc4(torch.relu(s))
+
+
+def depthwise(r: int) -> nn.Module:
+    """conv -> relu -> depthwise conv -> relu -> pointwise conv: the depthwise conv passes channels
+    through, so the group spans it and the fold goes into the pointwise conv."""
+    g = torch.Generator().manual_seed(3)
+    m = nn.Sequential(nn.Conv2d(3, 12, 1), nn.ReLU(), nn.Conv2d(12, 12, 3, padding=1, groups=12), nn.ReLU(),
+                      nn.Conv2d(12, 6, 1)).eval()
+    scale = torch.rand(12, generator=g) + 0.5
+    scale[:r] = 1.0
+    src = torch.arange(12) % r
+    with torch.no_grad():  # channel c is scale_c times channel src(c) before and after the depthwise conv
+        for conv, s in ((m[0], scale), (m[2], torch.ones(12))):
+            conv.weight.copy_(conv.weight[src] * (s.view(-1, 1, 1, 1)))
+            conv.bias.copy_(conv.bias[src] * scale)
+    return m
+
+
 CASES = {
+    "depthwise_passthrough": (depthwise, (3, 6, 6), 4, {"0": 4, "2": 4}),
     "linear": (mlp, (10,), 4, {"0": 4}),
     "conv_and_flatten_linear": (cnn, (3, 8, 8), 5, {"0": 5, "2": 3}),
+    "residual_sum_two_consumers": (lambda r: ResidualSum(r).eval(), (10,), 3, {"fc1": 3, "fc2": 3}),
 }
 
 
@@ -204,3 +244,37 @@ def test_search_with_top1_guard_uses_eval_fn() -> None:
     assert len(calls) > 4  # the search measured its candidates through eval_fn
     assert res.report.fidelity["top1_drop"] <= 0.05
     assert res.report.after.params < res.report.before.params
+
+
+def test_full_block_fit_is_at_least_as_faithful_as_shared_on_flatten_linear() -> None:
+    """block_fit = full reconstructs each removed (channel, position) feature from every kept feature,
+    a superset of the shared per-position map: on the calibration data its error can only be lower."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(3, 12, 3), nn.ReLU(), nn.Flatten(), nn.Linear(12 * 4 * 4, 6)).eval()
+    calib = torch.randn(512, 3, 6, 6)
+    err = {}
+    for fit in ("full", "shared"):
+        res = ns.compile(model, [SqueezeFold(ratio=0.5, block_fit=fit, mode="parallel")],  # type: ignore[arg-type]
+                         example_inputs=(calib[:2],), calibration=calib)
+        assert res.graph.node("0").params["weight"].shape == (6, 3, 3, 3)
+        assert res.graph.node("3").params["weight"].shape == (6, 6 * 16)
+        err[fit] = res.report.fidelity["output_error"]
+    assert err["full"] < 0.8 * err["shared"]
+
+
+def test_grouped_conv_consumer_is_left_alone() -> None:
+    """A grouped conv reads its channels through weight slots shared across groups: no fold can keep
+    that structure, so squeeze_fold leaves a group it consumes alone, with a note; the grouped conv's
+    own output channels (read by a linear layer) still squeeze, whole slots at a time."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 2 * 2, 4)).eval()
+    calib = torch.randn(128, 3, 6, 6)
+    for nonlinear in ("skip", "remove"):
+        res = ns.compile(model, [SqueezeFold(ratio=0.5, nonlinear=nonlinear)],  # type: ignore[arg-type]
+                         example_inputs=(calib[:2],), calibration=calib)
+        notes = [n for r in res.report.passes for n in r.result.notes]
+        assert any(n.startswith("group 1") and "left alone" in n for n in notes), notes
+        assert res.graph.node("0").params["weight"].shape == (8, 3, 3, 3)
+        assert res.graph.node("2").params["weight"].shape == (4, 4, 3, 3)  # 2 of 4 slots in each of 2 groups
+        assert res.graph.node("5").params["weight"].shape == (4, 4 * 2 * 2)

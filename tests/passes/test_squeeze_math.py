@@ -83,3 +83,27 @@ def test_ranking_prefix_errors_match_least_squares() -> None:
     w[0, 0] = 0.0
     order, _ = ranking(covariance(m), "greedy", w.T @ w)
     assert order[-1] == 0
+
+
+def test_block_ranking_keeps_whole_channels_and_its_prefix_errors_are_least_squares() -> None:
+    """block = 3: channel c owns features 3c..3c+2; removing a channel removes its block, and err[k] is
+    the least-squares error of reconstructing every feature from the kept channels' features."""
+    from netsqueeze.passes.squeeze_math import ranking
+
+    g = torch.Generator().manual_seed(11)
+    a = low_rank(2000, 18, 7, seed=11) + 0.1 * torch.randn(2000, 18, generator=g, dtype=torch.float64)
+    m = moment_of(a)
+    met = torch.randn(5, 18, generator=g, dtype=torch.float64)
+    met = met.T @ met
+    for method in ("greedy", "qr"):
+        order, err = ranking(covariance(m), method, met, block=3)  # type: ignore[arg-type]
+        assert sorted(order) == list(range(6)) and len(err) == 7 and err[0] == 1.0 and err[-1] == 0.0
+        for k in (1, 3, 5):
+            feats = [c * 3 + i for c in sorted(order[:k]) for i in range(3)]
+            t, t0 = reconstruction(m, feats)
+            res = a - (a[:, feats] @ t + t0)
+            cen = a - a.mean(0)
+            want = float(torch.trace(met @ res.T @ res) / torch.trace(met @ cen.T @ cen))
+            assert abs(err[k] - want) < 1e-9
+    # block = 1 is the plain ranking
+    assert ranking(covariance(m), "greedy", met, block=1) == ranking(covariance(m), "greedy", met)
