@@ -73,26 +73,31 @@ class SqueezeFold(TransformPass):
 
     Per prunable channel group (dependency analysis; the policy's `on` selects producers):
     1. At every consumer's input, the augmented Gram matrix E[[a,1][a,1]ᵀ] of the group's channels is
-       streamed over the calibration data (conv: every spatial position is a sample; flatten→linear:
-       every position of a channel's H·W block is a sample).
+       streamed over the calibration data (conv: every spatial position is a sample). A linear layer
+       after flatten reads C·H·W features: with `block_fit = full` (default) their whole Gram is
+       streamed (one sample per image; up to `max_block_features`, else `shared`); with `shared`
+       every position of a channel's H·W block is a sample of the channel.
     2. Channels ranked once per group by `greedy` backward elimination (default) or column-pivoted
        `qr`, each prefix with its reconstruction error as the consumers' outputs see it
-       (tr(M·Σ_res)/tr(M·Σ), M = Σ WᵀW of the consumers; `weighting = none` uses M = I). The greedy
-       default was chosen by measurement: at the same size it kept clearly more top-1 than `qr` on
-       the benchmark VGG (benchmarks/results/squeeze.md).
+       (tr(M·Σ_res)/tr(M·Σ), M = Σ WᵀW of the consumers; `weighting = none` uses M = I); for a full
+       block fit, whole channels (blocks of H·W features) are eliminated / pivoted.
     3. The kept count: the smallest r whose reconstruction keeps `energy` of that variance
        (`energy_of = spectrum`: the share of the covariance eigenvalues, the paper's wording), or
-       `ratio` of channels removed, or — when the policy sets a `budget` and neither is given — a
-       search for the largest model that meets it (`allocation`, see `_budget_counts`). The policy's
-       bounds (min_channels, max_ratio, round_to) clamp every count.
+       `ratio` of channels removed, or — when neither is given — the search mode: the smallest model
+       that meets the policy's `budget` and `guard` (`allocation`, `sensitivity`: see
+       `_search_counts`). The policy's bounds (min_channels, max_ratio, round_to) clamp every count.
     4. Per consumer, least squares with intercept a ≈ a_S·T + t₀ (`ridge` for ill-conditioned Grams),
-       folded: W'[o,s] = Σ_c W[o,c]·T[s,c] per kernel tap / block position; bias += W·t₀ (t₀ per
-       position for flatten blocks).
+       folded: W'[o,s] = Σ_c W[o,c]·T[s,c] per kernel tap; for flatten→linear with the full block fit
+       every removed (channel, position) feature is rebuilt from every kept feature,
+       W'[o,(s,i)] = Σ_{c,j} W[o,(c,j)]·T[(s,i),(c,j)] (a superset of one T shared by all positions,
+       which `shared` uses); bias += W·t₀.
     5. The rest is deleted through the shared `apply_selection` routine. `mode = cascade` (default)
        squeezes the groups one at a time in graph order and refits each group's reconstruction from
        the kept channels *as the already-squeezed graph computes them* to the original activations,
        so later folds absorb the error of earlier ones (as Net-Trim's cascade mode does); `parallel`
        fits every group on the original graph at once (one calibration pass instead of 1 + 2 per group).
+    Defaults by measurement on the benchmark VGG/ResNet at 5x fewer params
+    (benchmarks/results/squeeze.md, which also lists each alternative at the hardest point).
     Exact when activations have exact rank r and consumers are linear in their input channels. It
     approximates at zero-padded conv borders (t₀ enters the bias at every output position). A group
     with a consumer that is not linear in its input channels (grouped conv, conv_transpose, attention's
@@ -100,7 +105,8 @@ class SqueezeFold(TransformPass):
     are only sliced (their removed inputs are lost, not reconstructed) while the group's linear
     consumers still get the fold. Groups frozen by the dependency analysis (graph outputs, opaque
     ops, LayerNorm over the channel axis) are never touched.
-    Needs calibration data. Guarantees: the graph verifies; params/FLOPs never grow.
+    Needs calibration data. Guarantees: the graph verifies; params/FLOPs never grow; in search mode
+    the budget holds and, where the compiler can measure it, the guard too.
     """
 
     name: ClassVar[str] = "squeeze_fold"
@@ -432,7 +438,11 @@ class SqueezeFold(TransformPass):
         - `lagrange` (default): each group keeps argmin_k err_g(k) + λ·cost_g·k, where err_g is the
           group's prefix reconstruction error and cost_g the budget share one of its channels costs
           (measured by removing one channel on a copy); channels go where they buy the least error per
-          FLOP/param. The family is indexed by log λ.
+          FLOP/param. The family is indexed by log λ. With `sensitivity = output` (default, when the
+          compiler can measure output error), err_g is weighted by how much of it reaches the model's
+          outputs: each group alone squeezed to its count at the budget, the squared relative output
+          error per unit of err_g (`sensitivity_rounds` re-measurements); after the bisection the
+          budget its coarse steps leave unused is handed back (`_fill`).
         - `uniform`: one reconstruction-energy threshold for every group.
         1. Budget (flops/params): bisection for the largest candidate that meets it, every candidate's
            stats measured exactly on a sliced copy. Without a guard this is the answer: the least
