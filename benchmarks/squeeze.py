@@ -38,6 +38,9 @@ from netsqueeze.ir.stats import graph_stats
 from netsqueeze.passes.registry import all_passes
 
 ROUND_TO = 8
+# each design choice of squeeze_fold against its default, at the hardest point
+VARIANTS = ("method = qr", "mode = parallel", "allocation = uniform", "weighting = none", "sensitivity = none",
+            "sensitivity = curve", "block_fit = shared")
 
 
 class PeakRSS:
@@ -122,6 +125,10 @@ def run_ns(model: nn.Module, passes: list[Any], calib: torch.Tensor, policy_budg
     return res, time.perf_counter() - t0, mem.mib
 
 
+def _notes(res: ns.CompileResult) -> list[str]:
+    return [n for r in res.report.passes if r.name == "squeeze_fold" for n in r.result.notes]
+
+
 def latencies(model: nn.Module) -> dict[str, float]:
     import onnx
 
@@ -177,6 +184,7 @@ def main() -> None:
     if args.plot_only:
         plot_results(RESULTS / ("squeeze-quick.md" if args.quick else "squeeze.md"))
         return
+    t_start = time.perf_counter()
     torch.manual_seed(0)
     data = fashion_mnist()
     test_x, test_y = (data["test_x"][:1000], data["test_y"][:1000]) if args.quick else (data["test_x"], data["test_y"])
@@ -187,6 +195,9 @@ def main() -> None:
     rows: list[list[str]] = []
     lat_rows: list[list[str]] = []
     lat0: dict[str, float] = {}
+    # timed together at the end of the run, after every compile: (model name, variant, FLOPs ratio, module)
+    to_time: list[tuple[str, str, float, nn.Module]] = []
+    alloc: list[str] = []  # what each squeeze_fold compile kept, from its report
 
     def row(name: str, method: str, setting: str, pr: float, fr: float, acc: float, base_acc: float,
             secs: float, mib: float) -> None:
@@ -198,22 +209,21 @@ def main() -> None:
         base_acc = accuracy(model, test_x, test_y)
         base_flops, base_params = flops_params(model)
         rows.append([name, "original", "-", "1.00x", "1.00x", f"{base_acc:.2%}", "-", "-", "-"])
-        lat0 = latencies(model)
-        lat_rows.append([name, "original", "1.00x"] + [f"{lat0[k]:.2f} ms" for k in sorted(lat0)])
+        to_time.append((name, "original", 1.0, model))
         for b in budgets:
             res, secs, mib = run_ns(model, ["fold_bn", "squeeze_fold"], calib, {"params": b})
             acc = accuracy(res.model, test_x, test_y)
             fr, pr = res.report.flops_ratio, res.report.params_ratio
             row(name, "squeeze_fold", f"params <= {b:.1%}", pr, fr, acc, base_acc, secs, mib)
-            lat = latencies(res.model)
-            lat_rows.append([name, f"squeeze_fold params <= {b:.1%}", f"{fr:.2f}x"] +
-                            [f"{lat0[k] / lat[k]:.2f}x ({lat[k]:.2f} ms)" for k in sorted(lat0)])
+            alloc.append(f"- {name} squeeze_fold params <= {b:.1%}: " + "; ".join(_notes(res)))
+            to_time.append((name, f"squeeze_fold params <= {b:.1%}", fr, res.model))
             if b == budgets[-1]:  # the design choices, measured at the hardest point
-                for variant in ("method = qr", "mode = parallel", "allocation = uniform", "weighting = none"):
+                for variant in VARIANTS:
                     vres, vsecs, vmib = run_ns(model, ["fold_bn", f"squeeze_fold {{ {variant} }}"], calib,
                                                {"params": b})
                     row(name, f"squeeze_fold {variant}", f"params <= {b:.1%}", vres.report.params_ratio,
                         vres.report.flops_ratio, accuracy(vres.model, test_x, test_y), base_acc, vsecs, vmib)
+                    alloc.append(f"- {name} squeeze_fold {variant} params <= {b:.1%}: " + "; ".join(_notes(vres)))
             keep = 1.0 / fr
             for crit in trim_criteria:
                 try:
@@ -236,6 +246,14 @@ def main() -> None:
                 row(name, f"torch-pruning group-{kind}", f"FLOPs {fr:.2f}x", base_params / p2, base_flops / f2, pacc,
                     base_acc, secs, mem.mib)
 
+    for name, variant, fr, m in to_time:
+        lat = latencies(m)
+        if variant == "original":
+            lat0 = lat
+            lat_rows.append([name, "original", "1.00x"] + [f"{lat0[k]:.2f} ms" for k in sorted(lat0)])
+        else:
+            lat_rows.append([name, variant, f"{fr:.2f}x"] +
+                            [f"{lat0[k] / lat[k]:.2f}x ({lat[k]:.2f} ms)" for k in sorted(lat0)])
     header = ["model", "method", "setting", "params ratio", "FLOPs ratio", "top-1", "drop (pts)", "compile s",
               "peak MiB"]
     lat_header = ["model", "model variant", "FLOPs ratio"] + [f"speed-up {k}" for k in sorted(lat0)]
@@ -243,10 +261,14 @@ def main() -> None:
         "# squeeze-and-fold on Fashion-MNIST (one-shot, no fine-tuning)",
         f"test images: {len(test_x)}; calibration: {len(calib)} training images; CPU, 2 threads; channel counts "
         f"rounded to multiples of {ROUND_TO} for every method; peak MiB = RSS growth during the compile (a lower "
-        "bound: reused memory does not show)",
+        "bound: reused memory does not show); compile s is wall time on a 2-core machine that may be shared "
+        f"with other jobs (noisy). Command: `.venv/bin/python benchmarks/squeeze.py {' '.join(sys.argv[1:])}`, "
+        f"{(time.perf_counter() - t_start) / 60:.0f} min",
         markdown_table(header, rows),
-        "## latency (median of 50 runs; speed-up = original / compressed)",
+        "## latency (median of 50 runs; speed-up = original / compressed; timed together after every compile)",
         markdown_table(lat_header, lat_rows),
+        "## squeeze_fold allocations (the pass's report notes: channels kept per group, how the search ended)",
+        "\n".join(alloc),
     ]) + "\n"
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)

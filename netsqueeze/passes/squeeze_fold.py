@@ -75,7 +75,8 @@ class SqueezeFold(TransformPass):
     1. At every consumer's input, the augmented Gram matrix E[[a,1][a,1]ᵀ] of the group's channels is
        streamed over the calibration data (conv: every spatial position is a sample). A linear layer
        after flatten reads C·H·W features: with `block_fit = full` (default) their whole Gram is
-       streamed (one sample per image; up to `max_block_features`, else `shared`); with `shared`
+       streamed (one sample per image; up to `max_block_features` and with more samples than
+       features, else `shared`); with `shared`
        every position of a channel's H·W block is a sample of the channel.
     2. Channels ranked once per group by `greedy` backward elimination (default) or column-pivoted
        `qr`, each prefix with its reconstruction error as the consumers' outputs see it
@@ -124,7 +125,7 @@ class SqueezeFold(TransformPass):
     max_samples: int = field(default=200_000, metadata={"min": 1})
     block_fit: Literal["full", "shared"] = "full"
     max_block_features: int = field(default=4096, metadata={"min": 1})
-    sensitivity: Literal["output", "none"] = "output"
+    sensitivity: Literal["output", "curve", "none"] = "output"
     sensitivity_rounds: int = field(default=2, metadata={"min": 1})
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
@@ -151,6 +152,12 @@ class SqueezeFold(TransformPass):
         if not plans:
             return result
         self._collect(graph, ctx, [p for ps in plans.values() for p in ps])
+        for gid, ps in plans.items():
+            for p in ps:
+                if p.full is not None and p.rows <= p.full.shape[0]:  # the feature Gram would be singular
+                    result.notes.append(f"group {gid}: '{p.member.node}' fits blocks shared, {p.rows} calibration "
+                                        f"samples for {p.full.shape[0] - 1} features")
+                    p.full = None
         ranks = {gid: self._rank(graph, probes) for gid, probes in plans.items()}
         searching = self.energy is None and self.ratio is None
         if searching:
@@ -405,8 +412,29 @@ class SqueezeFold(TransformPass):
                 out[gid] = max(e * e / err[k], 1e-6)
         return out
 
-    def _fill(self, groups: ChannelGroups, ranks: dict[int, tuple[list[int], list[float], torch.Tensor]],
-              counts: dict[int, int], sens: dict[int, float], cost: dict[int, float],
+    def _curves(self, graph: Graph, groups: ChannelGroups,
+                ranks: dict[int, tuple[list[int], list[float], torch.Tensor]], plans: dict[int, list[_Probe]],
+                ctx: PassContext) -> dict[int, dict[int, float]]:
+        """Per group, the model's squared relative output error with that group alone squeezed to k
+        channels (parallel fold on a copy), at k on a grid of about 16 counts (rounding steps)."""
+        out: dict[int, dict[int, float]] = {}
+        for gid, (order, _, _) in ranks.items():
+            g = groups[gid]
+            step = max(1, int(ctx.bounds_for(g.producers).get("round_to", self.round_to)), g.size // 16)
+            ks = sorted({self._clamp(g, k, ctx) for k in [1, *range(step, g.size, step)]} - {g.size})
+            pts = {g.size: 0.0}
+            for k in ks:
+                g2 = graph.copy()
+                apply_selection(g2, groups, {gid: self._selection(g2, sorted(order[:k]), plans[gid])})
+                e = ctx.fidelity(g2)
+                if e is None:
+                    return {}
+                pts[k] = e * e
+            out[gid] = pts
+        return out
+
+    def _fill(self, groups: ChannelGroups, counts: dict[int, int], value: Callable[[int, int], float],
+              cost: dict[int, float],
               stats_for: Callable[[dict[int, int]], tuple[float, float]],
               meets: Callable[[tuple[float, float]], bool], ctx: PassContext) -> dict[int, int]:
         """Spends the budget the λ bisection leaves unused (its steps are coarse with `round_to`): gives
@@ -415,13 +443,13 @@ class SqueezeFold(TransformPass):
         counts = dict(counts)
         while True:
             best: tuple[float, int, int] | None = None
-            for gid, (_, err, _) in ranks.items():
+            for gid in counts:
                 k = counts[gid]
                 step = max(1, int(ctx.bounds_for(groups[gid].producers).get("round_to", self.round_to)))
                 k2 = min(groups[gid].size, k + step)
                 if k2 == k:
                     continue
-                gain = sens[gid] * (err[k] - err[k2]) / (cost[gid] * (k2 - k))
+                gain = (value(gid, k) - value(gid, k2)) / (cost[gid] * (k2 - k))
                 if gain > 0 and (best is None or gain > best[0]) and meets(stats_for({**counts, gid: k2})):
                     best = (gain, gid, k2)
             if best is None:
@@ -479,7 +507,22 @@ class SqueezeFold(TransformPass):
                 node=groups[next(iter(ranks))].producers[0] if groups[next(iter(ranks))].producers else None))
         family: Callable[[float], dict[int, int]]
         sens: dict[int, float] = dict.fromkeys(ranks, 1.0)
+        curves: dict[int, dict[int, float]] = {}
         cost: dict[int, float] = {}
+
+        def value(gid: int, k: int) -> float:
+            """The error group `gid` contributes keeping k channels: a measured output-error curve,
+            else its reconstruction error weighted by its sensitivity."""
+            if gid not in curves:
+                return sens[gid] * ranks[gid][1][k]
+            pts = curves[gid]
+            lo_k = max((q for q in pts if q <= k), default=min(pts))
+            hi_k = min((q for q in pts if q >= k), default=max(pts))
+            if hi_k == lo_k:
+                return pts[lo_k]
+            w = (k - lo_k) / (hi_k - lo_k)
+            return (1 - w) * pts[lo_k] + w * pts[hi_k]
+
         if self.allocation == "uniform":
             lo, hi, steps = -1.0, 0.0, 16  # t = −energy
 
@@ -496,7 +539,7 @@ class SqueezeFold(TransformPass):
             def family(t: float) -> dict[int, int]:
                 out = {}
                 for gid, (_, err, _) in ranks.items():
-                    best = min(range(1, len(err)), key=lambda k: sens[gid] * err[k] + 10**t * cost[gid] * k)
+                    best = min(range(1, len(err)), key=lambda k: value(gid, k) + 10**t * cost[gid] * k)
                     out[gid] = self._clamp(groups[gid], best, ctx)
                 return out
 
@@ -509,7 +552,11 @@ class SqueezeFold(TransformPass):
 
         t_budget = budget_t() if budget else lo
         line = f"search ({self.allocation}): budget met at t = {t_budget:.3g}"
-        if self.allocation == "lagrange" and self.sensitivity == "output" and ctx.fidelity(graph) is not None:
+        if self.allocation == "lagrange" and self.sensitivity == "curve" and ctx.fidelity(graph) is not None:
+            curves.update(self._curves(graph, groups, ranks, plans, ctx))
+            t_budget = budget_t() if budget else lo
+            line += f" after measuring output-error curves ({sum(len(c) for c in curves.values())} points)"
+        elif self.allocation == "lagrange" and self.sensitivity == "output" and ctx.fidelity(graph) is not None:
             for _ in range(self.sensitivity_rounds):
                 sens.update(self._sensitivities(graph, groups, ranks, plans, family(t_budget), ctx))
                 t_budget = budget_t() if budget else lo
@@ -518,7 +565,7 @@ class SqueezeFold(TransformPass):
         if not guarded or ctx.guard is None:
             if not budget or self.allocation != "lagrange":
                 return family(t_budget), line
-            return self._fill(groups, ranks, family(t_budget), sens, cost, stats_for, meets, ctx), line
+            return self._fill(groups, family(t_budget), value, cost, stats_for, meets, ctx), line
         metric, limit = ctx.guard
         seen: dict[tuple[tuple[int, int], ...], tuple[bool, float] | None] = {}
 

@@ -278,3 +278,33 @@ def test_grouped_conv_consumer_is_left_alone() -> None:
         assert res.graph.node("0").params["weight"].shape == (8, 3, 3, 3)
         assert res.graph.node("2").params["weight"].shape == (4, 4, 3, 3)  # 2 of 4 slots in each of 2 groups
         assert res.graph.node("5").params["weight"].shape == (4, 4 * 2 * 2)
+
+
+class TwoBranches(nn.Module):
+    """Two identical-looking branches; the first reaches the output scaled by 0.01."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(8)
+        self.a1, self.a2 = nn.Linear(10, 24), nn.Linear(24, 5)
+        self.b1, self.b2 = nn.Linear(10, 24), nn.Linear(24, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.01 * self.a2(torch.relu(self.a1(x))) + self.b2(torch.relu(self.b1(x)))
+
+
+@pytest.mark.parametrize("sensitivity", ["output", "curve"])
+def test_search_weights_groups_by_their_effect_on_the_outputs(sensitivity: str) -> None:
+    model = TwoBranches().eval()
+    calib = torch.randn(512, 10, generator=torch.Generator().manual_seed(3))
+    text = ("policy p {{\n  budget params <= 50%\n  squeeze_fold on a1 | b1 {{ sensitivity = {s} }}\n}}\n")
+    res = {s: ns.compile(model, text.format(s=s), example_inputs=(calib[:2],), calibration=calib)
+           for s in (sensitivity, "none")}
+    kept = {s: (r.graph.node("a1").params["weight"].shape[0], r.graph.node("b1").params["weight"].shape[0])
+            for s, r in res.items()}
+    # blind to the 0.01, `none` splits the budget evenly; measured sensitivity spends it on branch b
+    assert abs(kept["none"][0] - kept["none"][1]) <= 4, kept
+    assert kept[sensitivity][0] <= 3 and kept[sensitivity][1] >= 20, kept
+    assert res[sensitivity].report.fidelity["output_error"] < 0.5 * res["none"].report.fidelity["output_error"]
+    for r in res.values():
+        assert r.report.after.params <= 0.5 * r.report.before.params
