@@ -552,11 +552,11 @@ class SqueezeFold(TransformPass):
 
         t_budget = budget_t() if budget else lo
         line = f"search ({self.allocation}): budget met at t = {t_budget:.3g}"
-        if self.allocation == "lagrange" and self.sensitivity == "curve" and ctx.fidelity(graph) is not None:
+        if self.allocation == "lagrange" and self.sensitivity == "curve" and ctx.fidelity_fn is not None:
             curves.update(self._curves(graph, groups, ranks, plans, ctx))
             t_budget = budget_t() if budget else lo
             line += f" after measuring output-error curves ({sum(len(c) for c in curves.values())} points)"
-        elif self.allocation == "lagrange" and self.sensitivity == "output" and ctx.fidelity(graph) is not None:
+        elif self.allocation == "lagrange" and self.sensitivity == "output" and ctx.fidelity_fn is not None:
             for _ in range(self.sensitivity_rounds):
                 sens.update(self._sensitivities(graph, groups, ranks, plans, family(t_budget), ctx))
                 t_budget = budget_t() if budget else lo
