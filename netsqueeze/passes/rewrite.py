@@ -39,6 +39,10 @@ class ChannelSelection:
       (with the original W). A tensor [group size] applies to every consumer; a mapping
       {consumer node id: tensor over that consumer's input axis (original positions)} gives each
       consumer its own (e.g. removed channels' mean activation measured at its input).
+    A grouped conv reading the group (weight slots shared by its G conv groups) takes a fold only
+    from the mapping form, T [G, len(keep), group size]: conv group γ's inputs rebuilt from its own
+    kept slots, W'[o, s] = Σ_c W[o, c]·T[γ(o), s, c], so the group structure stays; its bias shift
+    is a tensor over all its input channels.
     """
 
     keep: Sequence[int]
@@ -59,6 +63,30 @@ def _positions(m: Member, channels: Sequence[int]) -> list[int]:
     return [p for c in channels for p in m.index[c]]
 
 
+def _grouped_input(graph: Graph, m: Member) -> bool:
+    """The input-channel axis of a grouped (not depthwise) conv's weight: one slot per group member."""
+    node = graph.node(m.node)
+    return (node.kind == "conv" and m.param == "weight" and m.axis == 1 and node.attrs.get("groups", 1) != 1
+            and int(node.params["weight"].shape[1]) > 1)
+
+
+def _grouped_fold(graph: Graph, group: ChannelGroup, m: Member, keep: list[int], sel: ChannelSelection,
+                  fold_of: dict[str, torch.Tensor] | None, bias_updates: list[tuple[Member, torch.Tensor]],
+                  folds: list[tuple[Member, list[int], torch.Tensor]]) -> None:
+    """Queues the fold and bias shift of a grouped conv consumer: T [G, len(keep), slots], one
+    reconstruction per conv group, so no output mixes channels of another group."""
+    t = (fold_of or {}).get(m.node)
+    shift = sel.bias_shift.get(m.node) if isinstance(sel.bias_shift, Mapping) else None
+    g = graph.node(m.node).attrs["groups"]
+    if t is not None:
+        if t.dim() != 3 or tuple(t.shape) != (g, len(keep), group.size):
+            raise _err(group, f"fold for grouped conv '{m.node}' has shape {list(t.shape)}, expected "
+                              f"[{g}, {len(keep)}, {group.size}] (one reconstruction per conv group)")
+        folds.append((m, keep, t))
+    if shift is not None:
+        bias_updates.append((m, shift))
+
+
 def apply_selection(graph: Graph, groups: ChannelGroups, selection: Mapping[int, ChannelSelection]) -> PassResult:
     """Rewrites every member of every selected group, then re-infers shapes and verifies the graph.
 
@@ -70,8 +98,8 @@ def apply_selection(graph: Graph, groups: ChannelGroups, selection: Mapping[int,
     (split sizes, slice bounds, reshape targets, depthwise `groups`, instance-norm `num_groups`,
     attention `num_heads`) are updated. Several groups may share one param axis (concat consumers):
     their removals are merged. Raises `NetsqueezeError` naming the node for a frozen group asked to
-    shrink, an empty or out-of-range `keep`, a fold of the wrong shape, or a fold into a consumer that
-    is not linear in its input channels (grouped convs). Guarantees: `graph.verify()` passes.
+    shrink, an empty or out-of-range `keep`, or a fold of the wrong shape for its consumer (a grouped
+    conv takes one T per conv group). Guarantees: `graph.verify()` passes.
     """
     removed: dict[tuple[str, str, int], set[int]] = {}
     old_meta = {n.id: list(n.meta) for n in graph.nodes()}
@@ -93,13 +121,15 @@ def apply_selection(graph: Graph, groups: ChannelGroups, selection: Mapping[int,
         fold_all = sel.fold if isinstance(sel.fold, torch.Tensor) else None
         fold_of = None if sel.fold is None or fold_all is not None else dict(sel.fold)
         for t in list((fold_of or {}).values()) + ([fold_all] if fold_all is not None else []):
-            if tuple(t.shape) != (len(keep), group.size) and not (
+            if tuple(t.shape[-2:]) != (len(keep), group.size) and not (
                     t.dim() == 4 and tuple(t.shape[::2]) == (len(keep), group.size) and t.shape[1] == t.shape[3]):
                 raise _err(group, f"fold has shape {list(t.shape)}, expected [{len(keep)}, {group.size}] "
                                   f"(or [{len(keep)}, block, {group.size}, block])")
         for m in group.members:
             removed.setdefault(_key(m), set()).update(_positions(m, drop))
             touched.add(m.node)
+            if _grouped_input(graph, m):
+                _grouped_fold(graph, group, m, keep, sel, fold_of, bias_updates, folds)
             if m.role != "consumer":
                 continue
             shift = sel.bias_shift
@@ -120,6 +150,8 @@ def apply_selection(graph: Graph, groups: ChannelGroups, selection: Mapping[int,
                     raise _err(group, f"cannot fold into grouped conv '{m.node}' (not linear in its input channels)")
                 if len({len(p) for p in m.index}) != 1:
                     raise _err(group, f"cannot fold into '{m.node}': channels occupy unequal blocks")
+                if fold.dim() == 3:
+                    raise _err(group, f"a per-conv-group fold [G, k, C] is for grouped conv consumers, not '{m.node}'")
                 if fold.dim() == 4 and fold.shape[1] != len(m.index[0]):
                     raise _err(group, f"fold for '{m.node}' has blocks of {fold.shape[1]}, its channels occupy "
                                       f"{len(m.index[0])} positions")
@@ -131,8 +163,14 @@ def apply_selection(graph: Graph, groups: ChannelGroups, selection: Mapping[int,
         node = graph.node(m.node)
         bias_name, out_axis = _CONSUMER_BIAS[(node.kind, m.target)]
         w = node.params[m.target].double()
-        s = shift.double().reshape([-1 if i == m.axis else 1 for i in range(w.dim())])
-        delta = (w * s).sum(dim=[i for i in range(w.dim()) if i != out_axis])
+        if _grouped_input(graph, m):  # shift over all input channels; output o reads its own group's slice
+            per_group = shift.double().reshape(node.attrs["groups"], 1, -1)  # [G, 1, per_in]
+            w_g = w.reshape(node.attrs["groups"], -1, *w.shape[1:])  # [G, out/G, per_in, taps...]
+            s = per_group.reshape(*per_group.shape, *[1] * (w.dim() - 2))
+            delta = (w_g * s).sum(dim=list(range(2, w_g.dim()))).reshape(-1)
+        else:
+            s = shift.double().reshape([-1 if i == m.axis else 1 for i in range(w.dim())])
+            delta = (w * s).sum(dim=[i for i in range(w.dim()) if i != out_axis])
         if bias_name not in node.params:
             node.params[bias_name] = torch.zeros(w.shape[out_axis], dtype=node.params[m.target].dtype)
             # the analysis saw no bias here: it shrinks with the weight's output axis
@@ -142,6 +180,13 @@ def apply_selection(graph: Graph, groups: ChannelGroups, selection: Mapping[int,
     for m, keep, t in folds:
         node = graph.node(m.node)
         w = node.params[m.target]
+        if t.dim() == 3:  # grouped conv: output group γ gets T[γ]
+            wg = w.double().reshape(t.shape[0], -1, *w.shape[1:]).movedim(2, -1)  # [G, out/G, taps..., per_in]
+            folded = torch.einsum("go...c,gsc->go...s", wg, t.double())
+            out = wg.clone()
+            out[..., keep] = folded
+            node.params[m.target] = out.movedim(-1, 2).reshape(w.shape).to(w.dtype).contiguous()
+            continue
         wm = w.double().movedim(m.axis, -1)
         idx = torch.tensor([list(p) for p in m.index])  # [channels, block]
         wc = wm[..., idx]  # [..., channels, block]

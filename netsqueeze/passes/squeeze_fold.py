@@ -41,6 +41,10 @@ class _Probe:
     rows: int = 0  # rows per position in `pos_sum`
     # block_fit = full (flatten→linear): augmented second moment over all C·block features, one row per sample
     full: torch.Tensor | None = None
+    # grouped conv consumer: where each channel (weight slot) sits in the input, [C, G], and per conv group
+    # the augmented second moment [G, C+1, C+1]; `member` is its weight's input-axis member
+    at: list[list[int]] | None = None
+    per_group: torch.Tensor | None = None
 
     @property
     def block(self) -> int:
@@ -97,12 +101,17 @@ class SqueezeFold(TransformPass):
        the kept channels *as the already-squeezed graph computes them* to the original activations,
        so later folds absorb the error of earlier ones (as Net-Trim's cascade mode does); `parallel`
        fits every group on the original graph at once (one calibration pass instead of 1 + 2 per group).
+    A grouped conv consumer (groups > 1, not depthwise) reads a channel through one weight slot
+    shared by its conv groups: the slot goes in every group and each conv group's inputs are rebuilt
+    from its own kept slots (one T per group, the group structure kept); in cascade mode its fold is
+    the one measured on the pass-start graph. A depthwise conv between producer and consumer passes
+    channels through and is sliced.
     Defaults by measurement on the benchmark VGG/ResNet at 5x fewer params
     (benchmarks/results/squeeze.md, which also lists each alternative at the hardest point).
     Exact when activations have exact rank r and consumers are linear in their input channels. It
     approximates at zero-padded conv borders (t₀ enters the bias at every output position). A group
-    with a consumer that is not linear in its input channels (grouped conv, conv_transpose, attention's
-    out_proj) gets a note in the report and is left alone; with `nonlinear = "remove"` such consumers
+    with a consumer that is not linear in its input channels (conv_transpose, attention's out_proj)
+    gets a note in the report and is left alone; with `nonlinear = "remove"` such consumers
     are only sliced (their removed inputs are lost, not reconstructed) while the group's linear
     consumers still get the fold. Groups frozen by the dependency analysis (graph outputs, opaque
     ops, LayerNorm over the channel axis) are never touched.
@@ -137,7 +146,7 @@ class SqueezeFold(TransformPass):
             # a grouped conv reads these channels through weight slots shared across its groups
             grouped = [m for m in g.members if m.role == "param" and m.param == "weight" and m.axis == 1
                        and graph.node(m.node).kind == "conv" and graph.node(m.node).attrs.get("groups", 1) != 1]
-            bad = [m for m in cons if not self._foldable(graph, m)] + grouped
+            bad = [m for m in cons if not self._foldable(graph, m)]
             if not cons and not grouped:
                 continue
             if bad and self.nonlinear == "skip":
@@ -145,6 +154,7 @@ class SqueezeFold(TransformPass):
                                     f"'{bad[0].node}' is not linear in its input channels; left alone")
                 continue
             probes = [self._probe(graph, m) for m in cons if self._foldable(graph, m)]
+            probes += [self._grouped_probe(graph, g, m) for m in grouped]
             if not probes:
                 result.notes.append(f"group {g.id}: no consumer is linear in its channels, nothing to measure; left alone")
                 continue
@@ -224,11 +234,23 @@ class SqueezeFold(TransformPass):
                       full=torch.zeros(c * block + 1, c * block + 1, dtype=torch.float64) if full else None)
 
     @staticmethod
-    def _gather(graph: Graph, m: Member, x: torch.Tensor) -> torch.Tensor:
-        """A consumer's input in group-channel space: [samples, C, block] (conv reads axis 1, linear the last)."""
+    def _grouped_probe(graph: Graph, g: ChannelGroup, m: Member) -> _Probe:
+        """A grouped conv reading group `g`: slot c of conv group γ is input channel γ·per_in + c."""
+        node = graph.node(m.node)
+        n_groups, per_in = int(node.attrs["groups"]), int(node.params["weight"].shape[1])
+        at = [[gam * per_in + c for gam in range(n_groups)] for c in range(per_in)]
+        c = len(m.index)
+        z = torch.zeros(c + 1, c + 1, dtype=torch.float64)
+        return _Probe(m, graph.operands(m.node)[0], z, torch.zeros(c, n_groups, dtype=torch.float64), at=at,
+                      per_group=torch.zeros(n_groups, c + 1, c + 1, dtype=torch.float64))
+
+    @staticmethod
+    def _gather(graph: Graph, m: Member, x: torch.Tensor, at: list[list[int]] | None = None) -> torch.Tensor:
+        """A consumer's input in group-channel space: [samples, C, block] (conv reads axis 1, linear the
+        last); `at` overrides where the channels sit (a grouped conv's slots: block = conv groups)."""
         xm = x.detach().double()
         xm = xm.movedim(1, -1) if graph.node(m.node).kind == "conv" else xm
-        idx = torch.tensor([list(q) for q in m.index])  # [C, block]
+        idx = torch.tensor(at if at is not None else [list(q) for q in m.index])  # [C, block]
         return xm[..., idx].reshape(-1, *idx.shape)
 
     def _collect(self, graph: Graph, ctx: PassContext, probes: list[_Probe]) -> None:
@@ -238,11 +260,14 @@ class SqueezeFold(TransformPass):
             for p in probes:
                 if p.count >= self.max_samples:
                     continue
-                a = self._gather(graph, p.member, acts[p.value])  # [n, C, block]
+                a = self._gather(graph, p.member, acts[p.value], p.at)  # [n, C, block]
                 rows = a.movedim(-1, 1).reshape(-1, a.shape[1])  # samples x C
                 aug = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], 1)
                 p.moment += aug.T @ aug
                 p.count += rows.shape[0]
+                if p.per_group is not None:
+                    per = aug.reshape(-1, a.shape[2], aug.shape[1])  # rows are (sample, conv group) ordered
+                    p.per_group += torch.einsum("ngi,ngj->gij", per, per)
                 if p.full is not None:
                     flat = torch.cat([a.reshape(a.shape[0], -1), torch.ones(a.shape[0], 1, dtype=a.dtype)], 1)
                     p.full += flat.T @ flat
@@ -254,11 +279,13 @@ class SqueezeFold(TransformPass):
         """Cascade: least squares from the kept channels *as the already-squeezed graph computes them*
         to the original activations, so each fold also corrects the drift of the layers before it."""
         cur = {m.node: m for m in g.members_of("consumer")}
+        grouped = [p for p in probes if p.per_group is not None]
+        probes = [p for p in probes if p.per_group is None]
         values = list(dict.fromkeys(p.value for p in probes))
         k = len(keep)
         stats = {p.member.node: _Cross.empty(k * p.block, len(p.member.index) * p.block, 1) if p.full is not None
                  else _Cross.empty(k, len(p.member.index), p.block) for p in probes}
-        for now, orig in zip(ctx.stream(graph, values), ctx.stream(ref, values)):
+        for now, orig in zip(ctx.stream(graph, values), ctx.stream(ref, values)) if probes else ():
             acts_now, acts_ref = dict(zip(values, now)), dict(zip(values, orig))
             for p in probes:
                 st = stats[p.member.node]
@@ -288,6 +315,9 @@ class SqueezeFold(TransformPass):
             n = max(1, st.rows)
             t0 = st.sum_ref / n - torch.einsum("sj,sc->cj", st.sum_now / n, t)
             fits[p.member.node] = self._shaped(p, k, t, t0)
+        for p in grouped:  # a grouped conv's fold stays the one measured on the pass-start graph
+            fits[p.member.node] = self._grouped_fit(p, keep)
+            cur[p.member.node] = p.member
         return self._selection_from(graph, cur, keep, fits)
 
     def _rank(self, graph: Graph, probes: list[_Probe]) -> tuple[list[int], list[float], torch.Tensor]:
@@ -342,6 +372,9 @@ class SqueezeFold(TransformPass):
         """Parallel: the reconstruction measured on the pass-start graph, per consumer."""
         fits = {}
         for p in probes:
+            if p.per_group is not None:
+                fits[p.member.node] = self._grouped_fit(p, keep)
+                continue
             if p.full is not None:
                 feats = [s * p.block + j for s in keep for j in range(p.block)]
                 tf, t0f = reconstruction(p.full / max(1, p.rows), feats, self.ridge)
@@ -355,6 +388,14 @@ class SqueezeFold(TransformPass):
             fits[p.member.node] = (t, t0_pos)
         return self._selection_from(graph, {p.member.node: p.member for p in probes}, keep, fits)
 
+    def _grouped_fit(self, p: _Probe, keep: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per conv group γ, least squares of its slots from its own kept slots: T [G, k, C] and the
+        intercept over all input channels (channel γ·per_in + c gets t₀_γ[c])."""
+        assert p.per_group is not None
+        per_count = max(1, p.count // p.per_group.shape[0])
+        fits = [reconstruction(m / per_count, keep, self.ridge) for m in p.per_group]
+        return torch.stack([t for t, _ in fits]), torch.cat([t0 for _, t0 in fits])
+
     @staticmethod
     def _selection_from(graph: Graph, members: dict[str, Member], keep: list[int],
                         fits: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> ChannelSelection:
@@ -363,6 +404,9 @@ class SqueezeFold(TransformPass):
         for nid, (t, t0_pos) in fits.items():
             m = members[nid]
             folds[nid] = t
+            if t.dim() == 3:  # grouped conv: the intercept is already over its input channels
+                shifts[nid] = t0_pos
+                continue
             n_axis = graph.node(nid).params[m.param or "weight"].shape[m.axis]
             full = torch.zeros(n_axis, dtype=torch.float64)
             idx = torch.tensor([list(q) for q in m.index])

@@ -170,3 +170,27 @@ def test_errors_name_the_node() -> None:
         apply_selection(g, groups, {1: ChannelSelection(keep=[0, 1], fold=torch.zeros(3, 16))})
     with pytest.raises(NetsqueezeError, match="distinct channel indices"):
         apply_selection(g, groups, {1: ChannelSelection(keep=[0, 99])})
+
+
+def test_grouped_conv_fold_must_be_per_conv_group() -> None:
+    from torch import nn
+
+    import netsqueeze as ns
+    from netsqueeze.passes.dependency import find_groups
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2)).eval()
+    g = ns.import_model(model, (torch.randn(2, 3, 6, 6),))
+    groups = find_groups(g)
+    gid = next(x.id for x in groups if x.producers == ("0",))
+    with pytest.raises(NetsqueezeError) as e:
+        apply_selection(g, groups, {gid: ChannelSelection(keep=[0, 1], fold={"2": torch.zeros(2, 4)})})
+    assert str(e.value) == ("node '0': error: channel group 1: fold for grouped conv '2' has shape [2, 4], "
+                            "expected [2, 2, 4] (one reconstruction per conv group)")
+    # one T per conv group: identity reconstructions leave the kept slots' weights as they were
+    w = g.node("2").params["weight"].clone()
+    t = torch.zeros(2, 2, 4, dtype=torch.float64)
+    t[:, 0, 0] = t[:, 1, 1] = 1.0
+    apply_selection(g, groups, {gid: ChannelSelection(keep=[0, 1], fold={"2": t})})
+    assert g.node("2").params["weight"].shape == (8, 2, 3, 3)
+    assert torch.equal(g.node("2").params["weight"], w[:, :2])
+    assert g.node("0").params["weight"].shape == (4, 3, 3, 3)

@@ -262,22 +262,37 @@ def test_full_block_fit_is_at_least_as_faithful_as_shared_on_flatten_linear() ->
     assert err["full"] < 0.8 * err["shared"]
 
 
-def test_grouped_conv_consumer_is_left_alone() -> None:
-    """A grouped conv reads its channels through weight slots shared across groups: no fold can keep
-    that structure, so squeeze_fold leaves a group it consumes alone, with a note; the grouped conv's
-    own output channels (read by a linear layer) still squeeze, whole slots at a time."""
-    torch.manual_seed(6)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2), nn.ReLU(),
-                          nn.Flatten(), nn.Linear(8 * 2 * 2, 4)).eval()
-    calib = torch.randn(128, 3, 6, 6)
-    for nonlinear in ("skip", "remove"):
-        res = ns.compile(model, [SqueezeFold(ratio=0.5, nonlinear=nonlinear)],  # type: ignore[arg-type]
-                         example_inputs=(calib[:2],), calibration=calib)
-        notes = [n for r in res.report.passes for n in r.result.notes]
-        assert any(n.startswith("group 1") and "left alone" in n for n in notes), notes
-        assert res.graph.node("0").params["weight"].shape == (8, 3, 3, 3)
-        assert res.graph.node("2").params["weight"].shape == (4, 4, 3, 3)  # 2 of 4 slots in each of 2 groups
-        assert res.graph.node("5").params["weight"].shape == (4, 4 * 2 * 2)
+def grouped(r: int) -> nn.Module:
+    """conv(3→8) -> relu -> conv(8→8, groups=2): in each conv group, slot c is a positive multiple
+    of slot c % r, so keeping r slots in every group reconstructs the grouped conv's input exactly."""
+    g = torch.Generator().manual_seed(6)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2), nn.ReLU(),
+                      nn.Flatten(), nn.Linear(8 * 2 * 2, 4)).eval()
+    src = torch.tensor([gam * 4 + c % r for gam in range(2) for c in range(4)])
+    scale = (torch.rand(4, generator=g) + 0.5).repeat(2)  # the same per slot in both groups: ranks pool
+    scale[src == torch.arange(8)] = 1.0
+    with torch.no_grad():
+        m[0].weight.copy_(m[0].weight[src] * scale.view(-1, 1, 1, 1))
+        m[0].bias.copy_(m[0].bias[src] * scale)
+    return m
+
+
+@pytest.mark.parametrize("mode", ["cascade", "parallel"])
+def test_grouped_conv_consumer_folds_per_conv_group(mode: str) -> None:
+    """A grouped conv reads its channels through weight slots shared by its conv groups: the slot is
+    removed in every group and each group's inputs are rebuilt from its own kept slots (T per group),
+    so the group structure stays and the outputs are reproduced."""
+    model = grouped(2)
+    torch.manual_seed(9)
+    calib = torch.randn(256, 3, 6, 6)
+    x = torch.randn(32, 3, 6, 6)
+    res = ns.compile(model, [SqueezeFold(energy=1 - 1e-6, mode=mode)],  # type: ignore[arg-type]
+                     example_inputs=(x[:2],), calibration=calib)
+    assert res.graph.node("0").params["weight"].shape == (4, 3, 3, 3)
+    assert res.graph.node("2").params["weight"].shape[:2] == (8, 2)
+    assert res.graph.node("2").attrs["groups"] == 2
+    with torch.no_grad():
+        assert float((res.model(x) - model(x)).abs().max()) < 1e-4
 
 
 class TwoBranches(nn.Module):
