@@ -76,7 +76,8 @@ def flops_params(model: nn.Module) -> tuple[int, int]:
     return s.flops, s.params
 
 
-def tp_prune(model: nn.Module, data: dict[str, torch.Tensor], flops_keep: float, kind: str) -> nn.Module:
+def tp_prune(model: nn.Module, data: dict[str, torch.Tensor], flops_keep: float, kind: str,
+             round_to: int = ROUND_TO) -> nn.Module:
     """Torch-Pruning (DepGraph) group pruning with uniform per-layer ratio, bisected to `flops_keep`."""
     import torch_pruning as tp
 
@@ -89,7 +90,7 @@ def tp_prune(model: nn.Module, data: dict[str, torch.Tensor], flops_keep: float,
         imp = tp.importance.GroupMagnitudeImportance(p=1) if kind == "l1" else tp.importance.GroupTaylorImportance()
         last = [mod for mod in m.modules() if isinstance(mod, nn.Linear)][-1]
         pruner = tp.pruner.MetaPruner(m, torch.randn(1, 1, 28, 28), importance=imp, pruning_ratio=ratio,
-                                      ignored_layers=[last], round_to=ROUND_TO)
+                                      ignored_layers=[last], round_to=round_to if round_to > 1 else None)
         if kind == "taylor":
             m.zero_grad()
             nn.functional.cross_entropy(m(x), y).backward()
@@ -109,8 +110,8 @@ def tp_prune(model: nn.Module, data: dict[str, torch.Tensor], flops_keep: float,
     return best
 
 
-def run_ns(model: nn.Module, passes: list[Any], calib: torch.Tensor, policy_budget: dict[str, float] | None = None
-           ) -> tuple[ns.CompileResult, float, float]:
+def run_ns(model: nn.Module, passes: list[Any], calib: torch.Tensor, policy_budget: dict[str, float] | None = None,
+           round_to: int = ROUND_TO) -> tuple[ns.CompileResult, float, float]:
     t0 = time.perf_counter()
     with PeakRSS() as mem:
         if policy_budget:
@@ -118,7 +119,7 @@ def run_ns(model: nn.Module, passes: list[Any], calib: torch.Tensor, policy_budg
             steps = "\n".join(f"  {p}" for p in passes)
             # channel counts in multiples of 8: what vectorised CPU/GPU kernels need to turn fewer FLOPs into speed
             text = (f"policy bench {{\n  calibrate samples {len(calib)}, batch 256\n  budget {budget}\n"
-                    f"  bounds {{ round_to = {ROUND_TO} }}\n{steps}\n}}\n")
+                    f"  bounds {{ round_to = {round_to} }}\n{steps}\n}}\n")
             res = ns.compile(model, text, example_inputs=(calib[:2],), calibration=calib)
         else:
             res = ns.compile(model, passes, example_inputs=(calib[:2],), calibration=calib)

@@ -83,6 +83,9 @@ def main() -> None:
     ap.add_argument("--ft-samples", type=int, default=None,
                     help="fine-tune each cell for one epoch on this fixed random subset of the 60,000 training "
                          "images (default: all of them; --quick: 256)")
+    ap.add_argument("--round-to", type=int, default=1,
+                    help="channel counts in multiples of this for every method (default 1: no rounding, so "
+                         "Torch-Pruning's uniform ratio can meet the same FLOPs as trim)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     t_start = time.perf_counter()
@@ -115,7 +118,7 @@ def main() -> None:
             for crit in CRITERIA:
                 t0 = time.perf_counter()
                 try:
-                    res, secs, _ = run_ns(model, pipeline(crit), calib, {"flops": keep})
+                    res, secs, _ = run_ns(model, pipeline(crit), calib, {"flops": keep}, args.round_to)
                     out: nn.Module | None = res.model
                 except Exception as err:  # a failed cell is reported, not fatal
                     secs, out = time.perf_counter() - t0, None
@@ -126,7 +129,7 @@ def main() -> None:
             for kind in TP_KINDS:
                 t0 = time.perf_counter()
                 try:
-                    pm: nn.Module | None = tp_prune(model, data, keep, kind)
+                    pm: nn.Module | None = tp_prune(model, data, keep, kind, args.round_to)
                 except Exception as err:
                     pm = None
                     failures.append(f"{name} torch-pruning {kind} {target:g}x: {type(err).__name__}: {err}")
@@ -145,7 +148,8 @@ def main() -> None:
                 f"{(time.perf_counter() - t_start) / 60:.1f} min)",
                 f"Machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores shared with other "
                 f"jobs (times are noisy), torch {torch.__version__}, {torch.get_num_threads()} threads",
-                f"Test images: {len(test[0]):,}; calibration: {CALIB} training images; fine-tuning: one epoch (AdamW, "
+                f"Test images: {len(test[0]):,}; calibration: {CALIB} training images; channel counts rounded to "
+                f"multiples of {args.round_to} for every method; fine-tuning: one epoch (AdamW, "
                 "lr 5e-4, one-cycle, batch 128, flips) on "
                 + ("all 60,000 training images" if ft_n == n_train else
                    f"**a fixed random subset of {ft_n:,} of the 60,000 training images (seed 1), not a full epoch**")
