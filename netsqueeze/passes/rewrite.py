@@ -75,6 +75,9 @@ def _grouped_fold(graph: Graph, group: ChannelGroup, m: Member, keep: list[int],
                   folds: list[tuple[Member, list[int], torch.Tensor]]) -> None:
     """Queues the fold and bias shift of a grouped conv consumer: T [G, len(keep), slots], one
     reconstruction per conv group, so no output mixes channels of another group."""
+    if isinstance(sel.fold, torch.Tensor):
+        raise _err(group, f"grouped conv '{m.node}' reads this group: give the fold per consumer "
+                          f"({{'{m.node}': T [groups, kept, size]}}), one reconstruction per conv group")
     t = (fold_of or {}).get(m.node)
     shift = sel.bias_shift.get(m.node) if isinstance(sel.bias_shift, Mapping) else None
     g = graph.node(m.node).attrs["groups"]

@@ -186,6 +186,8 @@ def test_grouped_conv_fold_must_be_per_conv_group() -> None:
         apply_selection(g, groups, {gid: ChannelSelection(keep=[0, 1], fold={"2": torch.zeros(2, 4)})})
     assert str(e.value) == ("node '0': error: channel group 1: fold for grouped conv '2' has shape [2, 4], "
                             "expected [2, 2, 4] (one reconstruction per conv group)")
+    with pytest.raises(NetsqueezeError, match="grouped conv '2' reads this group: give the fold per consumer"):
+        apply_selection(g, groups, {gid: ChannelSelection(keep=[0, 1], fold=torch.zeros(2, 4))})
     # one T per conv group: identity reconstructions leave the kept slots' weights as they were
     w = g.node("2").params["weight"].clone()
     t = torch.zeros(2, 2, 4, dtype=torch.float64)
