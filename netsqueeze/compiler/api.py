@@ -209,20 +209,24 @@ def _declared_inputs(policy: PolicyLike, params: Mapping[str, Any] | None) -> tu
 
 
 # ---- fidelity ------------------------------------------------------------------------------------------
-def _run_outputs(graph: Graph, batch: Batch) -> list[torch.Tensor]:
-    from netsqueeze.backends.torch import to_torch
-
+def _run_outputs(module: torch.nn.Module, batch: Batch) -> list[torch.Tensor]:
     with torch.no_grad():
-        out = to_torch(graph)(*batch)
+        out = module(*batch)
     return list(out) if isinstance(out, tuple) else [out]
 
 
-def measure_output_error(original: Graph, compressed: Graph, batches: CalibrationSource) -> dict[str, float]:
-    """Relative L2 error ‖y' − y‖/‖y‖ and max abs error of the outputs over the given batches."""
+def measure_output_error(original: Graph | torch.nn.Module, compressed: Graph,
+                         batches: CalibrationSource) -> dict[str, float]:
+    """Relative L2 error ‖y' − y‖/‖y‖ and max abs error of the outputs over the given batches.
+    `original` may be its emitted module already (a search measuring many candidates builds it once)."""
+    from netsqueeze.backends.torch import to_torch
+
+    ref = to_torch(original) if isinstance(original, Graph) else original
+    new = to_torch(compressed)
     num = den = 0.0
     max_abs = 0.0
     for batch in batches():
-        for a, b in zip(_run_outputs(original, batch), _run_outputs(compressed, batch)):
+        for a, b in zip(_run_outputs(ref, batch), _run_outputs(new, batch)):
             a, b = a.double(), b.double()
             num += float(((a - b) ** 2).sum())
             den += float((a**2).sum())
@@ -234,20 +238,25 @@ def _fidelity_fn(original: Graph, batches: CalibrationSource | None,
                  eval_fn: Callable[[Any], float] | None) -> Callable[[Graph, str], float | None]:
     """Fidelity of a candidate graph, for search passes (`PassContext.fidelity`): output error on the
     calibration batches, or the top-1 drop through the user's `eval_fn`."""
+    ref: list[torch.nn.Module] = []  # the original, emitted once
     base: list[float] = []
 
     def measure(graph: Graph, metric: str) -> float | None:
-        if metric == "top1_drop":
-            if eval_fn is None:
-                return None
-            from netsqueeze.backends.torch import to_torch
+        from netsqueeze.backends.torch import to_torch
 
-            if not base:
-                base.append(float(eval_fn(to_torch(original))))
-            return base[0] - float(eval_fn(to_torch(graph)))
-        if batches is None or metric not in ("output_error", "max_abs_error"):
+        if metric not in ("top1_drop", "output_error", "max_abs_error"):
             return None
-        return measure_output_error(original, graph, batches)[metric]
+        if (metric == "top1_drop" and eval_fn is None) or (metric != "top1_drop" and batches is None):
+            return None
+        if not ref:
+            ref.append(to_torch(original))
+        if metric == "top1_drop":
+            assert eval_fn is not None
+            if not base:
+                base.append(float(eval_fn(ref[0])))
+            return base[0] - float(eval_fn(to_torch(graph)))
+        assert batches is not None
+        return measure_output_error(ref[0], graph, batches)[metric]
 
     return measure
 

@@ -437,6 +437,20 @@ class SqueezeFold(TransformPass):
             k = min(g.size, int(math.ceil(k / round_to) * round_to))
         return min(k, g.size)
 
+    def _candidate(self, graph: Graph, groups: ChannelGroups, ranks: dict[int, tuple[list[int], list[float], torch.Tensor]],
+                   plans: dict[int, list[_Probe]], counts: dict[int, int]) -> Graph:
+        """A copy of `graph` with each group in `counts` squeezed to its count, folded in parallel
+        (the pass-start statistics): what the search measures a candidate on."""
+        g2 = graph.copy()
+        keeps = {gid: sorted(ranks[gid][0][:k]) for gid, k in counts.items() if k < groups[gid].size}
+        if keeps:
+            apply_selection(g2, groups, {gid: self._selection(g2, k, plans[gid]) for gid, k in keeps.items()})
+        return g2
+
+    def _step(self, g: ChannelGroup, ctx: PassContext) -> int:
+        """The rounding step of group `g`'s channel count (the policy's bounds, else `round_to`)."""
+        return max(1, int(ctx.bounds_for(g.producers).get("round_to", self.round_to)))
+
     def _sensitivities(self, graph: Graph, groups: ChannelGroups,
                        ranks: dict[int, tuple[list[int], list[float], torch.Tensor]], plans: dict[int, list[_Probe]],
                        counts: dict[int, int], ctx: PassContext) -> dict[int, float]:
@@ -444,14 +458,12 @@ class SqueezeFold(TransformPass):
         reconstruction error: the group alone squeezed to its count in `counts` (half its channels
         when that keeps them all), folded in parallel on a copy, measured by `ctx.fidelity`."""
         out: dict[int, float] = {}
-        for gid, (order, err, _) in ranks.items():
+        for gid, (_, err, _) in ranks.items():
             size = groups[gid].size
             k = counts[gid] if counts[gid] < size else max(1, size // 2)
             if err[k] <= 1e-9:
                 continue
-            g2 = graph.copy()
-            apply_selection(g2, groups, {gid: self._selection(g2, sorted(order[:k]), plans[gid])})
-            e = ctx.fidelity(g2)
+            e = ctx.fidelity(self._candidate(graph, groups, ranks, plans, {gid: k}))
             if e is not None:
                 out[gid] = max(e * e / err[k], 1e-6)
         return out
@@ -462,15 +474,13 @@ class SqueezeFold(TransformPass):
         """Per group, the model's squared relative output error with that group alone squeezed to k
         channels (parallel fold on a copy), at k on a grid of about 16 counts (rounding steps)."""
         out: dict[int, dict[int, float]] = {}
-        for gid, (order, _, _) in ranks.items():
+        for gid in ranks:
             g = groups[gid]
-            step = max(1, int(ctx.bounds_for(g.producers).get("round_to", self.round_to)), g.size // 16)
+            step = max(self._step(g, ctx), g.size // 16)
             ks = sorted({self._clamp(g, k, ctx) for k in [1, *range(step, g.size, step)]} - {g.size})
             pts = {g.size: 0.0}
             for k in ks:
-                g2 = graph.copy()
-                apply_selection(g2, groups, {gid: self._selection(g2, sorted(order[:k]), plans[gid])})
-                e = ctx.fidelity(g2)
+                e = ctx.fidelity(self._candidate(graph, groups, ranks, plans, {gid: k}))
                 if e is None:
                     return {}
                 pts[k] = e * e
@@ -489,8 +499,7 @@ class SqueezeFold(TransformPass):
             best: tuple[float, int, int] | None = None
             for gid in counts:
                 k = counts[gid]
-                step = max(1, int(ctx.bounds_for(groups[gid].producers).get("round_to", self.round_to)))
-                k2 = min(groups[gid].size, k + step)
+                k2 = min(groups[gid].size, k + self._step(groups[gid], ctx))
                 if k2 == k:
                     continue
                 gain = (value(gid, k) - value(gid, k2)) / (cost[gid] * (k2 - k))
@@ -532,12 +541,18 @@ class SqueezeFold(TransformPass):
         base = graph_stats(ctx.original or graph)
         now = graph_stats(graph)
 
+        measured: dict[tuple[tuple[int, int], ...], tuple[float, float]] = {}
+
         def stats_for(counts: dict[int, int]) -> tuple[float, float]:
-            g2 = graph.copy()
-            apply_selection(g2, groups, {gid: ChannelSelection(keep=list(range(k)))
-                                         for gid, k in counts.items() if k < groups[gid].size})
-            st = graph_stats(g2)
-            return st.flops / max(1, base.flops), st.params / max(1, base.params)
+            """(flops, params) ratios of an allocation, measured on a sliced copy; the bisections and the
+            fill revisit the same allocations, so each is measured once."""
+            key = tuple(sorted((gid, k) for gid, k in counts.items() if k < groups[gid].size))
+            if key not in measured:
+                g2 = graph.copy()
+                apply_selection(g2, groups, {gid: ChannelSelection(keep=list(range(k))) for gid, k in key})
+                st = graph_stats(g2)
+                measured[key] = (st.flops / max(1, base.flops), st.params / max(1, base.params))
+            return measured[key]
 
         def meets(r: tuple[float, float]) -> bool:
             return r[0] <= budget.get("flops", math.inf) + 1e-12 and r[1] <= budget.get("params", math.inf) + 1e-12
@@ -617,11 +632,7 @@ class SqueezeFold(TransformPass):
             counts = family(t)
             key = tuple(sorted(counts.items()))
             if key not in seen:
-                keeps = {gid: sorted(ranks[gid][0][:k]) for gid, k in counts.items() if k < groups[gid].size}
-                g2 = graph.copy()
-                if keeps:
-                    apply_selection(g2, groups, {gid: self._selection(g2, k, plans[gid]) for gid, k in keeps.items()})
-                seen[key] = ctx.guard_check(g2)
+                seen[key] = ctx.guard_check(self._candidate(graph, groups, ranks, plans, counts))
             return seen[key]
 
         first = guard_at(t_budget)

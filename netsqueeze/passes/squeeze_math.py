@@ -102,7 +102,7 @@ def ranking(cov: torch.Tensor, method: Selector, metric: torch.Tensor | None = N
                 score = torch.linalg.solve(pjj, inner).diagonal(dim1=1, dim2=2).sum(1)
             j = int(torch.argmin(score))
             jf = list(range(j * block, (j + 1) * block))
-            rest = [i for i in range(nk * block) if i not in set(jf)]
+            rest = [i for i in range(nk * block) if not j * block <= i < (j + 1) * block]
             pjj_inv = torch.linalg.inv(p[jf][:, jf])
             p = p[rest][:, rest] - p[rest][:, jf] @ pjj_inv @ p[jf][:, rest]
             removed.append(keep.pop(j))
