@@ -1,15 +1,33 @@
-"""The `netsqueeze` command: compile, inspect, check, explain."""
+"""The `netsqueeze` command: compile, inspect, check, explain.
+
+Exit codes: 0 success; 1 an error in the model, data, files, budget or guard; 2 a policy error (or a
+usage error); 3 an internal error (a bug: the message asks for a report, `--verbose` shows the
+traceback); 130 interrupted (SIGINT); 143 terminated (SIGTERM). An interrupted compile leaves any
+previous output file intact.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+import traceback
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any, Literal
 
-from netsqueeze.errors import NetsqueezeError, PolicyError
+from netsqueeze.errors import Diagnostic, FileError, InternalError, NetsqueezeError, PolicyError
+
+EXIT_ERROR, EXIT_POLICY, EXIT_INTERNAL, EXIT_SIGINT, EXIT_SIGTERM = 1, 2, 3, 130, 143
+REPORT_HINT = "this is a bug in netsqueeze: please report it with the command that ran and its --verbose output"
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so that pending writes clean up before the process exits."""
 
 
 def _parse_sets(items: Sequence[str]) -> dict[str, str]:
@@ -27,47 +45,74 @@ def _parse_shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
     for item in items:
         name, _, dims = item.partition("=")
         try:
-            out[name] = tuple(int(d) for d in dims.split(","))
+            shape = tuple(int(d) for d in dims.split(","))
         except ValueError:
             raise NetsqueezeError(f"--input-shape expects name=1,3,224,224, got '{item}'") from None
+        if not name or any(d <= 0 for d in shape):
+            raise NetsqueezeError(f"--input-shape expects a name and positive dims (name=1,3,224,224), got '{item}'")
+        out[name] = shape
     return out
 
 
-def _graph(model: str, shapes: dict[str, tuple[int, ...]]) -> Any:
+def _graph(a: argparse.Namespace, model: str) -> Any:
     from netsqueeze.compiler.api import import_model
 
-    return import_model(model, input_shapes=shapes or None)
+    shapes = _parse_shapes(a.input_shape)
+    return import_model(model, input_shapes=shapes or None, trust_pickle=a.trust_pickle)
+
+
+def _example_inputs(graph: Any, precision: str) -> tuple[Any, ...]:
+    """Inputs to trace a compiled module for `.pt2`, of each graph input's shape and dtype."""
+    import torch
+
+    out = []
+    for nid in graph.inputs:
+        meta = graph.node(nid).meta[0]
+        dtype = getattr(torch, meta.dtype, torch.float32)
+        if dtype.is_floating_point:
+            out.append(torch.randn(tuple(meta.shape)).to(torch.float16 if precision == "fp16" else dtype))
+        else:
+            out.append(torch.zeros(tuple(meta.shape), dtype=dtype))
+    return tuple(out)
 
 
 def cmd_compile(a: argparse.Namespace) -> int:
-    import torch
+    from netsqueeze.compiler.api import (
+        compile,
+        file_calibration,
+        load_model_file,
+        load_policy_file,
+        policy_files,
+    )
+    from netsqueeze.compiler.files import check_output_path, model_source, output_format, save_model
 
-    from netsqueeze.compiler.api import compile, file_calibration, load_model_file
+    # everything about the output is checked before any work is done
+    params = _parse_sets(a.set)
+    shapes = _parse_shapes(a.input_shape)
+    policy: Any = load_policy_file(a.policy, params) if a.policy else []
+    inputs: list[tuple[str, Any]] = [("input model", model_source(a.model))]
+    if a.policy:
+        inputs += policy_files(policy)
+    if a.calib:
+        inputs.append(("calibration file", Path(a.calib)))
+    out = check_output_path(a.output, inputs)
+    target: Literal["torch", "onnx"] = "onnx" if output_format(out) == "onnx" else "torch"
+    if a.target and a.target != target:
+        raise FileError(f"--target {a.target} does not match the output '{out}': its suffix '{out.suffix}' "
+                        f"writes a {target} model")
 
-    out = Path(a.output)
-    src = Path(a.model.split(".py:")[0])
-    if out.resolve() == src.resolve():
-        raise NetsqueezeError(f"refusing to overwrite the input model '{src}': choose another -o path")
-    target: Literal["torch", "onnx"] = a.target or ("onnx" if out.suffix == ".onnx" else "torch")
     model: Any = a.model
-    inputs = None
+    example = None
     calib: Any = a.calib
     if not a.model.endswith(".onnx"):
-        model, inputs = load_model_file(a.model)
+        model, example = load_model_file(a.model, trust_pickle=a.trust_pickle)
         if calib is None:
             calib = file_calibration(a.model)
-    res = compile(model, a.policy or [], example_inputs=inputs, calibration=calib, target=target,
-                  params=_parse_sets(a.set), precision=a.precision, input_shapes=_parse_shapes(a.input_shape) or None)
+    res = compile(model, policy, example_inputs=example, calibration=calib, target=target, params=params,
+                  precision=a.precision, input_shapes=shapes or None, trust_pickle=a.trust_pickle)
     print(res.report)
-    if target == "onnx":
-        from netsqueeze.backends.onnx import save_onnx
-
-        save_onnx(res.model, str(out))
-    elif out.suffix == ".pt2":
-        ex = tuple(torch.randn(tuple(res.graph.node(i).meta[0].shape)) for i in res.graph.inputs)
-        torch.export.save(torch.export.export(res.model, ex), str(out))
-    else:
-        torch.save(res.model, str(out))
+    pt2_inputs = _example_inputs(res.graph, a.precision) if out.suffix == ".pt2" else None
+    save_model(res.model, out, example_inputs=pt2_inputs)
     print(f"wrote {out}")
     return 0
 
@@ -75,7 +120,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
 def cmd_inspect(a: argparse.Namespace) -> int:
     from netsqueeze.ir.stats import format_stats, graph_stats
 
-    g = _graph(a.model, _parse_shapes(a.input_shape))
+    g = _graph(a, a.model)
     print(g)
     print()
     print(format_stats(graph_stats(g)))
@@ -96,7 +141,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 def cmd_check(a: argparse.Namespace) -> int:
     from netsqueeze.compiler.plan import check_file
 
-    graph = _graph(a.model, _parse_shapes(a.input_shape)) if a.model else None
+    graph = _graph(a, a.model) if a.model else None
     diags = check_file(a.policy, graph)
     for d in diags:
         print(d.format(), file=sys.stderr)
@@ -109,25 +154,31 @@ def cmd_check(a: argparse.Namespace) -> int:
 
 
 def cmd_explain(a: argparse.Namespace) -> int:
-    from netsqueeze import dsl
+    from netsqueeze.compiler.api import load_policy_file
     from netsqueeze.compiler.plan import explain, resolve
     from netsqueeze.passes.registry import all_passes
 
-    graph = _graph(a.model, _parse_shapes(a.input_shape))
-    plan = resolve(dsl.load_policy(a.policy, params=_parse_sets(a.set)), graph, all_passes())
+    graph = _graph(a, a.model)
+    plan = resolve(load_policy_file(a.policy, _parse_sets(a.set)), graph, all_passes())
     print(explain(plan, graph))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="netsqueeze", description="Declarative model-compression compiler.")
+    p = argparse.ArgumentParser(prog="netsqueeze", description="Declarative model-compression compiler.",
+                                epilog="exit codes: 0 ok, 1 error, 2 policy or usage error, 3 internal error "
+                                       "(please report), 130 interrupted, 143 terminated")
     sub = p.add_subparsers(dest="command", required=True)
     shape_help = "input shape for ONNX models with dynamic dims, e.g. x=1,3,224,224"
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="show the full traceback of an internal error")
+    common.add_argument("--trust-pickle", action="store_true",
+                        help="allow loading .pt/.pt2 models that need a full unpickle (it can run code from the file)")
 
-    c = sub.add_parser("compile", help="compress a model as a policy says")
+    c = sub.add_parser("compile", help="compress a model as a policy says", parents=[common])
     c.add_argument("model", help="model.onnx, model.py[:factory], model.pt or model.pt2")
     c.add_argument("-p", "--policy", help="policy file (.sqz)")
-    c.add_argument("-o", "--output", required=True, help="output path (.onnx, .pt or .pt2)")
+    c.add_argument("-o", "--output", required=True, help="output path; its suffix picks the format (.onnx, .pt or .pt2)")
     c.add_argument("--calib", help="calibration data (.npz, .npy or .pt)")
     c.add_argument("--target", choices=["torch", "onnx"])
     c.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
@@ -135,19 +186,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--input-shape", action="append", default=[], help=shape_help)
     c.set_defaults(fn=cmd_compile)
 
-    i = sub.add_parser("inspect", help="print a model's IR, its statistics and opaque ops")
+    i = sub.add_parser("inspect", help="print a model's IR, its statistics and opaque ops", parents=[common])
     i.add_argument("model")
     i.add_argument("--groups", action="store_true", help="list channel groups from dependency analysis")
     i.add_argument("--input-shape", action="append", default=[], help=shape_help)
     i.set_defaults(fn=cmd_inspect)
 
-    k = sub.add_parser("check", help="check a policy file (against a model if given)")
+    k = sub.add_parser("check", help="check a policy file (against a model if given)", parents=[common])
     k.add_argument("policy")
     k.add_argument("--model")
     k.add_argument("--input-shape", action="append", default=[], help=shape_help)
     k.set_defaults(fn=cmd_check)
 
-    e = sub.add_parser("explain", help="per node, the passes a policy applies and the line that decided it")
+    e = sub.add_parser("explain", help="per node, the passes a policy applies and the line that decided it",
+                       parents=[common])
     e.add_argument("policy")
     e.add_argument("--model", required=True)
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -156,16 +208,58 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _print_error(e: NetsqueezeError, verbose: bool) -> None:
+    print(str(e), file=sys.stderr)
+    for note in getattr(e, "__notes__", ()):  # e.g. the user's own traceback
+        print(note, file=sys.stderr)
+    if verbose and isinstance(e, InternalError):
+        print("".join(traceback.format_exception(e)).rstrip(), file=sys.stderr)
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises `Terminated` while the command runs (main thread only), so writes clean up."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    verbose = bool(getattr(args, "verbose", False))
     try:
-        return int(args.fn(args))
+        with _sigterm_raises():
+            return int(args.fn(args))
     except NetsqueezeError as e:
-        print(str(e), file=sys.stderr)
-        return 2 if isinstance(e, PolicyError) else 1
+        _print_error(e, verbose)
+        if isinstance(e, InternalError):
+            return EXIT_INTERNAL
+        return EXIT_POLICY if isinstance(e, PolicyError) else EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_SIGINT
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return EXIT_SIGTERM
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+        return EXIT_ERROR
+    except Exception as e:
+        text = str(e).strip()
+        detail = f": {text.splitlines()[0]}" if text else ""
+        err = InternalError(Diagnostic(f"internal error: {type(e).__name__}{detail}", notes=(REPORT_HINT,)))
+        err.__cause__ = e
+        _print_error(err, verbose)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -118,6 +118,24 @@ class SolverError(NetsqueezeError):
     """An optimisation problem that is infeasible or that the solver could not solve."""
 
 
+class FileError(NetsqueezeError):
+    """A file netsqueeze cannot write or must not touch: a bad output path or format, an output that would
+    overwrite an input."""
+
+
+class UserCodeError(NetsqueezeError):
+    """User code netsqueeze called (a model factory, `example_inputs()`, `calibration()`, a calibration
+    iterator, `eval_fn`) that raised or returned something unusable; the user's traceback is a note."""
+
+
+class NonFiniteError(NetsqueezeError):
+    """A NaN or Inf where a finite number is needed: input data, a measured fidelity, an `eval_fn` result."""
+
+
+class InternalError(NetsqueezeError):
+    """An unexpected exception inside netsqueeze: a bug to report; names the stage, pass or node where known."""
+
+
 def did_you_mean(word: str, choices: Iterable[str], n: int = 3) -> str:
     """' (did you mean 'x'?)' for the closest choices, or '' when nothing is close."""
     close = get_close_matches(word, sorted(set(choices)), n=n, cutoff=0.6)

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import importlib.util
 import math
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
+from netsqueeze.compiler.boundary import as_number, call_user, check_finite, user_traceback
 from netsqueeze.compiler.calibration import (
     Batch,
     CalibrationSource,
@@ -21,6 +24,7 @@ from netsqueeze.compiler.calibration import (
     calibration_source,
     check_batch,
 )
+from netsqueeze.compiler.files import load_exported_program, load_pickled_module
 from netsqueeze.compiler.pipeline import Step, run_pipeline
 from netsqueeze.compiler.report import CompileReport
 from netsqueeze.errors import (
@@ -28,8 +32,12 @@ from netsqueeze.errors import (
     CaptureError,
     Diagnostic,
     InputMismatchError,
+    InternalError,
     NetsqueezeError,
+    NonFiniteError,
+    PolicyError,
     SourceSpan,
+    UserCodeError,
 )
 from netsqueeze.ir.graph import Graph
 from netsqueeze.ir.stats import graph_stats
@@ -37,6 +45,8 @@ from netsqueeze.passes.base import Pass, PassContext
 from netsqueeze.passes.registry import all_passes
 
 Target = Literal["torch", "onnx"]
+PRECISIONS = ("fp32", "fp16")
+REPORT_HINT = "this is a bug in netsqueeze: please report it with the command that ran and its --verbose output"
 
 
 @dataclass
@@ -56,14 +66,28 @@ def _is_onnx(model: Any) -> bool:
     return type(model).__name__ == "ModelProto"
 
 
-def load_model_file(path: str | os.PathLike[str]) -> tuple[Any, tuple[torch.Tensor, ...] | None]:
+def _as_inputs(value: Any, what: str) -> tuple[torch.Tensor, ...]:
+    items = value if isinstance(value, (tuple, list)) else (value,)
+    for i, t in enumerate(items):
+        if not isinstance(t, torch.Tensor):
+            raise UserCodeError(f"{what} gave {type(t).__name__} as example input {i}; expected a torch.Tensor")
+    return tuple(items)
+
+
+def load_model_file(path: str | os.PathLike[str], *,
+                    trust_pickle: bool = False) -> tuple[Any, tuple[torch.Tensor, ...] | None]:
     """Loads what `netsqueeze inspect/compile MODEL` accepts.
 
     - `model.onnx`: returned as the path (the ONNX frontend reads it).
     - `file.py` or `file.py:factory`: a Python file whose factory (default: `build`, `make_model` or
       `model`) returns an nn.Module or `(module, example_inputs)`; an `example_inputs()` function
       in the same file supplies inputs when the factory returns only the module.
-    - `model.pt` / `.pth` (a pickled nn.Module) or `.pt2` (a saved ExportedProgram).
+    - `model.pt` / `.pth` (a pickled nn.Module) or `.pt2` (a saved ExportedProgram): both unpickle,
+      which can run code from the file, so both need `trust_pickle=True` (`--trust-pickle`); without
+      it `.pt` is read with `torch.load(weights_only=True)`, which refuses anything but tensors.
+
+    Exceptions from the user's code (the import, the factory, `example_inputs()`) are `CaptureError` /
+    `UserCodeError`s naming the file and function, with the user's traceback as a note.
     """
     text = str(path)
     factory_name: str | None = None
@@ -72,6 +96,8 @@ def load_model_file(path: str | os.PathLike[str]) -> tuple[Any, tuple[torch.Tens
     p = Path(text)
     if not p.exists():
         raise CaptureError(f"model file '{p}' does not exist")
+    if p.is_dir():
+        raise CaptureError(f"model file '{p}' is a directory")
     if p.suffix == ".onnx":
         return str(p), None
     if p.suffix == ".py":
@@ -83,28 +109,34 @@ def load_model_file(path: str | os.PathLike[str]) -> tuple[Any, tuple[torch.Tens
         try:
             spec.loader.exec_module(mod)
         except Exception as e:
-            raise CaptureError(f"importing '{p}' failed: {type(e).__name__}: {e}") from e
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            err = CaptureError(f"importing '{p}' failed: {type(e).__name__}" + (f": {detail}" if detail else ""))
+            err.add_note(user_traceback(e))
+            raise err from e
         names = [factory_name] if factory_name else ["build", "make_model", "model"]
         fn = next((getattr(mod, n) for n in names if callable(getattr(mod, n, None))), None)
         if fn is None:
             raise CaptureError(f"'{p}' defines no model factory (looked for {', '.join(names)})")
-        out = fn()
+        what = f"model factory '{getattr(fn, '__name__', names[0])}' in '{p}'"
+        out = call_user(what, fn)
         if isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.nn.Module):
-            return out[0], tuple(out[1]) if isinstance(out[1], (tuple, list)) else (out[1],)
+            return out[0], _as_inputs(out[1], what)
         if not isinstance(out, torch.nn.Module):
-            raise CaptureError(f"factory '{fn.__name__}' in '{p}' returned {type(out).__name__}, expected an nn.Module")
+            raise CaptureError(f"factory '{getattr(fn, '__name__', names[0])}' in '{p}' returned "
+                               f"{type(out).__name__}, expected an nn.Module")
         ex = getattr(mod, "example_inputs", None)
-        inputs = ex() if callable(ex) else None
-        if isinstance(inputs, torch.Tensor):
-            inputs = (inputs,)
-        return out, tuple(inputs) if inputs is not None else None
+        if not callable(ex):
+            return out, None
+        what = f"example_inputs() in '{p}'"
+        return out, _as_inputs(call_user(what, ex), what)
     if p.suffix == ".pt2":
-        return torch.export.load(str(p)), None
+        program = load_exported_program(p, trust_pickle)
+        saved = getattr(program, "example_inputs", None)
+        args = saved[0] if isinstance(saved, tuple) and saved and isinstance(saved[0], tuple) else None
+        ok = args is not None and all(isinstance(t, torch.Tensor) for t in args)
+        return program, tuple(args) if ok and args is not None else None
     if p.suffix in (".pt", ".pth"):
-        try:
-            obj = torch.load(str(p), map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise CaptureError(f"cannot load '{p}': {type(e).__name__}: {e}") from e
+        obj = load_pickled_module(p, trust_pickle)
         if not isinstance(obj, torch.nn.Module):
             raise CaptureError(f"'{p}' holds a {type(obj).__name__}, not an nn.Module (a state_dict needs its model class)")
         return obj, None
@@ -120,14 +152,26 @@ def file_calibration(path: str | os.PathLike[str]) -> Any:
         return None
     mod = sys.modules.get(f"_netsqueeze_model_{Path(text).stem}")
     fn = getattr(mod, "calibration", None) if mod is not None else None
-    return fn() if callable(fn) else None
+    return call_user(f"calibration() in '{text}'", fn) if callable(fn) else None
+
+
+def check_input_shapes(input_shapes: Mapping[str, Sequence[int]] | None) -> None:
+    """Raises InputMismatchError for an `input_shapes` entry that is not a sequence of positive ints."""
+    for name, dims in (input_shapes or {}).items():
+        ok = isinstance(dims, Sequence) and not isinstance(dims, str) and len(dims) > 0
+        if ok and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims):
+            continue
+        raise InputMismatchError(f"input shape for '{name}' is {list(dims) if ok else dims!r}: "
+                                 "dims must be positive integers")
 
 
 def import_model(model: Any, example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
-                 *, input_shapes: Mapping[str, Sequence[int]] | None = None) -> Graph:
-    """Lowers a torch model (Module, GraphModule, ExportedProgram), an ONNX model or a model file into the IR."""
+                 *, input_shapes: Mapping[str, Sequence[int]] | None = None, trust_pickle: bool = False) -> Graph:
+    """Lowers a torch model (Module, GraphModule, ExportedProgram), an ONNX model or a model file into the IR.
+    `.pt`/`.pt2` files that need unpickling load only with `trust_pickle=True`."""
+    check_input_shapes(input_shapes)
     if isinstance(model, (str, os.PathLike)) and not _is_onnx(model):
-        model, file_inputs = load_model_file(model)
+        model, file_inputs = load_model_file(model, trust_pickle=trust_pickle)
         example_inputs = example_inputs if example_inputs is not None else file_inputs
     if _is_onnx(model):
         from netsqueeze.frontends.onnx import from_onnx
@@ -161,15 +205,66 @@ class _Resolved:
     budget_spans: dict[str, SourceSpan] = field(default_factory=dict)
 
 
-def _parse_policy(policy: PolicyLike, params: Mapping[str, Any] | None) -> Any:
+def load_policy_file(path: str | os.PathLike[str], params: Mapping[str, Any] | None = None) -> Any:
+    """Reads and parses a policy file (UTF-8, a leading byte-order mark allowed); an unreadable file is a
+    `PolicyError`."""
     from netsqueeze import dsl
 
-    str_params = {k: str(v) for k, v in (params or {}).items()}
+    p = Path(path)
+    try:
+        text = p.read_bytes().decode("utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        if isinstance(e, FileNotFoundError):
+            reason = "no such file"
+        elif isinstance(e, IsADirectoryError):
+            reason = "it is a directory"
+        elif isinstance(e, UnicodeDecodeError):
+            reason = f"not UTF-8 text (byte {e.start})"
+        else:
+            reason = e.strerror or str(e)
+        raise PolicyError(Diagnostic(f"cannot read policy '{p}': {reason}")) from None
+    return dsl.parse_policy(text, str(path), params={k: str(v) for k, v in (params or {}).items()})
+
+
+def _parse_policy(policy: PolicyLike, params: Mapping[str, Any] | None) -> Any:
+    from netsqueeze import dsl
+    from netsqueeze.dsl.ast import Policy
+
     if isinstance(policy, os.PathLike) or (isinstance(policy, str) and "{" not in policy):
-        return dsl.load_policy(Path(policy), params=str_params)
+        return load_policy_file(policy, params)
     if isinstance(policy, str):
-        return dsl.parse_policy(policy, "<policy>", params=str_params)
+        return dsl.parse_policy(policy.removeprefix("\ufeff"), "<policy>",
+                                params={k: str(v) for k, v in (params or {}).items()})
+    if not isinstance(policy, Policy):
+        raise NetsqueezeError(f"policy is a {type(policy).__name__}: expected a policy file path, policy text, "
+                              "a parsed Policy or a list of Pass instances")
     return policy
+
+
+def policy_files(policy: Any) -> list[tuple[str, Path]]:
+    """The files a parsed policy reads, as (role, path): the policy file, its `calibrate data` file and
+    every import."""
+    out: list[tuple[str, Path]] = []
+    span = getattr(policy, "span", None)
+    if span is not None and span.file and not span.file.startswith("<"):
+        out.append(("policy file", Path(span.file)))
+    from netsqueeze.dsl import ast
+
+    for stmt in getattr(policy, "body", ()):
+        if isinstance(stmt, ast.Calibrate):
+            for o in stmt.settings:
+                if o.key == "data" and isinstance(o.value, ast.Str):
+                    data = Path(o.value.value)
+                    if not data.is_absolute() and out and out[0][0] == "policy file":
+                        data = out[0][1].parent / data
+                    out.append(("calibration file", data))
+    todo = list(getattr(policy, "modules", ()))
+    while todo:
+        m = todo.pop(0)
+        if ("policy import", Path(m.path)) not in out:
+            out.append(("policy import", Path(m.path)))
+            todo += list(m.modules)
+    return out
 
 
 def _resolve(policy: PolicyLike, graph: Graph, params: Mapping[str, Any] | None) -> _Resolved:
@@ -177,6 +272,9 @@ def _resolve(policy: PolicyLike, graph: Graph, params: Mapping[str, Any] | None)
         policy = [policy]
     if isinstance(policy, (list, tuple)):
         bad = [p for p in policy if not isinstance(p, (Pass, Step))]
+        if bad and isinstance(bad[0], type) and issubclass(bad[0], Pass):
+            raise NetsqueezeError(f"policy list entry {bad[0].__name__} is a Pass class: "
+                                  f"pass an instance, {bad[0].__name__}()")
         if bad:
             raise NetsqueezeError(f"policy list entry {bad[0]!r} is not a Pass instance")
         steps = [p if isinstance(p, Step) else Step(p) for p in policy]
@@ -215,29 +313,47 @@ def _run_outputs(module: torch.nn.Module, batch: Batch) -> list[torch.Tensor]:
     return list(out) if isinstance(out, tuple) else [out]
 
 
-def measure_output_error(original: Graph | torch.nn.Module, compressed: Graph,
-                         batches: CalibrationSource) -> dict[str, float]:
+def measure_output_error(original: Graph | torch.nn.Module, compressed: Graph, batches: CalibrationSource, *,
+                         label: str = "the compressed model", data: str = "calibration batch") -> dict[str, float]:
     """Relative L2 error ‖y' − y‖/‖y‖ and max abs error of the outputs over the given batches.
-    `original` may be its emitted module already (a search measuring many candidates builds it once)."""
+    `original` may be its emitted module already (a search measuring many candidates builds it once).
+    A NaN or Inf in a batch or in an output is a `NonFiniteError` naming it (`label` names `compressed`,
+    `data` the batches), so the error is never NaN."""
     from netsqueeze.backends.torch import to_torch
 
     ref = to_torch(original) if isinstance(original, Graph) else original
     new = to_torch(compressed)
     num = den = 0.0
     max_abs = 0.0
-    for batch in batches():
-        for a, b in zip(_run_outputs(ref, batch), _run_outputs(new, batch)):
+    for i, batch in enumerate(batches()):
+        for j, t in enumerate(batch):
+            check_finite(t, f"{data} {i}: input {j}")
+        for k, (a, b) in enumerate(zip(_run_outputs(ref, batch), _run_outputs(new, batch))):
+            check_finite(a, f"the original model's output {k} on {data} {i}")
+            check_finite(b, f"{label}'s output {k} on {data} {i}")
             a, b = a.double(), b.double()
             num += float(((a - b) ** 2).sum())
             den += float((a**2).sum())
             max_abs = max(max_abs, float((a - b).abs().max()))
-    return {"output_error": math.sqrt(num / den) if den else 0.0, "max_abs_error": max_abs}
+    error = math.sqrt(num / den) if den else 0.0
+    if not (math.isfinite(error) and math.isfinite(max_abs)):
+        raise NonFiniteError(f"the output error of {label} is not finite ({error}, max abs {max_abs}): "
+                             "its outputs overflow")
+    return {"output_error": error, "max_abs_error": max_abs}
+
+
+def _evaluate(eval_fn: Callable[[Any], Any], module: torch.nn.Module, which: str) -> float:
+    """The user's `eval_fn(module)` as a finite float; anything else is a clear error naming `which` model."""
+    what = f"eval_fn on the {which}"
+    return as_number(call_user(what, eval_fn, module), what)
 
 
 def _fidelity_fn(original: Graph, batches: CalibrationSource | None,
-                 eval_fn: Callable[[Any], float] | None) -> Callable[[Graph, str], float | None]:
+                 eval_fn: Callable[[Any], float] | None,
+                 data: str = "calibration batch") -> Callable[[Graph, str], float | None]:
     """Fidelity of a candidate graph, for search passes (`PassContext.fidelity`): output error on the
-    calibration batches, or the top-1 drop through the user's `eval_fn`."""
+    calibration batches, or the top-1 drop through the user's `eval_fn`. Never NaN: a non-finite
+    measurement is a `NonFiniteError`, so a guard cannot pass on NaN."""
     ref: list[torch.nn.Module] = []  # the original, emitted once
     base: list[float] = []
 
@@ -253,10 +369,10 @@ def _fidelity_fn(original: Graph, batches: CalibrationSource | None,
         if metric == "top1_drop":
             assert eval_fn is not None
             if not base:
-                base.append(float(eval_fn(ref[0])))
-            return base[0] - float(eval_fn(to_torch(graph)))
+                base.append(_evaluate(eval_fn, ref[0], "original model"))
+            return base[0] - _evaluate(eval_fn, to_torch(graph), "candidate model")
         assert batches is not None
-        return measure_output_error(ref[0], graph, batches)[metric]
+        return measure_output_error(ref[0], graph, batches, label="a candidate model", data=data)[metric]
 
     return measure
 
@@ -290,12 +406,73 @@ def _check_guard(guard: Any, fidelity: Mapping[str, float]) -> None:
         raise BudgetError(Diagnostic(
             f"guard {metric.replace('_', ' ')} cannot be measured: "
             + ("pass eval_fn=... to compile()" if metric == "top1_drop" else "no data to run"), span=span))
-    if fidelity[metric] > limit + 1e-12:
+    if not fidelity[metric] <= limit + 1e-12:  # fails closed: NaN is not <= anything
         raise BudgetError(Diagnostic(
             f"guard {metric.replace('_', ' ')} <= {limit:.2%} not met: reached {fidelity[metric]:.2%}", span=span))
 
 
 # ---- compile -------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _stage(what: str) -> Iterator[None]:
+    """Turns an unexpected exception (not a NetsqueezeError) inside `what` into an `InternalError`."""
+    try:
+        yield
+    except NetsqueezeError:
+        raise
+    except Exception as e:
+        text = str(e).strip()
+        detail = f": {text.splitlines()[0]}" if text else ""
+        raise InternalError(Diagnostic(f"internal error while {what}: {type(e).__name__}{detail}",
+                                       notes=(REPORT_HINT,))) from e
+
+
+def _check_example_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...] | None:
+    """Example inputs as a tuple of tensors, checked to be finite and cloned (a forward that writes into
+    its inputs cannot change the caller's tensors)."""
+    if example_inputs is None:
+        return None
+    items = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
+    if not isinstance(items, (tuple, list)):
+        raise InputMismatchError(f"example_inputs is a {type(example_inputs).__name__}; "
+                                 "expected a tensor or a tuple of tensors")
+    for i, t in enumerate(items):
+        if not isinstance(t, torch.Tensor):
+            raise InputMismatchError(f"example input {i} is a {type(t).__name__}, not a torch.Tensor")
+        check_finite(t, f"example input {i}")
+    return tuple(t.detach().clone() for t in items)
+
+
+@contextlib.contextmanager
+def _restored(model: torch.nn.Module) -> Iterator[None]:
+    """Puts back the parameters, buffers and training flags of a model that cannot be deep-copied."""
+    state = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()
+             if isinstance(v, torch.Tensor)}
+    flags = {m: m.training for m in model.modules()}
+    try:
+        yield
+    finally:
+        live = model.state_dict(keep_vars=True)
+        with torch.no_grad():
+            for k, v in state.items():
+                if k in live and isinstance(live[k], torch.Tensor) and live[k].shape == v.shape:
+                    live[k].copy_(v)
+        for m, f in flags.items():
+            m.training = f
+
+
+def _private_copy(model: Any) -> tuple[Any, contextlib.AbstractContextManager[None]]:
+    """A deep copy of a torch model (parameters and buffers included) for the compile to run on, so the
+    caller's model comes back unchanged; a model that cannot be copied is restored afterwards instead."""
+    if not isinstance(model, (torch.nn.Module, torch.export.ExportedProgram)):
+        return model, contextlib.nullcontext()
+    try:
+        return copy.deepcopy(model), contextlib.nullcontext()
+    except Exception:
+        if isinstance(model, torch.nn.Module):
+            return model, _restored(model)
+        return model, contextlib.nullcontext()
+
+
 def compile(
     model: Any,
     policy: PolicyLike = (),
@@ -309,28 +486,53 @@ def compile(
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
+    trust_pickle: bool = False,
 ) -> CompileResult:
     """Compresses `model` as `policy` says and emits it for `target`.
 
     model: an nn.Module / GraphModule / ExportedProgram (with `example_inputs`), an ONNX path or
-    ModelProto, or a model file (.py factory, .pt, .pt2). policy: a policy file path, policy text,
-    or a list of Pass instances (the Python builder form). calibration: an iterable of input
-    batches, a tensor of samples, or a .npz/.npy/.pt file. eval_fn(model) -> top-1 accuracy, used by
-    `guard top1 drop`. The input model object is never modified.
+    ModelProto, or a model file (.py factory, .pt, .pt2; the pickled forms need `trust_pickle=True`).
+    policy: a policy file path, policy text, or a list of Pass instances (the Python builder form).
+    calibration: an iterable of input batches, a tensor of samples, or a .npz/.npy/.pt file.
+    eval_fn(model) -> top-1 accuracy, used by `guard top1 drop`. The input model object is never
+    modified: the compile runs on a deep copy. NaN/Inf in inputs, calibration data, eval_fn results or
+    measured fidelity is a `NonFiniteError`; exceptions from user code are `UserCodeError`s; an
+    unexpected exception inside netsqueeze is an `InternalError`.
     """
     if target not in ("torch", "onnx"):
         raise NetsqueezeError(f"unknown target '{target}' (use 'torch' or 'onnx')")
+    if precision not in PRECISIONS:
+        raise NetsqueezeError(f"unknown precision {precision!r} (use 'fp32' or 'fp16'; "
+                              "int8 quantization is not supported)")
+    if eval_fn is not None and not callable(eval_fn):
+        raise NetsqueezeError(f"eval_fn is a {type(eval_fn).__name__}, not a function of the model")
+    if not isinstance(policy, (str, os.PathLike, list, tuple, Pass)):
+        _parse_policy(policy, params)  # raises for anything but a parsed Policy
+    check_input_shapes(input_shapes)
+    example_inputs = _check_example_inputs(example_inputs)
+    model, guard_model = _private_copy(model)
+    with guard_model:
+        return _compile(model, policy, example_inputs, calibration, target, params, eval_fn, precision,
+                        input_shapes, seed, log, trust_pickle)
+
+
+def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor, ...] | None, calibration: Any,
+             target: Target, params: Mapping[str, Any] | None, eval_fn: Callable[[Any], float] | None,
+             precision: Literal["fp32", "fp16"], input_shapes: Mapping[str, Sequence[int]] | None, seed: int,
+             log: Callable[[str], None] | None, trust_pickle: bool) -> CompileResult:
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     if example_inputs is None and not _is_onnx(model) and not isinstance(model, (str, os.PathLike)):
         example_inputs = _declared_inputs(policy, params)
-    graph = import_model(model, example_inputs, input_shapes=input_shapes)
+    with _stage("importing the model"):
+        graph = import_model(model, example_inputs, input_shapes=input_shapes, trust_pickle=trust_pickle)
     times["import"] = time.perf_counter() - t0
     original = graph.copy()
     before = graph_stats(graph)
 
     t1 = time.perf_counter()
-    resolved = _resolve(policy, graph, params)
+    with _stage("resolving the policy"):
+        resolved = _resolve(policy, graph, params)
     times["resolve"] = time.perf_counter() - t1
 
     cal = resolved.calibration
@@ -342,16 +544,20 @@ def compile(
         if not data.is_absolute() and policy_file and Path(policy_file).exists():
             data = Path(policy_file).parent / data
         calibration = data
-    if calibration is not None:
-        source = calibration_source(calibration, batch_size=int(cal.get("batch", 64)), samples=cal.get("samples"))
-        first = next(iter(source()), None)
-        if first is None:
-            raise InputMismatchError("calibration data is empty")
-        check_batch(graph, first, "calibration batch 0")
+    with _stage("reading the calibration data"):
+        if calibration is not None:
+            source = calibration_source(calibration, batch_size=int(cal.get("batch", 64)),
+                                        samples=cal.get("samples"))
+            first = next(iter(source()), None)
+            if first is None:
+                raise InputMismatchError("calibration data is empty")
+            check_batch(graph, first, "calibration batch 0")
     eval_batches: CalibrationSource | None = source
+    data_label = "calibration batch"
     if eval_batches is None and example_inputs is not None:
-        ex = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+        ex = example_inputs
         eval_batches = lambda: iter([ex])  # noqa: E731
+        data_label = "example batch"
     guard = resolved.guard
     ctx = PassContext(
         stream_fn=activation_stream(source) if source is not None else None,
@@ -361,41 +567,48 @@ def compile(
         log=log or (lambda msg: None),
         original=original,
         guard=(str(guard.metric), float(guard.limit)) if guard is not None else None,
-        fidelity_fn=_fidelity_fn(original, eval_batches, eval_fn),
+        fidelity_fn=_fidelity_fn(original, eval_batches, eval_fn, data_label),
     )
     t2 = time.perf_counter()
     run = run_pipeline(graph, resolved.steps, ctx)
     times["passes"] = time.perf_counter() - t2
-    after = graph_stats(graph)
+    with _stage("checking the budget"):
+        after = graph_stats(graph)
     _check_budget(resolved.budget, before, after, resolved.budget_spans)
 
     fidelity: dict[str, float] = {}
     notes: list[str] = []
     if eval_batches is not None and any(n.kind != "input" for n in graph.nodes()):
-        try:
-            fidelity.update(measure_output_error(original, graph, eval_batches))
-        except NetsqueezeError as e:
-            notes.append(f"output error not measured: {e.message}")
+        with _stage("measuring the output error"):
+            try:
+                fidelity.update(measure_output_error(original, graph, eval_batches, data=data_label))
+            except NonFiniteError:
+                raise
+            except NetsqueezeError as e:
+                notes.append(f"output error not measured: {e.message}")
 
     t3 = time.perf_counter()
     out_model: Any
-    if target == "torch":
-        from netsqueeze.backends.torch import to_torch
+    with _stage(f"emitting the {target} model"):
+        if target == "torch":
+            from netsqueeze.backends.torch import to_torch
 
-        out_model = to_torch(graph)
-        if precision == "fp16":
-            out_model = out_model.half()
-    else:
-        from netsqueeze.backends.onnx import to_onnx
+            out_model = to_torch(graph)
+            if precision == "fp16":
+                out_model = out_model.half()
+        else:
+            from netsqueeze.backends.onnx import to_onnx
 
-        meta = {"netsqueeze.policy_hash": resolved.policy_hash or "", "netsqueeze.plan": resolved.plan_text or ""}
-        out_model = to_onnx(graph, precision=precision, metadata={k: v for k, v in meta.items() if v})
+            meta = {"netsqueeze.policy_hash": resolved.policy_hash or "", "netsqueeze.plan": resolved.plan_text or ""}
+            out_model = to_onnx(graph, precision=precision, metadata={k: v for k, v in meta.items() if v})
     times["emit"] = time.perf_counter() - t3
     if eval_fn is not None:
         from netsqueeze.backends.torch import to_torch
 
-        base = float(eval_fn(to_torch(original)))
-        new = float(eval_fn(to_torch(graph)))
+        with _stage("emitting the models for eval_fn"):
+            ref_module, new_module = to_torch(original), to_torch(graph)
+        base = _evaluate(eval_fn, ref_module, "original model")
+        new = _evaluate(eval_fn, new_module, "compressed model")
         fidelity.update({"top1_original": base, "top1": new, "top1_drop": base - new})
     _check_guard(resolved.guard, fidelity)
     times["total"] = time.perf_counter() - t0

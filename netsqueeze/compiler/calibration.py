@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from netsqueeze.compiler.boundary import call_user, check_finite, iterate_user
 from netsqueeze.errors import Diagnostic, InputMismatchError
 from netsqueeze.ir.graph import Graph, Value
 from netsqueeze.passes.base import ActivationStream
@@ -21,32 +23,62 @@ def _as_batch(item: Any, where: str) -> Batch:
     if isinstance(item, torch.Tensor):
         return (item,)
     if isinstance(item, np.ndarray):
-        return (torch.from_numpy(item),)
+        return (_from_numpy(item, f"calibration {where}"),)
     if isinstance(item, (tuple, list)) and item and all(isinstance(t, (torch.Tensor, np.ndarray)) for t in item):
-        return tuple(t if isinstance(t, torch.Tensor) else torch.from_numpy(t) for t in item)
+        return tuple(t if isinstance(t, torch.Tensor) else _from_numpy(t, f"calibration {where}") for t in item)
     raise InputMismatchError(
         Diagnostic(f"calibration {where} is a {type(item).__name__}; expected a tensor or a tuple of tensors")
     )
 
 
+def _from_numpy(array: Any, where: str) -> torch.Tensor:
+    if not isinstance(array, np.ndarray):
+        raise InputMismatchError(f"{where} holds a {type(array).__name__}, expected an array")
+    try:
+        return torch.from_numpy(np.ascontiguousarray(array))
+    except TypeError:
+        raise InputMismatchError(f"{where} holds an array of dtype {array.dtype}, expected numbers") from None
+
+
+def _read_error(path: Path, e: Exception) -> InputMismatchError:
+    text = str(e).strip()
+    if "allow_pickle" in text:
+        reason = "it is not a plain NumPy array file (object arrays and pickles are not loaded)"
+    elif "Weights only load failed" in text:
+        reason = "it holds pickled Python objects, which netsqueeze does not load for calibration"
+    else:
+        reason = f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+    return InputMismatchError(f"cannot read calibration file '{path}': {reason}")
+
+
 def _load_file(path: Path) -> list[torch.Tensor]:
     if not path.exists():
         raise InputMismatchError(f"calibration file '{path}' does not exist")
-    if path.suffix == ".npz":
-        with np.load(path) as data:
-            return [torch.from_numpy(data[k]) for k in data.files]
-    if path.suffix in (".pt", ".pth"):
+    if path.is_dir():
+        raise InputMismatchError(f"calibration file '{path}' is a directory")
+    if path.suffix not in (".npz", ".npy", ".pt", ".pth"):
+        raise InputMismatchError(
+            f"calibration file '{path}': unsupported format '{path.suffix}' (use .npz, .npy or .pt)")
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as data:
+                if not data.files:
+                    raise InputMismatchError(f"calibration file '{path}' holds no arrays")
+                return [_from_numpy(data[k], f"calibration file '{path}' (array '{k}')") for k in data.files]
+        if path.suffix == ".npy":
+            return [_from_numpy(np.load(path, allow_pickle=False), f"calibration file '{path}'")]
         obj = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(obj, torch.Tensor):
-            return [obj]
-        if isinstance(obj, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in obj):
-            return list(obj)
-        if isinstance(obj, dict) and all(isinstance(t, torch.Tensor) for t in obj.values()):
-            return list(obj.values())
-        raise InputMismatchError(f"calibration file '{path}' holds a {type(obj).__name__}, expected tensors")
-    if path.suffix == ".npy":
-        return [torch.from_numpy(np.load(path))]
-    raise InputMismatchError(f"calibration file '{path}': unsupported format '{path.suffix}' (use .npz, .npy or .pt)")
+    except InputMismatchError:
+        raise
+    except Exception as e:
+        raise _read_error(path, e) from None
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)) and obj and all(isinstance(t, torch.Tensor) for t in obj):
+        return list(obj)
+    if isinstance(obj, dict) and obj and all(isinstance(t, torch.Tensor) for t in obj.values()):
+        return list(obj.values())
+    raise InputMismatchError(f"calibration file '{path}' holds a {type(obj).__name__}, expected tensors")
 
 
 def calibration_source(data: Any, *, batch_size: int = 64, samples: int | None = None) -> CalibrationSource:
@@ -56,15 +88,24 @@ def calibration_source(data: Any, *, batch_size: int = 64, samples: int | None =
     (inputs, labels) pairs should be mapped to inputs first), one tensor of samples (split
     into batches), or a .npz / .npy / .pt file. At most `samples` rows are read.
     """
-    if isinstance(data, (str, Path)):
+    what = "calibration data"
+    if isinstance(data, (str, os.PathLike)):
+        what = f"calibration file '{data}'"
         tensors = _load_file(Path(data))
         data = tensors[0] if len(tensors) == 1 else tuple(tensors)
     if isinstance(data, np.ndarray):
-        data = torch.from_numpy(data)
+        data = _from_numpy(data, what)
     if isinstance(data, torch.Tensor) or (
         isinstance(data, tuple) and data and all(isinstance(t, torch.Tensor) for t in data)
     ):
         full: Batch = (data,) if isinstance(data, torch.Tensor) else tuple(data)
+        for k, t in enumerate(full):
+            if t.dim() == 0:
+                name = what if len(full) == 1 else f"{what} (tensor {k})"
+                raise InputMismatchError(f"{name} is a 0-d tensor (a single number); expected samples [N, ...]")
+        if len({t.shape[0] for t in full}) > 1:
+            raise InputMismatchError(f"{what}: its tensors have different sample counts "
+                                     f"({', '.join(str(t.shape[0]) for t in full)})")
         n = full[0].shape[0] if samples is None else min(samples, full[0].shape[0])
 
         def split() -> Iterator[Batch]:
@@ -72,14 +113,19 @@ def calibration_source(data: Any, *, batch_size: int = 64, samples: int | None =
                 yield tuple(t[i : min(n, i + batch_size)] for t in full)
 
         return split
-    if not isinstance(data, Iterable):
-        raise InputMismatchError(f"calibration data of type {type(data).__name__} is not iterable")
+    if not isinstance(data, Iterable) or isinstance(data, (str, bytes, dict)):
+        raise InputMismatchError(f"calibration data of type {type(data).__name__} is not a tensor, a file "
+                                 "or an iterable of batches")
     source: Iterable[Any] = data
 
     def iterate() -> Iterator[Batch]:
         seen = 0
-        for i, item in enumerate(source):
+        items = iterate_user("the calibration iterator", call_user("iter(calibration data)", iter, source))
+        for i, item in enumerate(items):
             batch = _as_batch(item, f"batch {i}")
+            if any(t.dim() == 0 for t in batch):
+                raise InputMismatchError(f"calibration batch {i} holds a 0-d tensor (a single number); "
+                                         "expected a batch [N, ...]")
             if samples is not None and seen + batch[0].shape[0] > samples:
                 batch = tuple(t[: samples - seen] for t in batch)
             if batch[0].shape[0] == 0:
@@ -99,6 +145,10 @@ def check_batch(graph: Graph, batch: Batch, where: str) -> None:
                                  f"({', '.join(graph.inputs)})")
     for t, nid in zip(batch, graph.inputs):
         meta = graph.node(nid).meta[0]
+        if t.dim() == 0:
+            raise InputMismatchError(Diagnostic(
+                f"{where}: input '{nid}' is a 0-d tensor (a single number); expected a batch "
+                f"[N, {', '.join(str(d) for d in meta.shape[1:])}]", node=nid))
         if tuple(t.shape[1:]) != tuple(meta.shape[1:]):
             raise InputMismatchError(Diagnostic(
                 f"{where}: input '{nid}' has shape {list(t.shape)} but the model expects "
@@ -107,6 +157,13 @@ def check_batch(graph: Graph, batch: Batch, where: str) -> None:
             raise InputMismatchError(Diagnostic(
                 f"{where}: input '{nid}' has dtype {str(t.dtype).removeprefix('torch.')} but the model expects "
                 f"{meta.dtype}", node=nid))
+        have = str(t.dtype).removeprefix("torch.")
+        if t.is_floating_point() and have != meta.dtype:
+            raise InputMismatchError(Diagnostic(
+                f"{where}: input '{nid}' has dtype {have} but the model expects {meta.dtype}", node=nid,
+                notes=(f"convert the data first, e.g. tensor.to(torch.{meta.dtype}) or "
+                       f"array.astype(numpy.{meta.dtype})",)))
+        check_finite(t, f"{where}: input '{nid}'")
 
 
 def activation_stream(source: CalibrationSource) -> ActivationStream:

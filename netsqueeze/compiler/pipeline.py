@@ -80,7 +80,10 @@ def run_pipeline(graph: Graph, steps: Sequence[Step | Pass], ctx: PassContext) -
                            (*d.notes, before_txt))
                 for d in e.diagnostics
             ]
-            raise (PassBudgetError if isinstance(e, BudgetError) else PassError)(diags) from e
+            err = (PassBudgetError if isinstance(e, BudgetError) else PassError)(diags)
+            for note in getattr(e, "__notes__", ()):  # e.g. the user's traceback from an eval_fn
+                err.add_note(note)
+            raise err from e
         except Exception as e:
             raise PassError(Diagnostic(f"{label} failed: {type(e).__name__}: {e}", span=step.span,
                                        notes=(before_txt,))) from e

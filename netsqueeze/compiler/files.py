@@ -1,0 +1,204 @@
+"""Files netsqueeze reads and writes: output paths checked before a compile starts, atomic writes,
+and model files loaded without running code from them unless the user trusts the file.
+
+Every output is written to a temporary file in the target directory, flushed to disk and renamed
+over the target (`os.replace`): an interrupted or failed write leaves the previous file (or none),
+never a truncated one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from netsqueeze.errors import CaptureError, FileError
+
+OutputFormat = Literal["onnx", "pt", "pt2"]
+OUTPUT_FORMATS: dict[str, OutputFormat] = {".onnx": "onnx", ".pt": "pt", ".pth": "pt", ".pt2": "pt2"}
+TRUST_HINT = "if you trust this file, pass --trust-pickle (trust_pickle=True in the Python API)"
+
+
+def output_format(path: str | os.PathLike[str]) -> OutputFormat:
+    """The format an output path asks for, from its suffix; an unknown suffix is a `FileError`."""
+    suffix = Path(path).suffix
+    fmt = OUTPUT_FORMATS.get(suffix.lower())
+    if fmt is None:
+        shown = f"suffix '{suffix}'" if suffix else "no suffix"
+        raise FileError(f"output '{path}' has {shown}: the suffix decides the format (use .onnx, .pt, .pth or .pt2)")
+    return fmt
+
+
+def model_source(model: str | os.PathLike[str]) -> Path:
+    """The file behind a model argument: `file.py:factory` names `file.py`."""
+    text = os.fspath(model)
+    if ".py:" in text:
+        text = text.rsplit(":", 1)[0]
+    return Path(text)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    with contextlib.suppress(OSError):
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)  # also catches hard links
+    return a.resolve() == b.resolve()
+
+
+def check_output_path(out: str | os.PathLike[str], inputs: Sequence[tuple[str, str | os.PathLike[str]]] = ()) -> Path:
+    """Checks, before any work is done, that `out` can be written and is none of `inputs`
+    ((role, path) pairs such as ("input model", "m.py")). Returns `out` as a Path; raises `FileError`."""
+    path = Path(out)
+    for role, src in inputs:
+        if _same_file(path, Path(src)):
+            raise FileError(f"refusing to overwrite the {role} '{src}': choose another -o path")
+    if path.is_dir():
+        raise FileError(f"output '{path}' is a directory")
+    parent = path.parent
+    if not parent.is_dir():
+        for anc in (parent, *parent.parents):
+            if anc.exists() and not anc.is_dir():
+                raise FileError(f"output '{path}': '{anc}' is a file, not a directory")
+            if anc.is_dir():
+                break
+        raise FileError(f"output '{path}': directory '{parent}' does not exist")
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".probe")
+    except OSError as e:
+        raise FileError(f"output '{path}': directory '{parent}' is not writable ({e.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
+    return path
+
+
+def _new_file_mode(target: Path) -> int:
+    with contextlib.suppress(OSError):
+        return target.stat().st_mode & 0o7777
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _fsync(path: Path, directory: bool = False) -> None:
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        if directory:  # some platforms cannot open directories: the rename is still atomic
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
+    """Calls `write(tmp)` on a fresh temporary file next to `path`, syncs it and renames it over `path`.
+    On any failure or interrupt the temporary file is removed and `path` is left as it was."""
+    target = Path(path)
+    tmp: Path | None = None
+    try:
+        fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}")
+        os.close(fd)
+        tmp = Path(name)
+        write(tmp)
+        _fsync(tmp)
+        os.chmod(tmp, _new_file_mode(target))
+        os.replace(tmp, target)
+        tmp = None
+    except OSError as e:
+        raise FileError(f"cannot write '{target}': {e.strerror or e}") from e
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+    _fsync(target.parent, directory=True)
+
+
+def _atomic_write_onnx_external(model: Any, target: Path) -> None:
+    """A model over 2 GB: its weights go to `<name>.data`; both files are written in a temporary
+    directory next to the target and renamed into place, the data first."""
+    from netsqueeze.backends.onnx import save_onnx
+
+    tmpdir = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        save_onnx(model, tmpdir / target.name)
+        data = tmpdir / (target.name + ".data")
+        for f in (data, tmpdir / target.name):
+            if f.exists():
+                _fsync(f)
+                os.chmod(f, _new_file_mode(target.parent / f.name))
+        if data.exists():
+            os.replace(data, target.parent / data.name)
+        os.replace(tmpdir / target.name, target)
+    except OSError as e:
+        raise FileError(f"cannot write '{target}': {e.strerror or e}") from e
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    _fsync(target.parent, directory=True)
+
+
+def save_model(model: Any, path: str | os.PathLike[str], example_inputs: tuple[Any, ...] | None = None) -> None:
+    """Writes a compiled model atomically in the format `path`'s suffix names: an ONNX ModelProto to
+    `.onnx`, a torch module to `.pt`/`.pth` (pickled) or `.pt2` (torch.export, traced on `example_inputs`)."""
+    target = Path(path)
+    fmt = output_format(target)
+    if fmt == "onnx":
+        import onnx
+
+        from netsqueeze.backends.onnx import TWO_GB
+
+        if model.ByteSize() >= TWO_GB:
+            _atomic_write_onnx_external(model, target)
+        else:
+            atomic_write(target, lambda p: onnx.save_model(model, str(p)))
+        return
+    import torch
+
+    if fmt == "pt":
+        atomic_write(target, lambda p: torch.save(model, str(p)))
+        return
+    program = torch.export.export(model, tuple(example_inputs or ()))
+    atomic_write(target, lambda p: torch.export.save(program, str(p)))
+
+
+# ---- loading model files ------------------------------------------------------------------------------
+def load_pickled_module(path: Path, trust_pickle: bool = False) -> Any:
+    """A `.pt`/`.pth` file: `torch.load(weights_only=True)` unless `trust_pickle`; a file that needs a
+    full unpickle (any pickled nn.Module does) is refused, naming the file and the opt-in."""
+    import torch
+
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=not trust_pickle)
+    except Exception as e:
+        text = str(e)
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if not trust_pickle and found:
+            raise CaptureError(
+                f"refusing to load '{path}': it is a full pickle (it names {found.group(1)}), and unpickling "
+                f"can run arbitrary code; {TRUST_HINT}") from None
+        reason = text.strip().splitlines()[0] if text.strip() else ""
+        raise CaptureError(f"cannot load '{path}': {type(e).__name__}: {reason}") from e
+
+
+def load_exported_program(path: Path, trust_pickle: bool = False) -> Any:
+    """A `.pt2` archive (torch.export.save): loading one unpickles, so it needs `trust_pickle`."""
+    if not trust_pickle:
+        raise CaptureError(
+            f"refusing to load '{path}': torch.export.load unpickles parts of a .pt2 archive, which can run "
+            f"arbitrary code; {TRUST_HINT}")
+    import torch
+
+    try:
+        return torch.export.load(str(path))
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CaptureError(f"cannot load '{path}': {type(e).__name__}: {reason}") from e
