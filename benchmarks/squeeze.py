@@ -36,11 +36,22 @@ from benchmarks.common import (
 )
 from netsqueeze.ir.stats import graph_stats
 from netsqueeze.passes.registry import all_passes
+from netsqueeze.passes.squeeze_fold import ablation
 
 ROUND_TO = 8
-# each design choice of squeeze_fold against its default, at the hardest point
+# each design choice of squeeze_fold against its default, at the hardest point: a policy option
+# (`method`, `mode`) or a switch of the pass's private `Ablation` configuration (set with `ablation(...)`)
 VARIANTS = ("method = qr", "mode = parallel", "allocation = uniform", "weighting = none", "sensitivity = none",
             "sensitivity = curve", "block_fit = shared")
+POLICY_OPTIONS = ("method", "mode")
+
+
+def _variant(variant: str) -> tuple[str, dict[str, str]]:
+    """(the squeeze_fold step, the Ablation changes) of a VARIANTS entry."""
+    key, value = (p.strip() for p in variant.split("="))
+    if key in POLICY_OPTIONS:
+        return f"squeeze_fold {{ {variant} }}", {}
+    return "squeeze_fold", {key: value}
 
 
 class PeakRSS:
@@ -220,8 +231,9 @@ def main() -> None:
             to_time.append((name, f"squeeze_fold params <= {b:.1%}", fr, res.model))
             if b == budgets[-1]:  # the design choices, measured at the hardest point
                 for variant in VARIANTS:
-                    vres, vsecs, vmib = run_ns(model, ["fold_bn", f"squeeze_fold {{ {variant} }}"], calib,
-                                               {"params": b})
+                    step, changes = _variant(variant)
+                    with ablation(**changes):
+                        vres, vsecs, vmib = run_ns(model, ["fold_bn", step], calib, {"params": b})
                     row(name, f"squeeze_fold {variant}", f"params <= {b:.1%}", vres.report.params_ratio,
                         vres.report.flops_ratio, accuracy(vres.model, test_x, test_y), base_acc, vsecs, vmib)
                     alloc.append(f"- {name} squeeze_fold {variant} params <= {b:.1%}: " + "; ".join(_notes(vres)))

@@ -1,18 +1,22 @@
 """`squeeze_fold`: one-shot removal of correlated channels with a linear reconstruction folded into
-the consumers (Ozen & Orailoglu, "Squeezing Correlated Neurons", ECML PKDD 2020; METHODS.md §2)."""
+the consumers (Ozen & Orailoglu, "Squeezing Correlated Neurons for Resource-Efficient Deep Neural
+Networks", ECML PKDD 2020)."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
 from netsqueeze.errors import BudgetError, Diagnostic
 from netsqueeze.ir.graph import Graph, Value
 from netsqueeze.ir.stats import graph_stats
+from netsqueeze.passes.allocation import Budget, GroupBounds, Meter, bisect, group_bounds
 from netsqueeze.passes.base import PassContext, PassResult, TransformPass
 from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups, DependencyAnalysis, Member, find_groups
 from netsqueeze.passes.registry import register_pass
@@ -27,6 +31,44 @@ from netsqueeze.passes.squeeze_math import (
 
 # consumer (kind, weight param) whose output is linear in that input axis, so a reconstruction folds exactly
 _FOLDABLE = {("conv", "weight"), ("linear", "weight")}
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """Design choices of `squeeze_fold` that are not policy options: the defaults are the method, the
+    alternatives exist for the benchmark's ablation (benchmarks/squeeze.py), which sets them with
+    `ablation(...)`. See `SqueezeFold` for what each default does.
+
+    - energy_of: what `energy` measures, `reconstruction` (the consumers' share of reconstructed
+      variance) or `spectrum` (the share of the covariance eigenvalues, the paper's wording).
+    - weighting: `consumer` (errors as the consumers' outputs see them, M = Σ WᵀW) or `none` (M = I).
+    - allocation: the search family, `lagrange` or `uniform` (one energy threshold for every group).
+    - sensitivity: `output` (groups weighted by their measured effect on the outputs), `curve`
+      (a measured output-error curve per group) or `none`; `sensitivity_rounds` re-measurements.
+    - block_fit: `full` (flatten→linear: every feature of a channel's block is its own column, up to
+      `max_block_features`) or `shared` (one map shared by the block's positions).
+    """
+
+    energy_of: Literal["reconstruction", "spectrum"] = "reconstruction"
+    weighting: Literal["consumer", "none"] = "consumer"
+    allocation: Literal["lagrange", "uniform"] = "lagrange"
+    sensitivity: Literal["output", "curve", "none"] = "output"
+    sensitivity_rounds: int = 2
+    block_fit: Literal["full", "shared"] = "full"
+    max_block_features: int = 4096
+
+
+_ABLATION: ContextVar[Ablation] = ContextVar("squeeze_fold_ablation", default=Ablation())  # noqa: B039 (frozen)
+
+
+@contextmanager
+def ablation(**changes: Any) -> Iterator[Ablation]:
+    """Runs the enclosed `squeeze_fold` passes with these `Ablation` fields changed (benchmark use)."""
+    token = _ABLATION.set(dataclasses.replace(_ABLATION.get(), **changes))
+    try:
+        yield _ABLATION.get()
+    finally:
+        _ABLATION.reset(token)
 
 
 @dataclass
@@ -78,19 +120,18 @@ class SqueezeFold(TransformPass):
     Per prunable channel group (dependency analysis; the policy's `on` selects producers):
     1. At every consumer's input, the augmented Gram matrix E[[a,1][a,1]ᵀ] of the group's channels is
        streamed over the calibration data (conv: every spatial position is a sample). A linear layer
-       after flatten reads C·H·W features: with `block_fit = full` (default) their whole Gram is
-       streamed (one sample per image; up to `max_block_features` and with more samples than
-       features, else `shared`); with `shared`
-       every position of a channel's H·W block is a sample of the channel.
+       after flatten reads C·H·W features: their whole Gram is streamed (one sample per image; up
+       to 4096 features and with more samples than features, else every position of a channel's
+       H·W block is a sample of the channel, as the `shared` block fit always does).
     2. Channels ranked once per group by `greedy` backward elimination (default) or column-pivoted
        `qr`, each prefix with its reconstruction error as the consumers' outputs see it
-       (tr(M·Σ_res)/tr(M·Σ), M = Σ WᵀW of the consumers; `weighting = none` uses M = I); for a full
+       (tr(M·Σ_res)/tr(M·Σ), M = Σ WᵀW of the consumers); for a full
        block fit, whole channels (blocks of H·W features) are eliminated / pivoted.
-    3. The kept count: the smallest r whose reconstruction keeps `energy` of that variance
-       (`energy_of = spectrum`: the share of the covariance eigenvalues, the paper's wording), or
+    3. The kept count: the smallest r whose reconstruction keeps `energy` of that variance, or
        `ratio` of channels removed, or — when neither is given — the search mode: the smallest model
-       that meets the policy's `budget` and `guard` (`allocation`, `sensitivity`: see
-       `_search_counts`). The policy's bounds (min_channels, max_ratio, round_to) clamp every count.
+       that meets the policy's `budget` and `guard` (see `_search_counts`). Every count is clamped
+       by the shared rule of `passes.allocation`: the options `min_channels`/`round_to` and the
+       policy's `bounds` combine, the most restrictive winning; `ratio` removes ⌊ratio·size⌋.
     4. Per consumer, least squares with intercept a ≈ a_S·T + t₀ (`ridge` for ill-conditioned Grams),
        folded: W'[o,s] = Σ_c W[o,c]·T[s,c] per kernel tap; for flatten→linear with the full block fit
        every removed (channel, position) feature is rebuilt from every kept feature,
@@ -106,8 +147,9 @@ class SqueezeFold(TransformPass):
     from its own kept slots (one T per group, the group structure kept); in cascade mode its fold is
     the one measured on the pass-start graph. A depthwise conv between producer and consumer passes
     channels through and is sliced.
-    Defaults by measurement on the benchmark VGG/ResNet at 5x fewer params
-    (benchmarks/results/squeeze.md, which also lists each alternative at the hardest point).
+    Design choices by measurement on the benchmark VGG/ResNet at 5x fewer params
+    (benchmarks/results/squeeze.md lists each alternative at the hardest point); the alternatives
+    are not policy options but an `Ablation` the benchmark sets with `ablation(...)`.
     Exact when activations have exact rank r and consumers are linear in their input channels. It
     approximates at zero-padded conv borders (t₀ enters the bias at every output position). A group
     with a consumer that is not linear in its input channels (conv_transpose, attention's out_proj)
@@ -122,20 +164,13 @@ class SqueezeFold(TransformPass):
     name: ClassVar[str] = "squeeze_fold"
     energy: float | None = field(default=None, metadata={"min": 0.0, "max": 1.0, "unit": "ratio"})
     ratio: float | None = field(default=None, metadata={"min": 0.0, "max": 1.0, "unit": "ratio"})
-    energy_of: Literal["reconstruction", "spectrum"] = "reconstruction"
-    weighting: Literal["consumer", "none"] = "consumer"
     method: Literal["greedy", "qr"] = "greedy"
     ridge: float = field(default=1e-6, metadata={"min": 0.0})
     min_channels: int = field(default=1, metadata={"min": 1})
     round_to: int = field(default=1, metadata={"min": 1})
     nonlinear: Literal["skip", "remove"] = "skip"
     mode: Literal["cascade", "parallel"] = "cascade"
-    allocation: Literal["lagrange", "uniform"] = "lagrange"
     max_samples: int = field(default=200_000, metadata={"min": 1})
-    block_fit: Literal["full", "shared"] = "full"
-    max_block_features: int = field(default=4096, metadata={"min": 1})
-    sensitivity: Literal["output", "curve", "none"] = "output"
-    sensitivity_rounds: int = field(default=2, metadata={"min": 1})
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         groups = ctx.analysis(DependencyAnalysis, graph).restrict(ctx.selected)
@@ -229,7 +264,8 @@ class SqueezeFold(TransformPass):
     def _probe(self, graph: Graph, m: Member) -> _Probe:
         c, block = len(m.index), len(m.index[0])
         z = torch.zeros(c + 1, c + 1, dtype=torch.float64)
-        full = block > 1 and self.block_fit == "full" and c * block <= self.max_block_features
+        ab = _ABLATION.get()
+        full = block > 1 and ab.block_fit == "full" and c * block <= ab.max_block_features
         return _Probe(m, graph.operands(m.node)[0], z, torch.zeros(c, block, dtype=torch.float64),
                       full=torch.zeros(c * block + 1, c * block + 1, dtype=torch.float64) if full else None)
 
@@ -328,18 +364,18 @@ class SqueezeFold(TransformPass):
         """
         cov_sum: torch.Tensor | None = None
         met_sum: torch.Tensor | None = None
+        weighted = _ABLATION.get().weighting == "consumer"
         full = probes[0].full
         if len(probes) == 1 and full is not None:  # flatten→linear: rank channels by their blocks
             p = probes[0]
-            met = self._metric(graph, p.member, full=True) if self.weighting == "consumer" else None
+            met = self._metric(graph, p.member, full=True) if weighted else None
             order, err = ranking(covariance(full / max(1, p.rows)), self.method, met, max(self.ridge, 1e-9),
                                  block=p.block)
             return order, err, covariance(p.moment / max(1, p.count))
         for p in probes:
             cov = covariance(p.moment / max(1, p.count))
             cov = cov / cov.trace().clamp_min(1e-30)
-            met = self._metric(graph, p.member) if self.weighting == "consumer" else torch.eye(cov.shape[0],
-                                                                                            dtype=cov.dtype)
+            met = self._metric(graph, p.member) if weighted else torch.eye(cov.shape[0], dtype=cov.dtype)
             met = met / torch.trace(met @ cov).clamp_min(1e-30)
             cov_sum = cov if cov_sum is None else cov_sum + cov
             met_sum = met if met_sum is None else met_sum + met
@@ -351,7 +387,7 @@ class SqueezeFold(TransformPass):
     def _metric(graph: Graph, m: Member, full: bool = False) -> torch.Tensor:
         """Σ_o WᵀW of a consumer in group-channel space, summed over kernel taps / block positions
         (`full`: over every feature of the blocks, C·block square)."""
-        w = graph.node(m.node).params[m.param or "weight"].double().movedim(m.axis, -1)
+        w = graph.node(m.node).dense(m.param or "weight").double().movedim(m.axis, -1)
         idx = torch.tensor([list(q) for q in m.index])  # [C, block]
         wc = w[..., idx].reshape(-1, *idx.shape)  # [rows, C, block]
         if full:
@@ -416,26 +452,18 @@ class SqueezeFold(TransformPass):
 
     def _kept(self, g: ChannelGroup, rank: tuple[list[int], list[float], torch.Tensor], energy: float | None,
               ctx: PassContext) -> int:
+        b = self._bounds(g, ctx)
         if self.ratio is not None:
-            k = g.size - round(self.ratio * g.size)
-        elif energy is not None:
-            k = kept_for_error(rank[1], 1.0 - energy) if self.energy_of == "reconstruction" else \
-                rank_for_energy(rank[2], energy)
-        else:
-            k = g.size
-        return self._clamp(g, k, ctx)
+            return b.for_ratio(self.ratio)
+        if energy is None:
+            return g.size
+        return b.clamp(kept_for_error(rank[1], 1.0 - energy) if _ABLATION.get().energy_of == "reconstruction"
+                       else rank_for_energy(rank[2], energy))
 
-    def _clamp(self, g: ChannelGroup, k: int, ctx: PassContext) -> int:
-        """`k` within the policy's bounds for this group (min_channels, max_ratio, round_to)."""
-        b = ctx.bounds_for(g.producers)
-        round_to = int(b.get("round_to", self.round_to))
-        floor = max(int(b.get("min_channels", self.min_channels)), 1)
-        if "max_ratio" in b:  # at most this share of a group's channels may go
-            floor = max(floor, g.size - math.floor(float(b["max_ratio"]) * g.size))
-        k = max(k, floor)
-        if round_to > 1:
-            k = min(g.size, int(math.ceil(k / round_to) * round_to))
-        return min(k, g.size)
+    def _bounds(self, g: ChannelGroup, ctx: PassContext) -> GroupBounds:
+        """Group `g`'s bounds: this pass's min_channels/round_to and the policy's bounds, the most
+        restrictive winning (`passes.allocation`)."""
+        return group_bounds(g, ctx, self.min_channels, self.round_to)
 
     def _candidate(self, graph: Graph, groups: ChannelGroups, ranks: dict[int, tuple[list[int], list[float], torch.Tensor]],
                    plans: dict[int, list[_Probe]], counts: dict[int, int]) -> Graph:
@@ -446,10 +474,6 @@ class SqueezeFold(TransformPass):
         if keeps:
             apply_selection(g2, groups, {gid: self._selection(g2, k, plans[gid]) for gid, k in keeps.items()})
         return g2
-
-    def _step(self, g: ChannelGroup, ctx: PassContext) -> int:
-        """The rounding step of group `g`'s channel count (the policy's bounds, else `round_to`)."""
-        return max(1, int(ctx.bounds_for(g.producers).get("round_to", self.round_to)))
 
     def _sensitivities(self, graph: Graph, groups: ChannelGroups,
                        ranks: dict[int, tuple[list[int], list[float], torch.Tensor]], plans: dict[int, list[_Probe]],
@@ -476,8 +500,8 @@ class SqueezeFold(TransformPass):
         out: dict[int, dict[int, float]] = {}
         for gid in ranks:
             g = groups[gid]
-            step = max(self._step(g, ctx), g.size // 16)
-            ks = sorted({self._clamp(g, k, ctx) for k in [1, *range(step, g.size, step)]} - {g.size})
+            step = max(self._bounds(g, ctx).step, g.size // 16)
+            ks = sorted({self._bounds(g, ctx).clamp(k) for k in [1, *range(step, g.size, step)]} - {g.size})
             pts = {g.size: 0.0}
             for k in ks:
                 e = ctx.fidelity(self._candidate(graph, groups, ranks, plans, {gid: k}))
@@ -499,7 +523,7 @@ class SqueezeFold(TransformPass):
             best: tuple[float, int, int] | None = None
             for gid in counts:
                 k = counts[gid]
-                k2 = min(groups[gid].size, k + self._step(groups[gid], ctx))
+                k2 = min(groups[gid].size, k + self._bounds(groups[gid], ctx).step)
                 if k2 == k:
                     continue
                 gain = (value(gid, k) - value(gid, k2)) / (cost[gid] * (k2 - k))
@@ -515,18 +539,19 @@ class SqueezeFold(TransformPass):
         """Kept channels per group in search mode: the smallest model that meets the policy's budget and
         guard, and a line for the report.
 
-        The candidates are one family of allocations, ordered from keep-everything to keep-the-minimum:
+        The candidates are one family of allocations, ordered from keep-everything to keep-the-minimum
+        (`Ablation.allocation`):
         - `lagrange` (default): each group keeps argmin_k err_g(k) + λ·cost_g·k, where err_g is the
           group's prefix reconstruction error and cost_g the budget share one of its channels costs
           (measured by removing one channel on a copy); channels go where they buy the least error per
-          FLOP/param. The family is indexed by log λ. With `sensitivity = output` (default, when the
+          FLOP/param. The family is indexed by log λ. With `Ablation.sensitivity = output` (default, when the
           compiler can measure output error), err_g is weighted by how much of it reaches the model's
           outputs: each group alone squeezed to its count at the budget, the squared relative output
           error per unit of err_g (`sensitivity_rounds` re-measurements); after the bisection the
           budget its coarse steps leave unused is handed back (`_fill`).
         - `uniform`: one reconstruction-energy threshold for every group.
         1. Budget (flops/params): bisection for the largest candidate that meets it, every candidate's
-           stats measured exactly on a sliced copy. Without a guard this is the answer: the least
+           stats metered exactly (`allocation.Meter`). Without a guard this is the answer: the least
            reconstruction error the budget allows.
         2. Guard (`guard output error` / `guard top1 drop`, measured by the compiler through
            `ctx.fidelity_fn`): from step 1's candidate (keep-everything without a budget), bisection
@@ -534,36 +559,20 @@ class SqueezeFold(TransformPass):
            copy with its parallel fold. When even step 1's candidate misses the guard, the budget and
            the guard cannot both hold: a BudgetError states what the guard reached there.
         """
-        budget = {k: v for k, v in ctx.budget.items() if k in ("flops", "params")}
+        ab = _ABLATION.get()
+        budget = Budget.of(ctx)
         guarded = ctx.guard is not None and ctx.fidelity_fn is not None
         if not budget and not guarded:
             raise BudgetError(Diagnostic("squeeze_fold needs `energy`, `ratio`, a flops/params `budget` or a `guard`"))
         base = graph_stats(ctx.original or graph)
         now = graph_stats(graph)
+        stats_for = Meter(graph, groups, base.flops, base.params)
+        meets = budget.meets
+        first_node = groups[next(iter(ranks))].producers[0] if groups[next(iter(ranks))].producers else None
 
-        measured: dict[tuple[tuple[int, int], ...], tuple[float, float]] = {}
-
-        def stats_for(counts: dict[int, int]) -> tuple[float, float]:
-            """(flops, params) ratios of an allocation, measured on a sliced copy; the bisections and the
-            fill revisit the same allocations, so each is measured once."""
-            key = tuple(sorted((gid, k) for gid, k in counts.items() if k < groups[gid].size))
-            if key not in measured:
-                g2 = graph.copy()
-                apply_selection(g2, groups, {gid: ChannelSelection(keep=list(range(k))) for gid, k in key})
-                st = graph_stats(g2)
-                measured[key] = (st.flops / max(1, base.flops), st.params / max(1, base.params))
-            return measured[key]
-
-        def meets(r: tuple[float, float]) -> bool:
-            return r[0] <= budget.get("flops", math.inf) + 1e-12 and r[1] <= budget.get("params", math.inf) + 1e-12
-
-        smallest = {gid: self._clamp(groups[gid], 1, ctx) for gid in ranks}
+        smallest = {gid: self._bounds(groups[gid], ctx).smallest for gid in ranks}
         if budget and not meets(reached := stats_for(smallest)):
-            raise BudgetError(Diagnostic(
-                "squeeze_fold cannot meet the budget "
-                + ", ".join(f"{k} <= {v:.1%}" for k, v in budget.items())
-                + f": squeezing every group to its minimum reaches flops {reached[0]:.1%}, params {reached[1]:.1%}",
-                node=groups[next(iter(ranks))].producers[0] if groups[next(iter(ranks))].producers else None))
+            raise budget.unreachable("squeeze_fold", "squeezing every group to its minimum", reached, first_node)
         family: Callable[[float], dict[int, int]]
         sens: dict[int, float] = dict.fromkeys(ranks, 1.0)
         curves: dict[int, dict[int, float]] = {}
@@ -582,13 +591,13 @@ class SqueezeFold(TransformPass):
             w = (k - lo_k) / (hi_k - lo_k)
             return (1 - w) * pts[lo_k] + w * pts[hi_k]
 
-        if self.allocation == "uniform":
+        if ab.allocation == "uniform":
             lo, hi, steps = -1.0, 0.0, 16  # t = −energy
 
             def family(t: float) -> dict[int, int]:
                 return {gid: self._kept(groups[gid], ranks[gid], -t, ctx) for gid in ranks}
         else:
-            weight = {k: 1.0 / budget[k] for k in budget} if budget else {"flops": 1.0, "params": 1.0}
+            weight = {k: 1.0 / v for k, v in budget.limits.items()} if budget else {"flops": 1.0, "params": 1.0}
             for gid in ranks:
                 f1, p1 = stats_for({gid: groups[gid].size - 1})
                 delta = {"flops": now.flops / max(1, base.flops) - f1, "params": now.params / max(1, base.params) - p1}
@@ -599,30 +608,27 @@ class SqueezeFold(TransformPass):
                 out = {}
                 for gid, (_, err, _) in ranks.items():
                     best = min(range(1, len(err)), key=lambda k: value(gid, k) + 10**t * cost[gid] * k)
-                    out[gid] = self._clamp(groups[gid], best, ctx)
+                    out[gid] = self._bounds(groups[gid], ctx).clamp(best)
                 return out
 
         def budget_t() -> float:
-            a, b = lo, hi
-            for _ in range(steps):
-                mid = (a + b) / 2
-                a, b = (a, mid) if meets(stats_for(family(mid))) else (mid, b)
-            return b
+            """The least squeezed candidate found that meets the budget (`hi` meets it: checked above)."""
+            return bisect(hi, lo, lambda t: meets(stats_for(family(t))), steps)
 
         t_budget = budget_t() if budget else lo
-        line = f"search ({self.allocation}): budget met at t = {t_budget:.3g}"
-        if self.allocation == "lagrange" and self.sensitivity == "curve" and ctx.fidelity_fn is not None:
+        line = f"search ({ab.allocation}): budget met at t = {t_budget:.3g}"
+        if ab.allocation == "lagrange" and ab.sensitivity == "curve" and ctx.fidelity_fn is not None:
             curves.update(self._curves(graph, groups, ranks, plans, ctx))
             t_budget = budget_t() if budget else lo
             line += f" after measuring output-error curves ({sum(len(c) for c in curves.values())} points)"
-        elif self.allocation == "lagrange" and self.sensitivity == "output" and ctx.fidelity_fn is not None:
-            for _ in range(self.sensitivity_rounds):
+        elif ab.allocation == "lagrange" and ab.sensitivity == "output" and ctx.fidelity_fn is not None:
+            for _ in range(ab.sensitivity_rounds):
                 sens.update(self._sensitivities(graph, groups, ranks, plans, family(t_budget), ctx))
                 t_budget = budget_t() if budget else lo
             line += " after weighting groups by output sensitivity (" + ", ".join(
                 f"{groups[g].producers[0] if groups[g].producers else g}: {v:.3g}" for g, v in sorted(sens.items())) + ")"
         if not guarded or ctx.guard is None:
-            if not budget or self.allocation != "lagrange":
+            if not budget or ab.allocation != "lagrange":
                 return family(t_budget), line
             return self._fill(groups, family(t_budget), value, cost, stats_for, meets, ctx), line
         metric, limit = ctx.guard
@@ -642,18 +648,13 @@ class SqueezeFold(TransformPass):
         if not first[0]:
             raise BudgetError(Diagnostic(
                 f"squeeze_fold cannot meet guard {name} <= {limit:.2%}"
-                + (" within the budget " + ", ".join(f"{k} <= {v:.1%}" for k, v in budget.items()) if budget else "")
-                + f": the least squeezed candidate reaches {first[1]:.2%}",
-                node=groups[next(iter(ranks))].producers[0] if groups[next(iter(ranks))].producers else None))
-        a, b = t_budget, hi
+                + (f" within the budget {budget}" if budget else "")
+                + f": the least squeezed candidate reaches {first[1]:.2%}", node=first_node))
         end = guard_at(hi)
         if end is not None and end[0]:
             a = hi
-        else:
-            for _ in range(14):
-                mid = (a + b) / 2
-                got = guard_at(mid)
-                a, b = (mid, b) if got is not None and got[0] else (a, mid)
+        else:  # the smallest candidate found whose guard holds
+            a = bisect(t_budget, hi, lambda t: (got := guard_at(t)) is not None and got[0], 14)
         final = guard_at(a)
         return family(a), (f"{line}; guard {name} <= {limit:.2%}: smallest candidate meeting it at t = {a:.3g} "
                            f"({final[1] if final else float('nan'):.2%}, {len(seen)} candidates measured)")

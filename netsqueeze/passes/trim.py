@@ -11,12 +11,13 @@ import torch
 from scipy.sparse.csgraph import minimum_spanning_tree
 from scipy.spatial.distance import pdist, squareform
 
-from netsqueeze.errors import BudgetError, Diagnostic, NetsqueezeError
+from netsqueeze.errors import Diagnostic, NetsqueezeError
 from netsqueeze.ir.graph import Graph, Value
 from netsqueeze.ir.stats import graph_stats
+from netsqueeze.passes.allocation import Budget, GroupBounds, Meter, bisect_int, group_bounds
 from netsqueeze.passes.base import PassContext, PassResult, TransformPass
 from netsqueeze.passes.collectors import Moments, Reservoir, channel_rows
-from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups, DependencyAnalysis, Member
+from netsqueeze.passes.dependency import ChannelGroup, DependencyAnalysis, Member
 from netsqueeze.passes.registry import register_pass
 from netsqueeze.passes.rewrite import ChannelSelection, apply_selection
 
@@ -68,7 +69,8 @@ def fr_cross_edges(a: np.ndarray, b: np.ndarray) -> int:
 
 
 def gdnt_scores(parents: torch.Tensor, children: torch.Tensor, child_groups: int, seed: int) -> torch.Tensor:
-    """Dependency of child groups on each parent channel, max over child groups (METHODS.md §3).
+    """Dependency of child groups on each parent channel, max over child groups (GDNT's geometric
+    dependency; Yasaei Sekeh & Hero, "Geometric Estimation of Multivariate Dependency", Entropy 2019).
 
     Rows are samples. Split into thirds A, B, C; in A each parent channel y is replaced by the y of the
     nearest neighbour in B under the other parents z (conditional independence of y and x given z);
@@ -116,16 +118,19 @@ class Trim(TransformPass):
     policy's global budget (`ctx.budget`, e.g. {"flops": 0.5}: keep ≤ 50% of the original FLOPs), met
     by ranking channels across groups by their score divided by their group's mean score and
     removing the lowest until the budget holds (binary search, exact FLOPs/params of each candidate);
-    `BudgetError` states what was reached when it cannot. `round_to` rounds kept counts up,
-    `min_channels` is a floor per group.
+    `BudgetError` states what was reached when it cannot. Bounds and ratio → count follow the shared
+    rule of `passes.allocation`: the options `min_channels`/`round_to` and the policy's `bounds`
+    combine, the most restrictive winning; `ratio` removes ⌊ratio·size⌋ channels of a group; kept
+    counts are rounded up to a multiple of `round_to`.
 
     Criteria (higher = kept): `l1`/`l2` — group magnitude: the norm of every weight slice the channel
     owns (producer rows, consumer columns), normalised per member and averaged, as Torch-Pruning's
     group magnitude; `bn_scale` — |γ| of the group's batch/group norms (network slimming, Liu et al.
     2017; l1 where a group has none, with a note — so put `trim` before `fold_bn` for it); `activation` — mean |a| or variance at the consumers'
-    inputs; `random` (seeded); `gdnt` — geometric dependency of the next layer on each neuron (GDNT /
-    MINT, Yasaei Sekeh lab; Henze–Penrose via Friedman–Rafsky, Yasaei Sekeh & Hero 2019;
-    METHODS.md §3). Choices for gdnt, where the method leaves them open: the parents are the group's
+    inputs; `random` (seeded by the policy's `calibrate seed` / `compile(seed=)`); `gdnt` — geometric dependency of the next layer on each neuron (GDNT /
+    MINT, Ganesh, Corso & Yasaei Sekeh, ICPR 2020; Henze–Penrose dependency estimated by the
+    Friedman–Rafsky minimal-spanning-tree statistic, Friedman & Rafsky, Ann. Statist. 1979; Yasaei
+    Sekeh & Hero, Entropy 2019). Choices for gdnt, where the method leaves them open: the parents are the group's
     channels at each consumer's input, the children that consumer's outputs (conv maps averaged over
     H×W, tokens as samples for sequences), split into `gdnt_child_groups` groups; a channel's score is
     its largest dependency over child groups and consumers (a neuron is kept if any child group
@@ -133,7 +138,8 @@ class Trim(TransformPass):
     standardised; `gdnt_samples` rows are reservoir-sampled per consumer so memory is bounded; groups
     whose consumers are not observable (attention heads) fall back to l1, noted in the result.
 
-    Bias compensation (METHODS.md, "a lesson that applies to every structural pass"): each removed
+    Bias compensation (the intercept of squeeze-and-fold's reconstruction, Ozen & Orailoglu, ECML
+    PKDD 2020, with nothing kept to reconstruct from): each removed
     channel's mean at a consumer's input, passed through the consumer's weights, is added to its bias;
     exact for linear consumers, approximate at zero-padded borders of convs.
     Guarantees: the graph verifies; frozen and unselected groups are untouched.
@@ -146,28 +152,26 @@ class Trim(TransformPass):
     min_channels: int = field(default=1, metadata={"min": 1})
     activation_stat: Literal["mean_abs", "variance"] = "mean_abs"
     bias_compensation: bool = True
-    seed: int = 0
     gdnt_samples: int = 384
     gdnt_child_groups: int = 8
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         groups = ctx.analysis(DependencyAnalysis, graph).restrict(ctx.selected)
-        lim = {g.id: self._limits(g, ctx) for g in groups.prunable()}
-        cands = [g for g in groups.prunable() if g.size > lim[g.id][0]]
-        first = cands[0].producers[0] if cands else None
-        self._check(first, self.min_channels, self.round_to, ctx)
+        bounds = {g.id: group_bounds(g, ctx, self.min_channels, self.round_to) for g in groups.prunable()}
+        cands = [g for g in groups.prunable() if g.size > bounds[g.id].min_keep]
+        self._check(cands[0].producers[0] if cands else None, ctx)
         notes: list[str] = []
         if not cands:
             return PassResult(changed=False, notes=["no prunable channel group"])
         obs = {g.id: _observations(graph, g) for g in cands}
         moments, reservoirs = self._collect(graph, ctx, cands, obs, notes)
-        scores = {g.id: self._score(graph, g, obs[g.id], moments, reservoirs, notes) for g in cands}
+        scores = {g.id: self._score(graph, g, obs[g.id], moments, reservoirs, notes, ctx.seed) for g in cands}
         before = graph_stats(ctx.original or graph)
         if self.ratio is not None:
-            sel = {g.id: self._keep_top(scores[g.id], self._ratio_keep(g.size, *lim[g.id])) for g in cands}
+            sel = {g.id: self._keep_top(scores[g.id], bounds[g.id].for_ratio(self.ratio)) for g in cands}
         else:
-            budget = {k: v for k, v in ctx.budget.items() if k in ("flops", "params")}
-            sel = self._budget(graph, groups, cands, scores, lim, budget, before.flops, before.params)
+            meter = Meter(graph, groups, before.flops, before.params)
+            sel = self._budget(cands, scores, bounds, Budget.of(ctx), meter)
         sel = {gid: s for gid, s in sel.items() if len(s.keep) < groups[gid].size}
         if self.bias_compensation and moments:
             sel = {gid: self._compensate(graph, groups[gid], s, obs[gid], moments) for gid, s in sel.items()}
@@ -181,43 +185,29 @@ class Trim(TransformPass):
         return result
 
     # ---- checks and targets ----
-    def _check(self, node: str | None, min_keep: int, round_to: int, ctx: PassContext) -> None:
+    def _check(self, node: str | None, ctx: PassContext) -> None:
         def fail(msg: str) -> NetsqueezeError:
             return NetsqueezeError(Diagnostic(f"trim: {msg}", node=node))
 
         if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
             raise fail(f"ratio {self.ratio} leaves no channel; it must be in [0, 1)")
-        if self.ratio is None and not ({"flops", "params"} & set(ctx.budget)):
+        if self.ratio is None and not Budget.of(ctx):
             raise fail("needs a `ratio` or a flops/params budget in the policy")
-        if min_keep < 1 or round_to < 1:
+        if self.min_channels < 1 or self.round_to < 1:
             raise fail("min_channels and round_to must be at least 1")
-        for k in ("flops", "params"):
-            if k in ctx.budget and not 0.0 < ctx.budget[k] <= 1.0:
-                raise fail(f"budget {k} = {ctx.budget[k]} must be a ratio in (0, 1]")
-
-    def _limits(self, g: ChannelGroup, ctx: PassContext) -> tuple[int, int]:
-        """(fewest channels to keep, rounding) for a group: the pass options and the policy's bounds
-        (global and `bounds on` its producers), the most restrictive winning; max_ratio caps removal."""
-        b = ctx.bounds_for(g.producers)
-        min_keep = max(self.min_channels, int(b.get("min_channels", 1)))
-        if "max_ratio" in b:
-            min_keep = max(min_keep, g.size - math.floor(float(b["max_ratio"]) * g.size + 1e-9))
-        return min(min_keep, g.size), max(self.round_to, int(b.get("round_to", 1)))
-
-    def _ratio_keep(self, size: int, min_keep: int, round_to: int) -> int:
-        assert self.ratio is not None
-        keep = size - math.floor(self.ratio * size + 1e-9)
-        keep = min(size, math.ceil(keep / round_to) * round_to)
-        return max(keep, min(size, min_keep))
+        for k, v in Budget.of(ctx).limits.items():
+            if not 0.0 < v <= 1.0:
+                raise fail(f"budget {k} = {v} must be a ratio in (0, 1]")
 
     @staticmethod
     def _keep_top(score: torch.Tensor, k: int) -> ChannelSelection:
         order = sorted(range(len(score)), key=lambda c: (-float(score[c]), c))
         return ChannelSelection(keep=sorted(order[:k]))
 
-    def _budget(self, graph: Graph, groups: ChannelGroups, cands: list[ChannelGroup],
-                scores: dict[int, torch.Tensor], lim: dict[int, tuple[int, int]], budget: dict[str, float],
-                flops0: int, params0: int) -> dict[int, ChannelSelection]:
+    def _budget(self, cands: list[ChannelGroup], scores: dict[int, torch.Tensor], bounds: dict[int, GroupBounds],
+                budget: Budget, meter: Meter) -> dict[int, ChannelSelection]:
+        """Channels ranked across groups by score / group mean score; the fewest lowest-ranked removed
+        (bisection over how many, each candidate metered) that meet the budget."""
         entries: list[tuple[float, int, int]] = []
         for g in cands:
             s = scores[g.id].double()
@@ -225,44 +215,22 @@ class Trim(TransformPass):
             entries.extend((float(norm[c]), g.id, c) for c in range(g.size))
         entries.sort()
 
-        def select(t: int) -> dict[int, ChannelSelection]:
+        def counts(t: int) -> dict[int, int]:
             drop: dict[int, int] = {}
             for _, gid, _ in entries[:t]:
                 drop[gid] = drop.get(gid, 0) + 1
-            out = {}
-            for gid, d in drop.items():
-                size = groups[gid].size
-                min_keep, round_to = lim[gid]
-                keep = max(min(size, min_keep), size - d)
-                keep = min(size, math.ceil(keep / round_to) * round_to)
-                out[gid] = self._keep_top(scores[gid], keep)
-            return out
+            return {gid: bounds[gid].clamp(bounds[gid].size - d) for gid, d in drop.items()}
 
-        def measure(t: int) -> tuple[float, float]:
-            g = graph.copy()
-            apply_selection(g, groups, {k: v for k, v in select(t).items() if len(v.keep) < groups[k].size})
-            st = graph_stats(g)
-            return st.flops / max(1, flops0), st.params / max(1, params0)
+        def ok(t: int) -> bool:
+            return budget.meets(meter(counts(t)))
 
-        def ok(r: tuple[float, float]) -> bool:
-            return r[0] <= budget.get("flops", math.inf) + 1e-12 and r[1] <= budget.get("params", math.inf) + 1e-12
-
-        lo, hi = 0, len(entries)
-        reached = measure(hi)
-        if not ok(reached):
-            raise BudgetError(Diagnostic(
-                f"trim cannot meet the budget {_fmt_budget(budget)}: removing every removable channel "
-                f"reaches flops {reached[0]:.1%}, params {reached[1]:.1%} of the original",
-                node=cands[0].producers[0]))
-        if ok(measure(0)):
+        if not ok(len(entries)):
+            raise budget.unreachable("trim", "removing every removable channel", meter(counts(len(entries))),
+                                     cands[0].producers[0])
+        if ok(0):
             return {}
-        while hi - lo > 1:  # invariant: lo fails, hi meets the budget
-            mid = (lo + hi) // 2
-            if ok(measure(mid)):
-                hi = mid
-            else:
-                lo = mid
-        return select(hi)
+        t = bisect_int(len(entries), 0, ok)
+        return {gid: self._keep_top(scores[gid], k) for gid, k in counts(t).items()}
 
     # ---- statistics ----
     def _collect(self, graph: Graph, ctx: PassContext, cands: list[ChannelGroup], obs: dict[int, list[_Obs]],
@@ -283,7 +251,7 @@ class Trim(TransformPass):
                     if val not in values:
                         values.append(val)
                 if self.criterion == "gdnt":
-                    reservoirs[(g.id, i)] = Reservoir(self.gdnt_samples, self.seed + g.id)
+                    reservoirs[(g.id, i)] = Reservoir(self.gdnt_samples, ctx.seed + g.id)
         if not values:
             return {}, {}
         slot = {v: i for i, v in enumerate(values)}
@@ -301,15 +269,16 @@ class Trim(TransformPass):
         return moments, reservoirs
 
     def _score(self, graph: Graph, g: ChannelGroup, obs: list[_Obs], moments: dict[tuple[Value, int], Moments],
-               reservoirs: dict[tuple[int, int], Reservoir], notes: list[str]) -> torch.Tensor:
+               reservoirs: dict[tuple[int, int], Reservoir], notes: list[str], seed: int) -> torch.Tensor:
+        """Per-channel scores of group `g` (higher = kept); random draws are seeded by `seed` + group id."""
         crit = self.criterion
         if crit == "random":
-            return torch.rand(g.size, generator=torch.Generator().manual_seed(self.seed + g.id), dtype=torch.float64)
+            return torch.rand(g.size, generator=torch.Generator().manual_seed(seed + g.id), dtype=torch.float64)
         if crit == "bn_scale":
             norms = [m for m in g.members if m.param == "weight"
                      and graph.node(m.node).kind in ("batch_norm", "group_norm", "layer_norm")]
             if norms:
-                return sum((_per_channel(graph.node(m.node).params["weight"].double().abs(), m) for m in norms),
+                return sum((_per_channel(graph.node(m.node).dense("weight").double().abs(), m) for m in norms),
                            torch.zeros(g.size, dtype=torch.float64))
             notes.append(f"group {g.id}: no norm layer, bn_scale fell back to l1")
             crit = "l1"
@@ -328,7 +297,7 @@ class Trim(TransformPass):
                     continue
                 sample = res.sample()
                 best = torch.maximum(best, gdnt_scores(sample[:, :g.size], sample[:, g.size:],
-                                                       self.gdnt_child_groups, self.seed + g.id))
+                                                       self.gdnt_child_groups, seed + g.id))
             if bool(torch.isfinite(best).all()):
                 return best
         if crit in ("activation", "gdnt"):
@@ -339,7 +308,7 @@ class Trim(TransformPass):
         # producer rows alone misjudge channels after fold_bn has rescaled them
         parts = []
         for m in (*g.members_of("producer"), *g.members_of("consumer")):
-            w = graph.node(m.node).params[m.param or ""].double().movedim(m.axis, 0)
+            w = graph.node(m.node).dense(m.param or "").double().movedim(m.axis, 0)
             per_pos = w.abs().flatten(1).sum(1) if crit == "l1" else (w * w).flatten(1).sum(1)
             v = torch.stack([per_pos[list(p)].sum() for p in m.index])
             v = v if crit == "l1" else v.sqrt()
@@ -360,5 +329,3 @@ class Trim(TransformPass):
         return ChannelSelection(keep=sel.keep, bias_shift=shifts) if shifts else sel
 
 
-def _fmt_budget(b: dict[str, float]) -> str:
-    return ", ".join(f"{k} <= {v:.0%}" for k, v in sorted(b.items()))

@@ -8,7 +8,7 @@ from torch import nn
 
 import netsqueeze as ns
 from netsqueeze.compiler.calibration import activation_stream, calibration_source
-from netsqueeze.passes.squeeze_fold import SqueezeFold
+from netsqueeze.passes.squeeze_fold import SqueezeFold, ablation
 
 
 def duplicate_rows(w: torch.Tensor, b: torch.Tensor, r: int, gen: torch.Generator) -> None:
@@ -254,8 +254,9 @@ def test_full_block_fit_is_at_least_as_faithful_as_shared_on_flatten_linear() ->
     calib = torch.randn(512, 3, 6, 6)
     err = {}
     for fit in ("full", "shared"):
-        res = ns.compile(model, [SqueezeFold(ratio=0.5, block_fit=fit, mode="parallel")],  # type: ignore[arg-type]
-                         example_inputs=(calib[:2],), calibration=calib)
+        with ablation(block_fit=fit):
+            res = ns.compile(model, [SqueezeFold(ratio=0.5, mode="parallel")], example_inputs=(calib[:2],),
+                             calibration=calib)
         assert res.graph.node("0").params["weight"].shape == (6, 3, 3, 3)
         assert res.graph.node("3").params["weight"].shape == (6, 6 * 16)
         err[fit] = res.report.fidelity["output_error"]
@@ -312,9 +313,11 @@ class TwoBranches(nn.Module):
 def test_search_weights_groups_by_their_effect_on_the_outputs(sensitivity: str) -> None:
     model = TwoBranches().eval()
     calib = torch.randn(512, 10, generator=torch.Generator().manual_seed(3))
-    text = ("policy p {{\n  budget params <= 50%\n  squeeze_fold on a1 | b1 {{ sensitivity = {s} }}\n}}\n")
-    res = {s: ns.compile(model, text.format(s=s), example_inputs=(calib[:2],), calibration=calib)
-           for s in (sensitivity, "none")}
+    text = "policy p {\n  budget params <= 50%\n  squeeze_fold on a1 | b1\n}\n"
+    res = {}
+    for s in (sensitivity, "none"):
+        with ablation(sensitivity=s):
+            res[s] = ns.compile(model, text, example_inputs=(calib[:2],), calibration=calib)
     kept = {s: (r.graph.node("a1").params["weight"].shape[0], r.graph.node("b1").params["weight"].shape[0])
             for s, r in res.items()}
     # blind to the 0.01, `none` splits the budget evenly; measured sensitivity spends it on branch b

@@ -1,0 +1,147 @@
+"""Channel allocation shared by the structural passes (`trim`, `squeeze_fold`): per-group bounds,
+ratio → channel count, budget metering and the bisections of the budget/guard searches.
+
+One rule for every structural pass:
+
+- Bounds. A group's fewest kept channels and its rounding step combine the pass's own
+  `min_channels`/`round_to` options with the policy's `bounds` (global and every `bounds on
+  SELECTOR` entry of the group's producers) the way several `bounds` entries combine: the most
+  restrictive wins — the largest `min_channels` and `round_to`, the smallest `max_ratio` (at most
+  ⌊max_ratio·size⌋ channels of a group may go).
+- Ratio → count. `ratio` of a group's channels removed removes ⌊ratio·size⌋ of them: never more
+  than the ratio asks, the same way `max_ratio` reads.
+- Clamping. A count k becomes max(k, min_keep), rounded *up* to a multiple of `round_to`, at most
+  the group's size: bounds never remove more than the pass chose.
+- Metering. An allocation {group: kept count} is costed by its FLOPs and params against the
+  original graph; which channels are kept does not change the cost, so the first k stand in, and
+  every allocation is measured once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from netsqueeze.errors import BudgetError, Diagnostic
+from netsqueeze.ir.graph import Graph
+from netsqueeze.ir.stats import graph_stats
+from netsqueeze.passes.base import PassContext
+from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups
+from netsqueeze.passes.rewrite import ChannelSelection, apply_selection
+
+# the global targets the structural passes can meet, as ratios of the original model
+METRICS = ("flops", "params")
+
+
+@dataclass(frozen=True)
+class GroupBounds:
+    """How far one channel group may shrink: keep at least `min_keep` channels, counts in
+    multiples of `step` (capped at `size`)."""
+
+    size: int
+    min_keep: int
+    step: int
+
+    def clamp(self, k: int) -> int:
+        """`k` kept channels within the bounds: at least min_keep (and 1), rounded up to a multiple
+        of step, at most size."""
+        k = max(k, self.min_keep, 1)
+        k = math.ceil(k / self.step) * self.step
+        return min(k, self.size)
+
+    def for_ratio(self, ratio: float) -> int:
+        """Channels kept when `ratio` of them are removed: ⌊ratio·size⌋ removed, then clamped."""
+        return self.clamp(self.size - math.floor(ratio * self.size + 1e-9))
+
+    @property
+    def smallest(self) -> int:
+        return self.clamp(1)
+
+
+def group_bounds(group: ChannelGroup, ctx: PassContext, min_channels: int = 1, round_to: int = 1) -> GroupBounds:
+    """The bounds of `group`: the pass options `min_channels`/`round_to` and the policy's bounds for
+    its producers (`ctx.bounds_for`), the most restrictive winning."""
+    b = ctx.bounds_for(group.producers)
+    min_keep = max(min_channels, int(b.get("min_channels", 1)), 1)
+    if "max_ratio" in b:
+        min_keep = max(min_keep, group.size - math.floor(float(b["max_ratio"]) * group.size + 1e-9))
+    step = max(round_to, int(b.get("round_to", 1)), 1)
+    return GroupBounds(group.size, min(min_keep, group.size), step)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The policy's flops/params budget (ratios of the original model)."""
+
+    limits: Mapping[str, float]
+
+    @staticmethod
+    def of(ctx: PassContext) -> Budget:
+        return Budget({k: v for k, v in ctx.budget.items() if k in METRICS})
+
+    def __bool__(self) -> bool:
+        return bool(self.limits)
+
+    def meets(self, reached: tuple[float, float]) -> bool:
+        """Whether (flops, params) ratios are within every limit."""
+        got = dict(zip(METRICS, reached))
+        return all(got[k] <= v + 1e-12 for k, v in self.limits.items())
+
+    def __str__(self) -> str:
+        return ", ".join(f"{k} <= {v:.1%}" for k, v in sorted(self.limits.items()))
+
+    def unreachable(self, pass_name: str, how: str, reached: tuple[float, float], node: str | None) -> BudgetError:
+        """The error for a budget that even the smallest allocation misses, with what it reached."""
+        return BudgetError(Diagnostic(
+            f"{pass_name} cannot meet the budget {self}: {how} reaches flops {reached[0]:.1%}, "
+            f"params {reached[1]:.1%} of the original", node=node))
+
+
+class Meter:
+    """(flops, params) ratios of allocations {group id: kept count} against `base` (the original
+    model's stats), each allocation measured once on a sliced copy of `graph`."""
+
+    def __init__(self, graph: Graph, groups: ChannelGroups, base_flops: int, base_params: int) -> None:
+        self.graph = graph
+        self.groups = groups
+        self.base = (max(1, base_flops), max(1, base_params))
+        self._seen: dict[tuple[tuple[int, int], ...], tuple[float, float]] = {}
+
+    def __call__(self, counts: Mapping[int, int]) -> tuple[float, float]:
+        key = tuple(sorted((gid, k) for gid, k in counts.items() if k < self.groups[gid].size))
+        if key not in self._seen:
+            g = self.graph.copy()
+            if key:
+                apply_selection(g, self.groups, {gid: ChannelSelection(keep=list(range(k))) for gid, k in key})
+            st = graph_stats(g)
+            self._seen[key] = (st.flops / self.base[0], st.params / self.base[1])
+        return self._seen[key]
+
+    @property
+    def measured(self) -> int:
+        return len(self._seen)
+
+
+def bisect(good: float, bad: float, ok: Callable[[float], bool], steps: int) -> float:
+    """The last point found on the `good` side of the boundary between `good` (where `ok` holds)
+    and `bad` (where it does not), after `steps` halvings."""
+    for _ in range(steps):
+        mid = (good + bad) / 2
+        if ok(mid):
+            good = mid
+        else:
+            bad = mid
+    return good
+
+
+def bisect_int(good: int, bad: int, ok: Callable[[int], bool]) -> int:
+    """The integer nearest `bad` on the `good` side where `ok` holds (`ok(good)` holds, `ok(bad)`
+    does not, `ok` monotone between them)."""
+    while abs(good - bad) > 1:
+        mid = (good + bad) // 2
+        if ok(mid):
+            good = mid
+        else:
+            bad = mid
+    return good
