@@ -1,0 +1,143 @@
+"""`passes.allocation`: one bounds rule, one ratio → count rule, metering and bisection for trim and
+squeeze_fold; and the policy's seed reaching every random choice of a pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import netsqueeze as ns
+from netsqueeze.errors import BudgetError
+from netsqueeze.passes.allocation import Budget, GroupBounds, Meter, bisect, bisect_int, group_bounds
+from netsqueeze.passes.base import PassContext
+from netsqueeze.passes.dependency import find_groups
+from netsqueeze.passes.trim import Trim
+from tests.passes.graphs import input_batches, mlp, stream_ctx
+
+
+def test_clamp_floors_then_rounds_up_within_the_size() -> None:
+    b = GroupBounds(size=16, min_keep=3, step=4)
+    assert [b.clamp(k) for k in (0, 1, 2, 3, 4, 5, 9, 15, 16, 40)] == [4, 4, 4, 4, 4, 8, 12, 16, 16, 16]
+    assert b.smallest == 4
+    assert GroupBounds(size=10, min_keep=1, step=8).clamp(9) == 10  # rounding up never exceeds the group
+    # min_keep not a multiple of step: the rounding still holds (5 → 8)
+    assert GroupBounds(size=16, min_keep=5, step=4).clamp(2) == 8
+
+
+def test_ratio_removes_floor_of_ratio_times_size() -> None:
+    b = GroupBounds(size=10, min_keep=1, step=1)
+    # 35% of 10 = 3.5 channels: 3 removed (never more than the ratio asks), 7 kept
+    assert [b.for_ratio(r) for r in (0.0, 0.1, 0.35, 0.5, 0.55, 0.9, 0.999)] == [10, 9, 7, 5, 5, 1, 1]
+    assert GroupBounds(size=16, min_keep=3, step=4).for_ratio(0.9) == 4
+
+
+def test_pass_options_and_policy_bounds_most_restrictive_wins() -> None:
+    g = mlp()
+    fc1 = next(gr for gr in find_groups(g).prunable() if gr.producers == ("fc1",))
+    assert fc1.size == 16
+    ctx = PassContext(bounds={"min_channels": 4, "round_to": 2,
+                              "per_node": {"fc1": {"max_ratio": 0.5, "round_to": 4}}})
+    assert group_bounds(fc1, ctx) == GroupBounds(16, 8, 4)  # max_ratio 50%: at most 8 of 16 go
+    assert group_bounds(fc1, ctx, min_channels=12, round_to=8) == GroupBounds(16, 12, 8)
+    assert group_bounds(fc1, PassContext(bounds={"min_channels": 12}), min_channels=4) == GroupBounds(16, 12, 1)
+    assert group_bounds(fc1, PassContext(), min_channels=40) == GroupBounds(16, 16, 1)
+
+
+def _hidden_mlp() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 20), nn.ReLU(), nn.Linear(20, 10), nn.ReLU(), nn.Linear(10, 3)).eval()
+    return model, torch.randn(256, 8, generator=torch.Generator().manual_seed(1))
+
+
+def _kept(pass_text: str, bounds: str = "") -> tuple[int, int]:
+    model, calib = _hidden_mlp()
+    res = ns.compile(model, f"policy p {{\n  {bounds}\n  {pass_text}\n}}\n", example_inputs=(calib[:2],),
+                     calibration=calib)
+    return res.graph.node("0").params["weight"].shape[0], res.graph.node("2").params["weight"].shape[0]
+
+
+@pytest.mark.parametrize("pass_name", ["trim", "squeeze_fold"])
+def test_trim_and_squeeze_fold_give_the_same_counts(pass_name: str) -> None:
+    """The issue's case: policy `bounds { min_channels = 4 }`, pass options `min_channels = 12,
+    ratio = 90%` — both passes keep 12 (was 12 under trim, 4 under squeeze_fold)."""
+    assert _kept(f"{pass_name} {{ min_channels = 12, ratio = 90% }}", "bounds { min_channels = 4 }") == (12, 10)
+    # and the policy's bound wins when it is the more restrictive one
+    assert _kept(f"{pass_name} {{ min_channels = 2, ratio = 90% }}", "bounds { min_channels = 6 }") == (6, 6)
+    # 35% of 20 = 7 removed → 13; 35% of 10 = 3.5 → 3 removed → 7 (squeeze_fold used to round to 4 → 6)
+    assert _kept(f"{pass_name} {{ ratio = 35% }}") == (13, 7)
+    # round_to from either source: the larger step
+    assert _kept(f"{pass_name} {{ ratio = 90%, round_to = 4 }}", "bounds { round_to = 8 }") == (8, 8)
+
+
+def test_budget_meets_formats_and_reports() -> None:
+    b = Budget.of(PassContext(budget={"flops": 0.5, "params": 0.25, "bytes": 0.1}))
+    assert dict(b.limits) == {"flops": 0.5, "params": 0.25} and str(b) == "flops <= 50.0%, params <= 25.0%"
+    assert b.meets((0.5, 0.25)) and not b.meets((0.51, 0.2)) and not b.meets((0.4, 0.26))
+    assert not Budget.of(PassContext()) and Budget({}).meets((9.0, 9.0))
+    err = b.unreachable("trim", "removing every removable channel", (0.61, 0.3), "fc1")
+    assert isinstance(err, BudgetError) and err.diagnostics[0].node == "fc1"
+    assert err.diagnostics[0].message == ("trim cannot meet the budget flops <= 50.0%, params <= 25.0%: removing "
+                                          "every removable channel reaches flops 61.0%, params 30.0% of the original")
+
+
+def test_meter_costs_allocations_exactly_once() -> None:
+    g = mlp()  # 10 → 16 → 12 → 3
+    groups = find_groups(g)
+    ids = {gr.producers[0]: gr.id for gr in groups.prunable()}
+    meter = Meter(g, groups, base_flops=1000, base_params=10 * 16 + 16 + 16 * 12 + 12 + 12 * 3 + 3)
+    assert meter({}) == meter({ids["fc1"]: 16}) and meter.measured == 1  # keep-everything: one allocation
+    f, p = meter({ids["fc1"]: 8, ids["fc2"]: 6})
+    assert p == pytest.approx((10 * 8 + 8 + 8 * 6 + 6 + 6 * 3 + 3) / 419)
+    assert meter.measured == 2
+    assert meter({ids["fc2"]: 6, ids["fc1"]: 8}) == (f, p) and meter.measured == 2
+    assert g.node("fc1").params["weight"].shape == (16, 10)  # measured on copies
+
+
+def test_bisections_find_the_boundary_from_the_good_side() -> None:
+    assert bisect_int(100, 0, lambda t: t >= 37) == 37
+    assert bisect_int(0, 100, lambda t: t <= 37) == 37
+    assert bisect_int(1, 0, lambda t: t >= 1) == 1
+    t = bisect(1.0, 0.0, lambda t: t >= 0.3, 30)
+    assert 0.3 <= t < 0.3 + 1e-8
+    assert bisect(0.0, 1.0, lambda t: t <= 0.3, 30) == pytest.approx(0.3, abs=1e-8)
+
+
+# ---- seeds: `calibrate seed` / compile(seed=) reach the passes through PassContext.seed ----
+def _random_trim(seed: int) -> torch.Tensor:
+    g = mlp()
+    Trim(criterion="random", ratio=0.5, bias_compensation=False).run(g, PassContext(seed=seed))
+    return g.node("fc1").params["weight"].clone()
+
+
+def test_trim_random_criterion_follows_the_seed() -> None:
+    a, b, c = _random_trim(0), _random_trim(0), _random_trim(1)
+    assert torch.equal(a, b)  # one seed repeats bit for bit
+    assert a.shape == c.shape == (8, 10) and not torch.equal(a, c)  # two seeds keep different channels
+
+
+def test_gdnt_reservoir_follows_the_seed() -> None:
+    def scores(seed: int) -> torch.Tensor:
+        g = mlp()
+        ctx = stream_ctx(input_batches(g, n=6))
+        ctx.seed = seed
+        Trim(criterion="gdnt", ratio=0.5, gdnt_samples=12).run(g, ctx)
+        return g.node("fc1").params["weight"].clone()
+
+    a, b = scores(0), scores(0)
+    assert torch.equal(a, b)
+    assert any(not torch.equal(a, scores(s)) for s in (1, 2, 3))
+
+
+def test_compile_seed_and_policy_seed_reach_trim() -> None:
+    model, calib = _hidden_mlp()
+
+    def kept(policy: str, seed: int = 0) -> torch.Tensor:
+        res = ns.compile(model, policy, example_inputs=(calib[:2],), seed=seed)
+        return res.graph.node("0").params["weight"]
+
+    plain = "policy p {\n  trim { criterion = random, ratio = 50% }\n}\n"
+    seeded = "policy p {\n  calibrate seed 7\n  trim { criterion = random, ratio = 50% }\n}\n"
+    assert torch.equal(kept(plain, seed=7), kept(plain, seed=7))
+    assert not torch.equal(kept(plain, seed=7), kept(plain, seed=8))
+    assert torch.equal(kept(seeded), kept(plain, seed=7))  # the policy's seed, as compile(seed=7)
