@@ -16,6 +16,7 @@ from onnx import helper
 from netsqueeze.errors import Diagnostic, UnsupportedOpError
 from netsqueeze.ir.graph import Graph, Node, TensorMeta, Value
 from netsqueeze.ir.tables import registrar
+from netsqueeze.ir.weights import SPARSE_LAYOUT_KEY, Affine, Codebook, Sparse, Weight, index_select, pack_bits
 
 MIN_OPSET, MAX_OPSET = 17, 23
 TWO_GB = 2**31 - 1
@@ -46,6 +47,11 @@ class _Exporter:
         self.opaque: dict[str, list[bytes]] = {}
         self.domain_opsets: dict[str, int] = {}
         self.weights: dict[str, np.ndarray] = {}
+        self.raw: dict[str, onnx.TensorProto] = {}  # initializers graphsurgeon cannot hold (4-bit types)
+        self.sparse: dict[str, onnx.SparseTensorProto] = {}
+        self.sparse_layouts: dict[str, str] = {}
+        self.sparse_dense = False  # write sparse weights as dense initializers (runtimes without sparse_initializer)
+        self.tables: dict[int, gs.Tensor] = {}  # shared codebook tables, by identity
         self.node_names: set[str] = set()
         self.cur: Node | None = None
         # Graph input/output names are reserved up front so internal tensors never take them.
@@ -79,12 +85,78 @@ class _Exporter:
         self.weights[v.name] = arr
         return v
 
+    def weight(self, name: str, w: Weight, *, keep: bool = False) -> gs.Tensor:
+        """The one emission point of weights: dense as an initializer, affine-quantized as an integer
+        initializer + DequantizeLinear (the QDQ form ONNX Runtime and TensorRT fuse), sparse as a
+        `sparse_initializer`, a codebook as Gather(centroids, indices)."""
+        if isinstance(w, torch.Tensor):
+            return self.const(name, w, keep=keep)
+        if isinstance(w, Affine):
+            return self._affine(name, w)
+        if isinstance(w, Sparse) and self.sparse_dense:
+            return self.const(name, w.dense(), keep=keep)
+        if isinstance(w, Sparse):
+            values = w.values.detach().cpu().numpy()
+            if values.dtype == np.float32 and self.fp16 and not keep:
+                values = values.astype(np.float16)
+            v = gs.Variable(self.fresh(name), values.dtype, list(w.shape))
+            sp = onnx.SparseTensorProto()
+            sp.values.CopyFrom(onnx.numpy_helper.from_array(values, v.name))
+            sp.indices.CopyFrom(onnx.numpy_helper.from_array(w.indices.to(torch.int64).numpy(), v.name + ".indices"))
+            sp.dims.extend(w.shape)
+            self.sparse[v.name] = sp
+            if w.layout != "coo":
+                self.sparse_layouts[v.name] = w.layout_tag()
+            return v
+        if isinstance(w, Codebook):
+            key = id(w.centroids)
+            if key not in self.tables:  # one initializer per shared table
+                self.tables[key] = self.const(f"{w.centroids.name or name}.centroids", w.centroids.values, keep=keep)
+            idt = np.uint8 if w.k <= 256 else np.int32
+            idx = self.const(f"{name}.indices", w.indices.numpy().astype(idt))
+            if idt != np.int32:
+                idx = self.op("Cast", [idx], {"to": onnx.TensorProto.INT32}, name=f"{name}/Cast")[0]
+            return self.op("Gather", [self.tables[key], idx], {"axis": 0}, name=f"{name}/Gather")[0]
+        raise UnsupportedOpError(f"weight '{name}' of form '{w.form}' has no ONNX form")
+
+    def _affine(self, name: str, w: Affine) -> gs.Tensor:
+        need = affine_opset(w)
+        if self.opset < need:
+            raise UnsupportedOpError(Diagnostic(
+                f"weight '{name}' is {w.describe()}, which ONNX DequantizeLinear supports from opset {need}; "
+                f"export at opset {need} or later", node=self.cur.id if self.cur else None))
+        ttype = {("int", 4): onnx.TensorProto.INT4, ("uint", 4): onnx.TensorProto.UINT4,
+                 ("int", 8): onnx.TensorProto.INT8, ("uint", 8): onnx.TensorProto.UINT8,
+                 ("int", 16): onnx.TensorProto.INT16, ("int", 32): onnx.TensorProto.INT32}[(w.kind, w.bits)]
+        store = w.storage()  # packed exactly as ONNX packs 4-bit types: two per byte, low nibble first
+
+        def raw(key: str, shape: tuple[int, ...]) -> gs.Variable:
+            v = gs.Variable(self.fresh(f"{name}.{key}"), None, list(shape))
+            t = onnx.TensorProto(name=v.name, data_type=ttype, dims=list(shape))
+            data = store[key]
+            if w.bits == 4 and w.signed:  # storage keeps q - lo; ONNX stores two's complement nibbles
+                data = pack_bits((Affine.unpack(data, w.static(), shape) & 0xF), 4)
+            t.raw_data = data.contiguous().numpy().tobytes()
+            self.raw[v.name] = t
+            return v
+
+        inputs = [raw("q", w.shape), self.const(f"{name}.scale", w.scale, keep=True)]
+        if w.zero_point is not None:
+            inputs.append(raw("zero_point", tuple(w.scale.shape)))
+        attrs: dict[str, Any] = {}
+        if w.axis is not None:
+            attrs["axis"] = w.axis
+        if w.block_size:
+            attrs["block_size"] = w.block_size
+        y = self.op("DequantizeLinear", inputs, attrs, name=f"{name}/DequantizeLinear")[0]
+        return self.op("Cast", [y], {"to": onnx.TensorProto.FLOAT16}, name=f"{name}/Cast")[0] if self.fp16 else y
+
     def ints(self, name: str, values: list[int] | tuple[int, ...]) -> gs.Constant:
         return gs.Constant(self.fresh(name), np.asarray(list(values), dtype=np.int64))
 
     def param(self, key: str) -> gs.Tensor:
         assert self.cur is not None
-        return self.const(f"{self.cur.id}.{key}", self.cur.params[key])
+        return self.weight(f"{self.cur.id}.{key}", self.cur.params[key])
 
     def op(self, op: str, inputs: list[gs.Tensor], attrs: dict[str, Any] | None = None, *, outputs: int = 1,
            name: str | None = None, domain: str | None = None) -> list[gs.Variable]:
@@ -189,26 +261,49 @@ def _payload_attrs(op_type: str, attrs: list[bytes], fp16: bool) -> list[onnx.At
 def to_onnx(
     graph: Graph,
     *,
-    opset: int = 17,
+    opset: int | None = None,
     precision: Literal["fp32", "fp16"] = "fp32",
     keep_io_fp32: bool = True,
     metadata: Mapping[str, str] | None = None,
+    sparse: Literal["initializer", "dense"] = "initializer",
 ) -> onnx.ModelProto:
     """Emits `graph` as ONNX; fp16 stores weights and computes in half precision (I/O fp32 when `keep_io_fp32`).
 
+    `opset` None: 17, or the lowest opset that can hold every encoded weight (21 for 4-bit, 16-bit and
+    block-quantized weights).
+
+    `sparse`: "initializer" writes sparse weights as `sparse_initializer`s (ONNX Runtime densifies them when
+    it loads the model; the ONNX checker's full type check and TensorRT do not take a sparse tensor as an
+    op input), "dense" writes them as ordinary initializers.
+
     Raises `UnsupportedOpError` for nodes with no ONNX form (an opaque torch callable, names node and op type).
     """
+    if opset is None:
+        opset = max([17, *(affine_opset(w) for n in graph.nodes() for w in n.params.values()
+                           if isinstance(w, Affine))])
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise UnsupportedOpError(f"cannot export at opset {opset}: netsqueeze emits opsets {MIN_OPSET}..{MAX_OPSET}")
     if precision not in ("fp32", "fp16"):
         raise UnsupportedOpError(f"unknown precision '{precision}' (expected 'fp32' or 'fp16')")
+    if sparse not in ("initializer", "dense"):
+        raise UnsupportedOpError(f"unknown sparse weight form '{sparse}' (expected 'initializer' or 'dense')")
     ex = _Exporter(graph, opset, precision == "fp16", keep_io_fp32)
+    ex.sparse_dense = sparse == "dense"
     gsg = ex.run()
     model = gs.export_onnx(gsg, do_type_check=False)
     for wname, arr in ex.weights.items():
         t = model.graph.initializer.add(name=wname, data_type=helper.np_dtype_to_tensor_dtype(arr.dtype))
         t.dims.extend(arr.shape)
         t.raw_data = arr.tobytes()
+    for raw in ex.raw.values():
+        model.graph.initializer.append(raw)
+    for sp in ex.sparse.values():
+        model.graph.sparse_initializer.append(sp)
+    # graphsurgeon lists typed placeholders as value_info; the initializers now define them
+    defined = {*ex.raw, *ex.sparse}
+    kept = [vi for vi in model.graph.value_info if vi.name not in defined]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
     del model.opset_import[:]
     domains = {""} | {str(n.domain) for n in ex.nodes if n.domain}
     for d in sorted(domains):
@@ -220,10 +315,16 @@ def to_onnx(
             del n.attribute[:]
             n.attribute.extend(_payload_attrs(n.op_type, ex.opaque[n.name], ex.fp16))
     model.producer_name = "netsqueeze"
-    for k, v in sorted((metadata or {}).items()):
+    layouts = {SPARSE_LAYOUT_KEY + k: v for k, v in ex.sparse_layouts.items()}
+    for k, v in sorted({**(metadata or {}), **layouts}.items()):
         model.metadata_props.append(onnx.StringStringEntryProto(key=str(k), value=str(v)))
     infer_shapes_inplace(model)
     return model
+
+
+def affine_opset(w: Affine) -> int:
+    """The lowest opset whose DequantizeLinear reads this weight."""
+    return 21 if w.bits in (4, 16) or w.block_size else 13 if w.axis is not None else 10
 
 
 def infer_shapes_inplace(model: onnx.ModelProto) -> None:
@@ -267,7 +368,7 @@ def _meta(ex: _Exporter, node: Node) -> TensorMeta:
 
 @emitter("constant")
 def _constant(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
-    return [ex.const(node.id, node.params["value"])]
+    return [ex.weight(node.id, node.params["value"])]
 
 
 @emitter("identity")
@@ -302,6 +403,11 @@ def _conv(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
     return ex.op("Conv" if node.kind == "conv" else "ConvTranspose", inputs, attrs)
 
 
+def _transposed(w: Weight) -> Weight:
+    """A 2-D weight transposed, in its own form."""
+    return w.t().contiguous() if isinstance(w, torch.Tensor) else w.permute((1, 0))
+
+
 @emitter("linear")
 def _linear(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
     x = ex.ir.input_metas(node.id)[0]
@@ -309,7 +415,7 @@ def _linear(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
     if len(x.shape) == 2:
         inputs = [ins[0], ex.param("weight")] + ([ex.param("bias")] if "bias" in node.params else [])
         return ex.op("Gemm", inputs, {"transB": 1})
-    wt = ex.const(f"{node.id}.weight", w.t().contiguous())
+    wt = ex.weight(f"{node.id}.weight", _transposed(w))
     if "bias" not in node.params:
         return ex.op("MatMul", [ins[0], wt])
     y = ex.op1("MatMul", [ins[0], wt])
@@ -339,8 +445,8 @@ def _gn(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
     x = ex.ir.input_metas(node.id)[0]
     c, g = x.shape[1], int(node.attrs["num_groups"])
     eps = float(node.attrs.get("eps", 1e-5))
-    w = node.params.get("weight", torch.ones(c))
-    b = node.params.get("bias", torch.zeros(c))
+    w = node.dense("weight") if "weight" in node.params else torch.ones(c)
+    b = node.dense("bias") if "bias" in node.params else torch.zeros(c)
     if g == c:
         return ex.op("InstanceNormalization", [ins[0], ex.const(f"{node.id}.weight", w),
                                                ex.const(f"{node.id}.bias", b)], {"epsilon": eps})
@@ -565,8 +671,8 @@ def _embedding(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tenso
 @emitter("quantize", "dequantize")
 def _qdq(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
     x = ins[0]
-    scale = ex.const(f"{node.id}.scale", node.params["scale"], keep=True)
-    zp = ex.const(f"{node.id}.zero_point", node.params["zero_point"])
+    scale = ex.const(f"{node.id}.scale", node.dense("scale"), keep=True)
+    zp = ex.const(f"{node.id}.zero_point", node.dense("zero_point"))
     axis = {"axis": int(node.attrs.get("axis", 1))} if node.params["scale"].dim() > 0 else {}
     if node.kind == "quantize":
         if ex.fp16:  # scales stay fp32 so the quantised values are unchanged
@@ -594,9 +700,10 @@ def _attention(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tenso
     for i, t in enumerate(ins[:3]):
         if not bf:  # [L, N, E] → [N, L, E]
             t = ex.op1("Transpose", [t], {"perm": [1, 0, 2]})
-        proj = ex.op1("MatMul", [t, ex.const(f"{node.id}.w{i}", w[i * h * dh:(i + 1) * h * dh].t().contiguous())])
+        rows = torch.arange(i * h * dh, (i + 1) * h * dh)
+        proj = ex.op1("MatMul", [t, ex.weight(f"{node.id}.w{i}", _transposed(index_select(w, 0, rows)))])
         if b is not None:
-            proj = ex.op1("Add", [proj, ex.const(f"{node.id}.b{i}", b[i * h * dh:(i + 1) * h * dh])])
+            proj = ex.op1("Add", [proj, ex.weight(f"{node.id}.b{i}", index_select(b, 0, rows))])
         r = ex.op1("Reshape", [proj, ex.ints(f"{node.id}.heads{i}", [0, 0, h, dh])])
         heads.append(ex.op1("Transpose", [r], {"perm": [0, 2, 3, 1] if i == 1 else [0, 2, 1, 3]}))
     scores = ex.op1("Div", [ex.op1("MatMul", [heads[0], heads[1]]), ex.scalar(f"{node.id}.scale", float(np.sqrt(dh)))])
@@ -612,7 +719,7 @@ def _attention(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tenso
     attn = ex.op1("Softmax", [scores], {"axis": -1})
     ctx = ex.op1("Transpose", [ex.op1("MatMul", [attn, heads[2]])], {"perm": [0, 2, 1, 3]})
     merged = ex.op1("Reshape", [ctx, ex.ints(f"{node.id}.merge", [0, 0, h * dh])])
-    out = ex.op1("MatMul", [merged, ex.const(f"{node.id}.out_w", p["out_proj_weight"].t().contiguous())])
+    out = ex.op1("MatMul", [merged, ex.weight(f"{node.id}.out_w", _transposed(p["out_proj_weight"]))])
     if "out_proj_bias" in p:
         out = ex.op1("Add", [out, ex.param("out_proj_bias")])
     if not bf:

@@ -16,11 +16,12 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from netsqueeze.backends.torch_modules import Attention, Opaque, ParamHolder
+from netsqueeze.backends.torch_modules import Attention, Opaque, ParamHolder, WithEncodedParams
 from netsqueeze.errors import Diagnostic, UnsupportedOpError
 from netsqueeze.ir.graph import Graph, Node, Value
 from netsqueeze.ir.ops import BUFFERS
 from netsqueeze.ir.tables import registrar
+from netsqueeze.ir.weights import Encoded
 
 __all__ = ["EMITTERS", "Emitter", "ModuleBuilder", "emitter", "to_torch"]
 
@@ -77,9 +78,13 @@ class ModuleBuilder:
         return self.fx.get_attr(self.add_module(node, ParamHolder(node.params, BUFFERS)))
 
     def param(self, node: Node, name: str) -> fx.Node:
+        """The node's param `name` as a value in the emitted graph (an encoded param is decoded there)."""
         if node.id not in self._paths:
             self.add_module(node, ParamHolder(node.params, BUFFERS))
-        return self.fx.get_attr(f"{self._paths[node.id]}.{name}")
+        target = f"{self._paths[node.id]}.{name}"
+        if isinstance(node.params[name], Encoded):
+            return self.fx.call_module(target, (), {})
+        return self.fx.get_attr(target)
 
 
 Emitter = Callable[[ModuleBuilder, Node, list[fx.Node]], "fx.Node | list[fx.Node]"]
@@ -94,14 +99,19 @@ def _p(t: torch.Tensor) -> nn.Parameter:
 
 
 def _set_params(m: nn.Module, node: Node, names: dict[str, str] | None = None) -> nn.Module:
-    """Copies the node's params into `m` (cloned), by IR name or through `names` (IR -> module)."""
+    """Copies the node's params into `m` (cloned), by IR name or through `names` (IR -> module).
+
+    Encoded params stay encoded: `m` is wrapped so that they are decoded on each call."""
+    encoded: dict[str, Encoded] = {}
     for k, t in node.params.items():
         attr = (names or {}).get(k, k)
-        if k in BUFFERS:
+        if isinstance(t, Encoded):
+            encoded[attr] = t
+        elif k in BUFFERS:
             getattr(m, attr).data = t.detach().clone()
         else:
             setattr(m, attr, _p(t))
-    return m
+    return WithEncodedParams(m, encoded) if encoded else m
 
 
 def _sym(pads: Sequence[int], dims: int) -> bool:

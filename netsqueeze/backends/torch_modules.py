@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
+
+from netsqueeze.ir.weights import Encoded, Weight
 
 
 class Attention(nn.Module):
@@ -49,13 +52,52 @@ class Attention(nn.Module):
         return out if self.batch_first else out.transpose(0, 1)
 
 
-class ParamHolder(nn.Module):
-    """Holds a node's params as parameters or buffers (by the IR's naming) for get_attr access."""
+class Decode(nn.Module):
+    """An encoded weight: its stored buffers (integer data, scales, indices, centroids) and the form's
+    own decoder, so `state_dict` carries the encoded data and `forward()` returns the dense weight."""
 
-    def __init__(self, params: dict[str, torch.Tensor], buffers: frozenset[str]) -> None:
+    def __init__(self, w: Encoded) -> None:
+        super().__init__()
+        self.form = w.form
+        self.static = w.static()
+        self._decode = type(w).decode
+        self._names = sorted(w.storage())
+        for k, t in sorted(w.storage().items()):
+            self.register_buffer(k, t.detach().clone())
+
+    def forward(self) -> torch.Tensor:
+        return self._decode({k: getattr(self, k) for k in self._names}, self.static)
+
+    def extra_repr(self) -> str:
+        return f"{self.form}, shape={list(self.static['shape'])}"
+
+
+class WithEncodedParams(nn.Module):
+    """A torch layer some of whose params are encoded: each call decodes them (`Decode` modules under
+    `encoded`) and runs the layer with them; the layer itself keeps only its dense params."""
+
+    def __init__(self, inner: nn.Module, encoded: dict[str, Encoded]) -> None:
+        super().__init__()
+        for k in encoded:
+            delattr(inner, k)
+        self.inner = inner
+        self.encoded = nn.ModuleDict({k: Decode(w) for k, w in sorted(encoded.items())})
+
+    def forward(self, *xs: Any) -> Any:
+        params = {k: d() for k, d in self.encoded.items()}
+        return functional_call(self.inner, params, xs, strict=False)
+
+
+class ParamHolder(nn.Module):
+    """Holds a node's params as parameters or buffers (by the IR's naming) for get_attr access;
+    encoded params become `Decode` submodules of the same name (called, not read)."""
+
+    def __init__(self, params: Mapping[str, Weight], buffers: frozenset[str]) -> None:
         super().__init__()
         for k, t in params.items():
-            if k in buffers or not t.is_floating_point():
+            if isinstance(t, Encoded):
+                self.add_module(k, Decode(t))
+            elif k in buffers or not t.is_floating_point():
                 self.register_buffer(k, t.detach().clone())
             else:
                 self.register_parameter(k, nn.Parameter(t.detach().clone()))

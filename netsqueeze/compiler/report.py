@@ -58,12 +58,20 @@ class CompileReport:
                 continue
             shape_b = ", ".join(nb.shapes) if nb else "(new)"
             shape_a = ", ".join(na.shapes) if na else "(removed)"
-            rows.append((
+            row: tuple[str, ...] = (
                 nid, kind, shape_b, shape_a if shape_a != shape_b else "=",
                 f"{nb.params if nb else 0:,}", f"{na.params if na else 0:,}",
                 f"{nb.flops if nb else 0:,}", f"{na.flops if na else 0:,}",
-            ))
+            )
+            if self.has_encoded():
+                row += (f"{nb.param_bytes if nb else 0:,}", f"{na.param_bytes if na else 0:,}",
+                        (na.forms if na else "") or "dense")
+            rows.append(row)
         return rows
+
+    def has_encoded(self) -> bool:
+        """Whether any node stores an encoded (quantized, sparse, codebook) weight before or after."""
+        return any(n.forms for st in (self.before, self.after) for n in st.nodes.values())
 
     def format(self) -> str:
         out = [f"netsqueeze report: {self.model_name} ({self.frontend} -> {self.target})"]
@@ -82,13 +90,17 @@ class CompileReport:
             out += ["passes:", _table(prow, {2}), ""]
         rows: list[tuple[str, ...]] = [("node", "kind", "shape before", "shape after", "params", "params'",
                                         "FLOPs", "FLOPs'")]
+        if self.has_encoded():
+            rows[0] += ("bytes", "bytes'", "weights'")
         rows += self.node_rows()
-        out += ["nodes:", _table(rows, {4, 5, 6, 7}), ""]
+        out += ["nodes:", _table(rows, {4, 5, 6, 7, 8, 9}), ""]
         out.append(
             f"total: params {self.before.params:,} -> {self.after.params:,} ({_ratio(self.before.params, self.after.params)}"
             f" smaller), FLOPs {self.before.flops:,} -> {self.after.flops:,} "
             f"({_ratio(self.before.flops, self.after.flops)} fewer), weight bytes {self.before.param_bytes:,} -> "
             f"{self.after.param_bytes:,}"
+            + (f", non-zeros {self.before.nonzeros:,} -> {self.after.nonzeros:,}"
+               if (self.before.nonzeros, self.after.nonzeros) != (self.before.params, self.after.params) else "")
         )
         if self.fidelity:
             out.append("fidelity: " + ", ".join(f"{k} {v:.3g}" for k, v in self.fidelity.items()))

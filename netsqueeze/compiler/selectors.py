@@ -21,6 +21,7 @@ from typing import Any
 from netsqueeze.dsl import ast
 from netsqueeze.dsl.checker import Env
 from netsqueeze.errors import Diagnostic, did_you_mean
+from netsqueeze.ir import weights
 from netsqueeze.ir.graph import Graph, Node
 from netsqueeze.ir.ops import OPS
 
@@ -50,6 +51,8 @@ def node_attributes(node: Node) -> dict[str, Any]:
             out.update(out_features=w.shape[0], in_features=w.shape[1])
     elif w is not None and w.dim() == 1:
         out.setdefault("channels", w.shape[0])
+    if w is not None:
+        out["weight_form"] = weights.describe(w) if weights.form_of(w) != "dense" else "dense"
     out["params"] = sum(int(p.numel()) for p in node.params.values())
     return out
 

@@ -20,6 +20,15 @@ from netsqueeze.errors import CaptureError, Diagnostic, NetsqueezeError
 from netsqueeze.ir.graph import Graph, Origin, TensorMeta, Value
 from netsqueeze.ir.ops import infer_node
 from netsqueeze.ir.tables import registrar
+from netsqueeze.ir.weights import (
+    SPARSE_LAYOUT_KEY,
+    Affine,
+    Centroids,
+    Codebook,
+    Encoded,
+    Sparse,
+    WeightFormError,
+)
 
 MIN_OPSET, MAX_OPSET = 7, 23
 _DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -88,7 +97,8 @@ def _node_ids(proto: onnx.ModelProto, reserved: set[str]) -> list[str]:
 def check_structure(proto: onnx.ModelProto, ids: list[str]) -> list[int]:
     """Dangling inputs and cycles are errors naming the node; returns a topological order of node indices."""
     g = proto.graph
-    available = {i.name for i in g.input} | {t.name for t in g.initializer} | {""}
+    available = {i.name for i in g.input} | {t.name for t in g.initializer} | {""} \
+        | {t.values.name for t in g.sparse_initializer}
     producer: dict[str, int] = {}
     for i, n in enumerate(g.node):
         for o in n.output:
@@ -155,7 +165,8 @@ class _Importer:
         self.opset = model_opset(proto)
         self.graph = Graph(name)
         self.vals: dict[str, Value] = {}
-        self.consts: dict[str, np.ndarray] = {}
+        self.consts: dict[str, Any] = {}  # tensor name → np.ndarray, or an Encoded weight (QDQ, sparse, codebook)
+        self.centroids: dict[str, Centroids] = {}  # codebook tables by tensor name: shared tables stay shared
         self.input_shapes = input_shapes
         self.skip: set[int] = set()
         self.fused: dict[int, Callable[[], None]] = {}
@@ -169,7 +180,8 @@ class _Importer:
         self.protos: list[onnx.NodeProto] = []
 
     # ---- helpers used by the op handlers ----------------------------------------------------
-    def const(self, t: gs.Tensor) -> np.ndarray | None:
+    def const(self, t: gs.Tensor) -> Any:
+        """The constant value of `t` (an ndarray or an `Encoded` weight), or None."""
         if t.name in self.consts:
             return self.consts[t.name]
         if isinstance(t, gs.Constant):
@@ -179,9 +191,9 @@ class _Importer:
             return arr
         return None
 
-    def take(self, arr: np.ndarray | torch.Tensor) -> torch.Tensor:
+    def take(self, arr: np.ndarray | torch.Tensor | Encoded) -> torch.Tensor | Encoded:
         """A torch tensor for a param: the first user of an import-made array gets it without a copy."""
-        if isinstance(arr, torch.Tensor):
+        if isinstance(arr, (torch.Tensor, Encoded)):
             return arr
         return _to_torch(arr, owned=self.owned.pop(id(arr), None) is not None)
 
@@ -208,12 +220,14 @@ class _Importer:
 
     def meta(self, t: gs.Tensor) -> TensorMeta:
         arr = self.const(t)
+        if isinstance(arr, Encoded):
+            return TensorMeta(arr.shape, str(arr.dtype).removeprefix("torch."))
         if arr is not None:
             return TensorMeta(tuple(arr.shape), str(arr.dtype))
         return self.graph.meta_of(self.value(t))
 
     def emit(self, kind: str, inputs: list[Value], attrs: dict[str, Any] | None = None,
-             params: Mapping[str, np.ndarray | torch.Tensor] | None = None, *, suffix: str = "") -> Value:
+             params: Mapping[str, Any] | None = None, *, suffix: str = "") -> Value:
         nid = self.cur_id + (f"/{suffix}" if suffix else "")
         ps = {k: self.take(v) for k, v in (params or {}).items()}
         nid = self.graph.add_node(nid, kind, inputs, attrs=attrs, params=ps,
@@ -253,6 +267,7 @@ class _Importer:
             self._infer(nid)
             self.vals[i.name] = (nid, 0)
 
+        self._sparse_initializers()
         gsg = gs.import_onnx(proto)
         nodes = list(gsg.nodes)
         protos = list(proto.graph.node)
@@ -289,6 +304,29 @@ class _Importer:
             raise CaptureError(list(e.diagnostics)) from None
         return g
 
+    def _sparse_initializers(self) -> None:
+        """`sparse_initializer`s become sparse weights (COO, or the layout netsqueeze recorded when it wrote them)."""
+        layouts = {p.key.removeprefix(SPARSE_LAYOUT_KEY): p.value for p in self.proto.metadata_props
+                   if p.key.startswith(SPARSE_LAYOUT_KEY)}
+        for sp in self.proto.graph.sparse_initializer:
+            name = sp.values.name
+            dims = tuple(int(d) for d in sp.dims)
+            try:
+                values = torch.from_numpy(np.array(onnx.numpy_helper.to_array(sp.values)).reshape(-1).copy())
+                idx = np.asarray(onnx.numpy_helper.to_array(sp.indices), dtype=np.int64)
+                if idx.ndim == 2:  # [nnz, rank] coordinates → flat positions
+                    idx = np.ravel_multi_index(tuple(idx.T), dims)
+                order = np.argsort(idx, kind="stable")
+                w = Sparse(values[torch.from_numpy(order)], torch.from_numpy(idx[order].copy()), dims)
+                layout = layouts.get(name, "coo").split(":")
+                if layout[0] != "coo":
+                    nm = [int(v) for v in layout[1:]] or [0, 0]
+                    w = Sparse.from_dense(w.dense(), layout[0], nm[0], nm[1]) if layout[0] == "nm" else \
+                        Sparse.from_dense(w.dense(), layout[0])
+            except (ValueError, IndexError, WeightFormError) as e:
+                raise _fail(f"sparse initializer '{name}' is malformed: {e}") from None
+            self.consts[name] = w
+
     def _const_output(self, name: str, gsg: gs.Graph) -> Value:
         t = gsg.tensors().get(name)
         if t is None or self.const(t) is None:
@@ -316,6 +354,10 @@ class _Importer:
 
     # ---- constant folding ---------------------------------------------------------------------
     def _fold(self, n: gs.Node, proto: onnx.NodeProto) -> bool:
+        enc = _encoded_weight(self, n)
+        if enc is not None:
+            self.consts[n.outputs[0].name] = enc
+            return True
         if n.op in _NOT_FOLDABLE:
             return False
         if n.op == "Shape":
@@ -344,7 +386,7 @@ class _Importer:
             self.consts[n.outputs[0].name] = arr
             self.owned[id(arr)] = n.outputs[0].name
             return True
-        feeds = {t.name: self.consts[t.name] for t in ins}
+        feeds = {t.name: _dense_np(self.consts[t.name]) for t in ins}
         try:
             outs = _evaluate(proto, feeds, self.opset)
         except Exception:
@@ -475,7 +517,7 @@ def _per_channel(g: Graph, node_id: str, value: Value, c: int, rank: int) -> tor
     if node.kind != "constant" or len(g.users(other)) != 1:
         return None
     v = node.params["value"]
-    if v.dtype != torch.float32 or v.numel() != c or tuple(v.shape) not in (
+    if not isinstance(v, torch.Tensor) or v.dtype != torch.float32 or v.numel() != c or tuple(v.shape) not in (
             (c,) + (1,) * (rank - 2), (1, c) + (1,) * (rank - 2)):
         return None
     return v.reshape(c)
@@ -501,8 +543,8 @@ def _absorb_affine_into_bn(g: Graph) -> None:
         beta = _per_channel(g, add.id, (mul.id, 0), c, rank)
         if beta is None or mul.meta != bn.meta or add.meta != bn.meta:
             continue
-        w = bn.params.get("weight", torch.ones(c))
-        b = bn.params.get("bias", torch.zeros(c))
+        w = bn.dense("weight") if "weight" in bn.params else torch.ones(c)
+        b = bn.dense("bias") if "bias" in bn.params else torch.zeros(c)
         bn.params["weight"], bn.params["bias"] = w * gamma, b * gamma + beta
         consts = [s for s, _ in g.operands(mul.id) + g.operands(add.id) if g.node(s).kind == "constant"]
         g.replace_uses((add.id, 0), (bn.id, 0))
@@ -679,6 +721,76 @@ _ABSENT = object()
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float16))
 
 
+_INT_TYPES = {np.dtype(np.int8): (8, True), np.dtype(np.uint8): (8, False), np.dtype(np.int16): (16, True),
+              np.dtype(np.int32): (32, True)}
+
+
+def _int_type(arr: np.ndarray) -> tuple[int, bool] | None:
+    """(bits, signed) of an integer array a weight may be stored in, 4-bit types included."""
+    name = str(arr.dtype)
+    if name in ("int4", "uint4"):
+        return 4, name == "int4"
+    return _INT_TYPES.get(arr.dtype)
+
+
+def _is_float(w: Any) -> bool:
+    return isinstance(w, Encoded) or w.dtype in _FLOATS
+
+
+def _np_float(w: Any) -> Any:
+    return np.dtype(str(w.dtype).removeprefix("torch.")) if isinstance(w, Encoded) else w.dtype
+
+
+def _transposed(w: Any) -> Any:
+    return w.permute((1, 0)) if isinstance(w, Encoded) else w.T
+
+
+def _dense_np(v: Any) -> np.ndarray:
+    return v.dense().numpy() if isinstance(v, Encoded) else v  # type: ignore[no-any-return]
+
+
+def _ints_tensor(arr: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(arr).astype(np.int64))
+
+
+def _encoded_weight(imp: _Importer, n: gs.Node) -> Encoded | None:
+    """A constant subgraph that is a stored weight, kept in its form instead of folded to floats:
+    DequantizeLinear of an integer initializer, Gather(centroids, indices) of constants, and a
+    Transpose of either (exporters transpose dequantized weights)."""
+    if (n.domain or "") not in _DEFAULT_DOMAINS or not n.outputs:
+        return None
+    ins = [imp.const(t) if t.name else None for t in n.inputs]
+    try:
+        if n.op == "DequantizeLinear" and len(ins) >= 2 and isinstance(ins[0], np.ndarray) \
+                and isinstance(ins[1], np.ndarray) and _int_type(ins[0]) and ins[1].dtype == np.float32:
+            x, scale = ins[0], ins[1]
+            zp = ins[2] if len(ins) > 2 else None
+            if zp is not None and (not isinstance(zp, np.ndarray) or zp.dtype != x.dtype):
+                return None
+            bits, signed = _int_type(x)  # type: ignore[misc]
+            block = int(n.attrs.get("block_size", 0))
+            per_tensor = scale.size == 1 and scale.ndim <= 1 and not block
+            axis = None if per_tensor else int(n.attrs.get("axis", 1)) % max(x.ndim, 1)
+            shape = () if per_tensor else scale.shape
+            z = None if zp is None or not np.any(zp.astype(np.int64)) else _ints_tensor(zp).reshape(shape)
+            return Affine(_ints_tensor(x), torch.from_numpy(scale.astype(np.float32).reshape(shape).copy()), z,
+                          axis, block, bits, signed)
+        if n.op == "Gather" and len(ins) == 2 and isinstance(ins[0], np.ndarray) and ins[0].ndim == 1 \
+                and ins[0].dtype in _FLOATS and isinstance(ins[1], np.ndarray) and ins[1].dtype.kind in "iu" \
+                and int(n.attrs.get("axis", 0)) == 0 and ins[1].size and int(ins[1].min()) >= 0:
+            name = n.inputs[0].name
+            if name not in imp.centroids:
+                imp.centroids[name] = Centroids(torch.from_numpy(ins[0].copy()), name)
+            return Codebook(_ints_tensor(ins[1]), imp.centroids[name])
+        if n.op == "Transpose" and len(ins) == 1 and isinstance(ins[0], Encoded):
+            perm = n.attrs.get("perm")
+            return ins[0].permute(tuple(int(p) for p in perm) if perm is not None
+                                  else tuple(reversed(range(ins[0].dim()))))
+    except WeightFormError:
+        return None
+    return None
+
+
 def _in(n: gs.Node, i: int) -> gs.Tensor | None:
     return n.inputs[i] if i < len(n.inputs) and n.inputs[i].name else None
 
@@ -731,10 +843,10 @@ def _auto_pads(imp: _Importer, n: gs.Node, spatial: tuple[int, ...], kernel: lis
 @handles("Conv")
 def _conv(imp: _Importer, n: gs.Node) -> bool:
     w, b = _const_in(imp, n, 1), _const_in(imp, n, 2)
-    if w is None or w is _ABSENT or b is _ABSENT or w.dtype not in _FLOATS:
+    if w is None or w is _ABSENT or b is _ABSENT or not _is_float(w):
         return False
     x = imp.meta(n.inputs[0])
-    dims = w.ndim - 2
+    dims = len(w.shape) - 2
     kernel = _ints(n.attrs.get("kernel_shape", w.shape[2:]))
     stride = _ints(n.attrs.get("strides", [1] * dims))
     dilation = _ints(n.attrs.get("dilations", [1] * dims))
@@ -748,9 +860,10 @@ def _conv(imp: _Importer, n: gs.Node) -> bool:
 def _conv_t(imp: _Importer, n: gs.Node) -> bool:
     w, b = _const_in(imp, n, 1), _const_in(imp, n, 2)
     auto = n.attrs.get("auto_pad", "NOTSET")
-    if w is None or w is _ABSENT or b is _ABSENT or "output_shape" in n.attrs or auto not in ("NOTSET", "VALID"):
+    if w is None or w is _ABSENT or b is _ABSENT or "output_shape" in n.attrs or auto not in ("NOTSET", "VALID") \
+            or not _is_float(w):
         return False
-    dims = w.ndim - 2
+    dims = len(w.shape) - 2
     attrs = {
         "stride": _ints(n.attrs.get("strides", [1] * dims)),
         "padding": _ints(n.attrs.get("pads", [0] * 2 * dims)) if auto == "NOTSET" else [0] * 2 * dims,
@@ -766,12 +879,13 @@ def _conv_t(imp: _Importer, n: gs.Node) -> bool:
 def _gemm(imp: _Importer, n: gs.Node) -> bool:
     b, c = _const_in(imp, n, 1), _const_in(imp, n, 2)
     alpha, beta = float(n.attrs.get("alpha", 1.0)), float(n.attrs.get("beta", 1.0))
-    if b is None or b is _ABSENT or c is _ABSENT or b.ndim != 2 or b.dtype not in _FLOATS or imp.is_const(n.inputs[0]):
+    if b is None or b is _ABSENT or c is _ABSENT or len(b.shape) != 2 or not _is_float(b) \
+            or imp.is_const(n.inputs[0]) or isinstance(c, Encoded) or (isinstance(b, Encoded) and alpha != 1.0):
         return False
-    w = b if int(n.attrs.get("transB", 0)) else b.T
+    w = b if int(n.attrs.get("transB", 0)) else _transposed(b)
     if alpha != 1.0:
         w = w * w.dtype.type(alpha)
-    params: dict[str, np.ndarray] = {"weight": np.ascontiguousarray(w)}
+    params: dict[str, Any] = {"weight": w if isinstance(w, Encoded) else np.ascontiguousarray(w)}
     if c is not None and beta != 0.0:
         if c.size not in (1, w.shape[0]) or (c.ndim == 2 and c.shape[0] != 1):
             return False  # a per-row bias is not a linear layer's bias
@@ -786,16 +900,17 @@ def _gemm(imp: _Importer, n: gs.Node) -> bool:
 def _matmul(imp: _Importer, n: gs.Node) -> bool:
     a, b = n.inputs[0], n.inputs[1]
     wb = imp.const(b)
-    if wb is not None and wb.ndim == 2 and not imp.is_const(a) and wb.dtype in _FLOATS \
+    if wb is not None and len(wb.shape) == 2 and not imp.is_const(a) and _is_float(wb) \
             and len(imp.meta(a).shape) >= 2:
-        params: dict[str, np.ndarray] = {"weight": np.ascontiguousarray(wb.T)}
+        wt = _transposed(wb)
+        params: dict[str, Any] = {"weight": wt if isinstance(wt, Encoded) else np.ascontiguousarray(wt)}
         out = n.outputs[0]
         add = out.outputs[0] if len(out.outputs) == 1 and not _used_as_output(imp, out) else None
         if add is not None and add.op == "Add" and (add.domain or "") in _DEFAULT_DOMAINS:
             other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
             bias = imp.const(other)
-            if bias is not None and bias.size == wb.shape[1] and bias.shape[-1:] == (wb.shape[1],) \
-                    and other is not out and bias.dtype == wb.dtype:
+            if isinstance(bias, np.ndarray) and bias.size == wb.shape[1] and bias.shape[-1:] == (wb.shape[1],) \
+                    and other is not out and bias.dtype == _np_float(wb):
                 params["bias"] = bias.reshape(-1)
                 v = imp.emit("linear", [imp.value(a)], {}, params)
                 imp.skip.add(next(i for i, m in enumerate(imp.nodes) if m is add))
@@ -1163,11 +1278,11 @@ def _lrn(imp: _Importer, n: gs.Node) -> bool:
 @handles("Gather")
 def _gather(imp: _Importer, n: gs.Node) -> bool:
     table, idx = imp.const(n.inputs[0]), n.inputs[1]
-    if table is not None and table.ndim == 2 and int(n.attrs.get("axis", 0)) == 0 and not imp.is_const(idx) \
-            and table.dtype in _FLOATS:
+    if table is not None and len(table.shape) == 2 and int(n.attrs.get("axis", 0)) == 0 and not imp.is_const(idx) \
+            and _is_float(table):
         return _bind(imp, n, imp.emit("embedding", [imp.value(idx)], {}, {"weight": table}))
     ind = imp.const(idx)
-    if ind is not None and ind.ndim == 0 and table is None:
+    if isinstance(ind, np.ndarray) and ind.ndim == 0 and table is None:
         # x[..., i, ...] along `axis`: a one-element slice, then the axis dropped.
         shape = imp.meta(n.inputs[0]).shape
         axis = int(n.attrs.get("axis", 0)) % len(shape)

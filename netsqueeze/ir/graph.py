@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +11,7 @@ import networkx as nx
 import torch
 
 from netsqueeze.errors import Diagnostic, VerifyError, did_you_mean
+from netsqueeze.ir.weights import Weight, clone, require_dense
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class Node:
     id: str
     kind: str
     attrs: dict[str, Any] = field(default_factory=dict)
-    params: dict[str, torch.Tensor] = field(default_factory=dict)
+    params: dict[str, Weight] = field(default_factory=dict)  # dense tensors or encoded weights
     meta: list[TensorMeta] = field(default_factory=list)
     origin: Origin = field(default_factory=Origin)
     order: int = 0  # creation order: the deterministic tie-break everywhere
@@ -55,6 +56,11 @@ class Node:
     @property
     def num_outputs(self) -> int:
         return max(1, len(self.meta))
+
+    def dense(self, name: str, *, accept: frozenset[str] = frozenset()) -> torch.Tensor:
+        """Param `name` as a dense tensor for arithmetic. An encoded param is a located `WeightFormError`
+        unless its form is in `accept` (then it is decoded: the caller computes on a decoded copy)."""
+        return require_dense(self.params[name], node=self.id, param=name, accept=accept)
 
 
 Value = tuple[str, int]  # (producer node id, output index)
@@ -83,7 +89,7 @@ class Graph:
         inputs: Iterable[Value | str] = (),
         *,
         attrs: dict[str, Any] | None = None,
-        params: dict[str, torch.Tensor] | None = None,
+        params: Mapping[str, Weight] | None = None,
         origin: Origin | None = None,
         unique: bool = False,
     ) -> str:
@@ -230,7 +236,7 @@ class Graph:
                 node.id,
                 node.kind,
                 copy.deepcopy(node.attrs),
-                {k: v.detach().clone() for k, v in node.params.items()},
+                {k: clone(v) for k, v in node.params.items()},
                 list(node.meta),
                 Origin(node.origin.frontend, node.origin.source_name, node.origin.op_type, payload),
                 node.order,

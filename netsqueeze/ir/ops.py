@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from netsqueeze.errors import Diagnostic, VerifyError
+from netsqueeze.ir import weights
 from netsqueeze.ir.graph import Graph, Node, TensorMeta
 
 # How an op relates channels (axis 1, or the last axis for linear/layer_norm) of its inputs and outputs;
@@ -156,7 +157,7 @@ def _conv(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
 
 
 def _conv_t_flops(node: Node, ins: list[TensorMeta], outs: list[TensorMeta]) -> int:
-    return 2 * node.params["weight"][0].numel() * ins[0].numel()
+    return 2 * math.prod(node.params["weight"].shape[1:]) * ins[0].numel()
 
 
 @op("conv_transpose", "producer", params=("weight",), optional_params=("bias",), flops=_conv_t_flops)
@@ -549,6 +550,20 @@ def node_params(node: Node) -> int:
     return sum(int(t.numel()) for k, t in node.params.items() if k not in BUFFERS)
 
 
-def node_param_bytes(node: Node) -> int:
-    return sum(int(t.numel()) * t.element_size() for t in node.params.values())
+def node_param_bytes(node: Node, *, tables: bool = True) -> int:
+    """Exact stored bytes of the node's params (encoded forms at their encoded size)."""
+    return sum(weights.nbytes(t, tables=tables) for t in node.params.values())
+
+
+def node_nonzeros(node: Node) -> int:
+    """Non-zero parameter values (trainable params only, as `node_params` counts them)."""
+    if node.kind == "constant":
+        return 0
+    return sum(weights.nnz(t) for k, t in node.params.items() if k not in BUFFERS)
+
+
+def node_weight_forms(node: Node) -> str:
+    """The params' storage forms, e.g. 'weight: int8 per-axis(0)', for reports; '' when all are dense."""
+    return ", ".join(f"{k}: {weights.describe(t)}" for k, t in sorted(node.params.items())
+                     if weights.form_of(t) != "dense")
 

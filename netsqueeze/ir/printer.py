@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from netsqueeze.ir.graph import Graph
+from netsqueeze.ir.weights import describe, form_of
 
 
 def _fmt(v: Any) -> str:
@@ -26,7 +27,8 @@ def print_graph(graph: Graph) -> str:
     for node in graph.nodes():
         ops = ", ".join(f"%{s}" + (f"#{o}" if o else "") for s, o in graph.operands(node.id))
         attrs = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(node.attrs.items()) if not k.startswith("_"))
-        params = ", ".join(f"{k}:{list(t.shape)}" for k, t in sorted(node.params.items()))
+        params = ", ".join(f"{k}:{list(t.shape)}" + ("" if form_of(t) == "dense" else f" {describe(t)}")
+                           for k, t in sorted(node.params.items()))
         outs = ", ".join(str(m) for m in node.meta) or "?"
         head = f"  %{node.id}: {outs} = {node.kind}({ops})"
         extras = [x for x in (f"{{{attrs}}}" if attrs else "", f"<{params}>" if params else "") if x]

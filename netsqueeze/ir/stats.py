@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from netsqueeze.ir.graph import Graph
-from netsqueeze.ir.ops import node_flops, node_param_bytes, node_params
+from netsqueeze.ir.ops import node_flops, node_nonzeros, node_param_bytes, node_params, node_weight_forms
+from netsqueeze.ir.weights import Encoded
 
 
 @dataclass(frozen=True)
@@ -15,13 +16,16 @@ class NodeStats:
     shapes: tuple[str, ...]
     params: int
     flops: int
-    param_bytes: int
+    param_bytes: int  # exact stored size, shared tables included (see GraphStats.shared_bytes)
     activation_bytes: int
+    nonzeros: int = 0
+    forms: str = ""  # encoded params and their forms; '' when every param is dense
 
 
 @dataclass(frozen=True)
 class GraphStats:
     nodes: dict[str, NodeStats]
+    shared_bytes: int = 0  # bytes of tables (codebooks) that several nodes share, counted once here
 
     @property
     def params(self) -> int:
@@ -32,8 +36,13 @@ class GraphStats:
         return sum(n.flops for n in self.nodes.values())
 
     @property
+    def nonzeros(self) -> int:
+        return sum(n.nonzeros for n in self.nodes.values())
+
+    @property
     def param_bytes(self) -> int:
-        return sum(n.param_bytes for n in self.nodes.values())
+        """Exact stored bytes of every param in the graph, each shared table counted once."""
+        return sum(n.param_bytes for n in self.nodes.values()) - self.shared_bytes
 
 
 _SIZES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1, "int64": 8, "int32": 4, "bool": 1}
@@ -41,13 +50,19 @@ _SIZES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1, "int
 
 def graph_stats(graph: Graph) -> GraphStats:
     out: dict[str, NodeStats] = {}
+    tables: dict[int, list[int]] = {}  # shared table id → [bytes, number of uses]
     for node in graph.nodes():
         act = sum(m.numel() * _SIZES.get(m.dtype, 4) for m in node.meta)
         out[node.id] = NodeStats(
             node.id, node.kind, tuple(str(m) for m in node.meta), node_params(node), node_flops(graph, node),
-            node_param_bytes(node), act,
+            node_param_bytes(node), act, node_nonzeros(node), node_weight_forms(node),
         )
-    return GraphStats(out)
+        for w in node.params.values():
+            if isinstance(w, Encoded):
+                for key, (_, b) in w.tables().items():
+                    tables.setdefault(key, [b, 0])[1] += 1
+    # every node's param_bytes counts its tables; the graph counts each shared table once
+    return GraphStats(out, sum(b * (uses - 1) for b, uses in tables.values()))
 
 
 def format_stats(stats: GraphStats) -> str:

@@ -41,17 +41,17 @@ class FoldBN(TransformPass):
             if prod.kind == "conv_transpose" and prod.attrs.get("groups", 1) != 1:
                 continue
             p, q = prod.params, bn.params
+            w = prod.dense("weight").double()
             dt = p["weight"].dtype
-            var = q["running_var"].double()
-            s = (q["weight"].double() if "weight" in q else torch.ones_like(var)) / torch.sqrt(var + bn.attrs["eps"])
-            beta = q["bias"].double() if "bias" in q else torch.zeros_like(var)
-            b = p["bias"].double() if "bias" in p else torch.zeros_like(var)
-            w = p["weight"].double()
+            var = bn.dense("running_var").double()
+            s = (bn.dense("weight").double() if "weight" in q else torch.ones_like(var)) / torch.sqrt(var + bn.attrs["eps"])
+            beta = bn.dense("bias").double() if "bias" in q else torch.zeros_like(var)
+            b = prod.dense("bias").double() if "bias" in p else torch.zeros_like(var)
             axis = 1 if prod.kind == "conv_transpose" else 0
             shape = [1] * w.dim()
             shape[axis] = -1
             p["weight"] = (w * s.reshape(shape)).to(dt)
-            p["bias"] = (s * (b - q["running_mean"].double()) + beta).to(dt)
+            p["bias"] = (s * (b - bn.dense("running_mean").double()) + beta).to(dt)
             graph.replace_uses((bn.id, 0), (src, out))
             graph.remove_node(bn.id)
             result.removed.add(bn.id)

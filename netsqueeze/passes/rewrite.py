@@ -11,7 +11,9 @@ from dataclasses import dataclass
 import torch
 
 from netsqueeze.errors import Diagnostic, NetsqueezeError
+from netsqueeze.ir import weights
 from netsqueeze.ir.graph import Graph, TensorMeta
+from netsqueeze.ir.weights import WeightFormError
 from netsqueeze.passes.base import PassResult
 from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups, Member
 
@@ -165,7 +167,7 @@ def apply_selection(graph: Graph, groups: ChannelGroups, selection: Mapping[int,
     for m, shift in bias_updates:
         node = graph.node(m.node)
         bias_name, out_axis = _CONSUMER_BIAS[(node.kind, m.target)]
-        w = node.params[m.target].double()
+        w = node.dense(m.target).double()
         if _grouped_input(graph, m):  # shift over all input channels; output o reads its own group's slice
             per_group = shift.double().reshape(node.attrs["groups"], 1, -1)  # [G, 1, per_in]
             w_g = w.reshape(node.attrs["groups"], -1, *w.shape[1:])  # [G, out/G, per_in, taps...]
@@ -179,10 +181,10 @@ def apply_selection(graph: Graph, groups: ChannelGroups, selection: Mapping[int,
             # the analysis saw no bias here: it shrinks with the weight's output axis
             if (m.node, m.target, out_axis) in removed:
                 removed[(m.node, bias_name, 0)] = set(removed[(m.node, m.target, out_axis)])
-        node.params[bias_name] = (node.params[bias_name].double() + delta).to(node.params[m.target].dtype)
+        node.params[bias_name] = (node.dense(bias_name).double() + delta).to(node.params[m.target].dtype)
     for m, keep, t in folds:
         node = graph.node(m.node)
-        w = node.params[m.target]
+        w = node.dense(m.target)
         if t.dim() == 3:  # grouped conv: output group γ gets T[γ]
             wg = w.double().reshape(t.shape[0], -1, *w.shape[1:]).movedim(2, -1)  # [G, out/G, taps..., per_in]
             folded = torch.einsum("go...c,gsc->go...s", wg, t.double())
@@ -205,7 +207,10 @@ def apply_selection(graph: Graph, groups: ChannelGroups, selection: Mapping[int,
         node = graph.node(nid)
         t = node.params[target]
         keep_idx = torch.tensor([i for i in range(t.shape[axis]) if i not in pos], dtype=torch.long)
-        node.params[target] = t.index_select(axis, keep_idx).contiguous()
+        try:
+            node.params[target] = weights.index_select(t, axis, keep_idx)
+        except WeightFormError as e:
+            raise WeightFormError(Diagnostic(f"node '{nid}', param '{target}': {e.message}", node=nid)) from None
     _update_attrs(graph, removed, old_meta)
     graph.infer_shapes()
     graph.verify()
