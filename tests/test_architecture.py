@@ -1,4 +1,4 @@
-"""The floors of DESIGN.md: lower packages never import higher ones; passes never import compiler/backends."""
+"""The package layering (`ALLOWED` below): lower packages never import higher ones; passes never import compiler/backends."""
 
 from __future__ import annotations
 

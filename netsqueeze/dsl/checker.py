@@ -81,7 +81,10 @@ BUDGET_METRICS: dict[str, OptionSchema] = {
     "params": OptionSchema("params", _RATIO, min=0, max=1, unit="ratio"),
     "flops": OptionSchema("flops", _RATIO, min=0, max=1, unit="ratio"),
     "bytes": OptionSchema("bytes", _RATIO, min=0, max=1, unit="ratio"),
-    "latency": OptionSchema("latency", _RATIO, min=0, unit="duration"),
+}
+# budget metrics the language knows but nothing measures yet: a located error instead of a silent no-op
+UNSUPPORTED_BUDGET: dict[str, str] = {
+    "latency": "no pass measures latency; budget flops, params or bytes instead",
 }
 BOUNDS_KEYS: dict[str, OptionSchema] = {
     "min_channels": OptionSchema("min_channels", _INT, 1, min=1),
@@ -200,6 +203,10 @@ class Checker:
                     self._fixed(o.key, o.value, o.span, CALIBRATE_KEYS, "calibration setting", calib, o)
             elif isinstance(s, ast.Budget):
                 for item in s.items:
+                    if item.metric in UNSUPPORTED_BUDGET:
+                        self.error(f"budget metric '{item.metric}' is not supported yet: "
+                                   f"{UNSUPPORTED_BUDGET[item.metric]}", item.span)
+                        continue
                     self._fixed(item.metric, item.value, item.span, BUDGET_METRICS, "budget metric", budget, item)
             elif isinstance(s, ast.Bounds):
                 local: dict[str, Any] = {} if s.selector is not None else bounds

@@ -1,4 +1,4 @@
-"""Streaming statistics over calibration batches: running moments, Gram matrices, reservoir samples.
+"""Streaming statistics over calibration batches: running moments and reservoir samples.
 
 Structural passes feed them one batch at a time from `PassContext.stream`, so memory never holds all activations.
 """
@@ -58,46 +58,11 @@ class Moments:
         return (q / self.n - (s / self.n) ** 2).clamp_min(0.0)
 
 
-class Gram:
-    """Running XᵀX and column sums: the uncentred Gram matrix and the covariance of the rows."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.xtx: torch.Tensor | None = None
-        self.sum: torch.Tensor | None = None
-
-    def update(self, rows: torch.Tensor) -> None:
-        rows = rows.double()
-        g, s = rows.T @ rows, rows.sum(0)
-        if self.xtx is None or self.sum is None:
-            self.xtx, self.sum = g, s
-        else:
-            self.xtx += g
-            self.sum += s
-        self.n += rows.shape[0]
-
-    @property
-    def gram(self) -> torch.Tensor:
-        if self.xtx is None or self.n == 0:
-            raise ValueError("no calibration rows were collected")
-        return self.xtx / self.n
-
-    @property
-    def mean(self) -> torch.Tensor:
-        if self.sum is None or self.n == 0:
-            raise ValueError("no calibration rows were collected")
-        return self.sum / self.n
-
-    @property
-    def cov(self) -> torch.Tensor:
-        mu = self.mean
-        return self.gram - torch.outer(mu, mu)
-
-
 class Reservoir:
-    """A uniform sample of at most `capacity` rows from a stream (Vitter's algorithm R), seeded."""
+    """A uniform sample of at most `capacity` rows from a stream (Vitter's algorithm R), drawn from a
+    generator seeded by `seed` (passes give `PassContext.seed`, never the global RNG)."""
 
-    def __init__(self, capacity: int, seed: int = 0) -> None:
+    def __init__(self, capacity: int, seed: int) -> None:
         self.capacity = capacity
         self.seen = 0
         self.rows: torch.Tensor | None = None

@@ -170,7 +170,7 @@ class SqueezeFold(TransformPass):
     round_to: int = field(default=1, metadata={"min": 1})
     nonlinear: Literal["skip", "remove"] = "skip"
     mode: Literal["cascade", "parallel"] = "cascade"
-    max_samples: int = field(default=200_000, metadata={"min": 1})
+    max_samples: int = field(default=200_000, metadata={"min": 1, "unit": "count"})
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         groups = ctx.analysis(DependencyAnalysis, graph).restrict(ctx.selected)

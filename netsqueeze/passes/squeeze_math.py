@@ -1,4 +1,5 @@
-"""The linear algebra of squeeze-and-fold (METHODS.md §2): spectrum rank, channel selection, reconstruction.
+"""The linear algebra of squeeze-and-fold (Ozen & Orailoglu, ECML PKDD 2020): spectrum rank, channel
+selection, reconstruction.
 
 All functions work on the augmented second-moment matrix of channel activations, streamed as
 M = E[[a, 1][a, 1]ᵀ] (C+1 × C+1, last row/column = the mean), so no activation is kept.
@@ -134,12 +135,6 @@ def kept_for_error(err: list[float], limit: float) -> int:
     return next((k for k in range(1, len(err)) if err[k] <= limit + 1e-12), len(err) - 1)
 
 
-def select_channels(cov: torch.Tensor, k: int, method: Selector, ridge: float = 1e-6,
-                    metric: torch.Tensor | None = None) -> list[int]:
-    k = max(1, min(k, cov.shape[0]))
-    return sorted(ranking(cov, method, metric, ridge)[0][:k])
-
-
 def reconstruction(moment: torch.Tensor, keep: list[int], ridge: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Least squares with intercept: a ≈ a_S·T + t₀ over the calibration distribution.
 
@@ -164,18 +159,3 @@ def reconstruction(moment: torch.Tensor, keep: list[int], ridge: float = 0.0) ->
     t0[keep] = 0.0
     assert t.shape == (len(keep), c)
     return t, t0
-
-
-def relative_error(moment: torch.Tensor, keep: list[int], t: torch.Tensor, t0: torch.Tensor) -> float:
-    """E‖a − (a_S T + t₀)‖² / E‖a − μ‖², computed from the moment matrix alone."""
-    m = moment.double()
-    c = m.shape[0] - 1
-    # reconstruction as a linear map on the augmented vector: r = B [a; 1], B = [[E_S T], [t0]]
-    b = torch.zeros(c + 1, c, dtype=torch.float64)
-    b[torch.tensor(keep)] = t
-    b[-1] = t0
-    d = -b
-    d[:c] += torch.eye(c, dtype=torch.float64)  # (I − B) applied to [a; 1] gives the error
-    err = float(torch.trace(d.T @ m @ d))
-    var = float(torch.trace(covariance(m)))
-    return err / var if var > 0 else 0.0

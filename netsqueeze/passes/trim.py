@@ -152,8 +152,8 @@ class Trim(TransformPass):
     min_channels: int = field(default=1, metadata={"min": 1})
     activation_stat: Literal["mean_abs", "variance"] = "mean_abs"
     bias_compensation: bool = True
-    gdnt_samples: int = 384
-    gdnt_child_groups: int = 8
+    gdnt_samples: int = field(default=384, metadata={"min": 1, "unit": "count"})
+    gdnt_child_groups: int = field(default=8, metadata={"min": 1})
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         groups = ctx.analysis(DependencyAnalysis, graph).restrict(ctx.selected)

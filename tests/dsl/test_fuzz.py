@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from netsqueeze.compiler.plan import resolve, schemas_of
 from netsqueeze.dsl import check_policy, parse_policy
 from netsqueeze.errors import PolicyError
-from tests.dsl.standins import passes, tiny_cnn
+from netsqueeze.passes.registry import all_passes
+from tests.dsl.tiny import tiny_cnn
 
 HERE = Path(__file__).parent
 SEEDS = [p.read_text() for p in sorted((HERE / "explain").glob("*.sqz"))] + [
@@ -21,7 +22,7 @@ TOKENS = ["policy", "p", "{", "}", "(", ")", "[", "]", ",", "=", "==", "<=", "on
           "where", "except", "|", "&", "type(conv)", "all", "first(", "between(", 're"x\\d"', '"s"', "25%",
           "4.5M", "12ms", "-1", "1e400", "trim", "fold_bn", "let", "param", "import", "budget", "guard",
           "bounds", "calibrate", "input", "x:", "float32[1,3]", "\n", "#", "layer*.conv?", "\\", "\x00", "é"]
-PASSES = passes()
+PASSES = all_passes()
 SCHEMAS = schemas_of(PASSES)
 GRAPH = tiny_cnn()
 

@@ -1,5 +1,6 @@
 """Golden tests: every `cases/*.sqz` fails with exactly the diagnostics in its `.expected` file, and
-every `explain/*.sqz` resolves on the tiny CNN to exactly its `.explain` text.
+every `explain/*.sqz` resolves on the tiny CNN to exactly its `.explain` text, against the real pass
+registry (so an option regression in `trim` or `squeeze_fold` fails them).
 
 Regenerate after a deliberate change with `NETSQUEEZE_BLESS=1 pytest tests/dsl/test_golden.py`,
 then read the diff.
@@ -15,7 +16,8 @@ import pytest
 from netsqueeze.compiler.plan import explain, resolve
 from netsqueeze.dsl import load_policy
 from netsqueeze.errors import PolicyError
-from tests.dsl.standins import passes, tiny_cnn
+from netsqueeze.passes.registry import all_passes
+from tests.dsl.tiny import tiny_cnn
 
 HERE = Path(__file__).parent
 BLESS = os.environ.get("NETSQUEEZE_BLESS") == "1"
@@ -31,7 +33,7 @@ def _diagnostics_text(path: Path) -> str:
     cwd = os.getcwd()
     os.chdir(HERE)  # spans then show 'cases/NAME.sqz', the same on every machine
     try:
-        resolve(load_policy(_rel(path)), tiny_cnn(), passes())
+        resolve(load_policy(_rel(path)), tiny_cnn(), all_passes())
     except PolicyError as e:
         for d in e.diagnostics:
             assert d.span is not None, d.format()
@@ -65,7 +67,7 @@ def test_explain(path: Path) -> None:
     os.chdir(HERE)
     try:
         graph = tiny_cnn()
-        plan = resolve(load_policy(_rel(path)), graph, passes())
+        plan = resolve(load_policy(_rel(path)), graph, all_passes())
         actual = explain(plan, graph) + "\n# plan\n" + plan.to_text()
     finally:
         os.chdir(cwd)

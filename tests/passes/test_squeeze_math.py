@@ -2,13 +2,27 @@
 
 import torch
 
-from netsqueeze.passes.squeeze_math import (
-    covariance,
-    rank_for_energy,
-    reconstruction,
-    relative_error,
-    select_channels,
-)
+from netsqueeze.passes.squeeze_math import Selector, covariance, rank_for_energy, ranking, reconstruction
+
+
+def select_channels(cov: torch.Tensor, k: int, method: Selector) -> list[int]:
+    """The k channels `ranking` keeps first, sorted."""
+    return sorted(ranking(cov, method)[0][:max(1, min(k, cov.shape[0]))])
+
+
+def relative_error(moment: torch.Tensor, keep: list[int], t: torch.Tensor, t0: torch.Tensor) -> float:
+    """E‖a − (a_S T + t₀)‖² / E‖a − μ‖², computed from the moment matrix alone."""
+    m = moment.double()
+    c = m.shape[0] - 1
+    # reconstruction as a linear map on the augmented vector: r = B [a; 1], B = [[E_S T], [t0]]
+    b = torch.zeros(c + 1, c, dtype=torch.float64)
+    b[torch.tensor(keep)] = t
+    b[-1] = t0
+    d = -b
+    d[:c] += torch.eye(c, dtype=torch.float64)  # (I − B) applied to [a; 1] gives the error
+    err = float(torch.trace(d.T @ m @ d))
+    var = float(torch.trace(covariance(m)))
+    return err / var if var > 0 else 0.0
 
 
 def moment_of(a: torch.Tensor) -> torch.Tensor:
