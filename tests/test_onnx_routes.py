@@ -16,7 +16,7 @@ from netsqueeze.errors import UnsupportedOpError
 from netsqueeze.frontends.fx import from_torch
 from netsqueeze.frontends.onnx import from_onnx
 from tests.frontends.onnx_models import (
-    LIGHT_MODELS,
+    LIGHT_PARAMS,
     light_path,
     light_reference,
     randomized,
@@ -102,7 +102,7 @@ def test_opaque_onnx_op_to_torch_is_an_error() -> None:
 BIG = {"bvlc_alexnet", "vgg19", "zfnet512"}
 
 
-@pytest.mark.parametrize("name", LIGHT_MODELS)
+@pytest.mark.parametrize("name", LIGHT_PARAMS)
 def test_light_model_to_torch(name: str) -> None:
     # Shipped weights: the stored reference output (and the file is never modified).
     before = sha256(light_path(name))

@@ -14,10 +14,10 @@ from netsqueeze.ir import graph_stats
 from netsqueeze.passes import PassContext
 from netsqueeze.passes.dependency import find_groups
 from netsqueeze.passes.trim import Trim
-from tests.frontends.onnx_models import LIGHT_MODELS, input_shapes, light_path, randomized, run
+from tests.frontends.onnx_models import LIGHT_PARAMS, input_shapes, light_path, randomized, run
 
 
-@pytest.mark.parametrize("name", LIGHT_MODELS)
+@pytest.mark.parametrize("name", LIGHT_PARAMS)
 def test_half_trim_of_light_model(name: str) -> None:
     model = randomized(light_path(name))
     graph = from_onnx(model)

@@ -8,10 +8,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import helper, numpy_helper
 
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 LIGHT_MODELS = sorted(p.stem.removeprefix("light_") for p in LIGHT.glob("light_*.onnx"))
+# the light models whose import/trim tests take 3-25 s each: marked `slow` (`make test` skips them,
+# `make test-all` runs them); the other light models keep every route covered in `make test`
+SLOW_LIGHT = frozenset({"bvlc_alexnet", "densenet121", "resnet50", "vgg19", "zfnet512"})
+LIGHT_PARAMS = [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_LIGHT else n for n in LIGHT_MODELS]
 
 
 def light_path(name: str) -> Path:

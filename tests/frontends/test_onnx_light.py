@@ -10,6 +10,7 @@ from netsqueeze.backends.onnx import to_onnx
 from netsqueeze.frontends.onnx import from_onnx
 from tests.frontends.onnx_models import (
     LIGHT_MODELS,
+    LIGHT_PARAMS,
     light_path,
     randomized,
     randomized_reference,
@@ -26,7 +27,7 @@ assert len(LIGHT_MODELS) == 9, LIGHT_MODELS
 BIG = {"bvlc_alexnet", "vgg19", "zfnet512"}
 
 
-@pytest.mark.parametrize("name", LIGHT_MODELS)
+@pytest.mark.parametrize("name", LIGHT_PARAMS)
 def test_light_model(name: str) -> None:
     path = light_path(name)
     if name not in BIG:
