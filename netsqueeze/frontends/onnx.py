@@ -37,7 +37,7 @@ _DEFAULT_DOMAINS = ("", "ai.onnx")
 # (not deterministic) and Q/DQ (their placement is the quantisation recipe, so they stay nodes).
 _NOT_FOLDABLE = frozenset({
     "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli",
-    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "If", "Loop", "Scan",
+    "If", "Loop", "Scan",
 })
 
 

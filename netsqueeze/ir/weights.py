@@ -564,6 +564,7 @@ class Codebook(Encoded):
 
 # ---- functions over any weight -----------------------------------------------------------------------
 FORMS: dict[str, type[Encoded]] = {c.form: c for c in (Affine, Sparse, Codebook)}
+ENCODED_FORMS = frozenset(FORMS)  # for `Node.dense(name, accept=...)` where a decoded copy is what is wanted
 
 
 def form_of(w: Weight) -> str:

@@ -14,6 +14,7 @@ from scipy.spatial.distance import pdist, squareform
 from netsqueeze.errors import Diagnostic, NetsqueezeError
 from netsqueeze.ir.graph import Graph, Value
 from netsqueeze.ir.stats import graph_stats
+from netsqueeze.ir.weights import ENCODED_FORMS
 from netsqueeze.passes.allocation import Budget, GroupBounds, Meter, bisect_int, group_bounds
 from netsqueeze.passes.base import PassContext, PassResult, TransformPass
 from netsqueeze.passes.collectors import Moments, Reservoir, channel_rows
@@ -278,7 +279,7 @@ class Trim(TransformPass):
             norms = [m for m in g.members if m.param == "weight"
                      and graph.node(m.node).kind in ("batch_norm", "group_norm", "layer_norm")]
             if norms:
-                return sum((_per_channel(graph.node(m.node).dense("weight").double().abs(), m) for m in norms),
+                return sum((_per_channel(graph.node(m.node).dense("weight", accept=ENCODED_FORMS).double().abs(), m) for m in norms),
                            torch.zeros(g.size, dtype=torch.float64))
             notes.append(f"group {g.id}: no norm layer, bn_scale fell back to l1")
             crit = "l1"
@@ -308,7 +309,8 @@ class Trim(TransformPass):
         # producer rows alone misjudge channels after fold_bn has rescaled them
         parts = []
         for m in (*g.members_of("producer"), *g.members_of("consumer")):
-            w = graph.node(m.node).dense(m.param or "").double().movedim(m.axis, 0)
+            # scores read a decoded copy; the rewrite keeps each weight's form
+            w = graph.node(m.node).dense(m.param or "", accept=ENCODED_FORMS).double().movedim(m.axis, 0)
             per_pos = w.abs().flatten(1).sum(1) if crit == "l1" else (w * w).flatten(1).sum(1)
             v = torch.stack([per_pos[list(p)].sum() for p in m.index])
             v = v if crit == "l1" else v.sqrt()
