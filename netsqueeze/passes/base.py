@@ -44,6 +44,11 @@ class PassContext:
     - `stream(graph, values)`: streams calibration activations at `values`, one batch at a time.
     - `analyses`: the analysis cache, managed by the pass manager.
     - `budget`: global targets from the policy (e.g. {"flops": 0.5, "params": 0.25}), ratios of the original.
+    - `bounds`: the policy's per-layer bounds (`bounds_for`); structural passes combine them with their
+      own options through `passes.allocation`.
+    - `seed`: the policy's `calibrate seed`, else `compile(seed=)`. Every random choice of a pass is
+      drawn from a `torch.Generator` seeded from it (never the global RNG), so one seed repeats a
+      compile bit for bit.
     - `guard`: the policy's fidelity limit as (metric, limit), e.g. ("output_error", 0.02) or
       ("top1_drop", 0.01). `fidelity(graph, metric)` measures a candidate graph against `original`
       (the compiler runs it on the calibration data, or through the user's `eval_fn` for top-1), so a
@@ -104,7 +109,8 @@ class PassContext:
     def bounds_for(self, node_ids: Sequence[str]) -> dict[str, Any]:
         """The policy's per-layer bounds for a channel group produced by `node_ids`: global `bounds`
         merged with every `bounds on SELECTOR` entry of those nodes, the most restrictive winning
-        (largest min_channels and round_to, smallest max_ratio)."""
+        (largest min_channels and round_to, smallest max_ratio). `allocation.group_bounds` merges a
+        pass's own min_channels/round_to options by the same rule."""
         entries = [{k: v for k, v in self.bounds.items() if k != "per_node"}]
         per_node = self.bounds.get("per_node", {})
         entries += [per_node[n] for n in node_ids if n in per_node]
