@@ -14,7 +14,9 @@ One rule for every structural pass:
   the group's size: bounds never remove more than the pass chose.
 - Metering. An allocation {group: kept count} is costed by its FLOPs and params against the
   original graph; which channels are kept does not change the cost, so the first k stand in, and
-  every allocation is measured once.
+  every allocation is measured once. The measurement is a dry run of the rewrite: the same
+  `apply_selection` on a skeleton of the graph whose dense weights are shape-only ("meta")
+  tensors, so a candidate costs shape arithmetic, not a copy of the weights.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+import torch
+
 from netsqueeze.errors import BudgetError, Diagnostic
 from netsqueeze.ir.graph import Graph
-from netsqueeze.ir.stats import graph_stats
+from netsqueeze.ir.ops import node_flops, node_params
 from netsqueeze.passes.base import PassContext
 from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups
 from netsqueeze.passes.rewrite import ChannelSelection, apply_selection
@@ -98,12 +102,28 @@ class Budget:
             f"params {reached[1]:.1%} of the original", node=node))
 
 
+def skeleton(graph: Graph) -> Graph:
+    """A copy of `graph` whose dense weights are "meta" tensors (shape and dtype, no data): slicing
+    it through `apply_selection` and re-inferring shapes costs a rewrite by shape arithmetic alone.
+    Encoded weights stay as they are (their `index_select` is exact on the encoded data)."""
+    real = {node.id: node.params for node in graph.nodes()}
+    try:  # the copy clones shape-only stand-ins, never the weights
+        for node in graph.nodes():
+            node.params = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") if isinstance(v, torch.Tensor)
+                           else v for k, v in real[node.id].items()}
+        return graph.copy()
+    finally:
+        for node in graph.nodes():
+            node.params = real[node.id]
+
+
 class Meter:
     """(flops, params) ratios of allocations {group id: kept count} against `base` (the original
-    model's stats), each allocation measured once on a sliced copy of `graph`."""
+    model's stats), each allocation measured once by a dry run of the rewrite on a skeleton of
+    `graph` (`skeleton`)."""
 
     def __init__(self, graph: Graph, groups: ChannelGroups, base_flops: int, base_params: int) -> None:
-        self.graph = graph
+        self.graph = skeleton(graph)
         self.groups = groups
         self.base = (max(1, base_flops), max(1, base_params))
         self._seen: dict[tuple[tuple[int, int], ...], tuple[float, float]] = {}
@@ -114,8 +134,10 @@ class Meter:
             g = self.graph.copy()
             if key:
                 apply_selection(g, self.groups, {gid: ChannelSelection(keep=list(range(k))) for gid, k in key})
-            st = graph_stats(g)
-            self._seen[key] = (st.flops / self.base[0], st.params / self.base[1])
+            # the counts graph_stats totals, read from shapes (a meta tensor has no nonzeros to count)
+            flops = sum(node_flops(g, n) for n in g.nodes())
+            params = sum(node_params(n) for n in g.nodes())
+            self._seen[key] = (flops / self.base[0], params / self.base[1])
         return self._seen[key]
 
     @property

@@ -141,3 +141,29 @@ def test_compile_seed_and_policy_seed_reach_trim() -> None:
     assert torch.equal(kept(plain, seed=7), kept(plain, seed=7))
     assert not torch.equal(kept(plain, seed=7), kept(plain, seed=8))
     assert torch.equal(kept(seeded), kept(plain, seed=7))  # the policy's seed, as compile(seed=7)
+
+
+@pytest.mark.parametrize("name", ["vgg", "resnet", "densenet", "mobilenetv2", "transformer"])
+def test_dry_run_meter_equals_the_real_rewrite(name: str) -> None:
+    """The meter's shape-only dry run costs an allocation exactly as slicing a real copy does."""
+    from netsqueeze.frontends.fx import from_torch
+    from netsqueeze.ir.stats import graph_stats
+    from netsqueeze.passes.rewrite import ChannelSelection, apply_selection
+    from tests.zoo import ZOO
+
+    model, x = ZOO[name]()
+    g = from_torch(model, x)
+    groups = find_groups(g)
+    base = graph_stats(g)
+    meter = Meter(g, groups, base.flops, base.params)
+    gen = torch.Generator().manual_seed(0)
+    prunable = [gr for gr in groups.prunable() if gr.size > 1]
+    assert prunable
+    for _ in range(3):
+        counts = {gr.id: int(torch.randint(1, gr.size + 1, (1,), generator=gen)) for gr in prunable}
+        real = g.copy()
+        apply_selection(real, groups, {gid: ChannelSelection(keep=list(range(k))) for gid, k in counts.items()
+                                       if k < groups[gid].size})
+        st = graph_stats(real)
+        assert meter(counts) == (st.flops / base.flops, st.params / base.params)
+    assert graph_stats(g) == base  # the skeleton never touched the graph's weights
