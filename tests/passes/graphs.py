@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from netsqueeze.ir.graph import Graph, Value
+from netsqueeze.ir.weights import dense
 from netsqueeze.passes.base import PassContext
 from netsqueeze.passes.dependency import ChannelGroup
 
@@ -102,7 +103,8 @@ def run(graph: Graph, inputs: Sequence[torch.Tensor], extra: Sequence[Value] = (
         if node.kind == "input":
             continue
         xs = [env[v] for v in graph.operands(node.id)]
-        a, p, k = node.attrs, node.params, node.kind
+        a, k = node.attrs, node.kind
+        p = {name: dense(w) for name, w in node.params.items()}  # encoded weights run decoded
         if k == "output":
             y: torch.Tensor | list[torch.Tensor] = xs[0]
         elif k == "conv":
@@ -177,6 +179,6 @@ def zero_channels(graph: Graph, group: ChannelGroup, drop: Sequence[int]) -> Non
     for m in group.members:
         if m.param is None or m.role == "consumer" or m.param in ("running_mean", "running_var"):
             continue
-        t = graph.node(m.node).params[m.param]
+        t = graph.node(m.node).dense(m.param)
         pos = torch.tensor([p for c in drop for p in m.index[c]], dtype=torch.long)
         t.index_fill_(m.axis, pos, 0.0)
