@@ -57,3 +57,24 @@ def test_compile_refuses_to_overwrite_its_input(capsys: pytest.CaptureFixture[st
 def test_missing_model_file(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["inspect", "nope.py"]) == 1
     assert capsys.readouterr().err.strip() == "error: model file 'nope.py' does not exist"
+
+
+def test_compile_to_pt2_and_back_needs_trust(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "m.pt2"
+    assert main(["compile", DEMO, "-o", str(out)]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt2"]  # no temporary file left
+    assert torch.export.load(str(out)).module()(torch.randn(8, 1, 28, 28)).shape == (8, 10)
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: refusing to load '{out}': torch.export.load unpickles") and "--trust-pickle" in err
+    assert main(["inspect", str(out), "--trust-pickle"]) == 0
+
+
+def test_compile_replaces_an_existing_output_atomically(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"old")
+    out.chmod(0o640)
+    assert main(["compile", DEMO, "-o", str(out)]) == 0
+    assert out.read_bytes()[:4] != b"old" and (out.stat().st_mode & 0o777) == 0o640
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]

@@ -106,6 +106,8 @@ def load_model_file(path: str | os.PathLike[str], *,
             raise CaptureError(f"cannot import '{p}'")
         mod = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = mod
+        no_cache = sys.dont_write_bytecode
+        sys.dont_write_bytecode = True  # no __pycache__ left next to the user's file
         try:
             spec.loader.exec_module(mod)
         except Exception as e:
@@ -113,6 +115,8 @@ def load_model_file(path: str | os.PathLike[str], *,
             err = CaptureError(f"importing '{p}' failed: {type(e).__name__}" + (f": {detail}" if detail else ""))
             err.add_note(user_traceback(e))
             raise err from e
+        finally:
+            sys.dont_write_bytecode = no_cache
         names = [factory_name] if factory_name else ["build", "make_model", "model"]
         fn = next((getattr(mod, n) for n in names if callable(getattr(mod, n, None))), None)
         if fn is None:
@@ -526,9 +530,9 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
         example_inputs = _declared_inputs(policy, params)
     with _stage("importing the model"):
         graph = import_model(model, example_inputs, input_shapes=input_shapes, trust_pickle=trust_pickle)
+        original = graph.copy()
+        before = graph_stats(graph)
     times["import"] = time.perf_counter() - t0
-    original = graph.copy()
-    before = graph_stats(graph)
 
     t1 = time.perf_counter()
     with _stage("resolving the policy"):
@@ -582,9 +586,9 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
         with _stage("measuring the output error"):
             try:
                 fidelity.update(measure_output_error(original, graph, eval_batches, data=data_label))
-            except NonFiniteError:
+            except (NonFiniteError, UserCodeError, InputMismatchError):
                 raise
-            except NetsqueezeError as e:
+            except NetsqueezeError as e:  # e.g. an opaque ONNX op the torch backend cannot run
                 notes.append(f"output error not measured: {e.message}")
 
     t3 = time.perf_counter()

@@ -35,7 +35,7 @@ def _from_numpy(array: Any, where: str) -> torch.Tensor:
     if not isinstance(array, np.ndarray):
         raise InputMismatchError(f"{where} holds a {type(array).__name__}, expected an array")
     try:
-        return torch.from_numpy(np.ascontiguousarray(array))
+        return torch.from_numpy(array if array.flags.c_contiguous else np.array(array, order="C"))
     except TypeError:
         raise InputMismatchError(f"{where} holds an array of dtype {array.dtype}, expected numbers") from None
 

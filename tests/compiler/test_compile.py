@@ -124,3 +124,31 @@ def test_compile_leaves_gradients_on() -> None:
     assert torch.is_grad_enabled()
     ns.compile(model, [SqueezeFold(ratio=0.25)], example_inputs=inputs, calibration=torch.randn(64, 20))
     assert torch.is_grad_enabled()
+
+
+def test_eval_fn_may_return_numpy_or_tensor_numbers() -> None:
+    import numpy as np
+
+    model, inputs = ZOO["mlp"]()
+    policy = "policy p {\n  guard top1 drop <= 1%\n  fold_bn\n}\n"
+    for value in (np.float32(0.75), torch.tensor(0.75), 0.75, 1):
+        res = ns.compile(model, policy, example_inputs=inputs, eval_fn=lambda m, v=value: v)
+        assert res.report.fidelity["top1_drop"] == 0.0
+
+
+def test_compile_leaves_the_models_buffers_and_inputs_alone() -> None:
+    class Running(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(20, 4)
+            self.register_buffer("seen", torch.zeros(()))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.seen += x.shape[0]
+            x.mul_(1.0)
+            return self.fc(x)
+
+    model = Running().eval()
+    x = torch.randn(3, 20)
+    ns.compile(model, [FoldBN()], example_inputs=(x,), calibration=torch.randn(16, 20))
+    assert float(model.seen) == 0.0
