@@ -1,16 +1,30 @@
-"""Hand-built IR graphs and a small reference interpreter for the structural-pass tests."""
+"""Hand-built IR graphs and a small reference interpreter for the structural-pass tests.
+
+Graphs whose weights matter to a test (which channels a pass removes, which BatchNorm folds) are clearer
+as IR text: `golden/*.in.ir`, read with `load_ir` (the text form: `netsqueeze/ir/parser.py`). The builders
+below stay for the tests that need only a shape-correct graph with random weights.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from netsqueeze.ir.graph import Graph, Value
+from netsqueeze.ir.parser import parse_graph
 from netsqueeze.ir.weights import dense
 from netsqueeze.passes.base import PassContext
 from netsqueeze.passes.dependency import ChannelGroup
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def load_ir(name: str) -> Graph:
+    """The graph of `golden/NAME` (errors name the file as `golden/NAME:line:col`)."""
+    return parse_graph((GOLDEN / name).read_text(), file=f"golden/{name}")
 
 
 def _t(*shape: int, scale: float = 0.3) -> torch.Tensor:

@@ -12,25 +12,19 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
 
-from netsqueeze.ir import Graph, parse_graph, print_graph
+from netsqueeze.ir import Graph, print_graph
 from netsqueeze.passes.base import PassContext
 from netsqueeze.passes.dependency import find_groups, format_groups
 from netsqueeze.passes.fold_bn import FoldBN
 from netsqueeze.passes.trim import Trim
-from tests.passes.graphs import input_batches, run
+from tests.passes.graphs import GOLDEN, input_batches, load_ir, run
 
-HERE = Path(__file__).parent / "golden"
+HERE = GOLDEN
 BLESS = os.environ.get("NETSQUEEZE_BLESS") == "1"
-
-
-def _load(name: str) -> Graph:
-    path = HERE / name
-    return parse_graph(path.read_text(), file=f"golden/{name}")
 
 
 def _compare(actual: str, name: str) -> None:
@@ -53,7 +47,7 @@ def _trim_l1(g: Graph) -> None:
 
 
 def test_fold_bn() -> None:
-    g = _load("fold_bn.in.ir")
+    g = load_ir("fold_bn.in.ir")
     before = g.copy()
     res = FoldBN().run(g, PassContext())
     assert res.removed == {"bn1"}
@@ -64,16 +58,16 @@ def test_fold_bn() -> None:
 @pytest.mark.parametrize(("case", "transform"), [("trim_l1", _trim_l1), ("trim_int8", _trim_l1)])
 def test_exact_output(case: str, transform: Callable[[Graph], None]) -> None:
     """Passes that only drop channels: the output is compared value for value, and is itself parseable."""
-    g = _load(f"{case}.in.ir")
+    g = load_ir(f"{case}.in.ir")
     transform(g)
     g.verify()
     text = print_graph(g, values=True)
     _compare(text, f"{case}.out.ir")
-    assert print_graph(_load(f"{case}.out.ir"), values=True) == text
+    assert print_graph(load_ir(f"{case}.out.ir"), values=True) == text
 
 
 def test_dependency_groups() -> None:
-    _compare(format_groups(find_groups(_load("dependency.in.ir"))) + "\n", "dependency.groups")
+    _compare(format_groups(find_groups(load_ir("dependency.in.ir"))) + "\n", "dependency.groups")
 
 
 def test_every_input_has_its_expected_file() -> None:
