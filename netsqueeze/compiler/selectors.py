@@ -38,19 +38,10 @@ def node_attributes(node: Node) -> dict[str, Any]:
     out: dict[str, Any] = {"kind": node.kind}
     for k, v in node.attrs.items():
         out[k] = tuple(v) if isinstance(v, list) else v
+    select = OPS[node.kind].select if node.kind in OPS else None
+    if select is not None:
+        out.update(select(node))
     w = node.params.get("weight")
-    if w is not None and w.dim() >= 2:
-        if node.kind == "conv":
-            g = int(node.attrs.get("groups", 1))
-            out.update(out_channels=w.shape[0], in_channels=w.shape[1] * g, kernel=tuple(w.shape[2:]), groups=g)
-        elif node.kind == "conv_transpose":
-            g = int(node.attrs.get("groups", 1))
-            out.update(in_channels=w.shape[0], out_channels=w.shape[1] * g, kernel=tuple(w.shape[2:]), groups=g)
-        elif node.kind in ("linear", "embedding"):
-            out.update(out_channels=w.shape[0], in_channels=w.shape[1])
-            out.update(out_features=w.shape[0], in_features=w.shape[1])
-    elif w is not None and w.dim() == 1:
-        out.setdefault("channels", w.shape[0])
     if w is not None:
         out["weight_form"] = weights.describe(w) if weights.form_of(w) != "dense" else "dense"
     out["params"] = sum(int(p.numel()) for p in node.params.values())

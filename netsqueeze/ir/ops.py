@@ -10,37 +10,490 @@ Conventions every frontend and backend share:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from netsqueeze.errors import Diagnostic, VerifyError
 from netsqueeze.ir import weights
-from netsqueeze.ir.graph import Graph, Node, TensorMeta
-
-# How an op relates channels (axis 1, or the last axis for linear/layer_norm) of its inputs and outputs;
-# used by dependency analysis. "barrier" stops propagation.
-ChannelRule = Literal[
-    "source", "sink", "producer", "per_channel", "elementwise", "broadcast", "structural", "barrier"
-]
+from netsqueeze.ir.graph import Graph, Node, TensorMeta, Value
 
 InferFn = Callable[[Node, list[TensorMeta]], list[TensorMeta]]
 FlopsFn = Callable[[Node, list[TensorMeta], list[TensorMeta]], int]
 
+REQUIRED: Any = type("Required", (), {"__repr__": lambda self: "REQUIRED"})()  # an attr with no default
+
+# ---- channel semantics: what the dependency analysis asks of each op ----------------------------------
+Span = tuple[int, int]  # (first position, count) of one axis in the channel analysis
+
+
+class Channels(Protocol):
+    """What an op's channel rule works with: the dependency analysis' union-find over single channel
+    positions (`V`: a value's axis, `P`: a param's axis, each a span of positions)."""
+
+    g: Graph
+
+    def V(self, value: Value, axis: int) -> Span: ...
+    def P(self, node: Node, param: str, axis: int) -> Span: ...
+    def tie(self, a: Span, b: Span) -> None: ...
+    def union(self, a: int, b: int) -> None: ...
+    def freeze(self, a: Span, reason: str) -> None: ...
+    def barrier(self, node: Node, side: str, port: int, axis: int, why: str) -> None: ...
+    def defer_merge(self, node: Node, axis: int) -> None: ...
+
+
+# A channel rule relates `axis` of one side of a node (side "in": operand `port`; "out": output `port`) to the
+# axes it must shrink with; a seed rule names the axes an op creates channels on before propagation.
+ChannelFn = Callable[[Channels, Node, str, int, int], None]
+SeedFn = Callable[[Channels, Node], None]
+# Channel removal: removed positions of a value axis (node id, output, axis), and the shapes before removal.
+RemovedFn = Callable[[str, int, int], set[int]]
+OldShapeFn = Callable[[Value], tuple[int, ...]]
+OnRemoveFn = Callable[[Graph, Node, RemovedFn, OldShapeFn], None]
+FoldableFn = Callable[[Node, str, int], bool]
+SelectFn = Callable[[Node], dict[str, Any]]
+
+
+def _here_rank(cx: Channels, node: Node, side: str, port: int) -> int:
+    here = (node.id, port) if side == "out" else cx.g.operands(node.id)[port]
+    return len(cx.g.meta_of(here).shape)
+
+
+def _io(cx: Channels, node: Node, axis: int) -> tuple[Span, Span]:
+    return cx.V(cx.g.operands(node.id)[0], axis), cx.V((node.id, 0), axis)
+
+
+def _passthrough(cx: Channels, node: Node, side: str, port: int, axis: int) -> None:
+    """Every axis of the input is the same axis of the output."""
+    cx.tie(*_io(cx, node, axis))
+
+
+def _mixes(cx: Channels, node: Node, side: str, port: int, axis: int) -> None:
+    cx.barrier(node, side, port, axis, f"{node.kind} '{node.id}' mixes channels along this axis")
+
+
+def _graph_input(cx: Channels, node: Node, side: str, port: int, axis: int) -> None:
+    cx.freeze(cx.V((node.id, 0), axis), f"graph input '{node.id}'")
+
+
+def _graph_output(cx: Channels, node: Node, side: str, port: int, axis: int) -> None:
+    cx.freeze(cx.V(cx.g.operands(node.id)[0], axis), f"reaches graph output '{node.id}'")
+
+
+def _constant_rule(cx: Channels, node: Node, side: str, port: int, axis: int) -> None:
+    cx.tie(cx.V((node.id, 0), axis), cx.P(node, "value", axis))
+
+
+def _seed_channel_axis(axis: int) -> SeedFn:
+    def seed(cx: Channels, node: Node) -> None:
+        cx.V((node.id, 0), axis)
+        cx.V(cx.g.operands(node.id)[0], axis)
+
+    return seed
+
+
+def _conv_rule(cx: Channels, node: Node, side: str, port: int, axis: int) -> None:
+    ins = cx.g.operands(node.id)
+    if axis != 1:
+        cx.barrier(node, side, 0, axis, f"{node.kind} '{node.id}' mixes spatial axis {axis}")
+        return
+    w = node.params["weight"]
+    groups = attr(node, "groups")
+    x, y = cx.V(ins[0], 1), cx.V((node.id, 0), 1)
+    if node.kind == "conv_transpose":
+        cx.tie(x, cx.P(node, "weight", 0))
+        if groups != 1:
+            reason = f"grouped conv_transpose '{node.id}'"
+            cx.freeze(x, reason)
+            cx.freeze(y, reason)
+            return
+        cx.tie(y, cx.P(node, "weight", 1))
+    else:
+        wo = cx.P(node, "weight", 0)
+        cx.tie(y, wo)
+        per_in, per_out = int(w.shape[1]), int(w.shape[0]) // groups
+        if groups == 1:
+            cx.tie(x, cx.P(node, "weight", 1))
+        elif per_in == 1:  # depthwise (channel multiplier per_out): input c feeds outputs c·m .. c·m+m-1
+            for o in range(y[1]):
+                cx.union(x[0] + o // per_out, y[0] + o)
+        else:  # grouped: keep group structure by removing the same local slot from every group
+            wi = cx.P(node, "weight", 1)
+            for c in range(x[1]):
+                cx.union(x[0] + c, wi[0] + c % per_in)
+            for o in range(y[1]):
+                cx.union(y[0] + o, y[0] + o % per_out)
+    if "bias" in node.params:
+        cx.tie(y, cx.P(node, "bias", 0))
+
+
+def _linear_rule(cx: Channels, node: Node, side: str, port: int, axis: int) -> None:
+    ins, out0 = cx.g.operands(node.id), (node.id, 0)
+    if axis != _here_rank(cx, node, side, port) - 1:
+        cx.tie(cx.V(ins[0], axis), cx.V(out0, axis))
+    elif side == "in":
+        cx.tie(cx.V(ins[0], axis), cx.P(node, "weight", 1))
+    else:
+        cx.tie(cx.V(out0, axis), cx.P(node, "weight", 0))
+        if "bias" in node.params:
+            cx.tie(cx.V(out0, axis), cx.P(node, "bias", 0))
+
+
+def _embedding_rule(cx: Channels, node: Node, side: str, port: int, axis: int) -> None:
+    if side == "out" and axis == _here_rank(cx, node, side, port) - 1:
+        cx.tie(cx.V((node.id, 0), axis), cx.P(node, "weight", 1))
+    else:
+        cx.barrier(node, side, port, axis, f"embedding '{node.id}' index axis")
+
+
+def _embedding_seed(cx: Channels, node: Node) -> None:
+    cx.V((node.id, 0), -1)
+
+
+def _attention_seed(cx: Channels, node: Node) -> None:
+    cx.V((node.id, 0), -1)
+    for v in cx.g.operands(node.id)[:3]:
+        cx.V(v, -1)
+    h, dh = node.attrs["num_heads"], node.attrs["head_dim"]
+    inw, outw = cx.P(node, "in_proj_weight", 0), cx.P(node, "out_proj_weight", 1)
+    inb = cx.P(node, "in_proj_bias", 0) if "in_proj_bias" in node.params else None
+    for head in range(h):  # q, k, v rows and out_proj columns of one head shrink together
+        first = inw[0] + head * dh
+        for d in range(dh):
+            for t in range(3):
+                cx.union(first, inw[0] + t * h * dh + head * dh + d)
+                if inb is not None:
+                    cx.union(first, inb[0] + t * h * dh + head * dh + d)
+            cx.union(first, outw[0] + head * dh + d)
+
+
+def _attention_rule(cx: Channels, node: Node, side: str, port: int, axis: int) -> None:
+    ins = cx.g.operands(node.id)
+    reason = f"embedding dim of attention '{node.id}' (only whole heads are pruned)"
+    if axis != _here_rank(cx, node, side, port) - 1 or (side == "in" and port > 2):
+        cx.barrier(node, side, port, axis, f"attention '{node.id}' mixes this axis")
+    elif side == "in":
+        x = cx.V(ins[port], axis)
+        cx.tie(x, cx.P(node, "in_proj_weight", 1))
+        cx.freeze(x, reason)
+    else:
+        y = cx.V((node.id, 0), axis)
+        cx.tie(y, cx.P(node, "out_proj_weight", 0))
+        if "out_proj_bias" in node.params:
+            cx.tie(y, cx.P(node, "out_proj_bias", 0))
+        cx.freeze(y, reason)
+
+
+def _channel_norm_rule(cx: Channels, node: Node, side: str, port: int, axis: int) -> None:
+    """batch_norm and group_norm: per-channel params on axis 1; group_norm reduces the other axes."""
+    if axis != 1:
+        if node.kind == "group_norm":
+            cx.barrier(node, side, port, axis, f"group_norm '{node.id}' reduces this axis")
+        else:
+            cx.tie(*_io(cx, node, axis))
+        return
+    x, y = _io(cx, node, 1)
+    cx.tie(x, y)
+    for p in ("running_mean", "running_var", "weight", "bias"):
+        if p in node.params:
+            cx.tie(x, cx.P(node, p, 0))
+    if node.kind == "group_norm" and node.attrs["num_groups"] != x[1]:
+        cx.freeze(x, f"group_norm '{node.id}' normalises groups of channels together")
+
+
+def _layer_norm_rule(cx: Channels, node: Node, side: str, port: int, axis: int) -> None:
+    rank = _here_rank(cx, node, side, port)
+    ns = len(node.attrs["normalized_shape"])
+    x, y = _io(cx, node, axis)
+    cx.tie(x, y)
+    if axis >= rank - ns:
+        for p in ("weight", "bias"):
+            if p in node.params:
+                cx.tie(x, cx.P(node, p, axis - (rank - ns)))
+        cx.freeze(x, f"layer_norm '{node.id}' normalises over this axis (removing channels changes it)")
+
+
+def _qdq_rule(cx: Channels, node: Node, side: str, port: int, axis: int) -> None:
+    rank = _here_rank(cx, node, side, port)
+    cx.tie(*_io(cx, node, axis))
+    for p in ("scale", "zero_point"):
+        t = node.params.get(p)
+        if t is not None and t.numel() > 1 and attr(node, "axis") % rank == axis:
+            cx.tie(cx.V((node.id, 0), axis), cx.P(node, p, 0))
+
+
+def _spatial_rule(cx: Channels, node: Node, side: str, port: int, axis: int) -> None:
+    """Pooling and resizing keep N and C and change the spatial axes."""
+    if axis < 2:
+        cx.tie(*_io(cx, node, axis))
+    else:
+        cx.barrier(node, side, port, axis, f"{node.kind} '{node.id}' changes this axis")
+
+
+def _pad_rule(cx: Channels, node: Node, side: str, port: int, axis: int) -> None:
+    rank = _here_rank(cx, node, side, port)
+    pads = node.attrs.get("pads") or (0,) * 2 * rank
+    if pads[axis] == 0 and pads[axis + rank] == 0:
+        cx.tie(*_io(cx, node, axis))
+    else:
+        cx.barrier(node, side, port, axis, f"pad '{node.id}' changes this axis")
+
+
+def _binary_rule(cx: Channels, node: Node, side: str, port: int, axis: int) -> None:
+    ins = cx.g.operands(node.id)
+    out_shape = node.meta[0].shape
+    r = len(out_shape)
+    a_out = axis if side == "out" else axis + r - len(cx.g.meta_of(ins[port]).shape)
+    y = cx.V((node.id, 0), a_out)
+    for v in ins:
+        shape = cx.g.meta_of(v).shape
+        a = a_out - (r - len(shape))
+        if a >= 0 and shape[a] == out_shape[a_out]:
+            cx.tie(cx.V(v, a), y)
+
+
+def _concat_rule(cx: Channels, node: Node, side: str, port: int, axis: int) -> None:
+    ins = cx.g.operands(node.id)
+    cat = node.attrs["axis"] % _here_rank(cx, node, side, port)
+    o = cx.V((node.id, 0), axis)
+    off = 0
+    for v in ins:
+        x = cx.V(v, axis)
+        if axis == cat:
+            cx.tie(x, (o[0] + off, x[1]))
+            off += x[1]
+        else:
+            cx.tie(x, o)
+
+
+def _split_rule(cx: Channels, node: Node, side: str, port: int, axis: int) -> None:
+    sp = node.attrs["axis"] % _here_rank(cx, node, side, port)
+    x = cx.V(cx.g.operands(node.id)[0], axis)
+    off = 0
+    for j in range(len(node.meta)):
+        y = cx.V((node.id, j), axis)
+        if axis == sp:
+            cx.tie((x[0] + off, y[1]), y)
+            off += y[1]
+        else:
+            cx.tie(x, y)
+
+
+def _slice_rule(cx: Channels, node: Node, side: str, port: int, axis: int) -> None:
+    a = node.attrs
+    x, y = _io(cx, node, axis)
+    if axis != a["axis"] % _here_rank(cx, node, side, port):
+        cx.tie(x, y)
+        return
+    idx = range(*slice(a["start"], a["end"], attr(node, "step")).indices(x[1]))
+    for j, i in enumerate(idx):
+        cx.union(x[0] + i, y[0] + j)
+    if attr(node, "step") != 1:
+        cx.freeze(y, f"strided slice '{node.id}' on this axis")
+
+
+def reshape_map(src: tuple[int, ...], a: int, dst: tuple[int, ...]) -> tuple[int, int] | None:
+    """Output axis b and block r such that dst position p along b holds source channel (p // r) % src[a]."""
+    inner = math.prod(src[a + 1:])
+    outer = math.prod(src[:a])
+    c = src[a]
+    exact = [b for b in range(len(dst)) if math.prod(dst[:b]) == outer and dst[b] == c
+             and math.prod(dst[b + 1:]) == inner]
+    if exact:
+        return exact[0], 1
+    for b in range(len(dst)):
+        inner_out = math.prod(dst[b + 1:])
+        if inner_out <= inner and inner % inner_out == 0:
+            r = inner // inner_out
+            if dst[b] % (r * c) == 0 and outer % max(1, math.prod(dst[:b])) == 0:
+                return b, r
+    return None
+
+
+def _reshape_rule(cx: Channels, node: Node, side: str, port: int, axis: int) -> None:
+    """flatten, reshape, squeeze, unsqueeze: an axis maps to an output axis, possibly as blocks of positions."""
+    ins = cx.g.operands(node.id)
+    src, dst = cx.g.meta_of(ins[0]).shape, node.meta[0].shape
+
+    def tie_blocks(x: Span, y: Span, r: int) -> None:
+        for pos in range(y[1]):
+            cx.union(x[0] + (pos // r) % x[1], y[0] + pos)
+
+    if side == "in":
+        found = reshape_map(src, axis, dst)
+        if found is None:
+            cx.barrier(node, side, 0, axis, f"{node.kind} '{node.id}' splits or mixes this axis")
+            return
+        tie_blocks(cx.V(ins[0], axis), cx.V((node.id, 0), found[0]), found[1])
+        return
+    cands = [a for a in range(len(src)) if src[a] > 1 and (m := reshape_map(src, a, dst)) and m[0] == axis]
+    if len(cands) == 1:
+        found = reshape_map(src, cands[0], dst)
+        assert found is not None
+        tie_blocks(cx.V(ins[0], cands[0]), cx.V((node.id, 0), axis), found[1])
+    elif not cands:
+        cx.barrier(node, side, 0, axis, f"{node.kind} '{node.id}' splits or mixes this axis")
+    else:  # merged axes: the producer's forward rule decides which one is the channel axis
+        cx.V((node.id, 0), axis)
+        cx.defer_merge(node, axis)
+
+
+def _transpose_rule(cx: Channels, node: Node, side: str, port: int, axis: int) -> None:
+    perm = list(node.attrs["perm"])
+    ins, out0 = cx.g.operands(node.id), (node.id, 0)
+    if side == "in":
+        cx.tie(cx.V(ins[0], axis), cx.V(out0, perm.index(axis)))
+    else:
+        cx.tie(cx.V(ins[0], perm[axis]), cx.V(out0, axis))
+
+
+def _mean_rule(cx: Channels, node: Node, side: str, port: int, axis: int) -> None:
+    ins = cx.g.operands(node.id)
+    in_rank = len(cx.g.meta_of(ins[0]).shape)
+    axes = sorted(a % in_rank for a in node.attrs["axes"])
+    keep = attr(node, "keepdim")
+    kept = [i for i in range(in_rank) if keep or i not in axes]  # out axis j <- in axis kept[j]
+    in_axis = axis if side == "in" else kept[axis]
+    if in_axis in axes:
+        cx.barrier(node, side, port, axis, f"mean '{node.id}' reduces this axis")
+    else:
+        cx.tie(cx.V(ins[0], in_axis), cx.V((node.id, 0), kept.index(in_axis)))
+
+
+def _softmax_rule(cx: Channels, node: Node, side: str, port: int, axis: int) -> None:
+    if node.attrs["axis"] % _here_rank(cx, node, side, port) != axis:
+        cx.tie(*_io(cx, node, axis))
+    else:
+        _mixes(cx, node, side, port, axis)
+
+
+# ---- channel removal: attrs that spell out channel counts ---------------------------------------------
+def _split_removed(graph: Graph, node: Node, gone: RemovedFn, old: OldShapeFn) -> None:
+    ax = node.attrs["axis"] % len(old((node.id, 0)))
+    node.attrs["sizes"] = tuple(s - len(gone(node.id, j, ax)) for j, s in enumerate(node.attrs["sizes"]))
+
+
+def _slice_removed(graph: Graph, node: Node, gone: RemovedFn, old: OldShapeFn) -> None:
+    a = node.attrs
+    src = graph.operands(node.id)[0]
+    shape = old(src)
+    ax = a["axis"] % len(shape)
+    lost = gone(src[0], src[1], ax)
+    if lost:
+        start, end, step = slice(a["start"], a["end"], attr(node, "step")).indices(shape[ax])
+        new_start = start - sum(1 for p in lost if p < start)
+        a["start"], a["end"] = new_start, new_start + len(range(start, end, step)) - len(gone(node.id, 0, ax))
+
+
+def _reshape_removed(graph: Graph, node: Node, gone: RemovedFn, old: OldShapeFn) -> None:
+    dims = list(node.attrs["shape"])
+    for b, d in enumerate(dims):
+        if d > 0:
+            dims[b] = d - len(gone(node.id, 0, b))
+    node.attrs["shape"] = tuple(dims)
+
+
+def _conv_removed(graph: Graph, node: Node, gone: RemovedFn, old: OldShapeFn) -> None:
+    if attr(node, "groups") == 1:
+        return
+    src = graph.operands(node.id)[0]
+    old_in = old(src)[1]
+    if node.attrs["groups"] == old_in:  # depthwise: one group per channel
+        node.attrs["groups"] = old_in - len(gone(src[0], src[1], 1))
+
+
+def _group_norm_removed(graph: Graph, node: Node, gone: RemovedFn, old: OldShapeFn) -> None:
+    old_c = old((node.id, 0))[1]
+    if node.attrs["num_groups"] == old_c:  # instance norm: one group per channel
+        node.attrs["num_groups"] = old_c - len(gone(node.id, 0, 1))
+
+
+def _attention_removed(graph: Graph, node: Node, gone: RemovedFn, old: OldShapeFn) -> None:
+    node.attrs["num_heads"] = int(node.params["in_proj_weight"].shape[0]) // (3 * node.attrs["head_dim"])
+
+
+def _layer_norm_removed(graph: Graph, node: Node, gone: RemovedFn, old: OldShapeFn) -> None:
+    rank = len(old((node.id, 0)))
+    ns = list(node.attrs["normalized_shape"])
+    for i in range(len(ns)):
+        ns[i] -= len(gone(node.id, 0, rank - len(ns) + i))
+    node.attrs["normalized_shape"] = tuple(ns)
+
+
+# ---- selector attributes: what a policy's `where` filter sees besides the attrs ------------------------
+def _conv_select(node: Node) -> dict[str, Any]:
+    w, g = node.params["weight"], attr(node, "groups")
+    if node.kind == "conv":
+        return {"out_channels": w.shape[0], "in_channels": w.shape[1] * g, "kernel": tuple(w.shape[2:]), "groups": g}
+    return {"in_channels": w.shape[0], "out_channels": w.shape[1] * g, "kernel": tuple(w.shape[2:]), "groups": g}
+
+
+def _matrix_select(node: Node) -> dict[str, Any]:
+    w = node.params["weight"]
+    return {"out_channels": w.shape[0], "in_channels": w.shape[1], "out_features": w.shape[0],
+            "in_features": w.shape[1]}
+
+
+def _vector_select(node: Node) -> dict[str, Any]:
+    w = node.params.get("weight")
+    return {"channels": w.shape[0]} if w is not None and w.dim() == 1 else {}
+
+
+def _conv_foldable(node: Node, param: str, axis: int) -> bool:
+    """A reconstruction of input channels folds exactly into an ungrouped conv's input axis."""
+    return param == "weight" and axis == 1 and attr(node, "groups") == 1
+
+
+def _linear_foldable(node: Node, param: str, axis: int) -> bool:
+    return param == "weight" and axis == 1
+
 
 @dataclass(frozen=True)
 class OpSpec:
+    """Everything the compiler knows about one op kind; every pass, analysis and selector reads it here.
+
+    - `infer`, `flops`: output shapes and cost (a multiply-add counts 2).
+    - `attrs`: the attribute schema, name → default (`REQUIRED`: must be given); `verify` rejects others.
+      None (opaque ops) accepts anything.
+    - `channel`, `seed`: how the dependency analysis couples channel axes through the op (None: a
+      barrier that freezes what reaches it); `produced`/`consumed`: (param, axis) pairs that create /
+      read channels; `bias`: for a consumed weight, its bias and the weight's output axis.
+    - `foldable(node, param, axis)`: the op's output is linear in that input axis of that weight, so a
+      reconstruction of removed input channels folds exactly into it.
+    - `on_remove`: rewrites attrs that spell out channel counts after channels were removed.
+    - `select`: attributes a policy's `where` filter sees besides the attrs.
+    """
+
     kind: str
     infer: InferFn
     flops: FlopsFn
-    channels: ChannelRule
     arity: tuple[int, int | None] = (1, 1)  # min, max number of operands (None = unbounded)
     params: tuple[str, ...] = ()  # required params
     optional_params: tuple[str, ...] = ()
+    attrs: Mapping[str, Any] | None = field(default_factory=dict)
+    channel: ChannelFn | None = None
+    seed: SeedFn | None = None
+    produced: tuple[tuple[str, int], ...] = ()
+    consumed: tuple[tuple[str, int], ...] = ()
+    bias: Mapping[str, tuple[str, int]] = field(default_factory=dict)
+    foldable: FoldableFn | None = None
+    on_remove: OnRemoveFn | None = None
+    select: SelectFn | None = None
     doc: str = ""
 
 
 OPS: dict[str, OpSpec] = {}
+
+
+def attr(node: Node, name: str) -> Any:
+    """The node's attr `name`, or the default from its op's schema."""
+    if name in node.attrs:
+        return node.attrs[name]
+    schema = spec(node.kind).attrs or {}
+    default = schema.get(name, REQUIRED)
+    if default is REQUIRED:
+        raise _fail(node, f"missing attribute '{name}'")
+    return default
 
 
 def _fail(node: Node, msg: str) -> VerifyError:
@@ -59,16 +512,13 @@ def _per_out(k: int) -> FlopsFn:
     return lambda node, ins, outs: k * sum(_numel(o) for o in outs)
 
 
-def op(
-    kind: str,
-    channels: ChannelRule,
-    arity: tuple[int, int | None] = (1, 1),
-    params: tuple[str, ...] = (),
-    optional_params: tuple[str, ...] = (),
-    flops: FlopsFn = _zero,
-) -> Callable[[InferFn], InferFn]:
+def op(kind: str, *, flops: FlopsFn = _zero, **fields: Any) -> Callable[[InferFn], InferFn]:
+    """Defines op `kind` with its shape inference (the decorated function) and the `OpSpec` fields."""
+
     def register(fn: InferFn) -> InferFn:
-        OPS[kind] = OpSpec(kind, fn, flops, channels, arity, params, optional_params, (fn.__doc__ or "").strip())
+        if kind in OPS:
+            raise ValueError(f"op kind '{kind}' is defined twice")
+        OPS[kind] = OpSpec(kind, fn, flops, doc=(fn.__doc__ or "").strip(), **fields)
         return fn
 
     return register
@@ -101,19 +551,19 @@ def _same(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
 
 
 # ---- sources and sinks --------------------------------------------------------------------
-@op("input", "source", arity=(0, 0))
+@op("input", arity=(0, 0), attrs={"shape": REQUIRED, "dtype": "float32"}, channel=_graph_input)
 def _input(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     """A graph input; attrs `shape`, `dtype`."""
     return [TensorMeta(tuple(node.attrs["shape"]), node.attrs.get("dtype", "float32"))]
 
 
-@op("output", "sink")
+@op("output", channel=_graph_output)
 def _output(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     """A graph output; one operand."""
     return [ins[0]]
 
 
-@op("constant", "barrier", arity=(0, 0), params=("value",))
+@op("constant", arity=(0, 0), params=("value",), channel=_constant_rule)
 def _constant(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     """A constant tensor held in params['value']."""
     v = node.params["value"]
@@ -138,7 +588,10 @@ def _conv_flops(node: Node, ins: list[TensorMeta], outs: list[TensorMeta]) -> in
     return per_out * outs[0].numel() + (outs[0].numel() if "bias" in node.params else 0)
 
 
-@op("conv", "producer", params=("weight",), optional_params=("bias",), flops=_conv_flops)
+@op("conv", params=("weight",), optional_params=("bias",), flops=_conv_flops,
+    attrs={"stride": REQUIRED, "padding": REQUIRED, "dilation": REQUIRED, "groups": 1},
+    channel=_conv_rule, seed=_seed_channel_axis(1), produced=(("weight", 0),), consumed=(("weight", 1),),
+    bias={"weight": ("bias", 0)}, foldable=_conv_foldable, on_remove=_conv_removed, select=_conv_select)
 def _conv(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     """N-d convolution; attrs stride, padding (begins+ends), dilation, groups; weight [O, I/g, *k]."""
     x, w = ins[0], node.params["weight"]
@@ -160,7 +613,10 @@ def _conv_t_flops(node: Node, ins: list[TensorMeta], outs: list[TensorMeta]) -> 
     return 2 * math.prod(node.params["weight"].shape[1:]) * ins[0].numel()
 
 
-@op("conv_transpose", "producer", params=("weight",), optional_params=("bias",), flops=_conv_t_flops)
+@op("conv_transpose", params=("weight",), optional_params=("bias",), flops=_conv_t_flops,
+    attrs={"stride": REQUIRED, "padding": REQUIRED, "dilation": REQUIRED, "groups": 1, "output_padding": None},
+    channel=_conv_rule, seed=_seed_channel_axis(1), produced=(("weight", 1),), consumed=(("weight", 0),),
+    bias={"weight": ("bias", 1)}, select=_conv_select)
 def _conv_t(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     """Transposed convolution; weight [I, O/g, *k]."""
     x, w = ins[0], node.params["weight"]
@@ -178,7 +634,9 @@ def _linear_flops(node: Node, ins: list[TensorMeta], outs: list[TensorMeta]) -> 
     return rows * (2 * w.numel() + (w.shape[0] if "bias" in node.params else 0))
 
 
-@op("linear", "producer", params=("weight",), optional_params=("bias",), flops=_linear_flops)
+@op("linear", params=("weight",), optional_params=("bias",), flops=_linear_flops, channel=_linear_rule,
+    seed=_seed_channel_axis(-1), produced=(("weight", 0),), consumed=(("weight", 1),), bias={"weight": ("bias", 0)},
+    foldable=_linear_foldable, select=_matrix_select)
 def _linear(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     """y = x Wᵀ + b on the last axis; weight [out, in]."""
     x, w = ins[0], node.params["weight"]
@@ -204,7 +662,7 @@ def _matmul_shape(node: Node, a: tuple[int, ...], b: tuple[int, ...]) -> tuple[i
     return out
 
 
-@op("matmul", "barrier", arity=(2, 2), flops=lambda n, i, o: 2 * o[0].numel() * i[0].shape[-1])
+@op("matmul", arity=(2, 2), flops=lambda n, i, o: 2 * o[0].numel() * i[0].shape[-1], channel=_mixes)
 def _matmul(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     """torch.matmul of two activations."""
     return [TensorMeta(_matmul_shape(node, ins[0].shape, ins[1].shape), ins[0].dtype)]
@@ -224,7 +682,13 @@ def _attn_flops(node: Node, ins: list[TensorMeta], outs: list[TensorMeta]) -> in
 
 @op(
     "attention",
-    "structural",
+    attrs={"embed_dim": REQUIRED, "num_heads": REQUIRED, "head_dim": REQUIRED, "batch_first": True},
+    channel=_attention_rule,
+    seed=_attention_seed,
+    produced=(("out_proj_weight", 0), ("in_proj_weight", 0)),
+    consumed=(("in_proj_weight", 1), ("out_proj_weight", 1)),
+    bias={"in_proj_weight": ("in_proj_bias", 0), "out_proj_weight": ("out_proj_bias", 0)},
+    on_remove=_attention_removed,
     arity=(3, 4),
     params=("in_proj_weight", "out_proj_weight"),
     optional_params=("in_proj_bias", "out_proj_bias"),
@@ -247,7 +711,8 @@ def _attention(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     return [TensorMeta((*ins[0].shape[:-1], node.params["out_proj_weight"].shape[0]), ins[0].dtype)]
 
 
-@op("embedding", "producer", params=("weight",))
+@op("embedding", params=("weight",), channel=_embedding_rule, seed=_embedding_seed,
+    produced=(("weight", 1),), select=_matrix_select)
 def _embedding(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     """Table lookup; weight [num_embeddings, dim]; input integer indices."""
     return [TensorMeta((*ins[0].shape, node.params["weight"].shape[1]), "float32")]
@@ -260,7 +725,8 @@ def _check_vec(node: Node, names: tuple[str, ...], c: int) -> None:
             raise _fail(node, f"param '{k}' has shape {list(node.params[k].shape)}, expected [{c}]")
 
 
-@op("batch_norm", "per_channel", params=("running_mean", "running_var"), optional_params=("weight", "bias"),
+@op("batch_norm", params=("running_mean", "running_var"), optional_params=("weight", "bias"), attrs={"eps": 1e-5},
+    channel=_channel_norm_rule, select=_vector_select,
     flops=_per_out(2))
 def _bn(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     """Inference-mode batch norm over axis 1; attrs eps."""
@@ -268,7 +734,9 @@ def _bn(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     return [ins[0]]
 
 
-@op("layer_norm", "per_channel", optional_params=("weight", "bias"), flops=_per_out(5))
+@op("layer_norm", optional_params=("weight", "bias"), flops=_per_out(5),
+    attrs={"normalized_shape": REQUIRED, "eps": 1e-5}, channel=_layer_norm_rule, on_remove=_layer_norm_removed,
+    select=_vector_select)
 def _ln(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     """Layer norm over the trailing `normalized_shape`; attrs eps."""
     ns = tuple(node.attrs["normalized_shape"])
@@ -280,7 +748,8 @@ def _ln(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     return [ins[0]]
 
 
-@op("group_norm", "per_channel", optional_params=("weight", "bias"), flops=_per_out(5))
+@op("group_norm", optional_params=("weight", "bias"), flops=_per_out(5), attrs={"num_groups": REQUIRED, "eps": 1e-5},
+    channel=_channel_norm_rule, on_remove=_group_norm_removed, select=_vector_select)
 def _gn(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     """Group norm over axis 1 with `num_groups`; instance norm is num_groups == C."""
     c = ins[0].shape[1]
@@ -291,12 +760,16 @@ def _gn(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
 
 
 # ---- elementwise -------------------------------------------------------------------------------
+_ELEMENTWISE_ATTRS: dict[str, dict[str, Any]] = {
+    "clip": {"min": None, "max": None}, "leaky_relu": {"negative_slope": 0.01}, "gelu": {"approximate": "none"},
+    "hardsigmoid": {"alpha": 1 / 6, "beta": 0.5},
+}
 for _k, _cost in [("relu", 1), ("clip", 1), ("leaky_relu", 2), ("gelu", 8), ("silu", 4), ("sigmoid", 4),
                   ("tanh", 4), ("hardswish", 4), ("hardsigmoid", 3), ("identity", 0)]:
-    op(_k, "elementwise", flops=_per_out(_cost))(_same)
+    op(_k, flops=_per_out(_cost), attrs=_ELEMENTWISE_ATTRS.get(_k, {}), channel=_passthrough)(_same)
 
 
-@op("lrn", "barrier", flops=_per_out(6))
+@op("lrn", flops=_per_out(6), attrs={"size": REQUIRED, "alpha": 1e-4, "beta": 0.75, "bias": 1.0}, channel=_mixes)
 def _lrn(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     """Local response norm across channels; attrs size, alpha, beta, bias (torch nn.LocalResponseNorm's k).
 
@@ -305,7 +778,7 @@ def _lrn(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     return [ins[0]]
 
 
-@op("softmax", "barrier", flops=_per_out(5))
+@op("softmax", flops=_per_out(5), attrs={"axis": REQUIRED}, channel=_softmax_rule)
 def _softmax(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     """Softmax along `axis`; couples the whole axis, so it is a barrier when that axis is the channel axis."""
     _axis(node, node.attrs["axis"], len(ins[0].shape))
@@ -318,11 +791,11 @@ def _binary(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
 
 
 for _k in ("add", "sub", "mul", "div"):
-    op(_k, "broadcast", arity=(2, 2), flops=_per_out(1))(_binary)
+    op(_k, arity=(2, 2), flops=_per_out(1), channel=_binary_rule)(_binary)
 
 
 # ---- structure ---------------------------------------------------------------------------------
-@op("concat", "structural", arity=(1, None))
+@op("concat", arity=(1, None), attrs={"axis": REQUIRED}, channel=_concat_rule)
 def _concat(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     """Concatenate along `axis`."""
     rank = len(ins[0].shape)
@@ -335,7 +808,7 @@ def _concat(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     return [TensorMeta(tuple(shape), ins[0].dtype)]
 
 
-@op("split", "structural")
+@op("split", attrs={"axis": REQUIRED, "sizes": REQUIRED}, channel=_split_rule, on_remove=_split_removed)
 def _split(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     """Split along `axis` into pieces of `sizes`; one output per piece."""
     ax = _axis(node, node.attrs["axis"], len(ins[0].shape))
@@ -354,7 +827,8 @@ def slice_len(size: int, start: int, end: int, step: int) -> int:
     return len(range(*slice(start, end, step).indices(size)))
 
 
-@op("slice", "structural")
+@op("slice", attrs={"axis": REQUIRED, "start": REQUIRED, "end": REQUIRED, "step": 1}, channel=_slice_rule,
+    on_remove=_slice_removed)
 def _slice(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     """x[start:end:step] along `axis` (python slice semantics, clamped)."""
     a = node.attrs
@@ -364,7 +838,7 @@ def _slice(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     return [TensorMeta(tuple(shape), ins[0].dtype)]
 
 
-@op("flatten", "structural")
+@op("flatten", attrs={"start_dim": 1, "end_dim": -1}, channel=_reshape_rule)
 def _flatten(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     """Flatten dims start_dim..end_dim (torch semantics)."""
     s = list(ins[0].shape)
@@ -388,13 +862,13 @@ def reshape_target(node: Node, src: tuple[int, ...], shape: tuple[int, ...]) -> 
     return tuple(out)
 
 
-@op("reshape", "structural")
+@op("reshape", attrs={"shape": REQUIRED}, channel=_reshape_rule, on_remove=_reshape_removed)
 def _reshape(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     """Reshape to `shape` (0 copies the input dim, -1 is inferred)."""
     return [TensorMeta(reshape_target(node, ins[0].shape, tuple(node.attrs["shape"])), ins[0].dtype)]
 
 
-@op("transpose", "structural")
+@op("transpose", attrs={"perm": REQUIRED}, channel=_transpose_rule)
 def _transpose(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     """Permute axes by `perm`."""
     perm = node.attrs["perm"]
@@ -403,7 +877,7 @@ def _transpose(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     return [TensorMeta(tuple(ins[0].shape[p] for p in perm), ins[0].dtype)]
 
 
-@op("squeeze", "structural")
+@op("squeeze", attrs={"axes": REQUIRED}, channel=_reshape_rule)
 def _squeeze(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     """Drop size-1 `axes`."""
     rank = len(ins[0].shape)
@@ -411,7 +885,7 @@ def _squeeze(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     return [TensorMeta(tuple(d for i, d in enumerate(ins[0].shape) if i not in axes or d != 1), ins[0].dtype)]
 
 
-@op("unsqueeze", "structural")
+@op("unsqueeze", attrs={"axes": REQUIRED}, channel=_reshape_rule)
 def _unsqueeze(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     """Insert size-1 `axes` (positions in the output)."""
     shape = list(ins[0].shape)
@@ -443,25 +917,27 @@ def _pool_flops(node: Node, ins: list[TensorMeta], outs: list[TensorMeta]) -> in
     return outs[0].numel() * math.prod(node.attrs["kernel"])
 
 
-@op("max_pool", "elementwise", flops=_pool_flops)
+@op("max_pool", flops=_pool_flops, channel=_spatial_rule,
+    attrs={"kernel": REQUIRED, "stride": None, "padding": None, "dilation": None, "ceil_mode": False})
 def _maxpool(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     """Max pooling; attrs kernel, stride, padding (begins+ends), dilation, ceil_mode."""
     return _pool_out(node, ins[0], tuple(node.attrs["kernel"]))
 
 
-@op("avg_pool", "elementwise", flops=_pool_flops)
+@op("avg_pool", flops=_pool_flops, channel=_spatial_rule,
+    attrs={"kernel": REQUIRED, "stride": None, "padding": None, "ceil_mode": False, "count_include_pad": True})
 def _avgpool(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     """Average pooling; attrs kernel, stride, padding, ceil_mode, count_include_pad."""
     return _pool_out(node, ins[0], tuple(node.attrs["kernel"]))
 
 
-@op("adaptive_avg_pool", "elementwise", flops=lambda n, i, o: i[0].numel())
+@op("adaptive_avg_pool", flops=lambda n, i, o: i[0].numel(), attrs={"output_size": REQUIRED}, channel=_spatial_rule)
 def _adaptive(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     """Adaptive average pooling to `output_size`; global average pooling is output_size all ones."""
     return [TensorMeta((*ins[0].shape[:2], *node.attrs["output_size"]), ins[0].dtype)]
 
 
-@op("mean", "structural", flops=lambda n, i, o: i[0].numel())
+@op("mean", flops=lambda n, i, o: i[0].numel(), attrs={"axes": REQUIRED, "keepdim": False}, channel=_mean_rule)
 def _mean(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     """Mean over `axes`, keeping them when `keepdim`."""
     rank = len(ins[0].shape)
@@ -471,7 +947,7 @@ def _mean(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     return [TensorMeta(shape, ins[0].dtype)]
 
 
-@op("pad", "elementwise")
+@op("pad", attrs={"pads": REQUIRED, "mode": "constant", "value": 0.0}, channel=_pad_rule)
 def _pad(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     """Constant/reflect/replicate padding; `pads` ONNX-ordered over all axes (begins..., ends...)."""
     pads = node.attrs["pads"]
@@ -481,7 +957,9 @@ def _pad(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     return [TensorMeta(tuple(d + pads[i] + pads[i + rank] for i, d in enumerate(ins[0].shape)), ins[0].dtype)]
 
 
-@op("resize", "elementwise")
+@op("resize", channel=_spatial_rule, attrs={
+    "mode": "nearest", "coordinate_transformation_mode": None, "nearest_mode": "floor", "scale": None, "size": None,
+    "align_corners": False, "cubic_coeff_a": -0.75, "exclude_outside": False})
 def _resize(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     """Spatial resize by `size` or `scale` (per spatial axis); `mode` nearest or linear."""
     x = ins[0]
@@ -492,19 +970,19 @@ def _resize(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     return [TensorMeta((*x.shape[:2], *sp), x.dtype)]
 
 
-@op("quantize", "elementwise", params=("scale", "zero_point"))
+@op("quantize", params=("scale", "zero_point"), attrs={"axis": 1}, channel=_qdq_rule)
 def _quant(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     """Affine quantisation to int8/uint8 (`axis` for per-channel scales)."""
     return [TensorMeta(ins[0].shape, str(node.params["zero_point"].dtype).removeprefix("torch."))]
 
 
-@op("dequantize", "elementwise", params=("scale", "zero_point"))
+@op("dequantize", params=("scale", "zero_point"), attrs={"axis": 1}, channel=_qdq_rule)
 def _dequant(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     """Affine dequantisation back to float32."""
     return [TensorMeta(ins[0].shape, "float32")]
 
 
-@op("opaque", "barrier", arity=(0, None))
+@op("opaque", arity=(0, None), attrs=None)
 def _opaque(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     """An op the IR does not know: run verbatim; its output shapes are what the frontend observed."""
     if not node.meta:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from netsqueeze.errors import Diagnostic, VerifyError
+from netsqueeze.errors import Diagnostic, VerifyError, did_you_mean
 from netsqueeze.ir.graph import Graph
-from netsqueeze.ir.ops import OPS, infer_node
+from netsqueeze.ir.ops import OPS, REQUIRED, infer_node
 
 
 def verify(graph: Graph) -> None:
@@ -30,6 +30,15 @@ def verify(graph: Graph) -> None:
                                            f"{graph.node(src).num_outputs}", node=nid))
         if node.kind == "output" and graph.users(nid):
             problems.append(Diagnostic(f"output node '{nid}' has users", node=nid))
+        schema = OPS[node.kind].attrs
+        if schema is not None:
+            for a in sorted(node.attrs):
+                if a not in schema and not a.startswith("_"):
+                    problems.append(Diagnostic(f"{node.kind} '{nid}' has unknown attribute '{a}'"
+                                               f"{did_you_mean(a, schema)}", node=nid))
+            for a, default in schema.items():
+                if default is REQUIRED and a not in node.attrs:
+                    problems.append(Diagnostic(f"{node.kind} '{nid}' is missing attribute '{a}'", node=nid))
         try:
             metas = infer_node(graph, node)
         except VerifyError as e:

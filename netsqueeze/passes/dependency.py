@@ -5,7 +5,6 @@ The analysis behind every structural pass; `format_groups` is what `netsqueeze i
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -18,20 +17,11 @@ from netsqueeze.passes.registry import register_pass
 
 Role = Literal["producer", "consumer", "param", "value"]
 
-# (kind, param, axis) of param axes that create channels / read channels.
-PRODUCER_AXES: frozenset[tuple[str, str, int]] = frozenset({
-    ("conv", "weight", 0), ("conv_transpose", "weight", 1), ("linear", "weight", 0),
-    ("embedding", "weight", 1), ("attention", "out_proj_weight", 0), ("attention", "in_proj_weight", 0),
-})
-CONSUMER_AXES: frozenset[tuple[str, str, int]] = frozenset({
-    ("conv", "weight", 1), ("conv_transpose", "weight", 0), ("linear", "weight", 1),
-    ("attention", "in_proj_weight", 1), ("attention", "out_proj_weight", 1),
-})
-_ELEMENTWISE = frozenset({"relu", "clip", "leaky_relu", "gelu", "silu", "sigmoid", "tanh", "hardswish",
-                          "hardsigmoid", "identity", "dropout", "quantize", "dequantize"})
-_SPATIAL = frozenset({"max_pool", "avg_pool", "adaptive_avg_pool", "resize"})
-_BINARY = frozenset({"add", "sub", "mul", "div"})
-_RESHAPES = frozenset({"flatten", "reshape", "squeeze", "unsqueeze"})
+# (kind, param, axis) of param axes that create channels / read channels, from the op definitions.
+PRODUCER_AXES: frozenset[tuple[str, str, int]] = frozenset(
+    (k, p, a) for k, spec in OPS.items() for p, a in spec.produced)
+CONSUMER_AXES: frozenset[tuple[str, str, int]] = frozenset(
+    (k, p, a) for k, spec in OPS.items() for p, a in spec.consumed)
 
 
 @dataclass(frozen=True)
@@ -215,265 +205,25 @@ class _Builder:
                     self.rule(self.g.node(dst), "in", port, axis)
 
     def seed(self, node: Node) -> None:
-        k = node.kind
-        if k in ("conv", "conv_transpose"):
-            self.V((node.id, 0), 1)
-            self.V(self.g.operands(node.id)[0], 1)
-        elif k == "linear":
-            self.V((node.id, 0), -1)
-            self.V(self.g.operands(node.id)[0], -1)
-        elif k == "embedding":
-            self.V((node.id, 0), -1)
-        elif k == "attention":
-            self.V((node.id, 0), -1)
-            for v in self.g.operands(node.id)[:3]:
-                self.V(v, -1)
-            h, dh = node.attrs["num_heads"], node.attrs["head_dim"]
-            inw, outw = self.P(node, "in_proj_weight", 0), self.P(node, "out_proj_weight", 1)
-            inb = self.P(node, "in_proj_bias", 0) if "in_proj_bias" in node.params else None
-            for head in range(h):
-                first = inw[0] + head * dh
-                for d in range(dh):
-                    for t in range(3):
-                        self.union(first, inw[0] + t * h * dh + head * dh + d)
-                        if inb is not None:
-                            self.union(first, inb[0] + t * h * dh + head * dh + d)
-                    self.union(first, outw[0] + head * dh + d)
+        s = OPS.get(node.kind)
+        if s is not None and s.seed is not None:
+            s.seed(self, node)
 
     def barrier(self, node: Node, side: str, port: int, axis: int, why: str) -> None:
         v = (node.id, port) if side == "out" else self.g.operands(node.id)[port]
         self.freeze(self.V(v, axis), why)
 
+    def defer_merge(self, node: Node, axis: int) -> None:
+        self.pending_merges.append((node, axis))
+
     def rule(self, node: Node, side: str, port: int, axis: int) -> None:
-        g, k = self.g, node.kind
-        ins = g.operands(node.id)
-        out0 = (node.id, 0)
-        here = (node.id, port) if side == "out" else ins[port]
-        rank = len(g.meta_of(here).shape)
-        if k not in OPS or k == "opaque":
-            op_type = node.origin.op_type or k
+        """The op's own channel rule (its definition in `ir.ops`); ops without one are barriers."""
+        s = OPS.get(node.kind)
+        if s is None or s.channel is None:
+            op_type = node.origin.op_type or node.kind
             self.barrier(node, side, port, axis, f"passes opaque op '{node.id}' ({op_type})")
-        elif k == "input":
-            self.freeze(self.V(out0, axis), f"graph input '{node.id}'")
-        elif k == "output":
-            self.freeze(self.V(ins[0], axis), f"reaches graph output '{node.id}'")
-        elif k == "constant":
-            self.tie(self.V(out0, axis), self.P(node, "value", axis))
-        elif k in ("conv", "conv_transpose"):
-            self._conv(node, side, axis)
-        elif k == "linear":
-            last = rank - 1
-            if axis != last:
-                self.tie(self.V(ins[0], axis), self.V(out0, axis))
-            elif side == "in":
-                self.tie(self.V(ins[0], axis), self.P(node, "weight", 1))
-            else:
-                self.tie(self.V(out0, axis), self.P(node, "weight", 0))
-                if "bias" in node.params:
-                    self.tie(self.V(out0, axis), self.P(node, "bias", 0))
-        elif k == "embedding":
-            if side == "out" and axis == rank - 1:
-                self.tie(self.V(out0, axis), self.P(node, "weight", 1))
-            else:
-                self.barrier(node, side, port, axis, f"embedding '{node.id}' index axis")
-        elif k == "attention":
-            self._attention(node, side, port, axis, rank)
-        elif k == "batch_norm" or (k == "group_norm" and axis == 1):
-            if axis != 1:
-                self.tie(self.V(ins[0], axis), self.V(out0, axis))
-                return
-            x = self.V(ins[0], 1)
-            self.tie(x, self.V(out0, 1))
-            for p in ("running_mean", "running_var", "weight", "bias"):
-                if p in node.params:
-                    self.tie(x, self.P(node, p, 0))
-            if k == "group_norm" and node.attrs["num_groups"] != x[1]:
-                self.freeze(x, f"group_norm '{node.id}' normalises groups of channels together")
-        elif k == "group_norm":
-            self.barrier(node, side, port, axis, f"group_norm '{node.id}' reduces this axis")
-        elif k == "layer_norm":
-            ns = len(node.attrs["normalized_shape"])
-            x = self.V(ins[0], axis)
-            self.tie(x, self.V(out0, axis))
-            if axis >= rank - ns:
-                for p in ("weight", "bias"):
-                    if p in node.params:
-                        self.tie(x, self.P(node, p, axis - (rank - ns)))
-                self.freeze(x, f"layer_norm '{node.id}' normalises over this axis (removing channels changes it)")
-        elif k in _ELEMENTWISE:
-            self.tie(self.V(ins[0], axis), self.V(out0, axis))
-            for p in ("scale", "zero_point"):
-                t = node.params.get(p)
-                if t is not None and t.numel() > 1 and node.attrs.get("axis", 1) % rank == axis:
-                    self.tie(self.V(out0, axis), self.P(node, p, 0))
-        elif k in _SPATIAL or k == "pad":
-            pads = node.attrs.get("pads") or (0,) * 2 * rank
-            if (k in _SPATIAL and axis < 2) or (k == "pad" and pads[axis] == 0 and pads[axis + rank] == 0):
-                self.tie(self.V(ins[0], axis), self.V(out0, axis))
-            else:
-                self.barrier(node, side, port, axis, f"{k} '{node.id}' changes this axis")
-        elif k in _BINARY:
-            self._binary(node, side, port, axis)
-        elif k == "concat":
-            cat = node.attrs["axis"] % rank
-            o = self.V(out0, axis)
-            off = 0
-            for v in ins:
-                x = self.V(v, axis)
-                if axis == cat:
-                    self.tie(x, (o[0] + off, x[1]))
-                    off += x[1]
-                else:
-                    self.tie(x, o)
-        elif k == "split":
-            sp = node.attrs["axis"] % rank
-            x = self.V(ins[0], axis)
-            off = 0
-            for j in range(len(node.meta)):
-                y = self.V((node.id, j), axis)
-                if axis == sp:
-                    self.tie((x[0] + off, y[1]), y)
-                    off += y[1]
-                else:
-                    self.tie(x, y)
-        elif k == "slice":
-            a = node.attrs
-            x, y = self.V(ins[0], axis), self.V(out0, axis)
-            if axis != a["axis"] % rank:
-                self.tie(x, y)
-                return
-            idx = range(*slice(a["start"], a["end"], a.get("step", 1)).indices(x[1]))
-            for j, i in enumerate(idx):
-                self.union(x[0] + i, y[0] + j)
-            if a.get("step", 1) != 1:
-                self.freeze(y, f"strided slice '{node.id}' on this axis")
-        elif k in _RESHAPES:
-            self._reshape(node, side, axis)
-        elif k == "transpose":
-            perm = list(node.attrs["perm"])
-            if side == "in":
-                self.tie(self.V(ins[0], axis), self.V(out0, perm.index(axis)))
-            else:
-                self.tie(self.V(ins[0], perm[axis]), self.V(out0, axis))
-        elif k == "mean":
-            in_rank = len(g.meta_of(ins[0]).shape)
-            axes = sorted(a % in_rank for a in node.attrs["axes"])
-            keep = node.attrs.get("keepdim", False)
-            kept = [i for i in range(in_rank) if keep or i not in axes]  # out axis j <- in axis kept[j]
-            in_axis = axis if side == "in" else kept[axis]
-            if in_axis in axes:
-                self.barrier(node, side, port, axis, f"mean '{node.id}' reduces this axis")
-            else:
-                self.tie(self.V(ins[0], in_axis), self.V(out0, kept.index(in_axis)))
-        elif k == "softmax" and node.attrs["axis"] % rank != axis:
-            self.tie(self.V(ins[0], axis), self.V(out0, axis))
-        else:  # matmul, lrn, softmax over the channel axis: they mix channels
-            self.barrier(node, side, port, axis, f"{k} '{node.id}' mixes channels along this axis")
-
-    def _conv(self, node: Node, side: str, axis: int) -> None:
-        ins = self.g.operands(node.id)
-        if axis != 1:
-            self.barrier(node, side, 0, axis, f"{node.kind} '{node.id}' mixes spatial axis {axis}")
-            return
-        w = node.params["weight"]
-        groups = node.attrs.get("groups", 1)
-        x, y = self.V(ins[0], 1), self.V((node.id, 0), 1)
-        if node.kind == "conv_transpose":
-            self.tie(x, self.P(node, "weight", 0))
-            if groups != 1:
-                reason = f"grouped conv_transpose '{node.id}'"
-                self.freeze(x, reason)
-                self.freeze(y, reason)
-                return
-            self.tie(y, self.P(node, "weight", 1))
         else:
-            wo = self.P(node, "weight", 0)
-            self.tie(y, wo)
-            per_in, per_out = int(w.shape[1]), int(w.shape[0]) // groups
-            if groups == 1:
-                self.tie(x, self.P(node, "weight", 1))
-            elif per_in == 1:  # depthwise (channel multiplier per_out): input c feeds outputs c·m .. c·m+m-1
-                for o in range(y[1]):
-                    self.union(x[0] + o // per_out, y[0] + o)
-            else:  # grouped: keep group structure by removing the same local slot from every group
-                wi = self.P(node, "weight", 1)
-                for c in range(x[1]):
-                    self.union(x[0] + c, wi[0] + c % per_in)
-                for o in range(y[1]):
-                    self.union(y[0] + o, y[0] + o % per_out)
-        if "bias" in node.params:
-            self.tie(y, self.P(node, "bias", 0))
-
-    def _attention(self, node: Node, side: str, port: int, axis: int, rank: int) -> None:
-        ins = self.g.operands(node.id)
-        reason = f"embedding dim of attention '{node.id}' (only whole heads are pruned)"
-        if axis != rank - 1 or (side == "in" and port > 2):
-            self.barrier(node, side, port, axis, f"attention '{node.id}' mixes this axis")
-        elif side == "in":
-            x = self.V(ins[port], axis)
-            self.tie(x, self.P(node, "in_proj_weight", 1))
-            self.freeze(x, reason)
-        else:
-            y = self.V((node.id, 0), axis)
-            self.tie(y, self.P(node, "out_proj_weight", 0))
-            if "out_proj_bias" in node.params:
-                self.tie(y, self.P(node, "out_proj_bias", 0))
-            self.freeze(y, reason)
-
-    def _binary(self, node: Node, side: str, port: int, axis: int) -> None:
-        ins = self.g.operands(node.id)
-        out_shape = node.meta[0].shape
-        r = len(out_shape)
-        a_out = axis if side == "out" else axis + r - len(self.g.meta_of(ins[port]).shape)
-        y = self.V((node.id, 0), a_out)
-        for v in ins:
-            shape = self.g.meta_of(v).shape
-            a = a_out - (r - len(shape))
-            if a >= 0 and shape[a] == out_shape[a_out]:
-                self.tie(self.V(v, a), y)
-
-    def _reshape(self, node: Node, side: str, axis: int) -> None:
-        ins = self.g.operands(node.id)
-        src, dst = self.g.meta_of(ins[0]).shape, node.meta[0].shape
-        if side == "in":
-            found = _reshape_map(src, axis, dst)
-            if found is None:
-                self.barrier(node, side, 0, axis, f"{node.kind} '{node.id}' splits or mixes this axis")
-                return
-            self._tie_reshape(self.V(ins[0], axis), self.V((node.id, 0), found[0]), found[1])
-            return
-        cands = [a for a in range(len(src)) if src[a] > 1 and (m := _reshape_map(src, a, dst)) and m[0] == axis]
-        if len(cands) == 1:
-            found = _reshape_map(src, cands[0], dst)
-            assert found is not None
-            self._tie_reshape(self.V(ins[0], cands[0]), self.V((node.id, 0), axis), found[1])
-        elif not cands:
-            self.barrier(node, side, 0, axis, f"{node.kind} '{node.id}' splits or mixes this axis")
-        else:  # merged axes: the producer's forward rule decides which one is the channel axis
-            self.V((node.id, 0), axis)
-            self.pending_merges.append((node, axis))
-
-    def _tie_reshape(self, x: tuple[int, int], y: tuple[int, int], r: int) -> None:
-        for pos in range(y[1]):
-            self.union(x[0] + (pos // r) % x[1], y[0] + pos)
-
-
-def _reshape_map(src: tuple[int, ...], a: int, dst: tuple[int, ...]) -> tuple[int, int] | None:
-    """Output axis b and block r such that dst position p along b holds source channel (p // r) % src[a]."""
-    inner = math.prod(src[a + 1:])
-    outer = math.prod(src[:a])
-    c = src[a]
-    exact = [b for b in range(len(dst)) if math.prod(dst[:b]) == outer and dst[b] == c
-             and math.prod(dst[b + 1:]) == inner]
-    if exact:
-        return exact[0], 1
-    for b in range(len(dst)):
-        inner_out = math.prod(dst[b + 1:])
-        if inner_out <= inner and inner % inner_out == 0:
-            r = inner // inner_out
-            if dst[b] % (r * c) == 0 and outer % max(1, math.prod(dst[:b])) == 0:
-                return b, r
-    return None
+            s.channel(self, node, side, port, axis)
 
 
 _PARAM_ROLE: dict[tuple[str, str, int], Role] = {

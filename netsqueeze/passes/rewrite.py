@@ -12,17 +12,11 @@ import torch
 
 from netsqueeze.errors import Diagnostic, NetsqueezeError
 from netsqueeze.ir import weights
-from netsqueeze.ir.graph import Graph, TensorMeta
+from netsqueeze.ir.graph import Graph, TensorMeta, Value
+from netsqueeze.ir.ops import attr, spec
 from netsqueeze.ir.weights import WeightFormError
 from netsqueeze.passes.base import PassResult
 from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups, Member
-
-# The bias a consumer member's weight axis feeds, and the weight axis that indexes it.
-_CONSUMER_BIAS: dict[tuple[str, str], tuple[str, int]] = {
-    ("conv", "weight"): ("bias", 0), ("linear", "weight"): ("bias", 0),
-    ("conv_transpose", "weight"): ("bias", 1), ("attention", "in_proj_weight"): ("in_proj_bias", 0),
-    ("attention", "out_proj_weight"): ("out_proj_bias", 0),
-}
 
 
 @dataclass(frozen=True)
@@ -68,7 +62,7 @@ def _positions(m: Member, channels: Sequence[int]) -> list[int]:
 def _grouped_input(graph: Graph, m: Member) -> bool:
     """The input-channel axis of a grouped (not depthwise) conv's weight: one slot per group member."""
     node = graph.node(m.node)
-    return (node.kind == "conv" and m.param == "weight" and m.axis == 1 and node.attrs.get("groups", 1) != 1
+    return (node.kind == "conv" and m.param == "weight" and m.axis == 1 and attr(node, "groups") != 1
             and int(node.params["weight"].shape[1]) > 1)
 
 
@@ -166,7 +160,7 @@ def apply_selection(graph: Graph, groups: ChannelGroups, selection: Mapping[int,
     # biases first: t₀ passes through the original weights
     for m, shift in bias_updates:
         node = graph.node(m.node)
-        bias_name, out_axis = _CONSUMER_BIAS[(node.kind, m.target)]
+        bias_name, out_axis = spec(node.kind).bias[m.target]
         w = node.dense(m.target).double()
         if _grouped_input(graph, m):  # shift over all input channels; output o reads its own group's slice
             per_group = shift.double().reshape(node.attrs["groups"], 1, -1)  # [G, 1, per_in]
@@ -219,45 +213,16 @@ def apply_selection(graph: Graph, groups: ChannelGroups, selection: Mapping[int,
 
 def _update_attrs(graph: Graph, removed: dict[tuple[str, str, int], set[int]],
                   old_meta: dict[str, list[TensorMeta]]) -> None:
-    """Rewrites attrs that spell out channel counts, from the old shapes and the removed positions."""
+    """Rewrites attrs that spell out channel counts (each op's `on_remove`), from the old shapes and the
+    removed positions."""
 
     def gone(nid: str, out: int, axis: int) -> set[int]:
         return removed.get((nid, f"#{out}", axis), set())
 
+    def old(value: Value) -> tuple[int, ...]:
+        return old_meta[value[0]][value[1]].shape
+
     for node in graph.nodes():
-        a, k = node.attrs, node.kind
-        ops = graph.operands(node.id)
-        if k == "split":
-            ax = a["axis"] % len(old_meta[node.id][0].shape)
-            a["sizes"] = tuple(s - len(gone(node.id, j, ax)) for j, s in enumerate(a["sizes"]))
-        elif k == "slice":
-            src = ops[0]
-            shape = old_meta[src[0]][src[1]].shape
-            ax = a["axis"] % len(shape)
-            lost = gone(src[0], src[1], ax)
-            if lost:
-                start, end, step = slice(a["start"], a["end"], a.get("step", 1)).indices(shape[ax])
-                new_start = start - sum(1 for p in lost if p < start)
-                a["start"], a["end"] = new_start, new_start + len(range(start, end, step)) - len(gone(node.id, 0, ax))
-        elif k == "reshape":
-            dims = list(a["shape"])
-            for b, d in enumerate(dims):
-                if d > 0:
-                    dims[b] = d - len(gone(node.id, 0, b))
-            a["shape"] = tuple(dims)
-        elif k == "conv" and a.get("groups", 1) > 1:
-            old_in = old_meta[ops[0][0]][ops[0][1]].shape[1]
-            if a["groups"] == old_in:  # depthwise: one group per channel
-                a["groups"] = old_in - len(gone(ops[0][0], ops[0][1], 1))
-        elif k == "group_norm":
-            old_c = old_meta[node.id][0].shape[1]
-            if a["num_groups"] == old_c:
-                a["num_groups"] = old_c - len(gone(node.id, 0, 1))
-        elif k == "attention":
-            a["num_heads"] = int(node.params["in_proj_weight"].shape[0]) // (3 * a["head_dim"])
-        elif k == "layer_norm":
-            rank = len(old_meta[node.id][0].shape)
-            ns = list(a["normalized_shape"])
-            for i in range(len(ns)):
-                ns[i] -= len(gone(node.id, 0, rank - len(ns) + i))
-            a["normalized_shape"] = tuple(ns)
+        fn = spec(node.kind).on_remove
+        if fn is not None:
+            fn(graph, node, gone, old)

@@ -15,6 +15,7 @@ import torch
 
 from netsqueeze.errors import BudgetError, Diagnostic
 from netsqueeze.ir.graph import Graph, Value
+from netsqueeze.ir.ops import spec
 from netsqueeze.ir.stats import graph_stats
 from netsqueeze.passes.allocation import Budget, GroupBounds, Meter, bisect, group_bounds
 from netsqueeze.passes.base import PassContext, PassResult, TransformPass
@@ -28,9 +29,6 @@ from netsqueeze.passes.squeeze_math import (
     ranking,
     reconstruction,
 )
-
-# consumer (kind, weight param) whose output is linear in that input axis, so a reconstruction folds exactly
-_FOLDABLE = {("conv", "weight"), ("linear", "weight")}
 
 
 @dataclass(frozen=True)
@@ -255,9 +253,8 @@ class SqueezeFold(TransformPass):
     @staticmethod
     def _foldable(graph: Graph, m: Member) -> bool:
         node = graph.node(m.node)
-        if (node.kind, m.param) not in _FOLDABLE or m.axis != 1:
-            return False
-        if node.kind == "conv" and node.attrs.get("groups", 1) != 1:
+        foldable = spec(node.kind).foldable  # the op's output is linear in this input axis of this weight
+        if foldable is None or m.param is None or not foldable(node, m.param, m.axis):
             return False
         return len({len(p) for p in m.index}) == 1
 
