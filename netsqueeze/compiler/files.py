@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -177,7 +178,9 @@ def load_pickled_module(path: Path, trust_pickle: bool = False) -> Any:
     import torch
 
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=not trust_pickle)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols of files it then refuses
+            return torch.load(str(path), map_location="cpu", weights_only=not trust_pickle)
     except Exception as e:
         text = str(e)
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
@@ -185,6 +188,9 @@ def load_pickled_module(path: Path, trust_pickle: bool = False) -> Any:
             raise CaptureError(
                 f"refusing to load '{path}': it is a full pickle (it names {found.group(1)}), and unpickling "
                 f"can run arbitrary code; {TRUST_HINT}") from None
+        unpickler = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+        if unpickler:
+            raise CaptureError(f"cannot load '{path}': not a valid torch file ({unpickler.group(1).strip()})") from None
         reason = text.strip().splitlines()[0] if text.strip() else ""
         raise CaptureError(f"cannot load '{path}': {type(e).__name__}: {reason}") from e
 
