@@ -1,0 +1,406 @@
+"""The capture paths (torch.export, torch.fx.symbolic_trace fallback) and the driver that walks the
+captured graph through the op tables, the module collapsing and the opaque fallback."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from netsqueeze.errors import CaptureError, Diagnostic, InputMismatchError, NetsqueezeError, VerifyError
+from netsqueeze.frontends.fx.checks import _check_count, _check_inputs, _first_line, _forward_names
+from netsqueeze.frontends.fx.collapse import _collapse, _collapse_key
+from netsqueeze.frontends.fx.opaque import _opaque
+from netsqueeze.frontends.fx.ops import (
+    _FUNCS,
+    _METHODS,
+    _VARARGS,
+    HANDLERS,
+    _bind,
+    _mod_args,
+    _schema_for,
+)
+from netsqueeze.frontends.fx.state import (
+    CONTAINERS,
+    _Capture,
+    _dtype,
+    _infer,
+    _is_value,
+    _meta,
+    _record_check,
+    _Scope,
+    _Unmappable,
+)
+from netsqueeze.ir.graph import Graph, Origin
+
+
+# ---- the capture driver ----------------------------------------------------------------------------
+def _scope_of(nd: fx.Node) -> tuple[str, str, str] | None:
+    stack = nd.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    key, (path, typ) = list(stack.items())[-1]
+    return key, str(path), typ if isinstance(typ, str) else f"{typ.__module__}.{typ.__qualname__}"
+
+
+def _is_leaf_type(typ: str) -> bool:
+    return typ.startswith("torch.nn.modules.") and typ.rsplit(".", 1)[-1] not in CONTAINERS
+
+
+def _plan_names(cx: _Capture, nodes: list[fx.Node]) -> None:
+    """Layer ops take their module's path; functional ops `<scope>.<op>` (made unique on emission)."""
+    calls = [n for n in nodes if n.op in ("call_function", "call_method", "call_module")]
+    runs: list[list[fx.Node]] = []
+    for n in calls:
+        if n.op == "call_module":
+            cx.scopes[n] = _Scope(str(n.target), True)
+            cx.names[n] = str(n.target)
+            continue
+        sc = _scope_of(n)
+        if sc is None:
+            cx.scopes[n] = _Scope("", False)
+            continue
+        _, path, typ = sc
+        leaf = _is_leaf_type(typ)
+        cx.scopes[n] = _Scope(path, leaf)
+        if leaf:
+            if runs and runs[-1] and _scope_of(runs[-1][-1]) == sc and runs[-1][-1] is _prev_call(calls, n):
+                runs[-1].append(n)
+            else:
+                runs.append([n])
+    for run in runs:
+        main = [n for n in run if n.target is not operator.getitem]
+        if main:
+            cx.names[main[-1]] = cx.scopes[main[-1]].path
+        for n in main[:-1]:
+            cx.scopes[n] = _Scope(cx.scopes[n].path, False)
+
+
+def _prev_call(calls: list[fx.Node], n: fx.Node) -> fx.Node | None:
+    i = calls.index(n)
+    return calls[i - 1] if i else None
+
+
+def _fold(cx: _Capture, nd: fx.Node) -> bool:
+    """Evaluates an op whose tensor operands are all constants (e.g. `self.w.t()`)."""
+    ins = nd.all_input_nodes
+    if not ins or not all(i in cx.consts or not _is_value(cx.env.get(i)) for i in ins):
+        return False
+    if nd.op not in ("call_function", "call_method") or not any(i in cx.consts for i in ins):
+        return False
+
+    def sub(a: Any) -> Any:
+        if isinstance(a, fx.Node):
+            return cx.consts[a] if a in cx.consts else cx.env.get(a)
+        if isinstance(a, (list, tuple)):
+            return type(a)(sub(x) for x in a)
+        return a
+
+    args, kwargs = sub(nd.args), sub(dict(nd.kwargs))
+    with torch.no_grad():
+        if nd.op == "call_method":
+            r = getattr(args[0], str(nd.target))(*args[1:], **kwargs)
+        else:
+            r = nd.target(*args, **kwargs)  # type: ignore[operator]
+    if isinstance(r, torch.Tensor):
+        cx.consts[nd] = r.detach().clone()
+        return True
+    cx.env[nd] = r
+    return True
+
+
+def _convert(cx: _Capture, gm: fx.GraphModule, input_names: list[str], example_inputs: Sequence[torch.Tensor],
+             user_outputs: list[Any]) -> Graph:
+    nodes = list(gm.graph.nodes)
+    _plan_names(cx, nodes)
+    groups: dict[fx.Node, tuple[list[fx.Node], str, str]] = {}
+    if cx.aten:
+        cur_key: tuple[str, str, str] | None = None
+        for n in nodes:
+            ck = _collapse_key(n) if n.op == "call_function" else None
+            if ck is None:
+                cur_key = None
+                continue
+            if ck != cur_key:
+                groups[n] = ([n], ck[1], ck[2])
+                head = n
+                cur_key = ck
+            else:
+                groups[head][0].append(n)
+    done: set[fx.Node] = set()
+    inputs = iter(zip(input_names, example_inputs))
+    for nd in nodes:
+        if nd in done:
+            continue
+        if nd.op == "placeholder":
+            if nd in cx.consts:
+                continue
+            name, t = next(inputs)
+            nid = cx.graph.add_node(name, "input", attrs={"shape": tuple(t.shape), "dtype": _dtype(t.dtype)},
+                                    origin=Origin("fx", name, "input"))
+            cx.graph.node(nid).meta = _infer(cx.graph, nid)
+            cx.env[nd] = (nid, 0)
+            continue
+        if nd.op == "get_attr":
+            v = _getattr_path(gm, str(nd.target))
+            if isinstance(v, torch.Tensor):
+                cx.consts[nd] = v.detach().clone()
+                cx.const_names[nd] = str(nd.target)
+            else:
+                cx.env[nd] = v
+            continue
+        if nd.op == "output":
+            break
+        if nd in groups:
+            grp, path, typ = groups[nd]
+            if _collapse(cx, grp, path, typ):
+                done.update(grp)
+                continue
+        _convert_node(cx, nd)
+    for i, o in enumerate(user_outputs):
+        if not isinstance(o, fx.Node) or not _is_value(cx.env.get(o)) or not isinstance(cx.env[o], tuple):
+            raise CaptureError(Diagnostic(f"model output {i} is not a tensor computed from the inputs"))
+        cx.graph.add_node("output", "output", [cx.env[o]], origin=Origin("fx", f"output {i}", "output"),
+                          unique=True)
+    cx.graph.infer_shapes()
+    for value, expected, name in cx.checks:
+        got = cx.graph.meta_of(value)
+        if got != expected:
+            raise CaptureError(Diagnostic(
+                f"frontend bug: node '{value[0]}' infers {got} but torch observed {expected} (fx node {name})",
+                node=value[0]))
+    cx.graph.verify()
+    return cx.graph
+
+
+def _getattr_path(gm: nn.Module, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _convert_node(cx: _Capture, nd: fx.Node) -> None:
+    cx.cur = nd
+    cx._main_used = False
+    obs = cx.observed.get(nd)
+    if nd.target is operator.getitem:
+        src, idx = nd.args[0], nd.args[1]
+        v = cx.env.get(src) if isinstance(src, fx.Node) else None
+        if isinstance(src, fx.Node) and src in cx.consts:
+            cx.consts[nd] = cx.consts[src][idx]  # type: ignore[index]
+        elif isinstance(v, list):
+            cx.env[nd] = v[idx]  # type: ignore[index]
+        elif _is_value(v):
+            _set(cx, nd, _opaque(cx, nd))
+        else:
+            cx.env[nd] = v[idx]  # type: ignore[index]
+        return
+    # python-level values (sizes, shapes) in module-level graphs are concrete: keep them as such
+    if not cx.aten and not (isinstance(obs, torch.Tensor) or
+                            (isinstance(obs, (list, tuple)) and obs and all(isinstance(o, torch.Tensor)
+                                                                            for o in obs))):
+        cx.env[nd] = obs
+        return
+    if _fold(cx, nd):
+        return
+    packet, a = _resolve(cx, nd)
+    inplace = False
+    if packet is not None and packet not in HANDLERS and packet.endswith("_") and packet[:-1] in HANDLERS:
+        packet, inplace = packet[:-1], True
+    result: Any = None
+    if packet is not None and packet in HANDLERS:
+        first = cx.graph._counter
+        try:
+            result = HANDLERS[packet](cx, a)
+        except (_Unmappable, VerifyError, KeyError, IndexError, TypeError, ValueError):
+            # outside the canonical op's conventions: drop what the handler made, keep it as an opaque call
+            for n in sorted((n for n in cx.graph.nodes() if n.order >= first), key=lambda n: -n.order):
+                cx.graph.remove_node(n.id)
+            result = None
+    if result is None:
+        result = _opaque(cx, nd)
+    _set(cx, nd, result)
+    if inplace and isinstance(nd.args[0], fx.Node):
+        cx.env[nd.args[0]] = result  # later readers of the mutated tensor see the new value
+
+
+def _set(cx: _Capture, nd: fx.Node, result: Any) -> None:
+    cx.env[nd] = result
+    _record_check(cx, nd, result)
+
+
+def _resolve(cx: _Capture, nd: fx.Node) -> tuple[str | None, dict[str, Any]]:
+    """The aten packet name for a node and its arguments bound by that packet's schema."""
+    t = nd.target
+    if isinstance(t, torch._ops.OpOverload):
+        return t._overloadpacket.__name__, _bind(t._schema, nd.args, dict(nd.kwargs))
+    args, kwargs = list(nd.args), dict(nd.kwargs)
+    resolved = [_concrete(cx, x) for x in args]
+    kw = {k: _concrete(cx, v) for k, v in kwargs.items()}
+    if nd.op == "call_module":
+        assert cx.model is not None
+        mod = cx.model.get_submodule(str(t))
+        spec = _mod_args(mod)
+        if spec is None:
+            if isinstance(mod, nn.MultiheadAttention):
+                return None, {}
+            return None, {}
+        packet, a = spec
+        if packet == "adaptive_avg_pool2d":
+            a["output_size"] = mod.output_size  # type: ignore[attr-defined]
+        a = {k: v for k, v in a.items()}
+        first = "indices" if packet == "embedding" else _schema_for(packet).arguments[0].name
+        a[first] = args[0] if args else kwargs.get("input")
+        return packet, a
+    if nd.op == "call_method":
+        method = _METHODS.get(str(t))
+        if method is None:
+            return None, {}
+        packet = method
+        if (str(t) in _VARARGS and len(args) > 2) or (len(args) == 2 and isinstance(resolved[1], int)
+                                                      and str(t) in _VARARGS):
+            args = [args[0], list(resolved[1:])]
+    else:
+        fn = _FUNCS.get(t)
+        if fn is None:
+            return None, {}
+        packet = fn
+        if packet in ("add", "sub", "mul", "div") and not isinstance(args[0], fx.Node):
+            if packet in ("add", "mul"):
+                args = [args[1], args[0]]
+            else:
+                return None, {}
+    args = [a if (isinstance(a, fx.Node) and _is_value(cx.env.get(a))) or (isinstance(a, fx.Node) and a in cx.consts)
+            else _concrete(cx, a) for a in args]
+    kw = {k: (v if isinstance(v, fx.Node) and (_is_value(cx.env.get(v)) or v in cx.consts) else _concrete(cx, v))
+          for k, v in kwargs.items()}
+    return packet, _bind(_schema_for(packet), args, kw)
+
+
+def _concrete(cx: _Capture, a: Any) -> Any:
+    if isinstance(a, fx.Node):
+        if a in cx.consts:
+            return cx.consts[a]
+        v = cx.env.get(a)
+        return a if _is_value(v) else v
+    if isinstance(a, (list, tuple)):
+        return type(a)(_concrete(cx, x) for x in a)
+    return a
+
+
+# ---- capture paths -------------------------------------------------------------------------------
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.values: dict[fx.Node, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        r = super().run_node(n)
+        self.values[n] = r
+        return r
+
+
+def _from_exported(ep: torch.export.ExportedProgram, example_inputs: Sequence[torch.Tensor], name: str,
+                   model: nn.Module | None) -> Graph:
+    cx = _Capture(name, model, aten=True)
+    sig = ep.graph_signature
+    gm = ep.graph_module
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    lookup = {**sig.inputs_to_parameters, **sig.inputs_to_buffers,
+              **getattr(sig, "inputs_to_lifted_tensor_constants", {})}
+    for n in placeholders:
+        if n.name in lookup:
+            fqn = lookup[n.name]
+            t = ep.state_dict[fqn] if fqn in ep.state_dict else ep.constants[fqn]
+            cx.consts[n] = t.detach().clone()
+            cx.const_names[n] = fqn
+    user = [n for n in placeholders if n.name in sig.user_inputs]
+    for n in gm.graph.nodes:
+        if "val" in n.meta:
+            cx.observed[n] = n.meta["val"]
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    outs = list(out_node.args[0])
+    kinds = [s.kind.name for s in sig.output_specs]
+    user_outs = [o for o, k in zip(outs, kinds) if k == "USER_OUTPUT"]
+    if len(user) != len(example_inputs):
+        raise InputMismatchError(Diagnostic(
+            f"the model takes {len(user)} tensor inputs ({', '.join(n.name for n in user)}) "
+            f"but {len(example_inputs)} example inputs were given"))
+    return _convert(cx, gm, [n.name for n in user], example_inputs, user_outs)
+
+
+def _from_symbolic(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], name: str) -> Graph:
+    cx = _Capture(name, gm, aten=False)
+    rec = _Recorder(gm)
+    with torch.no_grad():
+        rec.run(*example_inputs)
+    cx.observed = rec.values
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    res = out_node.args[0]
+    outs = list(res) if isinstance(res, (list, tuple)) else [res]
+    return _convert(cx, gm, [str(n.target) for n in placeholders], example_inputs, outs)
+
+
+def from_torch(model: nn.Module | fx.GraphModule | torch.export.ExportedProgram,
+               example_inputs: tuple[torch.Tensor, ...], *, name: str | None = None) -> Graph:
+    """Captures `model` on `example_inputs` into a verified `Graph` (shapes from the example inputs).
+
+    torch.export (strict=False, aten level) first, torch.fx.symbolic_trace (module level) when export
+    fails; ops outside the canonical set become opaque nodes that run the original torch callable.
+    The model is left untouched: its training flags are restored and its tensors cloned.
+    """
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    example_inputs = tuple(example_inputs)
+    for i, t in enumerate(example_inputs):
+        if not isinstance(t, torch.Tensor):
+            raise InputMismatchError(Diagnostic(f"example input {i} is a {type(t).__name__}, not a torch.Tensor"))
+    gname = name or type(model).__name__
+    if isinstance(model, torch.export.ExportedProgram):
+        names = list(model.graph_signature.user_inputs)
+        try:
+            model.module()(*example_inputs)
+        except Exception as e:
+            raise InputMismatchError(Diagnostic(
+                "example inputs (" + ", ".join(f"'{n}' = {_meta(t)}" for n, t in zip(names, example_inputs))
+                + ") do not fit the exported program", notes=(f"reason: {_first_line(e)}",))) from None
+        return _from_exported(model, example_inputs, gname, None)
+    if not isinstance(model, nn.Module):
+        raise CaptureError(Diagnostic(f"cannot capture a {type(model).__name__}: expected an nn.Module, "
+                                      "a torch.fx.GraphModule or a torch.export.ExportedProgram"))
+    flags = {m: m.training for m in model.modules()}
+    try:
+        model.eval()  # the IR is inference-mode (BatchNorm running stats, no dropout)
+        names = _forward_names(model, len(example_inputs))
+        _check_count(model, len(example_inputs))
+        _check_inputs(model, names, example_inputs)
+        try:
+            ep = torch.export.export(model, example_inputs, strict=False)
+        except Exception as e:
+            export_error: BaseException = e
+        else:
+            try:
+                return _from_exported(ep, example_inputs, gname, model)
+            except NetsqueezeError:
+                raise
+            except Exception as e:
+                export_error = e
+        try:
+            gm = model if isinstance(model, fx.GraphModule) else fx.symbolic_trace(model)
+            return _from_symbolic(gm, example_inputs, gname)
+        except NetsqueezeError:
+            raise
+        except Exception as e:
+            raise CaptureError(Diagnostic(
+                f"cannot capture {type(model).__name__}: neither torch.export nor torch.fx.symbolic_trace handles it",
+                notes=(f"torch.export: {_first_line(export_error)}",
+                       f"torch.fx.symbolic_trace: {_first_line(e)}"))) from None
+    finally:
+        for m, f in flags.items():
+            m.training = f

@@ -1,0 +1,135 @@
+"""Ops outside the canonical set: an opaque node whose payload is a picklable torch call."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from netsqueeze.errors import CaptureError, Diagnostic
+from netsqueeze.frontends.fx.state import _Capture, _op_type
+from netsqueeze.ir.graph import Value
+
+
+# ---- picklable callables for opaque nodes -------------------------------------------------------
+@dataclass(frozen=True)
+class _Slot:
+    """Placeholder for the i-th operand tensor inside an opaque call's argument template."""
+
+    index: int
+
+
+def _fill(template: Any, xs: Sequence[torch.Tensor]) -> Any:
+    if isinstance(template, _Slot):
+        return xs[template.index]
+    if isinstance(template, (list, tuple)):
+        return type(template)(_fill(t, xs) for t in template)
+    if isinstance(template, dict):
+        return {k: _fill(v, xs) for k, v in template.items()}
+    return template
+
+
+@dataclass
+class AtenCall:
+    """Calls an aten overload by name (OpOverload objects do not pickle) with operands filled in."""
+
+    namespace: str
+    packet: str
+    overload: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def target(self) -> Any:
+        return getattr(getattr(getattr(torch.ops, self.namespace), self.packet), self.overload)
+
+    def __call__(self, *xs: torch.Tensor) -> Any:
+        return self.target(*_fill(self.args, xs), **_fill(self.kwargs, xs))
+
+
+@dataclass
+class FnCall:
+    """Calls a plain torch function (module-level graphs) with operands filled in."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, *xs: torch.Tensor) -> Any:
+        return self.fn(*_fill(self.args, xs), **_fill(self.kwargs, xs))
+
+
+@dataclass
+class MethodCall:
+    """Calls a tensor method by name; args[0] is the receiver."""
+
+    name: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, *xs: torch.Tensor) -> Any:
+        a = _fill(self.args, xs)
+        return getattr(a[0], self.name)(*a[1:], **_fill(self.kwargs, xs))
+
+
+@dataclass
+class ModuleCall:
+    """Calls a private copy of a submodule the IR does not know."""
+
+    module: nn.Module
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, *xs: torch.Tensor) -> Any:
+        return self.module(*_fill(self.args, xs), **_fill(self.kwargs, xs))
+
+
+def _template(cx: _Capture, args: Any, operands: list[Value]) -> Any:
+    if isinstance(args, fx.Node):
+        if args in cx.consts:
+            return cx.consts[args].detach().clone()
+        v = cx.env.get(args)
+        if isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str):
+            if v not in operands:
+                operands.append(v)
+            return _Slot(operands.index(v))
+        if v is None or isinstance(v, list):
+            raise CaptureError(Diagnostic(f"'{args.name}' has no tensor value to pass to an opaque op"))
+        return v
+    if isinstance(args, (list, tuple)):
+        return type(args)(_template(cx, a, operands) for a in args)
+    if isinstance(args, dict):
+        return {k: _template(cx, v, operands) for k, v in args.items()}
+    return args
+
+
+def _opaque(cx: _Capture, nd: fx.Node) -> Any:
+    operands: list[Value] = []
+    args = _template(cx, tuple(nd.args), operands)
+    kwargs = _template(cx, dict(nd.kwargs), operands)
+    payload: Any
+    if isinstance(nd.target, torch._ops.OpOverload):
+        t = nd.target
+        payload = AtenCall(t.namespace, t._overloadpacket.__name__, t._overloadname, args, kwargs)
+    elif nd.op == "call_method":
+        payload = MethodCall(str(nd.target), args, kwargs)
+    elif nd.op == "call_module":
+        assert cx.model is not None
+        mod = cx.model.get_submodule(str(nd.target))
+        payload = ModuleCall(copy.deepcopy(mod), args, kwargs)
+    else:
+        payload = FnCall(nd.target, args, kwargs)  # type: ignore[arg-type]
+    obs = cx.observed.get(nd)
+    seq = isinstance(obs, (list, tuple))
+    outs: list[Any] = list(obs) if isinstance(obs, (list, tuple)) else [obs]
+    if not all(isinstance(o, torch.Tensor) for o in outs):
+        raise CaptureError(Diagnostic(f"op {_op_type(nd)} returns non-tensor values, which the IR cannot hold",
+                                      node=nd.name))
+    op_type = _op_type(nd) if nd.op != "call_module" else type(payload.module).__name__
+    nid = cx.emit("opaque", operands, {}, op_type=op_type, payload=payload)
+    return [(nid, i) for i in range(len(outs))] if seq else (nid, 0)

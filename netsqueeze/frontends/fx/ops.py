@@ -1,0 +1,478 @@
+"""Op tables: one handler per aten packet name (args bound by the aten schema), and the torch.nn
+module / torch function / tensor method tables that map a symbolic_trace graph onto the same handlers."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from netsqueeze.frontends.fx.state import _Capture, _tup, _Unmappable
+from netsqueeze.ir.graph import Value
+from netsqueeze.ir.tables import registrar
+
+Handler = Callable[[_Capture, dict[str, Any]], Any]
+HANDLERS: dict[str, Handler] = {}
+
+
+handles = registrar(HANDLERS)
+
+
+def _simple(kind: str, attrs: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> Handler:
+    def h(cx: _Capture, a: dict[str, Any]) -> Value:
+        x = a["self"] if "self" in a else a["input"]  # aten.dropout & co. name their operand `input`
+        return (cx.emit(kind, [cx.val(x)], attrs(a) if attrs else {}), 0)
+
+    return h
+
+
+for _name, _kind in [("relu", "relu"), ("sigmoid", "sigmoid"), ("tanh", "tanh"), ("silu", "silu"),
+                     ("hardswish", "hardswish"), ("hardsigmoid", "hardsigmoid"), ("dropout", "identity"),
+                     ("feature_dropout", "identity"), ("alpha_dropout", "identity"), ("clone", "identity"),
+                     ("contiguous", "identity"), ("alias", "identity"), ("detach", "identity"),
+                     ("lift_fresh_copy", "identity")]:
+    HANDLERS[_name] = _simple(_kind)
+
+HANDLERS["gelu"] = _simple("gelu", lambda a: {"approximate": a.get("approximate", "none")})
+HANDLERS["leaky_relu"] = _simple("leaky_relu", lambda a: {"negative_slope": float(a["negative_slope"])})
+HANDLERS["relu6"] = _simple("clip", lambda a: {"min": 0.0, "max": 6.0})
+HANDLERS["hardtanh"] = _simple("clip", lambda a: {"min": float(a["min_val"]), "max": float(a["max_val"])})
+
+
+@handles("clamp", "clip")
+def _clamp(cx: _Capture, a: dict[str, Any]) -> Value:
+    lo, hi = a.get("min"), a.get("max")
+    if not all(v is None or isinstance(v, (int, float)) for v in (lo, hi)):
+        raise _Unmappable("tensor clamp bounds")
+    return (cx.emit("clip", [cx.val(a["self"])], {"min": None if lo is None else float(lo),
+                                                  "max": None if hi is None else float(hi)}), 0)
+
+
+@handles("_softmax", "softmax")
+def _softmax(cx: _Capture, a: dict[str, Any]) -> Value:
+    if a.get("dtype") is not None:
+        raise _Unmappable("softmax with dtype")
+    return (cx.emit("softmax", [cx.val(a["self"])], {"axis": int(a["dim"])}), 0)
+
+
+def _conv_pad(padding: Any, w: torch.Tensor, dilation: tuple[int, ...], dims: int) -> tuple[int, ...]:
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0,) * 2 * dims
+        total = [d * (k - 1) for d, k in zip(dilation, w.shape[2:])]
+        return tuple(t // 2 for t in total) + tuple(t - t // 2 for t in total)
+    p = _tup(padding, dims)
+    return p + p
+
+
+def _conv_common(cx: _Capture, a: dict[str, Any], transposed: bool) -> Value:
+    x = cx.val(a["input"])
+    w = cx.const(a["weight"])
+    dims = w.dim() - 2
+    dil = _tup(a.get("dilation", 1), dims)
+    attrs: dict[str, Any] = {"stride": _tup(a.get("stride", 1), dims), "dilation": dil,
+                             "groups": int(a.get("groups", 1))}
+    if transposed:
+        if isinstance(a.get("padding", 0), str):
+            raise _Unmappable("string padding on a transposed conv")
+        attrs["padding"] = _conv_pad(a.get("padding", 0), w, dil, dims)
+        attrs["output_padding"] = _tup(a.get("output_padding", 0), dims)
+    else:
+        attrs["padding"] = _conv_pad(a.get("padding", 0), w, dil, dims)
+    params = {"weight": w}
+    if a.get("bias") is not None:
+        params["bias"] = cx.const(a["bias"])
+    return (cx.emit("conv_transpose" if transposed else "conv", [x], attrs, params), 0)
+
+
+@handles("conv1d", "conv2d", "conv3d")
+def _conv(cx: _Capture, a: dict[str, Any]) -> Value:
+    return _conv_common(cx, a, False)
+
+
+@handles("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
+def _conv_t(cx: _Capture, a: dict[str, Any]) -> Value:
+    return _conv_common(cx, a, True)
+
+
+@handles("convolution", "_convolution")
+def _convolution(cx: _Capture, a: dict[str, Any]) -> Value:
+    return _conv_common(cx, a, bool(a["transposed"]))
+
+
+def _linear_node(cx: _Capture, x: Value, w: torch.Tensor, b: torch.Tensor | None) -> Value:
+    params = {"weight": w.contiguous()}
+    if b is not None:
+        params["bias"] = b
+    return (cx.emit("linear", [x], {}, params), 0)
+
+
+@handles("linear")
+def _linear(cx: _Capture, a: dict[str, Any]) -> Value:
+    b = cx.const(a["bias"]) if a.get("bias") is not None else None
+    return _linear_node(cx, cx.val(a["input"]), cx.const(a["weight"]), b)
+
+
+@handles("addmm")
+def _addmm(cx: _Capture, a: dict[str, Any]) -> Value:
+    if a.get("beta", 1) != 1 or a.get("alpha", 1) != 1 or not cx.is_const(a["self"]):
+        raise _Unmappable("addmm with scaling or activation bias")
+    b = cx.const(a["self"])
+    if b.dim() != 1:
+        raise _Unmappable("addmm with a matrix bias")
+    return _linear_node(cx, cx.val(a["mat1"]), cx.const(a["mat2"]).t(), b)
+
+
+@handles("mm", "matmul", "bmm")
+def _matmul(cx: _Capture, a: dict[str, Any]) -> Value:
+    other = a.get("mat2", a.get("other"))
+    if cx.is_const(other):
+        w = cx.const(other)
+        if w.dim() != 2:
+            raise _Unmappable("matmul by a constant of rank != 2")
+        return _linear_node(cx, cx.val(a["self"]), w.t(), None)
+    return (cx.emit("matmul", [cx.val(a["self"]), cx.val(other)]), 0)
+
+
+def _bn(cx: _Capture, a: dict[str, Any], eps: float) -> Value:
+    params = {"running_mean": cx.const(a["running_mean"]), "running_var": cx.const(a["running_var"])}
+    for k in ("weight", "bias"):
+        if a.get(k) is not None:
+            params[k] = cx.const(a[k])
+    return (cx.emit("batch_norm", [cx.val(a["input"])], {"eps": float(eps)}, params), 0)
+
+
+@handles("batch_norm")
+def _batch_norm(cx: _Capture, a: dict[str, Any]) -> Value:
+    if a["training"] or a.get("running_mean") is None:
+        raise _Unmappable("training-mode batch norm")
+    return _bn(cx, a, a["eps"])
+
+
+@handles("_native_batch_norm_legit_no_training")
+def _bn_legit(cx: _Capture, a: dict[str, Any]) -> list[Value | None]:
+    return [_bn(cx, a, a["eps"]), None, None]
+
+
+@handles("native_batch_norm", "_native_batch_norm_legit_functional")
+def _native_bn(cx: _Capture, a: dict[str, Any]) -> list[Value | None]:
+    if a["training"]:
+        raise _Unmappable("training-mode batch norm")
+    return [_bn(cx, a, a["eps"]), None, None, None, None][: len(cx.out_meta())]
+
+
+def _ln(cx: _Capture, a: dict[str, Any]) -> Value:
+    params = {k: cx.const(a[k]) for k in ("weight", "bias") if a.get(k) is not None}
+    return (cx.emit("layer_norm", [cx.val(a["input"])],
+                    {"normalized_shape": tuple(int(d) for d in a["normalized_shape"]), "eps": float(a["eps"])},
+                    params), 0)
+
+
+HANDLERS["layer_norm"] = _ln
+HANDLERS["native_layer_norm"] = lambda cx, a: [_ln(cx, a), None, None]
+
+
+@handles("group_norm")
+def _group_norm(cx: _Capture, a: dict[str, Any]) -> Value:
+    params = {k: cx.const(a[k]) for k in ("weight", "bias") if a.get(k) is not None}
+    return (cx.emit("group_norm", [cx.val(a["input"])],
+                    {"num_groups": int(a["num_groups"]), "eps": float(a["eps"])}, params), 0)
+
+
+def _binary(kind: str) -> Handler:
+    def h(cx: _Capture, a: dict[str, Any]) -> Value:
+        if a.get("alpha", 1) != 1 or a.get("rounding_mode") is not None:
+            raise _Unmappable("alpha / rounding_mode")
+        x, y = a["self"], a["other"]
+        if not (isinstance(x, fx.Node) and x not in cx.consts):
+            if kind in ("add", "mul"):
+                x, y = y, x
+            else:
+                raise _Unmappable("constant left operand")
+        vx = cx.val(x)
+        return (cx.emit(kind, [vx, cx.operand(y, vx)]), 0)
+
+    return h
+
+
+for _k in ("add", "sub", "mul", "div"):
+    HANDLERS[_k] = _binary(_k)
+
+
+@handles("rsub")
+def _rsub(cx: _Capture, a: dict[str, Any]) -> Value:
+    if a.get("alpha", 1) != 1:
+        raise _Unmappable("alpha")
+    vx = cx.val(a["self"])
+    return (cx.emit("sub", [cx.operand(a["other"], vx), vx]), 0)
+
+
+@handles("cat", "concat", "concatenate")
+def _cat(cx: _Capture, a: dict[str, Any]) -> Value:
+    vals = [cx.val(t) for t in a["tensors"]]
+    return (cx.emit("concat", vals, {"axis": int(a.get("dim", 0))}), 0)
+
+
+@handles("split", "split_with_sizes", "chunk", "tensor_split", "unsafe_split", "unsafe_chunk")
+def _split(cx: _Capture, a: dict[str, Any]) -> list[Value]:
+    outs = cx.out_meta()
+    dim = int(a.get("dim", 0))
+    sizes = tuple(int(o.shape[dim]) for o in outs)
+    nid = cx.emit("split", [cx.val(a["self"])], {"axis": dim, "sizes": sizes})
+    return [(nid, i) for i in range(len(sizes))]
+
+
+@handles("slice")
+def _slice(cx: _Capture, a: dict[str, Any]) -> Value:
+    x = cx.val(a["self"])
+    dim = int(a.get("dim", 0))
+    size = cx.shape(a["self"])[dim]
+    start = 0 if a.get("start") is None else int(a["start"])
+    end = size if a.get("end") is None else int(a["end"])
+    # INT64_MAX means "to the end"; store the python-slice form that survives channel pruning
+    end = min(end, size) if end >= 0 else end
+    if start == 0 and end == size and int(a.get("step", 1)) == 1:
+        return (cx.emit("identity", [x]), 0)
+    return (cx.emit("slice", [x], {"axis": dim, "start": start, "end": end, "step": int(a.get("step", 1))}), 0)
+
+
+@handles("flatten")
+def _flatten(cx: _Capture, a: dict[str, Any]) -> Value:
+    return (cx.emit("flatten", [cx.val(a["self"])],
+                    {"start_dim": int(a.get("start_dim", 0)), "end_dim": int(a.get("end_dim", -1))}), 0)
+
+
+@handles("view", "reshape", "_unsafe_view", "unflatten", "_reshape_alias")
+def _reshape(cx: _Capture, a: dict[str, Any]) -> Value:
+    x = cx.val(a["self"])
+    src = cx.shape(a["self"])
+    out = tuple(int(d) for d in cx.out_meta().shape)
+    # a flatten written as view(x.size(0), -1): keep it batch- and channel-count agnostic
+    if len(src) > 2 and len(out) == 2 and out[0] == src[0]:
+        return (cx.emit("flatten", [x], {"start_dim": 1, "end_dim": -1}), 0)
+    # the observed shape is the truth; the batch dim becomes 0 (copy) and a written -1 stays -1
+    target = list(out)
+    if src and out[0] == src[0]:
+        target[0] = 0
+    size = [int(d) for d in a.get("size") or ()]
+    if -1 in size and size.index(-1) < len(target) and target[size.index(-1)] != 0:
+        target[size.index(-1)] = -1
+    elif -1 not in target and len(target) >= 2 and target[-1] != 0:
+        # torch.export resolves -1; inferring the trailing dim keeps the IR free of baked-in spatial sizes
+        target[-1] = -1
+    return (cx.emit("reshape", [x], {"shape": tuple(target)}), 0)
+
+
+@handles("permute")
+def _permute(cx: _Capture, a: dict[str, Any]) -> Value:
+    rank = len(cx.shape(a["self"]))
+    return (cx.emit("transpose", [cx.val(a["self"])], {"perm": tuple(int(d) % rank for d in a["dims"])}), 0)
+
+
+@handles("transpose", "swapaxes", "t")
+def _transpose(cx: _Capture, a: dict[str, Any]) -> Value:
+    rank = len(cx.shape(a["self"]))
+    perm = list(range(rank))
+    d0, d1 = (int(a.get("dim0", 0)) % rank, int(a.get("dim1", 1)) % rank) if rank > 1 else (0, 0)
+    if "axis0" in a:
+        d0, d1 = int(a["axis0"]) % rank, int(a["axis1"]) % rank
+    perm[d0], perm[d1] = perm[d1], perm[d0]
+    return (cx.emit("transpose", [cx.val(a["self"])], {"perm": tuple(perm)}), 0)
+
+
+@handles("squeeze")
+def _squeeze(cx: _Capture, a: dict[str, Any]) -> Value:
+    src = cx.shape(a["self"])
+    dims = a.get("dim")
+    if dims is None:
+        axes = tuple(i for i, d in enumerate(src) if d == 1)
+    else:
+        axes = tuple(int(d) % len(src) for d in (dims if isinstance(dims, (list, tuple)) else [dims]))
+        axes = tuple(d for d in axes if src[d] == 1)
+    if not axes:
+        return (cx.emit("identity", [cx.val(a["self"])]), 0)
+    return (cx.emit("squeeze", [cx.val(a["self"])], {"axes": axes}), 0)
+
+
+@handles("unsqueeze")
+def _unsqueeze(cx: _Capture, a: dict[str, Any]) -> Value:
+    rank = len(cx.shape(a["self"])) + 1
+    return (cx.emit("unsqueeze", [cx.val(a["self"])], {"axes": (int(a["dim"]) % rank,)}), 0)
+
+
+def _pool_attrs(a: dict[str, Any], dims: int) -> dict[str, Any]:
+    k = _tup(a["kernel_size"], dims)
+    s = a.get("stride")
+    stride = k if s is None or (isinstance(s, (list, tuple)) and len(s) == 0) else _tup(s, dims)
+    p = _tup(a.get("padding", 0), dims)
+    return {"kernel": k, "stride": stride, "padding": p + p, "ceil_mode": bool(a.get("ceil_mode", False))}
+
+
+@handles("max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices")
+def _max_pool(cx: _Capture, a: dict[str, Any]) -> Any:
+    dims = len(cx.shape(a["self"])) - 2
+    attrs = _pool_attrs(a, dims)
+    attrs["dilation"] = _tup(a.get("dilation", 1), dims)
+    v = (cx.emit("max_pool", [cx.val(a["self"])], attrs), 0)
+    return [v, None] if isinstance(cx.out_meta(), (list, tuple)) else v
+
+
+@handles("avg_pool1d", "avg_pool2d", "avg_pool3d")
+def _avg_pool(cx: _Capture, a: dict[str, Any]) -> Value:
+    if a.get("divisor_override") is not None:
+        raise _Unmappable("divisor_override")
+    dims = len(cx.shape(a["self"])) - 2
+    attrs = _pool_attrs(a, dims)
+    attrs["count_include_pad"] = bool(a.get("count_include_pad", True))
+    return (cx.emit("avg_pool", [cx.val(a["self"])], attrs), 0)
+
+
+@handles("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "_adaptive_avg_pool2d")
+def _adaptive(cx: _Capture, a: dict[str, Any]) -> Value:
+    out = tuple(int(d) for d in cx.out_meta().shape[2:])
+    return (cx.emit("adaptive_avg_pool", [cx.val(a["self"])], {"output_size": out}), 0)
+
+
+@handles("mean")
+def _mean(cx: _Capture, a: dict[str, Any]) -> Value:
+    if a.get("dtype") is not None:
+        raise _Unmappable("mean with dtype")
+    rank = len(cx.shape(a["self"]))
+    dims = a.get("dim")
+    axes = tuple(range(rank)) if not dims else tuple(sorted(int(d) % rank for d in dims))
+    return (cx.emit("mean", [cx.val(a["self"])], {"axes": axes, "keepdim": bool(a.get("keepdim", False))}), 0)
+
+
+@handles("pad", "constant_pad_nd")
+def _pad(cx: _Capture, a: dict[str, Any]) -> Value:
+    rank = len(cx.shape(a["self"]))
+    tp = [int(p) for p in a["pad"]]
+    begins, ends = [0] * rank, [0] * rank
+    for i in range(len(tp) // 2):  # torch order: last axis first, (begin, end) pairs
+        begins[rank - 1 - i], ends[rank - 1 - i] = tp[2 * i], tp[2 * i + 1]
+    mode = a.get("mode", "constant")
+    value = a.get("value")
+    return (cx.emit("pad", [cx.val(a["self"])], {"pads": tuple(begins + ends), "mode": mode,
+                                                 "value": float(value or 0.0)}), 0)
+
+
+@handles("upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", "upsample_linear1d",
+         "upsample_bilinear2d", "upsample_trilinear3d")
+def _upsample(cx: _Capture, a: dict[str, Any]) -> Value:
+    size = tuple(int(d) for d in cx.out_meta().shape[2:])
+    assert cx.cur is not None
+    linear = a["_linear"] if "_linear" in a else "nearest" not in str(cx.cur.target)
+    # coordinate conventions spelled the ONNX way, so both backends agree on what torch computed
+    attrs: dict[str, Any] = {"size": size, "mode": "linear" if linear else "nearest"}
+    if linear:
+        align = bool(a.get("align_corners", False))
+        attrs["align_corners"] = align
+        attrs["coordinate_transformation_mode"] = "align_corners" if align else "pytorch_half_pixel"
+    else:
+        attrs["coordinate_transformation_mode"] = "asymmetric"
+        attrs["nearest_mode"] = "floor"
+    return (cx.emit("resize", [cx.val(a["input"] if "input" in a else a["self"])], attrs), 0)
+
+
+@handles("embedding")
+def _embedding(cx: _Capture, a: dict[str, Any]) -> Value:
+    return (cx.emit("embedding", [cx.val(a["indices"])], {}, {"weight": cx.const(a["weight"])}), 0)
+
+
+# ---- module-level graphs (symbolic_trace fallback): modules and functions onto aten-style args --
+def _mod_args(m: nn.Module) -> tuple[str, dict[str, Any]] | None:
+    """(aten packet, bound args without the input) for a torch.nn layer, or None if unknown."""
+    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and m.padding_mode == "zeros":
+        return "conv2d", {"weight": m.weight, "bias": m.bias, "stride": m.stride, "padding": m.padding,
+                          "dilation": m.dilation, "groups": m.groups}
+    if isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        return "conv_transpose2d", {"weight": m.weight, "bias": m.bias, "stride": m.stride,
+                                    "padding": m.padding, "output_padding": m.output_padding,
+                                    "groups": m.groups, "dilation": m.dilation}
+    if isinstance(m, nn.Linear):
+        return "linear", {"weight": m.weight, "bias": m.bias}
+    if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None and not m.training:
+        return "batch_norm", {"weight": m.weight, "bias": m.bias, "running_mean": m.running_mean,
+                              "running_var": m.running_var, "training": False, "eps": m.eps}
+    if isinstance(m, nn.LayerNorm):
+        return "layer_norm", {"normalized_shape": m.normalized_shape, "weight": m.weight, "bias": m.bias,
+                              "eps": m.eps}
+    if isinstance(m, nn.GroupNorm):
+        return "group_norm", {"num_groups": m.num_groups, "weight": m.weight, "bias": m.bias, "eps": m.eps}
+    if isinstance(m, nn.Embedding):
+        return "embedding", {"weight": m.weight}
+    if isinstance(m, nn.ReLU6):
+        return "relu6", {}
+    if isinstance(m, nn.Hardtanh):
+        return "hardtanh", {"min_val": m.min_val, "max_val": m.max_val}
+    if isinstance(m, nn.LeakyReLU):
+        return "leaky_relu", {"negative_slope": m.negative_slope}
+    if isinstance(m, nn.GELU):
+        return "gelu", {"approximate": m.approximate}
+    if isinstance(m, nn.Softmax) and m.dim is not None:
+        return "softmax", {"dim": m.dim}
+    if isinstance(m, nn.Flatten):
+        return "flatten", {"start_dim": m.start_dim, "end_dim": m.end_dim}
+    if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)) and not m.return_indices:
+        return "max_pool2d", {"kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding,
+                              "dilation": m.dilation, "ceil_mode": m.ceil_mode}
+    if isinstance(m, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
+        return "avg_pool2d", {"kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding,
+                              "ceil_mode": m.ceil_mode, "count_include_pad": m.count_include_pad,
+                              "divisor_override": getattr(m, "divisor_override", None)}
+    if isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)):
+        return "adaptive_avg_pool2d", {}
+    if isinstance(m, nn.Upsample) and m.mode in ("nearest", "linear", "bilinear", "trilinear"):
+        return "upsample_nearest2d", {"_linear": m.mode != "nearest", "align_corners": bool(m.align_corners)}
+    simple = {nn.ReLU: "relu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.SiLU: "silu",
+              nn.Hardswish: "hardswish", nn.Hardsigmoid: "hardsigmoid", nn.Dropout: "dropout",
+              nn.Dropout1d: "dropout", nn.Dropout2d: "dropout", nn.Identity: "clone"}
+    name = simple.get(type(m))
+    return (name, {}) if name else None
+
+
+_FUNCS: dict[Any, str] = {
+    operator.add: "add", operator.sub: "sub", operator.mul: "mul", operator.truediv: "div",
+    torch.add: "add", torch.sub: "sub", torch.mul: "mul", torch.div: "div",
+    torch.relu: "relu", F.relu: "relu", torch.sigmoid: "sigmoid", torch.tanh: "tanh", F.silu: "silu",
+    F.gelu: "gelu", F.hardswish: "hardswish", F.relu6: "relu6", torch.cat: "cat", torch.concat: "cat",
+    torch.flatten: "flatten", torch.matmul: "matmul", torch.bmm: "bmm", torch.softmax: "softmax",
+    F.softmax: "softmax", torch.permute: "permute", torch.transpose: "transpose", torch.mean: "mean",
+    torch.chunk: "chunk", torch.split: "split", F.adaptive_avg_pool2d: "adaptive_avg_pool2d",
+    F.max_pool2d: "max_pool2d", F.avg_pool2d: "avg_pool2d", torch.squeeze: "squeeze",
+    torch.unsqueeze: "unsqueeze", torch.reshape: "reshape", F.dropout: "dropout",
+}
+_METHODS = {"view": "view", "reshape": "reshape", "flatten": "flatten", "permute": "permute",
+            "transpose": "transpose", "relu": "relu", "sigmoid": "sigmoid", "mean": "mean",
+            "squeeze": "squeeze", "unsqueeze": "unsqueeze", "contiguous": "contiguous", "chunk": "chunk",
+            "split": "split", "add": "add", "mul": "mul", "sub": "sub", "div": "div", "softmax": "softmax",
+            "matmul": "matmul", "tanh": "tanh"}
+_VARARGS = {"view": "size", "reshape": "shape", "permute": "dims"}
+_OVERLOADS = {"add": "Tensor", "sub": "Tensor", "mul": "Tensor", "div": "Tensor", "flatten": "using_ints",
+              "transpose": "int", "mean": "dim", "squeeze": "dims", "split": "Tensor", "softmax": "int"}
+
+
+def _bind(schema: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for i, arg in enumerate(schema.arguments):
+        if i < len(args) and not arg.kwarg_only:
+            out[arg.name] = args[i]
+        elif arg.name in kwargs:
+            out[arg.name] = kwargs[arg.name]
+        elif arg.has_default_value():
+            out[arg.name] = arg.default_value
+    for k in ("input", "dim", "dims", "shape"):  # torch-function spellings of aten argument names
+        if k in kwargs and k not in out:
+            out[{"input": "self", "dims": "dim", "shape": "size"}.get(k, k)] = kwargs[k]
+    return out
+
+
+def _schema_for(packet: str) -> Any:
+    p = getattr(torch.ops.aten, packet)
+    ov = _OVERLOADS.get(packet, "default")
+    return getattr(p, ov if ov in p.overloads() else p.overloads()[0])._schema

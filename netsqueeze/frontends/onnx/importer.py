@@ -1,0 +1,494 @@
+"""The import walk: graphsurgeon nodes in topological order become IR nodes; constants fold into params;
+unknown ops become opaque nodes re-emitted verbatim."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import torch
+from onnx import helper
+
+from netsqueeze.errors import CaptureError, NetsqueezeError
+from netsqueeze.frontends.onnx.load import (
+    _DEFAULT_DOMAINS,
+    MAX_OPSET,
+    MIN_OPSET,
+    _fail,
+    _node_ids,
+    _static_shape,
+    check_structure,
+    load_model,
+    model_opset,
+    onnx_dtype_name,
+    skeleton,
+)
+from netsqueeze.frontends.onnx.ops import HANDLERS
+from netsqueeze.frontends.onnx.torch_ops import _TORCH_OPS, OnnxTorchOp
+from netsqueeze.frontends.onnx.weights import _dense_np, _encoded_weight
+from netsqueeze.ir.graph import Graph, Origin, TensorMeta, Value
+from netsqueeze.ir.ops import infer_node
+from netsqueeze.ir.weights import SPARSE_LAYOUT_KEY, Centroids, Encoded, Sparse, WeightFormError
+
+# Any default-domain op whose inputs are all constants is evaluated at import, except these: random ops
+# (not deterministic) and Q/DQ (their placement is the quantisation recipe, so they stay nodes).
+_NOT_FOLDABLE = frozenset({
+    "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli",
+    "If", "Loop", "Scan",
+})
+
+
+class _Importer:
+    """Walks the graphsurgeon nodes in topological order, emitting IR nodes and folding constants."""
+
+    def __init__(self, proto: onnx.ModelProto, name: str, input_shapes: dict[str, tuple[int, ...]]) -> None:
+        self.proto = proto
+        self.opset = model_opset(proto)
+        self.graph = Graph(name)
+        self.vals: dict[str, Value] = {}
+        self.consts: dict[str, Any] = {}  # tensor name → np.ndarray, or an Encoded weight (QDQ, sparse, codebook)
+        self.centroids: dict[str, Centroids] = {}  # codebook tables by tensor name: shared tables stay shared
+        self.input_shapes = input_shapes
+        self.skip: set[int] = set()
+        self.fused: dict[int, Callable[[], None]] = {}
+        self.value_info: dict[str, TensorMeta] = {}
+        self.owned: dict[int, str] = {}  # id(array) → name: arrays made at import, not yet handed to a node
+        self.cur_id = ""
+        self.cur_op = ""
+        self.nodes: list[Any] = []  # graphsurgeon nodes, in file order
+        self.ids: list[str] = []
+        self.reserved: set[str] = set()
+        self.protos: list[onnx.NodeProto] = []
+
+    # ---- helpers used by the op handlers ----------------------------------------------------
+    def const(self, t: gs.Tensor) -> Any:
+        """The constant value of `t` (an ndarray or an `Encoded` weight), or None."""
+        if t.name in self.consts:
+            return self.consts[t.name]
+        if isinstance(t, gs.Constant):
+            arr = np.asarray(t.values)
+            self.consts[t.name] = arr
+            self.owned[id(arr)] = t.name
+            return arr
+        return None
+
+    def take(self, arr: np.ndarray | torch.Tensor | Encoded) -> torch.Tensor | Encoded:
+        """A torch tensor for a param: the first user of an import-made array gets it without a copy."""
+        if isinstance(arr, (torch.Tensor, Encoded)):
+            return arr
+        return _to_torch(arr, owned=self.owned.pop(id(arr), None) is not None)
+
+    def is_const(self, t: gs.Tensor) -> bool:
+        return self.const(t) is not None
+
+    def value(self, t: gs.Tensor) -> Value:
+        """The IR value of a tensor; constants become (shared) constant nodes on first use."""
+        if t.name in self.vals:
+            return self.vals[t.name]
+        arr = self.const(t)
+        if arr is None:
+            raise _fail(f"node '{self.cur_id}' ({self.cur_op}) reads '{t.name}', which is not defined",
+                        node=self.cur_id)
+        base = t.name or f"{self.cur_id}/const"
+        if base in self.reserved:  # ONNX node names own their ids; a tensor of the same name yields
+            base = f"{base}/value"
+        nid = self.graph.add_node(base, "constant",
+                                  params={"value": self.take(arr)},
+                                  origin=Origin("onnx", t.name, "Constant"), unique=True)
+        self._infer(nid)
+        self.vals[t.name] = (nid, 0)
+        return (nid, 0)
+
+    def meta(self, t: gs.Tensor) -> TensorMeta:
+        arr = self.const(t)
+        if isinstance(arr, Encoded):
+            return TensorMeta(arr.shape, str(arr.dtype).removeprefix("torch."))
+        if arr is not None:
+            return TensorMeta(tuple(arr.shape), str(arr.dtype))
+        return self.graph.meta_of(self.value(t))
+
+    def emit(self, kind: str, inputs: list[Value], attrs: dict[str, Any] | None = None,
+             params: Mapping[str, Any] | None = None, *, suffix: str = "") -> Value:
+        nid = self.cur_id + (f"/{suffix}" if suffix else "")
+        ps = {k: self.take(v) for k, v in (params or {}).items()}
+        nid = self.graph.add_node(nid, kind, inputs, attrs=attrs, params=ps,
+                                  origin=Origin("onnx", self.cur_id, self.cur_op), unique=True)
+        self._infer(nid)
+        return (nid, 0)
+
+    def _infer(self, nid: str) -> None:
+        node = self.graph.node(nid)
+        try:
+            node.meta = infer_node(self.graph, node)
+        except NetsqueezeError as e:
+            raise _fail(f"node '{self.cur_id}' ({self.cur_op}): {e.message}", node=self.cur_id) from None
+
+    # ---- the walk ---------------------------------------------------------------------------------
+    def run(self) -> Graph:
+        proto = self.proto
+        opset = self.opset
+        g = self.graph
+        g.meta.update({"frontend": "onnx", "opset": opset, "producer": proto.producer_name,
+                       "ir_version": int(proto.ir_version)})
+        inits = {t.name for t in proto.graph.initializer}
+        real_inputs = [i for i in proto.graph.input if i.name not in inits]
+        unknown = set(self.input_shapes) - {i.name for i in real_inputs}
+        if unknown:
+            raise _fail(f"input_shapes names unknown inputs {sorted(unknown)}; the model's inputs are "
+                        f"{[i.name for i in real_inputs]}")
+        shapes = {i.name: _static_shape(i, self.input_shapes.get(i.name)) for i in real_inputs}
+        ids = _node_ids(proto, {i.name for i in real_inputs})
+        order = check_structure(proto, ids)
+        self._shape_inference(shapes)
+
+        for i in real_inputs:
+            tt = i.type.tensor_type
+            nid = g.add_node(i.name, "input", attrs={"shape": shapes[i.name], "dtype": onnx_dtype_name(tt.elem_type)},
+                             origin=Origin("onnx", i.name, "input"))
+            self._infer(nid)
+            self.vals[i.name] = (nid, 0)
+
+        self._sparse_initializers()
+        gsg = gs.import_onnx(proto)
+        nodes = list(gsg.nodes)
+        protos = list(proto.graph.node)
+        if len(nodes) != len(protos):
+            raise _fail("onnx-graphsurgeon imported a different number of nodes than the file holds")
+        self.nodes, self.ids, self.protos = nodes, ids, protos
+        self.reserved = set(ids)
+        self._find_patterns(order)
+        for idx in order:
+            if idx in self.skip:
+                continue
+            n, self.cur_id, self.cur_op = nodes[idx], ids[idx], nodes[idx].op
+            if idx in self.fused:
+                self.fused[idx]()
+                continue
+            if (n.domain or "") in _DEFAULT_DOMAINS and self._fold(n, protos[idx]):
+                continue
+            handler = HANDLERS.get(n.op) if (n.domain or "") in _DEFAULT_DOMAINS else None
+            if handler is None or not handler(self, n):
+                self._opaque(n, protos[idx])
+
+        g.meta["input_names"] = [i.name for i in real_inputs]
+        g.meta["output_names"] = [o.name for o in proto.graph.output]
+        for o in proto.graph.output:
+            self.cur_id, self.cur_op = o.name, "output"
+            src = self.value(gs.Variable(o.name)) if o.name in self.vals else self._const_output(o.name, gsg)
+            nid = g.add_node(o.name, "output", [src], origin=Origin("onnx", o.name, "output"), unique=True)
+            self._infer(nid)
+        _absorb_affine_into_bn(g)
+        try:
+            g.infer_shapes()
+            g.verify()
+        except NetsqueezeError as e:
+            raise CaptureError(list(e.diagnostics)) from None
+        return g
+
+    def _sparse_initializers(self) -> None:
+        """`sparse_initializer`s become sparse weights (COO, or the layout netsqueeze recorded when it wrote them)."""
+        layouts = {p.key.removeprefix(SPARSE_LAYOUT_KEY): p.value for p in self.proto.metadata_props
+                   if p.key.startswith(SPARSE_LAYOUT_KEY)}
+        for sp in self.proto.graph.sparse_initializer:
+            name = sp.values.name
+            dims = tuple(int(d) for d in sp.dims)
+            try:
+                values = torch.from_numpy(np.array(onnx.numpy_helper.to_array(sp.values)).reshape(-1).copy())
+                idx = np.asarray(onnx.numpy_helper.to_array(sp.indices), dtype=np.int64)
+                if idx.ndim == 2:  # [nnz, rank] coordinates → flat positions
+                    idx = np.ravel_multi_index(tuple(idx.T), dims)
+                order = np.argsort(idx, kind="stable")
+                w = Sparse(values[torch.from_numpy(order)], torch.from_numpy(idx[order].copy()), dims)
+                layout = layouts.get(name, "coo").split(":")
+                if layout[0] != "coo":
+                    nm = [int(v) for v in layout[1:]] or [0, 0]
+                    w = Sparse.from_dense(w.dense(), layout[0], nm[0], nm[1]) if layout[0] == "nm" else \
+                        Sparse.from_dense(w.dense(), layout[0])
+            except (ValueError, IndexError, WeightFormError) as e:
+                raise _fail(f"sparse initializer '{name}' is malformed: {e}") from None
+            self.consts[name] = w
+
+    def _const_output(self, name: str, gsg: gs.Graph) -> Value:
+        t = gsg.tensors().get(name)
+        if t is None or self.const(t) is None:
+            raise _fail(f"graph output '{name}' is not produced by any node")
+        return self.value(t)
+
+    def _shape_inference(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """ONNX shape inference at the fixed input shapes: output shapes of opaque nodes come from here."""
+        m = skeleton(self.proto)
+        for i in m.graph.input:
+            if i.name in shapes:
+                shape = i.type.tensor_type.shape
+                shape.Clear()
+                for v in shapes[i.name]:
+                    shape.dim.add(dim_value=v)
+        try:
+            inferred = onnx.shape_inference.infer_shapes(m, data_prop=True)
+        except Exception:
+            return  # opaque nodes then fail below with a precise message
+        for vi in [*inferred.graph.value_info, *inferred.graph.output]:
+            tt = vi.type.tensor_type
+            if tt.elem_type and tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
+                self.value_info[vi.name] = TensorMeta(tuple(d.dim_value for d in tt.shape.dim),
+                                                      onnx_dtype_name(tt.elem_type))
+
+    # ---- constant folding ---------------------------------------------------------------------
+    def _fold(self, n: gs.Node, proto: onnx.NodeProto) -> bool:
+        enc = _encoded_weight(self, n)
+        if enc is not None:
+            self.consts[n.outputs[0].name] = enc
+            return True
+        if n.op in _NOT_FOLDABLE:
+            return False
+        if n.op == "Shape":
+            # Shapes are static in the IR, so Shape of any known tensor is a constant.
+            if n.inputs[0].name not in self.vals and self.const(n.inputs[0]) is None:
+                return False
+            dims = np.array(self.meta(n.inputs[0]).shape, dtype=np.int64)
+            start, end = int(n.attrs.get("start", 0)), n.attrs.get("end")
+            self.consts[n.outputs[0].name] = dims[start:end if end is None else int(end)]
+            return True
+        ins = [t for t in n.inputs if t.name]
+        if not all(self.is_const(t) for t in ins):
+            return False
+        if n.op == "ConstantOfShape":
+            v = n.attrs.get("value")
+            fill = np.asarray(v.values).reshape(-1) if v is not None else np.zeros(1, np.float32)
+            shape = tuple(int(d) for d in self.consts[ins[0].name])
+            self.consts[n.outputs[0].name] = np.full(shape, fill[0], dtype=fill.dtype)
+            self.owned[id(self.consts[n.outputs[0].name])] = n.outputs[0].name
+            return True
+        if n.op in ("Identity", "Dropout"):
+            self.consts[n.outputs[0].name] = self.consts[ins[0].name]
+            return True
+        if n.op == "Constant" and isinstance(n.attrs.get("value"), gs.Constant):
+            arr = np.asarray(n.attrs["value"].values)
+            self.consts[n.outputs[0].name] = arr
+            self.owned[id(arr)] = n.outputs[0].name
+            return True
+        feeds = {t.name: _dense_np(self.consts[t.name]) for t in ins}
+        try:
+            outs = _evaluate(proto, feeds, self.opset)
+        except Exception:
+            return False
+        for t, v in zip(n.outputs, outs):
+            self.consts[t.name] = np.asarray(v)
+        return True
+
+    # ---- fallback --------------------------------------------------------------------------------
+    def _opaque(self, n: gs.Node, proto: onnx.NodeProto) -> None:
+        """Kept verbatim: payload holds what the ONNX backend needs to re-emit the node."""
+        inputs = [t for t in n.inputs]
+        while inputs and not inputs[-1].name:
+            inputs.pop()
+        if any(not t.name for t in inputs):
+            raise _fail(f"node '{self.cur_id}' ({n.op}) skips an optional input in the middle; "
+                        f"netsqueeze cannot keep such an unknown op", node=self.cur_id)
+        outer = sorted(_outer_names(proto))
+        if outer:
+            raise _fail(f"node '{self.cur_id}' ({n.op}) reads {', '.join(repr(o) for o in outer[:3])} from the "
+                        f"enclosing graph inside its subgraph; netsqueeze cannot keep such an op", node=self.cur_id)
+        metas = []
+        for t in n.outputs:
+            if t.name not in self.value_info:
+                raise _fail(f"node '{self.cur_id}' ({n.op}) is not a supported op and ONNX shape inference "
+                            f"cannot tell the shape of its output '{t.name}'", node=self.cur_id)
+            metas.append(self.value_info[t.name])
+        payload_type = OnnxTorchOp if (n.domain or "") in _DEFAULT_DOMAINS and n.op in _TORCH_OPS else dict
+        payload = payload_type({
+            "op_type": n.op,
+            "domain": n.domain or "",
+            "attributes": [a.SerializeToString() for a in proto.attribute],
+            "opset": self.opset,
+            "domain_opset": next((int(i.version) for i in self.proto.opset_import if i.domain == (n.domain or "")), 1),
+            "num_outputs": len(n.outputs),
+            "output_names": [t.name for t in n.outputs],
+        })
+        nid = self.graph.add_node(self.cur_id, "opaque", [self.value(t) for t in inputs],
+                                  origin=Origin("onnx", self.cur_id, n.op, payload), unique=True)
+        node = self.graph.node(nid)
+        node.meta = metas
+        for i, t in enumerate(n.outputs):
+            if t.name:
+                self.vals[t.name] = (nid, i)
+
+    # ---- multi-node patterns ----------------------------------------------------------------------
+    def _find_patterns(self, order: list[int]) -> None:
+        index = {id(n): i for i, n in enumerate(self.nodes)}
+        outputs = {o.name for o in self.proto.graph.output}
+
+        def sole_user(t: gs.Tensor) -> Any:
+            return t.outputs[0] if len(t.outputs) == 1 and t.name not in outputs else None
+
+        def producer(t: gs.Tensor) -> Any:
+            return t.inputs[0] if len(t.inputs) == 1 else None
+
+        def peek(t: gs.Tensor) -> np.ndarray | None:
+            """A constant's value before the walk has folded anything: initializers and Constant nodes."""
+            arr = self.const(t)
+            src = producer(t)
+            if arr is None and src is not None and src.op == "Constant" and isinstance(src.attrs.get("value"), gs.Constant):
+                return np.asarray(src.attrs["value"].values)
+            return arr
+
+        def scalar(n: gs.Node, want: float) -> gs.Tensor | None:
+            """The non-constant operand of a binary node whose other operand is the scalar `want`."""
+            if len(n.inputs) != 2:
+                return None
+            for a, b in ((0, 1), (1, 0)):
+                arr = peek(n.inputs[b])
+                if arr is not None and arr.size == 1 and abs(float(arr.reshape(-1)[0]) - want) < 1e-3 \
+                        and peek(n.inputs[a]) is None:
+                    return n.inputs[a]  # type: ignore[no-any-return]
+            return None
+
+        for i in order:
+            erf = self.nodes[i]
+            if erf.op != "Erf" or (erf.domain or "") not in _DEFAULT_DOMAINS:
+                continue
+            pre = producer(erf.inputs[0])
+            if pre is None or sole_user(erf.inputs[0]) is not erf:
+                continue
+            x = scalar(pre, math.sqrt(2)) if pre.op == "Div" else scalar(pre, 1 / math.sqrt(2)) \
+                if pre.op == "Mul" else None
+            add = sole_user(erf.outputs[0])
+            if x is None or add is None or add.op != "Add" or scalar(add, 1.0) is not erf.outputs[0]:
+                continue
+            m1 = sole_user(add.outputs[0])
+            if m1 is None or m1.op != "Mul" or pre is None:
+                continue
+            other = m1.inputs[1] if m1.inputs[0] is add.outputs[0] else m1.inputs[0]
+            chain = [pre, erf, add, m1]
+            if other is x:  # x * (1 + erf) * 0.5
+                m2 = sole_user(m1.outputs[0])
+                if m2 is None or m2.op != "Mul" or scalar(m2, 0.5) is not m1.outputs[0]:
+                    continue
+                chain.append(m2)
+            elif scalar(m1, 0.5) is add.outputs[0]:  # (1 + erf) * 0.5 * x
+                m2 = sole_user(m1.outputs[0])
+                if m2 is None or m2.op != "Mul" or x not in m2.inputs:
+                    continue
+                chain.append(m2)
+            else:  # (x * 0.5) * (1 + erf)
+                h = producer(other)
+                if h is None or h.op != "Mul" or scalar(h, 0.5) is not x or sole_user(other) is not m1:
+                    continue
+                chain.append(h)
+            if any(index[id(c)] in self.skip or index[id(c)] in self.fused for c in chain):
+                continue
+            last = max(chain, key=lambda c: order.index(index[id(c)]))
+            inner = {id(t) for c in chain for t in c.inputs}
+            out = next(c.outputs[0] for c in chain if id(c.outputs[0]) not in inner)
+            for c in chain:
+                self.skip.add(index[id(c)])
+            self.skip.discard(index[id(last)])
+
+            def fuse(x: gs.Tensor = x, out: gs.Tensor = out) -> None:
+                self.vals[out.name] = self.emit("gelu", [self.value(x)], {"approximate": "none"})
+
+            self.fused[index[id(last)]] = fuse
+
+
+def _per_channel(g: Graph, node_id: str, value: Value, c: int, rank: int) -> torch.Tensor | None:
+    """The [C] vector of a mul/add operand that is a constant of shape [C, 1, ...] or [1, C, 1, ...]."""
+    (a, _), (b, _) = g.operands(node_id)
+    other = b if a == value[0] else a
+    node = g.node(other)
+    if node.kind != "constant" or len(g.users(other)) != 1:
+        return None
+    v = node.params["value"]
+    if not isinstance(v, torch.Tensor) or v.dtype != torch.float32 or v.numel() != c or tuple(v.shape) not in (
+            (c,) + (1,) * (rank - 2), (1, c) + (1,) * (rank - 2)):
+        return None
+    return v.reshape(c)
+
+
+def _absorb_affine_into_bn(g: Graph) -> None:
+    """BatchNorm → Mul(γ) → Add(β) with per-channel constants (Caffe2 exports) becomes one BatchNorm.
+
+    Exact: weight·γ and bias·γ + β. Channel analysis then sees one per-channel op instead of two
+    broadcasts against constants.
+    """
+    for bn in g.by_kind("batch_norm"):
+        users = g.users(bn.id)
+        if len(users) != 1 or g.node(users[0][0]).kind != "mul":
+            continue
+        mul = g.node(users[0][0])
+        rank, c = len(bn.meta[0].shape), bn.meta[0].shape[1]
+        gamma = _per_channel(g, mul.id, (bn.id, 0), c, rank)
+        add_users = g.users(mul.id)
+        if gamma is None or len(add_users) != 1 or g.node(add_users[0][0]).kind != "add":
+            continue
+        add = g.node(add_users[0][0])
+        beta = _per_channel(g, add.id, (mul.id, 0), c, rank)
+        if beta is None or mul.meta != bn.meta or add.meta != bn.meta:
+            continue
+        w = bn.dense("weight") if "weight" in bn.params else torch.ones(c)
+        b = bn.dense("bias") if "bias" in bn.params else torch.zeros(c)
+        bn.params["weight"], bn.params["bias"] = w * gamma, b * gamma + beta
+        consts = [s for s, _ in g.operands(mul.id) + g.operands(add.id) if g.node(s).kind == "constant"]
+        g.replace_uses((add.id, 0), (bn.id, 0))
+        g.remove_node(add.id)
+        g.remove_node(mul.id)
+        for k in consts:
+            g.remove_node(k)
+
+
+def _outer_names(node: onnx.NodeProto) -> set[str]:
+    """Tensors a node's subgraphs (If/Loop/Scan bodies) read from the enclosing scope."""
+    free: set[str] = set()
+    for a in node.attribute:
+        for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+            local = {i.name for i in sub.input} | {t.name for t in sub.initializer} | {""}
+            for n in sub.node:
+                free |= {t for t in n.input if t not in local} | (_outer_names(n) - local)
+                local |= set(n.output)
+    return free
+
+
+def _evaluate(proto: onnx.NodeProto, feeds: dict[str, np.ndarray], opset: int) -> list[np.ndarray]:
+    from onnx.reference import ReferenceEvaluator
+
+    node = onnx.NodeProto()
+    node.CopyFrom(proto)
+    ins = [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+           for k, v in feeds.items()]
+    outs = [helper.make_empty_tensor_value_info(o) for o in node.output if o]
+    model = helper.make_model(helper.make_graph([node], "fold", ins, outs),
+                              opset_imports=[helper.make_opsetid("", max(opset, 7))])
+    res = ReferenceEvaluator(model).run(None, feeds)
+    return [np.asarray(r) for r in res]
+
+
+def _to_torch(arr: np.ndarray, owned: bool = False) -> torch.Tensor:
+    """`owned`: the array was made for this one use, so torch may take it without a copy."""
+    if arr.dtype == np.uint16 or arr.dtype.kind == "V":
+        raise CaptureError(f"constant of unsupported dtype {arr.dtype}")
+    if owned and arr.flags.c_contiguous and arr.flags.writeable:
+        return torch.from_numpy(arr)
+    return torch.from_numpy(np.array(arr, order="C", copy=True))
+
+
+def from_onnx(
+    model: str | os.PathLike[str] | onnx.ModelProto,
+    *,
+    name: str | None = None,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+) -> Graph:
+    """Imports an ONNX model into the IR; symbolic input dims are 1 unless `input_shapes` gives them.
+
+    Raises `CaptureError` for unreadable files, unsupported opsets, dangling inputs and cycles.
+    """
+    proto = load_model(model)
+    opset = model_opset(proto)
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise _fail(f"unsupported ONNX opset {opset} (netsqueeze supports opsets {MIN_OPSET}..{MAX_OPSET})")
+    gname = name or proto.graph.name or (os.path.splitext(os.path.basename(os.fspath(model)))[0]
+                                         if not isinstance(model, onnx.ModelProto) else "graph")
+    return _Importer(proto, gname, dict(input_shapes or {})).run()

@@ -1,0 +1,545 @@
+"""Per-op handlers: each maps one ONNX op (its opset differences inside) onto IR ops, or returns False
+to leave the node opaque."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from netsqueeze.frontends.onnx.load import _DEFAULT_DOMAINS
+from netsqueeze.frontends.onnx.weights import _is_float, _np_float, _transposed
+from netsqueeze.ir.graph import Value
+from netsqueeze.ir.tables import registrar
+from netsqueeze.ir.weights import Encoded
+
+if TYPE_CHECKING:
+    from netsqueeze.frontends.onnx.importer import _Importer
+
+Handler = Callable[["_Importer", gs.Node], bool]
+HANDLERS: dict[str, Handler] = {}
+
+
+handles = registrar(HANDLERS)
+
+_ABSENT = object()
+
+
+def _in(n: gs.Node, i: int) -> gs.Tensor | None:
+    return n.inputs[i] if i < len(n.inputs) and n.inputs[i].name else None
+
+
+def _const_in(imp: _Importer, n: gs.Node, i: int) -> Any:
+    """The constant at input i, None when the input is absent, _ABSENT when it is not a constant."""
+    t = _in(n, i)
+    if t is None:
+        return None
+    arr = imp.const(t)
+    return _ABSENT if arr is None else arr
+
+
+def _ints(v: Any) -> list[int]:
+    return [int(a) for a in np.asarray(v).reshape(-1)]
+
+
+def _bind(imp: _Importer, n: gs.Node, v: Value, i: int = 0) -> bool:
+    imp.vals[n.outputs[i].name] = v
+    return True
+
+
+def _used(imp: _Importer, t: gs.Tensor) -> bool:
+    return bool(t.outputs) or t.name in {o.name for o in imp.proto.graph.output}
+
+
+def _single_output(imp: _Importer, n: gs.Node) -> bool:
+    return all(not t.name or not _used(imp, t) for t in n.outputs[1:])
+
+
+def _auto_pads(imp: _Importer, n: gs.Node, spatial: tuple[int, ...], kernel: list[int], stride: list[int],
+               dilation: list[int]) -> list[int] | None:
+    auto = n.attrs.get("auto_pad", "NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    dims = len(kernel)
+    if auto in ("NOTSET", ""):
+        return _ints(n.attrs.get("pads", [0] * 2 * dims))
+    if auto == "VALID":
+        return [0] * 2 * dims
+    begins, ends = [], []
+    for size, k, s, d in zip(spatial, kernel, stride, dilation):
+        out = -(-size // s)
+        total = max(0, (out - 1) * s + (k - 1) * d + 1 - size)
+        small, big = total // 2, total - total // 2
+        begins.append(small if auto == "SAME_UPPER" else big)
+        ends.append(big if auto == "SAME_UPPER" else small)
+    return begins + ends
+
+
+@handles("Conv")
+def _conv(imp: _Importer, n: gs.Node) -> bool:
+    w, b = _const_in(imp, n, 1), _const_in(imp, n, 2)
+    if w is None or w is _ABSENT or b is _ABSENT or not _is_float(w):
+        return False
+    x = imp.meta(n.inputs[0])
+    dims = len(w.shape) - 2
+    kernel = _ints(n.attrs.get("kernel_shape", w.shape[2:]))
+    stride = _ints(n.attrs.get("strides", [1] * dims))
+    dilation = _ints(n.attrs.get("dilations", [1] * dims))
+    pads = _auto_pads(imp, n, x.shape[2:], kernel, stride, dilation)
+    params = {"weight": w} | ({"bias": b} if b is not None else {})
+    attrs = {"stride": stride, "padding": pads, "dilation": dilation, "groups": int(n.attrs.get("group", 1))}
+    return _bind(imp, n, imp.emit("conv", [imp.value(n.inputs[0])], attrs, params))
+
+
+@handles("ConvTranspose")
+def _conv_t(imp: _Importer, n: gs.Node) -> bool:
+    w, b = _const_in(imp, n, 1), _const_in(imp, n, 2)
+    auto = n.attrs.get("auto_pad", "NOTSET")
+    if w is None or w is _ABSENT or b is _ABSENT or "output_shape" in n.attrs or auto not in ("NOTSET", "VALID") \
+            or not _is_float(w):
+        return False
+    dims = len(w.shape) - 2
+    attrs = {
+        "stride": _ints(n.attrs.get("strides", [1] * dims)),
+        "padding": _ints(n.attrs.get("pads", [0] * 2 * dims)) if auto == "NOTSET" else [0] * 2 * dims,
+        "dilation": _ints(n.attrs.get("dilations", [1] * dims)),
+        "groups": int(n.attrs.get("group", 1)),
+        "output_padding": _ints(n.attrs.get("output_padding", [0] * dims)),
+    }
+    params = {"weight": w} | ({"bias": b} if b is not None else {})
+    return _bind(imp, n, imp.emit("conv_transpose", [imp.value(n.inputs[0])], attrs, params))
+
+
+@handles("Gemm")
+def _gemm(imp: _Importer, n: gs.Node) -> bool:
+    b, c = _const_in(imp, n, 1), _const_in(imp, n, 2)
+    alpha, beta = float(n.attrs.get("alpha", 1.0)), float(n.attrs.get("beta", 1.0))
+    if b is None or b is _ABSENT or c is _ABSENT or len(b.shape) != 2 or not _is_float(b) \
+            or imp.is_const(n.inputs[0]) or isinstance(c, Encoded) or (isinstance(b, Encoded) and alpha != 1.0):
+        return False
+    w = b if int(n.attrs.get("transB", 0)) else _transposed(b)
+    if alpha != 1.0:
+        w = w * w.dtype.type(alpha)
+    params: dict[str, Any] = {"weight": w if isinstance(w, Encoded) else np.ascontiguousarray(w)}
+    if c is not None and beta != 0.0:
+        if c.size not in (1, w.shape[0]) or (c.ndim == 2 and c.shape[0] != 1):
+            return False  # a per-row bias is not a linear layer's bias
+        params["bias"] = np.broadcast_to(c.reshape(-1) * c.dtype.type(beta), (w.shape[0],)).astype(w.dtype)
+    x = imp.value(n.inputs[0])
+    if int(n.attrs.get("transA", 0)):
+        x = imp.emit("transpose", [x], {"perm": [1, 0]}, suffix="transA")
+    return _bind(imp, n, imp.emit("linear", [x], {}, params))
+
+
+@handles("MatMul")
+def _matmul(imp: _Importer, n: gs.Node) -> bool:
+    a, b = n.inputs[0], n.inputs[1]
+    wb = imp.const(b)
+    if wb is not None and len(wb.shape) == 2 and not imp.is_const(a) and _is_float(wb) \
+            and len(imp.meta(a).shape) >= 2:
+        wt = _transposed(wb)
+        params: dict[str, Any] = {"weight": wt if isinstance(wt, Encoded) else np.ascontiguousarray(wt)}
+        out = n.outputs[0]
+        add = out.outputs[0] if len(out.outputs) == 1 and not _used_as_output(imp, out) else None
+        if add is not None and add.op == "Add" and (add.domain or "") in _DEFAULT_DOMAINS:
+            other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
+            bias = imp.const(other)
+            if isinstance(bias, np.ndarray) and bias.size == wb.shape[1] and bias.shape[-1:] == (wb.shape[1],) \
+                    and other is not out and bias.dtype == _np_float(wb):
+                params["bias"] = bias.reshape(-1)
+                v = imp.emit("linear", [imp.value(a)], {}, params)
+                imp.skip.add(next(i for i, m in enumerate(imp.nodes) if m is add))
+                imp.vals[add.outputs[0].name] = v
+                return _bind(imp, n, v)
+        return _bind(imp, n, imp.emit("linear", [imp.value(a)], {}, params))
+    return _bind(imp, n, imp.emit("matmul", [imp.value(a), imp.value(b)]))
+
+
+def _used_as_output(imp: _Importer, t: gs.Tensor) -> bool:
+    return t.name in {o.name for o in imp.proto.graph.output}
+
+
+@handles("BatchNormalization")
+def _bn(imp: _Importer, n: gs.Node) -> bool:
+    ps = [_const_in(imp, n, i) for i in range(1, 5)]
+    if any(p is None or p is _ABSENT for p in ps) or not _single_output(imp, n) \
+            or int(n.attrs.get("training_mode", 0)) or int(n.attrs.get("spatial", 1)) != 1:
+        return False
+    params = dict(zip(("weight", "bias", "running_mean", "running_var"), ps))
+    return _bind(imp, n, imp.emit("batch_norm", [imp.value(n.inputs[0])],
+                                  {"eps": float(n.attrs.get("epsilon", 1e-5))}, params))
+
+
+@handles("LayerNormalization")
+def _ln(imp: _Importer, n: gs.Node) -> bool:
+    scale, bias = _const_in(imp, n, 1), _const_in(imp, n, 2)
+    if scale is None or scale is _ABSENT or bias is _ABSENT or not _single_output(imp, n):
+        return False
+    shape = imp.meta(n.inputs[0]).shape
+    axis = int(n.attrs.get("axis", -1)) % len(shape)
+    ns = list(shape[axis:])
+    params = {"weight": np.broadcast_to(scale, ns).copy()}
+    if bias is not None:
+        params["bias"] = np.broadcast_to(bias, ns).copy()
+    return _bind(imp, n, imp.emit("layer_norm", [imp.value(n.inputs[0])],
+                                  {"normalized_shape": ns, "eps": float(n.attrs.get("epsilon", 1e-5))}, params))
+
+
+@handles("InstanceNormalization", "GroupNormalization")
+def _gn(imp: _Importer, n: gs.Node) -> bool:
+    scale, bias = _const_in(imp, n, 1), _const_in(imp, n, 2)
+    if scale is None or scale is _ABSENT or bias is None or bias is _ABSENT:
+        return False
+    c = imp.meta(n.inputs[0]).shape[1]
+    groups = c if n.op == "InstanceNormalization" else int(n.attrs["num_groups"])
+    if scale.size == groups != c:  # opset 18 GroupNormalization: one scale per group
+        scale, bias = np.repeat(scale, c // groups), np.repeat(bias, c // groups)
+    if scale.size != c or bias.size != c:
+        return False
+    return _bind(imp, n, imp.emit("group_norm", [imp.value(n.inputs[0])],
+                                  {"num_groups": groups, "eps": float(n.attrs.get("epsilon", 1e-5))},
+                                  {"weight": scale.reshape(-1), "bias": bias.reshape(-1)}))
+
+
+_UNARY = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "HardSwish": "hardswish"}
+
+
+@handles(*_UNARY)
+def _unary(imp: _Importer, n: gs.Node) -> bool:
+    return _bind(imp, n, imp.emit(_UNARY[n.op], [imp.value(n.inputs[0])]))
+
+
+@handles("Identity", "Dropout")
+def _identity(imp: _Importer, n: gs.Node) -> bool:
+    if not _single_output(imp, n):
+        return False
+    return _bind(imp, n, imp.emit("identity", [imp.value(n.inputs[0])]))
+
+
+@handles("LeakyRelu")
+def _leaky(imp: _Importer, n: gs.Node) -> bool:
+    return _bind(imp, n, imp.emit("leaky_relu", [imp.value(n.inputs[0])],
+                                  {"negative_slope": float(n.attrs.get("alpha", 0.01))}))
+
+
+@handles("HardSigmoid")
+def _hsig(imp: _Importer, n: gs.Node) -> bool:
+    attrs = {"alpha": float(n.attrs.get("alpha", 0.2)), "beta": float(n.attrs.get("beta", 0.5))}
+    return _bind(imp, n, imp.emit("hardsigmoid", [imp.value(n.inputs[0])], attrs))
+
+
+@handles("Gelu")
+def _gelu(imp: _Importer, n: gs.Node) -> bool:
+    approx = n.attrs.get("approximate", "none")
+    return _bind(imp, n, imp.emit("gelu", [imp.value(n.inputs[0])], {"approximate": str(approx)}))
+
+
+@handles("Clip")
+def _clip(imp: _Importer, n: gs.Node) -> bool:
+    if imp.opset < 11:
+        lo, hi = n.attrs.get("min"), n.attrs.get("max")
+    else:
+        lo_a, hi_a = _const_in(imp, n, 1), _const_in(imp, n, 2)
+        if lo_a is _ABSENT or hi_a is _ABSENT:
+            return False
+        lo = None if lo_a is None else float(np.asarray(lo_a).reshape(-1)[0])
+        hi = None if hi_a is None else float(np.asarray(hi_a).reshape(-1)[0])
+    attrs = {"min": None if lo is None else float(lo), "max": None if hi is None else float(hi)}
+    if attrs["min"] == 0.0 and attrs["max"] is None:
+        return _bind(imp, n, imp.emit("relu", [imp.value(n.inputs[0])]))
+    return _bind(imp, n, imp.emit("clip", [imp.value(n.inputs[0])], attrs))
+
+
+@handles("Softmax")
+def _softmax(imp: _Importer, n: gs.Node) -> bool:
+    shape = imp.meta(n.inputs[0]).shape
+    x = imp.value(n.inputs[0])
+    if imp.opset >= 13:
+        return _bind(imp, n, imp.emit("softmax", [x], {"axis": int(n.attrs.get("axis", -1))}))
+    # Before opset 13 softmax normalises over all axes from `axis` on (the input seen as 2-D).
+    axis = int(n.attrs.get("axis", 1)) % len(shape)
+    if all(d == 1 for d in shape[axis + 1:]) and axis < len(shape):
+        return _bind(imp, n, imp.emit("softmax", [x], {"axis": axis}))
+    if axis == len(shape) - 1:
+        return _bind(imp, n, imp.emit("softmax", [x], {"axis": -1}))
+    flat = imp.emit("flatten", [x], {"start_dim": axis, "end_dim": -1}, suffix="flatten")
+    sm = imp.emit("softmax", [flat], {"axis": -1}, suffix="softmax")
+    return _bind(imp, n, imp.emit("reshape", [sm], {"shape": [0] * axis + list(shape[axis:])}))
+
+
+_BINARY = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div"}
+
+
+@handles(*_BINARY)
+def _binary(imp: _Importer, n: gs.Node) -> bool:
+    return _bind(imp, n, imp.emit(_BINARY[n.op], [imp.value(n.inputs[0]), imp.value(n.inputs[1])]))
+
+
+@handles("Sum")
+def _sum(imp: _Importer, n: gs.Node) -> bool:
+    vals = [imp.value(t) for t in n.inputs]
+    if len(vals) == 1:
+        return _bind(imp, n, imp.emit("identity", vals))
+    acc = vals[0]
+    for i, v in enumerate(vals[1:], 1):
+        acc = imp.emit("add", [acc, v], suffix="" if i == len(vals) - 1 else f"add{i}")
+    return _bind(imp, n, acc)
+
+
+@handles("Concat")
+def _concat(imp: _Importer, n: gs.Node) -> bool:
+    ins = [t for t in n.inputs if (t.name and imp.meta(t).numel() > 0) or len(n.inputs) == 1]
+    return _bind(imp, n, imp.emit("concat", [imp.value(t) for t in ins], {"axis": int(n.attrs.get("axis", 1))}))
+
+
+@handles("Split")
+def _split(imp: _Importer, n: gs.Node) -> bool:
+    shape = imp.meta(n.inputs[0]).shape
+    axis = int(n.attrs.get("axis", 0)) % len(shape)
+    sizes: Any = n.attrs.get("split") if imp.opset < 13 else _const_in(imp, n, 1)
+    if sizes is _ABSENT:
+        return False
+    if sizes is None:
+        k = int(n.attrs.get("num_outputs", len(n.outputs)))
+        step = -(-shape[axis] // k)
+        sizes = [min(step, shape[axis] - i * step) for i in range(k)]
+    v = imp.emit("split", [imp.value(n.inputs[0])], {"axis": axis, "sizes": _ints(sizes)})
+    for i in range(len(n.outputs)):
+        _bind(imp, n, (v[0], i), i)
+    return True
+
+
+@handles("Slice")
+def _slice(imp: _Importer, n: gs.Node) -> bool:
+    shape = imp.meta(n.inputs[0]).shape
+    if imp.opset < 10:
+        starts, ends = n.attrs["starts"], n.attrs["ends"]
+        axes, steps = n.attrs.get("axes"), None
+    else:
+        starts, ends, axes, steps = (_const_in(imp, n, i) for i in range(1, 5))
+        if any(a is _ABSENT for a in (starts, ends, axes, steps)):
+            return False
+    st, en = _ints(starts), _ints(ends)
+    ax = _ints(axes) if axes is not None else list(range(len(st)))
+    sp = _ints(steps) if steps is not None else [1] * len(st)
+    x = imp.value(n.inputs[0])
+    todo = [(a % len(shape), s, e, p) for a, s, e, p in zip(ax, st, en, sp)]
+    # INT64 sentinels for "to the end" clip to the axis; python slice semantics handle the rest.
+    lim = 1 << 62
+    todo = [(a, max(-lim, min(lim, s)), max(-lim, min(lim, e)), p) for a, s, e, p in todo]
+    for i, (a, s, e, p) in enumerate(todo):
+        x = imp.emit("slice", [x], {"axis": a, "start": s, "end": e, "step": p},
+                     suffix="" if i == len(todo) - 1 else f"axis{a}")
+    if not todo:
+        x = imp.emit("identity", [x])
+    return _bind(imp, n, x)
+
+
+@handles("Flatten")
+def _flatten(imp: _Importer, n: gs.Node) -> bool:
+    rank = len(imp.meta(n.inputs[0]).shape)
+    axis = int(n.attrs.get("axis", 1)) % (rank + 1) if rank else 0
+    x = imp.value(n.inputs[0])
+    if axis == 0:
+        f = imp.emit("flatten", [x], {"start_dim": 0, "end_dim": -1}, suffix="flatten")
+        return _bind(imp, n, imp.emit("unsqueeze", [f], {"axes": [0]}))
+    if axis == rank:
+        f = imp.emit("flatten", [x], {"start_dim": 0, "end_dim": -1}, suffix="flatten")
+        return _bind(imp, n, imp.emit("unsqueeze", [f], {"axes": [1]}))
+    if axis == 1:
+        return _bind(imp, n, imp.emit("flatten", [x], {"start_dim": 1, "end_dim": -1}))
+    inner = imp.emit("flatten", [x], {"start_dim": axis, "end_dim": -1}, suffix="inner")
+    return _bind(imp, n, imp.emit("flatten", [inner], {"start_dim": 0, "end_dim": axis - 1}))
+
+
+@handles("Reshape")
+def _reshape(imp: _Importer, n: gs.Node) -> bool:
+    shape = n.attrs.get("shape") if imp.opset < 5 else _const_in(imp, n, 1)
+    if shape is None or shape is _ABSENT:
+        return False
+    target = _ints(shape)
+    if int(n.attrs.get("allowzero", 0)) and 0 in target:
+        return False
+    return _bind(imp, n, imp.emit("reshape", [imp.value(n.inputs[0])], {"shape": target}))
+
+
+@handles("Transpose")
+def _transpose(imp: _Importer, n: gs.Node) -> bool:
+    rank = len(imp.meta(n.inputs[0]).shape)
+    perm = _ints(n.attrs.get("perm", list(range(rank))[::-1]))
+    return _bind(imp, n, imp.emit("transpose", [imp.value(n.inputs[0])], {"perm": perm}))
+
+
+def _axes(imp: _Importer, n: gs.Node) -> Any:
+    return n.attrs.get("axes") if imp.opset < 13 else _const_in(imp, n, 1)
+
+
+@handles("Squeeze")
+def _squeeze(imp: _Importer, n: gs.Node) -> bool:
+    shape = imp.meta(n.inputs[0]).shape
+    axes = _axes(imp, n)
+    if axes is _ABSENT:
+        return False
+    ax = _ints(axes) if axes is not None else [i for i, d in enumerate(shape) if d == 1]
+    return _bind(imp, n, imp.emit("squeeze", [imp.value(n.inputs[0])], {"axes": [a % len(shape) for a in ax]}))
+
+
+@handles("Unsqueeze")
+def _unsqueeze(imp: _Importer, n: gs.Node) -> bool:
+    axes = _axes(imp, n)
+    if axes is None or axes is _ABSENT:
+        return False
+    rank = len(imp.meta(n.inputs[0]).shape) + len(_ints(axes))
+    ax = sorted(a % rank for a in _ints(axes))
+    return _bind(imp, n, imp.emit("unsqueeze", [imp.value(n.inputs[0])], {"axes": ax}))
+
+
+@handles("MaxPool", "AveragePool")
+def _pool(imp: _Importer, n: gs.Node) -> bool:
+    if not _single_output(imp, n) or int(n.attrs.get("storage_order", 0)):
+        return False
+    x = imp.meta(n.inputs[0])
+    kernel = _ints(n.attrs["kernel_shape"])
+    dims = len(kernel)
+    stride = _ints(n.attrs.get("strides", [1] * dims))
+    dilation = _ints(n.attrs.get("dilations", [1] * dims))
+    pads = _auto_pads(imp, n, x.shape[2:], kernel, stride, dilation)
+    attrs: dict[str, Any] = {"kernel": kernel, "stride": stride, "padding": pads,
+                             "ceil_mode": bool(n.attrs.get("ceil_mode", 0))}
+    if n.op == "MaxPool":
+        attrs["dilation"] = dilation
+        return _bind(imp, n, imp.emit("max_pool", [imp.value(n.inputs[0])], attrs))
+    if any(d != 1 for d in dilation):
+        return False
+    attrs["count_include_pad"] = bool(n.attrs.get("count_include_pad", 0))
+    return _bind(imp, n, imp.emit("avg_pool", [imp.value(n.inputs[0])], attrs))
+
+
+@handles("GlobalAveragePool")
+def _gap(imp: _Importer, n: gs.Node) -> bool:
+    rank = len(imp.meta(n.inputs[0]).shape)
+    return _bind(imp, n, imp.emit("adaptive_avg_pool", [imp.value(n.inputs[0])], {"output_size": [1] * (rank - 2)}))
+
+
+@handles("ReduceMean")
+def _reduce_mean(imp: _Importer, n: gs.Node) -> bool:
+    rank = len(imp.meta(n.inputs[0]).shape)
+    axes = n.attrs.get("axes") if imp.opset < 18 else _const_in(imp, n, 1)
+    if axes is _ABSENT:
+        return False
+    if axes is None or len(_ints(axes)) == 0:
+        if int(n.attrs.get("noop_with_empty_axes", 0)):
+            return _bind(imp, n, imp.emit("identity", [imp.value(n.inputs[0])]))
+        axes = list(range(rank))
+    attrs = {"axes": sorted(a % rank for a in _ints(axes)), "keepdim": bool(n.attrs.get("keepdims", 1))}
+    return _bind(imp, n, imp.emit("mean", [imp.value(n.inputs[0])], attrs))
+
+
+_PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}
+
+
+@handles("Pad")
+def _pad(imp: _Importer, n: gs.Node) -> bool:
+    rank = len(imp.meta(n.inputs[0]).shape)
+    mode = n.attrs.get("mode", "constant")
+    mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+    if mode not in _PAD_MODES:
+        return False
+    if imp.opset < 11:
+        pads, value = _ints(n.attrs.get("pads", n.attrs.get("paddings", []))), float(n.attrs.get("value", 0.0))
+    else:
+        p, v, axes = _const_in(imp, n, 1), _const_in(imp, n, 2), _const_in(imp, n, 3)
+        if p is None or p is _ABSENT or v is _ABSENT or axes is _ABSENT:
+            return False
+        pads = _ints(p)
+        value = 0.0 if v is None or np.asarray(v).size == 0 else float(np.asarray(v).reshape(-1)[0])
+        if axes is not None:
+            ax = [a % rank for a in _ints(axes)]
+            full = [0] * 2 * rank
+            for i, a in enumerate(ax):
+                full[a], full[a + rank] = pads[i], pads[i + len(ax)]
+            pads = full
+    attrs = {"pads": pads, "mode": _PAD_MODES[mode], "value": value}
+    return _bind(imp, n, imp.emit("pad", [imp.value(n.inputs[0])], attrs))
+
+
+@handles("Resize", "Upsample")
+def _resize(imp: _Importer, n: gs.Node) -> bool:
+    x = imp.meta(n.inputs[0])
+    rank = len(x.shape)
+    def s(key: str, default: str) -> str:
+        v = n.attrs.get(key, default)
+        return v.decode() if isinstance(v, bytes) else str(v)
+
+    mode = s("mode", "nearest")
+    if n.op == "Upsample" or imp.opset < 11:
+        scales = n.attrs.get("scales") if imp.opset < 9 else _const_in(imp, n, 1)
+        sizes: Any = None
+        ctm, nearest = "asymmetric", "floor"  # Upsample/Resize-10 semantics
+    else:
+        scales, sizes = _const_in(imp, n, 2), _const_in(imp, n, 3)
+        ctm, nearest = s("coordinate_transformation_mode", "half_pixel"), s("nearest_mode", "round_prefer_floor")
+        if n.attrs.get("axes") is not None or int(n.attrs.get("antialias", 0)) \
+                or s("keep_aspect_ratio_policy", "stretch") != "stretch" or ctm == "tf_crop_and_resize":
+            return False
+    if scales is _ABSENT or sizes is _ABSENT or mode not in ("nearest", "linear", "cubic"):
+        return False
+    attrs: dict[str, Any] = {"mode": mode, "coordinate_transformation_mode": ctm, "nearest_mode": nearest}
+    if mode == "cubic":
+        attrs["cubic_coeff_a"] = float(n.attrs.get("cubic_coeff_a", -0.75))
+        attrs["exclude_outside"] = int(n.attrs.get("exclude_outside", 0))
+    if sizes is not None and np.asarray(sizes).size:
+        sz = _ints(sizes)
+        if len(sz) != rank or tuple(sz[:2]) != tuple(x.shape[:2]):
+            return False
+        attrs["size"] = sz[2:]
+    elif scales is not None and np.asarray(scales).size:
+        sc = [float(v) for v in np.asarray(scales).reshape(-1)]
+        if len(sc) != rank or sc[:2] != [1.0, 1.0]:
+            return False
+        attrs["scale"] = sc[2:]
+    else:
+        return False
+    return _bind(imp, n, imp.emit("resize", [imp.value(n.inputs[0])], attrs))
+
+
+@handles("LRN")
+def _lrn(imp: _Importer, n: gs.Node) -> bool:
+    attrs = {"size": int(n.attrs["size"]), "alpha": float(n.attrs.get("alpha", 1e-4)),
+             "beta": float(n.attrs.get("beta", 0.75)), "bias": float(n.attrs.get("bias", 1.0))}
+    return _bind(imp, n, imp.emit("lrn", [imp.value(n.inputs[0])], attrs))
+
+
+@handles("Gather")
+def _gather(imp: _Importer, n: gs.Node) -> bool:
+    table, idx = imp.const(n.inputs[0]), n.inputs[1]
+    if table is not None and len(table.shape) == 2 and int(n.attrs.get("axis", 0)) == 0 and not imp.is_const(idx) \
+            and _is_float(table):
+        return _bind(imp, n, imp.emit("embedding", [imp.value(idx)], {}, {"weight": table}))
+    ind = imp.const(idx)
+    if isinstance(ind, np.ndarray) and ind.ndim == 0 and table is None:
+        # x[..., i, ...] along `axis`: a one-element slice, then the axis dropped.
+        shape = imp.meta(n.inputs[0]).shape
+        axis = int(n.attrs.get("axis", 0)) % len(shape)
+        i = int(ind) % shape[axis]
+        sl = imp.emit("slice", [imp.value(n.inputs[0])], {"axis": axis, "start": i, "end": i + 1, "step": 1},
+                      suffix="slice")
+        return _bind(imp, n, imp.emit("squeeze", [sl], {"axes": [axis]}))
+    return False
+
+
+@handles("QuantizeLinear", "DequantizeLinear")
+def _qdq(imp: _Importer, n: gs.Node) -> bool:
+    scale, zp = _const_in(imp, n, 1), _const_in(imp, n, 2)
+    if scale is None or scale is _ABSENT or zp is _ABSENT or int(n.attrs.get("block_size", 0)):
+        return False
+    if zp is None:
+        zp = np.zeros(scale.shape, np.uint8)
+    if zp.dtype not in (np.int8, np.uint8) or scale.dtype != np.float32:
+        return False
+    kind = "quantize" if n.op == "QuantizeLinear" else "dequantize"
+    attrs = {"axis": int(n.attrs.get("axis", 1))}
+    if n.op == "QuantizeLinear" and int(n.attrs.get("saturate", 1)) != 1:
+        return False
+    return _bind(imp, n, imp.emit(kind, [imp.value(n.inputs[0])], attrs, {"scale": scale, "zero_point": zp}))
