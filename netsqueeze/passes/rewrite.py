@@ -20,29 +20,64 @@ from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups, Member
 
 
 @dataclass(frozen=True)
+class SharedFold:
+    """T [k, C]: a consumer's input channel c is rebuilt as A_c ≈ Σ_s A_s·T[s, c] (+ t₀[c]) from the k
+    kept channels; every position a channel occupies (a kernel tap, a flattened block position) uses it."""
+
+    t: torch.Tensor
+
+
+@dataclass(frozen=True)
+class BlockFold:
+    """T [k, b, C, b] for a consumer whose channels occupy blocks of b positions (flatten→linear):
+    feature (c, j) ≈ Σ_{s,i} A[s, i]·T[s, i, c, j], so W'[o, (s, i)] = Σ_{c,j} W[o, (c, j)]·T[s, i, c, j]."""
+
+    t: torch.Tensor
+
+
+@dataclass(frozen=True)
+class GroupFold:
+    """T [G, k, C] for a grouped conv consumer (weight slots shared by its G conv groups): conv group
+    γ's input slots rebuilt from its own kept slots, W'[o, s] = Σ_c W[o, c]·T[γ(o), s, c]."""
+
+    t: torch.Tensor
+
+
+Fold = SharedFold | BlockFold | GroupFold
+
+
+def _as_fold(f: Fold | torch.Tensor) -> Fold:
+    """A plain 2-D tensor is shorthand for a `SharedFold`; other shapes must say which fold they are."""
+    if isinstance(f, (SharedFold, BlockFold, GroupFold)):
+        return f
+    if f.dim() != 2:
+        raise NetsqueezeError(f"a fold given as a plain tensor must be T [kept, size] (got {list(f.shape)}); "
+                              "wrap it as BlockFold [kept, block, size, block] or GroupFold [groups, kept, size]")
+    return SharedFold(f)
+
+
+@dataclass(frozen=True)
 class ChannelSelection:
     """What to do with one channel group.
 
     - `keep`: group channels to keep (any order; applied in ascending order).
-    - `fold`: optional T [len(keep), group size]: every consumer's input channel c is reconstructed as
-      A_c ≈ Σ_s A_s·T[s, c] + t₀[c], so consumers get W'[o, s] = Σ_c W[o, c]·T[s, c] (per kernel tap for
-      conv, per position of the block for flatten→linear). Rows follow ascending `keep`. For a consumer
-      whose channels occupy blocks (flatten→linear), T may be [len(keep), block, group size, block]:
-      feature (c, j) ≈ Σ_{s,i} A[s, i]·T[s, i, c, j], so W'[o, (s, i)] = Σ_{c,j} W[o, (c, j)]·T[s, i, c, j]. A mapping
-      {consumer node id: T} gives each consumer the reconstruction measured at its own input
-      (consumers of a residual stream read different values); consumers not in it are only sliced.
+    - `fold`: optional reconstruction of the removed channels from the kept ones, folded into every
+      consumer: a `SharedFold` T [len(keep), group size] (a plain 2-D tensor is shorthand for one), so
+      consumers get W'[o, s] = Σ_c W[o, c]·T[s, c] (per kernel tap for conv, per position of the block
+      for flatten→linear), or a `BlockFold` for a consumer whose channels occupy blocks. Rows follow
+      ascending `keep`. A mapping {consumer node id: fold} gives each consumer the reconstruction
+      measured at its own input (consumers of a residual stream read different values); consumers not
+      in it are only sliced.
     - `bias_shift`: optional t₀, the intercept of that reconstruction; consumers' biases get += W·t₀
       (with the original W). A tensor [group size] applies to every consumer; a mapping
       {consumer node id: tensor over that consumer's input axis (original positions)} gives each
       consumer its own (e.g. removed channels' mean activation measured at its input).
-    A grouped conv reading the group (weight slots shared by its G conv groups) takes a fold only
-    from the mapping form, T [G, len(keep), group size]: conv group γ's inputs rebuilt from its own
-    kept slots, W'[o, s] = Σ_c W[o, c]·T[γ(o), s, c], so the group structure stays; its bias shift
-    is a tensor over all its input channels.
+    A grouped conv reading the group takes a `GroupFold` only, from the mapping form, so the group
+    structure stays; its bias shift is a tensor over all its input channels.
     """
 
     keep: Sequence[int]
-    fold: torch.Tensor | Mapping[str, torch.Tensor] | None = None
+    fold: Fold | torch.Tensor | Mapping[str, Fold | torch.Tensor] | None = None
     bias_shift: torch.Tensor | Mapping[str, torch.Tensor] | None = None
 
 
@@ -67,19 +102,19 @@ def _grouped_input(graph: Graph, m: Member) -> bool:
 
 
 def _grouped_fold(graph: Graph, group: ChannelGroup, m: Member, keep: list[int], sel: ChannelSelection,
-                  fold_of: dict[str, torch.Tensor] | None, bias_updates: list[tuple[Member, torch.Tensor]],
-                  folds: list[tuple[Member, list[int], torch.Tensor]]) -> None:
+                  fold_of: dict[str, Fold] | None, bias_updates: list[tuple[Member, torch.Tensor]],
+                  folds: list[tuple[Member, list[int], Fold]]) -> None:
     """Queues the fold and bias shift of a grouped conv consumer: T [G, len(keep), slots], one
     reconstruction per conv group, so no output mixes channels of another group."""
-    if isinstance(sel.fold, torch.Tensor):
+    if sel.fold is not None and not isinstance(sel.fold, Mapping):
         raise _err(group, f"grouped conv '{m.node}' reads this group: give the fold per consumer "
                           f"({{'{m.node}': T [groups, kept, size]}}), one reconstruction per conv group")
     t = (fold_of or {}).get(m.node)
     shift = sel.bias_shift.get(m.node) if isinstance(sel.bias_shift, Mapping) else None
     g = graph.node(m.node).attrs["groups"]
     if t is not None:
-        if t.dim() != 3 or tuple(t.shape) != (g, len(keep), group.size):
-            raise _err(group, f"fold for grouped conv '{m.node}' has shape {list(t.shape)}, expected "
+        if not isinstance(t, GroupFold) or tuple(t.t.shape) != (g, len(keep), group.size):
+            raise _err(group, f"fold for grouped conv '{m.node}' has shape {list(t.t.shape)}, expected "
                               f"[{g}, {len(keep)}, {group.size}] (one reconstruction per conv group)")
         folds.append((m, keep, t))
     if shift is not None:
@@ -104,7 +139,7 @@ def apply_selection(graph: Graph, groups: ChannelGroups, selection: Mapping[int,
     old_meta = {n.id: list(n.meta) for n in graph.nodes()}
     touched: set[str] = set()
     bias_updates: list[tuple[Member, torch.Tensor]] = []
-    folds: list[tuple[Member, list[int], torch.Tensor]] = []
+    folds: list[tuple[Member, list[int], Fold]] = []
     for gid in sorted(selection):
         sel, group = selection[gid], groups[gid]
         keep = sorted(set(int(k) for k in sel.keep))
@@ -117,13 +152,17 @@ def apply_selection(graph: Graph, groups: ChannelGroups, selection: Mapping[int,
             continue
         if group.frozen is not None:
             raise _err(group, f"is frozen ({group.frozen}) and cannot shrink")
-        fold_all = sel.fold if isinstance(sel.fold, torch.Tensor) else None
-        fold_of = None if sel.fold is None or fold_all is not None else dict(sel.fold)
-        for t in list((fold_of or {}).values()) + ([fold_all] if fold_all is not None else []):
-            if tuple(t.shape[-2:]) != (len(keep), group.size) and not (
-                    t.dim() == 4 and tuple(t.shape[::2]) == (len(keep), group.size) and t.shape[1] == t.shape[3]):
-                raise _err(group, f"fold has shape {list(t.shape)}, expected [{len(keep)}, {group.size}] "
-                                  f"(or [{len(keep)}, block, {group.size}, block])")
+        fold_all = None if sel.fold is None or isinstance(sel.fold, Mapping) else _as_fold(sel.fold)
+        fold_of = {k: _as_fold(v) for k, v in sel.fold.items()} if isinstance(sel.fold, Mapping) else None
+        for f in list((fold_of or {}).values()) + ([fold_all] if fold_all is not None else []):
+            t = f.t
+            ok = {SharedFold: tuple(t.shape) == (len(keep), group.size),
+                  BlockFold: t.dim() == 4 and tuple(t.shape[::2]) == (len(keep), group.size) and t.shape[1] == t.shape[3],
+                  GroupFold: t.dim() == 3 and tuple(t.shape[1:]) == (len(keep), group.size)}[type(f)]
+            if not ok:
+                want = {SharedFold: f"[{len(keep)}, {group.size}]", BlockFold: f"[{len(keep)}, block, {group.size}, block]",
+                        GroupFold: f"[groups, {len(keep)}, {group.size}]"}[type(f)]
+                raise _err(group, f"fold has shape {list(t.shape)}, expected {want} ({type(f).__name__})")
         for m in group.members:
             removed.setdefault(_key(m), set()).update(_positions(m, drop))
             touched.add(m.node)
@@ -145,14 +184,14 @@ def apply_selection(graph: Graph, groups: ChannelGroups, selection: Mapping[int,
             fold = fold_of.get(m.node) if fold_of is not None else fold_all
             if fold is not None:
                 node = graph.node(m.node)
-                if node.kind == "conv" and node.attrs.get("groups", 1) != 1:
+                if node.kind == "conv" and attr(node, "groups") != 1:
                     raise _err(group, f"cannot fold into grouped conv '{m.node}' (not linear in its input channels)")
                 if len({len(p) for p in m.index}) != 1:
                     raise _err(group, f"cannot fold into '{m.node}': channels occupy unequal blocks")
-                if fold.dim() == 3:
-                    raise _err(group, f"a per-conv-group fold [G, k, C] is for grouped conv consumers, not '{m.node}'")
-                if fold.dim() == 4 and fold.shape[1] != len(m.index[0]):
-                    raise _err(group, f"fold for '{m.node}' has blocks of {fold.shape[1]}, its channels occupy "
+                if isinstance(fold, GroupFold):
+                    raise _err(group, f"a GroupFold is for grouped conv consumers, not '{m.node}'")
+                if isinstance(fold, BlockFold) and fold.t.shape[1] != len(m.index[0]):
+                    raise _err(group, f"fold for '{m.node}' has blocks of {fold.t.shape[1]}, its channels occupy "
                                       f"{len(m.index[0])} positions")
                 folds.append((m, keep, fold))
     if not removed and not bias_updates and not folds:
@@ -176,10 +215,11 @@ def apply_selection(graph: Graph, groups: ChannelGroups, selection: Mapping[int,
             if (m.node, m.target, out_axis) in removed:
                 removed[(m.node, bias_name, 0)] = set(removed[(m.node, m.target, out_axis)])
         node.params[bias_name] = (node.dense(bias_name).double() + delta).to(node.params[m.target].dtype)
-    for m, keep, t in folds:
+    for m, keep, f in folds:
         node = graph.node(m.node)
         w = node.dense(m.target)
-        if t.dim() == 3:  # grouped conv: output group γ gets T[γ]
+        t = f.t
+        if isinstance(f, GroupFold):  # grouped conv: output group γ gets T[γ]
             wg = w.double().reshape(t.shape[0], -1, *w.shape[1:]).movedim(2, -1)  # [G, out/G, taps..., per_in]
             folded = torch.einsum("go...c,gsc->go...s", wg, t.double())
             out = wg.clone()
@@ -189,7 +229,7 @@ def apply_selection(graph: Graph, groups: ChannelGroups, selection: Mapping[int,
         wm = w.double().movedim(m.axis, -1)
         idx = torch.tensor([list(p) for p in m.index])  # [channels, block]
         wc = wm[..., idx]  # [..., channels, block]
-        if t.dim() == 4:  # kept channel s at block position i stands in for channel c at position j
+        if isinstance(f, BlockFold):  # kept channel s at block position i stands in for channel c at position j
             folded = torch.einsum("...cj,sicj->...si", wc, t.double())
         else:
             folded = torch.einsum("...cj,sc->...sj", wc, t.double())
@@ -199,10 +239,10 @@ def apply_selection(graph: Graph, groups: ChannelGroups, selection: Mapping[int,
         if not pos or target.startswith("#"):
             continue
         node = graph.node(nid)
-        t = node.params[target]
-        keep_idx = torch.tensor([i for i in range(t.shape[axis]) if i not in pos], dtype=torch.long)
+        param = node.params[target]
+        keep_idx = torch.tensor([i for i in range(param.shape[axis]) if i not in pos], dtype=torch.long)
         try:
-            node.params[target] = weights.index_select(t, axis, keep_idx)
+            node.params[target] = weights.index_select(param, axis, keep_idx)
         except WeightFormError as e:
             raise WeightFormError(Diagnostic(f"node '{nid}', param '{target}': {e.message}", node=nid)) from None
     _update_attrs(graph, removed, old_meta)

@@ -21,7 +21,7 @@ from netsqueeze.passes.allocation import Budget, GroupBounds, Meter, bisect, gro
 from netsqueeze.passes.base import PassContext, PassResult, TransformPass
 from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups, DependencyAnalysis, Member, find_groups
 from netsqueeze.passes.registry import register_pass
-from netsqueeze.passes.rewrite import ChannelSelection, apply_selection
+from netsqueeze.passes.rewrite import BlockFold, ChannelSelection, Fold, GroupFold, SharedFold, apply_selection
 from netsqueeze.passes.squeeze_math import (
     covariance,
     kept_for_error,
@@ -337,7 +337,7 @@ class SqueezeFold(TransformPass):
                 st.sum_ref += a.sum(0)
                 st.count += x.shape[0]
                 st.rows += a.shape[0]
-        fits = {}
+        fits: dict[str, tuple[Fold, torch.Tensor]] = {}
         for p in probes:
             st = stats[p.member.node]
             kf = st.xtx.shape[0] - 1
@@ -349,7 +349,8 @@ class SqueezeFold(TransformPass):
             t0 = st.sum_ref / n - torch.einsum("sj,sc->cj", st.sum_now / n, t)
             fits[p.member.node] = self._shaped(p, k, t, t0)
         for p in grouped:  # a grouped conv's fold stays the one measured on the pass-start graph
-            fits[p.member.node] = self._grouped_fit(p, keep)
+            tg, t0g = self._grouped_fit(p, keep)
+            fits[p.member.node] = (GroupFold(tg), t0g)
             cur[p.member.node] = p.member
         return self._selection_from(graph, cur, keep, fits)
 
@@ -393,20 +394,21 @@ class SqueezeFold(TransformPass):
         return torch.einsum("rcb,rdb->cd", wc, wc)
 
     @staticmethod
-    def _shaped(p: _Probe, k: int, t: torch.Tensor, t0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _shaped(p: _Probe, k: int, t: torch.Tensor, t0: torch.Tensor) -> tuple[Fold, torch.Tensor]:
         """A fit over block features (k·block × C·block, intercept C·block) as the fold
-        [k, block, C, block] and intercept [C, block]; a shared fit passes through."""
+        [k, block, C, block] and intercept [C, block]; a shared fit as a shared fold."""
         if p.full is None:
-            return t, t0
+            return SharedFold(t), t0
         c, b = len(p.member.index), p.block
-        return t.reshape(k, b, c, b), t0.reshape(c, b)
+        return BlockFold(t.reshape(k, b, c, b)), t0.reshape(c, b)
 
     def _selection(self, graph: Graph, keep: list[int], probes: list[_Probe]) -> ChannelSelection:
         """Parallel: the reconstruction measured on the pass-start graph, per consumer."""
-        fits = {}
+        fits: dict[str, tuple[Fold, torch.Tensor]] = {}
         for p in probes:
             if p.per_group is not None:
-                fits[p.member.node] = self._grouped_fit(p, keep)
+                t, t0 = self._grouped_fit(p, keep)
+                fits[p.member.node] = (GroupFold(t), t0)
                 continue
             if p.full is not None:
                 feats = [s * p.block + j for s in keep for j in range(p.block)]
@@ -418,7 +420,7 @@ class SqueezeFold(TransformPass):
             mean_pos = p.pos_sum / max(1, p.rows)  # [C, block]
             t0_pos = mean_pos - torch.einsum("sj,sc->cj", mean_pos[keep], t) if mean_pos.shape[1] > 1 \
                 else t0.unsqueeze(1)
-            fits[p.member.node] = (t, t0_pos)
+            fits[p.member.node] = (SharedFold(t), t0_pos)
         return self._selection_from(graph, {p.member.node: p.member for p in probes}, keep, fits)
 
     def _grouped_fit(self, p: _Probe, keep: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -431,13 +433,13 @@ class SqueezeFold(TransformPass):
 
     @staticmethod
     def _selection_from(graph: Graph, members: dict[str, Member], keep: list[int],
-                        fits: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> ChannelSelection:
-        folds: dict[str, torch.Tensor] = {}
+                        fits: dict[str, tuple[Fold, torch.Tensor]]) -> ChannelSelection:
+        folds: dict[str, Fold] = {}
         shifts: dict[str, torch.Tensor] = {}
         for nid, (t, t0_pos) in fits.items():
             m = members[nid]
             folds[nid] = t
-            if t.dim() == 3:  # grouped conv: the intercept is already over its input channels
+            if isinstance(t, GroupFold):  # grouped conv: the intercept is already over its input channels
                 shifts[nid] = t0_pos
                 continue
             n_axis = graph.node(nid).params[m.param or "weight"].shape[m.axis]

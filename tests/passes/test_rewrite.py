@@ -11,7 +11,7 @@ from netsqueeze.errors import NetsqueezeError
 from netsqueeze.ir.graph import Graph
 from netsqueeze.ir.stats import graph_stats
 from netsqueeze.passes.dependency import ChannelGroups, find_groups
-from netsqueeze.passes.rewrite import ChannelSelection, apply_selection
+from netsqueeze.passes.rewrite import ChannelSelection, GroupFold, apply_selection
 from tests.passes.graphs import attention, cnn, conv, linear, mlp, run, zero_channels
 
 
@@ -192,7 +192,11 @@ def test_grouped_conv_fold_must_be_per_conv_group() -> None:
     w = g.node("2").params["weight"].clone()
     t = torch.zeros(2, 2, 4, dtype=torch.float64)
     t[:, 0, 0] = t[:, 1, 1] = 1.0
-    apply_selection(g, groups, {gid: ChannelSelection(keep=[0, 1], fold={"2": t})})
+    with pytest.raises(NetsqueezeError) as e:  # a fold's kind is its type, not its rank
+        apply_selection(g, groups, {gid: ChannelSelection(keep=[0, 1], fold={"2": t})})
+    assert e.value.message == ("a fold given as a plain tensor must be T [kept, size] (got [2, 2, 4]); wrap it as "
+                               "BlockFold [kept, block, size, block] or GroupFold [groups, kept, size]")
+    apply_selection(g, groups, {gid: ChannelSelection(keep=[0, 1], fold={"2": GroupFold(t)})})
     assert g.node("2").params["weight"].shape == (8, 2, 3, 3)
     assert torch.equal(g.node("2").params["weight"], w[:, :2])
     assert g.node("0").params["weight"].shape == (4, 3, 3, 3)
