@@ -21,7 +21,14 @@ from netsqueeze.passes.allocation import Budget, GroupBounds, Meter, bisect, gro
 from netsqueeze.passes.base import PassContext, PassResult, TransformPass
 from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups, DependencyAnalysis, Member, find_groups
 from netsqueeze.passes.registry import register_pass
-from netsqueeze.passes.rewrite import BlockFold, ChannelSelection, Fold, GroupFold, SharedFold, apply_selection
+from netsqueeze.passes.rewrite import (
+    BlockFold,
+    ChannelSelection,
+    Fold,
+    GroupFold,
+    SharedFold,
+    apply_selection,
+)
 from netsqueeze.passes.squeeze_math import (
     covariance,
     kept_for_error,
