@@ -30,12 +30,15 @@ import torch
 from netsqueeze.errors import BudgetError, Diagnostic
 from netsqueeze.ir.graph import Graph
 from netsqueeze.ir.ops import node_flops, node_params
+from netsqueeze.ir.stats import GraphStats
+from netsqueeze.ir.weights import graph_weight_bytes
 from netsqueeze.passes.base import PassContext
 from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups
 from netsqueeze.passes.rewrite import ChannelSelection, apply_selection
 
 # the global targets the structural passes can meet, as ratios of the original model
-METRICS = ("flops", "params")
+METRICS = ("flops", "params", "bytes")
+Reached = tuple[float, float, float]  # (flops, params, bytes) ratios, in METRICS order
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,7 @@ def group_bounds(group: ChannelGroup, ctx: PassContext, min_channels: int = 1, r
 
 @dataclass(frozen=True)
 class Budget:
-    """The policy's flops/params budget (ratios of the original model)."""
+    """The policy's flops/params/bytes budget (ratios of the original model)."""
 
     limits: Mapping[str, float]
 
@@ -87,19 +90,20 @@ class Budget:
     def __bool__(self) -> bool:
         return bool(self.limits)
 
-    def meets(self, reached: tuple[float, float]) -> bool:
-        """Whether (flops, params) ratios are within every limit."""
+    def meets(self, reached: Reached) -> bool:
+        """Whether (flops, params, bytes) ratios are within every limit."""
         got = dict(zip(METRICS, reached))
         return all(got[k] <= v + 1e-12 for k, v in self.limits.items())
 
     def __str__(self) -> str:
         return ", ".join(f"{k} <= {v:.1%}" for k, v in sorted(self.limits.items()))
 
-    def unreachable(self, pass_name: str, how: str, reached: tuple[float, float], node: str | None) -> BudgetError:
+    def unreachable(self, pass_name: str, how: str, reached: Reached, node: str | None) -> BudgetError:
         """The error for a budget that even the smallest allocation misses, with what it reached."""
+        extra = f", bytes {reached[2]:.1%}" if "bytes" in self.limits else ""
         return BudgetError(Diagnostic(
             f"{pass_name} cannot meet the budget {self}: {how} reaches flops {reached[0]:.1%}, "
-            f"params {reached[1]:.1%} of the original", node=node))
+            f"params {reached[1]:.1%}{extra} of the original", node=node))
 
 
 def skeleton(graph: Graph) -> Graph:
@@ -118,26 +122,29 @@ def skeleton(graph: Graph) -> Graph:
 
 
 class Meter:
-    """(flops, params) ratios of allocations {group id: kept count} against `base` (the original
-    model's stats), each allocation measured once by a dry run of the rewrite on a skeleton of
-    `graph` (`skeleton`)."""
+    """(flops, params, bytes) ratios of allocations {group id: kept count} against `base` (the
+    original model's stats), each allocation measured once by a dry run of the rewrite on a skeleton
+    of `graph` (`skeleton`). Bytes are the exact stored size: encoded weights at their encoded size,
+    shared tables once."""
 
-    def __init__(self, graph: Graph, groups: ChannelGroups, base_flops: int, base_params: int) -> None:
+    def __init__(self, graph: Graph, groups: ChannelGroups, base: GraphStats) -> None:
         self.graph = skeleton(graph)
         self.groups = groups
-        self.base = (max(1, base_flops), max(1, base_params))
-        self._seen: dict[tuple[tuple[int, int], ...], tuple[float, float]] = {}
+        self.base = (max(1, base.flops), max(1, base.params), max(1, base.param_bytes))
+        self._seen: dict[tuple[tuple[int, int], ...], Reached] = {}
 
-    def __call__(self, counts: Mapping[int, int]) -> tuple[float, float]:
+    def __call__(self, counts: Mapping[int, int]) -> Reached:
         key = tuple(sorted((gid, k) for gid, k in counts.items() if k < self.groups[gid].size))
         if key not in self._seen:
             g = self.graph.copy()
             if key:
                 apply_selection(g, self.groups, {gid: ChannelSelection(keep=list(range(k))) for gid, k in key})
             # the counts graph_stats totals, read from shapes (a meta tensor has no nonzeros to count)
-            flops = sum(node_flops(g, n) for n in g.nodes())
-            params = sum(node_params(n) for n in g.nodes())
-            self._seen[key] = (flops / self.base[0], params / self.base[1])
+            nodes = g.nodes()
+            flops = sum(node_flops(g, n) for n in nodes)
+            params = sum(node_params(n) for n in nodes)
+            size = graph_weight_bytes([w for n in nodes for w in n.params.values()])
+            self._seen[key] = (flops / self.base[0], params / self.base[1], size / self.base[2])
         return self._seen[key]
 
     @property

@@ -17,7 +17,7 @@ from netsqueeze.errors import BudgetError, Diagnostic
 from netsqueeze.ir.graph import Graph, Value
 from netsqueeze.ir.ops import spec
 from netsqueeze.ir.stats import graph_stats
-from netsqueeze.passes.allocation import Budget, GroupBounds, Meter, bisect, group_bounds
+from netsqueeze.passes.allocation import Budget, GroupBounds, Meter, Reached, bisect, group_bounds
 from netsqueeze.passes.base import PassContext, PassResult, TransformPass
 from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups, DependencyAnalysis, Member, find_groups
 from netsqueeze.passes.registry import register_pass
@@ -519,8 +519,8 @@ class SqueezeFold(TransformPass):
 
     def _fill(self, groups: ChannelGroups, counts: dict[int, int], value: Callable[[int, int], float],
               cost: dict[int, float],
-              stats_for: Callable[[dict[int, int]], tuple[float, float]],
-              meets: Callable[[tuple[float, float]], bool], ctx: PassContext) -> dict[int, int]:
+              stats_for: Callable[[dict[int, int]], Reached],
+              meets: Callable[[Reached], bool], ctx: PassContext) -> dict[int, int]:
         """Spends the budget the λ bisection leaves unused (its steps are coarse with `round_to`): gives
         channels back, one rounding step at a time, to the group whose weighted error falls most per
         unit of cost, while the budget still holds."""
@@ -556,7 +556,7 @@ class SqueezeFold(TransformPass):
           error per unit of err_g (`sensitivity_rounds` re-measurements); after the bisection the
           budget its coarse steps leave unused is handed back (`_fill`).
         - `uniform`: one reconstruction-energy threshold for every group.
-        1. Budget (flops/params): bisection for the largest candidate that meets it, every candidate's
+        1. Budget (flops/params/bytes): bisection for the largest candidate that meets it, every candidate's
            stats metered exactly (`allocation.Meter`). Without a guard this is the answer: the least
            reconstruction error the budget allows.
         2. Guard (`guard output error` / `guard top1 drop`, measured by the compiler through
@@ -569,10 +569,10 @@ class SqueezeFold(TransformPass):
         budget = Budget.of(ctx)
         guarded = ctx.guard is not None and ctx.fidelity_fn is not None
         if not budget and not guarded:
-            raise BudgetError(Diagnostic("squeeze_fold needs `energy`, `ratio`, a flops/params `budget` or a `guard`"))
+            raise BudgetError(Diagnostic("squeeze_fold needs `energy`, `ratio`, a flops/params/bytes `budget` or a `guard`"))
         base = graph_stats(ctx.original or graph)
         now = graph_stats(graph)
-        stats_for = Meter(graph, groups, base.flops, base.params)
+        stats_for = Meter(graph, groups, base)
         meets = budget.meets
         first_node = groups[next(iter(ranks))].producers[0] if groups[next(iter(ranks))].producers else None
 
@@ -605,8 +605,9 @@ class SqueezeFold(TransformPass):
         else:
             weight = {k: 1.0 / v for k, v in budget.limits.items()} if budget else {"flops": 1.0, "params": 1.0}
             for gid in ranks:
-                f1, p1 = stats_for({gid: groups[gid].size - 1})
-                delta = {"flops": now.flops / max(1, base.flops) - f1, "params": now.params / max(1, base.params) - p1}
+                f1, p1, b1 = stats_for({gid: groups[gid].size - 1})
+                delta = {"flops": now.flops / max(1, base.flops) - f1, "params": now.params / max(1, base.params) - p1,
+                         "bytes": now.param_bytes / max(1, base.param_bytes) - b1}
                 cost[gid] = sum(w * delta[k] for k, w in weight.items()) + 1e-12
             lo, hi, steps = -12.0, 6.0, 24  # t = log10 λ: small keeps everything, large keeps the minimum
 

@@ -171,7 +171,7 @@ class Trim(TransformPass):
         if self.ratio is not None:
             sel = {g.id: self._keep_top(scores[g.id], bounds[g.id].for_ratio(self.ratio)) for g in cands}
         else:
-            meter = Meter(graph, groups, before.flops, before.params)
+            meter = Meter(graph, groups, before)
             sel = self._budget(cands, scores, bounds, Budget.of(ctx), meter)
         sel = {gid: s for gid, s in sel.items() if len(s.keep) < groups[gid].size}
         if self.bias_compensation and moments:
@@ -193,7 +193,7 @@ class Trim(TransformPass):
         if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
             raise fail(f"ratio {self.ratio} leaves no channel; it must be in [0, 1)")
         if self.ratio is None and not Budget.of(ctx):
-            raise fail("needs a `ratio` or a flops/params budget in the policy")
+            raise fail("needs a `ratio` or a flops/params/bytes budget in the policy")
         if self.min_channels < 1 or self.round_to < 1:
             raise fail("min_channels and round_to must be at least 1")
         for k, v in Budget.of(ctx).limits.items():

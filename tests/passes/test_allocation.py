@@ -9,6 +9,7 @@ from torch import nn
 
 import netsqueeze as ns
 from netsqueeze.errors import BudgetError
+from netsqueeze.ir.stats import graph_stats
 from netsqueeze.passes.allocation import Budget, GroupBounds, Meter, bisect, bisect_int, group_bounds
 from netsqueeze.passes.base import PassContext
 from netsqueeze.passes.dependency import find_groups
@@ -71,26 +72,30 @@ def test_trim_and_squeeze_fold_give_the_same_counts(pass_name: str) -> None:
 
 
 def test_budget_meets_formats_and_reports() -> None:
-    b = Budget.of(PassContext(budget={"flops": 0.5, "params": 0.25, "bytes": 0.1}))
+    b = Budget.of(PassContext(budget={"flops": 0.5, "params": 0.25, "latency": 0.1}))
     assert dict(b.limits) == {"flops": 0.5, "params": 0.25} and str(b) == "flops <= 50.0%, params <= 25.0%"
-    assert b.meets((0.5, 0.25)) and not b.meets((0.51, 0.2)) and not b.meets((0.4, 0.26))
-    assert not Budget.of(PassContext()) and Budget({}).meets((9.0, 9.0))
-    err = b.unreachable("trim", "removing every removable channel", (0.61, 0.3), "fc1")
+    assert b.meets((0.5, 0.25, 1.0)) and not b.meets((0.51, 0.2, 0.1)) and not b.meets((0.4, 0.26, 0.1))
+    assert not Budget.of(PassContext()) and Budget({}).meets((9.0, 9.0, 9.0))
+    err = b.unreachable("trim", "removing every removable channel", (0.61, 0.3, 0.3), "fc1")
     assert isinstance(err, BudgetError) and err.diagnostics[0].node == "fc1"
     assert err.diagnostics[0].message == ("trim cannot meet the budget flops <= 50.0%, params <= 25.0%: removing "
                                           "every removable channel reaches flops 61.0%, params 30.0% of the original")
+    by = Budget.of(PassContext(budget={"bytes": 0.1}))
+    assert by.meets((1.0, 1.0, 0.1)) and not by.meets((0.0, 0.0, 0.11))
+    assert by.unreachable("trim", "x", (0.5, 0.4, 0.3), None).message == (
+        "trim cannot meet the budget bytes <= 10.0%: x reaches flops 50.0%, params 40.0%, bytes 30.0% of the original")
 
 
 def test_meter_costs_allocations_exactly_once() -> None:
     g = mlp()  # 10 → 16 → 12 → 3
     groups = find_groups(g)
     ids = {gr.producers[0]: gr.id for gr in groups.prunable()}
-    meter = Meter(g, groups, base_flops=1000, base_params=10 * 16 + 16 + 16 * 12 + 12 + 12 * 3 + 3)
-    assert meter({}) == meter({ids["fc1"]: 16}) and meter.measured == 1  # keep-everything: one allocation
-    f, p = meter({ids["fc1"]: 8, ids["fc2"]: 6})
-    assert p == pytest.approx((10 * 8 + 8 + 8 * 6 + 6 + 6 * 3 + 3) / 419)
+    meter = Meter(g, groups, graph_stats(g))
+    assert meter({}) == meter({ids["fc1"]: 16}) == (1.0, 1.0, 1.0) and meter.measured == 1  # keep-everything
+    f, p, b = meter({ids["fc1"]: 8, ids["fc2"]: 6})
+    assert p == pytest.approx((10 * 8 + 8 + 8 * 6 + 6 + 6 * 3 + 3) / 419) and b == pytest.approx(p)  # float32
     assert meter.measured == 2
-    assert meter({ids["fc2"]: 6, ids["fc1"]: 8}) == (f, p) and meter.measured == 2
+    assert meter({ids["fc2"]: 6, ids["fc1"]: 8}) == (f, p, b) and meter.measured == 2
     assert g.node("fc1").params["weight"].shape == (16, 10)  # measured on copies
 
 
@@ -155,7 +160,7 @@ def test_dry_run_meter_equals_the_real_rewrite(name: str) -> None:
     g = from_torch(model, x)
     groups = find_groups(g)
     base = graph_stats(g)
-    meter = Meter(g, groups, base.flops, base.params)
+    meter = Meter(g, groups, base)
     gen = torch.Generator().manual_seed(0)
     prunable = [gr for gr in groups.prunable() if gr.size > 1]
     assert prunable
@@ -165,5 +170,5 @@ def test_dry_run_meter_equals_the_real_rewrite(name: str) -> None:
         apply_selection(real, groups, {gid: ChannelSelection(keep=list(range(k))) for gid, k in counts.items()
                                        if k < groups[gid].size})
         st = graph_stats(real)
-        assert meter(counts) == (st.flops / base.flops, st.params / base.params)
+        assert meter(counts) == (st.flops / base.flops, st.params / base.params, st.param_bytes / base.param_bytes)
     assert graph_stats(g) == base  # the skeleton never touched the graph's weights

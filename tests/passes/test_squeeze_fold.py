@@ -129,7 +129,7 @@ def test_budget_search_meets_flops_budget() -> None:
 def test_search_without_budget_is_an_error() -> None:
     model = mlp(4)
     x = torch.randn(4, 10)
-    with pytest.raises(ns.PassError, match="squeeze_fold needs `energy`, `ratio`, a flops/params `budget` or a `guard`"):
+    with pytest.raises(ns.PassError, match="squeeze_fold needs `energy`, `ratio`, a flops/params/bytes `budget` or a `guard`"):
         ns.compile(model, [SqueezeFold()], example_inputs=(x,), calibration=torch.randn(64, 10))
 
 
