@@ -35,6 +35,7 @@ from netsqueeze.frontends.fx.state import (
     _Scope,
     _Unmappable,
 )
+from netsqueeze.ir.canonicalize import canonicalize
 from netsqueeze.ir.graph import Graph, Origin
 
 
@@ -173,6 +174,7 @@ def _convert(cx: _Capture, gm: fx.GraphModule, input_names: list[str], example_i
             raise CaptureError(Diagnostic(
                 f"frontend bug: node '{value[0]}' infers {got} but torch observed {expected} (fx node {name})",
                 node=value[0]))
+    canonicalize(cx.graph)  # graph rewrites shared with the ONNX frontend (GELU, BatchNorm affine, ...)
     cx.graph.verify()
     return cx.graph
 

@@ -3,9 +3,8 @@ unknown ops become opaque nodes re-emitted verbatim."""
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -31,6 +30,7 @@ from netsqueeze.frontends.onnx.load import (
 from netsqueeze.frontends.onnx.ops import HANDLERS
 from netsqueeze.frontends.onnx.torch_ops import _TORCH_OPS, OnnxTorchOp
 from netsqueeze.frontends.onnx.weights import _dense_np, _encoded_weight
+from netsqueeze.ir.canonicalize import canonicalize
 from netsqueeze.ir.graph import Graph, Origin, TensorMeta, Value
 from netsqueeze.ir.ops import infer_node
 from netsqueeze.ir.weights import SPARSE_LAYOUT_KEY, Centroids, Encoded, Sparse, WeightFormError
@@ -55,7 +55,6 @@ class _Importer:
         self.centroids: dict[str, Centroids] = {}  # codebook tables by tensor name: shared tables stay shared
         self.input_shapes = input_shapes
         self.skip: set[int] = set()
-        self.fused: dict[int, Callable[[], None]] = {}
         self.value_info: dict[str, TensorMeta] = {}
         self.owned: dict[int, str] = {}  # id(array) → name: arrays made at import, not yet handed to a node
         self.cur_id = ""
@@ -161,14 +160,10 @@ class _Importer:
             raise _fail("onnx-graphsurgeon imported a different number of nodes than the file holds")
         self.nodes, self.ids, self.protos = nodes, ids, protos
         self.reserved = set(ids)
-        self._find_patterns(order)
         for idx in order:
             if idx in self.skip:
                 continue
             n, self.cur_id, self.cur_op = nodes[idx], ids[idx], nodes[idx].op
-            if idx in self.fused:
-                self.fused[idx]()
-                continue
             if (n.domain or "") in _DEFAULT_DOMAINS and self._fold(n, protos[idx]):
                 continue
             handler = HANDLERS.get(n.op) if (n.domain or "") in _DEFAULT_DOMAINS else None
@@ -182,7 +177,7 @@ class _Importer:
             src = self.value(gs.Variable(o.name)) if o.name in self.vals else self._const_output(o.name, gsg)
             nid = g.add_node(o.name, "output", [src], origin=Origin("onnx", o.name, "output"), unique=True)
             self._infer(nid)
-        _absorb_affine_into_bn(g)
+        canonicalize(g)  # graph rewrites shared with the torch frontend (GELU, BatchNorm affine, ...)
         try:
             g.infer_shapes()
             g.verify()
@@ -317,127 +312,6 @@ class _Importer:
         for i, t in enumerate(n.outputs):
             if t.name:
                 self.vals[t.name] = (nid, i)
-
-    # ---- multi-node patterns ----------------------------------------------------------------------
-    def _find_patterns(self, order: list[int]) -> None:
-        index = {id(n): i for i, n in enumerate(self.nodes)}
-        outputs = {o.name for o in self.proto.graph.output}
-
-        def sole_user(t: gs.Tensor) -> Any:
-            return t.outputs[0] if len(t.outputs) == 1 and t.name not in outputs else None
-
-        def producer(t: gs.Tensor) -> Any:
-            return t.inputs[0] if len(t.inputs) == 1 else None
-
-        def peek(t: gs.Tensor) -> np.ndarray | None:
-            """A constant's value before the walk has folded anything: initializers and Constant nodes."""
-            arr = self.const(t)
-            src = producer(t)
-            if arr is None and src is not None and src.op == "Constant" and isinstance(src.attrs.get("value"), gs.Constant):
-                return np.asarray(src.attrs["value"].values)
-            return arr
-
-        def scalar(n: gs.Node, want: float) -> gs.Tensor | None:
-            """The non-constant operand of a binary node whose other operand is the scalar `want`."""
-            if len(n.inputs) != 2:
-                return None
-            for a, b in ((0, 1), (1, 0)):
-                arr = peek(n.inputs[b])
-                if arr is not None and arr.size == 1 and abs(float(arr.reshape(-1)[0]) - want) < 1e-3 \
-                        and peek(n.inputs[a]) is None:
-                    return n.inputs[a]  # type: ignore[no-any-return]
-            return None
-
-        for i in order:
-            erf = self.nodes[i]
-            if erf.op != "Erf" or (erf.domain or "") not in _DEFAULT_DOMAINS:
-                continue
-            pre = producer(erf.inputs[0])
-            if pre is None or sole_user(erf.inputs[0]) is not erf:
-                continue
-            x = scalar(pre, math.sqrt(2)) if pre.op == "Div" else scalar(pre, 1 / math.sqrt(2)) \
-                if pre.op == "Mul" else None
-            add = sole_user(erf.outputs[0])
-            if x is None or add is None or add.op != "Add" or scalar(add, 1.0) is not erf.outputs[0]:
-                continue
-            m1 = sole_user(add.outputs[0])
-            if m1 is None or m1.op != "Mul" or pre is None:
-                continue
-            other = m1.inputs[1] if m1.inputs[0] is add.outputs[0] else m1.inputs[0]
-            chain = [pre, erf, add, m1]
-            if other is x:  # x * (1 + erf) * 0.5
-                m2 = sole_user(m1.outputs[0])
-                if m2 is None or m2.op != "Mul" or scalar(m2, 0.5) is not m1.outputs[0]:
-                    continue
-                chain.append(m2)
-            elif scalar(m1, 0.5) is add.outputs[0]:  # (1 + erf) * 0.5 * x
-                m2 = sole_user(m1.outputs[0])
-                if m2 is None or m2.op != "Mul" or x not in m2.inputs:
-                    continue
-                chain.append(m2)
-            else:  # (x * 0.5) * (1 + erf)
-                h = producer(other)
-                if h is None or h.op != "Mul" or scalar(h, 0.5) is not x or sole_user(other) is not m1:
-                    continue
-                chain.append(h)
-            if any(index[id(c)] in self.skip or index[id(c)] in self.fused for c in chain):
-                continue
-            last = max(chain, key=lambda c: order.index(index[id(c)]))
-            inner = {id(t) for c in chain for t in c.inputs}
-            out = next(c.outputs[0] for c in chain if id(c.outputs[0]) not in inner)
-            for c in chain:
-                self.skip.add(index[id(c)])
-            self.skip.discard(index[id(last)])
-
-            def fuse(x: gs.Tensor = x, out: gs.Tensor = out) -> None:
-                self.vals[out.name] = self.emit("gelu", [self.value(x)], {"approximate": "none"})
-
-            self.fused[index[id(last)]] = fuse
-
-
-def _per_channel(g: Graph, node_id: str, value: Value, c: int, rank: int) -> torch.Tensor | None:
-    """The [C] vector of a mul/add operand that is a constant of shape [C, 1, ...] or [1, C, 1, ...]."""
-    (a, _), (b, _) = g.operands(node_id)
-    other = b if a == value[0] else a
-    node = g.node(other)
-    if node.kind != "constant" or len(g.users(other)) != 1:
-        return None
-    v = node.params["value"]
-    if not isinstance(v, torch.Tensor) or v.dtype != torch.float32 or v.numel() != c or tuple(v.shape) not in (
-            (c,) + (1,) * (rank - 2), (1, c) + (1,) * (rank - 2)):
-        return None
-    return v.reshape(c)
-
-
-def _absorb_affine_into_bn(g: Graph) -> None:
-    """BatchNorm → Mul(γ) → Add(β) with per-channel constants (Caffe2 exports) becomes one BatchNorm.
-
-    Exact: weight·γ and bias·γ + β. Channel analysis then sees one per-channel op instead of two
-    broadcasts against constants.
-    """
-    for bn in g.by_kind("batch_norm"):
-        users = g.users(bn.id)
-        if len(users) != 1 or g.node(users[0][0]).kind != "mul":
-            continue
-        mul = g.node(users[0][0])
-        rank, c = len(bn.meta[0].shape), bn.meta[0].shape[1]
-        gamma = _per_channel(g, mul.id, (bn.id, 0), c, rank)
-        add_users = g.users(mul.id)
-        if gamma is None or len(add_users) != 1 or g.node(add_users[0][0]).kind != "add":
-            continue
-        add = g.node(add_users[0][0])
-        beta = _per_channel(g, add.id, (mul.id, 0), c, rank)
-        if beta is None or mul.meta != bn.meta or add.meta != bn.meta:
-            continue
-        w = bn.dense("weight") if "weight" in bn.params else torch.ones(c)
-        b = bn.dense("bias") if "bias" in bn.params else torch.zeros(c)
-        bn.params["weight"], bn.params["bias"] = w * gamma, b * gamma + beta
-        consts = [s for s, _ in g.operands(mul.id) + g.operands(add.id) if g.node(s).kind == "constant"]
-        g.replace_uses((add.id, 0), (bn.id, 0))
-        g.remove_node(add.id)
-        g.remove_node(mul.id)
-        for k in consts:
-            g.remove_node(k)
 
 
 def _outer_names(node: onnx.NodeProto) -> set[str]:
