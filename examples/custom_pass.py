@@ -35,7 +35,7 @@ class MagnitudeSparsify(ns.TransformPass):
         for node in graph.nodes():
             if node.kind not in ("linear", "conv") or not ctx.is_selected(node.id):
                 continue
-            w = node.params["weight"]
+            w = node.dense("weight")  # a located error if an earlier pass stored it encoded
             k = int(self.fraction * w.numel())
             if k == 0:
                 continue
