@@ -378,8 +378,23 @@ def _bn_rule(kind: str) -> Rule:
     return Rule(f"batch_norm_{kind}", op(kind, op("batch_norm", name="bn"), constant("k")), _bn_affine(kind))
 
 
+def _linear_bias(g: Graph, root: Node, m: Match) -> Value | None:
+    """linear without bias → add of a constant along the output features (x @ W + b): one linear."""
+    lin = g.node(m["lin"][0])
+    w = lin.params.get("weight")
+    if "bias" in lin.params or w is None or not lin.meta or root.meta != lin.meta:
+        return None
+    out = int(w.shape[0])
+    b = constant_value(g, g.node(m["b"][0]))
+    if b is None or b.dtype != w.dtype or b.numel() != out or tuple(b.shape[-1:]) != (out,):
+        return None
+    lin.params["bias"] = b.reshape(out).clone()
+    return (lin.id, 0)
+
+
 RULES: tuple[Rule, ...] = (
     Rule("gelu_erf", _erf_gelu_pattern(), _gelu("none")),
     Rule("gelu_tanh", _tanh_gelu_pattern(), _gelu("tanh")),
     *(_bn_rule(k) for k in ("mul", "add", "sub", "div")),
+    Rule("linear_bias", op("add", op("linear", name="lin"), constant("b")), _linear_bias),
 )

@@ -179,3 +179,31 @@ def test_batch_norm_then_per_channel_constants_is_one_batch_norm(ops: tuple[str,
 def test_batch_norm_then_non_per_channel_constant_does_not_fire(shape: tuple[int, ...]) -> None:
     for g in check_routes(*bn_then(("Mul", "Add"), shape), None):
         assert kinds(g).count("batch_norm") == 1 and "mul" in kinds(g) and "add" in kinds(g)
+
+
+class MatMulAdd(nn.Module):
+    def __init__(self, bias_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w = nn.Parameter(torch.randn(16, 8, generator=g))
+        self.b = nn.Parameter(torch.randn(bias_shape, generator=g))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.w + self.b
+
+
+def matmul_add(bias_shape: tuple[int, ...]) -> tuple[nn.Module, onnx.ModelProto]:
+    mod = MatMulAdd(bias_shape)
+    inits = {"W": f32(mod.w.detach()), "B": f32(mod.b.detach())}
+    return mod, onnx_model([("MatMul", ["x", "W"], "mm"), ("Add", ["mm", "B"], "y")], (2, 16), inits)
+
+
+def test_matmul_then_bias_add_is_one_linear() -> None:
+    for g in check_routes(*matmul_add((8,)), ["input", "linear", "output"]):
+        (lin,) = g.by_kind("linear")
+        assert set(lin.params) == {"weight", "bias"}
+
+
+def test_bias_that_broadcasts_to_a_higher_rank_does_not_join() -> None:
+    for g in check_routes(*matmul_add((1, 1, 8)), ["input", "linear", "constant", "add", "output"]):
+        assert set(g.by_kind("linear")[0].params) == {"weight"}

@@ -157,4 +157,4 @@ def test_batch_norm_absorbs_per_channel_mul_add_exactly() -> None:
 
 def test_default_table_names() -> None:
     assert [r.name for r in RULES] == ["gelu_erf", "gelu_tanh", "batch_norm_mul", "batch_norm_add",
-                                       "batch_norm_sub", "batch_norm_div"]
+                                       "batch_norm_sub", "batch_norm_div", "linear_bias"]

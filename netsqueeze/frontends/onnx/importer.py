@@ -54,7 +54,6 @@ class _Importer:
         self.consts: dict[str, Any] = {}  # tensor name → np.ndarray, or an Encoded weight (QDQ, sparse, codebook)
         self.centroids: dict[str, Centroids] = {}  # codebook tables by tensor name: shared tables stay shared
         self.input_shapes = input_shapes
-        self.skip: set[int] = set()
         self.value_info: dict[str, TensorMeta] = {}
         self.owned: dict[int, str] = {}  # id(array) → name: arrays made at import, not yet handed to a node
         self.cur_id = ""
@@ -161,8 +160,6 @@ class _Importer:
         self.nodes, self.ids, self.protos = nodes, ids, protos
         self.reserved = set(ids)
         for idx in order:
-            if idx in self.skip:
-                continue
             n, self.cur_id, self.cur_op = nodes[idx], ids[idx], nodes[idx].op
             if (n.domain or "") in _DEFAULT_DOMAINS and self._fold(n, protos[idx]):
                 continue

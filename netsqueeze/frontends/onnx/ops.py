@@ -9,8 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from netsqueeze.frontends.onnx.load import _DEFAULT_DOMAINS
-from netsqueeze.frontends.onnx.weights import _is_float, _np_float, _transposed
+from netsqueeze.frontends.onnx.weights import _is_float, _transposed
 from netsqueeze.ir.graph import Value
 from netsqueeze.ir.tables import registrar
 from netsqueeze.ir.weights import Encoded
@@ -140,24 +139,9 @@ def _matmul(imp: _Importer, n: gs.Node) -> bool:
             and len(imp.meta(a).shape) >= 2:
         wt = _transposed(wb)
         params: dict[str, Any] = {"weight": wt if isinstance(wt, Encoded) else np.ascontiguousarray(wt)}
-        out = n.outputs[0]
-        add = out.outputs[0] if len(out.outputs) == 1 and not _used_as_output(imp, out) else None
-        if add is not None and add.op == "Add" and (add.domain or "") in _DEFAULT_DOMAINS:
-            other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
-            bias = imp.const(other)
-            if isinstance(bias, np.ndarray) and bias.size == wb.shape[1] and bias.shape[-1:] == (wb.shape[1],) \
-                    and other is not out and bias.dtype == _np_float(wb):
-                params["bias"] = bias.reshape(-1)
-                v = imp.emit("linear", [imp.value(a)], {}, params)
-                imp.skip.add(next(i for i, m in enumerate(imp.nodes) if m is add))
-                imp.vals[add.outputs[0].name] = v
-                return _bind(imp, n, v)
+        # a following Add of a bias constant joins the linear in ir.canonicalize (rule linear_bias)
         return _bind(imp, n, imp.emit("linear", [imp.value(a)], {}, params))
     return _bind(imp, n, imp.emit("matmul", [imp.value(a), imp.value(b)]))
-
-
-def _used_as_output(imp: _Importer, t: gs.Tensor) -> bool:
-    return t.name in {o.name for o in imp.proto.graph.output}
 
 
 @handles("BatchNormalization")
