@@ -10,12 +10,10 @@ run one after the other, each on everything it selects.
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any
 
 from netsqueeze.dsl import ast
 from netsqueeze.dsl.checker import (
@@ -24,74 +22,29 @@ from netsqueeze.dsl.checker import (
     CALIBRATE_KEYS,
     GUARD_METRICS,
     Checker,
-    OptionSchema,
     PassSchema,
-    TypeDesc,
     sort_diagnostics,
 )
 from netsqueeze.dsl.parser import load_policy
+from netsqueeze.dsl.schema import check_options, schema_from_dataclass
+from netsqueeze.dsl.schema import type_desc as type_desc  # re-exported
 from netsqueeze.errors import Diagnostic, PolicyError, SourceSpan
 from netsqueeze.ir.graph import Graph
-from netsqueeze.passes.base import Pass
+from netsqueeze.passes.base import Pass, install_option_check
 
 from .selectors import ALL, SPECIFICITY_NAMES, SelectorEvaluator
 
 InputDecl = ast.InputDecl
 
+# passes built from Python are checked as the policy checker checks them (passes cannot import dsl)
+install_option_check(check_options)
+
 
 # ---- schemas from pass dataclasses ---------------------------------------------------------------
-def type_desc(annotation: Any) -> TypeDesc:
-    """A `TypeDesc` for a field annotation; anything unrecognised becomes 'any' (accepted as written)."""
-    origin, args = get_origin(annotation), get_args(annotation)
-    if annotation in (int, float, bool, str):
-        return TypeDesc(annotation.__name__)
-    if origin is Literal:
-        return TypeDesc("literal", choices=tuple(args))
-    if origin in (typing.Union, types.UnionType):
-        rest = [a for a in args if a is not type(None)]
-        if len(rest) == 1 and len(args) == 2:
-            return TypeDesc("optional", args=(type_desc(rest[0]),))
-        if set(rest) == {int, float}:
-            return TypeDesc("float")
-        return TypeDesc("any")
-    if origin in (list, Sequence, typing.Sequence) or (origin is not None and origin.__name__ in ("Sequence",)):
-        return TypeDesc("list", args=(type_desc(args[0]),) if args else ())
-    if origin is tuple:
-        if len(args) == 2 and args[1] is Ellipsis:
-            return TypeDesc("tuple", args=(type_desc(args[0]),))
-        return TypeDesc("tuple", args=tuple(type_desc(a) for a in args), variadic=not args)
-    return TypeDesc("any")
-
-
 def schema_from_pass(cls: type[Pass]) -> PassSchema:
-    """The checker's view of a pass: its init fields with types, defaults, docs, ranges and units.
-
-    Ranges and units come from field metadata: `field(default=0.5, metadata={"min": 0, "max": 1,
-    "unit": "ratio", "doc": "..."})`.
-    """
-    try:
-        hints = get_type_hints(cls)
-    except Exception:  # unresolvable forward references: fall back to 'any'
-        hints = {}
-    opts = []
-    for f in dataclasses.fields(cls):
-        if not f.init:
-            continue
-        md: Mapping[str, Any] = f.metadata or {}
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        default = None
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        opts.append(OptionSchema(
-            f.name, type_desc(hints.get(f.name, Any)), default, required, str(md.get("doc", "")),
-            md.get("min"), md.get("max"), md.get("unit"),
-        ))
-    doc = (cls.__doc__ or "").strip().split("\n")[0]
-    if doc.startswith(cls.__name__ + "("):  # the signature dataclass puts in place of a missing docstring
-        doc = ""
-    return PassSchema(cls.name, tuple(opts), doc)
+    """The checker's view of a pass: its init fields with types, defaults, docs, ranges and units
+    (see `dsl.schema.schema_from_dataclass`)."""
+    return schema_from_dataclass(cls)
 
 
 def schemas_of(passes: Mapping[str, type[Pass]]) -> dict[str, PassSchema]:

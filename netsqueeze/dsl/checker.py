@@ -55,6 +55,7 @@ class OptionSchema:
     min: float | None = None
     max: float | None = None
     unit: Unit | None = None
+    min_exclusive: bool = False  # `min` itself is out of range (a budget of 0% leaves nothing)
 
 
 @dataclass(frozen=True)
@@ -78,9 +79,9 @@ CALIBRATE_KEYS: dict[str, OptionSchema] = {
     "data": OptionSchema("data", TypeDesc("str"), None),
 }
 BUDGET_METRICS: dict[str, OptionSchema] = {
-    "params": OptionSchema("params", _RATIO, min=0, max=1, unit="ratio"),
-    "flops": OptionSchema("flops", _RATIO, min=0, max=1, unit="ratio"),
-    "bytes": OptionSchema("bytes", _RATIO, min=0, max=1, unit="ratio"),
+    "params": OptionSchema("params", _RATIO, min=0, max=1, unit="ratio", min_exclusive=True),
+    "flops": OptionSchema("flops", _RATIO, min=0, max=1, unit="ratio", min_exclusive=True),
+    "bytes": OptionSchema("bytes", _RATIO, min=0, max=1, unit="ratio", min_exclusive=True),
 }
 # budget metrics the language knows but nothing measures yet: a located error instead of a silent no-op
 UNSUPPORTED_BUDGET: dict[str, str] = {
@@ -356,9 +357,7 @@ class Checker:
                     return c
                 if isinstance(c, bool) and isinstance(v, ast.Ident) and v.name == str(c).lower():
                     return c
-            strs = [str(c) for c in t.choices]
-            hint = did_you_mean(str(word), strs) if isinstance(word, str) else ""
-            raise _Bad(f"{what} must be one of {', '.join(repr(c) for c in t.choices)}, got {_describe(v)}{hint}", v.span)
+            raise _Bad(f"{what} {_choices_problem(t, word)}".replace(_GOT, f", got {_describe(v)}"), v.span)
         if t.kind in ("list", "tuple"):
             items: tuple[ast.Value, ...]
             if isinstance(v, ast.ListValue):
@@ -391,19 +390,9 @@ class Checker:
             raise _Bad(f"wrong unit for {what}: expected {want}, got {DIMENSION_WORDS[dim]} '{v.to_text()}'", v.span)
 
     def _range(self, result: Any, v: ast.Value, opt: OptionSchema, what: str) -> None:
-        if isinstance(result, bool) or not isinstance(result, int | float):
-            return
-        lo, hi = opt.min, opt.max
-        if (lo is not None and result < lo) or (hi is not None and result > hi):
-            if lo is not None and hi is not None:
-                rng = f"between {_fmt_bound(lo)} and {_fmt_bound(hi)}"
-                if opt.unit == "ratio":
-                    rng += f" ({_fmt_bound(lo * 100)}% to {_fmt_bound(hi * 100)}%)"
-            elif lo is not None:
-                rng = f">= {_fmt_bound(lo)}"
-            else:
-                rng = f"<= {_fmt_bound(hi)}"  # type: ignore[arg-type]
-            raise _Bad(f"{what} must be {rng}, got '{v.to_text()}'", v.span)
+        problem = range_problem(result, opt)
+        if problem is not None:
+            raise _Bad(f"{what} {problem}, got '{v.to_text()}'", v.span)
 
     # ---- selectors
     def selector(self, sel: ast.Selector) -> None:
@@ -447,6 +436,101 @@ class Checker:
             self._condition(c.right)
         else:
             self._condition(c.cond)
+
+
+# ---- the one check of option values: the policy checker (after converting a policy value) and passes
+# built from Python (`Pass.__post_init__`, through the hook the compiler installs) both use it
+_GOT = "\x00got\x00"  # where ", got VALUE" goes; filled in by the caller, which knows how to show the value
+
+
+def range_problem(value: Any, opt: OptionSchema) -> str | None:
+    """'must be between 0 and 1 (0% to 100%)' when the number `value` is outside `opt`'s range, else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    lo, hi = opt.min, opt.max
+    low_out = lo is not None and (value <= lo if opt.min_exclusive else value < lo)
+    if not (low_out or (hi is not None and value > hi) or value != value):
+        return None
+    if lo is not None and hi is not None:
+        if opt.min_exclusive:
+            rng = f"more than {_fmt_bound(lo)} and at most {_fmt_bound(hi)}"
+            if opt.unit == "ratio":
+                rng += f" (above {_fmt_bound(lo * 100)}%, up to {_fmt_bound(hi * 100)}%)"
+        else:
+            rng = f"between {_fmt_bound(lo)} and {_fmt_bound(hi)}"
+            if opt.unit == "ratio":
+                rng += f" ({_fmt_bound(lo * 100)}% to {_fmt_bound(hi * 100)}%)"
+    elif lo is not None:
+        rng = f"{'>' if opt.min_exclusive else '>='} {_fmt_bound(lo)}"
+    elif hi is not None:
+        rng = f"<= {_fmt_bound(hi)}"
+    else:
+        rng = "a number"
+    return f"must be {rng}"
+
+
+def _choices_problem(t: TypeDesc, word: Any) -> str:
+    strs = [str(c) for c in t.choices]
+    hint = did_you_mean(word, strs) if isinstance(word, str) else ""
+    return f"must be one of {', '.join(repr(c) for c in t.choices)}{_GOT}{hint}"
+
+
+def _show(value: Any) -> str:
+    """A Python value in a message: strings quoted by repr, numbers in quotes like policy text."""
+    if isinstance(value, str):
+        return repr(value)
+    if value is None or isinstance(value, bool | int | float):
+        return f"'{value!r}'"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _value_problem(value: Any, t: TypeDesc) -> str | None:
+    """Why the Python `value` (or an item of it) is not of option type `t` ("expects an integer, got '2.5'")."""
+    problem = _type_problem(value, t)
+    return None if problem is None else problem.replace(_GOT, f", got {_show(value)}")
+
+
+def _type_problem(value: Any, t: TypeDesc) -> str | None:
+    if t.kind == "optional":
+        return None if value is None else _value_problem(value, t.args[0])
+    if t.kind == "any":
+        return None
+    ok = {
+        "bool": lambda: isinstance(value, bool),
+        "int": lambda: isinstance(value, int) and not isinstance(value, bool),
+        "float": lambda: isinstance(value, int | float) and not isinstance(value, bool),
+        "str": lambda: isinstance(value, str),
+    }.get(t.kind)
+    if ok is not None:
+        return None if ok() else f"expects {t}{_GOT}"
+    if t.kind == "literal":
+        if any(c == value and isinstance(c, bool) == isinstance(value, bool) for c in t.choices):
+            return None
+        return _choices_problem(t, value)
+    if t.kind in ("list", "tuple"):
+        if not isinstance(value, list | tuple):
+            return f"expects {t}{_GOT}"
+        if t.kind == "tuple" and not t.variadic:
+            if len(value) != len(t.args):
+                return f"expects {len(t.args)} items {t}, got {len(value)}"
+            return next((p for p in map(_value_problem, value, t.args) if p is not None), None)
+        if not t.args:
+            return None
+        return next((p for p in (_value_problem(i, t.args[0]) for i in value) if p is not None), None)
+    return None
+
+
+def option_problem(value: Any, opt: OptionSchema, what: str) -> str | None:
+    """The message for a Python `value` that option `opt` does not accept ("option 'ratio' of pass
+    'trim' must be between 0 and 0.999 (0% to 99.9%), got '2.0'"), or None when it is accepted.
+    Type, choices and range are those the policy checker enforces, worded the same way."""
+    problem = _value_problem(value, opt.type)
+    if problem is None:
+        problem = range_problem(value, opt)
+        if problem is None:
+            return None
+        problem += f", got {_show(value)}"
+    return f"{what} {problem}"
 
 
 def _children(sel: ast.Selector) -> list[ast.Selector]:

@@ -482,10 +482,9 @@ class _Loader:
                 mods.append(self.cache[key])
                 continue
             try:
-                text = path.read_text()
+                text = read_policy_text(path)
             except (OSError, UnicodeDecodeError) as e:
-                reason = "no such file" if isinstance(e, FileNotFoundError) else str(e)
-                self.diags.append(Diagnostic(f"cannot import '{imp.path}': {reason}", span=imp.span))
+                self.diags.append(Diagnostic(f"cannot import '{imp.path}': {_read_error(e)}", span=imp.span))
                 continue
             shown = str(Path(importer).parent / imp.path) if not importer.startswith("<") else imp.path
             items, diags = _parse_tree_items(text, shown)
@@ -563,6 +562,7 @@ def parse_value(text: str, filename: str = "<value>", *, offset: int = 0, full_t
 
 def parse_policy(text: str, filename: str = "<policy>", *, params: Mapping[str, str] | None = None) -> ast.Policy:
     """Parses a policy (resolving its imports relative to `filename`); raises `PolicyError` with every syntax error."""
+    text = text.removeprefix(BOM)
     items, diags = _parse_tree_items(text, filename)
     if diags:
         raise PolicyError(diags)
@@ -584,12 +584,29 @@ def parse_policy(text: str, filename: str = "<policy>", *, params: Mapping[str, 
     return policy
 
 
+BOM = "\ufeff"
+
+
+def read_policy_text(path: str | Path) -> str:
+    """The text of a policy file: UTF-8, a leading byte-order mark (as some editors write) dropped."""
+    return Path(path).read_bytes().decode("utf-8-sig")
+
+
+def _read_error(e: OSError | UnicodeDecodeError) -> str:
+    if isinstance(e, FileNotFoundError):
+        return "no such file"
+    if isinstance(e, IsADirectoryError):
+        return "it is a directory"
+    if isinstance(e, UnicodeDecodeError):
+        return f"not UTF-8 text (byte {e.start})"
+    return e.strerror or str(e)
+
+
 def load_policy(path: str | Path, *, params: Mapping[str, str] | None = None) -> ast.Policy:
     """Reads and parses a policy file; an unreadable file is a `PolicyError` too."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = read_policy_text(p)
     except (OSError, UnicodeDecodeError) as e:
-        reason = "no such file" if isinstance(e, FileNotFoundError) else str(e)
-        raise PolicyError(Diagnostic(f"cannot read policy '{p}': {reason}")) from None
+        raise PolicyError(Diagnostic(f"cannot read policy '{p}': {_read_error(e)}")) from None
     return parse_policy(text, str(path), params=params)

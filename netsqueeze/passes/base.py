@@ -129,13 +129,33 @@ class PassContext:
         return dataclasses.replace(self, selected=selected)
 
 
+# The check of option values (`dsl.schema.check_options`: the policy checker's types, choices and ranges,
+# worded the same). Passes cannot import dsl, so the compiler installs it; `import netsqueeze` does.
+_OPTION_CHECK: list[Callable[[Pass], None]] = []
+
+
+def install_option_check(check: Callable[[Pass], None]) -> None:
+    """Sets the routine `Pass.__post_init__` validates every new pass instance with."""
+    _OPTION_CHECK[:] = [check]
+
+
 @dataclass(frozen=True)
 class Pass:
-    """Base of every pass. Subclasses are frozen dataclasses with a ClassVar `name` and a docstring."""
+    """Base of every pass. Subclasses are frozen dataclasses with a ClassVar `name` and a docstring.
+
+    Options are checked when an instance is made, from a policy or from Python
+    (`SqueezeFold(method="nope")`), by the one routine the policy checker uses: a bad value is a
+    `NetsqueezeError` naming the pass and the option. A subclass's own `__post_init__` may call
+    `super().__post_init__()` before its extra checks.
+    """
 
     name: ClassVar[str] = ""
     # Names of analyses this pass keeps valid; None means "all" (analyses and read-only passes).
     preserves: ClassVar[frozenset[str] | None] = frozenset()
+
+    def __post_init__(self) -> None:
+        for check in _OPTION_CHECK:
+            check(self)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         raise NotImplementedError
