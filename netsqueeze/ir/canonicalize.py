@@ -18,6 +18,10 @@ root's output (an existing node it updated, or a `New` node built in the root's 
 root's id), or None to decline. It must not change the graph before it knows it will not decline.
 A `New` node whose inferred shape differs from the root's is declined, so a pattern whose constants
 broadcast the result to a larger shape never fires.
+
+Not here: weights stored as ONNX DequantizeLinear / Gather(centroids, indices) / Transpose subgraphs of
+constants become encoded weights during the ONNX importer's constant folding
+(`netsqueeze.frontends.onnx.weights`): they are ONNX constants that never become IR nodes.
 """
 
 from __future__ import annotations
