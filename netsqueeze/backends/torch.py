@@ -26,6 +26,9 @@ from netsqueeze.ir.weights import Encoded
 __all__ = ["EMITTERS", "Emitter", "ModuleBuilder", "emitter", "to_torch"]
 
 
+_MODULE_ATTRS = frozenset(dir(nn.Module()))
+
+
 class ModuleBuilder:
     """What an emitter sees: the fx graph under construction and the module tree it fills."""
 
@@ -40,7 +43,8 @@ class ModuleBuilder:
         """A module path for the node: its id where that is a valid, free dotted path."""
         if node.id in self._paths:
             return self._paths[node.id]
-        parts = [re.sub(r"\W", "_", p) or "_" for p in node.id.split(".")]
+        # a part that names an nn.Module attribute ('half', 'eval', ...) would shadow it
+        parts = [p + "_" if p in _MODULE_ATTRS else p for p in (re.sub(r"\W", "_", q) or "_" for q in node.id.split("."))]
         cand = ".".join(parts)
         if not self._free(cand):
             cand = re.sub(r"\W", "_", node.id)

@@ -220,3 +220,19 @@ def test_onnx_style_attrs() -> None:
     with pytest.raises(UnsupportedOpError, match="resize 'op'"):
         to_torch(_unary_graph("resize", {"size": (9, 9), "mode": "linear",
                                          "coordinate_transformation_mode": "asymmetric"}, (2, 3, 5, 5)))
+
+
+def test_node_ids_that_name_module_attributes_do_not_shadow_them() -> None:
+    from netsqueeze.backends.torch import to_torch as emit
+    from netsqueeze.ir.graph import Graph as G
+
+    g = G("g")
+    g.add_node("x", "input", attrs={"shape": (2, 3)})
+    g.add_node("half", "constant", params={"value": torch.full((3,), 0.5)})  # an ONNX initializer name
+    g.add_node("eval", "mul", ["x", "half"])
+    g.add_node("out", "output", ["eval"])
+    g.infer_shapes()
+    m = emit(g)
+    assert torch.equal(m(torch.ones(2, 3)), torch.full((2, 3), 0.5))
+    assert [k for k, _ in m.named_modules()] == ["", "half_"]
+    m.half()  # nn.Module.half still works
