@@ -62,11 +62,22 @@ class Decode(nn.Module):
         self.static = w.static()
         self._decode = type(w).decode
         self._names = sorted(w.storage())
+        self.out_dtype = w.dtype
         for k, t in sorted(w.storage().items()):
             self.register_buffer(k, t.detach().clone())
 
     def forward(self) -> torch.Tensor:
-        return self._decode({k: getattr(self, k) for k in self._names}, self.static)
+        return self._decode({k: getattr(self, k) for k in self._names}, self.static).to(self.out_dtype)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Decode:
+        # .half() / .to(dtype) change the decoded weight's dtype, never the stored data: an int32 bias's
+        # scale (~1e-9) would underflow in float16; device moves apply to the buffers as usual
+        probe = fn(torch.empty(0, dtype=self.out_dtype))
+        self.out_dtype = probe.dtype
+        for k in self._names:
+            t = getattr(self, k)
+            setattr(self, k, t.to(probe.device))
+        return self
 
     def extra_repr(self) -> str:
         return f"{self.form}, shape={list(self.static['shape'])}"

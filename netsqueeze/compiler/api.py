@@ -581,7 +581,7 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
     _check_budget(resolved.budget, before, after, resolved.budget_spans)
 
     fidelity: dict[str, float] = {}
-    notes: list[str] = []
+    notes: list[str] = list(graph.meta.get("notes", []))  # what the frontend had to say about the model
     if eval_batches is not None and any(n.kind != "input" for n in graph.nodes()):
         with _stage("measuring the output error"):
             try:

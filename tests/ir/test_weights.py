@@ -218,3 +218,14 @@ def test_round_trip_through_both_backends(form: str) -> None:
         assert type(dst) is type(src)
         assert torch.equal(dst.dense(), src.dense())  # type: ignore[union-attr]
     assert graph_stats(back).param_bytes == graph_stats(g).param_bytes
+
+
+def test_torch_decode_modules_follow_half() -> None:
+    g = _encoded_graph(_forms()["affine"])
+    x = torch.randn(2, 8, 6, 6)
+    ref = to_torch(_dense_of(g))(x).detach()
+    half = to_torch(g).half()
+    with torch.no_grad():
+        y = half(x.half())
+    assert y.dtype == torch.float16
+    assert float((y.float() - ref).abs().max()) <= 2e-2 * float(ref.abs().max())

@@ -108,6 +108,11 @@ def _template(cx: _Capture, args: Any, operands: list[Value]) -> Any:
     return args
 
 
+def _is_torch_ao(mod: torch.nn.Module) -> bool:
+    name = type(mod).__module__
+    return name.startswith(("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized", "torch.nn.quantized"))
+
+
 def _opaque(cx: _Capture, nd: fx.Node) -> Any:
     operands: list[Value] = []
     args = _template(cx, tuple(nd.args), operands)
@@ -131,5 +136,14 @@ def _opaque(cx: _Capture, nd: fx.Node) -> Any:
         raise CaptureError(Diagnostic(f"op {_op_type(nd)} returns non-tensor values, which the IR cannot hold",
                                       node=nd.name))
     op_type = _op_type(nd) if nd.op != "call_module" else type(payload.module).__name__
+    if nd.op == "call_module" and _is_torch_ao(payload.module):
+        # torch.ao's quantized modules keep their weights packed (an opaque C++ object): netsqueeze runs
+        # them as they are and says so, instead of counting them as weightless layers silently
+        cls = type(payload.module)
+        op_type = f"{cls.__module__}.{cls.__name__}"
+        cx.graph.meta.setdefault("notes", []).append(
+            f"'{nd.target}' is a torch.ao quantized module ({op_type}): it stays opaque, its packed weights are "
+            "not counted and no pass changes it; compile the float model (or its ONNX QDQ export, whose int8 "
+            "weights netsqueeze reads) to compress it")
     nid = cx.emit("opaque", operands, {}, op_type=op_type, payload=payload)
     return [(nid, i) for i in range(len(outs))] if seq else (nid, 0)
