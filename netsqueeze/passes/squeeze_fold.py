@@ -35,6 +35,7 @@ from netsqueeze.passes.squeeze_math import (
     rank_for_energy,
     ranking,
     reconstruction,
+    solve_normal,
 )
 
 
@@ -351,7 +352,7 @@ class SqueezeFold(TransformPass):
             reg = self.ridge * float(st.xtx.diagonal()[:-1].mean().clamp_min(1e-30)) * torch.eye(kf + 1,
                                                                                                dtype=torch.float64)
             reg[-1, -1] = 0.0
-            t = torch.linalg.lstsq(st.xtx + reg, st.xty).solution[:-1]  # k x C (last row: intercept)
+            t = solve_normal(st.xtx + reg, st.xty)[:-1]  # k x C (last row: intercept)
             n = max(1, st.rows)
             t0 = st.sum_ref / n - torch.einsum("sj,sc->cj", st.sum_now / n, t)
             fits[p.member.node] = self._shaped(p, k, t, t0)

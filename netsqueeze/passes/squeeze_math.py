@@ -135,6 +135,31 @@ def kept_for_error(err: list[float], limit: float) -> int:
     return next((k for k in range(1, len(err)) if err[k] <= limit + 1e-12), len(err) - 1)
 
 
+def min_norm_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The minimum-norm least-squares solution of a·x = b (SVD, LAPACK gelsd), the same on every call.
+
+    Never `torch.linalg.lstsq`'s default driver (gelsy): PyTorch hands LAPACK's gelsy an uninitialised
+    pivot array (JPVT, pytorch/pytorch#187411), so its column pivoting, and the solution's last bits
+    (here up to 4e-9 in a flatten→linear fold), change from call to call and from run to run.
+    """
+    return torch.linalg.lstsq(a.double(), b.double(), driver="gelsd").solution
+
+
+def solve_normal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x with a·x = b for a symmetric positive semi-definite `a` (normal equations [X 1]ᵀ[X 1] + ridge),
+    deterministic: Cholesky when `a` is comfortably non-singular, else `min_norm_solve` (the
+    minimum-norm solution gelsy would give a rank-deficient system)."""
+    a, b = a.double(), b.double()
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) == 0:
+        d = chol.diagonal()
+        lo, hi = float(d.min()), float(d.max())
+        # (max/min of L's diagonal)² bounds cond(a) from below; gelsy truncates at cond ≈ 1/(eps·n)
+        if lo > 0 and (hi / lo) ** 2 < 1e-3 / (torch.finfo(torch.float64).eps * max(1, a.shape[0])):
+            return torch.cholesky_solve(b, chol)
+    return min_norm_solve(a, b)
+
+
 def reconstruction(moment: torch.Tensor, keep: list[int], ridge: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Least squares with intercept: a ≈ a_S·T + t₀ over the calibration distribution.
 
@@ -152,7 +177,7 @@ def reconstruction(moment: torch.Tensor, keep: list[int], ridge: float = 0.0) ->
     try:
         t = torch.linalg.solve(css, rhs)
     except RuntimeError:
-        t = torch.linalg.lstsq(css, rhs).solution
+        t = min_norm_solve(css, rhs)
     t0 = mu - mu[keep] @ t
     # kept channels copy themselves exactly (removes solver round-off on the identity block)
     t[:, keep] = torch.eye(len(keep), dtype=t.dtype)
