@@ -14,6 +14,7 @@ import torch
 from onnx import helper
 
 from netsqueeze.errors import Diagnostic, UnsupportedOpError
+from netsqueeze.ir.dims import Dim, expr_of, is_dynamic, lower, symbol_sources
 from netsqueeze.ir.graph import Graph, Node, TensorMeta, Value
 from netsqueeze.ir.tables import registrar
 from netsqueeze.ir.weights import SPARSE_LAYOUT_KEY, Affine, Codebook, Sparse, Weight, index_select, pack_bits
@@ -52,6 +53,9 @@ class _Exporter:
         self.sparse_layouts: dict[str, str] = {}
         self.sparse_dense = False  # write sparse weights as dense initializers (runtimes without sparse_initializer)
         self.tables: dict[int, gs.Tensor] = {}  # shared codebook tables, by identity
+        # dynamic dims: where each is read at run time, and the tensors already computed for them
+        self.dim_sources = symbol_sources([(n, graph.node(n).meta[0].shape) for n in graph.inputs])
+        self.dim_values: dict[str, gs.Tensor] = {}
         self.node_names: set[str] = set()
         self.cur: Node | None = None
         # Graph input/output names are reserved up front so internal tensors never take them.
@@ -151,6 +155,44 @@ class _Exporter:
         y = self.op("DequantizeLinear", inputs, attrs, name=f"{name}/DequantizeLinear")[0]
         return self.op("Cast", [y], {"to": onnx.TensorProto.FLOAT16}, name=f"{name}/Cast")[0] if self.fp16 else y
 
+    def size(self, d: int) -> gs.Tensor:
+        """A 1-element int64 tensor holding size `d`: a constant, or computed at run time from the graph
+        inputs' shapes when `d` is dynamic."""
+        if not is_dynamic(d):
+            return self.ints("size", [int(d)])
+        assert isinstance(d, Dim)
+
+        def symbol(name: str) -> gs.Tensor:
+            if name not in self.dim_values:
+                nid, axis = self.dim_sources[name]
+                shape = self.op("Shape", [self.values[(nid, 0)]], name=f"{nid}/shape")[0]
+                self.dim_values[name] = self.op("Gather", [shape, self.ints(f"{nid}.axis{axis}", [axis])],
+                                                {"axis": 0}, name=f"{nid}/{name}")[0]
+            return self.dim_values[name]
+
+        return lower(d.expr, symbol=symbol, const=lambda c: self.ints("size", [c]),
+                     add=lambda a, b: self.op1("Add", [a, b]), mul=lambda a, b: self.op1("Mul", [a, b]),
+                     floordiv=lambda a, b: self.op1("Div", [a, b]), mod=lambda a, b: self.op1("Mod", [a, b]))
+
+    def shape_of(self, node: Node, out: tuple[int, ...], src: tuple[int, ...]) -> gs.Tensor:
+        """A Reshape target for output shape `out` of an input of shape `src`: constants, 0 (copy) where
+        a dynamic dim stays in place, -1 for one dim, run-time computations for other dynamic dims."""
+        target: list[int | None] = []
+        for i, d in enumerate(out):
+            if not is_dynamic(d):
+                target.append(int(d))
+            elif i < len(src) and is_dynamic(src[i]) and expr_of(src[i]) == expr_of(d):
+                target.append(0)
+            else:
+                target.append(None)
+        unknown = [i for i, t in enumerate(target) if t is None]
+        if len(unknown) == 1:
+            target[unknown[0]] = -1
+        if all(t is not None for t in target):
+            return self.ints(f"{node.id}.shape", [int(t) for t in target])  # type: ignore[arg-type]
+        parts = [self.ints(f"{node.id}.shape", [t]) if t is not None else self.size(d) for t, d in zip(target, out)]
+        return self.op1("Concat", parts, {"axis": 0})
+
     def ints(self, name: str, values: list[int] | tuple[int, ...]) -> gs.Constant:
         return gs.Constant(self.fresh(name), np.asarray(list(values), dtype=np.int64))
 
@@ -182,11 +224,15 @@ class _Exporter:
         g = self.ir
         batch = None
         inputs: list[gs.Variable] = []
+        # with declared dynamic dims each dim says what it is; without, the leading dim is the batch
+        symbolic = any(is_dynamic(d) for nid in g.inputs for d in g.node(nid).meta[0].shape)
         for nid in g.inputs:
             node = g.node(nid)
             meta = node.meta[0]
             shape: list[Any] = list(meta.shape)
-            if shape:
+            if symbolic:
+                shape = [_dim_param(d) for d in shape]
+            elif shape:
                 batch = shape[0] if batch is None else batch
                 shape[0] = BATCH
             dt = _np_dtype(meta.dtype)
@@ -230,7 +276,9 @@ class _Exporter:
             self.names.discard(src.name)
             src.name = name
             shape = list(meta.shape)
-            if shape and batch is not None and shape[0] == batch:
+            if symbolic:
+                shape = [_dim_param(d) for d in shape]
+            elif shape and batch is not None and shape[0] == batch:
                 shape[0] = BATCH
             src.dtype, src.shape = dt, shape
             outputs.append(src)
@@ -308,7 +356,8 @@ def to_onnx(
     domains = {""} | {str(n.domain) for n in ex.nodes if n.domain}
     for d in sorted(domains):
         model.opset_import.append(helper.make_opsetid(d, opset if d == "" else ex.domain_opsets.get(d, 1)))
-    model.ir_version = helper.find_min_ir_version_for(list(model.opset_import))
+    # custom domains (com.microsoft, ...) have no IR-version table of their own: the default domain decides
+    model.ir_version = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
     # Opaque nodes get their original attributes back verbatim (graphsurgeon cannot carry raw AttributeProtos).
     for n in model.graph.node:
         if n.name in ex.opaque:
@@ -320,6 +369,11 @@ def to_onnx(
         model.metadata_props.append(onnx.StringStringEntryProto(key=str(k), value=str(v)))
     infer_shapes_inplace(model)
     return model
+
+
+def _dim_param(d: int) -> Any:
+    """An ONNX dim: its size, or for a dynamic dim its expression as the dim_param."""
+    return str(expr_of(d)).replace(" ", "") if is_dynamic(d) else int(d)
 
 
 def affine_opset(w: Affine) -> int:
@@ -545,6 +599,9 @@ def _flatten(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]
     en = node.attrs.get("end_dim", -1) % max(rank, 1)
     if en == rank - 1 and st == 1:  # ONNX Flatten is always 2-D, torch's only for start_dim 1
         return ex.op("Flatten", ins, {"axis": 1})
+    src, out = ex.ir.input_metas(node.id)[0].shape, _meta(ex, node).shape
+    if any(is_dynamic(d) for d in (*src, *out)):
+        return ex.op("Reshape", [ins[0], ex.shape_of(node, out, src)])
     # 0 keeps the leading dims symbolic (batch), -1 takes the flattened block.
     tail = list(_meta(ex, node).shape[st + 1:])
     return ex.op("Reshape", [ins[0], ex.ints(f"{node.id}.shape", [0] * st + [-1] + tail)])
@@ -553,6 +610,9 @@ def _flatten(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]
 @emitter("reshape")
 def _reshape(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
     src = ex.ir.input_metas(node.id)[0].shape
+    out = _meta(ex, node).shape
+    if any(is_dynamic(d) for d in (*src, *out)):
+        return ex.op("Reshape", [ins[0], ex.shape_of(node, out, src)])
     shape = list(node.attrs["shape"])
     # A leading dim equal to the input's batch dim is written as 0 (copy) so other batch sizes work.
     if shape and src and shape[0] == src[0] > 0:

@@ -3,6 +3,7 @@ unknown ops become opaque nodes re-emitted verbatim."""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -21,7 +22,9 @@ from netsqueeze.frontends.onnx.load import (
     _fail,
     _node_ids,
     _static_shape,
+    check_contents,
     check_structure,
+    check_text,
     load_model,
     model_opset,
     onnx_dtype_name,
@@ -41,6 +44,57 @@ _NOT_FOLDABLE = frozenset({
     "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli",
     "If", "Loop", "Scan",
 })
+
+
+# Constant folding makes at most this many elements / bytes per tensor: a small file whose ConstantOfShape,
+# Expand, Tile or Range asks for gigabytes is refused, not allocated.
+MAX_FOLD_ELEMENTS = 64 * 2**20
+MAX_FOLD_BYTES = 256 * 2**20
+_GROWING = frozenset({"ConstantOfShape", "Expand", "Tile", "Range"})
+
+
+def _fold_shape(op: str, consts: list[Any]) -> tuple[int, ...] | str | None:
+    """The output shape folding `op` would make from constant inputs, a problem with them, or None when
+    this op's size is not estimated up front."""
+    def ints(v: Any, what: str) -> list[int] | str:
+        a = np.asarray(v)
+        if a.dtype.kind not in "iu" or a.ndim > 1:
+            return f"its {what} must be a 1-D integer tensor, not {a.dtype} of shape {list(a.shape)}"
+        return [int(x) for x in a.reshape(-1)]
+
+    if op == "ConstantOfShape" and consts:
+        dims = ints(consts[0], "shape input")
+        if isinstance(dims, str):
+            return dims
+        if any(d < 0 for d in dims):
+            return f"its shape input {dims} has a negative dimension"
+        return tuple(dims)
+    if op == "Expand" and len(consts) == 2:
+        dims = ints(consts[1], "shape input")
+        if isinstance(dims, str):
+            return dims
+        x = list(np.shape(consts[0]))
+        rank = max(len(x), len(dims))
+        x, dims = [1] * (rank - len(x)) + x, [1] * (rank - len(dims)) + dims
+        if any(d < 0 for d in dims):
+            return f"its shape input {dims} has a negative dimension"
+        return tuple(a if b == 1 else b for a, b in zip(x, dims))
+    if op == "Tile" and len(consts) == 2:
+        reps = ints(consts[1], "repeats input")
+        if isinstance(reps, str):
+            return reps
+        if any(r < 0 for r in reps):
+            return f"its repeats {reps} are negative"
+        x = list(np.shape(consts[0]))
+        return tuple(a * b for a, b in zip(x, reps)) if len(reps) == len(x) else None
+    if op == "Range" and len(consts) == 3:
+        start, limit, delta = (np.asarray(c).reshape(-1) for c in consts)
+        if start.size != 1 or limit.size != 1 or delta.size != 1:
+            return "its start, limit and delta must be scalars"
+        if float(delta[0]) == 0:
+            return "its delta is 0"
+        return (max(int(np.ceil((float(limit[0]) - float(start[0])) / float(delta[0]))), 0),)
+    return None
 
 
 class _Importer:
@@ -139,9 +193,10 @@ class _Importer:
         if unknown:
             raise _fail(f"input_shapes names unknown inputs {sorted(unknown)}; the model's inputs are "
                         f"{[i.name for i in real_inputs]}")
-        shapes = {i.name: _static_shape(i, self.input_shapes.get(i.name)) for i in real_inputs}
         ids = _node_ids(proto, {i.name for i in real_inputs})
         order = check_structure(proto, ids)
+        check_contents(proto, ids, opset)
+        shapes = {i.name: _static_shape(i, self.input_shapes.get(i.name)) for i in real_inputs}
         self._shape_inference(shapes)
 
         for i in real_inputs:
@@ -249,9 +304,13 @@ class _Importer:
         ins = [t for t in n.inputs if t.name]
         if not all(self.is_const(t) for t in ins):
             return False
+        self._check_fold_size(n, [_dense_np(self.consts[t.name]) for t in ins] if n.op in _GROWING else [])
         if n.op == "ConstantOfShape":
             v = n.attrs.get("value")
             fill = np.asarray(v.values).reshape(-1) if v is not None else np.zeros(1, np.float32)
+            if fill.size != 1:
+                raise _fail(f"node '{self.cur_id}' (ConstantOfShape): its value must hold one element, not "
+                            f"{fill.size}", node=self.cur_id)
             shape = tuple(int(d) for d in self.consts[ins[0].name])
             self.consts[n.outputs[0].name] = np.full(shape, fill[0], dtype=fill.dtype)
             self.owned[id(self.consts[n.outputs[0].name])] = n.outputs[0].name
@@ -272,6 +331,25 @@ class _Importer:
         for t, v in zip(n.outputs, outs):
             self.consts[t.name] = np.asarray(v)
         return True
+
+    def _check_fold_size(self, n: gs.Node, consts: list[Any]) -> None:
+        """Refuses to fold a node whose output would be too big (or whose size inputs are malformed), before
+        anything is allocated: from its constant inputs for the ops that grow tensors, otherwise from
+        ONNX shape inference."""
+        shape = _fold_shape(n.op, consts)
+        if isinstance(shape, str):
+            raise _fail(f"node '{self.cur_id}' ({n.op}): {shape}", node=self.cur_id)
+        sizes = [(shape, 4)] if shape is not None else []
+        for t in n.outputs:
+            m = self.value_info.get(t.name)
+            if m is not None:
+                sizes.append((m.shape, _itemsize(m.dtype)))
+        for dims, itemsize in sizes:
+            count = math.prod(dims)
+            if count > MAX_FOLD_ELEMENTS or count * itemsize > MAX_FOLD_BYTES:
+                raise _fail(f"node '{self.cur_id}' ({n.op}) would fold to a constant of shape {list(dims)} "
+                            f"({count} elements); netsqueeze folds constants of up to {MAX_FOLD_ELEMENTS} elements "
+                            f"and {MAX_FOLD_BYTES >> 20} MiB", node=self.cur_id)
 
     # ---- fallback --------------------------------------------------------------------------------
     def _opaque(self, n: gs.Node, proto: onnx.NodeProto) -> None:
@@ -309,6 +387,13 @@ class _Importer:
         for i, t in enumerate(n.outputs):
             if t.name:
                 self.vals[t.name] = (nid, i)
+
+
+def _itemsize(dtype: str) -> int:
+    try:
+        return int(np.dtype(dtype).itemsize)
+    except TypeError:
+        return 2 if dtype == "bfloat16" else 1
 
 
 def _outer_names(node: onnx.NodeProto) -> set[str]:
@@ -357,6 +442,7 @@ def from_onnx(
     Raises `CaptureError` for unreadable files, unsupported opsets, dangling inputs and cycles.
     """
     proto = load_model(model)
+    check_text(proto)
     opset = model_opset(proto)
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise _fail(f"unsupported ONNX opset {opset} (netsqueeze supports opsets {MIN_OPSET}..{MAX_OPSET})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -14,9 +15,13 @@ MIN_OPSET, MAX_OPSET = 7, 23
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
-def onnx_dtype_name(elem_type: int) -> str:
-    """ONNX element type → IR dtype name (torch's spelling: float32, int64, ...)."""
-    np_dtype = helper.tensor_dtype_to_np_dtype(elem_type)
+def onnx_dtype_name(elem_type: int, what: str = "a tensor", node: str | None = None) -> str:
+    """ONNX element type → IR dtype name (torch's spelling: float32, int64, ...); an element type ONNX does
+    not define is a `CaptureError` naming `what`."""
+    try:
+        np_dtype = helper.tensor_dtype_to_np_dtype(elem_type)
+    except (KeyError, ValueError, TypeError):
+        raise _fail(f"{what} has element type {elem_type}, which ONNX does not define", node=node) from None
     return "bfloat16" if elem_type == onnx.TensorProto.BFLOAT16 else str(np.dtype(np_dtype))
 
 
@@ -116,6 +121,208 @@ def check_structure(proto: onnx.ModelProto, ids: list[str]) -> list[int]:
         names = " -> ".join(ids[i] for i in [*cycle, cycle[0]])
         raise _fail(f"graph has a cycle: {names}", node=ids[cycle[0]])
     return order
+
+
+_A = onnx.AttributeProto
+_T = onnx.TensorProto
+# the field that holds each attribute type's value
+_ATTR_FIELDS = {_A.FLOAT: "f", _A.INT: "i", _A.STRING: "s", _A.TENSOR: "t", _A.GRAPH: "g",
+                _A.SPARSE_TENSOR: "sparse_tensor", _A.TYPE_PROTO: "tp", _A.FLOATS: "floats", _A.INTS: "ints",
+                _A.STRINGS: "strings", _A.TENSORS: "tensors", _A.GRAPHS: "graphs",
+                _A.SPARSE_TENSORS: "sparse_tensors", _A.TYPE_PROTOS: "type_protos"}
+_SCALAR_FIELDS = ("f", "i", "s", "t", "g", "sparse_tensor", "tp")
+_DATA_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+# element types stored several to a byte: bits per element
+_SUB_BYTE_BITS = {getattr(_T, k): b for k, b in (("UINT4", 4), ("INT4", 4), ("FLOAT4E2M1", 4), ("UINT2", 2),
+                                                 ("INT2", 2)) if hasattr(_T, k)}
+_UNSIZED = {getattr(_T, k) for k in ("FLOAT6E2M3", "FLOAT6E3M2") if hasattr(_T, k)}
+
+
+def _attr_code(t: object) -> int:
+    """A schema's attribute type (a pybind enum) as the AttributeProto type number."""
+    return int(t.value)  # type: ignore[attr-defined]
+
+
+def _attr_type_name(t: int) -> str:
+    return _A.AttributeType.Name(t) if t in _A.AttributeType.values() else str(t)
+
+
+def tensor_problem(t: onnx.TensorProto) -> str | None:
+    """What is wrong with a tensor's element type, dims and data (phrased to follow its name), or None."""
+    dt = t.data_type
+    try:
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(dt)).itemsize
+    except (KeyError, ValueError, TypeError):
+        return f"has element type {dt}, which ONNX does not define"
+    dims = list(t.dims)
+    if any(d < 0 for d in dims):
+        return f"has negative dims {dims}"
+    if t.data_location == _T.EXTERNAL or dt in _UNSIZED:
+        return None
+    n = math.prod(dims)
+    tname = _T.DataType.Name(dt)
+    bits = _SUB_BYTE_BITS.get(dt)
+    if t.HasField("raw_data"):
+        if dt == _T.STRING:
+            return "is a STRING tensor with raw data"
+        need = -(-n * bits // 8) if bits else n * itemsize
+        if len(t.raw_data) != need:
+            return f"holds {len(t.raw_data)} bytes of data, but its dims {dims} and type {tname} need {need}"
+        return None
+    field = helper.tensor_dtype_to_field(dt)
+    for other in _DATA_FIELDS:
+        if other != field and len(getattr(t, other)):
+            return f"stores its data in {other}, which does not hold {tname} values"
+    per_value = 2 if dt in (_T.COMPLEX64, _T.COMPLEX128) else 1
+    need = -(-n * bits // 8) if bits else n * per_value  # sub-byte types: packed bytes, one per int32_data entry
+    have = len(getattr(t, field))
+    if have != need:
+        return f"holds {have} values, but its dims {dims} and type {tname} need {need}"
+    return None
+
+
+def _check_attribute(a: onnx.AttributeProto, where: str, nid: str) -> None:
+    field = _ATTR_FIELDS.get(a.type)
+    if field is None:
+        raise _fail(f"{where}: attribute '{a.name}' has attribute type {a.type}, which ONNX does not define", nid)
+    for other in _SCALAR_FIELDS:
+        if other != field and a.HasField(other):
+            raise _fail(f"{where}: attribute '{a.name}' is declared {_attr_type_name(a.type)} but holds a value in "
+                        f"field '{other}'", nid)
+    for other in set(_ATTR_FIELDS.values()) - set(_SCALAR_FIELDS) - {field}:
+        if len(getattr(a, other)):
+            raise _fail(f"{where}: attribute '{a.name}' is declared {_attr_type_name(a.type)} but holds values in "
+                        f"field '{other}'", nid)
+    for raw in [a.s] if a.type == _A.STRING else list(a.strings) if a.type == _A.STRINGS else []:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _fail(f"{where}: attribute '{a.name}' is not UTF-8 text ({raw[:16]!r})", nid) from None
+    for t in [a.t] if a.type == _A.TENSOR else list(a.tensors) if a.type == _A.TENSORS else []:
+        problem = tensor_problem(t)
+        if problem:
+            raise _fail(f"{where}: the tensor of attribute '{a.name}' {problem}", nid)
+
+
+def _arity(lo: int, hi: int) -> str:
+    return f"{lo}" if lo == hi else f"{lo} or more" if hi >= 2**31 - 1 else f"{lo} to {hi}"
+
+
+def check_node(n: onnx.NodeProto, nid: str, opset: int) -> None:
+    """Attributes well-formed (type tag, value field, UTF-8 text, tensor data); for default-domain ops with a
+    schema at `opset`: attribute names and types, required attributes, input and output counts."""
+    where = f"node '{nid}' ({n.op_type})"
+    for a in n.attribute:
+        _check_attribute(a, where, nid)
+    if (n.domain or "") not in _DEFAULT_DOMAINS:
+        return
+    try:
+        schema = onnx.defs.get_schema(n.op_type, opset, "")
+    except onnx.defs.SchemaError:
+        return  # not an ONNX op at this opset: kept opaque, or refused, later
+    names = set()
+    for a in n.attribute:
+        spec = schema.attributes.get(a.name)
+        if spec is None:
+            raise _fail(f"{where} has attribute '{a.name}', which {n.op_type} (opset {opset}) does not define", nid)
+        if _attr_code(spec.type) != a.type:
+            raise _fail(f"{where}: attribute '{a.name}' is {_attr_type_name(a.type)}, but {n.op_type} takes "
+                        f"{_attr_type_name(_attr_code(spec.type))}", nid)
+        if a.name in names:
+            raise _fail(f"{where} has attribute '{a.name}' twice", nid)
+        names.add(a.name)
+    for name, spec in schema.attributes.items():
+        if spec.required and name not in names:
+            raise _fail(f"{where} lacks the required attribute '{name}'", nid)
+    ins = list(n.input)
+    while ins and not ins[-1]:
+        ins.pop()
+    if not schema.min_input <= len(ins) <= schema.max_input:
+        raise _fail(f"{where} has {len(ins)} inputs; {n.op_type} (opset {opset}) takes "
+                    f"{_arity(schema.min_input, schema.max_input)}", nid)
+    for i, name in enumerate(ins):
+        if not name and schema.inputs and i < len(schema.inputs) \
+                and schema.inputs[i].option == onnx.defs.OpSchema.FormalParameterOption.Single:
+            raise _fail(f"{where}: input {i} ('{schema.inputs[i].name}') is required but left empty", nid)
+    outs = list(n.output)
+    while outs and not outs[-1]:
+        outs.pop()
+    if not max(schema.min_output, 1) <= len(outs) <= schema.max_output:
+        raise _fail(f"{where} has {len(outs)} outputs; {n.op_type} (opset {opset}) gives "
+                    f"{_arity(max(schema.min_output, 1), schema.max_output)}", nid)
+
+
+def _check_value_info(vi: onnx.ValueInfoProto, what: str) -> None:
+    if not vi.type.HasField("tensor_type"):
+        raise _fail(f"{what} '{vi.name}' is not a tensor ({vi.type.WhichOneof('value') or 'no type'}); "
+                    f"netsqueeze imports tensor inputs and outputs only")
+    tt = vi.type.tensor_type
+    if tt.elem_type:
+        onnx_dtype_name(tt.elem_type, f"{what} '{vi.name}'")
+    for d in tt.shape.dim:
+        if d.HasField("dim_value") and d.dim_value < 0:
+            raise _fail(f"{what} '{vi.name}' has a negative dimension {d.dim_value}")
+
+
+def check_contents(proto: onnx.ModelProto, ids: list[str], opset: int) -> None:
+    """What the frontend reads, validated before it reads it: initializers (element type, dims, data size),
+    graph inputs, outputs and value_info (tensor types), and every node (`check_node`)."""
+    g = proto.graph
+    for t in g.initializer:
+        problem = tensor_problem(t)
+        if problem:
+            raise _fail(f"initializer '{t.name}' {problem}")
+    for vis, what in ((g.input, "model input"), (g.output, "model output")):
+        for vi in vis:
+            _check_value_info(vi, what)
+    for vi in g.value_info:
+        if vi.type.HasField("tensor_type"):
+            _check_value_info(vi, "value_info entry")
+    for i, n in enumerate(g.node):
+        check_node(n, ids[i], opset)
+
+
+def _text_problem(v: object) -> bool:
+    return not isinstance(v, str)  # protobuf hands back bytes for a string field that is not UTF-8
+
+
+def _check_graph_text(g: onnx.GraphProto, where: str) -> None:
+    if _text_problem(g.name):
+        raise _fail(f"{where} has a name that is not UTF-8 text ({g.name!r})")
+    for field in ("input", "output", "value_info", "initializer"):
+        for i, item in enumerate(getattr(g, field)):
+            if _text_problem(item.name):
+                raise _fail(f"{where}: {field} {i} has a name that is not UTF-8 text ({item.name!r})")
+    for i, n in enumerate(g.node):
+        label = n.name if isinstance(n.name, str) and n.name else f"#{i}"
+        for what, v in (("name", n.name), ("op type", n.op_type), ("domain", n.domain)):
+            if _text_problem(v):
+                raise _fail(f"{where}: node {label} has a{'n' if what == 'op type' else ''} {what} that is not "
+                            f"UTF-8 text ({v!r})", node=label)
+        for t in [*n.input, *n.output]:
+            if _text_problem(t):
+                raise _fail(f"{where}: node {label} ({n.op_type}) names a tensor that is not UTF-8 text ({t!r})",
+                            node=label)
+        for a in n.attribute:
+            if _text_problem(a.name):
+                raise _fail(f"{where}: node {label} ({n.op_type}) has an attribute name that is not UTF-8 text "
+                            f"({a.name!r})", node=label)
+            for sub in [a.g] if a.type == _A.GRAPH else list(a.graphs):
+                _check_graph_text(sub, f"{where}, subgraph of node {label}")
+
+
+def check_text(proto: onnx.ModelProto) -> None:
+    """Every name the frontend reads is text: protobuf keeps a string field that is not UTF-8 as bytes."""
+    for imp in proto.opset_import:
+        if _text_problem(imp.domain):
+            raise _fail(f"the model imports an opset of a domain that is not UTF-8 text ({imp.domain!r})")
+    for what, v in (("producer name", proto.producer_name), ("producer version", proto.producer_version)):
+        if _text_problem(v):
+            raise _fail(f"the model's {what} is not UTF-8 text ({v!r})")
+    for p in proto.metadata_props:
+        if _text_problem(p.key) or _text_problem(p.value):
+            raise _fail(f"the model's metadata entry {p.key!r} is not UTF-8 text")
+    _check_graph_text(proto.graph, "the graph")
 
 
 def _static_shape(vi: onnx.ValueInfoProto, given: tuple[int, ...] | None) -> tuple[int, ...]:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from netsqueeze.errors import CaptureError, Diagnostic
 from netsqueeze.frontends.onnx.weights import _is_float, _transposed
 from netsqueeze.ir.graph import Value
 from netsqueeze.ir.tables import registrar
@@ -43,6 +44,35 @@ def _ints(v: Any) -> list[int]:
     return [int(a) for a in np.asarray(v).reshape(-1)]
 
 
+def _refuse(imp: _Importer, n: gs.Node, problem: str) -> CaptureError:
+    """A `CaptureError` naming the node being imported and what is wrong with it."""
+    return CaptureError(Diagnostic(f"node '{imp.cur_id}' ({n.op}): {problem}", node=imp.cur_id))
+
+
+def _axis(imp: _Importer, n: gs.Node, axis: int, rank: int, what: str = "axis", extra: int = 0) -> int:
+    """`axis` in 0..rank+extra-1 (negative counts from the end); out of range is an error naming the node."""
+    top = rank + extra
+    if not -top <= axis < top:
+        raise _refuse(imp, n, f"{what} {axis} is out of range for its rank-{rank} input")
+    return axis % top
+
+
+def _spatial(imp: _Importer, n: gs.Node, name: str, default: list[int], dims: int, lo: int = 1) -> list[int]:
+    """A per-spatial-dimension attribute: `dims` values (pads: 2·dims), each at least `lo`."""
+    v = _ints(n.attrs.get(name, default))
+    if len(v) != len(default) or any(x < lo for x in v):
+        raise _refuse(imp, n, f"attribute '{name}' is {v}; its rank-{dims + 2} input needs {len(default)} values "
+                              f"of at least {lo}")
+    return v
+
+
+def _scalar(imp: _Importer, n: gs.Node, v: Any, what: str) -> float:
+    a = np.asarray(v)
+    if a.size != 1 or a.dtype.kind not in "fiub":
+        raise _refuse(imp, n, f"its {what} must be a number, not {a.dtype} of shape {list(a.shape)}")
+    return float(a.reshape(-1)[0])
+
+
 def _bind(imp: _Importer, n: gs.Node, v: Value, i: int = 0) -> bool:
     imp.vals[n.outputs[i].name] = v
     return True
@@ -62,9 +92,12 @@ def _auto_pads(imp: _Importer, n: gs.Node, spatial: tuple[int, ...], kernel: lis
     auto = auto.decode() if isinstance(auto, bytes) else auto
     dims = len(kernel)
     if auto in ("NOTSET", ""):
-        return _ints(n.attrs.get("pads", [0] * 2 * dims))
+        return _spatial(imp, n, "pads", [0] * 2 * dims, dims, lo=0)
     if auto == "VALID":
         return [0] * 2 * dims
+    if auto not in ("SAME_UPPER", "SAME_LOWER"):
+        raise _refuse(imp, n, f"attribute 'auto_pad' is '{auto}'; ONNX defines NOTSET, VALID, SAME_UPPER and "
+                              f"SAME_LOWER")
     begins, ends = [], []
     for size, k, s, d in zip(spatial, kernel, stride, dilation):
         out = -(-size // s)
@@ -75,19 +108,33 @@ def _auto_pads(imp: _Importer, n: gs.Node, spatial: tuple[int, ...], kernel: lis
     return begins + ends
 
 
+def _conv_dims(imp: _Importer, n: gs.Node, rank: int, w: Any) -> int:
+    if len(w.shape) < 3 or rank != len(w.shape):
+        raise _refuse(imp, n, f"its input has rank {rank} and its weight rank {len(w.shape)}; {n.op} needs both "
+                              f"of the same rank, 3 or more")
+    return len(w.shape) - 2
+
+
+def _groups(imp: _Importer, n: gs.Node) -> int:
+    g = int(n.attrs.get("group", 1))
+    if g < 1:
+        raise _refuse(imp, n, f"attribute 'group' is {g}; it must be at least 1")
+    return g
+
+
 @handles("Conv")
 def _conv(imp: _Importer, n: gs.Node) -> bool:
     w, b = _const_in(imp, n, 1), _const_in(imp, n, 2)
     if w is None or w is _ABSENT or b is _ABSENT or not _is_float(w):
         return False
     x = imp.meta(n.inputs[0])
-    dims = len(w.shape) - 2
-    kernel = _ints(n.attrs.get("kernel_shape", w.shape[2:]))
-    stride = _ints(n.attrs.get("strides", [1] * dims))
-    dilation = _ints(n.attrs.get("dilations", [1] * dims))
+    dims = _conv_dims(imp, n, len(x.shape), w)
+    kernel = _spatial(imp, n, "kernel_shape", list(w.shape[2:]), dims)
+    stride = _spatial(imp, n, "strides", [1] * dims, dims)
+    dilation = _spatial(imp, n, "dilations", [1] * dims, dims)
     pads = _auto_pads(imp, n, x.shape[2:], kernel, stride, dilation)
     params = {"weight": w} | ({"bias": b} if b is not None else {})
-    attrs = {"stride": stride, "padding": pads, "dilation": dilation, "groups": int(n.attrs.get("group", 1))}
+    attrs = {"stride": stride, "padding": pads, "dilation": dilation, "groups": _groups(imp, n)}
     return _bind(imp, n, imp.emit("conv", [imp.value(n.inputs[0])], attrs, params))
 
 
@@ -98,13 +145,14 @@ def _conv_t(imp: _Importer, n: gs.Node) -> bool:
     if w is None or w is _ABSENT or b is _ABSENT or "output_shape" in n.attrs or auto not in ("NOTSET", "VALID") \
             or not _is_float(w):
         return False
-    dims = len(w.shape) - 2
+    dims = _conv_dims(imp, n, len(imp.meta(n.inputs[0]).shape), w)
+    _spatial(imp, n, "kernel_shape", list(w.shape[2:]), dims)
     attrs = {
-        "stride": _ints(n.attrs.get("strides", [1] * dims)),
-        "padding": _ints(n.attrs.get("pads", [0] * 2 * dims)) if auto == "NOTSET" else [0] * 2 * dims,
-        "dilation": _ints(n.attrs.get("dilations", [1] * dims)),
-        "groups": int(n.attrs.get("group", 1)),
-        "output_padding": _ints(n.attrs.get("output_padding", [0] * dims)),
+        "stride": _spatial(imp, n, "strides", [1] * dims, dims),
+        "padding": _spatial(imp, n, "pads", [0] * 2 * dims, dims, lo=0) if auto == "NOTSET" else [0] * 2 * dims,
+        "dilation": _spatial(imp, n, "dilations", [1] * dims, dims),
+        "groups": _groups(imp, n),
+        "output_padding": _spatial(imp, n, "output_padding", [0] * dims, dims, lo=0),
     }
     params = {"weight": w} | ({"bias": b} if b is not None else {})
     return _bind(imp, n, imp.emit("conv_transpose", [imp.value(n.inputs[0])], attrs, params))
@@ -161,11 +209,17 @@ def _ln(imp: _Importer, n: gs.Node) -> bool:
     if scale is None or scale is _ABSENT or bias is _ABSENT or not _single_output(imp, n):
         return False
     shape = imp.meta(n.inputs[0]).shape
-    axis = int(n.attrs.get("axis", -1)) % len(shape)
+    if isinstance(scale, Encoded) or isinstance(bias, Encoded):
+        return False
+    axis = _axis(imp, n, int(n.attrs.get("axis", -1)), len(shape))
     ns = list(shape[axis:])
-    params = {"weight": np.broadcast_to(scale, ns).copy()}
-    if bias is not None:
-        params["bias"] = np.broadcast_to(bias, ns).copy()
+    try:
+        params = {"weight": np.broadcast_to(scale, ns).copy()}
+        if bias is not None:
+            params["bias"] = np.broadcast_to(bias, ns).copy()
+    except ValueError:
+        raise _refuse(imp, n, f"its scale {list(scale.shape)} or bias does not broadcast to the normalized "
+                              f"shape {ns}") from None
     return _bind(imp, n, imp.emit("layer_norm", [imp.value(n.inputs[0])],
                                   {"normalized_shape": ns, "eps": float(n.attrs.get("epsilon", 1e-5))}, params))
 
@@ -175,8 +229,13 @@ def _gn(imp: _Importer, n: gs.Node) -> bool:
     scale, bias = _const_in(imp, n, 1), _const_in(imp, n, 2)
     if scale is None or scale is _ABSENT or bias is None or bias is _ABSENT:
         return False
-    c = imp.meta(n.inputs[0]).shape[1]
-    groups = c if n.op == "InstanceNormalization" else int(n.attrs["num_groups"])
+    shape = imp.meta(n.inputs[0]).shape
+    if len(shape) < 2 or isinstance(scale, Encoded) or isinstance(bias, Encoded):
+        return False
+    c = shape[1]
+    groups = c if n.op == "InstanceNormalization" else int(n.attrs.get("num_groups", 0))
+    if groups < 1 or c % groups:
+        raise _refuse(imp, n, f"{groups} groups do not divide its {c} channels")
     if scale.size == groups != c:  # opset 18 GroupNormalization: one scale per group
         scale, bias = np.repeat(scale, c // groups), np.repeat(bias, c // groups)
     if scale.size != c or bias.size != c:
@@ -227,8 +286,10 @@ def _clip(imp: _Importer, n: gs.Node) -> bool:
         lo_a, hi_a = _const_in(imp, n, 1), _const_in(imp, n, 2)
         if lo_a is _ABSENT or hi_a is _ABSENT:
             return False
-        lo = None if lo_a is None else float(np.asarray(lo_a).reshape(-1)[0])
-        hi = None if hi_a is None else float(np.asarray(hi_a).reshape(-1)[0])
+        if isinstance(lo_a, Encoded) or isinstance(hi_a, Encoded):
+            return False
+        lo = None if lo_a is None else _scalar(imp, n, lo_a, "min")
+        hi = None if hi_a is None else _scalar(imp, n, hi_a, "max")
     attrs = {"min": None if lo is None else float(lo), "max": None if hi is None else float(hi)}
     if attrs["min"] == 0.0 and attrs["max"] is None:
         return _bind(imp, n, imp.emit("relu", [imp.value(n.inputs[0])]))
@@ -240,9 +301,10 @@ def _softmax(imp: _Importer, n: gs.Node) -> bool:
     shape = imp.meta(n.inputs[0]).shape
     x = imp.value(n.inputs[0])
     if imp.opset >= 13:
-        return _bind(imp, n, imp.emit("softmax", [x], {"axis": int(n.attrs.get("axis", -1))}))
+        return _bind(imp, n, imp.emit("softmax", [x], {"axis": _axis(imp, n, int(n.attrs.get("axis", -1)),
+                                                                         len(shape))}))
     # Before opset 13 softmax normalises over all axes from `axis` on (the input seen as 2-D).
-    axis = int(n.attrs.get("axis", 1)) % len(shape)
+    axis = _axis(imp, n, int(n.attrs.get("axis", 1)), len(shape))
     if all(d == 1 for d in shape[axis + 1:]) and axis < len(shape):
         return _bind(imp, n, imp.emit("softmax", [x], {"axis": axis}))
     if axis == len(shape) - 1:
@@ -280,12 +342,14 @@ def _concat(imp: _Importer, n: gs.Node) -> bool:
 @handles("Split")
 def _split(imp: _Importer, n: gs.Node) -> bool:
     shape = imp.meta(n.inputs[0]).shape
-    axis = int(n.attrs.get("axis", 0)) % len(shape)
+    axis = _axis(imp, n, int(n.attrs.get("axis", 0)), len(shape))
     sizes: Any = n.attrs.get("split") if imp.opset < 13 else _const_in(imp, n, 1)
     if sizes is _ABSENT:
         return False
     if sizes is None:
         k = int(n.attrs.get("num_outputs", len(n.outputs)))
+        if k < 1:
+            raise _refuse(imp, n, f"it splits into {k} outputs")
         step = -(-shape[axis] // k)
         sizes = [min(step, shape[axis] - i * step) for i in range(k)]
     v = imp.emit("split", [imp.value(n.inputs[0])], {"axis": axis, "sizes": _ints(sizes)})
@@ -308,7 +372,9 @@ def _slice(imp: _Importer, n: gs.Node) -> bool:
     ax = _ints(axes) if axes is not None else list(range(len(st)))
     sp = _ints(steps) if steps is not None else [1] * len(st)
     x = imp.value(n.inputs[0])
-    todo = [(a % len(shape), s, e, p) for a, s, e, p in zip(ax, st, en, sp)]
+    if not len(st) == len(en) == len(ax) == len(sp) or 0 in sp:
+        raise _refuse(imp, n, f"starts {st}, ends {en}, axes {ax} and steps {sp} must be as many, steps not 0")
+    todo = [(_axis(imp, n, a, len(shape)), s, e, p) for a, s, e, p in zip(ax, st, en, sp)]
     # INT64 sentinels for "to the end" clip to the axis; python slice semantics handle the rest.
     lim = 1 << 62
     todo = [(a, max(-lim, min(lim, s)), max(-lim, min(lim, e)), p) for a, s, e, p in todo]
@@ -323,7 +389,7 @@ def _slice(imp: _Importer, n: gs.Node) -> bool:
 @handles("Flatten")
 def _flatten(imp: _Importer, n: gs.Node) -> bool:
     rank = len(imp.meta(n.inputs[0]).shape)
-    axis = int(n.attrs.get("axis", 1)) % (rank + 1) if rank else 0
+    axis = _axis(imp, n, int(n.attrs.get("axis", 1)), rank, extra=1) if rank else 0
     x = imp.value(n.inputs[0])
     if axis == 0:
         f = imp.emit("flatten", [x], {"start_dim": 0, "end_dim": -1}, suffix="flatten")
@@ -366,7 +432,7 @@ def _squeeze(imp: _Importer, n: gs.Node) -> bool:
     if axes is _ABSENT:
         return False
     ax = _ints(axes) if axes is not None else [i for i, d in enumerate(shape) if d == 1]
-    return _bind(imp, n, imp.emit("squeeze", [imp.value(n.inputs[0])], {"axes": [a % len(shape) for a in ax]}))
+    return _bind(imp, n, imp.emit("squeeze", [imp.value(n.inputs[0])], {"axes": [_axis(imp, n, a, len(shape)) for a in ax]}))
 
 
 @handles("Unsqueeze")
@@ -375,7 +441,7 @@ def _unsqueeze(imp: _Importer, n: gs.Node) -> bool:
     if axes is None or axes is _ABSENT:
         return False
     rank = len(imp.meta(n.inputs[0]).shape) + len(_ints(axes))
-    ax = sorted(a % rank for a in _ints(axes))
+    ax = sorted(_axis(imp, n, a, rank) for a in _ints(axes))
     return _bind(imp, n, imp.emit("unsqueeze", [imp.value(n.inputs[0])], {"axes": ax}))
 
 
@@ -384,10 +450,14 @@ def _pool(imp: _Importer, n: gs.Node) -> bool:
     if not _single_output(imp, n) or int(n.attrs.get("storage_order", 0)):
         return False
     x = imp.meta(n.inputs[0])
-    kernel = _ints(n.attrs["kernel_shape"])
-    dims = len(kernel)
-    stride = _ints(n.attrs.get("strides", [1] * dims))
-    dilation = _ints(n.attrs.get("dilations", [1] * dims))
+    if "kernel_shape" not in n.attrs:
+        raise _refuse(imp, n, "it has no attribute 'kernel_shape'")
+    dims = len(x.shape) - 2
+    if dims < 1:
+        raise _refuse(imp, n, f"its input has rank {len(x.shape)}; pooling needs rank 3 or more")
+    kernel = _spatial(imp, n, "kernel_shape", [1] * dims, dims)
+    stride = _spatial(imp, n, "strides", [1] * dims, dims)
+    dilation = _spatial(imp, n, "dilations", [1] * dims, dims)
     pads = _auto_pads(imp, n, x.shape[2:], kernel, stride, dilation)
     attrs: dict[str, Any] = {"kernel": kernel, "stride": stride, "padding": pads,
                              "ceil_mode": bool(n.attrs.get("ceil_mode", 0))}
@@ -416,7 +486,7 @@ def _reduce_mean(imp: _Importer, n: gs.Node) -> bool:
         if int(n.attrs.get("noop_with_empty_axes", 0)):
             return _bind(imp, n, imp.emit("identity", [imp.value(n.inputs[0])]))
         axes = list(range(rank))
-    attrs = {"axes": sorted(a % rank for a in _ints(axes)), "keepdim": bool(n.attrs.get("keepdims", 1))}
+    attrs = {"axes": sorted(_axis(imp, n, a, rank) for a in _ints(axes)), "keepdim": bool(n.attrs.get("keepdims", 1))}
     return _bind(imp, n, imp.emit("mean", [imp.value(n.inputs[0])], attrs))
 
 
@@ -437,13 +507,19 @@ def _pad(imp: _Importer, n: gs.Node) -> bool:
         if p is None or p is _ABSENT or v is _ABSENT or axes is _ABSENT:
             return False
         pads = _ints(p)
-        value = 0.0 if v is None or np.asarray(v).size == 0 else float(np.asarray(v).reshape(-1)[0])
+        if isinstance(v, Encoded) or isinstance(p, Encoded) or isinstance(axes, Encoded):
+            return False
+        value = 0.0 if v is None or np.asarray(v).size == 0 else _scalar(imp, n, v, "constant value")
         if axes is not None:
-            ax = [a % rank for a in _ints(axes)]
+            ax = [_axis(imp, n, a, rank) for a in _ints(axes)]
+            if len(pads) != 2 * len(ax):
+                raise _refuse(imp, n, f"pads {pads} must hold two values for each of the axes {ax}")
             full = [0] * 2 * rank
             for i, a in enumerate(ax):
                 full[a], full[a + rank] = pads[i], pads[i + len(ax)]
             pads = full
+    if len(pads) != 2 * rank:
+        raise _refuse(imp, n, f"pads {pads} must hold two values for each of the {rank} axes of its input")
     attrs = {"pads": pads, "mode": _PAD_MODES[mode], "value": value}
     return _bind(imp, n, imp.emit("pad", [imp.value(n.inputs[0])], attrs))
 
@@ -505,7 +581,9 @@ def _gather(imp: _Importer, n: gs.Node) -> bool:
     if isinstance(ind, np.ndarray) and ind.ndim == 0 and table is None:
         # x[..., i, ...] along `axis`: a one-element slice, then the axis dropped.
         shape = imp.meta(n.inputs[0]).shape
-        axis = int(n.attrs.get("axis", 0)) % len(shape)
+        axis = _axis(imp, n, int(n.attrs.get("axis", 0)), len(shape))
+        if not -shape[axis] <= int(ind) < shape[axis]:
+            raise _refuse(imp, n, f"index {int(ind)} is out of range for axis {axis} of size {shape[axis]}")
         i = int(ind) % shape[axis]
         sl = imp.emit("slice", [imp.value(n.inputs[0])], {"axis": axis, "start": i, "end": i + 1, "step": 1},
                       suffix="slice")

@@ -8,6 +8,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 import torch
 
+from netsqueeze.errors import CaptureError, Diagnostic
 from netsqueeze.frontends.onnx.load import _DEFAULT_DOMAINS
 from netsqueeze.ir.weights import Affine, Centroids, Codebook, Encoded, WeightFormError
 
@@ -63,6 +64,10 @@ def _encoded_weight(imp: _Importer, n: gs.Node) -> Encoded | None:
             zp = ins[2] if len(ins) > 2 else None
             if zp is not None and (not isinstance(zp, np.ndarray) or zp.dtype != x.dtype):
                 return None
+            if zp is not None and zp.size != scale.size:
+                raise CaptureError(Diagnostic(
+                    f"node '{imp.cur_id}' (DequantizeLinear): its zero point has {zp.size} elements but its scale "
+                    f"{scale.size}", node=imp.cur_id))
             bits, signed = _int_type(x)  # type: ignore[misc]
             block = int(n.attrs.get("block_size", 0))
             per_tensor = scale.size == 1 and scale.ndim <= 1 and not block
@@ -80,8 +85,12 @@ def _encoded_weight(imp: _Importer, n: gs.Node) -> Encoded | None:
             return Codebook(_ints_tensor(ins[1]), imp.centroids[name])
         if n.op == "Transpose" and len(ins) == 1 and isinstance(ins[0], Encoded):
             perm = n.attrs.get("perm")
-            return ins[0].permute(tuple(int(p) for p in perm) if perm is not None
-                                  else tuple(reversed(range(ins[0].dim()))))
+            order = tuple(int(p) for p in perm) if perm is not None else tuple(reversed(range(ins[0].dim())))
+            if sorted(order) != list(range(ins[0].dim())):
+                raise CaptureError(Diagnostic(
+                    f"node '{imp.cur_id}' (Transpose): perm {list(order)} is not a permutation of the "
+                    f"{ins[0].dim()} axes of its input", node=imp.cur_id))
+            return ins[0].permute(order)
     except WeightFormError:
         return None
     return None
