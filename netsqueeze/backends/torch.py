@@ -18,6 +18,7 @@ from torch import nn
 
 from netsqueeze.backends.torch_modules import Attention, Opaque, ParamHolder, WithEncodedParams
 from netsqueeze.errors import Diagnostic, UnsupportedOpError
+from netsqueeze.ir.dims import expr_of, fmt, is_dynamic, lower, symbol_sources
 from netsqueeze.ir.graph import Graph, Node, Value
 from netsqueeze.ir.ops import BUFFERS
 from netsqueeze.ir.tables import registrar
@@ -38,6 +39,42 @@ class ModuleBuilder:
         self.root = nn.Module()
         self._paths: dict[str, str] = {}
         self._taken: set[str] = set()
+        self.inputs: dict[str, fx.Node] = {}  # graph input id → placeholder
+        self.dim_sources = symbol_sources([(n, graph.node(n).meta[0].shape) for n in graph.inputs])
+        self._dims: dict[str, fx.Node] = {}
+
+    def size(self, d: int) -> Any:
+        """Size `d` in the emitted code: an int, or for a dynamic dim a value computed from the inputs' sizes."""
+        if not is_dynamic(d):
+            return int(d)
+
+        def symbol(name: str) -> fx.Node:
+            if name not in self._dims:
+                nid, axis = self.dim_sources[name]
+                self._dims[name] = self.fx.call_method("size", (self.inputs[nid], axis))
+            return self._dims[name]
+
+        return lower(expr_of(d), symbol=symbol, const=int, add=lambda a, b: self.call(operator.add, a, b),
+                     mul=lambda a, b: self.call(operator.mul, a, b),
+                     floordiv=lambda a, b: self.call(operator.floordiv, a, b),
+                     mod=lambda a, b: self.call(operator.mod, a, b))
+
+    def target_shape(self, x: fx.Node, out: tuple[int, ...], src: tuple[int, ...]) -> list[Any]:
+        """Reshape arguments for output shape `out` of `x` (shape `src`): ints, `x.size(i)` where a
+        dynamic dim stays in place, -1 for one other dynamic dim, computed sizes for the rest."""
+        args: list[Any] = []
+        unknown = []
+        for i, d in enumerate(out):
+            if not is_dynamic(d):
+                args.append(int(d))
+            elif i < len(src) and is_dynamic(src[i]) and expr_of(src[i]) == expr_of(d):
+                args.append(self.fx.call_method("size", (x, i)))
+            else:
+                unknown.append(i)
+                args.append(None)
+        for i in unknown:
+            args[i] = -1 if len(unknown) == 1 else self.size(out[i])
+        return args
 
     def path(self, node: Node) -> str:
         """A module path for the node: its id where that is a valid, free dotted path."""
@@ -326,6 +363,9 @@ def _flatten(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
 
 @emitter("reshape")
 def _reshape(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
+    src, out = b.ir.input_metas(node.id)[0].shape, node.meta[0].shape
+    if any(is_dynamic(d) for d in (*src, *out)):
+        return b.fx.call_method("reshape", (xs[0], *b.target_shape(xs[0], out, src)))
     # 0 copies the input dim at run time, so the batch size is not baked in
     shape = [b.fx.call_method("size", (xs[0], i)) if d == 0 else int(d) for i, d in enumerate(node.attrs["shape"])]
     return b.fx.call_method("reshape", (xs[0], *shape))
@@ -487,6 +527,23 @@ def _opaque(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node | list[f
     return out
 
 
+def _check_inputs(b: ModuleBuilder, graph: Graph) -> None:
+    """With declared dynamic dims, the emitted forward checks the inputs' rank and fixed dims first, so
+    a shape the model cannot handle is a clear error instead of a wrong result."""
+    metas = {nid: graph.node(nid).meta[0] for nid in graph.inputs}
+    if not any(is_dynamic(d) for m in metas.values() for d in m.shape):
+        return
+    for nid, m in metas.items():
+        x = b.inputs[nid]
+        shape = f"[{fmt(m.shape)}]"
+        b.call(torch._assert, b.call(operator.eq, b.fx.call_method("dim", (x,)), len(m.shape)),
+               f"input '{nid}' must have rank {len(m.shape)} (shape {shape})")
+        for axis, d in enumerate(m.shape):
+            if not is_dynamic(d):
+                b.call(torch._assert, b.call(operator.eq, b.fx.call_method("size", (x, axis)), int(d)),
+                       f"input '{nid}' axis {axis} must be {int(d)} (shape {shape})")
+
+
 def to_torch(graph: Graph, *, extra_outputs: Sequence[Value] = ()) -> fx.GraphModule:
     """Emits `graph` as an eval-mode GraphModule whose layers sit at the node ids' dotted paths.
 
@@ -501,7 +558,8 @@ def to_torch(graph: Graph, *, extra_outputs: Sequence[Value] = ()) -> fx.GraphMo
         if not name or name[0].isdigit() or name in used_names:
             name = f"input_{len(used_names)}"
         used_names.add(name)
-        env[(nid, 0)] = b.fx.placeholder(name)
+        env[(nid, 0)] = b.inputs[nid] = b.fx.placeholder(name)
+    _check_inputs(b, graph)
     outs: list[fx.Node] = []
     for node in graph.nodes():
         if node.kind == "input":

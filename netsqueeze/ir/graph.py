@@ -11,12 +11,14 @@ import networkx as nx
 import torch
 
 from netsqueeze.errors import Diagnostic, VerifyError, did_you_mean
+from netsqueeze.ir.dims import fmt
 from netsqueeze.ir.weights import Weight, clone, require_dense
 
 
 @dataclass(frozen=True)
 class TensorMeta:
-    """Shape and dtype of one tensor; shapes are concrete (taken from the example inputs)."""
+    """Shape and dtype of one tensor. Sizes are the example's; a dim that is dynamic in the source is a
+    `Dim` (an int carrying its expression over the named dynamic dims, see `ir.dims`)."""
 
     shape: tuple[int, ...]
     dtype: str = "float32"
@@ -29,6 +31,10 @@ class TensorMeta:
 
     def __str__(self) -> str:
         return f"{self.dtype}[{', '.join(str(d) for d in self.shape)}]"
+
+    def symbolic(self) -> str:
+        """Like `str`, with dynamic dims by their expression: 'float32[batch, 16, H/2, W/2]'."""
+        return f"{self.dtype}[{fmt(self.shape)}]"
 
 
 @dataclass

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from netsqueeze.errors import Diagnostic, VerifyError
 from netsqueeze.ir import weights
+from netsqueeze.ir.dims import Dim
 from netsqueeze.ir.graph import Graph, Node, TensorMeta, Value
 
 InferFn = Callable[[Node, list[TensorMeta]], list[TensorMeta]]
@@ -551,10 +552,17 @@ def _same(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
 
 
 # ---- sources and sinks --------------------------------------------------------------------
-@op("input", arity=(0, 0), attrs={"shape": REQUIRED, "dtype": "float32"}, channel=_graph_input)
+@op("input", arity=(0, 0), attrs={"shape": REQUIRED, "dtype": "float32", "dims": None}, channel=_graph_input)
 def _input(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
-    """A graph input; attrs `shape`, `dtype`."""
-    return [TensorMeta(tuple(node.attrs["shape"]), node.attrs.get("dtype", "float32"))]
+    """A graph input; attrs `shape` (the example sizes), `dtype`, and `dims`: per axis the name of a
+    dynamic dim (e.g. ('batch', None, 'H', 'W')) or None for a fixed one."""
+    shape = tuple(int(d) for d in node.attrs["shape"])
+    names = node.attrs.get("dims")
+    if names is not None:
+        if len(names) != len(shape):
+            raise _fail(node, f"dims {list(names)} do not match the rank of shape {list(shape)}")
+        shape = tuple(Dim.named(n, d) if n else d for n, d in zip(names, shape))
+    return [TensorMeta(shape, node.attrs.get("dtype", "float32"))]
 
 
 @op("output", channel=_graph_output)
