@@ -86,19 +86,68 @@ def _prev_call(calls: list[fx.Node], n: fx.Node) -> fx.Node | None:
     return calls[i - 1] if i else None
 
 
+# torch.export's own passes drop these: runtime assertions and shape guards carry no tensor
+_DROPPED = frozenset({
+    "_assert_tensor_metadata", "_assert_scalar", "_assert_async", "_functional_assert_async",
+    "_functional_assert_scalar", "sym_constrain_range", "sym_constrain_range_for_size",
+    "_functional_sym_constrain_range", "_functional_sym_constrain_range_for_size", "_print",
+})
+# queries of a tensor's size: concrete python values in a capture at the example sizes
+_SIZE_QUERIES = frozenset({"sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "dim", "size", "numel"})
+# ops whose result depends only on an operand's shape and dtype, never on its values
+_SHAPE_ONLY = frozenset({"new_ones", "new_zeros", "new_full", "ones_like", "zeros_like", "full_like",
+                         "scalar_tensor"})
+
+
+def _packet(nd: fx.Node) -> str | None:
+    t = nd.target
+    return t._overloadpacket.__name__ if isinstance(t, torch._ops.OpOverload) else None
+
+
+def _python_value(v: Any) -> Any:
+    """A concrete python number for a SymInt/SymFloat/SymBool seen at the example sizes."""
+    if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        hint = v.node.hint
+        return hint if hint is not None else v
+    if isinstance(v, (list, tuple)):
+        return type(v)(_python_value(x) for x in v)
+    return v
+
+
 def _fold(cx: _Capture, nd: fx.Node) -> bool:
-    """Evaluates an op whose tensor operands are all constants (e.g. `self.w.t()`)."""
+    """Evaluates an op whose tensor operands are all constants (e.g. `self.w.t()`), a source op with no
+    tensor operand (`arange`, `full`; random ones excluded), python arithmetic on sizes, and ops that read
+    only an operand's shape (`new_ones(x, ...)`, `zeros_like(x)`) at the example shape."""
+    if nd.op not in ("call_function", "call_method"):
+        return False
     ins = nd.all_input_nodes
-    if not ins or not all(i in cx.consts or not _is_value(cx.env.get(i)) for i in ins):
-        return False
-    if nd.op not in ("call_function", "call_method") or not any(i in cx.consts for i in ins):
-        return False
+    acts = [i for i in ins if i not in cx.consts and _is_value(cx.env.get(i))]
+    packet = _packet(nd)
+    shape_only = False
+    if acts:
+        if packet not in _SHAPE_ONLY or not isinstance(cx.observed.get(nd), torch.Tensor):
+            return False
+        shape_only = True
+    elif not any(i in cx.consts for i in ins):
+        t = nd.target
+        if isinstance(t, torch._ops.OpOverload):
+            if torch.Tag.nondeterministic_seeded in t.tags:
+                return False
+        elif not (nd.op == "call_function" and getattr(t, "__module__", None) in ("_operator", "math")):
+            return False
 
     def sub(a: Any) -> Any:
         if isinstance(a, fx.Node):
-            return cx.consts[a] if a in cx.consts else cx.env.get(a)
+            if a in cx.consts:
+                return cx.consts[a]
+            if shape_only and a in acts:
+                obs = cx.observed[a]
+                return torch.zeros(tuple(int(d) for d in obs.shape), dtype=obs.dtype)
+            return _python_value(cx.env.get(a))
         if isinstance(a, (list, tuple)):
             return type(a)(sub(x) for x in a)
+        if isinstance(a, dict):
+            return {k: sub(v) for k, v in a.items()}
         return a
 
     args, kwargs = sub(nd.args), sub(dict(nd.kwargs))
@@ -109,6 +158,9 @@ def _fold(cx: _Capture, nd: fx.Node) -> bool:
             r = nd.target(*args, **kwargs)  # type: ignore[operator]
     if isinstance(r, torch.Tensor):
         cx.consts[nd] = r.detach().clone()
+        return True
+    if isinstance(r, (list, tuple)) and r and all(isinstance(x, torch.Tensor) for x in r):
+        cx.consts[nd] = r  # type: ignore[assignment]  # getitem on it picks a constant
         return True
     cx.env[nd] = r
     return True
@@ -167,8 +219,11 @@ def _convert(cx: _Capture, gm: fx.GraphModule, input_names: list[str], example_i
             raise CaptureError(Diagnostic(f"model output {i} is not a tensor computed from the inputs"))
         cx.graph.add_node("output", "output", [cx.env[o]], origin=Origin("fx", f"output {i}", "output"),
                           unique=True)
+    _drop_dead(cx.graph)
     cx.graph.infer_shapes()
     for value, expected, name in cx.checks:
+        if value[0] not in cx.graph:
+            continue
         got = cx.graph.meta_of(value)
         if got != expected:
             raise CaptureError(Diagnostic(
@@ -177,6 +232,18 @@ def _convert(cx: _Capture, gm: fx.GraphModule, input_names: list[str], example_i
     canonicalize(cx.graph)  # graph rewrites shared with the ONNX frontend (GELU, BatchNorm affine, ...)
     cx.graph.verify()
     return cx.graph
+
+
+def _drop_dead(graph: Graph) -> None:
+    """Removes nodes nothing reads (mask-builder ops a mapped consumer looked through)."""
+    kept = {n.id for n in graph.nodes() if n.kind in ("input", "output")}
+    live = {v[0] for v in graph.output_values()} | kept
+    for nid in reversed(graph.topo_order()):
+        if nid in live:
+            live.update(graph.producers(nid))
+    for nid in reversed(graph.topo_order()):
+        if nid not in live:
+            graph.remove_node(nid)
 
 
 def _getattr_path(gm: nn.Module, target: str) -> Any:
@@ -202,6 +269,13 @@ def _convert_node(cx: _Capture, nd: fx.Node) -> None:
         else:
             cx.env[nd] = v[idx]  # type: ignore[index]
         return
+    packet0 = _packet(nd)
+    if packet0 in _DROPPED:
+        cx.env[nd] = None
+        return
+    if packet0 in _SIZE_QUERIES:
+        cx.env[nd] = _python_value(obs)
+        return
     # python-level values (sizes, shapes) in module-level graphs are concrete: keep them as such
     if not cx.aten and not (isinstance(obs, torch.Tensor) or
                             (isinstance(obs, (list, tuple)) and obs and all(isinstance(o, torch.Tensor)
@@ -212,7 +286,8 @@ def _convert_node(cx: _Capture, nd: fx.Node) -> None:
         return
     packet, a = _resolve(cx, nd)
     inplace = False
-    if packet is not None and packet not in HANDLERS and packet.endswith("_") and packet[:-1] in HANDLERS:
+    if packet is not None and packet.endswith("_") and not packet.startswith("_") and packet not in HANDLERS \
+            and hasattr(torch.ops.aten, packet[:-1]):
         packet, inplace = packet[:-1], True
     result: Any = None
     if packet is not None and packet in HANDLERS:
@@ -225,7 +300,7 @@ def _convert_node(cx: _Capture, nd: fx.Node) -> None:
                 cx.graph.remove_node(n.id)
             result = None
     if result is None:
-        result = _opaque(cx, nd)
+        result = _opaque(cx, nd, functional=inplace)
     _set(cx, nd, result)
     if inplace and isinstance(nd.args[0], fx.Node):
         cx.env[nd.args[0]] = result  # later readers of the mutated tensor see the new value

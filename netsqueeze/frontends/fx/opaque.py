@@ -113,14 +113,26 @@ def _is_torch_ao(mod: torch.nn.Module) -> bool:
     return name.startswith(("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized", "torch.nn.quantized"))
 
 
-def _opaque(cx: _Capture, nd: fx.Node) -> Any:
+def _functional(t: torch._ops.OpOverload) -> tuple[str, str]:
+    """The out-of-place twin (packet, overload) of an in-place aten op (`index_put_` → `index_put`)."""
+    packet, ov = t._overloadpacket.__name__, t._overloadname
+    twin = getattr(getattr(torch.ops, t.namespace), packet[:-1], None)
+    if twin is not None and ov in twin.overloads():
+        return packet[:-1], ov
+    return packet, ov
+
+
+def _opaque(cx: _Capture, nd: fx.Node, *, functional: bool = False) -> Any:
+    """An opaque node running `nd`'s torch call; `functional`: an in-place aten op runs out of place
+    (the driver rebinds the mutated operand to the result), so the emitted model mutates no tensor."""
     operands: list[Value] = []
     args = _template(cx, tuple(nd.args), operands)
     kwargs = _template(cx, dict(nd.kwargs), operands)
     payload: Any
     if isinstance(nd.target, torch._ops.OpOverload):
         t = nd.target
-        payload = AtenCall(t.namespace, t._overloadpacket.__name__, t._overloadname, args, kwargs)
+        packet, ov = _functional(t) if functional else (t._overloadpacket.__name__, t._overloadname)
+        payload = AtenCall(t.namespace, packet, ov, args, kwargs)
     elif nd.op == "call_method":
         payload = MethodCall(str(nd.target), args, kwargs)
     elif nd.op == "call_module":
@@ -136,6 +148,8 @@ def _opaque(cx: _Capture, nd: fx.Node) -> Any:
         raise CaptureError(Diagnostic(f"op {_op_type(nd)} returns non-tensor values, which the IR cannot hold",
                                       node=nd.name))
     op_type = _op_type(nd) if nd.op != "call_module" else type(payload.module).__name__
+    if isinstance(payload, AtenCall):
+        op_type = f"{payload.namespace}::{payload.packet}.{payload.overload}"
     if nd.op == "call_module" and _is_torch_ao(payload.module):
         # torch.ao's quantized modules keep their weights packed (an opaque C++ object): netsqueeze runs
         # them as they are and says so, instead of counting them as weightless layers silently

@@ -12,6 +12,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from netsqueeze.frontends.fx.opaque import AtenCall, _Slot
 from netsqueeze.frontends.fx.state import _Capture, _tup, _Unmappable
 from netsqueeze.ir.graph import Value
 from netsqueeze.ir.tables import registrar
@@ -214,7 +215,16 @@ def _rsub(cx: _Capture, a: dict[str, Any]) -> Value:
 
 @handles("cat", "concat", "concatenate")
 def _cat(cx: _Capture, a: dict[str, Any]) -> Value:
-    vals = [cx.val(t) for t in a["tensors"]]
+    # torch.cat skips empty 1-d tensors (an empty KV cache in HF decoders)
+    parts = [t for t in a["tensors"] if not (cx.is_const(t) and cx.const(t).numel() == 0)]
+    acts = [t for t in parts if not cx.is_const(t)]
+    if not acts:
+        raise _Unmappable("concat of constants only")
+    like = cx.val(acts[0])
+    if len(parts) == 1:
+        return (cx.emit("identity", [like]), 0)
+    # a constant part (a class token) becomes a constant node, so the concat stays canonical
+    vals = [cx.operand(t, like) for t in parts]
     return (cx.emit("concat", vals, {"axis": int(a.get("dim", 0))}), 0)
 
 
@@ -476,3 +486,200 @@ def _schema_for(packet: str) -> Any:
     p = getattr(torch.ops.aten, packet)
     ov = _OVERLOADS.get(packet, "default")
     return getattr(p, ov if ov in p.overloads() else p.overloads()[0])._schema
+
+
+# ---- ops HF transformers models use (torch.export graphs) -------------------------------------------
+@handles("select")
+def _select(cx: _Capture, a: dict[str, Any]) -> Value:
+    """x[:, i] → a one-wide slice and a squeeze of that axis."""
+    src = cx.shape(a["self"])
+    dim = int(a["dim"]) % len(src)
+    i = int(a["index"])
+    i = i + src[dim] if i < 0 else i
+    s = (cx.emit("slice", [cx.val(a["self"])], {"axis": dim, "start": i, "end": i + 1, "step": 1}), 0)
+    return (cx.emit("squeeze", [s], {"axes": (dim,)}), 0)
+
+
+@handles("to", "_to_copy", "type_as", "_to_dtype", "to_dtype")
+def _to(cx: _Capture, a: dict[str, Any]) -> Value:
+    """A dtype/device change that keeps the dtype is an identity; a real cast has no canonical op."""
+    x = cx.val(a["self"])
+    out = cx.out_meta()
+    if not isinstance(out, torch.Tensor) or _dtype_name(out.dtype) != cx.graph.meta_of(x).dtype:
+        raise _Unmappable("dtype cast")
+    return (cx.emit("identity", [x]), 0)
+
+
+def _dtype_name(t: torch.dtype) -> str:
+    return str(t).removeprefix("torch.")
+
+
+@handles("expand")
+def _expand(cx: _Capture, a: dict[str, Any]) -> Value:
+    out = tuple(int(d) for d in cx.out_meta().shape)
+    if out != cx.shape(a["self"]):
+        raise _Unmappable("a broadcasting expand")
+    return (cx.emit("identity", [cx.val(a["self"])]), 0)
+
+
+@handles("pow")
+def _pow(cx: _Capture, a: dict[str, Any]) -> Value:
+    e = a.get("exponent")
+    if isinstance(e, bool) or not isinstance(e, (int, float)) or float(e) not in (1.0, 2.0):
+        raise _Unmappable("pow other than x**1, x**2")  # x**3 stays opaque: canonicalize reads it (tanh GELU)
+    x = cx.val(a["self"])
+    return (cx.emit("identity", [x]), 0) if float(e) == 1.0 else (cx.emit("mul", [x, x]), 0)
+
+
+@handles("scaled_dot_product_attention")
+def _sdpa(cx: _Capture, a: dict[str, Any]) -> Value:
+    """softmax(q·kᵀ·scale + mask)·v as matmul / mul / add / softmax / matmul.
+
+    Not the IR `attention` op: that one owns its q/k/v/o projections, which SDPA does not have. A
+    boolean mask from an activation (padding masks) keeps the masked scores at -inf through one opaque
+    `aten::where.ScalarOther`; a constant mask becomes an additive constant (dropped when it masks nothing).
+    Rows whose keys are all masked give NaN here where torch's math kernel gives 0 (HF padding masks
+    always keep at least one key).
+    """
+    if float(a.get("dropout_p", 0.0)) != 0.0 or a.get("enable_gqa"):
+        raise _Unmappable("SDPA with dropout or grouped-query heads")
+    q, k, v = cx.val(a["query"]), cx.val(a["key"]), cx.val(a["value"])
+    qs, ks = cx.shape(a["query"]), cx.shape(a["key"])
+    if len(ks) < 2 or ks[:-2] != cx.shape(a["value"])[:-2] or qs[-1] != ks[-1]:
+        raise _Unmappable("SDPA with broadcast key/value batch dims")
+    rank = len(ks)
+    perm = (*range(rank - 2), rank - 1, rank - 2)
+    kt = (cx.emit("transpose", [k], {"perm": perm}), 0)
+    s = (cx.emit("matmul", [q, kt]), 0)
+    scale = a.get("scale")
+    scale = 1.0 / float(qs[-1]) ** 0.5 if scale is None else float(scale)
+    if scale != 1.0:
+        s = (cx.emit("mul", [s, cx.scalar(scale, s)]), 0)
+    mask = a.get("attn_mask")
+    anded: list[torch.Tensor] = []
+    if isinstance(mask, fx.Node):
+        mask, anded = _mask_source(cx, mask, tuple(int(d) for d in (*ks[:-2], qs[-2], ks[-2])))
+    for m in anded:  # constant masks ANDed into an activation mask: -inf where they mask
+        add = torch.zeros(m.shape, dtype=getattr(torch, cx.graph.meta_of(s).dtype))
+        s = (cx.emit("add", [s, cx.scalar(add.masked_fill(~m, float("-inf")), s)]), 0)
+    if a.get("is_causal"):
+        if mask is not None:
+            raise _Unmappable("SDPA with both a mask and is_causal")
+        mask = torch.ones(qs[-2], ks[-2], dtype=torch.bool).tril()
+    if mask is not None:
+        if cx.is_const(mask):
+            m = cx.const(mask)
+            if m.dtype == torch.bool:
+                if not bool(m.all()):
+                    add = torch.zeros(m.shape, dtype=getattr(torch, cx.graph.meta_of(s).dtype))
+                    s = (cx.emit("add", [s, cx.scalar(add.masked_fill(~m, float("-inf")), s)]), 0)
+            else:
+                s = (cx.emit("add", [s, cx.scalar(m, s)]), 0)
+        else:
+            mv = cx.val(mask)
+            if cx.graph.meta_of(mv).dtype == "bool":
+                s = _where_ninf(cx, mv, s)
+            else:
+                s = (cx.emit("add", [s, mv]), 0)
+    p = (cx.emit("softmax", [s], {"axis": -1}), 0)
+    return (cx.emit("matmul", [p, v]), 0)
+
+
+_BOOL_VIEWS = frozenset({"expand", "to", "_to_copy", "alias", "clone", "detach", "contiguous", "__and__",
+                         "bitwise_and", "logical_and"})
+
+
+def _mask_source(cx: _Capture, nd: fx.Node, scores: tuple[int, ...]) -> tuple[fx.Node, list[torch.Tensor]]:
+    """The boolean mask before the broadcasts HF's mask builder adds (expand, bool→bool `to`) and the
+    constant boolean masks ANDed into it (a causal mask): SDPA broadcasts its mask, so the smaller one
+    with the constants added as -inf gives the same scores."""
+    cur, consts = nd, []
+    while isinstance(cur.target, torch._ops.OpOverload) and cur.target._overloadpacket.__name__ in _BOOL_VIEWS:
+        if not isinstance(cx.observed.get(cur), torch.Tensor) or cx.observed[cur].dtype != torch.bool:
+            break
+        src = [i for i in cur.all_input_nodes if not cx.is_const(i)]
+        cs = [cx.const(i) for i in cur.all_input_nodes if cx.is_const(i)]
+        if len(src) != 1 or not isinstance(cx.observed.get(src[0]), torch.Tensor) \
+                or cx.observed[src[0]].dtype != torch.bool:
+            break
+        if cs and (cur.target._overloadpacket.__name__ not in ("__and__", "bitwise_and", "logical_and")
+                   or not all(c.dtype == torch.bool for c in cs)):
+            break
+        try:
+            if any(torch.broadcast_shapes(tuple(t), scores) != scores
+                   for t in [cx.observed[src[0]].shape, *(c.shape for c in cs)]):
+                break
+        except RuntimeError:
+            break
+        consts += [c for c in cs if not bool(c.all())]
+        cur = src[0]
+    if isinstance(cx.env.get(cur), tuple) and cur not in cx.consts:
+        return cur, consts
+    return nd, []
+
+
+def _where_ninf(cx: _Capture, mask: Value, scores: Value) -> Value:
+    """scores where mask else -inf, as one opaque aten call (the IR has no select-by-mask op)."""
+    meta = cx.graph.meta_of(scores)
+    call = AtenCall("aten", "where", "ScalarOther", (_Slot(0), _Slot(1), float("-inf")))
+    nid = cx.emit("opaque", [mask, scores], {}, op_type="aten::where.ScalarOther", payload=call)
+    cx.graph.node(nid).meta = [meta]
+    return (nid, 0)
+
+
+@handles("__and__", "bitwise_and", "logical_and", "__or__", "bitwise_or", "logical_or")
+def _logical(cx: _Capture, a: dict[str, Any]) -> Value:
+    """x & all-true (x | all-false) is x: HF mask builders AND a padding mask with constant masks that a
+    capture at fixed sizes makes all-true (the bidirectional mask)."""
+    assert cx.cur is not None
+    neutral = "and" in str(cx.cur.target)
+    x, y = a["self"], a["other"]
+    if cx.is_const(x):
+        x, y = y, x
+    if not cx.is_const(y):
+        raise _Unmappable("logical op of two activations")
+    c = cx.const(y)
+    if c.dtype != torch.bool or bool(c.all() if neutral else c.any()) is not True \
+            or tuple(int(d) for d in cx.out_meta().shape) != cx.shape(x) or cx.observed[x].dtype != torch.bool:
+        raise _Unmappable("logical op with a non-neutral constant")
+    return (cx.emit("identity", [cx.val(x)]), 0)
+
+
+@handles("index")
+def _index(cx: _Capture, a: dict[str, Any]) -> Value:
+    """x[arange(B)[:, None, None, None], arange(K)[None, None, None, :]] (HF's mask gather, indices
+    constant at a fixed capture size) is an unsqueeze of x: each index is a whole axis of x, placed at
+    increasing broadcast positions."""
+    idx = a["indices"]
+    src = cx.shape(a["self"])
+    if not idx or any(i is None or not cx.is_const(i) for i in idx) or len(idx) > len(src):
+        raise _Unmappable("index with activation or missing indices")
+    ts = [cx.const(i) for i in idx]
+    if any(t.dtype in (torch.bool, torch.uint8) or t.dtype.is_floating_point for t in ts):
+        raise _Unmappable("boolean index")
+    rank = max(t.dim() for t in ts)
+    out = tuple(int(d) for d in cx.out_meta().shape)
+    chosen: list[int] = []
+    for j, t in enumerate(ts):
+        n = src[j]
+        t = t.reshape((1,) * (rank - t.dim()) + tuple(t.shape))
+        axes = [d for d in range(rank) if t.shape[d] != 1]
+        if n > 1:
+            if len(axes) != 1 or t.shape[axes[0]] != n or not torch.equal(t.reshape(-1), torch.arange(n)):
+                raise _Unmappable("index that is not a whole axis")
+            p = axes[0]
+        else:
+            if axes or int(t.reshape(-1)[0]) != 0:
+                raise _Unmappable("index that is not a whole axis")
+            p = (chosen[-1] + 1) if chosen else 0
+        if chosen and p <= chosen[-1]:
+            raise _Unmappable("index that reorders axes")
+        chosen.append(p)
+    if chosen and chosen[-1] >= rank:
+        raise _Unmappable("index that reorders axes")
+    missing = tuple(d for d in range(rank) if d not in chosen)
+    x = cx.val(a["self"])
+    y = (cx.emit("unsqueeze", [x], {"axes": missing}), 0) if missing else (cx.emit("identity", [x]), 0)
+    if tuple(cx.graph.meta_of(y).shape) != out:
+        raise _Unmappable("index result shape")
+    return y
