@@ -683,3 +683,28 @@ def _index(cx: _Capture, a: dict[str, Any]) -> Value:
     if tuple(cx.graph.meta_of(y).shape) != out:
         raise _Unmappable("index result shape")
     return y
+
+
+@handles("where")
+def _where(cx: _Capture, a: dict[str, Any]) -> Value:
+    """where(mask, x, y) stays one opaque call (the IR has no select-by-mask op), reading the boolean mask
+    before HF's broadcasts (see `_mask_source`) so the mask-builder ops around it drop out."""
+    assert cx.cur is not None and isinstance(cx.cur.target, torch._ops.OpOverload)
+    cond = a["condition"]
+    out = cx.out_meta()
+    if not isinstance(cond, fx.Node) or cx.is_const(cond) or not isinstance(out, torch.Tensor):
+        raise _Unmappable("where on a constant condition")
+    src, anded = _mask_source(cx, cond, tuple(int(d) for d in out.shape))
+    if anded or src is cond:
+        raise _Unmappable("nothing to look through")
+    operands: list[Value] = [cx.val(src)]
+
+    def slot(x: Any) -> Any:
+        if isinstance(x, fx.Node) and not cx.is_const(x):
+            operands.append(cx.val(x))
+            return _Slot(len(operands) - 1)
+        return cx.const(x) if cx.is_const(x) else x
+
+    t = cx.cur.target
+    call = AtenCall("aten", "where", t._overloadname, (_Slot(0), slot(a["self"]), slot(a["other"])))
+    return (cx.emit("opaque", operands, {}, op_type=f"aten::where.{t._overloadname}", payload=call), 0)
