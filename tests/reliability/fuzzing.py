@@ -575,6 +575,120 @@ def child_main(start: int, count: int, seed: int) -> None:
             print(json.dumps(rec), file=out, flush=True)
 
 
+# ---- policies ---------------------------------------------------------------------------------------------
+
+EXAMPLES = ROOT / "examples"
+POLICY_TOKENS = ["policy", "{", "}", "(", ")", "[", "]", ",", "=", "<=", ">=", "on", "where", "except", "|", "&",
+                 "type(conv)", "all", "let", "param", "import", "budget", "guard", "bounds", "calibrate", "input",
+                 "trim", "fold_bn", "dead_code", "float32[", "\n", "#", "*", "%", "..", '"', "re\"", "\\"]
+POLICY_NUMBERS = ["0", "-1", "1e400", "-0", "1e-400", "99999999999999999999999", "0.0000001", "150%", "-5%",
+                  "nan", "inf", "0x10", "1_000", "4.5M", "12ms", "3.", ".5", "1e", "2**64", "9" * 400]
+POLICY_UNICODE = ["\u00e9", "\u200b", "\ufeff", "\U0001f600", "\u0301", "\u2028", "\x00", "\t", "\r", "\u00a0",
+                  "\u0130", "\ud7ff", "\uff10"]
+
+
+def policy_mutant(seed: int, index: int) -> tuple[str, str, bytes]:
+    """Policy mutant `index` of the run with `seed`: (the example it came from, a description, the bytes)."""
+    rng = random.Random(f"policy:{seed}:{index}")
+    name = rng.choice(sorted(p.name for p in EXAMPLES.glob("*.sqz")))
+    text = (EXAMPLES / name).read_text()
+    steps = []
+    for _ in range(rng.choice([1, 1, 2, 3, 5])):
+        i = rng.randrange(len(text) + 1)
+        op = rng.randrange(7)
+        if op == 0:  # insert a character or a token
+            tok = rng.choice([rng.choice(POLICY_TOKENS), chr(rng.randrange(32, 127)), rng.choice(POLICY_UNICODE)])
+            text, step = text[:i] + tok + text[i:], "insert"
+        elif op == 1:
+            text, step = text[:i] + text[i + rng.randint(1, 12):], "delete"
+        elif op == 2 and len(text) > 2:  # swap two neighbouring characters
+            i = min(i, len(text) - 2)
+            text, step = text[:i] + text[i + 1] + text[i] + text[i + 2:], "swap"
+        elif op == 3:  # duplicate a token
+            words = list(re_tokens(text))
+            if words:
+                a, b = rng.choice(words)
+                text, step = text[:b] + " " + text[a:b] + text[b:], "duplicate"
+            else:
+                step = "duplicate:none"
+        elif op == 4:  # a number out of range
+            nums = [(m.start(), m.end()) for m in _NUMBER.finditer(text)]
+            if nums:
+                a, b = rng.choice(nums)
+                text, step = text[:a] + rng.choice(POLICY_NUMBERS) + text[b:], "number"
+            else:
+                step = "number:none"
+        elif op == 5:  # a line repeated or dropped
+            lines = text.split("\n")
+            k = rng.randrange(len(lines))
+            lines[k:k + 1] = [] if rng.random() < 0.5 else [lines[k], lines[k]]
+            text, step = "\n".join(lines), "line"
+        else:
+            text, step = text[:i] + rng.choice(POLICY_UNICODE) + text[i:], "unicode"
+        steps.append(step)
+    data = text.encode("utf-8", "surrogatepass")
+    if rng.random() < 0.05:  # bytes that are not UTF-8
+        k = rng.randrange(len(data) + 1)
+        data, _ = data[:k] + rng.choice([b"\xff", b"\xc3", b"\xed\xa0\x80"]) + data[k:], steps.append("bytes")
+    return name, "+".join(steps), data
+
+
+import re as _re  # noqa: E402
+
+_WORD = _re.compile(r"[A-Za-z_][A-Za-z0-9_.*]*|\d+(?:\.\d+)?%?|[{}()\[\],=]")
+_NUMBER = _re.compile(r"\d+(?:\.\d+)?(?:e-?\d+)?[%A-Za-z]*")
+
+
+def re_tokens(text: str) -> Iterator[tuple[int, int]]:
+    return ((m.start(), m.end()) for m in _WORD.finditer(text))
+
+
+def run_policy_case(data: bytes, path: Path, schemas: Any) -> str:
+    """Parses and checks one policy file; 'ok' or the error type; an unlocated error is an AssertionError."""
+    from netsqueeze.dsl import check_policy, load_policy
+    from netsqueeze.errors import NetsqueezeError
+
+    path.write_bytes(data)
+    try:
+        check_policy(load_policy(path), schemas)
+    except NetsqueezeError as e:
+        for d in e.diagnostics:
+            text = d.format()
+            if d.span is None or d.span.line < 1 or d.span.col < 1 or not text.startswith(f"{d.span.file}:"):
+                raise AssertionError(f"unlocated {type(e).__name__}: {text[:200]}") from None
+        return type(e).__name__
+    return "ok"
+
+
+def policy_child_main(start: int, count: int, seed: int) -> None:
+    from netsqueeze.compiler.plan import schemas_of
+    from netsqueeze.passes.registry import all_passes
+
+    schemas = schemas_of(all_passes())
+    cap = _vm_size() + MEMORY_BYTES
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    signal.signal(signal.SIGALRM, _alarm)
+    with tempfile.TemporaryDirectory() as tmp:
+        for f in EXAMPLES.iterdir():  # the examples next to the mutant, so imports resolve
+            if f.is_file():
+                (Path(tmp) / f.name).write_bytes(f.read_bytes())
+        for i in range(start, start + count):
+            name, desc, data = policy_mutant(seed, i)
+            path = Path(tmp) / f"fuzz_{name}"
+            print(json.dumps({"start": i}), flush=True)
+            faulthandler.dump_traceback_later(CASE_SECONDS + 5, exit=True)
+            signal.alarm(CASE_SECONDS)
+            rec: dict[str, Any] = {"i": i, "desc": f"{name}:{desc}"}
+            try:
+                rec["outcome"] = run_policy_case(data, path, schemas)
+            except (Exception, CaseTimeout) as e:
+                rec.update(outcome="ESCAPE", exc=type(e).__name__, msg=str(e)[:300], site=_site(e.__traceback__))
+            finally:
+                signal.alarm(0)
+                faulthandler.cancel_dump_traceback_later()
+            print(json.dumps(rec), flush=True)
+
+
 # ---- the parent ---------------------------------------------------------------------------------------------
 
 @dataclass
@@ -658,8 +772,6 @@ def main(argv: list[str]) -> int:
     if kind == "onnx":
         child_main(start, count, seed)
     elif kind == "policy":
-        from tests.reliability.fuzz_policy_child import policy_child_main  # pragma: no cover
-
         policy_child_main(start, count, seed)
     else:
         raise SystemExit(f"unknown fuzz kind {kind!r}")

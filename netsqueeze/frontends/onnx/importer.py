@@ -46,6 +46,13 @@ _NOT_FOLDABLE = frozenset({
 })
 
 
+# IR dtype name → the name in ONNX type strings ("tensor(float)")
+_ONNX_TYPE_NAMES = {
+    "float32": "float", "float64": "double", "float16": "float16", "bfloat16": "bfloat16", "int8": "int8",
+    "int16": "int16", "int32": "int32", "int64": "int64", "uint8": "uint8", "uint16": "uint16", "uint32": "uint32",
+    "uint64": "uint64", "bool": "bool",
+}
+
 # Constant folding makes at most this many elements / bytes per tensor: a small file whose ConstantOfShape,
 # Expand, Tile or Range asks for gigabytes is refused, not allocated.
 MAX_FOLD_ELEMENTS = 64 * 2**20
@@ -216,6 +223,8 @@ class _Importer:
         self.reserved = set(ids)
         for idx in order:
             n, self.cur_id, self.cur_op = nodes[idx], ids[idx], nodes[idx].op
+            if (n.domain or "") in _DEFAULT_DOMAINS:
+                self._check_types(n)
             if (n.domain or "") in _DEFAULT_DOMAINS and self._fold(n, protos[idx]):
                 continue
             handler = HANDLERS.get(n.op) if (n.domain or "") in _DEFAULT_DOMAINS else None
@@ -284,6 +293,41 @@ class _Importer:
             if tt.elem_type and tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
                 self.value_info[vi.name] = TensorMeta(tuple(d.dim_value for d in tt.shape.dim),
                                                       onnx_dtype_name(tt.elem_type))
+
+    def _dtype_of(self, t: gs.Tensor) -> str | None:
+        if t.name in self.consts or isinstance(t, gs.Constant):
+            arr = self.const(t)
+            return None if arr is None else str(arr.dtype).removeprefix("torch.")
+        if t.name in self.vals:
+            return self.graph.meta_of(self.vals[t.name]).dtype
+        return None
+
+    def _check_types(self, n: gs.Node) -> None:
+        """Inputs bound to one type variable of the op's schema (Conv's X, W and B are all T) have one element
+        type, and each is a type the schema allows: a mismatch is an error naming the node."""
+        try:
+            schema = onnx.defs.get_schema(n.op, self.opset, "")
+        except onnx.defs.SchemaError:
+            return
+        if not schema.inputs:
+            return
+        seen: dict[str, tuple[int, str]] = {}
+        for i, t in enumerate(n.inputs):
+            if not t.name:
+                continue
+            formal = schema.inputs[min(i, len(schema.inputs) - 1)]
+            dtype = self._dtype_of(t)
+            onnx_name = _ONNX_TYPE_NAMES.get(dtype or "")
+            if onnx_name is None:
+                continue
+            allowed = set(formal.types)
+            if allowed and f"tensor({onnx_name})" not in allowed and all(a.startswith("tensor(") for a in allowed):
+                raise _fail(f"node '{self.cur_id}' ({n.op}): input {i} ('{t.name}') is {dtype}, which {n.op} does "
+                            f"not take for '{formal.name}'", node=self.cur_id)
+            first = seen.setdefault(formal.type_str, (i, dtype or ""))
+            if first[1] != dtype:
+                raise _fail(f"node '{self.cur_id}' ({n.op}): input {i} ('{t.name}') is {dtype} but input {first[0]} "
+                            f"is {first[1]}; {n.op} takes one element type for {formal.type_str}", node=self.cur_id)
 
     # ---- constant folding ---------------------------------------------------------------------
     def _fold(self, n: gs.Node, proto: onnx.NodeProto) -> bool:
