@@ -16,6 +16,7 @@ from onnx import helper
 from netsqueeze.errors import Diagnostic, UnsupportedOpError
 from netsqueeze.ir.dims import Dim, expr_of, is_dynamic, lower, symbol_sources
 from netsqueeze.ir.graph import Graph, Node, TensorMeta, Value
+from netsqueeze.ir.ops import attr
 from netsqueeze.ir.tables import registrar
 from netsqueeze.ir.weights import SPARSE_LAYOUT_KEY, Affine, Codebook, Sparse, Weight, index_select, pack_bits
 
@@ -449,7 +450,7 @@ def _conv(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
         "strides": list(a.get("stride", [1] * dims)),
         "pads": list(a.get("padding", [0] * 2 * dims)),
         "dilations": list(a.get("dilation", [1] * dims)),
-        "group": int(a.get("groups", 1)),
+        "group": int(attr(node, "groups")),
     }
     if node.kind == "conv_transpose" and any(a.get("output_padding", [0] * dims)):
         attrs["output_padding"] = list(a["output_padding"])

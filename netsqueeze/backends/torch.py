@@ -20,7 +20,7 @@ from netsqueeze.backends.torch_modules import Attention, Opaque, ParamHolder, Wi
 from netsqueeze.errors import Diagnostic, UnsupportedOpError
 from netsqueeze.ir.dims import expr_of, fmt, is_dynamic, lower, symbol_sources
 from netsqueeze.ir.graph import Graph, Node, Value
-from netsqueeze.ir.ops import BUFFERS
+from netsqueeze.ir.ops import BUFFERS, attr
 from netsqueeze.ir.tables import registrar
 from netsqueeze.ir.weights import Encoded
 
@@ -171,7 +171,7 @@ def _conv(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
     w = node.params["weight"]
     dims = w.dim() - 2
     a = node.attrs
-    g = a.get("groups", 1)
+    g = attr(node, "groups")
     pads = tuple(a.get("padding", (0,) * 2 * dims))
     cls: Any = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
     m = cls(w.shape[1] * g, w.shape[0], tuple(w.shape[2:]), stride=tuple(a.get("stride", (1,) * dims)),
@@ -188,7 +188,7 @@ def _conv_t(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
     w = node.params["weight"]
     dims = w.dim() - 2
     a = node.attrs
-    g = a.get("groups", 1)
+    g = attr(node, "groups")
     pads = tuple(a.get("padding", (0,) * 2 * dims))
     if not _sym(pads, dims):
         raise UnsupportedOpError(Diagnostic(f"conv_transpose '{node.id}' has asymmetric padding {list(pads)}, "

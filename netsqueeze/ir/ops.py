@@ -604,7 +604,7 @@ def _conv(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     """N-d convolution; attrs stride, padding (begins+ends), dilation, groups; weight [O, I/g, *k]."""
     x, w = ins[0], node.params["weight"]
     dims = w.dim() - 2
-    g = node.attrs.get("groups", 1)
+    g = attr(node, "groups")
     if len(x.shape) != dims + 2:
         raise _fail(node, f"expects a rank-{dims + 2} input, got {x}")
     if x.shape[1] != w.shape[1] * g:
@@ -629,7 +629,7 @@ def _conv_t(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     """Transposed convolution; weight [I, O/g, *k]."""
     x, w = ins[0], node.params["weight"]
     dims = w.dim() - 2
-    g = node.attrs.get("groups", 1)
+    g = attr(node, "groups")
     if x.shape[1] != w.shape[0]:
         raise _fail(node, f"input has {x.shape[1]} channels but weight expects {w.shape[0]}")
     sp = tuple(_conv_out(node, x.shape[2 + i], w.shape[2 + i], i, dims, True) for i in range(dims))

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from typing import ClassVar, Literal
 
 from netsqueeze.ir.graph import Graph, Node, Value
-from netsqueeze.ir.ops import OPS
+from netsqueeze.ir.ops import OPS, attr
 from netsqueeze.passes.base import AnalysisPass, PassContext
 from netsqueeze.passes.registry import register_pass
 
@@ -291,7 +291,7 @@ def find_groups(graph: Graph) -> ChannelGroups:
             index = tuple(tuple(sorted(comp_pos[r][key])) for r in roots)
             if kind == "p":
                 role = _PARAM_ROLE.get((node.kind, name, axis), "param")
-                if node.kind == "conv" and role == "consumer" and node.attrs.get("groups", 1) > 1:
+                if node.kind == "conv" and role == "consumer" and attr(node, "groups") > 1:
                     role = "param"  # grouped conv: its weight slot is shared by several input channels
                 members.append(Member(nid, name, None, axis, index, role))
             else:

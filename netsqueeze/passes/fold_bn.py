@@ -8,6 +8,7 @@ from typing import ClassVar
 import torch
 
 from netsqueeze.ir.graph import Graph
+from netsqueeze.ir.ops import attr, spec
 from netsqueeze.passes.base import PassContext, PassResult, TransformPass
 from netsqueeze.passes.registry import register_pass
 
@@ -34,11 +35,13 @@ class FoldBN(TransformPass):
                 continue
             src, out = graph.operands(bn.id)[0]
             prod = graph.node(src)
-            if prod.kind not in ("conv", "conv_transpose", "linear") or len(graph.users(src)) != 1:
+            # a producer whose weight has a bias along its output axis (conv, conv_transpose, linear)
+            out_axis = spec(prod.kind).bias.get("weight", ("", -1))[1]
+            if out_axis < 0 or len(graph.users(src)) != 1:
                 continue
             if prod.kind == "linear" and len(prod.meta[0].shape) != 2:
                 continue
-            if prod.kind == "conv_transpose" and prod.attrs.get("groups", 1) != 1:
+            if out_axis != 0 and attr(prod, "groups") != 1:  # grouped conv_transpose: out channels per group
                 continue
             p, q = prod.params, bn.params
             w = prod.dense("weight").double()
@@ -47,9 +50,8 @@ class FoldBN(TransformPass):
             s = (bn.dense("weight").double() if "weight" in q else torch.ones_like(var)) / torch.sqrt(var + bn.attrs["eps"])
             beta = bn.dense("bias").double() if "bias" in q else torch.zeros_like(var)
             b = prod.dense("bias").double() if "bias" in p else torch.zeros_like(var)
-            axis = 1 if prod.kind == "conv_transpose" else 0
             shape = [1] * w.dim()
-            shape[axis] = -1
+            shape[out_axis] = -1
             p["weight"] = (w * s.reshape(shape)).to(dt)
             p["bias"] = (s * (b - bn.dense("running_mean").double()) + beta).to(dt)
             graph.replace_uses((bn.id, 0), (src, out))

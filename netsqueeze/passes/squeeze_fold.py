@@ -15,7 +15,7 @@ import torch
 
 from netsqueeze.errors import BudgetError, Diagnostic
 from netsqueeze.ir.graph import Graph, Value
-from netsqueeze.ir.ops import spec
+from netsqueeze.ir.ops import attr, spec
 from netsqueeze.ir.stats import graph_stats
 from netsqueeze.passes.allocation import Budget, GroupBounds, Meter, Reached, bisect, group_bounds
 from netsqueeze.passes.base import PassContext, PassResult, TransformPass
@@ -186,7 +186,7 @@ class SqueezeFold(TransformPass):
             cons = g.members_of("consumer")
             # a grouped conv reads these channels through weight slots shared across its groups
             grouped = [m for m in g.members if m.role == "param" and m.param == "weight" and m.axis == 1
-                       and graph.node(m.node).kind == "conv" and graph.node(m.node).attrs.get("groups", 1) != 1]
+                       and graph.node(m.node).kind == "conv" and attr(graph.node(m.node), "groups") != 1]
             bad = [m for m in cons if not self._foldable(graph, m)]
             if not cons and not grouped:
                 continue
