@@ -14,6 +14,7 @@ import torch
 from onnx import helper
 
 from netsqueeze.errors import Diagnostic, UnsupportedOpError
+from netsqueeze.ir.calls import AtenCall, Slot
 from netsqueeze.ir.dims import Dim, expr_of, is_dynamic, lower, symbol_sources
 from netsqueeze.ir.graph import Graph, Node, TensorMeta, Value
 from netsqueeze.ir.ops import attr
@@ -795,10 +796,84 @@ _REDEFINED = frozenset({
     "LogSoftmax", "Hardmax", "Scatter", "MaxUnpool",
 })
 
+_ONNX_TYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16, "float64": onnx.TensorProto.DOUBLE,
+               "int64": onnx.TensorProto.INT64, "int32": onnx.TensorProto.INT32, "int8": onnx.TensorProto.INT8,
+               "uint8": onnx.TensorProto.UINT8, "bool": onnx.TensorProto.BOOL}
+_ATEN_UNARY = {"exp": "Exp", "log": "Log", "sqrt": "Sqrt", "neg": "Neg", "abs": "Abs", "sin": "Sin", "cos": "Cos",
+               "erf": "Erf", "floor": "Floor", "ceil": "Ceil", "bitwise_not": "Not", "logical_not": "Not",
+               "reciprocal": "Reciprocal", "sign": "Sign"}
+_ATEN_COMPARE = {"eq": ("Equal", False), "ne": ("Equal", True), "gt": ("Greater", False), "lt": ("Less", False),
+                 "ge": ("GreaterOrEqual", False), "le": ("LessOrEqual", False)}
+
+
+def _aten_to_onnx(ex: _Exporter, node: Node, call: AtenCall, ins: list[gs.Tensor]) -> list[gs.Tensor] | None:
+    """ONNX for the aten calls torch.export leaves in library models (masks, casts, cumulative sums, ...);
+    None for a call it does not know."""
+    in_metas = ex.ir.input_metas(node.id)
+
+    out_dt = node.meta[0].dtype
+
+    def arg(a: Any, dtype: str | None = None) -> gs.Tensor:
+        """An operand, or a scalar/tensor constant in `dtype` (the first operand's by default)."""
+        if isinstance(a, Slot):
+            return ins[a.index]
+        dt = _np_dtype(dtype or (in_metas[0].dtype if in_metas else "float32"))
+        if dt == np.float32 and ex.fp16:
+            dt = np.float16
+        return ex.const(f"{node.id}.c", torch.as_tensor(a).numpy().astype(dt))
+
+    name, a = call.packet, call.args
+    if name in ("to", "_to_copy", "type_as"):
+        if out_dt not in _ONNX_TYPES:
+            return None
+        to = onnx.TensorProto.FLOAT16 if out_dt == "float32" and ex.fp16 else _ONNX_TYPES[out_dt]
+        return ex.op("Cast", [arg(a[0])], {"to": to})
+    if name == "where" and len(a) == 3:  # constants take the result's dtype
+        return ex.op("Where", [arg(a[0]), arg(a[1], out_dt), arg(a[2], out_dt)])
+    if name == "rsqrt":
+        return ex.op("Reciprocal", [ex.op1("Sqrt", [arg(a[0])])])
+    if name in _ATEN_UNARY:
+        return ex.op(_ATEN_UNARY[name], [arg(a[0])])
+    if name in _ATEN_COMPARE and len(a) == 2:
+        op, negate = _ATEN_COMPARE[name]
+        y = ex.op1(op, [arg(a[0]), arg(a[1], in_metas[0].dtype)])
+        return ex.op("Not", [y]) if negate else [y]
+    if name == "cumsum":
+        return ex.op("CumSum", [arg(a[0]), ex.ints(f"{node.id}.axis", [int(a[1])])])
+    if name == "gather" and len(a) >= 3 and isinstance(a[2], Slot):
+        return ex.op("GatherElements", [arg(a[0]), arg(a[2])], {"axis": int(a[1])})
+    if name == "repeat" and len(a[1]) == len(in_metas[0].shape):
+        return ex.op("Tile", [arg(a[0]), ex.ints(f"{node.id}.repeats", [int(r) for r in a[1]])])
+    if name == "flip":
+        x = arg(a[0])
+        for d in a[1]:
+            x = ex.op1("Slice", [x, ex.ints(f"{node.id}.s", [-1]), ex.ints(f"{node.id}.e", [-(2**63)]),
+                                 ex.ints(f"{node.id}.a", [int(d)]), ex.ints(f"{node.id}.st", [-1])])
+        return [x]
+    if name == "div" and call.kwargs.get("rounding_mode") == "floor" and out_dt.startswith("float"):
+        return ex.op("Floor", [ex.op1("Div", [arg(a[0]), arg(a[1])])])
+    if name == "div" and call.kwargs.get("rounding_mode") == "floor" and out_dt.startswith("int"):
+        # integer Div truncates: step down where the remainder is non-zero and the signs differ
+        x, y = arg(a[0]), arg(a[1], in_metas[0].dtype)
+        q = ex.op1("Div", [x, y])
+        r = ex.op1("Sub", [x, ex.op1("Mul", [q, y])])
+        zero = arg(0, in_metas[0].dtype)
+        fix = ex.op1("And", [ex.op1("Not", [ex.op1("Equal", [r, zero])]),
+                             ex.op1("Xor", [ex.op1("Less", [r, zero]), ex.op1("Less", [y, zero])])])
+        return ex.op("Sub", [q, ex.op1("Cast", [fix], {"to": _ONNX_TYPES[out_dt]})])
+    if name == "pow" and len(a) == 2 and not isinstance(a[1], Slot):
+        return ex.op("Pow", [arg(a[0]), arg(a[1])])
+    return None
+
+
 @emitter("opaque")
 def _opaque(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
     o = node.origin
     payload = o.payload
+    if isinstance(payload, AtenCall) and payload.namespace == "aten" and len(node.meta) == 1:
+        outs = _aten_to_onnx(ex, node, payload, ins)
+        if outs is not None:
+            return outs
     if o.frontend != "onnx" or not isinstance(payload, dict) or "op_type" not in payload:
         raise UnsupportedOpError(Diagnostic(
             f"node '{node.id}' is an opaque {o.frontend or 'unknown'} op ({o.op_type or 'unknown op type'}) with no "

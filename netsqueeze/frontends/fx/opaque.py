@@ -3,90 +3,19 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
-from torch import nn
 
 from netsqueeze.errors import CaptureError, Diagnostic
 from netsqueeze.frontends.fx.state import _Capture, _op_type
+
+# the picklable calls an opaque node runs live in the IR, where both backends read them
+from netsqueeze.ir.calls import AtenCall, FnCall, MethodCall, ModuleCall, Slot, fill
 from netsqueeze.ir.graph import Value
 
-
-# ---- picklable callables for opaque nodes -------------------------------------------------------
-@dataclass(frozen=True)
-class _Slot:
-    """Placeholder for the i-th operand tensor inside an opaque call's argument template."""
-
-    index: int
-
-
-def _fill(template: Any, xs: Sequence[torch.Tensor]) -> Any:
-    if isinstance(template, _Slot):
-        return xs[template.index]
-    if isinstance(template, (list, tuple)):
-        return type(template)(_fill(t, xs) for t in template)
-    if isinstance(template, dict):
-        return {k: _fill(v, xs) for k, v in template.items()}
-    return template
-
-
-@dataclass
-class AtenCall:
-    """Calls an aten overload by name (OpOverload objects do not pickle) with operands filled in."""
-
-    namespace: str
-    packet: str
-    overload: str
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def target(self) -> Any:
-        return getattr(getattr(getattr(torch.ops, self.namespace), self.packet), self.overload)
-
-    def __call__(self, *xs: torch.Tensor) -> Any:
-        return self.target(*_fill(self.args, xs), **_fill(self.kwargs, xs))
-
-
-@dataclass
-class FnCall:
-    """Calls a plain torch function (module-level graphs) with operands filled in."""
-
-    fn: Callable[..., Any]
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any] = field(default_factory=dict)
-
-    def __call__(self, *xs: torch.Tensor) -> Any:
-        return self.fn(*_fill(self.args, xs), **_fill(self.kwargs, xs))
-
-
-@dataclass
-class MethodCall:
-    """Calls a tensor method by name; args[0] is the receiver."""
-
-    name: str
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any] = field(default_factory=dict)
-
-    def __call__(self, *xs: torch.Tensor) -> Any:
-        a = _fill(self.args, xs)
-        return getattr(a[0], self.name)(*a[1:], **_fill(self.kwargs, xs))
-
-
-@dataclass
-class ModuleCall:
-    """Calls a private copy of a submodule the IR does not know."""
-
-    module: nn.Module
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any] = field(default_factory=dict)
-
-    def __call__(self, *xs: torch.Tensor) -> Any:
-        return self.module(*_fill(self.args, xs), **_fill(self.kwargs, xs))
+_Slot = Slot  # the name older pickles use
 
 
 def _template(cx: _Capture, args: Any, operands: list[Value]) -> Any:
