@@ -12,7 +12,7 @@ from netsqueeze.errors import CaptureError, Diagnostic
 from netsqueeze.frontends.fx.state import _Capture, _op_type
 
 # the picklable calls an opaque node runs live in the IR, where both backends read them
-from netsqueeze.ir.calls import AtenCall, FnCall, MethodCall, ModuleCall, Slot, fill
+from netsqueeze.ir.calls import AtenCall, FnCall, MethodCall, ModuleCall, Slot
 from netsqueeze.ir.graph import Value
 
 _Slot = Slot  # the name older pickles use
