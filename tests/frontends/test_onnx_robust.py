@@ -266,3 +266,16 @@ def test_fold_limit_leaves_small_constants_alone() -> None:
               [init("s", np.array([1, 3, 4, 4], np.int64))])
     g = from_onnx(m)
     assert "cos" not in {n.id for n in g.nodes()}
+
+
+def test_fold_limit_spares_weights_already_in_the_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Constant or a Transpose of an initializer above the limit is data the file holds, not a blow-up."""
+    import netsqueeze.frontends.onnx.importer as importer
+
+    monkeypatch.setattr(importer, "MAX_FOLD_ELEMENTS", 10)
+    w = helper.make_node("Constant", [], ["w"], name="c", value=numpy_helper.from_array(f32(4, 4)))
+    m = model([w, N("Transpose", ["w"], ["wt"], name="tr"), N("MatMul", ["x", "wt"], name="mm")], x=[1, 4])
+    from_onnx(m)
+    with pytest.raises(CaptureError, match=r"node 'cos' \(ConstantOfShape\) would fold to a constant of shape \[4, 4\]"):
+        from_onnx(model([N("ConstantOfShape", ["s"], ["c"], name="cos"), N("Add", ["x", "c"], name="add")],
+                        [init("s", np.array([4, 4], np.int64))], x=[4, 4]))

@@ -348,7 +348,8 @@ class _Importer:
         ins = [t for t in n.inputs if t.name]
         if not all(self.is_const(t) for t in ins):
             return False
-        self._check_fold_size(n, [_dense_np(self.consts[t.name]) for t in ins] if n.op in _GROWING else [])
+        self._check_fold_size(n, [_dense_np(self.consts[t.name]) for t in ins] if n.op in _GROWING else [],
+                              sum(math.prod(self.meta(t).shape) for t in ins))
         if n.op == "ConstantOfShape":
             v = n.attrs.get("value")
             fill = np.asarray(v.values).reshape(-1) if v is not None else np.zeros(1, np.float32)
@@ -376,10 +377,13 @@ class _Importer:
             self.consts[t.name] = np.asarray(v)
         return True
 
-    def _check_fold_size(self, n: gs.Node, consts: list[Any]) -> None:
+    def _check_fold_size(self, n: gs.Node, consts: list[Any], in_elements: int) -> None:
         """Refuses to fold a node whose output would be too big (or whose size inputs are malformed), before
         anything is allocated: from its constant inputs for the ops that grow tensors, otherwise from
-        ONNX shape inference."""
+        ONNX shape inference. Weights already in the file (a Constant, a Cast or Transpose of an
+        initializer) are not refused: only an output bigger than the limit and than its inputs together."""
+        if n.op == "Constant":
+            return
         shape = _fold_shape(n.op, consts)
         if isinstance(shape, str):
             raise _fail(f"node '{self.cur_id}' ({n.op}): {shape}", node=self.cur_id)
@@ -390,7 +394,7 @@ class _Importer:
                 sizes.append((m.shape, _itemsize(m.dtype)))
         for dims, itemsize in sizes:
             count = math.prod(dims)
-            if count > MAX_FOLD_ELEMENTS or count * itemsize > MAX_FOLD_BYTES:
+            if count > in_elements and (count > MAX_FOLD_ELEMENTS or count * itemsize > MAX_FOLD_BYTES):
                 raise _fail(f"node '{self.cur_id}' ({n.op}) would fold to a constant of shape {list(dims)} "
                             f"({count} elements); netsqueeze folds constants of up to {MAX_FOLD_ELEMENTS} elements "
                             f"and {MAX_FOLD_BYTES >> 20} MiB", node=self.cur_id)
