@@ -18,14 +18,14 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 ROOT = Path(__file__).resolve().parents[2]
 
 SQUEEZE = "policy p { fold_bn squeeze_fold { energy = 90% } dead_code }"
 TRIM = "policy p { budget flops <= 70% fold_bn trim { criterion = activation } dead_code }"
 # (name, model, calibration samples, policy, targets)
-CASES: list[tuple[str, str, int, str, tuple[str, ...]]] = [
+CASES: list[tuple[str, str, int, str, tuple[Literal["torch", "onnx"], ...]]] = [
     # flatten→linear with enough samples (128 > 24·2·2 features) for the full block fit: every feature its
     # own column; with gelsy this case changed bytes between runs
     ("zoo vgg squeeze_fold", "vgg", 128, SQUEEZE, ("torch", "onnx")),

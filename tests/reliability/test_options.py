@@ -82,7 +82,7 @@ def test_good_python_options() -> None:
     assert SqueezeFold(energy=1, method="qr").energy == 1  # an int where a number is expected
     assert Trim(ratio=None).ratio is None  # optional
     assert Trim(ratio=0.5, round_to=8, criterion="l2", bias_compensation=False).round_to == 8
-    assert Sparsify(epsilon=0.0, bits=(4, 8), window=(2, 2)).bits == (4, 8)  # a tuple where a list is expected
+    assert Sparsify(epsilon=0.0, bits=(4, 8), window=(2, 2)).bits == (4, 8)  # type: ignore[arg-type]  # a tuple for a list
     for cls in all_passes().values():  # every registered pass's defaults are valid
         if all(f.default is not f.default_factory for f in cls.options()):
             cls()
