@@ -10,8 +10,6 @@ from typing import Any
 import numpy as np
 import torch
 
-# imported for its effect: installs the option check every Pass instance runs (api imports this module)
-import netsqueeze.compiler.plan  # noqa: F401
 from netsqueeze.compiler.boundary import call_user, check_finite, iterate_user
 from netsqueeze.errors import Diagnostic, InputMismatchError
 from netsqueeze.ir.graph import Graph, Value

@@ -58,7 +58,11 @@ def _quantity(tok: Token, span: SourceSpan) -> ast.Number:
         raise _SyntaxProblem(f"malformed number '{tok}'", span)
     text, unit = m.group(1), m.group(2) or ""
     value: int | float = float(text) if any(c in text for c in ".eE") else int(text)
-    if not math.isfinite(value) or abs(value) > 1e300:
+    try:
+        big = not math.isfinite(value) or abs(value) > 1e300
+    except OverflowError:  # an integer literal too long to compare with a float
+        big = True
+    if big:
         raise _SyntaxProblem(f"number '{tok}' is out of range", span)
     return ast.Number(value, unit, span=span)
 
@@ -607,6 +611,12 @@ def load_policy(path: str | Path, *, params: Mapping[str, str] | None = None) ->
     p = Path(path)
     try:
         text = read_policy_text(p)
-    except (OSError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:  # located at the first bad byte's line and column
+        raw = e.object[:e.start] if isinstance(e.object, bytes) else b""
+        line = raw.count(b"\n") + 1
+        col = len(raw) - (raw.rfind(b"\n") + 1) + 1
+        raise PolicyError(Diagnostic(f"cannot read policy '{p}': {_read_error(e)}",
+                                     span=SourceSpan(str(path), line, col))) from None
+    except OSError as e:
         raise PolicyError(Diagnostic(f"cannot read policy '{p}': {_read_error(e)}")) from None
     return parse_policy(text, str(path), params=params)
