@@ -34,6 +34,7 @@ from netsqueeze.frontends.onnx.ops import HANDLERS
 from netsqueeze.frontends.onnx.torch_ops import _TORCH_OPS, OnnxTorchOp
 from netsqueeze.frontends.onnx.weights import _dense_np, _encoded_weight
 from netsqueeze.ir.canonicalize import canonicalize
+from netsqueeze.ir.dims import is_dynamic
 from netsqueeze.ir.graph import Graph, Origin, TensorMeta, Value
 from netsqueeze.ir.ops import infer_node
 from netsqueeze.ir.weights import SPARSE_LAYOUT_KEY, Centroids, Encoded, Sparse, WeightFormError
@@ -114,6 +115,7 @@ class _Importer:
         self.vals: dict[str, Value] = {}
         self.consts: dict[str, Any] = {}  # tensor name → np.ndarray, or an Encoded weight (QDQ, sparse, codebook)
         self.centroids: dict[str, Centroids] = {}  # codebook tables by tensor name: shared tables stay shared
+        self.sym: dict[str, np.ndarray] = {}  # shape constants with dynamic dims: object arrays of Dim/int
         self.input_shapes = input_shapes
         self.value_info: dict[str, TensorMeta] = {}
         self.owned: dict[int, str] = {}  # id(array) → name: arrays made at import, not yet handed to a node
@@ -203,13 +205,19 @@ class _Importer:
         ids = _node_ids(proto, {i.name for i in real_inputs})
         order = check_structure(proto, ids)
         check_contents(proto, ids, opset)
-        shapes = {i.name: _static_shape(i, self.input_shapes.get(i.name)) for i in real_inputs}
+        declared = {i.name: _static_shape(i, self.input_shapes.get(i.name)) for i in real_inputs}
+        shapes = {k: v[0] for k, v in declared.items()}
+        for _, _, notes in declared.values():
+            if notes:
+                g.meta.setdefault("notes", []).extend(notes)
         self._shape_inference(shapes)
 
         for i in real_inputs:
             tt = i.type.tensor_type
-            nid = g.add_node(i.name, "input", attrs={"shape": shapes[i.name], "dtype": onnx_dtype_name(tt.elem_type)},
-                             origin=Origin("onnx", i.name, "input"))
+            attrs: dict[str, Any] = {"shape": shapes[i.name], "dtype": onnx_dtype_name(tt.elem_type)}
+            if any(declared[i.name][1]):
+                attrs["dims"] = declared[i.name][1]
+            nid = g.add_node(i.name, "input", attrs=attrs, origin=Origin("onnx", i.name, "input"))
             self._infer(nid)
             self.vals[i.name] = (nid, 0)
 
@@ -338,16 +346,24 @@ class _Importer:
         if n.op in _NOT_FOLDABLE:
             return False
         if n.op == "Shape":
-            # Shapes are static in the IR, so Shape of any known tensor is a constant.
+            # Shape of any known tensor is a constant at the example sizes; its dynamic dims are kept beside
+            # it (`self.sym`), so shape arithmetic built on it stays symbolic
             if n.inputs[0].name not in self.vals and self.const(n.inputs[0]) is None:
                 return False
-            dims = np.array(self.meta(n.inputs[0]).shape, dtype=np.int64)
+            shape = self.meta(n.inputs[0]).shape
             start, end = int(n.attrs.get("start", 0)), n.attrs.get("end")
-            self.consts[n.outputs[0].name] = dims[start:end if end is None else int(end)]
+            picked = list(shape)[start:end if end is None else int(end)]
+            self.consts[n.outputs[0].name] = np.array([int(d) for d in picked], dtype=np.int64)
+            if any(is_dynamic(d) for d in picked):
+                arr = np.empty(len(picked), dtype=object)
+                arr[:] = picked
+                self.sym[n.outputs[0].name] = arr
             return True
         ins = [t for t in n.inputs if t.name]
         if not all(self.is_const(t) for t in ins):
             return False
+        if any(t.name in self.sym for t in ins):
+            return self._fold_symbolic(n, ins)
         self._check_fold_size(n, [_dense_np(self.consts[t.name]) for t in ins] if n.op in _GROWING else [],
                               sum(math.prod(self.meta(t).shape) for t in ins))
         if n.op == "ConstantOfShape":
@@ -375,6 +391,48 @@ class _Importer:
             return False
         for t, v in zip(n.outputs, outs):
             self.consts[t.name] = np.asarray(v)
+        return True
+
+    def _fold_symbolic(self, n: gs.Node, ins: list[gs.Tensor]) -> bool:
+        """Shape arithmetic on dynamic dims (Shape → Gather/Slice/Concat/Unsqueeze/Mul/... → Reshape): evaluated
+        on `Dim`s, so the result stays symbolic. Any other op reading a dynamic size is not folded: a
+        constant would fix the size at the example's."""
+        vals = [self.sym[t.name] if t.name in self.sym else np.asarray(self.consts[t.name]).astype(object)
+                for t in ins]
+        a = n.attrs
+        try:
+            if n.op in ("Identity", "Cast") and (n.op == "Identity" or int(a.get("to", 0)) in (6, 7)):
+                out = vals[0]
+            elif n.op == "Gather":
+                out = np.take(vals[0], np.asarray(self.consts[ins[1].name]).astype(np.int64), axis=int(a.get("axis", 0)))
+            elif n.op == "Concat":
+                out = np.concatenate([v.reshape(-1) if v.ndim == 0 else v for v in vals], axis=int(a.get("axis", 0)))
+            elif n.op in ("Unsqueeze", "Squeeze"):
+                target = list(np.shape(vals[0]))
+                axes = [int(x) for x in (a["axes"] if "axes" in a else
+                                         (np.asarray(self.consts[ins[1].name]).reshape(-1) if len(ins) > 1 else []))]
+                if n.op == "Unsqueeze":
+                    for ax in sorted(x % (len(target) + len(axes)) for x in axes):
+                        target.insert(ax, 1)
+                else:
+                    target = [d for i, d in enumerate(target) if (i not in [x % len(target) for x in axes])
+                              and not (not axes and d == 1)]
+                out = vals[0].reshape(target)
+            elif n.op == "Slice" and vals[0].ndim == 1:
+                starts, ends = (int(np.asarray(self.consts[t.name]).reshape(-1)[0]) for t in ins[1:3])
+                steps = int(np.asarray(self.consts[ins[4].name]).reshape(-1)[0]) if len(ins) > 4 else 1
+                out = vals[0][slice(starts, None if ends >= 2**62 else ends, steps)]
+            elif n.op in ("Mul", "Add", "Sub", "Div") and len(vals) == 2:
+                fn = {"Mul": np.multiply, "Add": np.add, "Sub": np.subtract, "Div": np.floor_divide}[n.op]
+                out = fn(vals[0], vals[1])
+            else:
+                return False
+        except (KeyError, IndexError, ValueError, TypeError):
+            return False
+        out = np.asarray(out, dtype=object)
+        self.consts[n.outputs[0].name] = np.asarray([int(d) for d in out.reshape(-1)], dtype=np.int64).reshape(out.shape)
+        if any(is_dynamic(d) for d in out.reshape(-1)):
+            self.sym[n.outputs[0].name] = out
         return True
 
     def _check_fold_size(self, n: gs.Node, consts: list[Any], in_elements: int) -> None:

@@ -325,16 +325,43 @@ def check_text(proto: onnx.ModelProto) -> None:
     _check_graph_text(proto.graph, "the graph")
 
 
-def _static_shape(vi: onnx.ValueInfoProto, given: tuple[int, ...] | None) -> tuple[int, ...]:
+def _static_shape(vi: onnx.ValueInfoProto, given: tuple[int, ...] | None
+                  ) -> tuple[tuple[int, ...], tuple[str | None, ...], list[str]]:
+    """(example sizes, the name of each dynamic dim or None, notes) of a model input.
+
+    A dim the file leaves open (a `dim_param` or no value) stays dynamic under its `dim_param` (or
+    '<input>_<axis>'); its size for analysis comes from `given` (input_shapes / the example inputs). Without
+    one, a leading (batch) dim is taken as 1 with a note; any other open dim is an error naming it.
+    """
     dims = vi.type.tensor_type.shape.dim
     if given is None and not vi.type.tensor_type.HasField("shape"):
         raise _fail(f"model input '{vi.name}' declares no shape; pass input_shapes={{'{vi.name}': (...)}}")
-    if given is not None:
-        if vi.type.tensor_type.HasField("shape") and len(given) != len(dims):
-            raise _fail(f"input_shapes['{vi.name}'] has rank {len(given)} but the model input has rank {len(dims)}")
-        return tuple(int(d) for d in given)
-    # A symbolic dim (batch, sequence) is taken as 1: shapes in the IR are concrete.
-    return tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in dims)
+    if given is not None and vi.type.tensor_type.HasField("shape") and len(given) != len(dims):
+        raise _fail(f"input_shapes['{vi.name}'] has rank {len(given)} but the model input has rank {len(dims)}")
+    if not vi.type.tensor_type.HasField("shape"):
+        return tuple(int(d) for d in given or ()), (None,) * len(given or ()), []
+    sizes: list[int] = []
+    names: list[str | None] = []
+    notes: list[str] = []
+    for axis, d in enumerate(dims):
+        fixed = d.HasField("dim_value") and d.dim_value > 0
+        name = None if fixed else (d.dim_param or f"{vi.name}_{axis}")
+        if given is not None:
+            if fixed and int(given[axis]) != d.dim_value:
+                raise _fail(f"input_shapes['{vi.name}'] gives {int(given[axis])} for axis {axis}, which the model "
+                            f"fixes at {d.dim_value}")
+            sizes.append(int(given[axis]))
+        elif fixed:
+            sizes.append(int(d.dim_value))
+        elif axis == 0:
+            sizes.append(1)
+            notes.append(f"input '{vi.name}': dynamic dim '{name}' (axis 0) analysed at size 1 (no example size "
+                         "given); it stays dynamic in the emitted model")
+        else:
+            raise _fail(f"model input '{vi.name}' has the dynamic dim '{name}' (axis {axis}) and no size for it: "
+                        f"pass example_inputs or input_shapes={{'{vi.name}': (...)}}")
+        names.append(name)
+    return tuple(sizes), tuple(names), notes
 
 
 def _stub(t: onnx.TensorProto) -> onnx.TensorProto:

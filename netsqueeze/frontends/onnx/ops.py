@@ -408,7 +408,8 @@ def _reshape(imp: _Importer, n: gs.Node) -> bool:
     shape = n.attrs.get("shape") if imp.opset < 5 else _const_in(imp, n, 1)
     if shape is None or shape is _ABSENT:
         return False
-    target = _ints(shape)
+    sym = imp.sym.get(n.inputs[1].name) if imp.opset >= 5 else None
+    target = [d for d in sym.reshape(-1)] if sym is not None else _ints(shape)  # dynamic sizes stay Dims
     if int(n.attrs.get("allowzero", 0)) and 0 in target:
         return False
     return _bind(imp, n, imp.emit("reshape", [imp.value(n.inputs[0])], {"shape": target}))

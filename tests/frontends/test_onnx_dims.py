@@ -1,0 +1,94 @@
+"""ONNX models with dynamic dims: the dims stay dynamic through import, passes and both backends, their
+sizes for analysis come from the example inputs, and an open dim without a size is an error."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import netsqueeze as ns
+from netsqueeze.backends.onnx import to_onnx
+from netsqueeze.backends.torch import to_torch
+from netsqueeze.errors import CaptureError
+from netsqueeze.frontends.onnx import from_onnx
+from netsqueeze.passes import PassContext
+from netsqueeze.passes.trim import Trim
+from tests.frontends.onnx_models import run
+
+
+class Tokens(nn.Module):
+    """A conv stem whose feature map becomes a token sequence: reshapes built from the input's runtime shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv(x))
+        b, c, h, w = y.shape
+        return self.fc(y.reshape(b, c, h * w).transpose(1, 2)).reshape(b, -1)
+
+
+def _exported() -> tuple[nn.Module, onnx.ModelProto]:
+    torch.manual_seed(0)
+    m = Tokens().eval()
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(m, (torch.randn(2, 3, 16, 12),), buf, input_names=["x"], output_names=["y"], dynamo=False,
+                          opset_version=17, dynamic_axes={"x": {0: "batch", 2: "H", 3: "W"}, "y": {0: "batch", 1: "L"}})
+    return m, onnx.load_from_string(buf.getvalue())
+
+
+def test_dynamic_dims_survive_import_and_both_backends() -> None:
+    m, proto = _exported()
+    g = ns.import_model(proto, (torch.randn(2, 3, 16, 12),))
+    assert g.node("x").meta[0].symbolic() == "float32[batch, 3, H, W]"
+    assert str(g.node("x").meta[0]) == "float32[2, 3, 16, 12]"  # analysis runs at the example's sizes
+    out = to_onnx(g)
+    assert [d.dim_param or d.dim_value for d in out.graph.input[0].type.tensor_type.shape.dim] == ["batch", 3, "H", "W"]
+    module = to_torch(g)
+    for shape in [(2, 3, 16, 12), (3, 3, 20, 8), (1, 3, 9, 31)]:
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            want = m(x).numpy()
+            assert np.abs(module(x).numpy() - want).max() < 1e-5
+        assert np.abs(run(out, x.numpy())[0] - want).max() < 1e-5
+
+
+def test_trimmed_dynamic_model_runs_at_other_sizes() -> None:
+    _, proto = _exported()
+    g = ns.import_model(proto, (torch.randn(2, 3, 16, 12),))
+    Trim(criterion="l1", ratio=0.5).run(g, PassContext())
+    g.verify()
+    assert g.node(g.by_kind("conv")[0].id).params["weight"].shape[0] == 4
+    module, out = to_torch(g), to_onnx(g)
+    for shape in [(2, 3, 16, 12), (3, 3, 20, 8)]:
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            y = module(x).numpy()
+        assert y.shape == (shape[0], 5 * ((shape[2] + 1) // 2) * ((shape[3] + 1) // 2))
+        assert np.abs(run(out, x.numpy())[0] - y).max() < 1e-5
+
+
+def test_open_dims_need_a_size_except_the_batch() -> None:
+    _, proto = _exported()
+    with pytest.raises(CaptureError) as e:
+        from_onnx(proto)
+    assert e.value.message == ("model input 'x' has the dynamic dim 'H' (axis 2) and no size for it: pass "
+                               "example_inputs or input_shapes={'x': (...)}")
+    g = from_onnx(proto, input_shapes={"x": (2, 3, 8, 8)})
+    assert g.meta.get("notes") is None
+    proto.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 8
+    proto.graph.input[0].type.tensor_type.shape.dim[3].dim_value = 8
+    g = from_onnx(proto)
+    assert g.meta["notes"] == ["input 'x': dynamic dim 'batch' (axis 0) analysed at size 1 (no example size "
+                               "given); it stays dynamic in the emitted model"]
+    assert g.node("x").meta[0].symbolic() == "float32[batch, 3, 8, 8]"
