@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from netsqueeze.errors import Diagnostic, VerifyError
 from netsqueeze.ir import weights
-from netsqueeze.ir.dims import Dim
+from netsqueeze.ir.dims import Dim, is_dynamic
 from netsqueeze.ir.graph import Graph, Node, TensorMeta, Value
 
 InferFn = Callable[[Node, list[TensorMeta]], list[TensorMeta]]
@@ -540,10 +540,12 @@ def broadcast_shapes(node: Node, shapes: list[tuple[int, ...]]) -> tuple[int, ..
     rank = max(len(s) for s in shapes)
     out = []
     for i in range(rank):
-        dims = {s[i - rank + len(s)] for s in shapes if i - rank + len(s) >= 0} - {1}
-        if len(dims) > 1:
+        here = [s[i - rank + len(s)] for s in shapes if i - rank + len(s) >= 0]
+        if len({int(d) for d in here} - {1}) > 1:
             raise _fail(node, f"shapes {' and '.join(str(list(s)) for s in shapes)} do not broadcast")
-        out.append(dims.pop() if dims else 1)
+        # a dynamic dim wins even at example size 1 (a batch of 1 is not a broadcast 1); else the non-1 size
+        dynamic = [d for d in here if is_dynamic(d)]
+        out.append(dynamic[0] if dynamic else next((d for d in here if int(d) != 1), 1))
     return tuple(out)
 
 

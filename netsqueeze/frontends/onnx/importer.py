@@ -301,6 +301,45 @@ class _Importer:
             if tt.elem_type and tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
                 self.value_info[vi.name] = TensorMeta(tuple(d.dim_value for d in tt.shape.dim),
                                                       onnx_dtype_name(tt.elem_type))
+        missing = [o for n in self.proto.graph.node for o in n.output if o and o not in self.value_info]
+        if missing:
+            self._measure_shapes(shapes, missing)
+
+    def _measure_shapes(self, shapes: dict[str, tuple[int, ...]], names: list[str]) -> None:
+        """Shapes ONNX shape inference cannot tell (GatherElements, Expand, ops of other frameworks), measured
+        by running the model in ONNX Runtime once on example data of the input shapes (random floats, integer
+        inputs zero, booleans true). A model ONNX Runtime cannot run leaves them unknown: the ops that need
+        them then fail with a precise message."""
+        try:
+            import onnxruntime as ort
+
+            m = onnx.ModelProto()
+            m.CopyFrom(self.proto)
+            known = {o.name for o in m.graph.output}
+            for name in names:
+                if name not in known:
+                    m.graph.output.append(onnx.ValueInfoProto(name=name))
+            so = ort.SessionOptions()
+            so.log_severity_level = 4
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            rng = np.random.default_rng(0)
+            feeds: dict[str, np.ndarray] = {}
+            for i in sess.get_inputs():
+                shape = shapes.get(i.name)
+                if shape is None:
+                    return
+                dt = onnx.helper.tensor_dtype_to_np_dtype(next(
+                    x.type.tensor_type.elem_type for x in self.proto.graph.input if x.name == i.name))
+                feeds[i.name] = (rng.standard_normal(shape).astype(dt) if np.issubdtype(dt, np.floating)
+                                 else np.ones(shape, dt) if dt == np.bool_ else np.zeros(shape, dt))
+            outs = sess.run(names, feeds)
+        except Exception:  # onnxruntime refuses or fails on the model: nothing measured
+            return
+        for name, arr in zip(names, outs):
+            a = np.asarray(arr)
+            if a.dtype.kind in "biuf":
+                self.value_info[name] = TensorMeta(tuple(int(d) for d in a.shape), str(a.dtype))
 
     def _dtype_of(self, t: gs.Tensor) -> str | None:
         if t.name in self.consts or isinstance(t, gs.Constant):

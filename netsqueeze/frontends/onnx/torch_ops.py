@@ -35,6 +35,12 @@ def _reduce(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     return run
 
 
+def _prod(x: torch.Tensor, dim: tuple[int, ...], keepdim: bool) -> torch.Tensor:
+    for d in sorted((a % x.dim() for a in dim), reverse=True):
+        x = torch.prod(x, d, keepdim=keepdim)
+    return x
+
+
 def _cumsum(p: dict[str, Any], x: torch.Tensor, axis: torch.Tensor) -> torch.Tensor:
     ax = int(axis)
     y = torch.flip(x, (ax,)) if _attr(p, "reverse", 0) else x
@@ -51,6 +57,57 @@ def _cast(p: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
 
 def _plain(fn: Any) -> Callable[..., torch.Tensor]:
     return lambda p, *xs: fn(*xs)
+
+
+def _axis_index(x: torch.Tensor, axis: int, idx: torch.Tensor) -> torch.Tensor:
+    """ONNX indices along `axis` (negative counts from the end) as torch's non-negative int64."""
+    idx = idx.long()
+    return torch.where(idx < 0, idx + x.shape[axis], idx)
+
+
+def _gather(p: dict[str, Any], x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    ax = int(_attr(p, "axis", 0)) % x.dim()
+    i = _axis_index(x, ax, idx)
+    return x.index_select(ax, i.reshape(-1)).reshape(*x.shape[:ax], *i.shape, *x.shape[ax + 1:])
+
+
+def _gather_elements(p: dict[str, Any], x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    ax = int(_attr(p, "axis", 0)) % x.dim()
+    return torch.gather(x, ax, _axis_index(x, ax, idx))
+
+
+def _gather_nd(p: dict[str, Any], x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    b = int(_attr(p, "batch_dims", 0))
+    idx = idx.long()
+    k = idx.shape[-1]
+    shape = torch.tensor(x.shape[b:b + k])
+    idx = torch.where(idx < 0, idx + shape, idx)
+    if b == 0:
+        return x[tuple(idx.unbind(-1))]
+    batch = x.shape[:b]
+    xf, idf = x.reshape(-1, *x.shape[b:]), idx.reshape(-1, *idx.shape[b:])
+    out = torch.stack([xf[n][tuple(idf[n].unbind(-1))] for n in range(xf.shape[0])])
+    return out.reshape(*batch, *out.shape[1:])
+
+
+def _expand(p: dict[str, Any], x: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+    return x.expand(torch.broadcast_shapes(tuple(x.shape), tuple(int(d) for d in shape.tolist())))
+
+
+def _constant_of_shape(p: dict[str, Any], shape: torch.Tensor) -> torch.Tensor:
+    v = _attr(p, "value", None)
+    fill = torch.from_numpy(np.array(onnx.numpy_helper.to_array(v)).reshape(-1)) if v is not None else torch.zeros(1)
+    return torch.full([int(d) for d in shape.tolist()], fill[0].item(), dtype=fill.dtype)
+
+
+def _is_inf(p: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
+    pos, neg = bool(_attr(p, "detect_positive", 1)), bool(_attr(p, "detect_negative", 1))
+    return (torch.isposinf(x) & pos) | (torch.isneginf(x) & neg)
+
+
+def _trilu(p: dict[str, Any], x: torch.Tensor, k: torch.Tensor | None = None) -> torch.Tensor:
+    diag = int(k) if k is not None else 0
+    return torch.triu(x, diag) if _attr(p, "upper", 1) else torch.tril(x, diag)
 
 
 # Unknown-to-the-IR ONNX ops that still have an exact torch form, so onnx→torch keeps working through them
@@ -71,6 +128,24 @@ _TORCH_OPS: dict[str, Callable[..., Any]] = {
     "ReduceSum": _reduce(torch.sum),
     "ReduceMax": _reduce(torch.amax),
     "ReduceMin": _reduce(torch.amin),
+    "ReduceProd": _reduce(lambda x, dim, keepdim: _prod(x, dim, keepdim)),
+    "IsNaN": lambda p, x: torch.isnan(x),
+    "IsInf": _is_inf,
+    "And": lambda p, a, b: torch.logical_and(a, b),
+    "Or": lambda p, a, b: torch.logical_or(a, b),
+    "Xor": lambda p, a, b: torch.logical_xor(a, b),
+    "LessOrEqual": lambda p, a, b: torch.le(a, b),
+    "GreaterOrEqual": lambda p, a, b: torch.ge(a, b),
+    "Mod": lambda p, a, b: torch.fmod(a, b) if _attr(p, "fmod", 0) else torch.remainder(a, b),
+    "Gather": _gather,
+    "GatherElements": _gather_elements,
+    "GatherND": _gather_nd,
+    "Expand": _expand,
+    "Tile": lambda p, x, reps: x.repeat(*[int(r) for r in reps.tolist()]),
+    "Range": lambda p, start, limit, delta: torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype),
+    "ConstantOfShape": _constant_of_shape,
+    "Trilu": _trilu,
+    "NonZero": lambda p, x: torch.nonzero(x).T.contiguous(),
 }
 
 
