@@ -567,6 +567,11 @@ def sort_diagnostics(diags: list[Diagnostic]) -> list[Diagnostic]:
 
 def check_policy(policy: ast.Policy, schemas: Mapping[str, PassSchema]) -> None:
     """Checks `policy` against pass `schemas`; raises `PolicyError` carrying every diagnostic."""
-    diags = Checker(policy, schemas).check()
+    try:
+        diags = Checker(policy, schemas).check()
+    except RecursionError:
+        span = policy.span
+        raise PolicyError(Diagnostic("the policy nests too deeply to check (an expression or selector chain of "
+                                     "thousands of terms); name parts of it with `let`", span=span)) from None
     if diags:
         raise PolicyError(sort_diagnostics(diags))

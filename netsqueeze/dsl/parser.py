@@ -567,6 +567,21 @@ def parse_value(text: str, filename: str = "<value>", *, offset: int = 0, full_t
 def parse_policy(text: str, filename: str = "<policy>", *, params: Mapping[str, str] | None = None) -> ast.Policy:
     """Parses a policy (resolving its imports relative to `filename`); raises `PolicyError` with every syntax error."""
     text = text.removeprefix(BOM)
+    try:
+        return _parse_policy(text, filename, params)
+    except RecursionError:
+        raise PolicyError(too_deep(filename, text)) from None
+
+
+def too_deep(filename: str, text: str) -> Diagnostic:
+    """The error for a policy nested deeper than Python's recursion allows, located at its longest line."""
+    lines = text.splitlines() or [""]
+    n = max(range(len(lines)), key=lambda i: len(lines[i]))
+    return Diagnostic("the policy nests too deeply to read (an expression or selector chain of thousands of "
+                      "terms); name parts of it with `let`", span=SourceSpan(filename, n + 1, 1, text=text))
+
+
+def _parse_policy(text: str, filename: str, params: Mapping[str, str] | None) -> ast.Policy:
     items, diags = _parse_tree_items(text, filename)
     if diags:
         raise PolicyError(diags)

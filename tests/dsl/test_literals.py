@@ -23,3 +23,11 @@ def test_non_utf8_policy_is_located_at_the_byte(tmp_path: Path) -> None:
     with pytest.raises(PolicyError) as e:
         load_policy(p)
     assert str(e.value).startswith(f"{p}:2:20: error: cannot read policy '{p}': not UTF-8 text (byte 30)")
+
+
+def test_a_chain_of_thousands_of_excepts_is_a_located_error() -> None:
+    text = "policy p {\n  let a = type(conv)" + " except type(linear)" * 3000 + "\n  trim on a { ratio = 50% }\n}\n"
+    with pytest.raises(PolicyError) as e:
+        parse_policy(text, "p.sqz")
+    assert str(e.value).startswith("p.sqz:2:1: error: the policy nests too deeply to read (an expression or "
+                                   "selector chain of thousands of terms); name parts of it with `let`")
