@@ -390,13 +390,21 @@ def _from_exported(ep: torch.export.ExportedProgram, example_inputs: Sequence[to
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     lookup = {**sig.inputs_to_parameters, **sig.inputs_to_buffers,
               **getattr(sig, "inputs_to_lifted_tensor_constants", {})}
+    specs = list(sig.input_specs)
+    if len(specs) == len(placeholders):
+        # the specs follow the placeholders in order; a copied or reloaded program may have renamed the nodes
+        lookup = {n.name: str(s.target) for n, s in zip(placeholders, specs) if s.kind.name != "USER_INPUT"
+                  and s.target is not None}
+        user_names = {n.name for n, s in zip(placeholders, specs) if s.kind.name == "USER_INPUT"}
+    else:
+        user_names = set(sig.user_inputs)
     for n in placeholders:
         if n.name in lookup:
             fqn = lookup[n.name]
             t = ep.state_dict[fqn] if fqn in ep.state_dict else ep.constants[fqn]
             cx.consts[n] = t.detach().clone()
             cx.const_names[n] = fqn
-    user = [n for n in placeholders if n.name in sig.user_inputs]
+    user = [n for n in placeholders if n.name in user_names]
     for n in gm.graph.nodes:
         if "val" in n.meta:
             cx.observed[n] = n.meta["val"]
