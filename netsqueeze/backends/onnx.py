@@ -84,7 +84,7 @@ class _Exporter:
         arr = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
         if arr.dtype == np.float32 and self.fp16 and not keep:
             arr = arr.astype(np.float16)
-        arr = np.ascontiguousarray(arr)
+        arr = np.require(arr, requirements="C")  # (ascontiguousarray would make a scalar 1-D)
         if arr.nbytes < 4096:
             return gs.Constant(self.fresh(name), arr)
         v = gs.Variable(self.fresh(name), arr.dtype, arr.shape)

@@ -222,3 +222,18 @@ def test_fp16_export_imports_back_with_canonical_ops() -> None:
     assert back.node("conv").params["weight"].dtype == torch.float16
     x = np.random.rand(1, 3, 8, 8).astype(np.float16)
     assert np.array_equal(run(to_onnx(back, opset=21), x)[0], run(half, x)[0])
+
+
+def test_scalar_constants_stay_scalars() -> None:
+    g = Graph("s")
+    g.add_node("x", "input", attrs={"shape": (2, 3)})
+    g.add_node("k", "constant", params={"value": torch.tensor(2.0)})
+    g.add_node("m", "mul", ["x", "k"])
+    g.add_node("out", "output", ["m"])
+    g.infer_shapes()
+    m = to_onnx(g)
+    const = next(n for n in m.graph.node if n.op_type == "Constant") if not m.graph.initializer else None
+    dims = [list(t.dims) for t in m.graph.initializer] if const is None else [list(const.attribute[0].t.dims)]
+    assert dims == [[]]  # numpy's ascontiguousarray would have made it [1]
+    x = np.ones((2, 3), np.float32)
+    assert np.array_equal(run(m, x)[0], 2 * x)
