@@ -427,6 +427,17 @@ def _constant(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor
     return [ex.weight(node.id, node.params["value"])]
 
 
+@emitter("sizes")
+def _sizes(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
+    values, shape = list(node.attrs["values"]), [int(d) for d in node.attrs["shape"]]
+    if not values:
+        return [ex.const(node.id, np.zeros(shape, np.int64))]
+    flat = ex.op1("Concat", [ex.size(d) for d in values], {"axis": 0}) if len(values) > 1 else ex.size(values[0])
+    if shape == [len(values)]:
+        return [ex.op1("Identity", [flat])]
+    return ex.op("Reshape", [flat, ex.ints(f"{node.id}.shape", shape)])
+
+
 @emitter("identity")
 def _identity(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
     return ex.op("Identity", ins)

@@ -481,6 +481,13 @@ def _resize(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
     return b.call(F.interpolate, xs[0], **kw)
 
 
+@emitter("sizes")
+def _sizes(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
+    values, shape = list(node.attrs["values"]), tuple(int(d) for d in node.attrs["shape"])
+    t = b.call(torch.tensor, [b.size(d) for d in values], dtype=torch.int64)
+    return b.fx.call_method("reshape", (t, shape))
+
+
 @emitter("constant")
 def _constant(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
     return b.param(node, "value")

@@ -580,6 +580,16 @@ def _constant(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     return [TensorMeta(tuple(v.shape), str(v.dtype).removeprefix("torch."))]
 
 
+@op("sizes", arity=(0, 0), attrs={"values": REQUIRED, "shape": REQUIRED})
+def _sizes(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
+    """An int64 tensor of sizes (attrs `values`, flat, and its `shape`) that may follow the dynamic dims: a
+    shape computation the backends evaluate at run time (a constant would fix them at the example's)."""
+    shape = tuple(int(d) for d in node.attrs["shape"])
+    if math.prod(shape) != len(node.attrs["values"]):
+        raise _fail(node, f"{len(node.attrs['values'])} values do not fill shape {list(shape)}")
+    return [TensorMeta(shape, "int64")]
+
+
 # ---- producers -----------------------------------------------------------------------------
 def _conv_out(node: Node, size: int, k: int, i: int, dims: int, transposed: bool = False) -> int:
     a = node.attrs

@@ -92,3 +92,33 @@ def test_open_dims_need_a_size_except_the_batch() -> None:
     assert g.meta["notes"] == ["input 'x': dynamic dim 'batch' (axis 0) analysed at size 1 (no example size "
                                "given); it stays dynamic in the emitted model"]
     assert g.node("x").meta[0].symbolic() == "float32[batch, 3, 8, 8]"
+
+
+def test_sizes_feeding_other_ops_are_computed_at_run_time() -> None:
+    """Range over a dynamic length and ConstantOfShape of a dynamic shape: the sizes stay run-time values."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    i64 = lambda name, v: numpy_helper.from_array(np.asarray(v, np.int64), name)  # noqa: E731
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Gather", ["s", "one"], ["n"], axis=0),  # sequence length, a scalar
+        helper.make_node("Range", ["zero", "n", "step"], ["pos"]),  # [n]
+        helper.make_node("Cast", ["pos"], ["posf"], to=TensorProto.FLOAT),
+        helper.make_node("ConstantOfShape", ["s"], ["ones"], value=helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0])),
+        helper.make_node("Add", ["x", "posf"], ["a"]),
+        helper.make_node("Add", ["a", "ones"], ["y"]),
+    ]
+    g = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [i64("one", 1), i64("zero", 0), i64("step", 1)])
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 10
+    ir = from_onnx(proto, input_shapes={"x": (2, 5)})
+    assert [n.kind for n in ir.nodes() if n.kind == "sizes"]  # not baked as constants
+    out, module = to_onnx(ir), to_torch(ir)
+    for shape in [(2, 5), (3, 9)]:
+        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        want = x + np.arange(shape[1], dtype=np.float32) + 1
+        assert np.abs(run(out, x)[0] - want).max() < 1e-6
+        with torch.no_grad():
+            assert np.abs(module(torch.from_numpy(x)).numpy() - want).max() < 1e-6

@@ -34,7 +34,7 @@ from netsqueeze.frontends.onnx.ops import HANDLERS
 from netsqueeze.frontends.onnx.torch_ops import _TORCH_OPS, OnnxTorchOp
 from netsqueeze.frontends.onnx.weights import _dense_np, _encoded_weight
 from netsqueeze.ir.canonicalize import canonicalize
-from netsqueeze.ir.dims import is_dynamic
+from netsqueeze.ir.dims import Dim, is_dynamic
 from netsqueeze.ir.graph import Graph, Origin, TensorMeta, Value
 from netsqueeze.ir.ops import infer_node
 from netsqueeze.ir.weights import SPARSE_LAYOUT_KEY, Centroids, Encoded, Sparse, WeightFormError
@@ -116,6 +116,8 @@ class _Importer:
         self.consts: dict[str, Any] = {}  # tensor name → np.ndarray, or an Encoded weight (QDQ, sparse, codebook)
         self.centroids: dict[str, Centroids] = {}  # codebook tables by tensor name: shared tables stay shared
         self.sym: dict[str, np.ndarray] = {}  # shape constants with dynamic dims: object arrays of Dim/int
+        self.sym_value_info: dict[str, tuple[str | None, ...]] = {}  # dim_params ONNX inference propagated
+        self.dim_names: set[str] = set()
         self.input_shapes = input_shapes
         self.value_info: dict[str, TensorMeta] = {}
         self.owned: dict[int, str] = {}  # id(array) → name: arrays made at import, not yet handed to a node
@@ -158,9 +160,13 @@ class _Importer:
         base = t.name or f"{self.cur_id}/const"
         if base in self.reserved:  # ONNX node names own their ids; a tensor of the same name yields
             base = f"{base}/value"
-        nid = self.graph.add_node(base, "constant",
-                                  params={"value": self.take(arr)},
-                                  origin=Origin("onnx", t.name, "Constant"), unique=True)
+        if t.name in self.sym:  # sizes that follow the dynamic dims: computed at run time, never baked
+            sym = self.sym[t.name]
+            nid = self.graph.add_node(base, "sizes", attrs={"values": tuple(sym.reshape(-1)), "shape": sym.shape},
+                                      origin=Origin("onnx", t.name, "Shape"), unique=True)
+        else:
+            nid = self.graph.add_node(base, "constant", params={"value": self.take(arr)},
+                                      origin=Origin("onnx", t.name, "Constant"), unique=True)
         self._infer(nid)
         self.vals[t.name] = (nid, 0)
         return (nid, 0)
@@ -211,6 +217,7 @@ class _Importer:
             if notes:
                 g.meta.setdefault("notes", []).extend(notes)
         self._shape_inference(shapes)
+        self._symbolic_inference({k: v[1] for k, v in declared.items()})
 
         for i in real_inputs:
             tt = i.type.tensor_type
@@ -304,6 +311,38 @@ class _Importer:
         missing = [o for n in self.proto.graph.node for o in n.output if o and o not in self.value_info]
         if missing:
             self._measure_shapes(shapes, missing)
+
+    def _symbolic_inference(self, names: dict[str, tuple[str | None, ...]]) -> None:
+        """ONNX shape inference with the dynamic input dims left symbolic: which output dims of the ops
+        netsqueeze keeps opaque are the input's dynamic dims (`dim_param`s ONNX propagated), so those stay
+        `Dim`s in the IR instead of the example's sizes."""
+        if not any(any(v) for v in names.values()):
+            return
+        m = skeleton(self.proto)
+        for i in m.graph.input:
+            if i.name in names and i.type.tensor_type.HasField("shape"):
+                for d, name in zip(i.type.tensor_type.shape.dim, names[i.name]):
+                    if name:
+                        d.Clear()
+                        d.dim_param = name
+        try:
+            inferred = onnx.shape_inference.infer_shapes(m, data_prop=True)
+        except Exception:
+            return
+        self.dim_names = {n for v in names.values() for n in v if n}
+        for vi in [*inferred.graph.value_info, *inferred.graph.output]:
+            tt = vi.type.tensor_type
+            if tt.HasField("shape"):
+                self.sym_value_info[vi.name] = tuple(d.dim_param if d.HasField("dim_param") else None
+                                                     for d in tt.shape.dim)
+
+    def _with_dims(self, name: str, meta: TensorMeta) -> TensorMeta:
+        """`meta` with the dims symbolic inference found to be dynamic input dims made `Dim`s."""
+        params = self.sym_value_info.get(name)
+        if params is None or len(params) != len(meta.shape):
+            return meta
+        shape = tuple(Dim.named(p, d) if p in self.dim_names else d for p, d in zip(params, meta.shape))
+        return TensorMeta(shape, meta.dtype)
 
     def _measure_shapes(self, shapes: dict[str, tuple[int, ...]], names: list[str]) -> None:
         """Shapes ONNX shape inference cannot tell (GatherElements, Expand, ops of other frameworks), measured
@@ -514,7 +553,7 @@ class _Importer:
             if t.name not in self.value_info:
                 raise _fail(f"node '{self.cur_id}' ({n.op}) is not a supported op and ONNX shape inference "
                             f"cannot tell the shape of its output '{t.name}'", node=self.cur_id)
-            metas.append(self.value_info[t.name])
+            metas.append(self._with_dims(t.name, self.value_info[t.name]))
         payload_type = OnnxTorchOp if (n.domain or "") in _DEFAULT_DOMAINS and n.op in _TORCH_OPS else dict
         payload = payload_type({
             "op_type": n.op,
