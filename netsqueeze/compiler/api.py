@@ -184,7 +184,8 @@ def _onnx_example_shapes(model: Any, example_inputs: Sequence[torch.Tensor] | to
 
 
 def import_model(model: Any, example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
-                 *, input_shapes: Mapping[str, Sequence[int]] | None = None, trust_pickle: bool = False) -> Graph:
+                 *, input_shapes: Mapping[str, Sequence[int]] | None = None, trust_pickle: bool = False,
+                 dynamic_shapes: Any = None) -> Graph:
     """Lowers a torch model (Module, GraphModule, ExportedProgram), an ONNX model or a model file into the IR.
     `.pt`/`.pt2` files that need unpickling load only with `trust_pickle=True`."""
     check_input_shapes(input_shapes)
@@ -205,7 +206,7 @@ def import_model(model: Any, example_inputs: Sequence[torch.Tensor] | torch.Tens
                                  "or declare `input` shapes in the policy")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    return from_torch(model, tuple(example_inputs))
+    return from_torch(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
 
 
 # ---- policy ------------------------------------------------------------------------------------------
@@ -507,6 +508,7 @@ def compile(
     seed: int = 0,
     log: Callable[[str], None] | None = None,
     trust_pickle: bool = False,
+    dynamic_shapes: Any = None,
 ) -> CompileResult:
     """Compresses `model` as `policy` says and emits it for `target`.
 
@@ -514,7 +516,9 @@ def compile(
     ModelProto, or a model file (.py factory, .pt, .pt2; the pickled forms need `trust_pickle=True`).
     policy: a policy file path, policy text, or a list of Pass instances (the Python builder form).
     calibration: an iterable of input batches, a tensor of samples, or a .npz/.npy/.pt file.
-    eval_fn(model) -> top-1 accuracy, used by `guard top1 drop`. The input model object is never
+    eval_fn(model) -> top-1 accuracy, used by `guard top1 drop`. dynamic_shapes: for a torch model, which
+    input dims stay dynamic, in torch.export's own form ({'x': {0: Dim('batch'), 2: Dim('H')}}); the emitted
+    models run at other sizes of them (ONNX inputs' open dims stay dynamic by themselves). The input model object is never
     modified: the compile runs on a deep copy. NaN/Inf in inputs, calibration data, eval_fn results or
     measured fidelity is a `NonFiniteError`; exceptions from user code are `UserCodeError`s; an
     unexpected exception inside netsqueeze is an `InternalError`.
@@ -533,19 +537,20 @@ def compile(
     model, guard_model = _private_copy(model)
     with guard_model:
         return _compile(model, policy, example_inputs, calibration, target, params, eval_fn, precision,
-                        input_shapes, seed, log, trust_pickle)
+                        input_shapes, seed, log, trust_pickle, dynamic_shapes)
 
 
 def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor, ...] | None, calibration: Any,
              target: Target, params: Mapping[str, Any] | None, eval_fn: Callable[[Any], float] | None,
              precision: Literal["fp32", "fp16"], input_shapes: Mapping[str, Sequence[int]] | None, seed: int,
-             log: Callable[[str], None] | None, trust_pickle: bool) -> CompileResult:
+             log: Callable[[str], None] | None, trust_pickle: bool, dynamic_shapes: Any = None) -> CompileResult:
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     if example_inputs is None and not _is_onnx(model) and not isinstance(model, (str, os.PathLike)):
         example_inputs = _declared_inputs(policy, params)
     with _stage("importing the model"):
-        graph = import_model(model, example_inputs, input_shapes=input_shapes, trust_pickle=trust_pickle)
+        graph = import_model(model, example_inputs, input_shapes=input_shapes, trust_pickle=trust_pickle,
+                             dynamic_shapes=dynamic_shapes)
         original = graph.copy()
         before = graph_stats(graph)
     times["import"] = time.perf_counter() - t0

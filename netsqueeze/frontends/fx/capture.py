@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -36,6 +37,7 @@ from netsqueeze.frontends.fx.state import (
     _Unmappable,
 )
 from netsqueeze.ir.canonicalize import canonicalize
+from netsqueeze.ir.dims import Dim, make
 from netsqueeze.ir.graph import Graph, Origin
 
 
@@ -104,8 +106,19 @@ def _packet(nd: fx.Node) -> str | None:
     return t._overloadpacket.__name__ if isinstance(t, torch._ops.OpOverload) else None
 
 
+# torch's size symbols (s0, s1, ...) of the capture under way → the dynamic dims' own symbols
+_SYMBOLS: ContextVar[dict[Any, Any] | None] = ContextVar("_SYMBOLS", default=None)
+
+
 def _python_value(v: Any) -> Any:
-    """A concrete python number for a SymInt/SymFloat/SymBool seen at the example sizes."""
+    """A concrete python number for a SymInt/SymFloat/SymBool seen at the example sizes; a size that follows
+    a declared dynamic dim is a `Dim` (the example's value, carrying its expression)."""
+    symbols = _SYMBOLS.get()
+    if isinstance(v, torch.SymInt) and symbols:
+        hint = v.node.hint
+        expr = v.node.expr
+        if hint is not None and expr.free_symbols and expr.free_symbols <= set(symbols):
+            return make(int(hint), expr.xreplace(symbols))
     if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
         hint = v.node.hint
         return hint if hint is not None else v
@@ -193,8 +206,10 @@ def _convert(cx: _Capture, gm: fx.GraphModule, input_names: list[str], example_i
             if nd in cx.consts:
                 continue
             name, t = next(inputs)
-            nid = cx.graph.add_node(name, "input", attrs={"shape": tuple(t.shape), "dtype": _dtype(t.dtype)},
-                                    origin=Origin("fx", name, "input"))
+            attrs: dict[str, Any] = {"shape": tuple(t.shape), "dtype": _dtype(t.dtype)}
+            if name in cx.input_dims:
+                attrs["dims"] = cx.input_dims[name]
+            nid = cx.graph.add_node(name, "input", attrs=attrs, origin=Origin("fx", name, "input"))
             cx.graph.node(nid).meta = _infer(cx.graph, nid)
             cx.env[nd] = (nid, 0)
             continue
@@ -382,8 +397,36 @@ class _Recorder(fx.Interpreter):
         return r
 
 
+def _dim_names(ep: torch.export.ExportedProgram, user: list[fx.Node], input_names: list[str],
+               dynamic_shapes: Any) -> tuple[dict[Any, Any], dict[str, tuple[str | None, ...]]]:
+    """torch's size symbol → our dim symbol, and per input the names of its dynamic dims: the names of the
+    `torch.export.Dim`s in `dynamic_shapes`, else '<input>_<axis>'."""
+    specs = list(dynamic_shapes.values()) if isinstance(dynamic_shapes, dict) else list(dynamic_shapes or [])
+    mapping: dict[Any, Any] = {}
+    dims: dict[str, tuple[str | None, ...]] = {}
+    for i, (nd, iname) in enumerate(zip(user, input_names)):
+        val = nd.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            continue
+        spec = specs[i] if i < len(specs) else None
+        names: list[str | None] = []
+        for axis, d in enumerate(val.shape):
+            expr = d.node.expr if isinstance(d, torch.SymInt) else None
+            if expr is None or not expr.is_Symbol:
+                names.append(None)
+                continue
+            given = spec.get(axis) if isinstance(spec, dict) else (spec[axis] if isinstance(spec, (list, tuple))
+                                                                     and axis < len(spec) else None)
+            name = str(getattr(given, "__name__", "") or f"{iname}_{axis}")
+            mapping.setdefault(expr, Dim.named(name, 1).expr)
+            names.append(name)
+        if any(names):
+            dims[iname] = tuple(names)
+    return mapping, dims
+
+
 def _from_exported(ep: torch.export.ExportedProgram, example_inputs: Sequence[torch.Tensor], name: str,
-                   model: nn.Module | None) -> Graph:
+                   model: nn.Module | None, dynamic_shapes: Any = None) -> Graph:
     cx = _Capture(name, model, aten=True)
     sig = ep.graph_signature
     gm = ep.graph_module
@@ -416,7 +459,12 @@ def _from_exported(ep: torch.export.ExportedProgram, example_inputs: Sequence[to
         raise InputMismatchError(Diagnostic(
             f"the model takes {len(user)} tensor inputs ({', '.join(n.name for n in user)}) "
             f"but {len(example_inputs)} example inputs were given"))
-    return _convert(cx, gm, [n.name for n in user], example_inputs, user_outs)
+    mapping, cx.input_dims = _dim_names(ep, user, [n.name for n in user], dynamic_shapes)
+    token = _SYMBOLS.set(mapping)
+    try:
+        return _convert(cx, gm, [n.name for n in user], example_inputs, user_outs)
+    finally:
+        _SYMBOLS.reset(token)
 
 
 def _from_symbolic(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], name: str) -> Graph:
@@ -433,7 +481,8 @@ def _from_symbolic(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], n
 
 
 def from_torch(model: nn.Module | fx.GraphModule | torch.export.ExportedProgram,
-               example_inputs: tuple[torch.Tensor, ...], *, name: str | None = None) -> Graph:
+               example_inputs: tuple[torch.Tensor, ...], *, name: str | None = None,
+               dynamic_shapes: Any = None) -> Graph:
     """Captures `model` on `example_inputs` into a verified `Graph` (shapes from the example inputs).
 
     torch.export (strict=False, aten level) first, torch.fx.symbolic_trace (module level) when export
@@ -455,7 +504,7 @@ def from_torch(model: nn.Module | fx.GraphModule | torch.export.ExportedProgram,
             raise InputMismatchError(Diagnostic(
                 "example inputs (" + ", ".join(f"'{n}' = {_meta(t)}" for n, t in zip(names, example_inputs))
                 + ") do not fit the exported program", notes=(f"reason: {_first_line(e)}",))) from None
-        return _from_exported(model, example_inputs, gname, None)
+        return _from_exported(model, example_inputs, gname, None, dynamic_shapes)
     if not isinstance(model, nn.Module):
         raise CaptureError(Diagnostic(f"cannot capture a {type(model).__name__}: expected an nn.Module, "
                                       "a torch.fx.GraphModule or a torch.export.ExportedProgram"))
@@ -466,12 +515,12 @@ def from_torch(model: nn.Module | fx.GraphModule | torch.export.ExportedProgram,
         _check_count(model, len(example_inputs))
         _check_inputs(model, names, example_inputs)
         try:
-            ep = torch.export.export(model, example_inputs, strict=False)
+            ep = torch.export.export(model, example_inputs, strict=False, dynamic_shapes=dynamic_shapes)
         except Exception as e:
             export_error: BaseException = e
         else:
             try:
-                return _from_exported(ep, example_inputs, gname, model)
+                return _from_exported(ep, example_inputs, gname, model, dynamic_shapes)
             except NetsqueezeError:
                 raise
             except Exception as e:

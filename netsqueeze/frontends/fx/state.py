@@ -55,6 +55,7 @@ class _Capture:
         self.names: dict[fx.Node, str] = {}  # precomputed base id per node
         self.scopes: dict[fx.Node, _Scope] = {}
         self.checks: list[tuple[Value, TensorMeta, str]] = []
+        self.input_dims: dict[str, tuple[str | None, ...]] = {}  # dynamic dim names per graph input
         self.cur: fx.Node | None = None
         self._main_used = False
 
