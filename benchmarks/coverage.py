@@ -101,7 +101,8 @@ def cover(name: str) -> dict[str, str]:
     row["capture s"] = f"{t:.1f}"
     if "g" not in graph:
         row["opaque ops"] = "-"
-        for k in ("torch → ONNX", "ONNX → netsqueeze", "trim 30%", "squeeze_fold 0.7"):
+        for k in ("torch → ONNX", "ONNX → netsqueeze", "dynamic batch (torch, batch+1)", "trim 30%",
+                  "squeeze_fold 0.7"):
             row[k] = "not captured"
         return row
     g = graph["g"]
@@ -114,6 +115,7 @@ def cover(name: str) -> dict[str, str]:
 
     def onnx_route() -> str:
         m = _torch_export_onnx(model, xs)
+        model.eval()
         inputs = [i.name for i in m.graph.input if i.name not in {t.name for t in m.graph.initializer}]
         back = from_onnx(m, input_shapes={n: tuple(x.shape) for n, x in zip(inputs, xs)})  # analysed at the example
         results = []
@@ -133,6 +135,21 @@ def cover(name: str) -> dict[str, str]:
         return f"{results[0]}; batch {xs[0].shape[0] + 1}: {results[1]}"
 
     row["ONNX → netsqueeze"], _ = _cell(onnx_route)
+
+    def dynamic_batch() -> str:
+        batch = torch.export.Dim("batch", min=1, max=64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            h = ns.import_model(model, xs, dynamic_shapes={"xs": tuple({0: batch} for _ in xs)})
+        bigger = _other_batch(xs)
+        model.eval()  # torch.onnx.export above may leave it in training mode
+        with torch.no_grad():
+            want = model(*bigger).numpy()
+            y = to_torch(h)(*bigger).numpy()
+        (yo,) = run(to_onnx(h), *[x.numpy() for x in bigger])
+        return f"torch {_ok(_rel(y, want))}, ONNX {_ok(_rel(yo, want))}"
+
+    row["dynamic batch (torch, batch+1)"], _ = _cell(dynamic_batch)
 
     def structural(p: Any) -> Callable[[], str]:
         def go() -> str:
@@ -170,8 +187,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     rows = [cover(n) for n in args.models.split(",")]
-    cols = ["model", "torch identity", "torch → ONNX", "ONNX → netsqueeze", "trim 30%", "squeeze_fold 0.7",
-            "capture s", "opaque ops"]
+    cols = ["model", "torch identity", "torch → ONNX", "ONNX → netsqueeze", "dynamic batch (torch, batch+1)",
+            "trim 30%", "squeeze_fold 0.7", "capture s", "opaque ops"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(r.get(c, "-").replace("|", "\\|") for c in cols) + " |" for r in rows]
     table = "\n".join(lines)
@@ -182,7 +199,8 @@ def main() -> None:
         "route; written by `.venv/bin/python benchmarks/coverage.py`. `ok (e)`: within 1e-4 relative of the "
         "reference (e = max error / max |reference|). ONNX → netsqueeze: the model exported by "
         "`torch.onnx.export` (TorchScript exporter, dynamic batch), imported, emitted as ONNX and as torch, run "
-        "at the export batch and at batch + 1. trim / squeeze_fold run on the captured IR with the example "
+        "at the export batch and at batch + 1. dynamic batch: captured from torch with `dynamic_shapes` marking the "
+        "batch of every input, emitted, and run at batch + 1. trim / squeeze_fold run on the captured IR with the example "
         "batch as calibration data (the ratio is of each channel group).\n\n" + table + "\n")
     tmp = OUT.with_suffix(".md.tmp")
     tmp.write_text(text)

@@ -841,6 +841,9 @@ def _aten_to_onnx(ex: _Exporter, node: Node, call: AtenCall, ins: list[gs.Tensor
         return ex.op("Cast", [arg(a[0])], {"to": to})
     if name == "where" and len(a) == 3:  # constants take the result's dtype
         return ex.op("Where", [arg(a[0]), arg(a[1], out_dt), arg(a[2], out_dt)])
+    if name in ("view", "reshape", "_unsafe_view") and len(a) == 2 and isinstance(a[1], (list, tuple)):
+        sizes = [ex.size(d) if is_dynamic(d) else ex.ints(f"{node.id}.dim", [int(d)]) for d in a[1]]
+        return ex.op("Reshape", [arg(a[0]), ex.op1("Concat", sizes, {"axis": 0})])
     if name == "rsqrt":
         return ex.op("Reciprocal", [ex.op1("Sqrt", [arg(a[0])])])
     if name in _ATEN_UNARY:

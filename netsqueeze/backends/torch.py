@@ -18,6 +18,7 @@ from torch import nn
 
 from netsqueeze.backends.torch_modules import Attention, Opaque, ParamHolder, WithEncodedParams
 from netsqueeze.errors import Diagnostic, UnsupportedOpError
+from netsqueeze.ir.calls import AtenCall, Slot
 from netsqueeze.ir.dims import expr_of, fmt, is_dynamic, lower, symbol_sources
 from netsqueeze.ir.graph import Graph, Node, Value
 from netsqueeze.ir.ops import BUFFERS, attr
@@ -528,10 +529,32 @@ def _opaque(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node | list[f
         raise UnsupportedOpError(Diagnostic(
             f"opaque node '{node.id}' (op type '{node.origin.op_type or '?'}', from "
             f"{node.origin.frontend or 'unknown'}) has no torch implementation", node=node.id))
+    fn, xs = _runtime_sizes(b, fn, xs)
     out = b.call_module(node, Opaque(copy.deepcopy(fn), node.origin.op_type), xs)
     if len(node.meta) > 1:
         return [b.call(operator.getitem, out, i) for i in range(len(node.meta))]
     return out
+
+
+def _runtime_sizes(b: ModuleBuilder, fn: Any, xs: list[fx.Node]) -> tuple[Any, list[fx.Node]]:
+    """An aten call whose arguments hold dynamic sizes (a `view` to [batch, 64, -1, 16]) gets them as extra
+    operands computed from the inputs' sizes at run time, instead of the example's values."""
+    if not isinstance(fn, AtenCall):
+        return fn, xs
+    extra: list[fx.Node] = []
+
+    def sub(a: Any) -> Any:
+        if is_dynamic(a):
+            extra.append(b.size(a))
+            return Slot(len(xs) + len(extra) - 1)
+        if isinstance(a, (list, tuple)):
+            return type(a)(sub(x) for x in a)
+        if isinstance(a, dict):
+            return {k: sub(v) for k, v in a.items()}
+        return a
+
+    call = AtenCall(fn.namespace, fn.packet, fn.overload, sub(fn.args), sub(fn.kwargs))
+    return (call, [*xs, *extra]) if extra else (fn, xs)
 
 
 def _check_inputs(b: ModuleBuilder, graph: Graph) -> None:

@@ -80,3 +80,27 @@ def test_torch_model_rejects_a_shape_it_cannot_handle() -> None:
         to_torch(g)(torch.randn(2, 4, 9, 7))
     with pytest.raises(Exception, match=r"input 'x' must have rank 4"):
         to_torch(g)(torch.randn(3, 9, 7))
+
+
+def test_opaque_aten_call_with_dynamic_sizes_runs_at_other_sizes() -> None:
+    """An aten call left opaque whose arguments hold a dynamic size (view(x, [batch, -1])) gets the size at
+    run time in torch and is written as a Reshape of computed sizes in ONNX."""
+    from netsqueeze.ir.calls import AtenCall, Slot
+    from netsqueeze.ir.graph import Origin, TensorMeta
+
+    g = Graph("v")
+    g.add_node("x", "input", attrs={"shape": (2, 3, 4), "dims": ("batch", None, None)})
+    batch = g.node("x")
+    g.infer_shapes()
+    b = batch.meta[0].shape[0]
+    call = AtenCall("aten", "view", "default", (Slot(0), [b, -1]))
+    g.add_node("v", "opaque", ["x"], origin=Origin("fx", "v", "aten::view.default", call))
+    g.node("v").meta = [TensorMeta((b, 12))]
+    g.add_node("out", "output", ["v"])
+    g.infer_shapes()
+    module, model = to_torch(g), to_onnx(g)
+    for n in (2, 5):
+        x = torch.randn(n, 3, 4)
+        with torch.no_grad():
+            assert torch.equal(module(x), x.reshape(n, 12))
+        assert np.array_equal(run(model, x.numpy())[0], x.reshape(n, 12).numpy())

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
-from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -27,6 +26,7 @@ from netsqueeze.frontends.fx.ops import (
 )
 from netsqueeze.frontends.fx.state import (
     CONTAINERS,
+    SYMBOLS,
     _Capture,
     _dtype,
     _infer,
@@ -35,9 +35,10 @@ from netsqueeze.frontends.fx.state import (
     _record_check,
     _Scope,
     _Unmappable,
+    python_value,
 )
 from netsqueeze.ir.canonicalize import canonicalize
-from netsqueeze.ir.dims import Dim, make
+from netsqueeze.ir.dims import Dim
 from netsqueeze.ir.graph import Graph, Origin
 
 
@@ -106,27 +107,6 @@ def _packet(nd: fx.Node) -> str | None:
     return t._overloadpacket.__name__ if isinstance(t, torch._ops.OpOverload) else None
 
 
-# torch's size symbols (s0, s1, ...) of the capture under way → the dynamic dims' own symbols
-_SYMBOLS: ContextVar[dict[Any, Any] | None] = ContextVar("_SYMBOLS", default=None)
-
-
-def _python_value(v: Any) -> Any:
-    """A concrete python number for a SymInt/SymFloat/SymBool seen at the example sizes; a size that follows
-    a declared dynamic dim is a `Dim` (the example's value, carrying its expression)."""
-    symbols = _SYMBOLS.get()
-    if isinstance(v, torch.SymInt) and symbols:
-        hint = v.node.hint
-        expr = v.node.expr
-        if hint is not None and expr.free_symbols and expr.free_symbols <= set(symbols):
-            return make(int(hint), expr.xreplace(symbols))
-    if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-        hint = v.node.hint
-        return hint if hint is not None else v
-    if isinstance(v, (list, tuple)):
-        return type(v)(_python_value(x) for x in v)
-    return v
-
-
 def _fold(cx: _Capture, nd: fx.Node) -> bool:
     """Evaluates an op whose tensor operands are all constants (e.g. `self.w.t()`), a source op with no
     tensor operand (`arange`, `full`; random ones excluded), python arithmetic on sizes, and ops that read
@@ -156,7 +136,7 @@ def _fold(cx: _Capture, nd: fx.Node) -> bool:
             if shape_only and a in acts:
                 obs = cx.observed[a]
                 return torch.zeros(tuple(int(d) for d in obs.shape), dtype=obs.dtype)
-            return _python_value(cx.env.get(a))
+            return python_value(cx.env.get(a))
         if isinstance(a, (list, tuple)):
             return type(a)(sub(x) for x in a)
         if isinstance(a, dict):
@@ -289,7 +269,7 @@ def _convert_node(cx: _Capture, nd: fx.Node) -> None:
         cx.env[nd] = None
         return
     if packet0 in _SIZE_QUERIES:
-        cx.env[nd] = _python_value(obs)
+        cx.env[nd] = python_value(obs)
         return
     # python-level values (sizes, shapes) in module-level graphs are concrete: keep them as such
     if not cx.aten and not (isinstance(obs, torch.Tensor) or
@@ -397,11 +377,27 @@ class _Recorder(fx.Interpreter):
         return r
 
 
+def _per_tensor(spec: Any) -> list[Any]:
+    """torch.export's `dynamic_shapes` flattened to one entry per input tensor (an {axis: Dim} dict, a
+    tuple of Dims per axis, or None), through dicts by argument name and tuples of *args."""
+    if spec is None:
+        return []
+    if isinstance(spec, dict) and all(isinstance(k, int) for k in spec):
+        return [spec]
+    if isinstance(spec, dict):
+        return [x for v in spec.values() for x in (_per_tensor(v) if v is not None else [None])]
+    if isinstance(spec, (list, tuple)):
+        if all(not isinstance(x, (dict, list, tuple)) for x in spec):
+            return [spec]
+        return [x for v in spec for x in (_per_tensor(v) if v is not None else [None])]
+    return [spec]
+
+
 def _dim_names(ep: torch.export.ExportedProgram, user: list[fx.Node], input_names: list[str],
                dynamic_shapes: Any) -> tuple[dict[Any, Any], dict[str, tuple[str | None, ...]]]:
     """torch's size symbol → our dim symbol, and per input the names of its dynamic dims: the names of the
     `torch.export.Dim`s in `dynamic_shapes`, else '<input>_<axis>'."""
-    specs = list(dynamic_shapes.values()) if isinstance(dynamic_shapes, dict) else list(dynamic_shapes or [])
+    specs = _per_tensor(dynamic_shapes)
     mapping: dict[Any, Any] = {}
     dims: dict[str, tuple[str | None, ...]] = {}
     for i, (nd, iname) in enumerate(zip(user, input_names)):
@@ -460,11 +456,11 @@ def _from_exported(ep: torch.export.ExportedProgram, example_inputs: Sequence[to
             f"the model takes {len(user)} tensor inputs ({', '.join(n.name for n in user)}) "
             f"but {len(example_inputs)} example inputs were given"))
     mapping, cx.input_dims = _dim_names(ep, user, [n.name for n in user], dynamic_shapes)
-    token = _SYMBOLS.set(mapping)
+    token = SYMBOLS.set(mapping)
     try:
         return _convert(cx, gm, [n.name for n in user], example_inputs, user_outs)
     finally:
-        _SYMBOLS.reset(token)
+        SYMBOLS.reset(token)
 
 
 def _from_symbolic(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], name: str) -> Graph:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from netsqueeze.frontends.fx.opaque import AtenCall, _Slot
-from netsqueeze.frontends.fx.state import _Capture, _tup, _Unmappable
+from netsqueeze.frontends.fx.state import _Capture, _tup, _Unmappable, python_value
 from netsqueeze.ir.graph import Value
 from netsqueeze.ir.tables import registrar
 
@@ -261,7 +261,7 @@ def _flatten(cx: _Capture, a: dict[str, Any]) -> Value:
 def _reshape(cx: _Capture, a: dict[str, Any]) -> Value:
     x = cx.val(a["self"])
     src = cx.shape(a["self"])
-    out = tuple(int(d) for d in cx.out_meta().shape)
+    out = tuple(python_value(d) for d in cx.out_meta().shape)  # dynamic sizes stay Dims
     # a flatten written as view(x.size(0), -1): keep it batch- and channel-count agnostic
     if len(src) > 2 and len(out) == 2 and out[0] == src[0]:
         return (cx.emit("flatten", [x], {"start_dim": 1, "end_dim": -1}), 0)

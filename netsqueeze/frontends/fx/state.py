@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,6 +11,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from netsqueeze.ir.dims import make
 from netsqueeze.ir.graph import Graph, Origin, TensorMeta, Value
 
 
@@ -159,3 +161,24 @@ def _record_check(cx: _Capture, nd: fx.Node, result: Any) -> None:
 
 def _is_value(v: Any) -> bool:
     return (isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str)) or isinstance(v, list)
+
+
+# torch's size symbols (s0, s1, ...) of the capture under way → the dynamic dims' own symbols
+SYMBOLS: ContextVar[dict[Any, Any] | None] = ContextVar("SYMBOLS", default=None)
+
+
+def python_value(v: Any) -> Any:
+    """A concrete python number for a SymInt/SymFloat/SymBool seen at the example sizes; a size that follows
+    a declared dynamic dim is a `Dim` (the example's value, carrying its expression)."""
+    symbols = SYMBOLS.get()
+    if isinstance(v, torch.SymInt) and symbols:
+        hint = v.node.hint
+        expr = v.node.expr
+        if hint is not None and expr.free_symbols and expr.free_symbols <= set(symbols):
+            return make(int(hint), expr.xreplace(symbols))
+    if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        hint = v.node.hint
+        return hint if hint is not None else v
+    if isinstance(v, (list, tuple)):
+        return type(v)(python_value(x) for x in v)
+    return v
