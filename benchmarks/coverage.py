@@ -146,8 +146,12 @@ def cover(name: str) -> dict[str, str]:
         with torch.no_grad():
             want = model(*bigger).numpy()
             y = to_torch(h)(*bigger).numpy()
-        (yo,) = run(to_onnx(h), *[x.numpy() for x in bigger])
-        return f"torch {_ok(_rel(y, want))}, ONNX {_ok(_rel(yo, want))}"
+        try:
+            (yo,) = run(to_onnx(h), *[x.numpy() for x in bigger])
+            onnx_cell = _ok(_rel(yo, want))
+        except Exception as e:  # the torch half still counts
+            onnx_cell = f"fails: {type(e).__name__}: {(getattr(e, 'message', None) or str(e)).splitlines()[0][:120]}"
+        return f"torch {_ok(_rel(y, want))}, ONNX {onnx_cell}"
 
     row["dynamic batch (torch, batch+1)"], _ = _cell(dynamic_batch)
 

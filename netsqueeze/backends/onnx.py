@@ -813,6 +813,8 @@ _ONNX_TYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FL
 _ATEN_UNARY = {"exp": "Exp", "log": "Log", "sqrt": "Sqrt", "neg": "Neg", "abs": "Abs", "sin": "Sin", "cos": "Cos",
                "erf": "Erf", "floor": "Floor", "ceil": "Ceil", "bitwise_not": "Not", "logical_not": "Not",
                "reciprocal": "Reciprocal", "sign": "Sign"}
+_ATEN_LOGICAL = {"__and__": "And", "bitwise_and": "And", "logical_and": "And", "__or__": "Or", "bitwise_or": "Or",
+                 "logical_or": "Or", "__xor__": "Xor", "bitwise_xor": "Xor", "logical_xor": "Xor"}
 _ATEN_COMPARE = {"eq": ("Equal", False), "ne": ("Equal", True), "gt": ("Greater", False), "lt": ("Less", False),
                  "ge": ("GreaterOrEqual", False), "le": ("LessOrEqual", False)}
 
@@ -828,6 +830,8 @@ def _aten_to_onnx(ex: _Exporter, node: Node, call: AtenCall, ins: list[gs.Tensor
         """An operand, or a scalar/tensor constant in `dtype` (the first operand's by default)."""
         if isinstance(a, Slot):
             return ins[a.index]
+        if isinstance(a, torch.Tensor):  # a constant tensor argument keeps its own dtype
+            return ex.const(f"{node.id}.c", a)
         dt = _np_dtype(dtype or (in_metas[0].dtype if in_metas else "float32"))
         if dt == np.float32 and ex.fp16:
             dt = np.float16
@@ -844,10 +848,40 @@ def _aten_to_onnx(ex: _Exporter, node: Node, call: AtenCall, ins: list[gs.Tensor
     if name in ("view", "reshape", "_unsafe_view") and len(a) == 2 and isinstance(a[1], (list, tuple)):
         sizes = [ex.size(d) if is_dynamic(d) else ex.ints(f"{node.id}.dim", [int(d)]) for d in a[1]]
         return ex.op("Reshape", [arg(a[0]), ex.op1("Concat", sizes, {"axis": 0})])
+    if name == "expand" and len(a) >= 2 and isinstance(a[1], (list, tuple)):
+        # ONNX Expand broadcasts: a -1 (keep the input's size) is a 1
+        sizes = [ex.size(d) if is_dynamic(d) else ex.ints(f"{node.id}.dim", [max(int(d), 1) if int(d) != -1 else 1])
+                 for d in a[1]]
+        return ex.op("Expand", [arg(a[0]), ex.op1("Concat", sizes, {"axis": 0})])
+    if name == "index" and len(a) == 2 and isinstance(a[1], (list, tuple)) and a[1] \
+            and all(x is not None for x in a[1]):
+        # x[i0, i1, ...] over the leading axes: the indices broadcast together, then GatherND
+        idx = [ex.op1("Cast", [arg(i, "int64")], {"to": onnx.TensorProto.INT64}) for i in a[1]]
+        zero = idx[0]
+        for i in idx[1:]:
+            zero = ex.op1("Add", [zero, i])
+        zero = ex.op1("Mul", [zero, ex.ints(f"{node.id}.zero", [0])])
+        last = ex.ints(f"{node.id}.last", [-1])
+        parts = [ex.op1("Unsqueeze", [ex.op1("Add", [i, zero]), last]) for i in idx]
+        stacked = ex.op1("Concat", parts, {"axis": -1}) if len(parts) > 1 else parts[0]
+        return ex.op("GatherND", [arg(a[0]), stacked])
+    if name == "arange":
+        ends = [x for x in a if not isinstance(x, torch.Tensor)]
+        start, end, step = (0, ends[0], 1) if len(ends) == 1 else (ends[0], ends[1], ends[2] if len(ends) > 2 else 1)
+        dt = out_dt if out_dt in _ONNX_TYPES else "int64"
+
+        def scalar(v: Any) -> gs.Tensor:
+            t = ex.size(v) if is_dynamic(v) else ex.ints(f"{node.id}.r", [int(v)])
+            t = ex.op1("Squeeze", [t, ex.ints(f"{node.id}.ax", [0])])
+            return t if dt == "int64" else ex.op1("Cast", [t], {"to": _ONNX_TYPES[dt]})
+
+        return ex.op("Range", [scalar(start), scalar(end), scalar(step)])
     if name == "rsqrt":
         return ex.op("Reciprocal", [ex.op1("Sqrt", [arg(a[0])])])
     if name in _ATEN_UNARY:
         return ex.op(_ATEN_UNARY[name], [arg(a[0])])
+    if name in _ATEN_LOGICAL and len(a) == 2 and out_dt == "bool":
+        return ex.op(_ATEN_LOGICAL[name], [arg(a[0], "bool"), arg(a[1], "bool")])
     if name in _ATEN_COMPARE and len(a) == 2:
         op, negate = _ATEN_COMPARE[name]
         y = ex.op1(op, [arg(a[0]), arg(a[1], in_metas[0].dtype)])

@@ -38,7 +38,7 @@ from netsqueeze.frontends.fx.state import (
     python_value,
 )
 from netsqueeze.ir.canonicalize import canonicalize
-from netsqueeze.ir.dims import Dim
+from netsqueeze.ir.dims import Dim, is_dynamic
 from netsqueeze.ir.graph import Graph, Origin
 
 
@@ -107,6 +107,21 @@ def _packet(nd: fx.Node) -> str | None:
     return t._overloadpacket.__name__ if isinstance(t, torch._ops.OpOverload) else None
 
 
+def _has_dynamic(v: Any) -> bool:
+    if isinstance(v, (list, tuple)):
+        return any(_has_dynamic(x) for x in v)
+    if isinstance(v, dict):
+        return any(_has_dynamic(x) for x in v.values())
+    return is_dynamic(v)
+
+
+def _ir_shape(cx: _Capture, a: fx.Node) -> tuple[int, ...]:
+    v = cx.env.get(a)
+    if isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str) and v[0] in cx.graph:
+        return tuple(cx.graph.meta_of(v).shape)
+    return ()
+
+
 def _fold(cx: _Capture, nd: fx.Node) -> bool:
     """Evaluates an op whose tensor operands are all constants (e.g. `self.w.t()`), a source op with no
     tensor operand (`arange`, `full`; random ones excluded), python arithmetic on sizes, and ops that read
@@ -121,6 +136,8 @@ def _fold(cx: _Capture, nd: fx.Node) -> bool:
         if packet not in _SHAPE_ONLY or not isinstance(cx.observed.get(nd), torch.Tensor):
             return False
         shape_only = True
+        if any(is_dynamic(d) for a in acts for d in _ir_shape(cx, a)):
+            return False  # zeros_like(x) of a dynamic x: computed at run time, not fixed at the example's shape
     elif not any(i in cx.consts for i in ins):
         t = nd.target
         if isinstance(t, torch._ops.OpOverload):
@@ -144,6 +161,10 @@ def _fold(cx: _Capture, nd: fx.Node) -> bool:
         return a
 
     args, kwargs = sub(nd.args), sub(dict(nd.kwargs))
+    if _has_dynamic((args, kwargs)) and isinstance(nd.target, torch._ops.OpOverload):
+        # expand(cls_token, [batch, -1, -1]): a constant tensor would fix the batch at the example's (python
+        # arithmetic on sizes still folds: it keeps the Dims)
+        return False
     with torch.no_grad():
         if nd.op == "call_method":
             r = getattr(args[0], str(nd.target))(*args[1:], **kwargs)
