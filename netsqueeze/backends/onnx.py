@@ -727,12 +727,15 @@ def _resize(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
         scales = np.asarray([1.0, 1.0, *a["scale"]], dtype=np.float32)
         return ex.op("Resize", [ins[0], ex.empty(), gs.Constant(ex.fresh(f"{node.id}.scales"), scales)], attrs)
     size = list(a["size"])
+    # sizes that follow the dynamic dims are computed at run time
+    target = ex.op1("Concat", [ex.size(d) for d in size], {"axis": 0}) if any(is_dynamic(d) for d in size) \
+        else ex.ints(f"{node.id}.sizes", [int(d) for d in size])
     if ex.opset >= 18:
         attrs["axes"] = list(range(2, len(x.shape)))
-        return ex.op("Resize", [ins[0], ex.empty(), ex.empty(), ex.ints(f"{node.id}.sizes", size)], attrs)
+        return ex.op("Resize", [ins[0], ex.empty(), ex.empty(), target], attrs)
     # Opset 17 wants sizes for every axis: take N and C from the runtime shape to keep the batch free.
     nc = ex.op1("Slice", [ex.op1("Shape", [ins[0]]), ex.ints(f"{node.id}.s0", [0]), ex.ints(f"{node.id}.s1", [2])])
-    sizes = ex.op1("Concat", [nc, ex.ints(f"{node.id}.sizes", size)], {"axis": 0})
+    sizes = ex.op1("Concat", [nc, target], {"axis": 0})
     return ex.op("Resize", [ins[0], ex.empty(), ex.empty(), sizes], attrs)
 
 

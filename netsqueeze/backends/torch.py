@@ -476,7 +476,7 @@ def _resize(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
             f"resize '{node.id}': mode '{mode}' with coordinate_transformation_mode '{ctm}' has no torch "
             "equivalent", node=node.id))
     if a.get("size"):
-        kw["size"] = tuple(a["size"])
+        kw["size"] = tuple(b.size(d) for d in a["size"])  # sizes following the dynamic dims: from x.size()
     else:
         kw["scale_factor"] = tuple(float(s) for s in a["scale"])
     return b.call(F.interpolate, xs[0], **kw)

@@ -3,6 +3,7 @@ captured graph through the op tables, the module collapsing and the opaque fallb
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from collections.abc import Sequence
 from typing import Any
@@ -478,8 +479,13 @@ def _from_exported(ep: torch.export.ExportedProgram, example_inputs: Sequence[to
             f"but {len(example_inputs)} example inputs were given"))
     mapping, cx.input_dims = _dim_names(ep, user, [n.name for n in user], dynamic_shapes)
     token = SYMBOLS.set(mapping)
+    # reading a size as an int must not specialise torch's symbols (later sizes would lose their dims)
+    env = next((v.fake_mode.shape_env for v in cx.observed.values() if getattr(v, "fake_mode", None) is not None
+                and v.fake_mode.shape_env is not None), None) if mapping else None
+    guard = env.suppress_guards() if env is not None else contextlib.nullcontext()
     try:
-        return _convert(cx, gm, [n.name for n in user], example_inputs, user_outs)
+        with guard:
+            return _convert(cx, gm, [n.name for n in user], example_inputs, user_outs)
     finally:
         SYMBOLS.reset(token)
 

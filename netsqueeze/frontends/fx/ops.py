@@ -374,7 +374,7 @@ def _pad(cx: _Capture, a: dict[str, Any]) -> Value:
 @handles("upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", "upsample_linear1d",
          "upsample_bilinear2d", "upsample_trilinear3d")
 def _upsample(cx: _Capture, a: dict[str, Any]) -> Value:
-    size = tuple(int(d) for d in cx.out_meta().shape[2:])
+    size = tuple(python_value(d) for d in cx.out_meta().shape[2:])  # a size following the input stays a Dim
     assert cx.cur is not None
     linear = a["_linear"] if "_linear" in a else "nearest" not in str(cx.cur.target)
     # coordinate conventions spelled the ONNX way, so both backends agree on what torch computed
