@@ -868,6 +868,12 @@ def _aten_to_onnx(ex: _Exporter, node: Node, call: AtenCall, ins: list[gs.Tensor
         parts = [ex.op1("Unsqueeze", [ex.op1("Add", [i, zero]), last]) for i in idx]
         stacked = ex.op1("Concat", parts, {"axis": -1}) if len(parts) > 1 else parts[0]
         return ex.op("GatherND", [arg(a[0]), stacked])
+    if name in ("zeros", "ones", "full") and a and isinstance(a[0], (list, tuple)) and out_dt in _ONNX_TYPES:
+        fill = 0.0 if name == "zeros" else 1.0 if name == "ones" else float(a[1])
+        sizes = [ex.size(d) if is_dynamic(d) else ex.ints(f"{node.id}.dim", [int(d)]) for d in a[0]]
+        shape = ex.op1("Concat", sizes, {"axis": 0}) if sizes else ex.ints(f"{node.id}.shape", [])
+        value = onnx.helper.make_tensor("value", _ONNX_TYPES[out_dt], [1], [fill])
+        return ex.op("ConstantOfShape", [shape], {"value": value})
     if name == "arange":
         ends = [x for x in a if not isinstance(x, torch.Tensor)]
         start, end, step = (0, ends[0], 1) if len(ends) == 1 else (ends[0], ends[1], ends[2] if len(ends) > 2 else 1)
