@@ -856,18 +856,37 @@ def _aten_to_onnx(ex: _Exporter, node: Node, call: AtenCall, ins: list[gs.Tensor
         sizes = [ex.size(d) if is_dynamic(d) else ex.ints(f"{node.id}.dim", [max(int(d), 1) if int(d) != -1 else 1])
                  for d in a[1]]
         return ex.op("Expand", [arg(a[0]), ex.op1("Concat", sizes, {"axis": 0})])
-    if name == "index" and len(a) == 2 and isinstance(a[1], (list, tuple)) and a[1] \
-            and all(x is not None for x in a[1]):
-        # x[i0, i1, ...] over the leading axes: the indices broadcast together, then GatherND
-        idx = [ex.op1("Cast", [arg(i, "int64")], {"to": onnx.TensorProto.INT64}) for i in a[1]]
+    def dtype_of(x: Any) -> str:
+        if isinstance(x, Slot):
+            return in_metas[x.index].dtype
+        return str(x.dtype).removeprefix("torch.") if isinstance(x, torch.Tensor) else "int64"
+
+    def stacked(indices: list[Any]) -> gs.Tensor:
+        """[..., k] coordinates of x[i0, i1, ...] over the leading axes (a boolean mask: its non-zeros)."""
+        if len(indices) == 1 and dtype_of(indices[0]) == "bool":
+            return ex.op1("Transpose", [ex.op1("NonZero", [arg(indices[0])])], {"perm": [1, 0]})
+        idx = [ex.op1("Cast", [arg(i, "int64")], {"to": onnx.TensorProto.INT64}) for i in indices]
         zero = idx[0]
         for i in idx[1:]:
             zero = ex.op1("Add", [zero, i])
         zero = ex.op1("Mul", [zero, ex.ints(f"{node.id}.zero", [0])])
         last = ex.ints(f"{node.id}.last", [-1])
         parts = [ex.op1("Unsqueeze", [ex.op1("Add", [i, zero]), last]) for i in idx]
-        stacked = ex.op1("Concat", parts, {"axis": -1}) if len(parts) > 1 else parts[0]
-        return ex.op("GatherND", [arg(a[0]), stacked])
+        return ex.op1("Concat", parts, {"axis": -1}) if len(parts) > 1 else parts[0]
+
+    if name == "index" and len(a) == 2 and isinstance(a[1], (list, tuple)) and a[1] \
+            and all(x is not None for x in a[1]) and not (len(a[1]) == 1 and dtype_of(a[1][0]) == "bool"):
+        # x[i0, i1, ...] over the leading axes: the indices broadcast together, then GatherND
+        return ex.op("GatherND", [arg(a[0]), stacked(list(a[1]))])
+    if name == "index_put" and len(a) >= 3 and isinstance(a[1], (list, tuple)) and a[1] \
+            and all(x is not None for x in a[1]) and out_dt in _ONNX_TYPES:
+        # x[indices] = values: ScatterND, the values broadcast to what the indices select
+        accumulate = bool(a[3]) if len(a) > 3 else bool(call.kwargs.get("accumulate", False))
+        data, where = arg(a[0], out_dt), stacked(list(a[1]))
+        shape = ex.op1("Shape", [ex.op1("GatherND", [data, where])])
+        values = ex.op1("Cast", [arg(a[2], out_dt)], {"to": _ONNX_TYPES[out_dt]})
+        updates = ex.op1("Expand", [values, shape])
+        return ex.op("ScatterND", [data, where, updates], {"reduction": "add"} if accumulate else {})
     if name in ("zeros", "ones", "full") and a and isinstance(a[0], (list, tuple)) and out_dt in _ONNX_TYPES:
         fill = 0.0 if name == "zeros" else 1.0 if name == "ones" else float(a[1])
         sizes = [ex.size(d) if is_dynamic(d) else ex.ints(f"{node.id}.dim", [int(d)]) for d in a[0]]

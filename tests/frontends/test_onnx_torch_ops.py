@@ -43,6 +43,8 @@ CASES = {
     "Tile": (_model([helper.make_node("Tile", ["x", "r"], ["y"])], {"x": (2, 3)}, {"r": np.asarray([2, 1])})),
     "Trilu": (_model([helper.make_node("Trilu", ["x", "k"], ["y"], upper=0)], {"x": (4, 4)},
                      {"k": np.asarray(1, np.int64)})),
+    "ScatterND": (_model([helper.make_node("ScatterND", ["x", "i", "u"], ["y"])], {"x": (4, 3)},
+                         {"i": np.asarray([[0], [2]], np.int64), "u": np.ones((2, 3), np.float32)})),
     "Mod_fmod": (_model([helper.make_node("Mod", ["x", "d"], ["y"], fmod=1)], {"x": (3, 4)},
                         {"d": np.asarray([1.5], np.float32)})),
 }

@@ -16,8 +16,7 @@ from netsqueeze.backends.torch import to_torch
 from tests.frontends.onnx_models import run
 from tests.models.test_hf_capture import CASES
 
-# index_put (Wav2Vec2's feature mask) has no ONNX form yet; the torch half still runs
-ONNX_GAPS = {"wav2vec2"}
+ONNX_GAPS: set[str] = set()  # models whose ONNX half cannot run yet (none at present)
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if c.slow else []) for n, c in CASES.items()])

@@ -15,7 +15,7 @@ from netsqueeze.backends.onnx import to_onnx
 from tests.frontends.onnx_models import run
 from tests.models.test_hf_capture import CASES
 
-XFAIL = {"wav2vec2": "node 'model.index_put' is an opaque fx op (aten::index_put.default) with no ONNX equivalent"}
+XFAIL: dict[str, str] = {}  # model → the exact reason it cannot be emitted (none at present)
 
 
 def _params() -> list[object]:

@@ -105,6 +105,16 @@ def _is_inf(p: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
     return (torch.isposinf(x) & pos) | (torch.isneginf(x) & neg)
 
 
+def _scatter_nd(p: dict[str, Any], data: torch.Tensor, idx: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:
+    out = data.clone()
+    where = tuple(idx.long().unbind(-1))
+    if _attr(p, "reduction", "none") in ("add", b"add"):
+        out.index_put_(where, updates, accumulate=True)
+    else:
+        out[where] = updates
+    return out
+
+
 def _trilu(p: dict[str, Any], x: torch.Tensor, k: torch.Tensor | None = None) -> torch.Tensor:
     diag = int(k) if k is not None else 0
     return torch.triu(x, diag) if _attr(p, "upper", 1) else torch.tril(x, diag)
@@ -145,6 +155,7 @@ _TORCH_OPS: dict[str, Callable[..., Any]] = {
     "Range": lambda p, start, limit, delta: torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype),
     "ConstantOfShape": _constant_of_shape,
     "Trilu": _trilu,
+    "ScatterND": _scatter_nd,
     "NonZero": lambda p, x: torch.nonzero(x).T.contiguous(),
 }
 
