@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from netsqueeze.errors import Diagnostic, VerifyError
 from netsqueeze.ir import weights
+from netsqueeze.ir.calls import AtenCall
 from netsqueeze.ir.dims import Dim, is_dynamic
 from netsqueeze.ir.graph import Graph, Node, TensorMeta, Value
 
@@ -71,6 +72,21 @@ def _passthrough(cx: Channels, node: Node, side: str, port: int, axis: int) -> N
 
 def _mixes(cx: Channels, node: Node, side: str, port: int, axis: int) -> None:
     cx.barrier(node, side, port, axis, f"{node.kind} '{node.id}' mixes channels along this axis")
+
+
+# aten calls that act elementwise (with broadcasting) on their tensor operands: an opaque node holding one
+# passes channels through like add/mul instead of stopping them
+_ELEMENTWISE_ATEN = frozenset({"where", "masked_fill", "to", "_to_copy", "type_as", "rsqrt", "exp", "log", "sqrt",
+                               "neg", "abs", "sin", "cos", "erf", "reciprocal", "sign", "pow", "clone",
+                               "contiguous", "bitwise_not", "logical_not"})
+
+
+def _opaque_rule(cx: Channels, node: Node, side: str, port: int, axis: int) -> None:
+    if node.meta and _passes_channels(node, [cx.g.meta_of(v) for v in cx.g.operands(node.id)]):
+        _binary_rule(cx, node, side, port, axis)
+        return
+    op_type = node.origin.op_type or node.kind
+    cx.barrier(node, side, port, axis, f"passes opaque op '{node.id}' ({op_type})")
 
 
 def _graph_input(cx: Channels, node: Node, side: str, port: int, axis: int) -> None:
@@ -311,6 +327,57 @@ def reshape_map(src: tuple[int, ...], a: int, dst: tuple[int, ...]) -> tuple[int
     return None
 
 
+def split_map(src: tuple[int, ...], a: int, dst: tuple[int, ...]) -> tuple[int, int] | None:
+    """When source axis a splits into consecutive output axes b0..b1 (everything around it unchanged):
+    (b0, the size of the axes after b0), so source position p is position p // that of axis b0."""
+    c = src[a]
+    for b0 in range(len(dst)):
+        size = dst[b0]
+        for b1 in range(b0 + 1, len(dst)):
+            size *= dst[b1]
+            if size > c:
+                break
+            if size == c and dst[b0] > 1 and math.prod(dst[:b0]) == math.prod(src[:a]) \
+                    and math.prod(dst[b1 + 1:]) == math.prod(src[a + 1:]):
+                return b0, math.prod(dst[b0 + 1:b1 + 1])
+    return None
+
+
+def _matmul_rule(cx: Channels, node: Node, side: str, port: int, axis: int) -> None:
+    """a @ b: a's rows and b's columns are the output's last two axes, the contracted axis ties a's last
+    axis to b's second-last, and batch axes tie where their sizes match (broadcasting)."""
+    ins = cx.g.operands(node.id)
+    sa, sb, so = cx.g.meta_of(ins[0]).shape, cx.g.meta_of(ins[1]).shape, node.meta[0].shape
+    ra, rb, ro = len(sa), len(sb), len(so)
+    if ra < 2 or rb < 2:
+        _mixes(cx, node, side, port, axis)
+        return
+    out0 = (node.id, 0)
+    # (operand, its axis) feeding each output axis: batch axes from both, then rows of a and columns of b
+    if side == "in":
+        r, shape = (ra, sa) if port == 0 else (rb, sb)
+        if (port == 0 and axis == ra - 1) or (port == 1 and axis == rb - 2):  # the contracted axis
+            cx.tie(cx.V(ins[0], ra - 1), cx.V(ins[1], rb - 2))
+            return
+        j = ro - 2 if (port == 0 and axis == ra - 2) else ro - 1 if (port == 1 and axis == rb - 1) \
+            else axis + (ro - r)
+    else:
+        j = axis
+        if j >= ro - 2:
+            src, ax = (0, ra - 2) if j == ro - 2 else (1, rb - 1)
+            cx.tie(cx.V(ins[src], ax), cx.V(out0, j))
+            return
+    y = cx.V(out0, j)
+    if j >= ro - 2:
+        src, ax = (0, ra - 2) if j == ro - 2 else (1, rb - 1)
+        cx.tie(cx.V(ins[src], ax), y)
+        return
+    for v, shape, r in ((ins[0], sa, ra), (ins[1], sb, rb)):
+        k = j - (ro - r)
+        if 0 <= k < r - 2 and shape[k] == so[j]:
+            cx.tie(cx.V(v, k), y)
+
+
 def _reshape_rule(cx: Channels, node: Node, side: str, port: int, axis: int) -> None:
     """flatten, reshape, squeeze, unsqueeze: an axis maps to an output axis, possibly as blocks of positions."""
     ins = cx.g.operands(node.id)
@@ -320,15 +387,30 @@ def _reshape_rule(cx: Channels, node: Node, side: str, port: int, axis: int) -> 
         for pos in range(y[1]):
             cx.union(x[0] + (pos // r) % x[1], y[0] + pos)
 
+    def tie_split(a: int, b0: int, inner: int) -> None:
+        """Source channel p becomes position p // inner of output axis b0 (attention heads: p // head_dim)."""
+        x, y = cx.V(ins[0], a), cx.V((node.id, 0), b0)
+        for p in range(x[1]):
+            cx.union(x[0] + p, y[0] + p // inner)
+
     if side == "in":
         found = reshape_map(src, axis, dst)
         if found is None:
-            cx.barrier(node, side, 0, axis, f"{node.kind} '{node.id}' splits or mixes this axis")
+            split = split_map(src, axis, dst)
+            if split is None:
+                cx.barrier(node, side, 0, axis, f"{node.kind} '{node.id}' splits or mixes this axis")
+            else:
+                tie_split(axis, *split)
             return
         tie_blocks(cx.V(ins[0], axis), cx.V((node.id, 0), found[0]), found[1])
         return
     cands = [a for a in range(len(src)) if src[a] > 1 and (m := reshape_map(src, a, dst)) and m[0] == axis]
-    if len(cands) == 1:
+    splits = [a for a in range(len(src)) if (sm := split_map(src, a, dst)) and sm[0] == axis]
+    if not cands and len(splits) == 1:
+        sm = split_map(src, splits[0], dst)
+        assert sm is not None
+        tie_split(splits[0], *sm)
+    elif len(cands) == 1:
         found = reshape_map(src, cands[0], dst)
         assert found is not None
         tie_blocks(cx.V(ins[0], cands[0]), cx.V((node.id, 0), axis), found[1])
@@ -682,7 +764,7 @@ def _matmul_shape(node: Node, a: tuple[int, ...], b: tuple[int, ...]) -> tuple[i
     return out
 
 
-@op("matmul", arity=(2, 2), flops=lambda n, i, o: 2 * o[0].numel() * i[0].shape[-1], channel=_mixes)
+@op("matmul", arity=(2, 2), flops=lambda n, i, o: 2 * o[0].numel() * i[0].shape[-1], channel=_matmul_rule)
 def _matmul(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     """torch.matmul of two activations."""
     return [TensorMeta(_matmul_shape(node, ins[0].shape, ins[1].shape), ins[0].dtype)]
@@ -1002,12 +1084,34 @@ def _dequant(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     return [TensorMeta(ins[0].shape, "float32")]
 
 
-@op("opaque", arity=(0, None), attrs=None)
+@op("opaque", arity=(0, None), attrs=None, channel=_opaque_rule)
 def _opaque(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     """An op the IR does not know: run verbatim; its output shapes are what the frontend observed."""
     if not node.meta:
         raise _fail(node, "opaque node has no recorded output shapes")
+    if _passes_channels(node, ins):  # elementwise: its shape follows its operands (after channel removal too)
+        consts = [tuple(t.shape) for t in _tensors(node.origin.payload.args)]
+        return [TensorMeta(broadcast_shapes(node, [m.shape for m in ins] + consts), node.meta[0].dtype)]
     return list(node.meta)
+
+
+def _tensors(args: Any) -> list[Any]:
+    """The constant tensors inside an aten call's arguments."""
+    if isinstance(args, (list, tuple)):
+        return [t for a in args for t in _tensors(a)]
+    return [args] if hasattr(args, "shape") and hasattr(args, "dtype") else []
+
+
+def _passes_channels(node: Node, ins: list[TensorMeta]) -> bool:
+    """An opaque aten call that acts elementwise on operands broadcasting to its recorded output."""
+    call = node.origin.payload
+    if not (isinstance(call, AtenCall) and call.packet in _ELEMENTWISE_ATEN and len(node.meta) == 1 and ins):
+        return False
+    # a constant tensor inside the call cannot lose channels with its operands: such a node stays a barrier
+    if any(math.prod(t.shape) > 1 for t in _tensors(call.args)):
+        return False
+    # the recorded output has the rank the operands broadcast to (sizes may have changed since, by channel removal)
+    return max(len(m.shape) for m in ins) == len(node.meta[0].shape)
 
 
 def infer_node(graph: Graph, node: Node) -> list[TensorMeta]:

@@ -112,10 +112,13 @@ def test_opaque_and_unknown_ops_stop_propagation() -> None:
     assert gc.frozen == "passes opaque op 'weird' (my_op)" and gc is not ga
 
 
-def test_reshape_that_splits_channels_freezes_and_transpose_follows() -> None:
+def test_reshape_that_splits_channels_makes_blocks_and_transpose_follows() -> None:
+    # 6 channels split into (2, 3), as attention splits its width into heads: the outer axis is the group,
+    # each of its positions a block of 3 channels (here frozen only because it reaches the graph output)
     gs = find_groups(_chain([("reshape", {"shape": (2, 2, 3, 3, 3)}), ("relu", {})]))
     g, _ = group_of(gs, "c1", "weight", 0)
-    assert g.frozen is not None and "reshape 'm0' splits or mixes this axis" in g.frozen
+    assert g.size == 2 and g.frozen == "reaches graph output 'out'"
+    assert next(m for m in g.members if m.node == "c1" and m.param == "weight").index == ((0, 1, 2), (3, 4, 5))
     gs = find_groups(_chain([("transpose", {"perm": (0, 2, 3, 1)}), ("relu", {})]))
     g, _ = group_of(gs, "m1", "out0")
     assert g is group_of(gs, "c1", "weight", 0)[0] and next(m for m in g.members if m.node == "m1").axis == 3
