@@ -214,13 +214,13 @@ CASES: dict[str, tuple[Callable[[], onnx.ModelProto], str, str | None]] = {
                   "node 'n' (Pad): pads [1, 1] must hold two values for each of the 4 axes of its input", "n"),
     # constant folding over the size limit (was: MemoryError allocating 8 GiB) or with bad sizes (ValueError)
     "fold_huge": (_huge_constant, "node 'cos' (ConstantOfShape) would fold to a constant of shape [2048, 2048, 512] "
-                                  "(2147483648 elements); netsqueeze folds constants of up to 67108864 elements and "
-                                  "256 MiB", "cos"),
+                                  "(2147483648 elements); netsqueeze folds constants of up to 268435456 elements and "
+                                  "1024 MiB", "cos"),
     "fold_expand": (_huge_expand, "node 'expand' (Expand) would fold to a constant of shape [65536, 65536] "
-                                  "(4294967296 elements); netsqueeze folds constants of up to 67108864 elements and "
-                                  "256 MiB", "expand"),
+                                  "(4294967296 elements); netsqueeze folds constants of up to 268435456 elements and "
+                                  "1024 MiB", "expand"),
     "fold_tile": (_huge_tile, "node 'tile' (Tile) would fold to a constant of shape [6442450944] (6442450944 "
-                              "elements); netsqueeze folds constants of up to 67108864 elements and 256 MiB", "tile"),
+                              "elements); netsqueeze folds constants of up to 268435456 elements and 1024 MiB", "tile"),
     "fold_negative": (_negative_constant, "node 'cos' (ConstantOfShape): its shape input [4, -1] has a negative "
                                           "dimension", "cos"),
     "fold_range_delta": (_range_zero_delta, "node 'range' (Range): its delta is 0", "range"),

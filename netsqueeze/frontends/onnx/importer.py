@@ -56,8 +56,8 @@ _ONNX_TYPE_NAMES = {
 
 # Constant folding makes at most this many elements / bytes per tensor: a small file whose ConstantOfShape,
 # Expand, Tile or Range asks for gigabytes is refused, not allocated.
-MAX_FOLD_ELEMENTS = 64 * 2**20
-MAX_FOLD_BYTES = 256 * 2**20
+MAX_FOLD_ELEMENTS = 256 * 2**20  # VGG-19 sized weights (400 MB) made by ConstantOfShape still fold
+MAX_FOLD_BYTES = 1024 * 2**20
 _GROWING = frozenset({"ConstantOfShape", "Expand", "Tile", "Range"})
 
 
