@@ -15,7 +15,7 @@ from onnx import helper
 
 from netsqueeze.errors import Diagnostic, UnsupportedOpError
 from netsqueeze.ir.calls import AtenCall, Slot
-from netsqueeze.ir.dims import Dim, expr_of, is_dynamic, lower, symbol_sources
+from netsqueeze.ir.dims import Dim, expr_of, is_dynamic, lower, reshape_plan, symbol_sources
 from netsqueeze.ir.graph import Graph, Node, TensorMeta, Value
 from netsqueeze.ir.ops import attr
 from netsqueeze.ir.tables import registrar
@@ -179,17 +179,7 @@ class _Exporter:
     def shape_of(self, node: Node, out: tuple[int, ...], src: tuple[int, ...]) -> gs.Tensor:
         """A Reshape target for output shape `out` of an input of shape `src`: constants, 0 (copy) where
         a dynamic dim stays in place, -1 for one dim, run-time computations for other dynamic dims."""
-        target: list[int | None] = []
-        for i, d in enumerate(out):
-            if not is_dynamic(d):
-                target.append(int(d))
-            elif i < len(src) and is_dynamic(src[i]) and expr_of(src[i]) == expr_of(d):
-                target.append(0)
-            else:
-                target.append(None)
-        unknown = [i for i, t in enumerate(target) if t is None]
-        if len(unknown) == 1:
-            target[unknown[0]] = -1
+        target = reshape_plan(out, src)
         if all(t is not None for t in target):
             return self.ints(f"{node.id}.shape", [int(t) for t in target])  # type: ignore[arg-type]
         parts = [self.ints(f"{node.id}.shape", [t]) if t is not None else self.size(d) for t, d in zip(target, out)]

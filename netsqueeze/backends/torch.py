@@ -19,7 +19,7 @@ from torch import nn
 from netsqueeze.backends.torch_modules import Attention, Opaque, ParamHolder, WithEncodedParams
 from netsqueeze.errors import Diagnostic, UnsupportedOpError
 from netsqueeze.ir.calls import AtenCall, Slot
-from netsqueeze.ir.dims import expr_of, fmt, is_dynamic, lower, symbol_sources
+from netsqueeze.ir.dims import expr_of, fmt, is_dynamic, lower, reshape_plan, symbol_sources
 from netsqueeze.ir.graph import Graph, Node, Value
 from netsqueeze.ir.ops import BUFFERS, attr
 from netsqueeze.ir.tables import registrar
@@ -63,19 +63,9 @@ class ModuleBuilder:
     def target_shape(self, x: fx.Node, out: tuple[int, ...], src: tuple[int, ...]) -> list[Any]:
         """Reshape arguments for output shape `out` of `x` (shape `src`): ints, `x.size(i)` where a
         dynamic dim stays in place, -1 for one other dynamic dim, computed sizes for the rest."""
-        args: list[Any] = []
-        unknown = []
-        for i, d in enumerate(out):
-            if not is_dynamic(d):
-                args.append(int(d))
-            elif i < len(src) and is_dynamic(src[i]) and expr_of(src[i]) == expr_of(d):
-                args.append(self.fx.call_method("size", (x, i)))
-            else:
-                unknown.append(i)
-                args.append(None)
-        for i in unknown:
-            args[i] = -1 if len(unknown) == 1 else self.size(out[i])
-        return args
+        plan = reshape_plan(out, src)
+        return [self.fx.call_method("size", (x, i)) if t == 0 and is_dynamic(out[i]) else
+                self.size(out[i]) if t is None else t for i, t in enumerate(plan)]
 
     def path(self, node: Node) -> str:
         """A module path for the node: its id where that is a valid, free dotted path."""

@@ -169,20 +169,6 @@ def check_input_shapes(input_shapes: Mapping[str, Sequence[int]] | None) -> None
                                  "dims must be positive integers")
 
 
-def _onnx_example_shapes(model: Any, example_inputs: Sequence[torch.Tensor] | torch.Tensor) -> dict[str, tuple[int, ...]]:
-    """{model input name: shape} of the example inputs, in the order of the ONNX model's inputs."""
-    import onnx
-
-    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(os.fspath(model), load_external_data=False)
-    inits = {t.name for t in proto.graph.initializer}
-    names = [i.name for i in proto.graph.input if i.name not in inits]
-    xs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    if len(xs) != len(names):
-        raise InputMismatchError(f"{len(xs)} example inputs given, but the ONNX model has {len(names)} inputs "
-                                 f"({', '.join(names)})")
-    return {n: tuple(int(d) for d in x.shape) for n, x in zip(names, xs)}
-
-
 def import_model(model: Any, example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
                  *, input_shapes: Mapping[str, Sequence[int]] | None = None, trust_pickle: bool = False,
                  dynamic_shapes: Any = None) -> Graph:
@@ -195,10 +181,11 @@ def import_model(model: Any, example_inputs: Sequence[torch.Tensor] | torch.Tens
     if _is_onnx(model):
         from netsqueeze.frontends.onnx import from_onnx
 
-        shapes = {k: tuple(v) for k, v in input_shapes.items()} if input_shapes else {}
-        if example_inputs is not None:  # the example's sizes fix the model's dynamic dims for analysis
-            shapes = {**_onnx_example_shapes(model, example_inputs), **shapes}
-        return from_onnx(model, input_shapes=shapes or None)
+        shapes = {k: tuple(v) for k, v in input_shapes.items()} if input_shapes else None
+        xs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
+        # the example's sizes fix the model's dynamic dims for analysis
+        examples = [tuple(int(d) for d in x.shape) for x in xs] if xs is not None else None
+        return from_onnx(model, input_shapes=shapes, example_shapes=examples)
     from netsqueeze.frontends.fx import from_torch
 
     if example_inputs is None:

@@ -109,10 +109,6 @@ def is_dynamic(d: object) -> bool:
     return isinstance(d, Dim) and not d.expr.is_Integer
 
 
-def symbols_of(shape: tuple[int, ...]) -> set[str]:
-    return {str(s) for d in shape if isinstance(d, Dim) for s in d.expr.free_symbols}
-
-
 def fmt(shape: tuple[int, ...]) -> str:
     """'batch, 3, H, W' (dynamic dims by their expression), for reports and errors."""
     return ", ".join(str(expr_of(d)) if is_dynamic(d) else str(int(d)) for d in shape)
@@ -170,3 +166,21 @@ def symbol_sources(inputs: list[tuple[str, tuple[int, ...]]]) -> dict[str, tuple
             if isinstance(d, Dim) and d.expr.is_Symbol:
                 out.setdefault(str(d.expr), (nid, axis))
     return out
+
+
+def reshape_plan(out: tuple[int, ...], src: tuple[int, ...]) -> list[int | None]:
+    """How a backend writes the target of a reshape from `src` to `out` when dims are dynamic: per output
+    dim a fixed size, 0 (copy the input's dim at that position: the same dynamic dim), -1 (the one dim left
+    to infer), or None (a size to compute at run time)."""
+    plan: list[int | None] = []
+    for i, d in enumerate(out):
+        if not is_dynamic(d):
+            plan.append(int(d))
+        elif i < len(src) and is_dynamic(src[i]) and expr_of(src[i]) == expr_of(d):
+            plan.append(0)
+        else:
+            plan.append(None)
+    unknown = [i for i, t in enumerate(plan) if t is None]
+    if len(unknown) == 1:
+        plan[unknown[0]] = -1
+    return plan

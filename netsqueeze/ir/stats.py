@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from netsqueeze.ir.graph import Graph
 from netsqueeze.ir.ops import node_flops, node_nonzeros, node_param_bytes, node_params, node_weight_forms
-from netsqueeze.ir.weights import Encoded
+from netsqueeze.ir.weights import graph_weight_bytes
 
 
 @dataclass(frozen=True)
@@ -50,19 +50,16 @@ _SIZES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1, "int
 
 def graph_stats(graph: Graph) -> GraphStats:
     out: dict[str, NodeStats] = {}
-    tables: dict[int, list[int]] = {}  # shared table id → [bytes, number of uses]
-    for node in graph.nodes():
+    nodes = graph.nodes()
+    for node in nodes:
         act = sum(m.numel() * _SIZES.get(m.dtype, 4) for m in node.meta)
         out[node.id] = NodeStats(
             node.id, node.kind, tuple(str(m) for m in node.meta), node_params(node), node_flops(graph, node),
             node_param_bytes(node), act, node_nonzeros(node), node_weight_forms(node),
         )
-        for w in node.params.values():
-            if isinstance(w, Encoded):
-                for key, (_, b) in w.tables().items():
-                    tables.setdefault(key, [b, 0])[1] += 1
     # every node's param_bytes counts its tables; the graph counts each shared table once
-    return GraphStats(out, sum(b * (uses - 1) for b, uses in tables.values()))
+    total = graph_weight_bytes([w for node in nodes for w in node.params.values()])
+    return GraphStats(out, sum(n.param_bytes for n in out.values()) - total)
 
 
 def format_stats(stats: GraphStats) -> str:

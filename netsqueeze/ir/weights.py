@@ -158,6 +158,17 @@ _INT_RANGES = {("int", 4): (-8, 7), ("uint", 4): (0, 15), ("int", 8): (-128, 127
                ("int", 16): (-32768, 32767), ("int", 32): (-(2**31), 2**31 - 1)}
 
 
+def _spread(t: torch.Tensor, axis: int | None, block: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Per-axis or per-block scales / zero points laid out to broadcast against a weight of `shape`."""
+    if axis is None:
+        return t
+    if not block:
+        view = [1] * len(shape)
+        view[axis] = -1
+        return t.reshape(view)
+    return t.repeat_interleave(block, dim=axis).narrow(axis, 0, shape[axis])
+
+
 @dataclass(eq=False)
 class Affine(Encoded):
     """w = (q - zero_point) · scale. `axis` None = per tensor; else per axis, or per block of
@@ -243,19 +254,10 @@ class Affine(Encoded):
         s = storage["scale"].to(torch.float32)
 
         def expand(t: torch.Tensor) -> torch.Tensor:
-            if axis is None:
-                return t
-            if not block:
-                view = [1] * len(shape)
-                view[axis] = -1
-                return t.reshape(view)
-            return t.repeat_interleave(block, dim=axis).narrow(axis, 0, shape[axis])
+            return _spread(t, axis, block, shape)
 
         x = q.to(torch.float32) if z is None else (q - expand(z)).to(torch.float32)
         return (x * expand(s)).to(static["dtype"])
-
-    def nnz(self) -> int:
-        return int(torch.count_nonzero(self.dense()))
 
     def index_select(self, axis: int, index: torch.Tensor) -> Affine:
         a = self._axis(axis)
@@ -335,13 +337,7 @@ class Affine(Encoded):
             scale, zp = scale.reshape(()), None if zp is None else zp.reshape(())
 
         def expand(t: torch.Tensor) -> torch.Tensor:
-            if axis is None:
-                return t
-            if not block_size:
-                view = [1] * x.dim()
-                view[axis] = -1
-                return t.reshape(view)
-            return t.repeat_interleave(block_size, dim=axis).narrow(axis, 0, x.shape[axis])
+            return _spread(t, axis, block_size, tuple(x.shape))
 
         q = torch.round(x / expand(scale)) + (0 if zp is None else expand(zp))
         q = q.clamp(lo, hi).to(torch.int64)
@@ -547,9 +543,6 @@ class Codebook(Encoded):
         payload_bits = sum(c * lengths[s] for s, c in counts.items())
         fixed = _tbytes(pack_bits(self.indices, self.bits))
         return math.ceil(payload_bits / 8) + self.k - fixed  # replaces the fixed-width payload
-
-    def nnz(self) -> int:
-        return int(torch.count_nonzero(self.dense()))
 
     def index_select(self, axis: int, index: torch.Tensor) -> Codebook:
         return Codebook(self.indices.index_select(self._axis(axis), index.to(torch.int64)).clone(), self.centroids,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -14,7 +14,7 @@ import onnx_graphsurgeon as gs
 import torch
 from onnx import helper
 
-from netsqueeze.errors import CaptureError, NetsqueezeError
+from netsqueeze.errors import CaptureError, InputMismatchError, NetsqueezeError
 from netsqueeze.frontends.onnx.load import (
     _DEFAULT_DOMAINS,
     MAX_OPSET,
@@ -620,12 +620,22 @@ def from_onnx(
     *,
     name: str | None = None,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
+    example_shapes: Sequence[tuple[int, ...]] | None = None,
 ) -> Graph:
-    """Imports an ONNX model into the IR; symbolic input dims are 1 unless `input_shapes` gives them.
+    """Imports an ONNX model into the IR. Open (dynamic) input dims stay dynamic; their sizes for analysis
+    come from `input_shapes` (by input name) or `example_shapes` (the example inputs' shapes, in the model's
+    input order; `input_shapes` wins).
 
     Raises `CaptureError` for unreadable files, unsupported opsets, dangling inputs and cycles.
     """
     proto = load_model(model)
+    if example_shapes is not None:
+        inits = {t.name for t in proto.graph.initializer}
+        names = [i.name for i in proto.graph.input if i.name not in inits]
+        if len(example_shapes) != len(names):
+            raise InputMismatchError(f"{len(example_shapes)} example inputs given, but the ONNX model has "
+                                     f"{len(names)} inputs ({', '.join(names)})")
+        input_shapes = {**dict(zip(names, (tuple(s) for s in example_shapes))), **(input_shapes or {})}
     check_text(proto)
     opset = model_opset(proto)
     if not MIN_OPSET <= opset <= MAX_OPSET:
