@@ -29,6 +29,7 @@ __all__ = ["EMITTERS", "Emitter", "ModuleBuilder", "emitter", "to_torch"]
 
 
 _MODULE_ATTRS = frozenset(dir(nn.Module()))
+NODE_PATHS = "netsqueeze.node_paths"  # key of `GraphModule.meta`: node id → the module path holding its params
 
 
 class ModuleBuilder:
@@ -601,5 +602,6 @@ def to_torch(graph: Graph, *, extra_outputs: Sequence[Value] = ()) -> fx.GraphMo
     else:
         b.fx.output(outs[0] if len(outs) == 1 else tuple(outs))
     gm = fx.GraphModule(b.root, b.fx, class_name=re.sub(r"\W", "_", graph.name) or "Emitted")
+    gm.meta[NODE_PATHS] = dict(b._paths)  # node id → module path, for views that address params by node
     gm.eval()
     return gm

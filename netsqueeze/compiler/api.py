@@ -23,6 +23,7 @@ from netsqueeze.compiler.calibration import (
     activation_stream,
     calibration_source,
     check_batch,
+    split_labels,
 )
 from netsqueeze.compiler.files import load_exported_program, load_pickled_module
 from netsqueeze.compiler.pipeline import Step, run_pipeline
@@ -41,7 +42,7 @@ from netsqueeze.errors import (
 )
 from netsqueeze.ir.graph import Graph
 from netsqueeze.ir.stats import graph_stats
-from netsqueeze.passes.base import Pass, PassContext
+from netsqueeze.passes.base import Pass, PassContext, Trainable
 from netsqueeze.passes.registry import all_passes
 
 Target = Literal["torch", "onnx"]
@@ -385,6 +386,13 @@ def _fidelity_fn(original: Graph, batches: CalibrationSource | None,
     return measure
 
 
+def _trainable(graph: Graph) -> Trainable:
+    """`PassContext.trainable`: the torch backend's differentiable run of `graph`."""
+    from netsqueeze.backends.trainable import trainable
+
+    return trainable(graph)
+
+
 def _check_budget(budget: Mapping[str, float], before: Any, after: Any,
                   spans: Mapping[str, SourceSpan] | None = None) -> None:
     """Raises BudgetError, located at each missed `budget` item, stating what the pipeline reached."""
@@ -556,10 +564,16 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
         if not data.is_absolute() and policy_file and Path(policy_file).exists():
             data = Path(policy_file).parent / data
         calibration = data
+    labels_fn: Callable[[], Iterator[torch.Tensor]] | None = None
     with _stage("reading the calibration data"):
         if calibration is not None:
+            calibration, labels = split_labels(calibration, len(graph.inputs))
             source = calibration_source(calibration, batch_size=int(cal.get("batch", 64)),
                                         samples=cal.get("samples"))
+            if labels is not None:
+                label_batches = calibration_source(labels, batch_size=int(cal.get("batch", 64)),
+                                                   samples=cal.get("samples"))
+                labels_fn = lambda: (b[0] for b in label_batches())  # noqa: E731
             first = next(iter(source()), None)
             if first is None:
                 raise InputMismatchError("calibration data is empty")
@@ -580,6 +594,8 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
         original=original,
         guard=(str(guard.metric), float(guard.limit)) if guard is not None else None,
         fidelity_fn=_fidelity_fn(original, eval_batches, eval_fn, data_label),
+        trainable_fn=_trainable,
+        labels_fn=labels_fn,
     )
     t2 = time.perf_counter()
     run = run_pipeline(graph, resolved.steps, ctx)

@@ -138,6 +138,34 @@ def calibration_source(data: Any, *, batch_size: int = 64, samples: int | None =
     return iterate
 
 
+LABELS = "labels"  # the .npz array that holds a labelled calibration file's labels
+
+
+def split_labels(data: Any, n_inputs: int) -> tuple[Any, torch.Tensor | None]:
+    """(inputs, labels) of a labelled calibration file: an .npz holding the model's input arrays plus one
+    array named `labels` (one row per sample). Anything else comes back as it was, with no labels."""
+    if not isinstance(data, (str, os.PathLike)) or not str(data).endswith(".npz"):
+        return data, None
+    path = Path(data)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            keys = list(f.files)
+            if LABELS not in keys or len(keys) != n_inputs + 1:
+                return data, None
+            arrays = {k: _from_numpy(f[k], f"calibration file '{path}' (array '{k}')") for k in keys}
+    except InputMismatchError:
+        raise
+    except Exception:
+        return data, None  # calibration_source reads it again and says what is wrong
+    labels = arrays.pop(LABELS)
+    inputs = tuple(arrays.values())
+    if labels.dim() == 0 or labels.shape[0] != inputs[0].shape[0]:
+        rows = "a 0-d array" if labels.dim() == 0 else f"{labels.shape[0]} rows"
+        raise InputMismatchError(f"calibration file '{path}': array '{LABELS}' has {rows} but the inputs have "
+                                 f"{inputs[0].shape[0]} samples")
+    return (inputs[0] if len(inputs) == 1 else inputs), labels
+
+
 def check_batch(graph: Graph, batch: Batch, where: str) -> None:
     """Raises InputMismatchError unless `batch` fits the graph inputs (rank, non-batch dims, dtype kind)."""
     if len(batch) != len(graph.inputs):

@@ -9,9 +9,9 @@ selected nodes and logging come through `PassContext`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import torch
 
@@ -34,6 +34,16 @@ class PassResult:
 
 # A source of calibration activations: given tapped values, yields one list of tensors per batch.
 ActivationStream = Callable[[Graph, Sequence[Value]], Iterator[list[torch.Tensor]]]
+
+
+class Trainable(Protocol):
+    """A graph run differentiably in torch (`PassContext.trainable`): `fn(params, inputs)` gives the outputs
+    with `params[(node id, param name)]` (dense tensors that take gradients) in place of those params."""
+
+    def addressable(self) -> frozenset[tuple[str, str]]: ...
+
+    def __call__(self, params: Mapping[tuple[str, str], torch.Tensor],
+                 inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]: ...
 
 
 @dataclass
@@ -66,6 +76,10 @@ class PassContext:
     original: Graph | None = None
     guard: tuple[str, float] | None = None
     fidelity_fn: Callable[[Graph, str], float | None] | None = None
+    # the torch backend's differentiable run of a graph, and the labels of the calibration batches (a labelled
+    # .npz's `labels` array, batched as the stream), for passes that train (recover); installed by the compiler
+    trainable_fn: Callable[[Graph], Trainable] | None = None
+    labels_fn: Callable[[], Iterator[torch.Tensor]] | None = None
 
     def is_selected(self, node_id: str) -> bool:
         return self.selected is None or node_id in self.selected
@@ -74,6 +88,16 @@ class PassContext:
         if self.stream_fn is None:
             raise NetsqueezeError(Diagnostic("this pass needs calibration data: pass calibration=... to compile()"))
         return self.stream_fn(graph, values)
+
+    def trainable(self, graph: Graph) -> Trainable:
+        if self.trainable_fn is None:
+            raise NetsqueezeError(Diagnostic("this pass trains weights and needs the torch backend: run it through "
+                                             "compile()"))
+        return self.trainable_fn(graph)
+
+    def labels(self) -> Iterator[torch.Tensor] | None:
+        """The calibration labels, one tensor per batch in the order `stream` yields batches; None without."""
+        return None if self.labels_fn is None else self.labels_fn()
 
     def guard_check(self, graph: Graph) -> tuple[bool, float] | None:
         """(met, reached) of the policy's guard on candidate `graph`; None when the policy sets no guard
