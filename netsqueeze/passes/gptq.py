@@ -19,9 +19,9 @@ LAZY_BLOCK = 128
 
 @dataclass(frozen=True)
 class Grid:
-    """An integer grid: `bits` wide, signed and symmetric (scale only, q in [-(2^(b-1) - 1), 2^(b-1) - 1]:
-    ±max|w| maps to ±hi, as `Affine.quantize` does), or unsigned with a zero point (q in [0, 2^b - 1],
-    [min(w, 0), max(w, 0)] mapped onto the full range)."""
+    """An integer grid: `bits` wide, signed and symmetric (scale only; ±max|w| maps to ±hi = ±(2^(b-1) − 1),
+    as `Affine.quantize` does; lo = −2^(b-1) is reachable only by weights GPTQ's updates pushed past the
+    range), or unsigned with a zero point (q in [0, 2^b − 1], [min(w, 0), max(w, 0)] onto the full range)."""
 
     bits: int
     symmetric: bool = True
@@ -141,9 +141,9 @@ def gptq(w: torch.Tensor, gram: torch.Tensor, groups: torch.Tensor, grid: Grid, 
             col = w1[:, i]
             qc = grid.quantize(col, scale[:, g], zp[:, g])
             q[:, i1 + i] = qc
-            e = (col - (qc - zp[:, g]) * scale[:, g]) / u1[i, i]
-            w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
-            err[:, i] = e
+            step = (col - (qc - zp[:, g]) * scale[:, g]) / u1[i, i]
+            w1[:, i:] -= step.unsqueeze(1) * u1[i, i:].unsqueeze(0)
+            err[:, i] = step
         w[:, i2:] -= err @ u[i1:i2, i2:]
     inverse = torch.argsort(order)
     return Quantized(q[:, inverse], scale, zp)
