@@ -155,7 +155,7 @@ def _forms(graph: Graph, keys: list[Key]) -> dict[Key, _Form]:
         elif isinstance(w, Affine):
             out[(nid, name)] = _Affine(w)
         else:
-            raise NetsqueezeError(Diagnostic(f"recover: param '{name}' of node '{nid}' is stored as {w.describe()}, "
+            raise NetsqueezeError(Diagnostic(f"param '{name}' of node '{nid}' is stored as {w.describe()}, "
                                              "a form recover cannot train", node=nid))
     return out
 
@@ -226,14 +226,14 @@ class Recover(TransformPass):
             raise NetsqueezeError(Diagnostic("recover distils from the original model: run it through compile()"))
         if list(graph.inputs) != list(teacher.inputs) or len(graph.outputs) != len(teacher.outputs):
             raise NetsqueezeError(Diagnostic(
-                "recover: the graph's inputs/outputs differ from the original's "
+                "the graph's inputs/outputs differ from the original's "
                 f"({', '.join(graph.inputs)} → {len(graph.outputs)} outputs vs {', '.join(teacher.inputs)} → "
                 f"{len(teacher.outputs)})"))
         fn = ctx.trainable(graph)
         keys = [(n.id, k) for n in graph.nodes() if ctx.is_selected(n.id) for k in n.params
                 if (n.id, k) in fn.addressable()]
         if not keys:
-            return PassResult(changed=False, notes=["recover: no trainable param in the selected nodes"])
+            return PassResult(changed=False, notes=["no trainable param in the selected nodes"])
         forms = _forms(graph, keys)
         leaves = _leaves(forms)
         opt = torch.optim.Adam(leaves, lr=self.lr)
@@ -285,7 +285,7 @@ class Recover(TransformPass):
         _write(graph, forms)
         result.metrics.update({"steps": float(len(losses)), "loss_first": losses[0], "loss_last": losses[-1]})
         result.notes.append(
-            f"recover: {len(losses)} steps on {len(forms)} params of {len(result.touched)} nodes, loss "
+            f"{len(losses)} steps on {len(forms)} params of {len(result.touched)} nodes, loss "
             f"{losses[0]:.4g} → {losses[-1]:.4g}" + (f" (mean of the last pass over the data: "
                                                       f"{sum(losses[-per_pass:]) / per_pass:.4g})" if per_pass else "")
             + (f"; {stopped}" if stopped else "")
@@ -303,12 +303,12 @@ class Recover(TransformPass):
             stream = ctx.stream(teacher, values)
             item = next(stream, None)
             if item is None:
-                raise InputMismatchError("recover: the calibration data is empty")
+                raise InputMismatchError("the calibration data is empty")
             while item is not None:
                 nxt = next(stream, None)
                 y = None if labels is None else next(labels, None)
                 if labels is not None and y is None:
-                    raise InputMismatchError("recover: the calibration labels end before the inputs")
+                    raise InputMismatchError("the calibration labels end before the inputs")
                 yield item[:n_in], item[n_in:], y, nxt is None
                 item = nxt
 
@@ -330,17 +330,17 @@ class Recover(TransformPass):
     @staticmethod
     def _task(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if logits.dim() != 2:
-            raise InputMismatchError(f"recover: calibration labels need the first output to be logits [N, classes]; "
+            raise InputMismatchError(f"calibration labels need the first output to be logits [N, classes]; "
                                      f"it has shape {list(logits.shape)}")
         if labels.is_floating_point() or labels.dtype == torch.bool or labels.dim() != 1:
-            raise InputMismatchError(f"recover: calibration labels must be one class index per sample (integers of "
+            raise InputMismatchError(f"calibration labels must be one class index per sample (integers of "
                                      f"shape [N]); got {str(labels.dtype).removeprefix('torch.')} "
                                      f"of shape {list(labels.shape)}")
         if labels.shape[0] != logits.shape[0]:
-            raise InputMismatchError(f"recover: a calibration batch has {logits.shape[0]} samples but "
+            raise InputMismatchError(f"a calibration batch has {logits.shape[0]} samples but "
                                      f"{labels.shape[0]} labels")
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= logits.shape[1]:
-            raise InputMismatchError(f"recover: calibration label {lo if lo < 0 else hi} is out of range for "
+            raise InputMismatchError(f"calibration label {lo if lo < 0 else hi} is out of range for "
                                      f"{logits.shape[1]} classes")
         return F.cross_entropy(logits.float(), labels.to(torch.int64))
