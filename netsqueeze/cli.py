@@ -109,7 +109,8 @@ def cmd_compile(a: argparse.Namespace) -> int:
         if calib is None:
             calib = file_calibration(a.model)
     res = compile(model, policy, example_inputs=example, calibration=calib, target=target, params=params,
-                  precision=a.precision, input_shapes=shapes or None, trust_pickle=a.trust_pickle)
+                  precision=a.precision, input_shapes=shapes or None, trust_pickle=a.trust_pickle,
+                  executor=a.executor)
     print(res.report)
     pt2_inputs = _example_inputs(res.graph, a.precision) if out.suffix == ".pt2" else None
     save_model(res.model, out, example_inputs=pt2_inputs)
@@ -182,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib", help="calibration data (.npz, .npy or .pt)")
     c.add_argument("--target", choices=["torch", "onnx"])
     c.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    c.add_argument("--executor", default=None, metavar="SPEC",
+                   help="where independent solves (net_trim) run: local, processes[:N] (default), "
+                        "dask://HOST:PORT (an existing Dask scheduler) or dask://local[:N]")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a policy param")
     c.add_argument("--input-shape", action="append", default=[], help=shape_help)
     c.set_defaults(fn=cmd_compile)

@@ -43,6 +43,7 @@ from netsqueeze.errors import (
 from netsqueeze.ir.graph import Graph
 from netsqueeze.ir.stats import graph_stats
 from netsqueeze.passes.base import Pass, PassContext, Trainable
+from netsqueeze.passes.executor import Executor, make_executor
 from netsqueeze.passes.registry import all_passes
 
 Target = Literal["torch", "onnx"]
@@ -504,6 +505,7 @@ def compile(
     log: Callable[[str], None] | None = None,
     trust_pickle: bool = False,
     dynamic_shapes: Any = None,
+    executor: str | Executor | None = None,
 ) -> CompileResult:
     """Compresses `model` as `policy` says and emits it for `target`.
 
@@ -516,7 +518,9 @@ def compile(
     models run at other sizes of them (ONNX inputs' open dims stay dynamic by themselves). The input model object is never
     modified: the compile runs on a deep copy. NaN/Inf in inputs, calibration data, eval_fn results or
     measured fidelity is a `NonFiniteError`; exceptions from user code are `UserCodeError`s; an
-    unexpected exception inside netsqueeze is an `InternalError`.
+    unexpected exception inside netsqueeze is an `InternalError`. executor: where independent solves
+    (net_trim) run: 'local', 'processes[:N]' (the default), 'dask://HOST:PORT' (an existing Dask
+    scheduler), 'dask://local[:N]', or an `Executor`; the result is the same whichever runs them.
     """
     if target not in ("torch", "onnx"):
         raise NetsqueezeError(f"unknown target '{target}' (use 'torch' or 'onnx')")
@@ -529,16 +533,22 @@ def compile(
         _parse_policy(policy, params)  # raises for anything but a parsed Policy
     check_input_shapes(input_shapes)
     example_inputs = _check_example_inputs(example_inputs)
+    runner = make_executor(executor)
     model, guard_model = _private_copy(model)
-    with guard_model:
-        return _compile(model, policy, example_inputs, calibration, target, params, eval_fn, precision,
-                        input_shapes, seed, log, trust_pickle, dynamic_shapes)
+    try:
+        with guard_model:
+            return _compile(model, policy, example_inputs, calibration, target, params, eval_fn, precision,
+                            input_shapes, seed, log, trust_pickle, dynamic_shapes, runner)
+    finally:
+        if not isinstance(executor, Executor):  # workers this compile started; a caller's executor stays open
+            runner.close()
 
 
 def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor, ...] | None, calibration: Any,
              target: Target, params: Mapping[str, Any] | None, eval_fn: Callable[[Any], float] | None,
              precision: Literal["fp32", "fp16"], input_shapes: Mapping[str, Sequence[int]] | None, seed: int,
-             log: Callable[[str], None] | None, trust_pickle: bool, dynamic_shapes: Any = None) -> CompileResult:
+             log: Callable[[str], None] | None, trust_pickle: bool, dynamic_shapes: Any = None,
+             executor: Executor | None = None) -> CompileResult:
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     if example_inputs is None and not _is_onnx(model) and not isinstance(model, (str, os.PathLike)):
@@ -596,6 +606,7 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
         fidelity_fn=_fidelity_fn(original, eval_batches, eval_fn, data_label),
         trainable_fn=_trainable,
         labels_fn=labels_fn,
+        executor=executor,
     )
     t2 = time.perf_counter()
     run = run_pipeline(graph, resolved.steps, ctx)

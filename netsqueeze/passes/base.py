@@ -17,6 +17,7 @@ import torch
 
 from netsqueeze.errors import Diagnostic, NetsqueezeError
 from netsqueeze.ir.graph import Graph, Value
+from netsqueeze.passes.executor import Executor
 
 T = TypeVar("T")
 
@@ -80,6 +81,8 @@ class PassContext:
     # .npz's `labels` array, batched as the stream), for passes that train (recover); installed by the compiler
     trainable_fn: Callable[[Graph], Trainable] | None = None
     labels_fn: Callable[[], Iterator[torch.Tensor]] | None = None
+    # runs independent solves (`passes.executor`): from compile(executor=...); None lets a pass use its default
+    executor: Executor | None = None
 
     def is_selected(self, node_id: str) -> bool:
         return self.selected is None or node_id in self.selected

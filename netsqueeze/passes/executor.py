@@ -1,0 +1,196 @@
+"""Executors for independent solves (Net-Trim's per-neuron and per-layer problems): in-process, local
+processes, or a Dask distributed cluster, all returning results in task order.
+
+The compiler makes one from `compile(..., executor=...)` / `netsqueeze compile --executor` with
+`make_executor` and hands it to passes as `PassContext.executor`. A task is a picklable module-level
+function and its argument; results are identical whatever runs them, because every task does its
+arithmetic on one thread (`net_trim_solvers.single_threaded`) from the same inputs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from netsqueeze.errors import Diagnostic, NetsqueezeError
+
+A = TypeVar("A")
+R = TypeVar("R")
+Progress = Callable[[int, int], None]
+
+SPEC_HELP = ("'local' (in this process), 'processes' or 'processes:N' (N local worker processes), "
+             "'dask://HOST:PORT' (an existing Dask scheduler) or 'dask://local' / 'dask://local:N' "
+             "(a Dask LocalCluster of N worker processes)")
+
+
+class Executor(ABC):
+    """Runs `fn` over `tasks` and returns the results in task order."""
+
+    name: str = ""
+
+    @abstractmethod
+    def map(self, fn: Callable[[A], R], tasks: Sequence[A], progress: Progress | None = None) -> list[R]:
+        ...
+
+    def close(self) -> None:  # noqa: B027 - executors without workers have nothing to release
+        """Releases workers this executor started (a cluster it only connected to is left running)."""
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class InProcess(Executor):
+    """Every task in the calling process, one after another."""
+
+    name = "local"
+
+    def map(self, fn: Callable[[A], R], tasks: Sequence[A], progress: Progress | None = None) -> list[R]:
+        out = []
+        for i, t in enumerate(tasks):
+            out.append(fn(t))
+            if progress is not None:
+                progress(i + 1, len(tasks))
+        return out
+
+
+class Processes(Executor):
+    """A pool of local worker processes (spawned, so no thread state of the parent is inherited), started on
+    the first map with more than one task and kept until `close`. A single task runs in this process."""
+
+    name = "processes"
+
+    def __init__(self, workers: int | None = None) -> None:
+        self.workers = workers or os.cpu_count() or 1
+        self._pool: Any = None
+
+    def map(self, fn: Callable[[A], R], tasks: Sequence[A], progress: Progress | None = None) -> list[R]:
+        if len(tasks) <= 1 or self.workers == 1:
+            return InProcess().map(fn, tasks, progress)
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        futures = {self._pool.submit(fn, t): i for i, t in enumerate(tasks)}
+        out: list[Any] = [None] * len(tasks)
+        for done, f in enumerate(as_completed(futures), 1):
+            out[futures[f]] = f.result()
+            if progress is not None:
+                progress(done, len(tasks))
+        return out
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+
+class Dask(Executor):
+    """Tasks on a Dask distributed cluster: an existing scheduler at `address` ("tcp://host:8786"), or,
+    with `address=None`, a `LocalCluster` of `workers` workers started here (worker processes, or threads
+    of this process with `processes=False`) and shut down by `close`."""
+
+    name = "dask"
+
+    def __init__(self, address: str | None = None, workers: int | None = None, processes: bool = True) -> None:
+        self.address = address
+        self.workers = workers or os.cpu_count() or 1
+        self.processes = processes
+        self._client: Any = None
+        self._cluster: Any = None
+
+    def client(self) -> Any:
+        if self._client is None:
+            try:
+                from distributed import Client, LocalCluster
+            except ImportError as e:  # pragma: no cover - a pinned dependency
+                raise NetsqueezeError(Diagnostic(f"executor 'dask' needs the distributed package: {e}")) from None
+            if self.address is None:
+                self._cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1,
+                                             processes=self.processes, dashboard_address=None)
+                self._client = Client(self._cluster)
+            else:
+                try:
+                    self._client = Client(self.address, timeout="10s")
+                except OSError as e:
+                    raise NetsqueezeError(Diagnostic(
+                        f"executor: cannot reach the Dask scheduler at {self.address}: {e}")) from None
+        return self._client
+
+    def map(self, fn: Callable[[A], R], tasks: Sequence[A], progress: Progress | None = None) -> list[R]:
+        if not tasks:
+            return []
+        from distributed import as_completed
+
+        client = self.client()
+        futures = client.map(fn, list(tasks), pure=False)
+        index = {f.key: i for i, f in enumerate(futures)}
+        out: list[Any] = [None] * len(tasks)
+        for done, f in enumerate(as_completed(futures), 1):
+            out[index[f.key]] = f.result()
+            if progress is not None:
+                progress(done, len(tasks))
+        return out
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self._cluster is not None:
+            self._cluster.close()
+            self._cluster = None
+
+
+def make_executor(spec: str | Executor | None) -> Executor:
+    """The executor a spec names (see `SPEC_HELP`); None is 'processes'. An `Executor` is returned as is."""
+    if isinstance(spec, Executor):
+        return spec
+    if spec is None:
+        return Processes()
+    if not isinstance(spec, str):
+        raise NetsqueezeError(Diagnostic(f"executor must be a string or an Executor, got {type(spec).__name__}"))
+    s = spec.strip()
+    if s in ("local", "inprocess"):
+        return InProcess()
+    if s == "processes" or s.startswith("processes:"):
+        n = _count(s.partition(":")[2], spec) if ":" in s else None
+        return Processes(n)
+    if s.startswith("dask://"):
+        rest = s[len("dask://"):]
+        if rest == "local" or rest.startswith("local:"):
+            return Dask(None, _count(rest.partition(":")[2], spec) if ":" in rest else None)
+        if not rest or ":" not in rest:
+            raise NetsqueezeError(Diagnostic(f"executor '{spec}': a Dask scheduler is dask://HOST:PORT "
+                                             "(e.g. dask://10.0.0.5:8786), or dask://local"))
+        return Dask("tcp://" + rest)
+    raise NetsqueezeError(Diagnostic(f"unknown executor '{spec}': use {SPEC_HELP}"))
+
+
+def _count(text: str, spec: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise NetsqueezeError(Diagnostic(f"executor '{spec}': the worker count must be a positive integer, "
+                                         f"got '{text}'"))
+    return int(text)
+
+
+def bar(label: str, stream: Any = None) -> Progress:
+    """A one-line progress bar on stderr (only when it is a terminal)."""
+    out = stream if stream is not None else sys.stderr
+
+    def show(done: int, total: int) -> None:
+        if not getattr(out, "isatty", lambda: False)():
+            return
+        width = 30
+        fill = width * done // max(total, 1)
+        out.write(f"\r{label} [{'#' * fill}{'.' * (width - fill)}] {done}/{total}")
+        if done == total:
+            out.write("\n")
+        out.flush()
+
+    return show
