@@ -18,7 +18,7 @@ from netsqueeze.compiler.plan import resolve
 from netsqueeze.dsl import parse_policy
 from netsqueeze.errors import InputMismatchError, NetsqueezeError, PassError, PolicyError
 from netsqueeze.ir.graph import Graph
-from netsqueeze.ir.weights import Affine, Centroids, Codebook, Sparse
+from netsqueeze.ir.weights import Affine, Centroids, Codebook, Sparse, dense
 from netsqueeze.passes.base import PassContext
 from netsqueeze.passes.recover import Recover, _Codebook, _Table
 from netsqueeze.passes.registry import all_passes
@@ -320,3 +320,19 @@ def test_trainable_view_runs_the_graph_and_takes_gradients_only_where_given() ->
         fn({("fc1", "nope"): w}, x)
     assert e.value.message == ("param 'nope' of node 'fc1' cannot be trained: the emitted torch model holds it as a "
                                "buffer or not at all")
+
+
+def test_only_the_selected_nodes_train() -> None:
+    teacher = mlp()
+    student = teacher.copy()
+    for nid in ("fc1", "fc3"):
+        student.node(nid).params["weight"] = Sparse.from_dense(_pruned(teacher.node(nid).dense("weight"), 0.5))
+    before = student.copy()
+    ctx = stream_ctx(input_batches(teacher, n=2), trainable_fn=trainable, original=teacher,
+                     selected=frozenset({"fc3"}))
+    res = Recover(steps=5, lr=1e-2, progress=False).run(student, ctx)
+    assert res.touched == {"fc3"}
+    for nid in ("fc1", "fc2"):
+        for k, w in student.node(nid).params.items():
+            assert torch.equal(dense(w), dense(before.node(nid).params[k]))
+    assert not torch.equal(student.node("fc3").dense("bias"), before.node("fc3").dense("bias"))
