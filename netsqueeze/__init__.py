@@ -3,6 +3,7 @@
 from netsqueeze.compiler.api import CompileResult, compile, import_model
 from netsqueeze.compiler.pipeline import Step, run_pipeline
 from netsqueeze.compiler.report import CompileReport
+from netsqueeze.compiler.stored import load, save
 from netsqueeze.errors import (
     BudgetError,
     CaptureError,
@@ -32,6 +33,6 @@ __all__ = [
     "AnalysisPass", "BudgetError", "CaptureError", "CompileReport", "CompileResult", "Diagnostic", "Graph",
     "InputMismatchError", "NetsqueezeError", "Pass", "PassBudgetError", "PassContext", "PassError", "PassResult", "PolicyError",
     "SolverError", "SourceSpan", "Step", "TransformPass", "UnsupportedOpError", "VerifyError", "compile",
-    "get_pass", "import_model", "register_pass", "run_pipeline",
+    "get_pass", "import_model", "load", "register_pass", "run_pipeline", "save",
 ]
 __version__ = "0.1.0"

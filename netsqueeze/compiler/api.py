@@ -56,9 +56,23 @@ class CompileResult:
     model: Any  # torch.fx.GraphModule or onnx.ModelProto
     graph: Graph
     report: CompileReport
+    stored: bytes | None = None  # the compressed model file, with compile(store=...)
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter((self.model, self.graph, self.report))
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Writes the compressed model file of `compile(store=...)` atomically (`netsqueeze.load` reads it)."""
+        from netsqueeze.compiler.files import atomic_write
+
+        if self.stored is None:
+            raise NetsqueezeError("nothing to save: compile with store='ham' | 'sham' | 'csr' | 'dense'")
+        data = self.stored
+
+        def write(tmp: Path) -> None:
+            tmp.write_bytes(data)
+
+        atomic_write(path, write)
 
 
 # ---- model import ----------------------------------------------------------------------------------
@@ -506,6 +520,7 @@ def compile(
     trust_pickle: bool = False,
     dynamic_shapes: Any = None,
     executor: str | Executor | None = None,
+    store: Literal["ham", "sham", "csr", "dense"] | None = None,
 ) -> CompileResult:
     """Compresses `model` as `policy` says and emits it for `target`.
 
@@ -521,6 +536,9 @@ def compile(
     unexpected exception inside netsqueeze is an `InternalError`. executor: where independent solves
     (net_trim) run: 'local', 'processes[:N]' (the default), 'dask://HOST:PORT' (an existing Dask
     scheduler), 'dask://local[:N]', or an `Executor`; the result is the same whichever runs them.
+    store: also encode the compressed model file in that weight format (HAM, sHAM, CSR or dense; see
+    `netsqueeze.backends.storage`): `result.stored` holds its bytes, `result.save(path)` writes it,
+    `result.report.storage` has ψ, and `netsqueeze.load(path)` reads it back.
     """
     if target not in ("torch", "onnx"):
         raise NetsqueezeError(f"unknown target '{target}' (use 'torch' or 'onnx')")
@@ -532,13 +550,23 @@ def compile(
     if not isinstance(policy, (str, os.PathLike, list, tuple, Pass)):
         _parse_policy(policy, params)  # raises for anything but a parsed Policy
     check_input_shapes(input_shapes)
+    if store is not None:
+        from netsqueeze.compiler.stored import check_store
+
+        check_store(store)
     example_inputs = _check_example_inputs(example_inputs)
     runner = make_executor(executor)
     model, guard_model = _private_copy(model)
     try:
         with guard_model:
-            return _compile(model, policy, example_inputs, calibration, target, params, eval_fn, precision,
-                            input_shapes, seed, log, trust_pickle, dynamic_shapes, runner)
+            result = _compile(model, policy, example_inputs, calibration, target, params, eval_fn, precision,
+                              input_shapes, seed, log, trust_pickle, dynamic_shapes, runner)
+        if store is not None:
+            from netsqueeze.compiler.stored import attach_store
+
+            with _stage("encoding the compressed model file"):
+                attach_store(result, store)
+        return result
     finally:
         if not isinstance(executor, Executor):  # workers this compile started; a caller's executor stays open
             runner.close()

@@ -38,6 +38,8 @@ class CompileReport:
     plan: str | None = None
     fidelity: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # with compile(store=...): the compressed file's weight bytes, their fp32 bytes and ψ (their ratio)
+    storage: dict[str, float] = field(default_factory=dict)
 
     @property
     def params_ratio(self) -> float:
