@@ -581,8 +581,9 @@ class _Parser:
         else:
             c = self.components(("indices", "centroids"), ("indices", "centroids"))
             table = Centroids(c["centroids"])
-        if k is not None and k != table.values.numel():
-            raise self.error(f"k={k} but the table has {table.values.numel()} centroids", start)
+        rows = int(table.values.shape[0]) if table.values.dim() else 1  # a kernel bank: one kernel per row
+        if k is not None and k != rows:
+            raise self.error(f"k={k} but the table has {rows} centroids", start)
         return Codebook(c["indices"], table, huffman)
 
     # ---- building ------------------------------------------------------------------------------

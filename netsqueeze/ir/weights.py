@@ -502,7 +502,8 @@ class Codebook(Encoded):
     """w = centroids[indices]. Indices are stored in ceil(log2 k) bits each, or, with `huffman`, as a
     Huffman-coded stream: payload bits Σ count·length plus a table of k code lengths (one byte each,
     a canonical code needs nothing else). Emitted models carry fixed-width indices (runtimes cannot
-    decode Huffman); the coded size is the storage figure."""
+    decode Huffman); the coded size is the storage figure. Centroids may be vectors or kernels ([k, *tail],
+    a kernel bank): the weight's shape is then indices.shape + tail."""
 
     form: ClassVar[str] = "codebook"
     indices: torch.Tensor  # integer, logical shape
@@ -512,7 +513,8 @@ class Codebook(Encoded):
     dtype: torch.dtype = field(init=False)
 
     def __post_init__(self) -> None:
-        self.shape = tuple(int(d) for d in self.indices.shape)
+        tail = tuple(int(d) for d in self.centroids.values.shape[1:])  # a kernel bank's kernel shape
+        self.shape = tuple(int(d) for d in self.indices.shape) + tail
         self.dtype = self.centroids.values.dtype
         k = self.k
         if self.indices.numel() and (int(self.indices.min()) < 0 or int(self.indices.max()) >= k):
@@ -520,7 +522,8 @@ class Codebook(Encoded):
 
     @property
     def k(self) -> int:
-        return int(self.centroids.values.numel())
+        c = self.centroids.values
+        return int(c.shape[0]) if c.dim() else 1
 
     @property
     def bits(self) -> int:
@@ -530,12 +533,15 @@ class Codebook(Encoded):
         return {"indices": pack_bits(self.indices, self.bits), "centroids": self.centroids.values}
 
     def static(self) -> dict[str, Any]:
-        return {"shape": self.shape, "bits": self.bits}
+        out: dict[str, Any] = {"shape": self.shape, "bits": self.bits}
+        if self.indices.dim() != len(self.shape):
+            out["index_shape"] = tuple(int(d) for d in self.indices.shape)
+        return out
 
     @staticmethod
     def decode(storage: Mapping[str, torch.Tensor], static: Mapping[str, Any]) -> torch.Tensor:
         shape = static["shape"]
-        idx = unpack_bits(storage["indices"], static["bits"], math.prod(shape))
+        idx = unpack_bits(storage["indices"], static["bits"], math.prod(static.get("index_shape", shape)))
         return storage["centroids"][idx].reshape(shape)
 
     def tables(self) -> dict[int, tuple[str, int]]:
@@ -552,10 +558,14 @@ class Codebook(Encoded):
         return math.ceil(payload_bits / 8) + self.k - fixed  # replaces the fixed-width payload
 
     def index_select(self, axis: int, index: torch.Tensor) -> Codebook:
+        if self._axis(axis) >= self.indices.dim():
+            raise _fail(f"cannot select along axis {axis}: it runs inside the shared kernels of a kernel bank")
         return Codebook(self.indices.index_select(self._axis(axis), index.to(torch.int64)).clone(), self.centroids,
                         self.huffman)
 
     def permute(self, perm: tuple[int, ...]) -> Codebook:
+        if any(perm[a] != a for a in range(self.indices.dim(), len(perm))):
+            raise _fail(f"cannot permute a kernel bank's kernel axes (permutation {list(perm)})")
         return Codebook(self.indices.permute(perm).contiguous(), self.centroids, self.huffman)
 
     def describe(self) -> str:
