@@ -19,7 +19,7 @@ from netsqueeze.passes.base import PassContext, PassResult, TransformPass
 from netsqueeze.passes.collectors import Reservoir
 from netsqueeze.passes.dependency import ChannelGroup, DependencyAnalysis
 from netsqueeze.passes.executor import Executor, Processes, bar
-from netsqueeze.passes.net_trim_solvers import Chunk, Settings, Solution, solve
+from netsqueeze.passes.net_trim_solvers import Chunk, Settings, Solution, solve, within
 from netsqueeze.passes.registry import register_pass
 from netsqueeze.passes.rewrite import ChannelSelection, apply_selection
 
@@ -107,7 +107,7 @@ class NetTrim(TransformPass):
     samples: int = field(default=4096, metadata={"min": 1, "unit": "count"})
     chunk: int = field(default=64, metadata={"min": 1, "unit": "count"})
     max_iterations: int = field(default=5000, metadata={"min": 1})
-    tolerance: float = field(default=1e-5, metadata={"min": 0.0, "min_exclusive": True})
+    tolerance: float = field(default=1e-4, metadata={"min": 0.0, "min_exclusive": True})
     layout: Literal["coo", "csr"] = "csr"
     remove_channels: bool = True
 
@@ -239,11 +239,11 @@ class NetTrim(TransformPass):
 
     @staticmethod
     def _check(c: Chunk, s: Solution, settings: Settings) -> None:
+        if s.converged and within(c, s.ball, s.excess, settings):
+            return
         scale = torch.linalg.vector_norm(c.y, dim=1)
         slack = settings.feasibility * c.eps + 10 * settings.tolerance * scale + 1e-12
         over = (s.ball - c.eps - slack).clamp_min(0.0) + (s.excess - slack).clamp_min(0.0)
-        if s.converged and not bool((over > 0).any()):
-            return
         j = int(over.argmax()) if bool((over > 0).any()) else 0
         what = ("did not converge" + (f" ({s.message})" if s.message else "")) if not s.converged \
             else "ended outside its constraints"

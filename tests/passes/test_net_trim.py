@@ -14,11 +14,13 @@ import netsqueeze as ns
 from netsqueeze.errors import NetsqueezeError, SolverError
 from netsqueeze.ir import weights
 from netsqueeze.ir.graph import Graph
+from netsqueeze.ir.stats import graph_stats
 from netsqueeze.ir.weights import Sparse
+from netsqueeze.passes.base import PassResult
 from netsqueeze.passes.executor import Dask, Executor, InProcess, Processes, make_executor
 from netsqueeze.passes.net_trim import NetTrim
 from netsqueeze.passes.net_trim_solvers import Chunk, Settings, constraints, l1, solve
-from tests.passes.graphs import cnn, linear, run, stream_ctx
+from tests.passes.graphs import cnn, linear, mlp, run, stream_ctx
 
 
 @pytest.fixture(autouse=True)
@@ -84,8 +86,8 @@ def _trained_mlp() -> tuple[nn.Module, torch.Tensor]:
     x = torch.randn(200, 12, generator=g)
     teacher = torch.randn(12, 3, generator=g)
     labels = (x @ teacher).argmax(1)
-    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 10), nn.ReLU(), nn.Linear(10, 3))
     torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 10), nn.ReLU(), nn.Linear(10, 3))
     with torch.enable_grad():
         opt = torch.optim.Adam(model.parameters(), lr=0.02)
         for _ in range(150):
@@ -299,6 +301,7 @@ def test_executor_specs() -> None:
 
 
 def test_all_zero_channels_are_removed_and_outputs_kept() -> None:
+    torch.manual_seed(0)
     g = Graph("dead")
     x = g.add_node("x", "input", attrs={"shape": (4, 10)})
     h = g.add_node("relu1", "relu", [linear(g, "fc1", x, 10, 8)])
@@ -348,3 +351,27 @@ def test_same_seed_same_bytes() -> None:
         for k, w in n.params.items():
             assert torch.equal(w.dense() if isinstance(w, Sparse) else w,
                                b.node(n.id).params[k].dense() if isinstance(w, Sparse) else b.node(n.id).params[k])
+
+
+def _budget_run(limit: float, epsilon: float | None = None) -> tuple[PassResult, float]:
+    g = mlp()
+    xs = [[torch.randn(100, 10, generator=torch.Generator().manual_seed(i))] for i in range(2)]
+    ctx = stream_ctx(xs, executor=InProcess(), budget={"bytes": limit}, original=g.copy())
+    res = NetTrim(epsilon=epsilon).run(g, ctx)
+    return res, graph_stats(g).param_bytes / graph_stats(mlp()).param_bytes
+
+
+@pytest.mark.slow
+def test_a_bytes_budget_drives_the_epsilon_search() -> None:
+    res, size = _budget_run(0.8)
+    eps = res.metrics["epsilon"]
+    assert 0 < eps < 0.5 and any("ε search: epsilon = " in n for n in res.notes)
+    assert size <= 0.8
+    # the bisection's answer is the smallest ε it tried that meets the budget: 1/64 of (0, 0.5] less misses it
+    assert _budget_run(0.8, eps - 0.5 / 64)[1] > 0.8
+
+
+def test_an_unreachable_bytes_budget_is_a_budget_error() -> None:
+    with pytest.raises(ns.BudgetError) as e:
+        _budget_run(0.01)
+    assert "net_trim cannot meet the budget bytes <= 1.0%: epsilon = 50% reaches bytes" in str(e.value)
