@@ -7,8 +7,8 @@ sources (Debian's /usr/lib/python3.X/*.py for the running X, else this interpret
 every tenth file held out), then compiles it with `quantize_weights` (int8 per output channel and int4 in blocks of 32, each by
 round-to-nearest and by GPTQ on 128 calibration windows of the training text) and reports, per model:
 held-out perplexity (torch decode of the stored integers, exact fp32 arithmetic; and ONNX Runtime as it runs by
-default), model bytes (the ONNX file) and ONNX Runtime CPU latency (2 threads, median of 30 runs, batch 1 and
-64 at sequence length 128). Prints the table and writes benchmarks/results/quantize_lm.md.
+default), model bytes (the ONNX file) and ONNX Runtime CPU latency (2 threads, medians over rounds that interleave
+the models, batch 1 and 64 at sequence length 128). Prints the table and writes benchmarks/results/quantize_lm.md.
 
 `run_lm()` returns the table rows (under `LM_HEADER`) for a caller that builds a larger table.
 """
@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 import sysconfig
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +42,10 @@ BATCH = 16
 CALIB = 128  # calibration windows (GPTQ Grams)
 TARGET = 0.05  # int4 GPTQ perplexity within 5% of fp32
 
-LM_HEADER = ["model", "weights", "ppl (torch)", "ppl (ORT)", "vs fp32", "bytes", "ratio", "ORT b1 ms",
-             "ORT b64 ms", "speed-up b64"]
+LM_HEADER = ["model", "weights", "ppl (torch)", "ppl (ORT)", "ppl vs fp32", "bytes", "smaller", "ORT b1 ms",
+             "ORT b64 ms", "faster b64", "compile s"]
+ACCURACY = "session.qdq_matmulnbits_accuracy_level"  # ORT session config: 0/1 fp32 compute, 4 (default) int8
+ROUNDS = 15  # latency: medians over rounds that interleave the models (b1: 3 runs a round, b64: 1)
 
 # (label, policy body) of each quantized model; the policy quantizes every linear layer, the head included
 CONFIGS: list[tuple[str, str]] = [
@@ -87,17 +91,15 @@ class Block(nn.Module):
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.q, self.k, self.v, self.o = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
         self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-        self.register_buffer("mask", torch.full((SEQ, SEQ), -1e9).triu(1), persistent=False)
-        self.mask: torch.Tensor
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
         y = self.ln1(x)
         q = self.q(y).view(b, t, self.heads, d // self.heads).transpose(1, 2)
         k = self.k(y).view(b, t, self.heads, d // self.heads).transpose(1, 2)
         v = self.v(y).view(b, t, self.heads, d // self.heads).transpose(1, 2)
         # causal attention written out (torch.export keeps scaled_dot_product_attention opaque with a dynamic batch)
-        att = torch.softmax(q @ k.transpose(-2, -1) * (d // self.heads) ** -0.5 + self.mask[:t, :t], dim=-1)
+        att = torch.softmax(q @ k.transpose(-2, -1) * (d // self.heads) ** -0.5 + mask[:t, :t], dim=-1)
         a = (att @ v).transpose(1, 2).reshape(b, t, d)
         x = x + self.o(a)
         return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
@@ -110,12 +112,17 @@ class ByteLM(nn.Module):
         super().__init__()
         self.emb = nn.Embedding(VOCAB, d)
         self.pos = nn.Parameter(torch.randn(SEQ, d) * 0.02)
-        self.blocks = nn.Sequential(*(Block(d, heads) for _ in range(layers)))
+        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
         self.ln = nn.LayerNorm(d)
         self.head = nn.Linear(d, VOCAB, bias=False)
+        self.register_buffer("mask", torch.full((SEQ, SEQ), -1e9).triu(1), persistent=False)  # causal, shared
+        self.mask: torch.Tensor
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.head(self.ln(self.blocks(self.emb(tokens) + self.pos)))
+        x = self.emb(tokens) + self.pos
+        for block in self.blocks:
+            x = block(x, self.mask)
+        return self.head(self.ln(x))
 
 
 def trained_lm(train: torch.Tensor, steps: int, log: Callable[[str], None]) -> ByteLM:
@@ -161,11 +168,13 @@ def perplexity(logits_of: Callable[[torch.Tensor], torch.Tensor], test: torch.Te
     return math.exp(total / count)
 
 
-def ort_session(onnx_bytes: bytes) -> Callable[[torch.Tensor], torch.Tensor]:
-    """An ONNX Runtime CPU session with its default graph optimizations, 2 threads."""
+def ort_session(onnx_bytes: bytes, config: dict[str, str] | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An ONNX Runtime CPU session with its default graph optimizations (and session `config` entries), 2 threads."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    for k, v in (config or {}).items():
+        so.add_session_config_entry(k, v)
     so.intra_op_num_threads = 2
     so.inter_op_num_threads = 1
     sess = ort.InferenceSession(onnx_bytes, so, providers=["CPUExecutionProvider"])
@@ -173,8 +182,8 @@ def ort_session(onnx_bytes: bytes) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda t: torch.from_numpy(sess.run(None, {name: t.numpy()})[0])
 
 
-def latency(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> float:
-    return median_ms(lambda: run(x), runs=30)
+def latency(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, runs: int) -> float:
+    return median_ms(lambda: run(x), runs=runs, warmup=1)
 
 
 def executed_ops(onnx_bytes: bytes) -> str:
@@ -194,6 +203,19 @@ def executed_ops(onnx_bytes: bytes) -> str:
     return ", ".join(f"{k} x{ops.count(k)}" for k in kinds if ops.count(k))
 
 
+@dataclass
+class _Measured:
+    label: str
+    weights: str
+    ppl_torch: float
+    ppl_ort: float
+    size: int
+    compile_s: float
+    ops: str
+    run: Callable[[torch.Tensor], torch.Tensor]
+    ms: dict[int, list[float]] = field(default_factory=lambda: {1: [], 64: []})
+
+
 def run_lm(steps: int = STEPS, eval_windows: int = 256, log: Callable[[str], None] | None = None
            ) -> list[list[str]]:
     """Trains (cached) and measures the LM; returns the table rows under `LM_HEADER`."""
@@ -205,43 +227,73 @@ def run_lm(steps: int = STEPS, eval_windows: int = 256, log: Callable[[str], Non
     calib = windows(train, CALIB, seed=2)[:, :-1]
     example = calib[:2]  # batch 2: torch.export specialises a size-1 dim
     dyn = {"tokens": {0: torch.export.Dim("batch", min=1, max=1024)}}
-    x1 = windows(test, 1, seed=3)[:, :-1]
-    x64 = windows(test, 64, seed=3)[:, :-1]
+    inputs = {1: windows(test, 1, seed=3)[:, :-1], 64: windows(test, 64, seed=3)[:, :-1]}
 
-    measured: list[tuple[str, str, float, float, int, float, float, str]] = []
-    runs: list[tuple[str, str]] = [("fp32", ""), *CONFIGS]
-    for label, body in runs:
+    measured: list[_Measured] = []
+    for label, body in [("fp32", ""), *CONFIGS]:
         t0 = time.perf_counter()
         policy = f"policy lm {{\n  {body}\n}}"
         kwargs = {"example_inputs": (example,), "calibration": calib, "dynamic_shapes": dyn, "seed": 0}
         r_onnx = ns.compile(model, policy, target="onnx", **kwargs)  # type: ignore[arg-type]
-        r_torch = ns.compile(model, policy, target="torch", **kwargs)  # type: ignore[arg-type]
         compile_s = time.perf_counter() - t0
+        r_torch = ns.compile(model, policy, target="torch", **kwargs)  # type: ignore[arg-type]
         data = r_onnx.model.SerializeToString()
         with torch.no_grad():
             ppl_t = perplexity(r_torch.model, test, eval_windows)
         run = ort_session(data)
-        ppl_o = perplexity(run, test, eval_windows)
-        lat1, lat64 = (latency(run, x) for x in (x1, x64))
-        ops = executed_ops(data)
-        weights = body.split("{")[1].rstrip(" }").replace("method = ", "") if body else "fp32"
-        say(f"{label}: ppl torch {ppl_t:.4f}, ORT {ppl_o:.4f}, {len(data)} bytes, ORT {lat1:.2f} / {lat64:.1f} ms, "
-            f"compile {compile_s:.0f} s; ORT runs {ops}")
-        measured.append((label, weights, ppl_t, ppl_o, len(data), lat1, lat64, ops))
-
+        m = _Measured(label, body.split("{")[1].rstrip(" }").replace("method = ", "") if body else "fp32",
+                      ppl_t, perplexity(run, test, eval_windows), len(data), compile_s, executed_ops(data), run)
+        say(f"{label}: ppl torch {m.ppl_torch:.4f}, ORT {m.ppl_ort:.4f}, {m.size} bytes, compile {compile_s:.0f} s; "
+            f"ORT runs {m.ops}")
+        measured.append(m)
+        if label == "int4 GPTQ":  # the same model, ORT's MatMulNBits computing in fp32 (its default: int8 activations)
+            exact = ort_session(data, {ACCURACY: "0"})
+            measured.append(_Measured(f"{label}, ORT {ACCURACY} = 0", m.weights, m.ppl_torch,
+                                      perplexity(exact, test, eval_windows), m.size, compile_s, m.ops, exact))
+    # latency rounds interleave the models, so a change of load on the machine reaches all of them alike
+    for _ in range(ROUNDS):
+        for m in measured:
+            for b, x in inputs.items():
+                m.ms[b].append(latency(m.run, x, runs=3 if b == 1 else 1))
     base = measured[0]
     rows = []
-    for label, weights, ppl_t, ppl_o, size, lat1, lat64, _ in measured:
-        rows.append([f"LM {label}", weights, f"{ppl_t:.4f}", f"{ppl_o:.4f}", f"{ppl_t / base[2] - 1:+.2%}",
-                     f"{size:,}", f"{base[4] / size:.2f}x", f"{lat1:.2f}", f"{lat64:.1f}", f"{base[6] / lat64:.2f}x"])
-    by = {m[0]: m for m in measured}
+    for m in measured:
+        b1, b64 = statistics.median(m.ms[1]), statistics.median(m.ms[64])
+        rows.append([f"LM {m.label}", m.weights, f"{m.ppl_torch:.4f}", f"{m.ppl_ort:.4f}",
+                     f"{m.ppl_torch / base.ppl_torch - 1:+.2%}", f"{m.size:,}", f"{base.size / m.size:.2f}x",
+                     f"{b1:.2f}", f"{b64:.1f}", f"{statistics.median(base.ms[64]) / b64:.2f}x", f"{m.compile_s:.0f}"])
+    by = {m.label: m for m in measured}
     if "int4 GPTQ" in by and "int4 RTN" in by:
-        g, r = by["int4 GPTQ"][2], by["int4 RTN"][2]
-        verdict = "met" if g / base[2] - 1 <= TARGET and g < r else "missed"
-        say(f"target (int4 GPTQ ppl within {TARGET:.0%} of fp32 and below RTN): {verdict}: "
-            f"{g / base[2] - 1:+.2%} vs fp32, RTN {r / base[2] - 1:+.2%}")
-    say("ONNX Runtime executes: " + "; ".join(f"{m[0]}: {m[7]}" for m in measured))
+        g, r = by["int4 GPTQ"].ppl_torch / base.ppl_torch - 1, by["int4 RTN"].ppl_torch / base.ppl_torch - 1
+        verdict = "met" if g <= TARGET and g < r else "missed"
+        say(f"target (int4 GPTQ perplexity within {TARGET:.0%} of fp32 and below RTN's): {verdict}: "
+            f"GPTQ {g:+.2%}, RTN {r:+.2%} vs fp32")
+    say("ONNX Runtime executes: " + "; ".join(f"{m.label}: {m.ops}" for m in measured))
+    say(width_probe({1: inputs[1], 8: inputs[64][:8]}))
     return rows
+
+
+def width_probe(inputs: dict[int, torch.Tensor], d: int = 512) -> str:
+    """Latency only (`inputs`: batch -> tokens): the same architecture `d` wide, untrained, fp32 against int4 RTN
+    blocks of 32 (the weights' values do not change the kernels ONNX Runtime runs; perplexity is not measured)."""
+    torch.manual_seed(0)
+    model = ByteLM(d=d, heads=8).eval()
+    dyn = {"tokens": {0: torch.export.Dim("batch", min=1, max=1024)}}
+    runs = {}
+    for label, body in (("fp32", ""), ("int4", "quantize_weights on type(linear) { bits = 4, block = 32 }")):
+        r = ns.compile(model, f"policy p {{ {body} }}", example_inputs=(inputs[max(inputs)][:2],), dynamic_shapes=dyn,
+                       target="onnx")
+        runs[label] = (ort_session(r.model.SerializeToString()), len(r.model.SerializeToString()))
+    ms: dict[tuple[str, int], list[float]] = {(k, b): [] for k in runs for b in inputs}
+    for _ in range(5):
+        for k, (run, _) in runs.items():
+            for b, x in inputs.items():
+                ms[(k, b)].append(latency(run, x, runs=2))
+    med = {key: statistics.median(v) for key, v in ms.items()}
+    return (f"width probe (d = {d}, untrained, latency only): fp32 {runs['fp32'][1]:,} bytes, ORT "
+            f"{med[('fp32', 1)]:.2f} / {med[('fp32', 8)]:.1f} ms; int4 block 32 {runs['int4'][1]:,} bytes, ORT "
+            f"{med[('int4', 1)]:.2f} / {med[('int4', 8)]:.1f} ms (batch 1 / 8): int4 "
+            f"{med[('fp32', 1)] / med[('int4', 1)]:.2f}x / {med[('fp32', 8)] / med[('int4', 8)]:.2f}x as fast")
 
 
 def main() -> None:
