@@ -42,7 +42,6 @@ import torch
 from netsqueeze.errors import Diagnostic, FileError, NetsqueezeError
 from netsqueeze.ir.graph import Graph
 from netsqueeze.ir.weights import dense as dense_of
-from netsqueeze.ir.weights import huffman_lengths
 
 Store = Literal["ham", "sham", "csr", "dense"]
 STORES: tuple[str, ...] = ("ham", "sham", "csr", "dense")
@@ -93,16 +92,46 @@ class Code:
         return codes, order, first, count
 
 
+def code_lengths(counts: np.ndarray) -> np.ndarray:
+    """Huffman code lengths for positive counts (one symbol: length 1), by the two-queue method on the
+    sorted counts (O(n) after the sort; ties merge leaves first)."""
+    n = counts.size
+    if n == 1:
+        return np.ones(1, dtype=np.int64)
+    order = np.argsort(counts, kind="stable")
+    leaf = counts[order].tolist()
+    inner: list[int] = []
+    parent = [0] * (2 * n - 1)  # nodes: leaves 0..n-1 in sorted order, then merges n..2n-2
+    i = j = 0
+    for t in range(n - 1):
+        pair = []
+        for _ in range(2):
+            if i < n and (j >= t or leaf[i] <= inner[j]):
+                pair.append((leaf[i], i))
+                i += 1
+            else:
+                pair.append((inner[j], n + j))
+                j += 1
+        inner.append(pair[0][0] + pair[1][0])
+        parent[pair[0][1]] = parent[pair[1][1]] = n + t
+    depth = [0] * (2 * n - 1)
+    for node in range(2 * n - 3, -1, -1):  # parents come after their children
+        depth[node] = depth[parent[node]] + 1
+    out = np.empty(n, dtype=np.int64)
+    out[order] = depth[:n]
+    return out
+
+
 def huffman_code(symbols: np.ndarray, n: int) -> Code:
     """The Huffman code (canonical form) of a symbol sequence over 0..n-1."""
     counts = np.bincount(symbols, minlength=n)
     lengths = np.zeros(n, dtype=np.uint8)
-    used = {int(s): int(c) for s, c in enumerate(counts) if c}
-    if used:
-        for s, ln in huffman_lengths(used).items():
-            if ln > 57:
-                raise _fail(f"a Huffman code of {ln} bits is longer than the decoder's 57-bit window")
-            lengths[s] = ln
+    used = np.flatnonzero(counts)
+    if used.size:
+        ln = code_lengths(counts[used])
+        if int(ln.max()) > 57:
+            raise _fail(f"a Huffman code of {int(ln.max())} bits is longer than the decoder's 57-bit window")
+        lengths[used] = ln
     return Code(lengths)
 
 

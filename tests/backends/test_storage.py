@@ -218,3 +218,16 @@ def test_compile_store_option_measures_psi(tmp_path: Path) -> None:
         ns.compile(model, [], example_inputs=(x,), store="huffman")  # type: ignore[arg-type]
     assert math.isfinite(res.report.storage["psi"])
     assert isinstance(res.graph, Graph)
+
+
+def test_code_lengths_are_optimal() -> None:
+    from netsqueeze.backends.storage import code_lengths
+    from netsqueeze.ir.weights import huffman_lengths
+
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        c = rng.integers(1, 100, size=int(rng.integers(2, 40)))
+        got = code_lengths(c)
+        ref = huffman_lengths({i: int(x) for i, x in enumerate(c)})
+        assert int((got * c).sum()) == sum(ref[i] * int(x) for i, x in enumerate(c))  # same total bits
+        assert sum(2.0 ** -got) == pytest.approx(1.0)  # a complete prefix code
