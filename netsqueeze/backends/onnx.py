@@ -147,8 +147,9 @@ class _Exporter:
             return v
 
         inputs = [raw("q", w.shape), self.const(f"{name}.scale", w.scale, keep=True)]
-        if w.zero_point is not None:
-            inputs.append(raw("zero_point", tuple(w.scale.shape)))
+        if w.zero_point is None:  # written out as zeros all the same: ONNX Runtime fuses DQ → Gemm into QGemm only then
+            store["zero_point"] = w._pack(torch.zeros(w.scale.shape, dtype=torch.int64))
+        inputs.append(raw("zero_point", tuple(w.scale.shape)))
         attrs: dict[str, Any] = {}
         if w.axis is not None:
             attrs["axis"] = w.axis

@@ -9,7 +9,9 @@ the first pass fixed (`needs_histogram`, then `update_histogram`). Every method 
 - `percentile`: the `percentile`-th percentile of |x| (symmetric) or the two tails of x (asymmetric).
 - `entropy`: the clipping threshold T on |x| that minimises the Kullback-Leibler divergence between the
   clipped histogram and its quantized version (TensorRT's entropy calibrator; Migacz, "8-bit inference
-  with TensorRT", GTC 2017).
+  with TensorRT", GTC 2017), over `bins` histogram bins; exact zeros are left out of the histogram
+  (every grid holds zero exactly, and the ReLU zeros' spike would drive the search to the narrowest
+  threshold).
 - `mse`: the clipping range that minimises the expected squared quantization error over the histogram.
 """
 
@@ -68,6 +70,8 @@ class RangeObserver:
         x = x.detach().to(torch.float64).flatten()
         if self.symmetric or self.method == "entropy":
             x = x.abs()
+        if self.method == "entropy":  # exact zeros (ReLU outputs) sit on every grid; as a spike in the
+            x = x[x != 0]  # first bin they would push the KL search to the narrowest threshold
         h = torch.histc(x, bins=self.bins, min=a, max=b).numpy()
         self.hist = h if self.hist is None else self.hist + h
 

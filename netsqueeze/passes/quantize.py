@@ -144,7 +144,8 @@ class Quantize(TransformPass):
     `quantize` statement) is reused, so per-node settings are separate statements with selectors.
 
     Activation ranges (`calibrate`): minmax, percentile (`percentile`), entropy (KL, TensorRT's
-    calibrator) or mse, observed on the graph before this pass's Q/DQ pairs; `activations` int8 or
+    calibrator) or mse, observed on the graph before this pass's Q/DQ pairs (a model output keeps its
+    min/max range whatever the method: clipped logits would tie the top classes); `activations` int8 or
     uint8, asymmetric unless `activation_symmetric` (TensorRT wants symmetric int8).
 
     Bias correction (Nagel et al., ICCV 2019, empirical form): the mean output shift that weight
@@ -191,14 +192,16 @@ class Quantize(TransformPass):
         return result
 
     # ---- calibration ----
-    def _observer(self) -> RangeObserver:
-        return RangeObserver(self.calibrate, symmetric=self.activation_symmetric, percentile=self.percentile,
-                             bins=self.bins, qtype=self.activations)
+    def _observer(self, graph: Graph, v: Value) -> RangeObserver:
+        # a model output keeps its whole observed range: clipped logits tie the top classes
+        output = any(graph.node(d).kind == "output" for d, _, o in graph.users(v[0]) if o == v[1])
+        return RangeObserver("minmax" if output else self.calibrate, symmetric=self.activation_symmetric,
+                             percentile=self.percentile, bins=self.bins, qtype=self.activations)
 
     def _calibrate(self, graph: Graph, ctx: PassContext, lay: Layout) -> Calibration:
         # every tensor that some sub-layout may range on its own: the same-grid outputs too
         values = list(dict.fromkeys([*lay.ranged, *lay.same]))
-        obs = {v: self._observer() for v in values}
+        obs = {v: self._observer(graph, v) for v in values}
         corrected = [n for n in lay.weighted if self.bias_correction and graph.node(n).kind in ("conv", "linear")]
         inputs = {n: graph.operands(n)[0] for n in corrected}
         deltas = {n: self._weight_error(graph.node(n)) for n in corrected}

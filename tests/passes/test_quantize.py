@@ -14,10 +14,12 @@ import netsqueeze as ns
 from netsqueeze.backends.onnx import to_onnx
 from netsqueeze.backends.torch import to_torch
 from netsqueeze.errors import NetsqueezeError
+from netsqueeze.frontends.onnx import from_onnx
 from netsqueeze.ir.weights import Affine
 from netsqueeze.passes.base import PassContext
 from netsqueeze.passes.observers import RangeObserver, kl_threshold, qparams
 from netsqueeze.passes.quantize import Quantize, layer_forward
+from tests.frontends.onnx_models import LIGHT_MODELS, input_shapes, light_path, randomized
 from tests.passes.graphs import cnn
 from tests.zoo import ZOO
 
@@ -350,3 +352,33 @@ def test_same_bytes_twice() -> None:
     a = _compile(m, x, "equalize\n quantize { calibrate = percentile }").model.SerializeToString()
     b = _compile(m, x, "equalize\n quantize { calibrate = percentile }").model.SerializeToString()
     assert a == b
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in LIGHT_MODELS if n not in ("bvlc_alexnet", "vgg19", "zfnet512")])
+def test_every_onnx_light_model_quantizes_and_torch_equals_ort(name: str) -> None:
+    model = randomized(light_path(name))
+    g = from_onnx(model)
+    x = torch.from_numpy(np.random.default_rng(1).standard_normal(input_shapes(model)[0], dtype=np.float32))
+
+    def stream(graph, values):  # type: ignore[no-untyped-def]
+        module = to_torch(graph, extra_outputs=list(values))
+        with torch.no_grad():
+            outs = module(x)
+        yield list(outs[len(graph.outputs):])
+
+    Quantize().run(g, PassContext(stream_fn=stream))
+    g.verify()
+    assert g.by_kind("quantize"), name
+    with torch.no_grad():
+        y_torch = to_torch(g)(x)
+    y_torch = (y_torch[0] if isinstance(y_torch, (tuple, list)) else y_torch).numpy()
+    y_ort = _ort(to_onnx(g), x.numpy())
+    out = g.node(g.operands(g.outputs[0])[0][0])
+    if out.kind == "dequantize":  # one grid step of the output
+        tol = out.params["scale"].item() * (1 + 1e-4)
+    else:  # a softmax of quantized logits: one logit step moves a probability by at most a factor e^(2·step)
+        assert out.kind == "softmax", name
+        dq = g.node(g.operands(out.id)[0][0])
+        tol = (np.exp(2 * dq.params["scale"].item()) - 1) * float(np.abs(y_ort).max())
+    assert np.abs(y_torch - y_ort).max() <= tol + 1e-6, name
