@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -375,3 +376,50 @@ def test_an_unreachable_bytes_budget_is_a_budget_error() -> None:
     with pytest.raises(ns.BudgetError) as e:
         _budget_run(0.01)
     assert "net_trim cannot meet the budget bytes <= 1.0%: epsilon = 50% reaches bytes" in str(e.value)
+
+
+@pytest.mark.slow
+def test_an_output_error_guard_drives_the_epsilon_search() -> None:
+    g0 = mlp()
+    xs = [[torch.randn(100, 10, generator=torch.Generator().manual_seed(i))] for i in range(2)]
+    x = torch.cat([b[0] for b in xs])
+    y0 = run(g0, [x])[0]
+
+    def fidelity(graph: Graph, metric: str) -> float:
+        return float((run(graph, [x])[0] - y0).norm() / y0.norm())
+
+    def trim(epsilon: float | None) -> tuple[PassResult, float]:
+        g = g0.copy()
+        ctx = stream_ctx(xs, executor=InProcess(), guard=("output_error", 0.05), fidelity_fn=fidelity, original=g0)
+        res = NetTrim(epsilon=epsilon).run(g, ctx)
+        return res, fidelity(g, "output_error")
+
+    res, err = trim(None)
+    eps = res.metrics["epsilon"]
+    assert 0 < eps < 0.5 and err <= 0.05
+    # the largest ε the bisection tried that holds the guard: 1/64 of (0, 0.5] more breaks it
+    assert trim(eps + 0.5 / 64)[1] > 0.05
+
+
+CLI_POLICY = """\
+policy mlp_sparse {
+  input x: float32[4, 20]
+  net_trim on type(linear) { epsilon = 5% }
+}
+"""
+
+
+def test_cli_executor_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                             capsys: pytest.CaptureFixture[str]) -> None:
+    from netsqueeze.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    Path("p.sqz").write_text(CLI_POLICY)
+    torch.save(torch.randn(300, 20, generator=torch.Generator().manual_seed(0)), "calib.pt")
+    model = f"{Path(__file__).resolve().parents[1] / 'compiler' / 'zoo_models.py'}:mlp"
+    assert main(["compile", model, "-p", "p.sqz", "--calib", "calib.pt", "-o", "bad.pt", "--executor", "dask:/x"]) == 1
+    assert "unknown executor 'dask:/x'" in capsys.readouterr().err
+    assert not Path("bad.pt").exists()
+    assert main(["compile", model, "-p", "p.sqz", "--calib", "calib.pt", "-o", "m.pt", "--executor", "local"]) == 0
+    out = capsys.readouterr().out
+    assert "net_trim" in out and "non-zeros" in out and Path("m.pt").exists()
