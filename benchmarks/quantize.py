@@ -6,7 +6,8 @@ Models: the Fashion-MNIST VGG-style and ResNet-style models of the other benchma
 cached under benchmarks/cache/), plus the byte-level transformer language model of
 benchmarks/quantize_lm.py (weight-only int8/int4, RTN and GPTQ).
 Figures: top-1 on the full 10,000-image test set (run in ONNX Runtime), model bytes (the serialized
-ONNX file), ONNX Runtime CPU latency at batch 1 and 64 (2 threads, medians of 50 runs).
+ONNX file), ONNX Runtime CPU latency at batch 1 and 64 (2 threads; medians over rounds that time every model of a
+table in turns, so that the ratios hold on a loaded machine).
 
     .venv/bin/pip install -e '.[dev,bench]'        # nncf (the peer), matplotlib
     .venv/bin/python benchmarks/quantize.py [--models vgg,resnet] [--no-lm]
@@ -16,6 +17,7 @@ ONNX file), ONNX Runtime CPU latency at batch 1 and 64 (2 threads, medians of 50
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -31,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import netsqueeze as ns  # noqa: E402
-from benchmarks.common import RESULTS, fashion_mnist, markdown_table, ort_latency, trained  # noqa: E402
+from benchmarks.common import RESULTS, fashion_mnist, markdown_table, trained  # noqa: E402
 
 CALIB = 512
 HEADER = ["model", "method", "top-1", "drop (pt)", "bytes", "smaller", "ORT b1 ms", "ORT b64 ms", "faster b1",
@@ -89,25 +91,73 @@ def nncf_ptq(fp32: onnx.ModelProto, calib: torch.Tensor) -> onnx.ModelProto:
     return nncf.quantize(fp32, data, subset_size=len(calib))  # type: ignore[no-any-return]
 
 
-def measure(label: str, method: str, build: Callable[[], onnx.ModelProto], data: dict[str, torch.Tensor],
-            base: dict[str, float] | None) -> tuple[list[str], dict[str, float]]:
+ROUNDS = 15  # latency: medians over rounds that interleave every model of a table (b1: 5 runs a round, b64: 1)
+
+
+def session(blob: bytes):  # type: ignore[no-untyped-def]
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"])
+
+
+def interleaved_latency(blobs: list[bytes], batches: tuple[int, ...] = (1, 64)) -> list[dict[int, float]]:
+    """Median ms per model and batch, the models timed in turns round after round so that a change of load on
+    the machine reaches all of them alike."""
+    sessions = [session(b) for b in blobs]
+    feeds = {b: np.random.default_rng(0).standard_normal((b, 1, 28, 28), dtype=np.float32) for b in batches}
+    times: list[dict[int, list[float]]] = [{b: [] for b in batches} for _ in blobs]
+    for s in sessions:  # warm-up
+        for b in batches:
+            s.run(None, {s.get_inputs()[0].name: feeds[b]})
+    for _ in range(ROUNDS):
+        for i, s in enumerate(sessions):
+            name = s.get_inputs()[0].name
+            for b in batches:
+                runs = []
+                for _ in range(5 if b == 1 else 1):
+                    t0 = time.perf_counter()
+                    s.run(None, {name: feeds[b]})
+                    runs.append((time.perf_counter() - t0) * 1000)
+                times[i][b].append(statistics.median(runs))
+    return [{b: statistics.median(t[b]) for b in batches} for t in times]
+
+
+def build(label: str, method: str, make: Callable[[], onnx.ModelProto], data: dict[str, torch.Tensor]
+          ) -> dict[str, object] | None:
     t0 = time.perf_counter()
     try:
-        model = build()
+        model = make()
     except Exception as e:  # a peer that fails is a row, not a crash
         print(f"{label} {method}: failed: {type(e).__name__}: {e}", file=sys.stderr)
-        return [label, method, "failed", "", "", "", "", "", "", "", ""], {}
+        return None
     secs = time.perf_counter() - t0
     blob = model.SerializeToString()
     top1 = ort_top1(blob, data["test_x"], data["test_y"])
-    b1, b64 = ort_latency(blob, 1), ort_latency(blob, 64)
-    m = {"top1": top1, "bytes": float(len(blob)), "b1": b1, "b64": b64}
-    ref = base or m
-    row = [label, method, f"{top1:.2%}", f"{(ref['top1'] - top1) * 100:+.2f}", f"{len(blob):,}",
-           f"{ref['bytes'] / len(blob):.2f}x", f"{b1:.3f}", f"{b64:.2f}", f"{ref['b1'] / b1:.2f}x",
-           f"{ref['b64'] / b64:.2f}x", f"{secs:.1f}"]
-    print(" | ".join(row), file=sys.stderr)
-    return row, m
+    print(f"{label} | {method} | {top1:.2%} | {len(blob):,} bytes | {secs:.1f} s", file=sys.stderr)
+    return {"method": method, "blob": blob, "top1": top1, "secs": secs}
+
+
+def table_rows(label: str, built: list[dict[str, object] | None], methods: list[str]) -> list[list[str]]:
+    ok = [b for b in built if b is not None]
+    lat = interleaved_latency([b["blob"] for b in ok])  # type: ignore[misc]
+    for b, t in zip(ok, lat):
+        b["lat"] = t
+    ref = ok[0]
+    rows = []
+    for method, b in zip(methods, built):
+        if b is None:
+            rows.append([label, method, "failed"] + [""] * (len(HEADER) - 3))
+            continue
+        n, rn = len(b["blob"]), len(ref["blob"])  # type: ignore[arg-type]
+        t, rt = b["lat"], ref["lat"]
+        rows.append([label, method, f"{b['top1']:.2%}", f"{(ref['top1'] - b['top1']) * 100:+.2f}",  # type: ignore[operator]
+                     f"{n:,}", f"{rn / n:.2f}x", f"{t[1]:.3f}", f"{t[64]:.2f}", f"{rt[1] / t[1]:.2f}x",  # type: ignore[index]
+                     f"{rt[64] / t[64]:.2f}x", f"{b['secs']:.1f}"])  # type: ignore[index]
+    return rows
 
 
 def run_cnn(name: str, data: dict[str, torch.Tensor]) -> list[list[str]]:
@@ -115,12 +165,9 @@ def run_cnn(name: str, data: dict[str, torch.Tensor]) -> list[list[str]]:
     gen = torch.Generator().manual_seed(0)
     calib = data["train_x"][torch.randperm(len(data["train_x"]), generator=gen)[:CALIB]]
     fp32 = ns_onnx(model, "  fold_bn", calib)
-    rows = []
-    row, base = measure(name, "fp32", lambda: fp32, data, None)
-    rows.append(row)
-    cases: list[tuple[str, Callable[[], onnx.ModelProto]]] = [
-        (f"ORT quantize_static {m}", lambda m=m: ort_static(fp32, calib, m))  # type: ignore[misc]
-        for m in ("MinMax", "Percentile", "Entropy")]
+    cases: list[tuple[str, Callable[[], onnx.ModelProto]]] = [("fp32", lambda: fp32)]
+    cases += [(f"ORT quantize_static {m}", lambda m=m: ort_static(fp32, calib, m))  # type: ignore[misc]
+              for m in ("MinMax", "Percentile", "Entropy")]
     cases.append(("NNCF PTQ (default preset)", lambda: nncf_ptq(fp32, calib)))
     for obs in ("minmax", "percentile", "entropy", "mse"):
         cases.append((f"netsqueeze quantize {obs}", lambda obs=obs: ns_onnx(  # type: ignore[misc]
@@ -138,9 +185,8 @@ def run_cnn(name: str, data: dict[str, torch.Tensor]) -> list[list[str]]:
                 model, "  fold_bn\n  squeeze_fold", calib, b)))
             cases.append((f"netsqueeze squeeze_fold (params <= {share}%) + quantize mse", lambda b=budget: ns_onnx(  # type: ignore[misc]
                 model, "  fold_bn\n  squeeze_fold\n  quantize { calibrate = mse }", calib, b)))
-    for method, build in cases:
-        rows.append(measure(name, method, build, data, base)[0])
-    return rows
+    built = [build(name, method, make, data) for method, make in cases]
+    return table_rows(name, built, [m for m, _ in cases])
 
 
 def main() -> None:
@@ -156,8 +202,8 @@ def main() -> None:
         rows += run_cnn(name, data)
     text = ["# Static int8 quantization (benchmarks/quantize.py)", "",
             f"Fashion-MNIST, {CALIB} calibration images (the same for every method), top-1 on the 10,000 test "
-            "images in ONNX Runtime; bytes = serialized ONNX model; ORT CPU latency, 2 threads, medians of 50 "
-            "runs; ratios against fp32 of the same model in the same run. All int8 rows: per-channel int8 "
+            "images in ONNX Runtime; bytes = serialized ONNX model; ORT CPU latency, 2 threads, medians over "
+            f"{ROUNDS} rounds that time the models of a table in turns; ratios against fp32 of the same model in the same run. All int8 rows: per-channel int8 "
             "weights, uint8 activations, QDQ format.", "", markdown_table(HEADER, rows)]
     if not args.no_lm:
         from benchmarks.quantize_lm import LM_HEADER, run_lm
