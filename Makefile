@@ -14,7 +14,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/netsqueeze compile examples/demo_model.py -p examples/demo.sqz -o /tmp/netsqueeze-demo.pt
+	$(BIN)/python examples/demo.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check netsqueeze tests examples benchmarks

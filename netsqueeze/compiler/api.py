@@ -27,7 +27,7 @@ from netsqueeze.compiler.calibration import (
 )
 from netsqueeze.compiler.files import load_exported_program, load_pickled_module
 from netsqueeze.compiler.pipeline import Step, run_pipeline
-from netsqueeze.compiler.report import CompileReport
+from netsqueeze.compiler.report import CompileReport, SearchRecorder
 from netsqueeze.errors import (
     BudgetError,
     CaptureError,
@@ -623,6 +623,7 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
         eval_batches = lambda: iter([ex])  # noqa: E731
         data_label = "example batch"
     guard = resolved.guard
+    search = SearchRecorder()  # the candidates searches measure, for the report's trajectory
     ctx = PassContext(
         stream_fn=activation_stream(source) if source is not None else None,
         budget=resolved.budget,
@@ -631,7 +632,7 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
         log=log or (lambda msg: None),
         original=original,
         guard=(str(guard.metric), float(guard.limit)) if guard is not None else None,
-        fidelity_fn=_fidelity_fn(original, eval_batches, eval_fn, data_label),
+        fidelity_fn=search.wrap(_fidelity_fn(original, eval_batches, eval_fn, data_label)),
         trainable_fn=_trainable,
         labels_fn=labels_fn,
         executor=executor,
@@ -692,5 +693,8 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
         plan=resolved.plan_text,
         fidelity=fidelity,
         notes=notes,
+        budget=dict(resolved.budget),
+        guard=(str(guard.metric), float(guard.limit)) if guard is not None else None,
+        search=search.entries(run.records, t2),
     )
     return CompileResult(out_model, graph, report)

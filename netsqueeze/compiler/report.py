@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from netsqueeze.compiler.pipeline import PassRecord
-from netsqueeze.ir.stats import GraphStats
+from netsqueeze.ir.graph import Graph
+from netsqueeze.ir.stats import GraphStats, graph_stats
 
 
 def _table(rows: list[tuple[str, ...]], right: set[int]) -> str:
@@ -40,6 +45,13 @@ class CompileReport:
     notes: list[str] = field(default_factory=list)
     # with compile(store=...): the compressed file's weight bytes, their fp32 bytes and ψ (their ratio)
     storage: dict[str, float] = field(default_factory=dict)
+    # the policy's budget (ratios of the original) and guard (metric, limit), for the plots
+    budget: dict[str, float] = field(default_factory=dict)
+    guard: tuple[str, float] | None = None
+    # every candidate whose guard metric a search measured, in order: pass, metric, value, params, flops, bytes
+    search: list[dict[str, Any]] = field(default_factory=list)
+    # measured latencies (`compiler.latency`): model ("original" | "compressed"), runtime, batch, threads, ms
+    latency: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def params_ratio(self) -> float:
@@ -109,9 +121,72 @@ class CompileReport:
         if self.times:
             out.append("time: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in self.times.items()))
         out.extend(f"note: {n}" for n in self.notes)
+        for lat in self.latency:
+            out.append(f"latency ({lat['model']}, {lat['runtime']}, batch {lat['batch']}, {lat['threads']} thread(s)): "
+                       f"median {lat['median_ms']:.3f} ms, p90 {lat['p90_ms']:.3f} ms")
         if self.plan:
             out += ["", "resolved plan:", self.plan]
         return "\n".join(out)
 
     def __str__(self) -> str:
         return self.format()
+
+    # ---- other renderings
+    def to_dict(self) -> dict[str, Any]:
+        """The report in the stable JSON schema of `compiler.report_json`."""
+        from netsqueeze.compiler.report_json import to_dict
+
+        return to_dict(self)
+
+    def to_json(self, indent: int | None = 1) -> str:
+        from netsqueeze.compiler.report_json import to_json
+
+        return to_json(self, indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> CompileReport:
+        from netsqueeze.compiler.report_json import from_json
+
+        return from_json(text)
+
+    def to_html(self) -> str:
+        """One self-contained HTML page (inline SVG plots, no scripts, no external references)."""
+        from netsqueeze.compiler.report_html import render
+
+        return render(self)
+
+    def _repr_html_(self) -> str:  # Jupyter displays the report as its HTML page
+        return self.to_html()
+
+
+class SearchRecorder:
+    """Records every candidate a search pass measures through `PassContext.fidelity`: the guard metric's
+    value and the candidate's params/FLOPs/bytes, for the report's search trajectory."""
+
+    def __init__(self) -> None:
+        self.points: list[tuple[float, dict[str, Any]]] = []
+
+    def wrap(self, fn: Callable[[Graph, str], float | None]) -> Callable[[Graph, str], float | None]:
+        def measured(graph: Graph, metric: str) -> float | None:
+            value = fn(graph, metric)
+            if value is not None and math.isfinite(value):
+                st = graph_stats(graph)
+                self.points.append((time.perf_counter(), {"pass": "", "metric": metric, "value": float(value),
+                                                          "params": st.params, "flops": st.flops,
+                                                          "bytes": st.param_bytes}))
+            return value
+
+        return measured
+
+    def entries(self, records: list[PassRecord], start: float) -> list[dict[str, Any]]:
+        """The points, each named after the pass that ran when it was measured (passes ran back to back
+        from `start`, in `records` order)."""
+        ends, t = [], start
+        for r in records:
+            t += r.seconds
+            ends.append((t, r.name))
+        out = []
+        for when, point in self.points:
+            name = next((n for end, n in ends if when <= end), ends[-1][1] if ends else "")
+            out.append({**point, "pass": name})
+        return out
