@@ -96,6 +96,9 @@ def cmd_compile(a: argparse.Namespace) -> int:
     if a.calib:
         inputs.append(("calibration file", Path(a.calib)))
     out = check_output_path(a.output, inputs)
+    reports = [check_output_path(r, [*inputs, ("output model", out)]) for r in (a.report, a.report_json) if r]
+    if len(reports) == 2 and reports[0].resolve() == reports[1].resolve():
+        raise FileError(f"--report and --report-json both name '{reports[0]}'")
     target: Literal["torch", "onnx"] = "onnx" if output_format(out) == "onnx" else "torch"
     if a.target and a.target != target:
         raise FileError(f"--target {a.target} does not match the output '{out}': its suffix '{out.suffix}' "
@@ -110,11 +113,52 @@ def cmd_compile(a: argparse.Namespace) -> int:
             calib = file_calibration(a.model)
     res = compile(model, policy, example_inputs=example, calibration=calib, target=target, params=params,
                   precision=a.precision, input_shapes=shapes or None, trust_pickle=a.trust_pickle,
-                  executor=a.executor)
-    print(res.report)
+                  executor=a.executor, progress=False if a.quiet else None,
+                  log=_stderr_log if a.verbose and not a.quiet else None)
+    if not a.quiet:
+        print(res.report)
     pt2_inputs = _example_inputs(res.graph, a.precision) if out.suffix == ".pt2" else None
     save_model(res.model, out, example_inputs=pt2_inputs)
-    print(f"wrote {out}")
+    written = [out]
+    for path, text in ((a.report, res.report.to_html), (a.report_json, res.report.to_json)):
+        if path:
+            _write_text(Path(path), text())
+            written.append(Path(path))
+    if not a.quiet:
+        print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def _stderr_log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _write_text(path: Path, text: str) -> None:
+    from netsqueeze.compiler.files import atomic_write
+
+    def write(tmp: Path) -> None:
+        tmp.write_text(text, encoding="utf-8")
+
+    atomic_write(path, write)
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    import json
+
+    from netsqueeze.compiler.bench import bench, format_table, parse_batches
+
+    batches = parse_batches(a.batch)
+    if a.threads < 1 or a.rounds < 1:
+        raise NetsqueezeError(f"--threads and --rounds must be at least 1 (got {a.threads}, {a.rounds})")
+    if a.json:
+        from netsqueeze.compiler.files import check_output_path
+
+        check_output_path(a.json, [("model", Path(m)) for m in a.models])
+    rows = bench(a.models, data=a.data, runtime=a.runtime, batches=batches, threads=a.threads, rounds=a.rounds,
+                 trust_pickle=a.trust_pickle)
+    print(format_table(rows, a.runtime, a.threads))
+    if a.json:
+        _write_text(Path(a.json), json.dumps({"runtime": a.runtime, "threads": a.threads, "models": rows}, indent=1))
     return 0
 
 
@@ -169,14 +213,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="netsqueeze", description="Declarative model-compression compiler.",
                                 epilog="exit codes: 0 ok, 1 error, 2 policy or usage error, 3 internal error "
                                        "(please report), 130 interrupted, 143 terminated")
+    from netsqueeze import __version__
+
+    p.add_argument("--version", action="version", version=f"netsqueeze {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     shape_help = "input shape for ONNX models with dynamic dims, e.g. x=1,3,224,224"
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-v", "--verbose", action="store_true", help="show the full traceback of an internal error")
+    common.add_argument("-v", "--verbose", action="store_true",
+                        help="log each decision (search candidates, pass messages) to stderr and show the full "
+                             "traceback of an internal error")
     common.add_argument("--trust-pickle", action="store_true",
                         help="allow loading .pt/.pt2 models that need a full unpickle (it can run code from the file)")
 
-    c = sub.add_parser("compile", help="compress a model as a policy says", parents=[common])
+    c = sub.add_parser("compile", help="compress a model as a policy says", parents=[common],
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n"
+                              "  netsqueeze compile model.onnx -p vgg.sqz -o small.onnx --calib calib.npz\n"
+                              "  netsqueeze compile net.py -p policy.sqz -o small.pt --report report.html "
+                              "--report-json report.json\n"
+                              "  netsqueeze compile net.py -p policy.sqz -o small.onnx --quiet --set ratio=0.5\n"
+                              "progress bars go to stderr when it is a terminal; --quiet turns them and the "
+                              "printed report off")
     c.add_argument("model", help="model.onnx, model.py[:factory], model.pt or model.pt2")
     c.add_argument("-p", "--policy", help="policy file (.sqz)")
     c.add_argument("-o", "--output", required=True, help="output path; its suffix picks the format (.onnx, .pt or .pt2)")
@@ -188,7 +245,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "dask://HOST:PORT (an existing Dask scheduler) or dask://local[:N]")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a policy param")
     c.add_argument("--input-shape", action="append", default=[], help=shape_help)
+    c.add_argument("--report", metavar="HTML", help="also write the report as one self-contained HTML page")
+    c.add_argument("--report-json", metavar="JSON", help="also write the report as JSON (schema netsqueeze.report/1)")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no printed report")
     c.set_defaults(fn=cmd_compile)
+
+    b = sub.add_parser("bench", help="size, params, FLOPs, measured latency (and top-1) of models side by side",
+                       parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  netsqueeze bench model.onnx small.onnx --batch 1,64\n"
+                              "  netsqueeze bench model.onnx small.onnx --data test.npz --json bench.json\n"
+                              "--data: an .npz with the model's input arrays and an array 'labels' "
+                              "(top-1); without labels, agreement with the first model only")
+    b.add_argument("models", nargs="+", metavar="MODEL", help="model.onnx, model.py[:factory], model.pt or model.pt2")
+    b.add_argument("--data", help="held-out inputs (.npz, .npy or .pt; an .npz may hold 'labels')")
+    b.add_argument("--runtime", choices=["ort", "torch"], default="ort", help="ONNX Runtime CPU or torch eager")
+    b.add_argument("--batch", default="1", help="batch sizes, comma-separated (default: 1)")
+    b.add_argument("--threads", type=int, default=1, help="intra-op threads (default: 1)")
+    b.add_argument("--rounds", type=int, default=15, help="timed rounds per model (default: 15)")
+    b.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    b.set_defaults(fn=cmd_bench)
 
     i = sub.add_parser("inspect", help="print a model's IR, its statistics and opaque ops", parents=[common])
     i.add_argument("model")

@@ -27,6 +27,8 @@ from netsqueeze.compiler.calibration import (
 )
 from netsqueeze.compiler.files import load_exported_program, load_pickled_module
 from netsqueeze.compiler.pipeline import Step, run_pipeline
+from netsqueeze.compiler.progress import Progress
+from netsqueeze.compiler.progress import enabled as progress_enabled
 from netsqueeze.compiler.report import CompileReport, SearchRecorder
 from netsqueeze.errors import (
     BudgetError,
@@ -521,6 +523,7 @@ def compile(
     dynamic_shapes: Any = None,
     executor: str | Executor | None = None,
     store: Literal["ham", "sham", "csr", "dense"] | None = None,
+    progress: bool | None = None,
 ) -> CompileResult:
     """Compresses `model` as `policy` says and emits it for `target`.
 
@@ -539,6 +542,8 @@ def compile(
     store: also encode the compressed model file in that weight format (HAM, sHAM, CSR or dense; see
     `netsqueeze.backends.storage`): `result.stored` holds its bytes, `result.save(path)` writes it,
     `result.report.storage` has ψ, and `netsqueeze.load(path)` reads it back.
+    progress: tqdm bars on stderr over calibration streaming and search candidates (None: only when stderr
+    is a terminal); `log(msg)` receives each measured search candidate as well as the passes' messages.
     """
     if target not in ("torch", "onnx"):
         raise NetsqueezeError(f"unknown target '{target}' (use 'torch' or 'onnx')")
@@ -560,7 +565,7 @@ def compile(
     try:
         with guard_model:
             result = _compile(model, policy, example_inputs, calibration, target, params, eval_fn, precision,
-                              input_shapes, seed, log, trust_pickle, dynamic_shapes, runner)
+                              input_shapes, seed, log, trust_pickle, dynamic_shapes, runner, progress)
         if store is not None:
             from netsqueeze.compiler.stored import attach_store
 
@@ -576,7 +581,7 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
              target: Target, params: Mapping[str, Any] | None, eval_fn: Callable[[Any], float] | None,
              precision: Literal["fp32", "fp16"], input_shapes: Mapping[str, Sequence[int]] | None, seed: int,
              log: Callable[[str], None] | None, trust_pickle: bool, dynamic_shapes: Any = None,
-             executor: Executor | None = None) -> CompileResult:
+             executor: Executor | None = None, progress: bool | None = None) -> CompileResult:
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     if example_inputs is None and not _is_onnx(model) and not isinstance(model, (str, os.PathLike)):
@@ -624,21 +629,26 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
         data_label = "example batch"
     guard = resolved.guard
     search = SearchRecorder()  # the candidates searches measure, for the report's trajectory
+    bars = Progress(progress_enabled(progress), log)
+    n_batches = sum(1 for _ in source()) if source is not None and bars.on else None
     ctx = PassContext(
-        stream_fn=activation_stream(source) if source is not None else None,
+        stream_fn=bars.stream(activation_stream(source), n_batches) if source is not None else None,
         budget=resolved.budget,
         bounds=resolved.bounds,
         seed=int(cal.get("seed", seed)),
         log=log or (lambda msg: None),
         original=original,
         guard=(str(guard.metric), float(guard.limit)) if guard is not None else None,
-        fidelity_fn=search.wrap(_fidelity_fn(original, eval_batches, eval_fn, data_label)),
+        fidelity_fn=search.wrap(bars.fidelity(_fidelity_fn(original, eval_batches, eval_fn, data_label))),
         trainable_fn=_trainable,
         labels_fn=labels_fn,
         executor=executor,
     )
     t2 = time.perf_counter()
-    run = run_pipeline(graph, resolved.steps, ctx)
+    try:
+        run = run_pipeline(graph, resolved.steps, ctx)
+    finally:
+        bars.close()
     times["passes"] = time.perf_counter() - t2
     with _stage("checking the budget"):
         after = graph_stats(graph)
