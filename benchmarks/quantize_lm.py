@@ -241,7 +241,7 @@ def run_lm(steps: int = STEPS, eval_windows: int = 256, log: Callable[[str], Non
         with torch.no_grad():
             ppl_t = perplexity(r_torch.model, test, eval_windows)
         run = ort_session(data)
-        m = _Measured(label, body.split("{")[1].rstrip(" }").replace("method = ", "") if body else "fp32",
+        m = _Measured(label, body.split("{")[1].strip(" }").replace("method = ", "") if body else "fp32",
                       ppl_t, perplexity(run, test, eval_windows), len(data), compile_s, executed_ops(data), run)
         say(f"{label}: ppl torch {m.ppl_torch:.4f}, ORT {m.ppl_ort:.4f}, {m.size} bytes, compile {compile_s:.0f} s; "
             f"ORT runs {m.ops}")

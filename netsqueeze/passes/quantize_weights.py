@@ -20,7 +20,7 @@ from netsqueeze.passes.gptq import Grid, Quantized, gptq, output_error, rtn
 from netsqueeze.passes.registry import register_pass
 
 
-@dataclass
+@dataclass(eq=False)
 class _Target:
     """One weight to quantize, seen as a matrix [out, columns] whose columns are what the layer contracts
     with its input (a conv's columns are (kernel tap, input channel), tap-major, so a block of input
@@ -115,6 +115,7 @@ class QuantizeWeights(TransformPass):
                 self._collect(graph, ctx, stage)
                 for t in stage:
                     errors[t.node] = self._solve(graph, t, grid)
+                    t.gram = None  # solved: its memory goes back before the next stage streams
                 remaining = [t for t in remaining if t not in stage]
         for t in targets:
             result.touched.update({t.node, t.holder})
@@ -220,10 +221,9 @@ class QuantizeWeights(TransformPass):
         stride = list(attrs.get("stride", [1] * d))  # type: ignore[call-overload]
         dil = list(attrs.get("dilation", [1] * d))  # type: ignore[call-overload]
         pad = list(attrs.get("padding", [0] * 2 * d))  # type: ignore[call-overload]
+        kt: tuple[int, ...] = taps
         if d == 1:
             x, kt, stride, dil, pad = x.unsqueeze(2), (1, taps[0]), [1, *stride], [1, *dil], [0, pad[0], 0, pad[1]]
-        else:
-            kt = taps
         x = F.pad(x, (pad[1], pad[3], pad[0], pad[2]))
         cols = F.unfold(x, kt, dilation=tuple(dil), stride=tuple(stride))  # [N, C·taps, positions]
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])

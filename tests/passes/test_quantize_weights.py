@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import netsqueeze as ns
+from netsqueeze.backends.torch import to_torch
 from netsqueeze.compiler.calibration import activation_stream, calibration_source
 from netsqueeze.errors import PassError, PolicyError
 from netsqueeze.ir.parser import parse_graph
@@ -225,14 +226,14 @@ POLICY = "policy lm {\n  quantize_weights on type(linear) { bits = 4, block = 32
 
 
 @pytest.fixture(scope="module")
-def lm() -> tuple[nn.Module, torch.Tensor, ns.CompileResult, ns.CompileResult]:
-    """The tiny LM, its tokens, and the policy compiled for ONNX and for torch (shared: compiles are slow)."""
+def lm() -> tuple[nn.Module, torch.Tensor, ns.CompileResult, nn.Module]:
+    """The tiny LM, its tokens, the policy compiled for ONNX, and the torch backend's module of the same
+    compiled graph (shared: compiles are slow)."""
     torch.manual_seed(9)
     g = torch.Generator().manual_seed(9)
     model, tokens = TinyLM().eval(), torch.randint(0, 64, (48, 8), generator=g)
-    r_onnx, r_torch = (ns.compile(model, POLICY, example_inputs=(tokens[:4],), calibration=tokens[:32], target=t)
-                       for t in ("onnx", "torch"))
-    return model, tokens, r_onnx, r_torch
+    r_onnx = ns.compile(model, POLICY, example_inputs=(tokens[:4],), calibration=tokens[:32], target="onnx")
+    return model, tokens, r_onnx, to_torch(r_onnx.graph)
 
 
 def _ort(model: onnx.ModelProto, **config: str) -> ort.InferenceSession:
@@ -244,9 +245,9 @@ def _ort(model: onnx.ModelProto, **config: str) -> ort.InferenceSession:
 
 
 def test_transformer_policy_int4_gptq_in_ort_and_torch(lm: tuple[nn.Module, torch.Tensor, ns.CompileResult,
-                                                                 ns.CompileResult]) -> None:
-    model, tokens, r_onnx, r_torch = lm
-    linears = [n for n in r_torch.graph.nodes() if n.kind == "linear"]
+                                                                 nn.Module]) -> None:
+    model, tokens, r_onnx, torch_model = lm
+    linears = [n for n in r_onnx.graph.nodes() if n.kind == "linear"]
     assert len(linears) == 13
     for n in linears:
         w = n.params["weight"]
@@ -254,7 +255,7 @@ def test_transformer_policy_int4_gptq_in_ort_and_torch(lm: tuple[nn.Module, torc
     assert sum(n.op_type == "DequantizeLinear" for n in r_onnx.model.graph.node) == 13
     assert r_onnx.model.opset_import[0].version == 21
     test = tokens[32:36]
-    y_torch = r_torch.model(test).detach()
+    y_torch = torch_model(test).detach()
     scale = float(y_torch.abs().max())
     # the same integers and scales decoded by two runtimes, fp32 arithmetic: only summation order differs
     # (MatMulNBits at accuracy level 0 computes in fp32)
@@ -272,7 +273,7 @@ def test_transformer_policy_int4_gptq_in_ort_and_torch(lm: tuple[nn.Module, torc
 
 
 def test_ort_fuses_int4_blocks_into_matmulnbits(tmp_path: Path, lm: tuple[nn.Module, torch.Tensor, ns.CompileResult,
-                                                                          ns.CompileResult]) -> None:
+                                                                          nn.Module]) -> None:
     """ONNX Runtime 1.31 runs DequantizeLinear(int4, block on the input axis) -> MatMul as MatMulNBits."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
@@ -322,7 +323,7 @@ def test_gptq_on_grouped_conv_is_a_located_error() -> None:
     assert torch.equal(_weight(r).q, Affine.quantize(conv.weight, axis=0).q)
 
 
-def test_same_inputs_same_bytes(lm: tuple[nn.Module, torch.Tensor, ns.CompileResult, ns.CompileResult]) -> None:
+def test_same_inputs_same_bytes(lm: tuple[nn.Module, torch.Tensor, ns.CompileResult, nn.Module]) -> None:
     model, tokens, r_onnx, _ = lm
     again = ns.compile(model, POLICY, example_inputs=(tokens[:4],), calibration=tokens[:32], target="onnx")
     assert again.model.SerializeToString() == r_onnx.model.SerializeToString()
