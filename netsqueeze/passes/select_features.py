@@ -1,0 +1,276 @@
+"""`select_features`: online streaming deep feature selection (Geometric Online Adaptation) on a channel group,
+the discarded features removed structurally and their consumers refit on the kept ones."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from netsqueeze.errors import Diagnostic, InputMismatchError, NetsqueezeError
+from netsqueeze.ir.graph import Graph, Value
+from netsqueeze.ir.ops import attr
+from netsqueeze.ir.stats import graph_stats
+from netsqueeze.passes.allocation import group_bounds
+from netsqueeze.passes.base import PassContext, PassResult, TransformPass
+from netsqueeze.passes.collectors import channel_rows
+from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups, DependencyAnalysis, Member
+from netsqueeze.passes.goa import ClassReservoirs, GoaResult, goa_select
+from netsqueeze.passes.registry import register_pass
+from netsqueeze.passes.rewrite import ChannelSelection, SharedFold, apply_selection
+
+
+@dataclass(frozen=True)
+class _Site:
+    """A consumer of the group and where it reads the group: its weight member and the value member feeding it."""
+
+    consumer: Member
+    value: Member
+    kind: str
+
+    @property
+    def tap(self) -> Value:
+        return (self.value.node, self.value.output or 0)
+
+    @property
+    def foldable(self) -> bool:
+        """Linear in the group's channels with one position per channel: gets the least-squares reconstruction."""
+        return all(len(p) == 1 for p in self.value.index)
+
+
+class _Gram:
+    """Streamed Σ [a, 1]ᵀ[a, 1] of the group's channels at one consumer's input (float64): memory C², not rows."""
+
+    def __init__(self, site: _Site) -> None:
+        self.site = site
+        self.g: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        rows = channel_rows(x, self.site.value.axis)
+        if self.site.foldable:
+            rows = rows[:, [p[0] for p in self.site.value.index]]
+        else:  # channels spread over blocks (flatten→linear): each channel's mean over its block, for its mean
+            rows = torch.stack([rows[:, list(p)].mean(1) for p in self.site.value.index], 1)
+        a = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=torch.float64)], 1)
+        g = a.T @ a
+        self.g = g if self.g is None else self.g + g
+
+
+def _sites(graph: Graph, group: ChannelGroup) -> list[_Site]:
+    values = {(m.node, m.output): m for m in group.members if m.param is None}
+    out = []
+    for m in group.members_of("consumer"):
+        node = graph.node(m.node)
+        if node.kind not in ("linear", "conv") or m.param != "weight":
+            continue
+        if node.kind == "conv" and attr(node, "groups") != 1:
+            continue
+        vm = values.get(graph.operands(m.node)[0])
+        if vm is not None:
+            out.append(_Site(m, vm, node.kind))
+    return out
+
+
+@register_pass
+@dataclass(frozen=True)
+class SelectFeatures(TransformPass):
+    """Keeps a minimal subset of a channel group's features chosen online from labelled calibration data by
+    Geometric Online Adaptation (GOA; Yasaei Sekeh, Ganesh, Banerjee, Corso, Hero, "A Geometric Approach to
+    Online Streaming Feature Selection", arXiv 1910.01182), removes the rest through `apply_selection` and
+    refits every consumer on the kept features.
+
+    Needs: shapes inferred; labelled calibration data (`ctx.labels()`: an .npz with the inputs and an integer
+    array `labels`, one class per sample); the groups to select are those whose producers are all selected
+    (typically `on` the layer feeding the classifier). The features are the group's channels read by its last
+    linear consumer (else its last conv consumer, maps averaged over H×W), one row per sample.
+
+    One pass over the data: samples go to a reservoir of at most `reservoir` rows per class (algorithm R,
+    seeded by the policy's seed), plus a streamed Gram matrix at each consumer's input, so memory is
+    classes × `reservoir` × features + consumers × features² whatever the number of samples. Features then
+    stream one at a time in channel order through GOA's rule over the reservoir: a feature is admitted when
+    it is not a linear function of the kept set and raises the class-conditional geometric dependency of
+    the kept set with the label — the prior-weighted mean over class pairs of the Henze–Penrose divergence
+    between the classes' distributions, estimated by the Friedman–Rafsky MST statistic — by more than
+    `threshold`; after each admission, kept features the newcomer made redundant (their removal does not
+    lower the dependency) are discarded, and above `max_features` / `max_fraction` of the group the least
+    useful one goes. Where the paper leaves them open, `threshold` = 0.05 (a gain under the estimator's
+    noise at 128 rows per class is not taken) and `reservoir` = 128 rows per class are this pass's choices.
+    Bounds (`min_channels`, `round_to`, the policy's `bounds`) raise the kept count with the best rejected
+    features by their gain; with a `guard`, features are added back in that order until it holds.
+
+    Refit: at every consumer the removed features are rebuilt from the kept ones by least squares with an
+    intercept on the streamed Gram (squeeze-and-fold's reconstruction, Ozen & Orailoglu, ECML PKDD 2020),
+    folded into its weights and bias; exact when the removed features are affine functions of the kept
+    ones. Consumers whose channels span blocks (flatten→linear) get the removed features' means in the bias.
+    Guarantees: the graph verifies; unselected and frozen groups are untouched.
+    """
+
+    name: ClassVar[str] = "select_features"
+    max_features: int | None = field(default=None, metadata={"min": 1, "unit": "count"})
+    max_fraction: float | None = field(default=None, metadata={"min": 0.0, "max": 1.0, "unit": "ratio"})
+    threshold: float = field(default=0.05, metadata={"min": -1.0, "max": 1.0})
+    reservoir: int = field(default=128, metadata={"min": 4, "unit": "count"})
+    min_channels: int = field(default=1, metadata={"min": 1})
+    round_to: int = field(default=1, metadata={"min": 1})
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        groups = ctx.analysis(DependencyAnalysis, graph).restrict(ctx.selected)
+        cands = [(g, _sites(graph, g)) for g in groups.prunable()]
+        cands = [(g, s) for g, s in cands if s]
+        if not cands:
+            return PassResult(changed=False, notes=["no prunable channel group with a linear or conv consumer"])
+        node = cands[0][0].producers[0]
+        if ctx.labels_fn is None:
+            raise NetsqueezeError(Diagnostic(
+                "select_features needs labelled calibration data: an .npz holding the model's inputs and an "
+                "integer array 'labels' (one class per sample)", node=node))
+        collected = self._collect(graph, ctx, cands)
+        before = graph_stats(ctx.original or graph)
+        sel: dict[int, ChannelSelection] = {}
+        metrics: dict[str, float] = {}
+        notes: list[str] = []
+        goas: dict[int, GoaResult] = {}
+        for g, sites in cands:
+            res, grams = collected[g.id]
+            goa = goas[g.id] = goa_select(res, g.size, self.threshold, self._cap(g.size))
+            keep = self._bounded(g, ctx, goa, 0)
+            metrics.update({f"group{g.id}_kept": float(len(keep)), f"group{g.id}_admitted": float(goa.admitted),
+                            f"group{g.id}_discarded_online": float(goa.discarded_online),
+                            f"group{g.id}_dependency": goa.dependency})
+            metrics["reservoir_rows"] = metrics.get("reservoir_rows", 0.0) + res.rows_held
+            metrics["samples_seen"] = float(res.seen)
+            metrics["dependency_estimates"] = metrics.get("dependency_estimates", 0.0) + goa.evaluations
+            notes.append(f"group {g.id} ({g.producers[0]}): kept {len(keep)} of {g.size} features "
+                         f"(dependency {goa.dependency:.3f}, {goa.admitted} admitted, {goa.discarded_online} "
+                         f"discarded online)")
+            if len(keep) < g.size:
+                sel[g.id] = self._refit(graph, g, sites, grams, keep)
+        if ctx.guard is not None and sel:
+            sel = self._guarded(graph, ctx, groups, cands, collected, goas, sel, notes)
+        if not sel:
+            return PassResult(changed=False, notes=notes, metrics=metrics)
+        result = apply_selection(graph, groups, sel)
+        after = graph_stats(graph)
+        metrics.update({"features_removed": float(sum(groups[gid].size - len(s.keep) for gid, s in sel.items())),
+                        "flops_ratio": after.flops / max(1, before.flops),
+                        "params_ratio": after.params / max(1, before.params)})
+        result.metrics.update(metrics)
+        result.notes.extend(notes)
+        return result
+
+    def _cap(self, size: int) -> int:
+        cap = size
+        if self.max_features is not None:
+            cap = min(cap, self.max_features)
+        if self.max_fraction is not None:
+            cap = min(cap, max(1, math.floor(self.max_fraction * size + 1e-9)))
+        return cap
+
+    def _bounded(self, g: ChannelGroup, ctx: PassContext, goa: GoaResult, extra: int) -> list[int]:
+        """GOA's kept set plus `extra` rejected features, raised to the bounds' count; added features are the
+        rejected ones of largest gain, those that are linear functions of the kept and added ones last."""
+        want = group_bounds(g, ctx, self.min_channels, self.round_to).clamp(len(goa.kept) + extra)
+        return sorted(goa.kept + goa.fill[:max(0, want - len(goa.kept))])
+
+    # ---- one pass over the calibration data ----
+    def _collect(self, graph: Graph, ctx: PassContext, cands: list[tuple[ChannelGroup, list[_Site]]]
+                 ) -> dict[int, tuple[ClassReservoirs, list[_Gram]]]:
+        taps: list[Value] = []
+        plan: dict[int, tuple[_Site, ClassReservoirs, list[_Gram]]] = {}
+        for g, sites in cands:
+            linear = [s for s in sites if s.kind == "linear"]
+            observe = (linear or sites)[-1]  # sites follow the group's member order (topological)
+            plan[g.id] = (observe, ClassReservoirs(self.reservoir, ctx.seed + g.id), [_Gram(s) for s in sites])
+            for s in sites:
+                if s.tap not in taps:
+                    taps.append(s.tap)
+        slot = {v: i for i, v in enumerate(taps)}
+        labels = ctx.labels()
+        assert labels is not None  # checked by run
+        for b, batch in enumerate(ctx.stream(graph, taps)):
+            y = next(labels, None)
+            if y is None:
+                raise InputMismatchError("select_features: the calibration labels end before the inputs")
+            if y.is_floating_point() or y.dtype == torch.bool or y.dim() != 1:
+                raise InputMismatchError(f"select_features: calibration labels must be one class index per "
+                                         f"sample (integers of shape [N]); got "
+                                         f"{str(y.dtype).removeprefix('torch.')} of shape {list(y.shape)}")
+            for observe, res, grams in plan.values():
+                x = batch[slot[observe.tap]]
+                rows = channel_rows(x, observe.value.axis, spatial_mean=observe.kind == "conv")
+                rows = torch.stack([rows[:, list(p)].mean(1) for p in observe.value.index], 1)
+                if rows.shape[0] != y.shape[0]:
+                    raise InputMismatchError(Diagnostic(
+                        f"select_features: calibration batch {b} has {y.shape[0]} labels but the features read "
+                        f"by '{observe.consumer.node}' have {rows.shape[0]} rows (one label per row is needed)",
+                        node=observe.consumer.node))
+                res.update(rows, y)
+                for gram in grams:
+                    gram.update(batch[slot[gram.site.tap]])
+        out = {}
+        for gid, (observe, res, grams) in plan.items():
+            if len(res.classes()) < 2:
+                raise InputMismatchError(Diagnostic(
+                    "select_features: the calibration labels hold fewer than two classes with two samples each",
+                    node=observe.consumer.node))
+            out[gid] = (res, grams)
+        return out
+
+    # ---- removal with the refit ----
+    @staticmethod
+    def _refit(graph: Graph, g: ChannelGroup, sites: list[_Site], grams: list[_Gram], keep: list[int]
+               ) -> ChannelSelection:
+        """Per consumer, T [k, C] and t₀ from least squares of every feature on [kept, 1] (ridge 1e-10 of the
+        mean diagonal for rank-deficient kept sets); consumers of block channels get the means only."""
+        folds: dict[str, SharedFold] = {}
+        shifts: dict[str, torch.Tensor] = {}
+        drop = [c for c in range(g.size) if c not in set(keep)]
+        for site, gram in zip(sites, grams):
+            assert gram.g is not None
+            n = float(gram.g[-1, -1])
+            m = site.consumer
+            shift = torch.zeros(graph.node(m.node).params["weight"].shape[m.axis], dtype=torch.float64)
+            if site.foldable:
+                cols = [*keep, g.size]
+                a = gram.g[cols][:, cols]
+                ridge = 1e-10 * float(a.diagonal().mean()) * torch.eye(len(cols), dtype=torch.float64)
+                beta = torch.linalg.solve(a + ridge, gram.g[cols][:, :g.size])  # [k+1, C]
+                t = torch.zeros(len(keep), g.size, dtype=torch.float64)
+                t[:, drop] = beta[:len(keep), drop]
+                t[range(len(keep)), keep] = 1.0
+                folds[m.node] = SharedFold(t)
+                for c in drop:
+                    shift[list(m.index[c])] = beta[len(keep), c]
+            else:
+                mean = gram.g[-1, :g.size] / n
+                for c in drop:
+                    shift[list(m.index[c])] = mean[c]
+            shifts[m.node] = shift
+        return ChannelSelection(keep=keep, fold=folds or None, bias_shift=shifts)
+
+    def _guarded(self, graph: Graph, ctx: PassContext, groups: ChannelGroups,
+                 cands: list[tuple[ChannelGroup, list[_Site]]],
+                 collected: dict[int, tuple[ClassReservoirs, list[_Gram]]], goas: dict[int, GoaResult],
+                 sel: dict[int, ChannelSelection], notes: list[str]) -> dict[int, ChannelSelection]:
+        """Adds back rejected features (largest gain first), 1, 2, 4, ... per group, until the guard holds."""
+        extra = 0
+        while True:
+            trial = graph.copy()
+            apply_selection(trial, groups, sel)
+            check = ctx.guard_check(trial)
+            if check is None or check[0]:
+                if extra:
+                    reached = "" if check is None else f" (guard metric {check[1]:.4g})"
+                    notes.append(f"guard: {extra} rejected features per group added back{reached}")
+                return sel
+            extra = max(1, 2 * extra)
+            sel = {}
+            for g, sites in cands:
+                keep = self._bounded(g, ctx, goas[g.id], extra)
+                if len(keep) < g.size:
+                    sel[g.id] = self._refit(graph, g, sites, collected[g.id][1], keep)
+            if not sel:
+                notes.append(f"guard not met by any feature subset (guard metric {check[1]:.4g}): groups kept whole")
+                return sel

@@ -1,0 +1,239 @@
+"""`select_features` / GOA: admission and discarding on synthetic streams, order tolerance, bounded memory,
+exact removal with the consumer refit, labelled calibration through compile(), errors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import netsqueeze as ns
+from netsqueeze.errors import InputMismatchError, NetsqueezeError
+from netsqueeze.ir.graph import Graph, Value
+from netsqueeze.passes.base import PassContext
+from netsqueeze.passes.goa import ClassReservoirs, cross_edges, goa_select
+from netsqueeze.passes.select_features import SelectFeatures
+from netsqueeze.passes.trim import fr_cross_edges
+from tests.passes.graphs import run
+
+
+@pytest.fixture(autouse=True)
+def _no_grad() -> Iterator[None]:
+    with torch.no_grad():
+        yield
+
+
+# features of the synthetic stream: 1, 4, 6 carry one bit of the 8 classes each (plus noise); 3 = 2·f1 − 1
+# duplicates f1; 0, 2, 5, 7, 8 are pure noise
+INFORMATIVE, DUPLICATE, NOISE = [1, 4, 6], 3, [0, 2, 5, 7, 8]
+
+
+def _stream(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 8, (n,), generator=g)
+    x = torch.randn(n, 9, generator=g, dtype=torch.float64)
+    for f, bit in zip(INFORMATIVE, range(3)):
+        x[:, f] = ((y >> bit) & 1).double() + 0.35 * x[:, f]
+    x[:, DUPLICATE] = 2 * x[:, 1] - 1
+    return x, y
+
+
+def _reservoirs(x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, per_class: int = 128) -> ClassReservoirs:
+    res = ClassReservoirs(per_class, seed=0)
+    for i in range(0, len(y), 100):
+        idx = order[i:i + 100]
+        res.update(x[idx], y[idx])
+    return res
+
+
+def test_cross_edges_is_the_friedman_rafsky_statistic_of_trim() -> None:
+    rng = np.random.default_rng(0)
+    for k in (1, 3, 16):
+        a, b = rng.normal(size=(70, k)), rng.normal(size=(90, k)) + 0.4
+        assert cross_edges(a, b) == fr_cross_edges(a, b)
+
+
+def test_goa_admits_label_bits_never_noise_or_duplicates_and_is_order_tolerant() -> None:
+    """Over 3 orders of the samples (different reservoirs): the kept set is exactly the three label bits
+    (tolerance stated for this stream: 0 features of difference); every noise gain stays under 0.05."""
+    x, y = _stream(3000)
+    kept = []
+    for seed in range(3):
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+        res = goa_select(_reservoirs(x, y, order), 9, threshold=0.05, max_features=9)
+        kept.append(res.kept)
+        assert res.kept == INFORMATIVE
+        assert np.isnan(res.gains[DUPLICATE])  # rejected as a linear function of the kept set
+        assert all(res.gains[f] < 0.05 for f in NOISE)
+        assert all(res.gains[f] > 0.1 for f in INFORMATIVE)
+        assert ("3", "admit") not in [(str(f), a) for f, a in res.history]
+    assert kept[0] == kept[1] == kept[2]
+
+
+def test_goa_duplicate_first_in_stream_still_keeps_one_copy_and_cap_keeps_the_strongest() -> None:
+    x, y = _stream(3000)
+    res = _reservoirs(x, y, torch.arange(len(y)))
+    # the duplicate arrives before its original: the original is then the linear function
+    out = goa_select(res, 9, 0.05, 9, order=[3, *[f for f in range(9) if f != 3]])
+    assert out.kept == [3, 4, 6]
+    assert np.isnan(out.gains[1])
+    capped = goa_select(res, 9, 0.05, max_features=2)
+    assert len(capped.kept) == 2 and capped.discarded_online == 1
+    assert set(capped.kept) <= set(INFORMATIVE)
+
+
+def test_discards_a_feature_made_redundant_by_a_newcomer() -> None:
+    """f0 = one label bit with heavy noise, f1 = the same bit clean: once f1 arrives f0 adds nothing."""
+    g = torch.Generator().manual_seed(1)
+    y = torch.randint(0, 4, (2000,), generator=g)
+    b0, b1 = (y & 1).double(), (y >> 1).double()
+    x = torch.stack([b0 + 0.8 * torch.randn(2000, generator=g, dtype=torch.float64),
+                     b0 + 0.05 * torch.randn(2000, generator=g, dtype=torch.float64),
+                     b1 + 0.05 * torch.randn(2000, generator=g, dtype=torch.float64)], 1)
+    out = goa_select(_reservoirs(x, y, torch.arange(2000)), 3, 0.05, 3)
+    assert (0, "admit") in out.history and (0, "discard") in out.history
+    assert out.kept == [1, 2]
+
+
+def test_reservoir_memory_is_flat_in_the_number_of_samples() -> None:
+    held = []
+    for n in (2000, 16000):
+        x, y = _stream(n)
+        r = _reservoirs(x, y, torch.arange(n), per_class=64)
+        held.append((r.rows_held, r.seen))
+    assert held == [(8 * 64, 2000), (8 * 64, 16000)]
+
+
+# ---- the pass on a graph ----
+def _affine_graph(seed: int = 0) -> tuple[Graph, torch.Tensor]:
+    """x[4] → fc1 (8 features; features 4..7 affine functions of 0..3) → relu-free → fc2 (3 outputs)."""
+    torch.manual_seed(seed)
+    g = Graph("aff")
+    x = g.add_node("x", "input", attrs={"shape": (4, 4)})
+    w = torch.randn(8, 4)
+    b = torch.randn(8)
+    mix = torch.randn(4, 4)
+    w[4:] = mix @ w[:4]
+    b[4:] = mix @ b[:4] + torch.tensor([0.5, -1.0, 2.0, 0.0])
+    h = g.add_node("fc1", "linear", [x], params={"weight": w, "bias": b})
+    g.add_node("out", "output", [g.add_node("fc2", "linear", [h], params={"weight": torch.randn(3, 8),
+                                                                         "bias": torch.randn(3)})])
+    g.infer_shapes()
+    return g, w
+
+
+def _labelled_ctx(xs: list[torch.Tensor], ys: list[torch.Tensor], **kw: object) -> PassContext:
+    def stream(graph: Graph, values: Sequence[Value]) -> Iterator[list[torch.Tensor]]:
+        for xb in xs:
+            yield run(graph, [xb], list(values))[len(graph.outputs):]
+
+    return PassContext(stream_fn=stream, labels_fn=lambda: iter(ys), **kw)  # type: ignore[arg-type]
+
+
+def _sign_labels(g: Graph, xb: torch.Tensor) -> torch.Tensor:
+    """16 classes: the signs of fc1's features 0..3, so each of them determines one bit of the label."""
+    h = xb @ g.node("fc1").dense("weight")[:4].T + g.node("fc1").dense("bias")[:4]
+    return ((h > 0).long() * torch.tensor([1, 2, 4, 8])).sum(1)
+
+
+def test_removal_and_refit_are_exact_when_dropped_features_are_affine_in_kept_ones() -> None:
+    g, _ = _affine_graph()
+    ref = g.copy()
+    xs = [torch.randn(256, 4, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    ys = [_sign_labels(g, xb) for xb in xs]
+    # bit 3 tells apart only 8 of the 120 class pairs: its gain (~0.03) is under the default threshold
+    out = SelectFeatures(reservoir=32, threshold=0.01).run(g, _labelled_ctx(xs, ys, selected=frozenset({"fc1"})))
+    g.verify()
+    assert g.node("fc1").params["weight"].shape == (4, 4) and g.node("fc2").params["weight"].shape == (3, 4)
+    assert out.metrics["features_removed"] == 4.0
+    xt = torch.randn(500, 4, generator=torch.Generator().manual_seed(99))
+    a, b = run(ref, [xt])[0], run(g, [xt])[0]
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), float((a - b).abs().max())
+    assert out.metrics["samples_seen"] == 2048.0 and out.metrics["reservoir_rows"] <= 16 * 32
+
+
+def test_pass_memory_counts_do_not_grow_with_samples_and_same_inputs_give_same_result() -> None:
+    def labels(g: Graph, xb: torch.Tensor) -> torch.Tensor:  # 4 classes, each well populated
+        return _sign_labels(g, xb) % 4
+
+    rows, kept = [], []
+    for n in (4, 32):
+        g, _ = _affine_graph()
+        xs = [torch.randn(256, 4, generator=torch.Generator().manual_seed(i)) for i in range(n)]
+        out = SelectFeatures(reservoir=16).run(g, _labelled_ctx(xs, [labels(g, xb) for xb in xs],
+                                                               selected=frozenset({"fc1"})))
+        rows.append((out.metrics["reservoir_rows"], out.metrics["samples_seen"]))
+        kept.append(g.node("fc1").dense("weight").clone())
+    assert rows == [(4 * 16, 1024), (4 * 16, 8192)]
+    g, _ = _affine_graph()
+    xs = [torch.randn(256, 4, generator=torch.Generator().manual_seed(i)) for i in range(32)]
+    SelectFeatures(reservoir=16).run(g, _labelled_ctx(xs, [labels(g, xb) for xb in xs],
+                                                      selected=frozenset({"fc1"})))
+    assert torch.equal(g.node("fc1").dense("weight"), kept[1])
+
+
+def test_bounds_raise_the_kept_count_with_the_best_rejected() -> None:
+    g, _ = _affine_graph()
+    xs = [torch.randn(256, 4, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    ys = [_sign_labels(g, xb) for xb in xs]
+    SelectFeatures(reservoir=16, min_channels=6).run(g, _labelled_ctx(xs, ys, selected=frozenset({"fc1"})))
+    assert g.node("fc1").params["weight"].shape[0] == 6
+    g, _ = _affine_graph()
+    SelectFeatures(reservoir=16, max_features=2).run(g, _labelled_ctx(xs, ys, selected=frozenset({"fc1"})))
+    assert g.node("fc1").params["weight"].shape[0] == 2
+
+
+def test_errors_name_the_problem() -> None:
+    g, _ = _affine_graph()
+    xs = [torch.randn(64, 4)]
+    with pytest.raises(NetsqueezeError) as e:
+        SelectFeatures().run(g, PassContext(stream_fn=_labelled_ctx(xs, []).stream_fn, selected=frozenset({"fc1"})))
+    assert e.value.message == ("select_features needs labelled calibration data: an .npz holding the model's "
+                               "inputs and an integer array 'labels' (one class per sample)")
+    with pytest.raises(InputMismatchError) as e2:
+        SelectFeatures().run(g, _labelled_ctx(xs, [torch.rand(64)], selected=frozenset({"fc1"})))
+    assert e2.value.message == ("select_features: calibration labels must be one class index per sample "
+                                "(integers of shape [N]); got float32 of shape [64]")
+    with pytest.raises(InputMismatchError) as e3:
+        SelectFeatures().run(g, _labelled_ctx(xs, [torch.zeros(63, dtype=torch.long)], selected=frozenset({"fc1"})))
+    assert e3.value.message == ("select_features: calibration batch 0 has 63 labels but the features read by "
+                                "'fc2' have 64 rows (one label per row is needed)")
+    with pytest.raises(NetsqueezeError) as e4:
+        SelectFeatures(max_fraction=1.5)
+    assert "option 'max_fraction' of pass 'select_features'" in e4.value.message
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(6, 16)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.body(x)))
+
+
+def test_compile_reads_a_labelled_npz_and_keeps_the_predictions(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    m = _Net().eval()
+    with torch.no_grad():  # 8 of the 16 hidden units copy others (scaled): the head refit folds them back
+        m.body.weight[8:] = 1.5 * m.body.weight[:8]
+        m.body.bias[8:] = 1.5 * m.body.bias[:8]
+    x = torch.randn(2048, 6, generator=torch.Generator().manual_seed(3))
+    y = m(x).argmax(1)
+    path = tmp_path / "xy.npz"
+    np.savez(path, x=x.numpy(), labels=y.numpy())
+    # GOA alone keeps a minimal subset of the 8 distinct units (5 here); min_channels = 8 fills up with the
+    # rejected units of largest gain, the scaled copies (linearly redundant) last: the refit is then exact
+    r = ns.compile(m, "policy p { select_features on body { min_channels = 8 } }", example_inputs=(x[:4],),
+                   calibration=path)
+    assert r.graph.node("body").params["weight"].shape == (8, 6)
+    assert torch.allclose(r.model(x), m(x), atol=1e-4)
+    r = ns.compile(m, "policy p { select_features on body }", example_inputs=(x[:4],), calibration=path)
+    assert r.graph.node("body").params["weight"].shape == (5, 6)
+    assert r.report.passes[0].result.metrics["group1_admitted"] == 5.0
