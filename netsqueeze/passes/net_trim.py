@@ -8,7 +8,7 @@ from typing import ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
-from netsqueeze.errors import BudgetError, Diagnostic, SolverError
+from netsqueeze.errors import BudgetError, Diagnostic, NetsqueezeError, SolverError
 from netsqueeze.ir import weights
 from netsqueeze.ir.graph import Graph, Node, Value
 from netsqueeze.ir.ops import attr
@@ -110,6 +110,13 @@ class NetTrim(TransformPass):
     tolerance: float = field(default=1e-4, metadata={"min": 0.0, "min_exclusive": True})
     layout: Literal["coo", "csr"] = "csr"
     remove_channels: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mode == "parallel" and (self.kappa is not None or self.gamma != 1.1):
+            name = "kappa" if self.kappa is not None else "gamma"
+            raise NetsqueezeError(Diagnostic(f"option '{name}' of pass 'net_trim' applies to mode = cascade only "
+                                             "(parallel mode solves every layer at epsilon)"))
 
     # ---- entry ----
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:

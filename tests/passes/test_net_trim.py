@@ -254,6 +254,14 @@ def test_options_are_checked(option: str, message: str) -> None:
     assert message in str(e.value)
 
 
+@pytest.mark.parametrize("options, name", [({"kappa": 0.5}, "kappa"), ({"gamma": 1.5}, "gamma")])
+def test_cascade_options_are_refused_in_parallel_mode(options: dict[str, float], name: str) -> None:
+    with pytest.raises(NetsqueezeError) as e:
+        NetTrim(mode="parallel", **options)  # type: ignore[arg-type]
+    assert f"option '{name}' of pass 'net_trim' applies to mode = cascade only" in str(e.value)
+    NetTrim(mode="cascade", **options)  # type: ignore[arg-type]
+
+
 def test_an_unconverged_solve_is_a_located_solver_error_and_nothing_is_written() -> None:
     model, x = _trained_mlp()
     g = _graph(model, x)
