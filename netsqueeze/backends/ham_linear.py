@@ -16,15 +16,23 @@ def dot_compressed(x: torch.Tensor, data: bytes, store: Store) -> torch.Tensor:
     As the paper's dot product: the stream is decoded, and for every output the inputs that share one
     weight value are summed first, then multiplied by that value once (one multiplication per distinct
     value and output, not per weight); zero entries and empty outputs cost nothing. Vectorised: the
-    per-(output, value) sums are one `index_add_` over the non-zeros, accumulated in x's dtype."""
+    per-(output, value) sums are one `index_add_` over the non-zeros, accumulated in x's dtype. When the
+    weight has so many distinct values that the (output, value) table would outgrow the non-zeros (an
+    unshared weight), each non-zero is multiplied on its own instead (memory O(batch·nnz))."""
     rows, cols, r, c, s, values = compressed_entries(data, store)
     k = values.size
     lead = x.shape[:-1]
     xf = x.reshape(-1, cols)
-    key = torch.from_numpy(r * k + s)
-    acc = torch.zeros(xf.shape[0], rows * k, dtype=xf.dtype)
-    acc.index_add_(1, key, xf[:, torch.from_numpy(c)])
-    y = acc.view(xf.shape[0], rows, k) @ torch.from_numpy(values).to(xf.dtype)
+    picked = xf[:, torch.from_numpy(c)]
+    if rows * k <= 4 * max(1, r.size):
+        key = torch.from_numpy(r * k + s)
+        acc = torch.zeros(xf.shape[0], rows * k, dtype=xf.dtype)
+        acc.index_add_(1, key, picked)
+        y = acc.view(xf.shape[0], rows, k) @ torch.from_numpy(values).to(xf.dtype)
+    else:
+        # many distinct values (an unshared weight): grouping saves nothing; one product per non-zero
+        y = torch.zeros(xf.shape[0], rows, dtype=xf.dtype)
+        y.index_add_(1, torch.from_numpy(r), picked * torch.from_numpy(values[s]).to(xf.dtype))
     return y.reshape(*lead, rows)
 
 
