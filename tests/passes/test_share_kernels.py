@@ -81,3 +81,21 @@ def test_same_seed_same_bank_and_errors() -> None:
     ShareKernels(k=3).run(g, PassContext())
     with pytest.raises(NetsqueezeError, match="param 'weight' of node 'dw' is stored as codebook k=3"):
         ShareKernels(k=2).run(g, PassContext())
+
+
+def test_policy_route_on_a_torch_model() -> None:
+    import netsqueeze as ns
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 8, 3, padding=1, groups=8), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(2, 3, 10, 10)
+    res = ns.compile(model, "policy p { share_kernels on type(conv) { k = 3 } }", example_inputs=(x,))
+    dw = res.graph.node("2").params["weight"]
+    assert isinstance(dw, Codebook) and dw.k == 3 and dw.shape == (8, 1, 3, 3)
+    assert isinstance(res.graph.node("0").params["weight"], torch.Tensor)  # a regular conv: not by default
+    ref = model.eval()
+    with torch.no_grad():
+        ref[2].weight.copy_(dw.dense())
+        assert torch.allclose(res.model(x), ref(x), atol=1e-5)
