@@ -431,3 +431,24 @@ def test_cli_executor_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert main(["compile", model, "-p", "p.sqz", "--calib", "calib.pt", "-o", "m.pt", "--executor", "local"]) == 0
     out = capsys.readouterr().out
     assert "net_trim" in out and "non-zeros" in out and Path("m.pt").exists()
+
+
+def test_onnx_emits_sparse_initializers_or_dense_weights() -> None:
+    import numpy as np
+    import onnxruntime as ort
+
+    from netsqueeze.backends.onnx import to_onnx
+
+    model, x = _trained_mlp()
+    res = ns.compile(model, POLICY, calibration=x, executor="local")
+    nnz = sum(weights.nnz(n.params["weight"]) for n in res.graph.by_kind("linear"))
+    with torch.no_grad():
+        ref = res.model(x).numpy()
+    for mode, sparse_count in (("initializer", 3), ("dense", 0)):
+        proto = to_onnx(res.graph, sparse=mode)  # type: ignore[arg-type]
+        assert len(proto.graph.sparse_initializer) == sparse_count
+        if sparse_count:
+            assert sum(int(np.prod(s.values.dims)) for s in proto.graph.sparse_initializer) == nnz
+        sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
