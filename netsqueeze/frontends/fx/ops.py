@@ -269,7 +269,8 @@ def _reshape(cx: _Capture, a: dict[str, Any]) -> Value:
     target = list(out)
     if src and out[0] == src[0]:
         target[0] = 0
-    size = [int(d) for d in a.get("size") or ()]
+    # sizes read from the tensor at run time (dynamic dims) are graph nodes, not literals: only a literal -1 matters
+    size = [int(d) if isinstance(d, int) else None for d in a.get("size") or ()]
     if -1 in size and size.index(-1) < len(target) and target[size.index(-1)] != 0:
         target[size.index(-1)] = -1
     elif -1 not in target and len(target) >= 2 and target[-1] != 0:
