@@ -14,7 +14,7 @@ from netsqueeze.ir.graph import Graph, Node, Value
 from netsqueeze.ir.ops import attr
 from netsqueeze.ir.stats import graph_stats
 from netsqueeze.ir.weights import Sparse
-from netsqueeze.passes.allocation import bisect
+from netsqueeze.passes.allocation import Budget, Reached, bisect
 from netsqueeze.passes.base import PassContext, PassResult, TransformPass
 from netsqueeze.passes.collectors import Reservoir
 from netsqueeze.passes.dependency import ChannelGroup, DependencyAnalysis
@@ -72,10 +72,12 @@ class NetTrim(TransformPass):
       ε_m = `gamma`·‖(w_mᵀX̂ − y_m)_Ω‖ (the original weights stay feasible); a layer whose input has not
       changed (the first) uses `epsilon`·‖y_m‖. `kappa` < 1 replaces `gamma` on the last layer (the
       paper's risk coefficient: a smaller final error, the original weights may be infeasible).
-    - ε search: with `epsilon` unset and a `bytes` budget or a guard in the policy, the relative ε is
-      found by bisection (6 steps in (0, 0.5]): the largest that meets the guard, and the smallest that
-      meets the budget; every solve of the search starts from the previous one's ADMM state. Without
-      either, `epsilon` is 5%.
+    - ε search: with `epsilon` unset and a flops/params/bytes budget or a guard in the policy, the relative
+      ε is found by bisection (6 steps in (0, 0.5], each candidate measured after channel removal): the
+      smallest that meets the budget, else the largest that meets the guard (with both, the budget's ε must
+      also meet the guard: a larger ε only loses fidelity, a smaller one only loses size); every solve of
+      the search starts from the previous one's ADMM state, and the candidate chosen is the one measured.
+      Without either, `epsilon` is 5%.
 
     Convolutions (2-d, groups = 1) go through the same program on im2col patches: each patch is one
     sample of the neuron's input, which keeps one program, one solver and cvxpy as the reference for
@@ -127,10 +129,9 @@ class NetTrim(TransformPass):
         own = ctx.executor is None
         try:
             start = graph.copy()
-            bytes_limit = ctx.budget.get("bytes")
-            searching = self.epsilon is None and (bytes_limit is not None or ctx.guard is not None)
-            if searching:
-                gain = self._search(start, graph, layers, ctx, executor, bytes_limit)
+            budget = Budget.of(ctx)
+            if self.epsilon is None and (budget or ctx.guard is not None):
+                gain = self._search(start, graph, layers, ctx, executor, budget)
                 notes.append(f"ε search: epsilon = {gain:.2%}")
             else:
                 gain = 0.05 if self.epsilon is None else self.epsilon
@@ -272,41 +273,48 @@ class NetTrim(TransformPass):
 
     # ---- the ε search ----
     def _search(self, start: Graph, graph: Graph, layers: list[_Layer], ctx: PassContext, executor: Executor,
-                bytes_limit: float | None) -> float:
+                budget: Budget) -> float:
+        """The relative ε the policy's budget and guard ask for (see the class docstring); leaves the graph
+        of that ε (before channel removal) in `graph`."""
         warm: dict[tuple[str, int], tuple[torch.Tensor, ...]] = {}
-        base = graph_stats(ctx.original or start).param_bytes
-        seen: dict[float, tuple[bool, bool, float, float | None]] = {}
+        base = graph_stats(ctx.original or start)
+        seen: dict[float, tuple[bool, bool, Reached, float | None]] = {}
+        solved: dict[float, Graph] = {}
 
-        def at(gain: float) -> tuple[bool, bool, float, float | None]:
+        def at(gain: float) -> tuple[bool, bool, Reached, float | None]:
             if gain not in seen:
                 g = start.copy()
                 self._trim(start, g, layers, ctx, executor, gain, warm)
+                solved[gain] = g
                 if self.remove_channels:
+                    g = g.copy()
                     self._remove(g, ctx)
-                size = graph_stats(g).param_bytes / max(1, base)
+                st = graph_stats(g)
+                reached = (st.flops / max(1, base.flops), st.params / max(1, base.params),
+                           st.param_bytes / max(1, base.param_bytes))
                 check = ctx.guard_check(g)
-                seen[gain] = (bytes_limit is None or size <= bytes_limit + 1e-12,
-                              check is None or check[0], size, None if check is None else check[1])
+                seen[gain] = (budget.meets(reached), check is None or check[0], reached,
+                              None if check is None else check[1])
             return seen[gain]
 
         gain = _SEARCH_MAX
-        if bytes_limit is not None:
+        if budget:
             if not at(_SEARCH_MAX)[0]:
-                raise BudgetError(Diagnostic(
-                    f"net_trim cannot meet the budget bytes <= {bytes_limit:.1%}: epsilon = {_SEARCH_MAX:.0%} "
-                    f"reaches bytes {at(_SEARCH_MAX)[2]:.1%} of the original", node=layers[0].node))
+                raise budget.unreachable("net_trim", f"epsilon = {_SEARCH_MAX:.0%}", at(_SEARCH_MAX)[2],
+                                         layers[0].node)
             gain = bisect(_SEARCH_MAX, 0.0, lambda t: at(t)[0], _SEARCH_STEPS)
         if ctx.guard is not None and not at(gain)[1]:
-            low = bisect(0.0, gain, lambda t: at(t)[1], _SEARCH_STEPS)
-            if bytes_limit is not None or not at(low)[1]:
-                got = at(gain)[3]
+            metric, limit = ctx.guard
+            if budget:
                 raise BudgetError(Diagnostic(
-                    f"net_trim cannot meet guard {ctx.guard[0]} <= {ctx.guard[1]:.2%} within the budget: "
-                    f"epsilon = {gain:.2%} reaches {got if got is None else f'{got:.2%}'}", node=layers[0].node))
-            gain = low
-        g = start.copy()
-        self._trim(start, g, layers, ctx, executor, gain, warm)
-        graph.assign(g)
+                    f"net_trim cannot meet guard {metric} <= {limit:.2%} within the budget {budget}: the smallest "
+                    f"epsilon that meets the budget ({gain:.2%}) reaches {_fmt(at(gain)[3])}", node=layers[0].node))
+            gain = bisect(0.0, gain, lambda t: at(t)[1], _SEARCH_STEPS)
+            if not at(gain)[1]:
+                raise BudgetError(Diagnostic(
+                    f"net_trim cannot meet guard {metric} <= {limit:.2%}: epsilon = {gain:.2%} reaches "
+                    f"{_fmt(at(gain)[3])}", node=layers[0].node))
+        graph.assign(solved[gain])
         return gain
 
     # ---- emission ----
@@ -364,6 +372,10 @@ def _zero(graph: Graph, g: ChannelGroup, c: int) -> bool:
         elif m.role in ("value", "param") and node.kind not in _ZERO_KEEPING and m.node not in g.producers:
             return False
     return bool(g.members_of("producer"))
+
+
+def _fmt(value: float | None) -> str:
+    return "an unmeasured value" if value is None else f"{value:.2%}"
 
 
 @dataclass(frozen=True)

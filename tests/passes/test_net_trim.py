@@ -383,7 +383,7 @@ def test_a_bytes_budget_drives_the_epsilon_search() -> None:
 def test_an_unreachable_bytes_budget_is_a_budget_error() -> None:
     with pytest.raises(ns.BudgetError) as e:
         _budget_run(0.01)
-    assert "net_trim cannot meet the budget bytes <= 1.0%: epsilon = 50% reaches bytes" in str(e.value)
+    assert "net_trim cannot meet the budget bytes <= 1.0%: epsilon = 50% reaches flops " in str(e.value)
 
 
 @pytest.mark.slow
