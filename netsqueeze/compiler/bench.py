@@ -56,6 +56,14 @@ class _Model:
                 out.append(torch.zeros(shape, dtype=getattr(torch, meta.dtype)))
         return tuple(out)
 
+    def flops_per_sample(self) -> int:
+        """FLOPs of one sample: the graph at batch 1 (the model's own fixed batch divided out otherwise)."""
+        fixed = [self.graph.node(n).meta[0].shape[0] for n in self.graph.inputs]
+        if self.is_onnx and any(not is_dynamic(d) and d != 1 for d in fixed):
+            return graph_stats(self.graph).flops // max(1, int(fixed[0]))
+        graph = self.graph if self.is_onnx else import_model(self.obj, self.inputs(1, None))
+        return graph_stats(graph).flops
+
     def runnable(self, runtime: Runtime, batch: int, data: Sequence[torch.Tensor] | None) -> Any:
         """What `latency.runner` times: the ONNX file itself, else the graph captured at this batch size."""
         if self.is_onnx and runtime == "ort":
@@ -87,7 +95,7 @@ def _predict(model: _Model, runtime: Runtime, xs: Sequence[torch.Tensor], chunk:
 def bench(paths: Sequence[str | os.PathLike[str]], *, data: str | None = None, runtime: Runtime = "ort",
           batches: Sequence[int] = (1,), threads: int = 1, rounds: int = 15,
           trust_pickle: bool = False) -> list[dict[str, Any]]:
-    """One row per model: path, bytes, params, flops, latency per batch size ({batch: {median_ms, p90_ms}})
+    """One row per model: path, bytes, params, flops (of one sample), latency per batch size ({batch: {median_ms, p90_ms}})
     and, with `data` (an .npz of inputs plus `labels`), top1 and agreement (same argmax as the first model)."""
     models = [_Model(os.fspath(p), trust_pickle) for p in paths]
     xs: tuple[torch.Tensor, ...] | None = None
@@ -101,7 +109,8 @@ def bench(paths: Sequence[str | os.PathLike[str]], *, data: str | None = None, r
     rows: list[dict[str, Any]] = []
     for m in models:
         st = graph_stats(m.graph)
-        rows.append({"model": m.path, "bytes": m.size, "params": st.params, "flops": st.flops, "latency": {}})
+        rows.append({"model": m.path, "bytes": m.size, "params": st.params, "flops": m.flops_per_sample(),
+                     "latency": {}})
     for b in batches:
         runnables = [m.runnable(runtime, b, xs) for m in models]
         inputs = models[0].inputs(b, xs)
@@ -120,7 +129,7 @@ def bench(paths: Sequence[str | os.PathLike[str]], *, data: str | None = None, r
 
 def format_table(rows: Sequence[dict[str, Any]], runtime: str, threads: int) -> str:
     batches = list(rows[0]["latency"]) if rows else []
-    head = ["model", "size", "params", "FLOPs", *[f"{runtime} b{b} median / p90 ms" for b in batches]]
+    head = ["model", "size", "params", "FLOPs/sample", *[f"{runtime} b{b} median / p90 ms" for b in batches]]
     extra = [k for k in ("top1", "agreement") if rows and k in rows[0]]
     head += extra
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]

@@ -34,6 +34,7 @@ class Progress:
         self.file = file if file is not None else sys.stderr
         self.bars_made = 0
         self._search: Any = None
+        self.candidates = 0
 
     def bar(self, desc: str, total: int | None, unit: str) -> Any:
         if self.on:
@@ -63,8 +64,9 @@ class Progress:
                 self._search = self.bar("search: candidates measured", None, "candidate")
             value = fn(graph, metric)
             self._search.update(1)
+            self.candidates += 1
             if value is not None:
-                self.log(f"search candidate {self._search.n}: {metric.replace('_', ' ')} {value:.4g}")
+                self.log(f"search candidate {self.candidates}: {metric.replace('_', ' ')} {value:.4g}")
             return value
 
         return measured
