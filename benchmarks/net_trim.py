@@ -180,7 +180,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=1500)
     ap.add_argument("--eps", default="0.05,0.1,0.2")
     ap.add_argument("--cvxpy-neurons", type=int, default=4)
-    ap.add_argument("--models", default="lenet300,lenet5")
+    ap.add_argument("--models", default="lenet5,lenet300",
+                    help="the first runs before the solver comparisons, the others after")
     a = ap.parse_args()
     torch.set_num_threads(1)
     data = fashion_mnist()
@@ -189,46 +190,35 @@ def main() -> None:
     n_test = 1000 if a.quick else len(data["test_x"])
     test = (data["test_x"][:n_test], data["test_y"][:n_test])
     eps_list = [float(e) for e in a.eps.split(",")]
-    rows: list[list[str]] = []
+    out = RESULTS / ("net_trim-quick.md" if a.quick else "net_trim.md")
+    env = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores visible (shared), torch "
+           f"{torch.__version__}, 1 torch thread; calibration {a.samples} training images; test {n_test} images")
+    sections: dict[str, str] = {}
+
+    def write() -> None:
+        """The results file with every section finished so far (written after each, atomically)."""
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        text = (f"# net_trim on Fashion-MNIST (one-shot)\n\n`{' '.join(['benchmarks/net_trim.py', *sys.argv[1:]])}`"
+                f" — {env}.\n\n" + "\n\n".join(f"## {k}\n\n{v}" for k, v in sections.items()) + "\n")
+        tmp = out.with_suffix(".md.tmp")
+        tmp.write_text(text)
+        tmp.replace(out)
+        print(text, flush=True)
+
     header = ["model", "method", "ε", "non-zeros per FC layer", "FC non-zeros", "top-1", "drop", "solve s"]
-    for name in a.models.split(","):
-        model = model_of(name, data)
-        base = accuracy(model, *test)
-        total = sum(lin.weight.numel() for lin in linears(model))
-        sizes = [lin.weight.numel() for lin in linears(model)]
-        rows.append([name, "original", "-", " / ".join(f"{s:,}" for s in sizes), f"{total:,} (100%)", pct(base), "-",
-                     "-"])
-        print(rows[-1], file=sys.stderr, flush=True)
-        for mode in ("parallel", "cascade"):
-            for eps in eps_list:
-                res, secs = net_trim(model, calib, mode, eps, a.samples)
-                counts = layer_nnz(res)
-                nz = sum(counts)
-                top = accuracy(res.model, *test)
-                per = " / ".join(f"{c:,} ({c / s:.1%})" for c, s in zip(counts, sizes))
-                rows.append([name, f"Net-Trim {mode}", f"{eps:.0%}", per, f"{nz:,} ({nz / total:.2%})", pct(top),
-                             f"{(base - top) * 100:+.2f}", f"{secs:.0f}"])
-                print(rows[-1], file=sys.stderr, flush=True)
-                mag = magnitude(model, counts)
-                t_mag = accuracy(mag, *test)
-                rows.append([name, "magnitude (same per-layer nnz)", f"{eps:.0%} ({mode})", per, f"{nz:,} ({nz / total:.2%})",
-                             pct(t_mag), f"{(base - t_mag) * 100:+.2f}", "-"])
-                t0 = time.perf_counter()
-                ref = refit(model, mag, calib)
-                t_ref = accuracy(ref, *test)
-                rows.append([name, "magnitude + LS refit", f"{eps:.0%} ({mode})", per, f"{nz:,} ({nz / total:.2%})",
-                             pct(t_ref), f"{(base - t_ref) * 100:+.2f}", f"{time.perf_counter() - t0:.0f}"])
-                print(rows[-2], rows[-1], file=sys.stderr, flush=True)
-    main_table = markdown_table(header, rows)
-    print(main_table, flush=True)
+    names = a.models.split(",")
+    for name in names[:1]:
+        sections[f"{name}: Net-Trim against magnitude pruning"] = markdown_table(
+            header, table(name, data, calib, test, eps_list, a.samples))
+        write()
 
     mlp = model_of("lenet300", data)
     speed_header = ["layer", "N x M", "samples P", "neurons", "cvxpy s", "ADMM s", "speed-up", "ADMM ‖W‖₁",
                     "cvxpy ‖W‖₁", "ADMM vs cvxpy", "ADMM ball/ε max", "ADMM s/neuron (64-neuron chunk)",
                     "speed-up per neuron (64-neuron chunk)", "ADMM iterations"]
     speed = solver_speed(mlp, calib, 0.05, a.samples, a.cvxpy_neurons)
-    speed_table = markdown_table(speed_header, speed)
-    print(speed_table, flush=True)
+    sections["ADMM vs cvxpy (LeNet-300-100, ε = 5%, parallel problems)"] = markdown_table(speed_header, speed)
+    write()
 
     exec_rows = []
     graphs = []
@@ -244,23 +234,49 @@ def main() -> None:
         print(exec_rows[-1], file=sys.stderr, flush=True)
     same = all(torch.equal(weights.dense(n.params[k]), weights.dense(graphs[1].node(n.id).params[k]))
                for n in graphs[0].nodes() for k in n.params)
-    exec_table = markdown_table(["executor", "compile wall s", "net_trim s"], exec_rows)
-    print(exec_table, flush=True)
-    print(f"identical weights: {same}", flush=True)
+    sections["In-process vs Dask LocalCluster (LeNet-5 FC layers, parallel, ε = 5%, 30 neurons per task)"] = (
+        markdown_table(["executor", "compile wall s", "net_trim s"], exec_rows)
+        + f"\n\nIdentical weights from both executors: {same}.")
+    write()
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / ("net_trim-quick.md" if a.quick else "net_trim.md")
-    env = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, torch "
-           f"{torch.__version__}, 1 torch thread; calibration {a.samples} training images; test "
-           f"{n_test} images")
-    text = (f"# net_trim on Fashion-MNIST (one-shot)\n\n`{' '.join(['benchmarks/net_trim.py', *sys.argv[1:]])}` — "
-            f"{env}.\n\n{main_table}\n\n## ADMM vs cvxpy (ε = 5%, parallel problems)\n\n{speed_table}\n\n"
-            f"## In-process vs Dask LocalCluster (LeNet-5 FC layers, parallel, ε = 5%, 30 neurons per task)\n\n{exec_table}\n\n"
-            f"Identical weights from both executors: {same}.\n")
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
+    for name in names[1:]:
+        sections[f"{name}: Net-Trim against magnitude pruning"] = markdown_table(
+            header, table(name, data, calib, test, eps_list, a.samples))
+        write()
     print(f"wrote {out}", file=sys.stderr)
+
+
+def table(name: str, data: dict[str, torch.Tensor], calib: torch.Tensor, test: tuple[torch.Tensor, torch.Tensor],
+          eps_list: list[float], samples: int) -> list[list[str]]:
+    """Net-Trim parallel and cascade at every ε, and magnitude pruning (with and without refit) at the same
+    per-layer non-zero counts."""
+    rows: list[list[str]] = []
+    model = model_of(name, data)
+    base = accuracy(model, *test)
+    total = sum(lin.weight.numel() for lin in linears(model))
+    sizes = [lin.weight.numel() for lin in linears(model)]
+    rows.append([name, "original", "-", " / ".join(f"{s:,}" for s in sizes), f"{total:,} (100%)", pct(base), "-", "-"])
+    for mode in ("parallel", "cascade"):
+        for eps in eps_list:
+            res, secs = net_trim(model, calib, mode, eps, samples)
+            counts = layer_nnz(res)
+            nz = sum(counts)
+            top = accuracy(res.model, *test)
+            per = " / ".join(f"{c:,} ({c / s:.1%})" for c, s in zip(counts, sizes))
+            share = f"{nz:,} ({nz / total:.2%})"
+            rows.append([name, f"Net-Trim {mode}", f"{eps:.0%}", per, share, pct(top), f"{(base - top) * 100:+.2f}",
+                         f"{secs:.0f}"])
+            mag = magnitude(model, counts)
+            t_mag = accuracy(mag, *test)
+            rows.append([name, "magnitude (same per-layer nnz)", f"{eps:.0%} ({mode})", per, share, pct(t_mag),
+                         f"{(base - t_mag) * 100:+.2f}", "-"])
+            t0 = time.perf_counter()
+            t_ref = accuracy(refit(model, mag, calib), *test)
+            rows.append([name, "magnitude + LS refit", f"{eps:.0%} ({mode})", per, share, pct(t_ref),
+                         f"{(base - t_ref) * 100:+.2f}", f"{time.perf_counter() - t0:.0f}"])
+            for r in rows[-3:]:
+                print(r, file=sys.stderr, flush=True)
+    return rows
 
 
 if __name__ == "__main__":
