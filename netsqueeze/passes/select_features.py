@@ -134,7 +134,7 @@ class SelectFeatures(TransformPass):
         goas: dict[int, GoaResult] = {}
         for g, sites in cands:
             res, grams = collected[g.id]
-            goa = goas[g.id] = goa_select(res, g.size, self.threshold, self._cap(g.size))
+            goa = goas[g.id] = self._choose(g, res)
             keep = self._bounded(g, ctx, goa, 0)
             metrics.update({f"group{g.id}_kept": float(len(keep)), f"group{g.id}_admitted": float(goa.admitted),
                             f"group{g.id}_discarded_online": float(goa.discarded_online),
@@ -159,6 +159,10 @@ class SelectFeatures(TransformPass):
         result.metrics.update(metrics)
         result.notes.extend(notes)
         return result
+
+    def _choose(self, g: ChannelGroup, res: ClassReservoirs) -> GoaResult:
+        """GOA over the reservoir (a subclass may choose otherwise and keep the removal and refit)."""
+        return goa_select(res, g.size, self.threshold, self._cap(g.size))
 
     def _cap(self, size: int) -> int:
         cap = size
