@@ -119,7 +119,7 @@ class ByteLM(nn.Module):
         self.mask: torch.Tensor
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.emb(tokens) + self.pos
+        x = self.emb(tokens) + self.pos[: tokens.shape[1]]
         for block in self.blocks:
             x = block(x, self.mask)
         return self.head(self.ln(x))
@@ -269,31 +269,31 @@ def run_lm(steps: int = STEPS, eval_windows: int = 256, log: Callable[[str], Non
         say(f"target (int4 GPTQ perplexity within {TARGET:.0%} of fp32 and below RTN's): {verdict}: "
             f"GPTQ {g:+.2%}, RTN {r:+.2%} vs fp32")
     say("ONNX Runtime executes: " + "; ".join(f"{m.label}: {m.ops}" for m in measured))
-    say(width_probe({1: inputs[1], 8: inputs[64][:8]}))
+    say(width_probe(model, inputs[64], "the trained LM (d = 128)"))
+    torch.manual_seed(0)
+    say(width_probe(ByteLM(d=512, heads=8).eval(), inputs[64], "the same architecture at d = 512 (untrained)"))
     return rows
 
 
-def width_probe(inputs: dict[int, torch.Tensor], d: int = 512) -> str:
-    """Latency only (`inputs`: batch -> tokens): the same architecture `d` wide, untrained, fp32 against int4 RTN
-    blocks of 32 (the weights' values do not change the kernels ONNX Runtime runs; perplexity is not measured)."""
-    torch.manual_seed(0)
-    model = ByteLM(d=d, heads=8).eval()
-    dyn = {"tokens": {0: torch.export.Dim("batch", min=1, max=1024)}}
+def width_probe(model: nn.Module, tokens: torch.Tensor, label: str) -> str:
+    """Latency only, batch 1, at sequence lengths 128 and 1 (one position: the weight-streaming regime of
+    token-by-token generation, without a KV cache): `model` in fp32 against int4 RTN blocks of 32 (the weights'
+    values do not change the kernels ONNX Runtime runs)."""
     runs = {}
-    for label, body in (("fp32", ""), ("int4", "quantize_weights on type(linear) { bits = 4, block = 32 }")):
-        r = ns.compile(model, f"policy p {{ {body} }}", example_inputs=(inputs[max(inputs)][:2],), dynamic_shapes=dyn,
-                       target="onnx")
-        runs[label] = (ort_session(r.model.SerializeToString()), len(r.model.SerializeToString()))
-    ms: dict[tuple[str, int], list[float]] = {(k, b): [] for k in runs for b in inputs}
+    for seq in (SEQ, 1):
+        for name, body in (("fp32", ""), ("int4", "quantize_weights on type(linear) { bits = 4, block = 32 }")):
+            x = tokens[:2, :seq]
+            r = ns.compile(model, f"policy p {{ {body} }}", example_inputs=(x,), target="onnx",
+                           dynamic_shapes={"tokens": {0: torch.export.Dim("batch", min=1, max=1024)}})
+            runs[(name, seq)] = (ort_session(r.model.SerializeToString()), len(r.model.SerializeToString()), x[:1])
+    ms: dict[tuple[str, int], list[float]] = {k: [] for k in runs}
     for _ in range(5):
-        for k, (run, _) in runs.items():
-            for b, x in inputs.items():
-                ms[(k, b)].append(latency(run, x, runs=2))
-    med = {key: statistics.median(v) for key, v in ms.items()}
-    return (f"width probe (d = {d}, untrained, latency only): fp32 {runs['fp32'][1]:,} bytes, ORT "
-            f"{med[('fp32', 1)]:.2f} / {med[('fp32', 8)]:.1f} ms; int4 block 32 {runs['int4'][1]:,} bytes, ORT "
-            f"{med[('int4', 1)]:.2f} / {med[('int4', 8)]:.1f} ms (batch 1 / 8): int4 "
-            f"{med[('fp32', 1)] / med[('int4', 1)]:.2f}x / {med[('fp32', 8)] / med[('int4', 8)]:.2f}x as fast")
+        for k, (run, _, x) in runs.items():
+            ms[k].append(latency(run, x, runs=20 if k[1] == 1 else 2))
+    med = {k: statistics.median(v) for k, v in ms.items()}
+    return (f"{label}: fp32 {runs[('fp32', SEQ)][1]:,} bytes, int4 block 32 {runs[('int4', SEQ)][1]:,} bytes; ORT batch 1, "
+            + ", ".join(f"sequence {seq}: fp32 {med[('fp32', seq)]:.3f} ms, int4 {med[('int4', seq)]:.3f} ms "
+                        f"({med[('fp32', seq)] / med[('int4', seq)]:.2f}x as fast)" for seq in (SEQ, 1)))
 
 
 def main() -> None:
