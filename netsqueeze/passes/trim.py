@@ -18,7 +18,7 @@ from netsqueeze.ir.weights import ENCODED_FORMS
 from netsqueeze.passes.allocation import Budget, GroupBounds, Meter, bisect_int, group_bounds
 from netsqueeze.passes.base import PassContext, PassResult, TransformPass
 from netsqueeze.passes.collectors import Moments, Reservoir, channel_rows
-from netsqueeze.passes.dependency import ChannelGroup, DependencyAnalysis, Member
+from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups, DependencyAnalysis, Member
 from netsqueeze.passes.registry import register_pass
 from netsqueeze.passes.rewrite import ChannelSelection, apply_selection
 
@@ -103,6 +103,37 @@ def gdnt_scores(parents: torch.Tensor, children: torch.Tensor, child_groups: int
     return scores
 
 
+def gdnt_group_scores(parents: torch.Tensor, children: torch.Tensor, parent_groups: int, child_groups: int,
+                      seed: int) -> torch.Tensor:
+    """[parent group, child group] geometric dependencies, GDNT as published (Ganesh, Corso & Yasaei Sekeh,
+    ICPR 2020; reference code Sekeh-Lab/MINT): parents and children split into contiguous groups, and each
+    child group's dependency on each parent group estimated as in `gdnt_scores`, with the whole parent group
+    replaced by its nearest neighbour's under the other parents."""
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(parents.shape[0], generator=gen)
+    p, x = _standardise(parents[perm]), _standardise(children[perm])
+    m3 = p.shape[0] // 3
+    if m3 < 2:
+        raise ValueError("gdnt needs at least 6 calibration samples")
+    pa, pb, pc = p[:m3], p[m3:2 * m3], p[2 * m3:3 * m3]
+    xa, xc = x[:m3].numpy(), x[2 * m3:3 * m3].numpy()
+    pblocks = [b for b in np.array_split(np.arange(p.shape[1]), min(parent_groups, p.shape[1])) if len(b)]
+    cblocks = [b for b in np.array_split(np.arange(x.shape[1]), min(child_groups, x.shape[1])) if len(b)]
+    scores = torch.zeros(len(pblocks), len(cblocks), dtype=torch.float64)
+    for i, blk in enumerate(pblocks):
+        others = torch.ones(p.shape[1], dtype=torch.bool)
+        others[torch.from_numpy(blk)] = False
+        if bool(others.any()):
+            nn = torch.cdist(pa[:, others], pb[:, others]).argmin(1)
+        else:  # no other parents: plain independence, a random pairing
+            nn = torch.randperm(m3, generator=gen)
+        y_ind, y_joint = pb[nn][:, blk].numpy(), pc[:, blk].numpy()
+        for j, cb in enumerate(cblocks):
+            r = fr_cross_edges(np.hstack([xa[:, cb], y_ind]), np.hstack([xc[:, cb], y_joint]))
+            scores[i, j] = 1.0 - r / m3
+    return scores
+
+
 def _standardise(t: torch.Tensor) -> torch.Tensor:
     sd = t.std(0, keepdim=True)
     return torch.where(sd > 1e-12, (t - t.mean(0, keepdim=True)) / sd.clamp_min(1e-12), torch.zeros_like(t))
@@ -155,6 +186,8 @@ class Trim(TransformPass):
     bias_compensation: bool = True
     gdnt_samples: int = field(default=384, metadata={"min": 1, "unit": "count"})
     gdnt_child_groups: int = field(default=8, metadata={"min": 1})
+    gdnt_mode: Literal["neuron", "groups"] = "neuron"
+    gdnt_layer_cap: float = field(default=0.75, metadata={"min": 0.0, "max": 1.0, "unit": "ratio"})
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         groups = ctx.analysis(DependencyAnalysis, graph).restrict(ctx.selected)
@@ -166,6 +199,8 @@ class Trim(TransformPass):
             return PassResult(changed=False, notes=["no prunable channel group"])
         obs = {g.id: _observations(graph, g) for g in cands}
         moments, reservoirs = self._collect(graph, ctx, cands, obs, notes)
+        if self.criterion == "gdnt" and self.gdnt_mode == "groups":
+            return self._published(graph, ctx, groups, cands, bounds, obs, moments, reservoirs, notes)
         scores = {g.id: self._score(graph, g, obs[g.id], moments, reservoirs, notes, ctx.seed) for g in cands}
         before = graph_stats(ctx.original or graph)
         if self.ratio is not None:
@@ -192,6 +227,10 @@ class Trim(TransformPass):
 
         if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
             raise fail(f"ratio {self.ratio} leaves no channel; it must be in [0, 1)")
+        if self.gdnt_mode == "groups" and self.criterion != "gdnt":
+            raise fail(f"gdnt_mode = groups applies to criterion = gdnt, not {self.criterion}")
+        if self.gdnt_mode == "groups" and self.ratio is None:
+            raise fail("gdnt_mode = groups cuts the `ratio` quantile of the group dependencies: give a ratio")
         if self.ratio is None and not Budget.of(ctx):
             raise fail("needs a `ratio` or a flops/params/bytes budget in the policy")
         if self.min_channels < 1 or self.round_to < 1:
@@ -330,4 +369,103 @@ class Trim(TransformPass):
                 s[list(m.index[c])] = mean[list(o.value.index[c])]
         return ChannelSelection(keep=sel.keep, bias_shift=shifts) if shifts else sel
 
+    def _published(self, graph: Graph, ctx: PassContext, groups: ChannelGroups, cands: list[ChannelGroup],
+                   bounds: dict[int, GroupBounds], obs: dict[int, list[_Obs]],
+                   moments: dict[tuple[Value, int], Moments], reservoirs: dict[tuple[int, int], Reservoir],
+                   notes: list[str]) -> PassResult:
+        """GDNT as published: every (child group, parent group) connection of every observed consumer scored;
+        the connections under the `ratio` quantile of all scores cut (at most `gdnt_layer_cap` of a
+        consumer's connections), their weights zeroed with their mean input moved into the bias; parent
+        groups left with no connection removed structurally (as far as the bounds allow)."""
+        assert self.ratio is not None
+        before = graph_stats(ctx.original or graph)
+        table: list[tuple[ChannelGroup, int, list[np.ndarray], list[np.ndarray], torch.Tensor]] = []
+        for g in cands:
+            for i, o in enumerate(obs[g.id]):
+                res = reservoirs.get((g.id, i))
+                if res is None or res.rows is None or res.rows.shape[0] < 6 or o.consumer.axis != 1:
+                    continue  # conv_transpose reads its input on weight axis 0: scored per neuron only
+                sample = res.sample()
+                sc = gdnt_group_scores(sample[:, :g.size], sample[:, g.size:], self.gdnt_child_groups,
+                                       self.gdnt_child_groups, ctx.seed + g.id)
+                width = sample.shape[1] - g.size
+                pb = [b for b in np.array_split(np.arange(g.size), min(self.gdnt_child_groups, g.size)) if len(b)]
+                cb = [b for b in np.array_split(np.arange(width), min(self.gdnt_child_groups, width)) if len(b)]
+                table.append((g, i, pb, cb, sc))
+        if not table:
+            return PassResult(changed=False, notes=[*notes, "gdnt: no observable consumer"])
+        cut_at = float(torch.quantile(torch.cat([t[4].flatten() for t in table]), self.ratio))
+        zeroed, cut_total = 0, 0
+        alive: dict[int, np.ndarray] = {}
+        best: dict[int, torch.Tensor] = {}
+        for g, i, pb, cb, sc in table:
+            b_ = best.setdefault(g.id, torch.full((g.size,), -math.inf, dtype=torch.float64))
+            for a, blk in enumerate(pb):
+                b_[torch.from_numpy(blk)] = torch.clamp(b_[torch.from_numpy(blk)], min=float(sc[a].max()))
+            flat = sc.flatten()
+            order = sorted(range(flat.numel()), key=lambda k: (float(flat[k]), k))
+            n_cut = min(sum(1 for k in order if float(flat[k]) < cut_at),
+                        math.floor(self.gdnt_layer_cap * flat.numel() + 1e-9))
+            cut = torch.zeros(flat.numel(), dtype=torch.bool)
+            cut[order[:n_cut]] = True
+            cut = cut.reshape(sc.shape)
+            cut_total += n_cut
+            live = alive.setdefault(g.id, np.zeros(g.size, dtype=bool))
+            for a, blk in enumerate(pb):
+                if not bool(cut[a].all()):
+                    live[blk] = True
+            zeroed += self._zero(graph, g, obs[g.id][i], pb, cb, cut, moments, notes)
+        sel: dict[int, ChannelSelection] = {}
+        for gid, live in alive.items():
+            g = groups[gid]
+            keep = [c for c in range(g.size) if live[c]]
+            k = bounds[gid].clamp(len(keep))
+            if k > len(keep):  # the bounds win: the best-scored removed channels come back
+                back = sorted((c for c in range(g.size) if not live[c]), key=lambda c: (-float(best[gid][c]), c))
+                keep = sorted(keep + back[:k - len(keep)])
+            if len(keep) < g.size:
+                sel[gid] = ChannelSelection(keep=keep)
+        # a removed channel's connections were all cut, their mean contributions already in the biases
+        result = apply_selection(graph, groups, sel) if sel else PassResult(changed=zeroed > 0)
+        after = graph_stats(graph)
+        result.metrics.update({"connections_cut": float(cut_total), "weights_zeroed": float(zeroed),
+                               "channels_removed": float(sum(groups[gid].size - len(s.keep) for gid, s in sel.items())),
+                               "groups_trimmed": float(len(sel)), "flops_ratio": after.flops / max(1, before.flops),
+                               "params_ratio": after.params / max(1, before.params)})
+        result.notes.extend(notes)
+        return result
+
+    def _zero(self, graph: Graph, g: ChannelGroup, o: _Obs, pb: list[np.ndarray], cb: list[np.ndarray],
+              cut: torch.Tensor, moments: dict[tuple[Value, int], Moments], notes: list[str]) -> int:
+        """Zeroes the cut (parent group, child group) blocks of consumer `o`'s weight; each cut block's mean
+        input goes into the bias (the removed connections' mean contribution). Returns the weights zeroed."""
+        node = graph.node(o.consumer.node)
+        w = node.params["weight"]
+        if not isinstance(w, torch.Tensor):
+            notes.append(f"gdnt: '{node.id}' holds an encoded weight; its connections were not cut")
+            return 0
+        mo = moments.get(((o.value.node, o.value.output or 0), o.value.axis))
+        wd = w.double().clone()
+        bias = node.params.get("bias")
+        delta = torch.zeros(wd.shape[0], dtype=torch.float64)
+        n = 0
+        for a, blk in enumerate(pb):
+            pos = [q for c in blk for q in o.consumer.index[int(c)]]
+            for b, cbk in enumerate(cb):
+                if not bool(cut[a, b]):
+                    continue
+                rows = torch.from_numpy(cbk)
+                part = wd[rows][:, pos]
+                if mo is not None and self.bias_compensation and (bias is None or isinstance(bias, torch.Tensor)):
+                    mean = torch.stack([mo.mean[q] for c in blk for q in o.value.index[int(c)]])
+                    delta[rows] += (part.flatten(2).sum(2) if part.dim() > 2 else part) @ mean
+                n += part.numel()
+                idx_r, idx_c = rows[:, None], torch.tensor(pos)[None, :]
+                wd[idx_r, idx_c] = 0.0
+        node.params["weight"] = wd.to(w.dtype)
+        if bool(delta.any()):
+            b0 = node.params.get("bias")
+            base = torch.zeros(wd.shape[0], dtype=torch.float64) if not isinstance(b0, torch.Tensor) else b0.double()
+            node.params["bias"] = (base + delta).to(w.dtype)
+        return n
 

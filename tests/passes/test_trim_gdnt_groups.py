@@ -1,0 +1,79 @@
+"""`trim { criterion = gdnt, gdnt_mode = groups }`: GDNT as published — group-pair scores, the quantile cut with
+the per-layer cap, zeroed connections with their mean in the bias, structural removal of unconnected parents."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from netsqueeze.errors import NetsqueezeError
+from netsqueeze.ir.graph import Graph
+from netsqueeze.passes.trim import Trim, gdnt_group_scores
+from tests.passes.graphs import run, stream_ctx
+
+
+@pytest.fixture(autouse=True)
+def _no_grad() -> Iterator[None]:
+    with torch.no_grad():
+        yield
+
+
+def test_group_scores_find_the_parent_groups_the_children_read() -> None:
+    g = torch.Generator().manual_seed(0)
+    parents = torch.randn(300, 8, generator=g, dtype=torch.float64)
+    children = torch.stack([parents[:, 0] + parents[:, 1], parents[:, 4] - parents[:, 5]], 1)
+    for seed in range(3):  # the dependent pairs outrank every other pair, whatever the split of the samples
+        s = gdnt_group_scores(parents, children, parent_groups=4, child_groups=2, seed=seed)
+        assert s.shape == (4, 2)
+        dep = [float(s[0, 0]), float(s[2, 1])]
+        rest = [float(s[i, j]) for i in range(4) for j in range(2) if (i, j) not in ((0, 0), (2, 1))]
+        assert min(dep) > 0.4 and max(rest) < 0.3
+
+
+def _graph() -> Graph:
+    """x[8] → fc1 (identity) → fc2: outputs 0, 1 read features 0, 1; outputs 2, 3 read 2, 3; 4..7 read at 1e-4."""
+    g = Graph("g")
+    x = g.add_node("x", "input", attrs={"shape": (4, 8)})
+    h = g.add_node("fc1", "linear", [x], params={"weight": torch.eye(8), "bias": torch.zeros(8)})
+    w2 = torch.zeros(4, 8)
+    w2[:2, :2] = torch.tensor([[1.0, 0.5], [-0.7, 1.0]])
+    w2[2:, 2:4] = torch.tensor([[0.8, -1.0], [1.0, 0.6]])
+    w2[:, 4:] = 1e-4
+    g.add_node("out", "output", [g.add_node("fc2", "linear", [h], params={"weight": w2, "bias": torch.zeros(4)})])
+    g.infer_shapes()
+    return g
+
+
+def _batches(n: int = 4) -> list[list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(2)
+    return [[torch.randn(128, 8, generator=gen) + 1.0] for _ in range(n)]
+
+
+def test_cut_zeroes_weak_connections_and_removes_unconnected_parents() -> None:
+    g, ref = _graph(), _graph()
+    t = Trim(criterion="gdnt", gdnt_mode="groups", ratio=0.75, gdnt_child_groups=4)
+    res = t.run(g, stream_ctx(_batches(), selected=frozenset({"fc1"})))
+    g.verify()
+    # 4 parent groups × 4 child groups = 16 connections, 4 of them strong: the 12 others are cut, which leaves
+    # parents {4,5} and {6,7} with no connection
+    assert res.metrics["connections_cut"] == 12.0 and res.metrics["weights_zeroed"] == 24.0
+    assert g.node("fc1").dense("weight").shape == (4, 8) and g.node("fc2").dense("weight").shape == (4, 4)
+    xt = torch.randn(64, 8, generator=torch.Generator().manual_seed(5)) + 1.0
+    a, b = run(ref, [xt])[0], run(g, [xt])[0]
+    assert float((a - b).abs().max()) < 2e-3  # only the 1e-4 weights' variation is lost; their mean is in the bias
+
+
+def test_layer_cap_limits_the_cut_and_errors() -> None:
+    g = _graph()
+    res = Trim(criterion="gdnt", gdnt_mode="groups", ratio=0.95, gdnt_child_groups=4).run(
+        g, stream_ctx(_batches(), selected=frozenset({"fc1"})))
+    assert res.metrics["connections_cut"] == 12.0  # ⌊0.75 · 16⌋, not the 15 that the 95% quantile cuts
+    with pytest.raises(NetsqueezeError) as e:
+        Trim(criterion="l1", gdnt_mode="groups", ratio=0.5).run(_graph(), stream_ctx(_batches()))
+    assert e.value.message == "trim: gdnt_mode = groups applies to criterion = gdnt, not l1"
+    with pytest.raises(NetsqueezeError) as e:
+        Trim(criterion="gdnt", gdnt_mode="groups").run(_graph(), stream_ctx(_batches()))
+    assert e.value.message == ("trim: gdnt_mode = groups cuts the `ratio` quantile of the group dependencies: "
+                               "give a ratio")
