@@ -1,7 +1,8 @@
 """`net_trim` on Fashion-MNIST, one-shot: Net-Trim parallel and cascade against magnitude pruning at the same
 per-layer sparsity, ADMM against cvxpy, in-process against a Dask LocalCluster.
 
-    .venv/bin/python benchmarks/net_trim.py [--quick] [--samples N] [--eps 0.05,0.1]
+    .venv/bin/python -m benchmarks.net_trim [--quick] [--samples N] [--eps 0.05,0.1] [--models lenet5,lenet300]
+        [--sections models,solvers]
 
 Models (trained here once, cached in benchmarks/cache/): a LeNet-300-100 MLP and a LeNet-5-style CNN
 (conv 6@5x5, pool, conv 16@5x5, pool, FC 400-120-84-10). Net-Trim prunes every FC layer of both (the
@@ -24,6 +25,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -177,6 +179,7 @@ def solver_speed(model: nn.Module, calib: torch.Tensor, eps: float, samples: int
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sections", default="models,solvers", help="what to run: models, solvers or both")
     ap.add_argument("--samples", type=int, default=1500)
     ap.add_argument("--eps", default="0.05,0.1,0.2")
     ap.add_argument("--cvxpy-neurons", type=int, default=4)
@@ -193,32 +196,53 @@ def main() -> None:
     out = RESULTS / ("net_trim-quick.md" if a.quick else "net_trim.md")
     env = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores visible (shared), torch "
            f"{torch.__version__}, 1 torch thread; calibration {a.samples} training images; test {n_test} images")
+    run_line = f"`python -m benchmarks.net_trim {' '.join(sys.argv[1:])}` — {env}."
+    # sections of an earlier run that this one does not redo are kept (`--sections` reruns a part)
     sections: dict[str, str] = {}
+    if out.exists():
+        for part in out.read_text().split("\n## ")[1:]:
+            title, _, body = part.partition("\n\n")
+            sections[title] = body.strip()
 
-    def write() -> None:
-        """The results file with every section finished so far (written after each, atomically)."""
+    def write(title: str, body: str) -> None:
+        """Sets one section and writes the results file (atomically), after every section and table row."""
+        sections[title] = f"{run_line}\n\n{body}"
         RESULTS.mkdir(parents=True, exist_ok=True)
-        text = (f"# net_trim on Fashion-MNIST (one-shot)\n\n`{' '.join(['benchmarks/net_trim.py', *sys.argv[1:]])}`"
-                f" — {env}.\n\n" + "\n\n".join(f"## {k}\n\n{v}" for k, v in sections.items()) + "\n")
+        text = ("# net_trim on Fashion-MNIST (one-shot)\n\n"
+                + "\n\n".join(f"## {k}\n\n{v}" for k, v in sections.items()) + "\n")
         tmp = out.with_suffix(".md.tmp")
         tmp.write_text(text)
         tmp.replace(out)
-        print(text, flush=True)
+        print(f"## {title}\n\n{body}\n", flush=True)
 
     header = ["model", "method", "ε", "non-zeros per FC layer", "FC non-zeros", "top-1", "drop", "solve s"]
     names = a.models.split(",")
-    for name in names[:1]:
-        sections[f"{name}: Net-Trim against magnitude pruning"] = markdown_table(
-            header, table(name, data, calib, test, eps_list, a.samples))
-        write()
+    todo = set(a.sections.split(","))
 
+    def rows_of(title: str) -> Callable[[list[list[str]]], None]:
+        return lambda rows: write(title, markdown_table(header, rows))
+
+    for name in names[:1] if "models" in todo else []:
+        title = f"{name}: Net-Trim against magnitude pruning"
+        table(name, data, calib, test, eps_list, a.samples, rows_of(title))
+
+    if "solvers" in todo:
+        solvers(data, calib, a.samples, a.cvxpy_neurons, write)
+    for name in names[1:] if "models" in todo else []:
+        title = f"{name}: Net-Trim against magnitude pruning"
+        table(name, data, calib, test, eps_list, a.samples, rows_of(title))
+    print(f"wrote {out}", file=sys.stderr)
+
+
+def solvers(data: dict[str, torch.Tensor], calib: torch.Tensor, samples: int, neurons: int,
+            write: Callable[[str, str], None]) -> None:
+    """ADMM against cvxpy on the LeNet-300-100 layers; in-process against a Dask LocalCluster on LeNet-5."""
     mlp = model_of("lenet300", data)
     speed_header = ["layer", "N x M", "samples P", "neurons", "cvxpy s", "ADMM s", "speed-up", "ADMM ‖W‖₁",
                     "cvxpy ‖W‖₁", "ADMM vs cvxpy", "ADMM ball/ε max", "ADMM s/neuron (64-neuron chunk)",
                     "speed-up per neuron (64-neuron chunk)", "ADMM iterations"]
-    speed = solver_speed(mlp, calib, 0.05, a.samples, a.cvxpy_neurons)
-    sections["ADMM vs cvxpy (LeNet-300-100, ε = 5%, parallel problems)"] = markdown_table(speed_header, speed)
-    write()
+    speed = solver_speed(mlp, calib, 0.05, samples, neurons)
+    write("ADMM vs cvxpy (LeNet-300-100, ε = 5%, parallel problems)", markdown_table(speed_header, speed))
 
     exec_rows = []
     graphs = []
@@ -234,20 +258,13 @@ def main() -> None:
         print(exec_rows[-1], file=sys.stderr, flush=True)
     same = all(torch.equal(weights.dense(n.params[k]), weights.dense(graphs[1].node(n.id).params[k]))
                for n in graphs[0].nodes() for k in n.params)
-    sections["In-process vs Dask LocalCluster (LeNet-5 FC layers, parallel, ε = 5%, 30 neurons per task)"] = (
-        markdown_table(["executor", "compile wall s", "net_trim s"], exec_rows)
-        + f"\n\nIdentical weights from both executors: {same}.")
-    write()
-
-    for name in names[1:]:
-        sections[f"{name}: Net-Trim against magnitude pruning"] = markdown_table(
-            header, table(name, data, calib, test, eps_list, a.samples))
-        write()
-    print(f"wrote {out}", file=sys.stderr)
+    write("In-process vs Dask LocalCluster (LeNet-5 FC layers, parallel, ε = 5%, 30 neurons per task)",
+          markdown_table(["executor", "compile wall s", "net_trim s"], exec_rows)
+          + f"\n\nIdentical weights from both executors: {same}.")
 
 
 def table(name: str, data: dict[str, torch.Tensor], calib: torch.Tensor, test: tuple[torch.Tensor, torch.Tensor],
-          eps_list: list[float], samples: int) -> list[list[str]]:
+          eps_list: list[float], samples: int, done: Callable[[list[list[str]]], None]) -> list[list[str]]:
     """Net-Trim parallel and cascade at every ε, and magnitude pruning (with and without refit) at the same
     per-layer non-zero counts."""
     rows: list[list[str]] = []
@@ -276,6 +293,7 @@ def table(name: str, data: dict[str, torch.Tensor], calib: torch.Tensor, test: t
                          f"{(base - t_ref) * 100:+.2f}", f"{time.perf_counter() - t0:.0f}"])
             for r in rows[-3:]:
                 print(r, file=sys.stderr, flush=True)
+            done(rows)
     return rows
 
 
