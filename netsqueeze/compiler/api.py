@@ -26,6 +26,7 @@ from netsqueeze.compiler.calibration import (
     split_labels,
 )
 from netsqueeze.compiler.files import load_exported_program, load_pickled_module
+from netsqueeze.compiler.latency_budget import LatencyOutcome, latency_target, run_for_latency
 from netsqueeze.compiler.pipeline import Step, run_pipeline
 from netsqueeze.compiler.progress import Progress
 from netsqueeze.compiler.progress import enabled as progress_enabled
@@ -229,6 +230,8 @@ class _Resolved:
     plan_text: str | None
     inputs: list[Any]
     budget_spans: dict[str, SourceSpan] = field(default_factory=dict)
+    budget_absolute: dict[str, float] = field(default_factory=dict)  # absolute budget items, base units
+    runtime: dict[str, Any] = field(default_factory=dict)  # `runtime { threads, batch }`
 
 
 def load_policy_file(path: str | os.PathLike[str], params: Mapping[str, Any] | None = None) -> Any:
@@ -310,7 +313,8 @@ def _resolve(policy: PolicyLike, graph: Graph, params: Mapping[str, Any] | None)
     plan = resolve(_parse_policy(policy, params), graph, all_passes())
     steps = [Step(s.instance, s.selected, f"{s.span.file}:{s.span.line}", s.span) for s in plan.steps]
     return _Resolved(steps, dict(plan.budget), dict(plan.bounds), plan.guard, dict(plan.calibration),
-                     plan.policy_hash, plan.to_text(), list(plan.inputs), dict(plan.budget_spans))
+                     plan.policy_hash, plan.to_text(), list(plan.inputs), dict(plan.budget_spans),
+                     dict(plan.budget_absolute), dict(plan.runtime))
 
 
 def _declared_inputs(policy: PolicyLike, params: Mapping[str, Any] | None) -> tuple[torch.Tensor, ...] | None:
@@ -411,7 +415,7 @@ def _trainable(graph: Graph) -> Trainable:
 
 
 def _check_budget(budget: Mapping[str, float], before: Any, after: Any,
-                  spans: Mapping[str, SourceSpan] | None = None) -> None:
+                  spans: Mapping[str, SourceSpan] | None = None, absolute: Mapping[str, float] | None = None) -> None:
     """Raises BudgetError, located at each missed `budget` item, stating what the pipeline reached."""
     # latency is handed to the passes (ctx.budget) but compile() does not measure it
     attr = {"params": "params", "flops": "flops", "bytes": "param_bytes"}
@@ -421,6 +425,12 @@ def _check_budget(budget: Mapping[str, float], before: Any, after: Any,
             continue
         total, now = getattr(before, attr[key]), getattr(after, attr[key])
         reached = now / max(1, total)
+        if key in (absolute or {}):  # `params <= 4.5M`: the limit as the policy wrote it
+            if now > (absolute or {})[key] + 1e-9:
+                problems.append(Diagnostic(
+                    f"budget {key} <= {(absolute or {})[key]:,.0f} not met: the pipeline reached {now:,} {key} "
+                    f"({reached:.1%} of the original {total:,})", span=(spans or {}).get(key)))
+            continue
         if reached > limit + 1e-9:
             problems.append(Diagnostic(
                 f"budget {key} <= {limit:.1%} not met: the pipeline reached {reached:.1%} "
@@ -645,14 +655,19 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
         executor=executor,
     )
     t2 = time.perf_counter()
+    lat_target = latency_target(resolved, target)
+    lat_outcome: LatencyOutcome | None = None
     try:
-        run = run_pipeline(graph, resolved.steps, ctx)
+        if lat_target is None:
+            run = run_pipeline(graph, resolved.steps, ctx)
+        else:  # the pipeline reruns from the original until the measured latency meets the budget
+            graph, run, lat_outcome = run_for_latency(original, resolved.steps, ctx, lat_target, ctx.log)
     finally:
         bars.close()
     times["passes"] = time.perf_counter() - t2
     with _stage("checking the budget"):
         after = graph_stats(graph)
-    _check_budget(resolved.budget, before, after, resolved.budget_spans)
+    _check_budget(resolved.budget, before, after, resolved.budget_spans, resolved.budget_absolute)
 
     fidelity: dict[str, float] = {}
     notes: list[str] = list(graph.meta.get("notes", []))  # what the frontend had to say about the model
@@ -707,4 +722,10 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
         guard=(str(guard.metric), float(guard.limit)) if guard is not None else None,
         search=search.entries(run.records, t2),
     )
+    if lat_outcome is not None:
+        report.latency = [{"model": "original", **lat_outcome.original.to_dict()},
+                          {"model": "compressed", **lat_outcome.compressed.to_dict()}]
+        report.notes.append(f"latency budget met: measured {lat_outcome.compressed.median_ms:.3f} ms against "
+                            f"{lat_outcome.original.median_ms:.3f} ms for the original ({lat_outcome.ratio:.1%}), "
+                            f"{len(lat_outcome.attempts)} pipeline run(s)")
     return CompileResult(out_model, graph, report)

@@ -21,6 +21,7 @@ from netsqueeze.dsl.checker import (
     BUDGET_METRICS,
     CALIBRATE_KEYS,
     GUARD_METRICS,
+    RUNTIME_KEYS,
     Checker,
     PassSchema,
     sort_diagnostics,
@@ -87,6 +88,11 @@ class Plan:
     calibration: dict[str, Any] = field(default_factory=dict)
     inputs: list[InputDecl] = field(default_factory=list)
     policy_hash: str = ""
+    # budget items the policy gave in absolute units, in base units (params/FLOPs count, bytes, seconds);
+    # `budget` holds their ratio of the original model (latency's only once measured, by the compiler)
+    budget_absolute: dict[str, float] = field(default_factory=dict)
+    # `runtime { threads, batch }`: where a latency budget is measured
+    runtime: dict[str, Any] = field(default_factory=dict)
 
     def to_text(self) -> str:
         """The resolved plan, deterministic: for the report and the ONNX metadata."""
@@ -94,8 +100,14 @@ class Plan:
         out += [i.to_text() for i in self.inputs]
         if self.calibration:
             out.append("calibrate " + ", ".join(f"{k}={v!r}" for k, v in self.calibration.items()))
-        if self.budget:
-            out.append("budget " + ", ".join(f"{k}<={_num(v)}" for k, v in self.budget.items()))
+        if self.budget or self.budget_absolute:
+            items = {**self.budget, **{k: v for k, v in self.budget_absolute.items() if k not in self.budget}}
+            out.append("budget " + ", ".join(
+                f"{k}<={_num(v)}" + (f" ({_num(self.budget_absolute[k])} absolute)" if k in self.budget_absolute
+                                     and k in self.budget else " (absolute)" if k in self.budget_absolute else "")
+                for k, v in items.items()))
+        if self.runtime:
+            out.append("runtime " + ", ".join(f"{k}={v!r}" for k, v in self.runtime.items()))
         if self.bounds:
             glob = {k: v for k, v in self.bounds.items() if k != "per_node"}
             if glob:
@@ -233,6 +245,13 @@ class _Resolver:
             i = j + 1
         return out
 
+    def _original_total(self, metric: str) -> int:
+        """The model's total params, FLOPs or weight bytes, that an absolute budget is a ratio of."""
+        from netsqueeze.ir.stats import graph_stats
+
+        st = graph_stats(self.graph)
+        return {"params": st.params, "flops": st.flops, "bytes": st.param_bytes}[metric]
+
     def _statements(self, plan: Plan) -> None:
         conv = self.checker.convert
         per_node: dict[str, dict[str, tuple[int, Any, ast.Bounds]]] = {}
@@ -245,8 +264,18 @@ class _Resolver:
                 elif isinstance(s, ast.Budget):
                     for item in s.items:
                         if item.metric in BUDGET_METRICS:
-                            plan.budget[item.metric] = float(conv(item.value, BUDGET_METRICS[item.metric], item.metric))
+                            absolute, value = self.checker.budget_value(item.metric, item.value)
                             plan.budget_spans[item.metric] = _through(item.span, item.value.span)
+                            if not absolute:
+                                plan.budget[item.metric] = value
+                                continue
+                            plan.budget_absolute[item.metric] = value
+                            if item.metric != "latency":  # the passes see a ratio of the original
+                                plan.budget[item.metric] = min(1.0, value / max(1, self._original_total(item.metric)))
+                elif isinstance(s, ast.Runtime):
+                    for o in s.settings:
+                        if o.key in RUNTIME_KEYS:
+                            plan.runtime[o.key] = conv(o.value, RUNTIME_KEYS[o.key], o.key)
                 elif isinstance(s, ast.Guard) and s.metric in GUARD_METRICS:
                     plan.guard = Guard(s.metric, float(conv(s.value, GUARD_METRICS[s.metric], s.metric)),
                                        span=_through(s.span, s.value.span))

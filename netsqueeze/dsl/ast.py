@@ -400,7 +400,18 @@ class Import:
         return f"import {_quote(self.path)}"
 
 
-Statement = InputDecl | Calibrate | Let | Param | Budget | Bounds | Guard | Invocation
+@dataclass(frozen=True)
+class Runtime:
+    """`runtime { threads = 2, batch = 64 }`: where a latency budget is measured."""
+
+    settings: tuple[Option, ...]
+    span: SourceSpan = field(default=NOSPAN, compare=False, repr=False, kw_only=True)
+
+    def to_text(self) -> str:
+        return "runtime { " + ", ".join(o.to_text() for o in self.settings) + " }"
+
+
+Statement = InputDecl | Calibrate | Let | Param | Budget | Bounds | Guard | Invocation | Runtime
 Definition = Let | Param
 
 

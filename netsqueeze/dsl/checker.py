@@ -6,6 +6,7 @@ The same value conversion (`Checker.option_values`) builds pass options in the c
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -82,10 +83,22 @@ BUDGET_METRICS: dict[str, OptionSchema] = {
     "params": OptionSchema("params", _RATIO, min=0, max=1, unit="ratio", min_exclusive=True),
     "flops": OptionSchema("flops", _RATIO, min=0, max=1, unit="ratio", min_exclusive=True),
     "bytes": OptionSchema("bytes", _RATIO, min=0, max=1, unit="ratio", min_exclusive=True),
+    # measured on the emit target by the compiler (`compiler.latency`), never seen by the passes
+    "latency": OptionSchema("latency", _RATIO, min=0, max=1, unit="ratio", min_exclusive=True),
+}
+# the absolute form of each budget metric (`params <= 4.5M`, `bytes <= 2 MB`, `latency <= 5 ms`): its unit
+# dimension and an example; the compiler turns it into a ratio of the original model
+ABSOLUTE_BUDGET: dict[str, tuple[str, str]] = {
+    "params": ("count", "a count (e.g. 4.5M)"),
+    "flops": ("count", "a count (e.g. 300M)"),
+    "bytes": ("bytes", "a byte size (e.g. 2 MB)"),
+    "latency": ("duration", "a duration (e.g. 5 ms)"),
 }
 # budget metrics the language knows but nothing measures yet: a located error instead of a silent no-op
-UNSUPPORTED_BUDGET: dict[str, str] = {
-    "latency": "no pass measures latency; budget flops, params or bytes instead",
+UNSUPPORTED_BUDGET: dict[str, str] = {}
+RUNTIME_KEYS: dict[str, OptionSchema] = {
+    "threads": OptionSchema("threads", _INT, 1, min=1, unit="count"),
+    "batch": OptionSchema("batch", _INT, None, min=1, unit="count"),
 }
 BOUNDS_KEYS: dict[str, OptionSchema] = {
     "min_channels": OptionSchema("min_channels", _INT, 1, min=1),
@@ -190,6 +203,7 @@ class Checker:
         seen_inputs: dict[str, ast.InputDecl] = {}
         calib: dict[str, ast.Option] = {}
         budget: dict[str, ast.BudgetItem] = {}
+        runtime: dict[str, ast.Option] = {}
         bounds: dict[str, ast.Option] = {}
         guard: ast.Guard | None = None
         for s in self.policy.body:
@@ -208,7 +222,14 @@ class Checker:
                         self.error(f"budget metric '{item.metric}' is not supported yet: "
                                    f"{UNSUPPORTED_BUDGET[item.metric]}", item.span)
                         continue
+                    if item.metric in BUDGET_METRICS and item.metric not in budget:
+                        budget[item.metric] = item
+                        self.guard(functools.partial(self.budget_value, item.metric, item.value))
+                        continue
                     self._fixed(item.metric, item.value, item.span, BUDGET_METRICS, "budget metric", budget, item)
+            elif isinstance(s, ast.Runtime):
+                for o in s.settings:
+                    self._fixed(o.key, o.value, o.span, RUNTIME_KEYS, "runtime setting", runtime, o)
             elif isinstance(s, ast.Bounds):
                 local: dict[str, Any] = {} if s.selector is not None else bounds
                 for o in s.options:
@@ -314,6 +335,21 @@ class Checker:
         return out
 
     # ---- values
+    def budget_value(self, metric: str, value: ast.Value) -> tuple[bool, float]:
+        """(absolute?, value) of a budget item: a ratio of the original (`50%`, `0.5`) or, with the metric's
+        unit, an absolute limit in base units (params/FLOPs count, bytes, seconds)."""
+        what = f"budget metric '{metric}'"
+        v = self.env.value(value)
+        if isinstance(v, ast.Number) and v.dimension not in ("number", "ratio"):
+            dim, example = ABSOLUTE_BUDGET[metric]
+            if v.dimension != dim:
+                raise _Bad(f"wrong unit for {what}: expected a ratio (a number or a percentage) or {example}, "
+                           f"got {DIMENSION_WORDS[v.dimension]} '{v.to_text()}'", v.span)
+            if not v.magnitude > 0:
+                raise _Bad(f"{what} must be greater than 0, got '{v.to_text()}'", v.span)
+            return True, float(v.magnitude)
+        return False, float(self.convert(value, BUDGET_METRICS[metric], what))
+
     def convert(self, value: ast.Value, opt: OptionSchema, what: str) -> Any:
         """Converts a policy value to the Python value an option of type `opt.type` takes."""
         v = self.env.value(value)

@@ -53,10 +53,10 @@ class _SyntaxProblem(Exception):
 
 
 def _quantity(tok: Token, span: SourceSpan) -> ast.Number:
-    m = re.fullmatch(r"(-?[\d.]+(?:[eE][+-]?\d+)?)(%|K|M|G|us|ms|s)?", str(tok))
+    m = re.fullmatch(r"(-?[\d.]+(?:[eE][+-]?\d+)?)(?:(%)|[ \t]*(KB|MB|GB|B|K|M|G|us|ms|s))?", str(tok))
     if m is None:  # the terminal's regex guarantees the match; kept for mypy and safety
         raise _SyntaxProblem(f"malformed number '{tok}'", span)
-    text, unit = m.group(1), m.group(2) or ""
+    text, unit = m.group(1), m.group(2) or m.group(3) or ""
     value: int | float = float(text) if any(c in text for c in ".eE") else int(text)
     try:
         big = not math.isfinite(value) or abs(value) > 1e300
@@ -120,6 +120,10 @@ class _Builder(Transformer[Token, Any]):
     @v_args(meta=True)
     def calib_stmt(self, meta: Any, children: list[ast.Option]) -> ast.Calibrate:
         return ast.Calibrate(tuple(children), span=self._span(meta))
+
+    @v_args(meta=True)
+    def runtime_stmt(self, meta: Any, children: list[Any]) -> ast.Runtime:
+        return ast.Runtime(tuple(children[0]) if children and children[0] else (), span=self._span(meta))
 
     @v_args(meta=True)
     def calib_item(self, meta: Any, children: list[Any]) -> ast.Option:

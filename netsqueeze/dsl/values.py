@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-Dimension = Literal["number", "ratio", "count", "duration"]
+Dimension = Literal["number", "ratio", "count", "duration", "bytes"]
 
 # unit suffix -> (dimension, scale to the base quantity: a fraction, a count, seconds)
 UNITS: dict[str, tuple[Dimension, float]] = {
@@ -16,6 +16,11 @@ UNITS: dict[str, tuple[Dimension, float]] = {
     "us": ("duration", 1e-6),
     "ms": ("duration", 1e-3),
     "s": ("duration", 1.0),
+    # byte sizes (decimal, as storage vendors count): `bytes <= 2 MB`
+    "B": ("bytes", 1.0),
+    "KB": ("bytes", 1e3),
+    "MB": ("bytes", 1e6),
+    "GB": ("bytes", 1e9),
 }
 
 DIMENSION_WORDS: dict[str, str] = {
@@ -23,6 +28,7 @@ DIMENSION_WORDS: dict[str, str] = {
     "ratio": "a percentage",
     "count": "a count",
     "duration": "a duration",
+    "bytes": "a byte size",
 }
 
 
@@ -36,7 +42,7 @@ def magnitude(number: int | float, unit: str) -> int | float:
     Counts that come out whole are ints, so `4.5M` can fill an int option exactly.
     """
     dim, scale = UNITS[unit]
-    if dim == "count":
+    if dim in ("count", "bytes"):
         v = round(number * scale, 6)
         return int(v) if float(v).is_integer() else v
     if dim == "number":

@@ -1,0 +1,129 @@
+"""Budgets users state: absolute params/FLOPs/bytes (accepted, converted once to ratios of the original, met or
+refused with a located message) and the measured latency budget with its `runtime` block."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import netsqueeze as ns
+from netsqueeze.compiler.latency_budget import fit
+from netsqueeze.compiler.plan import resolve
+from netsqueeze.dsl import parse_policy
+from netsqueeze.errors import BudgetError, PolicyError
+from netsqueeze.ir.stats import graph_stats
+from netsqueeze.passes.registry import all_passes
+from tests.zoo import ZOO
+
+
+@pytest.fixture(scope="module")
+def vgg() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...], torch.Tensor]:
+    model, inputs = ZOO["vgg"]()
+    calib = torch.randn(128, *inputs[0].shape[1:], generator=torch.Generator().manual_seed(0))
+    return model, inputs, calib
+
+
+def _plan(text: str, vgg: tuple[torch.nn.Module, tuple[torch.Tensor, ...], torch.Tensor]) -> object:
+    model, inputs, _ = vgg
+    return resolve(parse_policy(text, "p.sqz"), ns.import_model(model, inputs), all_passes())
+
+
+@pytest.mark.parametrize("item, metric, absolute", [
+    ("params <= 20K", "params", 20_000.0),
+    ("flops <= 1.5M", "flops", 1_500_000.0),
+    ("bytes <= 40 KB", "bytes", 40_000.0),
+    ("bytes <= 0.04MB", "bytes", 40_000.0),
+])
+def test_absolute_budget_is_a_ratio_of_the_original(vgg: tuple[torch.nn.Module, tuple[torch.Tensor, ...], torch.Tensor],
+                                                    item: str, metric: str, absolute: float) -> None:
+    model, inputs, _ = vgg
+    st = graph_stats(ns.import_model(model, inputs))
+    total = {"params": st.params, "flops": st.flops, "bytes": st.param_bytes}[metric]
+    plan = _plan(f"policy p {{\n  budget {item}\n  fold_bn\n}}", vgg)
+    assert plan.budget_absolute == {metric: absolute}  # type: ignore[attr-defined]
+    assert plan.budget == {metric: pytest.approx(min(1.0, absolute / total))}  # type: ignore[attr-defined]
+
+
+def test_absolute_budget_met_and_missed(vgg: tuple[torch.nn.Module, tuple[torch.Tensor, ...], torch.Tensor]) -> None:
+    model, inputs, calib = vgg
+    res = ns.compile(model, "policy p {\n  budget params <= 6K\n  fold_bn\n  trim on type(conv)\n}",
+                     example_inputs=inputs, calibration=calib, progress=False)
+    assert res.report.after.params <= 6_000 < res.report.before.params
+    with pytest.raises(BudgetError) as e:
+        ns.compile(model, "policy p {\n  budget params <= 6K\n  fold_bn\n}", example_inputs=inputs,
+                   calibration=calib, progress=False)
+    reached = ns.compile(model, "policy p {\n  fold_bn\n}", example_inputs=inputs).report
+    total = reached.before.params
+    assert e.value.diagnostics[0].format().splitlines()[:3] == [
+        f"<policy>:2:10: error: budget params <= 6,000 not met: the pipeline reached {reached.after.params:,} "
+        f"params ({reached.after.params / total:.1%} of the original {total:,})",
+        "    budget params <= 6K",
+        "           ^~~~~~~~~~~~"]
+
+
+@pytest.mark.parametrize("item, message", [
+    ("flops <= 2 MB", "wrong unit for budget metric 'flops': expected a ratio (a number or a percentage) or a "
+                      "count (e.g. 300M), got a byte size '2MB'"),
+    ("params <= 5 ms", "wrong unit for budget metric 'params': expected a ratio (a number or a percentage) or a "
+                       "count (e.g. 4.5M), got a duration '5ms'"),
+    ("bytes <= 3M", "wrong unit for budget metric 'bytes': expected a ratio (a number or a percentage) or a byte "
+                    "size (e.g. 2 MB), got a count '3M'"),
+    ("latency <= 2K", "wrong unit for budget metric 'latency': expected a ratio (a number or a percentage) or a "
+                      "duration (e.g. 5 ms), got a count '2K'"),
+    ("latency <= 0 ms", "budget metric 'latency' must be greater than 0, got '0ms'"),
+    ("latency <= 150%", "budget metric 'latency' must be more than 0 and at most 1 (above 0%, up to 100%), got '150%'"),
+])
+def test_bad_budgets_are_refused_where_written(vgg: tuple[torch.nn.Module, tuple[torch.Tensor, ...], torch.Tensor],
+                                               item: str, message: str) -> None:
+    with pytest.raises(PolicyError) as e:
+        _plan(f"policy p {{\n  budget {item}\n  fold_bn\n}}", vgg)
+    d = e.value.diagnostics[0]
+    assert d.message == message and d.span is not None and (d.span.line, d.span.col) == (2, item.index("<=") + 13)
+
+
+def test_runtime_block_and_latency_forms(vgg: tuple[torch.nn.Module, tuple[torch.Tensor, ...], torch.Tensor]) -> None:
+    plan = _plan("policy p {\n  runtime { threads = 2, batch = 64 }\n  budget latency <= 5 ms\n  fold_bn\n}", vgg)
+    assert plan.runtime == {"threads": 2, "batch": 64} and plan.budget_absolute == {"latency": 0.005}  # type: ignore[attr-defined]
+    assert plan.budget == {}  # type: ignore[attr-defined]  # the passes never see latency
+    plan = _plan("policy p {\n  budget latency <= 60%\n  fold_bn\n}", vgg)
+    assert plan.budget == {"latency": 0.6} and plan.runtime == {}  # type: ignore[attr-defined]
+
+
+def test_cost_model_fit() -> None:
+    assert fit([(100.0, 2.0)]) == (0.0, 0.02)
+    a, b = fit([(100.0, 3.0), (50.0, 2.0), (0.0, 1.0)])
+    assert a == pytest.approx(1.0) and b == pytest.approx(0.02)
+
+
+def test_latency_budget_measured_when_met_and_located_when_missed() -> None:
+    model, inputs = ZOO["mlp"]()
+    res = ns.compile(model, "policy p {\n  runtime { threads = 1, batch = 8 }\n  budget latency <= 100 s\n  dead_code\n}",
+                     example_inputs=inputs, progress=False)
+    lat = {x["model"]: x for x in res.report.latency}
+    assert (lat["original"]["runtime"], lat["original"]["batch"], lat["original"]["threads"]) == ("torch", 8, 1)
+    assert 0 < lat["compressed"]["median_ms"] < 100_000
+    assert res.report.notes[-1].endswith("1 pipeline run(s)")
+    with pytest.raises(BudgetError) as e:
+        ns.compile(model, "policy p {\n  budget latency <= 1 us\n  dead_code\n}", example_inputs=inputs,
+                   target="onnx", progress=False)
+    d = e.value.diagnostics[0]
+    assert d.message.startswith("budget latency <= 0.001 ms not met: measured ")
+    assert d.message.endswith("on ort, batch 4, 1 thread(s), after 3 run(s) of the pipeline")
+    assert d.span is not None and (d.span.line, d.span.col) == (2, 10)
+
+
+@pytest.mark.slow
+def test_latency_budget_met_on_a_zoo_model(vgg: tuple[torch.nn.Module, tuple[torch.Tensor, ...], torch.Tensor],
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    model, inputs, calib = vgg
+    res = ns.compile(model, "policy p {\n  runtime { threads = 1, batch = 256 }\n  budget latency <= 70%\n"
+                            "  fold_bn\n  squeeze_fold on type(conv)\n}", example_inputs=inputs, calibration=calib,
+                     target="onnx", progress=False)
+    lat = {x["model"]: x for x in res.report.latency}
+    assert {x["runtime"] for x in lat.values()} == {"ort"} and lat["original"]["batch"] == 256
+    ratio = lat["compressed"]["median_ms"] / lat["original"]["median_ms"]
+    print(f"measured latency ratio {ratio:.1%}")
+    assert ratio <= 0.7
+    assert any(n.startswith("latency budget met: measured ") and f"({ratio:.1%})" in n for n in res.report.notes)
+    assert res.report.after.flops < res.report.before.flops
+    assert "measured latency ratio" in capsys.readouterr().out
