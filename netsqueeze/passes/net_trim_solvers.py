@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -135,11 +135,34 @@ def penalised(chunk: Chunk) -> torch.Tensor:
 
 
 def solve(chunk: Chunk, settings: Settings) -> Solution:
-    """The task an executor runs: solves the chunk with `settings.solver` on one thread."""
+    """The task an executor runs: solves the chunk with `settings.solver` on one thread.
+
+    A relu neuron that is never active on the samples (Ω empty) with an unpenalised bias has a closed-form
+    optimum: zero weights and the bias at min(v), feasible at ‖u‖₁ = 0. Solving it iteratively would chase
+    a bias that may go to −∞ at no cost (the optimal set is unbounded), so those neurons are set directly."""
     with single_threaded():
-        if settings.solver == "cvxpy":
-            return solve_cvxpy(chunk, settings)
-        return solve_admm(chunk, settings)
+        v = chunk.v
+        dead = ~(chunk.y > ACTIVE).any(1)
+        if v is None or not chunk.bias or not bool(dead.any()):
+            return _solve(chunk, settings)
+        live = torch.nonzero(~dead).flatten()
+        w = torch.zeros(chunk.x.shape[0], chunk.y.shape[0], dtype=torch.float64)
+        w[-1, dead] = v[dead].amin(1)
+        sol = None
+        if live.numel():
+            sub = replace(chunk, y=chunk.y[live], v=v[live], eps=chunk.eps[live])
+            sol = _solve(sub, settings)
+            w[:, live] = sol.w
+        ball, excess = constraints(chunk, w)
+        if sol is None:
+            return Solution(chunk.layer, chunk.neurons, w, ball, excess, 0, 0.0, 0.0, True, 0.0)
+        return replace(sol, neurons=chunk.neurons, w=w, ball=ball, excess=excess)
+
+
+def _solve(chunk: Chunk, settings: Settings) -> Solution:
+    if settings.solver == "cvxpy":
+        return solve_cvxpy(chunk, settings)
+    return solve_admm(chunk, settings)
 
 
 def solve_admm(chunk: Chunk, settings: Settings) -> Solution:

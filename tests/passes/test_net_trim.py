@@ -309,7 +309,8 @@ def test_executor_specs() -> None:
     assert isinstance(d, Dask) and d.address is None and d.workers == 2
 
 
-def test_all_zero_channels_are_removed_and_outputs_kept() -> None:
+@pytest.mark.parametrize("mode", ["parallel", "cascade"])
+def test_all_zero_channels_are_removed_and_outputs_kept(mode: str) -> None:
     torch.manual_seed(0)
     g = Graph("dead")
     x = g.add_node("x", "input", attrs={"shape": (4, 10)})
@@ -321,7 +322,7 @@ def test_all_zero_channels_are_removed_and_outputs_kept() -> None:
     g.node("fc2").params["weight"][:, 7] = 0.0
     g0 = g.copy()
     xs = torch.randn(300, 10, generator=torch.Generator().manual_seed(0))
-    res = NetTrim(epsilon=0.02).run(g, stream_ctx([[xs]], executor=InProcess()))
+    res = NetTrim(epsilon=0.02, mode=mode).run(g, stream_ctx([[xs]], executor=InProcess()))  # type: ignore[arg-type]
     g.verify()
     assert res.metrics["channels_removed"] == 3
     assert tuple(g.node("fc1").params["weight"].shape) == (5, 10)
