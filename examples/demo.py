@@ -9,6 +9,7 @@ ONNX Runtime, batch 1 and 64), compile time, and writes the model and its report
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -52,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     np.savez(calib, **calibration())  # labelled: `recover` adds cross-entropy on the labels
 
     t = time.perf_counter()
-    res = ns.compile(model, HERE / "demo.sqz", example_inputs=example, calibration=calib,
+    policy = Path(os.path.relpath(HERE / "demo.sqz"))  # the report names policy lines as the user sees them
+    res = ns.compile(model, policy, example_inputs=example, calibration=calib,
                      eval_fn=lambda m: top1(m, xt, yt),
                      dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}})
     seconds = time.perf_counter() - t

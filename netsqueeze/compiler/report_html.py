@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from html import escape
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -74,11 +75,13 @@ def _bars(title: str, rows: Sequence[tuple[str, float, float]], single: bool = F
 
 def _trajectory(r: CompileReport) -> str:
     """Each candidate a search measured: its guard metric (limit dashed) and its FLOPs ratio (budget dashed)."""
-    pts = r.search
+    # the guard's metric when a search measured it (others, e.g. sensitivity probes, are left out)
+    metric = r.guard[0] if r.guard is not None and any(p["metric"] == r.guard[0] for p in r.search) else (
+        str(r.search[0]["metric"]) if r.search else "")
+    pts = [p for p in r.search if p["metric"] == metric]
     if not pts:
         return '<p class="muted">No search measured candidates (no guard, or no pass searched).</p>'
     w, h, pad = 760, 220, 48
-    metric = str(pts[0]["metric"])
     limit = r.guard[1] if r.guard is not None and r.guard[0] == metric else None
     vals = [float(p["value"]) for p in pts]
     ratio = [float(p["flops"]) / max(1, r.before.flops) for p in pts]
@@ -164,7 +167,7 @@ def render(r: CompileReport) -> str:
                   ", ".join(f"{k} {v:.4g}" for k, v in p.result.metrics.items()), "; ".join(p.result.notes))
                  for p in r.passes]
     total_s = sum(p.seconds for p in r.passes) or 1.0
-    pass_bars = _bars("time per pass (ms)", [(p.name + (f" ({p.where})" if p.where else ""), p.seconds * 1000,
+    pass_bars = _bars("time per pass (ms)", [(p.name + (f" ({Path(p.where).name})" if p.where else ""), p.seconds * 1000,
                                               0.0) for p in r.passes], single=True) if r.passes else ""
     lat_rows = [(str(x["model"]), str(x["runtime"]), str(x["batch"]), str(x["threads"]), f"{x['median_ms']:.3f}",
                  f"{x['p90_ms']:.3f}") for x in r.latency]

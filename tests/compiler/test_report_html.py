@@ -61,7 +61,7 @@ def test_html_holds_every_node_plots_and_plan(result: ns.CompileResult) -> None:
     for nid in [*rep.before.nodes, *rep.after.nodes]:
         assert nid in cells, nid
     assert p.tags.count("svg") == 6  # channels, params, FLOPs, bytes, time per pass, search trajectory
-    assert page.count("<circle") == len(rep.search) >= 2
+    assert page.count("<circle") == len([s for s in rep.search if s["metric"] == "output_error"]) >= 2
     assert rep.plan is not None and rep.plan.splitlines()[0].replace("<", "&lt;") in page
     assert f"{rep.before.params / rep.after.params:.2f}× smaller" in page
     assert rep._repr_html_() == page
