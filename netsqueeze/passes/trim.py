@@ -169,6 +169,13 @@ class Trim(TransformPass):
     depends on it, MINT's "no remaining outgoing connection" rule at channel level); columns are
     standardised; `gdnt_samples` rows are reservoir-sampled per consumer so memory is bounded; groups
     whose consumers are not observable (attention heads) fall back to l1, noted in the result.
+    `gdnt_mode = groups` is GDNT as published (reference code Sekeh-Lab/MINT): each observed consumer's inputs
+    (parents) and outputs (children) are split into `gdnt_child_groups` contiguous groups, every (parent
+    group, child group) connection is scored (`gdnt_group_scores`), the connections under the `ratio`
+    quantile of all scores are cut — at most `gdnt_layer_cap` (published: 0.75) of one consumer's — by zeroing
+    their weights, their mean input moved into the bias, and parent groups left with no connection are
+    removed structurally (bounds add back the best-scored ones). It needs a `ratio`; the FLOPs saved come
+    only from the removed channels (the zeroed connections stay as dense zeros, which `recover` keeps).
 
     Bias compensation (the intercept of squeeze-and-fold's reconstruction, Ozen & Orailoglu, ECML
     PKDD 2020, with nothing kept to reconstruct from): each removed
