@@ -237,3 +237,32 @@ def test_compile_reads_a_labelled_npz_and_keeps_the_predictions(tmp_path: Path) 
     r = ns.compile(m, "policy p { select_features on body }", example_inputs=(x[:4],), calibration=path)
     assert r.graph.node("body").params["weight"].shape == (5, 6)
     assert r.report.passes[0].result.metrics["group1_admitted"] == 5.0
+
+
+def test_onnx_input_is_selected_and_refit_alike(tmp_path: Path) -> None:
+    import io
+    import warnings
+
+    import onnx
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    m = _Net().eval()
+    m.body.weight[8:] = 1.5 * m.body.weight[:8]
+    m.body.bias[8:] = 1.5 * m.body.bias[:8]
+    x = torch.randn(2048, 6, generator=torch.Generator().manual_seed(3))
+    path = tmp_path / "xy.npz"
+    np.savez(path, x=x.numpy(), labels=m(x).argmax(1).numpy())
+    f = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(m, (x[:4],), f, dynamo=False, opset_version=17, input_names=["x"],
+                          dynamic_axes={"x": {0: "n"}})
+    r = ns.compile(onnx.load_from_string(f.getvalue()),
+                   "policy p { select_features on first(type(linear)) { min_channels = 8 } }",
+                   example_inputs=(x[:4],), calibration=path, target="onnx")
+    first = next(n for n in r.graph.nodes() if n.kind == "linear")
+    assert first.dense("weight").shape == (8, 6)
+    assert isinstance(r.model, onnx.ModelProto)
+    out = ort.InferenceSession(r.model.SerializeToString()).run(None, {"x": x.numpy()})[0]
+    assert np.abs(out - m(x).numpy()).max() < 1e-4
