@@ -240,7 +240,6 @@ def test_compile_reads_a_labelled_npz_and_keeps_the_predictions(tmp_path: Path) 
 
 
 def test_onnx_input_is_selected_and_refit_alike(tmp_path: Path) -> None:
-    import io
     import warnings
 
     import onnx
@@ -253,12 +252,12 @@ def test_onnx_input_is_selected_and_refit_alike(tmp_path: Path) -> None:
     x = torch.randn(2048, 6, generator=torch.Generator().manual_seed(3))
     path = tmp_path / "xy.npz"
     np.savez(path, x=x.numpy(), labels=m(x).argmax(1).numpy())
-    f = io.BytesIO()
+    f = tmp_path / "m.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(m, (x[:4],), f, dynamo=False, opset_version=17, input_names=["x"],
+        torch.onnx.export(m, (x[:4],), str(f), dynamo=False, opset_version=17, input_names=["x"],
                           dynamic_axes={"x": {0: "n"}})
-    r = ns.compile(onnx.load_from_string(f.getvalue()),
+    r = ns.compile(onnx.load(str(f)),
                    "policy p { select_features on first(type(linear)) { min_channels = 8 } }",
                    example_inputs=(x[:4],), calibration=path, target="onnx")
     first = next(n for n in r.graph.nodes() if n.kind == "linear")
