@@ -61,7 +61,7 @@ class Progress:
 
         def measured(graph: Graph, metric: str) -> float | None:
             if self._search is None:
-                self._search = self.bar("search: candidates measured", None, "candidate")
+                self._search = self.bar("search", None, " candidates")
             value = fn(graph, metric)
             self._search.update(1)
             self.candidates += 1

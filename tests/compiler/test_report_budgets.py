@@ -108,7 +108,7 @@ def test_latency_budget_measured_when_met_and_located_when_missed() -> None:
                    target="onnx", progress=False)
     d = e.value.diagnostics[0]
     assert d.message.startswith("budget latency <= 0.001 ms not met: measured ")
-    assert d.message.endswith("on ort, batch 4, 1 thread(s), after 3 run(s) of the pipeline")
+    assert d.message.endswith("on ort, batch 4, 1 thread(s), after 4 run(s) of the pipeline")
     assert d.span is not None and (d.span.line, d.span.col) == (2, 10)
 
 
