@@ -117,7 +117,10 @@ def recover_hook(graph: Graph, original: Graph, calib: torch.Tensor) -> Graph | 
     if not RECOVER["on"] or "recover" not in passes:
         return None
     g = graph.copy()
-    ctx = PassContext(stream_fn=activation_stream(calibration_source(calib, batch_size=64)), original=original)
+    from netsqueeze.backends.trainable import trainable
+
+    ctx = PassContext(stream_fn=activation_stream(calibration_source(calib, batch_size=64)), original=original,
+                      trainable_fn=trainable)
     run_pipeline(g, [passes["recover"](steps=RECOVER["steps"], progress=False)], ctx)  # type: ignore[call-arg]
     return g
 
