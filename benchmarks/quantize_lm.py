@@ -8,29 +8,37 @@ every tenth file held out), then compiles it with `quantize_weights` (int8 per o
 round-to-nearest and by GPTQ on 128 calibration windows of the training text) and reports, per model:
 held-out perplexity (torch decode of the stored integers, exact fp32 arithmetic; and ONNX Runtime as it runs by
 default), model bytes (the ONNX file) and ONNX Runtime CPU latency (2 threads, medians over rounds that interleave
-the models, batch 1 and 64 at sequence length 128). Prints the table and writes benchmarks/results/quantize_lm.md.
+the models, batch 1 and 64 at sequence length 128). A latency probe adds batch 1 at sequence lengths 128 and 1
+(one position, the weight-streaming regime of token-by-token generation) for the trained model and for the same
+architecture at d = 512 (untrained; latency does not depend on the weights' values). Prints the table and writes
+benchmarks/results/quantize_lm.md.
 
 `run_lm()` returns the table rows (under `LM_HEADER`) for a caller that builds a larger table.
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# Run as a script, this folder would be sys.path[0], where a benchmark named like a standard module (select.py)
+# shadows it; the repository root takes its place, before any other import (hence the file-wide E402 below).
+# ruff: noqa: E402
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [str(_HERE.parent), *(p for p in sys.path if Path(p or ".").resolve() != _HERE)]
+
 import argparse
 import math
 import statistics
-import sys
 import sysconfig
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import netsqueeze as ns
 from benchmarks.common import CACHE, RESULTS, markdown_table, median_ms
