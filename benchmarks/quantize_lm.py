@@ -22,10 +22,10 @@ import sys
 from pathlib import Path
 
 # Run as a script, this folder would be sys.path[0], where a benchmark named like a standard module (select.py)
-# shadows it; the repository root takes its place, before any other import (hence the file-wide E402 below).
-# ruff: noqa: E402
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [str(_HERE.parent), *(p for p in sys.path if Path(p or ".").resolve() != _HERE)]
+# shadows it; the repository root takes its place, before any other import.
+if __name__ == "__main__":  # imported (by benchmarks/quantize.py), the importer's path stays as it is
+    _HERE = Path(__file__).resolve().parent
+    sys.path[:] = [str(_HERE.parent), *(p for p in sys.path if Path(p or ".").resolve() != _HERE)]
 
 import argparse
 import math
