@@ -38,7 +38,7 @@ class GraphFunction:
         state = dict(self.module.named_parameters())
         self.slots: dict[ParamKey, str] = {}
         for node in plain.nodes():
-            for k, w in node.params.items():
+            for k in node.params:
                 target = f"{paths[node.id]}.{k}" if node.id in paths else ""
                 if target in state and state[target].is_floating_point():
                     self.slots[(node.id, k)] = target
