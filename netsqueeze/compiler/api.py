@@ -728,4 +728,6 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
         report.notes.append(f"latency budget met: measured {lat_outcome.compressed.median_ms:.3f} ms against "
                             f"{lat_outcome.original.median_ms:.3f} ms for the original ({lat_outcome.ratio:.1%}), "
                             f"{len(lat_outcome.attempts)} pipeline run(s)")
+        report.notes.append("latency budget runs (FLOPs -> measured latency, of the original): " + ", ".join(
+            f"{x['flops']:.1%} -> {x['ratio']:.1%}" for x in lat_outcome.attempts))
     return CompileResult(out_model, graph, report)

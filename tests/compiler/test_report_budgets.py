@@ -102,7 +102,8 @@ def test_latency_budget_measured_when_met_and_located_when_missed() -> None:
     lat = {x["model"]: x for x in res.report.latency}
     assert (lat["original"]["runtime"], lat["original"]["batch"], lat["original"]["threads"]) == ("torch", 8, 1)
     assert 0 < lat["compressed"]["median_ms"] < 100_000
-    assert res.report.notes[-1].endswith("1 pipeline run(s)")
+    assert res.report.notes[-2].endswith("1 pipeline run(s)")
+    assert res.report.notes[-1].startswith("latency budget runs (FLOPs -> measured latency, of the original): 100.0% -> ")
     with pytest.raises(BudgetError) as e:
         ns.compile(model, "policy p {\n  budget latency <= 1 us\n  dead_code\n}", example_inputs=inputs,
                    target="onnx", progress=False)
