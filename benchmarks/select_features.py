@@ -1,7 +1,7 @@
 """`select_features` on Fashion-MNIST: penultimate features kept vs top-1 for the streaming GOA selection and for
 mutual-information top-k, L1 magnitude and random choices, all removed by the same structural rewrite + refit.
 
-    .venv/bin/python benchmarks/select.py [--quick] [--models vgg,resnet]
+    .venv/bin/python benchmarks/select_features.py [--quick] [--models vgg,resnet]
 
 Models: the VGG- and ResNet-style models of benchmarks/common.py (trained 3 epochs, cached). Penultimate
 features: VGG's 256 hidden units (`classifier.1`, read by the last linear layer); the ResNet's 64 channels of
