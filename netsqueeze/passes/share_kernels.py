@@ -15,6 +15,7 @@ from netsqueeze.ir.weights import Centroids, Codebook, nbytes
 from netsqueeze.passes.base import PassContext, PassResult, TransformPass
 from netsqueeze.passes.prune import weighted_nodes
 from netsqueeze.passes.registry import register_pass
+from netsqueeze.passes.share_weights import kmeanspp_rows
 
 MAX_ITER = 100
 
@@ -22,19 +23,7 @@ MAX_ITER = 100
 def kmeans_rows(v: torch.Tensor, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """k-means of the rows of `v` (float64): k-means++ seeding from `gen`, Lloyd iterations to a fixed
     point (or `MAX_ITER`); an emptied cluster keeps its centre. Returns (centres [k', d], assignment)."""
-    n = v.shape[0]
-    first = int(torch.randint(n, (1,), generator=gen))
-    centres = [v[first]]
-    d2 = ((v - v[first]) ** 2).sum(1)
-    for _ in range(1, k):
-        total = float(d2.sum())
-        if total <= 0:
-            break
-        u = float(torch.rand((), generator=gen, dtype=torch.float64)) * total
-        j = int(torch.searchsorted(torch.cumsum(d2, 0), torch.tensor([u], dtype=torch.float64)).clamp(max=n - 1))
-        centres.append(v[j])
-        d2 = torch.minimum(d2, ((v - v[j]) ** 2).sum(1))
-    c = torch.stack(centres)
+    c = v[kmeanspp_rows(v, k, gen)]
     assign = torch.cdist(v, c).argmin(1)
     for _ in range(MAX_ITER):
         cnt = torch.bincount(assign, minlength=c.shape[0]).to(torch.float64)

@@ -80,25 +80,29 @@ class _Sorted:
         return cnt, torch.where(cnt > 0, s1 / cnt.clamp_min(1), c), max(sse, 0.0)
 
 
-def kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
-    """k-means++ seeding (Arthur & Vassilvitskii, SODA 2007) of 1-D points, sorted; draws from `gen`.
-    More than `SEED_SKETCH` points are seeded from that many of their quantiles (same distribution,
-    bounded cost)."""
-    if x.numel() > SEED_SKETCH:
-        x = sorted_quantiles(torch.sort(x).values, torch.linspace(0, 1, SEED_SKETCH, dtype=torch.float64))
-    n = x.numel()
-    first = int(torch.randint(n, (1,), generator=gen))
-    chosen = [float(x[first])]
-    d2 = (x - chosen[0]) ** 2
+def kmeanspp_rows(v: torch.Tensor, k: int, gen: torch.Generator) -> list[int]:
+    """k-means++ seeding (Arthur & Vassilvitskii, SODA 2007) of the rows of `v` [n, d] (float64): the
+    indices of at most k seed rows, drawn from `gen` (fewer when the rows run out of distinct points)."""
+    n = v.shape[0]
+    chosen = [int(torch.randint(n, (1,), generator=gen))]
+    d2 = ((v - v[chosen[0]]) ** 2).sum(1)
     for _ in range(1, k):
         total = float(d2.sum())
         if total <= 0:
             break
         u = float(torch.rand((), generator=gen, dtype=torch.float64)) * total
         j = int(torch.searchsorted(torch.cumsum(d2, 0), torch.tensor([u], dtype=torch.float64)).clamp(max=n - 1))
-        chosen.append(float(x[j]))
-        d2 = torch.minimum(d2, (x - chosen[-1]) ** 2)
-    return torch.tensor(sorted(set(chosen)), dtype=torch.float64)
+        chosen.append(j)
+        d2 = torch.minimum(d2, ((v - v[j]) ** 2).sum(1))
+    return chosen
+
+
+def kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """k-means++ seeds of 1-D points, sorted; draws from `gen`. More than `SEED_SKETCH` points are seeded
+    from that many of their quantiles (same distribution, bounded cost)."""
+    if x.numel() > SEED_SKETCH:
+        x = sorted_quantiles(torch.sort(x).values, torch.linspace(0, 1, SEED_SKETCH, dtype=torch.float64))
+    return torch.tensor(sorted({float(x[j]) for j in kmeanspp_rows(x[:, None], k, gen)}), dtype=torch.float64)
 
 
 def _few_values(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:

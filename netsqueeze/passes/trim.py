@@ -69,6 +69,20 @@ def fr_cross_edges(a: np.ndarray, b: np.ndarray) -> int:
     return int(np.sum((mst.row < na) != (mst.col < na)))
 
 
+def _thirds(parents: torch.Tensor, children: torch.Tensor, seed: int
+            ) -> tuple[torch.Generator, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                       tuple[np.ndarray, np.ndarray]]:
+    """The samples shuffled by `seed` and standardised, split in thirds A, B, C: (generator, parents,
+    children, (parents A, B, C), (children A, C))."""
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(parents.shape[0], generator=gen)
+    p, x = _standardise(parents[perm]), _standardise(children[perm])
+    m3 = p.shape[0] // 3
+    if m3 < 2:
+        raise ValueError("gdnt needs at least 6 calibration samples")
+    return gen, p, x, (p[:m3], p[m3:2 * m3], p[2 * m3:3 * m3]), (x[:m3].numpy(), x[2 * m3:3 * m3].numpy())
+
+
 def gdnt_scores(parents: torch.Tensor, children: torch.Tensor, child_groups: int, seed: int) -> torch.Tensor:
     """Dependency of child groups on each parent channel, max over child groups (GDNT's geometric
     dependency; Yasaei Sekeh & Hero, "Geometric Estimation of Multivariate Dependency", Entropy 2019).
@@ -78,14 +92,8 @@ def gdnt_scores(parents: torch.Tensor, children: torch.Tensor, child_groups: int
     C is the joint sample. Score = 1 − R / (n/3), R = Friedman–Rafsky cross edges between
     {(x_A, y_nn)} and {(x_C, y_C)}: near 0 when the children ignore y, near 1 when they depend on it.
     """
-    gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(parents.shape[0], generator=gen)
-    p, x = _standardise(parents[perm]), _standardise(children[perm])
-    m3 = p.shape[0] // 3
-    if m3 < 2:
-        raise ValueError("gdnt needs at least 6 calibration samples")
-    pa, pb, pc = p[:m3], p[m3:2 * m3], p[2 * m3:3 * m3]
-    xa, xc = x[:m3].numpy(), x[2 * m3:3 * m3].numpy()
+    gen, p, x, (pa, pb, pc), (xa, xc) = _thirds(parents, children, seed)
+    m3 = pa.shape[0]
     d2 = torch.cdist(pa, pb) ** 2
     blocks = [b for b in np.array_split(np.arange(x.shape[1]), min(child_groups, x.shape[1])) if len(b)]
     n = p.shape[1]
@@ -109,14 +117,8 @@ def gdnt_group_scores(parents: torch.Tensor, children: torch.Tensor, parent_grou
     ICPR 2020; reference code Sekeh-Lab/MINT): parents and children split into contiguous groups, and each
     child group's dependency on each parent group estimated as in `gdnt_scores`, with the whole parent group
     replaced by its nearest neighbour's under the other parents."""
-    gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(parents.shape[0], generator=gen)
-    p, x = _standardise(parents[perm]), _standardise(children[perm])
-    m3 = p.shape[0] // 3
-    if m3 < 2:
-        raise ValueError("gdnt needs at least 6 calibration samples")
-    pa, pb, pc = p[:m3], p[m3:2 * m3], p[2 * m3:3 * m3]
-    xa, xc = x[:m3].numpy(), x[2 * m3:3 * m3].numpy()
+    gen, p, x, (pa, pb, pc), (xa, xc) = _thirds(parents, children, seed)
+    m3 = pa.shape[0]
     pblocks = [b for b in np.array_split(np.arange(p.shape[1]), min(parent_groups, p.shape[1])) if len(b)]
     cblocks = [b for b in np.array_split(np.arange(x.shape[1]), min(child_groups, x.shape[1])) if len(b)]
     scores = torch.zeros(len(pblocks), len(cblocks), dtype=torch.float64)
