@@ -576,6 +576,7 @@ def compile(
         with guard_model:
             result = _compile(model, policy, example_inputs, calibration, target, params, eval_fn, precision,
                               input_shapes, seed, log, trust_pickle, dynamic_shapes, runner, progress)
+        store = store if store is not None else result.graph.meta.get("store")  # or the policy's `store`
         if store is not None:
             from netsqueeze.compiler.stored import attach_store
 

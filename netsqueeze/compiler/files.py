@@ -20,8 +20,8 @@ from typing import Any, Literal
 
 from netsqueeze.errors import CaptureError, FileError
 
-OutputFormat = Literal["onnx", "pt", "pt2"]
-OUTPUT_FORMATS: dict[str, OutputFormat] = {".onnx": "onnx", ".pt": "pt", ".pth": "pt", ".pt2": "pt2"}
+OutputFormat = Literal["onnx", "pt", "pt2", "nsq"]
+OUTPUT_FORMATS: dict[str, OutputFormat] = {".onnx": "onnx", ".pt": "pt", ".pth": "pt", ".pt2": "pt2", ".nsq": "nsq"}
 TRUST_HINT = "if you trust this file, pass --trust-pickle (trust_pickle=True in the Python API)"
 
 
@@ -31,7 +31,7 @@ def output_format(path: str | os.PathLike[str]) -> OutputFormat:
     fmt = OUTPUT_FORMATS.get(suffix.lower())
     if fmt is None:
         shown = f"suffix '{suffix}'" if suffix else "no suffix"
-        raise FileError(f"output '{path}' has {shown}: the suffix decides the format (use .onnx, .pt, .pth or .pt2)")
+        raise FileError(f"output '{path}' has {shown}: the suffix decides the format (use .onnx, .pt, .pth, .pt2 or .nsq)")
     return fmt
 
 
@@ -149,9 +149,13 @@ def _atomic_write_onnx_external(model: Any, target: Path) -> None:
 
 def save_model(model: Any, path: str | os.PathLike[str], example_inputs: tuple[Any, ...] | None = None) -> None:
     """Writes a compiled model atomically in the format `path`'s suffix names: an ONNX ModelProto to
-    `.onnx`, a torch module to `.pt`/`.pth` (pickled) or `.pt2` (torch.export, traced on `example_inputs`)."""
+    `.onnx`, a torch module to `.pt`/`.pth` (pickled) or `.pt2` (torch.export, traced on `example_inputs`),
+    the bytes of a compressed model file (`compile(store=...)`) to `.nsq`."""
     target = Path(path)
     fmt = output_format(target)
+    if fmt == "nsq":  # the compressed model file's bytes (`CompileResult.stored`), read by `netsqueeze.load`
+        atomic_write(target, lambda p: p.write_bytes(model))
+        return
     if fmt == "onnx":
         import onnx
 

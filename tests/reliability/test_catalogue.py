@@ -158,7 +158,7 @@ CASES = [
          setup=lambda ws: user_file(ws, "data.sqz", 'policy p {\n  calibrate data "calib.pt"\n  fold_bn\n}\n')),
     # bad output paths and formats
     Case("out-unknown-suffix", [*C, "-o", "model.txt"], 1, FileError,
-         "output 'model.txt' has suffix '.txt': the suffix decides the format (use .onnx, .pt, .pth or .pt2)"),
+         "output 'model.txt' has suffix '.txt': the suffix decides the format (use .onnx, .pt, .pth, .pt2 or .nsq)"),
     Case("out-no-suffix", [*C, "-o", "model"], 1, FileError, "output 'model' has no suffix"),
     Case("out-missing-dir", [*C, "-o", "nodir/m.pt"], 1, FileError,
          "output 'nodir/m.pt': directory 'nodir' does not exist"),

@@ -1,0 +1,51 @@
+"""The policy's `store` statement: the compile encodes the compressed model file as `compile(store=)` does,
+`compile(store=)` overrides it, and `netsqueeze compile -o model.nsq` writes a file `netsqueeze.load` reads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import netsqueeze as ns
+from netsqueeze.errors import NetsqueezeError
+
+
+def _model() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 4)).eval(), torch.randn(16, 12)
+
+
+BODY = "prune on type(linear) { sparsity = 75% }\n share_weights { method = cws, k = 8 }\n"
+
+
+def test_policy_store_encodes_the_file_and_load_is_bit_identical(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    m, x = _model()
+    res = ns.compile(m, f"policy s {{ {BODY} store {{ format = ham }} }}", example_inputs=(x,), calibration=[x])
+    assert res.stored is not None and res.report.storage["psi"] < 0.25
+    same = ns.compile(m, f"policy s {{ {BODY} }}", example_inputs=(x,), calibration=[x], store="ham")
+    assert res.stored == same.stored  # the policy setting and the argument write the same bytes
+    res.save(tmp_path / "m.nsq")
+    with torch.no_grad():
+        assert torch.equal(ns.load(tmp_path / "m.nsq")(x), res.model(x))
+
+
+def test_compile_argument_overrides_the_policy() -> None:
+    m, x = _model()
+    res = ns.compile(m, f"policy s {{ {BODY} store {{ format = ham }} }}", example_inputs=(x,), calibration=[x],
+                     store="csr")
+    csr = ns.compile(m, f"policy s {{ {BODY} }}", example_inputs=(x,), calibration=[x], store="csr")
+    assert res.stored == csr.stored
+
+
+def test_no_store_no_file() -> None:
+    m, x = _model()
+    res = ns.compile(m, f"policy s {{ {BODY} }}", example_inputs=(x,), calibration=[x])
+    assert res.stored is None
+
+
+def test_bad_format_is_the_checkers_message() -> None:
+    m, x = _model()
+    with pytest.raises(NetsqueezeError) as e:
+        ns.compile(m, "policy s { store { format = zip } }", example_inputs=(x,))
+    assert "format" in str(e.value) and "'sham'" in str(e.value) and "<policy>:1:" in str(e.value)
