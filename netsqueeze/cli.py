@@ -118,7 +118,14 @@ def cmd_compile(a: argparse.Namespace) -> int:
     if not a.quiet:
         print(res.report)
     pt2_inputs = _example_inputs(res.graph, a.precision) if out.suffix == ".pt2" else None
-    save_model(res.model, out, example_inputs=pt2_inputs)
+    if output_format(out) == "nsq":  # the compressed model file: the policy's `store` format, else sHAM
+        if res.stored is None:
+            from netsqueeze.compiler.stored import attach_store
+
+            attach_store(res, "sham")
+        save_model(res.stored, out)
+    else:
+        save_model(res.model, out, example_inputs=pt2_inputs)
     written = [out]
     for path, text in ((a.report, res.report.to_html), (a.report_json, res.report.to_json)):
         if path:
@@ -236,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "printed report off")
     c.add_argument("model", help="model.onnx, model.py[:factory], model.pt or model.pt2")
     c.add_argument("-p", "--policy", help="policy file (.sqz)")
-    c.add_argument("-o", "--output", required=True, help="output path; its suffix picks the format (.onnx, .pt or .pt2)")
+    c.add_argument("-o", "--output", required=True, help="output path; its suffix picks the format (.onnx, .pt, .pt2, or .nsq: the compressed model "
+                   "file netsqueeze.load reads, in the policy's `store` format or sHAM)")
     c.add_argument("--calib", help="calibration data (.npz, .npy or .pt)")
     c.add_argument("--target", choices=["torch", "onnx"])
     c.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")

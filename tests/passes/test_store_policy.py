@@ -49,3 +49,21 @@ def test_bad_format_is_the_checkers_message() -> None:
     with pytest.raises(NetsqueezeError) as e:
         ns.compile(m, "policy s { store { format = zip } }", example_inputs=(x,))
     assert "format" in str(e.value) and "'sham'" in str(e.value) and "<policy>:1:" in str(e.value)
+
+
+def test_cli_writes_the_compressed_model_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from netsqueeze.cli import main
+
+    src = tmp_path / "net.py"
+    src.write_text("import torch\nfrom torch import nn\n\n\ndef build():\n    torch.manual_seed(0)\n"
+                   "    return nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 4)).eval(), "
+                   "(torch.randn(16, 12),)\n")
+    pol = tmp_path / "p.sqz"
+    pol.write_text(f"policy s {{\n {BODY} store {{ format = csr }}\n}}\n")
+    out = tmp_path / "small.nsq"
+    assert main(["compile", f"{src}:build", "-p", str(pol), "-o", str(out), "--quiet"]) == 0
+    m, x = _model()
+    ref = ns.compile(m, f"policy s {{ {BODY} }}", example_inputs=(torch.randn(16, 12),), store="csr")
+    assert out.read_bytes() == ref.stored  # the policy's csr format, the same bytes as the Python API
+    with torch.no_grad():
+        assert torch.equal(ns.load(out)(x), ref.model(x))
