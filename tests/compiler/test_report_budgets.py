@@ -123,8 +123,8 @@ def test_latency_budget_met_on_a_zoo_model(vgg: tuple[torch.nn.Module, tuple[tor
     lat = {x["model"]: x for x in res.report.latency}
     assert {x["runtime"] for x in lat.values()} == {"ort"} and lat["original"]["batch"] == 256
     ratio = lat["compressed"]["median_ms"] / lat["original"]["median_ms"]
-    print(f"measured latency ratio {ratio:.1%}")
+    with capsys.disabled():  # shown with `pytest -s`: the figure the test accepted
+        print(f"\nmeasured latency ratio {ratio:.1%} (budget 70%, ORT CPU, batch 256, 1 thread)")
     assert ratio <= 0.7
     assert any(n.startswith("latency budget met: measured ") and f"({ratio:.1%})" in n for n in res.report.notes)
     assert res.report.after.flops < res.report.before.flops
-    assert "measured latency ratio" in capsys.readouterr().out
