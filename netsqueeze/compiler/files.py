@@ -154,7 +154,10 @@ def save_model(model: Any, path: str | os.PathLike[str], example_inputs: tuple[A
     target = Path(path)
     fmt = output_format(target)
     if fmt == "nsq":  # the compressed model file's bytes (`CompileResult.stored`), read by `netsqueeze.load`
-        atomic_write(target, lambda p: p.write_bytes(model))
+        def write(tmp: Path) -> None:
+            tmp.write_bytes(model)
+
+        atomic_write(target, write)
         return
     if fmt == "onnx":
         import onnx
