@@ -113,7 +113,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
             calib = file_calibration(a.model)
     res = compile(model, policy, example_inputs=example, calibration=calib, target=target, params=params,
                   precision=a.precision, input_shapes=shapes or None, trust_pickle=a.trust_pickle,
-                  executor=a.executor, progress=False if a.quiet else None,
+                  executor=a.executor, progress=False if a.quiet else None, sparse=a.sparse,
                   log=_stderr_log if a.verbose and not a.quiet else None)
     if not a.quiet:
         print(res.report)
@@ -251,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--executor", default=None, metavar="SPEC",
                    help="where independent solves (net_trim) run: local, processes[:N] (default), "
                         "dask://HOST:PORT (an existing Dask scheduler) or dask://local[:N]")
+    c.add_argument("--sparse", choices=("dense", "csr"), default=None,
+                   help="sparse weights: dense (dense weights with zeros, torch and ONNX) or csr (torch linear "
+                        "layers multiplying with a torch.sparse_csr weight); default: ONNX sparse_initializer, "
+                        "torch layers decoding to dense")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a policy param")
     c.add_argument("--input-shape", action="append", default=[], help=shape_help)
     c.add_argument("--report", metavar="HTML", help="also write the report as one self-contained HTML page")

@@ -9,21 +9,21 @@ import copy
 import operator
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from netsqueeze.backends.torch_modules import Attention, Opaque, ParamHolder, WithEncodedParams
+from netsqueeze.backends.torch_modules import Attention, Opaque, ParamHolder, SparseLinear, WithEncodedParams
 from netsqueeze.errors import Diagnostic, UnsupportedOpError
 from netsqueeze.ir.calls import AtenCall, Slot
 from netsqueeze.ir.dims import expr_of, fmt, is_dynamic, lower, reshape_plan, symbol_sources
 from netsqueeze.ir.graph import Graph, Node, Value
 from netsqueeze.ir.ops import BUFFERS, attr
 from netsqueeze.ir.tables import registrar
-from netsqueeze.ir.weights import Encoded
+from netsqueeze.ir.weights import Encoded, Sparse
 
 __all__ = ["EMITTERS", "Emitter", "ModuleBuilder", "emitter", "to_torch"]
 
@@ -35,8 +35,9 @@ NODE_PATHS = "netsqueeze.node_paths"  # key of `GraphModule.meta`: node id → t
 class ModuleBuilder:
     """What an emitter sees: the fx graph under construction and the module tree it fills."""
 
-    def __init__(self, graph: Graph) -> None:
+    def __init__(self, graph: Graph, sparse: Literal["decode", "csr"] = "decode") -> None:
         self.ir = graph
+        self.sparse = sparse
         self.fx = fx.Graph()
         self.root = nn.Module()
         self._paths: dict[str, str] = {}
@@ -195,6 +196,9 @@ def _conv_t(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
 @emitter("linear")
 def _linear(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
     w = node.params["weight"]
+    if b.sparse == "csr" and isinstance(w, Sparse) and not isinstance(node.params.get("bias"), Encoded):
+        bias = node.params.get("bias")
+        return b.call_module(node, SparseLinear(w.dense(), bias if isinstance(bias, torch.Tensor) else None), [xs[0]])
     m = nn.Linear(w.shape[1], w.shape[0], bias="bias" in node.params, dtype=w.dtype)
     return b.call_module(node, _set_params(m, node), [xs[0]])
 
@@ -565,13 +569,17 @@ def _check_inputs(b: ModuleBuilder, graph: Graph) -> None:
                        f"input '{nid}' axis {axis} must be {int(d)} (shape {shape})")
 
 
-def to_torch(graph: Graph, *, extra_outputs: Sequence[Value] = ()) -> fx.GraphModule:
+def to_torch(graph: Graph, *, extra_outputs: Sequence[Value] = (),
+             sparse: Literal["decode", "csr"] = "decode") -> fx.GraphModule:
     """Emits `graph` as an eval-mode GraphModule whose layers sit at the node ids' dotted paths.
 
     Forward takes the graph inputs positionally and returns one tensor for one output, else a
     tuple; with `extra_outputs` it always returns `(*outputs, *extras)`. Params are cloned.
+    `sparse`: a linear layer with a sparse weight decodes it to a dense weight with zeros on each call
+    (`decode`, the same arithmetic as the dense layer), or keeps a `torch.sparse_csr` weight and
+    multiplies with it (`csr`, `SparseLinear`).
     """
-    b = ModuleBuilder(graph)
+    b = ModuleBuilder(graph, sparse)
     env: dict[Value, fx.Node] = {}
     used_names: set[str] = set()
     for nid in graph.inputs:

@@ -127,3 +127,27 @@ class Opaque(nn.Module):
 
     def extra_repr(self) -> str:
         return self.op_type
+
+
+class SparseLinear(nn.Module):
+    """A linear layer whose weight is a `torch.sparse_csr` tensor [out, in] (a buffer: sparse layouts are not
+    trained here), multiplied as W · xᵀ over the flattened leading axes."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight.detach().to_sparse_csr())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+
+    weight: torch.Tensor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        rows = x.reshape(-1, x.shape[-1])
+        y = torch.mm(w, rows.t().to(w.dtype)).t()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], w.shape[0])
+
+    def extra_repr(self) -> str:
+        w = self.weight
+        return f"in_features={w.shape[1]}, out_features={w.shape[0]}, nnz={int(w.values().numel())}, layout=csr"

@@ -534,6 +534,7 @@ def compile(
     executor: str | Executor | None = None,
     store: Literal["ham", "sham", "csr", "dense"] | None = None,
     progress: bool | None = None,
+    sparse: Literal["dense", "csr"] | None = None,
 ) -> CompileResult:
     """Compresses `model` as `policy` says and emits it for `target`.
 
@@ -549,6 +550,9 @@ def compile(
     unexpected exception inside netsqueeze is an `InternalError`. executor: where independent solves
     (net_trim) run: 'local', 'processes[:N]' (the default), 'dask://HOST:PORT' (an existing Dask
     scheduler), 'dask://local[:N]', or an `Executor`; the result is the same whichever runs them.
+    sparse: how sparse weights are emitted: None (default) keeps ONNX `sparse_initializer`s and torch
+        layers that decode them to dense-with-zeros weights; "dense" writes dense weights in both; "csr"
+        emits torch linear layers that keep a `torch.sparse_csr` weight and multiply with it.
     store: also encode the compressed model file in that weight format (HAM, sHAM, CSR or dense; see
     `netsqueeze.backends.storage`): `result.stored` holds its bytes, `result.save(path)` writes it,
     `result.report.storage` has ψ, and `netsqueeze.load(path)` reads it back.
@@ -557,6 +561,8 @@ def compile(
     """
     if target not in ("torch", "onnx"):
         raise NetsqueezeError(f"unknown target '{target}' (use 'torch' or 'onnx')")
+    if sparse not in (None, "dense", "csr"):
+        raise NetsqueezeError(f"unknown sparse {sparse!r} (use 'dense' or 'csr', or leave it unset)")
     if precision not in PRECISIONS:
         raise NetsqueezeError(f"unknown precision {precision!r} (use 'fp32' or 'fp16'; "
                               "int8 quantization is not supported)")
@@ -575,7 +581,7 @@ def compile(
     try:
         with guard_model:
             result = _compile(model, policy, example_inputs, calibration, target, params, eval_fn, precision,
-                              input_shapes, seed, log, trust_pickle, dynamic_shapes, runner, progress)
+                              input_shapes, seed, log, trust_pickle, dynamic_shapes, runner, progress, sparse)
         store = store if store is not None else result.graph.meta.get("store")  # or the policy's `store`
         if store is not None:
             from netsqueeze.compiler.stored import attach_store
@@ -592,7 +598,8 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
              target: Target, params: Mapping[str, Any] | None, eval_fn: Callable[[Any], float] | None,
              precision: Literal["fp32", "fp16"], input_shapes: Mapping[str, Sequence[int]] | None, seed: int,
              log: Callable[[str], None] | None, trust_pickle: bool, dynamic_shapes: Any = None,
-             executor: Executor | None = None, progress: bool | None = None) -> CompileResult:
+             executor: Executor | None = None, progress: bool | None = None,
+             sparse: Literal["dense", "csr"] | None = None) -> CompileResult:
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     if example_inputs is None and not _is_onnx(model) and not isinstance(model, (str, os.PathLike)):
@@ -687,14 +694,15 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
         if target == "torch":
             from netsqueeze.backends.torch import to_torch
 
-            out_model = to_torch(graph)
+            out_model = to_torch(graph, sparse="csr" if sparse == "csr" else "decode")
             if precision == "fp16":
                 out_model = out_model.half()
         else:
             from netsqueeze.backends.onnx import to_onnx
 
             meta = {"netsqueeze.policy_hash": resolved.policy_hash or "", "netsqueeze.plan": resolved.plan_text or ""}
-            out_model = to_onnx(graph, precision=precision, metadata={k: v for k, v in meta.items() if v})
+            out_model = to_onnx(graph, precision=precision, metadata={k: v for k, v in meta.items() if v},
+                                sparse="dense" if sparse == "dense" else "initializer")
     times["emit"] = time.perf_counter() - t3
     if eval_fn is not None:
         from netsqueeze.backends.torch import to_torch
