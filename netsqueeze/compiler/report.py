@@ -80,8 +80,14 @@ class CompileReport:
             if self.has_encoded():
                 row += (f"{nb.param_bytes if nb else 0:,}", f"{na.param_bytes if na else 0:,}",
                         (na.forms if na else "") or "dense")
+            if self.has_sparse():
+                row += (f"{na.nonzeros if na else 0:,}",)
             rows.append(row)
         return rows
+
+    def has_sparse(self) -> bool:
+        """Whether any node keeps fewer non-zero weights than params after the passes (pruned, Net-Trim)."""
+        return any(n.nonzeros != n.params for n in self.after.nodes.values())
 
     def has_encoded(self) -> bool:
         """Whether any node stores an encoded (quantized, sparse, codebook) weight before or after."""
@@ -106,8 +112,11 @@ class CompileReport:
                                         "FLOPs", "FLOPs'")]
         if self.has_encoded():
             rows[0] += ("bytes", "bytes'", "weights'")
+        if self.has_sparse():
+            rows[0] += ("non-zeros'",)
         rows += self.node_rows()
-        out += ["nodes:", _table(rows, {4, 5, 6, 7, 8, 9}), ""]
+        out += ["nodes:", _table(rows, {4, 5, 6, 7, 8, 9, len(rows[0]) - 1} if self.has_sparse() else
+                                 {4, 5, 6, 7, 8, 9}), ""]
         out.append(
             f"total: params {self.before.params:,} -> {self.after.params:,} ({_ratio(self.before.params, self.after.params)}"
             f" smaller), FLOPs {self.before.flops:,} -> {self.after.flops:,} "

@@ -69,3 +69,11 @@ def test_cli_sparse_flag(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import onnx
 
     assert len(onnx.load(str(out)).graph.sparse_initializer) == 0
+
+
+def test_report_lists_nonzeros_per_layer() -> None:
+    m, x = _model()
+    text = str(ns.compile(m, POLICY, example_inputs=(x,)).report)
+    assert "non-zeros'" in text
+    rows = {line.split()[0]: line.split() for line in text.splitlines() if line.startswith(("0 ", "2 "))}
+    assert rows["0"][-1] == "320" and rows["2"][-1] == "69"  # kept weights + the dense biases (64, 5)
