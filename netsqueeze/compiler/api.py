@@ -418,7 +418,7 @@ def _check_budget(budget: Mapping[str, float], before: Any, after: Any,
                   spans: Mapping[str, SourceSpan] | None = None, absolute: Mapping[str, float] | None = None) -> None:
     """Raises BudgetError, located at each missed `budget` item, stating what the pipeline reached."""
     # latency is handed to the passes (ctx.budget) but compile() does not measure it
-    attr = {"params": "params", "flops": "flops", "bytes": "param_bytes"}
+    attr = {"params": "params", "flops": "flops", "bytes": "param_bytes", "nonzeros": "nonzeros"}
     problems = []
     for key, limit in budget.items():
         if key not in attr:

@@ -250,7 +250,7 @@ class _Resolver:
         from netsqueeze.ir.stats import graph_stats
 
         st = graph_stats(self.graph)
-        return {"params": st.params, "flops": st.flops, "bytes": st.param_bytes}[metric]
+        return {"params": st.params, "flops": st.flops, "bytes": st.param_bytes, "nonzeros": st.nonzeros}[metric]
 
     def _statements(self, plan: Plan) -> None:
         conv = self.checker.convert

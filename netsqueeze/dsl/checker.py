@@ -83,6 +83,8 @@ BUDGET_METRICS: dict[str, OptionSchema] = {
     "params": OptionSchema("params", _RATIO, min=0, max=1, unit="ratio", min_exclusive=True),
     "flops": OptionSchema("flops", _RATIO, min=0, max=1, unit="ratio", min_exclusive=True),
     "bytes": OptionSchema("bytes", _RATIO, min=0, max=1, unit="ratio", min_exclusive=True),
+    # non-zero weights (sparsity passes: net_trim's epsilon search; checked on the compiled model)
+    "nonzeros": OptionSchema("nonzeros", _RATIO, min=0, max=1, unit="ratio", min_exclusive=True),
     # measured on the emit target by the compiler (`compiler.latency`), never seen by the passes
     "latency": OptionSchema("latency", _RATIO, min=0, max=1, unit="ratio", min_exclusive=True),
 }
@@ -92,6 +94,7 @@ ABSOLUTE_BUDGET: dict[str, tuple[str, str]] = {
     "params": ("count", "a count (e.g. 4.5M)"),
     "flops": ("count", "a count (e.g. 300M)"),
     "bytes": ("bytes", "a byte size (e.g. 2 MB)"),
+    "nonzeros": ("count", "a count (e.g. 50K)"),
     "latency": ("duration", "a duration (e.g. 5 ms)"),
 }
 # budget metrics the language knows but nothing measures yet: a located error instead of a silent no-op

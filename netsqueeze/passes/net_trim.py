@@ -130,7 +130,7 @@ class NetTrim(TransformPass):
         try:
             start = graph.copy()
             budget = Budget.of(ctx)
-            if self.epsilon is None and (budget or ctx.guard is not None):
+            if self.epsilon is None and (budget or "nonzeros" in ctx.budget or ctx.guard is not None):
                 gain = self._search(start, graph, layers, ctx, executor, budget)
                 notes.append(f"ε search: epsilon = {gain:.2%}")
             else:
@@ -278,6 +278,8 @@ class NetTrim(TransformPass):
         of that ε (before channel removal) in `graph`."""
         warm: dict[tuple[str, int], tuple[torch.Tensor, ...]] = {}
         base = graph_stats(ctx.original or start)
+        nz_limit = ctx.budget.get("nonzeros")  # non-zero weights: a budget only sparsity passes meet
+        nz_ratio: dict[float, float] = {}
         seen: dict[float, tuple[bool, bool, Reached, float | None]] = {}
         solved: dict[float, Graph] = {}
 
@@ -293,21 +295,28 @@ class NetTrim(TransformPass):
                 reached = (st.flops / max(1, base.flops), st.params / max(1, base.params),
                            st.param_bytes / max(1, base.param_bytes))
                 check = ctx.guard_check(g)
-                seen[gain] = (budget.meets(reached), check is None or check[0], reached,
-                              None if check is None else check[1])
+                nz_ratio[gain] = st.nonzeros / max(1, base.nonzeros)
+                meets = budget.meets(reached) and (nz_limit is None or nz_ratio[gain] <= nz_limit + 1e-12)
+                seen[gain] = (meets, check is None or check[0], reached, None if check is None else check[1])
             return seen[gain]
 
         gain = _SEARCH_MAX
-        if budget:
+        if budget or nz_limit is not None:
             if not at(_SEARCH_MAX)[0]:
-                raise budget.unreachable("net_trim", f"epsilon = {_SEARCH_MAX:.0%}", at(_SEARCH_MAX)[2],
-                                         layers[0].node)
+                if budget and not budget.meets(at(_SEARCH_MAX)[2]):
+                    raise budget.unreachable("net_trim", f"epsilon = {_SEARCH_MAX:.0%}", at(_SEARCH_MAX)[2],
+                                             layers[0].node)
+                raise BudgetError(Diagnostic(
+                    f"net_trim cannot meet the budget nonzeros <= {nz_limit:.1%}: epsilon = {_SEARCH_MAX:.0%} "
+                    f"keeps {nz_ratio[_SEARCH_MAX]:.1%} of the original non-zero weights", node=layers[0].node))
             gain = bisect(_SEARCH_MAX, 0.0, lambda t: at(t)[0], _SEARCH_STEPS)
         if ctx.guard is not None and not at(gain)[1]:
             metric, limit = ctx.guard
-            if budget:
+            if budget or nz_limit is not None:
+                shown = ", ".join(x for x in (str(budget), "" if nz_limit is None else f"nonzeros <= {nz_limit:.1%}")
+                                  if x)
                 raise BudgetError(Diagnostic(
-                    f"net_trim cannot meet guard {metric} <= {limit:.2%} within the budget {budget}: the smallest "
+                    f"net_trim cannot meet guard {metric} <= {limit:.2%} within the budget {shown}: the smallest "
                     f"epsilon that meets the budget ({gain:.2%}) reaches {_fmt(at(gain)[3])}", node=layers[0].node))
             gain = bisect(0.0, gain, lambda t: at(t)[1], _SEARCH_STEPS)
             if not at(gain)[1]:
