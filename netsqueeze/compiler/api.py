@@ -650,6 +650,7 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
     bars = Progress(progress_enabled(progress), log)
     n_batches = sum(1 for _ in source()) if source is not None and bars.on else None
     ctx = PassContext(
+        progress_fn=bars.bar,
         stream_fn=bars.stream(activation_stream(source), n_batches) if source is not None else None,
         budget=resolved.budget,
         bounds=resolved.bounds,

@@ -47,6 +47,19 @@ class Trainable(Protocol):
                  inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]: ...
 
 
+class _NoBar:
+    """The progress bar of a context without one: every call does nothing."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 @dataclass
 class PassContext:
     """Everything a pass may use besides the graph.
@@ -83,6 +96,13 @@ class PassContext:
     labels_fn: Callable[[], Iterator[torch.Tensor]] | None = None
     # runs independent solves (`passes.executor`): from compile(executor=...); None lets a pass use its default
     executor: Executor | None = None
+    # progress bars: (description, total or None, unit) -> a bar with update(n) and close(); the compiler's
+    # bars honour compile(progress=) / --quiet; None: no bars
+    progress_fn: Callable[[str, int | None, str], Any] | None = None
+
+    def progress(self, desc: str, total: int | None, unit: str) -> Any:
+        """A progress bar (update(n), close(), set_postfix(...)) from the compiler, or a silent one."""
+        return _NoBar() if self.progress_fn is None else self.progress_fn(desc, total, unit)
 
     def is_selected(self, node_id: str) -> bool:
         return self.selected is None or node_id in self.selected

@@ -10,7 +10,6 @@ arithmetic on one thread (`net_trim_solvers.single_threaded`) from the same inpu
 from __future__ import annotations
 
 import os
-import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -177,20 +176,3 @@ def _count(text: str, spec: str) -> int:
         raise NetsqueezeError(Diagnostic(f"executor '{spec}': the worker count must be a positive integer, "
                                          f"got '{text}'"))
     return int(text)
-
-
-def bar(label: str, stream: Any = None) -> Progress:
-    """A one-line progress bar on stderr (only when it is a terminal)."""
-    out = stream if stream is not None else sys.stderr
-
-    def show(done: int, total: int) -> None:
-        if not getattr(out, "isatty", lambda: False)():
-            return
-        width = 30
-        fill = width * done // max(total, 1)
-        out.write(f"\r{label} [{'#' * fill}{'.' * (width - fill)}] {done}/{total}")
-        if done == total:
-            out.write("\n")
-        out.flush()
-
-    return show

@@ -18,7 +18,7 @@ from netsqueeze.passes.allocation import Budget, Reached, bisect
 from netsqueeze.passes.base import PassContext, PassResult, TransformPass
 from netsqueeze.passes.collectors import Reservoir
 from netsqueeze.passes.dependency import ChannelGroup, DependencyAnalysis
-from netsqueeze.passes.executor import Executor, Processes, bar
+from netsqueeze.passes.executor import Executor, Processes
 from netsqueeze.passes.net_trim_solvers import Chunk, Settings, Solution, solve, within
 from netsqueeze.passes.registry import register_pass
 from netsqueeze.passes.rewrite import ChannelSelection, apply_selection
@@ -239,7 +239,11 @@ class NetTrim(TransformPass):
         return out
 
     def _solve(self, chunks: list[Chunk], settings: Settings, executor: Executor, ctx: PassContext) -> list[Solution]:
-        sols = executor.map(_Task(settings), chunks, bar("net_trim"))
+        bar = ctx.progress("net_trim", len(chunks), "task")
+        try:
+            sols = executor.map(_Task(settings), chunks, lambda done, total: bar.update(1))
+        finally:
+            bar.close()
         for c, s in zip(chunks, sols):
             self._check(c, s, settings)
         ctx.log(f"net_trim: {len(chunks)} tasks on {executor.name}")

@@ -4,14 +4,12 @@ calibration data, every compression decision (structure, sparsity pattern, codeb
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from netsqueeze.errors import Diagnostic, InputMismatchError, NetsqueezeError
 from netsqueeze.ir.graph import Graph
@@ -205,7 +203,8 @@ class Recover(TransformPass):
     Guard: when the policy has a `guard` the compiler can measure, it is measured before training and every
     `check_every` steps (0: after every pass over the calibration data); recovery stops as soon as the guard
     is met, and the weights written back are those of the best measurement (never worse than before).
-    `progress` shows a progress bar on a terminal (never when stderr is not one).
+    `progress` shows the compile's progress bar (`compile(progress=)`: by default on a terminal only;
+    `--quiet` turns it off).
     """
 
     name: ClassVar[str] = "recover"
@@ -247,8 +246,7 @@ class Recover(TransformPass):
         losses: list[float] = []
         per_pass = 0
         stopped = ""
-        bar = tqdm(total=self.steps, desc="recover", unit="step", leave=False, file=sys.stderr,
-                   disable=not self.progress or not sys.stderr.isatty())
+        bar = ctx.progress("recover", self.steps, "step") if self.progress else PassContext().progress("", 0, "")
         try:
             with torch.enable_grad():
                 for step, (xs, ys, labels, last_of_pass) in enumerate(self._batches(ctx, teacher), 1):
