@@ -535,6 +535,7 @@ def compile(
     store: Literal["ham", "sham", "csr", "dense"] | None = None,
     progress: bool | None = None,
     sparse: Literal["dense", "csr"] | None = None,
+    labelled: bool = False,
 ) -> CompileResult:
     """Compresses `model` as `policy` says and emits it for `target`.
 
@@ -550,6 +551,9 @@ def compile(
     unexpected exception inside netsqueeze is an `InternalError`. executor: where independent solves
     (net_trim) run: 'local', 'processes[:N]' (the default), 'dask://HOST:PORT' (an existing Dask
     scheduler), 'dask://local[:N]', or an `Executor`; the result is the same whichever runs them.
+    labelled: the calibration data is an iterable of `(inputs..., labels)` batches (e.g. a DataLoader of
+        (x, y)); passes that use labels (`recover`'s task loss, `select_features`) read them, the model
+        never sees them. A calibration `.npz` with a `labels` array is labelled without it.
     sparse: how sparse weights are emitted: None (default) keeps ONNX `sparse_initializer`s and torch
         layers that decode them to dense-with-zeros weights; "dense" writes dense weights in both; "csr"
         emits torch linear layers that keep a `torch.sparse_csr` weight and multiply with it.
@@ -581,7 +585,8 @@ def compile(
     try:
         with guard_model:
             result = _compile(model, policy, example_inputs, calibration, target, params, eval_fn, precision,
-                              input_shapes, seed, log, trust_pickle, dynamic_shapes, runner, progress, sparse)
+                              input_shapes, seed, log, trust_pickle, dynamic_shapes, runner, progress, sparse,
+                              labelled)
         store = store if store is not None else result.graph.meta.get("store")  # or the policy's `store`
         if store is not None:
             from netsqueeze.compiler.stored import attach_store
@@ -599,7 +604,7 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
              precision: Literal["fp32", "fp16"], input_shapes: Mapping[str, Sequence[int]] | None, seed: int,
              log: Callable[[str], None] | None, trust_pickle: bool, dynamic_shapes: Any = None,
              executor: Executor | None = None, progress: bool | None = None,
-             sparse: Literal["dense", "csr"] | None = None) -> CompileResult:
+             sparse: Literal["dense", "csr"] | None = None, labelled: bool = False) -> CompileResult:
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     if example_inputs is None and not _is_onnx(model) and not isinstance(model, (str, os.PathLike)):
@@ -628,7 +633,10 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
     labels_fn: Callable[[], Iterator[torch.Tensor]] | None = None
     with _stage("reading the calibration data"):
         if calibration is not None:
-            calibration, labels = split_labels(calibration, len(graph.inputs))
+            calibration, labels = split_labels(calibration, len(graph.inputs), labelled)
+            if labelled and labels is None:
+                raise InputMismatchError(f"labelled=True but the calibration file '{calibration}' holds no "
+                                         "'labels' array beside the model's inputs")
             source = calibration_source(calibration, batch_size=int(cal.get("batch", 64)),
                                         samples=cal.get("samples"))
             if labels is not None:

@@ -141,9 +141,37 @@ def calibration_source(data: Any, *, batch_size: int = 64, samples: int | None =
 LABELS = "labels"  # the .npz array that holds a labelled calibration file's labels
 
 
-def split_labels(data: Any, n_inputs: int) -> tuple[Any, torch.Tensor | None]:
-    """(inputs, labels) of a labelled calibration file: an .npz holding the model's input arrays plus one
-    array named `labels` (one row per sample). Anything else comes back as it was, with no labels."""
+class _Part:
+    """A re-iterable view of a labelled iterable of batches: each batch's inputs (all tensors but the last)
+    or its labels (the last), iterating the user's data afresh each time."""
+
+    def __init__(self, data: Iterable[Any], n_inputs: int, labels: bool) -> None:
+        self.data, self.n_inputs, self.labels = data, n_inputs, labels
+
+    def __iter__(self) -> Iterator[Any]:
+        items = iterate_user("the calibration iterator", call_user("iter(calibration data)", iter, self.data))
+        for i, item in enumerate(items):
+            if not isinstance(item, (tuple, list)) or len(item) != self.n_inputs + 1:
+                got = f"{len(item)} items" if isinstance(item, (tuple, list)) else f"a {type(item).__name__}"
+                raise InputMismatchError(
+                    f"labelled calibration batch {i} is {got}; expected the model's {self.n_inputs} input(s) "
+                    "followed by the labels")
+            if self.labels:
+                yield item[-1]
+            else:
+                yield item[0] if self.n_inputs == 1 else tuple(item[:-1])
+
+
+def split_labels(data: Any, n_inputs: int, labelled: bool = False) -> tuple[Any, Any]:
+    """(inputs, labels) of labelled calibration data: an .npz holding the model's input arrays plus one
+    array named `labels` (one row per sample), or, with `labelled`, an iterable of batches `(inputs...,
+    labels)` (a DataLoader of (x, y) pairs, a list of tuples). Anything else comes back as it was, with no
+    labels."""
+    if labelled and not isinstance(data, (str, os.PathLike)):
+        if not isinstance(data, Iterable) or isinstance(data, (torch.Tensor, np.ndarray, bytes, dict)):
+            raise InputMismatchError(f"labelled calibration data must be an iterable of (inputs..., labels) "
+                                     f"batches or a labelled .npz, got a {type(data).__name__}")
+        return _Part(data, n_inputs, False), _Part(data, n_inputs, True)
     if not isinstance(data, (str, os.PathLike)) or not str(data).endswith(".npz"):
         return data, None
     path = Path(data)
@@ -157,7 +185,7 @@ def split_labels(data: Any, n_inputs: int) -> tuple[Any, torch.Tensor | None]:
         raise
     except Exception:
         return data, None  # calibration_source reads it again and says what is wrong
-    labels = arrays.pop(LABELS)
+    labels: torch.Tensor = arrays.pop(LABELS)
     inputs = tuple(arrays.values())
     if labels.dim() == 0 or labels.shape[0] != inputs[0].shape[0]:
         rows = "a 0-d array" if labels.dim() == 0 else f"{labels.shape[0]} rows"
