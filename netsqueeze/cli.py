@@ -20,9 +20,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Literal
 
-from netsqueeze.errors import Diagnostic, FileError, InternalError, NetsqueezeError, PolicyError
+from netsqueeze.errors import CaptureError, Diagnostic, FileError, InternalError, NetsqueezeError, PolicyError
 
-EXIT_ERROR, EXIT_POLICY, EXIT_INTERNAL, EXIT_SIGINT, EXIT_SIGTERM = 1, 2, 3, 130, 143
+EXIT_ERROR, EXIT_POLICY, EXIT_CAPTURE, EXIT_INTERNAL, EXIT_SIGINT, EXIT_SIGTERM = 1, 2, 3, 4, 130, 143
 REPORT_HINT = "this is a bug in netsqueeze: please report it with the command that ran and its --verbose output"
 
 
@@ -218,8 +218,9 @@ def cmd_explain(a: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="netsqueeze", description="Declarative model-compression compiler.",
-                                epilog="exit codes: 0 ok, 1 error, 2 policy or usage error, 3 internal error "
-                                       "(please report), 130 interrupted, 143 terminated")
+                                epilog="exit codes: 0 ok, 1 error (budget or guard missed, data, files), 2 policy or "
+                                       "usage error, 3 model capture error, 4 internal error (please report), "
+                                       "130 interrupted, 143 terminated")
     from netsqueeze import __version__
 
     p.add_argument("--version", action="version", version=f"netsqueeze {__version__}")
@@ -334,6 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_error(e, verbose)
         if isinstance(e, InternalError):
             return EXIT_INTERNAL
+        if isinstance(e, CaptureError):
+            return EXIT_CAPTURE
         return EXIT_POLICY if isinstance(e, PolicyError) else EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

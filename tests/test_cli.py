@@ -55,7 +55,7 @@ def test_compile_refuses_to_overwrite_its_input(capsys: pytest.CaptureFixture[st
 
 
 def test_missing_model_file(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["inspect", "nope.py"]) == 1
+    assert main(["inspect", "nope.py"]) == 3  # a model that cannot be loaded is a capture error
     assert capsys.readouterr().err.strip() == "error: model file 'nope.py' does not exist"
 
 
@@ -65,7 +65,7 @@ def test_compile_to_pt2_and_back_needs_trust(tmp_path: Path, capsys: pytest.Capt
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt2"]  # no temporary file left
     assert torch.export.load(str(out)).module()(torch.randn(8, 1, 28, 28)).shape == (8, 10)
     capsys.readouterr()
-    assert main(["inspect", str(out)]) == 1
+    assert main(["inspect", str(out)]) == 3  # refused (untrusted pickle): a capture error
     err = capsys.readouterr().err
     assert err.startswith(f"error: refusing to load '{out}': torch.export.load unpickles") and "--trust-pickle" in err
     assert main(["inspect", str(out), "--trust-pickle"]) == 0

@@ -47,7 +47,7 @@ def test_an_iterable_of_xy_batches_equals_the_labelled_npz(tmp_path: Path, body:
 
 
 def test_malformed_labelled_batches_and_unlabelled_files(tmp_path: Path) -> None:
-    m, x, y, _ = _data(tmp_path)
+    m, x, _, _ = _data(tmp_path)
     with pytest.raises(InputMismatchError) as e:
         ns.compile(m, "policy p { fold_bn }", example_inputs=(x[:4],), calibration=[x[:64]], labelled=True)
     assert e.value.message == ("labelled calibration batch 0 is a Tensor; expected the model's 1 input(s) "

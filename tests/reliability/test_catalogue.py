@@ -180,15 +180,15 @@ CASES = [
     Case("bad-set", [*C, "-p", "p.sqz", "-o", "out.pt", "--set", "r"], 2, ns.PolicyError,
          "--set expects key=value, got 'r'"),
     # model files
-    Case("model-missing", ["compile", "nope.py", "-o", "out.pt"], 1, ns.CaptureError,
+    Case("model-missing", ["compile", "nope.py", "-o", "out.pt"], 3, ns.CaptureError,
          "model file 'nope.py' does not exist"),
-    Case("model-is-dir", ["compile", "sub", "-o", "out.pt"], 1, ns.CaptureError, "model file 'sub' is a directory"),
-    Case("model-unknown-suffix", ["compile", "model.h5", "-o", "out.pt"], 1, ns.CaptureError,
+    Case("model-is-dir", ["compile", "sub", "-o", "out.pt"], 3, ns.CaptureError, "model file 'sub' is a directory"),
+    Case("model-unknown-suffix", ["compile", "model.h5", "-o", "out.pt"], 3, ns.CaptureError,
          "unsupported model file 'model.h5'"),
-    Case("model-syntax-error", ["compile", "syn.py", "-o", "out.pt"], 1, ns.CaptureError,
+    Case("model-syntax-error", ["compile", "syn.py", "-o", "out.pt"], 3, ns.CaptureError,
          "importing 'syn.py' failed: SyntaxError", setup=lambda ws: user_file(ws, "syn.py", "def build(:\n"),
          notes=("syn.py",)),
-    Case("model-import-raises", ["compile", "imp.py", "-o", "out.pt"], 1, ns.CaptureError,
+    Case("model-import-raises", ["compile", "imp.py", "-o", "out.pt"], 3, ns.CaptureError,
          "importing 'imp.py' failed: ZeroDivisionError: division by zero",
          setup=lambda ws: user_file(ws, "imp.py", "import torch\nx = 1 / 0\n"),
          notes=("Traceback (most recent call last):", 'imp.py", line 2')),
@@ -196,9 +196,9 @@ CASES = [
          "model factory 'broken' in 'r.py' raised ValueError: boom in the factory",
          setup=lambda ws: user_file(ws, "r.py", RAISING),
          notes=("Traceback (most recent call last):", "in broken", "ValueError: boom in the factory")),
-    Case("factory-missing", ["compile", "m.py:nothere", "-o", "out.pt"], 1, ns.CaptureError,
+    Case("factory-missing", ["compile", "m.py:nothere", "-o", "out.pt"], 3, ns.CaptureError,
          "'m.py' defines no model factory (looked for nothere)"),
-    Case("factory-returns-int", ["compile", "i.py", "-o", "out.pt"], 1, ns.CaptureError,
+    Case("factory-returns-int", ["compile", "i.py", "-o", "out.pt"], 3, ns.CaptureError,
          "factory 'build' in 'i.py' returned int, expected an nn.Module",
          setup=lambda ws: user_file(ws, "i.py", "def build():\n    return 42\n")),
     Case("example-inputs-raises", ["compile", "e.py", "-o", "out.pt"], 1, UserCodeError,
@@ -223,19 +223,19 @@ CASES = [
          "calibration batch 0: input 'x' contains Inf (1 of 64 values)",
          setup=lambda ws: user_file(ws, "c.py", MODEL + "\ndef calibration():\n"
                                     "    t = torch.zeros(16, 4)\n    t[2, 2] = float('-inf')\n    return t\n")),
-    Case("pt-full-pickle", ["compile", "module.pt", "-o", "out.pt"], 1, ns.CaptureError,
+    Case("pt-full-pickle", ["compile", "module.pt", "-o", "out.pt"], 3, ns.CaptureError,
          "refusing to load 'module.pt': it is a full pickle (it names torch.nn.modules.container.Sequential), and "
          "unpickling can run arbitrary code; if you trust this file, pass --trust-pickle"),
-    Case("pt-payload", ["compile", "evil.pt", "-o", "out.pt"], 1, ns.CaptureError,
+    Case("pt-payload", ["compile", "evil.pt", "-o", "out.pt"], 3, ns.CaptureError,
          "refusing to load 'evil.pt': it is a full pickle (it names io.open)"),
-    Case("pt-payload-inspect", ["inspect", "evil.pt"], 1, ns.CaptureError, "refusing to load 'evil.pt'"),
-    Case("pt-garbage", ["compile", "garbage.pt", "-o", "out.pt"], 1, ns.CaptureError,
+    Case("pt-payload-inspect", ["inspect", "evil.pt"], 3, ns.CaptureError, "refusing to load 'evil.pt'"),
+    Case("pt-garbage", ["compile", "garbage.pt", "-o", "out.pt"], 3, ns.CaptureError,
          "cannot load 'garbage.pt': not a valid torch file (Unsupported operand 103)"),
-    Case("pt-state-dict", ["compile", "state.pt", "-o", "out.pt"], 1, ns.CaptureError,
+    Case("pt-state-dict", ["compile", "state.pt", "-o", "out.pt"], 3, ns.CaptureError,
          "'state.pt' holds a OrderedDict, not an nn.Module"),
-    Case("pt2-untrusted", ["compile", "garbage.pt2", "-o", "out.pt"], 1, ns.CaptureError,
+    Case("pt2-untrusted", ["compile", "garbage.pt2", "-o", "out.pt"], 3, ns.CaptureError,
          "refusing to load 'garbage.pt2': torch.export.load unpickles parts of a .pt2 archive"),
-    Case("pt2-corrupt-trusted", ["compile", "garbage.pt2", "--trust-pickle", "-o", "out.pt"], 1, ns.CaptureError,
+    Case("pt2-corrupt-trusted", ["compile", "garbage.pt2", "--trust-pickle", "-o", "out.pt"], 3, ns.CaptureError,
          "cannot load 'garbage.pt2'"),
     # calibration files
     Case("calib-missing", [*C, "--calib", "nope.npy", "-o", "out.pt"], 1, ns.InputMismatchError,
@@ -491,12 +491,12 @@ def test_internal_error_names_the_stage_and_asks_for_a_report(ws: Path, capsys: 
 
     monkeypatch.setattr(api, "graph_stats", broken)
     before = snapshot(ws)
-    assert cli.main(["compile", "m.py", "-o", "out.pt"]) == 3
+    assert cli.main(["compile", "m.py", "-o", "out.pt"]) == 4
     err = capsys.readouterr().err
     assert err.startswith("error: internal error while importing the model: KeyError: 'lost node'\n"
                           "  note: this is a bug in netsqueeze: please report it")
     assert "Traceback" not in err
-    assert cli.main(["compile", "m.py", "-o", "out.pt", "--verbose"]) == 3
+    assert cli.main(["compile", "m.py", "-o", "out.pt", "--verbose"]) == 4
     err = capsys.readouterr().err
     assert "Traceback (most recent call last):" in err and "KeyError: 'lost node'" in err
     with pytest.raises(InternalError, match="internal error while importing the model"):
@@ -516,7 +516,7 @@ def test_unexpected_exception_outside_compile_is_an_internal_error(ws: Path, cap
 
     monkeypatch.setattr(torch, "save", half_then_fail)
     before = snapshot(ws)
-    assert cli.main(["compile", "m.py", "-o", "out.pt"]) == 3
+    assert cli.main(["compile", "m.py", "-o", "out.pt"]) == 4
     assert "error: internal error: RuntimeError: disk on fire\n" in capsys.readouterr().err
     assert snapshot(ws) == before  # the old output is intact and no temporary file is left
 
