@@ -569,7 +569,7 @@ def compile(
         raise NetsqueezeError(f"unknown sparse {sparse!r} (use 'dense' or 'csr', or leave it unset)")
     if precision not in PRECISIONS:
         raise NetsqueezeError(f"unknown precision {precision!r} (use 'fp32' or 'fp16'; "
-                              "int8 quantization is not supported)")
+                              "int8 is a pass: put `quantize` or `quantize_weights` in the policy)")
     if eval_fn is not None and not callable(eval_fn):
         raise NetsqueezeError(f"eval_fn is a {type(eval_fn).__name__}, not a function of the model")
     if not isinstance(policy, (str, os.PathLike, list, tuple, Pass)):

@@ -359,7 +359,7 @@ API_CASES = [
             "cannot read policy 'nope.sqz': no such file"),
     ApiCase("target", lambda: {"target": "tflite"}, ns.NetsqueezeError, "unknown target 'tflite'"),
     ApiCase("precision-int8", lambda: {"precision": "int8"}, ns.NetsqueezeError,
-            "unknown precision 'int8' (use 'fp32' or 'fp16'; int8 quantization is not supported)"),
+            "unknown precision 'int8' (use 'fp32' or 'fp16'; int8 is a pass: put `quantize` or `quantize_weights` in the policy)"),
     ApiCase("input-shapes", lambda: {"input_shapes": {"x": (1, -3)}}, ns.InputMismatchError,
             "input shape for 'x' is [1, -3]: dims must be positive integers"),
     ApiCase("example-nan", lambda: {"example_inputs": (torch.tensor([[1.0, float("nan"), 0.0, 0.0]]),)},
