@@ -143,11 +143,13 @@ def train(model: nn.Module, data: dict[str, torch.Tensor], epochs: int, lr: floa
     return model.eval()
 
 
-def trained(name: str, data: dict[str, torch.Tensor], epochs: int = 3) -> nn.Module:
-    """The benchmark model `name`, trained once and cached under benchmarks/cache/."""
+def trained(name: str, data: dict[str, torch.Tensor], epochs: int = 3,
+            models: dict[str, Callable[[], nn.Module]] | None = None, prefix: str = "") -> nn.Module:
+    """The benchmark model `name` (of `models`, default the shared ones), trained once and cached under
+    benchmarks/cache/ as `{prefix}{name}_e{epochs}.pt`."""
     CACHE.mkdir(parents=True, exist_ok=True)
-    path = CACHE / f"{name}_e{epochs}.pt"
-    model = MODELS[name]()
+    path = CACHE / f"{prefix}{name}_e{epochs}.pt"
+    model = (models or MODELS)[name]()
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()

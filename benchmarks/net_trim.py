@@ -34,7 +34,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import netsqueeze as ns
-from benchmarks.common import CACHE, RESULTS, accuracy, fashion_mnist, markdown_table, train
+from benchmarks.common import RESULTS, accuracy, fashion_mnist, markdown_table, trained
 from netsqueeze.compiler.calibration import activation_stream, calibration_source
 from netsqueeze.ir import weights
 from netsqueeze.ir.graph import Graph
@@ -70,17 +70,7 @@ MODELS = {"lenet300": lenet300, "lenet5": LeNet5}
 
 
 def model_of(name: str, data: dict[str, torch.Tensor], epochs: int = 3) -> nn.Module:
-    CACHE.mkdir(parents=True, exist_ok=True)
-    path = CACHE / f"nt_{name}_e{epochs}.pt"
-    model = MODELS[name]()
-    if path.exists():
-        model.load_state_dict(torch.load(path, weights_only=True))
-        return model.eval()
-    t0 = time.perf_counter()
-    train(model, data, epochs)
-    torch.save(model.state_dict(), path)
-    print(f"trained {name} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-    return model.eval()
+    return trained(name, data, epochs, models=MODELS, prefix="nt_")  # cached as nt_<name>_e<epochs>.pt
 
 
 def linears(model: nn.Module) -> list[nn.Linear]:
