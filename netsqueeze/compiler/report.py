@@ -10,7 +10,7 @@ from typing import Any
 
 from netsqueeze.compiler.pipeline import PassRecord
 from netsqueeze.ir.graph import Graph
-from netsqueeze.ir.stats import GraphStats, graph_stats
+from netsqueeze.ir.stats import GraphStats, NodeStats, graph_stats
 
 
 def _table(rows: list[tuple[str, ...]], right: set[int]) -> str:
@@ -22,6 +22,14 @@ def _table(rows: list[tuple[str, ...]], right: set[int]) -> str:
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def node_cells(nb: NodeStats | None, na: NodeStats | None) -> tuple[str, ...]:
+    """A node's params, FLOPs and weight bytes before and after, and its weight forms after (a node that is
+    new or removed counts 0 on the side where it is absent)."""
+    return (f"{nb.params if nb else 0:,}", f"{na.params if na else 0:,}", f"{nb.flops if nb else 0:,}",
+            f"{na.flops if na else 0:,}", f"{nb.param_bytes if nb else 0:,}", f"{na.param_bytes if na else 0:,}",
+            (na.forms if na else "") or "dense")
 
 
 def _ratio(a: int, b: int) -> str:
@@ -72,14 +80,10 @@ class CompileReport:
                 continue
             shape_b = ", ".join(nb.shapes) if nb else "(new)"
             shape_a = ", ".join(na.shapes) if na else "(removed)"
-            row: tuple[str, ...] = (
-                nid, kind, shape_b, shape_a if shape_a != shape_b else "=",
-                f"{nb.params if nb else 0:,}", f"{na.params if na else 0:,}",
-                f"{nb.flops if nb else 0:,}", f"{na.flops if na else 0:,}",
-            )
+            cells = node_cells(nb, na)
+            row: tuple[str, ...] = (nid, kind, shape_b, shape_a if shape_a != shape_b else "=", *cells[:4])
             if self.has_encoded():
-                row += (f"{nb.param_bytes if nb else 0:,}", f"{na.param_bytes if na else 0:,}",
-                        (na.forms if na else "") or "dense")
+                row += cells[4:]
             if self.has_sparse():
                 row += (f"{na.nonzeros if na else 0:,}",)
             rows.append(row)

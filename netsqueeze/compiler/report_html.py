@@ -13,6 +13,8 @@ from html import escape
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from netsqueeze.compiler.report import node_cells
+
 if TYPE_CHECKING:
     from netsqueeze.compiler.report import CompileReport
 
@@ -176,9 +178,7 @@ def render(r: CompileReport) -> str:
         nb, na = b.nodes.get(n), a.nodes.get(n)
         kind = (nb or na).kind  # type: ignore[union-attr]
         node_rows.append((n, kind, ", ".join(nb.shapes) if nb else "(new)", ", ".join(na.shapes) if na else "(removed)",
-                          f"{nb.params if nb else 0:,}", f"{na.params if na else 0:,}", f"{nb.flops if nb else 0:,}",
-                          f"{na.flops if na else 0:,}", f"{nb.param_bytes if nb else 0:,}",
-                          f"{na.param_bytes if na else 0:,}", (na.forms if na else "") or "dense"))
+                          *node_cells(nb, na)))
     budget = ", ".join(f"{k} ≤ {v:.0%}" for k, v in r.budget.items()) or "none"
     guard = f"{r.guard[0].replace('_', ' ')} ≤ {r.guard[1]:.3g}" if r.guard else "none"
     parts = [

@@ -47,7 +47,7 @@ class Trainable(Protocol):
                  inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]: ...
 
 
-class _NoBar:
+class NoBar:
     """The progress bar of a context without one: every call does nothing."""
 
     def update(self, n: int = 1) -> None:
@@ -102,7 +102,7 @@ class PassContext:
 
     def progress(self, desc: str, total: int | None, unit: str) -> Any:
         """A progress bar (update(n), close(), set_postfix(...)) from the compiler, or a silent one."""
-        return _NoBar() if self.progress_fn is None else self.progress_fn(desc, total, unit)
+        return NoBar() if self.progress_fn is None else self.progress_fn(desc, total, unit)
 
     def is_selected(self, node_id: str) -> bool:
         return self.selected is None or node_id in self.selected

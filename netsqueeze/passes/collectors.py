@@ -6,6 +6,7 @@ Structural passes feed them one batch at a time from `PassContext.stream`, so me
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def channel_rows(t: torch.Tensor, axis: int, spatial_mean: bool = False) -> torch.Tensor:
@@ -17,6 +18,21 @@ def channel_rows(t: torch.Tensor, axis: int, spatial_mean: bool = False) -> torc
     if spatial_mean and t.dim() > axis + 1:
         t = t.mean(dim=tuple(range(axis + 1, t.dim())))
     return t.movedim(axis, -1).reshape(-1, t.shape[axis]).double()
+
+
+def conv_patches(attrs: dict[str, object], taps: tuple[int, ...], x: torch.Tensor) -> torch.Tensor:
+    """A conv input [N, C, *spatial] (1-d or 2-d kernel `taps`, the conv node's stride/dilation/padding
+    attrs) as im2col rows [N·positions, C·taps], in (channel, tap) order."""
+    d = len(taps)
+    stride = list(attrs.get("stride", [1] * d))  # type: ignore[call-overload]
+    dil = list(attrs.get("dilation", [1] * d))  # type: ignore[call-overload]
+    pad = list(attrs.get("padding", [0] * 2 * d))  # type: ignore[call-overload]
+    kt: tuple[int, ...] = taps
+    if d == 1:
+        x, kt, stride, dil, pad = x.unsqueeze(2), (1, taps[0]), [1, *stride], [1, *dil], [0, pad[0], 0, pad[1]]
+    x = F.pad(x, (pad[1], pad[3], pad[0], pad[2]))
+    cols = F.unfold(x, kt, dilation=tuple(dil), stride=tuple(stride))  # [N, C·taps, positions]
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
 class Moments:

@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 
 from netsqueeze.errors import BudgetError, Diagnostic, NetsqueezeError, SolverError
 from netsqueeze.ir import weights
@@ -16,7 +15,7 @@ from netsqueeze.ir.stats import graph_stats
 from netsqueeze.ir.weights import Sparse
 from netsqueeze.passes.allocation import Budget, Reached, bisect
 from netsqueeze.passes.base import PassContext, PassResult, TransformPass
-from netsqueeze.passes.collectors import Reservoir
+from netsqueeze.passes.collectors import Reservoir, conv_patches
 from netsqueeze.passes.dependency import ChannelGroup, DependencyAnalysis
 from netsqueeze.passes.executor import Executor, Processes
 from netsqueeze.passes.net_trim_solvers import Chunk, Settings, Solution, solve, within
@@ -46,11 +45,7 @@ def _rows(node: Node, x: torch.Tensor) -> torch.Tensor:
     """Samples of the layer's input as rows: features for linear, im2col patches for conv."""
     if node.kind == "linear":
         return x.reshape(-1, x.shape[-1]).double()
-    k = tuple(node.params["weight"].shape[2:])
-    pads = tuple(attr(node, "padding"))
-    x = F.pad(x, (pads[1], pads[3], pads[0], pads[2]))
-    cols = F.unfold(x.double(), k, dilation=tuple(attr(node, "dilation")), stride=tuple(attr(node, "stride")))
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return conv_patches(node.attrs, tuple(node.params["weight"].shape[2:]), x.double())
 
 
 @register_pass

@@ -9,13 +9,13 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 
 from netsqueeze.errors import Diagnostic, PassError
 from netsqueeze.ir.graph import Graph, Value
 from netsqueeze.ir.ops import attr
 from netsqueeze.ir.weights import Affine, nbytes
 from netsqueeze.passes.base import PassContext, PassResult, TransformPass
+from netsqueeze.passes.collectors import conv_patches
 from netsqueeze.passes.gptq import Grid, Quantized, gptq, output_error, rtn
 from netsqueeze.passes.registry import register_pass
 
@@ -205,7 +205,7 @@ class QuantizeWeights(TransformPass):
             return self._affine(q, lay(qz.scale), lay(qz.zero_point), 1, w.dtype)
 
         def rows(x: torch.Tensor) -> torch.Tensor:
-            return self._patches(node.attrs, taps, x)[:, torch.arange(i * k).reshape(i, k).t().reshape(-1)]
+            return conv_patches(node.attrs, taps, x)[:, torch.arange(i * k).reshape(i, k).t().reshape(-1)]
 
         if self.method == "gptq" and (attr(node, "groups") != 1 or len(taps) not in (1, 2)):
             raise PassError(Diagnostic(
@@ -213,20 +213,6 @@ class QuantizeWeights(TransformPass):
                 f"groups = {attr(node, 'groups')}, a {len(taps)}-d kernel); select it for method = rtn instead",
                 node=nid))
         return _Target(nid, nid, "weight", matrix, groups, build, graph.operands(nid)[0], rows)
-
-    @staticmethod
-    def _patches(attrs: dict[str, object], taps: tuple[int, ...], x: torch.Tensor) -> torch.Tensor:
-        """A conv input [N, C, *spatial] as im2col rows [N·positions, C·taps] ((channel, tap) order)."""
-        d = len(taps)
-        stride = list(attrs.get("stride", [1] * d))  # type: ignore[call-overload]
-        dil = list(attrs.get("dilation", [1] * d))  # type: ignore[call-overload]
-        pad = list(attrs.get("padding", [0] * 2 * d))  # type: ignore[call-overload]
-        kt: tuple[int, ...] = taps
-        if d == 1:
-            x, kt, stride, dil, pad = x.unsqueeze(2), (1, taps[0]), [1, *stride], [1, *dil], [0, pad[0], 0, pad[1]]
-        x = F.pad(x, (pad[1], pad[3], pad[0], pad[2]))
-        cols = F.unfold(x, kt, dilation=tuple(dil), stride=tuple(stride))  # [N, C·taps, positions]
-        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
     # ---- GPTQ ------------------------------------------------------------------------------------------
     @staticmethod

@@ -4,6 +4,7 @@ calibration data, every compression decision (structure, sparsity pattern, codeb
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
@@ -14,25 +15,26 @@ import torch.nn.functional as F
 from netsqueeze.errors import Diagnostic, InputMismatchError, NetsqueezeError
 from netsqueeze.ir.graph import Graph
 from netsqueeze.ir.weights import Affine, Centroids, Codebook, Sparse, Weight
-from netsqueeze.passes.base import PassContext, PassResult, TransformPass
+from netsqueeze.passes.base import NoBar, PassContext, PassResult, TransformPass
 from netsqueeze.passes.registry import register_pass
 
 Key = tuple[str, str]  # (node id, param name)
 
 
 # ---- trainable forms: each keeps its weight's encoding fixed and trains only what the encoding lets move -----
-class _Form:
+class _Form(ABC):
     """A weight being trained: `leaves` take the gradients, `dense()` is the weight they give (differentiable),
     `encode()` the weight written back, in the form it came in."""
 
     leaves: list[torch.Tensor]
 
+    @abstractmethod
     def dense(self) -> torch.Tensor:
-        raise NotImplementedError
+        """The weight the leaves give, differentiable."""
 
+    @abstractmethod
     def encode(self, memo: dict[int, Centroids]) -> Weight:
         """The weight to write back; `memo` holds the tables already written in this write (shared ones once)."""
-        raise NotImplementedError
 
 
 def _leaf(t: torch.Tensor) -> torch.Tensor:
@@ -246,7 +248,7 @@ class Recover(TransformPass):
         losses: list[float] = []
         per_pass = 0
         stopped = ""
-        bar = ctx.progress("recover", self.steps, "step") if self.progress else PassContext().progress("", 0, "")
+        bar = ctx.progress("recover", self.steps, "step") if self.progress else NoBar()
         try:
             with torch.enable_grad():
                 for step, (xs, ys, labels, last_of_pass) in enumerate(self._batches(ctx, teacher), 1):
