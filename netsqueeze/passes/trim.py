@@ -13,9 +13,9 @@ from scipy.spatial.distance import pdist, squareform
 
 from netsqueeze.errors import Diagnostic, NetsqueezeError
 from netsqueeze.ir.graph import Graph, Value
-from netsqueeze.ir.stats import graph_stats
+from netsqueeze.ir.stats import GraphStats, graph_stats
 from netsqueeze.ir.weights import ENCODED_FORMS
-from netsqueeze.passes.allocation import Budget, GroupBounds, Meter, bisect_int, group_bounds
+from netsqueeze.passes.allocation import Budget, GroupBounds, Meter, Reached, bisect_int, group_bounds
 from netsqueeze.passes.base import PassContext, PassResult, TransformPass
 from netsqueeze.passes.collectors import Moments, Reservoir, channel_rows
 from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups, DependencyAnalysis, Member
@@ -136,6 +136,11 @@ def gdnt_group_scores(parents: torch.Tensor, children: torch.Tensor, parent_grou
     return scores
 
 
+# one observed consumer of gdnt_mode = groups: (its group, its index in the group's observations, parent blocks,
+# child blocks, the [parent group, child group] scores)
+_GdntEntry = tuple[ChannelGroup, int, list[np.ndarray], list[np.ndarray], torch.Tensor]
+
+
 def _standardise(t: torch.Tensor) -> torch.Tensor:
     sd = t.std(0, keepdim=True)
     return torch.where(sd > 1e-12, (t - t.mean(0, keepdim=True)) / sd.clamp_min(1e-12), torch.zeros_like(t))
@@ -176,8 +181,12 @@ class Trim(TransformPass):
     group, child group) connection is scored (`gdnt_group_scores`), the connections under the `ratio`
     quantile of all scores are cut — at most `gdnt_layer_cap` (published: 0.75) of one consumer's — by zeroing
     their weights, their mean input moved into the bias, and parent groups left with no connection are
-    removed structurally (bounds add back the best-scored ones). It needs a `ratio`; the FLOPs saved come
-    only from the removed channels (the zeroed connections stay as dense zeros, which `recover` keeps).
+    removed structurally (bounds add back the best-scored ones). The FLOPs saved come only from the removed
+    channels (the zeroed connections stay as dense zeros, which `recover` keeps). Without a `ratio`, the policy's
+    flops/params/bytes budget sets the cut: the smallest cut (a threshold among the connection scores, bisected,
+    every candidate's removal metered exactly) whose removal meets it; `BudgetError` when even the largest cut
+    the per-layer cap allows misses it. The guard is not searched here: a `recover` after trim restores
+    fidelity, and compile checks the guard on the final model.
 
     Bias compensation (the intercept of squeeze-and-fold's reconstruction, Ozen & Orailoglu, ECML
     PKDD 2020, with nothing kept to reconstruct from): each removed
@@ -238,8 +247,6 @@ class Trim(TransformPass):
             raise fail(f"ratio {self.ratio} leaves no channel; it must be in [0, 1)")
         if self.gdnt_mode == "groups" and self.criterion != "gdnt":
             raise fail(f"gdnt_mode = groups applies to criterion = gdnt, not {self.criterion}")
-        if self.gdnt_mode == "groups" and self.ratio is None:
-            raise fail("gdnt_mode = groups cuts the `ratio` quantile of the group dependencies: give a ratio")
         if self.ratio is None and not Budget.of(ctx):
             raise fail("needs a `ratio` or a flops/params/bytes budget in the policy")
         if self.min_channels < 1 or self.round_to < 1:
@@ -383,12 +390,12 @@ class Trim(TransformPass):
                    moments: dict[tuple[Value, int], Moments], reservoirs: dict[tuple[int, int], Reservoir],
                    notes: list[str]) -> PassResult:
         """GDNT as published: every (child group, parent group) connection of every observed consumer scored;
-        the connections under the `ratio` quantile of all scores cut (at most `gdnt_layer_cap` of a
-        consumer's connections), their weights zeroed with their mean input moved into the bias; parent
-        groups left with no connection removed structurally (as far as the bounds allow)."""
-        assert self.ratio is not None
+        the connections under the cut — the `ratio` quantile of all scores, or without a ratio the smallest cut
+        whose structural removal meets the policy's budget (`_budget_cut`) — cut (at most `gdnt_layer_cap` of a
+        consumer's connections), their weights zeroed with their mean input moved into the bias; parent groups
+        left with no connection removed structurally (as far as the bounds allow)."""
         before = graph_stats(ctx.original or graph)
-        table: list[tuple[ChannelGroup, int, list[np.ndarray], list[np.ndarray], torch.Tensor]] = []
+        table: list[_GdntEntry] = []
         for g in cands:
             for i, o in enumerate(obs[g.id]):
                 res = reservoirs.get((g.id, i))
@@ -403,11 +410,35 @@ class Trim(TransformPass):
                 table.append((g, i, pb, cb, sc))
         if not table:
             return PassResult(changed=False, notes=[*notes, "gdnt: no observable consumer"])
-        cut_at = float(torch.quantile(torch.cat([t[4].flatten() for t in table]), self.ratio))
-        zeroed, cut_total = 0, 0
+        scores = torch.cat([t[4].flatten() for t in table])
+        if self.ratio is not None:
+            cut_at = float(torch.quantile(scores, self.ratio))
+        else:
+            cut_at = self._budget_cut(graph, ctx, groups, bounds, table, scores, before, notes)
+        cuts, sel = self._cut_plan(table, cut_at, groups, bounds)
+        zeroed = sum(self._zero(graph, g, obs[g.id][i], pb, cb, cut, moments, notes)
+                     for (g, i, pb, cb, _), cut in zip(table, cuts))
+        # a removed channel's connections were all cut, their mean contributions already in the biases
+        result = apply_selection(graph, groups, sel) if sel else PassResult(changed=zeroed > 0)
+        after = graph_stats(graph)
+        result.metrics.update({"connections_cut": float(sum(int(c.sum()) for c in cuts)),
+                               "weights_zeroed": float(zeroed),
+                               "cut_quantile": float((scores < cut_at).double().mean()),
+                               "channels_removed": float(sum(groups[gid].size - len(s.keep) for gid, s in sel.items())),
+                               "groups_trimmed": float(len(sel)), "flops_ratio": after.flops / max(1, before.flops),
+                               "params_ratio": after.params / max(1, before.params)})
+        result.notes.extend(notes)
+        return result
+
+    def _cut_plan(self, table: list[_GdntEntry], cut_at: float, groups: ChannelGroups,
+                  bounds: dict[int, GroupBounds]) -> tuple[list[torch.Tensor], dict[int, ChannelSelection]]:
+        """The connections cut at `cut_at` (per table entry, a [parent group, child group] mask: the scores under
+        `cut_at`, lowest first, at most `gdnt_layer_cap` of the entry's) and the channels kept per group: those
+        with a connection left, raised to the bounds with the best-scored removed ones. Changes nothing."""
+        cuts: list[torch.Tensor] = []
         alive: dict[int, np.ndarray] = {}
         best: dict[int, torch.Tensor] = {}
-        for g, i, pb, cb, sc in table:
+        for g, _, pb, _, sc in table:
             b_ = best.setdefault(g.id, torch.full((g.size,), -math.inf, dtype=torch.float64))
             for a, blk in enumerate(pb):
                 b_[torch.from_numpy(blk)] = torch.clamp(b_[torch.from_numpy(blk)], min=float(sc[a].max()))
@@ -418,12 +449,11 @@ class Trim(TransformPass):
             cut = torch.zeros(flat.numel(), dtype=torch.bool)
             cut[order[:n_cut]] = True
             cut = cut.reshape(sc.shape)
-            cut_total += n_cut
+            cuts.append(cut)
             live = alive.setdefault(g.id, np.zeros(g.size, dtype=bool))
             for a, blk in enumerate(pb):
                 if not bool(cut[a].all()):
                     live[blk] = True
-            zeroed += self._zero(graph, g, obs[g.id][i], pb, cb, cut, moments, notes)
         sel: dict[int, ChannelSelection] = {}
         for gid, live in alive.items():
             g = groups[gid]
@@ -434,15 +464,37 @@ class Trim(TransformPass):
                 keep = sorted(keep + back[:k - len(keep)])
             if len(keep) < g.size:
                 sel[gid] = ChannelSelection(keep=keep)
-        # a removed channel's connections were all cut, their mean contributions already in the biases
-        result = apply_selection(graph, groups, sel) if sel else PassResult(changed=zeroed > 0)
-        after = graph_stats(graph)
-        result.metrics.update({"connections_cut": float(cut_total), "weights_zeroed": float(zeroed),
-                               "channels_removed": float(sum(groups[gid].size - len(s.keep) for gid, s in sel.items())),
-                               "groups_trimmed": float(len(sel)), "flops_ratio": after.flops / max(1, before.flops),
-                               "params_ratio": after.params / max(1, before.params)})
-        result.notes.extend(notes)
-        return result
+        return cuts, sel
+
+    def _budget_cut(self, graph: Graph, ctx: PassContext, groups: ChannelGroups, bounds: dict[int, GroupBounds],
+                    table: list[_GdntEntry], scores: torch.Tensor, before: GraphStats, notes: list[str]) -> float:
+        """Without a `ratio`: the smallest cut meeting the policy's flops/params/bytes budget. Candidates are the
+        distinct connection scores (cut everything under one), bisected; each is costed by the channels its
+        structural removal keeps (`_cut_plan`, exact FLOPs/params/bytes by `Meter`). Zeroed connections stay
+        dense and save nothing: only the removed parents count. `BudgetError` when even the largest cut the
+        per-layer cap allows misses the budget, with what that cut reaches."""
+        budget = Budget.of(ctx)
+        meter = Meter(graph, groups, before)
+        levels = [*sorted({float(v) for v in scores}), math.inf]
+
+        def reached(t: int) -> Reached:
+            _, sel = self._cut_plan(table, levels[t], groups, bounds)
+            return meter({gid: len(s.keep) for gid, s in sel.items()})
+
+        def ok(t: int) -> bool:
+            return budget.meets(reached(t))
+
+        top = len(levels) - 1
+        if not ok(top):
+            raise budget.unreachable(
+                "trim", f"cutting every connection gdnt_layer_cap = {self.gdnt_layer_cap:g} allows", reached(top),
+                table[0][0].producers[0])
+        t = 0 if ok(0) else bisect_int(top, 0, ok)
+        got = reached(t)
+        notes.append(f"gdnt: cut under the {float((scores < levels[t]).double().mean()):.1%} quantile of the "
+                     f"connection scores, the smallest cut meeting the budget {budget} (flops {got[0]:.1%}, "
+                     f"params {got[1]:.1%} of the original; {meter.measured} cuts metered)")
+        return levels[t]
 
     def _zero(self, graph: Graph, g: ChannelGroup, o: _Obs, pb: list[np.ndarray], cb: list[np.ndarray],
               cut: torch.Tensor, moments: dict[tuple[Value, int], Moments], notes: list[str]) -> int:

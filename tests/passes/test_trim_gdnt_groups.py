@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from netsqueeze.errors import NetsqueezeError
+from netsqueeze.errors import BudgetError, NetsqueezeError
 from netsqueeze.ir.graph import Graph
 from netsqueeze.passes.trim import Trim, gdnt_group_scores
 from tests.passes.graphs import run, stream_ctx
@@ -73,7 +73,34 @@ def test_layer_cap_limits_the_cut_and_errors() -> None:
     with pytest.raises(NetsqueezeError) as e:
         Trim(criterion="l1", gdnt_mode="groups", ratio=0.5).run(_graph(), stream_ctx(_batches()))
     assert e.value.message == "trim: gdnt_mode = groups applies to criterion = gdnt, not l1"
-    with pytest.raises(NetsqueezeError) as e:
+
+
+def test_budget_without_ratio_sets_the_smallest_cut_that_meets_it() -> None:
+    """params: fc1 72 + fc2 36 = 108; one parent group (2 channels) removed: 54 + 28 = 82 (75.9%); two: 56 (51.9%)."""
+    runs = {}
+    for limit in (0.8, 0.6):
+        g, ref = _graph(), _graph()
+        res = Trim(criterion="gdnt", gdnt_mode="groups", gdnt_child_groups=4).run(
+            g, stream_ctx(_batches(), selected=frozenset({"fc1"}), budget={"params": limit}))
+        g.verify()
+        runs[limit] = (res.metrics["channels_removed"], round(res.metrics["params_ratio"], 4), res)
+        xt = torch.randn(64, 8, generator=torch.Generator().manual_seed(5)) + 1.0
+        assert float((run(ref, [xt])[0] - run(g, [xt])[0]).abs().max()) < 2e-3
+    assert runs[0.8][:2] == (2.0, round(82 / 108, 4))
+    assert runs[0.6][:2] == (4.0, round(56 / 108, 4))
+    # the smallest cut: fewer connections cut at 80% than at 60%, and the cut stops short of the cap's 12
+    assert runs[0.8][2].metrics["connections_cut"] < runs[0.6][2].metrics["connections_cut"] <= 12.0
+    assert any(n.startswith("gdnt: cut under the ") and "smallest cut meeting the budget params <= 80.0%" in n
+               for n in runs[0.8][2].notes)
+
+
+def test_budget_gdnt_groups_unreachable_and_budget_free_errors() -> None:
+    with pytest.raises(BudgetError) as e:
+        Trim(criterion="gdnt", gdnt_mode="groups", gdnt_child_groups=4).run(
+            _graph(), stream_ctx(_batches(), selected=frozenset({"fc1"}), budget={"params": 0.3}))
+    assert e.value.message == ("trim cannot meet the budget params <= 30.0%: cutting every connection "
+                               "gdnt_layer_cap = 0.75 allows reaches flops 51.0%, params 51.9% of the original")
+    assert e.value.diagnostics[0].node == "fc1"  # flops: (2·32 + 4 + 2·16 + 4) / (2·64 + 8 + 2·32 + 4)
+    with pytest.raises(NetsqueezeError) as e2:
         Trim(criterion="gdnt", gdnt_mode="groups").run(_graph(), stream_ctx(_batches()))
-    assert e.value.message == ("trim: gdnt_mode = groups cuts the `ratio` quantile of the group dependencies: "
-                               "give a ratio")
+    assert e2.value.message == "trim: needs a `ratio` or a flops/params/bytes budget in the policy"
