@@ -12,8 +12,8 @@ import torch
 from netsqueeze.errors import Diagnostic, InputMismatchError, NetsqueezeError
 from netsqueeze.ir.graph import Graph, Value
 from netsqueeze.ir.ops import attr
-from netsqueeze.ir.stats import graph_stats
-from netsqueeze.passes.allocation import group_bounds
+from netsqueeze.ir.stats import GraphStats, graph_stats
+from netsqueeze.passes.allocation import Budget, Meter, bisect_int, group_bounds
 from netsqueeze.passes.base import PassContext, PassResult, TransformPass
 from netsqueeze.passes.collectors import channel_rows
 from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups, DependencyAnalysis, Member
@@ -100,6 +100,14 @@ class SelectFeatures(TransformPass):
     Bounds (`min_channels`, `round_to`, the policy's `bounds`) raise the kept count with the best rejected
     features by their gain; with a `guard`, features are added back in that order until it holds.
 
+    Budget: under the policy's `budget flops | params | bytes <= R%` the kept count of each group is a target,
+    as `trim`'s: the largest count that meets the budget (one common fraction of every selected group's cap —
+    `max_features` / `max_fraction`, else its size — bisected, each candidate's FLOPs/params/bytes metered
+    exactly by a dry run of the rewrite), within the bounds. GOA runs capped at that count and its set is
+    filled up to it with the rejected features of largest gain; `BudgetError` (at the group's first producer)
+    when the fewest features the bounds allow miss the budget. The counts are then fixed: a `guard` is
+    measured and noted, not searched.
+
     Refit: at every consumer the removed features are rebuilt from the kept ones by least squares with an
     intercept on the streamed Gram (squeeze-and-fold's reconstruction, Ozen & Orailoglu, ECML PKDD 2020),
     folded into its weights and bias; exact when the removed features are affine functions of the kept
@@ -126,16 +134,23 @@ class SelectFeatures(TransformPass):
             raise NetsqueezeError(Diagnostic(
                 "select_features needs labelled calibration data: an .npz holding the model's inputs and an "
                 "integer array 'labels' (one class per sample)", node=node))
-        collected = self._collect(graph, ctx, cands)
+        budget = Budget.of(ctx)
+        for k, v in budget.limits.items():
+            if not 0.0 < v <= 1.0:
+                raise NetsqueezeError(Diagnostic(f"select_features: budget {k} = {v} must be a ratio in (0, 1]",
+                                                 node=node))
         before = graph_stats(ctx.original or graph)
+        # the budget's counts first: metering needs shapes only, and GOA then runs under that cap
+        target = self._budget_counts(graph, ctx, groups, [g for g, _ in cands], budget, before) if budget else {}
+        collected = self._collect(graph, ctx, cands)
         sel: dict[int, ChannelSelection] = {}
         metrics: dict[str, float] = {}
         notes: list[str] = []
         goas: dict[int, GoaResult] = {}
         for g, sites in cands:
             res, grams = collected[g.id]
-            goa = goas[g.id] = self._choose(g, res)
-            keep = self._bounded(g, ctx, goa, 0)
+            goa = goas[g.id] = self._choose(g, res, min(self._cap(g.size), target.get(g.id, g.size)))
+            keep = self._bounded(g, ctx, goa, 0, target.get(g.id))
             metrics.update({f"group{g.id}_kept": float(len(keep)), f"group{g.id}_admitted": float(goa.admitted),
                             f"group{g.id}_discarded_online": float(goa.discarded_online),
                             f"group{g.id}_dependency": goa.dependency})
@@ -147,8 +162,14 @@ class SelectFeatures(TransformPass):
                          f"discarded online)")
             if len(keep) < g.size:
                 sel[g.id] = self._refit(graph, g, sites, grams, keep)
-        if ctx.guard is not None and sel:
+        if ctx.guard is not None and sel and not target:
             sel = self._guarded(graph, ctx, groups, cands, collected, goas, sel, notes)
+        elif ctx.guard is not None and sel:  # the budget fixes the counts: the guard is measured, not searched
+            trial = graph.copy()
+            apply_selection(trial, groups, sel)
+            check = ctx.guard_check(trial)
+            if check is not None and not check[0]:
+                notes.append(f"guard not met at the budget's feature counts (guard metric {check[1]:.4g})")
         if not sel:
             return PassResult(changed=False, notes=notes, metrics=metrics)
         result = apply_selection(graph, groups, sel)
@@ -160,9 +181,10 @@ class SelectFeatures(TransformPass):
         result.notes.extend(notes)
         return result
 
-    def _choose(self, g: ChannelGroup, res: ClassReservoirs) -> GoaResult:
-        """GOA over the reservoir (a subclass may choose otherwise and keep the removal and refit)."""
-        return goa_select(res, g.size, self.threshold, self._cap(g.size))
+    def _choose(self, g: ChannelGroup, res: ClassReservoirs, cap: int) -> GoaResult:
+        """GOA over the reservoir, keeping at most `cap` features (a subclass may choose otherwise and keep the
+        removal and refit)."""
+        return goa_select(res, g.size, self.threshold, cap)
 
     def _cap(self, size: int) -> int:
         cap = size
@@ -172,11 +194,37 @@ class SelectFeatures(TransformPass):
             cap = min(cap, max(1, math.floor(self.max_fraction * size + 1e-9)))
         return cap
 
-    def _bounded(self, g: ChannelGroup, ctx: PassContext, goa: GoaResult, extra: int) -> list[int]:
-        """GOA's kept set plus `extra` rejected features, raised to the bounds' count; added features are the
-        rejected ones of largest gain, those that are linear functions of the kept and added ones last."""
+    def _bounded(self, g: ChannelGroup, ctx: PassContext, goa: GoaResult, extra: int, target: int | None = None
+                 ) -> list[int]:
+        """GOA's kept set plus `extra` rejected features, raised to the bounds' count (to `target`, the budget's
+        count, when given); added features are the rejected ones of largest gain, those that are linear
+        functions of the kept and added ones last."""
         want = group_bounds(g, ctx, self.min_channels, self.round_to).clamp(len(goa.kept) + extra)
+        if target is not None:
+            want = max(want, target)
         return sorted(goa.kept + goa.fill[:max(0, want - len(goa.kept))])
+
+    def _budget_counts(self, graph: Graph, ctx: PassContext, groups: ChannelGroups, cands: list[ChannelGroup],
+                       budget: Budget, before: GraphStats) -> dict[int, int]:
+        """The kept count of every group under the policy's flops/params/bytes budget: the largest counts that
+        meet it, one common fraction s/S of each group's cap (`max_features`/`max_fraction`, else its size;
+        S the largest cap), rounded up and clamped to the bounds, s bisected, every candidate metered exactly
+        (`Meter`: a dry run of the rewrite on shapes). `BudgetError` when the bounds' smallest counts miss it."""
+        meter = Meter(graph, groups, before)
+        bounds = {g.id: group_bounds(g, ctx, self.min_channels, self.round_to) for g in cands}
+        caps = {g.id: self._cap(g.size) for g in cands}
+        top = max(caps.values())
+
+        def counts(s: int) -> dict[int, int]:
+            return {g.id: bounds[g.id].clamp(math.ceil(s * caps[g.id] / top)) for g in cands}
+
+        def ok(s: int) -> bool:
+            return budget.meets(meter(counts(s)))
+
+        if not ok(0):
+            raise budget.unreachable("select_features", "keeping the fewest features the bounds allow",
+                                     meter(counts(0)), cands[0].producers[0])
+        return counts(top if ok(top) else bisect_int(0, top, ok))
 
     # ---- one pass over the calibration data ----
     def _collect(self, graph: Graph, ctx: PassContext, cands: list[tuple[ChannelGroup, list[_Site]]]

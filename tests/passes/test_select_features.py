@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import netsqueeze as ns
-from netsqueeze.errors import InputMismatchError, NetsqueezeError
+from netsqueeze.errors import BudgetError, InputMismatchError, NetsqueezeError
 from netsqueeze.ir.graph import Graph, Value
 from netsqueeze.passes.base import PassContext
 from netsqueeze.passes.goa import ClassReservoirs, cross_edges, goa_select
@@ -265,3 +265,56 @@ def test_onnx_input_is_selected_and_refit_alike(tmp_path: Path) -> None:
     assert isinstance(r.model, onnx.ModelProto)
     out = ort.InferenceSession(r.model.SerializeToString()).run(None, {"x": x.numpy()})[0]
     assert np.abs(out - m(x).numpy()).max() < 1e-4
+
+
+# ---- budgets ----
+def test_budget_sets_the_largest_kept_count_that_meets_it() -> None:
+    """params: fc1 5k (k features × 4 inputs + k biases) + fc2 3k + 3, of 67 with all 8 features."""
+    xs = [torch.randn(256, 4, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    for limit, k in ((0.7, 5), (0.5, 3), (0.2, 1)):
+        g, _ = _affine_graph()
+        ref = g.copy()
+        ys = [_sign_labels(g, xb) for xb in xs]
+        out = SelectFeatures(reservoir=16).run(g, _labelled_ctx(xs, ys, selected=frozenset({"fc1"}),
+                                                                budget={"params": limit}))
+        g.verify()
+        assert g.node("fc1").params["weight"].shape == (k, 4), limit
+        assert out.metrics["params_ratio"] == pytest.approx((8 * k + 3) / 67) and (8 * k + 3) / 67 <= limit
+        assert (8 * (k + 1) + 3) / 67 > limit  # the largest count: one more feature misses the budget
+        if k >= 4:  # GOA's set filled with independent features first: the 4 dropped are affine in the kept
+            xt = torch.randn(300, 4, generator=torch.Generator().manual_seed(7))
+            assert torch.allclose(run(ref, [xt])[0], run(g, [xt])[0], rtol=1e-4, atol=1e-4)
+    g, _ = _affine_graph()
+    SelectFeatures(reservoir=16, max_features=2).run(g, _labelled_ctx(xs, [_sign_labels(g, xb) for xb in xs],
+                                                                      selected=frozenset({"fc1"}),
+                                                                      budget={"params": 0.7}))
+    assert g.node("fc1").params["weight"].shape == (2, 4)  # max_features caps the budget's count
+
+
+def test_budget_unreachable_within_the_bounds_is_a_located_budget_error() -> None:
+    g, _ = _affine_graph()
+    xs = [torch.randn(256, 4, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    ys = [_sign_labels(g, xb) for xb in xs]
+    with pytest.raises(BudgetError) as e:
+        SelectFeatures(reservoir=16, min_channels=6).run(
+            g, _labelled_ctx(xs, ys, selected=frozenset({"fc1"}), budget={"params": 0.7, "flops": 0.9}))
+    assert e.value.message == ("select_features cannot meet the budget flops <= 90.0%, params <= 70.0%: keeping "
+                               "the fewest features the bounds allow reaches flops 75.6%, params 76.1% of the "
+                               "original")
+    assert e.value.diagnostics[0].node == "fc1"  # flops 15k + 3 of 123, params 8k + 3 of 67, at k = 6
+    with pytest.raises(NetsqueezeError) as e2:
+        SelectFeatures().run(g, _labelled_ctx(xs, ys, selected=frozenset({"fc1"}), budget={"flops": 1.5}))
+    assert e2.value.message == "select_features: budget flops = 1.5 must be a ratio in (0, 1]"
+
+
+def test_compile_meets_a_params_budget(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    m = _Net().eval()
+    x = torch.randn(1024, 6, generator=torch.Generator().manual_seed(3))
+    path = tmp_path / "xy.npz"
+    np.savez(path, x=x.numpy(), labels=m(x).argmax(1).numpy())
+    # params: body 7k, head 4k + 4, of 180: 50% keeps 7 of the 16 hidden units
+    r = ns.compile(m, "policy p {\n  budget params <= 50%\n  select_features on body\n}", example_inputs=(x[:4],),
+                   calibration=path)
+    assert r.graph.node("body").params["weight"].shape == (7, 6)
+    assert r.graph.node("head").params["weight"].shape == (4, 7)
