@@ -414,11 +414,14 @@ class Trim(TransformPass):
         if self.ratio is not None:
             cut_at = float(torch.quantile(scores, self.ratio))
         else:
-            cut_at = self._budget_cut(graph, ctx, groups, bounds, table, scores, before, notes)
-        cuts, sel = self._cut_plan(table, cut_at, groups, bounds)
+            cut_at = self._budget_cut(graph, ctx, groups, bounds, obs, table, scores, before, notes)
+        cuts, sel = self._cut_plan(table, cut_at, groups, bounds, obs)
         zeroed = sum(self._zero(graph, g, obs[g.id][i], pb, cb, cut, moments, notes)
                      for (g, i, pb, cb, _), cut in zip(table, cuts))
-        # a removed channel's connections were all cut, their mean contributions already in the biases
+        # a removed channel's cut connections already have their mean in the biases (`_zero`); its uncut ones (a
+        # constant channel's, or those into removed rows) get it here, through the weights left after the cut
+        if self.bias_compensation and moments:
+            sel = {gid: self._compensate(graph, groups[gid], s, obs[gid], moments) for gid, s in sel.items()}
         result = apply_selection(graph, groups, sel) if sel else PassResult(changed=zeroed > 0)
         after = graph_stats(graph)
         result.metrics.update({"connections_cut": float(sum(int(c.sum()) for c in cuts)),
@@ -430,13 +433,17 @@ class Trim(TransformPass):
         result.notes.extend(notes)
         return result
 
-    def _cut_plan(self, table: list[_GdntEntry], cut_at: float, groups: ChannelGroups,
-                  bounds: dict[int, GroupBounds]) -> tuple[list[torch.Tensor], dict[int, ChannelSelection]]:
+    def _cut_plan(self, table: list[_GdntEntry], cut_at: float, groups: ChannelGroups, bounds: dict[int, GroupBounds],
+                  obs: dict[int, list[_Obs]]) -> tuple[list[torch.Tensor], dict[int, ChannelSelection]]:
         """The connections cut at `cut_at` (per table entry, a [parent group, child group] mask: the scores under
-        `cut_at`, lowest first, at most `gdnt_layer_cap` of the entry's) and the channels kept per group: those
-        with a connection left, raised to the bounds with the best-scored removed ones. Changes nothing."""
+        `cut_at`, lowest first, at most `gdnt_layer_cap` of the entry's) and the channels kept per group, raised to
+        the bounds with the best-scored removed ones. Changes nothing.
+
+        A channel is kept while it matters, to a fixpoint over consecutive layers: a parent channel needs an uncut
+        connection to a child block with a kept channel (MINT's rule, with the children's own removal counted:
+        a connection into removed rows leads nowhere), and a channel whose every producing row has no uncut
+        connection from a kept parent is a constant (its removal is compensated in the next biases)."""
         cuts: list[torch.Tensor] = []
-        alive: dict[int, np.ndarray] = {}
         best: dict[int, torch.Tensor] = {}
         for g, _, pb, _, sc in table:
             b_ = best.setdefault(g.id, torch.full((g.size,), -math.inf, dtype=torch.float64))
@@ -448,26 +455,60 @@ class Trim(TransformPass):
                         math.floor(self.gdnt_layer_cap * flat.numel() + 1e-9))
             cut = torch.zeros(flat.numel(), dtype=torch.bool)
             cut[order[:n_cut]] = True
-            cut = cut.reshape(sc.shape)
-            cuts.append(cut)
-            live = alive.setdefault(g.id, np.zeros(g.size, dtype=bool))
-            for a, blk in enumerate(pb):
-                if not bool(cut[a].all()):
-                    live[blk] = True
+            cuts.append(cut.reshape(sc.shape))
+        planned = list(best)
+        # the planned group whose channels are an entry's children (its consumer is that group's producer, channel
+        # c at output position c), else None: children outside the plan always count as kept
+        entry_of = {obs[g.id][i].consumer.node: e for e, (g, i, *_) in enumerate(table)}
+        out_of: list[int | None] = [None] * len(table)
+        sources: dict[int, list[int] | None] = {}
+        for gid in planned:
+            rows = [m for m in groups[gid].members_of("producer") if m.param == "weight"]
+            plain = all(p == (c,) for m in rows for c, p in enumerate(m.index))
+            src = [entry_of[m.node] for m in rows if m.node in entry_of]
+            for e in src:
+                out_of[e] = gid if plain else None
+            sources[gid] = src if plain and rows and len(src) == len(rows) else None
+        live = {gid: np.ones(groups[gid].size, dtype=bool) for gid in planned}
+        while True:
+            new = {gid: np.zeros(groups[gid].size, dtype=bool) for gid in planned}
+            for (g, _, pb, cb, _), cut, h in zip(table, cuts, out_of):
+                child_live = [h is None or bool(live[h][blk].any()) for blk in cb]
+                for a, blk in enumerate(pb):
+                    if any(not bool(cut[a, b]) and child_live[b] for b in range(len(cb))):
+                        new[g.id][blk] = True
+            for gid in planned:
+                feeds = sources[gid]
+                if not feeds:
+                    continue
+                const = np.ones(groups[gid].size, dtype=bool)
+                for e in feeds:
+                    g, _, pb, cb, _ = table[e]
+                    fed = [any(not bool(cuts[e][a, b]) and bool(live[g.id][blk].any()) for a, blk in enumerate(pb))
+                           for b in range(len(cb))]
+                    for b, blk in enumerate(cb):
+                        if fed[b]:
+                            const[blk] = False
+                new[gid] &= ~const
+            new = {gid: new[gid] & live[gid] for gid in planned}
+            if all(np.array_equal(new[gid], live[gid]) for gid in planned):
+                break
+            live = new
         sel: dict[int, ChannelSelection] = {}
-        for gid, live in alive.items():
+        for gid in planned:
             g = groups[gid]
-            keep = [c for c in range(g.size) if live[c]]
+            keep = [c for c in range(g.size) if live[gid][c]]
             k = bounds[gid].clamp(len(keep))
             if k > len(keep):  # the bounds win: the best-scored removed channels come back
-                back = sorted((c for c in range(g.size) if not live[c]), key=lambda c: (-float(best[gid][c]), c))
+                back = sorted((c for c in range(g.size) if not live[gid][c]), key=lambda c: (-float(best[gid][c]), c))
                 keep = sorted(keep + back[:k - len(keep)])
             if len(keep) < g.size:
                 sel[gid] = ChannelSelection(keep=keep)
         return cuts, sel
 
     def _budget_cut(self, graph: Graph, ctx: PassContext, groups: ChannelGroups, bounds: dict[int, GroupBounds],
-                    table: list[_GdntEntry], scores: torch.Tensor, before: GraphStats, notes: list[str]) -> float:
+                    obs: dict[int, list[_Obs]], table: list[_GdntEntry], scores: torch.Tensor, before: GraphStats,
+                    notes: list[str]) -> float:
         """Without a `ratio`: the smallest cut meeting the policy's flops/params/bytes budget. Candidates are the
         distinct connection scores (cut everything under one), bisected; each is costed by the channels its
         structural removal keeps (`_cut_plan`, exact FLOPs/params/bytes by `Meter`). Zeroed connections stay
@@ -478,7 +519,7 @@ class Trim(TransformPass):
         levels = [*sorted({float(v) for v in scores}), math.inf]
 
         def reached(t: int) -> Reached:
-            _, sel = self._cut_plan(table, levels[t], groups, bounds)
+            _, sel = self._cut_plan(table, levels[t], groups, bounds, obs)
             return meter({gid: len(s.keep) for gid, s in sel.items()})
 
         def ok(t: int) -> bool:

@@ -104,3 +104,34 @@ def test_budget_gdnt_groups_unreachable_and_budget_free_errors() -> None:
     with pytest.raises(NetsqueezeError) as e2:
         Trim(criterion="gdnt", gdnt_mode="groups").run(_graph(), stream_ctx(_batches()))
     assert e2.value.message == "trim: needs a `ratio` or a flops/params/bytes budget in the policy"
+
+
+def _chain() -> Graph:
+    """x[8] → fc1 (identity) → fc2 [4] → fc3 [2]: fc2's rows 0, 1 read features 0..3 and rows 2, 3 read 4..7;
+    fc3 reads fc2's rows 0, 1 (rows 2, 3 at 1e-4)."""
+    gen = torch.Generator().manual_seed(3)
+    g = Graph("chain")
+    x = g.add_node("x", "input", attrs={"shape": (4, 8)})
+    h = g.add_node("fc1", "linear", [x], params={"weight": torch.eye(8), "bias": torch.zeros(8)})
+    w2 = torch.zeros(4, 8)
+    w2[:2, :4] = torch.randn(2, 4, generator=gen)
+    w2[2:, 4:] = torch.randn(2, 4, generator=gen)
+    h2 = g.add_node("fc2", "linear", [h], params={"weight": w2, "bias": torch.zeros(4)})
+    w3 = torch.full((2, 4), 1e-4)
+    w3[:, :2] = torch.tensor([[1.0, -0.5], [0.4, 1.0]])
+    g.add_node("out", "output", [g.add_node("fc3", "linear", [h2], params={"weight": w3, "bias": torch.zeros(2)})])
+    g.infer_shapes()
+    return g
+
+
+def test_parents_whose_connections_lead_only_to_removed_rows_are_removed() -> None:
+    """fc3's weak connections from fc2's rows 2, 3 are cut: those rows go, and with them fc1's features 4..7,
+    whose only uncut connections fed those rows (MINT's rule alone would keep them)."""
+    g, ref = _chain(), _chain()
+    res = Trim(criterion="gdnt", gdnt_mode="groups", ratio=0.5, gdnt_child_groups=2).run(
+        g, stream_ctx(_batches(), selected=frozenset({"fc1", "fc2"})))
+    g.verify()
+    assert res.metrics["connections_cut"] == 4.0 and res.metrics["channels_removed"] == 6.0
+    assert g.node("fc2").dense("weight").shape == (2, 4) and g.node("fc3").dense("weight").shape == (2, 2)
+    xt = torch.randn(64, 8, generator=torch.Generator().manual_seed(5)) + 1.0
+    assert float((run(ref, [xt])[0] - run(g, [xt])[0]).abs().max()) < 2e-3
