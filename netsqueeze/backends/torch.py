@@ -216,7 +216,9 @@ def _bn(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
     cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}.get(rank, nn.BatchNorm2d)
     c = p["running_mean"].shape[0]
     m = cls(c, eps=node.attrs.get("eps", 1e-5), affine=affine, dtype=p["running_mean"].dtype)
-    m.register_buffer("num_batches_tracked", None)  # the state_dict holds exactly the IR's params
+    # counts train-mode batches, so statistics can be re-estimated (reset_running_stats, momentum = None); not
+    # persistent: the state_dict holds exactly the IR's params
+    m.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long), persistent=False)
     m.eval()
     return b.call_module(node, _set_params(m, node), [xs[0]])
 

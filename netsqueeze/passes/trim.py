@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -15,6 +18,8 @@ from netsqueeze.errors import Diagnostic, NetsqueezeError
 from netsqueeze.ir.graph import Graph, Value
 from netsqueeze.ir.stats import GraphStats, graph_stats
 from netsqueeze.ir.weights import ENCODED_FORMS
+from netsqueeze.passes import allocation
+from netsqueeze.passes import refit as consumer_refit
 from netsqueeze.passes.allocation import Budget, GroupBounds, Meter, Reached, bisect_int, group_bounds
 from netsqueeze.passes.base import PassContext, PassResult, TransformPass
 from netsqueeze.passes.collectors import Moments, Reservoir, channel_rows
@@ -23,6 +28,23 @@ from netsqueeze.passes.registry import register_pass
 from netsqueeze.passes.rewrite import ChannelSelection, apply_selection
 
 Criterion = Literal["gdnt", "l1", "l2", "bn_scale", "activation", "random"]
+_MAX_RATIO = 0.999  # the most of a group's channels a ratio removes (the `ratio` option's maximum)
+_Loss = tuple[float, float, float]  # a group's measured loss model: (a, p, budget cost of one channel)
+
+# the global ranking rule (see `Trim`): not a policy option, the benchmark's ablation sets it with `ranking(...)`
+_RANKING: ContextVar[str] = ContextVar("trim_ranking", default="measured")
+
+
+@contextmanager
+def ranking(rule: Literal["measured", "mean"]) -> Iterator[None]:
+    """Runs the enclosed `trim` passes with the global ranking `rule` (benchmark use, benchmarks/trim.py):
+    `measured` (the default: score / group mean, weighted by each group's measured output error per unit of
+    budget) or `mean` (score / group mean alone, the rule before the measured weights)."""
+    token = _RANKING.set(rule)
+    try:
+        yield
+    finally:
+        _RANKING.reset(token)
 
 
 @dataclass(frozen=True)
@@ -141,6 +163,12 @@ def gdnt_group_scores(parents: torch.Tensor, children: torch.Tensor, parent_grou
 _GdntEntry = tuple[ChannelGroup, int, list[np.ndarray], list[np.ndarray], torch.Tensor]
 
 
+def _normalised(score: torch.Tensor) -> torch.Tensor:
+    """A group's scores over their mean (scale-free within the group)."""
+    s = score.double()
+    return s / (s.abs().mean() + 1e-12)
+
+
 def _standardise(t: torch.Tensor) -> torch.Tensor:
     sd = t.std(0, keepdim=True)
     return torch.where(sd > 1e-12, (t - t.mean(0, keepdim=True)) / sd.clamp_min(1e-12), torch.zeros_like(t))
@@ -155,8 +183,23 @@ class Trim(TransformPass):
     bias compensation (skipped, with a note, without it). Selection (`ctx.selected`): a group shrinks
     only if all its producers are selected. Target: `ratio` of each group's channels, or else the
     policy's global budget (`ctx.budget`, e.g. {"flops": 0.5}: keep ≤ 50% of the original FLOPs), met
-    by ranking channels across groups by their score divided by their group's mean score and
-    removing the lowest until the budget holds (binary search, exact FLOPs/params of each candidate);
+    by the `allocation`:
+    - `global` (default): channels ranked across groups, the lowest removed until the budget holds
+      (binary search over how many, exact FLOPs/params of each candidate). Within a group a channel
+      ranks by its score over the group's mean score; across groups by a measured loss model, since
+      raw scores do not say what a channel of one group costs against one of another: a channel of a
+      coupled group (a residual stream, read and written by every block of a stage; concat inputs)
+      is lost at every consumer at once. Each group alone is trimmed on a copy at the uniform ratio r
+      that meets the budget and at min(2r, 90%) (its lowest-scored channels, consumers refit as
+      below), the model's squared relative output error on the calibration data measured, and
+      loss(D) = a·D^p fitted through both points (D: the removed channels' normalised scores,
+      1 ≤ p ≤ 8); a channel ranks by the loss it adds over the budget share (flops/params/bytes,
+      each over its limit) one channel of its group costs — loss per FLOP under a FLOPs budget. Two
+      calibration passes per group. Without calibration data to measure on, the rank is score /
+      group mean alone (with a note).
+    - `uniform`: every group loses the same ratio r (Torch-Pruning's default), ⌊r·size⌋ channels,
+      r bisected for the smallest ratio that meets the budget; `allocation = uniform` with a `ratio`
+      is an error (a ratio is uniform already).
     `BudgetError` states what was reached when it cannot. Bounds and ratio → count follow the shared
     rule of `passes.allocation`: the options `min_channels`/`round_to` and the policy's `bounds`
     combine, the most restrictive winning; `ratio` removes ⌊ratio·size⌋ channels of a group; kept
@@ -188,10 +231,30 @@ class Trim(TransformPass):
     the per-layer cap allows misses it. The guard is not searched here: a `recover` after trim restores
     fidelity, and compile checks the guard on the final model.
 
-    Bias compensation (the intercept of squeeze-and-fold's reconstruction, Ozen & Orailoglu, ECML
-    PKDD 2020, with nothing kept to reconstruct from): each removed
+    Refit (`refit`; default `auto`: `least_squares` when the compile has calibration data and
+    `bias_compensation` is on, else `none`): the consumers of the trimmed channels are refit by least
+    squares with intercept on the calibration data — squeeze-and-fold's reconstruction (Ozen &
+    Orailoglu, ECML PKDD 2020) for the channels the criterion chose. At every consumer linear in its
+    input channels (ungrouped conv, linear) the group's channels are rebuilt as a ≈ a_S·T + t₀ from
+    the kept channels S, T folded into its weight and t₀ into its bias (`passes.refit`). Groups are
+    trimmed one at a time in graph order, each fit regressing the kept channels as the graph trimmed
+    so far computes them onto the original channels (two calibration passes per group), so a fold
+    also corrects the drift of the groups trimmed before it. At a consumer it is never worse than
+    bias compensation (least squares with intercept includes T = 0, the means alone) and exact when
+    the removed channels are affine combinations of the kept ones. Other consumers (conv_transpose,
+    grouped convs) get bias compensation. `refit = least_squares` without calibration data, with
+    `bias_compensation = false` or with `gdnt_mode = groups` is an error.
+
+    Bias compensation (`refit = none`, and consumers the refit cannot fold into; the intercept of
+    squeeze-and-fold's reconstruction with nothing kept to reconstruct from): each removed
     channel's mean at a consumer's input, passed through the consumer's weights, is added to its bias;
     exact for linear consumers, approximate at zero-padded borders of convs.
+
+    BatchNorm for fine-tuning: without `fold_bn` in the policy the trimmed BatchNorms stay. The torch
+    backend emits them as `nn.BatchNorm1d/2d` with the kept channel counts, whose statistics can be
+    re-estimated or trained as usual (`reset_running_stats()`, `momentum = None`, a pass in train
+    mode), the ONNX backend as `BatchNormalization`. `fold_bn` after `trim` gives the same outputs in
+    eval mode with the BatchNorms folded.
     Guarantees: the graph verifies; frozen and unselected groups are untouched.
     """
 
@@ -206,6 +269,8 @@ class Trim(TransformPass):
     gdnt_child_groups: int = field(default=8, metadata={"min": 1})
     gdnt_mode: Literal["neuron", "groups"] = "neuron"
     gdnt_layer_cap: float = field(default=0.75, metadata={"min": 0.0, "max": 1.0, "unit": "ratio"})
+    allocation: Literal["global", "uniform"] = "global"
+    refit: Literal["auto", "none", "least_squares"] = "auto"
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         groups = ctx.analysis(DependencyAnalysis, graph).restrict(ctx.selected)
@@ -216,20 +281,34 @@ class Trim(TransformPass):
         if not cands:
             return PassResult(changed=False, notes=["no prunable channel group"])
         obs = {g.id: _observations(graph, g) for g in cands}
-        moments, reservoirs = self._collect(graph, ctx, cands, obs, notes)
+        fits = {g.id: consumer_refit.plan(graph, g) for g in cands} if self._refits(ctx) else {}
+        moments, reservoirs = self._collect(graph, ctx, cands, obs, notes, fits)
         if self.criterion == "gdnt" and self.gdnt_mode == "groups":
             return self._published(graph, ctx, groups, cands, bounds, obs, moments, reservoirs, notes)
         scores = {g.id: self._score(graph, g, obs[g.id], moments, reservoirs, notes, ctx.seed) for g in cands}
         before = graph_stats(ctx.original or graph)
+
+        def finish(sel: dict[int, ChannelSelection]) -> dict[int, ChannelSelection]:
+            """The chosen channels with their consumers refit (least squares) or bias-compensated."""
+            return {gid: self._complete(graph, groups[gid], s, obs[gid], moments, fits.get(gid, []))
+                    for gid, s in sel.items()}
+
         if self.ratio is not None:
             sel = {g.id: self._keep_top(scores[g.id], bounds[g.id].for_ratio(self.ratio)) for g in cands}
         else:
             meter = Meter(graph, groups, before)
-            sel = self._budget(cands, scores, bounds, Budget.of(ctx), meter)
+            budget = Budget.of(ctx)
+            if self.allocation == "uniform":
+                sel = self._uniform(cands, scores, bounds, budget, meter, notes)
+            else:
+                losses = self._losses(graph, ctx, groups, cands, scores, bounds, meter, finish, notes)
+                sel = self._budget(cands, scores, bounds, budget, meter, losses)
         sel = {gid: s for gid, s in sel.items() if len(s.keep) < groups[gid].size}
-        if self.bias_compensation and moments:
-            sel = {gid: self._compensate(graph, groups[gid], s, obs[gid], moments) for gid, s in sel.items()}
-        result = apply_selection(graph, groups, sel)
+        if fits:  # each group refit on the graph as trimmed so far
+            result = consumer_refit.cascade(graph, ctx, groups, {gid: sorted(s.keep) for gid, s in sel.items()})
+            notes.append(f"consumers of {len(sel)} trimmed groups refit by least squares, group by group")
+        else:
+            result = apply_selection(graph, groups, finish(sel))
         after = graph_stats(graph)
         removed = sum(groups[gid].size - len(s.keep) for gid, s in sel.items())
         result.metrics.update({"channels_removed": float(removed), "groups_trimmed": float(len(sel)),
@@ -254,6 +333,28 @@ class Trim(TransformPass):
         for k, v in Budget.of(ctx).limits.items():
             if not 0.0 < v <= 1.0:
                 raise fail(f"budget {k} = {v} must be a ratio in (0, 1]")
+        if self.refit == "least_squares":
+            if ctx.stream_fn is None:
+                raise fail("refit = least_squares fits the consumers on calibration data and this compile has "
+                           "none: pass calibration=... to compile(), or set refit = none")
+            if not self.bias_compensation:
+                raise fail("refit = least_squares refits the consumers' biases (the intercept): it contradicts "
+                           "bias_compensation = false")
+            if self.gdnt_mode == "groups":
+                raise fail("refit = least_squares applies to whole removed channels, not to gdnt_mode = groups")
+        if self.allocation == "uniform" and self.ratio is not None:
+            raise fail("allocation = uniform spreads a flops/params/bytes budget over the groups; with a `ratio` "
+                       "every group loses that ratio already: give one of them")
+        if self.allocation == "uniform" and self.gdnt_mode == "groups":
+            raise fail("allocation = uniform ranks whole channels; gdnt_mode = groups sets its own cut")
+
+    def _refits(self, ctx: PassContext) -> bool:
+        """Whether the consumers are refit by least squares: `least_squares`, or `auto` with calibration data
+        (and bias compensation on, outside gdnt_mode = groups)."""
+        if self.refit == "least_squares":
+            return True
+        return (self.refit == "auto" and self.bias_compensation and ctx.stream_fn is not None
+                and self.gdnt_mode != "groups")
 
     @staticmethod
     def _keep_top(score: torch.Tensor, k: int) -> ChannelSelection:
@@ -261,14 +362,22 @@ class Trim(TransformPass):
         return ChannelSelection(keep=sorted(order[:k]))
 
     def _budget(self, cands: list[ChannelGroup], scores: dict[int, torch.Tensor], bounds: dict[int, GroupBounds],
-                budget: Budget, meter: Meter) -> dict[int, ChannelSelection]:
-        """Channels ranked across groups by score / group mean score; the fewest lowest-ranked removed
-        (bisection over how many, each candidate metered) that meet the budget."""
+                budget: Budget, meter: Meter, losses: dict[int, _Loss] | None = None) -> dict[int, ChannelSelection]:
+        """Channels ranked across groups by score / group mean score or, with measured loss models (`_losses`),
+        by the loss each adds per unit of budget when a group's channels go lowest-scored first; the fewest
+        lowest-ranked removed (bisection over how many, each candidate metered) that meet the budget."""
         entries: list[tuple[float, int, int]] = []
         for g in cands:
-            s = scores[g.id].double()
-            norm = s / (s.abs().mean() + 1e-12)
-            entries.extend((float(norm[c]), g.id, c) for c in range(g.size))
+            norm = _normalised(scores[g.id])
+            if losses is None or g.id not in losses:
+                entries.extend((float(norm[c]) if losses is None else math.inf, g.id, c) for c in range(g.size))
+                continue
+            a, p, cost = losses[g.id]
+            done = 0.0
+            for c in sorted(range(g.size), key=lambda c: (float(norm[c]), -c)):  # the order `_keep_top` drops
+                step = a * ((done + float(norm[c])) ** p - done ** p) / cost
+                done += float(norm[c])
+                entries.append((step, g.id, c))
         entries.sort()
 
         def counts(t: int) -> dict[int, int]:
@@ -288,11 +397,93 @@ class Trim(TransformPass):
         t = bisect_int(len(entries), 0, ok)
         return {gid: self._keep_top(scores[gid], k) for gid, k in counts(t).items()}
 
+    def _uniform_ratio(self, cands: list[ChannelGroup], bounds: dict[int, GroupBounds], budget: Budget,
+                       meter: Meter) -> float | None:
+        """The smallest ratio r that meets the budget when every group removes ⌊r·size⌋ channels (bounds
+        applied; bisection, each candidate metered); None when even r = 99.9% misses it."""
+
+        def ok(r: float) -> bool:
+            return budget.meets(meter({g.id: bounds[g.id].for_ratio(r) for g in cands}))
+
+        if not ok(_MAX_RATIO):
+            return None
+        return 0.0 if ok(0.0) else allocation.bisect(_MAX_RATIO, 0.0, ok, 30)
+
+    def _uniform(self, cands: list[ChannelGroup], scores: dict[int, torch.Tensor], bounds: dict[int, GroupBounds],
+                 budget: Budget, meter: Meter, notes: list[str]) -> dict[int, ChannelSelection]:
+        """allocation = uniform: one ratio for every group (`_uniform_ratio`), each group keeping its best-scored
+        channels."""
+        r = self._uniform_ratio(cands, bounds, budget, meter)
+        if r is None:
+            raise budget.unreachable("trim", f"removing {_MAX_RATIO:.1%} of every group's channels (allocation = "
+                                     "uniform)", meter({g.id: bounds[g.id].for_ratio(_MAX_RATIO) for g in cands}),
+                                     cands[0].producers[0])
+        got = meter({g.id: bounds[g.id].for_ratio(r) for g in cands})
+        notes.append(f"allocation = uniform: ratio {r:.2%} of every group's channels removed, the smallest that "
+                     f"meets the budget {budget} (flops {got[0]:.1%}, params {got[1]:.1%} of the original)")
+        return {g.id: self._keep_top(scores[g.id], bounds[g.id].for_ratio(r)) for g in cands}
+
+    def _losses(self, graph: Graph, ctx: PassContext, groups: ChannelGroups, cands: list[ChannelGroup],
+                scores: dict[int, torch.Tensor], bounds: dict[int, GroupBounds], meter: Meter,
+                finish: Callable[[dict[int, ChannelSelection]], dict[int, ChannelSelection]],
+                notes: list[str]) -> dict[int, _Loss] | None:
+        """Per group, a measured model of the output loss of removing its lowest-scored channels, which makes
+        scores of different groups comparable: loss(D) = a·D^p, D the removed channels' normalised scores, and
+        the budget share (flops/params/bytes, each over its limit) one channel of the group costs. Each group
+        alone is trimmed on a copy at the uniform ratio r that meets the budget and at min(2r, 90%) (its
+        lowest-scored channels, consumers refit or compensated as the pass does), and the model's squared
+        relative output error on the calibration data (`ctx.fidelity`), less the current graph's, fitted
+        through the two points (1 ≤ p ≤ 8). None (score / group mean alone, with a note) without calibration
+        data to measure on."""
+        if _RANKING.get() == "mean":
+            return None
+        budget = Budget.of(ctx)
+        r = self._uniform_ratio(cands, bounds, budget, meter)
+        base = ctx.fidelity(graph, "output_error") if r is not None else None
+        if r is None or base is None:
+            if r is not None:
+                notes.append("channels ranked across groups by score / group mean: no calibration data to measure "
+                             "each group's output sensitivity on")
+            return None
+        limit = {k: 1.0 / v for k, v in budget.limits.items()}
+        at = allocation.METRICS.index
+        now = meter({})
+        out: dict[int, _Loss] = {}
+        for g in cands:
+            b = bounds[g.id]
+            ks = sorted({min(b.for_ratio(x), b.clamp(g.size - b.step)) for x in (r, min(2 * r, 0.9))} - {g.size},
+                        reverse=True)
+            if not ks:
+                continue
+            got = meter({g.id: ks[0]})
+            cost = sum(w * (now[at(m)] - got[at(m)]) for m, w in limit.items()) / (g.size - ks[0])
+            norm = _normalised(scores[g.id])
+            pts: list[tuple[float, float]] = []
+            for k in ks:
+                keep = self._keep_top(scores[g.id], k)
+                dropped = float(sum(norm[c] for c in range(g.size) if c not in set(keep.keep)))
+                cand = graph.copy()
+                apply_selection(cand, groups, finish({g.id: keep}))
+                err = ctx.fidelity(cand, "output_error")
+                if err is None:
+                    return None
+                pts.append((max(dropped, 1e-12), max(err * err - base * base, 1e-12)))
+            (d1, l1), (d2, l2) = pts[0], pts[-1]
+            p = min(8.0, max(1.0, math.log(l2 / l1) / math.log(d2 / d1))) if d2 > d1 * (1 + 1e-9) else 2.0
+            out[g.id] = (l2 / d2 ** p, p, max(cost, 1e-12))
+        notes.append("channels ranked across groups by the measured output loss they add per unit of budget "
+                     f"({len(out)} groups measured at ratios {r:.1%} and {min(2 * r, 0.9):.1%}; loss = a·D^p, "
+                     + ", ".join(f"{groups[gid].producers[0] if groups[gid].producers else gid}: a/cost "
+                                 f"{a / c:.3g}, p {p:.2f}" for gid, (a, p, c) in sorted(out.items())) + ")")
+        return out
+
     # ---- statistics ----
     def _collect(self, graph: Graph, ctx: PassContext, cands: list[ChannelGroup], obs: dict[int, list[_Obs]],
-                 notes: list[str]) -> tuple[dict[tuple[Value, int], Moments], dict[tuple[int, int], Reservoir]]:
+                 notes: list[str], fits: dict[int, list[consumer_refit.ConsumerStats]] | None = None
+                 ) -> tuple[dict[tuple[Value, int], Moments], dict[tuple[int, int], Reservoir]]:
+        fits = fits or {}
         need_act = self.criterion in ("activation", "gdnt")
-        if not need_act and not (self.bias_compensation and ctx.stream_fn is not None):
+        if not need_act and not fits and not (self.bias_compensation and ctx.stream_fn is not None):
             if self.bias_compensation:
                 notes.append("bias compensation skipped: no calibration data")
             return {}, {}
@@ -308,6 +499,9 @@ class Trim(TransformPass):
                         values.append(val)
                 if self.criterion == "gdnt":
                     reservoirs[(g.id, i)] = Reservoir(self.gdnt_samples, ctx.seed + g.id)
+        for st in (st for sts in fits.values() for st in sts):
+            if st.value not in values:
+                values.append(st.value)
         if not values:
             return {}, {}
         slot = {v: i for i, v in enumerate(values)}
@@ -322,6 +516,8 @@ class Trim(TransformPass):
                 chi = channel_rows(batch[slot[o.out]], o.out_axis, spatial_mean=o.spatial)
                 if chi.shape[0] == par.shape[0]:
                     res.update(torch.cat([par, chi], 1))
+            for st in (st for sts in fits.values() for st in sts):
+                consumer_refit.update(graph, st, batch[slot[st.value]])
         return moments, reservoirs
 
     def _score(self, graph: Graph, g: ChannelGroup, obs: list[_Obs], moments: dict[tuple[Value, int], Moments],
@@ -371,6 +567,17 @@ class Trim(TransformPass):
             v = v if crit == "l1" else v.sqrt()
             parts.append(v / v.mean().clamp_min(1e-30))
         return torch.stack(parts).mean(0) if parts else torch.zeros(g.size, dtype=torch.float64)
+
+    def _complete(self, graph: Graph, g: ChannelGroup, sel: ChannelSelection, obs: list[_Obs],
+                  moments: dict[tuple[Value, int], Moments],
+                  stats: list[consumer_refit.ConsumerStats]) -> ChannelSelection:
+        """`sel` with its consumers refit by least squares (`stats`: the refittable ones; the others get the
+        removed channels' means) or, without refit, bias-compensated."""
+        base = self._compensate(graph, g, sel, obs, moments) if self.bias_compensation and moments else sel
+        if not stats:
+            return base
+        shifts = dict(base.bias_shift) if isinstance(base.bias_shift, dict) else None
+        return consumer_refit.selection(graph, sorted(sel.keep), stats, shifts)
 
     def _compensate(self, graph: Graph, g: ChannelGroup, sel: ChannelSelection, obs: list[_Obs],
                     moments: dict[tuple[Value, int], Moments]) -> ChannelSelection:

@@ -1,0 +1,220 @@
+"""`trim`'s allocation (global measured ranking, uniform ratio), least-squares refit of the consumers, their
+option errors, and BatchNorm kept unfolded for fine-tuning (torch and ONNX emission)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import pytest
+import torch
+from torch import nn
+
+from netsqueeze.errors import BudgetError, NetsqueezeError
+from netsqueeze.ir.graph import Graph
+from netsqueeze.ir.stats import graph_stats
+from netsqueeze.passes.base import PassContext
+from netsqueeze.passes.dependency import find_groups
+from netsqueeze.passes.trim import Trim, ranking
+from tests.passes.graphs import cnn, input_batches, mlp, run, stream_ctx
+
+
+@pytest.fixture(autouse=True)
+def _no_grad() -> Iterator[None]:
+    with torch.no_grad():
+        yield
+
+
+def _err(g: Graph, ref: Graph, batches: Sequence[Sequence[torch.Tensor]]) -> float:
+    """Relative L2 error of `g`'s outputs against `ref`'s over `batches`."""
+    num = den = 0.0
+    for b in batches:
+        y, y0 = run(g, b)[0], run(ref, b)[0]
+        num += float(((y - y0) ** 2).sum())
+        den += float((y0**2).sum())
+    return (num / den) ** 0.5
+
+
+def _fidelity(ref: Graph, batches: list[list[torch.Tensor]]):  # type: ignore[no-untyped-def]
+    return lambda graph, metric="output_error": _err(graph, ref, batches)
+
+
+# ---- allocation = uniform ----
+def test_uniform_removes_one_ratio_from_every_group() -> None:
+    """mlp params: 11·k1 + k1·k2 + 4·k2 + 3 (419 whole). The smallest ratio r with ⌊16r⌋, ⌊12r⌋ removed that
+    keeps ≤ 50% is 7/16: k1 = 9, k2 = 12 − ⌊5.25⌋ = 7, 193 params (46.06%); at r = 5/12 (k1 = 10, k2 = 7) 211 > 209.5."""
+    g = mlp()
+    res = Trim(allocation="uniform").run(g, PassContext(budget={"params": 0.5}))
+    assert g.node("fc1").params["weight"].shape == (9, 10)
+    assert g.node("fc2").params["weight"].shape == (7, 9)
+    assert graph_stats(g).params == 193
+    assert res.notes[1].startswith("allocation = uniform: ratio 43.75% of every group's channels removed, the "
+                                   "smallest that meets the budget params <= 50.0% (flops ")
+    g2 = mlp()
+    Trim(allocation="uniform").run(g2, PassContext(budget={"params": 0.3}))  # r = 10/16: k1 = 6, k2 = 5
+    assert (g2.node("fc1").params["weight"].shape[0], g2.node("fc2").params["weight"].shape[0]) == (6, 5)
+    assert graph_stats(g2).params == 119
+    with pytest.raises(BudgetError) as e:
+        Trim(allocation="uniform", min_channels=4).run(mlp(), PassContext(budget={"params": 0.05}))
+    assert e.value.message == ("trim cannot meet the budget params <= 5.0%: removing 99.9% of every group's channels "
+                               "(allocation = uniform) reaches flops 18.6%, params 18.9% of the original")  # k1 = k2 = 4: 79 params
+
+
+# ---- refit = least_squares ----
+def _dependent_mlp() -> Graph:
+    """fc1's channels 8..15 are 0.5× channels 0..7 (so after relu too), and fc2 reads them weakly: l1 removes them,
+    and the kept channels rebuild them exactly."""
+    g = mlp()
+    p = g.node("fc1").params
+    p["weight"][8:] = 0.5 * p["weight"][:8]
+    p["bias"][8:] = 0.5 * p["bias"][:8]
+    g.node("fc2").params["weight"][:, 8:] *= 0.1
+    return g
+
+
+def test_refit_is_exact_when_removed_channels_are_combinations_of_kept_ones() -> None:
+    batches = input_batches(mlp(), n=4)
+    out = {}
+    for refit in ("least_squares", "none"):
+        g, ref = _dependent_mlp(), _dependent_mlp()
+        res = Trim(ratio=0.5, refit=refit).run(g, stream_ctx(batches, selected=frozenset({"fc1"})))  # type: ignore[arg-type]
+        assert g.node("fc1").params["weight"].shape == (8, 10) and g.node("fc2").params["weight"].shape == (12, 8)
+        out[refit] = (_err(g, ref, batches), res)
+    assert out["least_squares"][0] < 1e-5  # float32 weights
+    assert out["none"][0] > 0.01  # the means alone lose the removed channels' variation
+    assert "consumers of 1 trimmed groups refit by least squares, group by group" in out["least_squares"][1].notes
+
+
+def test_refit_never_worse_than_bias_compensation_at_a_linear_consumer() -> None:
+    """fc2's group feeds fc3, the output: least squares minimises the output error over the calibration data, so
+    it is at most that of keeping only the removed channels' means (the same channels removed)."""
+    batches = input_batches(mlp(), n=4)
+    errs = {}
+    for refit in ("least_squares", "none"):
+        for crit in ("l1", "random"):
+            g, ref = mlp(), mlp()
+            Trim(criterion=crit, ratio=0.5, refit=refit).run(  # type: ignore[arg-type]
+                g, stream_ctx(batches, selected=frozenset({"fc2"})))
+            errs[(refit, crit)] = _err(g, ref, batches)
+    for crit in ("l1", "random"):
+        assert errs[("least_squares", crit)] <= errs[("none", crit)] + 1e-9
+        assert errs[("least_squares", crit)] < 0.9 * errs[("none", crit)]
+
+
+def test_refit_on_residual_concat_grouped_and_flatten_graph() -> None:
+    """cnn: a residual add, a concat, a depthwise and a grouped conv, flatten→linear; every group halved."""
+    batches = input_batches(cnn(), n=3)
+    errs = {}
+    for refit in ("least_squares", "none"):
+        g, ref = cnn(), cnn()
+        before = [gr.size for gr in find_groups(g).prunable()]
+        Trim(ratio=0.5, refit=refit).run(g, stream_ctx(batches))  # type: ignore[arg-type]
+        g.verify()
+        after = [gr.size for gr in find_groups(g).prunable()]
+        assert after == [s - s // 2 for s in before] and sum(before) == 11
+        errs[refit] = _err(g, ref, batches)
+    assert errs["least_squares"] < errs["none"]
+
+
+# ---- the global ranking ----
+def test_measured_ranking_meets_the_budget_with_less_error_than_the_mean_rule() -> None:
+    batches = input_batches(mlp(), n=4)
+    errs, notes = {}, {}
+    for rule in ("measured", "mean"):
+        g, ref = mlp(), mlp()
+        ctx = stream_ctx(batches, budget={"flops": 0.5}, fidelity_fn=_fidelity(ref, batches))
+        with ranking(rule):  # type: ignore[arg-type]
+            res = Trim(refit="none").run(g, ctx)
+        assert res.metrics["flops_ratio"] <= 0.5
+        errs[rule], notes[rule] = _err(g, ref, batches), res.notes
+    assert notes["measured"][0].startswith("channels ranked across groups by the measured output loss they add per "
+                                           "unit of budget (2 groups measured at ratios ")
+    assert errs["measured"] <= errs["mean"]
+    # without a way to measure (no calibration data), the mean rule with a note
+    res = Trim().run(mlp(), PassContext(budget={"flops": 0.5}))
+    assert not any(n.startswith("channels ranked across groups by the measured") for n in res.notes)
+
+
+# ---- option errors ----
+def test_bad_option_combinations_are_errors_naming_a_node() -> None:
+    cases = [
+        (Trim(ratio=0.5, refit="least_squares"), PassContext(),
+         "trim: refit = least_squares fits the consumers on calibration data and this compile has none: pass "
+         "calibration=... to compile(), or set refit = none"),
+        (Trim(ratio=0.5, refit="least_squares", bias_compensation=False), stream_ctx(input_batches(mlp(), n=1)),
+         "trim: refit = least_squares refits the consumers' biases (the intercept): it contradicts "
+         "bias_compensation = false"),
+        (Trim(ratio=0.5, allocation="uniform"), PassContext(),
+         "trim: allocation = uniform spreads a flops/params/bytes budget over the groups; with a `ratio` every "
+         "group loses that ratio already: give one of them"),
+        (Trim(criterion="gdnt", gdnt_mode="groups", ratio=0.5, refit="least_squares"),
+         stream_ctx(input_batches(mlp(), n=1)),
+         "trim: refit = least_squares applies to whole removed channels, not to gdnt_mode = groups"),
+    ]
+    for p, ctx, msg in cases:
+        with pytest.raises(NetsqueezeError) as e:
+            p.run(mlp(), ctx)
+        assert e.value.message == msg
+        assert e.value.diagnostics[0].node == "fc1"
+    with pytest.raises(NetsqueezeError) as e:
+        Trim(refit="always")  # type: ignore[arg-type]
+    assert "option 'refit' of pass 'trim'" in e.value.message
+
+
+# ---- BatchNorm kept for fine-tuning ----
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.conv3 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.bn1(self.conv1(x)))  # a residual stream: conv1, bn1, conv3, bn3
+        h = torch.relu(self.bn2(self.conv2(a)))  # a plain group: conv2, bn2
+        return self.fc(torch.relu(self.bn3(self.conv3(h)) + a).mean((2, 3)))
+
+
+def test_trim_without_fold_bn_emits_trimmed_batchnorms_that_reestimate() -> None:
+    import netsqueeze as ns
+    from netsqueeze.backends.onnx import to_onnx
+
+    torch.manual_seed(0)
+    net = _Net()
+    for bn in (net.bn1, net.bn2, net.bn3):  # non-trivial statistics and affine params
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.2, 0.2)
+    net.eval()
+    x = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+
+    def compile_(steps: str) -> ns.CompileResult:
+        return ns.compile(net, f"policy p {{\n  calibrate samples 32\n{steps}\n}}\n", example_inputs=(x[:2],),
+                          calibration=x)
+
+    kept = compile_("  trim { ratio = 25% }")
+    folded = compile_("  trim { ratio = 25% }\n  fold_bn")
+    bns = {n: m for n, m in kept.model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    assert sorted((n, m.num_features) for n, m in bns.items()) == [("bn1", 12), ("bn2", 12), ("bn3", 12)]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.model.modules())
+    torch.testing.assert_close(kept.model(x), folded.model(x), atol=1e-5, rtol=0)
+    kinds = [n.op_type for n in to_onnx(kept.graph).graph.node]
+    assert kinds.count("BatchNormalization") == 3
+    # re-estimation: reset, cumulative average (momentum None), one train-mode pass gives the batch statistics
+    seen: dict[str, torch.Tensor] = {}
+    bn1 = bns["bn1"]
+    bn1.register_forward_hook(lambda m, i, o: seen.setdefault("in", i[0].detach()))
+    before = bn1.running_mean.clone()
+    bn1.reset_running_stats()
+    bn1.momentum = None
+    kept.model.train()
+    kept.model(x)
+    kept.model.eval()
+    assert not torch.allclose(bn1.running_mean, before)
+    torch.testing.assert_close(bn1.running_mean, seen["in"].mean((0, 2, 3)), atol=1e-5, rtol=0)
+    assert int(bn1.num_batches_tracked) == 1
+    assert not any(k.endswith("num_batches_tracked") for k in kept.model.state_dict())  # the IR's params only
