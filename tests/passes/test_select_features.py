@@ -318,3 +318,38 @@ def test_compile_meets_a_params_budget(tmp_path: Path) -> None:
                    calibration=path)
     assert r.graph.node("body").params["weight"].shape == (7, 6)
     assert r.graph.node("head").params["weight"].shape == (4, 7)
+
+
+def _residual_graph() -> Graph:
+    """x[4] → fc1 [8] = h; s = h + relu(fc2(h)); fc3(s) [3]: h's 8 features form one group read by fc2 and fc3."""
+    torch.manual_seed(1)
+    g = Graph("res")
+    x = g.add_node("x", "input", attrs={"shape": (4, 4)})
+    h = g.add_node("fc1", "linear", [x], params={"weight": torch.randn(8, 4), "bias": torch.randn(8)})
+    a = g.add_node("relu", "relu", [g.add_node("fc2", "linear", [h], params={"weight": 0.5 * torch.randn(8, 8),
+                                                                            "bias": torch.randn(8)})])
+    s = g.add_node("add", "add", [h, a])
+    g.add_node("out", "output", [g.add_node("fc3", "linear", [s], params={"weight": torch.randn(3, 8),
+                                                                        "bias": torch.randn(3)})])
+    g.infer_shapes()
+    return g
+
+
+def test_linear_consumer_behind_another_is_refit_on_what_it_reads_after_the_removal() -> None:
+    """fc3 reads the kept features through fc2's block, which the removal changed: after the pass its weights
+    are the least-squares fit (with intercept) of the original fc3 outputs on its new inputs, on the data."""
+    g = _residual_graph()
+    ref = g.copy()
+    xs = [torch.randn(256, 4, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    ys = [_sign_labels(g, xb) % 4 for xb in xs]
+    out = SelectFeatures(reservoir=16, max_features=5, min_channels=5).run(
+        g, _labelled_ctx(xs, ys, selected=frozenset({"fc1", "fc2"})))
+    g.verify()
+    assert g.node("fc3").params["weight"].shape == (3, 5) and out.metrics["refit_again"] == 1.0
+    x = torch.cat(xs)
+    z = run(g, [x], [("add", 0)])[-1].double()
+    target = run(ref, [x])[0].double()
+    a = torch.cat([z, torch.ones(len(z), 1, dtype=torch.float64)], 1)
+    beta = torch.linalg.lstsq(a, target).solution
+    assert torch.allclose(g.node("fc3").dense("weight").double(), beta[:5].T, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(g.node("fc3").dense("bias").double(), beta[5], rtol=1e-4, atol=1e-4)
