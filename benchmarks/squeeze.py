@@ -87,12 +87,37 @@ def flops_params(model: nn.Module) -> tuple[int, int]:
     return s.flops, s.params
 
 
+def reestimate_bn(model: nn.Module, images: torch.Tensor, batch: int = 256) -> nn.Module:
+    """Re-estimates every BatchNorm's running statistics of `model` (in place) on `images`: statistics reset,
+    the images forwarded once with only the BatchNorms in train mode and momentum = None (a cumulative average
+    over the batches), no gradient; the model is returned in eval mode. Nothing else changes."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    model.eval()
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            model(images[i : i + batch])
+    return model.eval()
+
+
 def tp_prune(model: nn.Module, data: dict[str, torch.Tensor], flops_keep: float, kind: str,
-             round_to: int = ROUND_TO) -> nn.Module:
-    """Torch-Pruning (DepGraph) group pruning with uniform per-layer ratio, bisected to `flops_keep`."""
+             round_to: int = ROUND_TO, *, measure: str = "flops",
+             bn_calib: torch.Tensor | None = None) -> nn.Module:
+    """Torch-Pruning (DepGraph) group pruning with a uniform per-layer ratio (its default), bisected so that the
+    pruned model keeps at most `flops_keep` of the original's FLOPs (`measure = "params"`: of its params).
+    `kind`: "l1" (group-L1 magnitude) or "taylor" (group-Taylor on 256 labelled training images). Channel
+    counts are rounded down to multiples of `round_to` by Torch-Pruning, so the achieved ratio can overshoot
+    the target (count it on the returned model). With `bn_calib`, the BatchNorm statistics of the pruned
+    model are re-estimated on those images (`reestimate_bn`). The input model is not changed."""
     import torch_pruning as tp
 
-    base_flops, _ = flops_params(model)
+    if measure not in ("flops", "params"):
+        raise ValueError(f"measure must be 'flops' or 'params', not {measure!r}")
+    col = 0 if measure == "flops" else 1
+    base = flops_params(model)[col]
     x = data["train_x"][:256]
     y = data["train_y"][:256]
 
@@ -109,16 +134,27 @@ def tp_prune(model: nn.Module, data: dict[str, torch.Tensor], flops_keep: float,
         m.zero_grad()
         return m.eval()
 
-    lo, hi = 0.0, 0.95
-    best = model
-    for _ in range(12):
-        mid = (lo + hi) / 2
-        m = prune(mid)
-        if flops_params(m)[0] <= flops_keep * base_flops:
-            hi, best = mid, m
-        else:
-            lo = mid
-    return best
+    # the kept fraction is not monotone in the ratio near its top (a layer that would round to zero channels is
+    # left whole), so: a coarse scan for the first ratio that meets the target, then bisection below it
+    limit = flops_keep * base
+    grid = [i * 0.05 for i in range(20)]
+    first = next(((i, m) for i, m in ((i, prune(r)) for i, r in enumerate(grid)) if flops_params(m)[col] <= limit),
+                 None)
+    if first is None:
+        raise ValueError(f"Torch-Pruning ({kind}, round_to {round_to}) cannot keep <= {flops_keep:.1%} of the {measure}")
+    i, best = first
+    if i > 0:
+        lo, hi = grid[i - 1], grid[i]
+        for _ in range(7):
+            mid = (lo + hi) / 2
+            m = prune(mid)
+            if flops_params(m)[col] <= limit:
+                hi, best = mid, m
+            else:
+                lo = mid
+    if bn_calib is not None:
+        reestimate_bn(best, bn_calib)
+    return best.eval()
 
 
 def run_ns(model: nn.Module, passes: list[Any], calib: torch.Tensor, policy_budget: dict[str, float] | None = None,
