@@ -348,6 +348,9 @@ def _slice(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
         return b.call(operator.getitem, xs[0], (slice(None),) * ax + (slice(a["start"], a["end"], step),))
     # torch slicing has no negative steps: flip the axis and slice forwards
     size = b.ir.input_metas(node.id)[0].shape[ax]
+    if step == -1 and is_dynamic(size) and expr_of(node.meta[0].shape[ax]) == expr_of(size):
+        return b.call(torch.flip, xs[0], (ax,))  # the whole axis reversed, at every size of it
+    size = int(size)
     r = range(*slice(a["start"], a["end"], step).indices(size))
     first = size - 1 - r[0] if len(r) else 0
     fwd = slice(first, first + (len(r) - 1) * -step + 1, -step) if len(r) else slice(0, 0)

@@ -936,8 +936,27 @@ def _slice(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     a = node.attrs
     ax = _axis(node, a["axis"], len(ins[0].shape))
     shape = list(ins[0].shape)
-    shape[ax] = slice_len(shape[ax], a["start"], a["end"], a.get("step", 1))
+    size = shape[ax]
+    shape[ax] = slice_len(size, a["start"], a["end"], a.get("step", 1))
+    if is_dynamic(size):
+        shape[ax] = _dynamic_slice_len(size, a["start"], a["end"], a.get("step", 1), shape[ax])
     return [TensorMeta(tuple(shape), ins[0].dtype)]
+
+
+def _dynamic_slice_len(size: int, start: int, end: int, step: int, length: int) -> int:
+    """The length of a slice of a dynamic axis as an expression of its size, for the bounds as they fall at the
+    example size (a bound past the end stays clamped to it, one counted from the end follows it, one within
+    the axis is fixed): `x[1:]`, `x[:-1]`, `x[-3:]`, `x[::-1]`. Any other step, or an empty slice, keeps the
+    example's length."""
+    n = int(size)
+    if step == -1 and length == n and (start == -1 or start > n) and end < -n:
+        return size  # the whole axis reversed
+    if step != 1 or length <= 0:
+        return length
+    lo = start if start >= 0 else size + start if -start <= n else 0
+    hi = size if end > n else end if end >= 0 else size + end
+    out = hi - lo
+    return out if int(out) == length else length
 
 
 @op("flatten", attrs={"start_dim": 1, "end_dim": -1}, channel=_reshape_rule)

@@ -153,7 +153,12 @@ def test_exported_program_and_graph_module_inputs() -> None:
     model, inputs = ZOO["vgg"]()
     ep = torch.export.export(model, inputs, strict=False)
     g = from_torch(ep, inputs)
-    assert str(g).replace("ExportedProgram", "VGG") == str(from_torch(model, inputs))
+    # a module is captured with a dynamic batch by default; a program exported with a static one keeps it
+    assert str(g).replace("ExportedProgram", "VGG") == str(from_torch(model, inputs, dynamic_shapes={}))
+    batch = torch.export.Dim("batch")
+    ep = torch.export.export(model, inputs, strict=False, dynamic_shapes=({0: batch},))
+    assert str(from_torch(ep, inputs, dynamic_shapes=({0: batch},))).replace("ExportedProgram", "VGG") == \
+        str(from_torch(model, inputs))
     gm = torch.fx.symbolic_trace(model)
     assert max_err(model, to_torch(from_torch(gm, inputs)), inputs) <= 1e-5
 

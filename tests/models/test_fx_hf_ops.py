@@ -12,11 +12,12 @@ from netsqueeze.backends.torch import to_torch
 from netsqueeze.ir.graph import Graph
 
 
-def _capture(model: nn.Module, *xs: torch.Tensor) -> Graph:
+def _capture(model: nn.Module, *xs: torch.Tensor, dynamic: bool = False) -> Graph:
+    """Captured with a static batch (`dynamic_shapes={}`) unless `dynamic` (the default batch of import_model)."""
     model.eval()
     with torch.no_grad():
         ref = model(*xs)
-    g = netsqueeze.import_model(model, xs)
+    g = netsqueeze.import_model(model, xs, dynamic_shapes=None if dynamic else {})
     with torch.no_grad():
         out = to_torch(g)(*xs)
     assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6, equal_nan=False)
@@ -92,6 +93,16 @@ def test_cat_with_a_constant_part_stays_concat() -> None:
     assert "concat" in _kinds(g) and not _opaque(g)
 
 
+def test_class_token_expanded_to_a_dynamic_batch_runs_at_another_batch() -> None:
+    torch.manual_seed(0)
+    model = _ClassToken()
+    g = _capture(model, torch.randn(2, 3, 4), dynamic=True)
+    assert "concat" in _kinds(g) and _opaque(g) == ["aten::expand.default"]  # expand(batch): at run time
+    x = torch.randn(5, 3, 4)
+    with torch.no_grad():
+        assert torch.equal(to_torch(g)(x), model(x))
+
+
 class _InPlace(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x * 2.0
@@ -130,3 +141,11 @@ class _Gather(nn.Module):
 def test_index_by_whole_axes_is_unsqueeze() -> None:
     g = _capture(_Gather(), torch.randn(2, 6))
     assert not _opaque(g) and "unsqueeze" in _kinds(g)
+
+
+def test_index_by_sizes_of_a_dynamic_batch_runs_at_another_batch() -> None:
+    g = _capture(_Gather(), torch.randn(2, 6), dynamic=True)
+    assert sorted(set(_opaque(g))) == ["aten::arange.default", "aten::index.Tensor"]  # built from the batch
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        assert torch.equal(to_torch(g)(x), _Gather()(x))

@@ -128,8 +128,10 @@ class Case:
     xfail: str | None = None  # the exact reason netsqueeze cannot capture it (strict)
 
 
-# a padding mask: its int → bool cast and the -inf fill of masked scores in each layer's SDPA
-MASK = frozenset({"to.device", "where.ScalarOther"})
+# a padding mask: its int → bool cast and the -inf fill of masked scores in each layer's SDPA; with the batch
+# dynamic (the default) the mask is built at run time from the sizes: arange, index, and, expand
+MASK = frozenset({"to.device", "where.ScalarOther", "arange.default", "index.Tensor", "__and__.Tensor",
+                  "expand.default"})
 
 
 CASES: dict[str, Case] = {
@@ -139,8 +141,9 @@ CASES: dict[str, Case] = {
     "roberta": Case(roberta, opaque=MASK | {"cumsum.default", "gather.default", "ne.Scalar", "to.dtype",
                                             "type_as.default"}),
     "gpt2": Case(gpt2, opaque=MASK),
-    "t5_encoder": Case(t5_encoder, opaque=MASK | {"rsqrt.default"}),  # RMSNorm's rsqrt
-    "vit": Case(vit),
+    # RMSNorm's rsqrt; the masked position bias as bias·where(mask, 1, 0) + where(mask, 0, min)
+    "t5_encoder": Case(t5_encoder, opaque=MASK | {"rsqrt.default", "where.Scalar"}),
+    "vit": Case(vit, opaque=frozenset({"expand.default", "where.ScalarOther"})),  # the class token per batch row
     "resnet": Case(resnet),
     "convnext": Case(convnext),
     "mobilenet_v2": Case(mobilenet_v2, slow=True),
@@ -149,7 +152,7 @@ CASES: dict[str, Case] = {
     # the feature-vector mask from the input mask: lengths (cumsum, flip, integer div), index_put, repeat
     "wav2vec2": Case(wav2vec2, opaque=frozenset({"where.ScalarOther", "bitwise_not.default", "cumsum.default",
                                                  "div.Tensor_mode", "flip.default", "index_put.default",
-                                                 "repeat.default", "to.dtype"})),
+                                                 "repeat.default", "to.dtype"}) | MASK | {"zeros.default"}),
 }
 
 def _params() -> list[Any]:
@@ -185,3 +188,10 @@ def test_hf_model_imports_and_emits_torch_identity(name: str, model_table: dict[
     assert {op.removeprefix("aten::") for op in opaque} <= CASES[name].opaque, f"{name}: new opaque ops {names}"
     assert out.shape == ref.shape
     assert err <= 1e-4, f"{name}: emitted torch module differs by {err:.2e} relative"
+    # the batch is dynamic by default: every input's dim 0 is `batch`, and the module runs at batch + 1
+    assert [n.attrs.get("dims", (None,))[0] for n in graph.nodes() if n.kind == "input"] == ["batch"] * len(inputs)
+    assert not graph.meta.get("notes")
+    bigger = tuple(torch.cat([x, x[:1]]) for x in inputs)
+    with torch.no_grad():
+        want, got = model(*bigger), to_torch(graph)(*bigger)
+    assert got.shape == want.shape and float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())

@@ -27,6 +27,9 @@ HEADS = {
                     "model.transformer.layer.0.attention.v_lin"), "model.transformer.layer.0.attention.out_lin"),
     "vit": (("model.layers.0.attention.q_proj", "model.layers.0.attention.k_proj",
              "model.layers.0.attention.v_proj"), "model.layers.0.attention.o_proj"),
+    # no biases; the per-head relative position bias, masked by the padding mask, is sliced with the heads
+    "t5_encoder": (("model.encoder.block.0.layer.0.SelfAttention.q", "model.encoder.block.0.layer.0.SelfAttention.k",
+                    "model.encoder.block.0.layer.0.SelfAttention.v"), "model.encoder.block.0.layer.0.SelfAttention.o"),
 }
 
 
@@ -52,3 +55,37 @@ def test_heads_are_channel_groups_and_trim_removes_whole_heads(name: str) -> Non
         ref = model(*xs).numpy()
     assert y.shape == ref.shape
     assert np.abs(run(to_onnx(g), *[x.numpy() for x in xs])[0] - y).max() <= 1e-5 * max(1.0, float(np.abs(y).max()))
+
+
+def test_t5_trimmed_heads_equal_the_model_with_those_heads_silenced() -> None:
+    """Removing heads is exact: the trimmed graph computes what the HF model computes with the removed heads'
+    columns of the output projection (and the removed ReLU channels' columns of `wo`) zeroed, at another batch
+    too (the batch stays dynamic)."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, xs = CASES["t5_encoder"].build()
+        g = netsqueeze.import_model(model, xs)
+    Trim(criterion="l1", ratio=0.5).run(g, PassContext())
+    g.verify()
+    hf = model.model.encoder  # type: ignore[union-attr]
+    for i, block in enumerate(hf.block):
+        attn = block.layer[0].SelfAttention
+        kept = g.node(f"model.encoder.block.{i}.layer.0.SelfAttention.q").params["weight"]
+        rows = [next(r for r in range(32) if torch.equal(attn.q.weight[r], k)) for k in kept]
+        heads = sorted({r // 8 for r in rows})
+        assert len(heads) == 2 and rows == [h * 8 + j for h in heads for j in range(8)]
+        mlp = block.layer[1].DenseReluDense  # trim halves its ReLU channels too: silence the removed ones
+        kept_wi = g.node(f"model.encoder.block.{i}.layer.1.DenseReluDense.wi").params["weight"]
+        channels = {next(r for r in range(64) if torch.equal(mlp.wi.weight[r], k)) for k in kept_wi}
+        assert len(channels) == 32
+        with torch.no_grad():
+            for h in set(range(4)) - set(heads):
+                attn.o.weight[:, h * 8:(h + 1) * 8] = 0.0
+            for c in set(range(64)) - channels:
+                mlp.wo.weight[:, c] = 0.0
+    bigger = tuple(torch.cat([x, x[:1]]) for x in xs)
+    with torch.no_grad():
+        want = model(*bigger).numpy()
+        got = to_torch(g)(*bigger).numpy()
+    assert float(np.abs(got - want).max()) <= 1e-5 * float(np.abs(want).max())

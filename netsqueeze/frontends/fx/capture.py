@@ -4,6 +4,8 @@ captured graph through the op tables, the module collapsing and the opaque fallb
 from __future__ import annotations
 
 import contextlib
+import inspect
+import io
 import operator
 from collections.abc import Sequence
 from typing import Any
@@ -14,7 +16,7 @@ from torch import nn
 
 from netsqueeze.errors import CaptureError, Diagnostic, InputMismatchError, NetsqueezeError, VerifyError
 from netsqueeze.frontends.fx.checks import _check_count, _check_inputs, _first_line, _forward_names
-from netsqueeze.frontends.fx.collapse import _collapse, _collapse_key
+from netsqueeze.frontends.fx.collapse import _collapse, _collapse_key, size_nodes
 from netsqueeze.frontends.fx.opaque import _opaque
 from netsqueeze.frontends.fx.ops import (
     _FUNCS,
@@ -227,6 +229,8 @@ def _convert(cx: _Capture, gm: fx.GraphModule, input_names: list[str], example_i
             break
         if nd in groups:
             grp, path, typ = groups[nd]
+            for sz in size_nodes(cx, grp):
+                _convert_node(cx, sz)
             if _collapse(cx, grp, path, typ):
                 done.update(grp)
                 continue
@@ -503,6 +507,30 @@ def _from_symbolic(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], n
     return _convert(cx, gm, [str(n.target) for n in placeholders], example_inputs, outs)
 
 
+def default_batch(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> tuple[Any, ...] | None:
+    """torch.export's `dynamic_shapes` (positional form) for a dynamic batch: dim 0 of every input whose dim 0
+    is the first input's, one `Dim('batch')` for all; None when there is no batch to free (a scalar first
+    input, or a batch of 1, which torch.export specialises) or the forward's signature cannot be read."""
+    if not example_inputs or example_inputs[0].dim() == 0 or int(example_inputs[0].shape[0]) < 2:
+        return None
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    batch = torch.export.Dim("batch")
+    n = int(example_inputs[0].shape[0])
+    per = [{0: batch} if t.dim() and int(t.shape[0]) == n else None for t in example_inputs]
+    spec: list[Any] = []
+    for p in params:
+        if len(spec) == len(per) or p.kind in (p.KEYWORD_ONLY, p.VAR_KEYWORD):
+            break
+        if p.kind is p.VAR_POSITIONAL:
+            spec.append(tuple(per[len(spec):]))
+            return tuple(spec)
+        spec.append(per[len(spec)])
+    return tuple(spec) if len(spec) == len(per) else None
+
+
 def from_torch(model: nn.Module | fx.GraphModule | torch.export.ExportedProgram,
                example_inputs: tuple[torch.Tensor, ...], *, name: str | None = None,
                dynamic_shapes: Any = None) -> Graph:
@@ -537,13 +565,30 @@ def from_torch(model: nn.Module | fx.GraphModule | torch.export.ExportedProgram,
         names = _forward_names(model, len(example_inputs))
         _check_count(model, len(example_inputs))
         _check_inputs(model, names, example_inputs)
+        default = default_batch(model, example_inputs) if dynamic_shapes is None else None
+        if default is not None:
+            # a dynamic batch unless the user said otherwise; a model that fixes its batch (a literal
+            # `view(2, ...)`, a branch on the batch size) is captured at the example's batch, said in a note
+            try:
+                with contextlib.redirect_stderr(io.StringIO()):  # torch.export logs the constraint violation
+                    ep = torch.export.export(model, example_inputs, strict=False, dynamic_shapes=default)
+                return _from_exported(ep, example_inputs, gname, model, default)
+            except Exception as e:
+                fixed_note = (f"the batch (dim 0 of the inputs) is fixed at "
+                              f"{int(example_inputs[0].shape[0])}: a dynamic batch does not capture "
+                              f"({_first_line(e)[:200]})")
+        else:
+            fixed_note = None
         try:
             ep = torch.export.export(model, example_inputs, strict=False, dynamic_shapes=dynamic_shapes)
         except Exception as e:
             export_error: BaseException = e
         else:
             try:
-                return _from_exported(ep, example_inputs, gname, model, dynamic_shapes)
+                g = _from_exported(ep, example_inputs, gname, model, dynamic_shapes)
+                if fixed_note is not None:
+                    g.meta.setdefault("notes", []).append(fixed_note)
+                return g
             except NetsqueezeError:
                 raise
             except Exception as e:

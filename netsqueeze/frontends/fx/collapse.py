@@ -20,6 +20,16 @@ def _collapse_key(nd: fx.Node) -> tuple[str, str, str] | None:
     return None
 
 
+def _is_size(cx: _Capture, n: fx.Node) -> bool:
+    """A node that evaluates to a python size (int or symbolic size), not a tensor."""
+    return isinstance(cx.observed.get(n), (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool))
+
+
+def size_nodes(cx: _Capture, group: list[fx.Node]) -> list[fx.Node]:
+    """The nodes of a collapsible call that compute sizes: evaluated one by one before the call collapses."""
+    return [n for n in group if _is_size(cx, n)]
+
+
 def _collapse(cx: _Capture, group: list[fx.Node], path: str, typ: str) -> bool:
     """Maps the aten ops of one nn.MultiheadAttention / nn.LocalResponseNorm call onto one node."""
     inside = set(group)
@@ -31,9 +41,11 @@ def _collapse(cx: _Capture, group: list[fx.Node], path: str, typ: str) -> bool:
                 continue
             if i in cx.consts:
                 params[cx.const_names.get(i, i.name)] = cx.consts[i]
-            elif i not in ext:
+            elif i not in ext and not _is_size(cx, i):
                 ext.append(i)
-    outs = [n for n in group if any(u not in inside for u in n.users)]
+    # sizes the call reads or computes (a dynamic batch's `sym_size`, `4 * batch`) are no operands: the caller
+    # has already evaluated them, and later layers may share them
+    outs = [n for n in group if any(u not in inside for u in n.users) and not _is_size(cx, n)]
     if len(outs) != 1 or not all(_is_value(cx.env.get(e)) and isinstance(cx.env[e], tuple) for e in ext):
         return False
     mod = None

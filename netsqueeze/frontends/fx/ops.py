@@ -3,6 +3,7 @@ module / torch function / tensor method tables that map a symbolic_trace graph o
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -14,7 +15,7 @@ from torch import nn
 
 from netsqueeze.frontends.fx.opaque import AtenCall, _Slot
 from netsqueeze.frontends.fx.state import _Capture, _tup, _Unmappable, python_value
-from netsqueeze.ir.graph import Value
+from netsqueeze.ir.graph import TensorMeta, Value
 from netsqueeze.ir.tables import registrar
 
 Handler = Callable[[_Capture, dict[str, Any]], Any]
@@ -686,6 +687,39 @@ def _index(cx: _Capture, a: dict[str, Any]) -> Value:
     return y
 
 
+def _where_blend(cx: _Capture, mask: fx.Node, x: Any, y: Any, out: torch.Tensor) -> Value | None:
+    """where(mask, X, s) with X a finite float32 constant of the result's shape and s a finite scalar (T5's
+    per-head position bias where the padding mask keeps a key, the dtype's minimum elsewhere), as
+    X·where(mask, 1, 0) + where(mask, 0, s): exact for finite X and s, and the opaque calls read only the
+    mask, so the axes of X (the heads) stay visible to channel analysis. None when it does not apply (one
+    opaque where then)."""
+    flip = not cx.is_const(x)
+    const, scalar = (y, x) if flip else (x, y)
+    if not cx.is_const(const) or not isinstance(scalar, (int, float)) or isinstance(scalar, bool) \
+            or out.dtype != torch.float32 or not math.isfinite(float(scalar)):
+        return None
+    c = cx.const(const)
+    if c.dtype != torch.float32 or c.dim() > out.dim() or not bool(torch.isfinite(c).all()):
+        return None
+    mv = cx.val(mask)
+    shape = tuple(cx.graph.meta_of(mv).shape)
+    on, off = (0.0, 1.0) if flip else (1.0, 0.0)  # the constant's weight where the mask is true / false
+
+    def select(t: float, f: float) -> Value:
+        call = AtenCall("aten", "where", "Scalar", (_Slot(0), t, f))
+        nid = cx.emit("opaque", [mv], {}, op_type="aten::where.Scalar", payload=call)
+        cx.graph.node(nid).meta = [TensorMeta(shape, "float32")]
+        return (nid, 0)
+
+    weight = select(on, off)
+    rest = select(0.0, float(scalar)) if not flip else select(float(scalar), 0.0)
+    blend = (cx.emit("mul", [cx.scalar(c, mv), weight]), 0)
+    res = (cx.emit("add", [blend, rest]), 0)
+    if tuple(int(d) for d in cx.graph.meta_of(res).shape) != tuple(int(d) for d in out.shape):
+        raise _Unmappable("where blend shape")
+    return res
+
+
 @handles("where")
 def _where(cx: _Capture, a: dict[str, Any]) -> Value:
     """where(mask, x, y) stays one opaque call (the IR has no select-by-mask op), reading the boolean mask
@@ -696,6 +730,9 @@ def _where(cx: _Capture, a: dict[str, Any]) -> Value:
     if not isinstance(cond, fx.Node) or cx.is_const(cond) or not isinstance(out, torch.Tensor):
         raise _Unmappable("where on a constant condition")
     src, anded = _mask_source(cx, cond, tuple(int(d) for d in out.shape))
+    blended = _where_blend(cx, cond if anded else src, a["self"], a["other"], out)
+    if blended is not None:
+        return blended
     if anded or src is cond:
         raise _Unmappable("nothing to look through")
     operands: list[Value] = [cx.val(src)]

@@ -47,6 +47,18 @@ _NOT_FOLDABLE = frozenset({
 })
 
 
+# ops whose output has the numpy broadcast of their inputs' shapes (dims kept when shape inference lost them)
+_ELEMENTWISE = frozenset({
+    "Not", "Cast", "CastLike", "IsNaN", "IsInf", "Abs", "Neg", "Sign", "Ceil", "Floor", "Round", "Sqrt", "Reciprocal",
+    "Exp", "Log", "Erf", "Sin", "Cos", "Identity", "Where", "And", "Or", "Xor", "Equal", "Less", "LessOrEqual",
+    "Greater", "GreaterOrEqual", "Add", "Sub", "Mul", "Div", "Pow", "Mod", "BitwiseAnd", "BitwiseOr", "BitwiseNot",
+    "Min", "Max",
+})
+
+# ops whose output has their first input's shape
+_SAME_SHAPE = frozenset({"CumSum", "ScatterND", "ScatterElements", "Trilu", "LogSoftmax", "Hardmax", "Softmax",
+                         "Clip", "LeakyRelu", "Elu", "Selu", "Softplus", "Mish", "HardSigmoid"})
+
 # IR dtype name → the name in ONNX type strings ("tensor(float)")
 _ONNX_TYPE_NAMES = {
     "float32": "float", "float64": "double", "float16": "float16", "bfloat16": "bfloat16", "int8": "int8",
@@ -500,6 +512,23 @@ class _Importer:
                 starts, ends = (int(np.asarray(self.consts[t.name]).reshape(-1)[0]) for t in ins[1:3])
                 steps = int(np.asarray(self.consts[ins[4].name]).reshape(-1)[0]) if len(ins) > 4 else 1
                 out = vals[0][slice(starts, None if ends >= 2**62 else ends, steps)]
+            elif n.op == "Reshape" and ins[1].name not in self.sym:
+                target = [int(x) for x in np.asarray(self.consts[ins[1].name]).reshape(-1)]
+                target = [vals[0].shape[i] if x == 0 and not int(a.get("allowzero", 0)) else x
+                          for i, x in enumerate(target)]
+                out = vals[0].reshape(target)
+            elif n.op == "Equal" and len(vals) == 2:
+                # a size never equals a negative number (the exporters' `-1` sentinels of expand): decided
+                # for every size; any other comparison depends on the size, so it is not folded
+                pairs = np.broadcast_arrays(vals[0], vals[1])
+                if any(is_dynamic(x) and not (isinstance(y, (int, np.integer)) and not is_dynamic(y) and y < 0)
+                       for p0, p1 in [pairs, pairs[::-1]] for x, y in zip(p0.reshape(-1), p1.reshape(-1))):
+                    return False
+                out = np.vectorize(lambda x, y: int(x) == int(y), otypes=[bool])(*pairs)
+                self.consts[n.outputs[0].name] = out
+                return True
+            elif n.op == "Where" and len(vals) == 3 and ins[0].name not in self.sym:
+                out = np.where(np.asarray(self.consts[ins[0].name]).astype(bool), vals[1], vals[2])
             elif n.op in ("Mul", "Add", "Sub", "Div") and len(vals) == 2:
                 fn = {"Mul": np.multiply, "Add": np.add, "Sub": np.subtract, "Div": np.floor_divide}[n.op]
                 out = fn(vals[0], vals[1])
@@ -535,6 +564,89 @@ class _Importer:
                             f"({count} elements); netsqueeze folds constants of up to {MAX_FOLD_ELEMENTS} elements "
                             f"and {MAX_FOLD_BYTES >> 20} MiB", node=self.cur_id)
 
+    def _dynamic_shape(self, n: gs.Node, inputs: list[gs.Tensor], measured: tuple[int, ...]) -> tuple[int, ...]:
+        """The output shape of an opaque op whose inputs have dynamic dims that ONNX shape inference lost
+        (its input came from an op it cannot type): elementwise ops broadcast their inputs' shapes, Expand
+        broadcasts its input with the target sizes, Tile multiplies by the repeats. The dynamic dims are kept
+        as `Dim`s when the result agrees with the measured shape; otherwise (and for any other op) the
+        measured shape stands. Gather and GatherElements take their indices' shape, ConstantOfShape its sizes."""
+        def shape_of(t: gs.Tensor) -> tuple[int, ...]:
+            return tuple(self.meta(t).shape) if t.name not in self.vals else self.graph.meta_of(self.vals[t.name]).shape
+
+        def sizes(t: gs.Tensor) -> list[int] | None:
+            if t.name in self.sym:
+                return list(self.sym[t.name].reshape(-1))
+            arr = self.const(t)
+            return [int(x) for x in np.asarray(arr).reshape(-1)] if isinstance(arr, np.ndarray) else None
+
+        def broadcast(shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+            rank = max(len(sh) for sh in shapes)
+            out: list[int] = []
+            for col in zip(*[(1,) * (rank - len(sh)) + tuple(sh) for sh in shapes]):
+                big = [d for d in col if int(d) != 1]
+                out.append(next((d for d in big if is_dynamic(d)), big[0] if big else col[0]))
+            return tuple(out)
+
+        try:
+            if n.op in _ELEMENTWISE and inputs:
+                out = broadcast([shape_of(t) for t in inputs])
+            elif n.op in _SAME_SHAPE and inputs:
+                out = shape_of(inputs[0])
+            elif n.op == "ConstantOfShape" and len(inputs) == 1 and sizes(inputs[0]) is not None:
+                out = tuple(sizes(inputs[0]) or ())
+            elif n.op == "Expand" and len(inputs) == 2 and sizes(inputs[1]) is not None:
+                out = broadcast([shape_of(inputs[0]), tuple(sizes(inputs[1]) or ())])
+            elif n.op == "Gather" and len(inputs) == 2:
+                data, idx = shape_of(inputs[0]), shape_of(inputs[1])
+                axis = int(n.attrs.get("axis", 0)) % len(data)
+                out = data[:axis] + idx + data[axis + 1:]
+            elif n.op == "GatherElements" and len(inputs) == 2:
+                out = shape_of(inputs[1])
+            elif n.op == "Slice" and len(inputs) >= 3 and all(sizes(t) is not None for t in inputs[1:]):
+                out = self._sliced(shape_of(inputs[0]), *(sizes(t) or [] for t in inputs[1:]))
+            elif n.op == "Tile" and len(inputs) == 2 and sizes(inputs[1]) is not None:
+                reps = sizes(inputs[1]) or []
+                out = tuple(d if int(r) == 1 else d * r for d, r in zip(shape_of(inputs[0]), reps))
+            else:
+                return measured
+        except (KeyError, ValueError, TypeError, IndexError, NetsqueezeError):
+            return measured
+        return out if tuple(int(d) for d in out) == tuple(int(d) for d in measured) else measured
+
+    @staticmethod
+    def _sliced(shape: tuple[int, ...], starts: list[int], ends: list[int], axes: list[int] | None = None,
+                steps: list[int] | None = None) -> tuple[int, ...]:
+        """Slice's output shape where a bound follows a dynamic dim: `x[0:end]` with step 1, a start that is
+        a constant >= 0 and an end that is a size within the axis, is `end - start` long at every size (the
+        length is measured otherwise)."""
+        out = list(shape)
+        axes = axes if axes is not None else list(range(len(starts)))
+        steps = steps if steps is not None else [1] * len(starts)
+        for a, s, e, p in zip(axes, starts, ends, steps):
+            a = int(a) % len(shape)
+            if not (is_dynamic(s) or is_dynamic(e)):
+                out[a] = len(range(*slice(int(s), int(e), int(p)).indices(int(shape[a]))))
+            elif int(p) == 1 and not is_dynamic(s) and int(s) >= 0 and is_dynamic(e) and int(s) <= int(e) <= int(shape[a]):
+                out[a] = e - s if int(s) else e
+            else:
+                raise ValueError("a bound the length cannot follow")
+        return tuple(out)
+
+    def _range_length(self, inputs: list[gs.Tensor]) -> int:
+        """The length of `Range(start, limit, delta)` whose bounds follow a dynamic dim (`arange(seq)` of
+        attention masks and position ids): a `Dim` expression, so what is built on it stays dynamic."""
+        start, limit, delta = (self.sym[t.name].reshape(-1)[0] if t.name in self.sym
+                               else int(np.asarray(self.consts[t.name]).reshape(-1)[0]) for t in inputs)
+        if is_dynamic(delta) or int(delta) == 0:
+            raise _fail(f"node '{self.cur_id}' (Range): its delta must be a nonzero constant", node=self.cur_id)
+        d = int(delta)
+        span = limit - start
+        length = span if d == 1 else (span + (d - 1)) // d if d > 0 else (-span + (-d - 1)) // -d
+        if int(length) < 0:
+            raise _fail(f"node '{self.cur_id}' (Range) is empty at the example sizes ({int(length)} elements)",
+                        node=self.cur_id)
+        return length  # type: ignore[no-any-return]
+
     # ---- fallback --------------------------------------------------------------------------------
     def _opaque(self, n: gs.Node, proto: onnx.NodeProto) -> None:
         """Kept verbatim: payload holds what the ONNX backend needs to re-emit the node."""
@@ -554,6 +666,13 @@ class _Importer:
                 raise _fail(f"node '{self.cur_id}' ({n.op}) is not a supported op and ONNX shape inference "
                             f"cannot tell the shape of its output '{t.name}'", node=self.cur_id)
             metas.append(self._with_dims(t.name, self.value_info[t.name]))
+        if len(metas) == 1:  # dims ONNX shape inference lost on the way (its input came from an untyped op)
+            ruled = self._dynamic_shape(n, inputs, metas[0].shape)
+            metas[0] = TensorMeta(tuple(r if is_dynamic(r) else d for r, d in zip(ruled, metas[0].shape)),
+                                  metas[0].dtype)
+        if n.op == "Range" and len(inputs) == 3 and all(self.is_const(t) for t in inputs) \
+                and any(t.name in self.sym for t in inputs):
+            metas[0] = TensorMeta((self._range_length(inputs),), metas[0].dtype)
         payload_type = OnnxTorchOp if (n.domain or "") in _DEFAULT_DOMAINS and n.op in _TORCH_OPS else dict
         payload = payload_type({
             "op_type": n.op,

@@ -11,6 +11,7 @@ import onnx_graphsurgeon as gs
 
 from netsqueeze.errors import CaptureError, Diagnostic
 from netsqueeze.frontends.onnx.weights import _is_float, _transposed
+from netsqueeze.ir.dims import is_dynamic
 from netsqueeze.ir.graph import Value
 from netsqueeze.ir.tables import registrar
 from netsqueeze.ir.weights import Encoded
@@ -368,6 +369,8 @@ def _slice(imp: _Importer, n: gs.Node) -> bool:
         starts, ends, axes, steps = (_const_in(imp, n, i) for i in range(1, 5))
         if any(a is _ABSENT for a in (starts, ends, axes, steps)):
             return False
+        if any(t is not None and t.name in imp.sym for t in (_in(n, i) for i in range(1, 5))):
+            return False  # bounds that follow a dynamic dim (`ids[:, :seq]`): an opaque Slice reads them at run time
     st, en = _ints(starts), _ints(ends)
     ax = _ints(axes) if axes is not None else list(range(len(st)))
     sp = _ints(steps) if steps is not None else [1] * len(st)
@@ -585,8 +588,12 @@ def _gather(imp: _Importer, n: gs.Node) -> bool:
         axis = _axis(imp, n, int(n.attrs.get("axis", 0)), len(shape))
         if not -shape[axis] <= int(ind) < shape[axis]:
             raise _refuse(imp, n, f"index {int(ind)} is out of range for axis {axis} of size {shape[axis]}")
-        i = int(ind) % shape[axis]
-        sl = imp.emit("slice", [imp.value(n.inputs[0])], {"axis": axis, "start": i, "end": i + 1, "step": 1},
+        i = int(ind)
+        if i < 0 and is_dynamic(shape[axis]):  # x[..., -1]: counted from the end at every size of the axis
+            start, end = i, (i + 1 if i + 1 < 0 else 1 << 62)
+        else:
+            start, end = i % int(shape[axis]), i % int(shape[axis]) + 1
+        sl = imp.emit("slice", [imp.value(n.inputs[0])], {"axis": axis, "start": start, "end": end, "step": 1},
                       suffix="slice")
         return _bind(imp, n, imp.emit("squeeze", [sl], {"axes": [axis]}))
     return False

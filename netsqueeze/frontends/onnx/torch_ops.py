@@ -115,6 +115,22 @@ def _scatter_nd(p: dict[str, Any], data: torch.Tensor, idx: torch.Tensor, update
     return out
 
 
+def _slice(p: dict[str, Any], x: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor,
+           axes: torch.Tensor | None = None, steps: torch.Tensor | None = None) -> torch.Tensor:
+    """ONNX Slice (opset 10+): per axis, python slice semantics with the bounds clamped to the axis."""
+    st, en = [int(v) for v in starts.tolist()], [int(v) for v in ends.tolist()]
+    ax = [int(v) for v in axes.tolist()] if axes is not None else list(range(len(st)))
+    sp = [int(v) for v in steps.tolist()] if steps is not None else [1] * len(st)
+    for a, s, e, step in zip(ax, st, en, sp):
+        a %= x.dim()
+        idx = range(*slice(s, e, step).indices(x.shape[a]))
+        if step == 1:
+            x = x.narrow(a, idx.start, len(idx)) if len(idx) else x.narrow(a, 0, 0)
+        else:
+            x = x.index_select(a, torch.tensor(list(idx), dtype=torch.long, device=x.device))
+    return x
+
+
 def _trilu(p: dict[str, Any], x: torch.Tensor, k: torch.Tensor | None = None) -> torch.Tensor:
     diag = int(k) if k is not None else 0
     return torch.triu(x, diag) if _attr(p, "upper", 1) else torch.tril(x, diag)
@@ -155,6 +171,7 @@ _TORCH_OPS: dict[str, Callable[..., Any]] = {
     "Range": lambda p, start, limit, delta: torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype),
     "ConstantOfShape": _constant_of_shape,
     "Trilu": _trilu,
+    "Slice": _slice,
     "ScatterND": _scatter_nd,
     "NonZero": lambda p, x: torch.nonzero(x).T.contiguous(),
 }
