@@ -545,7 +545,10 @@ def compile(
     calibration: an iterable of input batches, a tensor of samples, or a .npz/.npy/.pt file.
     eval_fn(model) -> top-1 accuracy, used by `guard top1 drop`. dynamic_shapes: for a torch model, which
     input dims stay dynamic, in torch.export's own form ({'x': {0: Dim('batch'), 2: Dim('H')}}); the emitted
-    models run at other sizes of them (ONNX inputs' open dims stay dynamic by themselves). The input model object is never
+    models run at other sizes of them (ONNX inputs' open dims stay dynamic by themselves). None (the default) makes
+    the batch dynamic: dim 0 of every input whose dim 0 is the first input's, when the example batch is 2 or more and
+    torch.export accepts it (otherwise the batch is fixed and the report says why); `{}` captures every dim static.
+    The input model object is never
     modified: the compile runs on a deep copy. NaN/Inf in inputs, calibration data, eval_fn results or
     measured fidelity is a `NonFiniteError`; exceptions from user code are `UserCodeError`s; an
     unexpected exception inside netsqueeze is an `InternalError`. executor: where independent solves
