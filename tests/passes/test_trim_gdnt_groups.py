@@ -137,9 +137,10 @@ def test_parents_whose_connections_lead_only_to_removed_rows_are_removed() -> No
     assert float((run(ref, [xt])[0] - run(g, [xt])[0]).abs().max()) < 2e-3
 
 
-def test_a_channel_with_every_input_connection_cut_is_a_constant_and_goes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Scores set by hand: fc2's rows 2, 3 lose every input connection (their child block scores 0.1), fc3's
-    connections all stay. Rows 2, 3 are then constants (their mean, in the bias): removed, fc3's bias holding them."""
+def test_a_child_group_keeps_its_strongest_incoming_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scores set by hand: both of fc2's connections into its rows 2, 3 score 0.1, under the cut; the first (the
+    strongest, ties to the first parent group) stays, so rows 2, 3 still read features 0..3 and only the
+    connection from 4..7 is cut (its mean in the bias): no row of fc2 is left a constant."""
     import netsqueeze.passes.trim as trim_mod
 
     def scores(parents: torch.Tensor, children: torch.Tensor, pg: int, cg: int, seed: int) -> torch.Tensor:
@@ -149,18 +150,19 @@ def test_a_channel_with_every_input_connection_cut_is_a_constant_and_goes(monkey
 
     monkeypatch.setattr(trim_mod, "gdnt_group_scores", scores)
     g, ref = _chain(), _chain()
-    g.node("fc3").params["weight"] = torch.tensor([[1.0, -0.5, 0.8, 0.3], [0.4, 1.0, -0.6, 0.9]])
-    ref.node("fc3").params["weight"] = g.node("fc3").params["weight"].clone()
+    w2 = torch.randn(4, 8, generator=torch.Generator().manual_seed(4))
+    g.node("fc2").params["weight"], ref.node("fc2").params["weight"] = w2.clone(), w2.clone()
     batches = _batches()
     res = Trim(criterion="gdnt", gdnt_mode="groups", ratio=0.25, gdnt_child_groups=2).run(
         g, stream_ctx(batches, selected=frozenset({"fc1", "fc2"})))
     g.verify()
-    assert res.metrics["connections_cut"] == 2.0 and res.metrics["channels_removed"] == 2.0
-    assert g.node("fc2").dense("weight").shape == (2, 8) and g.node("fc3").dense("weight").shape == (2, 2)
-    # the expected model: fc2's rows 2, 3 replaced by their calibration mean (the chain is linear: exact)
-    mean = torch.cat([b[0] for b in batches]).mean(0) @ ref.node("fc2").dense("weight")[2:].T
+    assert res.metrics["connections_cut"] == 1.0 and res.metrics["channels_removed"] == 0.0
+    w = g.node("fc2").dense("weight")
+    assert bool((w[2:, 4:] == 0).all()) and bool((w[2:, :4] != 0).all())
+    # the expected model: fc2's rows 2, 3 read features 4..7 at their calibration mean (the chain is linear: exact)
+    mean = torch.cat([b[0] for b in batches]).mean(0)
     xt = torch.randn(64, 8, generator=torch.Generator().manual_seed(5)) + 1.0
-    h2 = xt @ ref.node("fc2").dense("weight").T
-    h2[:, 2:] = mean
+    h2 = xt @ w2.T
+    h2[:, 2:] = xt[:, :4] @ w2[2:, :4].T + mean[4:] @ w2[2:, 4:].T
     want = h2 @ ref.node("fc3").dense("weight").T
     assert float((run(g, [xt])[0] - want).abs().max()) < 1e-4
