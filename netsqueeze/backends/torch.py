@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from netsqueeze.backends.torch_modules import Attention, Opaque, ParamHolder, SparseLinear, WithEncodedParams
-from netsqueeze.errors import Diagnostic, UnsupportedOpError
+from netsqueeze.errors import Diagnostic, NetsqueezeError, UnsupportedOpError
 from netsqueeze.ir.calls import AtenCall, Slot
 from netsqueeze.ir.dims import expr_of, fmt, is_dynamic, lower, reshape_plan, symbol_sources
 from netsqueeze.ir.graph import Graph, Node, Value
@@ -574,6 +574,59 @@ def _check_inputs(b: ModuleBuilder, graph: Graph) -> None:
                        f"input '{nid}' axis {axis} must be {int(d)} (shape {shape})")
 
 
+def _emit(b: ModuleBuilder, graph: Graph, env: dict[Value, fx.Node], nodes: Sequence[Node]) -> list[fx.Node]:
+    """Emits `nodes` (topological order) into `b`, reading operands from `env` and adding their outputs
+    to it; returns the operands of the output nodes among them."""
+    outs: list[fx.Node] = []
+    for node in nodes:
+        if node.kind == "input":
+            continue
+        args = [env[v] for v in graph.operands(node.id)]
+        if node.kind == "output":
+            outs.append(args[0])
+            continue
+        emit = EMITTERS.get(node.kind)
+        if emit is None:
+            raise UnsupportedOpError(Diagnostic(f"the torch backend has no emitter for op kind '{node.kind}' "
+                                                f"(node '{node.id}')", node=node.id))
+        r = emit(b, node, args)
+        for i, fxn in enumerate(r if isinstance(r, list) else [r]):
+            env[(node.id, i)] = fxn
+    return outs
+
+
+def to_torch_segment(graph: Graph, feeds: Sequence[Value], fetch: Sequence[Value]) -> fx.GraphModule:
+    """The nodes of `graph` that compute `fetch` from `feeds`, as an eval-mode GraphModule: forward takes
+    the feeds' tensors positionally and returns the list of fetched tensors. Only the ancestors of `fetch`
+    up to `feeds` are emitted (their ids: `meta["segment_nodes"]`); a dynamic dim is read from the first feed that carries it. A fetched value
+    that needs a graph input not among `feeds` is a `NetsqueezeError`."""
+    feed_set = set(feeds)
+    need: set[str] = set()
+    todo = [v for v in fetch if v not in feed_set]
+    while todo:
+        nid = todo.pop()[0]
+        if nid in need:
+            continue
+        if graph.node(nid).kind == "input":
+            raise NetsqueezeError(Diagnostic(f"segment: value of input '{nid}' is needed but not fed", node=nid))
+        need.add(nid)
+        todo.extend(v for v in graph.operands(nid) if v not in feed_set and v[0] not in need)
+    b = ModuleBuilder(graph)
+    env: dict[Value, fx.Node] = {}
+    metas = []
+    for i, v in enumerate(feeds):
+        key = f"feed_{i}"
+        env[v] = b.inputs[key] = b.fx.placeholder(key)
+        metas.append((key, graph.node(v[0]).meta[v[1]].shape))
+    b.dim_sources = symbol_sources(metas)
+    _emit(b, graph, env, [n for n in graph.nodes() if n.id in need])
+    b.fx.output([env[v] for v in fetch])
+    gm = fx.GraphModule(b.root, b.fx, class_name="Segment")
+    gm.meta["segment_nodes"] = frozenset(need)  # the node ids it runs
+    gm.eval()
+    return gm
+
+
 def to_torch(graph: Graph, *, extra_outputs: Sequence[Value] = (),
              sparse: Literal["decode", "csr"] = "decode") -> fx.GraphModule:
     """Emits `graph` as an eval-mode GraphModule whose layers sit at the node ids' dotted paths.
@@ -594,21 +647,7 @@ def to_torch(graph: Graph, *, extra_outputs: Sequence[Value] = (),
         used_names.add(name)
         env[(nid, 0)] = b.inputs[nid] = b.fx.placeholder(name)
     _check_inputs(b, graph)
-    outs: list[fx.Node] = []
-    for node in graph.nodes():
-        if node.kind == "input":
-            continue
-        args = [env[v] for v in graph.operands(node.id)]
-        if node.kind == "output":
-            outs.append(args[0])
-            continue
-        emit = EMITTERS.get(node.kind)
-        if emit is None:
-            raise UnsupportedOpError(Diagnostic(f"the torch backend has no emitter for op kind '{node.kind}' "
-                                                f"(node '{node.id}')", node=node.id))
-        r = emit(b, node, args)
-        for i, fxn in enumerate(r if isinstance(r, list) else [r]):
-            env[(node.id, i)] = fxn
+    outs = _emit(b, graph, env, graph.nodes())
     extras = [env[(v[0], v[1])] for v in extra_outputs]
     if extras:
         b.fx.output((*outs, *extras))

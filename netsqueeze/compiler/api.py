@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
+import itertools
 import math
 import os
 import sys
@@ -20,9 +21,11 @@ from netsqueeze.compiler.boundary import as_number, call_user, check_finite, use
 from netsqueeze.compiler.calibration import (
     Batch,
     CalibrationSource,
+    PassCount,
     activation_stream,
     calibration_source,
     check_batch,
+    segment_runner,
     split_labels,
 )
 from netsqueeze.compiler.files import load_exported_program, load_pickled_module
@@ -343,22 +346,39 @@ def _run_outputs(module: torch.nn.Module, batch: Batch) -> list[torch.Tensor]:
     return list(out) if isinstance(out, tuple) else [out]
 
 
-def measure_output_error(original: Graph | torch.nn.Module, compressed: Graph, batches: CalibrationSource, *,
-                         label: str = "the compressed model", data: str = "calibration batch") -> dict[str, float]:
+def measure_output_error(original: Graph | torch.nn.Module | Callable[[int, Batch], list[torch.Tensor]],
+                         compressed: Graph, batches: CalibrationSource, *,
+                         label: str = "the compressed model", data: str = "calibration batch",
+                         count: PassCount | None = None) -> dict[str, float]:
     """Relative L2 error ‖y' − y‖/‖y‖ and max abs error of the outputs over the given batches.
-    `original` may be its emitted module already (a search measuring many candidates builds it once).
-    A NaN or Inf in a batch or in an output is a `NonFiniteError` naming it (`label` names `compressed`,
-    `data` the batches), so the error is never NaN."""
+    `original` may be its emitted module already, or a function giving its outputs for batch i (a search
+    measuring many candidates keeps them). A NaN or Inf in a batch or in an output is a `NonFiniteError`
+    naming it (`label` names `compressed`, `data` the batches), so the error is never NaN. `count` counts
+    the candidate's runs (a reference function counts its own)."""
     from netsqueeze.backends.torch import to_torch
 
-    ref = to_torch(original) if isinstance(original, Graph) else original
+    reference: Callable[[int, Batch], list[torch.Tensor]]
+    if isinstance(original, (Graph, torch.nn.Module)):
+        module = to_torch(original) if isinstance(original, Graph) else original
+
+        def run_original(i: int, batch: Batch) -> list[torch.Tensor]:
+            if count is not None:
+                count.add(1.0)
+            return _run_outputs(module, batch)
+
+        reference = run_original
+    else:
+        reference = original
     new = to_torch(compressed)
     num = den = 0.0
     max_abs = 0.0
     for i, batch in enumerate(batches()):
         for j, t in enumerate(batch):
             check_finite(t, f"{data} {i}: input {j}")
-        for k, (a, b) in enumerate(zip(_run_outputs(ref, batch), _run_outputs(new, batch))):
+        outs = _run_outputs(new, batch)
+        if count is not None:
+            count.add(1.0)
+        for k, (a, b) in enumerate(zip(reference(i, batch), outs)):
             check_finite(a, f"the original model's output {k} on {data} {i}")
             check_finite(b, f"{label}'s output {k} on {data} {i}")
             a, b = a.double(), b.double()
@@ -380,14 +400,31 @@ def _evaluate(eval_fn: Callable[[Any], Any], module: torch.nn.Module, which: str
 
 def _fidelity_fn(original: Graph, batches: CalibrationSource | None,
                  eval_fn: Callable[[Any], float] | None,
-                 data: str = "calibration batch") -> Callable[[Graph, str], float | None]:
+                 data: str = "calibration batch", count: PassCount | None = None,
+                 cache_limit: int = 1 << 26) -> Callable[..., float | None]:
     """Fidelity of a candidate graph, for search passes (`PassContext.fidelity`): output error on the
-    calibration batches, or the top-1 drop through the user's `eval_fn`. Never NaN: a non-finite
+    calibration batches (all, or the first `limit`), or the top-1 drop through the user's `eval_fn`.
+    The original's outputs are computed once and kept while they hold at most `cache_limit` elements,
+    so a candidate costs one pass of itself over the data (counted in `count`). Never NaN: a non-finite
     measurement is a `NonFiniteError`, so a guard cannot pass on NaN."""
     ref: list[torch.nn.Module] = []  # the original, emitted once
     base: list[float] = []
+    kept: list[list[torch.Tensor]] = []  # the original's outputs per batch, while they fit `cache_limit`
+    room = [cache_limit]
 
-    def measure(graph: Graph, metric: str) -> float | None:
+    def reference(i: int, batch: Batch) -> list[torch.Tensor]:
+        if i < len(kept):
+            return kept[i]
+        out = _run_outputs(ref[0], batch)
+        if count is not None:
+            count.add(1.0)
+        size = sum(t.numel() for t in out)
+        if i == len(kept) and size <= room[0]:
+            kept.append(out)
+            room[0] -= size
+        return out
+
+    def measure(graph: Graph, metric: str, limit: int | None = None) -> float | None:
         from netsqueeze.backends.torch import to_torch
 
         if metric not in ("top1_drop", "output_error", "max_abs_error"):
@@ -402,7 +439,9 @@ def _fidelity_fn(original: Graph, batches: CalibrationSource | None,
                 base.append(_evaluate(eval_fn, ref[0], "original model"))
             return base[0] - _evaluate(eval_fn, to_torch(graph), "candidate model")
         assert batches is not None
-        return measure_output_error(ref[0], graph, batches, label="a candidate model", data=data)[metric]
+        src = batches if limit is None else (lambda: itertools.islice(batches(), limit))
+        return measure_output_error(reference, graph, src, label="a candidate model", data=data,
+                                    count=count)[metric]
 
     return measure
 
@@ -660,16 +699,20 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
     search = SearchRecorder()  # the candidates searches measure, for the report's trajectory
     bars = Progress(progress_enabled(progress), log)
     n_batches = sum(1 for _ in source()) if source is not None and bars.on else None
+    count = PassCount(source)
     ctx = PassContext(
         progress_fn=bars.bar,
-        stream_fn=bars.stream(activation_stream(source), n_batches) if source is not None else None,
+        stream_fn=bars.stream(activation_stream(source, count), n_batches) if source is not None else None,
+        batches_fn=source,
+        segment_fn=segment_runner(count) if source is not None else None,
         budget=resolved.budget,
         bounds=resolved.bounds,
         seed=int(cal.get("seed", seed)),
         log=log or (lambda msg: None),
         original=original,
         guard=(str(guard.metric), float(guard.limit)) if guard is not None else None,
-        fidelity_fn=search.wrap(bars.fidelity(_fidelity_fn(original, eval_batches, eval_fn, data_label))),
+        fidelity_fn=search.wrap(bars.fidelity(_fidelity_fn(original, eval_batches, eval_fn, data_label,
+                                                           count if eval_batches is source else None))),
         trainable_fn=_trainable,
         labels_fn=labels_fn,
         executor=executor,
@@ -694,7 +737,8 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
     if eval_batches is not None and any(n.kind != "input" for n in graph.nodes()):
         with _stage("measuring the output error"):
             try:
-                fidelity.update(measure_output_error(original, graph, eval_batches, data=data_label))
+                fidelity.update(measure_output_error(original, graph, eval_batches, data=data_label,
+                                                     count=count if eval_batches is source else None))
             except (NonFiniteError, UserCodeError, InputMismatchError):
                 raise
             except NetsqueezeError as e:  # e.g. an opaque ONNX op the torch backend cannot run
@@ -742,6 +786,7 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
         budget=dict(resolved.budget),
         guard=(str(guard.metric), float(guard.limit)) if guard is not None else None,
         search=search.entries(run.records, t2),
+        calibration_passes=count.passes,
     )
     if lat_outcome is not None:
         report.latency = [{"model": "original", **lat_outcome.original.to_dict()},

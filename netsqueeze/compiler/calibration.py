@@ -13,7 +13,7 @@ import torch
 from netsqueeze.compiler.boundary import call_user, check_finite, iterate_user
 from netsqueeze.errors import Diagnostic, InputMismatchError
 from netsqueeze.ir.graph import Graph, Value
-from netsqueeze.passes.base import ActivationStream
+from netsqueeze.passes.base import ActivationStream, Segment
 
 Batch = tuple[torch.Tensor, ...]
 CalibrationSource = Callable[[], Iterator[Batch]]
@@ -222,7 +222,29 @@ def check_batch(graph: Graph, batch: Batch, where: str) -> None:
         check_finite(t, f"{where}: input '{nid}'")
 
 
-def activation_stream(source: CalibrationSource) -> ActivationStream:
+class PassCount:
+    """How much of the calibration data a compile ran models over, in full passes of the model: a whole
+    model over one batch counts 1 / batches, a part of it (`PassContext.segment`) its share of the model's
+    FLOPs. The report's `calibration_passes`; forward passes only (a backward counts as nothing extra)."""
+
+    def __init__(self, source: CalibrationSource | None) -> None:
+        self.source = source
+        self.units = 0.0  # batch-sized runs of the whole model
+        self._batches: int | None = None
+
+    def add(self, units: float) -> None:
+        self.units += units
+
+    @property
+    def passes(self) -> float:
+        if self.source is None:
+            return 0.0
+        if self._batches is None:
+            self._batches = max(1, sum(1 for _ in self.source()))
+        return self.units / self._batches
+
+
+def activation_stream(source: CalibrationSource, count: PassCount | None = None) -> ActivationStream:
     """The PassContext stream: runs the graph (emitted to torch) per batch and yields the tapped values."""
 
     def stream(graph: Graph, values: Sequence[Value]) -> Iterator[list[torch.Tensor]]:
@@ -236,6 +258,33 @@ def activation_stream(source: CalibrationSource) -> ActivationStream:
             # consumer's code (grad mode is thread-global) until the generator is closed
             with torch.no_grad():
                 outs = module(*batch)
+            if count is not None:
+                count.add(1.0)
             yield list(outs[n_out:])
 
     return stream
+
+
+def segment_runner(count: PassCount | None = None) -> Callable[[Graph, Sequence[Value], Sequence[Value]], Segment]:
+    """The PassContext segment: `graph`'s nodes from `feeds` to `fetch` emitted to torch; every call counts
+    its share of the whole model's FLOPs (one batch) in `count`."""
+
+    def make(graph: Graph, feeds: Sequence[Value], fetch: Sequence[Value]) -> Segment:
+        from netsqueeze.backends.torch import to_torch_segment
+        from netsqueeze.ir.ops import node_flops
+
+        module = to_torch_segment(graph, feeds, fetch)
+        total = sum(node_flops(graph, n) for n in graph.nodes())
+        ran = module.meta["segment_nodes"]
+        part = sum(node_flops(graph, graph.node(nid)) for nid in ran)
+        share = part / total if total else 0.0
+
+        def run(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+            out = module(*tensors)
+            if count is not None:
+                count.add(share)
+            return list(out)
+
+        return run
+
+    return make

@@ -56,13 +56,13 @@ class Progress:
 
         return streamed
 
-    def fidelity(self, fn: Callable[[Graph, str], float | None]) -> Callable[[Graph, str], float | None]:
+    def fidelity(self, fn: Callable[..., float | None]) -> Callable[..., float | None]:
         """`fn` with a running count of the candidates searches measure, each also logged."""
 
-        def measured(graph: Graph, metric: str) -> float | None:
+        def measured(graph: Graph, metric: str, *rest: Any) -> float | None:
             if self._search is None:
                 self._search = self.bar("search", None, " candidates")
-            value = fn(graph, metric)
+            value = fn(graph, metric, *rest)
             self._search.update(1)
             self.candidates += 1
             if value is not None:

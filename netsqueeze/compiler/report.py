@@ -60,6 +60,8 @@ class CompileReport:
     search: list[dict[str, Any]] = field(default_factory=list)
     # measured latencies (`compiler.latency`): model ("original" | "compressed"), runtime, batch, threads, ms
     latency: list[dict[str, Any]] = field(default_factory=list)
+    # full passes of the model over the calibration data the compile made (`calibration.PassCount`)
+    calibration_passes: float = 0.0
 
     @property
     def params_ratio(self) -> float:
@@ -133,6 +135,8 @@ class CompileReport:
             out.append("fidelity: " + ", ".join(f"{k} {v:.3g}" for k, v in self.fidelity.items()))
         if self.times:
             out.append("time: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in self.times.items()))
+        if self.calibration_passes:
+            out.append(f"calibration: {self.calibration_passes:.1f} full passes of the model over the data")
         out.extend(f"note: {n}" for n in self.notes)
         for lat in self.latency:
             out.append(f"latency ({lat['model']}, {lat['runtime']}, batch {lat['batch']}, {lat['threads']} thread(s)): "
@@ -179,9 +183,9 @@ class SearchRecorder:
     def __init__(self) -> None:
         self.points: list[tuple[float, dict[str, Any]]] = []
 
-    def wrap(self, fn: Callable[[Graph, str], float | None]) -> Callable[[Graph, str], float | None]:
-        def measured(graph: Graph, metric: str) -> float | None:
-            value = fn(graph, metric)
+    def wrap(self, fn: Callable[..., float | None]) -> Callable[..., float | None]:
+        def measured(graph: Graph, metric: str, *rest: Any) -> float | None:
+            value = fn(graph, metric, *rest)
             if value is not None and math.isfinite(value):
                 st = graph_stats(graph)
                 self.points.append((time.perf_counter(), {"pass": "", "metric": metric, "value": float(value),

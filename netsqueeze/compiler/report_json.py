@@ -12,7 +12,8 @@ may be added, existing ones keep their meaning. Integers are exact (params, FLOP
      "times": {stage: seconds}, "fidelity": {metric: value}, "notes": [str], "storage": {key: value},
      "budget": {metric: ratio}, "guard": {"metric", "limit"}|null,
      "search": [{"pass", "metric", "value", "params", "flops", "bytes"}],   # candidates the guard measured
-     "latency": [{"model", "runtime", "batch", "threads", "median_ms", "p90_ms", "rounds"}]}
+     "latency": [{"model", "runtime", "batch", "threads", "median_ms", "p90_ms", "rounds"}],
+     "calibration_passes": float}                           # full model passes over the calibration data
 NODE: {"id", "kind", "shapes": [str], "params", "flops", "bytes", "activation_bytes", "nonzeros", "forms"}.
 """
 
@@ -77,6 +78,7 @@ def to_dict(r: CompileReport) -> dict[str, Any]:
         "guard": {"metric": r.guard[0], "limit": r.guard[1]} if r.guard is not None else None,
         "search": [dict(s) for s in r.search],
         "latency": [dict(x) for x in r.latency],
+        "calibration_passes": r.calibration_passes,
     }
 
 
@@ -108,6 +110,7 @@ def from_dict(d: dict[str, Any]) -> CompileReport:
             budget={k: float(v) for k, v in d["budget"].items()},
             guard=(str(guard["metric"]), float(guard["limit"])) if guard is not None else None,
             search=[dict(s) for s in d["search"]], latency=[dict(x) for x in d["latency"]],
+            calibration_passes=float(d.get("calibration_passes", 0.0)),
         )
     except KeyError as e:
         raise NetsqueezeError(f"netsqueeze report is missing the key {e.args[0]!r}") from None

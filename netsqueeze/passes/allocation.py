@@ -124,12 +124,14 @@ def skeleton(graph: Graph) -> Graph:
 class Meter:
     """(flops, params, bytes) ratios of allocations {group id: kept count} against `base` (the
     original model's stats), each allocation measured once by a dry run of the rewrite on a skeleton
-    of `graph` (`skeleton`). Bytes are the exact stored size: encoded weights at their encoded size,
+    of `graph` (`skeleton`); with `shifted`, as the pass will write it, with a bias added to every
+    consumer of a squeezed group that has none (an intercept's FLOPs). Bytes are the exact stored size: encoded weights at their encoded size,
     shared tables once."""
 
-    def __init__(self, graph: Graph, groups: ChannelGroups, base: GraphStats) -> None:
+    def __init__(self, graph: Graph, groups: ChannelGroups, base: GraphStats, shifted: bool = False) -> None:
         self.graph = skeleton(graph)
         self.groups = groups
+        self.shifted = shifted  # the pass shifts every consumer's bias (a consumer without one gets one)
         self.base = (max(1, base.flops), max(1, base.params), max(1, base.param_bytes))
         self._seen: dict[tuple[tuple[int, int], ...], Reached] = {}
 
@@ -138,7 +140,9 @@ class Meter:
         if key not in self._seen:
             g = self.graph.copy()
             if key:
-                apply_selection(g, self.groups, {gid: ChannelSelection(keep=list(range(k))) for gid, k in key})
+                apply_selection(g, self.groups, {gid: ChannelSelection(keep=list(range(k)),
+                                                                       bias_shift=self._shifts(g, gid))
+                                                 for gid, k in key})
             # the counts graph_stats totals, read from shapes (a meta tensor has no nonzeros to count)
             nodes = g.nodes()
             flops = sum(node_flops(g, n) for n in nodes)
@@ -146,6 +150,13 @@ class Meter:
             size = graph_weight_bytes([w for n in nodes for w in n.params.values()])
             self._seen[key] = (flops / self.base[0], params / self.base[1], size / self.base[2])
         return self._seen[key]
+
+    def _shifts(self, g: Graph, gid: int) -> dict[str, torch.Tensor] | None:
+        """Zero (shape-only) bias shifts for every consumer of group `gid`, when the pass shifts biases."""
+        if not self.shifted:
+            return None
+        return {m.node: torch.zeros(g.node(m.node).params[m.param or "weight"].shape[m.axis], dtype=torch.float64,
+                                    device="meta") for m in self.groups[gid].members_of("consumer")}
 
     @property
     def measured(self) -> int:

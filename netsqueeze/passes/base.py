@@ -35,6 +35,8 @@ class PassResult:
 
 # A source of calibration activations: given tapped values, yields one list of tensors per batch.
 ActivationStream = Callable[[Graph, Sequence[Value]], Iterator[list[torch.Tensor]]]
+# A part of a graph run on its own (`PassContext.segment`): the values at `fetch` from the values at `feeds`.
+Segment = Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]
 
 
 class Trainable(Protocol):
@@ -77,6 +79,9 @@ class PassContext:
       ("top1_drop", 0.01). `fidelity(graph, metric)` measures a candidate graph against `original`
       (the compiler runs it on the calibration data, or through the user's `eval_fn` for top-1), so a
       search pass can test candidates without importing a backend.
+    - `batches()` and `segment(graph, feeds, fetch)`: the calibration input batches, and a part of a graph
+      emitted on its own, for passes that run a graph layer by layer over the data (squeeze_fold's
+      cascade) instead of streaming the whole model once per question.
     """
 
     selected: frozenset[str] | None = None
@@ -89,7 +94,7 @@ class PassContext:
     # original graph before the pipeline (read-only), for budgets relative to the original
     original: Graph | None = None
     guard: tuple[str, float] | None = None
-    fidelity_fn: Callable[[Graph, str], float | None] | None = None
+    fidelity_fn: Callable[..., float | None] | None = None  # (graph, metric[, batches])
     # the torch backend's differentiable run of a graph, and the labels of the calibration batches (a labelled
     # .npz's `labels` array, batched as the stream), for passes that train (recover); installed by the compiler
     trainable_fn: Callable[[Graph], Trainable] | None = None
@@ -99,6 +104,19 @@ class PassContext:
     # progress bars: (description, total or None, unit) -> a bar with update(n) and close(); the compiler's
     # bars honour compile(progress=) / --quiet; None: no bars
     progress_fn: Callable[[str, int | None, str], Any] | None = None
+    batches_fn: Callable[[], Iterator[tuple[torch.Tensor, ...]]] | None = None
+    segment_fn: Callable[[Graph, Sequence[Value], Sequence[Value]], Segment] | None = None
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        """The calibration batches (the graph's inputs, one tuple per batch)."""
+        if self.batches_fn is None:
+            raise NetsqueezeError(Diagnostic("this pass needs calibration data: pass calibration=... to compile()"))
+        return self.batches_fn()
+
+    def segment(self, graph: Graph, feeds: Sequence[Value], fetch: Sequence[Value]) -> Segment | None:
+        """`graph`'s nodes between `feeds` and `fetch` as one function of the feeds' tensors (no gradient
+        unless the caller enables it), or None when the compiler cannot provide one."""
+        return None if self.segment_fn is None else self.segment_fn(graph, feeds, fetch)
 
     def progress(self, desc: str, total: int | None, unit: str) -> Any:
         """A progress bar (update(n), close(), set_postfix(...)) from the compiler, or a silent one."""
@@ -131,11 +149,14 @@ class PassContext:
         value = self.fidelity(graph, metric)
         return None if value is None else (value <= limit + 1e-12, value)
 
-    def fidelity(self, graph: Graph, metric: str = "output_error") -> float | None:
+    def fidelity(self, graph: Graph, metric: str = "output_error", batches: int | None = None) -> float | None:
         """`metric` ("output_error": relative L2 error of the outputs on the calibration data;
         "top1_drop": through the user's eval_fn) of candidate `graph` against `original`, or None
-        when the compiler cannot measure it."""
-        return None if self.fidelity_fn is None else self.fidelity_fn(graph, metric)
+        when the compiler cannot measure it. `batches`: the output error on the first that many
+        calibration batches only (a cheaper estimate; the top-1 drop ignores it)."""
+        if self.fidelity_fn is None:
+            return None
+        return self.fidelity_fn(graph, metric) if batches is None else self.fidelity_fn(graph, metric, batches)
 
     def analysis(self, cls: type[AnalysisPass[T]], graph: Graph, **options: Any) -> T:
         """The cached result of analysis `cls` on `graph`, computed on first use."""

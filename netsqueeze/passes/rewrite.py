@@ -210,7 +210,8 @@ def apply_selection(graph: Graph, groups: ChannelGroups, selection: Mapping[int,
             s = shift.double().reshape([-1 if i == m.axis else 1 for i in range(w.dim())])
             delta = (w * s).sum(dim=[i for i in range(w.dim()) if i != out_axis])
         if bias_name not in node.params:
-            node.params[bias_name] = torch.zeros(w.shape[out_axis], dtype=node.params[m.target].dtype)
+            node.params[bias_name] = torch.zeros(w.shape[out_axis], dtype=node.params[m.target].dtype,
+                                                 device=w.device)
             # the analysis saw no bias here: it shrinks with the weight's output axis
             if (m.node, m.target, out_axis) in removed:
                 removed[(m.node, bias_name, 0)] = set(removed[(m.node, m.target, out_axis)])

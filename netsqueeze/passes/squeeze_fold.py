@@ -5,7 +5,7 @@ Networks", ECML PKDD 2020)."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -18,7 +18,7 @@ from netsqueeze.ir.graph import Graph, Value
 from netsqueeze.ir.ops import attr, spec
 from netsqueeze.ir.stats import graph_stats
 from netsqueeze.passes.allocation import Budget, GroupBounds, Meter, Reached, bisect, group_bounds
-from netsqueeze.passes.base import PassContext, PassResult, TransformPass
+from netsqueeze.passes.base import PassContext, PassResult, Segment, TransformPass
 from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups, DependencyAnalysis, Member, find_groups
 from netsqueeze.passes.registry import register_pass
 from netsqueeze.passes.rewrite import (
@@ -32,6 +32,7 @@ from netsqueeze.passes.rewrite import (
 from netsqueeze.passes.squeeze_math import (
     covariance,
     kept_for_error,
+    prefix_errors,
     rank_for_energy,
     ranking,
     reconstruction,
@@ -49,8 +50,13 @@ class Ablation:
       variance) or `spectrum` (the share of the covariance eigenvalues, the paper's wording).
     - weighting: `consumer` (errors as the consumers' outputs see them, M = Σ WᵀW) or `none` (M = I).
     - allocation: the search family, `lagrange` or `uniform` (one energy threshold for every group).
-    - sensitivity: `output` (groups weighted by their measured effect on the outputs), `curve`
-      (a measured output-error curve per group) or `none`; `sensitivity_rounds` re-measurements.
+    - sensitivity: how much of a group's reconstruction error reaches the model's outputs. `auto`
+      (`output` when its measurements cost at most `measure_passes` model passes over the data, else
+      `first_order`), `output` (each group's effect measured: the group alone squeezed, the output error
+      measured; `sensitivity_rounds` re-measurements), `first_order` (every group at once from one
+      forward/backward pass: a Taylor estimate of the output error of every kept count), `curve` (a
+      measured output-error curve per group) or `none`. Measurements and the first-order pass use the
+      first calibration batches holding `sensitivity_samples` samples (all of them when 0).
     - block_fit: `full` (flatten→linear: every feature of a channel's block is its own column, up to
       `max_block_features`) or `shared` (one map shared by the block's positions).
     """
@@ -58,8 +64,10 @@ class Ablation:
     energy_of: Literal["reconstruction", "spectrum"] = "reconstruction"
     weighting: Literal["consumer", "none"] = "consumer"
     allocation: Literal["lagrange", "uniform"] = "lagrange"
-    sensitivity: Literal["output", "curve", "none"] = "output"
+    sensitivity: Literal["auto", "output", "first_order", "curve", "none"] = "auto"
     sensitivity_rounds: int = 2
+    sensitivity_samples: int = 512
+    measure_passes: float = 4.0
     block_fit: Literal["full", "shared"] = "full"
     max_block_features: int = 4096
 
@@ -115,6 +123,74 @@ class _Cross:
         z = torch.zeros
         return _Cross(z(k + 1, k + 1, dtype=torch.float64), z(k + 1, c, dtype=torch.float64),
                       z(k, block, dtype=torch.float64), z(c, block, dtype=torch.float64))
+
+
+class _Frontier:
+    """The calibration data run through two graphs of one topology (the graph being squeezed and its
+    pass-start copy) layer by layer: per batch, the live tensors of both at a checkpoint position of the
+    topological order, advanced only forwards; `fetch` runs both from the checkpoint to other values,
+    batch by batch, without storing them. Parts of the graphs run through `PassContext.segment`, so the
+    compiler counts what each costs."""
+
+    def __init__(self, graphs: tuple[Graph, Graph], ctx: PassContext, topo: list[str],
+                 state: list[tuple[dict[Value, torch.Tensor], dict[Value, torch.Tensor]]]) -> None:
+        self.graphs, self.ctx, self.topo, self.state = graphs, ctx, topo, state
+        self.at = 0
+        self.pos = pos = {nid: i for i, nid in enumerate(topo)}
+        # the last position reading each value (graph outputs excepted: nothing here needs them)
+        self.last: dict[Value, int] = {}
+        for nid in topo:
+            if graphs[0].node(nid).kind == "output":
+                continue
+            for v in graphs[0].operands(nid):
+                self.last[v] = max(self.last.get(v, -1), pos[nid])
+
+    @staticmethod
+    def open(graph: Graph, ref: Graph, ctx: PassContext, topo: list[str]) -> _Frontier | None:
+        if ctx.segment_fn is None or ctx.batches_fn is None:
+            return None
+        inputs = [(nid, 0) for nid in graph.inputs]
+        state = [(dict(zip(inputs, batch)), dict(zip(inputs, batch))) for batch in ctx.batches()]
+        return _Frontier((graph, ref), ctx, topo, state)
+
+    def _live(self, at: int) -> list[Value]:
+        """Values produced before position `at` and read at or after it."""
+        return [v for v, last in self.last.items() if last >= at and
+                (self.graphs[0].node(v[0]).kind == "input" or self.pos[v[0]] < at)]
+
+    def _runs(self, fetch: list[Value]) -> list[Segment]:
+        feeds = list(self.state[0][0]) if self.state else []
+        runs = []
+        for g in self.graphs:
+            run = self.ctx.segment(g, feeds, fetch)
+            assert run is not None  # open() checked the compiler provides segments
+            runs.append(run)
+        return runs
+
+    def advance(self, to: int) -> None:
+        """Moves the checkpoint forwards to position `to` (nothing happens for an earlier position)."""
+        if to <= self.at or not self.state:
+            return
+        keep = self._live(to)
+        feeds = list(self.state[0][0])
+        runs = self._runs(keep)
+        with torch.no_grad():
+            for i, (cur, orig) in enumerate(self.state):
+                self.state[i] = tuple(dict(zip(keep, run([st[v] for v in feeds])))  # type: ignore[assignment]
+                                      for run, st in zip(runs, (cur, orig)))
+        self.at = to
+
+    def fetch(self, values: list[Value]) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+        """Per batch, the tensors at `values` in both graphs, run from the checkpoint."""
+        if not values or not self.state:
+            return
+        feeds = list(self.state[0][0])
+        runs = self._runs(values)
+        for cur, orig in self.state:
+            with torch.no_grad():
+                now = runs[0]([cur[v] for v in feeds])
+                was = runs[1]([orig[v] for v in feeds])
+            yield now, was
 
 
 @register_pass
@@ -229,7 +305,7 @@ class SqueezeFold(TransformPass):
             mode = "parallel"
             out = self._squeeze(graph, ctx, groups, keeps, plans, mode)
             result.notes.append(f"cascade reached {check[1]:.2%}, over the guard: kept the parallel fold")
-        out.notes = [*result.notes, f"squeezed {len(keeps)} groups ({mode}): "
+        out.notes = [*result.notes, *out.notes, f"squeezed {len(keeps)} groups ({mode}): "
                      + ", ".join(f"{groups[g].size}->{len(k)}" for g, k in sorted(keeps.items()))]
         return out
 
@@ -242,17 +318,35 @@ class SqueezeFold(TransformPass):
 
     def _cascade(self, graph: Graph, ctx: PassContext, groups: ChannelGroups, keeps: dict[int, list[int]],
                  plans: dict[int, list[_Probe]]) -> PassResult:
-        """Squeezes one group at a time in graph order, refitting each fold on the current graph."""
+        """Squeezes one group at a time in graph order, refitting each fold on the current graph.
+
+        The data goes through the graph once, layer by layer (`_Frontier`): the original and the squeezed
+        graph run side by side from a checkpoint of the live tensors just before the first node a group
+        touches to its consumers' inputs; the checkpoint stays valid after the squeeze (nothing before it
+        changes), so the whole cascade costs about two model passes over the data plus the spans of the
+        groups (a residual stream's group spans the model), whatever the number of groups. Without
+        `ctx.segment` (a pass run outside `compile`) each group streams both graphs whole instead."""
         ref = graph.copy()
-        pos = {nid: i for i, nid in enumerate(graph.topo_order())}
-        order = sorted(keeps, key=lambda gid: min(pos[n] for n in groups[gid].producers or groups[gid].consumers))
+        topo = graph.topo_order()
+        pos = {nid: i for i, nid in enumerate(topo)}
+        start = {gid: min(pos[m.node] for m in groups[gid].members) for gid in keeps}
+        order = sorted(keeps, key=lambda gid: (start[gid], gid))
         out = PassResult(changed=True)
+        frontier = _Frontier.open(graph, ref, ctx, topo)
+        if frontier is None:
+            out.notes.append("cascade: each group streamed both graphs whole (no layer-by-layer runner)")
         for gid in order:
             ident = groups[gid].producers, groups[gid].consumers
             # earlier rewrites may shift index maps of shared axes (concat): regroup, find this group again
             now = find_groups(graph)
             fresh = next(g for g in now if (g.producers, g.consumers) == ident)
-            sel = self._refit(graph, ref, ctx, fresh, keeps[gid], plans[gid])
+            values = list(dict.fromkeys(p.value for p in plans[gid] if p.per_group is None))
+            if frontier is not None:
+                frontier.advance(start[gid])
+                pairs = frontier.fetch(values)
+            else:
+                pairs = zip(ctx.stream(graph, values), ctx.stream(ref, values)) if values else iter(())
+            sel = self._refit(graph, ref, fresh, keeps[gid], plans[gid], values, pairs)
             r = apply_selection(graph, now, {fresh.id: sel})
             out.touched |= r.touched
         return out
@@ -315,18 +409,19 @@ class SqueezeFold(TransformPass):
                 p.pos_sum += a.sum(0)
                 p.rows += a.shape[0]
 
-    def _refit(self, graph: Graph, ref: Graph, ctx: PassContext, g: ChannelGroup, keep: list[int],
-               probes: list[_Probe]) -> ChannelSelection:
+    def _refit(self, graph: Graph, ref: Graph, g: ChannelGroup, keep: list[int], probes: list[_Probe],
+               values: list[Value], pairs: Iterable[tuple[list[torch.Tensor], list[torch.Tensor]]]
+               ) -> ChannelSelection:
         """Cascade: least squares from the kept channels *as the already-squeezed graph computes them*
-        to the original activations, so each fold also corrects the drift of the layers before it."""
+        to the original activations, so each fold also corrects the drift of the layers before it.
+        `pairs`: per calibration batch, the tensors at `values` in the current graph and in `ref`."""
         cur = {m.node: m for m in g.members_of("consumer")}
         grouped = [p for p in probes if p.per_group is not None]
         probes = [p for p in probes if p.per_group is None]
-        values = list(dict.fromkeys(p.value for p in probes))
         k = len(keep)
         stats = {p.member.node: _Cross.empty(k * p.block, len(p.member.index) * p.block, 1) if p.full is not None
                  else _Cross.empty(k, len(p.member.index), p.block) for p in probes}
-        for now, orig in zip(ctx.stream(graph, values), ctx.stream(ref, values)) if probes else ():
+        for now, orig in pairs if probes else ():
             acts_now, acts_ref = dict(zip(values, now)), dict(zip(values, orig))
             for p in probes:
                 st = stats[p.member.node]
@@ -494,9 +589,94 @@ class SqueezeFold(TransformPass):
             k = counts[gid] if counts[gid] < size else max(1, size // 2)
             if err[k] <= 1e-9:
                 continue
-            e = ctx.fidelity(self._candidate(graph, groups, ranks, plans, {gid: k}))
+            e = ctx.fidelity(self._candidate(graph, groups, ranks, plans, {gid: k}), "output_error",
+                             self._sensitivity_batches(ctx))
             if e is not None:
                 out[gid] = max(e * e / err[k], 1e-6)
+        return out
+
+    @staticmethod
+    def _sensitivity_batches(ctx: PassContext) -> int | None:
+        """How many calibration batches hold `Ablation.sensitivity_samples` samples (None: all of them)."""
+        want = _ABLATION.get().sensitivity_samples
+        if want <= 0 or ctx.batches_fn is None:
+            return None
+        have = 0
+        for n, batch in enumerate(ctx.batches()):
+            if have >= want:
+                return n
+            have += int(batch[0].shape[0])
+        return None
+
+    def _sensitivity_share(self, ctx: PassContext) -> float:
+        """The share of the calibration data one sensitivity measurement runs over."""
+        if ctx.batches_fn is None:
+            return 1.0
+        total = sum(1 for _ in ctx.batches())
+        used = self._sensitivity_batches(ctx)
+        return 1.0 if used is None or not total else used / total
+
+    def _first_order(self, graph: Graph, groups: ChannelGroups,
+                     ranks: dict[int, tuple[list[int], list[float], torch.Tensor]], plans: dict[int, list[_Probe]],
+                     ctx: PassContext) -> dict[int, list[float]]:
+        """Per group, the model's squared relative output error when it keeps its first k ranked channels,
+        for every k, to first order: ‖Δy‖² ≈ Σ_rows gᵀ·Σ_res(k)·g, where g = Jᵀr is the gradient of a random
+        ±1 projection r of the outputs at a consumer's input (E_r[ggᵀ] = JᵀJ, Hutchinson's estimator) and
+        Σ_res(k) the covariance of the part of the group's channels the kept ones do not reconstruct. One
+        forward and one backward pass over the sensitivity batches serve every group. Empty when a group
+        has a consumer the estimate does not cover (grouped convs) or the compiler gives no runner."""
+        if any(p.per_group is not None for ps in plans.values() for p in ps):
+            return {}
+        values = list(dict.fromkeys(p.value for ps in plans.values() for p in ps))
+        outs = graph.output_values()
+        seg = ctx.segment(graph, [(nid, 0) for nid in graph.inputs], [*outs, *values])
+        if seg is None:
+            return {}
+        gram = {id(p): torch.zeros(p.full.shape[0] - 1 if p.full is not None else len(p.member.index),
+                                   p.full.shape[0] - 1 if p.full is not None else len(p.member.index),
+                                   dtype=torch.float64) for ps in plans.values() for p in ps}
+        gen = torch.Generator().manual_seed(ctx.seed)
+        energy = 0.0
+        n_batches = self._sensitivity_batches(ctx)
+        for i, batch in enumerate(ctx.batches()):
+            if n_batches is not None and i >= n_batches:
+                break
+            with torch.enable_grad():
+                got = seg(list(batch))
+                ys, acts = got[: len(outs)], got[len(outs):]
+                proj = torch.stack([((torch.randint(0, 2, y.shape, generator=gen) * 2 - 1).to(y.dtype) * y).sum()
+                                    for y in ys if y.is_floating_point()]).sum()
+                grads = torch.autograd.grad(proj, acts, allow_unused=True)
+            energy += sum(float((y.detach().double() ** 2).sum()) for y in ys if y.is_floating_point())
+            by_value = dict(zip(values, grads))
+            for ps in plans.values():
+                for p in ps:
+                    gv = by_value[p.value]
+                    if gv is None:
+                        continue
+                    g = self._gather(graph, p.member, gv)  # [n, C, block]
+                    if p.full is not None:
+                        flat = g.reshape(g.shape[0], -1)
+                        gram[id(p)] += flat.T @ flat
+                    else:
+                        gram[id(p)] += torch.einsum("ncb,ndb->cd", g, g)
+        if energy <= 0:
+            return {}
+        out: dict[int, list[float]] = {}
+        for gid, ps in plans.items():
+            order = ranks[gid][0]
+            total = [0.0] * (len(order) + 1)
+            for p in ps:
+                if p.full is not None:
+                    cov = covariance(p.full / max(1, p.rows))
+                    feats = [c * p.block + j for c in order for j in range(p.block)]
+                    err = prefix_errors(cov, gram[id(p)], feats)[:: p.block]
+                else:
+                    cov = covariance(p.moment / max(1, p.count))
+                    err = prefix_errors(cov, gram[id(p)], order)
+                scale = float((gram[id(p)] * cov).sum())
+                total = [a + scale * e for a, e in zip(total, err)]
+            out[gid] = [t / energy for t in total]
         return out
 
     def _curves(self, graph: Graph, groups: ChannelGroups,
@@ -573,7 +753,7 @@ class SqueezeFold(TransformPass):
             raise BudgetError(Diagnostic("squeeze_fold needs `energy`, `ratio`, a flops/params/bytes `budget` or a `guard`"))
         base = graph_stats(ctx.original or graph)
         now = graph_stats(graph)
-        stats_for = Meter(graph, groups, base)
+        stats_for = Meter(graph, groups, base, shifted=True)
         meets = budget.meets
         first_node = groups[next(iter(ranks))].producers[0] if groups[next(iter(ranks))].producers else None
 
@@ -585,9 +765,13 @@ class SqueezeFold(TransformPass):
         curves: dict[int, dict[int, float]] = {}
         cost: dict[int, float] = {}
 
+        taylor: dict[int, list[float]] = {}
+
         def value(gid: int, k: int) -> float:
-            """The error group `gid` contributes keeping k channels: a measured output-error curve,
-            else its reconstruction error weighted by its sensitivity."""
+            """The error group `gid` contributes keeping k channels: a first-order or measured output-error
+            curve, else its reconstruction error weighted by its sensitivity."""
+            if gid in taylor:
+                return taylor[gid][k]
             if gid not in curves:
                 return sens[gid] * ranks[gid][1][k]
             pts = curves[gid]
@@ -629,11 +813,21 @@ class SqueezeFold(TransformPass):
             curves.update(self._curves(graph, groups, ranks, plans, ctx))
             t_budget = budget_t() if budget else lo
             line += f" after measuring output-error curves ({sum(len(c) for c in curves.values())} points)"
-        elif ab.allocation == "lagrange" and ab.sensitivity == "output" and ctx.fidelity_fn is not None:
+        how = ab.sensitivity
+        if how == "auto":
+            share = self._sensitivity_share(ctx)
+            how = "output" if ab.sensitivity_rounds * len(ranks) * share <= ab.measure_passes else "first_order"
+        if ab.allocation == "lagrange" and how == "first_order":
+            taylor.update(self._first_order(graph, groups, ranks, plans, ctx))
+            if taylor:
+                t_budget = budget_t() if budget else lo
+                line += (" after a first-order estimate of every group's output error (one forward/backward "
+                         "pass)")
+        elif ab.allocation == "lagrange" and how == "output" and ctx.fidelity_fn is not None:
             for _ in range(ab.sensitivity_rounds):
                 sens.update(self._sensitivities(graph, groups, ranks, plans, family(t_budget), ctx))
                 t_budget = budget_t() if budget else lo
-            line += " after weighting groups by output sensitivity (" + ", ".join(
+            line += " after weighting groups by measured output sensitivity (" + ", ".join(
                 f"{groups[g].producers[0] if groups[g].producers else g}: {v:.3g}" for g, v in sorted(sens.items())) + ")"
         if not guarded or ctx.guard is None:
             if not budget or ab.allocation != "lagrange":

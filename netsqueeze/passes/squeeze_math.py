@@ -84,14 +84,14 @@ def ranking(cov: torch.Tensor, method: Selector, metric: torch.Tensor | None = N
                     res = res - torch.outer(col, col)
     else:
         reg = _ridge(cov, ridge)
-        mreg = m @ reg
         keep = list(range(c))
         p = torch.linalg.inv(reg)  # over the kept channels' features, in `keep` order
+        # Σ_{:,S}·P (the regression of every feature on S) and M·Σ_{:,S}·P, downdated with P: dropping J
+        # from S maps B to B_rest − B_J·P_JJ⁻¹·P_J,rest, so a step costs O(F²·block), not O(F³)
+        proj = reg @ p
+        mproj = m @ proj
         removed: list[int] = []
         while len(keep) > 1:
-            fs = feats(keep)
-            proj = reg[:, fs] @ p  # F × |S|·block
-            mproj = mreg[:, fs] @ p
             nk = len(keep)
             if block == 1:
                 score = (proj * mproj).sum(0) / p.diagonal()
@@ -104,8 +104,10 @@ def ranking(cov: torch.Tensor, method: Selector, metric: torch.Tensor | None = N
             j = int(torch.argmin(score))
             jf = list(range(j * block, (j + 1) * block))
             rest = [i for i in range(nk * block) if not j * block <= i < (j + 1) * block]
-            pjj_inv = torch.linalg.inv(p[jf][:, jf])
-            p = p[rest][:, rest] - p[rest][:, jf] @ pjj_inv @ p[jf][:, rest]
+            down = torch.linalg.solve(p[jf][:, jf], p[jf][:, rest])  # P_JJ⁻¹·P_J,rest
+            p = p[rest][:, rest] - p[rest][:, jf] @ down
+            proj = proj[:, rest] - proj[:, jf] @ down
+            mproj = mproj[:, rest] - mproj[:, jf] @ down
             removed.append(keep.pop(j))
         order = keep + removed[::-1]
     err = prefix_errors(cov, m, feats(order))
@@ -113,12 +115,25 @@ def ranking(cov: torch.Tensor, method: Selector, metric: torch.Tensor | None = N
 
 
 def prefix_errors(cov: torch.Tensor, metric: torch.Tensor, order: list[int]) -> list[float]:
-    """err[k] = tr(M·Σ_res)/tr(M·Σ) after projecting out `order[:k]` (Gram–Schmidt in that order)."""
-    res = cov.double().clone()
+    """err[k] = tr(M·Σ_res)/tr(M·Σ) after projecting out `order[:k]` (Gram–Schmidt in that order).
+
+    Each Gram–Schmidt step removes one column l_j of the Cholesky factor of Σ in that order, so
+    tr(M·Σ_res(k)) = tr(M·Σ) − Σ_{j<k} l_jᵀ·M·l_j: one factorisation and one product. A Σ that is singular
+    along the order (a feature the earlier ones determine) takes the step-by-step projection instead."""
     m = metric.double()
-    total = float((m * res).sum())
+    cov = cov.double()
+    total = float((m * cov).sum())
     if total <= 0:
         return [1.0] + [0.0] * len(order)
+    if len(order) == cov.shape[0]:
+        idx = torch.tensor(order)
+        chol, info = torch.linalg.cholesky_ex(cov[idx][:, idx])
+        d = chol.diagonal()
+        if int(info) == 0 and float(d.min()) > 1e-6 * float(d.max()):
+            quad = (chol * (m[idx][:, idx] @ chol)).sum(0)
+            left = (total - torch.cumsum(quad, 0)) / total
+            return [1.0] + [min(1.0, max(0.0, float(e))) for e in left[:-1]] + [0.0]
+    res = cov.clone()
     tiny = 1e-13 * float(res.diagonal().abs().max())
     err = [1.0]
     for j in order:

@@ -41,7 +41,8 @@ def test_schema_keys_and_exact_totals(result: ns.CompileResult) -> None:
     d = json.loads(rep.to_json())
     assert d["schema"] == SCHEMA == "netsqueeze.report/1"
     assert set(d) == {"schema", "model", "frontend", "target", "policy_hash", "plan", "totals", "before", "after",
-                      "passes", "times", "fidelity", "notes", "storage", "budget", "guard", "search", "latency"}
+                      "passes", "times", "fidelity", "notes", "storage", "budget", "guard", "search", "latency",
+                      "calibration_passes"}
     assert d["totals"]["before"] == {"params": rep.before.params, "flops": rep.before.flops,
                                      "bytes": rep.before.param_bytes, "nonzeros": rep.before.nonzeros}
     assert d["totals"]["after"]["flops"] == rep.after.flops <= 0.6 * rep.before.flops

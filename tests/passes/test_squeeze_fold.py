@@ -326,3 +326,27 @@ def test_search_weights_groups_by_their_effect_on_the_outputs(sensitivity: str) 
     assert res[sensitivity].report.fidelity["output_error"] < 0.5 * res["none"].report.fidelity["output_error"]
     for r in res.values():
         assert r.report.after.params <= 0.5 * r.report.before.params
+
+
+@pytest.mark.parametrize("name", ["resnet", "densenet"])
+def test_layer_by_layer_cascade_equals_streaming_each_group_whole(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cascade run layer by layer over the data (checkpointed frontier) fits the same folds as
+    streaming both graphs whole once per group, at a fraction of the model passes."""
+    import netsqueeze.passes.squeeze_fold as sf
+    from tests.zoo import ZOO
+
+    model, inputs = ZOO[name]()
+    calib = torch.randn(96, *inputs[0].shape[1:], generator=torch.Generator().manual_seed(4))
+    step = [SqueezeFold(ratio=0.4, mode="cascade")]
+    layered = ns.compile(model, step, example_inputs=inputs, calibration=calib, progress=False)
+    monkeypatch.setattr(sf._Frontier, "open", staticmethod(lambda *a, **k: None))
+    streamed = ns.compile(model, step, example_inputs=inputs, calibration=calib, progress=False)
+    x = torch.randn(8, *inputs[0].shape[1:], generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        a, b = layered.model(x), streamed.model(x)
+    assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
+    assert layered.report.params_ratio == streamed.report.params_ratio
+    groups = len(next(r for r in streamed.report.passes if r.name == "squeeze_fold").result.notes[-1].split(","))
+    # streaming: one pass to collect, two per group, two for the output error; layer by layer: far fewer
+    assert streamed.report.calibration_passes == pytest.approx(1 + 2 * groups + 2)
+    assert layered.report.calibration_passes < 0.6 * streamed.report.calibration_passes
