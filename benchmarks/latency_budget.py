@@ -1,15 +1,25 @@
-"""Measured latency budgets: `budget latency <= X%` on the trained VGG-style Fashion-MNIST model.
+"""Measured latency budgets and their cost models, on the trained VGG- and ResNet-style Fashion-MNIST models.
 
-For each target: the latency ratio the compile confirmed by measurement, an independent re-measurement of
-the emitted ONNX model against the original (fresh sessions, 30 interleaved rounds), FLOPs reached, how many
-pipeline runs the cost model needed, held-out top-1 before/after (no fine-tuning, no guard), compile time.
+1. Prediction error. Both cost models are fitted on the same measurements (the original and the channel-scaled
+   calibration variants of `latency_budget.variants`, timed side by side): the per-op-kind model
+   (`compiler.cost_model`) and the single line t = a + b·FLOPs. They then predict the latency ratio of pipeline
+   results they never saw (fold_bn + squeeze_fold at several FLOPs budgets, round_to 1 and 8), measured side by
+   side with the original: the table gives both predictions and their errors.
+2. The search. `budget latency <= 80/60/40%` compiled with `runtime { cost_model = per_kind }` and `= line`: the
+   pipeline run at which the target was first met, runs in all, the ratio the compile confirmed, an independent
+   re-measurement of the emitted ONNX model (fresh sessions, 30 interleaved rounds), FLOPs kept and held-out
+   top-1 (no fine-tuning, no guard).
+
 ONNX Runtime CPU, batch 64, 1 thread.
 
-    .venv/bin/python -m benchmarks.latency_budget
+    .venv/bin/python -m benchmarks.latency_budget            # both parts, both models
+    .venv/bin/python -m benchmarks.latency_budget --quick    # VGG only, fewer points
 """
 
 from __future__ import annotations
 
+import argparse
+import statistics
 import time
 from pathlib import Path
 
@@ -20,17 +30,28 @@ import torch
 import netsqueeze as ns
 from benchmarks.common import fashion_mnist, markdown_table, trained
 from netsqueeze.backends.onnx import to_onnx
+from netsqueeze.compiler.cost_model import fit_blocked, graph_works
 from netsqueeze.compiler.latency import measure
+from netsqueeze.compiler.latency_budget import fit, variants
+from netsqueeze.ir.graph import Graph
+from netsqueeze.ir.stats import graph_stats
+from netsqueeze.passes.base import PassContext
 
+BATCH = 64
 TARGETS = (0.8, 0.6, 0.4)
-POLICY = """policy vgg_latency {{
-  runtime {{ threads = 1, batch = 64 }}
+FLOPS_BUDGETS = (0.8, 0.6, 0.4, 0.25)
+SEARCH = """policy latency {{
+  runtime {{ threads = 1, batch = {batch}, cost_model = {model} }}
   budget latency <= {target:.0%}
   fold_bn
   squeeze_fold on type(conv) | type(linear) except last(type(linear)) {{ round_to = {round_to} }}
 }}"""
-# ONNX Runtime's CPU convolutions work on blocks of 8 channels (AVX2 NCHWc): odd counts can be slower than more
-ROUND_TO = (1, 8)
+FIXED = """policy flops {{
+  budget flops <= {budget:.0%}
+  fold_bn
+  squeeze_fold on type(conv) | type(linear) except last(type(linear)) {{ round_to = {round_to} }}
+}}"""
+DYN = {"x": {0: torch.export.Dim("batch", min=1, max=4096)}}
 
 
 def top1(proto: object, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -40,42 +61,114 @@ def top1(proto: object, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((pred == y.numpy()).mean())
 
 
-def main() -> None:
-    torch.set_num_threads(1)
-    data = fashion_mnist()
-    model = trained("vgg", data)
-    calib = data["train_x"][:512]
-    xt, yt = data["test_x"][:2000], data["test_y"][:2000]
-    dyn = {"x": {0: torch.export.Dim("batch", min=1, max=4096)}}
+def prediction(name: str, model: torch.nn.Module, data: dict[str, torch.Tensor], quick: bool) -> tuple[list[list[str]], str]:
+    """Rows of the prediction table for one model, and the fitted per-kind coefficients."""
+    xt = data["test_x"]
     example = (xt[:1],)
-    original = to_onnx(ns.import_model(model, example, dynamic_shapes=dyn))
+    g0 = ns.import_model(model, example, dynamic_shapes=DYN)
+    inputs = (xt[:BATCH],)
+    calib = variants(g0, PassContext())
+    lat = measure([g0, *[g for _, g in calib]], inputs, runtime="ort", threads=1, rounds=21)
+    t0 = lat[0].median_ms / 1e3
+    works = [graph_works(g, BATCH) for g in [g0, *[g for _, g in calib]]]
+    per_kind = fit_blocked([(w, x.median_ms / 1e3) for w, x in zip(works, lat)])
+    flops0 = graph_stats(g0).flops
+    flops = [graph_stats(g).flops * BATCH for g in [g0, *[g for _, g in calib]]]
+    a, b = fit([(f, x.median_ms / 1e3) for f, x in zip(flops, lat)])
+    tests: list[tuple[str, Graph]] = []
+    budgets = FLOPS_BUDGETS[1::2] if quick else FLOPS_BUDGETS
+    for round_to in (1, 8):
+        for fb in budgets:
+            res = ns.compile(model, FIXED.format(budget=fb, round_to=round_to), example_inputs=example,
+                             calibration=data["train_x"][:512], dynamic_shapes=DYN, progress=False)
+            tests.append((f"flops <= {fb:.0%}, round_to {round_to}", res.graph))
+    timed = measure([g0, *[g for _, g in tests]], inputs, runtime="ort", threads=1, rounds=21)
+    rows = []
+    p0k, p0l = per_kind.predict(works[0][per_kind.block]), a + b * flops0 * BATCH
+    errs_k, errs_l = [], []
+    for (label, g), x in zip(tests, timed[1:]):
+        measured = x.median_ms / timed[0].median_ms
+        pk = per_kind.predict(graph_works(g, BATCH)[per_kind.block]) / p0k
+        pl = (a + b * graph_stats(g).flops * BATCH) / p0l
+        errs_k.append(abs(pk - measured))
+        errs_l.append(abs(pl - measured))
+        rows.append([name, label, f"{graph_stats(g).flops / flops0:.1%}", f"{measured:.1%}", f"{pk:.1%}",
+                     f"{pk - measured:+.1%}", f"{pl:.1%}", f"{pl - measured:+.1%}"])
+        print(rows[-1], flush=True)
+    rows.append([name, "**mean abs error**", "", "", "", f"**{statistics.mean(errs_k):.1%}**", "",
+                 f"**{statistics.mean(errs_l):.1%}**"])
+    fitted = (f"{name}: per-kind {per_kind.describe()}; line a = {a * 1e3:.3g} ms, b = {b * 1e12:.4g} ps/FLOP "
+              f"(calibration: the original at {t0 * 1e3:.2f} ms and {len(calib)} variants: "
+              f"{', '.join(n for n, _ in calib)})")
+    return rows, fitted
+
+
+def search(name: str, model: torch.nn.Module, data: dict[str, torch.Tensor], targets: tuple[float, ...],
+           round_tos: tuple[int, ...]) -> list[list[str]]:
+    xt, yt = data["test_x"][:2000], data["test_y"][:2000]
+    example = (xt[:1],)
+    original = to_onnx(ns.import_model(model, example, dynamic_shapes=DYN))
     base_top1 = top1(original, xt, yt)
     rows = []
-    for round_to, target in [(r, t) for r in ROUND_TO for t in TARGETS]:
-        t = time.perf_counter()
-        res = ns.compile(model, POLICY.format(target=target, round_to=round_to), example_inputs=example,
-                         calibration=calib,
-                         target="onnx", dynamic_shapes=dyn, progress=False)
-        seconds = time.perf_counter() - t
-        lat = {x["model"]: x for x in res.report.latency}
-        confirmed = lat["compressed"]["median_ms"] / lat["original"]["median_ms"]
-        lo, lc = measure([original, res.model], (xt[:64],), runtime="ort", threads=1, rounds=30)
-        runs = next(n for n in res.report.notes if n.startswith("latency budget met")).split(", ")[-1]
-        tried = next(n for n in res.report.notes if n.startswith("latency budget runs")).split(": ", 1)[1]
-        rows.append([f"<= {target:.0%}", str(round_to), f"{confirmed:.1%}", f"{lc.median_ms / lo.median_ms:.1%} "
-                     f"({lo.median_ms:.2f} -> {lc.median_ms:.2f} ms)",
-                     f"{res.report.after.flops / res.report.before.flops:.1%}", runs.split()[0],
-                     tried, f"{base_top1:.2%} -> {top1(res.model, xt, yt):.2%}", f"{seconds:.0f} s"])
-        print(rows[-1], flush=True)
-    table = markdown_table(["latency budget", "round_to", "confirmed in compile", "re-measured (ORT b64, 30 rounds)",
-                            "FLOPs", "pipeline runs", "runs: FLOPs -> latency", "top-1 (2,000 test images)",
-                            "compile"], rows)
-    text = ("# Measured latency budgets (VGG-style, Fashion-MNIST, ONNX Runtime CPU, batch 64, 1 thread)\n\n"
-            f"{table}\n\nPolicy: fold_bn, then squeeze_fold searching FLOPs (no guard, no fine-tuning); "
-            "the compiler fits t = a + b*FLOPs to measurements and reruns the pipeline until the measured "
-            "latency meets the budget.\n")
+    for round_to in round_tos:
+        for target in targets:
+            for cm in ("per_kind", "line"):
+                t = time.perf_counter()
+                res = ns.compile(model, SEARCH.format(batch=BATCH, model=cm, target=target, round_to=round_to),
+                                 example_inputs=example, calibration=data["train_x"][:512], target="onnx",
+                                 dynamic_shapes=DYN, progress=False)
+                seconds = time.perf_counter() - t
+                lat = {x["model"]: x for x in res.report.latency}
+                confirmed = lat["compressed"]["median_ms"] / lat["original"]["median_ms"]
+                lo, lc = measure([original, res.model], (xt[:BATCH],), runtime="ort", threads=1, rounds=30)
+                runs_note = next(n for n in res.report.notes if n.startswith("latency budget runs"))
+                runs = runs_note.split("): ", 1)[1].split(", ")
+                ratios = [float(r.rsplit("-> ", 1)[1].rstrip("%")) / 100 for r in runs]
+                first = next((i + 1 for i, r in enumerate(ratios) if r <= target), 0)
+                rows.append([name, f"<= {target:.0%}", str(round_to), cm, str(first), str(len(runs)),
+                             f"{confirmed:.1%}", f"{lc.median_ms / lo.median_ms:.1%}",
+                             f"{res.report.after.flops / res.report.before.flops:.1%}", "; ".join(runs),
+                             f"{base_top1:.2%} -> {top1(res.model, xt, yt):.2%}", f"{seconds:.0f} s"])
+                print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="VGG only, fewer points (development)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    data = fashion_mnist()
+    names = ("vgg",) if args.quick else ("vgg", "resnet")
+    pred_rows: list[list[str]] = []
+    fitted: list[str] = []
+    for name in names:
+        rows, coef = prediction(name, trained(name, data), data, args.quick)
+        pred_rows += rows
+        fitted.append(coef)
+    search_rows: list[list[str]] = []
+    for name in names:
+        search_rows += search(name, trained(name, data), data, TARGETS[:1] if args.quick else TARGETS,
+                              (8,) if args.quick or name == "resnet" else (8, 1))
+    pred = markdown_table(["model", "pipeline result", "FLOPs", "measured latency", "per-kind predicts", "error",
+                           "line predicts", "error"], pred_rows)
+    runs = markdown_table(["model", "latency budget", "round_to", "cost model", "first met at run", "runs",
+                           "confirmed in compile", "re-measured (30 rounds)", "FLOPs",
+                           "runs: FLOPs: predicted -> measured", "top-1 (2,000 test images)", "compile"], search_rows)
+    text = ("# Measured latency budgets and cost models (Fashion-MNIST, ONNX Runtime CPU, batch 64, 1 thread)\n\n"
+            "Latency ratios are of the original model, timed side by side with it in one process; other jobs "
+            "may have shared the 2-core machine, so single figures carry a few percent of noise.\n\n"
+            "## Prediction error: per-op-kind model vs single line\n\n"
+            "Both fitted on the same measurements (the original and its channel-scaled calibration variants); "
+            "predicting pipeline results (fold_bn + squeeze_fold at a FLOPs budget) they never saw.\n\n"
+            f"{pred}\n\nFitted coefficients:\n\n" + "\n".join(f"- {c}" for c in fitted) + "\n\n"
+            "## Searches for a latency budget\n\n"
+            "fold_bn, then squeeze_fold searching FLOPs (no guard, no fine-tuning); `runs` is the number of "
+            "pipeline runs the search made, `first met at run` the first whose measured latency met the budget "
+            "(0: none did); the `line` search's runs show FLOPs -> measured (it predicts no ratio per run).\n\n"
+            f"{runs}\n")
     print(text)
-    out = Path(__file__).with_name("results") / "latency_budget.md"
+    out = Path(__file__).with_name("results") / ("latency_budget_quick.md" if args.quick else "latency_budget.md")
     out.parent.mkdir(exist_ok=True)
     out.write_text(text)
 

@@ -1,30 +1,51 @@
 """The measured latency budget: `budget latency <= 60%` or `latency <= 5 ms`, met on the emit target.
 
 Passes never see latency: they search FLOPs. The compiler turns the latency target into a FLOPs budget with a
-cost model fitted on this machine, t ≈ a + b·FLOPs (a: the fixed cost of running any graph, b: the time per
-FLOP), from real measurements: the original model first (a = 0 for the first guess), then every pipeline
-result, each timed side by side with the original in one process (`compiler.latency.measure`). The pipeline
-reruns from the original with the refitted FLOPs budget until the measured latency meets the target, then
-bisects the FLOPs budget between the run that met it and the one that missed it, keeping the met run with the
-most FLOPs (at most `MAX_ATTEMPTS` runs in all); the final model's latency is always the measured one.
+cost model fitted on this machine, then confirms every pipeline result by measurement, each timed side by side
+with the original in one process (`compiler.latency.measure`). Two cost models:
+
+- `per_kind` (the default): a per-op-kind model (`compiler.cost_model`: time per FLOP of each convolution
+  kind, linear and matmul layer, time per byte moved of the memory-bound ops, a fixed cost), fitted by
+  non-negative least squares on the original and channel-scaled variants of it (every prunable channel group
+  at 75/50/25% of its channels, and each producer kind's groups alone at 50%), measured side by side before
+  the first run. The FLOPs budget is read off the curve of predicted latency ratio against FLOPs ratio of
+  uniformly scaled variants (costed by a dry run on shapes), anchored on the last measured run (the curve is
+  scaled so that it passes through it); every measured run is added to the fit.
+- `line`: t = a + b·FLOPs fitted to the measured runs only (the original first, a = 0 for the first guess).
+
+The pipeline reruns from the original until the measured latency meets the target; once a run met it and
+another missed, the FLOPs budget is bisected between them, keeping the met run with the most FLOPs (at most
+`MAX_ATTEMPTS` runs in all); the final model's latency is always the measured one.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
+from netsqueeze.compiler.cost_model import CostModel, Work, fit_blocked, graph_works, op_kind
 from netsqueeze.compiler.latency import Latency, Runtime, measure
 from netsqueeze.compiler.pipeline import PipelineRun, Step, run_pipeline
 from netsqueeze.errors import BudgetError, Diagnostic, NetsqueezeError, SourceSpan
 from netsqueeze.ir.graph import Graph
+from netsqueeze.ir.ops import node_flops
 from netsqueeze.ir.stats import graph_stats
+from netsqueeze.passes.allocation import group_bounds, skeleton
 from netsqueeze.passes.base import PassContext
+from netsqueeze.passes.dependency import find_groups
+from netsqueeze.passes.rewrite import ChannelSelection, apply_selection
 
 MAX_ATTEMPTS = 4
+CostModelName = Literal["per_kind", "line"]
+COST_MODELS: tuple[CostModelName, ...] = ("per_kind", "line")
+VARIANT_KEEP = (0.75, 0.5, 0.25)  # channels kept in the uniformly scaled calibration variants
+KIND_KEEP = 0.5  # channels kept in the variants that scale one producer kind's groups alone
+CURVE_STEPS = 40  # uniformly scaled variants costed by shape along the FLOPs curve
+CLOSE = 0.9  # a met run at or above this fraction of the target latency is kept without refining
 REFINE_GAP = 0.15  # stop refining once the met and the missed FLOPs are within 15% of each other
 MARGIN = 0.95  # aim a little under the target: measurements of the same model vary by a few percent
 
@@ -40,6 +61,7 @@ class LatencyTarget:
     batch: int | None = None
     span: SourceSpan | None = None
     rounds: int = 15
+    cost_model: CostModelName = "per_kind"
 
     def describe(self) -> str:
         return f"{self.ratio:.0%} of the original" if self.ratio is not None else f"{(self.seconds or 0) * 1e3:.3g} ms"
@@ -51,6 +73,8 @@ class LatencyOutcome:
     compressed: Latency
     target_s: float
     attempts: list[dict[str, float]] = field(default_factory=list)  # flops budget tried, flops reached, ms
+    cost_model: str = "line"
+    coefficients: str = ""  # the per-kind model's fitted coefficients, as the report shows them
 
     @property
     def ratio(self) -> float:
@@ -87,22 +111,20 @@ def fit(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
 
 
 def _pair(target: LatencyTarget, original: Graph, graph: Graph, inputs: tuple[torch.Tensor, ...]) -> list[Latency]:
-    try:
-        return measure([original, graph], inputs, runtime=target.runtime, threads=target.threads,
-                       rounds=target.rounds)
-    except NetsqueezeError:
-        raise
-    except Exception as e:
-        raise NetsqueezeError(Diagnostic(
-            f"cannot time the models on {target.runtime} at batch {inputs[0].shape[0] if inputs else '?'} for the "
-            f"latency budget: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
-            span=target.span)) from e
+    return _measure(target, [original, graph], inputs)
 
 
 def run_for_latency(original: Graph, steps: Sequence[Step], ctx: PassContext, target: LatencyTarget,
                     log: Callable[[str], None]) -> tuple[Graph, PipelineRun, LatencyOutcome]:
     """Runs the pipeline on copies of `original` until the measured latency meets `target`; raises
     BudgetError, located at the budget item, with the measured figures when it cannot."""
+    if target.cost_model == "line":
+        return _run_line(original, steps, ctx, target, log)
+    return _run_per_kind(original, steps, ctx, target, log)
+
+
+def _run_line(original: Graph, steps: Sequence[Step], ctx: PassContext, target: LatencyTarget,
+              log: Callable[[str], None]) -> tuple[Graph, PipelineRun, LatencyOutcome]:
     inputs = timing_inputs(original, target.batch, ctx.seed)
     flops0 = graph_stats(original).flops
     base = _pair(target, original, original, inputs)[0]
@@ -160,14 +182,203 @@ def run_for_latency(original: Graph, steps: Sequence[Step], ctx: PassContext, ta
         budget_ratio = new_ratio
     ctx.budget = user_budget
     if best is None:
-        ratio = lat[1].median_ms / lat[0].median_ms
-        raise BudgetError(Diagnostic(
-            f"budget latency <= {target.describe()} not met: measured {lat[1].median_ms:.3f} ms against "
-            f"{lat[0].median_ms:.3f} ms for the original ({ratio:.1%}) on {target.runtime}, batch "
-            f"{inputs[0].shape[0] if inputs else 1}, {target.threads} thread(s), after {len(attempts)} run(s) of "
-            "the pipeline", span=target.span))
+        raise _not_met(target, lat, inputs, len(attempts))
     _, graph, run, lat = best
     return graph, run, LatencyOutcome(lat[0], lat[1], goal, attempts)
+
+
+def _not_met(target: LatencyTarget, lat: Sequence[Latency], inputs: tuple[torch.Tensor, ...], runs: int) -> BudgetError:
+    ratio = lat[1].median_ms / lat[0].median_ms
+    return BudgetError(Diagnostic(
+        f"budget latency <= {target.describe()} not met: measured {lat[1].median_ms:.3f} ms against "
+        f"{lat[0].median_ms:.3f} ms for the original ({ratio:.1%}) on {target.runtime}, batch "
+        f"{inputs[0].shape[0] if inputs else 1}, {target.threads} thread(s), after {runs} run(s) of "
+        "the pipeline", span=target.span))
+
+
+def _batch_scale(graph: Graph, inputs: tuple[torch.Tensor, ...]) -> float:
+    """Timing batch over the graph's example batch: the work the shapes count scales by it."""
+    if not graph.inputs or not inputs or not inputs[0].dim():
+        return 1.0
+    shape = graph.node(graph.inputs[0]).meta[0].shape
+    return float(inputs[0].shape[0]) / max(1, int(shape[0])) if shape else 1.0
+
+
+def _scaled_copy(graph: Graph, ctx: PassContext, keep: dict[int, float], groups: Any) -> Graph | None:
+    """A copy of `graph` keeping the first ⌈keep·size⌉ channels (within the policy's bounds) of each group in
+    `keep`; None when no group shrinks."""
+    counts = {}
+    for gid, r in keep.items():
+        g = groups[gid]
+        k = group_bounds(g, ctx).for_ratio(1.0 - r)
+        if k < g.size:
+            counts[gid] = k
+    if not counts:
+        return None
+    out = graph.copy()
+    apply_selection(out, groups, {gid: ChannelSelection(keep=list(range(k))) for gid, k in sorted(counts.items())})
+    return out
+
+
+def variants(original: Graph, ctx: PassContext) -> list[tuple[str, Graph]]:
+    """Channel-scaled copies of `original`, real weights, for calibrating the cost model: every prunable
+    channel group at each of `VARIANT_KEEP` of its channels, then (when the groups' producers are of more than
+    one kind) each producer kind's groups alone at `KIND_KEEP`. The policy's bounds apply."""
+    groups = find_groups(original)
+    prunable = groups.prunable()
+    out: list[tuple[str, Graph]] = []
+    for r in VARIANT_KEEP:
+        v = _scaled_copy(original, ctx, {g.id: r for g in prunable}, groups)
+        if v is not None:
+            out.append((f"every group at {r:.0%}", v))
+    by_kind: dict[str, list[int]] = {}
+    for g in prunable:
+        kw = op_kind(original, original.node(g.producers[0])) if g.producers else None
+        by_kind.setdefault(kw[0] if kw is not None else "other", []).append(g.id)
+    if len(by_kind) > 1:
+        for kind, ids in sorted(by_kind.items()):
+            v = _scaled_copy(original, ctx, dict.fromkeys(ids, KIND_KEEP), groups)
+            if v is not None:
+                out.append((f"{kind} groups at {KIND_KEEP:.0%}", v))
+    return out
+
+
+def flops_curve(original: Graph, ctx: PassContext, scale: float = 1.0,
+                steps: int = CURVE_STEPS) -> list[tuple[float, dict[int, Work]]]:
+    """(FLOPs ratio, `graph_works`) of `original` with every prunable group uniformly scaled, at `steps` ratios
+    of kept channels from 100% down, costed by a dry run on a shape-only skeleton; sorted by FLOPs."""
+    groups = find_groups(original)
+    prunable = groups.prunable()
+    sk = skeleton(original)
+    flops0 = max(1, graph_stats(original).flops)
+    pts = [(1.0, graph_works(original, scale))]
+    for i in range(1, steps):
+        g = _scaled_copy(sk, ctx, {grp.id: 1.0 - i / steps for grp in prunable}, groups)
+        if g is not None:
+            pts.append((sum(node_flops(g, n) for n in g.nodes()) / flops0, graph_works(g, scale)))
+    return sorted(pts, key=lambda p: p[0])
+
+
+def _interp(curve: Sequence[tuple[float, float]], f: float) -> float:
+    """The curve's value at FLOPs ratio `f`, linear between points, proportional below the first."""
+    if f <= curve[0][0]:
+        return curve[0][1] * f / max(curve[0][0], 1e-12)
+    for (f1, r1), (f2, r2) in itertools.pairwise(curve):
+        if f <= f2:
+            return r1 + (r2 - r1) * (f - f1) / (f2 - f1 or 1.0)
+    return curve[-1][1]
+
+
+def pick_flops(curve: Sequence[tuple[float, float]], want: float) -> float:
+    """The largest FLOPs ratio whose value on the curve ((FLOPs ratio, latency ratio) points sorted by FLOPs,
+    linear between points) is at most `want`; proportional below the curve's first point."""
+    if curve[-1][1] <= want:
+        return curve[-1][0]
+    for (f1, r1), (f2, r2) in reversed(list(itertools.pairwise(curve))):
+        if r1 <= want:
+            return f1 + (want - r1) * (f2 - f1) / (r2 - r1 or 1.0)
+    return curve[0][0] * want / max(curve[0][1], 1e-12)
+
+
+def _run_per_kind(original: Graph, steps: Sequence[Step], ctx: PassContext, target: LatencyTarget,
+                  log: Callable[[str], None]) -> tuple[Graph, PipelineRun, LatencyOutcome]:
+    inputs = timing_inputs(original, target.batch, ctx.seed)
+    scale = _batch_scale(original, inputs)
+    flops0 = max(1, graph_stats(original).flops)
+    w0 = graph_works(original, scale)
+    calib = variants(original, ctx)
+    timed = _measure(target, [original, *[g for _, g in calib]], inputs)
+    t0 = timed[0].median_ms / 1e3
+    points: list[tuple[dict[int, Work], float]] = [(w0, t0)] + [
+        (graph_works(g, scale), lat.median_ms / 1e3) for (_, g), lat in zip(calib, timed[1:])]
+    model: CostModel = fit_blocked(points)
+    log(f"latency cost model from the original and {len(calib)} variant(s) "
+        f"({', '.join(name for name, _ in calib) or 'none'}): {model.describe()}")
+    curve_work = flops_curve(original, ctx, scale)
+
+    def curve(m: CostModel) -> list[tuple[float, float]]:
+        p0 = max(m.predict(w0[m.block]), 1e-12)
+        return [(f, m.predict(w[m.block]) / p0) for f, w in curve_work]
+
+    goal = target.seconds if target.seconds is not None else (target.ratio or 1.0) * t0
+    user_flops = ctx.budget.get("flops")
+    user_budget = dict(ctx.budget)
+    attempts: list[dict[str, float]] = []
+    budget_ratio: float | None = None if goal >= t0 else min(1.0, pick_flops(curve(model), goal * MARGIN / t0))
+    graph: Graph = original
+    run: Any = None
+    lat: list[Latency] = [timed[0], timed[0]]
+    best: tuple[float, Graph, Any, list[Latency]] | None = None  # the met run with the most FLOPs kept
+    missed: float | None = None  # the fewest FLOPs (ratio) a run missed the target with
+    for attempt in range(MAX_ATTEMPTS):
+        graph = original.copy()
+        budget = dict(user_budget)
+        if budget_ratio is not None:
+            budget["flops"] = min(budget_ratio, user_flops) if user_flops is not None else budget_ratio
+        ctx.invalidate(frozenset())
+        ctx.budget = budget
+        run = run_pipeline(graph, steps, ctx)
+        work = graph_works(graph, scale)
+        predicted = model.predict(work[model.block]) / max(model.predict(w0[model.block]), 1e-12)
+        lat = _pair(target, original, graph, inputs)
+        now_flops = graph_stats(graph).flops / flops0
+        now_ratio = lat[1].median_ms / lat[0].median_ms
+        attempts.append({"flops_budget": budget.get("flops", 1.0), "flops": now_flops, "predicted": predicted,
+                         "ratio": now_ratio, "ms": lat[1].median_ms})
+        log(f"latency budget, run {attempt + 1}: FLOPs {now_flops:.1%} of the original, predicted "
+            f"{predicted:.1%}, measured {lat[1].median_ms:.3f} ms vs {lat[0].median_ms:.3f} ms ({now_ratio:.1%})")
+        # the ratio is the stable figure (timed side by side); the goal is rescaled to this round's original
+        goal_ratio = goal / t0 if target.seconds is None else goal / (lat[0].median_ms / 1e3)
+        points.append((work, now_ratio * t0))
+        model = fit_blocked(points)
+        anchored = curve(model)
+        corr = now_ratio / max(_interp(anchored, now_flops), 1e-12)  # the curve through the measured run
+        aim = pick_flops([(f, r * corr) for f, r in anchored], goal_ratio * MARGIN)
+        if now_ratio <= goal_ratio:
+            if best is None or now_flops > best[0]:
+                best = (now_flops, graph, run, lat)
+            if now_ratio >= CLOSE * goal_ratio or budget_ratio is None:
+                break  # close enough to the target (or no FLOPs budget to raise)
+            if missed is not None:
+                if (missed - best[0]) <= REFINE_GAP * missed:
+                    break
+                aim = aim if best[0] < aim < missed else (best[0] + missed) / 2
+            elif aim <= now_flops * (1 + REFINE_GAP / 2):
+                break  # the model sees no room to keep more
+            budget_ratio = min(1.0, aim)
+            continue
+        missed = now_flops if missed is None else min(missed, now_flops)
+        if best is not None:
+            if (missed - best[0]) <= REFINE_GAP * missed:
+                break
+            aim = aim if best[0] < aim < missed else (best[0] + missed) / 2
+        elif aim >= now_flops:
+            aim = now_flops * 0.5  # the model sees no gain in fewer FLOPs: halve, the measurement decides
+        budget_ratio = min(1.0, aim)
+    ctx.budget = user_budget
+    if best is None:
+        raise _not_met(target, lat, inputs, len(attempts))
+    _, graph, run, lat = best
+    coefficients = model.describe()
+    graph.meta["notes"] = [
+        *graph.meta.get("notes", []),
+        f"latency cost model (per op kind, {target.runtime}, batch {inputs[0].shape[0] if inputs else 1}): "
+        f"{coefficients}",
+        "latency budget runs (FLOPs: predicted -> measured latency, of the original): " + ", ".join(
+            f"{x['flops']:.1%}: {x['predicted']:.1%} -> {x['ratio']:.1%}" for x in attempts)]
+    return graph, run, LatencyOutcome(lat[0], lat[1], goal, attempts, "per_kind", coefficients)
+
+
+def _measure(target: LatencyTarget, graphs: Sequence[Graph], inputs: tuple[torch.Tensor, ...]) -> list[Latency]:
+    try:
+        return measure(list(graphs), inputs, runtime=target.runtime, threads=target.threads, rounds=target.rounds)
+    except NetsqueezeError:
+        raise
+    except Exception as e:
+        raise NetsqueezeError(Diagnostic(
+            f"cannot time the models on {target.runtime} at batch {inputs[0].shape[0] if inputs else '?'} for the "
+            f"latency budget: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
+            span=target.span)) from e
 
 
 def latency_target(resolved: Any, emit_target: str) -> LatencyTarget | None:
@@ -180,4 +391,4 @@ def latency_target(resolved: Any, emit_target: str) -> LatencyTarget | None:
     rt = resolved.runtime
     return LatencyTarget(ratio=ratio, seconds=seconds, runtime="ort" if emit_target == "onnx" else "torch",
                          threads=int(rt.get("threads") or 1), batch=rt.get("batch"),
-                         span=resolved.budget_spans.get("latency"))
+                         span=resolved.budget_spans.get("latency"), cost_model=rt.get("cost_model") or "per_kind")

@@ -1,17 +1,23 @@
-"""The compile report as one self-contained HTML page: inline SVG plots and tables, no scripts, nothing fetched.
+"""The compile report as one self-contained HTML page: matplotlib plots as inline SVG, tables, no scripts,
+nothing fetched.
 
 Sections: totals; per-node bars of channels, params, FLOPs and weight bytes before/after; per-pass time and
 metrics; the search trajectory (each candidate a search measured, against the guard and the budget); measured
 latency; every node's shapes and numbers; the resolved policy plan.
+
+Plots are drawn by matplotlib's object API (a `Figure`, no pyplot: the caller's backend is never touched) and
+saved as SVG with text kept as text, a fixed hash salt and no date, so the same report renders to the same
+bytes; each SVG's ids are prefixed with its plot's name, so several plots share one page.
 """
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import Sequence
 from html import escape
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from netsqueeze.compiler.report import node_cells
 
@@ -27,8 +33,13 @@ table{border-collapse:collapse;font-size:12.5px}td,th{padding:3px 8px;border-bot
 td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}pre{background:#f7fafc;padding:10px;overflow-x:auto;font-size:12px}
 .cards{display:flex;gap:12px;flex-wrap:wrap}.card{border:1px solid #e2e8f0;border-radius:6px;padding:8px 14px;min-width:150px}
 .card b{display:block;font-size:18px}.muted{color:#718096}.legend span{display:inline-block;width:12px;height:12px;
-margin:0 4px 0 12px;vertical-align:-1px}svg text{font:11px system-ui,sans-serif;fill:#2d3748}
+margin:0 4px 0 12px;vertical-align:-1px}svg{max-width:100%;height:auto}
 """
+# matplotlib settings for every plot: SVG text as <text> (no glyph tables), ids from a fixed salt (the same
+# report gives the same bytes), the page's sans-serif font
+RC: dict[str, Any] = {"svg.fonttype": "none", "font.family": "sans-serif", "font.size": 8.5,
+                      "axes.spines.top": False, "axes.spines.right": False, "axes.edgecolor": "#a0aec0"}
+WIDTH_IN = 10.4  # plot width in inches (the page is 1040 px wide at 100 px per inch)
 
 
 def _fmt(x: float) -> str:
@@ -48,80 +59,110 @@ def channels(shapes: Sequence[str]) -> int | None:
     return int(dims[1]) if len(dims) >= 2 and dims[1].isdigit() else None
 
 
+def _rc(salt: str = "") -> Any:
+    """matplotlib's settings for the report's plots (`RC`, and the SVG hash salt), as a context."""
+    import matplotlib
+
+    rc: Any = {**RC, "svg.hashsalt": f"netsqueeze-{salt}"} if salt else dict(RC)
+    return matplotlib.rc_context(rc)
+
+
+def _slug(title: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-") or "plot"
+
+
+def svg(fig: Any, name: str, label: str) -> str:
+    """`fig` (a matplotlib Figure) as an SVG element to inline in HTML: no XML prolog, DOCTYPE, namespaces or
+    metadata, `href` for `xlink:href`, every id prefixed with `name`, `role="img"` and `label` for readers."""
+    buf = io.StringIO()
+    with _rc(name):
+        fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None, "Format": None, "Type": None})
+    text = buf.getvalue()
+    text = text[text.index("<svg"):]
+    text = re.sub(r"<metadata>.*?</metadata>\s*", "", text, flags=re.S)
+    text = re.sub(r'\s+xmlns(:\w+)?="[^"]*"', "", text)
+    text = text.replace("xlink:href=", "href=")
+    text = re.sub(r'\bid="([^"]+)"', rf'id="{name}-\1"', text)
+    text = re.sub(r'href="#([^"]+)"', rf'href="#{name}-\1"', text)
+    text = re.sub(r"url\(#([^)]+)\)", rf"url(#{name}-\1)", text)
+    return text.replace("<svg ", f'<svg role="img" aria-label="{escape(label)}" ', 1).strip()
+
+
+def _figure(height_in: float) -> Any:
+    from matplotlib.figure import Figure
+
+    with _rc():
+        return Figure(figsize=(WIDTH_IN, height_in), layout="constrained")
+
+
 def _bars(title: str, rows: Sequence[tuple[str, float, float]], single: bool = False) -> str:
-    """Horizontal bars, the original (grey) above the compressed (blue) for each row; `single`: one bar of
-    the first value per row."""
+    """Horizontal bars, the original (grey) above the compressed (blue) for each row, labelled
+    "before → after"; `single`: one bar of the first value per row."""
     if not rows:
         return ""
-    label_w, bar_w, row_h = 170, 600, 22
-    top = max(max(b, a) for _, b, a in rows) or 1
-    h = row_h * len(rows) + 8
-    out = [f'<svg width="{label_w + bar_w + 90}" height="{h}" role="img" '
-           f'aria-label="{escape(title)}">']
-    for i, (label, b, a) in enumerate(rows):
-        y = 4 + i * row_h
-        short = label if len(label) <= 26 else "…" + label[-25:]
-        out.append(f'<text x="{label_w - 6}" y="{y + 13}" text-anchor="end">{escape(short)}<title>{escape(label)}'
-                   "</title></text>")
-        wb, wa = bar_w * b / top, bar_w * a / top
+    with _rc():
+        fig = _figure(0.5 + 0.24 * len(rows))
+        ax = fig.add_subplot()
+        ys = list(range(len(rows)))
+        top = max(max(b, a) for _, b, a in rows) or 1.0
         if single:
-            out.append(f'<rect x="{label_w}" y="{y + 2}" width="{wb:.1f}" height="14" fill="{AFTER}"/>'
-                       f'<text x="{label_w + wb + 6:.1f}" y="{y + 13}">{_fmt(b)}</text>')
-            continue
-        out.append(f'<rect x="{label_w}" y="{y}" width="{wb:.1f}" height="8" fill="{BEFORE}"/>')
-        out.append(f'<rect x="{label_w}" y="{y + 9}" width="{wa:.1f}" height="8" fill="{AFTER}"/>')
-        out.append(f'<text x="{label_w + max(wb, wa) + 6:.1f}" y="{y + 13}">{_fmt(b)} → {_fmt(a)}</text>')
-    out.append("</svg>")
-    return f"<h3>{escape(title)}</h3>" + "".join(out)
+            ax.barh(ys, [b for _, b, _ in rows], height=0.6, color=AFTER)
+        else:
+            ax.barh([y - 0.2 for y in ys], [b for _, b, _ in rows], height=0.38, color=BEFORE, label="original")
+            ax.barh([y + 0.2 for y in ys], [a for _, _, a in rows], height=0.38, color=AFTER, label="compressed")
+        for y, (_, b, a) in zip(ys, rows):
+            ax.text(max(b, a) + top * 0.01, y, _fmt(b) if single else f"{_fmt(b)} → {_fmt(a)}", va="center",
+                    fontsize=7.5)
+        ax.set_yticks(ys, [lbl if len(lbl) <= 32 else "…" + lbl[-31:] for lbl, _, _ in rows])
+        ax.set_ylim(len(rows) - 0.5, -0.5)  # the first row on top
+        ax.set_xlim(0, top * 1.22)
+        ax.tick_params(axis="y", length=0)
+        ax.grid(axis="x", color="#edf2f7")
+        ax.set_axisbelow(True)
+    return f"<h3>{escape(title)}</h3>" + svg(fig, _slug(title), title)
 
 
 def _trajectory(r: CompileReport) -> str:
-    """Each candidate a search measured: its guard metric (limit dashed) and its FLOPs ratio (budget dashed)."""
+    """Each candidate a search measured, in the order tried: its guard metric (dots, green within the guard,
+    red over it; the limit dashed) and its FLOPs ratio (squares, right axis; the budget dotted)."""
     # the guard's metric when a search measured it (others, e.g. sensitivity probes, are left out)
     metric = r.guard[0] if r.guard is not None and any(p["metric"] == r.guard[0] for p in r.search) else (
         str(r.search[0]["metric"]) if r.search else "")
     pts = [p for p in r.search if p["metric"] == metric]
     if not pts:
         return '<p class="muted">No search measured candidates (no guard, or no pass searched).</p>'
-    w, h, pad = 760, 220, 48
+    from matplotlib.ticker import PercentFormatter
+
     limit = r.guard[1] if r.guard is not None and r.guard[0] == metric else None
     vals = [float(p["value"]) for p in pts]
     ratio = [float(p["flops"]) / max(1, r.before.flops) for p in pts]
-    lo = min(0.0, *vals)
-    hi = max([*vals, limit or 0.0]) * 1.1 or 1.0
-    n = len(pts)
-
-    def sx(i: int) -> float:
-        return pad + (w - 2 * pad) * (i / max(1, n - 1))
-
-    def sy(v: float, a: float, b: float) -> float:
-        return h - pad + (v - a) / (b - a or 1) * (2 * pad - h)
-
-    out = [f'<svg width="{w}" height="{h}" role="img" aria-label="search">',
-           f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#a0aec0"/>',
-           f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="#a0aec0"/>',
-           f'<text x="{pad - 4}" y="{pad}" text-anchor="end">{_fmt(hi)}</text>',
-           f'<text x="{pad - 4}" y="{h - pad}" text-anchor="end">{_fmt(lo)}</text>',
-           f'<text x="{w / 2}" y="{h - 12}" text-anchor="middle">candidate (in the order tried)</text>',
-           f'<text x="{pad}" y="{pad - 10}">{escape(metric.replace("_", " "))} (dots) · FLOPs ratio (squares, '
-           "right axis 0–100%)</text>"]
-    if limit is not None:
-        y = sy(limit, lo, hi)
-        out.append(f'<line x1="{pad}" y1="{y:.1f}" x2="{w - pad}" y2="{y:.1f}" stroke="{BAD}" stroke-dasharray="5 4"/>'
-                   f'<text x="{w - pad + 4}" y="{y + 4:.1f}">guard {limit:.3g}</text>')
-    fb = r.budget.get("flops")
-    if fb is not None:
-        y = sy(fb, 0.0, 1.0)
-        out.append(f'<line x1="{pad}" y1="{y:.1f}" x2="{w - pad}" y2="{y:.1f}" stroke="{AFTER}" '
-                   f'stroke-dasharray="2 3"/><text x="{w - pad + 4}" y="{y + 4:.1f}">budget {fb:.0%}</text>')
-    for i, (v, fr) in enumerate(zip(vals, ratio)):
-        ok = limit is None or v <= limit
-        out.append(f'<circle cx="{sx(i):.1f}" cy="{sy(v, lo, hi):.1f}" r="4" fill="{OK if ok else BAD}">'
-                   f"<title>candidate {i + 1} ({escape(str(pts[i]['pass']))}): {v:.4g}, FLOPs {fr:.1%}</title></circle>")
-        out.append(f'<rect x="{sx(i) - 3:.1f}" y="{sy(fr, 0.0, 1.0) - 3:.1f}" width="6" height="6" fill="none" '
-                   f'stroke="{AFTER}"/>')
-    out.append("</svg>")
-    return "".join(out)
+    xs = list(range(1, len(pts) + 1))
+    with _rc():
+        fig = _figure(2.6)
+        ax = fig.add_subplot()
+        ok = [limit is None or v <= limit for v in vals]
+        ax.plot(xs, vals, color="#cbd5e0", linewidth=0.8, zorder=1)
+        ax.scatter(xs, vals, s=22, c=[OK if o else BAD for o in ok], zorder=2, gid="candidates")
+        if limit is not None:
+            ax.axhline(limit, color=BAD, linestyle=(0, (5, 4)), linewidth=1)
+            ax.annotate(f"guard {limit:.3g}", (0.0, limit), xycoords=("axes fraction", "data"), xytext=(4, -10),
+                        textcoords="offset points", color=BAD, fontsize=7.5)
+        ax.set_ylim(min(0.0, *vals), max([*vals, limit or 0.0]) * 1.1 or 1.0)
+        ax.set_xlabel("candidate (in the order tried)")
+        ax.set_ylabel(metric.replace("_", " ") + " (dots)")
+        rx = ax.twinx()
+        rx.spines["right"].set_visible(True)
+        rx.scatter(xs, ratio, s=18, marker="s", facecolors="none", edgecolors=AFTER, zorder=2, gid="flops")
+        fb = r.budget.get("flops")
+        if fb is not None:
+            rx.axhline(fb, color=AFTER, linestyle=(0, (2, 3)), linewidth=1)
+            rx.annotate(f"budget {fb:.0%}", (0.0, fb), xycoords=("axes fraction", "data"), xytext=(4, 3),
+                        textcoords="offset points", color=AFTER, fontsize=7.5)
+        rx.set_ylim(0.0, 1.05)
+        rx.yaxis.set_major_formatter(PercentFormatter(1.0))
+        rx.set_ylabel("FLOPs of the original (squares)")
+        ax.set_xticks(xs if len(xs) <= 30 else xs[:: max(1, len(xs) // 15)])
+    return svg(fig, "search", "search trajectory")
 
 
 def _table(head: Sequence[str], rows: Sequence[Sequence[str]], numeric: set[int]) -> str:

@@ -102,6 +102,8 @@ UNSUPPORTED_BUDGET: dict[str, str] = {}
 RUNTIME_KEYS: dict[str, OptionSchema] = {
     "threads": OptionSchema("threads", _INT, 1, min=1, unit="count"),
     "batch": OptionSchema("batch", _INT, None, min=1, unit="count"),
+    # how the latency budget's search predicts latency (compiler.latency_budget): per-op-kind model or one line
+    "cost_model": OptionSchema("cost_model", TypeDesc("literal", ("per_kind", "line")), "per_kind"),
 }
 BOUNDS_KEYS: dict[str, OptionSchema] = {
     "min_channels": OptionSchema("min_channels", _INT, 1, min=1),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from html.parser import HTMLParser
+from xml.etree import ElementTree
 
 import pytest
 import torch
@@ -47,9 +48,19 @@ def test_html_is_self_contained(result: ns.CompileResult) -> None:
     p.feed(page)
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
     assert not {"script", "link", "img", "iframe", "object", "embed"} & set(p.tags)
-    refs = [(t, k, v) for t, k, v in p.attrs if k in ("src", "href", "xlink:href", "action", "srcset")]
-    assert refs == []
-    assert not re.search(r"url\(|@import|https?://", page)
+    # the plots' internal references (clip paths, tick markers) point at ids inside the page, nothing else
+    ids = {v for _, k, v in p.attrs if k == "id"}
+    refs = [v for _, k, v in p.attrs if k in ("src", "href", "xlink:href", "action", "srcset")]
+    urls = re.findall(r"url\(([^)]*)\)", page)
+    assert refs and urls and all(v is not None and v[:1] == "#" and v[1:] in ids for v in [*refs, *urls])
+    assert not re.search(r"@import|https?://|xmlns", page)
+    assert len([v for _, k, v in p.attrs if k == "id"]) == len(ids)  # ids unique across the plots
+
+
+def test_html_same_report_same_bytes(result: ns.CompileResult) -> None:
+    page = result.report.to_html()
+    again = ns.CompileReport.from_json(result.report.to_json()).to_html()
+    assert page == again and page.count("<svg") == 6
 
 
 def test_html_holds_every_node_plots_and_plan(result: ns.CompileResult) -> None:
@@ -61,7 +72,19 @@ def test_html_holds_every_node_plots_and_plan(result: ns.CompileResult) -> None:
     for nid in [*rep.before.nodes, *rep.after.nodes]:
         assert nid in cells, nid
     assert p.tags.count("svg") == 6  # channels, params, FLOPs, bytes, time per pass, search trajectory
-    assert page.count("<circle") == len([s for s in rep.search if s["metric"] == "output_error"]) >= 2
+    # one marker per candidate in the trajectory's dots (the output error) and squares (FLOPs)
+    n = len([s for s in rep.search if s["metric"] == "output_error"])
+    assert n >= 2
+    search_svg = page[page.index('<svg role="img" aria-label="search trajectory"'):]
+    tree = ElementTree.fromstring(search_svg[:search_svg.index("</svg>") + 6])
+    for gid in ("search-candidates", "search-flops"):
+        group = tree.find(f".//*[@id='{gid}']")
+        assert group is not None and len(group.findall(".//use")) == n, gid
+    # every weighted node labels a bar of the params plot
+    params_svg = page[page.index('aria-label="params"'):]
+    params_svg = params_svg[:params_svg.index("</svg>")]
+    weighted = [nid for nid, st in rep.before.nodes.items() if st.params]
+    assert weighted and all(f">{nid}<" in params_svg for nid in weighted)
     assert rep.plan is not None and rep.plan.splitlines()[0].replace("<", "&lt;") in page
     assert f"{rep.before.params / rep.after.params:.2f}× smaller" in page
     assert rep._repr_html_() == page
