@@ -149,7 +149,7 @@ def main() -> None:
     search_rows: list[list[str]] = []
     for name in names:
         search_rows += search(name, trained(name, data), data, TARGETS[:1] if args.quick else TARGETS,
-                              (8,) if args.quick or name == "resnet" else (8, 1))
+                              (8,))
     pred = markdown_table(["model", "pipeline result", "FLOPs", "measured latency", "per-kind predicts", "error",
                            "line predicts", "error"], pred_rows)
     runs = markdown_table(["model", "latency budget", "round_to", "cost model", "first met at run", "runs",

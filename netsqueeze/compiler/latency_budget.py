@@ -9,8 +9,9 @@ with the original in one process (`compiler.latency.measure`). Two cost models:
   non-negative least squares on the original and channel-scaled variants of it (every prunable channel group
   at 75/50/25% of its channels, and each producer kind's groups alone at 50%), measured side by side before
   the first run. The FLOPs budget is read off the curve of predicted latency ratio against FLOPs ratio of
-  uniformly scaled variants (costed by a dry run on shapes), anchored on the last measured run (the curve is
-  scaled so that it passes through it); every measured run is added to the fit.
+  uniformly scaled variants (costed by a dry run on shapes). Every measured run is added to the fit, and the
+  next budget is read off the refitted curve shifted by what the model still misses on that run (at most
+  halving or doubling the FLOPs of the last run).
 - `line`: t = a + b·FLOPs fitted to the measured runs only (the original first, a = 0 for the first guess).
 
 The pipeline reruns from the original until the measured latency meets the target; once a run met it and
@@ -45,6 +46,7 @@ COST_MODELS: tuple[CostModelName, ...] = ("per_kind", "line")
 VARIANT_KEEP = (0.75, 0.5, 0.25)  # channels kept in the uniformly scaled calibration variants
 KIND_KEEP = 0.5  # channels kept in the variants that scale one producer kind's groups alone
 CURVE_STEPS = 40  # uniformly scaled variants costed by shape along the FLOPs curve
+STEP_LIMIT = (0.5, 2.0)  # a run's FLOPs budget stays within these factors of the last run's FLOPs
 CLOSE = 0.9  # a met run at or above this fraction of the target latency is kept without refining
 REFINE_GAP = 0.15  # stop refining once the met and the missed FLOPs are within 15% of each other
 MARGIN = 0.95  # aim a little under the target: measurements of the same model vary by a few percent
@@ -259,16 +261,6 @@ def flops_curve(original: Graph, ctx: PassContext, scale: float = 1.0,
     return sorted(pts, key=lambda p: p[0])
 
 
-def _interp(curve: Sequence[tuple[float, float]], f: float) -> float:
-    """The curve's value at FLOPs ratio `f`, linear between points, proportional below the first."""
-    if f <= curve[0][0]:
-        return curve[0][1] * f / max(curve[0][0], 1e-12)
-    for (f1, r1), (f2, r2) in itertools.pairwise(curve):
-        if f <= f2:
-            return r1 + (r2 - r1) * (f - f1) / (f2 - f1 or 1.0)
-    return curve[-1][1]
-
-
 def pick_flops(curve: Sequence[tuple[float, float]], want: float) -> float:
     """The largest FLOPs ratio whose value on the curve ((FLOPs ratio, latency ratio) points sorted by FLOPs,
     linear between points) is at most `want`; proportional below the curve's first point."""
@@ -331,9 +323,10 @@ def _run_per_kind(original: Graph, steps: Sequence[Step], ctx: PassContext, targ
         goal_ratio = goal / t0 if target.seconds is None else goal / (lat[0].median_ms / 1e3)
         points.append((work, now_ratio * t0))
         model = fit_blocked(points)
-        anchored = curve(model)
-        corr = now_ratio / max(_interp(anchored, now_flops), 1e-12)  # the curve through the measured run
-        aim = pick_flops([(f, r * corr) for f, r in anchored], goal_ratio * MARGIN)
+        # the refitted curve, shifted by what the refitted model still misses on this run's own graph
+        shift = now_ratio - model.predict(work[model.block]) / max(model.predict(w0[model.block]), 1e-12)
+        aim = pick_flops([(f, r + shift) for f, r in curve(model)], goal_ratio * MARGIN)
+        aim = min(max(aim, now_flops * STEP_LIMIT[0]), now_flops * STEP_LIMIT[1])
         if now_ratio <= goal_ratio:
             if best is None or now_flops > best[0]:
                 best = (now_flops, graph, run, lat)
