@@ -114,17 +114,29 @@ def test_latency_budget_measured_when_met_and_located_when_missed() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("cost_model", ["per_kind", "line"])
 def test_latency_budget_met_on_a_zoo_model(vgg: tuple[torch.nn.Module, tuple[torch.Tensor, ...], torch.Tensor],
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+                                           capsys: pytest.CaptureFixture[str], cost_model: str) -> None:
     model, inputs, calib = vgg
-    res = ns.compile(model, "policy p {\n  runtime { threads = 1, batch = 256 }\n  budget latency <= 70%\n"
-                            "  fold_bn\n  squeeze_fold on type(conv)\n}", example_inputs=inputs, calibration=calib,
-                     target="onnx", progress=False)
+    res = ns.compile(model, f"policy p {{\n  runtime {{ threads = 1, batch = 256, cost_model = {cost_model} }}\n"
+                            "  budget latency <= 70%\n  fold_bn\n  squeeze_fold on type(conv)\n}",
+                     example_inputs=inputs, calibration=calib, target="onnx", progress=False)
     lat = {x["model"]: x for x in res.report.latency}
     assert {x["runtime"] for x in lat.values()} == {"ort"} and lat["original"]["batch"] == 256
     ratio = lat["compressed"]["median_ms"] / lat["original"]["median_ms"]
+    runs = int(next(n for n in res.report.notes if n.startswith("latency budget met: ")).split(", ")[-1].split()[0])
     with capsys.disabled():  # shown with `pytest -s`: the figure the test accepted
-        print(f"\nmeasured latency ratio {ratio:.1%} (budget 70%, ORT CPU, batch 256, 1 thread)")
+        print(f"\nmeasured latency ratio {ratio:.1%} (budget 70%, ORT CPU, batch 256, 1 thread, {cost_model} "
+              f"cost model, {runs} pipeline run(s))")
     assert ratio <= 0.7
     assert any(n.startswith("latency budget met: measured ") and f"({ratio:.1%})" in n for n in res.report.notes)
     assert res.report.after.flops < res.report.before.flops
+    model_notes = [n for n in res.report.notes if n.startswith("latency cost model (per op kind, ort, batch 256): ")]
+    predicted = [n for n in res.report.notes if n.startswith("latency budget runs (FLOPs: predicted -> measured")]
+    if cost_model == "line":
+        assert model_notes == predicted == []
+        return
+    # the fitted coefficients, and the predicted and measured ratio of every run
+    assert len(model_notes) == 1 and " ps/FLOP" in model_notes[0] and "NNLS on " in model_notes[0]
+    assert len(predicted) == 1 and len(predicted[0].split("): ", 1)[1].split(", ")) == runs
+    assert f"-> {ratio:.1%}" in predicted[0]
