@@ -398,52 +398,59 @@ def _evaluate(eval_fn: Callable[[Any], Any], module: torch.nn.Module, which: str
     return as_number(call_user(what, eval_fn, module), what)
 
 
-def _fidelity_fn(original: Graph, batches: CalibrationSource | None,
-                 eval_fn: Callable[[Any], float] | None,
-                 data: str = "calibration batch", count: PassCount | None = None,
-                 cache_limit: int = 1 << 26) -> Callable[..., float | None]:
+class _Fidelity:
     """Fidelity of a candidate graph, for search passes (`PassContext.fidelity`): output error on the
     calibration batches (all, or the first `limit`), or the top-1 drop through the user's `eval_fn`.
     The original's outputs are computed once and kept while they hold at most `cache_limit` elements,
-    so a candidate costs one pass of itself over the data (counted in `count`). Never NaN: a non-finite
-    measurement is a `NonFiniteError`, so a guard cannot pass on NaN."""
-    ref: list[torch.nn.Module] = []  # the original, emitted once
-    base: list[float] = []
-    kept: list[list[torch.Tensor]] = []  # the original's outputs per batch, while they fit `cache_limit`
-    room = [cache_limit]
+    so a candidate costs one pass of itself over the data (counted in `count`); the compile's own final
+    measurement reads them too (`reference`). Never NaN: a non-finite measurement is a `NonFiniteError`,
+    so a guard cannot pass on NaN."""
 
-    def reference(i: int, batch: Batch) -> list[torch.Tensor]:
-        if i < len(kept):
-            return kept[i]
-        out = _run_outputs(ref[0], batch)
-        if count is not None:
-            count.add(1.0)
+    def __init__(self, original: Graph, batches: CalibrationSource | None, eval_fn: Callable[[Any], float] | None,
+                 data: str = "calibration batch", count: PassCount | None = None, cache_limit: int = 1 << 26) -> None:
+        self.original, self.batches, self.eval_fn, self.data, self.count = original, batches, eval_fn, data, count
+        self._ref: torch.nn.Module | None = None  # the original, emitted once
+        self._base: float | None = None
+        self._kept: list[list[torch.Tensor]] = []  # the original's outputs per batch, while they fit
+        self._room = cache_limit
+
+    def module(self) -> torch.nn.Module:
+        from netsqueeze.backends.torch import to_torch
+
+        if self._ref is None:
+            self._ref = to_torch(self.original)
+        return self._ref
+
+    def reference(self, i: int, batch: Batch) -> list[torch.Tensor]:
+        """The original's outputs on calibration batch i (kept from an earlier pass when they fit)."""
+        if i < len(self._kept):
+            return self._kept[i]
+        out = _run_outputs(self.module(), batch)
+        if self.count is not None:
+            self.count.add(1.0)
         size = sum(t.numel() for t in out)
-        if i == len(kept) and size <= room[0]:
-            kept.append(out)
-            room[0] -= size
+        if i == len(self._kept) and size <= self._room:
+            self._kept.append(out)
+            self._room -= size
         return out
 
-    def measure(graph: Graph, metric: str, limit: int | None = None) -> float | None:
+    def __call__(self, graph: Graph, metric: str, limit: int | None = None) -> float | None:
         from netsqueeze.backends.torch import to_torch
 
         if metric not in ("top1_drop", "output_error", "max_abs_error"):
             return None
-        if (metric == "top1_drop" and eval_fn is None) or (metric != "top1_drop" and batches is None):
+        if (metric == "top1_drop" and self.eval_fn is None) or (metric != "top1_drop" and self.batches is None):
             return None
-        if not ref:
-            ref.append(to_torch(original))
         if metric == "top1_drop":
-            assert eval_fn is not None
-            if not base:
-                base.append(_evaluate(eval_fn, ref[0], "original model"))
-            return base[0] - _evaluate(eval_fn, to_torch(graph), "candidate model")
+            assert self.eval_fn is not None
+            if self._base is None:
+                self._base = _evaluate(self.eval_fn, self.module(), "original model")
+            return self._base - _evaluate(self.eval_fn, to_torch(graph), "candidate model")
+        batches = self.batches
         assert batches is not None
         src = batches if limit is None else (lambda: itertools.islice(batches(), limit))
-        return measure_output_error(reference, graph, src, label="a candidate model", data=data,
-                                    count=count)[metric]
-
-    return measure
+        return measure_output_error(self.reference, graph, src, label="a candidate model", data=self.data,
+                                    count=self.count)[metric]
 
 
 def _trainable(graph: Graph) -> Trainable:
@@ -700,6 +707,7 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
     bars = Progress(progress_enabled(progress), log)
     n_batches = sum(1 for _ in source()) if source is not None and bars.on else None
     count = PassCount(source)
+    measured_fidelity = _Fidelity(original, eval_batches, eval_fn, data_label, count if eval_batches is source else None)
     ctx = PassContext(
         progress_fn=bars.bar,
         stream_fn=bars.stream(activation_stream(source, count), n_batches) if source is not None else None,
@@ -711,8 +719,7 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
         log=log or (lambda msg: None),
         original=original,
         guard=(str(guard.metric), float(guard.limit)) if guard is not None else None,
-        fidelity_fn=search.wrap(bars.fidelity(_fidelity_fn(original, eval_batches, eval_fn, data_label,
-                                                           count if eval_batches is source else None))),
+        fidelity_fn=search.wrap(bars.fidelity(measured_fidelity)),
         trainable_fn=_trainable,
         labels_fn=labels_fn,
         executor=executor,
@@ -737,7 +744,8 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
     if eval_batches is not None and any(n.kind != "input" for n in graph.nodes()):
         with _stage("measuring the output error"):
             try:
-                fidelity.update(measure_output_error(original, graph, eval_batches, data=data_label,
+                fidelity.update(measure_output_error(measured_fidelity.reference, graph, eval_batches,
+                                                     data=data_label,
                                                      count=count if eval_batches is source else None))
             except (NonFiniteError, UserCodeError, InputMismatchError):
                 raise

@@ -67,7 +67,7 @@ class Ablation:
     sensitivity: Literal["auto", "output", "first_order", "curve", "none"] = "auto"
     sensitivity_rounds: int = 2
     sensitivity_samples: int = 512
-    measure_passes: float = 4.0
+    measure_passes: float = 8.0
     block_fit: Literal["full", "shared"] = "full"
     max_block_features: int = 4096
 
@@ -223,7 +223,10 @@ class SqueezeFold(TransformPass):
        squeezes the groups one at a time in graph order and refits each group's reconstruction from
        the kept channels *as the already-squeezed graph computes them* to the original activations,
        so later folds absorb the error of earlier ones (as Net-Trim's cascade mode does); `parallel`
-       fits every group on the original graph at once (one calibration pass instead of 1 + 2 per group).
+       fits every group on the original graph at once. The cascade runs the data through the original
+       and the squeezed graph side by side, layer by layer (`_Frontier`): a compile costs a few model
+       passes over the calibration data whatever the number of groups (the report's
+       `calibration_passes` counts them).
     A grouped conv consumer (groups > 1, not depthwise) reads a channel through one weight slot
     shared by its conv groups: the slot goes in every group and each conv group's inputs are rebuilt
     from its own kept slots (one T per group, the group structure kept); in cascade mode its fold is
@@ -731,11 +734,13 @@ class SqueezeFold(TransformPass):
         - `lagrange` (default): each group keeps argmin_k err_g(k) + λ·cost_g·k, where err_g is the
           group's prefix reconstruction error and cost_g the budget share one of its channels costs
           (measured by removing one channel on a copy); channels go where they buy the least error per
-          FLOP/param. The family is indexed by log λ. With `Ablation.sensitivity = output` (default, when the
-          compiler can measure output error), err_g is weighted by how much of it reaches the model's
-          outputs: each group alone squeezed to its count at the budget, the squared relative output
-          error per unit of err_g (`sensitivity_rounds` re-measurements); after the bisection the
-          budget its coarse steps leave unused is handed back (`_fill`).
+          FLOP/param. The family is indexed by log λ. err_g is weighted by how much of it reaches the
+          model's outputs (`Ablation.sensitivity`, default `auto`): measured — each group alone squeezed
+          to its count at the budget, the squared relative output error per unit of err_g on the first
+          512 calibration samples (`sensitivity_rounds` re-measurements) — while that costs at most 8
+          model passes over the data, else a first-order estimate of every group's output-error curve
+          from one forward/backward pass (`_first_order`); the report's search line says which. After
+          the bisection the budget its coarse steps leave unused is handed back (`_fill`).
         - `uniform`: one reconstruction-energy threshold for every group.
         1. Budget (flops/params/bytes): bisection for the largest candidate that meets it, every candidate's
            stats metered exactly (`allocation.Meter`). Without a guard this is the answer: the least

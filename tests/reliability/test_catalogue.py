@@ -453,11 +453,11 @@ def test_nan_fidelity_fails_the_guard() -> None:
         api._check_guard(guard, {"output_error": math.nan})
     model, inputs = mlp()
     graph = ns.import_model(model, inputs)
-    measure = api._fidelity_fn(graph, None, lambda m: math.nan)
+    measure = api._Fidelity(graph, None, lambda m: math.nan)
     with pytest.raises(NonFiniteError, match="eval_fn on the original model returned nan"):
         measure(graph, "top1_drop")
     calls = iter([0.9, math.inf])
-    measure = api._fidelity_fn(graph, None, lambda m: next(calls))
+    measure = api._Fidelity(graph, None, lambda m: next(calls))
     with pytest.raises(NonFiniteError, match="eval_fn on the candidate model returned inf"):
         measure(graph, "top1_drop")
 
