@@ -167,11 +167,23 @@ class _Frontier:
             runs.append(run)
         return runs
 
-    def advance(self, to: int) -> None:
-        """Moves the checkpoint forwards to position `to` (nothing happens for an earlier position)."""
+    # the most the checkpoint of both graphs may hold; a group whose checkpoint would hold more streams
+    # both graphs whole instead (slower, same fold)
+    limit_bytes: ClassVar[int] = 2 << 30
+
+    def advance(self, to: int) -> bool:
+        """Moves the checkpoint forwards to position `to` (nothing happens for an earlier position); False
+        when the tensors live there would not fit `limit_bytes` (the checkpoint then stays where it was)."""
         if to <= self.at or not self.state:
-            return
+            return True
         keep = self._live(to)
+        samples = sum(int(cur[v].shape[0]) for cur, _ in self.state for v in list(cur)[:1])
+        g = self.graphs[0]
+        per_sample = sum(g.meta_of(v).numel() // max(1, int(g.meta_of(v).shape[0])) *
+                         torch.empty((), dtype=getattr(torch, g.meta_of(v).dtype, torch.float32)).element_size()
+                         for v in keep if g.meta_of(v).shape)
+        if 2 * per_sample * samples > self.limit_bytes:
+            return False
         feeds = list(self.state[0][0])
         runs = self._runs(keep)
         with torch.no_grad():
@@ -179,6 +191,7 @@ class _Frontier:
                 self.state[i] = tuple(dict(zip(keep, run([st[v] for v in feeds])))  # type: ignore[assignment]
                                       for run, st in zip(runs, (cur, orig)))
         self.at = to
+        return True
 
     def fetch(self, values: list[Value]) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
         """Per batch, the tensors at `values` in both graphs, run from the checkpoint."""
@@ -336,6 +349,7 @@ class SqueezeFold(TransformPass):
         order = sorted(keeps, key=lambda gid: (start[gid], gid))
         out = PassResult(changed=True)
         frontier = _Frontier.open(graph, ref, ctx, topo)
+        streamed = False
         if frontier is None:
             out.notes.append("cascade: each group streamed both graphs whole (no layer-by-layer runner)")
         for gid in order:
@@ -344,10 +358,13 @@ class SqueezeFold(TransformPass):
             now = find_groups(graph)
             fresh = next(g for g in now if (g.producers, g.consumers) == ident)
             values = list(dict.fromkeys(p.value for p in plans[gid] if p.per_group is None))
-            if frontier is not None:
-                frontier.advance(start[gid])
+            if frontier is not None and frontier.advance(start[gid]):
                 pairs = frontier.fetch(values)
             else:
+                if frontier is not None and not streamed:
+                    out.notes.append(f"cascade: from group {gid} on, groups whose checkpoint would hold more than "
+                                     f"{_Frontier.limit_bytes >> 20} MiB of activations streamed both graphs whole")
+                streamed = True
                 pairs = zip(ctx.stream(graph, values), ctx.stream(ref, values)) if values else iter(())
             sel = self._refit(graph, ref, fresh, keeps[gid], plans[gid], values, pairs)
             r = apply_selection(graph, now, {fresh.id: sel})

@@ -339,12 +339,17 @@ def test_layer_by_layer_cascade_equals_streaming_each_group_whole(name: str, mon
     calib = torch.randn(96, *inputs[0].shape[1:], generator=torch.Generator().manual_seed(4))
     step = [SqueezeFold(ratio=0.4, mode="cascade")]
     layered = ns.compile(model, step, example_inputs=inputs, calibration=calib, progress=False)
+    monkeypatch.setattr(sf._Frontier, "limit_bytes", 0)  # no checkpoint fits: every group streams
+    capped = ns.compile(model, step, example_inputs=inputs, calibration=calib, progress=False)
+    notes = next(r for r in capped.report.passes if r.name == "squeeze_fold").result.notes
+    assert any("streamed both graphs whole" in n for n in notes)
     monkeypatch.setattr(sf._Frontier, "open", staticmethod(lambda *a, **k: None))
     streamed = ns.compile(model, step, example_inputs=inputs, calibration=calib, progress=False)
     x = torch.randn(8, *inputs[0].shape[1:], generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        a, b = layered.model(x), streamed.model(x)
+        a, b, c = layered.model(x), streamed.model(x), capped.model(x)
     assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
+    assert (c - b).abs().max().item() <= 1e-5 * b.abs().max().item()
     assert layered.report.params_ratio == streamed.report.params_ratio
     groups = len(next(r for r in streamed.report.passes if r.name == "squeeze_fold").result.notes[-1].split(","))
     # streaming: one pass to collect, two per group, two for the output error; layer by layer: far fewer
