@@ -1,21 +1,35 @@
-"""Squeeze-and-fold on full Fashion-MNIST, side by side with trim and Torch-Pruning, all in one run.
+"""squeeze_fold on full Fashion-MNIST under params and FLOPs budgets, beside Torch-Pruning, in one run.
 
-    .venv/bin/python benchmarks/squeeze.py [--quick]
+    .venv/bin/python benchmarks/squeeze.py [--quick] [--ablation] [--models vgg,resnet] [--calib 2048]
 
-Trains (once, cached) a VGG-style and a ResNet-style model, compresses them one-shot (no fine-tuning)
-and prints/writes benchmarks/results/squeeze.md and squeeze.png: top-1 against params and FLOPs
-ratios for squeeze_fold, trim (every criterion) and Torch-Pruning group-L1 / group-Taylor at the
-same FLOPs; latency of original and compressed models in torch and ONNX Runtime (CPU, 2 threads,
-batch 1 and 64, median of 50 runs) as ratios beside the FLOPs ratio; compile time and peak memory.
+For the VGG-style and the ResNet-style model of benchmarks/common.py (trained once, cached), at 2x, 3x and
+5x fewer params and fewer FLOPs (a policy's `budget params|flops <= X%`, `bounds { round_to = 8 }`), one-shot
+(no fine-tuning), on the same calibration images for every method:
+
+- `fold_bn` + `squeeze_fold`: top-1, achieved params and FLOPs reductions, ONNX Runtime latency speed-ups at
+  batch 1 and 64 (the original and the compressed models timed in turns, round after round), compile time, peak
+  memory, the full calibration passes the compile made (`CompileReport.calibration_passes`) and compile time
+  over the time of one forward pass of the original model over the calibration images (measured in this run);
+- Torch-Pruning group-L1 (uniform per-layer ratio, bisected to the same target) one-shot, and the same pruned
+  model after re-estimating its BatchNorm statistics on the calibration images.
+
+Prints and writes benchmarks/results/squeeze.md (a results table, the issue's targets each with the measured
+figure, the squeeze_fold allocations) and squeeze.png (top-1 against FLOPs reduction per model). `--ablation`
+adds squeeze_fold's design alternatives at one hard point (3x fewer FLOPs); `--quick` is a smoke run (one model,
+2x fewer FLOPs, 512 calibration images, 1000 test images) that writes squeeze-quick.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import statistics
 import sys
 import threading
 import time
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,33 +39,21 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import netsqueeze as ns
-from benchmarks.common import (
-    RESULTS,
-    accuracy,
-    fashion_mnist,
-    markdown_table,
-    ort_latency,
-    torch_latency,
-    trained,
-)
+from benchmarks.common import RESULTS, accuracy, fashion_mnist, markdown_table, trained
 from netsqueeze.ir.stats import graph_stats
-from netsqueeze.passes.registry import all_passes
-from netsqueeze.passes.squeeze_fold import ablation
 
 ROUND_TO = 8
-# each design choice of squeeze_fold against its default, at the hardest point: a policy option
-# (`method`, `mode`) or a switch of the pass's private `Ablation` configuration (set with `ablation(...)`)
-VARIANTS = ("method = qr", "mode = parallel", "allocation = uniform", "weighting = none", "sensitivity = none",
-            "sensitivity = curve", "block_fit = shared")
+TARGETS = (2.0, 3.0, 5.0)  # x fewer params / FLOPs
+MEASURES = ("flops", "params")
+HARD_POINT = ("flops", 3.0)  # where --ablation measures the design alternatives
+# squeeze_fold policy options measured as alternatives (the `Ablation` switches are read from the pass, less
+# those a budget-driven compile does not read: `energy_of` defines the `energy` option, which a budget replaces)
 POLICY_OPTIONS = ("method", "mode")
-
-
-def _variant(variant: str) -> tuple[str, dict[str, str]]:
-    """(the squeeze_fold step, the Ablation changes) of a VARIANTS entry."""
-    key, value = (p.strip() for p in variant.split("="))
-    if key in POLICY_OPTIONS:
-        return f"squeeze_fold {{ {variant} }}", {}
-    return "squeeze_fold", {key: value}
+NOT_UNDER_BUDGET = ("energy_of",)
+CALIB_BATCH = 256
+SF = "squeeze_fold"
+TP = "TP group-L1"
+TP_BN = "TP group-L1 + BN re-est."
 
 
 class PeakRSS:
@@ -173,25 +175,207 @@ def run_ns(model: nn.Module, passes: list[Any], calib: torch.Tensor, policy_budg
     return res, time.perf_counter() - t0, mem.mib
 
 
+def variants() -> list[str]:
+    """squeeze_fold's design alternatives, `key = value`: every non-default value of its Literal policy options
+    in POLICY_OPTIONS and of the Literal switches of its `Ablation` configuration, read from the pass."""
+    from netsqueeze.passes.registry import all_passes
+    from netsqueeze.passes.squeeze_fold import Ablation
+
+    out: list[str] = []
+    for cls, keys in ((all_passes()[SF], POLICY_OPTIONS), (Ablation, None)):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if ((keys is not None and f.name not in keys) or f.name in NOT_UNDER_BUDGET
+                    or typing.get_origin(hints.get(f.name)) is not typing.Literal):
+                continue
+            out += [f"{f.name} = {v}" for v in typing.get_args(hints[f.name]) if v != f.default]
+    return out
+
+
+def _variant(variant: str) -> tuple[str, dict[str, str]]:
+    """(the squeeze_fold step, the Ablation changes) of a `variants()` entry."""
+    key, value = (p.strip() for p in variant.split("="))
+    if key in POLICY_OPTIONS:
+        return f"{SF} {{ {variant} }}", {}
+    return SF, {key: value}
+
+
 def _notes(res: ns.CompileResult) -> list[str]:
-    return [n for r in res.report.passes if r.name == "squeeze_fold" for n in r.result.notes]
+    return [n for r in res.report.passes if r.name == SF for n in r.result.notes]
 
 
-def latencies(model: nn.Module) -> dict[str, float]:
-    import onnx
+def forward_seconds(model: nn.Module, calib: torch.Tensor, repeats: int = 3) -> float:
+    """Median wall time of one forward pass of `model` (torch, no gradient) over `calib` in batches of 256."""
+    times = []
+    with torch.no_grad():
+        model(calib[:CALIB_BATCH])  # warm-up
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for i in range(0, len(calib), CALIB_BATCH):
+                model(calib[i : i + CALIB_BATCH])
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
+
+def onnx_blob(model: nn.Module) -> bytes:
     from netsqueeze.backends.onnx import to_onnx
 
-    g = ns.import_model(model, (torch.randn(2, 1, 28, 28),))
-    proto = to_onnx(g)
-    blob = proto.SerializeToString()
-    onnx.checker.check_model(proto)
-    return {f"{rt}_b{b}": fn(b) for b in (1, 64) for rt, fn in
-            (("torch", lambda b: torch_latency(model, b)), ("ort", lambda b: ort_latency(blob, b)))}
+    return to_onnx(ns.import_model(model, (torch.randn(2, 1, 28, 28),))).SerializeToString()  # type: ignore[no-any-return]
 
 
-def plot_results(md: Path) -> None:
-    """One panel per model: top-1 (one-shot) against FLOPs reduction for every method, from the results table."""
+@dataclass
+class Point:
+    """One compressed model of the results table."""
+
+    model: str
+    measure: str  # the budget: "flops" | "params"
+    target: float  # x fewer
+    method: str
+    params_red: float = 0.0
+    flops_red: float = 0.0
+    top1: float = 0.0
+    drop: float = 0.0  # points
+    secs: float = 0.0
+    mib: float = 0.0
+    passes: float | None = None
+    fwd_ratio: float | None = None
+    lat: dict[int, float] = field(default_factory=dict)  # ORT speed-up by batch (squeeze_fold only)
+    failed: str = ""
+    module: nn.Module | None = None
+
+    @property
+    def budget(self) -> str:
+        return f"{self.measure} {self.target:g}x"
+
+
+@dataclass
+class Base:
+    model: str
+    top1: float
+    flops: int
+    params: int
+    fwd_s: float
+    lat_ms: dict[int, float] = field(default_factory=dict)
+
+
+def measured(p: Point, base: Base, m: nn.Module, test: tuple[torch.Tensor, torch.Tensor]) -> Point:
+    f, pr = flops_params(m)
+    p.flops_red, p.params_red = base.flops / f, base.params / pr
+    p.top1 = accuracy(m, *test)
+    p.drop = (base.top1 - p.top1) * 100
+    p.module = m
+    print(f"  {p.model} {p.budget} {p.method}: {p.top1:.2%} ({p.drop:+.2f}), {p.params_red:.2f}x params, "
+          f"{p.flops_red:.2f}x FLOPs, {p.secs:.1f} s", file=sys.stderr, flush=True)
+    return p
+
+
+def squeeze_point(model: nn.Module, base: Base, measure: str, target: float, calib: torch.Tensor,
+                  test: tuple[torch.Tensor, torch.Tensor], method: str = SF, step: str = SF,
+                  changes: dict[str, str] | None = None) -> tuple[Point, list[str]]:
+    from netsqueeze.passes.squeeze_fold import ablation
+
+    p = Point(base.model, measure, target, method)
+    try:
+        with ablation(**(changes or {})):
+            res, p.secs, p.mib = run_ns(model, ["fold_bn", step], calib, {measure: 1.0 / target})
+    except ns.NetsqueezeError as err:
+        p.failed = str(err).splitlines()[0][:100]
+        print(f"  {p.model} {p.budget} {method}: failed: {p.failed}", file=sys.stderr, flush=True)
+        return p, []
+    passes = getattr(res.report, "calibration_passes", None)
+    p.passes = float(passes) if passes else None
+    p.fwd_ratio = p.secs / base.fwd_s
+    return measured(p, base, res.model, test), _notes(res)
+
+
+def peer_points(model: nn.Module, base: Base, measure: str, target: float, data: dict[str, torch.Tensor],
+                calib: torch.Tensor, test: tuple[torch.Tensor, torch.Tensor], round_to: int) -> list[Point]:
+    p, q = Point(base.model, measure, target, TP), Point(base.model, measure, target, TP_BN)
+    t0 = time.perf_counter()
+    try:
+        with PeakRSS() as mem:
+            pm = tp_prune(model, data, 1.0 / target, "l1", round_to, measure=measure)
+    except ValueError as err:
+        p.failed = q.failed = str(err)
+        return [p, q]
+    p.secs, p.mib = time.perf_counter() - t0, mem.mib
+    measured(p, base, pm, test)
+    t0 = time.perf_counter()
+    with PeakRSS() as mem:
+        bm = reestimate_bn(copy.deepcopy(pm), calib)
+    q.secs, q.mib = p.secs + time.perf_counter() - t0, max(p.mib, mem.mib)
+    return [p, measured(q, base, bm, test)]
+
+
+def fmt_row(p: Point) -> list[str]:
+    if p.failed:
+        return [p.model, p.budget, p.method, "-", "-", "failed", "-", "-", "-", "-", "-", "-", "-", p.failed]
+    b1, b64 = p.lat.get(1), p.lat.get(64)
+    return [p.model, p.budget, p.method, f"{p.params_red:.2f}x", f"{p.flops_red:.2f}x", f"{p.top1:.2%}",
+            f"{p.drop:+.2f}", "-" if b1 is None else f"{b1:.2f}x", "-" if b64 is None else f"{b64:.2f}x",
+            "-" if b64 is None else f"{b64 / p.flops_red:.2f}", f"{p.secs:.1f}",
+            "-" if p.fwd_ratio is None else f"{p.fwd_ratio:.1f}", "-" if p.passes is None else f"{p.passes:.1f}",
+            f"{p.mib:.0f}"]
+
+
+HEADER = ["model", "budget", "method", "params red.", "FLOPs red.", "top-1", "drop (pts)", "ORT b1 speed-up",
+          "ORT b64 speed-up", "b64 speed-up / FLOPs red.", "compile s", "compile / forward", "calib. passes",
+          "peak MiB"]
+
+
+def find(points: list[Point], model: str, measure: str, target: float, method: str) -> Point | None:
+    return next((p for p in points if (p.model, p.measure, p.target, p.method) == (model, measure, target, method)
+                 and not p.failed), None)
+
+
+def verdicts(points: list[Point], bases: list[Base], n_calib: int) -> list[list[str]]:
+    """The issue's targets, each with the figure measured in this run and met / missed."""
+    rows: list[list[str]] = []
+
+    def add(target: str, figure: str, ok: bool | None) -> None:
+        rows.append([target, figure, "not measured" if ok is None else ("met" if ok else "**missed**")])
+
+    for model, t, limit in (("vgg", 2.0, 1.0), ("vgg", 3.0, 2.0), ("resnet", 2.0, 2.0)):
+        p = find(points, model, "flops", t, SF)
+        name = f"{model}: {t:g}x fewer FLOPs at <= {limit:g} pt drop"
+        if p is None:
+            add(name, "no squeeze_fold result", None)
+        else:
+            add(name, f"{p.drop:+.2f} pts at {p.flops_red:.2f}x FLOPs",
+                p.drop <= limit and p.flops_red >= t * 0.995)
+    for base in bases:
+        for t in TARGETS:
+            p, q = find(points, base.model, "flops", t, SF), find(points, base.model, "flops", t, TP_BN)
+            name = f"{base.model} {t:g}x FLOPs: squeeze_fold drop <= 1/2 of TP + BN re-est.'s"
+            if p is None or q is None:
+                if p is not None or q is not None or any(x.measure == "flops" and x.target == t for x in points):
+                    add(name, f"squeeze_fold {'-' if p is None else f'{p.drop:+.2f}'}, TP + BN re-est. "
+                        f"{'failed' if q is None else f'{q.drop:+.2f}'}", None)
+                continue
+            add(name, f"{p.drop:+.2f} vs {q.drop:+.2f} pts (limit {q.drop / 2:+.2f}; FLOPs {p.flops_red:.2f}x vs "
+                f"{q.flops_red:.2f}x)", p.drop <= q.drop / 2)
+    for base in bases:
+        sf = [p for p in points if p.model == base.model and p.method == SF and not p.failed and 64 in p.lat]
+        if sf:
+            worst = min(sf, key=lambda p: p.lat[64] / p.flops_red)
+            add(f"{base.model}: ORT b64 speed-up >= 0.8 x FLOPs red. (every squeeze_fold row)",
+                f"worst {worst.lat[64] / worst.flops_red:.2f} ({worst.budget}: {worst.lat[64]:.2f}x at "
+                f"{worst.flops_red:.2f}x FLOPs)", worst.lat[64] / worst.flops_red >= 0.8)
+    for base in bases:
+        sf = [p for p in points if p.model == base.model and p.method == SF and not p.failed]
+        if not sf:
+            continue
+        slow = max(sf, key=lambda p: p.secs)
+        add(f"{base.model}: squeeze_fold compile <= 30 s at 2,048 calibration images",
+            f"max {slow.secs:.1f} s ({slow.budget}) at {n_calib:,} images", slow.secs <= 30 if n_calib == 2048 else None)
+        far = max(sf, key=lambda p: p.fwd_ratio or 0.0)
+        add(f"{base.model}: squeeze_fold compile <= 10x one forward pass over the calibration data",
+            f"max {far.fwd_ratio:.1f}x ({far.budget}; forward pass {base.fwd_s:.2f} s)", (far.fwd_ratio or 0.0) <= 10)
+    return rows
+
+
+def plot(points: list[Point], bases: list[Base], out: Path) -> None:
+    """One panel per model: top-1 (one-shot) against FLOPs reduction for every method."""
     try:
         import matplotlib
 
@@ -200,131 +384,130 @@ def plot_results(md: Path) -> None:
     except ImportError:
         print("matplotlib missing: no plot (pip install -e '.[bench]')", file=sys.stderr)
         return
-    series: dict[str, dict[str, list[tuple[float, float]]]] = {}
-    for line in md.read_text().splitlines():
-        c = [x.strip() for x in line.strip("|").split("|")]
-        if len(c) != 9 or not c[4].endswith("x") or not c[5].endswith("%"):
-            continue
-        if " = " in c[1]:  # design variants: in the table, not the plot
-            continue
-        series.setdefault(c[0], {}).setdefault(c[1], []).append((float(c[4][:-1]), float(c[5][:-1])))
-    fig, axes = plt.subplots(1, len(series), figsize=(6 * len(series), 4.5), squeeze=False)
-    for ax, (model, methods) in zip(axes[0], series.items()):
-        for method, pts in sorted(methods.items()):
-            pts.sort()
-            bold = method == "squeeze_fold"
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", lw=3 if bold else 1,
-                    color="black" if bold else None, label=method)
-        ax.set_title(f"{model}: one-shot top-1 vs FLOPs reduction")
+    fig, axes = plt.subplots(1, len(bases), figsize=(6 * len(bases), 4.5), squeeze=False)
+    for ax, base in zip(axes[0], bases):
+        series = [(f"{SF} (FLOPs budgets)", SF, ("flops",)), (f"{SF} (params budgets)", SF, ("params",)),
+                  (TP, TP, MEASURES), (TP_BN, TP_BN, MEASURES)]
+        for label, method, measures in series:
+            pts = sorted((p.flops_red, p.top1 * 100) for p in points
+                         if p.model == base.model and p.method == method and p.measure in measures and not p.failed)
+            if not pts:
+                continue
+            bold = method == SF
+            ax.plot([1.0] + [x for x, _ in pts], [base.top1 * 100] + [y for _, y in pts], marker="o",
+                    lw=3 if bold and "FLOPs" in label else 1.5, ls="-" if bold else "--", label=label)
+        ax.set_title(f"{base.model}: one-shot top-1 vs FLOPs reduction")
         ax.set_xlabel("FLOPs reduction (x)")
         ax.set_ylabel("top-1 (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.savefig(md.with_suffix(".png"), dpi=110, bbox_inches="tight")
+        ax.legend(fontsize=8)
+    tmp = out.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    tmp.replace(out)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="fewer points, 1000 test images (smoke run)")
-    ap.add_argument("--models", default="vgg,resnet")
-    ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from the results table")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: one model (vgg unless --models), 2x fewer FLOPs, 512 calibration images, "
+                         "1000 test images; writes squeeze-quick.md")
+    ap.add_argument("--models", default=None, help="comma-separated, of vgg,resnet (default both; --quick: vgg)")
+    ap.add_argument("--calib", type=int, default=None, help="calibration images (default 2048; --quick: 512)")
+    ap.add_argument("--ablation", action="store_true",
+                    help=f"also squeeze_fold's design alternatives at {HARD_POINT[0]} {HARD_POINT[1]:g}x")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for compiles and forward passes")
+    ap.add_argument("--peer-round-to", type=int, default=1,
+                    help="Torch-Pruning's round_to (default 1: its uniform ratio then lands on the target)")
     args = ap.parse_args()
-    if args.plot_only:
-        plot_results(RESULTS / ("squeeze-quick.md" if args.quick else "squeeze.md"))
-        return
+    from benchmarks.quantize import ROUNDS, interleaved_latency
+
+    torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     torch.manual_seed(0)
     data = fashion_mnist()
-    test_x, test_y = (data["test_x"][:1000], data["test_y"][:1000]) if args.quick else (data["test_x"], data["test_y"])
-    calib = data["train_x"][torch.randperm(len(data["train_x"]), generator=torch.Generator().manual_seed(0))[:2048]]
-    # squeeze_fold points: params budgets (2x, 3x and the paper's 4.9x smaller), found by the pass's search
-    budgets = [0.204] if args.quick else [0.5, 0.333, 0.204]
-    trim_criteria = [c for c in ("l1", "l2", "bn_scale", "activation", "gdnt", "random") if "trim" in all_passes()]
-    rows: list[list[str]] = []
-    lat_rows: list[list[str]] = []
-    lat0: dict[str, float] = {}
-    # timed together at the end of the run, after every compile: (model name, variant, FLOPs ratio, module)
-    to_time: list[tuple[str, str, float, nn.Module]] = []
-    alloc: list[str] = []  # what each squeeze_fold compile kept, from its report
+    n_test = 1000 if args.quick else len(data["test_x"])
+    test = (data["test_x"][:n_test], data["test_y"][:n_test])
+    n_calib = args.calib or (512 if args.quick else 2048)
+    calib = data["train_x"][torch.randperm(len(data["train_x"]), generator=torch.Generator().manual_seed(0))[:n_calib]]
+    models = (args.models or ("vgg" if args.quick else "vgg,resnet")).split(",")
+    grid = [("flops", 2.0)] if args.quick else [(m, t) for m in MEASURES for t in TARGETS]
+    hard = grid[-1] if args.quick else HARD_POINT
 
-    def row(name: str, method: str, setting: str, pr: float, fr: float, acc: float, base_acc: float,
-            secs: float, mib: float) -> None:
-        rows.append([name, method, setting, f"{pr:.2f}x", f"{fr:.2f}x", f"{acc:.2%}", f"{(base_acc - acc) * 100:+.2f}",
-                     f"{secs:.1f}", f"{mib:.0f}"])
-
-    for name in args.models.split(","):
+    points: list[Point] = []
+    bases: list[Base] = []
+    ablations: list[Point] = []
+    alloc: list[str] = []
+    for name in models:
         model = trained(name, data)
-        base_acc = accuracy(model, test_x, test_y)
-        base_flops, base_params = flops_params(model)
-        rows.append([name, "original", "-", "1.00x", "1.00x", f"{base_acc:.2%}", "-", "-", "-"])
-        to_time.append((name, "original", 1.0, model))
-        for b in budgets:
-            res, secs, mib = run_ns(model, ["fold_bn", "squeeze_fold"], calib, {"params": b})
-            acc = accuracy(res.model, test_x, test_y)
-            fr, pr = res.report.flops_ratio, res.report.params_ratio
-            row(name, "squeeze_fold", f"params <= {b:.1%}", pr, fr, acc, base_acc, secs, mib)
-            alloc.append(f"- {name} squeeze_fold params <= {b:.1%}: " + "; ".join(_notes(res)))
-            to_time.append((name, f"squeeze_fold params <= {b:.1%}", fr, res.model))
-            if b == budgets[-1]:  # the design choices, measured at the hardest point
-                for variant in VARIANTS:
-                    step, changes = _variant(variant)
-                    with ablation(**changes):
-                        vres, vsecs, vmib = run_ns(model, ["fold_bn", step], calib, {"params": b})
-                    row(name, f"squeeze_fold {variant}", f"params <= {b:.1%}", vres.report.params_ratio,
-                        vres.report.flops_ratio, accuracy(vres.model, test_x, test_y), base_acc, vsecs, vmib)
-                    alloc.append(f"- {name} squeeze_fold {variant} params <= {b:.1%}: " + "; ".join(_notes(vres)))
-            keep = 1.0 / fr
-            for crit in trim_criteria:
-                try:
-                    tres, tsecs, tmib = run_ns(model, ["fold_bn", f"trim {{ criterion = {crit} }}"], calib,
-                                               {"flops": keep})
-                except ns.NetsqueezeError as err:
-                    rows.append([name, f"trim {crit}", f"FLOPs {fr:.2f}x", "-", "-", "failed", "-", "-",
-                                 str(err).splitlines()[0][:60]])
-                    continue
-                tacc = accuracy(tres.model, test_x, test_y)
-                row(name, f"trim {crit}", f"FLOPs {fr:.2f}x", tres.report.params_ratio, tres.report.flops_ratio, tacc,
-                    base_acc, tsecs, tmib)
-            for kind in ("l1", "taylor"):
-                t0 = time.perf_counter()
-                with PeakRSS() as mem:
-                    pm = tp_prune(model, data, keep, kind)
-                secs = time.perf_counter() - t0
-                f2, p2 = flops_params(pm)
-                pacc = accuracy(pm, test_x, test_y)
-                row(name, f"torch-pruning group-{kind}", f"FLOPs {fr:.2f}x", base_params / p2, base_flops / f2, pacc,
-                    base_acc, secs, mem.mib)
+        f0, p0 = flops_params(model)
+        base = Base(name, accuracy(model, *test), f0, p0, forward_seconds(model, calib))
+        bases.append(base)
+        print(f"{name}: top-1 {base.top1:.2%}, forward pass over {n_calib} images {base.fwd_s:.2f} s",
+              file=sys.stderr, flush=True)
+        for measure, t in grid:
+            p, notes = squeeze_point(model, base, measure, t, calib, test)
+            points.append(p)
+            alloc.append(f"- {name} {p.budget}: " + ("; ".join(notes) or p.failed or "-"))
+            points += peer_points(model, base, measure, t, data, calib, test, args.peer_round_to)
+            if args.ablation and (measure, t) == hard:
+                for v in variants():
+                    step, changes = _variant(v)
+                    a, notes = squeeze_point(model, base, measure, t, calib, test, f"{SF} {v}", step, changes)
+                    ablations.append(a)
+                    alloc.append(f"- {name} {a.budget} {v}: " + ("; ".join(notes) or a.failed or "-"))
+        # ONNX Runtime latency: the original and every squeeze_fold model of this model, timed in turns
+        timed = [p for p in points if p.model == name and p.method == SF and p.module is not None]
+        lat = interleaved_latency([onnx_blob(model)] + [onnx_blob(p.module) for p in timed if p.module])
+        base.lat_ms = lat[0]
+        for p, ms in zip(timed, lat[1:]):
+            p.lat = {b: lat[0][b] / ms[b] for b in ms}
+        for p in points + ablations:
+            p.module = None  # free the models
 
-    for name, variant, fr, m in to_time:
-        lat = latencies(m)
-        if variant == "original":
-            lat0 = lat
-            lat_rows.append([name, "original", "1.00x"] + [f"{lat0[k]:.2f} ms" for k in sorted(lat0)])
-        else:
-            lat_rows.append([name, variant, f"{fr:.2f}x"] +
-                            [f"{lat0[k] / lat[k]:.2f}x ({lat[k]:.2f} ms)" for k in sorted(lat0)])
-    header = ["model", "method", "setting", "params ratio", "FLOPs ratio", "top-1", "drop (pts)", "compile s",
-              "peak MiB"]
-    lat_header = ["model", "model variant", "FLOPs ratio"] + [f"speed-up {k}" for k in sorted(lat0)]
-    text = "\n\n".join([
-        "# squeeze-and-fold on Fashion-MNIST (one-shot, no fine-tuning)",
-        f"test images: {len(test_x)}; calibration: {len(calib)} training images; CPU, 2 threads; channel counts "
-        f"rounded to multiples of {ROUND_TO} for every method; peak MiB = RSS growth during the compile (a lower "
-        "bound: reused memory does not show); compile s is wall time on a 2-core machine that may be shared "
-        f"with other jobs (noisy). Command: `.venv/bin/python benchmarks/squeeze.py {' '.join(sys.argv[1:])}`, "
-        f"{(time.perf_counter() - t_start) / 60:.0f} min",
-        markdown_table(header, rows),
-        "## latency (median of 50 runs; speed-up = original / compressed; timed together after every compile)",
-        markdown_table(lat_header, lat_rows),
-        "## squeeze_fold allocations (the pass's report notes: channels kept per group, how the search ended)",
-        "\n".join(alloc),
-    ]) + "\n"
+    originals = markdown_table(
+        ["model", "top-1", "params", "FLOPs", f"forward pass over {n_calib:,} images (s)", "ORT b1 ms", "ORT b64 ms"],
+        [[b.model, f"{b.top1:.2%}", f"{b.params:,}", f"{b.flops:,}", f"{b.fwd_s:.2f}", f"{b.lat_ms[1]:.3f}",
+          f"{b.lat_ms[64]:.2f}"] for b in bases])
+    order = {SF: 0, TP: 1, TP_BN: 2}
+    rows = [fmt_row(p) for p in sorted(points, key=lambda p: (models.index(p.model), MEASURES.index(p.measure),
+                                                                p.target, order[p.method]))]
+    minutes = (time.perf_counter() - t_start) / 60
+    parts = [
+        "# squeeze_fold on Fashion-MNIST: params and FLOPs budgets, beside Torch-Pruning (one-shot, no fine-tuning)",
+        f"Command: `.venv/bin/python benchmarks/squeeze.py {' '.join(sys.argv[1:])}`, {minutes:.0f} min. "
+        f"Test images: {n_test:,}; calibration: {n_calib:,} training images (a fixed random subset), the same for "
+        f"every method. squeeze_fold: `fold_bn` + `squeeze_fold` under the policy's `budget flops|params <= X%` "
+        f"with `bounds {{ round_to = {ROUND_TO} }}`, `calibrate samples {n_calib}, batch {CALIB_BATCH}`. "
+        f"{TP}: Torch-Pruning's group-L1 magnitude importance with one uniform per-layer ratio (its default; the "
+        f"classifier's output layer kept), the ratio bisected to the same budget, round_to {args.peer_round_to}; "
+        f"{TP_BN}: that model after re-estimating every BatchNorm's statistics on the calibration images "
+        "(statistics reset, one pass in train mode with a cumulative average, no gradient). "
+        f"Compile s and the forward pass: wall time, torch with {args.threads} thread(s), on a 2-core machine "
+        "shared with other jobs (noisy); compile / forward = compile s over one forward pass of the original model "
+        "over the calibration images in batches of 256; calib. passes = `CompileReport.calibration_passes`; peak "
+        "MiB = RSS growth during the compile (a lower bound: reused memory does not show). ORT speed-ups: "
+        f"original / compressed, ONNX Runtime CPU, 2 threads, medians over {ROUNDS} rounds that time the original "
+        "and every squeeze_fold model of a model in turns.",
+        "## Original models",
+        originals,
+        "## Results",
+        markdown_table(HEADER, rows),
+        "## Targets (issue 17), from the rows above",
+        markdown_table(["target", "measured", "verdict"], verdicts(points, bases, n_calib)),
+    ]
+    if ablations:
+        parts += [f"## squeeze_fold design alternatives at {hard[0]} {hard[1]:g}x (the default is the `squeeze_fold` "
+                  "row of the results)", markdown_table(HEADER, [fmt_row(a) for a in ablations])]
+    parts += ["## squeeze_fold allocations (the pass's report notes)", "\n".join(alloc)]
+    text = "\n\n".join(parts) + "\n"
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / ("squeeze-quick.md" if args.quick else "squeeze.md")
-    out.write_text(text)
-    plot_results(out)
-    print(f"wrote {out}")
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(out)
+    plot(points, bases, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,185 @@
+"""Compile cost of `squeeze_fold` against model size and calibration size, with the fitted growth.
+
+    .venv/bin/python benchmarks/scaling.py [--quick] [--threads 1]
+
+One compile = `fold_bn` + `squeeze_fold` under `budget flops <= 50%` (`bounds { round_to = 8 }`, no guard) of
+the VGG-style net of benchmarks/common.py with its widths scaled (w = 32 is the benchmark model), with
+random weights (seeded; compile cost does not depend on what the weights learnt), calibrated on Fashion-MNIST
+training images (28x28):
+
+- against model size: w = 32, 64, 128, 256 (0.58M to 20.7M params) at a fixed calibration size;
+- against calibration size: 256, 512, 1024, 2048 images at a fixed model (w = 64).
+
+Each compile runs in a fresh process, so that its peak memory is the kernel's high-water mark of that process
+(`ru_maxrss`) less its resident memory just before the compile (model, data and imports loaded): no earlier
+allocation hides in it. The same process then times one forward pass of the original model over the same
+calibration images (torch, no gradient, batches of 256) for the compile / forward ratio, and reports the
+compile's `CompileReport.calibration_passes`. Growth is fitted as time ∝ size^b (least squares on log-log).
+Prints the tables and writes benchmarks/results/scaling.md (scaling-quick.md with --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import RESULTS, VGGStyle, markdown_table
+
+WIDTHS = (32, 64, 128, 256)
+SIZE_CALIB = 512  # calibration images of the model-size sweep
+CALIBS = (256, 512, 1024, 2048)
+CALIB_WIDTH = 64  # the model of the calibration-size sweep
+BATCH = 256
+CHILD_TIMEOUT_S = 900
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def child(width: int, n: int, threads: int) -> dict[str, Any]:
+    """One measurement, in this (fresh) process: compile, then one forward pass of the original model."""
+    import netsqueeze as ns
+    from benchmarks.common import fashion_mnist
+    from netsqueeze.ir.stats import graph_stats
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = VGGStyle(width).eval()
+    data = fashion_mnist()
+    calib = data["train_x"][torch.randperm(len(data["train_x"]), generator=torch.Generator().manual_seed(0))[:n]]
+    del data
+    stats = graph_stats(ns.import_model(model, (calib[:2],)))
+    policy = (f"policy scaling {{\n  calibrate samples {n}, batch {BATCH}\n  budget flops <= 50%\n"
+              "  bounds { round_to = 8 }\n  fold_bn\n  squeeze_fold\n}\n")
+    base = _rss()
+    t0 = time.perf_counter()
+    res = ns.compile(model, policy, example_inputs=(calib[:2],), calibration=calib)
+    secs = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    fwd = []
+    with torch.no_grad():
+        model(calib[:BATCH])
+        for _ in range(1 if width >= 256 else 3):
+            t1 = time.perf_counter()
+            for i in range(0, n, BATCH):
+                model(calib[i : i + BATCH])
+            fwd.append(time.perf_counter() - t1)
+    passes = getattr(res.report, "calibration_passes", None)
+    return {"width": width, "n": n, "params": stats.params, "flops": stats.flops, "secs": secs,
+            "fwd": statistics.median(fwd), "peak_mib": max(0, peak - base) / 2**20,
+            "passes": float(passes) if passes else None, "flops_red": res.report.flops_ratio}
+
+
+def measure(width: int, n: int, threads: int) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--child", json.dumps({"width": width, "n": n}), "--threads", str(threads)]
+    print(f"  w = {width}, {n} images ...", file=sys.stderr, flush=True)
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired:
+        return {"width": width, "n": n, "failed": f"over {CHILD_TIMEOUT_S} s"}
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if out.returncode != 0 or not lines:
+        tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"width": width, "n": n, "failed": tail[:120]}
+    r: dict[str, Any] = json.loads(lines[-1])
+    print(f"    {r['secs']:.1f} s compile, {r['fwd']:.2f} s forward, {r['peak_mib']:.0f} MiB", file=sys.stderr,
+          flush=True)
+    return r
+
+
+def slope(xs: list[float], ys: list[float]) -> float:
+    """b of y ∝ x^b, least squares on log-log."""
+    lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
+    mx, my = statistics.fmean(lx), statistics.fmean(ly)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
+
+
+HEADER = ["width", "params", "FLOPs / image", "calib. images", "compile s", "forward s", "compile / forward",
+          "calib. passes", "peak MiB", "FLOPs red."]
+
+
+def fmt(r: dict[str, Any]) -> list[str]:
+    if "failed" in r:
+        return [str(r["width"]), "-", "-", f"{r['n']:,}", "failed", "-", "-", "-", "-", r["failed"]]
+    return [str(r["width"]), f"{r['params'] / 1e6:.2f}M", f"{r['flops'] / 2 / 1e6:.0f}M MACs", f"{r['n']:,}",
+            f"{r['secs']:.1f}", f"{r['fwd']:.2f}", f"{r['secs'] / r['fwd']:.1f}",
+            "-" if r["passes"] is None else f"{r['passes']:.1f}", f"{r['peak_mib']:.0f}", f"{r['flops_red']:.2f}x"]
+
+
+def fits(rows: list[dict[str, Any]], key: str, label: str) -> list[str]:
+    ok = [r for r in rows if "failed" not in r]
+    if len(ok) < 2:
+        return [f"- {label}: fewer than two measurements, no fit"]
+    xs = [float(r[key]) for r in ok]
+    out = [f"- compile time ∝ {label}^{slope(xs, [r['secs'] for r in ok]):.2f}",
+           f"- one forward pass ∝ {label}^{slope(xs, [r['fwd'] for r in ok]):.2f}",
+           f"- compile / forward ∝ {label}^{slope(xs, [r['secs'] / r['fwd'] for r in ok]):.2f}"]
+    mem = [r for r in ok if r["peak_mib"] > 0]
+    if len(mem) >= 2:
+        out.append(f"- peak memory ∝ {label}^{slope([float(r[key]) for r in mem], [r['peak_mib'] for r in mem]):.2f}")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="w = 16, 32 and 64 images at 128 and 256 (smoke run)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads in each compile (default 1)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        spec = json.loads(args.child)
+        print(json.dumps(child(spec["width"], spec["n"], args.threads)))
+        return
+    t_start = time.perf_counter()
+    widths, size_n, calibs, calib_w = ((16, 32), 128, (128, 256), 32) if args.quick else \
+        (WIDTHS, SIZE_CALIB, CALIBS, CALIB_WIDTH)
+    print("model size:", file=sys.stderr)
+    by_size = [measure(w, size_n, args.threads) for w in widths]
+    print("calibration size:", file=sys.stderr)
+    done = {(r["width"], r["n"]): r for r in by_size}  # the model-size sweep's point at calib_w is reused
+    by_calib = [done.get((calib_w, n)) or measure(calib_w, n, args.threads) for n in calibs]
+    minutes = (time.perf_counter() - t_start) / 60
+    text = "\n\n".join([
+        "# squeeze_fold compile cost against model size and calibration size",
+        f"Command: `.venv/bin/python benchmarks/scaling.py {' '.join(sys.argv[1:])}`, {minutes:.0f} min. "
+        "One compile: `fold_bn` + `squeeze_fold`, `budget flops <= 50%`, `bounds { round_to = 8 }`, no guard, "
+        f"`calibrate samples N, batch {BATCH}`, of the VGG-style net of benchmarks/common.py at width w "
+        "(w = 32 is the benchmark model) with **random weights** (seeded; the compile's cost does not depend on "
+        "what the weights learnt, its allocation does), calibrated on Fashion-MNIST training images (28x28). "
+        f"Wall times, torch with {args.threads} thread(s), each compile in a fresh process, on a 2-core machine "
+        "shared with other jobs (noisy). forward s = one forward pass of the original model over the same "
+        f"calibration images (batches of {BATCH}, no gradient); calib. passes = "
+        "`CompileReport.calibration_passes`; peak MiB = the compile process's resident-memory high-water mark "
+        "(`ru_maxrss`) less its resident memory just before the compile (model, data and imports loaded).",
+        f"## Against model size ({size_n:,} calibration images)",
+        markdown_table(HEADER, [fmt(r) for r in by_size]),
+        "Fitted growth against params:\n" + "\n".join(fits(by_size, "params", "params")),
+        f"## Against calibration size (w = {calib_w})",
+        markdown_table(HEADER, [fmt(r) for r in by_calib]),
+        "Fitted growth against calibration images:\n" + "\n".join(fits(by_calib, "n", "images")),
+    ]) + "\n"
+    print(text)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / ("scaling-quick.md" if args.quick else "scaling.md")
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
