@@ -10,9 +10,9 @@ training images (28x28):
 - against model size: w = 32, 64, 128, 256 (0.58M to 20.7M params) at a fixed calibration size;
 - against calibration size: 256, 512, 1024, 2048 images at a fixed model (w = 64).
 
-Each compile runs in a fresh process, so that its peak memory is the kernel's high-water mark of that process
-(`ru_maxrss`) less its resident memory just before the compile (model, data and imports loaded): no earlier
-allocation hides in it. The same process then times one forward pass of the original model over the same
+Each compile runs in a fresh process; its peak memory is the kernel's resident-memory high-water mark of that
+process (VmHWM, reset just before the compile through /proc/self/clear_refs) less its resident memory then
+(model, data and imports loaded): exact, not sampled, and no earlier allocation hides in it. The same process then times one forward pass of the original model over the same
 calibration images (torch, no gradient, batches of 256) for the compile / forward ratio, and reports the
 compile's `CompileReport.calibration_passes`. Growth is fitted as time ∝ size^b (least squares on log-log).
 Prints the tables and writes benchmarks/results/scaling.md (scaling-quick.md with --quick).
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import statistics
 import subprocess
 import sys
@@ -45,9 +44,19 @@ BATCH = 256
 CHILD_TIMEOUT_S = 900
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+
+def reset_peak() -> bool:
+    """Resets this process's resident-memory high-water mark (VmHWM) to its current resident memory (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
 
 
 def child(width: int, n: int, threads: int) -> dict[str, Any]:
@@ -65,11 +74,13 @@ def child(width: int, n: int, threads: int) -> dict[str, Any]:
     stats = graph_stats(ns.import_model(model, (calib[:2],)))
     policy = (f"policy scaling {{\n  calibrate samples {n}, batch {BATCH}\n  budget flops <= 50%\n"
               "  bounds { round_to = 8 }\n  fold_bn\n  squeeze_fold\n}\n")
-    base = _rss()
+    if not reset_peak():
+        raise SystemExit("cannot reset the peak resident memory (/proc/self/clear_refs): no memory figure")
+    base = _status_kib("VmRSS")
     t0 = time.perf_counter()
     res = ns.compile(model, policy, example_inputs=(calib[:2],), calibration=calib)
     secs = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    peak = _status_kib("VmHWM")
     fwd = []
     with torch.no_grad():
         model(calib[:BATCH])
@@ -79,8 +90,9 @@ def child(width: int, n: int, threads: int) -> dict[str, Any]:
                 model(calib[i : i + BATCH])
             fwd.append(time.perf_counter() - t1)
     passes = getattr(res.report, "calibration_passes", None)
-    return {"width": width, "n": n, "params": stats.params, "flops": stats.flops, "secs": secs,
-            "fwd": statistics.median(fwd), "peak_mib": max(0, peak - base) / 2**20,
+    # graph_stats counts the FLOPs (2 per multiply-add) of the example batch: two images
+    return {"width": width, "n": n, "params": stats.params, "flops": stats.flops // 2, "secs": secs,
+            "fwd": statistics.median(fwd), "peak_mib": (peak - base) / 1024,
             "passes": float(passes) if passes else None, "flops_red": res.report.flops_ratio}
 
 
@@ -115,7 +127,7 @@ HEADER = ["width", "params", "FLOPs / image", "calib. images", "compile s", "for
 def fmt(r: dict[str, Any]) -> list[str]:
     if "failed" in r:
         return [str(r["width"]), "-", "-", f"{r['n']:,}", "failed", "-", "-", "-", "-", r["failed"]]
-    return [str(r["width"]), f"{r['params'] / 1e6:.2f}M", f"{r['flops'] / 2 / 1e6:.0f}M MACs", f"{r['n']:,}",
+    return [str(r["width"]), f"{r['params'] / 1e6:.2f}M", f"{r['flops'] / 1e6:.0f}M", f"{r['n']:,}",
             f"{r['secs']:.1f}", f"{r['fwd']:.2f}", f"{r['secs'] / r['fwd']:.1f}",
             "-" if r["passes"] is None else f"{r['passes']:.1f}", f"{r['peak_mib']:.0f}", f"{r['flops_red']:.2f}x"]
 
@@ -164,7 +176,7 @@ def main() -> None:
         "shared with other jobs (noisy). forward s = one forward pass of the original model over the same "
         f"calibration images (batches of {BATCH}, no gradient); calib. passes = "
         "`CompileReport.calibration_passes`; peak MiB = the compile process's resident-memory high-water mark "
-        "(`ru_maxrss`) less its resident memory just before the compile (model, data and imports loaded).",
+        "(VmHWM, reset just before the compile) less its resident memory then (model, data and imports loaded).",
         f"## Against model size ({size_n:,} calibration images)",
         markdown_table(HEADER, [fmt(r) for r in by_size]),
         "Fitted growth against params:\n" + "\n".join(fits(by_size, "params", "params")),
