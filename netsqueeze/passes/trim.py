@@ -241,8 +241,9 @@ class Trim(TransformPass):
     so far computes them onto the original channels (two calibration passes per group), so a fold
     also corrects the drift of the groups trimmed before it. At a consumer it is never worse than
     bias compensation (least squares with intercept includes T = 0, the means alone) and exact when
-    the removed channels are affine combinations of the kept ones. Other consumers (conv_transpose,
-    grouped convs) get bias compensation. `refit = least_squares` without calibration data, with
+    the removed channels are affine combinations of the kept ones. Other consumers (conv_transpose)
+    get bias compensation; grouped convs reading the group are sliced, as without refit.
+    `refit = least_squares` without calibration data, with
     `bias_compensation = false` or with `gdnt_mode = groups` is an error.
 
     Bias compensation (`refit = none`, and consumers the refit cannot fold into; the intercept of
