@@ -66,7 +66,7 @@ class Ablation:
     allocation: Literal["lagrange", "uniform"] = "lagrange"
     sensitivity: Literal["auto", "output", "first_order", "curve", "none"] = "auto"
     sensitivity_rounds: int = 2
-    sensitivity_samples: int = 512
+    sensitivity_samples: int = 256
     measure_passes: float = 8.0
     block_fit: Literal["full", "shared"] = "full"
     max_block_features: int = 4096
@@ -599,16 +599,20 @@ class SqueezeFold(TransformPass):
 
     def _sensitivities(self, graph: Graph, groups: ChannelGroups,
                        ranks: dict[int, tuple[list[int], list[float], torch.Tensor]], plans: dict[int, list[_Probe]],
-                       counts: dict[int, int], ctx: PassContext) -> dict[int, float]:
+                       counts: dict[int, int], ctx: PassContext,
+                       done: dict[int, int] | None = None) -> dict[int, float]:
         """Per group, the model's squared relative output error per unit of the group's own
         reconstruction error: the group alone squeezed to its count in `counts` (half its channels
-        when that keeps them all), folded in parallel on a copy, measured by `ctx.fidelity`."""
+        when that keeps them all), folded in parallel on a copy, measured by `ctx.fidelity`. `done`: the
+        count each group was last measured at (updated here); a group at that count is not measured again."""
         out: dict[int, float] = {}
+        done = {} if done is None else done
         for gid, (_, err, _) in ranks.items():
             size = groups[gid].size
             k = counts[gid] if counts[gid] < size else max(1, size // 2)
-            if err[k] <= 1e-9:
+            if err[k] <= 1e-9 or done.get(gid) == k:
                 continue
+            done[gid] = k
             e = ctx.fidelity(self._candidate(graph, groups, ranks, plans, {gid: k}), "output_error",
                              self._sensitivity_batches(ctx))
             if e is not None:
@@ -754,7 +758,7 @@ class SqueezeFold(TransformPass):
           FLOP/param. The family is indexed by log λ. err_g is weighted by how much of it reaches the
           model's outputs (`Ablation.sensitivity`, default `auto`): measured — each group alone squeezed
           to its count at the budget, the squared relative output error per unit of err_g on the first
-          512 calibration samples (`sensitivity_rounds` re-measurements) — while that costs at most 8
+          256 calibration samples (`sensitivity_rounds` re-measurements) — while that costs at most 8
           model passes over the data, else a first-order estimate of every group's output-error curve
           from one forward/backward pass (`_first_order`); the report's search line says which. After
           the bisection the budget its coarse steps leave unused is handed back (`_fill`).
@@ -846,8 +850,9 @@ class SqueezeFold(TransformPass):
                 line += (" after a first-order estimate of every group's output error (one forward/backward "
                          "pass)")
         elif ab.allocation == "lagrange" and how == "output" and ctx.fidelity_fn is not None:
+            measured_at: dict[int, int] = {}
             for _ in range(ab.sensitivity_rounds):
-                sens.update(self._sensitivities(graph, groups, ranks, plans, family(t_budget), ctx))
+                sens.update(self._sensitivities(graph, groups, ranks, plans, family(t_budget), ctx, measured_at))
                 t_budget = budget_t() if budget else lo
             line += " after weighting groups by measured output sensitivity (" + ", ".join(
                 f"{groups[g].producers[0] if groups[g].producers else g}: {v:.3g}" for g, v in sorted(sens.items())) + ")"
