@@ -43,7 +43,7 @@ def test_check_reports_every_error_at_once(tmp_path: Path, monkeypatch: pytest.M
         "bad.sqz:2:3: error: unknown pass 'trm' (did you mean 'trim'?)\n"
         "    trm\n"
         "    ^~~\n"
-        "bad.sqz:3:10: error: unknown option 'ration' for pass 'trim' (did you mean 'ratio' or 'criterion'?)\n"
+        "bad.sqz:3:10: error: unknown option 'ration' for pass 'trim' (did you mean 'ratio' or 'criterion' or 'allocation'?)\n"
         "    trim { ration = 1 }\n"
         "           ^~~~~~\n"
         "bad.sqz:4:27: error: wrong unit for option 'energy' of pass 'squeeze_fold': expected a ratio "

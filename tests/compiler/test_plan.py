@@ -135,7 +135,7 @@ def test_check_file(tmp_path: Path) -> None:
     diags = check_file(bad, passes=_passes())
     assert [d.message for d in diags] == [
         "unknown pass 'trm' (did you mean 'trim'?)",
-        "unknown option 'ration' for pass 'trim' (did you mean 'ratio' or 'criterion'?)",
+        "unknown option 'ration' for pass 'trim' (did you mean 'ratio' or 'criterion' or 'allocation'?)",
     ]
     assert check_file(ROOT / "examples" / "vgg_edge.sqz") == []  # the real registry
     assert check_file(tmp_path / "missing.sqz", passes=_passes())[0].message.startswith("cannot read policy")
