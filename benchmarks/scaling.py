@@ -4,17 +4,19 @@
 
 One compile = `fold_bn` + `squeeze_fold` under `budget flops <= 50%` (`bounds { round_to = 8 }`, no guard) of
 the VGG-style net of benchmarks/common.py with its widths scaled (w = 32 is the benchmark model), with
-random weights (seeded; compile cost does not depend on what the weights learnt), calibrated on Fashion-MNIST
+random weights (seeded; the compile's cost follows the shapes, mostly: what the weights learnt sets the
+allocation), calibrated on Fashion-MNIST
 training images (28x28):
 
-- against model size: w = 32, 64, 128, 256 (0.58M to 20.7M params) at a fixed calibration size;
+- against model size: w = 32, 64, 128, 192, 288 (0.58M to 25.8M params) at 256 calibration images (a
+  small count, so that the largest model's compile fits the run time);
 - against calibration size: 256, 512, 1024, 2048 images at a fixed model (w = 64).
 
 Each compile runs in a fresh process; its peak memory is the kernel's resident-memory high-water mark of that
 process (VmHWM, reset just before the compile through /proc/self/clear_refs) less its resident memory then
-(model, data and imports loaded): exact, not sampled, and no earlier allocation hides in it. The same process then times one forward pass of the original model over the same
-calibration images (torch, no gradient, batches of 256) for the compile / forward ratio, and reports the
-compile's `CompileReport.calibration_passes`. Growth is fitted as time ∝ size^b (least squares on log-log).
+(model, data and imports loaded): exact, not sampled, and no earlier allocation hides in it. The same process
+then times one forward pass of the original model over the same calibration images (torch, no gradient, batches
+of 256) for the compile / forward ratio, and reports the compile's `CompileReport.calibration_passes`. Growth is fitted as time ∝ size^b (least squares on log-log).
 Prints the tables and writes benchmarks/results/scaling.md (scaling-quick.md with --quick).
 """
 
@@ -36,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS, VGGStyle, markdown_table
 
-WIDTHS = (32, 64, 128, 256)
-SIZE_CALIB = 512  # calibration images of the model-size sweep
+WIDTHS = (32, 64, 128, 192, 288)  # 0.58M, 1.7M, 5.8M, 12.1M, 25.8M params
+SIZE_CALIB = 256  # calibration images of the model-size sweep (the largest model's forward pass: ~20 s)
 CALIBS = (256, 512, 1024, 2048)
 CALIB_WIDTH = 64  # the model of the calibration-size sweep
 BATCH = 256
@@ -84,7 +86,7 @@ def child(width: int, n: int, threads: int) -> dict[str, Any]:
     fwd = []
     with torch.no_grad():
         model(calib[:BATCH])
-        for _ in range(1 if width >= 256 else 3):
+        for _ in range(1 if width >= 192 else 3):
             t1 = time.perf_counter()
             for i in range(0, n, BATCH):
                 model(calib[i : i + BATCH])
@@ -170,8 +172,8 @@ def main() -> None:
         f"Command: `.venv/bin/python benchmarks/scaling.py {' '.join(sys.argv[1:])}`, {minutes:.0f} min. "
         "One compile: `fold_bn` + `squeeze_fold`, `budget flops <= 50%`, `bounds { round_to = 8 }`, no guard, "
         f"`calibrate samples N, batch {BATCH}`, of the VGG-style net of benchmarks/common.py at width w "
-        "(w = 32 is the benchmark model) with **random weights** (seeded; the compile's cost does not depend on "
-        "what the weights learnt, its allocation does), calibrated on Fashion-MNIST training images (28x28). "
+        "(w = 32 is the benchmark model) with **random weights** (seeded; the compile's cost follows the shapes, "
+        "mostly: what the weights learnt sets the allocation), calibrated on Fashion-MNIST training images (28x28). "
         f"Wall times, torch with {args.threads} thread(s), each compile in a fresh process, on a 2-core machine "
         "shared with other jobs (noisy). forward s = one forward pass of the original model over the same "
         f"calibration images (batches of {BATCH}, no gradient); calib. passes = "
