@@ -14,11 +14,16 @@ ONNX Runtime CPU, batch 64, 1 thread.
 
     .venv/bin/python -m benchmarks.latency_budget            # both parts, both models
     .venv/bin/python -m benchmarks.latency_budget --quick    # VGG only, fewer points
+    .venv/bin/python -m benchmarks.latency_budget --parts search --cost-models per_kind   # rerun a part
+
+Results accumulate in benchmarks/results/latency_budget.json (each part with the time it ran); the markdown
+table is rendered from it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
@@ -33,6 +38,7 @@ from netsqueeze.backends.onnx import to_onnx
 from netsqueeze.compiler.cost_model import fit_blocked, graph_works
 from netsqueeze.compiler.latency import measure
 from netsqueeze.compiler.latency_budget import fit, variants
+from netsqueeze.errors import NetsqueezeError
 from netsqueeze.ir.graph import Graph
 from netsqueeze.ir.stats import graph_stats
 from netsqueeze.passes.base import PassContext
@@ -104,7 +110,7 @@ def prediction(name: str, model: torch.nn.Module, data: dict[str, torch.Tensor],
 
 
 def search(name: str, model: torch.nn.Module, data: dict[str, torch.Tensor], targets: tuple[float, ...],
-           round_tos: tuple[int, ...]) -> list[list[str]]:
+           round_tos: tuple[int, ...], cm: str) -> list[list[str]]:
     xt, yt = data["test_x"][:2000], data["test_y"][:2000]
     example = (xt[:1],)
     original = to_onnx(ns.import_model(model, example, dynamic_shapes=DYN))
@@ -112,65 +118,93 @@ def search(name: str, model: torch.nn.Module, data: dict[str, torch.Tensor], tar
     rows = []
     for round_to in round_tos:
         for target in targets:
-            for cm in ("per_kind", "line"):
-                t = time.perf_counter()
+            t = time.perf_counter()
+            try:
                 res = ns.compile(model, SEARCH.format(batch=BATCH, model=cm, target=target, round_to=round_to),
                                  example_inputs=example, calibration=data["train_x"][:512], target="onnx",
                                  dynamic_shapes=DYN, progress=False)
-                seconds = time.perf_counter() - t
-                lat = {x["model"]: x for x in res.report.latency}
-                confirmed = lat["compressed"]["median_ms"] / lat["original"]["median_ms"]
-                lo, lc = measure([original, res.model], (xt[:BATCH],), runtime="ort", threads=1, rounds=30)
-                runs_note = next(n for n in res.report.notes if n.startswith("latency budget runs"))
-                runs = runs_note.split("): ", 1)[1].split(", ")
-                ratios = [float(r.rsplit("-> ", 1)[1].rstrip("%")) / 100 for r in runs]
-                first = next((i + 1 for i, r in enumerate(ratios) if r <= target), 0)
-                rows.append([name, f"<= {target:.0%}", str(round_to), cm, str(first), str(len(runs)),
-                             f"{confirmed:.1%}", f"{lc.median_ms / lo.median_ms:.1%}",
-                             f"{res.report.after.flops / res.report.before.flops:.1%}", "; ".join(runs),
-                             f"{base_top1:.2%} -> {top1(res.model, xt, yt):.2%}", f"{seconds:.0f} s"])
+            except NetsqueezeError as e:  # a miss is a result too
+                rows.append([name, f"<= {target:.0%}", str(round_to), cm, "0", "", "", "", "",
+                             e.diagnostics[0].message.replace("|", "/"), "", f"{time.perf_counter() - t:.0f} s"])
                 print(rows[-1], flush=True)
+                continue
+            seconds = time.perf_counter() - t
+            lat = {x["model"]: x for x in res.report.latency}
+            confirmed = lat["compressed"]["median_ms"] / lat["original"]["median_ms"]
+            lo, lc = measure([original, res.model], (xt[:BATCH],), runtime="ort", threads=1, rounds=30)
+            runs_note = next(n for n in res.report.notes if n.startswith("latency budget runs"))
+            runs = runs_note.split("): ", 1)[1].split(", ")
+            ratios = [float(r.rsplit("-> ", 1)[1].rstrip("%")) / 100 if "-> " in r else 2.0 for r in runs]
+            first = next((i + 1 for i, r in enumerate(ratios) if r <= target), 0)
+            rows.append([name, f"<= {target:.0%}", str(round_to), cm, str(first), str(len(runs)),
+                         f"{confirmed:.1%}", f"{lc.median_ms / lo.median_ms:.1%}",
+                         f"{res.report.after.flops / res.report.before.flops:.1%}", "; ".join(runs),
+                         f"{base_top1:.2%} -> {top1(res.model, xt, yt):.2%}", f"{seconds:.0f} s"])
+            print(rows[-1], flush=True)
     return rows
+
+
+def render(res: dict) -> str:  # type: ignore[type-arg]
+    pred = markdown_table(["model", "pipeline result", "FLOPs", "measured latency", "per-kind predicts", "error",
+                           "line predicts", "error"], res["prediction"]["rows"])
+    search_rows = [r for cm in ("per_kind", "line") for r in res["search"].get(cm, {}).get("rows", [])]
+    search_rows.sort(key=lambda r: (r[0] != "vgg", -float(r[1].split()[1].rstrip("%")), r[3] != "per_kind"))
+    runs = markdown_table(["model", "latency budget", "round_to", "cost model", "first met at run", "runs",
+                           "confirmed in compile", "re-measured (30 rounds)", "FLOPs",
+                           "runs: FLOPs: predicted -> measured", "top-1 (2,000 test images)", "compile"], search_rows)
+    when = "; ".join([f"prediction: {res['prediction']['when']}"]
+                     + [f"{cm} searches: {res['search'][cm]['when']}" for cm in ("per_kind", "line")
+                        if cm in res["search"]])
+    return ("# Measured latency budgets and cost models (Fashion-MNIST, ONNX Runtime CPU, batch 64, 1 thread)\n\n"
+            "Latency ratios are of the original model, timed side by side with it in one process. Other jobs "
+            "shared the 2-core machine during these runs (benchmarks and tests of other work), so single figures "
+            f"carry several percent of noise. Runs (UTC): {when}.\n\n"
+            "## Prediction error: per-op-kind model vs single line\n\n"
+            "Both fitted on the same measurements (the original and its channel-scaled calibration variants); "
+            "predicting pipeline results (fold_bn + squeeze_fold at a FLOPs budget) they never saw.\n\n"
+            f"{pred}\n\nFitted coefficients:\n\n" + "\n".join(f"- {c}" for c in res["prediction"]["fitted"])
+            + "\n\n## Searches for a latency budget\n\n"
+            "fold_bn, then squeeze_fold searching FLOPs (no guard, no fine-tuning); `runs` is the number of "
+            "pipeline runs the search made, `first met at run` the first whose measured latency met the budget "
+            "(0: none did); the `line` search's runs show FLOPs -> measured (it predicts no ratio per run).\n\n"
+            f"{runs}\n")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="VGG only, fewer points (development)")
+    ap.add_argument("--parts", default="prediction,search", help="which parts to run (the others are kept from "
+                    "results/latency_budget.json)")
+    ap.add_argument("--cost-models", default="per_kind,line", help="the searches' cost models to run")
     args = ap.parse_args()
     torch.set_num_threads(1)
     data = fashion_mnist()
     names = ("vgg",) if args.quick else ("vgg", "resnet")
-    pred_rows: list[list[str]] = []
-    fitted: list[str] = []
-    for name in names:
-        rows, coef = prediction(name, trained(name, data), data, args.quick)
-        pred_rows += rows
-        fitted.append(coef)
-    search_rows: list[list[str]] = []
-    for name in names:
-        search_rows += search(name, trained(name, data), data, TARGETS[:1] if args.quick else TARGETS,
-                              (8,))
-    pred = markdown_table(["model", "pipeline result", "FLOPs", "measured latency", "per-kind predicts", "error",
-                           "line predicts", "error"], pred_rows)
-    runs = markdown_table(["model", "latency budget", "round_to", "cost model", "first met at run", "runs",
-                           "confirmed in compile", "re-measured (30 rounds)", "FLOPs",
-                           "runs: FLOPs: predicted -> measured", "top-1 (2,000 test images)", "compile"], search_rows)
-    text = ("# Measured latency budgets and cost models (Fashion-MNIST, ONNX Runtime CPU, batch 64, 1 thread)\n\n"
-            "Latency ratios are of the original model, timed side by side with it in one process; other jobs "
-            "may have shared the 2-core machine, so single figures carry a few percent of noise.\n\n"
-            "## Prediction error: per-op-kind model vs single line\n\n"
-            "Both fitted on the same measurements (the original and its channel-scaled calibration variants); "
-            "predicting pipeline results (fold_bn + squeeze_fold at a FLOPs budget) they never saw.\n\n"
-            f"{pred}\n\nFitted coefficients:\n\n" + "\n".join(f"- {c}" for c in fitted) + "\n\n"
-            "## Searches for a latency budget\n\n"
-            "fold_bn, then squeeze_fold searching FLOPs (no guard, no fine-tuning); `runs` is the number of "
-            "pipeline runs the search made, `first met at run` the first whose measured latency met the budget "
-            "(0: none did); the `line` search's runs show FLOPs -> measured (it predicts no ratio per run).\n\n"
-            f"{runs}\n")
+    parts = set(args.parts.split(","))
+    stem = "latency_budget_quick" if args.quick else "latency_budget"
+    store = Path(__file__).with_name("results") / f"{stem}.json"
+    res = json.loads(store.read_text()) if store.exists() else {"prediction": {}, "search": {}}
+    now = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
+    if "prediction" in parts:
+        pred_rows: list[list[str]] = []
+        fitted: list[str] = []
+        for name in names:
+            rows, coef = prediction(name, trained(name, data), data, args.quick)
+            pred_rows += rows
+            fitted.append(coef)
+            print(coef, flush=True)
+        res["prediction"] = {"rows": pred_rows, "fitted": fitted, "when": now}
+    if "search" in parts:
+        for cm in args.cost_models.split(","):
+            rows = []
+            for name in names:
+                rows += search(name, trained(name, data), data, TARGETS[:1] if args.quick else TARGETS, (8,), cm)
+            res["search"][cm] = {"rows": rows, "when": now}
+    store.parent.mkdir(exist_ok=True)
+    store.write_text(json.dumps(res, indent=1))
+    text = render(res)
     print(text)
-    out = Path(__file__).with_name("results") / ("latency_budget_quick.md" if args.quick else "latency_budget.md")
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(text)
+    (store.parent / f"{stem}.md").write_text(text)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ with the original in one process (`compiler.latency.measure`). Two cost models:
   at 75/50/25% of its channels, and each producer kind's groups alone at 50%), measured side by side before
   the first run. The FLOPs budget is read off the curve of predicted latency ratio against FLOPs ratio of
   uniformly scaled variants (costed by a dry run on shapes). Every measured run is added to the fit, and the
-  next budget is read off the refitted curve shifted by what the model still misses on that run (at most
-  halving or doubling the FLOPs of the last run).
+  next budget is read off the refitted curve shifted to pass through the last run (the pipeline's allocation
+  is not uniform), at most halving or doubling its FLOPs; a budget the pipeline cannot reach is doubled.
 - `line`: t = a + b·FLOPs fitted to the measured runs only (the original first, a = 0 for the first guess).
 
 The pipeline reruns from the original until the measured latency meets the target; once a run met it and
@@ -22,6 +22,7 @@ another missed, the FLOPs budget is bisected between them, keeping the met run w
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -261,6 +262,16 @@ def flops_curve(original: Graph, ctx: PassContext, scale: float = 1.0,
     return sorted(pts, key=lambda p: p[0])
 
 
+def _interp(curve: Sequence[tuple[float, float]], f: float) -> float:
+    """The curve's value at FLOPs ratio `f`, linear between points, proportional below the first."""
+    if f <= curve[0][0]:
+        return curve[0][1] * f / max(curve[0][0], 1e-12)
+    for (f1, r1), (f2, r2) in itertools.pairwise(curve):
+        if f <= f2:
+            return r1 + (r2 - r1) * (f - f1) / (f2 - f1 or 1.0)
+    return curve[-1][1]
+
+
 def pick_flops(curve: Sequence[tuple[float, float]], want: float) -> float:
     """The largest FLOPs ratio whose value on the curve ((FLOPs ratio, latency ratio) points sorted by FLOPs,
     linear between points) is at most `want`; proportional below the curve's first point."""
@@ -309,7 +320,18 @@ def _run_per_kind(original: Graph, steps: Sequence[Step], ctx: PassContext, targ
             budget["flops"] = min(budget_ratio, user_flops) if user_flops is not None else budget_ratio
         ctx.invalidate(frozenset())
         ctx.budget = budget
-        run = run_pipeline(graph, steps, ctx)
+        try:
+            run = run_pipeline(graph, steps, ctx)
+        except BudgetError:
+            # a FLOPs budget of ours below what the pipeline can reach: double it (a run spent), else the
+            # user's own budget failed, which is theirs to see
+            if budget_ratio is None or budget_ratio >= (user_flops or 1.0) or attempt == MAX_ATTEMPTS - 1:
+                raise
+            log(f"latency budget, run {attempt + 1}: the pipeline cannot reach FLOPs {budget_ratio:.1%}")
+            nan = float("nan")
+            attempts.append({"flops_budget": budget_ratio, "flops": nan, "predicted": nan, "ratio": nan, "ms": nan})
+            budget_ratio = min(1.0, 2 * budget_ratio, *([missed] if missed is not None else []))
+            continue
         work = graph_works(graph, scale)
         predicted = model.predict(work[model.block]) / max(model.predict(w0[model.block]), 1e-12)
         lat = _pair(target, original, graph, inputs)
@@ -323,9 +345,11 @@ def _run_per_kind(original: Graph, steps: Sequence[Step], ctx: PassContext, targ
         goal_ratio = goal / t0 if target.seconds is None else goal / (lat[0].median_ms / 1e3)
         points.append((work, now_ratio * t0))
         model = fit_blocked(points)
-        # the refitted curve, shifted by what the refitted model still misses on this run's own graph
-        shift = now_ratio - model.predict(work[model.block]) / max(model.predict(w0[model.block]), 1e-12)
-        aim = pick_flops([(f, r + shift) for f, r in curve(model)], goal_ratio * MARGIN)
+        # the refitted curve of uniformly scaled variants, shifted to pass through this run: the pipeline's own
+        # allocation of channels is not uniform, and the shift carries the difference to the next budget
+        refitted = curve(model)
+        shift = now_ratio - _interp(refitted, now_flops)
+        aim = pick_flops([(f, r + shift) for f, r in refitted], goal_ratio * MARGIN)
         aim = min(max(aim, now_flops * STEP_LIMIT[0]), now_flops * STEP_LIMIT[1])
         if now_ratio <= goal_ratio:
             if best is None or now_flops > best[0]:
@@ -358,7 +382,8 @@ def _run_per_kind(original: Graph, steps: Sequence[Step], ctx: PassContext, targ
         f"latency cost model (per op kind, {target.runtime}, batch {inputs[0].shape[0] if inputs else 1}): "
         f"{coefficients}",
         "latency budget runs (FLOPs: predicted -> measured latency, of the original): " + ", ".join(
-            f"{x['flops']:.1%}: {x['predicted']:.1%} -> {x['ratio']:.1%}" for x in attempts)]
+            f"{x['flops']:.1%}: {x['predicted']:.1%} -> {x['ratio']:.1%}" if not math.isnan(x["ratio"])
+            else f"budget {x['flops_budget']:.1%}: not reachable" for x in attempts)]
     return graph, run, LatencyOutcome(lat[0], lat[1], goal, attempts, "per_kind", coefficients)
 
 

@@ -100,6 +100,8 @@ def _bars(title: str, rows: Sequence[tuple[str, float, float]], single: bool = F
     "before → after"; `single`: one bar of the first value per row."""
     if not rows:
         return ""
+    from matplotlib.ticker import FuncFormatter
+
     with _rc():
         fig = _figure(0.5 + 0.24 * len(rows))
         ax = fig.add_subplot()
@@ -116,6 +118,7 @@ def _bars(title: str, rows: Sequence[tuple[str, float, float]], single: bool = F
         ax.set_yticks(ys, [lbl if len(lbl) <= 32 else "…" + lbl[-31:] for lbl, _, _ in rows])
         ax.set_ylim(len(rows) - 0.5, -0.5)  # the first row on top
         ax.set_xlim(0, top * 1.22)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _fmt(v)))
         ax.tick_params(axis="y", length=0)
         ax.grid(axis="x", color="#edf2f7")
         ax.set_axisbelow(True)
