@@ -152,6 +152,14 @@ def render(res: dict) -> str:  # type: ignore[type-arg]
     runs = markdown_table(["model", "latency budget", "round_to", "cost model", "first met at run", "runs",
                            "confirmed in compile", "re-measured (30 rounds)", "FLOPs",
                            "runs: FLOPs: predicted -> measured", "top-1 (2,000 test images)", "compile"], search_rows)
+    summary = []
+    for cm in ("per_kind", "line"):
+        rows = res["search"].get(cm, {}).get("rows", [])
+        met = [r for r in rows if r[4] != "0"]
+        if rows:
+            summary.append(f"- `{cm}`: {len(met)} of {len(rows)} budgets met" + (
+                f", first met at run {statistics.mean(int(r[4]) for r in met):.1f} and "
+                f"{statistics.mean(int(r[5]) for r in met):.1f} runs in all on average over those met" if met else ""))
     when = "; ".join([f"prediction: {res['prediction']['when']}"]
                      + [f"{cm} searches: {res['search'][cm]['when']}" for cm in ("per_kind", "line")
                         if cm in res["search"]])
@@ -167,14 +175,14 @@ def render(res: dict) -> str:  # type: ignore[type-arg]
             "fold_bn, then squeeze_fold searching FLOPs (no guard, no fine-tuning); `runs` is the number of "
             "pipeline runs the search made, `first met at run` the first whose measured latency met the budget "
             "(0: none did); the `line` search's runs show FLOPs -> measured (it predicts no ratio per run).\n\n"
-            f"{runs}\n")
+            + "\n".join(summary) + f"\n\n{runs}\n")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="VGG only, fewer points (development)")
     ap.add_argument("--parts", default="prediction,search", help="which parts to run (the others are kept from "
-                    "results/latency_budget.json)")
+                    "results/latency_budget.json; 'none' renders the markdown from it)")
     ap.add_argument("--cost-models", default="per_kind,line", help="the searches' cost models to run")
     args = ap.parse_args()
     torch.set_num_threads(1)
