@@ -183,11 +183,14 @@ TRIM = "trim { ratio = 0.8, criterion = l1 }"
 
 def test_recover_after_trim_restores_top1_and_keeps_shapes(digits) -> None:  # type: ignore[no-untyped-def]
     m, xtr, _, xte, yte = digits
-    one_shot = ns.compile(m, f"policy p {{ {TRIM} }}", example_inputs=(xtr[:4],), calibration=xtr[:512])
-    rec = ns.compile(m, f"policy p {{ {TRIM} recover {{ steps = 100, lr = 1e-2, loss = kl }} }}",
+    bare = TRIM.replace("criterion = l1", "criterion = l1, refit = none")  # no least-squares refit: collapses
+    one_shot = ns.compile(m, f"policy p {{ {bare} }}", example_inputs=(xtr[:4],), calibration=xtr[:512])
+    rec = ns.compile(m, f"policy p {{ {bare} recover {{ steps = 100, lr = 1e-2, loss = kl }} }}",
                      example_inputs=(xtr[:4],), calibration=xtr[:512])
+    refitted = ns.compile(m, f"policy p {{ {TRIM} }}", example_inputs=(xtr[:4],), calibration=xtr[:512])
     assert _top1(m, xte, yte) == pytest.approx(0.9698, abs=1e-3)
     assert _top1(one_shot.model, xte, yte) < 0.2
+    assert _top1(refitted.model, xte, yte) > 0.93  # trim's default refit, one-shot: measured 0.951
     assert _top1(rec.model, xte, yte) > 0.88  # measured 0.925 (one-shot 0.104)
     shapes = {n.id: {k: tuple(w.shape) for k, w in n.params.items()} for n in one_shot.graph.nodes()}
     assert {n.id: {k: tuple(w.shape) for k, w in n.params.items()} for n in rec.graph.nodes()} == shapes
