@@ -13,7 +13,7 @@ from benchmarks.common import VGGStyle
 from benchmarks.squeeze import flops_params, reestimate_bn, tp_prune
 
 
-def _conv_bn() -> nn.Module:
+def _conv_bn() -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5)).eval()
 
@@ -21,18 +21,21 @@ def _conv_bn() -> nn.Module:
 def test_reestimate_bn_is_the_cumulative_average_of_the_batches() -> None:
     model = _conv_bn()
     x = torch.randn(256, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 + 3
-    conv_w = model[0].weight.detach().clone()
+    conv, bn = model[0], model[1]
+    assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
+    conv_w = conv.weight.detach().clone()
     out = reestimate_bn(model, x, batch=64)
-    assert out is model and not model.training and not model[1].training and not model[3].training
+    assert out is model and not model.training and not bn.training and not model[3].training
     with torch.no_grad():
-        y = model[0](x)  # what the BatchNorm reads, 4 equal batches of 64
+        y = conv(x)  # what the BatchNorm reads, 4 equal batches of 64
     batches = y.split(64)
     mean = torch.stack([b.mean((0, 2, 3)) for b in batches]).mean(0)
     var = torch.stack([b.var((0, 2, 3), unbiased=True) for b in batches]).mean(0)
-    torch.testing.assert_close(model[1].running_mean, mean, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(model[1].running_var, var, rtol=1e-5, atol=1e-5)
-    assert int(model[1].num_batches_tracked) == 4
-    assert torch.equal(model[0].weight, conv_w)
+    assert bn.running_mean is not None and bn.running_var is not None and bn.num_batches_tracked is not None
+    torch.testing.assert_close(bn.running_mean, mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bn.running_var, var, rtol=1e-5, atol=1e-5)
+    assert int(bn.num_batches_tracked) == 4
+    assert torch.equal(conv.weight, conv_w)
 
 
 def test_tp_prune_meets_the_target_and_leaves_the_model_alone() -> None:
