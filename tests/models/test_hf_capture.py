@@ -96,6 +96,17 @@ def mobilenet_v2() -> Any:
     return _image(transformers.MobileNetV2Model(cfg))
 
 
+def efficientnet() -> Any:
+    cfg = transformers.EfficientNetConfig(image_size=32, width_coefficient=0.25, depth_coefficient=0.25,
+                                          hidden_dim=320, num_hidden_layers=4)  # 1280 x width
+    return _image(transformers.EfficientNetModel(cfg))
+
+
+def regnet() -> Any:
+    cfg = transformers.RegNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], groups_width=8)
+    return _image(transformers.RegNetModel(cfg))
+
+
 def swin() -> Any:
     cfg = transformers.SwinConfig(image_size=32, patch_size=2, embed_dim=16, depths=[1, 1], num_heads=[2, 2],
                                   window_size=4)
@@ -147,6 +158,8 @@ CASES: dict[str, Case] = {
     "resnet": Case(resnet),
     "convnext": Case(convnext),
     "mobilenet_v2": Case(mobilenet_v2, slow=True),
+    "efficientnet": Case(efficientnet, slow=True),
+    "regnet": Case(regnet),
     "swin": Case(swin),
     "segformer": Case(segformer),
     # the feature-vector mask from the input mask: lengths (cumsum, flip, integer div), index_put, repeat

@@ -20,11 +20,12 @@ POLICIES = {
     "squeeze_fold": "squeeze_fold { ratio = 25% }",
     "quantize": "quantize",
 }
-MODELS = ["bert", "gpt2", "vit", "resnet", "convnext"]
+MODELS = ["bert", "gpt2", "vit", "resnet", "convnext", "regnet", "efficientnet"]
 
 
 # trim on every model in `make test`; the slower squeeze_fold and quantize cases on two of them (the rest slow)
-CASES_RUN = [pytest.param(n, p, marks=[] if p == "trim" or n in ("bert", "vit") else [pytest.mark.slow])
+CASES_RUN = [pytest.param(n, p, marks=[] if (p == "trim" and n != "efficientnet") or n in ("bert", "vit")
+                          else [pytest.mark.slow])
              for n in MODELS for p in sorted(POLICIES)]
 
 

@@ -23,8 +23,9 @@ from tests.models.test_hf_capture import CASES
 
 # model → the dynamic axes of its inputs (text and audio: batch and sequence; ViT: batch, its size is fixed)
 AXES = {"bert": {0: "batch", 1: "seq"}, "distilbert": {0: "batch", 1: "seq"}, "gpt2": {0: "batch", 1: "seq"},
-        "t5_encoder": {0: "batch", 1: "seq"}, "vit": {0: "batch"}, "wav2vec2": {0: "batch", 1: "seq"}}
-SLOW = {"t5_encoder"}
+        "t5_encoder": {0: "batch", 1: "seq"}, "vit": {0: "batch"}, "wav2vec2": {0: "batch", 1: "seq"},
+        "regnet": {0: "batch"}, "efficientnet": {0: "batch"}}
+SLOW = {"t5_encoder", "efficientnet"}
 
 
 def _export(model: torch.nn.Module, xs: tuple[torch.Tensor, ...], axes: dict[int, str]) -> onnx.ModelProto:
