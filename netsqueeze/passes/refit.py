@@ -23,8 +23,8 @@ from netsqueeze.ir.graph import Graph, Value
 from netsqueeze.ir.ops import attr, spec
 from netsqueeze.passes.base import PassContext, PassResult
 from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups, Member, find_groups
-from netsqueeze.passes.rewrite import ChannelSelection, SharedFold, apply_selection
-from netsqueeze.passes.squeeze_math import reconstruction, solve_normal
+from netsqueeze.passes.rewrite import ChannelSelection, SharedFold, apply_selection, axis_vector
+from netsqueeze.passes.squeeze_math import reconstruction, ridged_normal, solve_normal
 
 
 @dataclass
@@ -97,18 +97,9 @@ def selection(graph: Graph, keep: list[int], stats: list[ConsumerStats],
         mean_pos = st.pos_sum / max(1, st.rows)  # [C, block]
         # per-position intercept: each position's mean minus the kept channels' mapped mean there
         t0_pos = mean_pos - torch.einsum("sj,sc->cj", mean_pos[keep], t) if mean_pos.shape[1] > 1 else t0[:, None]
-        full = torch.zeros(graph.node(m.node).params[m.param or "weight"].shape[m.axis], dtype=torch.float64)
-        full[torch.tensor([list(q) for q in m.index]).flatten()] = t0_pos.flatten()
         folds[m.node] = SharedFold(t)
-        out_shifts[m.node] = full
+        out_shifts[m.node] = axis_vector(graph, m, t0_pos)
     return ChannelSelection(keep=keep, fold=folds or None, bias_shift=out_shifts or None)
-
-
-def _ridged(xtx: torch.Tensor, ridge: float) -> torch.Tensor:
-    """The normal matrix [X 1]ᵀ[X 1] with `ridge` (relative to the mean diagonal) on X's block, not the intercept."""
-    reg = ridge * float(xtx.diagonal()[:-1].mean().clamp_min(1e-30)) * torch.eye(xtx.shape[0], dtype=torch.float64)
-    reg[-1, -1] = 0.0
-    return xtx + reg
 
 
 def cascade(graph: Graph, ctx: PassContext, groups: ChannelGroups, keeps: dict[int, list[int]],
@@ -165,16 +156,16 @@ def _cascade_selection(graph: Graph, ref: Graph, ctx: PassContext, g: ChannelGro
             continue
         n = max(1.0, float(st["n"]))
         mean_ref = st["sum_ref"] / n  # [C, block]
-        full = torch.zeros(graph.node(m.node).params[m.param or "weight"].shape[m.axis], dtype=torch.float64)
         if "xtx" in st:
             # k × C (the last row, the intercept, is dropped: per position below); kept channels are refit
             # too, which corrects their drift
-            t = solve_normal(_ridged(st["xtx"], ridge), st["xty"])[:-1]
+            t = solve_normal(ridged_normal(st["xtx"], ridge), st["xty"])[:-1]
             t0 = mean_ref - torch.einsum("sj,sc->cj", st["sum_now"] / n, t)  # per position
             folds[m.node] = SharedFold(t)
-            full[torch.tensor([list(q) for q in m.index]).flatten()] = t0.flatten()
-        else:  # not refittable: the removed channels' means only
-            for c in drop:
-                full[list(m.index[c])] = mean_ref[c, : len(m.index[c])]
+            shifts[m.node] = axis_vector(graph, m, t0)
+            continue
+        full = torch.zeros(graph.node(m.node).params[m.param or "weight"].shape[m.axis], dtype=torch.float64)
+        for c in drop:  # not refittable: the removed channels' means only
+            full[list(m.index[c])] = mean_ref[c, : len(m.index[c])]
         shifts[m.node] = full
     return ChannelSelection(keep=keep, fold=folds or None, bias_shift=shifts or None)

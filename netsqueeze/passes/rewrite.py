@@ -121,6 +121,14 @@ def _grouped_fold(graph: Graph, group: ChannelGroup, m: Member, keep: list[int],
         bias_updates.append((m, shift))
 
 
+def axis_vector(graph: Graph, m: Member, values: torch.Tensor) -> torch.Tensor:
+    """A float64 vector over consumer member `m`'s whole input axis holding `values` [C, block] at the
+    positions of the group's channels (zeros elsewhere): a `bias_shift` entry for that consumer."""
+    full = torch.zeros(graph.node(m.node).params[m.param or "weight"].shape[m.axis], dtype=torch.float64)
+    full[torch.tensor([list(q) for q in m.index]).flatten()] = values.flatten().double()
+    return full
+
+
 def apply_selection(graph: Graph, groups: ChannelGroups, selection: Mapping[int, ChannelSelection]) -> PassResult:
     """Rewrites every member of every selected group, then re-infers shapes and verifies the graph.
 

@@ -28,6 +28,7 @@ from netsqueeze.passes.rewrite import (
     GroupFold,
     SharedFold,
     apply_selection,
+    axis_vector,
 )
 from netsqueeze.passes.squeeze_math import (
     covariance,
@@ -36,6 +37,7 @@ from netsqueeze.passes.squeeze_math import (
     rank_for_energy,
     ranking,
     reconstruction,
+    ridged_normal,
     solve_normal,
 )
 
@@ -466,11 +468,7 @@ class SqueezeFold(TransformPass):
         fits: dict[str, tuple[Fold, torch.Tensor]] = {}
         for p in probes:
             st = stats[p.member.node]
-            kf = st.xtx.shape[0] - 1
-            reg = self.ridge * float(st.xtx.diagonal()[:-1].mean().clamp_min(1e-30)) * torch.eye(kf + 1,
-                                                                                               dtype=torch.float64)
-            reg[-1, -1] = 0.0
-            t = solve_normal(st.xtx + reg, st.xty)[:-1]  # k x C (last row: intercept)
+            t = solve_normal(ridged_normal(st.xtx, self.ridge), st.xty)[:-1]  # k x C (last row: intercept)
             n = max(1, st.rows)
             t0 = st.sum_ref / n - torch.einsum("sj,sc->cj", st.sum_now / n, t)
             fits[p.member.node] = self._shaped(p, k, t, t0)
@@ -568,11 +566,7 @@ class SqueezeFold(TransformPass):
             if isinstance(t, GroupFold):  # grouped conv: the intercept is already over its input channels
                 shifts[nid] = t0_pos
                 continue
-            n_axis = graph.node(nid).params[m.param or "weight"].shape[m.axis]
-            full = torch.zeros(n_axis, dtype=torch.float64)
-            idx = torch.tensor([list(q) for q in m.index])
-            full[idx.flatten()] = t0_pos.flatten()
-            shifts[nid] = full
+            shifts[nid] = axis_vector(graph, m, t0_pos)
         return ChannelSelection(keep=keep, fold=folds, bias_shift=shifts)
 
     def _kept(self, g: ChannelGroup, rank: tuple[list[int], list[float], torch.Tensor], energy: float | None,
@@ -610,14 +604,14 @@ class SqueezeFold(TransformPass):
         count each group was last measured at (updated here); a group at that count is not measured again."""
         out: dict[int, float] = {}
         done = {} if done is None else done
+        batches = self._sensitivity_batches(ctx)
         for gid, (_, err, _) in ranks.items():
             size = groups[gid].size
             k = counts[gid] if counts[gid] < size else max(1, size // 2)
             if err[k] <= 1e-9 or done.get(gid) == k:
                 continue
             done[gid] = k
-            e = ctx.fidelity(self._candidate(graph, groups, ranks, plans, {gid: k}), "output_error",
-                             self._sensitivity_batches(ctx))
+            e = ctx.fidelity(self._candidate(graph, groups, ranks, plans, {gid: k}), "output_error", batches)
             if e is not None:
                 out[gid] = max(e * e / err[k], 1e-6)
         return out

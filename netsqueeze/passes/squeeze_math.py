@@ -175,6 +175,13 @@ def solve_normal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return min_norm_solve(a, b)
 
 
+def ridged_normal(xtx: torch.Tensor, ridge: float) -> torch.Tensor:
+    """The normal matrix [X 1]ᵀ[X 1] with `ridge` (relative to the mean diagonal) on X's block, not the intercept."""
+    reg = ridge * float(xtx.diagonal()[:-1].mean().clamp_min(1e-30)) * torch.eye(xtx.shape[0], dtype=torch.float64)
+    reg[-1, -1] = 0.0
+    return xtx + reg
+
+
 def reconstruction(moment: torch.Tensor, keep: list[int], ridge: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Least squares with intercept: a ≈ a_S·T + t₀ over the calibration distribution.
 
