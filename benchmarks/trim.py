@@ -1,7 +1,7 @@
 """`trim` on full Fashion-MNIST, one-shot: criteria, allocation and refit against Torch-Pruning, in one run.
 
     flock /tmp/bench.lock nice -n 5 .venv/bin/python -m benchmarks.trim [--quick] [--models vgg,resnet]
-        [--fine-tune N]
+        [--points flops:2,flops:3] [--fine-tune N] [--out NAME]
 
 For the VGG-style and the ResNet-style model of benchmarks/common.py (trained once, cached), under a policy's
 global `budget flops <= X%` and `budget params <= X%` at 2x, 3x and 5x: `fold_bn` + `trim` with its defaults
@@ -15,8 +15,9 @@ alike for every method by importing the model into netsqueeze's IR), top-1 on th
 Runtime latency speed-ups at batch 1 and 64 (2 threads, median) and the batch-64 speed-up over the FLOPs
 reduction, compile time and the compile's full calibration passes (`report.calibration_passes`).
 `--fine-tune N`: adds top-1 after one epoch on a fixed subset of N training images, with trim's BatchNorms kept
-(no `fold_bn`: trimmed, not folded) so they retrain as Torch-Pruning's do. Writes benchmarks/results/trim.md
-(trim-quick.md with --quick: ResNet-style at 2x FLOPs only, 2,000 test images).
+(no `fold_bn`: trimmed, not folded) so they retrain as Torch-Pruning's do. `--points`: only these budget points
+(measure:target, comma-separated). Writes benchmarks/results/trim.md (trim-quick.md with --quick: ResNet-style
+at 2x FLOPs only, 2,000 test images; `--out NAME`: benchmarks/results/NAME.md).
 """
 
 from __future__ import annotations
@@ -129,6 +130,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="ResNet-style at 2x FLOPs only, 2,000 test images")
     ap.add_argument("--models", default=None, help="comma-separated (default vgg,resnet; --quick: resnet)")
+    ap.add_argument("--points", default=None, metavar="M:T,...",
+                    help="only these budget points, e.g. flops:2,flops:3 (default: flops and params at 2, 3, 5)")
+    ap.add_argument("--out", default=None, metavar="NAME", help="write benchmarks/results/NAME.md")
     ap.add_argument("--fine-tune", type=int, default=0, metavar="N",
                     help="also fine-tune every model one epoch on a fixed subset of N training images (trim's "
                          "BatchNorms then kept, not folded)")
@@ -144,6 +148,13 @@ def main() -> None:
     ft_data = {"train_x": data["train_x"][ft_idx], "train_y": data["train_y"][ft_idx]}
     models = (args.models or ("resnet" if args.quick else "vgg,resnet")).split(",")
     points = [("flops", 2.0)] if args.quick else [(m, t) for m in ("flops", "params") for t in TARGETS]
+    if args.points:
+        wanted = [(m, float(t)) for m, t in (p.split(":") for p in args.points.split(","))]
+        unknown = [f"{m}:{t:g}" for m, t in wanted if (m, t) not in points]
+        if unknown:
+            ap.error(f"--points: no such budget point {', '.join(unknown)} (measures flops, params; targets "
+                     f"{', '.join(f'{t:g}' for t in TARGETS)})")
+        points = [p for p in points if p in wanted]
     keep_bn = args.fine_tune > 0
 
     header = ["model", "budget", "method", "params red.", "FLOPs red.", "top-1 one-shot", "drop (pts)",
@@ -232,7 +243,7 @@ def main() -> None:
     ]) + "\n"
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out_path = RESULTS / ("trim-quick.md" if args.quick else "trim.md")
+    out_path = RESULTS / (f"{args.out}.md" if args.out else "trim-quick.md" if args.quick else "trim.md")
     out_path.write_text(text)
     print(f"wrote {out_path}")
 
