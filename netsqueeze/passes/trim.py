@@ -18,7 +18,7 @@ from netsqueeze.errors import Diagnostic, NetsqueezeError
 from netsqueeze.ir.graph import Graph, Value
 from netsqueeze.ir.stats import GraphStats, graph_stats
 from netsqueeze.ir.weights import ENCODED_FORMS
-from netsqueeze.passes import allocation
+from netsqueeze.passes import allocation, gdnt_groups
 from netsqueeze.passes import refit as consumer_refit
 from netsqueeze.passes.allocation import Budget, GroupBounds, Meter, Reached, bisect_int, group_bounds
 from netsqueeze.passes.base import PassContext, PassResult, TransformPass
@@ -341,8 +341,6 @@ class Trim(TransformPass):
             if not self.bias_compensation:
                 raise fail("refit = least_squares refits the consumers' biases (the intercept): it contradicts "
                            "bias_compensation = false")
-            if self.gdnt_mode == "groups":
-                raise fail("refit = least_squares applies to whole removed channels, not to gdnt_mode = groups")
         if self.allocation == "uniform" and self.ratio is not None:
             raise fail("allocation = uniform spreads a flops/params/bytes budget over the groups; with a `ratio` "
                        "every group loses that ratio already: give one of them")
@@ -353,7 +351,7 @@ class Trim(TransformPass):
         """Whether the consumers are refit by least squares: `least_squares`, or `auto` with calibration data
         (and bias compensation on, outside gdnt_mode = groups)."""
         if self.refit == "least_squares":
-            return True
+            return self.gdnt_mode != "groups"  # groups mode refits its consumers itself (`gdnt_groups.refit`)
         return (self.refit == "auto" and self.bias_compensation and ctx.stream_fn is not None
                 and self.gdnt_mode != "groups")
 
@@ -618,14 +616,20 @@ class Trim(TransformPass):
                 table.append((g, i, pb, cb, sc))
         if not table:
             return PassResult(changed=False, notes=[*notes, "gdnt: no observable consumer"])
+        members = [obs[g.id][i].consumer for g, i, *_ in table]
+        raw = torch.cat([t[4].flatten() for t in table])
+        # scores become ranks in one order (ties broken by weight magnitude): the cut moves a connection at a time
+        table = gdnt_groups.ranked(graph, table, members)
         scores = torch.cat([t[4].flatten() for t in table])
         if self.ratio is not None:
-            cut_at = float(torch.quantile(scores, self.ratio))
+            cut_at = float(gdnt_groups.cut_count(raw, self.ratio))
         else:
             cut_at = self._budget_cut(graph, ctx, groups, bounds, obs, table, scores, before, notes)
         cuts, sel = self._cut_plan(table, cut_at, groups, bounds, obs)
+        ref = graph.copy() if gdnt_groups.refits(self.refit, self.bias_compensation, ctx) else None
         zeroed = sum(self._zero(graph, g, obs[g.id][i], pb, cb, cut, moments, notes)
                      for (g, i, pb, cb, _), cut in zip(table, cuts))
+        n_refit = gdnt_groups.refit(graph, ref, ctx, table, cuts, sel, notes, members) if ref is not None else 0
         # a removed channel's cut connections already have their mean in the biases (`_zero`); its uncut ones (into
         # removed rows) get it here, through the weights left after the cut
         if self.bias_compensation and moments:
@@ -633,7 +637,7 @@ class Trim(TransformPass):
         result = apply_selection(graph, groups, sel) if sel else PassResult(changed=zeroed > 0)
         after = graph_stats(graph)
         result.metrics.update({"connections_cut": float(sum(int(c.sum()) for c in cuts)),
-                               "weights_zeroed": float(zeroed),
+                               "weights_zeroed": float(zeroed), "consumers_refit": float(n_refit),
                                "cut_quantile": float((scores < cut_at).double().mean()),
                                "channels_removed": float(sum(groups[gid].size - len(s.keep) for gid, s in sel.items())),
                                "groups_trimmed": float(len(sel)), "flops_ratio": after.flops / max(1, before.flops),

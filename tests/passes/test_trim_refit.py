@@ -146,9 +146,9 @@ def test_bad_option_combinations_are_errors_naming_a_node() -> None:
         (Trim(ratio=0.5, allocation="uniform"), PassContext(),
          "trim: allocation = uniform spreads a flops/params/bytes budget over the groups; with a `ratio` every "
          "group loses that ratio already: give one of them"),
-        (Trim(criterion="gdnt", gdnt_mode="groups", ratio=0.5, refit="least_squares"),
-         stream_ctx(input_batches(mlp(), n=1)),
-         "trim: refit = least_squares applies to whole removed channels, not to gdnt_mode = groups"),
+        (Trim(criterion="gdnt", gdnt_mode="groups", ratio=0.5, refit="least_squares"), PassContext(),
+         "trim: refit = least_squares fits the consumers on calibration data and this compile has none: pass "
+         "calibration=... to compile(), or set refit = none"),
     ]
     for p, ctx, msg in cases:
         with pytest.raises(NetsqueezeError) as e:
