@@ -1,5 +1,6 @@
 """Least-squares refit of the consumers of removed channels: the reconstruction step of squeeze-and-fold
-(Ozen & Orailoglu, ECML PKDD 2020) for channels some other rule chose to remove (`trim`'s scores).
+(Ozen & Orailoglu, ECML PKDD 2020) for channels some other rule chose to remove (`trim`'s scores), and the
+consumer statistics `squeeze_fold` and `trim` share (`gather`, `add`, `parallel_fit`, `Cross`).
 
 At every consumer that is linear in its input channels, the augmented second moment E[[a, 1][a, 1]ᵀ] of
 the group's channels is streamed over the calibration data; for a chosen kept set S the removed channels
@@ -8,7 +9,9 @@ into the consumer, t₀ into its bias (`rewrite.SharedFold` and `ChannelSelectio
 measured on the graph the statistics were streamed from (a parallel fold, one calibration pass for every
 group), or group by group in graph order on the graph as trimmed so far (`cascade`: the kept channels as the
 trimmed graph computes them, regressed onto the original channels, so each fold also corrects the drift of the
-groups trimmed before it; two calibration passes per group). Because T, t₀ minimise each channel's squared error, the residual covariance is the least any
+groups trimmed before it). The cascade runs the data through the trimmed graph and its pass-start copy side by
+side, layer by layer (`passes.frontier`): a few model passes over the data whatever the number of groups.
+Because T, t₀ minimise each channel's squared error, the residual covariance is the least any
 affine rebuild from S reaches, so every consumer's output error E‖W(a − â)‖² is at most the one of keeping
 only the removed channels' means (bias compensation, T = 0).
 """
@@ -23,6 +26,7 @@ from netsqueeze.ir.graph import Graph, Value
 from netsqueeze.ir.ops import attr, spec
 from netsqueeze.passes.base import PassContext, PassResult
 from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups, Member, find_groups
+from netsqueeze.passes.frontier import Frontier, SideBySide
 from netsqueeze.passes.rewrite import ChannelSelection, SharedFold, apply_selection, axis_vector
 from netsqueeze.passes.squeeze_math import reconstruction, ridged_normal, solve_normal
 
@@ -38,6 +42,45 @@ class ConsumerStats:
     pos_sum: torch.Tensor  # [C, block], summed
     count: int = 0  # rows in `moment`
     rows: int = 0  # rows per position in `pos_sum`
+
+
+@dataclass
+class Cross:
+    """Streamed cross statistics between the kept channels as the rewritten graph computes them, a'_S, and
+    the original channels a (a cascade refit's least squares a ≈ a'_S·T + t₀)."""
+
+    xtx: torch.Tensor  # (k+1)x(k+1): [a'_S, 1]ᵀ[a'_S, 1]
+    xty: torch.Tensor  # (k+1)xC:     [a'_S, 1]ᵀ a
+    sum_now: torch.Tensor  # [k, block] per-position sums of a'_S
+    sum_ref: torch.Tensor  # [C, block] per-position sums of a
+    count: int = 0  # rows in `xtx`
+    rows: int = 0  # rows per position in the sums
+
+    @staticmethod
+    def empty(k: int, c: int, block: int) -> Cross:
+        z = torch.zeros
+        return Cross(z(k + 1, k + 1, dtype=torch.float64), z(k + 1, c, dtype=torch.float64),
+                     z(k, block, dtype=torch.float64), z(c, block, dtype=torch.float64))
+
+    def add(self, a_s: torch.Tensor, a: torch.Tensor) -> None:
+        """Adds one batch: `a_s` [n, k, block] the kept channels now, `a` [n, C, block] the original ones
+        (every block position is a row of the fit)."""
+        x = a_s.movedim(-1, 1).reshape(-1, a_s.shape[1])
+        y = a.movedim(-1, 1).reshape(-1, a.shape[1])
+        x1 = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
+        self.xtx += x1.T @ x1
+        self.xty += x1.T @ y
+        self.sum_now += a_s.sum(0)
+        self.sum_ref += a.sum(0)
+        self.count += x.shape[0]
+        self.rows += a.shape[0]
+
+    def fit(self, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T [k, C], t₀ [C, block]): least squares with a per-position intercept; the kept channels are
+        refit too, which corrects their drift."""
+        t = solve_normal(ridged_normal(self.xtx, ridge), self.xty)[:-1]  # the last row (intercept): per position
+        n = max(1, self.rows)
+        return t, self.sum_ref / n - torch.einsum("sj,sc->cj", self.sum_now / n, t)
 
 
 def refittable(graph: Graph, m: Member) -> bool:
@@ -65,23 +108,46 @@ def plan(graph: Graph, group: ChannelGroup) -> list[ConsumerStats]:
     return out
 
 
-def gather(graph: Graph, m: Member, x: torch.Tensor) -> torch.Tensor:
-    """Consumer `m`'s input `x` in group-channel space, [rows, C, block] (conv reads axis 1, linear the last)."""
+def channels_last(graph: Graph, m: Member, x: torch.Tensor) -> torch.Tensor:
+    """Consumer `m`'s input `x` in float64 with its input-channel axis last: `linear` reads the last axis,
+    conv and conv_transpose (channels-first) axis 1."""
     xm = x.detach().double()
-    xm = xm.movedim(1, -1) if graph.node(m.node).kind != "linear" else xm
-    idx = torch.tensor([list(q) for q in m.index])  # [C, block]
-    return xm[..., idx].reshape(-1, *idx.shape)
+    return xm if graph.node(m.node).kind == "linear" else xm.movedim(1, -1)
 
 
-def update(graph: Graph, stats: ConsumerStats, x: torch.Tensor) -> None:
-    """Adds one calibration batch of the consumer's input `x` to `stats`."""
-    a = gather(graph, stats.member, x)  # [n, C, block]
+def gather(graph: Graph, m: Member, x: torch.Tensor, at: list[list[int]] | None = None) -> torch.Tensor:
+    """Consumer `m`'s input `x` in group-channel space, [rows, C, block] (`channels_last`); `at` overrides
+    where the channels sit on that axis (a grouped conv's weight slots: block = conv groups)."""
+    idx = torch.tensor(at if at is not None else [list(q) for q in m.index])  # [C, block]
+    return channels_last(graph, m, x)[..., idx].reshape(-1, *idx.shape)
+
+
+def add(stats: ConsumerStats, a: torch.Tensor) -> torch.Tensor:
+    """Adds one batch of a consumer's input in group-channel space, `a` [n, C, block] (`gather`), to
+    `stats`; returns its augmented rows [n·block, C+1] (rows ordered (sample, block position))."""
     rows = a.movedim(-1, 1).reshape(-1, a.shape[1])
     aug = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], 1)
     stats.moment += aug.T @ aug
     stats.count += rows.shape[0]
     stats.pos_sum += a.sum(0)
     stats.rows += a.shape[0]
+    return aug
+
+
+def update(graph: Graph, stats: ConsumerStats, x: torch.Tensor) -> None:
+    """Adds one calibration batch of the consumer's input `x` to `stats`."""
+    add(stats, gather(graph, stats.member, x))
+
+
+def parallel_fit(stats: ConsumerStats, keep: list[int], ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T [k, C], t₀ [C, block]) rebuilding the consumer's channels from the kept ones on the graph the
+    statistics were streamed from; per-position intercept: each position's mean minus the kept channels'
+    mapped mean there."""
+    t, t0 = reconstruction(stats.moment / max(1, stats.count), keep, ridge)
+    mean_pos = stats.pos_sum / max(1, stats.rows)  # [C, block]
+    if mean_pos.shape[1] == 1:
+        return t, t0[:, None]
+    return t, mean_pos - torch.einsum("sj,sc->cj", mean_pos[keep], t)
 
 
 def selection(graph: Graph, keep: list[int], stats: list[ConsumerStats],
@@ -92,80 +158,78 @@ def selection(graph: Graph, keep: list[int], stats: list[ConsumerStats],
     folds: dict[str, SharedFold] = {}
     out_shifts: dict[str, torch.Tensor] = dict(shifts or {})
     for st in stats:
-        m = st.member
-        t, t0 = reconstruction(st.moment / max(1, st.count), keep, ridge)
-        mean_pos = st.pos_sum / max(1, st.rows)  # [C, block]
-        # per-position intercept: each position's mean minus the kept channels' mapped mean there
-        t0_pos = mean_pos - torch.einsum("sj,sc->cj", mean_pos[keep], t) if mean_pos.shape[1] > 1 else t0[:, None]
-        folds[m.node] = SharedFold(t)
-        out_shifts[m.node] = axis_vector(graph, m, t0_pos)
+        t, t0_pos = parallel_fit(st, keep, ridge)
+        folds[st.member.node] = SharedFold(t)
+        out_shifts[st.member.node] = axis_vector(graph, st.member, t0_pos)
     return ChannelSelection(keep=keep, fold=folds or None, bias_shift=out_shifts or None)
 
 
 def cascade(graph: Graph, ctx: PassContext, groups: ChannelGroups, keeps: dict[int, list[int]],
             ridge: float = 1e-6) -> PassResult:
-    """Trims every group in `keeps` (group id → kept channels) one group at a time in graph order. Each
-    group's refittable consumers get the least-squares fold from its kept channels *as the graph trimmed so
-    far computes them* to the original channels (streamed side by side from a copy of `graph` made here);
-    its other consumers (conv_transpose, grouped or unequal-block ones) get the removed channels' original
-    means in their bias. Groups are found again after every rewrite, as shared axes (concat) shift."""
-    ref = graph.copy()
-    pos = {nid: i for i, nid in enumerate(graph.topo_order())}
-    order = sorted(keeps, key=lambda gid: min(pos[n] for n in groups[gid].producers or groups[gid].consumers))
+    """Trims every group in `keeps` (group id → kept channels) one group at a time in graph order (of the
+    first node each touches). Each group's refittable consumers get the least-squares fold from its kept
+    channels *as the graph trimmed so far computes them* to the original channels (the two graphs run side
+    by side from a copy of `graph` made here, layer by layer where the compiler gives `ctx.segment`, else
+    streamed whole per group); its other consumers (conv_transpose, unequal-block linear ones) get the
+    removed channels' original means in their bias; grouped convs are sliced. Groups are found again after
+    every rewrite, as shared axes (concat) shift."""
     out = PassResult(changed=bool(keeps))
+    if not keeps:
+        return out
+    ref = graph.copy()
+    topo = graph.topo_order()
+    pos = {nid: i for i, nid in enumerate(topo)}
+    start = {gid: min(pos[m.node] for m in groups[gid].members) for gid in keeps}
+    order = sorted(keeps, key=lambda gid: (start[gid], gid))
+    side = SideBySide(Frontier.open(graph, ref, ctx, topo), graph, ref, ctx, out.notes, "refit")
     for gid in order:
         ident = groups[gid].producers, groups[gid].consumers
         now = find_groups(graph)
         fresh = next(g for g in now if (g.producers, g.consumers) == ident)
-        r = apply_selection(graph, now, {fresh.id: _cascade_selection(graph, ref, ctx, fresh, groups[gid],
-                                                                      sorted(keeps[gid]), ridge)})
+        sel = _cascade_selection(graph, ref, fresh, groups[gid], sorted(keeps[gid]), ridge, side, start[gid], gid)
+        r = apply_selection(graph, now, {fresh.id: sel})
         out.touched |= r.touched
     return out
 
 
-def _cascade_selection(graph: Graph, ref: Graph, ctx: PassContext, g: ChannelGroup, g_ref: ChannelGroup,
-                       keep: list[int], ridge: float) -> ChannelSelection:
+def _cascade_selection(graph: Graph, ref: Graph, g: ChannelGroup, g_ref: ChannelGroup, keep: list[int],
+                       ridge: float, side: SideBySide, at: int, gid: int) -> ChannelSelection:
+    """Group `g`'s selection keeping `keep`, its consumers refit on the tensors `side` gives at checkpoint
+    position `at` (per batch: their inputs in `graph` as trimmed so far and in the pass-start `ref`)."""
     ref_of = {m.node: m for m in g_ref.members_of("consumer")}
     cons = [m for m in g.members_of("consumer") if m.node in ref_of
             and (refittable(graph, m) or graph.node(m.node).kind in ("linear", "conv_transpose"))]
     values = list(dict.fromkeys(graph.operands(m.node)[0] for m in cons))
-    k = len(keep)
-    acc: dict[str, dict[str, torch.Tensor]] = {}
-    for now_b, ref_b in zip(ctx.stream(graph, values), ctx.stream(ref, values)) if cons else ():
+    fits = {m.node: Cross.empty(len(keep), len(m.index), len(m.index[0])) for m in cons if refittable(graph, m)}
+    # the others: sums over their input axis in the pass-start graph (whole axis: blocks may be unequal)
+    sums: dict[str, torch.Tensor] = {}
+    rows: dict[str, int] = {}
+    for now_b, ref_b in side.pairs(at, values, gid) if cons else ():
         acts_now, acts_ref = dict(zip(values, now_b)), dict(zip(values, ref_b))
         for m in cons:
             v = graph.operands(m.node)[0]
-            y = gather(ref, ref_of[m.node], acts_ref[v])  # [n, C, block]
-            a = acc.setdefault(m.node, {"sum_ref": torch.zeros(y.shape[1:], dtype=torch.float64), "n": torch.zeros(())})
-            a["sum_ref"] += y.sum(0)
-            a["n"] += y.shape[0]
-            if not refittable(graph, m):
+            if m.node in fits:
+                fits[m.node].add(gather(graph, m, acts_now[v])[:, keep], gather(ref, ref_of[m.node], acts_ref[v]))
                 continue
-            x = gather(graph, m, acts_now[v])[:, keep]  # [n, k, block]
-            xr = x.movedim(-1, 1).reshape(-1, k)
-            x1 = torch.cat([xr, torch.ones(xr.shape[0], 1, dtype=xr.dtype)], 1)
-            yr = y.movedim(-1, 1).reshape(-1, y.shape[1])
-            for key, val in (("xtx", x1.T @ x1), ("xty", x1.T @ yr), ("sum_now", x.sum(0))):
-                a[key] = a[key] + val if key in a else val
+            x = channels_last(ref, ref_of[m.node], acts_ref[v])
+            x = x.reshape(-1, x.shape[-1])
+            sums[m.node] = sums[m.node] + x.sum(0) if m.node in sums else x.sum(0)
+            rows[m.node] = rows.get(m.node, 0) + x.shape[0]
     folds: dict[str, SharedFold] = {}
     shifts: dict[str, torch.Tensor] = {}
     drop = [c for c in range(g.size) if c not in set(keep)]
     for m in cons:
-        st = acc.get(m.node)
-        if st is None:
+        if m.node in fits:
+            if fits[m.node].rows:
+                t, t0 = fits[m.node].fit(ridge)
+                folds[m.node] = SharedFold(t)
+                shifts[m.node] = axis_vector(graph, m, t0)
             continue
-        n = max(1.0, float(st["n"]))
-        mean_ref = st["sum_ref"] / n  # [C, block]
-        if "xtx" in st:
-            # k × C (the last row, the intercept, is dropped: per position below); kept channels are refit
-            # too, which corrects their drift
-            t = solve_normal(ridged_normal(st["xtx"], ridge), st["xty"])[:-1]
-            t0 = mean_ref - torch.einsum("sj,sc->cj", st["sum_now"] / n, t)  # per position
-            folds[m.node] = SharedFold(t)
-            shifts[m.node] = axis_vector(graph, m, t0)
+        if m.node not in sums:
             continue
+        mean = sums[m.node] / rows[m.node]  # over the pass-start input axis
         full = torch.zeros(graph.node(m.node).params[m.param or "weight"].shape[m.axis], dtype=torch.float64)
         for c in drop:  # not refittable: the removed channels' means only
-            full[list(m.index[c])] = mean_ref[c, : len(m.index[c])]
+            full[list(m.index[c])] = mean[list(ref_of[m.node].index[c])]
         shifts[m.node] = full
     return ChannelSelection(keep=keep, fold=folds or None, bias_shift=shifts or None)

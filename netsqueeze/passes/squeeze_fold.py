@@ -5,7 +5,7 @@ Networks", ECML PKDD 2020)."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -18,8 +18,11 @@ from netsqueeze.ir.graph import Graph, Value
 from netsqueeze.ir.ops import attr, spec
 from netsqueeze.ir.stats import graph_stats
 from netsqueeze.passes.allocation import Budget, GroupBounds, Meter, Reached, bisect, group_bounds
-from netsqueeze.passes.base import PassContext, PassResult, Segment, TransformPass
+from netsqueeze.passes.base import PassContext, PassResult, TransformPass
 from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups, DependencyAnalysis, Member, find_groups
+from netsqueeze.passes.frontier import Frontier as _Frontier
+from netsqueeze.passes.frontier import Pairs, SideBySide
+from netsqueeze.passes.refit import ConsumerStats, Cross, add, gather, parallel_fit
 from netsqueeze.passes.registry import register_pass
 from netsqueeze.passes.rewrite import (
     BlockFold,
@@ -37,8 +40,6 @@ from netsqueeze.passes.squeeze_math import (
     rank_for_energy,
     ranking,
     reconstruction,
-    ridged_normal,
-    solve_normal,
 )
 
 
@@ -88,15 +89,11 @@ def ablation(**changes: Any) -> Iterator[Ablation]:
 
 
 @dataclass
-class _Probe:
-    """Streamed statistics of one consumer's input, in group-channel space."""
+class _Probe(ConsumerStats):
+    """Streamed statistics of one consumer's input, in group-channel space (`refit.ConsumerStats`: the
+    augmented second moment and per-position sums, for per-position intercepts), and what only
+    squeeze_fold measures."""
 
-    member: Member
-    value: Value
-    moment: torch.Tensor  # (C+1)x(C+1) augmented second moment, summed
-    pos_sum: torch.Tensor  # [C, block] per-position sums (for per-position intercepts)
-    count: int = 0  # samples (rows) in `moment`
-    rows: int = 0  # rows per position in `pos_sum`
     # block_fit = full (flatten→linear): augmented second moment over all C·block features, one row per sample
     full: torch.Tensor | None = None
     # grouped conv consumer: where each channel (weight slot) sits in the input, [C, G], and per conv group
@@ -107,105 +104,6 @@ class _Probe:
     @property
     def block(self) -> int:
         return int(self.pos_sum.shape[1])
-
-
-@dataclass
-class _Cross:
-    """Streamed cross statistics between the squeezed graph's kept channels and the original channels."""
-
-    xtx: torch.Tensor  # (k+1)x(k+1): [a'_S, 1]ᵀ[a'_S, 1]
-    xty: torch.Tensor  # (k+1)xC:     [a'_S, 1]ᵀ a
-    sum_now: torch.Tensor  # [k, block] per-position sums of a'_S
-    sum_ref: torch.Tensor  # [C, block] per-position sums of a
-    count: int = 0
-    rows: int = 0
-
-    @staticmethod
-    def empty(k: int, c: int, block: int) -> _Cross:
-        z = torch.zeros
-        return _Cross(z(k + 1, k + 1, dtype=torch.float64), z(k + 1, c, dtype=torch.float64),
-                      z(k, block, dtype=torch.float64), z(c, block, dtype=torch.float64))
-
-
-class _Frontier:
-    """The calibration data run through two graphs of one topology (the graph being squeezed and its
-    pass-start copy) layer by layer: per batch, the live tensors of both at a checkpoint position of the
-    topological order, advanced only forwards; `fetch` runs both from the checkpoint to other values,
-    batch by batch, without storing them. Parts of the graphs run through `PassContext.segment`, so the
-    compiler counts what each costs."""
-
-    def __init__(self, graphs: tuple[Graph, Graph], ctx: PassContext, topo: list[str],
-                 state: list[tuple[dict[Value, torch.Tensor], dict[Value, torch.Tensor]]]) -> None:
-        self.graphs, self.ctx, self.topo, self.state = graphs, ctx, topo, state
-        self.at = 0
-        self.pos = pos = {nid: i for i, nid in enumerate(topo)}
-        # the last position reading each value (graph outputs excepted: nothing here needs them)
-        self.last: dict[Value, int] = {}
-        for nid in topo:
-            if graphs[0].node(nid).kind == "output":
-                continue
-            for v in graphs[0].operands(nid):
-                self.last[v] = max(self.last.get(v, -1), pos[nid])
-
-    @staticmethod
-    def open(graph: Graph, ref: Graph, ctx: PassContext, topo: list[str]) -> _Frontier | None:
-        if ctx.segment_fn is None or ctx.batches_fn is None:
-            return None
-        inputs = [(nid, 0) for nid in graph.inputs]
-        state = [(dict(zip(inputs, batch)), dict(zip(inputs, batch))) for batch in ctx.batches()]
-        return _Frontier((graph, ref), ctx, topo, state)
-
-    def _live(self, at: int) -> list[Value]:
-        """Values produced before position `at` and read at or after it."""
-        return [v for v, last in self.last.items() if last >= at and
-                (self.graphs[0].node(v[0]).kind == "input" or self.pos[v[0]] < at)]
-
-    def _runs(self, fetch: list[Value]) -> list[Segment]:
-        feeds = list(self.state[0][0]) if self.state else []
-        runs = []
-        for g in self.graphs:
-            run = self.ctx.segment(g, feeds, fetch)
-            assert run is not None  # open() checked the compiler provides segments
-            runs.append(run)
-        return runs
-
-    # the most the checkpoint of both graphs may hold; a group whose checkpoint would hold more streams
-    # both graphs whole instead (slower, same fold)
-    limit_bytes: ClassVar[int] = 2 << 30
-
-    def advance(self, to: int) -> bool:
-        """Moves the checkpoint forwards to position `to` (nothing happens for an earlier position); False
-        when the tensors live there would not fit `limit_bytes` (the checkpoint then stays where it was)."""
-        if to <= self.at or not self.state:
-            return True
-        keep = self._live(to)
-        samples = sum(int(cur[v].shape[0]) for cur, _ in self.state for v in list(cur)[:1])
-        g = self.graphs[0]
-        per_sample = sum(g.meta_of(v).numel() // max(1, int(g.meta_of(v).shape[0])) *
-                         torch.empty((), dtype=getattr(torch, g.meta_of(v).dtype, torch.float32)).element_size()
-                         for v in keep if g.meta_of(v).shape)
-        if 2 * per_sample * samples > self.limit_bytes:
-            return False
-        feeds = list(self.state[0][0])
-        runs = self._runs(keep)
-        with torch.no_grad():
-            for i, (cur, orig) in enumerate(self.state):
-                self.state[i] = tuple(dict(zip(keep, run([st[v] for v in feeds])))  # type: ignore[assignment]
-                                      for run, st in zip(runs, (cur, orig)))
-        self.at = to
-        return True
-
-    def fetch(self, values: list[Value]) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
-        """Per batch, the tensors at `values` in both graphs, run from the checkpoint."""
-        if not values or not self.state:
-            return
-        feeds = list(self.state[0][0])
-        runs = self._runs(values)
-        for cur, orig in self.state:
-            with torch.no_grad():
-                now = runs[0]([cur[v] for v in feeds])
-                was = runs[1]([orig[v] for v in feeds])
-            yield now, was
 
 
 @register_pass
@@ -239,7 +137,7 @@ class SqueezeFold(TransformPass):
        the kept channels *as the already-squeezed graph computes them* to the original activations,
        so later folds absorb the error of earlier ones (as Net-Trim's cascade mode does); `parallel`
        fits every group on the original graph at once. The cascade runs the data through the original
-       and the squeezed graph side by side, layer by layer (`_Frontier`): a compile costs a few model
+       and the squeezed graph side by side, layer by layer (`passes.frontier`): a compile costs a few model
        passes over the calibration data whatever the number of groups (the report's
        `calibration_passes` counts them).
     A grouped conv consumer (groups > 1, not depthwise) reads a channel through one weight slot
@@ -341,7 +239,7 @@ class SqueezeFold(TransformPass):
                  plans: dict[int, list[_Probe]]) -> PassResult:
         """Squeezes one group at a time in graph order, refitting each fold on the current graph.
 
-        The data goes through the graph once, layer by layer (`_Frontier`): the original and the squeezed
+        The data goes through the graph once, layer by layer (`passes.frontier`): the original and the squeezed
         graph run side by side from a checkpoint of the live tensors just before the first node a group
         touches to its consumers' inputs; the checkpoint stays valid after the squeeze (nothing before it
         changes), so the whole cascade costs about two model passes over the data plus the spans of the
@@ -353,25 +251,14 @@ class SqueezeFold(TransformPass):
         start = {gid: min(pos[m.node] for m in groups[gid].members) for gid in keeps}
         order = sorted(keeps, key=lambda gid: (start[gid], gid))
         out = PassResult(changed=True)
-        frontier = _Frontier.open(graph, ref, ctx, topo)
-        streamed = False
-        if frontier is None:
-            out.notes.append("cascade: each group streamed both graphs whole (no layer-by-layer runner)")
+        side = SideBySide(_Frontier.open(graph, ref, ctx, topo), graph, ref, ctx, out.notes, "cascade")
         for gid in order:
             ident = groups[gid].producers, groups[gid].consumers
             # earlier rewrites may shift index maps of shared axes (concat): regroup, find this group again
             now = find_groups(graph)
             fresh = next(g for g in now if (g.producers, g.consumers) == ident)
             values = list(dict.fromkeys(p.value for p in plans[gid] if p.per_group is None))
-            if frontier is not None and frontier.advance(start[gid]):
-                pairs = frontier.fetch(values)
-            else:
-                if frontier is not None and not streamed:
-                    out.notes.append(f"cascade: from group {gid} on, groups whose checkpoint would hold more than "
-                                     f"{_Frontier.limit_bytes >> 20} MiB of activations streamed both graphs whole")
-                streamed = True
-                pairs = zip(ctx.stream(graph, values), ctx.stream(ref, values)) if values else iter(())
-            sel = self._refit(graph, ref, fresh, keeps[gid], plans[gid], values, pairs)
+            sel = self._refit(graph, ref, fresh, keeps[gid], plans[gid], values, side.pairs(start[gid], values, gid))
             r = apply_selection(graph, now, {fresh.id: sel})
             out.touched |= r.touched
         return out
@@ -404,15 +291,6 @@ class SqueezeFold(TransformPass):
         return _Probe(m, graph.operands(m.node)[0], z, torch.zeros(c, n_groups, dtype=torch.float64), at=at,
                       per_group=torch.zeros(n_groups, c + 1, c + 1, dtype=torch.float64))
 
-    @staticmethod
-    def _gather(graph: Graph, m: Member, x: torch.Tensor, at: list[list[int]] | None = None) -> torch.Tensor:
-        """A consumer's input in group-channel space: [samples, C, block] (conv reads axis 1, linear the
-        last); `at` overrides where the channels sit (a grouped conv's slots: block = conv groups)."""
-        xm = x.detach().double()
-        xm = xm.movedim(1, -1) if graph.node(m.node).kind == "conv" else xm
-        idx = torch.tensor(at if at is not None else [list(q) for q in m.index])  # [C, block]
-        return xm[..., idx].reshape(-1, *idx.shape)
-
     def _collect(self, graph: Graph, ctx: PassContext, probes: list[_Probe]) -> None:
         values = list(dict.fromkeys(p.value for p in probes))
         for batch in ctx.stream(graph, values):
@@ -420,23 +298,17 @@ class SqueezeFold(TransformPass):
             for p in probes:
                 if p.count >= self.max_samples:
                     continue
-                a = self._gather(graph, p.member, acts[p.value], p.at)  # [n, C, block]
-                rows = a.movedim(-1, 1).reshape(-1, a.shape[1])  # samples x C
-                aug = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], 1)
-                p.moment += aug.T @ aug
-                p.count += rows.shape[0]
+                a = gather(graph, p.member, acts[p.value], p.at)  # [n, C, block]
+                aug = add(p, a)  # samples x (C+1)
                 if p.per_group is not None:
                     per = aug.reshape(-1, a.shape[2], aug.shape[1])  # rows are (sample, conv group) ordered
                     p.per_group += torch.einsum("ngi,ngj->gij", per, per)
                 if p.full is not None:
                     flat = torch.cat([a.reshape(a.shape[0], -1), torch.ones(a.shape[0], 1, dtype=a.dtype)], 1)
                     p.full += flat.T @ flat
-                p.pos_sum += a.sum(0)
-                p.rows += a.shape[0]
 
     def _refit(self, graph: Graph, ref: Graph, g: ChannelGroup, keep: list[int], probes: list[_Probe],
-               values: list[Value], pairs: Iterable[tuple[list[torch.Tensor], list[torch.Tensor]]]
-               ) -> ChannelSelection:
+               values: list[Value], pairs: Pairs) -> ChannelSelection:
         """Cascade: least squares from the kept channels *as the already-squeezed graph computes them*
         to the original activations, so each fold also corrects the drift of the layers before it.
         `pairs`: per calibration batch, the tensors at `values` in the current graph and in `ref`."""
@@ -444,33 +316,22 @@ class SqueezeFold(TransformPass):
         grouped = [p for p in probes if p.per_group is not None]
         probes = [p for p in probes if p.per_group is None]
         k = len(keep)
-        stats = {p.member.node: _Cross.empty(k * p.block, len(p.member.index) * p.block, 1) if p.full is not None
-                 else _Cross.empty(k, len(p.member.index), p.block) for p in probes}
+        stats = {p.member.node: Cross.empty(k * p.block, len(p.member.index) * p.block, 1) if p.full is not None
+                 else Cross.empty(k, len(p.member.index), p.block) for p in probes}
         for now, orig in pairs if probes else ():
             acts_now, acts_ref = dict(zip(values, now)), dict(zip(values, orig))
             for p in probes:
                 st = stats[p.member.node]
                 if st.count >= self.max_samples:
                     continue
-                a_s = self._gather(graph, cur[p.member.node], acts_now[p.value])[:, keep]  # [n, k, block]
-                a = self._gather(ref, p.member, acts_ref[p.value])  # [n, C, block]
+                a_s = gather(graph, cur[p.member.node], acts_now[p.value])[:, keep]  # [n, k, block]
+                a = gather(ref, p.member, acts_ref[p.value])  # [n, C, block]
                 if p.full is not None:  # every feature of the block is its own column
                     a_s, a = a_s.reshape(a_s.shape[0], -1, 1), a.reshape(a.shape[0], -1, 1)
-                x = a_s.movedim(-1, 1).reshape(-1, a_s.shape[1])
-                y = a.movedim(-1, 1).reshape(-1, a.shape[1])
-                x1 = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
-                st.xtx += x1.T @ x1
-                st.xty += x1.T @ y
-                st.sum_now += a_s.sum(0)
-                st.sum_ref += a.sum(0)
-                st.count += x.shape[0]
-                st.rows += a.shape[0]
+                st.add(a_s, a)
         fits: dict[str, tuple[Fold, torch.Tensor]] = {}
         for p in probes:
-            st = stats[p.member.node]
-            t = solve_normal(ridged_normal(st.xtx, self.ridge), st.xty)[:-1]  # k x C (last row: intercept)
-            n = max(1, st.rows)
-            t0 = st.sum_ref / n - torch.einsum("sj,sc->cj", st.sum_now / n, t)
+            t, t0 = stats[p.member.node].fit(self.ridge)  # k x C, intercept per position
             fits[p.member.node] = self._shaped(p, k, t, t0)
         for p in grouped:  # a grouped conv's fold stays the one measured on the pass-start graph
             tg, t0g = self._grouped_fit(p, keep)
@@ -539,11 +400,7 @@ class SqueezeFold(TransformPass):
                 tf, t0f = reconstruction(p.full / max(1, p.rows), feats, self.ridge)
                 fits[p.member.node] = self._shaped(p, len(keep), tf, t0f)
                 continue
-            t, t0 = reconstruction(p.moment / max(1, p.count), keep, self.ridge)
-            # per-position intercept: mean at each block position minus the kept channels' mapped mean
-            mean_pos = p.pos_sum / max(1, p.rows)  # [C, block]
-            t0_pos = mean_pos - torch.einsum("sj,sc->cj", mean_pos[keep], t) if mean_pos.shape[1] > 1 \
-                else t0.unsqueeze(1)
+            t, t0_pos = parallel_fit(p, keep, self.ridge)
             fits[p.member.node] = (SharedFold(t), t0_pos)
         return self._selection_from(graph, {p.member.node: p.member for p in probes}, keep, fits)
 
@@ -675,7 +532,7 @@ class SqueezeFold(TransformPass):
                     gv = by_value[p.value]
                     if gv is None:
                         continue
-                    g = self._gather(graph, p.member, gv)  # [n, C, block]
+                    g = gather(graph, p.member, gv)  # [n, C, block]
                     if p.full is not None:
                         flat = g.reshape(g.shape[0], -1)
                         gram[id(p)] += flat.T @ flat

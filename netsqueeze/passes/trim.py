@@ -238,9 +238,11 @@ class Trim(TransformPass):
     input channels (ungrouped conv, linear) the group's channels are rebuilt as a ≈ a_S·T + t₀ from
     the kept channels S, T folded into its weight and t₀ into its bias (`passes.refit`). Groups are
     trimmed one at a time in graph order, each fit regressing the kept channels as the graph trimmed
-    so far computes them onto the original channels (two calibration passes per group), so a fold
-    also corrects the drift of the groups trimmed before it. At a consumer it is never worse than
-    bias compensation (least squares with intercept includes T = 0, the means alone) and exact when
+    so far computes them onto the original channels, so a fold also corrects the drift of the groups
+    trimmed before it; the data runs through the trimmed graph and the original side by side, layer
+    by layer (`passes.frontier`, as squeeze_fold's cascade): about three calibration passes for the
+    whole cascade, whatever the number of groups (streamed whole, two per group, outside `compile`).
+    At a consumer it is never worse than bias compensation (least squares with intercept includes T = 0, the means alone) and exact when
     the removed channels are affine combinations of the kept ones. Other consumers (conv_transpose)
     get bias compensation; grouped convs reading the group are sliced, as without refit.
     `refit = least_squares` without calibration data, with

@@ -1,0 +1,130 @@
+"""The calibration data run through a graph being rewritten and its pass-start copy side by side, layer by
+layer: what the cascade refits of `squeeze_fold` and `trim` (`passes.refit`) read, at a cost of a few model
+passes over the data whatever the number of channel groups they rewrite.
+
+A cascade rewrites groups one at a time in topological order of the first node each touches. Per calibration
+batch, `Frontier` keeps the live tensors of both graphs at a checkpoint position of that order; for the next
+group it moves the checkpoint forwards to just before the group's first node (nothing before it has changed
+or will) and runs both graphs from there to the values the group's refit reads. `SideBySide` adds the
+fallbacks: both graphs streamed whole per group (`PassContext.stream`) when the compiler gives no
+layer-by-layer runner (`PassContext.segment`), or from the group on whose checkpoint would hold more than
+`Frontier.limit_bytes` of activations. The two routes give the same tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import ClassVar
+
+import torch
+
+from netsqueeze.ir.graph import Graph, Value
+from netsqueeze.passes.base import PassContext, Segment
+
+# per calibration batch, the tensors at the requested values in the graph being rewritten and in its copy
+Pairs = Iterable[tuple[list[torch.Tensor], list[torch.Tensor]]]
+
+
+class Frontier:
+    """The calibration data run through two graphs of one topology (the graph being rewritten and its
+    pass-start copy) layer by layer: per batch, the live tensors of both at a checkpoint position of the
+    topological order, advanced only forwards; `fetch` runs both from the checkpoint to other values,
+    batch by batch, without storing them. Parts of the graphs run through `PassContext.segment`, so the
+    compiler counts what each costs."""
+
+    def __init__(self, graphs: tuple[Graph, Graph], ctx: PassContext, topo: list[str],
+                 state: list[tuple[dict[Value, torch.Tensor], dict[Value, torch.Tensor]]]) -> None:
+        self.graphs, self.ctx, self.topo, self.state = graphs, ctx, topo, state
+        self.at = 0
+        self.pos = pos = {nid: i for i, nid in enumerate(topo)}
+        # the last position reading each value (graph outputs excepted: nothing here needs them)
+        self.last: dict[Value, int] = {}
+        for nid in topo:
+            if graphs[0].node(nid).kind == "output":
+                continue
+            for v in graphs[0].operands(nid):
+                self.last[v] = max(self.last.get(v, -1), pos[nid])
+
+    @staticmethod
+    def open(graph: Graph, ref: Graph, ctx: PassContext, topo: list[str]) -> Frontier | None:
+        if ctx.segment_fn is None or ctx.batches_fn is None:
+            return None
+        inputs = [(nid, 0) for nid in graph.inputs]
+        state = [(dict(zip(inputs, batch)), dict(zip(inputs, batch))) for batch in ctx.batches()]
+        return Frontier((graph, ref), ctx, topo, state)
+
+    def _live(self, at: int) -> list[Value]:
+        """Values produced before position `at` and read at or after it."""
+        return [v for v, last in self.last.items() if last >= at and
+                (self.graphs[0].node(v[0]).kind == "input" or self.pos[v[0]] < at)]
+
+    def _runs(self, fetch: list[Value]) -> list[Segment]:
+        feeds = list(self.state[0][0]) if self.state else []
+        runs = []
+        for g in self.graphs:
+            run = self.ctx.segment(g, feeds, fetch)
+            assert run is not None  # open() checked the compiler provides segments
+            runs.append(run)
+        return runs
+
+    # the most the checkpoint of both graphs may hold; a group whose checkpoint would hold more streams
+    # both graphs whole instead (slower, same fold)
+    limit_bytes: ClassVar[int] = 2 << 30
+
+    def advance(self, to: int) -> bool:
+        """Moves the checkpoint forwards to position `to` (nothing happens for an earlier position); False
+        when the tensors live there would not fit `limit_bytes` (the checkpoint then stays where it was)."""
+        if to <= self.at or not self.state:
+            return True
+        keep = self._live(to)
+        samples = sum(int(cur[v].shape[0]) for cur, _ in self.state for v in list(cur)[:1])
+        g = self.graphs[0]
+        per_sample = sum(g.meta_of(v).numel() // max(1, int(g.meta_of(v).shape[0])) *
+                         torch.empty((), dtype=getattr(torch, g.meta_of(v).dtype, torch.float32)).element_size()
+                         for v in keep if g.meta_of(v).shape)
+        if 2 * per_sample * samples > self.limit_bytes:
+            return False
+        feeds = list(self.state[0][0])
+        runs = self._runs(keep)
+        with torch.no_grad():
+            for i, (cur, orig) in enumerate(self.state):
+                self.state[i] = tuple(dict(zip(keep, run([st[v] for v in feeds])))  # type: ignore[assignment]
+                                      for run, st in zip(runs, (cur, orig)))
+        self.at = to
+        return True
+
+    def fetch(self, values: list[Value]) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+        """Per batch, the tensors at `values` in both graphs, run from the checkpoint."""
+        if not values or not self.state:
+            return
+        feeds = list(self.state[0][0])
+        runs = self._runs(values)
+        for cur, orig in self.state:
+            with torch.no_grad():
+                now = runs[0]([cur[v] for v in feeds])
+                was = runs[1]([orig[v] for v in feeds])
+            yield now, was
+
+
+class SideBySide:
+    """A cascade's source of side-by-side activations: `pairs(at, values, gid)` for each group in checkpoint
+    order (`at`: the topological position of the first node group `gid` touches), from `frontier`
+    (`Frontier.open`'s, None without a layer-by-layer runner) when it can, else streaming both graphs whole. `notes` (the pass's report lines, prefixed `label`) say when the
+    fallback was taken."""
+
+    def __init__(self, frontier: Frontier | None, graph: Graph, ref: Graph, ctx: PassContext, notes: list[str],
+                 label: str) -> None:
+        self.graph, self.ref, self.ctx, self.notes, self.label = graph, ref, ctx, notes, label
+        self.frontier = frontier
+        self.streamed = False
+        if self.frontier is None:
+            notes.append(f"{label}: each group streamed both graphs whole (no layer-by-layer runner)")
+
+    def pairs(self, at: int, values: list[Value], gid: int) -> Pairs:
+        if self.frontier is not None and self.frontier.advance(at):
+            return self.frontier.fetch(values)
+        if self.frontier is not None and not self.streamed:
+            self.notes.append(f"{self.label}: from group {gid} on, groups whose checkpoint would hold more than "
+                              f"{Frontier.limit_bytes >> 20} MiB of activations streamed both graphs whole")
+        self.streamed = True
+        return zip(self.ctx.stream(self.graph, values), self.ctx.stream(self.ref, values)) if values else iter(())
