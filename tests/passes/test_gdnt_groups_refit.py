@@ -1,0 +1,155 @@
+"""`trim { criterion = gdnt, gdnt_mode = groups }`: the least-squares refit of the cut consumers
+(`passes.gdnt_groups.refit`, `refit = auto | least_squares`) and the one order of connections that lets a budget
+cut move one connection at a time (`passes.gdnt_groups.ranked`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+import netsqueeze.passes.trim as trim_mod
+from netsqueeze.ir.graph import Graph
+from netsqueeze.passes.trim import Trim
+from tests.passes.graphs import run, stream_ctx
+
+
+@pytest.fixture(autouse=True)
+def _no_grad() -> Iterator[None]:
+    with torch.no_grad():
+        yield
+
+
+def _fixed(table: dict[int, torch.Tensor]):  # type: ignore[no-untyped-def]
+    """A `gdnt_group_scores` returning `table[number of parents]` (its first rows and columns: as many as there
+    are parent and child groups)."""
+
+    def scores(parents: torch.Tensor, children: torch.Tensor, pg: int, cg: int, seed: int) -> torch.Tensor:
+        return table[parents.shape[1]][:min(pg, parents.shape[1]), :min(cg, children.shape[1])].clone()
+
+    return scores
+
+
+def _dependent_linear() -> Graph:
+    """z[4] → fc1 [8]: features 0..3 = z, features 4..7 = z·B (linear combinations of 0..3) → fc2 [6]."""
+    gen = torch.Generator().manual_seed(11)
+    w1 = torch.cat([torch.eye(4), torch.randn(4, 4, generator=gen)])
+    g = Graph("lin")
+    x = g.add_node("x", "input", attrs={"shape": (4, 4)})
+    h = g.add_node("fc1", "linear", [x], params={"weight": w1, "bias": torch.zeros(8)})
+    y = g.add_node("fc2", "linear", [h], params={"weight": torch.randn(6, 8, generator=gen),
+                                                 "bias": torch.randn(6, generator=gen)})
+    g.add_node("out", "output", [y])
+    g.infer_shapes()
+    return g
+
+
+def _dependent_conv(relu: bool = False) -> Graph:
+    """x[2, 9, 9] → conv1 [8] (3×3, pad 1): channels 4..7 = linear combinations of channels 0..3 (no bias, so the
+    zero padding is a combination too) → (relu, which breaks that) → conv2 [6] (3×3, stride 2, pad 1, bias)."""
+    gen = torch.Generator().manual_seed(12)
+    base = torch.randn(4, 2, 3, 3, generator=gen)
+    mix = torch.randn(4, 4, generator=gen)
+    w1 = torch.cat([base, torch.einsum("ij,jchw->ichw", mix, base)])
+    g = Graph("conv")
+    x = g.add_node("x", "input", attrs={"shape": (4, 2, 9, 9)})
+    conv = {"stride": (1, 1), "padding": (1, 1, 1, 1), "dilation": (1, 1), "groups": 1}
+    h = g.add_node("conv1", "conv", [x], params={"weight": w1}, attrs=conv)
+    h = g.add_node("relu", "relu", [h]) if relu else h
+    y = g.add_node("conv2", "conv", [h], params={"weight": torch.randn(6, 8, 3, 3, generator=gen),
+                                                 "bias": torch.randn(6, generator=gen)},
+                   attrs={**conv, "stride": (2, 2)})
+    g.add_node("out", "output", [y])
+    g.infer_shapes()
+    return g
+
+
+def _batches(shape: tuple[int, ...], n: int = 4, seed: int = 2) -> list[list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(64, *shape, generator=gen) + 0.5] for _ in range(n)]
+
+
+# parent group 1 (channels 4..7) scores low into both child groups: both its connections are cut and it is removed
+_CUT_SECOND_PARENT = {8: torch.tensor([[0.9, 0.8], [0.1, 0.2]], dtype=torch.float64)}
+
+
+@pytest.mark.parametrize(("make", "node", "shape"), [(_dependent_linear, "fc1", (4,)),
+                                                      (_dependent_conv, "conv1", (2, 9, 9))])
+def test_refit_is_exact_when_the_cut_inputs_are_combinations_of_the_kept(
+        monkeypatch: pytest.MonkeyPatch, make, node: str, shape: tuple[int, ...]) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(trim_mod, "gdnt_group_scores", _fixed(_CUT_SECOND_PARENT))
+    xt = _batches(shape, n=1, seed=9)[0]
+    want = run(make(), xt)[0]
+    errs = {}
+    for refit in ("auto", "least_squares", "none"):
+        g = make()
+        res = Trim(criterion="gdnt", gdnt_mode="groups", ratio=0.5, gdnt_child_groups=2, refit=refit).run(
+            g, stream_ctx(_batches(shape), selected=frozenset({node})))
+        g.verify()
+        assert res.metrics["connections_cut"] == 2.0 and res.metrics["channels_removed"] == 4.0
+        assert res.metrics["consumers_refit"] == (0.0 if refit == "none" else 1.0)
+        assert g.node(node).dense("weight").shape[0] == 4
+        errs[refit] = float((run(g, xt)[0] - want).abs().max() / want.abs().max())
+    # the refit recovers the cut channels' contribution through the kept ones; the mean alone loses it
+    assert errs["auto"] < 1e-4 and errs["least_squares"] < 1e-4
+    assert errs["none"] > 0.1
+
+
+def test_cut_blocks_stay_zero_and_the_refit_beats_the_mean(monkeypatch: pytest.MonkeyPatch) -> None:
+    """conv2's inputs relu'd (no longer linear combinations), 4 parent groups (channel pairs) × 4 child groups
+    (rows {0, 1}, {2, 3}, {4}, {5}); connections (0, 1), (1, 0), (3, 2) cut, no parent group left unconnected:
+    the cut blocks are exactly zero after the refit, every other block is non-zero, and the refit's output
+    error on held-out inputs is under half the mean-into-bias one."""
+    scores = torch.full((4, 4), 0.9, dtype=torch.float64)
+    scores[0, 1], scores[1, 0], scores[3, 2] = 0.1, 0.2, 0.3
+    monkeypatch.setattr(trim_mod, "gdnt_group_scores", _fixed({8: scores}))
+    rows = [[0, 1], [2, 3], [4], [5]]
+    xt = _batches((2, 9, 9), n=1, seed=9)[0]
+    want = run(_dependent_conv(relu=True), xt)[0]
+    errs = {}
+    for refit in ("auto", "none"):
+        g = _dependent_conv(relu=True)
+        res = Trim(criterion="gdnt", gdnt_mode="groups", ratio=0.2, gdnt_child_groups=4, refit=refit).run(
+            g, stream_ctx(_batches((2, 9, 9)), selected=frozenset({"conv1"})))
+        g.verify()
+        assert res.metrics["connections_cut"] == 3.0 and res.metrics["channels_removed"] == 0.0
+        w = g.node("conv2").dense("weight")
+        for a in range(4):
+            for b in range(4):
+                blk = w[rows[b]][:, 2 * a:2 * a + 2]
+                assert bool((blk == 0).all()) == ((a, b) in ((0, 1), (1, 0), (3, 2))), (refit, a, b)
+        errs[refit] = float(((run(g, xt)[0] - want) ** 2).mean() / (want ** 2).mean())
+    assert errs["auto"] < 0.5 * errs["none"]
+
+
+def _mlp() -> Graph:
+    """x[16] → fc1 [64] → relu → fc2 [64] → relu → fc3 [10]."""
+    gen = torch.Generator().manual_seed(13)
+    g = Graph("mlp")
+    h = g.add_node("x", "input", attrs={"shape": (4, 16)})
+    for name, (i, o) in {"fc1": (16, 64), "fc2": (64, 64), "fc3": (64, 10)}.items():
+        h = g.add_node(name, "linear", [h], params={"weight": torch.randn(o, i, generator=gen) / i ** 0.5,
+                                                    "bias": torch.zeros(o)})
+        if name != "fc3":
+            h = g.add_node(f"{name}.relu", "relu", [h])
+    g.add_node("out", "output", [h])
+    g.infer_shapes()
+    return g
+
+
+def test_a_budget_lands_within_one_parent_group_when_scores_tie(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Friedman–Rafsky scores are counts over n/3 samples: ties are the rule. Here the 16 parent groups of each
+    consumer take 4 scores, 4 groups (all their connections) to a score: a threshold among the distinct scores
+    moves 4 parent groups at once. Ranked by weight magnitude within a tie, the cut moves one connection at a
+    time and lands within one parent group's FLOPs (4 of fc1's or fc2's 64 channels: at most 5.6% of the
+    original's) under each target."""
+    levels = torch.tensor([0.1, 0.2, 0.3, 0.9], dtype=torch.float64).repeat_interleave(4)
+    monkeypatch.setattr(trim_mod, "gdnt_group_scores", _fixed({64: levels[:, None].expand(16, 16)}))
+    for target in (0.9, 0.75, 0.6):
+        g = _mlp()
+        res = Trim(criterion="gdnt", gdnt_mode="groups", gdnt_child_groups=16, gdnt_layer_cap=1.0, refit="none").run(
+            g, stream_ctx(_batches((16,)), selected=frozenset({"fc1", "fc2"}), budget={"flops": target}))
+        g.verify()
+        got = res.metrics["flops_ratio"]
+        assert target - 0.056 <= got <= target
