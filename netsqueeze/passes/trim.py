@@ -223,13 +223,19 @@ class Trim(TransformPass):
     (parents) and outputs (children) are split into `gdnt_child_groups` contiguous groups, every (parent
     group, child group) connection is scored (`gdnt_group_scores`), the connections under the `ratio`
     quantile of all scores are cut — at most `gdnt_layer_cap` (published: 0.75) of one consumer's — by zeroing
-    their weights, their mean input moved into the bias, and parent groups left with no connection are
-    removed structurally (bounds add back the best-scored ones). The FLOPs saved come only from the removed
+    their weights, and parent groups left with no connection are removed structurally (bounds add back the
+    best-scored ones). What remains is refit (`refit`, below; `gdnt_groups.refit`): every observed consumer's
+    remaining incoming weights per output channel, with its bias as intercept, re-solved by ridge least squares
+    on the calibration data to match the original's pre-activations (convs unrolled at 16 sampled output
+    positions per sample; consumers in graph order, each reading the graph cut and refit so far), the cut blocks
+    left exactly zero — the compiler's one-shot stand-in for the method's fine-tuning; with `refit = none`
+    each cut block's mean input goes into the bias instead. The FLOPs saved come only from the removed
     channels (the zeroed connections stay as dense zeros, which `recover` keeps). Without a `ratio`, the policy's
-    flops/params/bytes budget sets the cut: the smallest cut (a threshold among the connection scores, bisected,
-    every candidate's removal metered exactly) whose removal meets it; `BudgetError` when even the largest cut
-    the per-layer cap allows misses it. The guard is not searched here: a `recover` after trim restores
-    fidelity, and compile checks the guard on the final model.
+    flops/params/bytes budget sets the cut: connections in one order (score, ties — the Friedman–Rafsky scores
+    are counts over n/3 samples — broken by the block's weight magnitude over its consumer's mean block), the
+    fewest cut (bisected over the count, every candidate's removal metered exactly) whose removal meets it;
+    `BudgetError` when even the largest cut the per-layer cap allows misses it. The guard is not searched here:
+    a `recover` after trim restores fidelity, and compile checks the guard on the final model.
 
     Refit (`refit`; default `auto`: `least_squares` when the compile has calibration data and
     `bias_compensation` is on, else `none`): the consumers of the trimmed channels are refit by least
@@ -245,8 +251,9 @@ class Trim(TransformPass):
     At a consumer it is never worse than bias compensation (least squares with intercept includes T = 0, the means alone) and exact when
     the removed channels are affine combinations of the kept ones. Other consumers (conv_transpose)
     get bias compensation; grouped convs reading the group are sliced, as without refit.
-    `refit = least_squares` without calibration data, with
-    `bias_compensation = false` or with `gdnt_mode = groups` is an error.
+    `refit = least_squares` without calibration data or with
+    `bias_compensation = false` is an error. Under `gdnt_mode = groups` the same option chooses that mode's
+    connection refit (above) instead.
 
     Bias compensation (`refit = none`, and consumers the refit cannot fold into; the intercept of
     squeeze-and-fold's reconstruction with nothing kept to reconstruct from): each removed
