@@ -246,8 +246,9 @@ class Trim(TransformPass):
     trimmed one at a time in graph order, each fit regressing the kept channels as the graph trimmed
     so far computes them onto the original channels, so a fold also corrects the drift of the groups
     trimmed before it; the data runs through the trimmed graph and the original side by side, layer
-    by layer (`passes.frontier`, as squeeze_fold's cascade): about three calibration passes for the
-    whole cascade, whatever the number of groups (streamed whole, two per group, outside `compile`).
+    by layer (`passes.frontier`, as squeeze_fold's cascade): a few calibration passes for the whole
+    cascade whatever the number of groups (3 to 7 on the test models; streamed whole, two per group,
+    outside `compile`).
     At a consumer it is never worse than bias compensation (least squares with intercept includes T = 0, the means alone) and exact when
     the removed channels are affine combinations of the kept ones. Other consumers (conv_transpose)
     get bias compensation; grouped convs reading the group are sliced, as without refit.
