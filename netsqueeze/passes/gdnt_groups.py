@@ -14,7 +14,8 @@ child group) connections of each consumer and fine-tunes what remains. Two piece
   reconstruction. After the cut, every observed consumer is refit in graph order: each output channel's remaining
   incoming weights (the kept input channels of the parent groups still connected to its child group, with every
   kernel tap) and its bias (the intercept) are re-solved by ridge least squares on the calibration data so that
-  its pre-activation matches the original model's: the inputs are the consumer's inputs as the graph cut and
+  its pre-activation matches the original model's (the ridge chosen per child group among `RIDGES` by the error
+  on a held-out share of the calibration rows): the inputs are the consumer's inputs as the graph cut and
   refit so far computes them (so each consumer also corrects the drift of those before it), the targets the
   original consumer's outputs, streamed side by side. Convolutions are unrolled (im2col) at `POSITIONS` output
   positions per sample drawn at random (seeded); linear layers use every row. Cut blocks and removed input
@@ -25,7 +26,7 @@ child group) connections of each consumer and fine-tunes what remains. Two piece
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -39,7 +40,10 @@ from netsqueeze.passes.rewrite import ChannelSelection
 from netsqueeze.passes.squeeze_math import ridged_normal, solve_normal
 
 POSITIONS = 16  # conv output positions sampled per calibration sample for the refit's normal equations
-RIDGE = 1e-6  # relative to the mean diagonal of the normal matrix (`squeeze_math.ridged_normal`)
+# ridges tried per child group (relative to the mean diagonal, `squeeze_math.ridged_normal`): the one with the least
+# error on the held-out share of the calibration rows is used for the final fit on all rows
+RIDGES = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+HELD_OUT = 0.2  # the share of calibration rows (drawn at random, seeded) that choose the ridge
 
 # (group, index of the observation in the group's, parent blocks, child blocks, [parent group, child group] scores)
 Entry = tuple[ChannelGroup, int, list[np.ndarray], list[np.ndarray], torch.Tensor]
@@ -129,6 +133,7 @@ def refit(graph: Graph, ref: Graph, ctx: PassContext, table: list[Entry], cuts: 
         by_node.setdefault(m.node, []).append(e)
     pos = {nid: i for i, nid in enumerate(graph.topo_order())}
     done = 0
+    ridges: list[str] = []
     for step, node_id in enumerate(sorted(by_node, key=lambda n: pos[n])):
         node = graph.node(node_id)
         w = node.params["weight"]
@@ -163,46 +168,82 @@ def refit(graph: Graph, ref: Graph, ctx: PassContext, table: list[Entry], cuts: 
             notes.append(f"gdnt refit: '{node_id}': no calibration rows (or an input rank the refit does not "
                          "unroll); it keeps the cut with its mean in the bias")
             continue
-        xtx, xty = stats
+        (fit_a, fit_b), (held_a, held_b) = stats
         f = width * taps
         wd = torch.zeros(cout, f, dtype=torch.float64)
         bd = torch.zeros(cout, dtype=torch.float64)
+        chosen = []
         for b, rows in enumerate(cb):
             feats = allowed[b].repeat_interleave(taps).nonzero().flatten()
             sel = torch.cat([feats, torch.tensor([f])])
             r = torch.from_numpy(rows)
-            sol = solve_normal(ridged_normal(xtx[sel][:, sel], RIDGE), xty[sel][:, r])  # [|feats|+1, |rows|]
+            a_fit, b_fit = fit_a[sel][:, sel], fit_b[sel][:, r]
+            a_held, b_held = held_a[sel][:, sel], held_b[sel][:, r]
+
+            ridge = min(RIDGES, key=lambda lam: _held_error(a_fit, b_fit, a_held, b_held, lam))
+            chosen.append(ridge)
+            sol = solve_normal(ridged_normal(a_fit + a_held, ridge), b_fit + b_held)  # [|feats|+1, |rows|]
             wd[r[:, None], feats[None, :]] = sol[:-1].T
             bd[r] = sol[-1]
+        ridges.append(f"{node_id} {min(chosen):g}..{max(chosen):g}")
         node.params["weight"] = wd.reshape(w.shape).to(w.dtype)
         node.params["bias"] = bd.to(w.dtype if bias is None else bias.dtype)
         done += 1
+    if ridges:
+        notes.append(f"gdnt refit: {done} consumers refit by ridge least squares (ridge chosen per child group on "
+                     f"{HELD_OUT:.0%} held-out calibration rows: " + ", ".join(ridges) + ")")
     return done
 
 
+def _held_error(a_fit: torch.Tensor, b_fit: torch.Tensor, a_held: torch.Tensor, b_held: torch.Tensor,
+                ridge: float) -> float:
+    """Σ‖[X 1]w − y‖² over the held-out rows (less the constant Σ‖y‖²) of the fit with `ridge` on the others."""
+    w = solve_normal(ridged_normal(a_fit, ridge), b_fit)
+    return float((w * (a_held @ w)).sum() - 2 * (w * b_held).sum())
+
+
+def _pairs(graph: Graph, ref: Graph, ctx: PassContext, src: Value, out: Value
+           ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(`src` in `graph`, `out` in `ref`) per calibration batch: each graph run only up to that value where the
+    compiler gives segments (`ctx.segment`), else the whole graphs streamed side by side."""
+    if ctx.segment_fn is not None and ctx.batches_fn is not None:
+        feeds = [(nid, 0) for nid in graph.inputs]
+        now, orig = ctx.segment(graph, feeds, [src]), ctx.segment(ref, feeds, [out])
+        if now is not None and orig is not None:
+            for batch in ctx.batches():
+                with torch.no_grad():
+                    x, y = now(list(batch))[0], orig(list(batch))[0]
+                yield x, y
+            return
+    for (x,), (y,) in zip(ctx.stream(graph, [src]), ctx.stream(ref, [out])):
+        yield x, y
+
+
 def _normal_equations(graph: Graph, ref: Graph, ctx: PassContext, node_id: str, seed: int
-                      ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """[X 1]ᵀ[X 1] and [X 1]ᵀY over the calibration data: X the consumer's (unrolled) inputs in `graph`, Y the
-    original consumer's outputs in `ref`."""
+                      ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
+    """([X 1]ᵀ[X 1], [X 1]ᵀY) over the calibration rows, for the fitting rows and for the `HELD_OUT` share held
+    out (drawn at random, seeded): X the consumer's (unrolled) inputs in `graph`, Y the original consumer's
+    outputs in `ref`."""
     node = graph.node(node_id)
     src: Value = graph.operands(node_id)[0]
     out: Value = (node_id, 0)
     kernel = tuple(node.params["weight"].shape[2:])
     attrs = {k: tuple(attr(node, k)) for k in ("stride", "padding", "dilation")} if node.kind == "conv" else {}
     gen = torch.Generator().manual_seed(seed)
-    xtx: torch.Tensor | None = None
-    xty: torch.Tensor | None = None
-    for (x,), (y,) in zip(ctx.stream(graph, [src]), ctx.stream(ref, [out])):
+    sums: list[torch.Tensor] | None = None
+    for x, y in _pairs(graph, ref, ctx, src, out):
         got = _rows(node.kind, attrs, kernel, x.detach().float(), y.detach().float(), gen)
         if got is None:
             return None
         xr, yr = got
         x1 = torch.cat([xr.double(), torch.ones(xr.shape[0], 1, dtype=torch.float64)], 1)
-        a, b = x1.T @ x1, x1.T @ yr.double()
-        xtx, xty = (a, b) if xtx is None or xty is None else (xtx + a, xty + b)
-    if xtx is None or xty is None:
+        y1 = yr.double()
+        held = torch.rand(x1.shape[0], generator=gen) < HELD_OUT
+        parts = [m for k in (~held, held) for m in (x1[k].T @ x1[k], x1[k].T @ y1[k])]
+        sums = parts if sums is None else [s + p for s, p in zip(sums, parts)]
+    if sums is None:
         return None
-    return xtx, xty
+    return (sums[0], sums[1]), (sums[2], sums[3])
 
 
 def refits(refit_option: str, bias_compensation: bool, ctx: PassContext) -> bool:
