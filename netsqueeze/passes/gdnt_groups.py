@@ -88,13 +88,10 @@ def cut_count(raw: torch.Tensor, quantile: float) -> int:
 
 
 def _unfold(node_attrs: dict[str, tuple[int, ...]], x: torch.Tensor, kernel: tuple[int, ...]) -> torch.Tensor | None:
-    """im2col of a 1-d or 2-d conv input: [N, C·∏k, L] (columns in the weight's (C, k…) order), zero padding
+    """im2col of a 2-d conv input: [N, C·kh·kw, L] (columns in the weight's (C, kh, kw) order), zero padding
     begins+ends as the IR stores it; None for other ranks."""
     stride, pad, dil = (tuple(int(v) for v in node_attrs[k]) for k in ("stride", "padding", "dilation"))
-    if x.dim() == 3:  # 1-d: a 2-d conv of height 1
-        x, kernel, stride, dil = x[:, :, None], (1, *kernel), (1, *stride), (1, *dil)
-        pad = (0, pad[0], 0, pad[1])
-    elif x.dim() != 4:
+    if x.dim() != 4:
         return None
     # IR padding: (begin_h, begin_w, end_h, end_w); F.pad: (left, right, top, bottom)
     x = F.pad(x, (pad[1], pad[3], pad[0], pad[2]))
@@ -143,8 +140,8 @@ def refit(graph: Graph, ref: Graph, ctx: PassContext, table: list[Entry], cuts: 
             notes.append(f"gdnt refit: '{node_id}' ({node.kind}, encoded or not conv/linear) keeps the cut with its "
                          "mean in the bias")
             continue
-        if node.kind == "conv" and (attr(node, "groups") != 1 or w.dim() not in (3, 4)):
-            notes.append(f"gdnt refit: '{node_id}' (grouped or 3-d conv) keeps the cut with its mean in the bias")
+        if node.kind == "conv" and (attr(node, "groups") != 1 or w.dim() != 4):
+            notes.append(f"gdnt refit: '{node_id}' (grouped or not 2-d conv) keeps the cut with its mean in the bias")
             continue
         cout, width = w.shape[0], w.shape[1]
         taps = int(np.prod(w.shape[2:])) if w.dim() > 2 else 1
