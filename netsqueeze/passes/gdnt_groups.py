@@ -26,7 +26,7 @@ child group) connections of each consumer and fine-tunes what remains. Two piece
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from netsqueeze.ir.graph import Graph, Value
 from netsqueeze.ir.ops import attr
+from netsqueeze.passes.allocation import METRICS, Budget, Reached
 from netsqueeze.passes.base import PassContext
 from netsqueeze.passes.dependency import ChannelGroup, Member
 from netsqueeze.passes.rewrite import ChannelSelection
@@ -248,3 +249,45 @@ def refits(refit_option: str, bias_compensation: bool, ctx: PassContext) -> bool
     and bias compensation on); else (`none`) each cut block's mean input goes into the bias."""
     return refit_option == "least_squares" or (refit_option == "auto" and bias_compensation
                                                and ctx.stream_fn is not None)
+
+
+Cut = float | list[torch.Tensor]  # a rank threshold (cut every connection ranked under it) or per-entry masks
+
+
+def candidates(table: list[Entry], cut: Cut) -> list[torch.Tensor]:
+    """Per entry, the connections `cut` offers to cut (before the per-layer cap and the strongest-kept rule)."""
+    return [sc < cut for *_, sc in table] if isinstance(cut, float) else cut
+
+
+def closer_cut(table: list[Entry], fail: float, reach: Callable[[list[torch.Tensor]], Reached], budget: Budget,
+               within: float = 0.005) -> tuple[list[torch.Tensor], Reached] | None:
+    """A cut landing closer under the budget than the smallest rank threshold that meets it. From the largest
+    threshold `fail` that misses the budget, the remaining connections are walked in rank order (a child group's
+    strongest incoming one never: it is never cut): one whose cut, added to those before it, still misses the
+    budget is cut; one whose cut meets it is a candidate landing and is skipped (left uncut: one connection can
+    remove a whole parent group, and with it, through the children it fed, the groups before) and the walk goes
+    on. Returns the candidate with the least slack (limit − reached, on the budget's tightest metric; stops at
+    one within `within`), or None when no connection is left to walk. `reach(masks)`: what cutting `masks`
+    reaches."""
+    masks = [sc < fail for *_, sc in table]
+    order = sorted((float(sc[a, b]), e, a, b) for e, (*_, sc) in enumerate(table)
+                   for b in range(sc.shape[1]) for a in range(sc.shape[0])
+                   if not bool(masks[e][a, b]) and a != int(sc[:, b].argmax()))
+    best: tuple[float, list[torch.Tensor], Reached] | None = None
+    for _, e, a, b in order:
+        masks[e][a, b] = True
+        got = reach(masks)
+        if not budget.meets(got):
+            continue
+        gap = slack(budget, got)
+        if best is None or gap < best[0]:
+            best = (gap, [m.clone() for m in masks], got)
+        masks[e][a, b] = False
+        if gap <= within:
+            break
+    return None if best is None else (best[1], best[2])
+
+
+def slack(budget: Budget, reached: Reached) -> float:
+    """How far under the budget `reached` lands: limit − reached on the budget's tightest metric."""
+    return min(v - reached[METRICS.index(k)] for k, v in budget.limits.items())

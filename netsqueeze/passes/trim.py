@@ -631,6 +631,7 @@ class Trim(TransformPass):
         # scores become ranks in one order (ties broken by weight magnitude): the cut moves a connection at a time
         table = gdnt_groups.ranked(graph, table, members)
         scores = torch.cat([t[4].flatten() for t in table])
+        cut_at: gdnt_groups.Cut
         if self.ratio is not None:
             cut_at = float(gdnt_groups.cut_count(raw, self.ratio))
         else:
@@ -648,14 +649,16 @@ class Trim(TransformPass):
         after = graph_stats(graph)
         result.metrics.update({"connections_cut": float(sum(int(c.sum()) for c in cuts)),
                                "weights_zeroed": float(zeroed), "consumers_refit": float(n_refit),
-                               "cut_quantile": float((scores < cut_at).double().mean()),
+                               "cut_quantile": sum(int(m.sum()) for m in gdnt_groups.candidates(table, cut_at))
+                               / len(scores),
                                "channels_removed": float(sum(groups[gid].size - len(s.keep) for gid, s in sel.items())),
                                "groups_trimmed": float(len(sel)), "flops_ratio": after.flops / max(1, before.flops),
                                "params_ratio": after.params / max(1, before.params)})
         result.notes.extend(notes)
         return result
 
-    def _cut_plan(self, table: list[_GdntEntry], cut_at: float, groups: ChannelGroups, bounds: dict[int, GroupBounds],
+    def _cut_plan(self, table: list[_GdntEntry], cut_at: gdnt_groups.Cut, groups: ChannelGroups,
+                  bounds: dict[int, GroupBounds],
                   obs: dict[int, list[_Obs]]) -> tuple[list[torch.Tensor], dict[int, ChannelSelection]]:
         """The connections cut at `cut_at` (per table entry, a [parent group, child group] mask: the scores under
         `cut_at`, lowest first, at most `gdnt_layer_cap` of the entry's, never a child group's strongest incoming
@@ -669,15 +672,16 @@ class Trim(TransformPass):
         over consecutive layers: a connection into removed rows leads nowhere)."""
         cuts: list[torch.Tensor] = []
         best: dict[int, torch.Tensor] = {}
-        for g, _, pb, _, sc in table:
+        offered = gdnt_groups.candidates(table, cut_at)
+        for (g, _, pb, _, sc), under in zip(table, offered):
             b_ = best.setdefault(g.id, torch.full((g.size,), -math.inf, dtype=torch.float64))
             for a, blk in enumerate(pb):
                 b_[torch.from_numpy(blk)] = torch.clamp(b_[torch.from_numpy(blk)], min=float(sc[a].max()))
             flat = sc.flatten()
             strongest = {int(sc[:, b].argmax()) * sc.shape[1] + b for b in range(sc.shape[1])}
-            order = sorted((k for k in range(flat.numel()) if k not in strongest), key=lambda k: (float(flat[k]), k))
-            n_cut = min(sum(1 for k in order if float(flat[k]) < cut_at),
-                        math.floor(self.gdnt_layer_cap * flat.numel() + 1e-9))
+            order = sorted((k for k in range(flat.numel()) if k not in strongest and bool(under.flatten()[k])),
+                           key=lambda k: (float(flat[k]), k))
+            n_cut = min(len(order), math.floor(self.gdnt_layer_cap * flat.numel() + 1e-9))
             cut = torch.zeros(flat.numel(), dtype=torch.bool)
             cut[order[:n_cut]] = True
             cuts.append(cut.reshape(sc.shape))
@@ -718,7 +722,7 @@ class Trim(TransformPass):
 
     def _budget_cut(self, graph: Graph, ctx: PassContext, groups: ChannelGroups, bounds: dict[int, GroupBounds],
                     obs: dict[int, list[_Obs]], table: list[_GdntEntry], scores: torch.Tensor, before: GraphStats,
-                    notes: list[str]) -> float:
+                    notes: list[str]) -> gdnt_groups.Cut:
         """Without a `ratio`: the smallest cut meeting the policy's flops/params/bytes budget. Candidates are the
         distinct connection scores (cut everything under one), bisected; each is costed by the channels its
         structural removal keeps (`_cut_plan`, exact FLOPs/params/bytes by `Meter`). Zeroed connections stay
@@ -742,10 +746,20 @@ class Trim(TransformPass):
                 table[0][0].producers[0])
         t = 0 if ok(0) else bisect_int(top, 0, ok)
         got = reached(t)
-        notes.append(f"gdnt: cut under the {float((scores < levels[t]).double().mean()):.1%} quantile of the "
-                     f"connection scores, the smallest cut meeting the budget {budget} (flops {got[0]:.1%}, "
-                     f"params {got[1]:.1%} of the original; {meter.measured} cuts metered)")
-        return levels[t]
+        note = (f"gdnt: cut under the {float((scores < levels[t]).double().mean()):.1%} quantile of the connection "
+                f"scores, the smallest cut meeting the budget {budget} (flops {got[0]:.1%}, params {got[1]:.1%} of "
+                "the original")
+        cut: gdnt_groups.Cut = levels[t]
+        closer = gdnt_groups.closer_cut(
+            table, levels[t - 1], lambda masks: meter({gid: len(s.keep) for gid, s in
+                                                       self._cut_plan(table, masks, groups, bounds, obs)[1].items()}),
+            budget) if t > 0 else None
+        if closer is not None and gdnt_groups.slack(budget, closer[1]) < gdnt_groups.slack(budget, got):
+            cut, got = closer
+            note += (f"; then, in score order, the connections whose cut overshot it skipped: flops {got[0]:.1%}, "
+                     f"params {got[1]:.1%}")
+        notes.append(note + f"; {meter.measured} cuts metered)")
+        return cut
 
     def _zero(self, graph: Graph, g: ChannelGroup, o: _Obs, pb: list[np.ndarray], cb: list[np.ndarray],
               cut: torch.Tensor, moments: dict[tuple[Value, int], Moments], notes: list[str]) -> int:
