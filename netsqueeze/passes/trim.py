@@ -233,8 +233,11 @@ class Trim(TransformPass):
     channels (the zeroed connections stay as dense zeros, which `recover` keeps). Without a `ratio`, the policy's
     flops/params/bytes budget sets the cut: connections in one order (score, ties — the Friedman–Rafsky scores
     are counts over n/3 samples — broken by the block's weight magnitude over its consumer's mean block), the
-    fewest cut (bisected over the count, every candidate's removal metered exactly) whose removal meets it;
-    `BudgetError` when even the largest cut the per-layer cap allows misses it. The guard is not searched here:
+    fewest cut (bisected over the count, every candidate's removal metered exactly) whose removal meets it, then
+    a closer landing: one cut can remove a parent group and, through the children it fed, groups before it, so
+    from the largest count that misses the budget the next connections are walked in order, those whose cut
+    overshoots it skipped (left uncut), and the cut that meets it with the least slack kept
+    (`gdnt_groups.closer_cut`); `BudgetError` when even the largest cut the per-layer cap allows misses it. The guard is not searched here:
     a `recover` after trim restores fidelity, and compile checks the guard on the final model.
 
     Refit (`refit`; default `auto`: `least_squares` when the compile has calibration data and
