@@ -5,6 +5,7 @@ cut move one connection at a time (`passes.gdnt_groups.ranked`)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -193,3 +194,29 @@ def test_compile_refits_through_segments_and_beats_the_mean() -> None:
     assert metrics["auto"]["consumers_refit"] == 3.0 and metrics["none"]["consumers_refit"] == 0.0
     assert metrics["auto"]["channels_removed"] == metrics["none"]["channels_removed"] > 0
     assert errs["auto"] < 0.85 * errs["none"], errs
+
+
+def test_closer_cut_skips_a_connection_whose_cut_overshoots() -> None:
+    """One entry, ranks 0..7 (parent group × child group); each column's strongest (ranks 3 and 7) is never
+    walked. A stand-in meter: each cut takes 10% of the FLOPs, and cutting rank 2 also removes a parent group
+    (another 50%). Budget 75%: the threshold search meets it first at ranks < 3 (20%, 55 points under); the
+    walk from ranks < 2 skips rank 2 and lands at ranks {0, 1, 4}: 70%."""
+    from netsqueeze.passes import gdnt_groups
+    from netsqueeze.passes.allocation import Budget
+
+    ranks = torch.tensor([[0, 4], [1, 5], [2, 6], [3, 7]], dtype=torch.float64)
+    table: list[Any] = [(None, 0, [], [], ranks)]
+    walked: list[float] = []
+
+    def reach(masks: list[torch.Tensor]) -> tuple[float, float, float]:
+        cut = {float(r) for r in ranks[masks[0]]} - {3.0, 7.0}
+        walked.append(len(cut))
+        flops = 1.0 - 0.1 * len(cut) - (0.5 if 2.0 in cut else 0.0)
+        return flops, 1.0, 1.0
+
+    got = gdnt_groups.closer_cut(table, 2.0, reach, Budget({"flops": 0.75}))
+    assert got is not None
+    masks, reached = got
+    assert sorted(float(r) for r in ranks[masks[0]]) == [0.0, 1.0, 4.0]
+    assert reached == pytest.approx((0.7, 1.0, 1.0))
+    assert len(walked) == 4  # ranks 2, 4, 5, 6: the strongest two are never walked
