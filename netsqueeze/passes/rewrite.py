@@ -5,6 +5,7 @@ Every structural pass (trim, squeeze_fold, custom pruning passes) chooses channe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -217,6 +218,10 @@ def apply_selection(graph: Graph, groups: ChannelGroups, selection: Mapping[int,
         else:
             s = shift.double().reshape([-1 if i == m.axis else 1 for i in range(w.dim())])
             delta = (w * s).sum(dim=[i for i in range(w.dim()) if i != out_axis])
+            if node.kind == "conv_transpose":
+                # a strided transposed conv spreads each input position's taps over stride-many outputs: an
+                # output position sees on average taps / Π stride of them, so a constant input adds that share
+                delta = delta / math.prod(node.attrs["stride"])
         if bias_name not in node.params:
             node.params[bias_name] = torch.zeros(w.shape[out_axis], dtype=node.params[m.target].dtype,
                                                  device=w.device)

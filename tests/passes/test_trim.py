@@ -207,7 +207,8 @@ def test_zoo_trim_with_calibration(name: str) -> None:
     gen = torch.Generator().manual_seed(0)
     batches = [[torch.randn(t.shape, generator=gen) if t.is_floating_point() else t for t in x] for _ in range(3)]
     f0 = graph_stats(g).flops
-    # refit = none: the zoo models' refit (two passes per group) costs ~15 s here; tests/passes/test_trim_refit.py
+    # refit = none: the zoo models' refit costs ~15 s here (this context has no layer-by-layer runner, so it
+    # streams both graphs per group); tests/passes/test_trim_refit.py
     # covers it on residual/concat/grouped graphs
     res = Trim(criterion="gdnt", ratio=0.5, gdnt_samples=30, refit="none").run(
         g, stream_ctx(batches, runner=_torch_runner))
