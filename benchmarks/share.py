@@ -314,7 +314,7 @@ class Bench:
             "ψ = bytes written by `netsqueeze.backends.storage` / fp32 bytes (decoding tables and headers "
             "included): FC = the FC weight matrices; model = every param (conv and FC weights in sHAM, "
             "biases raw). Times: one FC1 product x @ Wᵀ at batch 64, medians of 20 (DotsHAM: of 3), one thread, "
-            f"{platform.processor() or platform.machine()}. DotsHAM decodes the sHAM stream on every call. "
+            f"{platform.processor() or platform.machine()}, 2 cores that other jobs may share (times are noisy). DotsHAM decodes the sHAM stream on every call. "
             f"\"top-1 +recover\": the same compressed model after `recover {{ steps = {RECOVER['steps']}, loss = kl }}`, "
             "label-free, on 4,096 training images (about 4.7 passes over them in batches of 64; every compression "
             "decision kept, so ψ is unchanged; — = not run: without --recover).", "",
