@@ -83,13 +83,14 @@ def test_refit_checkpoint_over_the_limit_streams_the_rest_with_the_same_result(
 
 
 class _Up(nn.Module):
-    """conv → ReLU → conv_transpose (reads the 12 channels on axis 1, weight [in, out, k, k]) → conv."""
+    """conv → ReLU → conv_transpose (reads the 12 channels on axis 1, weight [in, out, k, k]) → conv; with
+    `strided`, kernel 2 and stride 2: each output position sees one tap of the four."""
 
-    def __init__(self) -> None:
+    def __init__(self, strided: bool = False) -> None:
         super().__init__()
         torch.manual_seed(9)
         self.conv = nn.Conv2d(3, 12, 3, padding=1)
-        self.up = nn.ConvTranspose2d(12, 6, 3, padding=1)
+        self.up = nn.ConvTranspose2d(12, 6, 2, stride=2) if strided else nn.ConvTranspose2d(12, 6, 3, padding=1)
         self.out = nn.Conv2d(6, 4, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -119,25 +120,11 @@ def test_conv_transpose_consumer_gets_the_removed_channels_means() -> None:
     assert err["least_squares"] < 0.95 * err["none, bias_compensation = false"], err
 
 
-class _StridedUp(nn.Module):
-    """conv → ReLU → conv_transpose with kernel 2, stride 2: each output position sees one tap of the four."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(9)
-        self.conv = nn.Conv2d(3, 12, 3, padding=1)
-        self.up = nn.ConvTranspose2d(12, 6, 2, stride=2)
-        self.out = nn.Conv2d(6, 4, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.up(torch.relu(self.conv(x))))
-
-
 def test_strided_conv_transpose_gets_the_mean_tap_share_of_the_removed_channels() -> None:
     """With stride s an output position of a transposed conv sees taps / Π s of each input position's taps, so
     the removed channels' means enter its bias divided by Π s (the sum over all taps was 4x too much here and
     left the model worse than plain slicing: 0.326 against 0.214)."""
-    model = _StridedUp().eval()
+    model = _Up(strided=True).eval()
     calib = torch.randn(64, 3, 6, 6, generator=torch.Generator().manual_seed(10))
     x = torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(11))
     with torch.no_grad():
