@@ -44,6 +44,7 @@ POSITIONS = 16  # conv output positions sampled per calibration sample for the r
 # ridges tried per child group (relative to the mean diagonal, `squeeze_math.ridged_normal`): the one with the least
 # error on the held-out share of the calibration rows is used for the final fit on all rows
 RIDGES = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+LANDING = 0.05  # a budget cut landing further under the limit than this share of it is walked closer (`closer_cut`)
 HELD_OUT = 0.2  # the share of calibration rows (drawn at random, seeded) that choose the ridge
 
 # (group, index of the observation in the group's, parent blocks, child blocks, [parent group, child group] scores)
@@ -259,6 +260,12 @@ def candidates(table: list[Entry], cut: Cut) -> list[torch.Tensor]:
     return [sc < cut for *_, sc in table] if isinstance(cut, float) else cut
 
 
+def landing(budget: Budget) -> float:
+    """How far under the budget a cut may land (5% of the tightest limit) before `closer_cut` looks for a closer
+    one: every further connection it cuts costs accuracy and saves nothing until a parent group goes."""
+    return LANDING * min(budget.limits.values())
+
+
 def closer_cut(table: list[Entry], fail: float, reach: Callable[[list[torch.Tensor]], Reached], budget: Budget,
                within: float = 0.005) -> tuple[list[torch.Tensor], Reached] | None:
     """A cut landing closer under the budget than the smallest rank threshold that meets it. From the largest
@@ -266,9 +273,9 @@ def closer_cut(table: list[Entry], fail: float, reach: Callable[[list[torch.Tens
     strongest incoming one never: it is never cut): one whose cut, added to those before it, still misses the
     budget is cut; one whose cut meets it is a candidate landing and is skipped (left uncut: one connection can
     remove a whole parent group, and with it, through the children it fed, the groups before) and the walk goes
-    on. Returns the candidate with the least slack (limit − reached, on the budget's tightest metric; stops at
-    one within `within`), or None when no connection is left to walk. `reach(masks)`: what cutting `masks`
-    reaches."""
+    on. Returns the first candidate within `within` of the limit (the fewest connections cut: those cut on the
+    way save nothing), else the one with the least slack (limit − reached, on the budget's tightest metric), or
+    None when no connection is left to walk. `reach(masks)`: what cutting `masks` reaches."""
     masks = [sc < fail for *_, sc in table]
     order = sorted((float(sc[a, b]), e, a, b) for e, (*_, sc) in enumerate(table)
                    for b in range(sc.shape[1]) for a in range(sc.shape[0])

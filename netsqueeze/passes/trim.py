@@ -235,9 +235,9 @@ class Trim(TransformPass):
     are counts over n/3 samples — broken by the block's weight magnitude over its consumer's mean block), the
     fewest cut (bisected over the count, every candidate's removal metered exactly) whose removal meets it, then
     a closer landing: one cut can remove a parent group and, through the children it fed, groups before it, so
-    from the largest count that misses the budget the next connections are walked in order, those whose cut
-    overshoots it skipped (left uncut), and the cut that meets it with the least slack kept
-    (`gdnt_groups.closer_cut`); `BudgetError` when even the largest cut the per-layer cap allows misses it. The guard is not searched here:
+    when that lands more than 5% of the limit under it, from the largest count that misses the budget the next
+    connections are walked in order, those whose cut overshoots it skipped (left uncut), up to the first cut
+    within 5% of the limit (else the one with the least slack; `gdnt_groups.closer_cut`); `BudgetError` when even the largest cut the per-layer cap allows misses it. The guard is not searched here:
     a `recover` after trim restores fidelity, and compile checks the guard on the final model.
 
     Refit (`refit`; default `auto`: `least_squares` when the compile has calibration data and
@@ -756,7 +756,8 @@ class Trim(TransformPass):
         closer = gdnt_groups.closer_cut(
             table, levels[t - 1], lambda masks: meter({gid: len(s.keep) for gid, s in
                                                        self._cut_plan(table, masks, groups, bounds, obs)[1].items()}),
-            budget) if t > 0 else None
+            budget, gdnt_groups.landing(budget)) if t > 0 and gdnt_groups.slack(budget, got) > gdnt_groups.landing(
+                budget) else None
         if closer is not None and gdnt_groups.slack(budget, closer[1]) < gdnt_groups.slack(budget, got):
             cut, got = closer
             note += (f"; then, in score order, the connections whose cut overshot it skipped: flops {got[0]:.1%}, "
