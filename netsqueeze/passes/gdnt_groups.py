@@ -26,17 +26,18 @@ child group) connections of each consumer and fine-tunes what remains. Two piece
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from netsqueeze.ir.graph import Graph, Value
+from netsqueeze.ir.graph import Graph, Node, Value
 from netsqueeze.ir.ops import attr
 from netsqueeze.passes.allocation import METRICS, Budget, Reached
 from netsqueeze.passes.base import PassContext
+from netsqueeze.passes.collectors import conv_patches
 from netsqueeze.passes.dependency import ChannelGroup, Member
+from netsqueeze.passes.frontier import Frontier, SideBySide
 from netsqueeze.passes.rewrite import ChannelSelection
 from netsqueeze.passes.squeeze_math import ridged_normal, solve_normal
 
@@ -89,35 +90,25 @@ def cut_count(raw: torch.Tensor, quantile: float) -> int:
     return int((raw < torch.quantile(raw, quantile)).sum())
 
 
-def _unfold(node_attrs: dict[str, tuple[int, ...]], x: torch.Tensor, kernel: tuple[int, ...]) -> torch.Tensor | None:
-    """im2col of a 2-d conv input: [N, C·kh·kw, L] (columns in the weight's (C, kh, kw) order), zero padding
-    begins+ends as the IR stores it; None for other ranks."""
-    stride, pad, dil = (tuple(int(v) for v in node_attrs[k]) for k in ("stride", "padding", "dilation"))
+def _rows(node: Node, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator
+          ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(inputs [rows, features], targets [rows, outputs]) of one batch: conv rows are `POSITIONS` sampled output
+    positions per sample (im2col), linear rows every row; None for a conv input that is not 2-d."""
+    if node.kind == "linear":
+        return x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
     if x.dim() != 4:
         return None
-    # IR padding: (begin_h, begin_w, end_h, end_w); F.pad: (left, right, top, bottom)
-    x = F.pad(x, (pad[1], pad[3], pad[0], pad[2]))
-    return F.unfold(x, kernel, dilation=dil, stride=stride)
-
-
-def _rows(node_kind: str, node_attrs: dict[str, tuple[int, ...]], kernel: tuple[int, ...], x: torch.Tensor,
-          y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(inputs [rows, features], targets [rows, outputs]) of one batch: conv rows are `POSITIONS` sampled output
-    positions per sample (im2col), linear rows every row."""
-    if node_kind == "linear":
-        return x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-    cols = _unfold(node_attrs, x, kernel)
-    if cols is None:
-        return None
-    n, f, length = cols.shape
+    n = x.shape[0]
+    cols = conv_patches(node.attrs, tuple(node.params["weight"].shape[2:]), x)
+    cols = cols.reshape(n, -1, cols.shape[1])  # [n, positions, features]
     yy = y.reshape(n, y.shape[1], -1)
+    length = cols.shape[1]
     if yy.shape[2] != length:
         return None
     take = min(POSITIONS, length)
     pick = torch.rand(n, length, generator=gen).argsort(1)[:, :take]  # [n, take]
-    xr = torch.gather(cols, 2, pick[:, None, :].expand(n, f, take)).movedim(1, 2).reshape(-1, f)
-    yr = torch.gather(yy, 2, pick[:, None, :].expand(n, yy.shape[1], take)).movedim(1, 2).reshape(-1, yy.shape[1])
-    return xr, yr
+    rows = torch.arange(n)[:, None]
+    return cols[rows, pick].reshape(-1, cols.shape[2]), yy.movedim(1, 2)[rows, pick].reshape(-1, yy.shape[1])
 
 
 def refit(graph: Graph, ref: Graph, ctx: PassContext, table: list[Entry], cuts: list[torch.Tensor],
@@ -130,7 +121,11 @@ def refit(graph: Graph, ref: Graph, ctx: PassContext, table: list[Entry], cuts: 
     by_node: dict[str, list[int]] = {}
     for e, m in enumerate(consumers):
         by_node.setdefault(m.node, []).append(e)
-    pos = {nid: i for i, nid in enumerate(graph.topo_order())}
+    topo = graph.topo_order()
+    pos = {nid: i for i, nid in enumerate(topo)}
+    # both graphs run side by side layer by layer, consumers in graph order (each refit changes only what
+    # the later ones read): a few passes over the data whatever the number of consumers
+    side = SideBySide(Frontier.open(graph, ref, ctx, topo), graph, ref, ctx, notes, "gdnt refit")
     done = 0
     ridges: list[str] = []
     for step, node_id in enumerate(sorted(by_node, key=lambda n: pos[n])):
@@ -162,7 +157,7 @@ def refit(graph: Graph, ref: Graph, ctx: PassContext, table: list[Entry], cuts: 
                 for b in range(len(cb)):
                     if bool(cuts[e][a, b]):
                         allowed[b, cols] = False
-        stats = _normal_equations(graph, ref, ctx, node_id, ctx.seed + 7919 * step)
+        stats = _normal_equations(graph, side, pos[node_id], node_id, ctx.seed + 7919 * step)
         if stats is None:
             notes.append(f"gdnt refit: '{node_id}': no calibration rows (or an input rank the refit does not "
                          "unroll); it keeps the cut with its mean in the bias")
@@ -201,37 +196,18 @@ def _held_error(a_fit: torch.Tensor, b_fit: torch.Tensor, a_held: torch.Tensor, 
     return float((w * (a_held @ w)).sum() - 2 * (w * b_held).sum())
 
 
-def _pairs(graph: Graph, ref: Graph, ctx: PassContext, src: Value, out: Value
-           ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(`src` in `graph`, `out` in `ref`) per calibration batch: each graph run only up to that value where the
-    compiler gives segments (`ctx.segment`), else the whole graphs streamed side by side."""
-    if ctx.segment_fn is not None and ctx.batches_fn is not None:
-        feeds = [(nid, 0) for nid in graph.inputs]
-        now, orig = ctx.segment(graph, feeds, [src]), ctx.segment(ref, feeds, [out])
-        if now is not None and orig is not None:
-            for batch in ctx.batches():
-                with torch.no_grad():
-                    x, y = now(list(batch))[0], orig(list(batch))[0]
-                yield x, y
-            return
-    for (x,), (y,) in zip(ctx.stream(graph, [src]), ctx.stream(ref, [out])):
-        yield x, y
-
-
-def _normal_equations(graph: Graph, ref: Graph, ctx: PassContext, node_id: str, seed: int
+def _normal_equations(graph: Graph, side: SideBySide, at: int, node_id: str, seed: int
                       ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
     """([X 1]ᵀ[X 1], [X 1]ᵀY) over the calibration rows, for the fitting rows and for the `HELD_OUT` share held
     out (drawn at random, seeded): X the consumer's (unrolled) inputs in `graph`, Y the original consumer's
-    outputs in `ref`."""
+    outputs (`side`'s pass-start copy), both read at the consumer's topological position `at`."""
     node = graph.node(node_id)
     src: Value = graph.operands(node_id)[0]
     out: Value = (node_id, 0)
-    kernel = tuple(node.params["weight"].shape[2:])
-    attrs = {k: tuple(attr(node, k)) for k in ("stride", "padding", "dilation")} if node.kind == "conv" else {}
     gen = torch.Generator().manual_seed(seed)
     sums: list[torch.Tensor] | None = None
-    for x, y in _pairs(graph, ref, ctx, src, out):
-        got = _rows(node.kind, attrs, kernel, x.detach().float(), y.detach().float(), gen)
+    for now, was in side.pairs(at, [src, out], at):
+        got = _rows(node, now[0].detach().float(), was[1].detach().float(), gen)
         if got is None:
             return None
         xr, yr = got

@@ -225,9 +225,6 @@ def apply_selection(graph: Graph, groups: ChannelGroups, selection: Mapping[int,
         if bias_name not in node.params:
             node.params[bias_name] = torch.zeros(w.shape[out_axis], dtype=node.params[m.target].dtype,
                                                  device=w.device)
-            # the analysis saw no bias here: it shrinks with the weight's output axis
-            if (m.node, m.target, out_axis) in removed:
-                removed[(m.node, bias_name, 0)] = set(removed[(m.node, m.target, out_axis)])
         node.params[bias_name] = (node.dense(bias_name).double() + delta).to(node.params[m.target].dtype)
     for m, keep, f in folds:
         node = graph.node(m.node)
@@ -249,6 +246,15 @@ def apply_selection(graph: Graph, groups: ChannelGroups, selection: Mapping[int,
             folded = torch.einsum("...cj,sc->...sj", wc, t.double())
         wm[..., idx[keep]] = folded
         node.params[m.target] = wm.movedim(-1, m.axis).to(w.dtype).contiguous()
+    # a bias the dependency analysis did not see (added since, by this rewrite's compensation or by a pass's
+    # refit before it) shrinks with its weight's output axis
+    for (nid, target, axis), pos in list(removed.items()):
+        if target.startswith("#"):
+            continue
+        node = graph.node(nid)
+        bias = spec(node.kind).bias.get(target)
+        if bias is not None and bias[1] == axis and bias[0] in node.params and (nid, bias[0], 0) not in removed:
+            removed[(nid, bias[0], 0)] = set(pos)
     for (nid, target, axis), pos in removed.items():
         if not pos or target.startswith("#"):
             continue
