@@ -21,6 +21,9 @@ from netsqueeze.passes.executor import Executor
 
 T = TypeVar("T")
 
+# the most model passes over the calibration data one search's output-error measurements may cost
+MEASURE_PASSES = 8.0
+
 
 @dataclass
 class PassResult:
@@ -157,6 +160,17 @@ class PassContext:
         if self.fidelity_fn is None:
             return None
         return self.fidelity_fn(graph, metric) if batches is None else self.fidelity_fn(graph, metric, batches)
+
+    def measure_batches(self, measurements: int, passes: float) -> tuple[int | None, int]:
+        """(batches, samples): how many leading calibration batches each of `measurements` output-error
+        measurements may run over so that together they cost at most `passes` model passes over the
+        calibration data (None: all of them), at least one batch; and how many samples those batches hold.
+        Keeps a search's measurements a bounded share of the compile whatever the number of groups."""
+        sizes = [int(b[0].shape[0]) for b in self.batches()] if self.batches_fn is not None else []
+        if not sizes or measurements * 1.0 <= passes:
+            return None, sum(sizes)
+        n = max(1, int(passes * len(sizes) / measurements))
+        return (None, sum(sizes)) if n >= len(sizes) else (n, sum(sizes[:n]))
 
     def analysis(self, cls: type[AnalysisPass[T]], graph: Graph, **options: Any) -> T:
         """The cached result of analysis `cls` on `graph`, computed on first use."""

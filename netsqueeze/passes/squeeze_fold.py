@@ -18,7 +18,7 @@ from netsqueeze.ir.graph import Graph, Value
 from netsqueeze.ir.ops import attr, spec
 from netsqueeze.ir.stats import graph_stats
 from netsqueeze.passes.allocation import Budget, GroupBounds, Meter, Reached, bisect, group_bounds
-from netsqueeze.passes.base import PassContext, PassResult, TransformPass
+from netsqueeze.passes.base import MEASURE_PASSES, PassContext, PassResult, TransformPass
 from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups, DependencyAnalysis, Member, find_groups
 from netsqueeze.passes.frontier import Frontier as _Frontier
 from netsqueeze.passes.frontier import Pairs, SideBySide
@@ -70,7 +70,7 @@ class Ablation:
     sensitivity: Literal["auto", "output", "first_order", "curve", "none"] = "auto"
     sensitivity_rounds: int = 2
     sensitivity_samples: int = 256
-    measure_passes: float = 8.0
+    measure_passes: float = MEASURE_PASSES
     block_fit: Literal["full", "shared"] = "full"
     max_block_features: int = 4096
 

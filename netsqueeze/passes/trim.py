@@ -21,7 +21,7 @@ from netsqueeze.ir.weights import ENCODED_FORMS
 from netsqueeze.passes import allocation, gdnt_groups
 from netsqueeze.passes import refit as consumer_refit
 from netsqueeze.passes.allocation import Budget, GroupBounds, Meter, Reached, bisect_int, group_bounds
-from netsqueeze.passes.base import PassContext, PassResult, TransformPass
+from netsqueeze.passes.base import MEASURE_PASSES, PassContext, PassResult, TransformPass
 from netsqueeze.passes.collectors import Moments, Reservoir, channel_rows
 from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups, DependencyAnalysis, Member
 from netsqueeze.passes.registry import register_pass
@@ -445,13 +445,17 @@ class Trim(TransformPass):
         alone is trimmed on a copy at the uniform ratio r that meets the budget and at min(2r, 90%) (its
         lowest-scored channels, consumers refit or compensated as the pass does), and the model's squared
         relative output error on the calibration data (`ctx.fidelity`), less the current graph's, fitted
-        through the two points (1 ≤ p ≤ 8). None (score / group mean alone, with a note) without calibration
+        through the two points (1 ≤ p ≤ 8). The measurements run over the leading calibration batches that keep
+        them all within `MEASURE_PASSES` model passes (`PassContext.measure_batches`; the note says how many
+        samples), so their cost does not grow with the number of groups. None (score / group mean alone, with a note) without calibration
         data to measure on."""
         if _RANKING.get() == "mean":
             return None
         budget = Budget.of(ctx)
         r = self._uniform_ratio(cands, bounds, budget, meter)
-        base = ctx.fidelity(graph, "output_error") if r is not None else None
+        # two measurements per group and the current graph's, together at most MEASURE_PASSES model passes
+        n_batches, n_samples = ctx.measure_batches(2 * len(cands) + 1, MEASURE_PASSES) if r is not None else (None, 0)
+        base = ctx.fidelity(graph, "output_error", n_batches) if r is not None else None
         if r is None or base is None:
             if r is not None:
                 notes.append("channels ranked across groups by score / group mean: no calibration data to measure "
@@ -476,7 +480,7 @@ class Trim(TransformPass):
                 dropped = float(sum(norm[c] for c in range(g.size) if c not in set(keep.keep)))
                 cand = graph.copy()
                 apply_selection(cand, groups, finish({g.id: keep}))
-                err = ctx.fidelity(cand, "output_error")
+                err = ctx.fidelity(cand, "output_error", n_batches)
                 if err is None:
                     return None
                 pts.append((max(dropped, 1e-12), max(err * err - base * base, 1e-12)))
@@ -484,7 +488,9 @@ class Trim(TransformPass):
             p = min(8.0, max(1.0, math.log(l2 / l1) / math.log(d2 / d1))) if d2 > d1 * (1 + 1e-9) else 2.0
             out[g.id] = (l2 / d2 ** p, p, max(cost, 1e-12))
         notes.append("channels ranked across groups by the measured output loss they add per unit of budget "
-                     f"({len(out)} groups measured at ratios {r:.1%} and {min(2 * r, 0.9):.1%}; loss = a·D^p, "
+                     f"({len(out)} groups measured at ratios {r:.1%} and {min(2 * r, 0.9):.1%} on "
+                     + ("all" if n_batches is None else "the first") + f" {n_samples:,} calibration samples; "
+                     "loss = a·D^p, "
                      + ", ".join(f"{groups[gid].producers[0] if groups[gid].producers else gid}: a/cost "
                                  f"{a / c:.3g}, p {p:.2f}" for gid, (a, p, c) in sorted(out.items())) + ")")
         return out
@@ -727,7 +733,7 @@ class Trim(TransformPass):
                     obs: dict[int, list[_Obs]], table: list[_GdntEntry], scores: torch.Tensor, before: GraphStats,
                     notes: list[str]) -> gdnt_groups.Cut:
         """Without a `ratio`: the smallest cut meeting the policy's flops/params/bytes budget. Candidates are the
-        distinct connection scores (cut everything under one), bisected; each is costed by the channels its
+        connection ranks of `gdnt_groups.ranked` (cut every connection ranked under one), bisected; each is costed by the channels its
         structural removal keeps (`_cut_plan`, exact FLOPs/params/bytes by `Meter`). Zeroed connections stay
         dense and save nothing: only the removed parents count. `BudgetError` when even the largest cut the
         per-layer cap allows misses the budget, with what that cut reaches."""

@@ -134,6 +134,34 @@ def test_measured_ranking_meets_the_budget_with_less_error_than_the_mean_rule() 
     assert not any(n.startswith("channels ranked across groups by the measured") for n in res.notes)
 
 
+def test_measure_batches_bounds_the_measurements_to_a_number_of_passes() -> None:
+    sizes = [64] * 6 + [32]
+    ctx = PassContext(batches_fn=lambda: iter([(torch.zeros(n, 3),) for n in sizes]))
+    assert ctx.measure_batches(5, 8.0) == (None, 416)  # 5 measurements over all the data: 5 passes
+    assert ctx.measure_batches(21, 8.0) == (2, 128)  # 21 on 2 of 7 batches: 6 passes
+    assert ctx.measure_batches(100, 8.0) == (1, 64)  # never less than one batch
+    assert PassContext().measure_batches(21, 8.0) == (None, 0)
+
+
+def test_trim_loss_measurements_cost_a_bounded_number_of_passes_whatever_the_number_of_groups() -> None:
+    import netsqueeze as ns
+
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for i in range(10):
+        layers += [nn.Linear(16 if i == 0 else 32, 32), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Linear(32, 4)).eval()
+    x = torch.randn(1024, 16)
+    policy = ("policy p {\n  calibrate samples 1024, batch 64\n  budget flops <= 50%\n"
+              "  trim on type(linear) except last(type(linear))\n}\n")
+    res = ns.compile(model, policy, example_inputs=(x[:2],), calibration=x)
+    note = res.report.passes[0].result.notes[0]
+    # 21 measurements (two per group and the start) on 6 of 16 batches: 7.9 passes, not 21
+    assert "(10 groups measured at ratios 31.3% and 62.5% on the first 384 calibration samples;" in note
+    assert res.report.calibration_passes == pytest.approx(13.62, abs=0.01)  # was 26.95 measuring on all 1,024
+    assert res.report.fidelity["output_error"] < 1e-3
+
+
 # ---- option errors ----
 def test_bad_option_combinations_are_errors_naming_a_node() -> None:
     cases = [
