@@ -221,7 +221,9 @@ def gdnt(data: dict[str, torch.Tensor], quick: bool, models: list[str]) -> None:
             f"raised from the published 0.75 to leave the budget room). R = `none`: each cut block's mean input "
             f"into the bias (the mode before the refit); R = `least_squares` (the default `auto` with calibration "
             f"data): every cut consumer's remaining weights and bias re-solved by ridge least squares on the "
-            f"calibration data against the original's pre-activations, layer by layer. recover: `loss = kl`, "
+            f"calibration data against the original's pre-activations, layer by layer. gdnt neuron mode: the one-shot criterion, `trim {{ criterion = gdnt, refit = least_squares }}` "
+            f"without `fold_bn` (whole channels ranked by their gdnt score under the same budget; BatchNorm kept, so "
+            f"the fine-tuning trains it as the peer's does). recover: `loss = kl`, "
             f"label-free (the images alone) or with labels (`label_weight = 1`), one pass. Fine-tuning: one epoch "
             f"on the subset with labels, the peer's treatment. Peer: Torch-Pruning group-L1 (MetaPruner, uniform "
             f"ratio bisected to the FLOPs target, no rounding), then the same epoch of fine-tuning. Target (issue "
@@ -278,6 +280,23 @@ def gdnt(data: dict[str, torch.Tensor], quick: bool, models: list[str]) -> None:
                 rows.append([name, label, f"{what} + fine-tuning", fr, pr, f"{acc1:.2f}%", f"{acc:.2f}%",
                              f"1 epoch fine-tuning ({n_sub:,} images)", f"{t_one + time.perf_counter() - t0:.0f}"])
                 write()
+            # the one-shot criterion (`gdnt_mode = neuron`: whole channels by their gdnt score) with the refit, on
+            # the BN'd graph (no fold_bn: fine-tuning then trains BatchNorm as the peer's does)
+            t0 = time.perf_counter()
+            text = policy(n_sub, f"budget flops <= {100 * keep:.2f}%\n  trim on type(conv) | type(linear) except "
+                                 "last(type(linear)) { criterion = gdnt, refit = least_squares }")
+            one = ns.compile(model, text.replace("batch 250", "batch 64"), example_inputs=(xs[:4],), calibration=xs)
+            t_one = time.perf_counter() - t0
+            acc1 = 100 * accuracy(one.model, xt, yt)
+            fr, pr = red(one.model)
+            what = "gdnt neuron mode (channels by score, BN kept) + refit"
+            rows.append([name, label, f"{what}, one-shot", fr, pr, f"{acc1:.2f}%", "-", "-", f"{t_one:.0f}"])
+            write()
+            t0 = time.perf_counter()
+            acc = 100 * accuracy(fine_tune(one.model, sub), xt, yt)
+            rows.append([name, label, f"{what} + fine-tuning", fr, pr, f"{acc1:.2f}%", f"{acc:.2f}%",
+                         f"1 epoch fine-tuning ({n_sub:,} images)", f"{t_one + time.perf_counter() - t0:.0f}"])
+            write()
             t0 = time.perf_counter()
             tp = tp_prune(model, data, keep, "l1", round_to=1)
             acc_tp1 = 100 * accuracy(tp, xt, yt)

@@ -133,7 +133,6 @@ def _run_line(original: Graph, steps: Sequence[Step], ctx: PassContext, target: 
     base = _pair(target, original, original, inputs)[0]
     t0 = base.median_ms / 1e3
     goal = target.seconds if target.seconds is not None else (target.ratio or 1.0) * t0
-    user_flops = ctx.budget.get("flops")
     points: list[tuple[float, float]] = [(float(flops0), t0)]
     attempts: list[dict[str, float]] = []
     budget_ratio: float | None = None if goal >= t0 else min(1.0, goal * MARGIN / t0)
@@ -144,12 +143,7 @@ def _run_line(original: Graph, steps: Sequence[Step], ctx: PassContext, target: 
     best: tuple[float, Graph, Any, list[Latency]] | None = None  # the met run with the most FLOPs kept
     missed: float | None = None  # the fewest FLOPs (ratio) a run missed the target with
     for attempt in range(MAX_ATTEMPTS):
-        graph = original.copy()
-        budget = dict(user_budget)
-        if budget_ratio is not None:
-            budget["flops"] = min(budget_ratio, user_flops) if user_flops is not None else budget_ratio
-        ctx.invalidate(frozenset())
-        ctx.budget = budget
+        graph, budget = _fresh_run(original, ctx, user_budget, budget_ratio)
         run = run_pipeline(graph, steps, ctx)
         lat = _pair(target, original, graph, inputs)
         flops = graph_stats(graph).flops
@@ -188,6 +182,19 @@ def _run_line(original: Graph, steps: Sequence[Step], ctx: PassContext, target: 
         raise _not_met(target, lat, inputs, len(attempts))
     _, graph, run, lat = best
     return graph, run, LatencyOutcome(lat[0], lat[1], goal, attempts)
+
+
+def _fresh_run(original: Graph, ctx: PassContext, user_budget: dict[str, float],
+               budget_ratio: float | None) -> tuple[Graph, dict[str, float]]:
+    """A copy of `original` for the next run of the pipeline and the budget it runs under: the user's, its
+    FLOPs limit lowered to `budget_ratio` (None: the user's alone), set on `ctx` with its analyses dropped."""
+    budget = dict(user_budget)
+    if budget_ratio is not None:
+        user_flops = user_budget.get("flops")
+        budget["flops"] = min(budget_ratio, user_flops) if user_flops is not None else budget_ratio
+    ctx.invalidate(frozenset())
+    ctx.budget = budget
+    return original.copy(), budget
 
 
 def _not_met(target: LatencyTarget, lat: Sequence[Latency], inputs: tuple[torch.Tensor, ...], runs: int) -> BudgetError:
@@ -314,12 +321,7 @@ def _run_per_kind(original: Graph, steps: Sequence[Step], ctx: PassContext, targ
     best: tuple[float, Graph, Any, list[Latency]] | None = None  # the met run with the most FLOPs kept
     missed: float | None = None  # the fewest FLOPs (ratio) a run missed the target with
     for attempt in range(MAX_ATTEMPTS):
-        graph = original.copy()
-        budget = dict(user_budget)
-        if budget_ratio is not None:
-            budget["flops"] = min(budget_ratio, user_flops) if user_flops is not None else budget_ratio
-        ctx.invalidate(frozenset())
-        ctx.budget = budget
+        graph, budget = _fresh_run(original, ctx, user_budget, budget_ratio)
         try:
             run = run_pipeline(graph, steps, ctx)
         except BudgetError:
