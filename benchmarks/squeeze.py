@@ -312,13 +312,13 @@ def measured(p: Point, base: Base, m: nn.Module, test: tuple[torch.Tensor, torch
 
 def squeeze_point(model: nn.Module, base: Base, measure: str, target: float, calib: torch.Tensor,
                   test: tuple[torch.Tensor, torch.Tensor], method: str = SF, step: str = SF,
-                  changes: dict[str, str] | None = None) -> tuple[Point, list[str]]:
+                  changes: dict[str, str] | None = None, round_to: int = ROUND_TO) -> tuple[Point, list[str]]:
     from netsqueeze.passes.squeeze_fold import ablation
 
     p = Point(base.model, measure, target, method)
     try:
         with ablation(**(changes or {})):
-            res, p.secs, p.mib = run_ns(model, [step, "fold_bn"], calib, {measure: 1.0 / target})
+            res, p.secs, p.mib = run_ns(model, [step, "fold_bn"], calib, {measure: 1.0 / target}, round_to)
     except ns.NetsqueezeError as err:
         p.failed = str(err).splitlines()[0][:100]
         print(f"  {p.model} {p.budget} {method}: failed: {p.failed}", file=sys.stderr, flush=True)
@@ -458,6 +458,9 @@ def main() -> None:
     ap.add_argument("--ablation", action="store_true",
                     help=f"also squeeze_fold's design alternatives at {HARD_POINT[0]} {HARD_POINT[1]:g}x")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for compiles and forward passes")
+    ap.add_argument("--round-to", type=int, default=ROUND_TO,
+                    help=f"squeeze_fold's `bounds {{ round_to }}` (default {ROUND_TO}; 16 matches ONNX Runtime's AVX-512 "
+                         "conv blocks); a value other than the default writes squeeze-round_to-N.md")
     ap.add_argument("--peer-round-to", type=int, default=1,
                     help="Torch-Pruning's round_to (default 1: its uniform ratio then lands on the target)")
     args = ap.parse_args()
@@ -485,14 +488,15 @@ def main() -> None:
         print(f"{name}: top-1 {base.top1:.2%}, forward pass over {n_calib} images {base.fwd_s:.2f} s",
               file=sys.stderr, flush=True)
         for measure, t in grid:
-            p, notes = squeeze_point(model, base, measure, t, calib, test)
+            p, notes = squeeze_point(model, base, measure, t, calib, test, round_to=args.round_to)
             points.append(p)
             alloc.append(f"- {name} {p.budget}: " + ("; ".join(notes) or p.failed or "-"))
             points += peer_points(model, base, measure, t, data, calib, test, args.peer_round_to)
             if args.ablation and (measure, t) == hard:
                 for v in variants():
                     step, changes = _variant(v)
-                    a, notes = squeeze_point(model, base, measure, t, calib, test, f"{SF} {v}", step, changes)
+                    a, notes = squeeze_point(model, base, measure, t, calib, test, f"{SF} {v}", step, changes,
+                                             round_to=args.round_to)
                     ablations.append(a)
                     alloc.append(f"- {name} {a.budget} {v}: " + ("; ".join(notes) or a.failed or "-"))
         # ONNX Runtime latency: the original and every squeeze_fold model of this model, timed in turns
@@ -521,7 +525,7 @@ def main() -> None:
         f"Command: `.venv/bin/python benchmarks/squeeze.py {' '.join(sys.argv[1:])}`, {minutes:.0f} min. "
         f"Test images: {n_test:,}; calibration: {n_calib:,} training images (a fixed random subset), the same for "
         f"every method. squeeze_fold: `squeeze_fold` then `fold_bn` under the policy's `budget flops|params <= X%` "
-        f"with `bounds {{ round_to = {ROUND_TO} }}`, `calibrate samples {n_calib}, batch {CALIB_BATCH}`. "
+        f"with `bounds {{ round_to = {args.round_to} }}`, `calibrate samples {n_calib}, batch {CALIB_BATCH}`. "
         f"{TP}: Torch-Pruning's group-L1 magnitude importance with one uniform per-layer ratio (its default; the "
         f"classifier's output layer kept), the ratio bisected to the same budget, round_to {args.peer_round_to}; "
         f"{TP_BN}: that model after re-estimating every BatchNorm's statistics on the calibration images "
@@ -547,7 +551,8 @@ def main() -> None:
     text = "\n\n".join(parts) + "\n"
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / ("squeeze-quick.md" if args.quick else "squeeze.md")
+    stem = "squeeze" if args.round_to == ROUND_TO else f"squeeze-round_to-{args.round_to}"
+    out = RESULTS / (f"{stem}-quick.md" if args.quick else f"{stem}.md")
     tmp = out.with_suffix(".tmp")
     tmp.write_text(text)
     tmp.replace(out)
