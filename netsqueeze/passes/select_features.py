@@ -223,7 +223,7 @@ class SelectFeatures(TransformPass):
         meet it, one common fraction s/S of each group's cap (`max_features`/`max_fraction`, else its size;
         S the largest cap), rounded up and clamped to the bounds, s bisected, every candidate metered exactly
         (`Meter`: a dry run of the rewrite on shapes). `BudgetError` when the bounds' smallest counts miss it."""
-        meter = Meter(graph, groups, before)
+        meter = Meter(graph, groups, before, shifted=True)  # the refit's intercept: a bias on every consumer
         bounds = {g.id: group_bounds(g, ctx, self.min_channels, self.round_to) for g in cands}
         caps = {g.id: self._cap(g.size) for g in cands}
         top = max(caps.values())

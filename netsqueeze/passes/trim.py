@@ -310,7 +310,8 @@ class Trim(TransformPass):
         if self.ratio is not None:
             sel = {g.id: self._keep_top(scores[g.id], bounds[g.id].for_ratio(self.ratio)) for g in cands}
         else:
-            meter = Meter(graph, groups, before)
+            # the refit's intercept and the bias compensation give a bias to every consumer without one: count it
+            meter = Meter(graph, groups, before, shifted=bool(fits) or self.bias_compensation)
             budget = Budget.of(ctx)
             if self.allocation == "uniform":
                 sel = self._uniform(cands, scores, bounds, budget, meter, notes)
@@ -733,12 +734,12 @@ class Trim(TransformPass):
                     obs: dict[int, list[_Obs]], table: list[_GdntEntry], scores: torch.Tensor, before: GraphStats,
                     notes: list[str]) -> gdnt_groups.Cut:
         """Without a `ratio`: the smallest cut meeting the policy's flops/params/bytes budget. Candidates are the
-        connection ranks of `gdnt_groups.ranked` (cut every connection ranked under one), bisected; each is costed by the channels its
-        structural removal keeps (`_cut_plan`, exact FLOPs/params/bytes by `Meter`). Zeroed connections stay
+        connection ranks of `gdnt_groups.ranked` (cut every connection ranked under one), bisected; each is
+        costed by the channels its structural removal keeps (`_cut_plan`, exact FLOPs/params/bytes by `Meter`). Zeroed connections stay
         dense and save nothing: only the removed parents count. `BudgetError` when even the largest cut the
         per-layer cap allows misses the budget, with what that cut reaches."""
         budget = Budget.of(ctx)
-        meter = Meter(graph, groups, before)
+        meter = Meter(graph, groups, before, shifted=self._refits(ctx) or self.bias_compensation)
         levels = [*sorted({float(v) for v in scores}), math.inf]
 
         def reached(t: int) -> Reached:

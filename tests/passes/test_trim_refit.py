@@ -15,7 +15,8 @@ from netsqueeze.ir.stats import graph_stats
 from netsqueeze.passes.base import PassContext
 from netsqueeze.passes.dependency import find_groups
 from netsqueeze.passes.trim import Trim, ranking
-from tests.passes.graphs import cnn, input_batches, mlp, run, stream_ctx
+from tests.passes.graphs import bn as bn_node
+from tests.passes.graphs import cnn, conv, input_batches, linear, mlp, run, stream_ctx
 
 
 @pytest.fixture(autouse=True)
@@ -160,6 +161,32 @@ def test_trim_loss_measurements_cost_a_bounded_number_of_passes_whatever_the_num
     assert "(10 groups measured at ratios 31.3% and 62.5% on the first 384 calibration samples;" in note
     assert res.report.calibration_passes == pytest.approx(13.62, abs=0.01)  # was 26.95 measuring on all 1,024
     assert res.report.fidelity["output_error"] < 1e-3
+
+
+def _bias_free_chain() -> Graph:
+    torch.manual_seed(0)
+    g = Graph("chain")
+    h = g.add_node("x", "input", attrs={"shape": (2, 3, 8, 8)})
+    for i, (ci, co) in enumerate([(3, 8), (8, 8), (8, 8)]):
+        h = g.add_node(f"relu{i}", "relu", [bn_node(g, f"bn{i}", conv(g, f"conv{i}", h, ci, co, bias=False), co)])
+    f = g.add_node("flat", "flatten", [h], attrs={"start_dim": 1})
+    g.add_node("out", "output", [linear(g, "fc", f, 8 * 64, 5)])
+    g.infer_shapes()
+    return g
+
+
+@pytest.mark.parametrize("percent", [49, 53, 60, 65, 71, 84])
+def test_budget_counts_the_bias_the_refit_gives_consumers_without_one(percent: int) -> None:
+    # bias-free convs before BatchNorm: the refit's intercept adds a bias to each; the allocation's meter counted
+    # them not, and these budgets ended 0.03-0.26% over (0.4903 at 49%)
+    batches = input_batches(_bias_free_chain(), n=4)
+    g = _bias_free_chain()
+    f0 = graph_stats(g).flops
+    res = Trim(criterion="l1", refit="least_squares").run(
+        g, stream_ctx(batches, budget={"flops": percent / 100}, batches_fn=lambda: iter(batches)))
+    assert graph_stats(g).flops / f0 <= percent / 100
+    assert res.metrics["flops_ratio"] <= percent / 100
+    assert isinstance(g.node("conv2").params.get("bias"), torch.Tensor)  # a consumer refit with an intercept
 
 
 # ---- option errors ----
