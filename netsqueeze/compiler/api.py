@@ -28,6 +28,7 @@ from netsqueeze.compiler.calibration import (
     segment_runner,
     split_labels,
 )
+from netsqueeze.compiler.cost_model import block_note, cpu_block
 from netsqueeze.compiler.files import load_exported_program, load_pickled_module
 from netsqueeze.compiler.latency_budget import LatencyOutcome, latency_target, run_for_latency
 from netsqueeze.compiler.pipeline import Step, run_pipeline
@@ -741,6 +742,8 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
 
     fidelity: dict[str, float] = {}
     notes: list[str] = list(graph.meta.get("notes", []))  # what the frontend had to say about the model
+    if (line := block_note(original, graph, *cpu_block())) is not None:
+        notes.append(line)
     if eval_batches is not None and any(n.kind != "input" for n in graph.nodes()):
         with _stage("measuring the output error"):
             try:

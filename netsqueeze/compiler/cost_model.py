@@ -243,3 +243,32 @@ def fit_blocked(points: Sequence[tuple[Mapping[int, Work], float]]) -> CostModel
         if m.residual < best.residual * 0.99:
             best = m
     return best
+
+
+def cpu_block() -> tuple[int, str]:
+    """(the channel block ONNX Runtime's CPU convolutions use on this machine, the instruction set it follows
+    from): MLAS computes NCHWc convolutions in blocks of 16 channels with AVX-512 and 8 with AVX2 (1: none)."""
+    import torch
+
+    cap = str(torch.backends.cpu.get_cpu_capability())
+    return (16 if cap.startswith("AVX512") else 8 if cap.startswith("AVX2") else 1), cap
+
+
+def conv_flops(graph: Graph, block: int = 1) -> float:
+    """The FLOPs of `graph`'s convolutions, with their channels padded to `block` as a blocked runtime runs them."""
+    return sum(float(node_flops(graph, n)) * _conv_padding(n, block) for n in graph.nodes()
+               if n.kind in ("conv", "conv_transpose") and "weight" in n.params)
+
+
+def block_note(original: Graph, graph: Graph, block: int, cap: str) -> str | None:
+    """A report line when the channel counts of `graph` leave part of its convolution FLOPs savings unrealised
+    in blocks of `block` (more than 2% of the original's convolution FLOPs); None otherwise."""
+    base = conv_flops(original)
+    if block <= 1 or base <= 0:
+        return None
+    nominal, padded = conv_flops(graph) / base, conv_flops(graph, block) / conv_flops(original, block)
+    if padded - nominal <= 0.02 or nominal >= 1.0:
+        return None
+    return (f"ONNX Runtime's CPU convolutions run channels in blocks of {block} on an {cap} CPU like this one: "
+            f"with these channel counts they compute {padded:.0%} of the original's convolution FLOPs, not "
+            f"{nominal:.0%}; `bounds {{ round_to = {block} }}` makes every channel removed count")

@@ -152,3 +152,36 @@ def test_pick_flops_reads_the_curve() -> None:
     assert pick_flops(curve, 0.45) == pytest.approx(0.3)
     assert pick_flops(curve, 0.15) == pytest.approx(0.05)  # below the curve: proportional to its first point
     assert pick_flops(curve, 1.2) == 1.0
+
+
+# ---- the report's note on channel blocks (ONNX Runtime's NCHWc convolutions) ----
+def _two_convs() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 32, 3, padding=1), torch.nn.ReLU(),
+                               torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                               torch.nn.Linear(32 * 8 * 8, 4)).eval()
+
+
+@pytest.mark.parametrize(("round_to", "expected"), [
+    (8, "ONNX Runtime's CPU convolutions run channels in blocks of 16 on an AVX512 CPU like this one: with these "
+        "channel counts they compute 100% of the original's convolution FLOPs, not 57%; `bounds { round_to = 16 }` "
+        "makes every channel removed count"),
+    (16, None),
+])
+def test_report_notes_channel_counts_that_a_blocked_runtime_pads(monkeypatch: pytest.MonkeyPatch, round_to: int,
+                                                                 expected: str | None) -> None:
+    import netsqueeze.compiler.api as api
+
+    monkeypatch.setattr(api, "cpu_block", lambda: (16, "AVX512"))
+    x = torch.randn(128, 1, 8, 8)
+    policy = (f"policy p {{\n  calibrate samples 128, batch 64\n  bounds {{ round_to = {round_to} }}\n"
+              "  trim on type(conv) { ratio = 0.3 }\n}\n")
+    res = ns.compile(_two_convs(), policy, example_inputs=(x[:2],), calibration=x)
+    convs = [tuple(m.weight.shape) for m in res.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs == ([(24, 1, 3, 3), (24, 24, 3, 3)] if round_to == 8 else [(32, 1, 3, 3), (32, 32, 3, 3)])
+    notes = [n for n in res.report.notes if "blocks of" in n]
+    assert notes == ([expected] if expected else [])
+    # 8-channel blocks (AVX2) fit 24 channels: nothing to say
+    monkeypatch.setattr(api, "cpu_block", lambda: (8, "AVX2"))
+    res = ns.compile(_two_convs(), policy, example_inputs=(x[:2],), calibration=x)
+    assert not [n for n in res.report.notes if "blocks of" in n]
