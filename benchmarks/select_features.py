@@ -169,8 +169,13 @@ def main() -> None:
         for kk in sorted({k, k_goa}, reverse=True):
             tag = f"k={kk}" + (" (F/4)" if kk == k else " (GOA's count)")
             if kk == k:
-                run(f"select_features, max_features = min_channels = {k}",
-                    f"select_features on {sel} {{ max_features = {k}, min_channels = {k} }}")
+                body = f"select_features on {sel} {{ max_features = {k}, min_channels = {k} }}"
+                run(f"select_features, max_features = min_channels = {k}", body)
+                # then label-free recovery on the same images: distillation from the original, 5 passes
+                steps = 5 * math.ceil(n_cal / 250)
+                run(f"select_features, {k} + recover {{ loss = kl, lr = 3e-4, steps = {steps}, label_weight = 0 }}",
+                    f"{body}\n  recover {{ loss = kl, lr = 0.0003, steps = {steps}, label_weight = 0 }}",
+                    f"label-free, 5 passes over the {n_cal} calibration images in batches of 250")
             fixed(f"mutual_info_classif top-k, {tag}", _top(mi, kk))
             fixed(f"L1 magnitude top-k, {tag}", _top(w.numpy(), kk))
             fixed(f"random, {tag}", sorted(rnd[:kk]))
