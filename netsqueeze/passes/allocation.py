@@ -155,8 +155,10 @@ class Meter:
         """Zero (shape-only) bias shifts for every consumer of group `gid`, when the pass shifts biases."""
         if not self.shifted:
             return None
-        return {m.node: torch.zeros(g.node(m.node).params[m.param or "weight"].shape[m.axis], dtype=torch.float64,
-                                    device="meta") for m in self.groups[gid].members_of("consumer")}
+        # an encoded (quantized, coded) consumer weight takes no shift: the passes leave its bias alone
+        return {m.node: torch.zeros(w.shape[m.axis], dtype=torch.float64, device="meta")
+                for m in self.groups[gid].members_of("consumer")
+                if isinstance(w := g.node(m.node).params[m.param or "weight"], torch.Tensor)} or None
 
     @property
     def measured(self) -> int:
