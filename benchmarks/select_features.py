@@ -255,6 +255,15 @@ def gdnt(data: dict[str, torch.Tensor], quick: bool, models: list[str]) -> None:
             f, p = flops_params(m)
             return f"{bf / f:.2f}x", f"{bp / p:.2f}x"
 
+        def fine_tuned(head: list[str], what: str, m: nn.Module, fr: str, pr: str, acc1: float, t_one: float) -> None:
+            """The row (model, target: `head`) of `m`, compiled in t_one s to top-1 acc1 one-shot, after the peer's
+            epoch of fine-tuning."""
+            t0 = time.perf_counter()
+            acc = 100 * accuracy(fine_tune(m, sub), xt, yt)
+            rows.append([*head, f"{what} + fine-tuning", fr, pr, f"{acc1:.2f}%", f"{acc:.2f}%",
+                         f"1 epoch fine-tuning ({n_sub:,} images)", f"{t_one + time.perf_counter() - t0:.0f}"])
+            write()
+
         for keep, label, cap in GDNT_TARGETS:
             for refit in ("none", "least_squares"):
                 t0 = time.perf_counter()
@@ -280,11 +289,7 @@ def gdnt(data: dict[str, torch.Tensor], quick: bool, models: list[str]) -> None:
                     rows.append([name, label, f"{what} + {after}", *red(r.model), f"{acc1:.2f}%", f"{acc:.2f}%",
                                  f"{after}, {steps} steps of 64 (1 pass)", f"{time.perf_counter() - t0:.0f}"])
                     write()
-                t0 = time.perf_counter()
-                acc = 100 * accuracy(fine_tune(one.model, sub), xt, yt)
-                rows.append([name, label, f"{what} + fine-tuning", fr, pr, f"{acc1:.2f}%", f"{acc:.2f}%",
-                             f"1 epoch fine-tuning ({n_sub:,} images)", f"{t_one + time.perf_counter() - t0:.0f}"])
-                write()
+                fine_tuned([name, label], what, one.model, fr, pr, acc1, t_one)
             # the one-shot criterion (`gdnt_mode = neuron`: whole channels by their gdnt score) with the refit, on
             # the BN'd graph (no fold_bn: fine-tuning then trains BatchNorm as the peer's does)
             t0 = time.perf_counter()
@@ -297,11 +302,7 @@ def gdnt(data: dict[str, torch.Tensor], quick: bool, models: list[str]) -> None:
             what = "gdnt neuron mode (channels by score, BN kept) + refit"
             rows.append([name, label, f"{what}, one-shot", fr, pr, f"{acc1:.2f}%", "-", "-", f"{t_one:.0f}"])
             write()
-            t0 = time.perf_counter()
-            acc = 100 * accuracy(fine_tune(one.model, sub), xt, yt)
-            rows.append([name, label, f"{what} + fine-tuning", fr, pr, f"{acc1:.2f}%", f"{acc:.2f}%",
-                         f"1 epoch fine-tuning ({n_sub:,} images)", f"{t_one + time.perf_counter() - t0:.0f}"])
-            write()
+            fine_tuned([name, label], what, one.model, fr, pr, acc1, t_one)
             t0 = time.perf_counter()
             tp = tp_prune(model, data, keep, "l1", round_to=1)
             acc_tp1 = 100 * accuracy(tp, xt, yt)
