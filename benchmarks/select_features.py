@@ -264,15 +264,28 @@ def gdnt(data: dict[str, torch.Tensor], quick: bool, models: list[str]) -> None:
                          f"1 epoch fine-tuning ({n_sub:,} images)", f"{t_one + time.perf_counter() - t0:.0f}"])
             write()
 
+        def compiled(head: list[str], what: str, net: nn.Module, text: str,
+                     calib: torch.Tensor | Path) -> ns.CompileResult | None:
+            """`ns.compile` of `net` under `text`, or None after a row (model, target: `head`) saying why it failed
+            (a budget the method cannot reach is a result, not the end of the run)."""
+            try:
+                return ns.compile(net, text, example_inputs=(xs[:4],), calibration=calib)
+            except ns.NetsqueezeError as err:
+                rows.append([*head, what, "-", "-", "failed", "-", str(err).splitlines()[0][:200], "-"])
+                write()
+                return None
+
         for keep, label, cap in GDNT_TARGETS:
             for refit in ("none", "least_squares"):
                 t0 = time.perf_counter()
-                one = ns.compile(model, gdnt_policy(keep, cap, refit), example_inputs=(xs[:4],), calibration=xs)
+                what = "gdnt groups" + (" + refit" if refit != "none" else " (refit = none)")
+                one = compiled([name, label], f"{what} (cap {cap})", model, gdnt_policy(keep, cap, refit), xs)
+                if one is None:
+                    continue
                 t_one = time.perf_counter() - t0
                 acc1 = 100 * accuracy(one.model, xt, yt)
                 fr, pr = red(one.model)
                 m = next(p for p in one.report.passes if p.name == "trim").result.metrics
-                what = "gdnt groups" + (" + refit" if refit != "none" else " (refit = none)")
                 rows.append([name, label, f"{what} (cap {cap}, {m['cut_quantile']:.1%} of connections cut, "
                                           f"{int(m['weights_zeroed']):,} weights zeroed), one-shot", fr, pr,
                              f"{acc1:.2f}%", "-", "-", f"{t_one:.0f}"])
@@ -283,8 +296,10 @@ def gdnt(data: dict[str, torch.Tensor], quick: bool, models: list[str]) -> None:
                     recovers.append(("recover kl + labels", labelled, ", label_weight = 1"))
                 for after, calib, extra in recovers:
                     t0 = time.perf_counter()
-                    r = ns.compile(model, gdnt_policy(keep, cap, refit, extra, steps), example_inputs=(xs[:4],),
-                                   calibration=calib)
+                    r = compiled([name, label], f"{what} + {after}", model,
+                                 gdnt_policy(keep, cap, refit, extra, steps), calib)
+                    if r is None:
+                        continue
                     acc = 100 * accuracy(r.model, xt, yt)
                     rows.append([name, label, f"{what} + {after}", *red(r.model), f"{acc1:.2f}%", f"{acc:.2f}%",
                                  f"{after}, {steps} steps of 64 (1 pass)", f"{time.perf_counter() - t0:.0f}"])
@@ -295,14 +310,15 @@ def gdnt(data: dict[str, torch.Tensor], quick: bool, models: list[str]) -> None:
             t0 = time.perf_counter()
             text = policy(n_sub, f"budget flops <= {100 * keep:.2f}%\n  trim on type(conv) | type(linear) except "
                                  "last(type(linear)) { criterion = gdnt, refit = least_squares }")
-            one = ns.compile(model, text.replace("batch 250", "batch 64"), example_inputs=(xs[:4],), calibration=xs)
-            t_one = time.perf_counter() - t0
-            acc1 = 100 * accuracy(one.model, xt, yt)
-            fr, pr = red(one.model)
             what = "gdnt neuron mode (channels by score, BN kept) + refit"
-            rows.append([name, label, f"{what}, one-shot", fr, pr, f"{acc1:.2f}%", "-", "-", f"{t_one:.0f}"])
-            write()
-            fine_tuned([name, label], what, one.model, fr, pr, acc1, t_one)
+            one = compiled([name, label], what, model, text.replace("batch 250", "batch 64"), xs)
+            if one is not None:
+                t_one = time.perf_counter() - t0
+                acc1 = 100 * accuracy(one.model, xt, yt)
+                fr, pr = red(one.model)
+                rows.append([name, label, f"{what}, one-shot", fr, pr, f"{acc1:.2f}%", "-", "-", f"{t_one:.0f}"])
+                write()
+                fine_tuned([name, label], what, one.model, fr, pr, acc1, t_one)
             t0 = time.perf_counter()
             tp = tp_prune(model, data, keep, "l1", round_to=1)
             acc_tp1 = 100 * accuracy(tp, xt, yt)
