@@ -47,9 +47,9 @@ from netsqueeze.errors import (
     SourceSpan,
     UserCodeError,
 )
-from netsqueeze.ir.graph import Graph
+from netsqueeze.ir.graph import Graph, Value
 from netsqueeze.ir.stats import graph_stats
-from netsqueeze.passes.base import Pass, PassContext, Trainable
+from netsqueeze.passes.base import ActivationStream, Pass, PassContext, Trainable
 from netsqueeze.passes.executor import Executor, make_executor
 from netsqueeze.passes.registry import all_passes
 
@@ -422,6 +422,14 @@ class _Fidelity:
             self._ref = to_torch(self.original)
         return self._ref
 
+    def keep(self, i: int, outs: list[torch.Tensor]) -> None:
+        """The original's outputs on calibration batch i, computed elsewhere (a stream over the unchanged
+        graph): kept when they extend the kept prefix and fit."""
+        size = sum(t.numel() for t in outs)
+        if i == len(self._kept) and size <= self._room:
+            self._kept.append([t.detach() for t in outs])
+            self._room -= size
+
     def reference(self, i: int, batch: Batch) -> list[torch.Tensor]:
         """The original's outputs on calibration batch i (kept from an earlier pass when they fit)."""
         if i < len(self._kept):
@@ -452,6 +460,45 @@ class _Fidelity:
         src = batches if limit is None else (lambda: itertools.islice(batches(), limit))
         return measure_output_error(self.reference, graph, src, label="a candidate model", data=self.data,
                                     count=self.count)[metric]
+
+
+def _same_graph(a: Graph, b: Graph) -> bool:
+    """Whether `a` computes what `b` does, conservatively: the same nodes, kinds, attributes and operands, and
+    every param the same object or an equal dense tensor."""
+    if a is b:
+        return True
+    if len(a) != len(b) or list(a.inputs) != list(b.inputs) or a.output_values() != b.output_values():
+        return False
+    for n in a.nodes():
+        if n.id not in b:
+            return False
+        m = b.node(n.id)
+        if n.kind != m.kind or n.attrs != m.attrs or a.operands(n.id) != b.operands(n.id) or n.params.keys() != m.params.keys():
+            return False
+        for k, v in n.params.items():
+            w = m.params[k]
+            if v is w:
+                continue
+            if not (isinstance(v, torch.Tensor) and isinstance(w, torch.Tensor) and v.dtype == w.dtype
+                    and v.shape == w.shape and torch.equal(v, w)):
+                return False
+    return True
+
+
+def _keeping_reference(stream: ActivationStream, fidelity: _Fidelity, original: Graph) -> ActivationStream:
+    """`stream`, which also hands the original's outputs to `fidelity` when the graph it runs is the original
+    (a first pass's statistics): the compile's output-error measurements then need not run the original again."""
+
+    def run(graph: Graph, values: Sequence[Value]) -> Iterator[list[torch.Tensor]]:
+        if not _same_graph(graph, original):
+            yield from stream(graph, values)
+            return
+        outs = graph.output_values()
+        for i, got in enumerate(stream(graph, [*values, *outs])):
+            fidelity.keep(i, got[len(values):])
+            yield got[: len(values)]
+
+    return run
 
 
 def _trainable(graph: Graph) -> Trainable:
@@ -711,7 +758,9 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
     measured_fidelity = _Fidelity(original, eval_batches, eval_fn, data_label, count if eval_batches is source else None)
     ctx = PassContext(
         progress_fn=bars.bar,
-        stream_fn=bars.stream(activation_stream(source, count), n_batches) if source is not None else None,
+        stream_fn=bars.stream(_keeping_reference(activation_stream(source, count), measured_fidelity, original)
+                              if eval_batches is source else activation_stream(source, count), n_batches)
+        if source is not None else None,
         batches_fn=source,
         segment_fn=segment_runner(count) if source is not None else None,
         budget=resolved.budget,

@@ -152,3 +152,39 @@ def test_compile_leaves_the_models_buffers_and_inputs_alone() -> None:
     x = torch.randn(3, 20)
     ns.compile(model, [FoldBN()], example_inputs=(x,), calibration=torch.randn(16, 20))
     assert float(model.seen) == 0.0
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_the_original_outputs_of_a_first_pass_serve_the_output_error(monkeypatch: pytest.MonkeyPatch,
+                                                                     reuse: bool) -> None:
+    # squeeze_fold's statistics stream runs the unchanged graph: its outputs are the original's, so the final
+    # output-error measurement does not run the original again (one pass fewer, the same figure)
+    import netsqueeze.compiler.api as api
+
+    if not reuse:
+        monkeypatch.setattr(api, "_same_graph", lambda a, b: False)
+    model, inputs = ZOO["vgg"]()
+    x = torch.randn(64, *inputs[0].shape[1:], generator=torch.Generator().manual_seed(0))
+    policy = "policy p {\n  calibrate samples 64, batch 16\n  squeeze_fold { energy = 0.95 }\n  fold_bn\n}\n"
+    res = ns.compile(model, policy, example_inputs=inputs, calibration=x)
+    passes = res.report.calibration_passes
+    assert passes == pytest.approx(5.399 if reuse else 6.399, abs=1e-3)  # one full pass of the original fewer
+    assert res.report.fidelity["output_error"] == pytest.approx(0.005747, abs=1e-6)  # the same either way
+
+
+def test_same_graph_is_false_for_any_changed_weight() -> None:
+    from netsqueeze.compiler.api import _same_graph
+
+    g = ns.import_model(*ZOO["lenet"]())
+    h = g.copy()
+    assert _same_graph(g, h) and _same_graph(g, g)
+    node = next(n for n in h.nodes() if n.kind == "conv")
+    w = node.params["weight"]
+    assert isinstance(w, torch.Tensor)
+    node.params["weight"] = w.clone()
+    assert _same_graph(g, h)  # an equal copy
+    node.params["weight"][0, 0, 0, 0] += 1e-6
+    assert not _same_graph(g, h)
+    node.params["weight"] = w
+    node.attrs = {**node.attrs, "stride": (2, 2)}
+    assert not _same_graph(g, h)
