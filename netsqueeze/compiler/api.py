@@ -473,7 +473,8 @@ def _same_graph(a: Graph, b: Graph) -> bool:
         if n.id not in b:
             return False
         m = b.node(n.id)
-        if n.kind != m.kind or n.attrs != m.attrs or a.operands(n.id) != b.operands(n.id) or n.params.keys() != m.params.keys():
+        if (n.kind != m.kind or n.attrs != m.attrs or a.operands(n.id) != b.operands(n.id)
+                or n.params.keys() != m.params.keys()):
             return False
         for k, v in n.params.items():
             w = m.params[k]

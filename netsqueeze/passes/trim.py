@@ -448,8 +448,8 @@ class Trim(TransformPass):
         relative output error on the calibration data (`ctx.fidelity`), less the current graph's, fitted
         through the two points (1 ≤ p ≤ 8). The measurements run over the leading calibration batches that keep
         them all within `MEASURE_PASSES` model passes (`PassContext.measure_batches`; the note says how many
-        samples), so their cost does not grow with the number of groups. None (score / group mean alone, with a note) without calibration
-        data to measure on."""
+        samples), so their cost does not grow with the number of groups. None (score / group mean alone, with a
+        note) without calibration data to measure on."""
         if _RANKING.get() == "mean":
             return None
         budget = Budget.of(ctx)
@@ -735,9 +735,9 @@ class Trim(TransformPass):
                     notes: list[str]) -> gdnt_groups.Cut:
         """Without a `ratio`: the smallest cut meeting the policy's flops/params/bytes budget. Candidates are the
         connection ranks of `gdnt_groups.ranked` (cut every connection ranked under one), bisected; each is
-        costed by the channels its structural removal keeps (`_cut_plan`, exact FLOPs/params/bytes by `Meter`). Zeroed connections stay
-        dense and save nothing: only the removed parents count. `BudgetError` when even the largest cut the
-        per-layer cap allows misses the budget, with what that cut reaches."""
+        costed by the channels its structural removal keeps (`_cut_plan`, exact FLOPs/params/bytes by `Meter`).
+        Zeroed connections stay dense and save nothing: only the removed parents count. `BudgetError` when even
+        the largest cut the per-layer cap allows misses the budget, with what that cut reaches."""
         budget = Budget.of(ctx)
         meter = Meter(graph, groups, before, shifted=self._refits(ctx) or self.bias_compensation)
         levels = [*sorted({float(v) for v in scores}), math.inf]
