@@ -459,8 +459,8 @@ def main() -> None:
                     help=f"also squeeze_fold's design alternatives at {HARD_POINT[0]} {HARD_POINT[1]:g}x")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for compiles and forward passes")
     ap.add_argument("--round-to", type=int, default=ROUND_TO,
-                    help=f"squeeze_fold's `bounds {{ round_to }}` (default {ROUND_TO}; 16 matches ONNX Runtime's AVX-512 "
-                         "conv blocks); a value other than the default writes squeeze-round_to-N.md")
+                    help=f"squeeze_fold's `bounds {{ round_to }}` (default {ROUND_TO}; 16 matches ONNX Runtime's "
+                         "AVX-512 conv blocks); a value other than the default writes squeeze-round_to-N.md")
     ap.add_argument("--peer-round-to", type=int, default=1,
                     help="Torch-Pruning's round_to (default 1: its uniform ratio then lands on the target)")
     args = ap.parse_args()

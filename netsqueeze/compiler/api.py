@@ -757,11 +757,12 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
     n_batches = sum(1 for _ in source()) if source is not None and bars.on else None
     count = PassCount(source)
     measured_fidelity = _Fidelity(original, eval_batches, eval_fn, data_label, count if eval_batches is source else None)
+    stream = activation_stream(source, count) if source is not None else None
+    if stream is not None and eval_batches is source:  # the measurements read the calibration data too
+        stream = _keeping_reference(stream, measured_fidelity, original)
     ctx = PassContext(
         progress_fn=bars.bar,
-        stream_fn=bars.stream(_keeping_reference(activation_stream(source, count), measured_fidelity, original)
-                              if eval_batches is source else activation_stream(source, count), n_batches)
-        if source is not None else None,
+        stream_fn=bars.stream(stream, n_batches) if stream is not None else None,
         batches_fn=source,
         segment_fn=segment_runner(count) if source is not None else None,
         budget=resolved.budget,

@@ -97,6 +97,11 @@ def _conv_padding(node: Node, block: int) -> float:
     return 1.0
 
 
+def _padded_flops(graph: Graph, node: Node, block: int) -> float:
+    """A convolution's FLOPs with its channels padded to `block` (`_conv_padding`)."""
+    return float(node_flops(graph, node)) * _conv_padding(node, block)
+
+
 def op_kind(graph: Graph, node: Node, block: int = 1) -> tuple[str, float] | None:
     """The node's kind in the cost model and its work (FLOPs, convolutions' with channels padded to `block`,
     or bytes moved); None for nodes that cost nothing of their own (graph inputs, outputs, constants, norms
@@ -104,7 +109,7 @@ def op_kind(graph: Graph, node: Node, block: int = 1) -> tuple[str, float] | Non
     if node.kind in FREE or _folds_into_producer(graph, node):
         return None
     if node.kind in ("conv", "conv_transpose") and "weight" in node.params:
-        return _conv_kind(node), float(node_flops(graph, node)) * _conv_padding(node, block)
+        return _conv_kind(node), _padded_flops(graph, node, block)
     if node.kind in COMPUTE:
         return node.kind, float(node_flops(graph, node))
     return "memory", _bytes(graph.input_metas(node.id)) + _bytes(node.meta)
@@ -256,7 +261,7 @@ def cpu_block() -> tuple[int, str]:
 
 def conv_flops(graph: Graph, block: int = 1) -> float:
     """The FLOPs of `graph`'s convolutions, with their channels padded to `block` as a blocked runtime runs them."""
-    return sum(float(node_flops(graph, n)) * _conv_padding(n, block) for n in graph.nodes()
+    return sum(_padded_flops(graph, n, block) for n in graph.nodes()
                if n.kind in ("conv", "conv_transpose") and "weight" in n.params)
 
 

@@ -167,7 +167,7 @@ class PassContext:
         calibration data (None: all of them), at least one batch; and how many samples those batches hold.
         Keeps a search's measurements a bounded share of the compile whatever the number of groups."""
         sizes = [int(b[0].shape[0]) for b in self.batches()] if self.batches_fn is not None else []
-        if not sizes or measurements * 1.0 <= passes:
+        if not sizes or measurements <= passes:
             return None, sum(sizes)
         n = max(1, int(passes * len(sizes) / measurements))
         return (None, sum(sizes)) if n >= len(sizes) else (n, sum(sizes[:n]))

@@ -157,8 +157,8 @@ class SqueezeFold(TransformPass):
     ops, LayerNorm over the channel axis) are never touched.
     Needs calibration data. Its order with `fold_bn` matters and depends on the model, so measure both: on
     the benchmark ResNet-style model at 2x fewer FLOPs (one training of it), squeezing the BN-folded graph lost
-    11.9 top-1 points against 3.4 with the BatchNorms in place (the same activations, but the consumers' metric and the
-    allocation differ; not yet explained); on the demo's digits CNN (examples/demo.sqz, with `recover`
+    11.9 top-1 points against 3.4 with the BatchNorms in place (the same activations, but the consumers' metric
+    and the allocation differ; not yet explained); on the demo's digits CNN (examples/demo.sqz, with `recover`
     after) folding first did better: 10.0x fewer FLOPs at 99.72% held-out top-1 against 6.9x at 99.17%.
     Guarantees: the graph verifies; params/FLOPs never grow; in search mode the budget holds and, where
     the compiler can measure it, the guard too.

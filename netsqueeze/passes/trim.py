@@ -310,8 +310,8 @@ class Trim(TransformPass):
         if self.ratio is not None:
             sel = {g.id: self._keep_top(scores[g.id], bounds[g.id].for_ratio(self.ratio)) for g in cands}
         else:
-            # the refit's intercept and the bias compensation give a bias to every consumer without one: count it
-            meter = Meter(graph, groups, before, shifted=bool(fits) or self.bias_compensation)
+            # bias compensation (which every refit implies) gives a bias to each consumer without one: count it
+            meter = Meter(graph, groups, before, shifted=self.bias_compensation)
             budget = Budget.of(ctx)
             if self.allocation == "uniform":
                 sel = self._uniform(cands, scores, bounds, budget, meter, notes)
@@ -454,13 +454,14 @@ class Trim(TransformPass):
             return None
         budget = Budget.of(ctx)
         r = self._uniform_ratio(cands, bounds, budget, meter)
+        if r is None:
+            return None
         # two measurements per group and the current graph's, together at most MEASURE_PASSES model passes
-        n_batches, n_samples = ctx.measure_batches(2 * len(cands) + 1, MEASURE_PASSES) if r is not None else (None, 0)
-        base = ctx.fidelity(graph, "output_error", n_batches) if r is not None else None
-        if r is None or base is None:
-            if r is not None:
-                notes.append("channels ranked across groups by score / group mean: no calibration data to measure "
-                             "each group's output sensitivity on")
+        n_batches, n_samples = ctx.measure_batches(2 * len(cands) + 1, MEASURE_PASSES)
+        base = ctx.fidelity(graph, "output_error", n_batches)
+        if base is None:
+            notes.append("channels ranked across groups by score / group mean: no calibration data to measure "
+                         "each group's output sensitivity on")
             return None
         limit = {k: 1.0 / v for k, v in budget.limits.items()}
         at = allocation.METRICS.index
@@ -739,7 +740,7 @@ class Trim(TransformPass):
         Zeroed connections stay dense and save nothing: only the removed parents count. `BudgetError` when even
         the largest cut the per-layer cap allows misses the budget, with what that cut reaches."""
         budget = Budget.of(ctx)
-        meter = Meter(graph, groups, before, shifted=self._refits(ctx) or self.bias_compensation)
+        meter = Meter(graph, groups, before, shifted=self.bias_compensation)  # as in `run`
         levels = [*sorted({float(v) for v in scores}), math.inf]
 
         def reached(t: int) -> Reached:
