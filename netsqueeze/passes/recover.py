@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from netsqueeze.errors import Diagnostic, InputMismatchError, NetsqueezeError
 from netsqueeze.ir.graph import Graph
 from netsqueeze.ir.weights import Affine, Centroids, Codebook, Sparse, Weight
-from netsqueeze.passes.base import NoBar, PassContext, PassResult, TransformPass
+from netsqueeze.passes.base import NoBar, PassContext, PassResult, Trainable, TransformPass
 from netsqueeze.passes.registry import register_pass
 
 Key = tuple[str, str]  # (node id, param name)
@@ -205,6 +205,12 @@ class Recover(TransformPass):
     Guard: when the policy has a `guard` the compiler can measure, it is measured before training and every
     `check_every` steps (0: after every pass over the calibration data); recovery stops as soon as the guard
     is met, and the weights written back are those of the best measurement (never worse than before).
+    Without one, the pass's own loss over one pass of the calibration data is measured before and after
+    training (two inference passes of both models); when training did not lower it — a learning rate too
+    high for a model a refit already brought close to the original — the graph is left as it was and the
+    note says so. (On the benchmark ResNet with a quarter of its penultimate features kept by
+    `select_features`, 20 steps at lr 1e-3 raised the KL divergence from 0.051 to 0.69 and lowered top-1
+    from 88.79% to 71.94%.)
     `progress` shows the compile's progress bar (`compile(progress=)`: by default on a terminal only;
     `--quiet` turns it off).
     """
@@ -244,6 +250,8 @@ class Recover(TransformPass):
         start = ctx.guard_check(graph) if guard else None
         if start is not None:
             best = (start[1], [t.detach().clone() for t in leaves])
+        # without a guard to measure, the pass's own loss over the calibration data decides (`_data_loss`)
+        before = self._data_loss(fn, forms, ctx, teacher) if start is None else None
         result = PassResult(changed=True, touched={nid for nid, _ in keys})
         losses: list[float] = []
         per_pass = 0
@@ -282,15 +290,38 @@ class Recover(TransformPass):
                 for t, v in zip(leaves, best[1]):
                     t.copy_(v)
             result.metrics["guard"] = best[0]
-        _write(graph, forms)
+        kept, n_nodes = "", len(result.touched)
+        if before is not None:
+            after = self._data_loss(fn, forms, ctx, teacher)
+            result.metrics.update({"data_loss_before": before, "data_loss_after": after})
+            if not after < before:  # the graph is left as it was (the forms train copies)
+                kept = (f"; training raised the loss over the calibration data ({before:.4g} → {after:.4g}): "
+                        "the weights before it are kept (try a lower `lr`)")
+                result.changed, result.touched = False, set()
+            else:
+                kept = f"; loss over the calibration data {before:.4g} → {after:.4g}"
+        if result.changed:
+            _write(graph, forms)
         result.metrics.update({"steps": float(len(losses)), "loss_first": losses[0], "loss_last": losses[-1]})
         result.notes.append(
-            f"{len(losses)} steps on {len(forms)} params of {len(result.touched)} nodes, loss "
+            f"{len(losses)} steps on {len(forms)} params of {n_nodes} nodes, loss "
             f"{losses[0]:.4g} → {losses[-1]:.4g}" + (f" (mean of the last pass over the data: "
                                                       f"{sum(losses[-per_pass:]) / per_pass:.4g})" if per_pass else "")
-            + (f"; {stopped}" if stopped else "")
+            + (f"; {stopped}" if stopped else "") + kept
             + (f"; guard {start[1]:.4g} → {best[0]:.4g}" if start is not None and best is not None else ""))
         return result
+
+    def _data_loss(self, fn: Trainable, forms: dict[Key, _Form], ctx: PassContext, teacher: Graph) -> float:
+        """The loss (`_loss`) over one pass of the calibration data, sample-weighted, without gradients."""
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for xs, ys, labels, last in self._batches(ctx, teacher):
+                n = int(xs[0].shape[0]) if xs and xs[0].dim() else 1
+                total += float(self._loss(fn({k: f.dense() for k, f in forms.items()}, xs), ys, labels)) * n
+                count += n
+                if last:
+                    break
+        return total / max(count, 1)
 
     def _batches(self, ctx: PassContext, teacher: Graph) -> Iterator[
             tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None, bool]]:

@@ -384,3 +384,29 @@ def test_staged_pruning_with_recover_beats_one_shot_at_the_same_steps(digits, tm
         got[name] = _top1(r.model, xte, yte)
     assert got["staged"] > 0.80  # measured 0.829
     assert got["staged"] > got["at_once"] + 0.05  # measured 0.740
+
+
+def test_without_a_guard_training_that_raises_the_loss_is_not_kept(digits) -> None:  # type: ignore[no-untyped-def]
+    """No guard: the loss over the calibration data is measured before and after; a learning rate that
+    wrecks the refit model leaves the graph exactly as trim left it, and the note says why."""
+    m, xtr, _, xte, yte = digits
+    base = ns.compile(m, f"policy p {{ {TRIM} }}", example_inputs=(xtr[:4],), calibration=xtr[:512])
+    wild = ns.compile(m, f"policy p {{ {TRIM} recover {{ steps = 8, lr = 1.0, loss = kl }} }}",
+                      example_inputs=(xtr[:4],), calibration=xtr[:512])
+    rec = wild.report.passes[1].result
+    assert not rec.changed and rec.touched == set()
+    assert rec.notes[0].startswith("8 steps on 6 params of 3 nodes, loss ")
+    assert rec.metrics["data_loss_after"] > rec.metrics["data_loss_before"]
+    assert rec.notes[0].endswith(
+        f"; training raised the loss over the calibration data ({rec.metrics['data_loss_before']:.4g} → "
+        f"{rec.metrics['data_loss_after']:.4g}): the weights before it are kept (try a lower `lr`)")
+    for a, b in zip(base.model.state_dict().values(), wild.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert _top1(wild.model, xte, yte) == _top1(base.model, xte, yte)
+    # a learning rate that helps is kept, and its note gives both losses
+    good = ns.compile(m, f"policy p {{ {TRIM} recover {{ steps = 40, lr = 1e-3, loss = kl }} }}",
+                      example_inputs=(xtr[:4],), calibration=xtr[:512])
+    r = good.report.passes[1].result
+    assert r.changed and r.metrics["data_loss_after"] < r.metrics["data_loss_before"]
+    assert r.notes[0].endswith(f"; loss over the calibration data {r.metrics['data_loss_before']:.4g} → "
+                               f"{r.metrics['data_loss_after']:.4g}")
