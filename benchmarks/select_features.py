@@ -151,9 +151,9 @@ def main() -> None:
             write()
             return res, acc
 
-        def fixed(label: str, keep: list[int]) -> None:
+        def fixed(label: str, keep: list[int], after: str = "", note: str = "") -> None:
             FIXED["keep"] = keep
-            run(label, f"bench_select_fixed on {sel}")
+            run(label, f"bench_select_fixed on {sel}{after}", note)
 
         goa, _ = run("select_features (GOA, defaults)", f"select_features on {sel}")
         m = goa.report.passes[0].result.metrics
@@ -178,8 +178,16 @@ def main() -> None:
                 run(f"select_features, {k} + recover {{ loss = kl, lr = 3e-4, steps = {steps}, label_weight = 0 }}",
                     f"{body}\n  recover {{ loss = kl, lr = 0.0003, steps = {steps}, label_weight = 0 }}",
                     f"label-free, 5 passes over the {n_cal} calibration images in batches of 250")
+                # a longer recovery, the same for every selection it follows (the choice of features compared)
+                long_rec = f"recover {{ loss = kl, lr = 0.0003, steps = {4 * steps}, label_weight = 0 }}"
+                long_note = f"label-free, 20 passes over the {n_cal} calibration images in batches of 250"
+                run(f"select_features, {k} + {long_rec}", f"{body}\n  {long_rec}", long_note)
             fixed(f"mutual_info_classif top-k, {tag}", _top(mi, kk))
+            if kk == k:
+                fixed(f"mutual_info_classif top-k, {tag} + {long_rec}", _top(mi, kk), f"\n  {long_rec}", long_note)
             fixed(f"L1 magnitude top-k, {tag}", _top(w.numpy(), kk))
+            if kk == k:
+                fixed(f"L1 magnitude top-k, {tag} + {long_rec}", _top(w.numpy(), kk), f"\n  {long_rec}", long_note)
             fixed(f"random, {tag}", sorted(rnd[:kk]))
 
     for name in args.models.split(","):
