@@ -206,3 +206,9 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(out)
+
+
+def recover_step(steps: int, label_weight: float = 0.0) -> str:
+    """The policy step the benchmarks recover with: distillation (KL) from the original on the calibration images,
+    at the learning rate README advises after a refit (the default 1e-3 suits collapsed models)."""
+    return f"recover {{ loss = kl, lr = 0.0003, steps = {steps}, label_weight = {label_weight:g} }}"

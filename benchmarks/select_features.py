@@ -59,7 +59,7 @@ from torch import nn  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import netsqueeze as ns  # noqa: E402
-from benchmarks.common import RESULTS, accuracy, fashion_mnist, markdown_table, trained  # noqa: E402
+from benchmarks.common import RESULTS, accuracy, fashion_mnist, markdown_table, recover_step, trained  # noqa: E402
 from netsqueeze.passes.dependency import ChannelGroup  # noqa: E402
 from netsqueeze.passes.goa import ClassReservoirs, GoaResult  # noqa: E402
 from netsqueeze.passes.registry import register_pass  # noqa: E402
@@ -168,26 +168,25 @@ def main() -> None:
         mi = _mutual_info(feats.numpy(), yc.numpy())
         w = dict(model.named_modules())[head].weight.detach().double().abs().sum(0)
         rnd = torch.randperm(n_feat, generator=torch.Generator().manual_seed(0)).tolist()
+        # label-free recovery on the same images (distillation from the original): 5 passes after select_features,
+        # and a longer one, the same for every selection it follows (the choice of features compared)
+        steps = 5 * math.ceil(n_cal / 250)
+        long_rec = recover_step(4 * steps)
+        long_note = f"label-free, 20 passes over the {n_cal} calibration images in batches of 250"
         for kk in sorted({k, k_goa}, reverse=True):
             tag = f"k={kk}" + (" (F/4)" if kk == k else " (GOA's count)")
             if kk == k:
                 body = f"select_features on {sel} {{ max_features = {k}, min_channels = {k} }}"
                 run(f"select_features, max_features = min_channels = {k}", body)
-                # then label-free recovery on the same images: distillation from the original, 5 passes
-                steps = 5 * math.ceil(n_cal / 250)
                 run(f"select_features, {k} + recover {{ loss = kl, lr = 3e-4, steps = {steps}, label_weight = 0 }}",
-                    f"{body}\n  recover {{ loss = kl, lr = 0.0003, steps = {steps}, label_weight = 0 }}",
+                    f"{body}\n  {recover_step(steps)}",
                     f"label-free, 5 passes over the {n_cal} calibration images in batches of 250")
-                # a longer recovery, the same for every selection it follows (the choice of features compared)
-                long_rec = f"recover {{ loss = kl, lr = 0.0003, steps = {4 * steps}, label_weight = 0 }}"
-                long_note = f"label-free, 20 passes over the {n_cal} calibration images in batches of 250"
                 run(f"select_features, {k} + {long_rec}", f"{body}\n  {long_rec}", long_note)
-            fixed(f"mutual_info_classif top-k, {tag}", _top(mi, kk))
-            if kk == k:
-                fixed(f"mutual_info_classif top-k, {tag} + {long_rec}", _top(mi, kk), f"\n  {long_rec}", long_note)
-            fixed(f"L1 magnitude top-k, {tag}", _top(w.numpy(), kk))
-            if kk == k:
-                fixed(f"L1 magnitude top-k, {tag} + {long_rec}", _top(w.numpy(), kk), f"\n  {long_rec}", long_note)
+            for label, keep in ((f"mutual_info_classif top-k, {tag}", _top(mi, kk)),
+                                (f"L1 magnitude top-k, {tag}", _top(w.numpy(), kk))):
+                fixed(label, keep)
+                if kk == k:
+                    fixed(f"{label} + {long_rec}", keep, f"\n  {long_rec}", long_note)
             fixed(f"random, {tag}", sorted(rnd[:kk]))
 
     for name in args.models.split(","):
@@ -336,8 +335,7 @@ def gdnt(data: dict[str, torch.Tensor], quick: bool, models: list[str], neuron_o
                 fine_tuned([name, label], what, one.model, fr, pr, acc1, t_one)
                 t0 = time.perf_counter()
                 after = "recover kl + labels, lr 3e-4"
-                rec_text = policy(n_sub, f"{neuron}\n  recover {{ loss = kl, lr = 0.0003, steps = {steps}, "
-                                         "label_weight = 1 }")
+                rec_text = policy(n_sub, f"{neuron}\n  {recover_step(steps, label_weight=1)}")
                 r = compiled([name, label], f"{what} + {after}", model, rec_text.replace("batch 250", "batch 64"),
                              labelled)
                 if r is not None:

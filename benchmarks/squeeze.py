@@ -43,7 +43,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import netsqueeze as ns
-from benchmarks.common import RESULTS, accuracy, fashion_mnist, markdown_table, trained
+from benchmarks.common import RESULTS, accuracy, fashion_mnist, markdown_table, recover_step, trained
 from netsqueeze.ir.stats import graph_stats
 
 ROUND_TO = 8
@@ -60,12 +60,6 @@ TP = "TP group-L1"
 TP_BN = "TP group-L1 + BN re-est."
 SF_REC = "squeeze_fold + recover"
 RECOVER_STEPS = 256  # label-free recover after squeeze_fold at the FLOPs points: 32 passes over 2,048 images
-
-
-def recover_step(steps: int) -> str:
-    """Label-free distillation from the original on the calibration images, at the learning rate README advises
-    after a refit (the default 1e-3 suits collapsed models)."""
-    return f"recover {{ loss = kl, lr = 0.0003, steps = {steps}, label_weight = 0 }}"
 
 
 class PeakRSS:

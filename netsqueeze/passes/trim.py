@@ -29,9 +29,8 @@ from netsqueeze.passes.rewrite import ChannelSelection, apply_selection
 
 Criterion = Literal["gdnt", "l1", "l2", "bn_scale", "activation", "random"]
 _MAX_RATIO = 0.999  # the most of a group's channels a ratio removes (the `ratio` option's maximum)
-_BEYOND = 1e6  # added to the rank of a channel past its group's deepest measured cut: trusted last
-_Loss = tuple[float, float, float, int]  # a group's measured loss model: (a, p, budget cost of one channel,
-# the most channels a measurement removed)
+# a group's measured loss model: (a, p, budget cost of one channel, the most channels a measurement removed)
+_Loss = tuple[float, float, float, int]
 
 # the global ranking rule (see `Trim`): not a policy option, the benchmark's ablation sets it with `ranking(...)`
 _RANKING: ContextVar[str] = ContextVar("trim_ranking", default="measured")
@@ -384,12 +383,14 @@ class Trim(TransformPass):
                 budget: Budget, meter: Meter, losses: dict[int, _Loss] | None = None) -> dict[int, ChannelSelection]:
         """Channels ranked across groups by score / group mean score or, with measured loss models (`_losses`),
         by the loss each adds per unit of budget when a group's channels go lowest-scored first, channels past the
-        deepest cut a group was measured at ranked after all others (`_BEYOND`); the fewest lowest-ranked removed (bisection over how many, each candidate metered) that meet the budget."""
-        entries: list[tuple[float, int, int]] = []
+        deepest cut a group was measured at (and those of unmeasured groups) ranked after all others; the fewest
+        lowest-ranked removed (bisection over how many, each candidate metered) that meet the budget."""
+        entries: list[tuple[bool, float, int, int]] = []  # (past the measured range, rank, group, channel)
         for g in cands:
             norm = _normalised(scores[g.id])
             if losses is None or g.id not in losses:
-                entries.extend((float(norm[c]) if losses is None else math.inf, g.id, c) for c in range(g.size))
+                entries.extend((losses is not None, float(norm[c]) if losses is None else math.inf, g.id, c)
+                               for c in range(g.size))
                 continue
             a, p, cost, measured = losses[g.id]
             done = 0.0
@@ -397,12 +398,12 @@ class Trim(TransformPass):
             for i, c in enumerate(order):
                 step = a * ((done + float(norm[c])) ** p - done ** p) / cost
                 done += float(norm[c])
-                entries.append((step + (_BEYOND if i >= measured else 0.0), g.id, c))
+                entries.append((i >= measured, step, g.id, c))
         entries.sort()
 
         def counts(t: int) -> dict[int, int]:
             drop: dict[int, int] = {}
-            for _, gid, _ in entries[:t]:
+            for _, _, gid, _ in entries[:t]:
                 drop[gid] = drop.get(gid, 0) + 1
             return {gid: bounds[gid].clamp(bounds[gid].size - d) for gid, d in drop.items()}
 
