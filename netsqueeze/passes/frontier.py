@@ -36,6 +36,8 @@ class Frontier:
                  state: list[tuple[dict[Value, torch.Tensor], dict[Value, torch.Tensor]]]) -> None:
         self.graphs, self.ctx, self.topo, self.state = graphs, ctx, topo, state
         self.at = 0
+        # the pass-start copy's tensors at a later checkpoint, computed by the last `fetch` (position, state)
+        self._ref_next: tuple[int, list[dict[Value, torch.Tensor]]] | None = None
         self.pos = pos = {nid: i for i, nid in enumerate(topo)}
         # the last position reading each value (graph outputs excepted: nothing here needs them)
         self.last: dict[Value, int] = {}
@@ -58,56 +60,75 @@ class Frontier:
         return [v for v, last in self.last.items() if last >= at and
                 (self.graphs[0].node(v[0]).kind == "input" or self.pos[v[0]] < at)]
 
-    def _runs(self, fetch: list[Value]) -> list[Segment]:
-        feeds = list(self.state[0][0]) if self.state else []
-        runs = []
-        for g in self.graphs:
-            run = self.ctx.segment(g, feeds, fetch)
-            assert run is not None  # open() checked the compiler provides segments
-            runs.append(run)
-        return runs
+    def _run(self, which: int, fetch: list[Value]) -> Segment:
+        """Graph `which` (0: the one being rewritten, 1: its pass-start copy) from the checkpoint to `fetch`."""
+        run = self.ctx.segment(self.graphs[which], list(self.state[0][0]) if self.state else [], fetch)
+        assert run is not None  # open() checked the compiler provides segments
+        return run
 
     # the most the checkpoint of both graphs may hold; a group whose checkpoint would hold more streams
     # both graphs whole instead (slower, same fold)
     limit_bytes: ClassVar[int] = 2 << 30
 
-    def advance(self, to: int) -> bool:
-        """Moves the checkpoint forwards to position `to` (nothing happens for an earlier position); False
-        when the tensors live there would not fit `limit_bytes` (the checkpoint then stays where it was)."""
-        if to <= self.at or not self.state:
-            return True
-        keep = self._live(to)
+    def _fits(self, keep: list[Value]) -> bool:
+        """Whether both graphs' tensors at `keep`, over every batch, fit `limit_bytes`."""
         samples = sum(int(cur[v].shape[0]) for cur, _ in self.state for v in list(cur)[:1])
         g = self.graphs[0]
         per_sample = sum(g.meta_of(v).numel() // max(1, int(g.meta_of(v).shape[0])) *
                          torch.empty((), dtype=getattr(torch, g.meta_of(v).dtype, torch.float32)).element_size()
                          for v in keep if g.meta_of(v).shape)
-        if 2 * per_sample * samples > self.limit_bytes:
+        return 2 * per_sample * samples <= self.limit_bytes
+
+    def advance(self, to: int) -> bool:
+        """Moves the checkpoint forwards to position `to` (nothing happens for an earlier position); False
+        when the tensors live there would not fit `limit_bytes` (the checkpoint then stays where it was).
+        The pass-start copy's side is taken from the last `fetch` when it computed that position."""
+        ready, self._ref_next = self._ref_next, None
+        if to <= self.at or not self.state:
+            return True
+        keep = self._live(to)
+        if not self._fits(keep):
             return False
         feeds = list(self.state[0][0])
-        runs = self._runs(keep)
+        refs = ready[1] if ready is not None and ready[0] == to else None
+        run_now, run_ref = self._run(0, keep), self._run(1, keep) if refs is None else None
         with torch.no_grad():
             for i, (cur, orig) in enumerate(self.state):
-                self.state[i] = tuple(dict(zip(keep, run([st[v] for v in feeds])))  # type: ignore[assignment]
-                                      for run, st in zip(runs, (cur, orig)))
+                now = dict(zip(keep, run_now([cur[v] for v in feeds])))
+                if refs is not None:
+                    self.state[i] = (now, refs[i])
+                elif run_ref is not None:
+                    self.state[i] = (now, dict(zip(keep, run_ref([orig[v] for v in feeds]))))
         self.at = to
         return True
 
-    def fetch(self, values: list[Value]) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
-        """Per batch, the tensors at `values` in both graphs, run from the checkpoint."""
+    def fetch(self, values: list[Value], then: int | None = None) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+        """Per batch, the tensors at `values` in both graphs, run from the checkpoint. `then`: the position
+        the next `advance` will move to; the pass-start copy (which never changes) computes its tensors
+        there in the same run, so that advance runs only the graph being rewritten."""
         if not values or not self.state:
             return
+        extra = self._live(then) if then is not None and then > self.at else []
+        if extra and not self._fits(extra):
+            extra = []
         feeds = list(self.state[0][0])
-        runs = self._runs(values)
+        wanted = list(dict.fromkeys([*values, *extra]))
+        run_now, run_ref = self._run(0, values), self._run(1, wanted)
+        nxt: list[dict[Value, torch.Tensor]] = []
         for cur, orig in self.state:
             with torch.no_grad():
-                now = runs[0]([cur[v] for v in feeds])
-                was = runs[1]([orig[v] for v in feeds])
-            yield now, was
+                now = run_now([cur[v] for v in feeds])
+                got = run_ref([orig[v] for v in feeds])
+            was = dict(zip(wanted, got))
+            if extra:
+                nxt.append({v: was[v] for v in extra})
+            yield now, [was[v] for v in values]
+        if extra and then is not None:  # every batch ran: the next checkpoint's pass-start side is ready
+            self._ref_next = (then, nxt)
 
 
 class SideBySide:
-    """A cascade's source of side-by-side activations: `pairs(at, values, gid)` for each group in checkpoint
+    """A cascade's source of side-by-side activations: `pairs(at, values, gid, then)` for each group in checkpoint
     order (`at`: the topological position of the first node group `gid` touches), from `frontier`
     (`Frontier.open`'s, None without a layer-by-layer runner) when it can, else streaming both graphs whole. `notes` (the pass's report lines, prefixed `label`) say when the
     fallback was taken."""
@@ -120,9 +141,10 @@ class SideBySide:
         if self.frontier is None:
             notes.append(f"{label}: each group streamed both graphs whole (no layer-by-layer runner)")
 
-    def pairs(self, at: int, values: list[Value], gid: int) -> Pairs:
+    def pairs(self, at: int, values: list[Value], gid: int, then: int | None = None) -> Pairs:
+        """`then`: the checkpoint position of the next group (`Frontier.fetch`), when there is one."""
         if self.frontier is not None and self.frontier.advance(at):
-            return self.frontier.fetch(values)
+            return self.frontier.fetch(values, then)
         if self.frontier is not None and not self.streamed:
             self.notes.append(f"{self.label}: from group {gid} on, groups whose checkpoint would hold more than "
                               f"{Frontier.limit_bytes >> 20} MiB of activations streamed both graphs whole")

@@ -65,11 +65,11 @@ class Cross:
     def add(self, a_s: torch.Tensor, a: torch.Tensor) -> None:
         """Adds one batch: `a_s` [n, k, block] the kept channels now, `a` [n, C, block] the original ones
         (every block position is a row of the fit)."""
-        x = a_s.movedim(-1, 1).reshape(-1, a_s.shape[1])
-        y = a.movedim(-1, 1).reshape(-1, a.shape[1])
-        x1 = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
-        self.xtx += x1.T @ x1
-        self.xty += x1.T @ y
+        x, y = rows_of(a_s), rows_of(a)
+        add_gram(self.xtx, x)
+        k = x.shape[1]
+        self.xty[:k] += x.T @ y
+        self.xty[k] += y.sum(0)
         self.sum_now += a_s.sum(0)
         self.sum_ref += a.sum(0)
         self.count += x.shape[0]
@@ -115,23 +115,47 @@ def channels_last(graph: Graph, m: Member, x: torch.Tensor) -> torch.Tensor:
     return xm if graph.node(m.node).kind == "linear" else xm.movedim(1, -1)
 
 
-def gather(graph: Graph, m: Member, x: torch.Tensor, at: list[list[int]] | None = None) -> torch.Tensor:
-    """Consumer `m`'s input `x` in group-channel space, [rows, C, block] (`channels_last`); `at` overrides
-    where the channels sit on that axis (a grouped conv's weight slots: block = conv groups)."""
+def gather(graph: Graph, m: Member, x: torch.Tensor, at: list[list[int]] | None = None,
+           keep: list[int] | None = None) -> torch.Tensor:
+    """Consumer `m`'s input `x` in group-channel space, [rows, C, block] in float64 (rows: every position but
+    the channel axis, as `channels_last` orders them); `at` overrides where the channels sit on that axis (a
+    grouped conv's weight slots: block = conv groups); `keep`: only those group channels, [rows, k, block].
+    The channels are picked in the input's own dtype and layout, then converted in one copy."""
     idx = torch.tensor(at if at is not None else [list(q) for q in m.index])  # [C, block]
-    return channels_last(graph, m, x)[..., idx].reshape(-1, *idx.shape)
+    if keep is not None:
+        idx = idx[keep]
+    axis = -1 if graph.node(m.node).kind == "linear" else 1
+    xm, flat = x.detach(), idx.reshape(-1)
+    if not (len(flat) == xm.shape[axis] and bool((flat == torch.arange(len(flat))).all())):
+        xm = xm.index_select(axis, flat)
+    xm = xm.movedim(axis, -1).to(torch.float64, memory_format=torch.contiguous_format)
+    return xm.reshape(-1, *idx.shape)
+
+
+def rows_of(a: torch.Tensor) -> torch.Tensor:
+    """`a` [n, C, block] (`gather`) as fit rows [n·block, C], ordered (sample, block position)."""
+    return a.reshape(a.shape[0], a.shape[1]) if a.shape[2] == 1 else a.movedim(-1, 1).reshape(-1, a.shape[1])
+
+
+def add_gram(moment: torch.Tensor, x: torch.Tensor) -> None:
+    """Adds [x, 1]ᵀ[x, 1] of rows `x` [N, C] to the (C+1)×(C+1) `moment` (without building [x, 1])."""
+    c = x.shape[1]
+    moment[:c, :c] += x.T @ x
+    s = x.sum(0)
+    moment[:c, c] += s
+    moment[c, :c] += s
+    moment[c, c] += x.shape[0]
 
 
 def add(stats: ConsumerStats, a: torch.Tensor) -> torch.Tensor:
     """Adds one batch of a consumer's input in group-channel space, `a` [n, C, block] (`gather`), to
-    `stats`; returns its augmented rows [n·block, C+1] (rows ordered (sample, block position))."""
-    rows = a.movedim(-1, 1).reshape(-1, a.shape[1])
-    aug = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], 1)
-    stats.moment += aug.T @ aug
+    `stats`; returns its rows [n·block, C] (`rows_of`)."""
+    rows = rows_of(a)
+    add_gram(stats.moment, rows)
     stats.count += rows.shape[0]
     stats.pos_sum += a.sum(0)
     stats.rows += a.shape[0]
-    return aug
+    return rows
 
 
 def update(graph: Graph, stats: ConsumerStats, x: torch.Tensor) -> None:
@@ -182,20 +206,24 @@ def cascade(graph: Graph, ctx: PassContext, groups: ChannelGroups, keeps: dict[i
     start = {gid: min(pos[m.node] for m in groups[gid].members) for gid in keeps}
     order = sorted(keeps, key=lambda gid: (start[gid], gid))
     side = SideBySide(Frontier.open(graph, ref, ctx, topo), graph, ref, ctx, out.notes, "refit")
-    for gid in order:
+    for i, gid in enumerate(order):
         ident = groups[gid].producers, groups[gid].consumers
         now = find_groups(graph)
         fresh = next(g for g in now if (g.producers, g.consumers) == ident)
-        sel = _cascade_selection(graph, ref, fresh, groups[gid], sorted(keeps[gid]), ridge, side, start[gid], gid)
+        then = start[order[i + 1]] if i + 1 < len(order) else None
+        sel = _cascade_selection(graph, ref, fresh, groups[gid], sorted(keeps[gid]), ridge, side, start[gid], gid,
+                                 then)
         r = apply_selection(graph, now, {fresh.id: sel})
         out.touched |= r.touched
     return out
 
 
 def _cascade_selection(graph: Graph, ref: Graph, g: ChannelGroup, g_ref: ChannelGroup, keep: list[int],
-                       ridge: float, side: SideBySide, at: int, gid: int) -> ChannelSelection:
+                       ridge: float, side: SideBySide, at: int, gid: int, then: int | None = None
+                       ) -> ChannelSelection:
     """Group `g`'s selection keeping `keep`, its consumers refit on the tensors `side` gives at checkpoint
-    position `at` (per batch: their inputs in `graph` as trimmed so far and in the pass-start `ref`)."""
+    position `at` (per batch: their inputs in `graph` as trimmed so far and in the pass-start `ref`); `then`:
+    the next group's checkpoint position."""
     ref_of = {m.node: m for m in g_ref.members_of("consumer")}
     cons = [m for m in g.members_of("consumer") if m.node in ref_of
             and (refittable(graph, m) or graph.node(m.node).kind in ("linear", "conv_transpose"))]
@@ -204,12 +232,12 @@ def _cascade_selection(graph: Graph, ref: Graph, g: ChannelGroup, g_ref: Channel
     # the others: sums over their input axis in the pass-start graph (whole axis: blocks may be unequal)
     sums: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}
-    for now_b, ref_b in side.pairs(at, values, gid) if cons else ():
+    for now_b, ref_b in side.pairs(at, values, gid, then) if cons else ():
         acts_now, acts_ref = dict(zip(values, now_b)), dict(zip(values, ref_b))
         for m in cons:
             v = graph.operands(m.node)[0]
             if m.node in fits:
-                fits[m.node].add(gather(graph, m, acts_now[v])[:, keep], gather(ref, ref_of[m.node], acts_ref[v]))
+                fits[m.node].add(gather(graph, m, acts_now[v], keep=keep), gather(ref, ref_of[m.node], acts_ref[v]))
                 continue
             x = channels_last(ref, ref_of[m.node], acts_ref[v])
             x = x.reshape(-1, x.shape[-1])

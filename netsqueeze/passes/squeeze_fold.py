@@ -254,13 +254,15 @@ class SqueezeFold(TransformPass):
         order = sorted(keeps, key=lambda gid: (start[gid], gid))
         out = PassResult(changed=True)
         side = SideBySide(_Frontier.open(graph, ref, ctx, topo), graph, ref, ctx, out.notes, "cascade")
-        for gid in order:
+        for i, gid in enumerate(order):
             ident = groups[gid].producers, groups[gid].consumers
             # earlier rewrites may shift index maps of shared axes (concat): regroup, find this group again
             now = find_groups(graph)
             fresh = next(g for g in now if (g.producers, g.consumers) == ident)
             values = list(dict.fromkeys(p.value for p in plans[gid] if p.per_group is None))
-            sel = self._refit(graph, ref, fresh, keeps[gid], plans[gid], values, side.pairs(start[gid], values, gid))
+            then = start[order[i + 1]] if i + 1 < len(order) else None
+            sel = self._refit(graph, ref, fresh, keeps[gid], plans[gid], values,
+                              side.pairs(start[gid], values, gid, then))
             r = apply_selection(graph, now, {fresh.id: sel})
             out.touched |= r.touched
         return out
@@ -301,8 +303,9 @@ class SqueezeFold(TransformPass):
                 if p.count >= self.max_samples:
                     continue
                 a = gather(graph, p.member, acts[p.value], p.at)  # [n, C, block]
-                aug = add(p, a)  # samples x (C+1)
+                rows = add(p, a)  # samples x C
                 if p.per_group is not None:
+                    aug = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], 1)
                     per = aug.reshape(-1, a.shape[2], aug.shape[1])  # rows are (sample, conv group) ordered
                     p.per_group += torch.einsum("ngi,ngj->gij", per, per)
                 if p.full is not None:
@@ -326,7 +329,7 @@ class SqueezeFold(TransformPass):
                 st = stats[p.member.node]
                 if st.count >= self.max_samples:
                     continue
-                a_s = gather(graph, cur[p.member.node], acts_now[p.value])[:, keep]  # [n, k, block]
+                a_s = gather(graph, cur[p.member.node], acts_now[p.value], keep=keep)  # [n, k, block]
                 a = gather(ref, p.member, acts_ref[p.value])  # [n, C, block]
                 if p.full is not None:  # every feature of the block is its own column
                     a_s, a = a_s.reshape(a_s.shape[0], -1, 1), a.reshape(a.shape[0], -1, 1)

@@ -102,16 +102,30 @@ def ranking(cov: torch.Tensor, method: Selector, metric: torch.Tensor | None = N
                 pjj = p.reshape(nk, block, nk, block)[ar, :, ar, :]  # nk × block × block
                 score = torch.linalg.solve(pjj, inner).diagonal(dim1=1, dim2=2).sum(1)
             j = int(torch.argmin(score))
-            jf = list(range(j * block, (j + 1) * block))
-            rest = [i for i in range(nk * block) if not j * block <= i < (j + 1) * block]
-            down = torch.linalg.solve(p[jf][:, jf], p[jf][:, rest])  # P_JJ⁻¹·P_J,rest
-            p = p[rest][:, rest] - p[rest][:, jf] @ down
-            proj = proj[:, rest] - proj[:, jf] @ down
-            mproj = mproj[:, rest] - mproj[:, jf] @ down
+            lo, hi = j * block, (j + 1) * block
+            # P_JJ⁻¹·P_J,: over every kept feature; the update zeroes J's own rows and columns, which are then cut
+            # out by slices (one copy per matrix, no index lists)
+            down = torch.linalg.solve(p[lo:hi, lo:hi], p[lo:hi])
+            p = _cut(p.addmm_(p[:, lo:hi].clone(), down, alpha=-1), lo, hi, rows=True)
+            proj = _cut(proj.addmm_(proj[:, lo:hi].clone(), down, alpha=-1), lo, hi)
+            mproj = _cut(mproj.addmm_(mproj[:, lo:hi].clone(), down, alpha=-1), lo, hi)
             removed.append(keep.pop(j))
         order = keep + removed[::-1]
     err = prefix_errors(cov, m, feats(order))
     return order, err[::block]
+
+
+def _cut(x: torch.Tensor, lo: int, hi: int, rows: bool = False) -> torch.Tensor:
+    """`x` without columns lo..hi−1 (and, with `rows`, without those rows), in one copy."""
+    n = x.shape[1] - (hi - lo)
+    out = torch.empty((x.shape[0] - (hi - lo) if rows else x.shape[0], n), dtype=x.dtype)
+    src = (x[:lo], x[hi:]) if rows else (x,)
+    at = 0
+    for part in src:
+        out[at:at + part.shape[0], :lo] = part[:, :lo]
+        out[at:at + part.shape[0], lo:] = part[:, hi:]
+        at += part.shape[0]
+    return out
 
 
 def prefix_errors(cov: torch.Tensor, metric: torch.Tensor, order: list[int]) -> list[float]:

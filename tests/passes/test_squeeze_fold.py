@@ -87,6 +87,7 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_exact_rank_squeezes_to_r_and_reproduces(case: str) -> None:
     build, shape, r, want = CASES[case]
+    torch.manual_seed(0)  # the layers' default init draws from the global generator: same model in any test order
     model = build(r)
     torch.manual_seed(5)
     calib = torch.randn(256, *shape)
@@ -356,3 +357,19 @@ def test_layer_by_layer_cascade_equals_streaming_each_group_whole(name: str, mon
     # the collecting pass); layer by layer: far fewer
     assert streamed.report.calibration_passes == pytest.approx(1 + 2 * groups + 1)
     assert layered.report.calibration_passes < 0.6 * streamed.report.calibration_passes
+
+
+def test_cascade_runs_the_pass_start_copy_once_over_a_chain() -> None:
+    """Layer by layer, the pass-start copy's tensors at the next group's checkpoint come out of the run that
+    fetched this group's consumer inputs, so moving the checkpoint runs only the graph being squeezed."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for i in range(6):
+        layers += [nn.Linear(16 if i == 0 else 32, 32), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Linear(32, 4)).eval()
+    x = torch.randn(512, 16)
+    res = ns.compile(model, [SqueezeFold(ratio=0.5)], example_inputs=(x[:2],), calibration=x, progress=False)
+    assert res.report.passes[0].result.notes[-1] == "squeezed 6 groups (cascade): " + ", ".join(["32->16"] * 6)
+    # one pass to collect, one for the output error, the squeezed graph's share, and the pass-start copy once
+    # up to the last consumer's input (5.13 when moving the checkpoint ran the copy a second time)
+    assert res.report.calibration_passes == pytest.approx(4.33, abs=0.01)
