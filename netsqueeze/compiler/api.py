@@ -49,7 +49,7 @@ from netsqueeze.errors import (
 )
 from netsqueeze.ir.graph import Graph, Value
 from netsqueeze.ir.stats import graph_stats
-from netsqueeze.passes.base import ActivationStream, Pass, PassContext, Trainable
+from netsqueeze.passes.base import ActivationStream, Feeds, Pass, PassContext, Trainable
 from netsqueeze.passes.executor import Executor, make_executor
 from netsqueeze.passes.registry import all_passes
 
@@ -348,14 +348,15 @@ def _run_outputs(module: torch.nn.Module, batch: Batch) -> list[torch.Tensor]:
 
 
 def measure_output_error(original: Graph | torch.nn.Module | Callable[[int, Batch], list[torch.Tensor]],
-                         compressed: Graph, batches: CalibrationSource, *,
-                         label: str = "the compressed model", data: str = "calibration batch",
+                         compressed: Graph | Callable[[int, Batch], list[torch.Tensor]], batches: CalibrationSource,
+                         *, label: str = "the compressed model", data: str = "calibration batch",
                          count: PassCount | None = None) -> dict[str, float]:
     """Relative L2 error ‖y' − y‖/‖y‖ and max abs error of the outputs over the given batches.
     `original` may be its emitted module already, or a function giving its outputs for batch i (a search
-    measuring many candidates keeps them). A NaN or Inf in a batch or in an output is a `NonFiniteError`
-    naming it (`label` names `compressed`, `data` the batches), so the error is never NaN. `count` counts
-    the candidate's runs (a reference function counts its own)."""
+    measuring many candidates keeps them); `compressed` too may be such a function (a candidate run from
+    tensors computed earlier; it counts its own runs). A NaN or Inf in a batch or in an output is a
+    `NonFiniteError` naming it (`label` names `compressed`, `data` the batches), so the error is never NaN.
+    `count` counts the candidate graph's runs (a function counts its own)."""
     from netsqueeze.backends.torch import to_torch
 
     reference: Callable[[int, Batch], list[torch.Tensor]]
@@ -370,15 +371,24 @@ def measure_output_error(original: Graph | torch.nn.Module | Callable[[int, Batc
         reference = run_original
     else:
         reference = original
-    new = to_torch(compressed)
+    run_new: Callable[[int, Batch], list[torch.Tensor]]
+    if isinstance(compressed, Graph):
+        new = to_torch(compressed)
+
+        def run_graph(i: int, batch: Batch) -> list[torch.Tensor]:
+            if count is not None:
+                count.add(1.0)
+            return _run_outputs(new, batch)
+
+        run_new = run_graph
+    else:
+        run_new = compressed
     num = den = 0.0
     max_abs = 0.0
     for i, batch in enumerate(batches()):
         for j, t in enumerate(batch):
             check_finite(t, f"{data} {i}: input {j}")
-        outs = _run_outputs(new, batch)
-        if count is not None:
-            count.add(1.0)
+        outs = run_new(i, batch)
         for k, (a, b) in enumerate(zip(reference(i, batch), outs)):
             check_finite(a, f"the original model's output {k} on {data} {i}")
             check_finite(b, f"{label}'s output {k} on {data} {i}")
@@ -443,7 +453,11 @@ class _Fidelity:
             self._room -= size
         return out
 
-    def __call__(self, graph: Graph, metric: str, limit: int | None = None) -> float | None:
+    def __call__(self, graph: Graph, metric: str, limit: int | None = None, feeds: Feeds | None = None
+                 ) -> float | None:
+        """`PassContext.fidelity`: `limit` leading batches (None: all); `feeds` (the output error only): the
+        candidate runs from those values' tensors, one list per measured batch, through a segment that the
+        pass count charges its share of the model's FLOPs."""
         from netsqueeze.backends.torch import to_torch
 
         if metric not in ("top1_drop", "output_error", "max_abs_error"):
@@ -458,7 +472,19 @@ class _Fidelity:
         batches = self.batches
         assert batches is not None
         src = batches if limit is None else (lambda: itertools.islice(batches(), limit))
-        return measure_output_error(self.reference, graph, src, label="a candidate model", data=self.data,
+        candidate: Graph | Callable[[int, Batch], list[torch.Tensor]] = graph
+        if feeds is not None:
+            values, tensors = feeds
+            run = segment_runner(self.count)(graph, values, graph.output_values())
+            if len(tensors) < sum(1 for _ in src()):
+                raise ValueError(f"feeds for {len(tensors)} batches, the measurement runs more")
+
+            def from_feeds(i: int, batch: Batch) -> list[torch.Tensor]:
+                with torch.no_grad():
+                    return run(tensors[i])
+
+            candidate = from_feeds
+        return measure_output_error(self.reference, candidate, src, label="a candidate model", data=self.data,
                                     count=self.count)[metric]
 
 

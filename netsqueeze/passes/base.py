@@ -40,6 +40,8 @@ class PassResult:
 ActivationStream = Callable[[Graph, Sequence[Value]], Iterator[list[torch.Tensor]]]
 # A part of a graph run on its own (`PassContext.segment`): the values at `fetch` from the values at `feeds`.
 Segment = Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]
+# Tensors a candidate graph computes on the leading calibration batches: (values, one tensor list per batch).
+Feeds = tuple[Sequence[Value], Sequence[Sequence[torch.Tensor]]]
 
 
 class Trainable(Protocol):
@@ -152,13 +154,18 @@ class PassContext:
         value = self.fidelity(graph, metric)
         return None if value is None else (value <= limit + 1e-12, value)
 
-    def fidelity(self, graph: Graph, metric: str = "output_error", batches: int | None = None) -> float | None:
+    def fidelity(self, graph: Graph, metric: str = "output_error", batches: int | None = None,
+                 feeds: Feeds | None = None) -> float | None:
         """`metric` ("output_error": relative L2 error of the outputs on the calibration data;
         "top1_drop": through the user's eval_fn) of candidate `graph` against `original`, or None
         when the compiler cannot measure it. `batches`: the output error on the first that many
-        calibration batches only (a cheaper estimate; the top-1 drop ignores it)."""
+        calibration batches only (a cheaper estimate; the top-1 drop ignores it). `feeds`: (values, their
+        tensors per measured batch) that `graph` computes on those batches (`passes.frontier.Prefixes`): the
+        candidate runs from them, not from the inputs (the output error only)."""
         if self.fidelity_fn is None:
             return None
+        if feeds is not None:
+            return self.fidelity_fn(graph, metric, batches, feeds)
         return self.fidelity_fn(graph, metric) if batches is None else self.fidelity_fn(graph, metric, batches)
 
     def measure_batches(self, measurements: int, passes: float) -> tuple[int | None, int]:

@@ -13,6 +13,7 @@ layer-by-layer runner (`PassContext.segment`), or from the group on whose checkp
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator
 from typing import ClassVar
 
@@ -23,6 +24,80 @@ from netsqueeze.passes.base import PassContext, Segment
 
 # per calibration batch, the tensors at the requested values in the graph being rewritten and in its copy
 Pairs = Iterable[tuple[list[torch.Tensor], list[torch.Tensor]]]
+
+
+class Liveness:
+    """The values of `graph` live at each position of its topological order `topo`: produced before the
+    position (graph inputs before every position) and read at or after it; `outputs`: graph outputs count
+    as read at the end."""
+
+    def __init__(self, graph: Graph, topo: list[str], outputs: bool) -> None:
+        self.graph = graph
+        self.pos = pos = {nid: i for i, nid in enumerate(topo)}
+        self.last: dict[Value, int] = {}  # the last position reading each value
+        for nid in topo:
+            if graph.node(nid).kind == "output" and not outputs:
+                continue
+            for v in graph.operands(nid):
+                self.last[v] = max(self.last.get(v, -1), pos[nid])
+
+    def at(self, at: int) -> list[Value]:
+        return [v for v, last in self.last.items() if last >= at and
+                (self.graph.node(v[0]).kind == "input" or self.pos[v[0]] < at)]
+
+
+class Prefixes:
+    """A graph's live tensors at chosen positions of its topological order over the leading calibration
+    batches, from one layer-by-layer run (`PassContext.segment`): a candidate that equals the graph before
+    position p (one channel group rewritten from p on) is then measured from p (`PassContext.fidelity(...,
+    feeds=)`) instead of from the inputs. Positions whose tensors would take the kept ones past `limit_bytes`
+    are left out, as are those where only the inputs are live; `feeds` is None for them (measure whole)."""
+
+    limit_bytes: ClassVar[int] = 1 << 30
+
+    def __init__(self, graph: Graph, ctx: PassContext, positions: Iterable[int], batches: int | None) -> None:
+        self.at: dict[int, list[Value]] = {}
+        self.tensors: list[dict[Value, torch.Tensor]] = []
+        if ctx.segment_fn is None or ctx.batches_fn is None:
+            return
+        inputs = [(nid, 0) for nid in graph.inputs]
+        leading = list(itertools.islice(ctx.batches(), batches))
+        samples = sum(int(b[0].shape[0]) for b in leading)
+        live = Liveness(graph, graph.topo_order(), outputs=True)
+        wanted: dict[Value, None] = {}
+        size = 0
+        for p in sorted(set(positions)):
+            vals = live.at(p)
+            if all(v in inputs for v in vals):
+                continue
+            new = [v for v in vals if v not in wanted and v not in inputs]
+            more = sum(_bytes_per_sample(graph, v) for v in new) * samples
+            if size + more > self.limit_bytes:
+                continue
+            self.at[p], size = vals, size + more
+            wanted.update(dict.fromkeys(new))
+        if not self.at:
+            return
+        run = ctx.segment(graph, inputs, list(wanted)) if wanted else None
+        with torch.no_grad():
+            for batch in leading:
+                got: dict[Value, torch.Tensor] = dict(zip(inputs, batch))
+                if run is not None:
+                    got.update(zip(wanted, run(list(batch))))
+                self.tensors.append(got)
+
+    def feeds(self, position: int) -> tuple[list[Value], list[list[torch.Tensor]]] | None:
+        """(values, their tensors per leading batch) live at `position`, or None when not kept."""
+        vals = self.at.get(position)
+        return None if vals is None else (vals, [[t[v] for v in vals] for t in self.tensors])
+
+
+def _bytes_per_sample(graph: Graph, v: Value) -> int:
+    meta = graph.meta_of(v)
+    if not meta.shape:
+        return 0
+    return (meta.numel() // max(1, int(meta.shape[0])) *
+            torch.empty((), dtype=getattr(torch, meta.dtype, torch.float32)).element_size())
 
 
 class Frontier:
@@ -38,14 +113,7 @@ class Frontier:
         self.at = 0
         # the pass-start copy's tensors at a later checkpoint, computed by the last `fetch` (position, state)
         self._ref_next: tuple[int, list[dict[Value, torch.Tensor]]] | None = None
-        self.pos = pos = {nid: i for i, nid in enumerate(topo)}
-        # the last position reading each value (graph outputs excepted: nothing here needs them)
-        self.last: dict[Value, int] = {}
-        for nid in topo:
-            if graphs[0].node(nid).kind == "output":
-                continue
-            for v in graphs[0].operands(nid):
-                self.last[v] = max(self.last.get(v, -1), pos[nid])
+        self.live = Liveness(graphs[0], topo, outputs=False)  # nothing here needs the graph outputs
 
     @staticmethod
     def open(graph: Graph, ref: Graph, ctx: PassContext, topo: list[str]) -> Frontier | None:
@@ -56,9 +124,7 @@ class Frontier:
         return Frontier((graph, ref), ctx, topo, state)
 
     def _live(self, at: int) -> list[Value]:
-        """Values produced before position `at` and read at or after it."""
-        return [v for v, last in self.last.items() if last >= at and
-                (self.graphs[0].node(v[0]).kind == "input" or self.pos[v[0]] < at)]
+        return self.live.at(at)
 
     def _run(self, which: int, fetch: list[Value]) -> Segment:
         """Graph `which` (0: the one being rewritten, 1: its pass-start copy) from the checkpoint to `fetch`."""
@@ -73,11 +139,7 @@ class Frontier:
     def _fits(self, keep: list[Value]) -> bool:
         """Whether both graphs' tensors at `keep`, over every batch, fit `limit_bytes`."""
         samples = sum(int(cur[v].shape[0]) for cur, _ in self.state for v in list(cur)[:1])
-        g = self.graphs[0]
-        per_sample = sum(g.meta_of(v).numel() // max(1, int(g.meta_of(v).shape[0])) *
-                         torch.empty((), dtype=getattr(torch, g.meta_of(v).dtype, torch.float32)).element_size()
-                         for v in keep if g.meta_of(v).shape)
-        return 2 * per_sample * samples <= self.limit_bytes
+        return 2 * sum(_bytes_per_sample(self.graphs[0], v) for v in keep) * samples <= self.limit_bytes
 
     def advance(self, to: int) -> bool:
         """Moves the checkpoint forwards to position `to` (nothing happens for an earlier position); False

@@ -21,7 +21,7 @@ from netsqueeze.passes.allocation import Budget, GroupBounds, Meter, Reached, bi
 from netsqueeze.passes.base import MEASURE_PASSES, PassContext, PassResult, TransformPass
 from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups, DependencyAnalysis, Member, find_groups
 from netsqueeze.passes.frontier import Frontier as _Frontier
-from netsqueeze.passes.frontier import Pairs, SideBySide
+from netsqueeze.passes.frontier import Pairs, Prefixes, SideBySide
 from netsqueeze.passes.refit import ConsumerStats, Cross, add, gather, parallel_fit
 from netsqueeze.passes.registry import register_pass
 from netsqueeze.passes.rewrite import (
@@ -462,20 +462,30 @@ class SqueezeFold(TransformPass):
                        done: dict[int, int] | None = None) -> dict[int, float]:
         """Per group, the model's squared relative output error per unit of the group's own
         reconstruction error: the group alone squeezed to its count in `counts` (half its channels
-        when that keeps them all), folded in parallel on a copy, measured by `ctx.fidelity`. `done`: the
+        when that keeps them all), folded in parallel on a copy, measured by `ctx.fidelity` from the tensors
+        live at the group's first node (`frontier.Prefixes`, one run for every group). `done`: the
         count each group was last measured at (updated here); a group at that count is not measured again."""
         out: dict[int, float] = {}
         done = {} if done is None else done
         batches = self._sensitivity_batches(ctx)
+        todo: dict[int, int] = {}
         for gid, (_, err, _) in ranks.items():
             size = groups[gid].size
             k = counts[gid] if counts[gid] < size else max(1, size // 2)
-            if err[k] <= 1e-9 or done.get(gid) == k:
-                continue
+            if err[k] > 1e-9 and done.get(gid) != k:
+                todo[gid] = k
+        if not todo:
+            return out
+        # each candidate equals `graph` before the first node its group touches: it runs from there
+        pos = {nid: i for i, nid in enumerate(graph.topo_order())}
+        start = {gid: min(pos[m.node] for m in groups[gid].members) for gid in todo}
+        prefixes = Prefixes(graph, ctx, start.values(), batches)
+        for gid, k in todo.items():
             done[gid] = k
-            e = ctx.fidelity(self._candidate(graph, groups, ranks, plans, {gid: k}), "output_error", batches)
+            e = ctx.fidelity(self._candidate(graph, groups, ranks, plans, {gid: k}), "output_error", batches,
+                             prefixes.feeds(start[gid]))
             if e is not None:
-                out[gid] = max(e * e / err[k], 1e-6)
+                out[gid] = max(e * e / ranks[gid][1][k], 1e-6)
         return out
 
     @staticmethod

@@ -24,6 +24,7 @@ from netsqueeze.passes.allocation import Budget, GroupBounds, Meter, Reached, bi
 from netsqueeze.passes.base import MEASURE_PASSES, PassContext, PassResult, TransformPass
 from netsqueeze.passes.collectors import Moments, Reservoir, channel_rows
 from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups, DependencyAnalysis, Member
+from netsqueeze.passes.frontier import Prefixes
 from netsqueeze.passes.registry import register_pass
 from netsqueeze.passes.rewrite import ChannelSelection, apply_selection
 
@@ -454,7 +455,8 @@ class Trim(TransformPass):
         alone is trimmed on a copy at the uniform ratio r that meets the budget and at min(2r, 90%) (its
         lowest-scored channels, consumers refit or compensated as the pass does), and the model's squared
         relative output error on the calibration data (`ctx.fidelity`), less the current graph's, fitted
-        through the two points (1 ≤ p ≤ 8). The measurements run over the leading calibration batches that keep
+        through the two points (1 ≤ p ≤ 8). Each candidate runs from the tensors live at its group's first node
+        (`frontier.Prefixes`, one run for every group). The measurements run over the leading calibration batches that keep
         them all within `MEASURE_PASSES` model passes (`PassContext.measure_batches`; the note says how many
         samples), so their cost does not grow with the number of groups. None (score / group mean alone, with a
         note) without calibration data to measure on."""
@@ -475,6 +477,10 @@ class Trim(TransformPass):
         at = allocation.METRICS.index
         now = meter({})
         out: dict[int, _Loss] = {}
+        # each candidate equals `graph` before the first node its group touches: it runs from there
+        pos = {nid: i for i, nid in enumerate(graph.topo_order())}
+        start = {g.id: min(pos[m.node] for m in g.members) for g in cands}
+        prefixes = Prefixes(graph, ctx, start.values(), n_batches)
         for g in cands:
             b = bounds[g.id]
             ks = sorted({min(b.for_ratio(x), b.clamp(g.size - b.step)) for x in (r, min(2 * r, 0.9))} - {g.size},
@@ -490,7 +496,7 @@ class Trim(TransformPass):
                 dropped = float(sum(norm[c] for c in range(g.size) if c not in set(keep.keep)))
                 cand = graph.copy()
                 apply_selection(cand, groups, finish({g.id: keep}))
-                err = ctx.fidelity(cand, "output_error", n_batches)
+                err = ctx.fidelity(cand, "output_error", n_batches, prefixes.feeds(start[g.id]))
                 if err is None:
                     return None
                 pts.append((max(dropped, 1e-12), max(err * err - base * base, 1e-12)))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import ClassVar
+
 import pytest
 import torch
 from torch import nn
@@ -373,3 +376,46 @@ def test_cascade_runs_the_pass_start_copy_once_over_a_chain() -> None:
     # one pass to collect, one for the output error, the squeezed graph's share, and the pass-start copy once
     # up to the last consumer's input (5.13 when moving the checkpoint ran the copy a second time)
     assert res.report.calibration_passes == pytest.approx(4.33, abs=0.01)
+
+
+@dataclasses.dataclass(frozen=True)
+class _PrefixProbe(ns.TransformPass):
+    """Measures every prunable group's half-width candidate twice: whole, and from the live tensors at the
+    group's first node (`frontier.Prefixes`, every position kept by one run); records both in `seen`."""
+
+    name: ClassVar[str] = "prefix_probe"
+    seen: list[tuple[float, float]] = dataclasses.field(default_factory=list, compare=False)
+    from_prefix: list[bool] = dataclasses.field(default_factory=list, compare=False)
+
+    def run(self, graph: ns.Graph, ctx: ns.PassContext) -> ns.PassResult:
+        from netsqueeze.passes.dependency import DependencyAnalysis
+        from netsqueeze.passes.frontier import Prefixes
+        from netsqueeze.passes.rewrite import ChannelSelection, apply_selection
+
+        groups = ctx.analysis(DependencyAnalysis, graph)
+        pos = {nid: i for i, nid in enumerate(graph.topo_order())}
+        start = {g.id: min(pos[m.node] for m in g.members) for g in groups.prunable()}
+        prefixes = Prefixes(graph, ctx, start.values(), 2)
+        for g in groups.prunable():
+            cand = graph.copy()
+            apply_selection(cand, groups, {g.id: ChannelSelection(keep=list(range(max(1, g.size // 2))))})
+            feeds = prefixes.feeds(start[g.id])
+            whole = ctx.fidelity(cand, "output_error", 2)
+            part = ctx.fidelity(cand, "output_error", 2, feeds) if feeds is not None else whole
+            self.seen.append((float(whole or 0.0), float(part or 0.0)))
+            self.from_prefix.append(feeds is not None)
+        return ns.PassResult()
+
+
+@pytest.mark.parametrize("name", ["resnet", "densenet"])
+def test_a_candidate_measured_from_its_prefix_has_the_whole_runs_output_error(name: str) -> None:
+    from tests.zoo import ZOO
+
+    model, inputs = ZOO[name]()
+    calib = torch.randn(64, *inputs[0].shape[1:], generator=torch.Generator().manual_seed(4))
+    probe = _PrefixProbe()
+    ns.compile(model, [probe], example_inputs=inputs, calibration=calib, progress=False)
+    # most candidates change the outputs and run from a prefix (not the first group: only the inputs are live)
+    assert sum(w > 1e-4 and p for (w, _), p in zip(probe.seen, probe.from_prefix)) >= 3
+    for whole, part in probe.seen:
+        assert part == pytest.approx(whole, rel=1e-5)
