@@ -28,10 +28,10 @@ from dataclasses import dataclass
 import torch
 
 from netsqueeze.errors import BudgetError, Diagnostic
-from netsqueeze.ir.graph import Graph
+from netsqueeze.ir.graph import Graph, Node
 from netsqueeze.ir.ops import node_flops, node_params
 from netsqueeze.ir.stats import GraphStats
-from netsqueeze.ir.weights import graph_weight_bytes
+from netsqueeze.ir.weights import Encoded, graph_weight_bytes
 from netsqueeze.passes.base import PassContext
 from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups
 from netsqueeze.passes.rewrite import ChannelSelection, apply_selection
@@ -134,22 +134,70 @@ class Meter:
         self.shifted = shifted  # the pass shifts every consumer's bias (a consumer without one gets one)
         self.base = (max(1, base.flops), max(1, base.params), max(1, base.param_bytes))
         self._seen: dict[tuple[tuple[int, int], ...], Reached] = {}
+        # A node's cost depends only on the counts of the groups with a member at it (a rewrite reshapes
+        # nothing else), so each node's (flops, params, bytes) is kept per those counts: an allocation whose
+        # every node was seen at its counts in some earlier dry run is summed without one. Checked on every
+        # dry run (a node outside every group whose cost moved turns this off), and off when encoded weights
+        # share tables across nodes (their bytes do not add up node by node).
+        touch: dict[str, set[int]] = {}
+        for g in groups:
+            for m in g.members:
+                touch.setdefault(m.node, set()).add(g.id)
+        self._touch = {nid: tuple(sorted(gids)) for nid, gids in touch.items()}
+        nodes = self.graph.nodes()
+        self._fixed = {n.id: self._cost(self.graph, n) for n in nodes if n.id not in self._touch}
+        self._rest = tuple(map(sum, zip((0, 0, 0), *self._fixed.values())))
+        self._by_node: dict[tuple[str, tuple[int, ...]], tuple[int, int, int]] = {}
+        self._additive = not any(isinstance(w, Encoded) for n in nodes for w in n.params.values())
+        self.dry_runs = 0
+
+    @staticmethod
+    def _cost(g: Graph, n: Node) -> tuple[int, int, int]:
+        # the counts graph_stats totals, read from shapes (a meta tensor has no nonzeros to count)
+        return node_flops(g, n), node_params(n), graph_weight_bytes(list(n.params.values()))
 
     def __call__(self, counts: Mapping[int, int]) -> Reached:
         key = tuple(sorted((gid, k) for gid, k in counts.items() if k < self.groups[gid].size))
         if key not in self._seen:
-            g = self.graph.copy()
-            if key:
-                apply_selection(g, self.groups, {gid: ChannelSelection(keep=list(range(k)),
-                                                                       bias_shift=self._shifts(g, gid))
-                                                 for gid, k in key})
-            # the counts graph_stats totals, read from shapes (a meta tensor has no nonzeros to count)
-            nodes = g.nodes()
-            flops = sum(node_flops(g, n) for n in nodes)
-            params = sum(node_params(n) for n in nodes)
-            size = graph_weight_bytes([w for n in nodes for w in n.params.values()])
-            self._seen[key] = (flops / self.base[0], params / self.base[1], size / self.base[2])
+            total = self._summed(dict(key)) if self._additive else None
+            if total is None:
+                total = self._dry_run(key)
+            self._seen[key] = (total[0] / self.base[0], total[1] / self.base[1], total[2] / self.base[2])
         return self._seen[key]
+
+    def _at(self, nid: str, kept: Mapping[int, int]) -> tuple[str, tuple[int, ...]]:
+        return nid, tuple(kept.get(gid, self.groups[gid].size) for gid in self._touch[nid])
+
+    def _summed(self, kept: Mapping[int, int]) -> tuple[int, int, int] | None:
+        """The allocation's totals from the per-node costs seen before, or None when a node's are missing."""
+        total = list(self._rest)
+        for nid in self._touch:
+            cost = self._by_node.get(self._at(nid, kept))
+            if cost is None:
+                return None
+            for i in range(3):
+                total[i] += cost[i]
+        return total[0], total[1], total[2]
+
+    def _dry_run(self, key: tuple[tuple[int, int], ...]) -> tuple[int, int, int]:
+        self.dry_runs += 1
+        g = self.graph.copy()
+        if key:
+            apply_selection(g, self.groups, {gid: ChannelSelection(keep=list(range(k)),
+                                                                   bias_shift=self._shifts(g, gid))
+                                             for gid, k in key})
+        nodes = g.nodes()
+        costs = {n.id: self._cost(g, n) for n in nodes}
+        if any(costs.get(nid) != c for nid, c in self._fixed.items()):
+            self._additive = False  # a rewrite moved a node outside every group: no per-node shortcut
+        kept = dict(key)
+        for nid in self._touch:
+            if nid in costs:
+                self._by_node[self._at(nid, kept)] = costs[nid]
+        flops = sum(c[0] for c in costs.values())
+        params = sum(c[1] for c in costs.values())
+        size = graph_weight_bytes([w for n in nodes for w in n.params.values()])
+        return flops, params, size
 
     def _shifts(self, g: Graph, gid: int) -> dict[str, torch.Tensor] | None:
         """Zero (shape-only) bias shifts for every consumer of group `gid`, when the pass shifts biases."""
