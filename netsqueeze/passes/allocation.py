@@ -188,8 +188,9 @@ class Meter:
                                              for gid, k in key})
         nodes = g.nodes()
         costs = {n.id: self._cost(g, n) for n in nodes}
-        if any(costs.get(nid) != c for nid, c in self._fixed.items()):
-            self._additive = False  # a rewrite moved a node outside every group: no per-node shortcut
+        if costs.keys() != self._fixed.keys() | self._touch.keys() or any(
+                costs.get(nid) != c for nid, c in self._fixed.items()):
+            self._additive = False  # a rewrite added a node or moved one outside every group: no shortcut
         kept = dict(key)
         for nid in self._touch:
             if nid in costs:
