@@ -347,6 +347,24 @@ def _run_outputs(module: torch.nn.Module, batch: Batch) -> list[torch.Tensor]:
     return list(out) if isinstance(out, tuple) else [out]
 
 
+def _runner(model: Graph | torch.nn.Module | Callable[[int, Batch], list[torch.Tensor]], count: PassCount | None
+            ) -> Callable[[int, Batch], list[torch.Tensor]]:
+    """Outputs for calibration batch i: a graph (emitted once) or module run on the batch, each run counted in
+    `count`; a function is its own runner (it counts its own runs)."""
+    from netsqueeze.backends.torch import to_torch
+
+    if not isinstance(model, (Graph, torch.nn.Module)):
+        return model
+    module = to_torch(model) if isinstance(model, Graph) else model
+
+    def run(i: int, batch: Batch) -> list[torch.Tensor]:
+        if count is not None:
+            count.add(1.0)
+        return _run_outputs(module, batch)
+
+    return run
+
+
 def measure_output_error(original: Graph | torch.nn.Module | Callable[[int, Batch], list[torch.Tensor]],
                          compressed: Graph | Callable[[int, Batch], list[torch.Tensor]], batches: CalibrationSource,
                          *, label: str = "the compressed model", data: str = "calibration batch",
@@ -357,32 +375,7 @@ def measure_output_error(original: Graph | torch.nn.Module | Callable[[int, Batc
     tensors computed earlier; it counts its own runs). A NaN or Inf in a batch or in an output is a
     `NonFiniteError` naming it (`label` names `compressed`, `data` the batches), so the error is never NaN.
     `count` counts the candidate graph's runs (a function counts its own)."""
-    from netsqueeze.backends.torch import to_torch
-
-    reference: Callable[[int, Batch], list[torch.Tensor]]
-    if isinstance(original, (Graph, torch.nn.Module)):
-        module = to_torch(original) if isinstance(original, Graph) else original
-
-        def run_original(i: int, batch: Batch) -> list[torch.Tensor]:
-            if count is not None:
-                count.add(1.0)
-            return _run_outputs(module, batch)
-
-        reference = run_original
-    else:
-        reference = original
-    run_new: Callable[[int, Batch], list[torch.Tensor]]
-    if isinstance(compressed, Graph):
-        new = to_torch(compressed)
-
-        def run_graph(i: int, batch: Batch) -> list[torch.Tensor]:
-            if count is not None:
-                count.add(1.0)
-            return _run_outputs(new, batch)
-
-        run_new = run_graph
-    else:
-        run_new = compressed
+    reference, run_new = _runner(original, count), _runner(compressed, count)
     num = den = 0.0
     max_abs = 0.0
     for i, batch in enumerate(batches()):

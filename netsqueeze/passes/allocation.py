@@ -34,7 +34,7 @@ from netsqueeze.ir.stats import GraphStats
 from netsqueeze.ir.weights import Encoded, graph_weight_bytes
 from netsqueeze.passes.base import PassContext
 from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups
-from netsqueeze.passes.rewrite import ChannelSelection, apply_selection
+from netsqueeze.passes.rewrite import ChannelSelection, apply_selection, grouped_input
 
 # the global targets the structural passes can meet, as ratios of the original model
 METRICS = ("flops", "params", "bytes")
@@ -128,10 +128,12 @@ class Meter:
     consumer of a squeezed group that has none (an intercept's FLOPs). Bytes are the exact stored size: encoded weights at their encoded size,
     shared tables once."""
 
-    def __init__(self, graph: Graph, groups: ChannelGroups, base: GraphStats, shifted: bool = False) -> None:
+    def __init__(self, graph: Graph, groups: ChannelGroups, base: GraphStats, shifted: bool = False,
+                 grouped_shifted: bool = False) -> None:
         self.graph = skeleton(graph)
         self.groups = groups
         self.shifted = shifted  # the pass shifts every consumer's bias (a consumer without one gets one)
+        self.grouped_shifted = grouped_shifted  # ... and every grouped conv's reading a squeezed group
         self.base = (max(1, base.flops), max(1, base.params), max(1, base.param_bytes))
         self._seen: dict[tuple[tuple[int, int], ...], Reached] = {}
         # A node's cost depends only on the counts of the groups with a member at it (a rewrite reshapes
@@ -201,13 +203,20 @@ class Meter:
         return flops, params, size
 
     def _shifts(self, g: Graph, gid: int) -> dict[str, torch.Tensor] | None:
-        """Zero (shape-only) bias shifts for every consumer of group `gid`, when the pass shifts biases."""
+        """Zero (shape-only) bias shifts for every consumer of group `gid`, when the pass shifts biases (and,
+        with `grouped_shifted`, for every grouped conv reading it: squeeze_fold's per-group intercepts)."""
         if not self.shifted:
             return None
         # an encoded (quantized, coded) consumer weight takes no shift: the passes leave its bias alone
-        return {m.node: torch.zeros(w.shape[m.axis], dtype=torch.float64, device="meta")
-                for m in self.groups[gid].members_of("consumer")
-                if isinstance(w := g.node(m.node).params[m.param or "weight"], torch.Tensor)} or None
+        out = {m.node: torch.zeros(w.shape[m.axis], dtype=torch.float64, device="meta")
+               for m in self.groups[gid].members_of("consumer")
+               if isinstance(w := g.node(m.node).params[m.param or "weight"], torch.Tensor)}
+        if self.grouped_shifted:  # a grouped conv's shift is over all its input channels
+            out.update({m.node: torch.zeros(int(w.shape[1]) * int(g.node(m.node).attrs["groups"]),
+                                             dtype=torch.float64, device="meta")
+                        for m in self.groups[gid].members if grouped_input(g, m)
+                        and isinstance(w := g.node(m.node).params["weight"], torch.Tensor)})
+        return out or None
 
     @property
     def measured(self) -> int:

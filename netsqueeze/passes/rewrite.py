@@ -95,7 +95,7 @@ def _positions(m: Member, channels: Sequence[int]) -> list[int]:
     return [p for c in channels for p in m.index[c]]
 
 
-def _grouped_input(graph: Graph, m: Member) -> bool:
+def grouped_input(graph: Graph, m: Member) -> bool:
     """The input-channel axis of a grouped (not depthwise) conv's weight: one slot per group member."""
     node = graph.node(m.node)
     return (node.kind == "conv" and m.param == "weight" and m.axis == 1 and attr(node, "groups") != 1
@@ -175,7 +175,7 @@ def apply_selection(graph: Graph, groups: ChannelGroups, selection: Mapping[int,
         for m in group.members:
             removed.setdefault(_key(m), set()).update(_positions(m, drop))
             touched.add(m.node)
-            if _grouped_input(graph, m):
+            if grouped_input(graph, m):
                 _grouped_fold(graph, group, m, keep, sel, fold_of, bias_updates, folds)
             if m.role != "consumer":
                 continue
@@ -210,7 +210,7 @@ def apply_selection(graph: Graph, groups: ChannelGroups, selection: Mapping[int,
         node = graph.node(m.node)
         bias_name, out_axis = spec(node.kind).bias[m.target]
         w = node.dense(m.target).double()
-        if _grouped_input(graph, m):  # shift over all input channels; output o reads its own group's slice
+        if grouped_input(graph, m):  # shift over all input channels; output o reads its own group's slice
             per_group = shift.double().reshape(node.attrs["groups"], 1, -1)  # [G, 1, per_in]
             w_g = w.reshape(node.attrs["groups"], -1, *w.shape[1:])  # [G, out/G, per_in, taps...]
             s = per_group.reshape(*per_group.shape, *[1] * (w.dim() - 2))

@@ -648,7 +648,7 @@ class SqueezeFold(TransformPass):
             raise BudgetError(Diagnostic("squeeze_fold needs `energy`, `ratio`, a flops/params/bytes `budget` or a `guard`"))
         base = graph_stats(ctx.original or graph)
         now = graph_stats(graph)
-        stats_for = Meter(graph, groups, base, shifted=True)
+        stats_for = Meter(graph, groups, base, shifted=True, grouped_shifted=True)
         meets = budget.meets
         first_node = groups[next(iter(ranks))].producers[0] if groups[next(iter(ranks))].producers else None
 

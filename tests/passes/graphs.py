@@ -196,3 +196,12 @@ def zero_channels(graph: Graph, group: ChannelGroup, drop: Sequence[int]) -> Non
         t = graph.node(m.node).dense(m.param)
         pos = torch.tensor([p for c in drop for p in m.index[c]], dtype=torch.long)
         t.index_fill_(m.axis, pos, 0.0)
+
+
+def relu_mlp(depth: int, inputs: int = 16, width: int = 32, outputs: int = 4) -> torch.nn.Module:
+    """`depth` linear+ReLU layers of `width` and a linear head (seeded): `depth` prunable groups in a chain."""
+    torch.manual_seed(0)
+    layers: list[torch.nn.Module] = []
+    for i in range(depth):
+        layers += [torch.nn.Linear(inputs if i == 0 else width, width), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers, torch.nn.Linear(width, outputs)).eval()

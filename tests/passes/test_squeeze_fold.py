@@ -365,11 +365,9 @@ def test_layer_by_layer_cascade_equals_streaming_each_group_whole(name: str, mon
 def test_cascade_runs_the_pass_start_copy_once_over_a_chain() -> None:
     """Layer by layer, the pass-start copy's tensors at the next group's checkpoint come out of the run that
     fetched this group's consumer inputs, so moving the checkpoint runs only the graph being squeezed."""
-    torch.manual_seed(0)
-    layers: list[nn.Module] = []
-    for i in range(6):
-        layers += [nn.Linear(16 if i == 0 else 32, 32), nn.ReLU()]
-    model = nn.Sequential(*layers, nn.Linear(32, 4)).eval()
+    from tests.passes.graphs import relu_mlp
+
+    model = relu_mlp(6)
     x = torch.randn(512, 16)
     res = ns.compile(model, [SqueezeFold(ratio=0.5)], example_inputs=(x[:2],), calibration=x, progress=False)
     assert res.report.passes[0].result.notes[-1] == "squeezed 6 groups (cascade): " + ", ".join(["32->16"] * 6)

@@ -146,12 +146,9 @@ def test_measure_batches_bounds_the_measurements_to_a_number_of_passes() -> None
 
 def test_trim_loss_measurements_cost_a_bounded_number_of_passes_whatever_the_number_of_groups() -> None:
     import netsqueeze as ns
+    from tests.passes.graphs import relu_mlp
 
-    torch.manual_seed(0)
-    layers: list[nn.Module] = []
-    for i in range(10):
-        layers += [nn.Linear(16 if i == 0 else 32, 32), nn.ReLU()]
-    model = nn.Sequential(*layers, nn.Linear(32, 4)).eval()
+    model = relu_mlp(10)
     x = torch.randn(1024, 16)
     policy = ("policy p {\n  calibrate samples 1024, batch 64\n  budget flops <= 50%\n"
               "  trim on type(linear) except last(type(linear))\n}\n")
