@@ -16,7 +16,8 @@ One rule for every structural pass:
   original graph; which channels are kept does not change the cost, so the first k stand in, and
   every allocation is measured once. The measurement is a dry run of the rewrite: the same
   `apply_selection` on a skeleton of the graph whose dense weights are shape-only ("meta")
-  tensors, so a candidate costs shape arithmetic, not a copy of the weights.
+  tensors, so a candidate costs shape arithmetic, not a copy of the weights; an allocation whose
+  every node was costed at its groups' counts by earlier dry runs is summed from those costs.
 """
 
 from __future__ import annotations
