@@ -469,10 +469,10 @@ class _Fidelity:
         if feeds is not None:
             values, tensors = feeds
             run = segment_runner(self.count)(graph, values, graph.output_values())
-            if len(tensors) < sum(1 for _ in src()):
-                raise ValueError(f"feeds for {len(tensors)} batches, the measurement runs more")
 
             def from_feeds(i: int, batch: Batch) -> list[torch.Tensor]:
+                if i >= len(tensors):
+                    raise ValueError(f"feeds for {len(tensors)} calibration batches, the measurement runs more")
                 with torch.no_grad():
                     return run(tensors[i])
 

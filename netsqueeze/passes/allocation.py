@@ -23,7 +23,7 @@ One rule for every structural pass:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -149,7 +149,7 @@ class Meter:
         self._touch = {nid: tuple(sorted(gids)) for nid, gids in touch.items()}
         nodes = self.graph.nodes()
         self._fixed = {n.id: self._cost(self.graph, n) for n in nodes if n.id not in self._touch}
-        self._rest = tuple(map(sum, zip((0, 0, 0), *self._fixed.values())))
+        self._rest = _total(self._fixed.values())  # the nodes no group touches
         self._by_node: dict[tuple[str, tuple[int, ...]], tuple[int, int, int]] = {}
         self._additive = not any(isinstance(w, Encoded) for n in nodes for w in n.params.values())
         self.dry_runs = 0
@@ -173,14 +173,10 @@ class Meter:
 
     def _summed(self, kept: Mapping[int, int]) -> tuple[int, int, int] | None:
         """The allocation's totals from the per-node costs seen before, or None when a node's are missing."""
-        total = list(self._rest)
-        for nid in self._touch:
-            cost = self._by_node.get(self._at(nid, kept))
-            if cost is None:
-                return None
-            for i in range(3):
-                total[i] += cost[i]
-        return total[0], total[1], total[2]
+        costs = [self._by_node.get(self._at(nid, kept)) for nid in self._touch]
+        if any(c is None for c in costs):
+            return None
+        return _total([self._rest, *(c for c in costs if c is not None)])
 
     def _dry_run(self, key: tuple[tuple[int, int], ...]) -> tuple[int, int, int]:
         self.dry_runs += 1
@@ -198,10 +194,8 @@ class Meter:
         for nid in self._touch:
             if nid in costs:
                 self._by_node[self._at(nid, kept)] = costs[nid]
-        flops = sum(c[0] for c in costs.values())
-        params = sum(c[1] for c in costs.values())
-        size = graph_weight_bytes([w for n in nodes for w in n.params.values()])
-        return flops, params, size
+        flops, params, _ = _total(costs.values())
+        return flops, params, graph_weight_bytes([w for n in nodes for w in n.params.values()])  # tables once
 
     def _shifts(self, g: Graph, gid: int) -> dict[str, torch.Tensor] | None:
         """Zero (shape-only) bias shifts for every consumer of group `gid`, when the pass shifts biases (and,
@@ -222,6 +216,14 @@ class Meter:
     @property
     def measured(self) -> int:
         return len(self._seen)
+
+
+def _total(costs: Iterable[tuple[int, int, int]]) -> tuple[int, int, int]:
+    """Elementwise sum of (flops, params, bytes) triples."""
+    flops = params = size = 0
+    for f, p, b in costs:
+        flops, params, size = flops + f, params + p, size + b
+    return flops, params, size
 
 
 def bisect(good: float, bad: float, ok: Callable[[float], bool], steps: int) -> float:

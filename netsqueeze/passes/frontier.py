@@ -21,9 +21,17 @@ import torch
 
 from netsqueeze.ir.graph import Graph, Value
 from netsqueeze.passes.base import PassContext, Segment
+from netsqueeze.passes.dependency import ChannelGroup
 
 # per calibration batch, the tensors at the requested values in the graph being rewritten and in its copy
 Pairs = Iterable[tuple[list[torch.Tensor], list[torch.Tensor]]]
+
+
+def first_positions(topo: list[str], groups: Iterable[ChannelGroup]) -> dict[int, int]:
+    """Per group id, the position in `topo` of the first node the group touches: a rewrite of the group leaves
+    everything before it as it was (the cascades' checkpoints, the prefixes candidates run from)."""
+    pos = {nid: i for i, nid in enumerate(topo)}
+    return {g.id: min(pos[m.node] for m in g.members) for g in groups}
 
 
 class Liveness:
@@ -123,9 +131,6 @@ class Frontier:
         state = [(dict(zip(inputs, batch)), dict(zip(inputs, batch))) for batch in ctx.batches()]
         return Frontier((graph, ref), ctx, topo, state)
 
-    def _live(self, at: int) -> list[Value]:
-        return self.live.at(at)
-
     def _run(self, which: int, fetch: list[Value]) -> Segment:
         """Graph `which` (0: the one being rewritten, 1: its pass-start copy) from the checkpoint to `fetch`."""
         run = self.ctx.segment(self.graphs[which], list(self.state[0][0]) if self.state else [], fetch)
@@ -145,22 +150,24 @@ class Frontier:
         """Moves the checkpoint forwards to position `to` (nothing happens for an earlier position); False
         when the tensors live there would not fit `limit_bytes` (the checkpoint then stays where it was).
         The pass-start copy's side is taken from the last `fetch` when it computed that position."""
-        ready, self._ref_next = self._ref_next, None
         if to <= self.at or not self.state:
             return True
-        keep = self._live(to)
+        keep = self.live.at(to)
         if not self._fits(keep):
             return False
+        ready = self._ref_next
+        if ready is not None and ready[0] <= to:  # used now, or for a checkpoint passed over
+            self._ref_next = None
         feeds = list(self.state[0][0])
         refs = ready[1] if ready is not None and ready[0] == to else None
         run_now, run_ref = self._run(0, keep), self._run(1, keep) if refs is None else None
         with torch.no_grad():
             for i, (cur, orig) in enumerate(self.state):
                 now = dict(zip(keep, run_now([cur[v] for v in feeds])))
-                if refs is not None:
-                    self.state[i] = (now, refs[i])
-                elif run_ref is not None:
+                if run_ref is not None:
                     self.state[i] = (now, dict(zip(keep, run_ref([orig[v] for v in feeds]))))
+                elif refs is not None:
+                    self.state[i] = (now, refs[i])
         self.at = to
         return True
 
@@ -170,7 +177,9 @@ class Frontier:
         there in the same run, so that advance runs only the graph being rewritten."""
         if not values or not self.state:
             return
-        extra = self._live(then) if then is not None and then > self.at else []
+        extra: list[Value] = []
+        if then is not None and then > self.at and (self._ref_next is None or self._ref_next[0] != then):
+            extra = self.live.at(then)  # unless an earlier fetch computed it already
         if extra and not self._fits(extra):
             extra = []
         feeds = list(self.state[0][0])
@@ -190,23 +199,25 @@ class Frontier:
 
 
 class SideBySide:
-    """A cascade's source of side-by-side activations: `pairs(at, values, gid, then)` for each group in checkpoint
+    """A cascade's source of side-by-side activations: `pairs(at, values, gid)` for each group in checkpoint
     order (`at`: the topological position of the first node group `gid` touches), from `frontier`
-    (`Frontier.open`'s, None without a layer-by-layer runner) when it can, else streaming both graphs whole. `notes` (the pass's report lines, prefixed `label`) say when the
-    fallback was taken."""
+    (`Frontier.open`'s, None without a layer-by-layer runner) when it can, else streaming both graphs whole.
+    `checkpoints`: every position the cascade will ask for, so that each fetch also computes the pass-start
+    copy's tensors at the next one (`Frontier.fetch`). `notes` (the pass's report lines, prefixed `label`)
+    say when the fallback was taken."""
 
     def __init__(self, frontier: Frontier | None, graph: Graph, ref: Graph, ctx: PassContext, notes: list[str],
-                 label: str) -> None:
+                 label: str, checkpoints: Iterable[int] = ()) -> None:
         self.graph, self.ref, self.ctx, self.notes, self.label = graph, ref, ctx, notes, label
+        self.checkpoints = sorted(set(checkpoints))
         self.frontier = frontier
         self.streamed = False
         if self.frontier is None:
             notes.append(f"{label}: each group streamed both graphs whole (no layer-by-layer runner)")
 
-    def pairs(self, at: int, values: list[Value], gid: int, then: int | None = None) -> Pairs:
-        """`then`: the checkpoint position of the next group (`Frontier.fetch`), when there is one."""
+    def pairs(self, at: int, values: list[Value], gid: int) -> Pairs:
         if self.frontier is not None and self.frontier.advance(at):
-            return self.frontier.fetch(values, then)
+            return self.frontier.fetch(values, next((p for p in self.checkpoints if p > at), None))
         if self.frontier is not None and not self.streamed:
             self.notes.append(f"{self.label}: from group {gid} on, groups whose checkpoint would hold more than "
                               f"{Frontier.limit_bytes >> 20} MiB of activations streamed both graphs whole")

@@ -26,7 +26,7 @@ from netsqueeze.ir.graph import Graph, Value
 from netsqueeze.ir.ops import attr, spec
 from netsqueeze.passes.base import PassContext, PassResult
 from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups, Member, find_groups
-from netsqueeze.passes.frontier import Frontier, SideBySide
+from netsqueeze.passes.frontier import Frontier, SideBySide, first_positions
 from netsqueeze.passes.rewrite import ChannelSelection, SharedFold, apply_selection, axis_vector
 from netsqueeze.passes.squeeze_math import reconstruction, ridged_normal, solve_normal
 
@@ -108,11 +108,15 @@ def plan(graph: Graph, group: ChannelGroup) -> list[ConsumerStats]:
     return out
 
 
+def _channel_axis(graph: Graph, m: Member) -> int:
+    """The axis of consumer `m`'s input its channels are on: `linear` reads the last axis, conv and
+    conv_transpose (channels-first) axis 1."""
+    return -1 if graph.node(m.node).kind == "linear" else 1
+
+
 def channels_last(graph: Graph, m: Member, x: torch.Tensor) -> torch.Tensor:
-    """Consumer `m`'s input `x` in float64 with its input-channel axis last: `linear` reads the last axis,
-    conv and conv_transpose (channels-first) axis 1."""
-    xm = x.detach().double()
-    return xm if graph.node(m.node).kind == "linear" else xm.movedim(1, -1)
+    """Consumer `m`'s input `x` in float64 with its input-channel axis last."""
+    return x.detach().double().movedim(_channel_axis(graph, m), -1)
 
 
 def gather(graph: Graph, m: Member, x: torch.Tensor, at: list[list[int]] | None = None,
@@ -124,7 +128,7 @@ def gather(graph: Graph, m: Member, x: torch.Tensor, at: list[list[int]] | None 
     idx = torch.tensor(at if at is not None else [list(q) for q in m.index])  # [C, block]
     if keep is not None:
         idx = idx[keep]
-    axis = -1 if graph.node(m.node).kind == "linear" else 1
+    axis = _channel_axis(graph, m)
     xm, flat = x.detach(), idx.reshape(-1)
     if not (len(flat) == xm.shape[axis] and bool((flat == torch.arange(len(flat))).all())):
         xm = xm.index_select(axis, flat)
@@ -202,28 +206,23 @@ def cascade(graph: Graph, ctx: PassContext, groups: ChannelGroups, keeps: dict[i
         return out
     ref = graph.copy()
     topo = graph.topo_order()
-    pos = {nid: i for i, nid in enumerate(topo)}
-    start = {gid: min(pos[m.node] for m in groups[gid].members) for gid in keeps}
+    start = first_positions(topo, (groups[gid] for gid in keeps))
     order = sorted(keeps, key=lambda gid: (start[gid], gid))
-    side = SideBySide(Frontier.open(graph, ref, ctx, topo), graph, ref, ctx, out.notes, "refit")
-    for i, gid in enumerate(order):
+    side = SideBySide(Frontier.open(graph, ref, ctx, topo), graph, ref, ctx, out.notes, "refit", start.values())
+    for gid in order:
         ident = groups[gid].producers, groups[gid].consumers
         now = find_groups(graph)
         fresh = next(g for g in now if (g.producers, g.consumers) == ident)
-        then = start[order[i + 1]] if i + 1 < len(order) else None
-        sel = _cascade_selection(graph, ref, fresh, groups[gid], sorted(keeps[gid]), ridge, side, start[gid], gid,
-                                 then)
+        sel = _cascade_selection(graph, ref, fresh, groups[gid], sorted(keeps[gid]), ridge, side, start[gid], gid)
         r = apply_selection(graph, now, {fresh.id: sel})
         out.touched |= r.touched
     return out
 
 
 def _cascade_selection(graph: Graph, ref: Graph, g: ChannelGroup, g_ref: ChannelGroup, keep: list[int],
-                       ridge: float, side: SideBySide, at: int, gid: int, then: int | None = None
-                       ) -> ChannelSelection:
+                       ridge: float, side: SideBySide, at: int, gid: int) -> ChannelSelection:
     """Group `g`'s selection keeping `keep`, its consumers refit on the tensors `side` gives at checkpoint
-    position `at` (per batch: their inputs in `graph` as trimmed so far and in the pass-start `ref`); `then`:
-    the next group's checkpoint position."""
+    position `at` (per batch: their inputs in `graph` as trimmed so far and in the pass-start `ref`)."""
     ref_of = {m.node: m for m in g_ref.members_of("consumer")}
     cons = [m for m in g.members_of("consumer") if m.node in ref_of
             and (refittable(graph, m) or graph.node(m.node).kind in ("linear", "conv_transpose"))]
@@ -232,7 +231,7 @@ def _cascade_selection(graph: Graph, ref: Graph, g: ChannelGroup, g_ref: Channel
     # the others: sums over their input axis in the pass-start graph (whole axis: blocks may be unequal)
     sums: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}
-    for now_b, ref_b in side.pairs(at, values, gid, then) if cons else ():
+    for now_b, ref_b in side.pairs(at, values, gid) if cons else ():
         acts_now, acts_ref = dict(zip(values, now_b)), dict(zip(values, ref_b))
         for m in cons:
             v = graph.operands(m.node)[0]

@@ -21,7 +21,7 @@ from netsqueeze.passes.allocation import Budget, GroupBounds, Meter, Reached, bi
 from netsqueeze.passes.base import MEASURE_PASSES, PassContext, PassResult, TransformPass
 from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups, DependencyAnalysis, Member, find_groups
 from netsqueeze.passes.frontier import Frontier as _Frontier
-from netsqueeze.passes.frontier import Pairs, Prefixes, SideBySide
+from netsqueeze.passes.frontier import Pairs, Prefixes, SideBySide, first_positions
 from netsqueeze.passes.refit import ConsumerStats, Cross, add, gather, parallel_fit
 from netsqueeze.passes.registry import register_pass
 from netsqueeze.passes.rewrite import (
@@ -249,20 +249,18 @@ class SqueezeFold(TransformPass):
         `ctx.segment` (a pass run outside `compile`) each group streams both graphs whole instead."""
         ref = graph.copy()
         topo = graph.topo_order()
-        pos = {nid: i for i, nid in enumerate(topo)}
-        start = {gid: min(pos[m.node] for m in groups[gid].members) for gid in keeps}
+        start = first_positions(topo, (groups[gid] for gid in keeps))
         order = sorted(keeps, key=lambda gid: (start[gid], gid))
         out = PassResult(changed=True)
-        side = SideBySide(_Frontier.open(graph, ref, ctx, topo), graph, ref, ctx, out.notes, "cascade")
-        for i, gid in enumerate(order):
+        side = SideBySide(_Frontier.open(graph, ref, ctx, topo), graph, ref, ctx, out.notes, "cascade",
+                          start.values())
+        for gid in order:
             ident = groups[gid].producers, groups[gid].consumers
             # earlier rewrites may shift index maps of shared axes (concat): regroup, find this group again
             now = find_groups(graph)
             fresh = next(g for g in now if (g.producers, g.consumers) == ident)
             values = list(dict.fromkeys(p.value for p in plans[gid] if p.per_group is None))
-            then = start[order[i + 1]] if i + 1 < len(order) else None
-            sel = self._refit(graph, ref, fresh, keeps[gid], plans[gid], values,
-                              side.pairs(start[gid], values, gid, then))
+            sel = self._refit(graph, ref, fresh, keeps[gid], plans[gid], values, side.pairs(start[gid], values, gid))
             r = apply_selection(graph, now, {fresh.id: sel})
             out.touched |= r.touched
         return out
@@ -477,8 +475,7 @@ class SqueezeFold(TransformPass):
         if not todo:
             return out
         # each candidate equals `graph` before the first node its group touches: it runs from there
-        pos = {nid: i for i, nid in enumerate(graph.topo_order())}
-        start = {gid: min(pos[m.node] for m in groups[gid].members) for gid in todo}
+        start = first_positions(graph.topo_order(), (groups[gid] for gid in todo))
         prefixes = Prefixes(graph, ctx, start.values(), batches)
         for gid, k in todo.items():
             done[gid] = k

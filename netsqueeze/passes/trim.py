@@ -24,7 +24,7 @@ from netsqueeze.passes.allocation import Budget, GroupBounds, Meter, Reached, bi
 from netsqueeze.passes.base import MEASURE_PASSES, PassContext, PassResult, TransformPass
 from netsqueeze.passes.collectors import Moments, Reservoir, channel_rows
 from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups, DependencyAnalysis, Member
-from netsqueeze.passes.frontier import Prefixes
+from netsqueeze.passes.frontier import Prefixes, first_positions
 from netsqueeze.passes.registry import register_pass
 from netsqueeze.passes.rewrite import ChannelSelection, apply_selection
 
@@ -478,8 +478,7 @@ class Trim(TransformPass):
         now = meter({})
         out: dict[int, _Loss] = {}
         # each candidate equals `graph` before the first node its group touches: it runs from there
-        pos = {nid: i for i, nid in enumerate(graph.topo_order())}
-        start = {g.id: min(pos[m.node] for m in g.members) for g in cands}
+        start = first_positions(graph.topo_order(), cands)
         prefixes = Prefixes(graph, ctx, start.values(), n_batches)
         for g in cands:
             b = bounds[g.id]

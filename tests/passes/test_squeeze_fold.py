@@ -387,12 +387,11 @@ class _PrefixProbe(ns.TransformPass):
 
     def run(self, graph: ns.Graph, ctx: ns.PassContext) -> ns.PassResult:
         from netsqueeze.passes.dependency import DependencyAnalysis
-        from netsqueeze.passes.frontier import Prefixes
+        from netsqueeze.passes.frontier import Prefixes, first_positions
         from netsqueeze.passes.rewrite import ChannelSelection, apply_selection
 
         groups = ctx.analysis(DependencyAnalysis, graph)
-        pos = {nid: i for i, nid in enumerate(graph.topo_order())}
-        start = {g.id: min(pos[m.node] for m in g.members) for g in groups.prunable()}
+        start = first_positions(graph.topo_order(), groups.prunable())
         prefixes = Prefixes(graph, ctx, start.values(), 2)
         for g in groups.prunable():
             cand = graph.copy()
