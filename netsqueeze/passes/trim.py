@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -82,7 +82,7 @@ def _per_channel(stat: torch.Tensor, m: Member) -> torch.Tensor:
     return torch.stack([stat[list(p)].mean() for p in m.index])
 
 
-def _magnitude(graph: Graph, members: list[Member], norm: str) -> torch.Tensor | None:
+def _magnitude(graph: Graph, members: Sequence[Member], norm: str) -> torch.Tensor | None:
     """Per channel, the l1 or l2 norm of the weight slices `members` give it (flatten blocks summed), each
     member normalised by its mean over the channels, then averaged over the members; None without any."""
     parts = []
