@@ -66,7 +66,7 @@ def test_guard_not_met_is_located(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     )
     # the same policy with a guard it can meet compiles, and the budget holds
     res = ns.compile(model, GUARDED.replace("0.1%", "60%"), example_inputs=inputs, calibration=_calibration())
-    assert res.report.fidelity["output_error"] == pytest.approx(0.3447, abs=1e-4)
+    assert res.report.fidelity["output_error"] == pytest.approx(0.3753, abs=1e-4)
     assert res.report.after.params <= 0.9 * res.report.before.params
 
 

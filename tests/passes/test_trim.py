@@ -41,14 +41,48 @@ def test_every_criterion_halves_every_prunable_group(make, criterion: str) -> No
     assert torch.isfinite(y).all()
 
 
-def test_l1_removes_the_smallest_filters() -> None:
+def test_l1_removes_the_channels_their_consumers_read_least() -> None:
+    """l1 scores a channel by the consumer columns that read it, not by its producer row: fc1's channels
+    3, 7, 11 go, read by fc2 with columns scaled down, while channel 0, whose row in fc1 is scaled down as much,
+    stays (its scale is what the refit makes up for)."""
     g = mlp()
-    w = g.node("fc1").params["weight"]
-    w[[3, 7, 11]] *= 1e-3
-    Trim(ratio=3 / 16 + 1e-6, bias_compensation=False).run(g, PassContext())
-    assert g.node("fc1").params["weight"].shape[0] == 13
-    # fc2 was also trimmed by 3/16 → floor(12·0.1875) = 2
-    assert g.node("fc2").params["weight"].shape == (10, 13)
+    fc1, fc2 = g.node("fc1").params, g.node("fc2").params
+    fc2["weight"][:, [3, 7, 11]] *= 1e-3
+    fc1["weight"][0] *= 1e-3
+    rows = fc1["weight"].clone()
+    Trim(ratio=3 / 16 + 1e-6, bias_compensation=False).run(g, PassContext(selected=frozenset({"fc1"})))
+    kept = [c for c in range(16) if c not in (3, 7, 11)]
+    torch.testing.assert_close(g.node("fc1").params["weight"], rows[kept], rtol=0, atol=0)
+    assert g.node("fc2").params["weight"].shape == (12, 13)
+
+
+@pytest.mark.parametrize("stat", ["mean_abs", "variance"])
+def test_activation_weighs_a_channel_by_how_strongly_its_consumers_read_it(stat: str) -> None:
+    """fc1's channels 3, 7, 11 are as active as before, but fc2 reads them with columns scaled by 1e-3: what
+    they carry into fc2 is least, so they go (activation alone would remove other channels)."""
+    g = mlp()
+    g.node("fc2").params["weight"][:, [3, 7, 11]] *= 1e-3
+    rows = g.node("fc1").params["weight"].clone()
+    ctx = stream_ctx(input_batches(g, n=3), selected=frozenset({"fc1"}))
+    Trim(criterion="activation", activation_stat=stat, ratio=3 / 16 + 1e-6,  # type: ignore[arg-type]
+         bias_compensation=False).run(g, ctx)
+    kept = [c for c in range(16) if c not in (3, 7, 11)]
+    torch.testing.assert_close(g.node("fc1").params["weight"], rows[kept], rtol=0, atol=0)
+
+
+def test_gdnt_ties_go_to_the_channels_their_consumers_read_more(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Friedman–Rafsky estimates are counts, so channels tie; a tie keeps the channel whose consumer
+    columns are larger (l2)."""
+    import netsqueeze.passes.trim as trim_module
+
+    monkeypatch.setattr(trim_module, "gdnt_scores", lambda p, c, k, seed: torch.full((p.shape[1],), 0.25,
+                                                                                   dtype=torch.float64))
+    g = mlp()
+    g.node("fc2").params["weight"][:, :8] *= 0.5  # channels 0..7 read half as strongly
+    rows = g.node("fc1").params["weight"].clone()
+    ctx = stream_ctx(input_batches(g, n=3), selected=frozenset({"fc1"}))
+    Trim(criterion="gdnt", ratio=0.5, gdnt_samples=60, bias_compensation=False).run(g, ctx)
+    torch.testing.assert_close(g.node("fc1").params["weight"], rows[8:], rtol=0, atol=0)
 
 
 def test_selection_restricts_groups() -> None:
