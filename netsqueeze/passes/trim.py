@@ -597,8 +597,11 @@ class Trim(TransformPass):
                 stats.append(_per_channel(stat, o.value))
             # what the channel carries into its consumers: its activation times how strongly they read it
             # (the column norm for a mean magnitude, squared for a variance)
+            act = torch.stack(stats).mean(0)
             use = _magnitude(graph, g.members_of("consumer"), "l2")
-            return torch.stack(stats).mean(0) * (1.0 if use is None else use ** (1 if self.activation_stat == "mean_abs" else 2))
+            if use is None:
+                return act
+            return act * (use if self.activation_stat == "mean_abs" else use * use)
         if crit == "gdnt" and obs:
             best = torch.full((g.size,), -math.inf, dtype=torch.float64)
             for i in range(len(obs)):
