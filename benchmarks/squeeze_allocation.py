@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -36,22 +38,20 @@ def trim_counts(model: torch.nn.Module, calib: torch.Tensor, target: float) -> d
     return {n: m.out_channels for n, m in res.model.named_modules() if isinstance(m, torch.nn.Conv2d)}
 
 
-def with_counts(counts: dict[str, int]) -> Any:
-    """A context in which squeeze_fold's search returns `counts` (by a group's first producer) instead of its own."""
+@contextmanager
+def with_counts(counts: dict[str, int]) -> Iterator[None]:
+    """squeeze_fold's search returns `counts` (by a group's first producer) instead of its own inside."""
     orig = sf_module.SqueezeFold._search_counts
 
     def fixed(self: Any, graph: Any, groups: Any, ranks: Any, plans: Any, ctx: Any) -> Any:
         _, line = orig(self, graph, groups, ranks, plans, ctx)
         return {g: counts.get(groups[g].producers[0], groups[g].size) for g in ranks}, line + " (counts replaced)"
 
-    class _Ctx:
-        def __enter__(self) -> None:
-            sf_module.SqueezeFold._search_counts = fixed  # type: ignore[method-assign]
-
-        def __exit__(self, *exc: object) -> None:
-            sf_module.SqueezeFold._search_counts = orig  # type: ignore[method-assign]
-
-    return _Ctx()
+    sf_module.SqueezeFold._search_counts = fixed  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        sf_module.SqueezeFold._search_counts = orig  # type: ignore[method-assign]
 
 
 def main() -> None:
@@ -79,13 +79,10 @@ def main() -> None:
         ]
         for label, round_to, changes, counts in runs:
             t0 = time.perf_counter()
+            # at trim's counts the budget only has to let them through
             budget = 1.0 / target if counts is None else 0.999
-            with ablation(**changes):
-                if counts is None:
-                    res, secs, _ = run_ns(model, ["squeeze_fold", "fold_bn"], calib, {"flops": budget}, round_to)
-                else:
-                    with with_counts(counts):
-                        res, secs, _ = run_ns(model, ["squeeze_fold", "fold_bn"], calib, {"flops": budget}, round_to)
+            with ablation(**changes), with_counts(counts) if counts is not None else nullcontext():
+                res, secs, _ = run_ns(model, ["squeeze_fold", "fold_bn"], calib, {"flops": budget}, round_to)
             f, _ = flops_params(res.model)
             top = accuracy(res.model, *test)
             rows.append([f"{target:g}x", label, str(round_to), f"{f0 / f:.2f}x", f"{top:.2%}",
