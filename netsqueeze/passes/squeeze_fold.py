@@ -71,6 +71,7 @@ class Ablation:
     sensitivity_rounds: int = 2
     sensitivity_samples: int = 256
     measure_passes: float = MEASURE_PASSES
+    curve_points: int = 8
     block_fit: Literal["full", "shared"] = "full"
     max_block_features: int = 4096
 
@@ -498,6 +499,21 @@ class SqueezeFold(TransformPass):
             have += int(batch[0].shape[0])
         return None
 
+    def _auto_sensitivity(self, groups: ChannelGroups,
+                          ranks: dict[int, tuple[list[int], list[float], torch.Tensor]], ctx: PassContext) -> str:
+        """`sensitivity = auto`: `curve` when every group's curve points fit in `measure_passes` model passes
+        with each measurement over at least `sensitivity_samples` samples (or all of them), else `output` when
+        its measurements fit, else `first_order`."""
+        ab = _ABLATION.get()
+        sizes = [int(b[0].shape[0]) for b in ctx.batches()] if ctx.batches_fn is not None else []
+        points = sum(map(len, self._curve_grid(groups, ranks, ctx).values())) + 1
+        used, samples = ctx.measure_batches(points, ab.measure_passes)
+        if sizes and points * (used or len(sizes)) <= ab.measure_passes * len(sizes) \
+                and samples >= min(ab.sensitivity_samples, sum(sizes)):
+            return "curve"
+        share = self._sensitivity_share(ctx)
+        return "output" if ab.sensitivity_rounds * len(ranks) * share <= ab.measure_passes else "first_order"
+
     def _sensitivity_share(self, ctx: PassContext) -> float:
         """The share of the calibration data one sensitivity measurement runs over."""
         if ctx.batches_fn is None:
@@ -569,24 +585,45 @@ class SqueezeFold(TransformPass):
             out[gid] = [t / energy for t in total]
         return out
 
+    def _curve_grid(self, groups: ChannelGroups, ranks: dict[int, tuple[list[int], list[float], torch.Tensor]],
+                    ctx: PassContext) -> dict[int, list[int]]:
+        """Per group, the kept counts its output-error curve is measured at: at most `curve_points` of the
+        counts its bounds allow (below its size), spread evenly over them, the smallest included."""
+        grid: dict[int, list[int]] = {}
+        for gid in ranks:
+            g, b = groups[gid], self._bounds(groups[gid], ctx)
+            allowed = sorted({b.clamp(k) for k in range(1, g.size)} - {g.size})
+            n = min(len(allowed), _ABLATION.get().curve_points)
+            grid[gid] = sorted({allowed[round(i * (len(allowed) - 1) / max(1, n - 1))] for i in range(n)})
+        return grid
+
     def _curves(self, graph: Graph, groups: ChannelGroups,
                 ranks: dict[int, tuple[list[int], list[float], torch.Tensor]], plans: dict[int, list[_Probe]],
-                ctx: PassContext) -> dict[int, dict[int, float]]:
-        """Per group, the model's squared relative output error with that group alone squeezed to k
-        channels (parallel fold on a copy), at k on a grid of about 16 counts (rounding steps)."""
+                ctx: PassContext) -> tuple[dict[int, dict[int, float]], int]:
+        """Per group, the model's squared relative output error (less the current graph's) with that group
+        alone squeezed to k channels (parallel fold on a copy), at k on a grid of at most `curve_points`
+        allowed counts; and the samples each measurement ran over. The measurements together cost at most
+        `measure_passes` model passes over the calibration data (`PassContext.measure_batches`: the leading
+        batches only, when there are many points), and each runs from the tensors live at its group's first
+        node (`frontier.Prefixes`, one run for every group). Empty when the compiler cannot measure."""
+        grid = self._curve_grid(groups, ranks, ctx)
+        n_batches, n_samples = ctx.measure_batches(sum(map(len, grid.values())) + 1, _ABLATION.get().measure_passes)
+        base = ctx.fidelity(graph, "output_error", n_batches)
+        if base is None:
+            return {}, 0
+        start = first_positions(graph.topo_order(), (groups[gid] for gid in grid))
+        prefixes = Prefixes(graph, ctx, start.values(), n_batches)
         out: dict[int, dict[int, float]] = {}
-        for gid in ranks:
-            g = groups[gid]
-            step = max(self._bounds(g, ctx).step, g.size // 16)
-            ks = sorted({self._bounds(g, ctx).clamp(k) for k in [1, *range(step, g.size, step)]} - {g.size})
-            pts = {g.size: 0.0}
+        for gid, ks in grid.items():
+            pts = {groups[gid].size: 0.0}
             for k in ks:
-                e = ctx.fidelity(self._candidate(graph, groups, ranks, plans, {gid: k}))
+                e = ctx.fidelity(self._candidate(graph, groups, ranks, plans, {gid: k}), "output_error", n_batches,
+                                 prefixes.feeds(start[gid]))
                 if e is None:
-                    return {}
-                pts[k] = e * e
+                    return {}, 0
+                pts[k] = max(e * e - base * base, 0.0)
             out[gid] = pts
-        return out
+        return out, n_samples
 
     def _fill(self, groups: ChannelGroups, counts: dict[int, int], value: Callable[[int, int], float],
               cost: dict[int, float],
@@ -687,13 +724,13 @@ class SqueezeFold(TransformPass):
                          "bytes": now.param_bytes / max(1, base.param_bytes) - b1}
                 cost[gid] = sum(w * delta[k] for k, w in weight.items()) + 1e-12
             lo, hi, steps = -12.0, 6.0, 24  # t = log10 λ: small keeps everything, large keeps the minimum
+            # the counts the bounds allow: the argmin chooses among them (rounding its choice up afterwards
+            # would pay for channels the error curve never weighed)
+            allowed = {gid: sorted({self._bounds(groups[gid], ctx).clamp(k) for k in range(1, groups[gid].size + 1)})
+                       for gid in ranks}
 
             def family(t: float) -> dict[int, int]:
-                out = {}
-                for gid, (_, err, _) in ranks.items():
-                    best = min(range(1, len(err)), key=lambda k: value(gid, k) + 10**t * cost[gid] * k)
-                    out[gid] = self._bounds(groups[gid], ctx).clamp(best)
-                return out
+                return {gid: min(allowed[gid], key=lambda k: value(gid, k) + 10**t * cost[gid] * k) for gid in ranks}
 
         def budget_t() -> float:
             """The least squeezed candidate found that meets the budget (`hi` meets it: checked above)."""
@@ -701,14 +738,15 @@ class SqueezeFold(TransformPass):
 
         t_budget = budget_t() if budget else lo
         line = f"search ({ab.allocation}): budget met at t = {t_budget:.3g}"
-        if ab.allocation == "lagrange" and ab.sensitivity == "curve" and ctx.fidelity_fn is not None:
-            curves.update(self._curves(graph, groups, ranks, plans, ctx))
-            t_budget = budget_t() if budget else lo
-            line += f" after measuring output-error curves ({sum(len(c) for c in curves.values())} points)"
-        how = ab.sensitivity
+        how: str = ab.sensitivity
         if how == "auto":
-            share = self._sensitivity_share(ctx)
-            how = "output" if ab.sensitivity_rounds * len(ranks) * share <= ab.measure_passes else "first_order"
+            how = self._auto_sensitivity(groups, ranks, ctx)
+        if ab.allocation == "lagrange" and how == "curve" and ctx.fidelity_fn is not None:
+            measured, n_samples = self._curves(graph, groups, ranks, plans, ctx)
+            curves.update(measured)
+            t_budget = budget_t() if budget else lo
+            line += (f" after measuring output-error curves ({sum(len(c) - 1 for c in curves.values())} points "
+                     f"on {n_samples:,} calibration samples)")
         if ab.allocation == "lagrange" and how == "first_order":
             taylor.update(self._first_order(graph, groups, ranks, plans, ctx))
             if taylor:
