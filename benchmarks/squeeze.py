@@ -52,7 +52,7 @@ MEASURES = ("flops", "params")
 HARD_POINT = ("flops", 3.0)  # where --ablation measures the design alternatives
 # squeeze_fold policy options measured as alternatives (the `Ablation` switches are read from the pass, less
 # those a budget-driven compile does not read: `energy_of` defines the `energy` option, which a budget replaces)
-POLICY_OPTIONS = ("method", "mode")
+POLICY_OPTIONS = ("method", "mode", "search")
 NOT_UNDER_BUDGET = ("energy_of",)
 CALIB_BATCH = 256
 SF = "squeeze_fold"
@@ -478,6 +478,8 @@ def main() -> None:
     ap.add_argument("--recover-steps", type=int, default=None,
                     help=f"steps of the squeeze_fold + label-free recover rows at the FLOPs points (default "
                          f"{RECOVER_STEPS}, --quick: 16; 0: no such rows)")
+    ap.add_argument("--search", default="fast", choices=("fast", "measured"),
+                    help="squeeze_fold's `search` option (default fast); measured writes squeeze-search-measured.md")
     ap.add_argument("--peer-round-to", type=int, default=1,
                     help="Torch-Pruning's round_to (default 1: its uniform ratio then lands on the target)")
     args = ap.parse_args()
@@ -495,6 +497,7 @@ def main() -> None:
     grid = [("flops", 2.0)] if args.quick else [(m, t) for m in MEASURES for t in TARGETS]
     hard = grid[-1] if args.quick else HARD_POINT
 
+    sf_step = SF if args.search == "fast" else f"{SF} {{ search = {args.search} }}"
     points: list[Point] = []
     bases: list[Base] = []
     ablations: list[Point] = []
@@ -507,12 +510,12 @@ def main() -> None:
         print(f"{name}: top-1 {base.top1:.2%}, forward pass over {n_calib} images {base.fwd_s:.2f} s",
               file=sys.stderr, flush=True)
         for measure, t in grid:
-            p, notes = squeeze_point(model, base, measure, t, calib, test, round_to=args.round_to)
+            p, notes = squeeze_point(model, base, measure, t, calib, test, step=sf_step, round_to=args.round_to)
             points.append(p)
             alloc.append(f"- {name} {p.budget}: " + ("; ".join(notes) or p.failed or "-"))
             if args.recover_steps and measure == "flops":
                 r, _ = squeeze_point(model, base, measure, t, calib, test, SF_REC,
-                                     f"{SF}\n  {recover_step(args.recover_steps)}", round_to=args.round_to)
+                                     f"{sf_step}\n  {recover_step(args.recover_steps)}", round_to=args.round_to)
                 points.append(r)
             points += peer_points(model, base, measure, t, data, calib, test, args.peer_round_to)
             if args.ablation and (measure, t) == hard:
@@ -547,7 +550,7 @@ def main() -> None:
         "# squeeze_fold on Fashion-MNIST: params and FLOPs budgets, beside Torch-Pruning (one-shot, no fine-tuning)",
         f"Command: `.venv/bin/python benchmarks/squeeze.py {' '.join(sys.argv[1:])}`, {minutes:.0f} min. "
         f"Test images: {n_test:,}; calibration: {n_calib:,} training images (a fixed random subset), the same for "
-        f"every method. squeeze_fold: `squeeze_fold` then `fold_bn` under the policy's `budget flops|params <= X%` "
+        f"every method. squeeze_fold: `{sf_step}` then `fold_bn` under the policy's `budget flops|params <= X%` "
         f"with `bounds {{ round_to = {args.round_to} }}`, `calibrate samples {n_calib}, batch {CALIB_BATCH}`. "
         f"{TP}: Torch-Pruning's group-L1 magnitude importance with one uniform per-layer ratio (its default; the "
         f"classifier's output layer kept), the ratio bisected to the same budget, round_to {args.peer_round_to}; "
@@ -580,6 +583,7 @@ def main() -> None:
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "squeeze" if args.round_to == ROUND_TO else f"squeeze-round_to-{args.round_to}"
+    stem += "" if args.search == "fast" else f"-search-{args.search}"
     out = RESULTS / (f"{stem}-quick.md" if args.quick else f"{stem}.md")
     tmp = out.with_suffix(".tmp")
     tmp.write_text(text)

@@ -1,6 +1,7 @@
 """How squeeze_fold's search allocates channels on the ResNet-style model under a FLOPs budget: its default
-sensitivity weighting against measured output-error curves per group (`Ablation.sensitivity = curve`), with
-channel counts rounded to 8 (the squeeze benchmark's bounds) and unrounded, one-shot, beside the allocation
+`search = fast` (reconstruction errors weighted by a measured output sensitivity per group) against `search =
+measured` (a measured output-error curve per group), with channel counts rounded to 8 (the squeeze benchmark's
+bounds) and unrounded, one-shot, beside the allocation
 trim's measured-loss search picks (`trim { criterion = activation }` after `fold_bn`, 512 calibration images, as
 benchmarks/trim.py) with squeeze_fold's own channel choice and fold at those counts.
 
@@ -27,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS, accuracy, fashion_mnist, markdown_table, trained
 from benchmarks.squeeze import flops_params, run_ns
 from netsqueeze.passes import squeeze_fold as sf_module
-from netsqueeze.passes.squeeze_fold import ablation
 
 TRIM_CALIB = 512
 
@@ -69,20 +69,21 @@ def main() -> None:
     top0 = accuracy(model, *test)
     rows: list[list[str]] = []
     for target in (float(t) for t in args.targets.split(",")):
-        runs: list[tuple[str, int, dict[str, Any], dict[str, int] | None]] = [
-            ("squeeze_fold (default search)", 8, {}, None),
-            ("squeeze_fold, sensitivity = curve", 8, {"sensitivity": "curve"}, None),
-            ("squeeze_fold (default search)", 1, {}, None),
-            ("squeeze_fold, sensitivity = curve", 1, {"sensitivity": "curve"}, None),
-            ("squeeze_fold at trim's counts (activation, measured-loss allocation)", 1, {},
+        runs: list[tuple[str, int, str, dict[str, int] | None]] = [
+            ("squeeze_fold (search = fast, the default)", 8, "fast", None),
+            ("squeeze_fold, search = measured", 8, "measured", None),
+            ("squeeze_fold (search = fast, the default)", 1, "fast", None),
+            ("squeeze_fold, search = measured", 1, "measured", None),
+            ("squeeze_fold at trim's counts (activation, measured-loss allocation)", 1, "fast",
              trim_counts(model, trim_calib, target)),
         ]
-        for label, round_to, changes, counts in runs:
+        for label, round_to, search, counts in runs:
             t0 = time.perf_counter()
             # at trim's counts the budget only has to let them through
             budget = 1.0 / target if counts is None else 0.999
-            with ablation(**changes), with_counts(counts) if counts is not None else nullcontext():
-                res, secs, _ = run_ns(model, ["squeeze_fold", "fold_bn"], calib, {"flops": budget}, round_to)
+            with with_counts(counts) if counts is not None else nullcontext():
+                res, secs, _ = run_ns(model, [f"squeeze_fold {{ search = {search} }}", "fold_bn"], calib,
+                                      {"flops": budget}, round_to)
             f, _ = flops_params(res.model)
             top = accuracy(res.model, *test)
             rows.append([f"{target:g}x", label, str(round_to), f"{f0 / f:.2f}x", f"{top:.2%}",
@@ -94,8 +95,9 @@ def main() -> None:
             f"Command: `.venv/bin/python benchmarks/squeeze_allocation.py --targets {args.targets}` "
             f"({(time.perf_counter() - t_start) / 60:.1f} min). Original top-1 {top0:.2%}; 2,048 calibration "
             f"images (squeeze.py's subset), 10,000 test images; `squeeze_fold` then `fold_bn` under "
-            f"`budget flops <= X%` and `bounds {{ round_to = N }}`. `sensitivity = curve`: every group's "
-            f"output-error curve measured (an `Ablation` switch, not a policy option). trim's counts: "
+            f"`budget flops <= X%` and `bounds {{ round_to = N }}`. `search = fast` (the default) weights each "
+            f"group's reconstruction error by its measured output sensitivity; `search = measured` measures "
+            f"every group's output-error curve (up to 8 counts each, within 8 model passes). trim's counts: "
             f"`fold_bn` + `trim {{ criterion = activation }}` on {TRIM_CALIB} images picks the kept count per "
             f"group; squeeze_fold then chooses and folds that many channels (its search replaced; compile s is "
             f"squeeze_fold's alone, trim's run not counted).\n\n"

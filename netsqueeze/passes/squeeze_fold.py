@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from netsqueeze.errors import BudgetError, Diagnostic
+from netsqueeze.errors import BudgetError, Diagnostic, NetsqueezeError
 from netsqueeze.ir.graph import Graph, Value
 from netsqueeze.ir.ops import attr, spec
 from netsqueeze.ir.stats import graph_stats
@@ -58,8 +58,10 @@ class Ablation:
       `first_order`), `output` (each group's effect measured: the group alone squeezed, the output error
       measured; `sensitivity_rounds` re-measurements), `first_order` (every group at once from one
       forward/backward pass: a Taylor estimate of the output error of every kept count), `curve` (a
-      measured output-error curve per group) or `none`. Measurements and the first-order pass use the
-      first calibration batches holding `sensitivity_samples` samples (all of them when 0).
+      measured output-error curve per group in place of its reconstruction error, at up to `curve_points`
+      counts: what the policy option `search = measured` selects) or `none`. `output` and the first-order
+      pass use the first calibration batches holding `sensitivity_samples` samples (all of them when 0);
+      `curve` the leading batches that keep its measurements within `measure_passes` passes.
     - block_fit: `full` (flatten→linear: every feature of a channel's block is its own column, up to
       `max_block_features`) or `shared` (one map shared by the block's positions).
     """
@@ -128,6 +130,7 @@ class SqueezeFold(TransformPass):
        that meets the policy's `budget` and `guard` (see `_search_counts`). Every count is clamped
        by the shared rule of `passes.allocation`: the options `min_channels`/`round_to` and the
        policy's `bounds` combine, the most restrictive winning; `ratio` removes ⌊ratio·size⌋.
+       `search = fast` (default) or `measured` chooses how the search weighs a group's error.
     4. Per consumer, least squares with intercept a ≈ a_S·T + t₀ (`ridge` for ill-conditioned Grams),
        folded: W'[o,s] = Σ_c W[o,c]·T[s,c] per kernel tap; for flatten→linear with the full block fit
        every removed (channel, position) feature is rebuilt from every kept feature,
@@ -175,8 +178,13 @@ class SqueezeFold(TransformPass):
     nonlinear: Literal["skip", "remove"] = "skip"
     mode: Literal["cascade", "parallel"] = "cascade"
     max_samples: int = field(default=200_000, metadata={"min": 1, "unit": "count"})
+    search: Literal["fast", "measured"] = "fast"
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        if self.search == "measured" and (self.energy is not None or self.ratio is not None):
+            raise NetsqueezeError(Diagnostic(
+                "squeeze_fold: search = measured weighs the groups when a budget or guard sets the kept counts; "
+                f"with `{'energy' if self.energy is not None else 'ratio'}` they are fixed: give one of them"))
         groups = ctx.analysis(DependencyAnalysis, graph).restrict(ctx.selected)
         result = PassResult()
         plans: dict[int, list[_Probe]] = {}
@@ -499,21 +507,6 @@ class SqueezeFold(TransformPass):
             have += int(batch[0].shape[0])
         return None
 
-    def _auto_sensitivity(self, groups: ChannelGroups,
-                          ranks: dict[int, tuple[list[int], list[float], torch.Tensor]], ctx: PassContext) -> str:
-        """`sensitivity = auto`: `curve` when every group's curve points fit in `measure_passes` model passes
-        with each measurement over at least `sensitivity_samples` samples (or all of them), else `output` when
-        its measurements fit, else `first_order`."""
-        ab = _ABLATION.get()
-        sizes = [int(b[0].shape[0]) for b in ctx.batches()] if ctx.batches_fn is not None else []
-        points = sum(map(len, self._curve_grid(groups, ranks, ctx).values())) + 1
-        used, samples = ctx.measure_batches(points, ab.measure_passes)
-        if sizes and points * (used or len(sizes)) <= ab.measure_passes * len(sizes) \
-                and samples >= min(ab.sensitivity_samples, sum(sizes)):
-            return "curve"
-        share = self._sensitivity_share(ctx)
-        return "output" if ab.sensitivity_rounds * len(ranks) * share <= ab.measure_passes else "first_order"
-
     def _sensitivity_share(self, ctx: PassContext) -> float:
         """The share of the calibration data one sensitivity measurement runs over."""
         if ctx.batches_fn is None:
@@ -587,22 +580,34 @@ class SqueezeFold(TransformPass):
 
     def _curve_grid(self, groups: ChannelGroups, ranks: dict[int, tuple[list[int], list[float], torch.Tensor]],
                     ctx: PassContext) -> dict[int, list[int]]:
-        """Per group, the kept counts its output-error curve is measured at: at most `curve_points` of the
-        counts its bounds allow (below its size), spread evenly over them, the smallest included."""
-        grid: dict[int, list[int]] = {}
-        for gid in ranks:
-            g, b = groups[gid], self._bounds(groups[gid], ctx)
-            allowed = sorted({b.clamp(k) for k in range(1, g.size)} - {g.size})
-            n = min(len(allowed), _ABLATION.get().curve_points)
-            grid[gid] = sorted({allowed[round(i * (len(allowed) - 1) / max(1, n - 1))] for i in range(n)})
-        return grid
+        """Per group, the kept counts its output-error curve is measured at: n of the counts its bounds allow
+        (below its size), spread evenly over them, the smallest included; n the most, from `curve_points` down
+        to 3, whose measurements (and the current graph's) fit in `measure_passes` model passes over the
+        calibration data with each over at least `sensitivity_samples` samples (or all of them): the leading
+        batches, at least one (`PassContext.measure_batches`); 3 when none fits."""
+        ab = _ABLATION.get()
+        sizes = [int(b[0].shape[0]) for b in ctx.batches()] if ctx.batches_fn is not None else []
+        allowed = {gid: sorted({self._bounds(groups[gid], ctx).clamp(k) for k in range(1, groups[gid].size)}
+                               - {groups[gid].size}) for gid in ranks}
+
+        def grid(n: int) -> dict[int, list[int]]:
+            return {gid: sorted({a[round(i * (len(a) - 1) / max(1, min(n, len(a)) - 1))]
+                                 for i in range(min(n, len(a)))}) for gid, a in allowed.items()}
+
+        for n in range(ab.curve_points, 3, -1):
+            points = sum(map(len, grid(n).values())) + 1
+            used, samples = ctx.measure_batches(points, ab.measure_passes)
+            if sizes and points * (used or len(sizes)) <= ab.measure_passes * len(sizes) \
+                    and samples >= min(ab.sensitivity_samples, sum(sizes)):
+                return grid(n)
+        return grid(3)
 
     def _curves(self, graph: Graph, groups: ChannelGroups,
                 ranks: dict[int, tuple[list[int], list[float], torch.Tensor]], plans: dict[int, list[_Probe]],
                 ctx: PassContext) -> tuple[dict[int, dict[int, float]], int]:
         """Per group, the model's squared relative output error (less the current graph's) with that group
-        alone squeezed to k channels (parallel fold on a copy), at k on a grid of at most `curve_points`
-        allowed counts; and the samples each measurement ran over. The measurements together cost at most
+        alone squeezed to k channels (parallel fold on a copy), at k on a grid of allowed counts
+        (`_curve_grid`); and the samples each measurement ran over. The measurements together cost at most
         `measure_passes` model passes over the calibration data (`PassContext.measure_batches`: the leading
         batches only, when there are many points), and each runs from the tensors live at its group's first
         node (`frontier.Prefixes`, one run for every group). Empty when the compiler cannot measure."""
@@ -663,8 +668,13 @@ class SqueezeFold(TransformPass):
           to its count at the budget, the squared relative output error per unit of err_g on the first
           256 calibration samples (`sensitivity_rounds` re-measurements) — while that costs at most 8
           model passes over the data, else a first-order estimate of every group's output-error curve
-          from one forward/backward pass (`_first_order`); the report's search line says which. After
-          the bisection the budget its coarse steps leave unused is handed back (`_fill`).
+          from one forward/backward pass (`_first_order`). With `search = measured`, err_g is instead the
+          group's measured output-error curve: the group alone squeezed to up to 8 allowed counts, the
+          squared relative output error on the leading batches (at least 256 samples, all measurements
+          within 8 model passes), linear between the points (`_curves`); it costs a few more model passes
+          and pays off on residual nets with unrounded counts (`benchmarks/results/squeeze-allocation.md`).
+          The report's search line says which. After the bisection the budget its coarse steps leave
+          unused is handed back (`_fill`).
         - `uniform`: one reconstruction-energy threshold for every group.
         1. Budget (flops/params/bytes): bisection for the largest candidate that meets it, every candidate's
            stats metered exactly (`allocation.Meter`). Without a guard this is the answer: the least
@@ -724,13 +734,13 @@ class SqueezeFold(TransformPass):
                          "bytes": now.param_bytes / max(1, base.param_bytes) - b1}
                 cost[gid] = sum(w * delta[k] for k, w in weight.items()) + 1e-12
             lo, hi, steps = -12.0, 6.0, 24  # t = log10 λ: small keeps everything, large keeps the minimum
-            # the counts the bounds allow: the argmin chooses among them (rounding its choice up afterwards
-            # would pay for channels the error curve never weighed)
-            allowed = {gid: sorted({self._bounds(groups[gid], ctx).clamp(k) for k in range(1, groups[gid].size + 1)})
-                       for gid in ranks}
 
             def family(t: float) -> dict[int, int]:
-                return {gid: min(allowed[gid], key=lambda k: value(gid, k) + 10**t * cost[gid] * k) for gid in ranks}
+                out = {}
+                for gid, (_, err, _) in ranks.items():
+                    best = min(range(1, len(err)), key=lambda k: value(gid, k) + 10**t * cost[gid] * k)
+                    out[gid] = self._bounds(groups[gid], ctx).clamp(best)
+                return out
 
         def budget_t() -> float:
             """The least squeezed candidate found that meets the budget (`hi` meets it: checked above)."""
@@ -738,9 +748,10 @@ class SqueezeFold(TransformPass):
 
         t_budget = budget_t() if budget else lo
         line = f"search ({ab.allocation}): budget met at t = {t_budget:.3g}"
-        how: str = ab.sensitivity
+        how: str = "curve" if self.search == "measured" else ab.sensitivity
         if how == "auto":
-            how = self._auto_sensitivity(groups, ranks, ctx)
+            share = self._sensitivity_share(ctx)
+            how = "output" if ab.sensitivity_rounds * len(ranks) * share <= ab.measure_passes else "first_order"
         if ab.allocation == "lagrange" and how == "curve" and ctx.fidelity_fn is not None:
             measured, n_samples = self._curves(graph, groups, ranks, plans, ctx)
             curves.update(measured)

@@ -11,6 +11,7 @@ from torch import nn
 
 import netsqueeze as ns
 from netsqueeze.compiler.calibration import activation_stream, calibration_source
+from netsqueeze.errors import NetsqueezeError
 from netsqueeze.passes.squeeze_fold import SqueezeFold, ablation
 
 
@@ -330,6 +331,38 @@ def test_search_weights_groups_by_their_effect_on_the_outputs(sensitivity: str) 
     assert res[sensitivity].report.fidelity["output_error"] < 0.5 * res["none"].report.fidelity["output_error"]
     for r in res.values():
         assert r.report.after.params <= 0.5 * r.report.before.params
+
+
+@pytest.mark.parametrize(("batch", "points"), [(32, "14 points on 256"), (512, "6 points on 512")])
+def test_search_measured_takes_output_error_curves_within_the_measurement_passes(batch: int, points: str) -> None:
+    """`search = measured` measures every group's output-error curve within 8 model passes: in batches of 32,
+    7 counts per group on the leading 256 samples (8 counts would leave each measurement 224); in one batch
+    of 512, 3 counts per group on all of them. Either way at most 8 passes more than the search without any
+    sensitivity, and the budget goes to the branch that reaches the outputs."""
+    model = TwoBranches().eval()
+    calib = torch.randn(512, 10, generator=torch.Generator().manual_seed(3))
+    head = f"policy p {{\n  calibrate samples 512, batch {batch}\n  budget params <= 50%\n  squeeze_fold on a1 | b1"
+    measured = ns.compile(model, head + " { search = measured }\n}\n", example_inputs=(calib[:2],), calibration=calib,
+                          progress=False)
+    with ablation(sensitivity="none"):
+        blind = ns.compile(model, head + "\n}\n", example_inputs=(calib[:2],), calibration=calib, progress=False)
+    notes = next(r for r in measured.report.passes if r.name == "squeeze_fold").result.notes
+    assert f"after measuring output-error curves ({points} calibration samples)" in notes[-2]
+    assert measured.report.calibration_passes <= blind.report.calibration_passes + 8
+    assert measured.graph.node("a1").params["weight"].shape[0] == 1
+    assert measured.graph.node("b1").params["weight"].shape[0] == 22
+    assert measured.report.after.params <= 0.5 * measured.report.before.params
+
+
+def test_search_measured_with_a_fixed_count_is_an_error_at_the_step() -> None:
+    model = TwoBranches().eval()
+    calib = torch.randn(64, 10, generator=torch.Generator().manual_seed(3))
+    with pytest.raises(NetsqueezeError) as e:
+        ns.compile(model, "policy p {\n  squeeze_fold { energy = 99%, search = measured }\n}\n",
+                   example_inputs=(calib[:2],), calibration=calib, progress=False)
+    assert str(e.value).splitlines()[0] == (
+        "<policy>:2:3: error: pass 'squeeze_fold' (<policy>:2) failed: squeeze_fold: search = measured weighs the "
+        "groups when a budget or guard sets the kept counts; with `energy` they are fixed: give one of them")
 
 
 @pytest.mark.parametrize("name", ["resnet", "densenet"])
