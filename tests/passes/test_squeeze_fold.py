@@ -333,12 +333,13 @@ def test_search_weights_groups_by_their_effect_on_the_outputs(sensitivity: str) 
         assert r.report.after.params <= 0.5 * r.report.before.params
 
 
-@pytest.mark.parametrize(("batch", "points"), [(32, "14 points on 256"), (512, "6 points on 512")])
+@pytest.mark.parametrize(("batch", "points"), [(32, "32 points on 352"), (512, "22 points on 512")])
 def test_search_measured_takes_output_error_curves_within_the_measurement_passes(batch: int, points: str) -> None:
-    """`search = measured` measures every group's output-error curve within 8 model passes: in batches of 32,
-    7 counts per group on the leading 256 samples (8 counts would leave each measurement 224); in one batch
-    of 512, 3 counts per group on all of them. Either way at most 8 passes more than the search without any
-    sensitivity, and the budget goes to the branch that reaches the outputs."""
+    """`search = measured` measures every group's output-error curve within 24 model passes: in batches of 32,
+    16 counts per group on the leading 11 batches (33 measurements of 11/16 of a pass: 22.7 passes); in one
+    batch of 512, 11 counts per group (23 measurements of the whole batch; 12 counts would make 25). Either
+    way at most 24 passes more than the search without any sensitivity, and the budget goes to the branch
+    that reaches the outputs."""
     model = TwoBranches().eval()
     calib = torch.randn(512, 10, generator=torch.Generator().manual_seed(3))
     head = f"policy p {{\n  calibrate samples 512, batch {batch}\n  budget params <= 50%\n  squeeze_fold on a1 | b1"
@@ -348,7 +349,7 @@ def test_search_measured_takes_output_error_curves_within_the_measurement_passes
         blind = ns.compile(model, head + "\n}\n", example_inputs=(calib[:2],), calibration=calib, progress=False)
     notes = next(r for r in measured.report.passes if r.name == "squeeze_fold").result.notes
     assert f"after measuring output-error curves ({points} calibration samples)" in notes[-2]
-    assert measured.report.calibration_passes <= blind.report.calibration_passes + 8
+    assert measured.report.calibration_passes <= blind.report.calibration_passes + 24
     assert measured.graph.node("a1").params["weight"].shape[0] == 1
     assert measured.graph.node("b1").params["weight"].shape[0] == 22
     assert measured.report.after.params <= 0.5 * measured.report.before.params
