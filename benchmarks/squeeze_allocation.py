@@ -97,7 +97,7 @@ def main() -> None:
             f"images (squeeze.py's subset), 10,000 test images; `squeeze_fold` then `fold_bn` under "
             f"`budget flops <= X%` and `bounds {{ round_to = N }}`. `search = fast` (the default) weights each "
             f"group's reconstruction error by its measured output sensitivity; `search = measured` measures "
-            f"every group's output-error curve (up to 8 counts each, within 8 model passes). trim's counts: "
+            f"every group's output-error curve (up to 16 counts each, within 24 model passes). trim's counts: "
             f"`fold_bn` + `trim {{ criterion = activation }}` on {TRIM_CALIB} images picks the kept count per "
             f"group; squeeze_fold then chooses and folds that many channels (its search replaced; compile s is "
             f"squeeze_fold's alone, trim's run not counted).\n\n"

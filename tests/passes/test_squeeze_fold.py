@@ -131,6 +131,27 @@ def test_budget_search_meets_flops_budget() -> None:
     assert after.flops > 0.4 * before.flops
 
 
+def test_search_measured_says_when_it_cannot_measure() -> None:
+    """Outside `compile` there is no output-error measurement: `search = measured` says so and the search runs
+    on the unweighted reconstruction errors, as `fast` does without the compiler (the same counts)."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 3), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 4 * 4, 6)).eval()
+    calib = torch.randn(128, 3, 8, 8)
+    shapes = {}
+    for search in ("measured", "fast"):
+        graph = ns.import_model(model, (calib[:2],))
+        ctx = ns.PassContext(stream_fn=activation_stream(calibration_source(calib)), budget={"flops": 0.5},
+                             original=graph.copy())
+        res = ns.run_pipeline(graph, [SqueezeFold(search=search)], ctx)  # type: ignore[arg-type]
+        shapes[search] = tuple(graph.node(n).params["weight"].shape[0] for n in ("0", "2"))
+        if search == "measured":
+            line = next(n for r in res.records for n in r.result.notes if n.startswith("search"))
+            assert line.endswith("(no output-error curves: this compile cannot measure the output error; "
+                                 "reconstruction errors unweighted)")
+    assert shapes["measured"] == shapes["fast"]
+
+
 def test_search_without_budget_is_an_error() -> None:
     model = mlp(4)
     x = torch.randn(4, 10)
