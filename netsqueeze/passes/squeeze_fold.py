@@ -672,7 +672,8 @@ class SqueezeFold(TransformPass):
           group's measured output-error curve: the group alone squeezed to up to 16 allowed counts, the
           squared relative output error on the leading batches (all measurements within 24 model passes,
           each from the tensors live at its group), linear between the points (`_curves`); it costs more
-          compile time and pays off on residual nets (`benchmarks/results/squeeze-allocation.md`).
+          compile time; on the benchmark ResNet it pays off with unrounded counts and is mixed when they are
+          rounded to 8 (`benchmarks/results/squeeze-allocation.md`).
           The report's search line says which. After the bisection the budget its coarse steps leave
           unused is handed back (`_fill`).
         - `uniform`: one reconstruction-energy threshold for every group.
