@@ -111,12 +111,22 @@ class PassContext:
     progress_fn: Callable[[str, int | None, str], Any] | None = None
     batches_fn: Callable[[], Iterator[tuple[torch.Tensor, ...]]] | None = None
     segment_fn: Callable[[Graph, Sequence[Value], Sequence[Value]], Segment] | None = None
+    # (batches_fn, its batch sizes): read once per calibration source (`batch_sizes`)
+    _sizes: tuple[Any, list[int]] | None = field(default=None, init=False, repr=False, compare=False)
 
     def batches(self) -> Iterator[tuple[torch.Tensor, ...]]:
         """The calibration batches (the graph's inputs, one tuple per batch)."""
         if self.batches_fn is None:
             raise NetsqueezeError(Diagnostic("this pass needs calibration data: pass calibration=... to compile()"))
         return self.batches_fn()
+
+    def batch_sizes(self) -> list[int]:
+        """The samples in each calibration batch (empty without calibration data), read from `batches()` once."""
+        if self.batches_fn is None:
+            return []
+        if self._sizes is None or self._sizes[0] is not self.batches_fn:
+            self._sizes = (self.batches_fn, [int(b[0].shape[0]) for b in self.batches()])
+        return self._sizes[1]
 
     def segment(self, graph: Graph, feeds: Sequence[Value], fetch: Sequence[Value]) -> Segment | None:
         """`graph`'s nodes between `feeds` and `fetch` as one function of the feeds' tensors (no gradient
@@ -173,7 +183,7 @@ class PassContext:
         measurements may run over so that together they cost at most `passes` model passes over the
         calibration data (None: all of them), at least one batch; and how many samples those batches hold.
         Keeps a search's measurements a bounded share of the compile whatever the number of groups."""
-        sizes = [int(b[0].shape[0]) for b in self.batches()] if self.batches_fn is not None else []
+        sizes = self.batch_sizes()
         if not sizes or measurements <= passes:
             return None, sum(sizes)
         n = max(1, int(passes * len(sizes) / measurements))

@@ -502,17 +502,17 @@ class SqueezeFold(TransformPass):
         if want <= 0 or ctx.batches_fn is None:
             return None
         have = 0
-        for n, batch in enumerate(ctx.batches()):
+        for n, size in enumerate(ctx.batch_sizes()):
             if have >= want:
                 return n
-            have += int(batch[0].shape[0])
+            have += size
         return None
 
     def _sensitivity_share(self, ctx: PassContext) -> float:
         """The share of the calibration data one sensitivity measurement runs over."""
         if ctx.batches_fn is None:
             return 1.0
-        total = sum(1 for _ in ctx.batches())
+        total = len(ctx.batch_sizes())
         used = self._sensitivity_batches(ctx)
         return 1.0 if used is None or not total else used / total
 
@@ -587,7 +587,7 @@ class SqueezeFold(TransformPass):
         in `curve_passes` model passes; 3 when none fits. Counts before samples: on the benchmark ResNet, more
         counts on fewer images allocated better than fewer counts on all of them."""
         ab = _ABLATION.get()
-        n_batches = sum(1 for _ in ctx.batches()) if ctx.batches_fn is not None else 0
+        n_batches = len(ctx.batch_sizes())
         allowed = {gid: sorted({self._bounds(groups[gid], ctx).clamp(k) for k in range(1, groups[gid].size)}
                                - {groups[gid].size}) for gid in ranks}
 
@@ -596,9 +596,9 @@ class SqueezeFold(TransformPass):
                                  for i in range(min(n, len(a)))}) for gid, a in allowed.items()}
 
         for n in range(ab.curve_points, 3, -1):
-            points = sum(map(len, grid(n).values())) + 1
-            used, _ = ctx.measure_batches(points, ab.curve_passes)
-            if not n_batches or points * (used or n_batches) <= ab.curve_passes * n_batches:
+            # `measure_batches` gives each of `points` measurements max(1, ⌊passes·batches/points⌋) batches:
+            # within the passes unless that is below one batch
+            if not n_batches or sum(map(len, grid(n).values())) + 1 <= ab.curve_passes * n_batches:
                 return grid(n)
         return grid(3)
 
