@@ -165,8 +165,13 @@ def tp_prune(model: nn.Module, data: dict[str, torch.Tensor], flops_keep: float,
     return best.eval()
 
 
+def bounds_text(round_to: int, align: int = 1) -> str:
+    """The benchmark policy's `bounds` entries."""
+    return f"round_to = {round_to}" + (f", align = {align}" if align > 1 else "")
+
+
 def run_ns(model: nn.Module, passes: list[Any], calib: torch.Tensor, policy_budget: dict[str, float] | None = None,
-           round_to: int = ROUND_TO) -> tuple[ns.CompileResult, float, float]:
+           round_to: int = ROUND_TO, align: int = 1) -> tuple[ns.CompileResult, float, float]:
     t0 = time.perf_counter()
     with PeakRSS() as mem:
         if policy_budget:
@@ -174,7 +179,7 @@ def run_ns(model: nn.Module, passes: list[Any], calib: torch.Tensor, policy_budg
             steps = "\n".join(f"  {p}" for p in passes)
             # channel counts in multiples of 8: what vectorised CPU/GPU kernels need to turn fewer FLOPs into speed
             text = (f"policy bench {{\n  calibrate samples {len(calib)}, batch 256\n  budget {budget}\n"
-                    f"  bounds {{ round_to = {round_to} }}\n{steps}\n}}\n")
+                    f"  bounds {{ {bounds_text(round_to, align)} }}\n{steps}\n}}\n")
             res = ns.compile(model, text, example_inputs=(calib[:2],), calibration=calib)
         else:
             res = ns.compile(model, passes, example_inputs=(calib[:2],), calibration=calib)
@@ -317,7 +322,8 @@ def measured(p: Point, base: Base, m: nn.Module, test: tuple[torch.Tensor, torch
 
 def squeeze_point(model: nn.Module, base: Base, measure: str, target: float, calib: torch.Tensor,
                   test: tuple[torch.Tensor, torch.Tensor], method: str = SF, step: str = SF,
-                  changes: dict[str, str] | None = None, round_to: int = ROUND_TO) -> tuple[Point, list[str]]:
+                  changes: dict[str, str] | None = None, round_to: int = ROUND_TO,
+                  align: int = 1) -> tuple[Point, list[str]]:
     from netsqueeze.passes.squeeze_fold import ablation
 
     p = Point(base.model, measure, target, method)
@@ -326,7 +332,7 @@ def squeeze_point(model: nn.Module, base: Base, measure: str, target: float, cal
     p.fwd_s = forward_seconds(model, calib)
     try:
         with ablation(**(changes or {})):
-            res, p.secs, p.mib = run_ns(model, [step, "fold_bn"], calib, {measure: 1.0 / target}, round_to)
+            res, p.secs, p.mib = run_ns(model, [step, "fold_bn"], calib, {measure: 1.0 / target}, round_to, align)
     except ns.NetsqueezeError as err:
         p.failed = str(err).splitlines()[0][:100]
         print(f"  {p.model} {p.budget} {method}: failed: {p.failed}", file=sys.stderr, flush=True)
@@ -478,6 +484,9 @@ def main() -> None:
     ap.add_argument("--recover-steps", type=int, default=None,
                     help=f"steps of the squeeze_fold + label-free recover rows at the FLOPs points (default "
                          f"{RECOVER_STEPS}, --quick: 16; 0: no such rows)")
+    ap.add_argument("--align", type=int, default=1,
+                    help="squeeze_fold's `bounds { align }` (default 1: none; 16 keeps counts of 16 or more in "
+                         "ONNX Runtime's AVX-512 conv blocks); a value above 1 adds -align-N to the file name")
     ap.add_argument("--search", default="fast", choices=("fast", "measured"),
                     help="squeeze_fold's `search` option (default fast); measured writes squeeze-search-measured.md")
     ap.add_argument("--peer-round-to", type=int, default=1,
@@ -510,19 +519,21 @@ def main() -> None:
         print(f"{name}: top-1 {base.top1:.2%}, forward pass over {n_calib} images {base.fwd_s:.2f} s",
               file=sys.stderr, flush=True)
         for measure, t in grid:
-            p, notes = squeeze_point(model, base, measure, t, calib, test, step=sf_step, round_to=args.round_to)
+            p, notes = squeeze_point(model, base, measure, t, calib, test, step=sf_step, round_to=args.round_to,
+                                     align=args.align)
             points.append(p)
             alloc.append(f"- {name} {p.budget}: " + ("; ".join(notes) or p.failed or "-"))
             if args.recover_steps and measure == "flops":
                 r, _ = squeeze_point(model, base, measure, t, calib, test, SF_REC,
-                                     f"{sf_step}\n  {recover_step(args.recover_steps)}", round_to=args.round_to)
+                                     f"{sf_step}\n  {recover_step(args.recover_steps)}", round_to=args.round_to,
+                                     align=args.align)
                 points.append(r)
             points += peer_points(model, base, measure, t, data, calib, test, args.peer_round_to)
             if args.ablation and (measure, t) == hard:
                 for v in variants():
                     step, changes = _variant(v)
                     a, notes = squeeze_point(model, base, measure, t, calib, test, f"{SF} {v}", step, changes,
-                                             round_to=args.round_to)
+                                             round_to=args.round_to, align=args.align)
                     ablations.append(a)
                     alloc.append(f"- {name} {a.budget} {v}: " + ("; ".join(notes) or a.failed or "-"))
         # ONNX Runtime latency: the original and every squeeze_fold model of this model, timed in turns
@@ -551,7 +562,7 @@ def main() -> None:
         f"Command: `.venv/bin/python benchmarks/squeeze.py {' '.join(sys.argv[1:])}`, {minutes:.0f} min. "
         f"Test images: {n_test:,}; calibration: {n_calib:,} training images (a fixed random subset), the same for "
         f"every method. squeeze_fold: `{sf_step}` then `fold_bn` under the policy's `budget flops|params <= X%` "
-        f"with `bounds {{ round_to = {args.round_to} }}`, `calibrate samples {n_calib}, batch {CALIB_BATCH}`. "
+        f"with `bounds {{ {bounds_text(args.round_to, args.align)} }}`, `calibrate samples {n_calib}, batch {CALIB_BATCH}`. "
         f"{TP}: Torch-Pruning's group-L1 magnitude importance with one uniform per-layer ratio (its default; the "
         f"classifier's output layer kept), the ratio bisected to the same budget, round_to {args.peer_round_to}; "
         f"{TP_BN}: that model after re-estimating every BatchNorm's statistics on the calibration images "
@@ -583,6 +594,7 @@ def main() -> None:
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "squeeze" if args.round_to == ROUND_TO else f"squeeze-round_to-{args.round_to}"
+    stem += "" if args.align == 1 else f"-align-{args.align}"
     stem += "" if args.search == "fast" else f"-search-{args.search}"
     out = RESULTS / (f"{stem}-quick.md" if args.quick else f"{stem}.md")
     tmp = out.with_suffix(".tmp")

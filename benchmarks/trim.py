@@ -49,7 +49,7 @@ from benchmarks.common import (
     ort_latency,
     trained,
 )
-from benchmarks.squeeze import flops_params, reestimate_bn, run_ns, tp_prune
+from benchmarks.squeeze import bounds_text, flops_params, reestimate_bn, run_ns, tp_prune
 from netsqueeze.passes.trim import ranking
 
 CALIB = 512  # calibration images (policy `calibrate samples`), also the peers' BatchNorm re-estimation data
@@ -136,6 +136,11 @@ def main() -> None:
     ap.add_argument("--fine-tune", type=int, default=0, metavar="N",
                     help="also fine-tune every model one epoch on a fixed subset of N training images (trim's "
                          "BatchNorms then kept, not folded)")
+    ap.add_argument("--round-to", type=int, default=1,
+                    help="trim's `bounds { round_to }` (default 1: counts not rounded; the peer is never rounded)")
+    ap.add_argument("--align", type=int, default=1,
+                    help="trim's `bounds { align }` (default 1: none; 16 keeps counts of 16 or more in ONNX Runtime's "
+                         "AVX-512 conv blocks)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     t_start = time.perf_counter()
@@ -188,7 +193,8 @@ def main() -> None:
                 t0 = time.perf_counter()
                 try:
                     with ranking(rule) if rule != "measured" else nullcontext():  # type: ignore[arg-type]
-                        res, secs, _ = run_ns(model, pipeline(crit, opts, keep_bn), calib, {measure: keep}, 1)
+                        res, secs, _ = run_ns(model, pipeline(crit, opts, keep_bn), calib, {measure: keep},
+                                              args.round_to, args.align)
                     out: nn.Module | None = res.model
                     passes = getattr(res.report, "calibration_passes", None)
                 except Exception as err:  # a failed cell is reported, not fatal
@@ -227,7 +233,10 @@ def main() -> None:
         f"shared with other jobs (compile times and latencies are noisy), torch {torch.__version__}, 1 thread for "
         "compiles, ONNX Runtime at 2 threads (median of 30 runs at batch 1, 20 at batch 64), timed after every compile, each model right after its original; the original's row shows its latencies.",
         f"Test images: {n_test:,}; calibration: {CALIB} training images (statistics, refit, the loss measurements "
-        "and Torch-Pruning's BatchNorm re-estimation); channel counts not rounded; budgets are policy budgets "
+        "and Torch-Pruning's BatchNorm re-estimation); "
+        + ("channel counts not rounded" if args.round_to == args.align == 1 else
+           f"trim's channel counts within `bounds {{ {bounds_text(args.round_to, args.align)} }}`, Torch-Pruning's "
+           "not rounded") + "; budgets are policy budgets "
         "(`budget flops <= 50%` is the 2x row). trim rows use the pass defaults (global allocation ranked by "
         "measured loss per unit of budget, `refit = auto`: least squares) unless the row names an option. "
         + ("Top-1 after FT: one epoch on a fixed subset of "

@@ -276,4 +276,5 @@ def block_note(original: Graph, graph: Graph, block: int, cap: str) -> str | Non
         return None
     return (f"ONNX Runtime's CPU convolutions run channels in blocks of {block} on an {cap} CPU like this one: "
             f"with these channel counts they compute {padded:.0%} of the original's convolution FLOPs, not "
-            f"{nominal:.0%}; `bounds {{ round_to = {block} }}` makes every channel removed count")
+            f"{nominal:.0%}; `bounds {{ align = {block} }}` keeps counts of {block} or more in whole blocks, "
+            f"`round_to = {block}` every count")

@@ -109,6 +109,8 @@ BOUNDS_KEYS: dict[str, OptionSchema] = {
     "min_channels": OptionSchema("min_channels", _INT, 1, min=1),
     "max_ratio": OptionSchema("max_ratio", _RATIO, 1.0, min=0, max=1, unit="ratio"),
     "round_to": OptionSchema("round_to", _INT, 1, min=1),
+    # a runtime's channel block: kept counts of at least `align` are multiples of it (allocation.GroupBounds)
+    "align": OptionSchema("align", _INT, 1, min=1),
 }
 GUARD_METRICS: dict[str, OptionSchema] = {
     "output_error": OptionSchema("output_error", _RATIO, min=0, max=1, unit="ratio"),

@@ -6,12 +6,16 @@ One rule for every structural pass:
 - Bounds. A group's fewest kept channels and its rounding step combine the pass's own
   `min_channels`/`round_to` options with the policy's `bounds` (global and every `bounds on
   SELECTOR` entry of the group's producers) the way several `bounds` entries combine: the most
-  restrictive wins — the largest `min_channels` and `round_to`, the smallest `max_ratio` (at most
-  ⌊max_ratio·size⌋ channels of a group may go).
+  restrictive wins — the largest `min_channels`, `round_to` and `align`, the smallest `max_ratio` (at
+  most ⌊max_ratio·size⌋ channels of a group may go).
 - Ratio → count. `ratio` of a group's channels removed removes ⌊ratio·size⌋ of them: never more
   than the ratio asks, the same way `max_ratio` reads.
-- Clamping. A count k becomes max(k, min_keep), rounded *up* to a multiple of `round_to`, at most
-  the group's size: bounds never remove more than the pass chose.
+- Clamping. A count k becomes max(k, min_keep), rounded *up* to a multiple of `round_to` and, when
+  that is at least `align`, up to a multiple of `align`, at most the group's size: bounds never
+  remove more than the pass chose. `align` is a runtime's channel block: ONNX Runtime's CPU
+  convolutions run in NCHWc blocks (16 channels with AVX-512, 8 with AVX2) only when their input
+  channels are fewer than a block or a multiple of it, so `round_to = 8, align = 16` allows 8, 16,
+  32, 48, ... and never 24 or 40, which fall back to a slower unblocked convolution.
 - Metering. An allocation {group: kept count} is costed by its FLOPs and params against the
   original graph; which channels are kept does not change the cost, so the first k stand in, and
   every allocation is measured once. The measurement is a dry run of the rewrite: the same
@@ -45,18 +49,29 @@ Reached = tuple[float, float, float]  # (flops, params, bytes) ratios, in METRIC
 @dataclass(frozen=True)
 class GroupBounds:
     """How far one channel group may shrink: keep at least `min_keep` channels, counts in
-    multiples of `step` (capped at `size`)."""
+    multiples of `step` and, from `align` up, of `align` (capped at `size`)."""
 
     size: int
     min_keep: int
     step: int
+    align: int = 1
 
     def clamp(self, k: int) -> int:
         """`k` kept channels within the bounds: at least min_keep (and 1), rounded up to a multiple
-        of step, at most size."""
+        of step and, when that is at least align, of align; at most size."""
         k = max(k, self.min_keep, 1)
         k = math.ceil(k / self.step) * self.step
+        if k >= self.align:
+            k = math.ceil(k / self.align) * self.align
         return min(k, self.size)
+
+    def above(self, k: int) -> int:
+        """The next allowed count above `k` (`size` at the most)."""
+        return self.clamp(min(k + 1, self.size))
+
+    def below(self, k: int) -> int:
+        """The largest allowed count below `k`; `k` itself when there is none."""
+        return max((c for c in {self.clamp(j) for j in range(1, k)} if c < k), default=k)
 
     def for_ratio(self, ratio: float) -> int:
         """Channels kept when `ratio` of them are removed: ⌊ratio·size⌋ removed, then clamped."""
@@ -69,13 +84,13 @@ class GroupBounds:
 
 def group_bounds(group: ChannelGroup, ctx: PassContext, min_channels: int = 1, round_to: int = 1) -> GroupBounds:
     """The bounds of `group`: the pass options `min_channels`/`round_to` and the policy's bounds for
-    its producers (`ctx.bounds_for`), the most restrictive winning."""
+    its producers (`ctx.bounds_for`, which alone sets `align`), the most restrictive winning."""
     b = ctx.bounds_for(group.producers)
     min_keep = max(min_channels, int(b.get("min_channels", 1)), 1)
     if "max_ratio" in b:
         min_keep = max(min_keep, group.size - math.floor(float(b["max_ratio"]) * group.size + 1e-9))
     step = max(round_to, int(b.get("round_to", 1)), 1)
-    return GroupBounds(group.size, min(min_keep, group.size), step)
+    return GroupBounds(group.size, min(min_keep, group.size), step, max(int(b.get("align", 1)), 1))
 
 
 @dataclass(frozen=True)

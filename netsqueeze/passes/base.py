@@ -208,7 +208,7 @@ class PassContext:
     def bounds_for(self, node_ids: Sequence[str]) -> dict[str, Any]:
         """The policy's per-layer bounds for a channel group produced by `node_ids`: global `bounds`
         merged with every `bounds on SELECTOR` entry of those nodes, the most restrictive winning
-        (largest min_channels and round_to, smallest max_ratio). `allocation.group_bounds` merges a
+        (largest min_channels, round_to and align, smallest max_ratio). `allocation.group_bounds` merges a
         pass's own min_channels/round_to options by the same rule."""
         entries = [{k: v for k, v in self.bounds.items() if k != "per_node"}]
         per_node = self.bounds.get("per_node", {})
@@ -218,7 +218,7 @@ class PassContext:
             for k, v in e.items():
                 if k == "max_ratio":
                     out[k] = min(out.get(k, v), v)
-                elif k in ("min_channels", "round_to"):
+                elif k in ("min_channels", "round_to", "align"):
                     out[k] = max(out.get(k, v), v)
                 else:
                     out.setdefault(k, v)

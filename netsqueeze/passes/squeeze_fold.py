@@ -642,7 +642,7 @@ class SqueezeFold(TransformPass):
             best: tuple[float, int, int] | None = None
             for gid in counts:
                 k = counts[gid]
-                k2 = min(groups[gid].size, k + self._bounds(groups[gid], ctx).step)
+                k2 = self._bounds(groups[gid], ctx).above(k)
                 if k2 == k:
                     continue
                 gain = (value(gid, k) - value(gid, k2)) / (cost[gid] * (k2 - k))

@@ -504,7 +504,7 @@ class Trim(TransformPass):
         prefixes = Prefixes(graph, ctx, start.values(), n_batches)
         for g in cands:
             b = bounds[g.id]
-            ks = sorted({min(b.for_ratio(x), b.clamp(g.size - b.step)) for x in (r, min(2 * r, 0.9))} - {g.size},
+            ks = sorted({min(b.for_ratio(x), b.below(g.size)) for x in (r, min(2 * r, 0.9))} - {g.size},
                         reverse=True)
             if not ks:
                 continue

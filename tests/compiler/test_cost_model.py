@@ -164,8 +164,8 @@ def _two_convs() -> torch.nn.Module:
 
 @pytest.mark.parametrize(("round_to", "expected"), [
     (8, "ONNX Runtime's CPU convolutions run channels in blocks of 16 on an AVX512 CPU like this one: with these "
-        "channel counts they compute 100% of the original's convolution FLOPs, not 57%; `bounds { round_to = 16 }` "
-        "makes every channel removed count"),
+        "channel counts they compute 100% of the original's convolution FLOPs, not 57%; `bounds { align = 16 }` "
+        "keeps counts of 16 or more in whole blocks, `round_to = 16` every count"),
     (16, None),
 ])
 def test_report_notes_channel_counts_that_a_blocked_runtime_pads(monkeypatch: pytest.MonkeyPatch, round_to: int,

@@ -26,6 +26,21 @@ def test_clamp_floors_then_rounds_up_within_the_size() -> None:
     assert GroupBounds(size=16, min_keep=5, step=4).clamp(2) == 8
 
 
+def test_align_keeps_counts_from_one_block_up_in_whole_blocks() -> None:
+    """`align = 16` with `round_to = 8`: below one block any multiple of 8, from a block up whole blocks
+    only (ONNX Runtime's NCHWc convolutions need input channels below a block or a multiple of it)."""
+    b = GroupBounds(size=64, min_keep=1, step=8, align=16)
+    assert sorted({b.clamp(k) for k in range(0, 70)}) == [8, 16, 32, 48, 64]
+    assert [b.clamp(k) for k in (1, 9, 17, 24, 33, 56, 57)] == [8, 16, 32, 32, 48, 64, 64]
+    assert [b.above(k) for k in (8, 16, 32, 48, 64)] == [16, 32, 48, 64, 64]
+    assert [b.below(k) for k in (64, 48, 16, 8)] == [48, 32, 8, 8]
+    # a group that is not a whole number of blocks keeps its full size at the top: never more than it has
+    assert sorted({GroupBounds(size=40, min_keep=1, step=8, align=16).clamp(k) for k in range(41)}) == [8, 16, 32, 40]
+    # min_keep above a block is rounded to whole blocks too (20 → 32)
+    assert GroupBounds(size=64, min_keep=20, step=1, align=16).clamp(1) == 32
+    assert GroupBounds(size=64, min_keep=1, step=1, align=16).clamp(5) == 5
+
+
 def test_ratio_removes_floor_of_ratio_times_size() -> None:
     b = GroupBounds(size=10, min_keep=1, step=1)
     # 35% of 10 = 3.5 channels: 3 removed (never more than the ratio asks), 7 kept
@@ -43,6 +58,9 @@ def test_pass_options_and_policy_bounds_most_restrictive_wins() -> None:
     assert group_bounds(fc1, ctx, min_channels=12, round_to=8) == GroupBounds(16, 12, 8)
     assert group_bounds(fc1, PassContext(bounds={"min_channels": 12}), min_channels=4) == GroupBounds(16, 12, 1)
     assert group_bounds(fc1, PassContext(), min_channels=40) == GroupBounds(16, 16, 1)
+    # align comes from the policy alone, the largest entry winning
+    ctx = PassContext(bounds={"align": 4, "per_node": {"fc1": {"align": 8}}})
+    assert group_bounds(fc1, ctx, round_to=2) == GroupBounds(16, 1, 2, 8)
 
 
 def _hidden_mlp() -> tuple[nn.Module, torch.Tensor]:
@@ -69,6 +87,8 @@ def test_trim_and_squeeze_fold_give_the_same_counts(pass_name: str) -> None:
     assert _kept(f"{pass_name} {{ ratio = 35% }}") == (13, 7)
     # round_to from either source: the larger step
     assert _kept(f"{pass_name} {{ ratio = 90%, round_to = 4 }}", "bounds { round_to = 8 }") == (8, 8)
+    # align = 8: 35% of 20 leaves 13 → 16 (a whole block), of 10 leaves 7 (below a block: free)
+    assert _kept(f"{pass_name} {{ ratio = 35% }}", "bounds { align = 8 }") == (16, 7)
 
 
 def test_budget_meets_formats_and_reports() -> None:
@@ -195,3 +215,22 @@ def test_meter_sums_node_costs_seen_before_exactly_as_a_dry_run(name: str) -> No
         assert fast(counts) == slow(counts)
     assert fast.measured == slow.measured == slow.dry_runs
     assert fast.dry_runs < slow.dry_runs if name == "vgg" else fast.dry_runs <= slow.dry_runs
+
+
+@pytest.mark.parametrize(("pass_name", "expected"), [("trim", [48, 48, 8]), ("squeeze_fold", [48, 48, 16])])
+def test_align_holds_under_a_flops_budget_search(pass_name: str, expected: list[int]) -> None:
+    """Both passes search their counts for `budget flops <= 50%` inside `round_to = 8, align = 16`: every
+    kept count is 8 or a whole number of 16-channel blocks (with `round_to = 8` alone they keep 40, 56, 16
+    and 56, 48, 16), and the budget holds."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(64, 48, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(48, 5)).eval()
+    calib = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    policy = ("policy p {\n  calibrate samples 64, batch 32\n  budget flops <= 50%\n"
+              f"  bounds {{ round_to = 8, align = 16 }}\n  {pass_name}\n}}\n")
+    res = ns.compile(model, policy, example_inputs=(calib[:2],), calibration=calib)
+    kept = [int(m.weight.shape[0]) for m in res.model.modules() if isinstance(m, nn.Conv2d)]
+    assert kept == expected
+    before, after = graph_stats(ns.compile(model, [], example_inputs=(calib[:2],)).graph), graph_stats(res.graph)
+    assert after.flops <= 0.5 * before.flops
