@@ -812,7 +812,7 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
 
     fidelity: dict[str, float] = {}
     notes: list[str] = list(graph.meta.get("notes", []))  # what the frontend had to say about the model
-    if (line := block_note(original, graph, *cpu_block())) is not None:
+    if (line := block_note(original, graph, *cpu_block(), align=int(ctx.bounds.get("align", 1)))) is not None:
         notes.append(line)
     if eval_batches is not None and any(n.kind != "input" for n in graph.nodes()):
         with _stage("measuring the output error"):

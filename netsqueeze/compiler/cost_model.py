@@ -265,9 +265,10 @@ def conv_flops(graph: Graph, block: int = 1) -> float:
                if n.kind in ("conv", "conv_transpose") and "weight" in n.params)
 
 
-def block_note(original: Graph, graph: Graph, block: int, cap: str) -> str | None:
+def block_note(original: Graph, graph: Graph, block: int, cap: str, align: int = 1) -> str | None:
     """A report line when the channel counts of `graph` leave part of its convolution FLOPs savings unrealised
-    in blocks of `block` (more than 2% of the original's convolution FLOPs); None otherwise."""
+    in blocks of `block` (more than 2% of the original's convolution FLOPs); None otherwise. The bounds it suggests
+    leave out `align` when the policy's global `align` is already a multiple of the block."""
     base = conv_flops(original)
     if block <= 1 or base <= 0:
         return None
@@ -276,5 +277,7 @@ def block_note(original: Graph, graph: Graph, block: int, cap: str) -> str | Non
         return None
     return (f"ONNX Runtime's CPU convolutions run channels in blocks of {block} on an {cap} CPU like this one: "
             f"with these channel counts they compute {padded:.0%} of the original's convolution FLOPs, not "
-            f"{nominal:.0%}; `bounds {{ align = {block} }}` keeps counts of {block} or more in whole blocks, "
-            f"`round_to = {block}` every count")
+            f"{nominal:.0%}; " + (f"`bounds {{ round_to = {block} }}` keeps every count in whole blocks"
+                                  if align % block == 0 else
+                                  f"`bounds {{ align = {block} }}` keeps counts of {block} or more in whole blocks, "
+                                  f"`round_to = {block}` every count"))

@@ -185,3 +185,21 @@ def test_report_notes_channel_counts_that_a_blocked_runtime_pads(monkeypatch: py
     monkeypatch.setattr(api, "cpu_block", lambda: (8, "AVX2"))
     res = ns.compile(_two_convs(), policy, example_inputs=(x[:2],), calibration=x)
     assert not [n for n in res.report.notes if "blocks of" in n]
+
+
+def test_block_note_with_align_set_suggests_round_to_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`align = 16` already holds counts of 16 and more to whole blocks; counts of 8 still pad to 16, and the
+    note names the bound that is left."""
+    import netsqueeze.compiler.api as api
+
+    monkeypatch.setattr(api, "cpu_block", lambda: (16, "AVX512"))
+    x = torch.randn(128, 1, 8, 8)
+    policy = ("policy p {\n  calibrate samples 128, batch 64\n  bounds { round_to = 8, align = 16 }\n"
+              "  trim on type(conv) { ratio = 0.8 }\n}\n")
+    res = ns.compile(_two_convs(), policy, example_inputs=(x[:2],), calibration=x)
+    assert [tuple(m.weight.shape) for m in res.model.modules() if isinstance(m, torch.nn.Conv2d)] == [
+        (8, 1, 3, 3), (8, 8, 3, 3)]
+    assert [n for n in res.report.notes if "blocks of" in n] == [
+        "ONNX Runtime's CPU convolutions run channels in blocks of 16 on an AVX512 CPU like this one: with these "
+        "channel counts they compute 14% of the original's convolution FLOPs, not 7%; `bounds { round_to = 16 }` "
+        "keeps every count in whole blocks"]
