@@ -407,7 +407,8 @@ class Trim(TransformPass):
         """Channels ranked across groups by score / group mean score or, with measured loss models (`_losses`),
         by the loss each adds per unit of budget when a group's channels go lowest-scored first, channels past the
         deepest cut a group was measured at (and those of unmeasured groups) ranked after all others; the fewest
-        lowest-ranked removed (bisection over how many, each candidate metered) that meet the budget."""
+        lowest-ranked removed (bisection over how many, each candidate metered) that meet the budget; then the
+        budget that rounding to the bounds left unused is spent (`_give_back`)."""
         entries: list[tuple[bool, float, int, int]] = []  # (past the measured range, rank, group, channel)
         for g in cands:
             norm = _normalised(scores[g.id])
@@ -439,7 +440,32 @@ class Trim(TransformPass):
         if ok(0):
             return {}
         t = bisect_int(len(entries), 0, ok)
-        return {gid: self._keep_top(scores[gid], k) for gid, k in counts(t).items()}
+        kept = self._give_back(entries[:t], counts(t), bounds, budget, meter)
+        return {gid: self._keep_top(scores[gid], k) for gid, k in kept.items()}
+
+    @staticmethod
+    def _give_back(removed: list[tuple[bool, float, int, int]], kept: dict[int, int],
+                   bounds: dict[int, GroupBounds], budget: Budget, meter: Meter) -> dict[int, int]:
+        """Spends what the bounds' rounding leaves of the budget: one removal more can take a group down a whole
+        `round_to`/`align` step, past the budget. Channels go back one allowed step of one group at a time, the
+        group whose channels given back ranked highest (the most loss per unit of budget, or the highest
+        normalised score) first, while the budget still holds."""
+        ranks: dict[int, list[tuple[bool, float]]] = {}  # per group, its removed channels' ranks in removal order
+        for flag, rank, gid, _ in removed:
+            ranks.setdefault(gid, []).append((flag, rank))
+        kept = dict(kept)
+        while True:
+            best: tuple[tuple[bool, float], int, int] | None = None
+            for gid, k in kept.items():
+                k2, size = bounds[gid].above(k), bounds[gid].size
+                back = ranks[gid][size - k2:size - k]  # the last removed of the channels that went
+                if k2 == k or not back:
+                    continue
+                if (best is None or max(back) > best[0]) and budget.meets(meter({**kept, gid: k2})):
+                    best = (max(back), gid, k2)
+            if best is None:
+                return kept
+            kept[best[1]] = best[2]
 
     def _uniform_ratio(self, cands: list[ChannelGroup], bounds: dict[int, GroupBounds], budget: Budget,
                        meter: Meter) -> float | None:
