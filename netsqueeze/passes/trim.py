@@ -449,9 +449,10 @@ class Trim(TransformPass):
     def _give_back(removed: list[tuple[bool, float, int, int]], kept: dict[int, int],
                    bounds: dict[int, GroupBounds], budget: Budget, meter: Meter) -> dict[int, int]:
         """Spends what the bisection leaves of the budget: one removal more can take a group down a whole
-        `round_to`/`align` step, past the budget (and even unrounded, another group's channel may still fit). Channels go back one allowed step of one group at a time, the
-        group whose channels given back ranked highest (the most loss per unit of budget, or the highest
-        normalised score) first, while the budget still holds."""
+        `round_to`/`align` step, past the budget (and even unrounded, another group's channel may still fit).
+        Channels go back one allowed step of one group at a time, the group whose channels given back ranked
+        highest (the most loss per unit of budget, or the highest normalised score) first, while the budget
+        still holds."""
         ranks: dict[int, list[tuple[bool, float]]] = {}  # per group, its removed channels' ranks in removal order
         for flag, rank, gid, _ in removed:
             ranks.setdefault(gid, []).append((flag, rank))
