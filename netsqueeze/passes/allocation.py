@@ -11,8 +11,9 @@ One rule for every structural pass:
 - Ratio → count. `ratio` of a group's channels removed removes ⌊ratio·size⌋ of them: never more
   than the ratio asks, the same way `max_ratio` reads.
 - Clamping. A count k becomes max(k, min_keep), rounded *up* to a multiple of `round_to` and, when
-  that is at least `align`, up to a multiple of `align`, at most the group's size: bounds never
-  remove more than the pass chose. `align` is a runtime's channel block: ONNX Runtime's CPU
+  that is at least `align`, up to a multiple of both `round_to` and `align`, at most the group's size
+  (so a group that is not a whole number of blocks can keep all its channels where the next
+  multiple would exceed it): bounds never remove more than the pass chose. `align` is a runtime's channel block: ONNX Runtime's CPU
   convolutions run in NCHWc blocks (16 channels with AVX-512, 8 with AVX2) only when their input
   channels are fewer than a block or a multiple of it, so `round_to = 8, align = 16` allows 8, 16,
   32, 48, ... and never 24 or 40, which fall back to a slower unblocked convolution.
@@ -58,11 +59,12 @@ class GroupBounds:
 
     def clamp(self, k: int) -> int:
         """`k` kept channels within the bounds: at least min_keep (and 1), rounded up to a multiple
-        of step and, when that is at least align, of align; at most size."""
+        of step and, when that is at least align, of both step and align; at most size."""
         k = max(k, self.min_keep, 1)
         k = math.ceil(k / self.step) * self.step
-        if k >= self.align:
-            k = math.ceil(k / self.align) * self.align
+        if k >= self.align:  # a multiple of both (round_to = 8, align = 12: 24, 48, ...)
+            both = math.lcm(self.step, self.align)
+            k = math.ceil(k / both) * both
         return min(k, self.size)
 
     def above(self, k: int) -> int:

@@ -39,6 +39,10 @@ def test_align_keeps_counts_from_one_block_up_in_whole_blocks() -> None:
     # min_keep above a block is rounded to whole blocks too (20 → 32)
     assert GroupBounds(size=64, min_keep=20, step=1, align=16).clamp(1) == 32
     assert GroupBounds(size=64, min_keep=1, step=1, align=16).clamp(5) == 5
+    # align not a multiple of round_to: counts from a block up are multiples of both (8 and 12: 24, 48, ...)
+    b = GroupBounds(size=96, min_keep=1, step=8, align=12)
+    assert sorted({b.clamp(k) for k in range(97)}) == [8, 24, 48, 72, 96]
+    assert all(b.clamp(b.clamp(k)) == b.clamp(k) for k in range(97))
 
 
 def test_ratio_removes_floor_of_ratio_times_size() -> None:
