@@ -17,6 +17,9 @@ One rule for every structural pass:
   convolutions run in NCHWc blocks (16 channels with AVX-512, 8 with AVX2) only when their input
   channels are fewer than a block or a multiple of it, so `round_to = 8, align = 16` allows 8, 16,
   32, 48, ... and never 24 or 40, which fall back to a slower unblocked convolution.
+- Giving back. A search over coarse counts (a bisection, a Lagrange multiplier) can land under
+  its budget by a whole step; `give_back` returns channels, one allowed step of one group at a
+  time, the group the pass values most first, while the budget still holds.
 - Metering. An allocation {group: kept count} is costed by its FLOPs and params against the
   original graph; which channels are kept does not change the cost, so the first k stand in, and
   every allocation is measured once. The measurement is a dry run of the rewrite: the same
@@ -30,6 +33,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -71,9 +75,13 @@ class GroupBounds:
         """The next allowed count above `k` (`size` at the most)."""
         return self.clamp(min(k + 1, self.size))
 
+    def allowed(self) -> list[int]:
+        """Every count the bounds allow, ascending (`size` the last)."""
+        return sorted({self.clamp(k) for k in range(1, self.size + 1)})
+
     def below(self, k: int) -> int:
         """The largest allowed count below `k`; `k` itself when there is none."""
-        return max((c for c in {self.clamp(j) for j in range(1, k)} if c < k), default=k)
+        return max((c for c in self.allowed() if c < k), default=k)
 
     def for_ratio(self, ratio: float) -> int:
         """Channels kept when `ratio` of them are removed: ⌊ratio·size⌋ removed, then clamped."""
@@ -241,6 +249,24 @@ def _total(costs: Iterable[tuple[int, int, int]]) -> tuple[int, int, int]:
     for f, p, b in costs:
         flops, params, size = flops + f, params + p, size + b
     return flops, params, size
+
+
+def give_back(counts: Mapping[int, int], bounds: Mapping[int, GroupBounds],
+              gain: Callable[[int, int, int], Any], fits: Callable[[dict[int, int]], bool]) -> dict[int, int]:
+    """`counts` raised, one allowed step of one group at a time (`GroupBounds.above`), while `fits` holds:
+    each round the step whose `gain(group, k, next k)` is the largest (None: that step is not wanted)."""
+    out = dict(counts)
+    while True:
+        best: tuple[Any, int, int] | None = None
+        for gid, k in out.items():
+            k2 = bounds[gid].above(k)
+            if k2 == k or (g := gain(gid, k, k2)) is None:
+                continue
+            if (best is None or g > best[0]) and fits({**out, gid: k2}):
+                best = (g, gid, k2)
+        if best is None:
+            return out
+        out[best[1]] = best[2]
 
 
 def bisect(good: float, bad: float, ok: Callable[[float], bool], steps: int) -> float:

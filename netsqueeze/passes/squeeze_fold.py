@@ -17,7 +17,7 @@ from netsqueeze.errors import BudgetError, Diagnostic, NetsqueezeError
 from netsqueeze.ir.graph import Graph, Value
 from netsqueeze.ir.ops import attr, spec
 from netsqueeze.ir.stats import graph_stats
-from netsqueeze.passes.allocation import Budget, GroupBounds, Meter, Reached, bisect, group_bounds
+from netsqueeze.passes.allocation import Budget, GroupBounds, Meter, Reached, bisect, give_back, group_bounds
 from netsqueeze.passes.base import MEASURE_PASSES, PassContext, PassResult, TransformPass
 from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups, DependencyAnalysis, Member, find_groups
 from netsqueeze.passes.frontier import Frontier as _Frontier
@@ -588,18 +588,18 @@ class SqueezeFold(TransformPass):
         counts on fewer images allocated better than fewer counts on all of them."""
         ab = _ABLATION.get()
         n_batches = len(ctx.batch_sizes())
-        allowed = {gid: sorted({self._bounds(groups[gid], ctx).clamp(k) for k in range(1, groups[gid].size)}
-                               - {groups[gid].size}) for gid in ranks}
+        allowed = {gid: self._bounds(groups[gid], ctx).allowed()[:-1] for gid in ranks}
 
         def grid(n: int) -> dict[int, list[int]]:
             return {gid: sorted({a[round(i * (len(a) - 1) / max(1, min(n, len(a)) - 1))]
                                  for i in range(min(n, len(a)))}) for gid, a in allowed.items()}
 
-        for n in range(ab.curve_points, 3, -1):
+        for n in range(ab.curve_points, 2, -1):
             # `measure_batches` gives each of `points` measurements max(1, ⌊passes·batches/points⌋) batches:
             # within the passes unless that is below one batch
-            if not n_batches or sum(map(len, grid(n).values())) + 1 <= ab.curve_passes * n_batches:
-                return grid(n)
+            g = grid(n)
+            if n == 3 or not n_batches or sum(map(len, g.values())) + 1 <= ab.curve_passes * n_batches:
+                return g
         return grid(3)
 
     def _curves(self, graph: Graph, groups: ChannelGroups,
@@ -635,22 +635,15 @@ class SqueezeFold(TransformPass):
               stats_for: Callable[[dict[int, int]], Reached],
               meets: Callable[[Reached], bool], ctx: PassContext) -> dict[int, int]:
         """Spends the budget the λ bisection leaves unused (its steps are coarse with `round_to`): gives
-        channels back, one rounding step at a time, to the group whose weighted error falls most per
-        unit of cost, while the budget still holds."""
-        counts = dict(counts)
-        while True:
-            best: tuple[float, int, int] | None = None
-            for gid in counts:
-                k = counts[gid]
-                k2 = self._bounds(groups[gid], ctx).above(k)
-                if k2 == k:
-                    continue
-                gain = (value(gid, k) - value(gid, k2)) / (cost[gid] * (k2 - k))
-                if gain > 0 and (best is None or gain > best[0]) and meets(stats_for({**counts, gid: k2})):
-                    best = (gain, gid, k2)
-            if best is None:
-                return counts
-            counts[best[1]] = best[2]
+        channels back (`allocation.give_back`), one rounding step at a time, to the group whose weighted
+        error falls most per unit of cost, while the budget still holds."""
+
+        def gain(gid: int, k: int, k2: int) -> float | None:
+            g = (value(gid, k) - value(gid, k2)) / (cost[gid] * (k2 - k))
+            return g if g > 0 else None
+
+        bounds = {gid: self._bounds(groups[gid], ctx) for gid in counts}
+        return give_back(counts, bounds, gain, lambda c: meets(stats_for(c)))
 
     def _search_counts(self, graph: Graph, groups: ChannelGroups,
                        ranks: dict[int, tuple[list[int], list[float], torch.Tensor]], plans: dict[int, list[_Probe]],

@@ -450,25 +450,18 @@ class Trim(TransformPass):
                    bounds: dict[int, GroupBounds], budget: Budget, meter: Meter) -> dict[int, int]:
         """Spends what the bisection leaves of the budget: one removal more can take a group down a whole
         `round_to`/`align` step, past the budget (and even unrounded, another group's channel may still fit).
-        Channels go back one allowed step of one group at a time, the group whose channels given back ranked
-        highest (the most loss per unit of budget, or the highest normalised score) first, while the budget
-        still holds."""
+        Channels go back (`allocation.give_back`), one allowed step of one group at a time, the group whose
+        channels given back ranked highest (the most loss per unit of budget, or the highest normalised score)
+        first, while the budget still holds."""
         ranks: dict[int, list[tuple[bool, float]]] = {}  # per group, its removed channels' ranks in removal order
         for flag, rank, gid, _ in removed:
             ranks.setdefault(gid, []).append((flag, rank))
-        kept = dict(kept)
-        while True:
-            best: tuple[tuple[bool, float], int, int] | None = None
-            for gid, k in kept.items():
-                k2, size = bounds[gid].above(k), bounds[gid].size
-                back = ranks[gid][size - k2:size - k]  # the last removed of the channels that went
-                if k2 == k or not back:
-                    continue
-                if (best is None or max(back) > best[0]) and budget.meets(meter({**kept, gid: k2})):
-                    best = (max(back), gid, k2)
-            if best is None:
-                return kept
-            kept[best[1]] = best[2]
+
+        def gain(gid: int, k: int, k2: int) -> tuple[bool, float]:
+            size = bounds[gid].size
+            return max(ranks[gid][size - k2:size - k])  # the last removed of the channels that went
+
+        return allocation.give_back(kept, bounds, gain, lambda c: budget.meets(meter(c)))
 
     def _uniform_ratio(self, cands: list[ChannelGroup], bounds: dict[int, GroupBounds], budget: Budget,
                        meter: Meter) -> float | None:
