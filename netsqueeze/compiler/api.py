@@ -369,7 +369,10 @@ def measure_output_error(original: Graph | torch.nn.Module | Callable[[int, Batc
                          compressed: Graph | Callable[[int, Batch], list[torch.Tensor]], batches: CalibrationSource,
                          *, label: str = "the compressed model", data: str = "calibration batch",
                          count: PassCount | None = None) -> dict[str, float]:
-    """Relative L2 error ‖y' − y‖/‖y‖ and max abs error of the outputs over the given batches.
+    """Relative L2 error ‖y' − y‖/‖y‖ and max abs error of the outputs over the given batches, and
+    `top1_change`: the share of class predictions that differ from the original's (argmax over the last axis of
+    every output of rank 2 or 3 with more than one entry on it: [batch, classes] scores, a language model's
+    [batch, tokens, vocabulary] logits); left out when no output has that form.
     `original` may be its emitted module already, or a function giving its outputs for batch i (a search
     measuring many candidates keeps them); `compressed` too may be such a function (a candidate run from
     tensors computed earlier; it counts its own runs). A NaN or Inf in a batch or in an output is a
@@ -378,6 +381,7 @@ def measure_output_error(original: Graph | torch.nn.Module | Callable[[int, Batc
     reference, run_new = _runner(original, count), _runner(compressed, count)
     num = den = 0.0
     max_abs = 0.0
+    changed = predicted = 0
     for i, batch in enumerate(batches()):
         for j, t in enumerate(batch):
             check_finite(t, f"{data} {i}: input {j}")
@@ -389,11 +393,17 @@ def measure_output_error(original: Graph | torch.nn.Module | Callable[[int, Batc
             num += float(((a - b) ** 2).sum())
             den += float((a**2).sum())
             max_abs = max(max_abs, float((a - b).abs().max()))
+            if a.dim() in (2, 3) and a.shape[-1] > 1:
+                changed += int((a.argmax(-1) != b.argmax(-1)).sum())
+                predicted += a.numel() // a.shape[-1]
     error = math.sqrt(num / den) if den else 0.0
     if not (math.isfinite(error) and math.isfinite(max_abs)):
         raise NonFiniteError(f"the output error of {label} is not finite ({error}, max abs {max_abs}): "
                              "its outputs overflow")
-    return {"output_error": error, "max_abs_error": max_abs}
+    out = {"output_error": error, "max_abs_error": max_abs}
+    if predicted:
+        out["top1_change"] = changed / predicted
+    return out
 
 
 def _evaluate(eval_fn: Callable[[Any], Any], module: torch.nn.Module, which: str) -> float:
@@ -453,7 +463,7 @@ class _Fidelity:
         pass count charges its share of the model's FLOPs."""
         from netsqueeze.backends.torch import to_torch
 
-        if metric not in ("top1_drop", "output_error", "max_abs_error"):
+        if metric not in ("top1_drop", "output_error", "max_abs_error", "top1_change"):
             return None
         if (metric == "top1_drop" and self.eval_fn is None) or (metric != "top1_drop" and self.batches is None):
             return None
@@ -478,7 +488,7 @@ class _Fidelity:
 
             candidate = from_feeds
         return measure_output_error(self.reference, candidate, src, label="a candidate model", data=self.data,
-                                    count=self.count)[metric]
+                                    count=self.count).get(metric)
 
 
 def _same_graph(a: Graph, b: Graph) -> bool:

@@ -167,8 +167,9 @@ class PassContext:
     def fidelity(self, graph: Graph, metric: str = "output_error", batches: int | None = None,
                  feeds: Feeds | None = None) -> float | None:
         """`metric` ("output_error": relative L2 error of the outputs on the calibration data;
-        "top1_drop": through the user's eval_fn) of candidate `graph` against `original`, or None
-        when the compiler cannot measure it. `batches`: the output error on the first that many
+        "top1_change": the share of its class predictions that differ from the original's there, None for a
+        model without [batch, classes] or [batch, tokens, vocabulary] outputs; "top1_drop": through the user's
+        eval_fn) of candidate `graph` against `original`, or None when the compiler cannot measure it. `batches`: the output error on the first that many
         calibration batches only (a cheaper estimate; the top-1 drop ignores it). `feeds`: (values, their
         tensors per measured batch) that `graph` computes on those batches (`passes.frontier.Prefixes`): the
         candidate runs from them, not from the inputs (the output error only)."""

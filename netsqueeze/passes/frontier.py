@@ -79,7 +79,7 @@ class Prefixes:
             if all(v in inputs for v in vals):
                 continue
             new = [v for v in vals if v not in wanted and v not in inputs]
-            more = sum(_bytes_per_sample(graph, v) for v in new) * samples
+            more = sum(bytes_per_sample(graph, v) for v in new) * samples
             if size + more > self.limit_bytes:
                 continue
             self.at[p], size = vals, size + more
@@ -100,7 +100,8 @@ class Prefixes:
         return None if vals is None else (vals, [[t[v] for v in vals] for t in self.tensors])
 
 
-def _bytes_per_sample(graph: Graph, v: Value) -> int:
+def bytes_per_sample(graph: Graph, v: Value) -> int:
+    """Bytes one calibration sample of value `v` takes (its shape past the batch axis, its dtype)."""
     meta = graph.meta_of(v)
     if not meta.shape:
         return 0
@@ -144,7 +145,7 @@ class Frontier:
     def _fits(self, keep: list[Value]) -> bool:
         """Whether both graphs' tensors at `keep`, over every batch, fit `limit_bytes`."""
         samples = sum(int(cur[v].shape[0]) for cur, _ in self.state for v in list(cur)[:1])
-        return 2 * sum(_bytes_per_sample(self.graphs[0], v) for v in keep) * samples <= self.limit_bytes
+        return 2 * sum(bytes_per_sample(self.graphs[0], v) for v in keep) * samples <= self.limit_bytes
 
     def advance(self, to: int) -> bool:
         """Moves the checkpoint forwards to position `to` (nothing happens for an earlier position); False
