@@ -49,7 +49,7 @@ from netsqueeze.errors import (
 )
 from netsqueeze.ir.graph import Graph, Value
 from netsqueeze.ir.stats import graph_stats
-from netsqueeze.passes.base import ActivationStream, Feeds, Pass, PassContext, Trainable
+from netsqueeze.passes.base import ActivationStream, Feeds, Pass, PassContext, Trainable, class_scores
 from netsqueeze.passes.executor import Executor, make_executor
 from netsqueeze.passes.registry import all_passes
 
@@ -371,8 +371,9 @@ def measure_output_error(original: Graph | torch.nn.Module | Callable[[int, Batc
                          count: PassCount | None = None) -> dict[str, float]:
     """Relative L2 error ‖y' − y‖/‖y‖ and max abs error of the outputs over the given batches, and
     `top1_change`: the share of class predictions that differ from the original's (argmax over the last axis of
-    every output of rank 2 or 3 with more than one entry on it: [batch, classes] scores, a language model's
-    [batch, tokens, vocabulary] logits); left out when no output has that form.
+    every output `passes.base.class_scores` accepts: [batch, classes] scores, a language model's
+    [batch, tokens, vocabulary] logits); left out when no output has that form. The compile report leaves it out
+    (a rank-2 or rank-3 output need not be class scores); `reestimate_bn` measures it.
     `original` may be its emitted module already, or a function giving its outputs for batch i (a search
     measuring many candidates keeps them); `compressed` too may be such a function (a candidate run from
     tensors computed earlier; it counts its own runs). A NaN or Inf in a batch or in an output is a
@@ -393,7 +394,7 @@ def measure_output_error(original: Graph | torch.nn.Module | Callable[[int, Batc
             num += float(((a - b) ** 2).sum())
             den += float((a**2).sum())
             max_abs = max(max_abs, float((a - b).abs().max()))
-            if a.dim() in (2, 3) and a.shape[-1] > 1:
+            if class_scores(a.shape):
                 changed += int((a.argmax(-1) != b.argmax(-1)).sum())
                 predicted += a.numel() // a.shape[-1]
     error = math.sqrt(num / den) if den else 0.0
@@ -827,9 +828,9 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
     if eval_batches is not None and any(n.kind != "input" for n in graph.nodes()):
         with _stage("measuring the output error"):
             try:
-                fidelity.update(measure_output_error(measured_fidelity.reference, graph, eval_batches,
-                                                     data=data_label,
-                                                     count=count if eval_batches is source else None))
+                measured = measure_output_error(measured_fidelity.reference, graph, eval_batches, data=data_label,
+                                                count=count if eval_batches is source else None)
+                fidelity.update({k: v for k, v in measured.items() if k != "top1_change"})
             except (NonFiniteError, UserCodeError, InputMismatchError):
                 raise
             except NetsqueezeError as e:  # e.g. an opaque ONNX op the torch backend cannot run

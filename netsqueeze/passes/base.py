@@ -44,6 +44,12 @@ Segment = Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]
 Feeds = tuple[Sequence[Value], Sequence[Sequence[torch.Tensor]]]
 
 
+def class_scores(shape: Sequence[int]) -> bool:
+    """Whether an output of this shape is read as class scores by the `top1_change` fidelity metric: rank 2
+    ([batch, classes]) or rank 3 ([batch, tokens, vocabulary]) with more than one entry on the last axis."""
+    return len(shape) in (2, 3) and int(shape[-1]) > 1
+
+
 class Trainable(Protocol):
     """A graph run differentiably in torch (`PassContext.trainable`): `fn(params, inputs)` gives the outputs
     with `params[(node id, param name)]` (dense tensors that take gradients) in place of those params."""
@@ -169,10 +175,11 @@ class PassContext:
         """`metric` ("output_error": relative L2 error of the outputs on the calibration data;
         "top1_change": the share of its class predictions that differ from the original's there, None for a
         model without [batch, classes] or [batch, tokens, vocabulary] outputs; "top1_drop": through the user's
-        eval_fn) of candidate `graph` against `original`, or None when the compiler cannot measure it. `batches`: the output error on the first that many
-        calibration batches only (a cheaper estimate; the top-1 drop ignores it). `feeds`: (values, their
-        tensors per measured batch) that `graph` computes on those batches (`passes.frontier.Prefixes`): the
-        candidate runs from them, not from the inputs (the output error only)."""
+        eval_fn) of candidate `graph` against `original`, or None when the compiler cannot measure it.
+        `batches`: the output error or top-1 change on the first that many calibration batches only (a cheaper
+        estimate; the top-1 drop ignores it). `feeds`: (values, their tensors per measured batch) that `graph`
+        computes on those batches (`passes.frontier.Prefixes`): the candidate runs from them, not from the inputs
+        (not for the top-1 drop)."""
         if self.fidelity_fn is None:
             return None
         if feeds is not None:
