@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -260,3 +262,26 @@ def test_errors_and_nothing_to_do() -> None:
     assert str(err.value).splitlines()[0] == (
         "<policy>:3:3: error: pass 'reestimate_bn' (<policy>:3) failed: reestimate_bn: calibration batch 1 gives "
         "non-finite values at this BatchNorm's input (node 'b1')")
+
+
+def test_onnx_input_gets_the_same_statistics(tmp_path: Path) -> None:
+    import warnings
+
+    import onnx
+    import onnxruntime as ort
+
+    model, x = Net(), data()
+    f = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # training=PRESERVE keeps the BatchNorms as nodes (the exporter folds them into the convs otherwise)
+        torch.onnx.export(model, (x[:2],), str(f), dynamo=False, opset_version=17, input_names=["x"],
+                          dynamic_axes={"x": {0: "n"}}, training=torch.onnx.TrainingMode.PRESERVE,
+                          do_constant_folding=False)
+    res = ns.compile(onnx.load(str(f)), [ReestimateBN(keep="always")], example_inputs=(x[:2],), calibration=x,
+                     target="onnx")
+    assert len(res.graph.by_kind("batch_norm")) == 2
+    t = data(40, seed=2)
+    out = ort.InferenceSession(res.model.SerializeToString()).run(None, {"x": t.numpy()})[0]
+    with torch.no_grad():
+        assert np.abs(out - sequential_reference(model, x)(t).numpy()).max() < 1e-4
