@@ -109,7 +109,7 @@ class ReestimateBN(TransformPass):
         state: list[dict[Value, torch.Tensor]] | None = None
         if ctx.segment_fn is not None:
             state = [dict(zip(inputs, batch)) for batch in ctx.batches()]
-        samples = sum(int(next(iter(s.values())).shape[0]) for s in state or [] if s)
+        samples = sum(ctx.batch_sizes())
         walked = 0
         for bn in sorted(bns, key=lambda n: pos[n.id]):
             src = graph.operands(bn.id)[0]
