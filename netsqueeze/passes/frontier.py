@@ -200,8 +200,9 @@ class Frontier:
 
 
 class SideBySide:
-    """A cascade's source of side-by-side activations: `pairs(at, values, gid)` for each group in checkpoint
-    order (`at`: the topological position of the first node group `gid` touches), from `frontier`
+    """A cascade's source of side-by-side activations: `pairs(at, values, step)` for each step (a group, or a
+    layer) in checkpoint order (`at`: the topological position of the first node the step touches; `step`
+    names it in the notes, e.g. "group 3"), from `frontier`
     (`Frontier.open`'s, None without a layer-by-layer runner) when it can, else streaming both graphs whole.
     `checkpoints`: every position the cascade will ask for, so that each fetch also computes the pass-start
     copy's tensors at the next one (`Frontier.fetch`). `notes` (the pass's report lines, prefixed `label`)
@@ -214,13 +215,13 @@ class SideBySide:
         self.frontier = frontier
         self.streamed = False
         if self.frontier is None:
-            notes.append(f"{label}: each group streamed both graphs whole (no layer-by-layer runner)")
+            notes.append(f"{label}: each step streamed both graphs whole (no layer-by-layer runner)")
 
-    def pairs(self, at: int, values: list[Value], gid: int) -> Pairs:
+    def pairs(self, at: int, values: list[Value], step: str) -> Pairs:
         if self.frontier is not None and self.frontier.advance(at):
             return self.frontier.fetch(values, next((p for p in self.checkpoints if p > at), None))
         if self.frontier is not None and not self.streamed:
-            self.notes.append(f"{self.label}: from group {gid} on, groups whose checkpoint would hold more than "
+            self.notes.append(f"{self.label}: from {step} on, steps whose checkpoint would hold more than "
                               f"{Frontier.limit_bytes >> 20} MiB of activations streamed both graphs whole")
         self.streamed = True
         return zip(self.ctx.stream(self.graph, values), self.ctx.stream(self.ref, values)) if values else iter(())

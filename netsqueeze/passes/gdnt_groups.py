@@ -31,22 +31,17 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from netsqueeze.ir.graph import Graph, Node, Value
+from netsqueeze.ir.graph import Graph
 from netsqueeze.ir.ops import attr
 from netsqueeze.passes.allocation import METRICS, Budget, Reached
 from netsqueeze.passes.base import PassContext
-from netsqueeze.passes.collectors import conv_patches
 from netsqueeze.passes.dependency import ChannelGroup, Member
 from netsqueeze.passes.frontier import Frontier, SideBySide
+from netsqueeze.passes.refit import HELD_OUT, best_ridge, normal_equations
 from netsqueeze.passes.rewrite import ChannelSelection
 from netsqueeze.passes.squeeze_math import ridged_normal, solve_normal
 
-POSITIONS = 16  # conv output positions sampled per calibration sample for the refit's normal equations
-# ridges tried per child group (relative to the mean diagonal, `squeeze_math.ridged_normal`): the one with the least
-# error on the held-out share of the calibration rows is used for the final fit on all rows
-RIDGES = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 LANDING = 0.05  # a budget cut landing further under the limit than this share of it is walked closer (`closer_cut`)
-HELD_OUT = 0.2  # the share of calibration rows (drawn at random, seeded) that choose the ridge
 
 # (group, index of the observation in the group's, parent blocks, child blocks, [parent group, child group] scores)
 Entry = tuple[ChannelGroup, int, list[np.ndarray], list[np.ndarray], torch.Tensor]
@@ -88,27 +83,6 @@ def cut_count(raw: torch.Tensor, quantile: float) -> int:
     """The number of connections a `ratio` cut takes: those scored under the `quantile` of all scores (ranked
     first by `ranked`)."""
     return int((raw < torch.quantile(raw, quantile)).sum())
-
-
-def _rows(node: Node, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator
-          ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(inputs [rows, features], targets [rows, outputs]) of one batch: conv rows are `POSITIONS` sampled output
-    positions per sample (im2col), linear rows every row; None for a conv input that is not 2-d."""
-    if node.kind == "linear":
-        return x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-    if x.dim() != 4:
-        return None
-    n = x.shape[0]
-    cols = conv_patches(node.attrs, tuple(node.params["weight"].shape[2:]), x)
-    cols = cols.reshape(n, -1, cols.shape[1])  # [n, positions, features]
-    yy = y.reshape(n, y.shape[1], -1)
-    length = cols.shape[1]
-    if yy.shape[2] != length:
-        return None
-    take = min(POSITIONS, length)
-    pick = torch.rand(n, length, generator=gen).argsort(1)[:, :take]  # [n, take]
-    rows = torch.arange(n)[:, None]
-    return cols[rows, pick].reshape(-1, cols.shape[2]), yy.movedim(1, 2)[rows, pick].reshape(-1, yy.shape[1])
 
 
 def refit(graph: Graph, ref: Graph, ctx: PassContext, table: list[Entry], cuts: list[torch.Tensor],
@@ -157,7 +131,7 @@ def refit(graph: Graph, ref: Graph, ctx: PassContext, table: list[Entry], cuts: 
                 for b in range(len(cb)):
                     if bool(cuts[e][a, b]):
                         allowed[b, cols] = False
-        stats = _normal_equations(graph, side, pos[node_id], node_id, ctx.seed + 7919 * step)
+        stats = normal_equations(graph, side, pos[node_id], node_id, ctx.seed + 7919 * step)
         if stats is None:
             notes.append(f"gdnt refit: '{node_id}': no calibration rows (or an input rank the refit does not "
                          "unroll); it keeps the cut with its mean in the bias")
@@ -174,7 +148,7 @@ def refit(graph: Graph, ref: Graph, ctx: PassContext, table: list[Entry], cuts: 
             a_fit, b_fit = fit_a[sel][:, sel], fit_b[sel][:, r]
             a_held, b_held = held_a[sel][:, sel], held_b[sel][:, r]
 
-            ridge = min(RIDGES, key=lambda lam: _held_error(a_fit, b_fit, a_held, b_held, lam))
+            ridge = best_ridge(a_fit, b_fit, a_held, b_held)
             chosen.append(ridge)
             sol = solve_normal(ridged_normal(a_fit + a_held, ridge), b_fit + b_held)  # [|feats|+1, |rows|]
             wd[r[:, None], feats[None, :]] = sol[:-1].T
@@ -187,38 +161,6 @@ def refit(graph: Graph, ref: Graph, ctx: PassContext, table: list[Entry], cuts: 
         notes.append(f"gdnt refit: {done} consumers refit by ridge least squares (ridge chosen per child group on "
                      f"{HELD_OUT:.0%} held-out calibration rows: " + ", ".join(ridges) + ")")
     return done
-
-
-def _held_error(a_fit: torch.Tensor, b_fit: torch.Tensor, a_held: torch.Tensor, b_held: torch.Tensor,
-                ridge: float) -> float:
-    """Σ‖[X 1]w − y‖² over the held-out rows (less the constant Σ‖y‖²) of the fit with `ridge` on the others."""
-    w = solve_normal(ridged_normal(a_fit, ridge), b_fit)
-    return float((w * (a_held @ w)).sum() - 2 * (w * b_held).sum())
-
-
-def _normal_equations(graph: Graph, side: SideBySide, at: int, node_id: str, seed: int
-                      ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
-    """([X 1]ᵀ[X 1], [X 1]ᵀY) over the calibration rows, for the fitting rows and for the `HELD_OUT` share held
-    out (drawn at random, seeded): X the consumer's (unrolled) inputs in `graph`, Y the original consumer's
-    outputs (`side`'s pass-start copy), both read at the consumer's topological position `at`."""
-    node = graph.node(node_id)
-    src: Value = graph.operands(node_id)[0]
-    out: Value = (node_id, 0)
-    gen = torch.Generator().manual_seed(seed)
-    sums: list[torch.Tensor] | None = None
-    for now, was in side.pairs(at, [src, out], at):
-        got = _rows(node, now[0].detach().float(), was[1].detach().float(), gen)
-        if got is None:
-            return None
-        xr, yr = got
-        x1 = torch.cat([xr.double(), torch.ones(xr.shape[0], 1, dtype=torch.float64)], 1)
-        y1 = yr.double()
-        held = torch.rand(x1.shape[0], generator=gen) < HELD_OUT
-        parts = [m for k in (~held, held) for m in (x1[k].T @ x1[k], x1[k].T @ y1[k])]
-        sums = parts if sums is None else [s + p for s, p in zip(sums, parts)]
-    if sums is None:
-        return None
-    return (sums[0], sums[1]), (sums[2], sums[3])
 
 
 def refits(refit_option: str, bias_compensation: bool, ctx: PassContext) -> bool:

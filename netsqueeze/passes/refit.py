@@ -18,13 +18,15 @@ only the removed channels' means (bias compensation, T = 0).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 
-from netsqueeze.ir.graph import Graph, Value
+from netsqueeze.ir.graph import Graph, Node, Value
 from netsqueeze.ir.ops import attr, spec
 from netsqueeze.passes.base import PassContext, PassResult
+from netsqueeze.passes.collectors import conv_patches
 from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups, Member, find_groups
 from netsqueeze.passes.frontier import Frontier, SideBySide, first_positions
 from netsqueeze.passes.rewrite import ChannelSelection, SharedFold, apply_selection, axis_vector
@@ -231,7 +233,7 @@ def _cascade_selection(graph: Graph, ref: Graph, g: ChannelGroup, g_ref: Channel
     # the others: sums over their input axis in the pass-start graph (whole axis: blocks may be unequal)
     sums: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}
-    for now_b, ref_b in side.pairs(at, values, gid) if cons else ():
+    for now_b, ref_b in side.pairs(at, values, f"group {gid}") if cons else ():
         acts_now, acts_ref = dict(zip(values, now_b)), dict(zip(values, ref_b))
         for m in cons:
             v = graph.operands(m.node)[0]
@@ -260,3 +262,138 @@ def _cascade_selection(graph: Graph, ref: Graph, g: ChannelGroup, g_ref: Channel
             full[list(m.index[c])] = mean[list(ref_of[m.node].index[c])]
         shifts[m.node] = full
     return ChannelSelection(keep=keep, fold=folds or None, bias_shift=shifts or None)
+
+
+# ---- layer-wise refit: a consumer's whole weight re-solved against the original layer's outputs -------------
+POSITIONS = 16  # conv output positions sampled per calibration sample (at random, seeded) for the normal equations
+# ridges tried per fit (relative to the mean diagonal, `squeeze_math.ridged_normal`): the one with the least error
+# on the held-out share of the calibration rows is used for the final fit on all rows
+RIDGES = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+HELD_OUT = 0.2  # the share of calibration rows (drawn at random, seeded) that choose the ridge
+MAX_LAYER_FEATURES = 4096  # a layer with more inputs (C·taps, or linear in-features) is not refit whole
+
+Normal = tuple[torch.Tensor, torch.Tensor]  # ([X 1]ᵀ[X 1], [X 1]ᵀY)
+
+
+def layer_rows(node: Node, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator,
+               out: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(inputs [rows, features], targets [rows, outputs]) of one batch of a conv or linear node: its input `x`
+    and the outputs `y` it should reproduce (only the output channels `out`, when given). Conv rows are
+    `POSITIONS` output positions per sample drawn at random (im2col, `collectors.conv_patches`), linear rows
+    every row; None for a conv input that is not 1-d or 2-d, or outputs of another length."""
+    if node.kind == "linear":
+        yy = y.reshape(-1, y.shape[-1])
+        return x.reshape(-1, x.shape[-1]), yy if out is None else yy[:, out]
+    if x.dim() not in (3, 4):
+        return None
+    n = x.shape[0]
+    cols = conv_patches(node.attrs, tuple(node.params["weight"].shape[2:]), x)
+    cols = cols.reshape(n, -1, cols.shape[1])  # [n, positions, features]
+    yy = y.reshape(n, y.shape[1], -1)
+    if out is not None:
+        yy = yy[:, out]
+    length = cols.shape[1]
+    if yy.shape[2] != length:
+        return None
+    take = min(POSITIONS, length)
+    pick = torch.rand(n, length, generator=gen).argsort(1)[:, :take]  # [n, take]
+    rows = torch.arange(n)[:, None]
+    return cols[rows, pick].reshape(-1, cols.shape[2]), yy.movedim(1, 2)[rows, pick].reshape(-1, yy.shape[1])
+
+
+def normal_equations(graph: Graph, side: SideBySide, at: int, node_id: str, seed: int,
+                     out: list[int] | None = None) -> tuple[Normal, Normal] | None:
+    """([X 1]ᵀ[X 1], [X 1]ᵀY) over the calibration rows, for the fitting rows and for the `HELD_OUT` share held
+    out (drawn at random, seeded): X the node's (unrolled) inputs in `graph`, Y the original node's outputs
+    (`side`'s pass-start copy; its output channels `out` when given), both read at the node's topological
+    position `at`."""
+    node = graph.node(node_id)
+    src: Value = graph.operands(node_id)[0]
+    dst: Value = (node_id, 0)
+    gen = torch.Generator().manual_seed(seed)
+    sums: list[torch.Tensor] | None = None
+    for now, was in side.pairs(at, [src, dst], f"'{node_id}'"):
+        got = layer_rows(node, now[0].detach().float(), was[1].detach().float(), gen, out)
+        if got is None:
+            return None
+        xr, yr = got
+        x1 = torch.cat([xr.double(), torch.ones(xr.shape[0], 1, dtype=torch.float64)], 1)
+        y1 = yr.double()
+        held = torch.rand(x1.shape[0], generator=gen) < HELD_OUT
+        parts = [m for k in (~held, held) for m in (x1[k].T @ x1[k], x1[k].T @ y1[k])]
+        sums = parts if sums is None else [s + p for s, p in zip(sums, parts)]
+    if sums is None:
+        return None
+    return (sums[0], sums[1]), (sums[2], sums[3])
+
+
+def held_error(held: Normal, w: torch.Tensor) -> float:
+    """Σ‖[X 1]w − y‖² over the held-out rows, less the constant Σ‖y‖², of the solution `w` [features+1, outputs]."""
+    return float((w * (held[0] @ w)).sum() - 2 * (w * held[1]).sum())
+
+
+def best_ridge(a_fit: torch.Tensor, b_fit: torch.Tensor, a_held: torch.Tensor, b_held: torch.Tensor) -> float:
+    """The ridge among `RIDGES` whose fit on the fitting rows has the least error on the held-out rows."""
+    return min(RIDGES, key=lambda lam: held_error((a_held, b_held), solve_normal(ridged_normal(a_fit, lam), b_fit)))
+
+
+def layer_refittable(graph: Graph, node_id: str) -> str | None:
+    """Why node `node_id`'s whole weight cannot be re-solved by least squares (None: it can): a linear layer
+    or a 1-d/2-d conv with one group, dense weights, at most `MAX_LAYER_FEATURES` inputs."""
+    node = graph.node(node_id)
+    w, b = node.params.get("weight"), node.params.get("bias")
+    if node.kind not in ("conv", "linear") or not isinstance(w, torch.Tensor) or (
+            b is not None and not isinstance(b, torch.Tensor)):
+        return "not a conv or linear layer with dense weights"
+    if node.kind == "conv" and (attr(node, "groups") != 1 or w.dim() not in (3, 4)):
+        return "a grouped or 3-d conv"
+    if w[0].numel() > MAX_LAYER_FEATURES:
+        return f"{w[0].numel()} inputs, over {MAX_LAYER_FEATURES}"
+    return None
+
+
+def refit_layers(graph: Graph, ref: Graph, ctx: PassContext, nodes: Iterable[str], out: Mapping[str, list[int]],
+                 notes: list[str], label: str) -> int:
+    """Re-solves the whole weight and bias of each of `nodes` (conv or linear) in graph order by least squares
+    on the calibration data so that its output matches the same node's in `ref` (the pass-start graph: same
+    node ids; `out[node]`: the ref output channels the node still computes, all when absent). Every kernel
+    tap of every kept input channel is a free column, where a fold only remaps channels per tap: the
+    reconstruction step of channel pruning (He, Zhang & Sun, "Channel Pruning for Accelerating Very Deep
+    Neural Networks", ICCV 2017; ThiNet, Luo et al. 2017). Inputs are the node's inputs as `graph` (rewritten
+    and refit so far) computes them, so each fit also corrects the drift of the layers before it; the ridge
+    is chosen per node on held-out rows, and the node keeps its weights when they have the smaller held-out
+    error. Returns how many nodes were refit; `notes` (prefixed `label`) say which were not and why."""
+    topo = graph.topo_order()
+    pos = {nid: i for i, nid in enumerate(topo)}
+    todo = sorted(set(nodes), key=lambda n: pos[n])
+    side = SideBySide(Frontier.open(graph, ref, ctx, topo), graph, ref, ctx, notes, label, [pos[n] for n in todo])
+    done, kept = 0, []
+    for step, nid in enumerate(todo):
+        why = layer_refittable(graph, nid)
+        node = graph.node(nid)
+        w = node.params["weight"]
+        if why is None and len(out.get(nid, range(w.shape[0]))) != w.shape[0]:
+            why = "its output channels do not match the pass-start graph's"
+        stats = None if why is not None else normal_equations(graph, side, pos[nid], nid, ctx.seed + 7919 * step,
+                                                             out.get(nid))
+        if stats is None:
+            notes.append(f"{label}: '{nid}' not refit whole ({why or 'no calibration rows, or an unrolled input rank'})")
+            continue
+        (fit_a, fit_b), held = stats
+        ridge = best_ridge(fit_a, fit_b, *held)
+        sol = solve_normal(ridged_normal(fit_a + held[0], ridge), fit_b + held[1])  # [features+1, outputs]
+        bias_name = spec(node.kind).bias["weight"][0]
+        bias = node.params.get(bias_name)
+        assert isinstance(w, torch.Tensor) and (bias is None or isinstance(bias, torch.Tensor))  # layer_refittable
+        now = torch.cat([w.detach().double().reshape(w.shape[0], -1).T,
+                         (torch.zeros(w.shape[0], dtype=torch.float64) if bias is None else bias.double())[None]])
+        fit_only = solve_normal(ridged_normal(fit_a, ridge), fit_b)
+        if held_error(held, now) <= held_error(held, fit_only):
+            kept.append(nid)
+            continue
+        node.params["weight"] = sol[:-1].T.reshape(w.shape).to(w.dtype)
+        node.params[bias_name] = sol[-1].to(w.dtype)
+        done += 1
+    notes.append(f"{label}: {done} of {len(todo)} layers refit whole by least squares to the pass-start outputs"
+                 + (f"; {', '.join(repr(n) for n in kept)} kept their weights (less held-out error)" if kept else ""))
+    return done

@@ -22,7 +22,15 @@ from netsqueeze.passes.base import MEASURE_PASSES, PassContext, PassResult, Tran
 from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups, DependencyAnalysis, Member, find_groups
 from netsqueeze.passes.frontier import Frontier as _Frontier
 from netsqueeze.passes.frontier import Pairs, Prefixes, SideBySide, first_positions
-from netsqueeze.passes.refit import ConsumerStats, Cross, add, gather, parallel_fit
+from netsqueeze.passes.refit import (
+    ConsumerStats,
+    Cross,
+    add,
+    gather,
+    layer_refittable,
+    parallel_fit,
+    refit_layers,
+)
 from netsqueeze.passes.registry import register_pass
 from netsqueeze.passes.rewrite import (
     BlockFold,
@@ -180,6 +188,7 @@ class SqueezeFold(TransformPass):
     mode: Literal["cascade", "parallel"] = "cascade"
     max_samples: int = field(default=200_000, metadata={"min": 1, "unit": "count"})
     search: Literal["fast", "measured"] = "fast"
+    refit: Literal["layer", "fold"] = "layer"
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         if self.search == "measured" and (self.energy is not None or self.ratio is not None):
@@ -242,13 +251,41 @@ class SqueezeFold(TransformPass):
 
     def _squeeze(self, graph: Graph, ctx: PassContext, groups: ChannelGroups, keeps: dict[int, list[int]],
                  plans: dict[int, list[_Probe]], mode: str) -> PassResult:
-        if mode == "parallel":
-            return apply_selection(graph, groups, {gid: self._selection(graph, keeps[gid], plans[gid])
-                                                   for gid in keeps})
-        return self._cascade(graph, ctx, groups, keeps, plans)
+        ref = graph.copy()
+        layered = self.refit == "layer" and ctx.batches_fn is not None
+        # a group whose every folded consumer the layer refit re-solves whole needs no cascade: its fold is
+        # only the refit's starting point (and the fallback where a refit does not take)
+        par = {gid: k for gid, k in keeps.items() if mode == "parallel" or (layered and all(
+            p.per_group is None and layer_refittable(graph, p.member.node) is None for p in plans[gid]))}
+        out = PassResult(changed=True)
+        if par:
+            out = apply_selection(graph, groups, {gid: self._selection(graph, k, plans[gid]) for gid, k in par.items()})
+        if len(par) < len(keeps):
+            r = self._cascade(graph, ref, ctx, groups, {g: k for g, k in keeps.items() if g not in par}, plans)
+            out.touched |= r.touched
+            out.notes += r.notes
+        if layered:
+            if mode == "cascade":
+                out.notes.append(f"refit = layer: {len(par)} of {len(keeps)} groups folded in parallel (each of "
+                                 "their consumers re-solved whole), the rest in cascade")
+            refit_layers(graph, ref, ctx, *self._layers(graph, groups, keeps), out.notes, "layer refit")
+        return out
 
-    def _cascade(self, graph: Graph, ctx: PassContext, groups: ChannelGroups, keeps: dict[int, list[int]],
-                 plans: dict[int, list[_Probe]]) -> PassResult:
+    @staticmethod
+    def _layers(graph: Graph, groups: ChannelGroups, keeps: dict[int, list[int]]
+                ) -> tuple[list[str], dict[str, list[int]]]:
+        """The conv/linear consumers of the squeezed groups, and each squeezed producer's kept output positions
+        (pass-start indices): what `refit = layer` re-solves."""
+        nodes = [n for gid in keeps for n in groups[gid].consumers if graph.node(n).kind in ("conv", "linear")]
+        out: dict[str, list[int]] = {}
+        for gid, keep in keeps.items():
+            for m in groups[gid].members_of("producer"):
+                if m.param is not None and (m.param, m.axis) in spec(graph.node(m.node).kind).produced:
+                    out[m.node] = [q for c in keep for q in m.index[c]]
+        return list(dict.fromkeys(nodes)), out
+
+    def _cascade(self, graph: Graph, ref: Graph, ctx: PassContext, groups: ChannelGroups,
+                 keeps: dict[int, list[int]], plans: dict[int, list[_Probe]]) -> PassResult:
         """Squeezes one group at a time in graph order, refitting each fold on the current graph.
 
         The data goes through the graph once, layer by layer (`passes.frontier`): the original and the squeezed
@@ -256,8 +293,8 @@ class SqueezeFold(TransformPass):
         touches to its consumers' inputs; the checkpoint stays valid after the squeeze (nothing before it
         changes), so the whole cascade costs about two model passes over the data plus the spans of the
         groups (a residual stream's group spans the model), whatever the number of groups. Without
-        `ctx.segment` (a pass run outside `compile`) each group streams both graphs whole instead."""
-        ref = graph.copy()
+        `ctx.segment` (a pass run outside `compile`) each group streams both graphs whole instead. `ref`: the
+        pass-start graph (a copy)."""
         topo = graph.topo_order()
         start = first_positions(topo, (groups[gid] for gid in keeps))
         order = sorted(keeps, key=lambda gid: (start[gid], gid))
@@ -270,7 +307,7 @@ class SqueezeFold(TransformPass):
             now = find_groups(graph)
             fresh = next(g for g in now if (g.producers, g.consumers) == ident)
             values = list(dict.fromkeys(p.value for p in plans[gid] if p.per_group is None))
-            sel = self._refit(graph, ref, fresh, keeps[gid], plans[gid], values, side.pairs(start[gid], values, gid))
+            sel = self._refit(graph, ref, fresh, keeps[gid], plans[gid], values, side.pairs(start[gid], values, f"group {gid}"))
             r = apply_selection(graph, now, {fresh.id: sel})
             out.touched |= r.touched
         return out

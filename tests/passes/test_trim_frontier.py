@@ -51,7 +51,7 @@ def test_refit_cascade_costs_a_bounded_number_of_passes_and_fits_what_streaming_
     # the per-group route (what the cascade did before: both graphs streamed whole for every group)
     monkeypatch.setattr(frontier.Frontier, "open", staticmethod(lambda *a, **k: None))
     streamed = ns.compile(model, steps, example_inputs=(calib[:2],), calibration=calib, progress=False)
-    assert "refit: each group streamed both graphs whole (no layer-by-layer runner)" in _notes(streamed)
+    assert "refit: each step streamed both graphs whole (no layer-by-layer runner)" in _notes(streamed)
     for res in (layered, streamed):
         assert [n.params["weight"].shape[0] for n in res.graph.by_kind("conv")] == [8] * GROUPS
     # streaming: one pass for the statistics, two per group, one for the report's output error (the original's
