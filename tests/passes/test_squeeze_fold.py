@@ -281,7 +281,7 @@ def test_full_block_fit_is_at_least_as_faithful_as_shared_on_flatten_linear() ->
     err = {}
     for fit in ("full", "shared"):
         with ablation(block_fit=fit):
-            res = ns.compile(model, [SqueezeFold(ratio=0.5, mode="parallel")], example_inputs=(calib[:2],),
+            res = ns.compile(model, [SqueezeFold(ratio=0.5, mode="parallel", refit="fold")], example_inputs=(calib[:2],),
                              calibration=calib)
         assert res.graph.node("0").params["weight"].shape == (6, 3, 3, 3)
         assert res.graph.node("3").params["weight"].shape == (6, 6 * 16)
@@ -369,7 +369,7 @@ def test_search_measured_takes_output_error_curves_within_the_measurement_passes
     with ablation(sensitivity="none"):
         blind = ns.compile(model, head + "\n}\n", example_inputs=(calib[:2],), calibration=calib, progress=False)
     notes = next(r for r in measured.report.passes if r.name == "squeeze_fold").result.notes
-    assert f"after measuring output-error curves ({points} calibration samples)" in notes[-2]
+    assert any(f"after measuring output-error curves ({points} calibration samples)" in n for n in notes)
     assert measured.report.calibration_passes <= blind.report.calibration_passes + 24
     assert measured.graph.node("a1").params["weight"].shape[0] == 1
     assert measured.graph.node("b1").params["weight"].shape[0] == 22
@@ -396,7 +396,7 @@ def test_layer_by_layer_cascade_equals_streaming_each_group_whole(name: str, mon
 
     model, inputs = ZOO[name]()
     calib = torch.randn(96, *inputs[0].shape[1:], generator=torch.Generator().manual_seed(4))
-    step = [SqueezeFold(ratio=0.4, mode="cascade")]
+    step = [SqueezeFold(ratio=0.4, mode="cascade", refit="fold")]
     layered = ns.compile(model, step, example_inputs=inputs, calibration=calib, progress=False)
     monkeypatch.setattr(sf._Frontier, "limit_bytes", 0)  # no checkpoint fits: every group streams
     capped = ns.compile(model, step, example_inputs=inputs, calibration=calib, progress=False)
@@ -424,7 +424,8 @@ def test_cascade_runs_the_pass_start_copy_once_over_a_chain() -> None:
 
     model = relu_mlp(6)
     x = torch.randn(512, 16)
-    res = ns.compile(model, [SqueezeFold(ratio=0.5)], example_inputs=(x[:2],), calibration=x, progress=False)
+    res = ns.compile(model, [SqueezeFold(ratio=0.5, refit="fold")], example_inputs=(x[:2],), calibration=x,
+                     progress=False)
     assert res.report.passes[0].result.notes[-1] == "squeezed 6 groups (cascade): " + ", ".join(["32->16"] * 6)
     # one pass to collect, one for the output error, the squeezed graph's share, and the pass-start copy once
     # up to the last consumer's input (5.13 when moving the checkpoint ran the copy a second time)

@@ -1,0 +1,136 @@
+"""`squeeze_fold { refit = layer }`: every conv/linear consumer of a squeezed group re-solved whole by least squares
+to the pass-start graph's outputs (`passes.refit.refit_layers`), checked against least squares computed here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import netsqueeze as ns
+from netsqueeze.passes.refit import RIDGES
+from netsqueeze.passes.squeeze_fold import SqueezeFold
+from tests.passes.graphs import relu_mlp
+
+
+def _ridge_solutions(x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    """Per ridge of `RIDGES` (relative to the mean diagonal of XᵀX, the intercept not penalised), the least-squares
+    solution [features+1, outputs] of y ≈ [x 1]·w, in float64."""
+    x1 = torch.cat([x.double(), torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
+    a, b = x1.T @ x1, x1.T @ y.double()
+    out = []
+    for lam in RIDGES:
+        reg = lam * float(a.diagonal()[:-1].mean()) * torch.eye(a.shape[0], dtype=torch.float64)
+        reg[-1, -1] = 0.0
+        out.append(torch.linalg.solve(a + reg, b))
+    return out
+
+
+def _matches_one(got: torch.Tensor, refs: list[torch.Tensor], rel: float = 1e-4) -> bool:
+    return any(float((got - r).abs().max()) <= rel * float(r.abs().max()) for r in refs)
+
+
+def _notes(res: ns.CompileResult) -> list[str]:
+    return next(r for r in res.report.passes if r.name == "squeeze_fold").result.notes
+
+
+class Chain(nn.Module):
+    """conv (3→8) → ReLU → conv (8→6, stride 2, dilation 2, padding 2) → ReLU → conv (6→4): 1-d or 2-d."""
+
+    def __init__(self, dims: int) -> None:
+        super().__init__()
+        conv = nn.Conv2d if dims == 2 else nn.Conv1d
+        torch.manual_seed(1)
+        self.c1 = conv(3, 8, 3, padding=1)
+        self.c2 = conv(8, 6, 3, stride=2, padding=2, dilation=2)
+        self.c3 = conv(6, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c3(torch.relu(self.c2(torch.relu(self.c1(x)))))
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_a_conv_consumer_is_the_ridge_least_squares_over_every_tap_of_the_kept_channels(dims: int) -> None:
+    # a 7-wide input gives the strided conv 4 (1-d) or 4x4 = 16 (2-d) output positions per sample: all of them
+    # are rows of the fit (`POSITIONS` = 16), so the reference below sees the same rows
+    model = Chain(dims).eval()
+    x = torch.randn(256, 3, *([7] * dims), generator=torch.Generator().manual_seed(2))
+    policy = "policy p {\n  calibrate samples 256, batch 64\n  squeeze_fold on c1 { ratio = 0.5 }\n}\n"
+    res = ns.compile(model, policy, example_inputs=(x[:2],), calibration=x, progress=False)
+    c1 = res.graph.node("c1").params["weight"]
+    assert c1.shape[0] == 4
+    # c1 is only sliced (its input is the image): its kept rows are original rows
+    kept = [next(j for j in range(8) if torch.equal(model.c1.weight[j], row)) for row in c1]
+    with torch.no_grad():
+        a = torch.relu(model.c1(x))[:, kept]
+        target = model.c2(torch.relu(model.c1(x)))
+    conv2 = F.conv2d if dims == 2 else F.conv1d
+    k = (3, 3) if dims == 2 else (1, 3)
+    a2 = a if dims == 2 else a.unsqueeze(2)
+    pad = (2, 2, 2, 2) if dims == 2 else (2, 2, 0, 0)
+    cols = F.unfold(F.pad(a2, pad), k, dilation=(2, 2) if dims == 2 else (1, 2), stride=(2, 2) if dims == 2 else (1, 2))
+    rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    y = target.reshape(256, 6, -1).transpose(1, 2).reshape(-1, 6)
+    refs = _ridge_solutions(rows, y)
+    w2, b2 = res.graph.node("c2").params["weight"], res.graph.node("c2").params["bias"]
+    assert w2.shape == (6, 4, *([3] * dims))
+    got = torch.cat([w2.reshape(6, -1).T.double(), b2.double()[None]])
+    assert _matches_one(got, refs)
+    assert "layer refit: 1 of 1 layers refit whole by least squares to the pass-start outputs" in _notes(res)
+    # the refit weights reproduce c2's outputs better than the fold on these rows
+    fold = ns.compile(model, policy.replace("ratio = 0.5", "ratio = 0.5, refit = fold"), example_inputs=(x[:2],),
+                      calibration=x, progress=False)
+    wf, bf = fold.graph.node("c2").params["weight"], fold.graph.node("c2").params["bias"]
+    with torch.no_grad():
+        def err(w: torch.Tensor, b: torch.Tensor) -> float:
+            return float(((conv2(a, w, b, stride=2, padding=2, dilation=2) - target) ** 2).sum())
+        assert err(w2, b2) < 0.9 * err(wf, bf)
+
+
+def test_a_linear_consumer_whose_outputs_were_squeezed_fits_the_kept_original_outputs() -> None:
+    # three groups of 32 squeezed to 16: layer '4' reads the second group as the refit layer '2' computes it, and
+    # its own outputs are the third group, so its fit targets the 16 original outputs it still computes
+    model = relu_mlp(3)
+    x = torch.randn(2048, 16, generator=torch.Generator().manual_seed(3))
+    res = ns.compile(model, [SqueezeFold(ratio=0.5)], example_inputs=(x[:2],), calibration=x, progress=False)
+    p = {n: (res.graph.node(n).params["weight"], res.graph.node(n).params["bias"]) for n in ("0", "2", "4")}
+    assert [tuple(w.shape) for w, _ in p.values()] == [(16, 16), (16, 16), (16, 16)]
+    with torch.no_grad():
+        a = torch.relu(F.linear(torch.relu(F.linear(x, *p["0"])), *p["2"]))  # layer '4''s input, as squeezed
+        y = model[4](torch.relu(model[2](torch.relu(model[0](x)))))  # the original layer's 32 outputs
+        now = F.linear(a, *p["4"])
+    # each refit output is the fit of one original output: the one it correlates with best
+    corr = torch.corrcoef(torch.cat([now, y], 1).T)[:16, 16:]
+    kept_out = corr.argmax(1).tolist()
+    assert kept_out == sorted(set(kept_out)) and len(kept_out) == 16  # kept in their original order
+    refs = _ridge_solutions(a, y[:, kept_out])
+    got = torch.cat([p["4"][0].T.double(), p["4"][1].double()[None]])
+    assert _matches_one(got, refs)
+    line = next(n for n in _notes(res) if n.startswith("layer refit: "))
+    assert line.startswith("layer refit: ") and "'4'" not in line.split(";")[-1]
+
+
+def test_layer_refit_lowers_the_output_error_of_a_residual_net_and_keeps_the_shapes() -> None:
+    from tests.zoo import ZOO
+
+    model, inputs = ZOO["resnet"]()
+    calib = torch.randn(256, *inputs[0].shape[1:], generator=torch.Generator().manual_seed(4))
+    held = torch.randn(64, *inputs[0].shape[1:], generator=torch.Generator().manual_seed(5))
+    out = {}
+    for refit in ("layer", "fold"):
+        res = ns.compile(model, [SqueezeFold(ratio=0.6, refit=refit)], example_inputs=inputs, calibration=calib,
+                         progress=False)
+        with torch.no_grad():
+            ref, got = model(held), res.model(held)
+        out[refit] = (res, float((got - ref).norm() / ref.norm()))
+    layer, fold = out["layer"][0], out["fold"][0]
+    assert layer.report.after.params == fold.report.after.params
+    assert layer.report.after.flops == fold.report.after.flops
+    assert out["layer"][1] < 0.95 * out["fold"][1]  # 0.0229 against 0.0251 on held-out inputs
+    notes = _notes(layer)
+    line = next(n for n in notes if n.startswith("layer refit: "))
+    done, total = (int(v) for v in line.removeprefix("layer refit: ").split(" layers")[0].split(" of "))
+    assert total >= 4 and done >= total - 1
+    assert any(n.startswith("refit = layer: ") and n.endswith("groups folded in parallel (each of their consumers "
+                                                               "re-solved whole), the rest in cascade") for n in notes)
