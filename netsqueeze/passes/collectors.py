@@ -35,6 +35,27 @@ def conv_patches(attrs: dict[str, object], taps: tuple[int, ...], x: torch.Tenso
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
+def conv_patches_at(attrs: dict[str, object], taps: tuple[int, ...], x: torch.Tensor, pick: torch.Tensor
+                    ) -> torch.Tensor:
+    """`conv_patches` rows at the output positions `pick` [N, k] only (flat indices into each sample's output
+    positions): [N·k, C·taps], in (channel, tap) order, without unrolling the other positions."""
+    d = len(taps)
+    stride = list(attrs.get("stride", [1] * d))  # type: ignore[call-overload]
+    dil = list(attrs.get("dilation", [1] * d))  # type: ignore[call-overload]
+    pad = list(attrs.get("padding", [0] * 2 * d))  # type: ignore[call-overload]
+    kt: tuple[int, ...] = taps
+    if d == 1:
+        x, kt, stride, dil, pad = x.unsqueeze(2), (1, taps[0]), [1, *stride], [1, *dil], [0, pad[0], 0, pad[1]]
+    x = F.pad(x, (pad[1], pad[3], pad[0], pad[2]))
+    n, c, _, w = x.shape
+    out_w = (w - dil[1] * (kt[1] - 1) - 1) // stride[1] + 1
+    ky, kx = torch.meshgrid(torch.arange(kt[0]), torch.arange(kt[1]), indexing="ij")
+    rows = (pick // out_w)[..., None] * stride[0] + ky.reshape(-1) * dil[0]  # [N, k, taps]
+    cols = (pick % out_w)[..., None] * stride[1] + kx.reshape(-1) * dil[1]
+    got = x.permute(0, 2, 3, 1)[torch.arange(n)[:, None, None], rows, cols]  # [N, k, taps, C]
+    return got.movedim(-1, -2).reshape(-1, c * kt[0] * kt[1])
+
+
 class Moments:
     """Running count, mean, mean |x| and variance per column (float64 sums)."""
 

@@ -166,8 +166,8 @@ def refit(graph: Graph, ref: Graph, ctx: PassContext, table: list[Entry], cuts: 
 def refits(refit_option: str, bias_compensation: bool, ctx: PassContext) -> bool:
     """Whether gdnt_mode = groups refits the consumers (`refit = least_squares`, or `auto` with calibration data
     and bias compensation on); else (`none`) each cut block's mean input goes into the bias."""
-    return refit_option == "least_squares" or (refit_option == "auto" and bias_compensation
-                                               and ctx.stream_fn is not None)
+    return refit_option in ("least_squares", "layer") or (
+        refit_option == "auto" and bias_compensation and ctx.stream_fn is not None)
 
 
 Cut = float | list[torch.Tensor]  # a rank threshold (cut every connection ranked under it) or per-entry masks

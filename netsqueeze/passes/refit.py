@@ -26,7 +26,7 @@ import torch
 from netsqueeze.ir.graph import Graph, Node, Value
 from netsqueeze.ir.ops import attr, spec
 from netsqueeze.passes.base import PassContext, PassResult
-from netsqueeze.passes.collectors import conv_patches
+from netsqueeze.passes.collectors import conv_patches_at
 from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups, Member, find_groups
 from netsqueeze.passes.frontier import Frontier, SideBySide, first_positions
 from netsqueeze.passes.rewrite import ChannelSelection, SharedFold, apply_selection, axis_vector
@@ -287,18 +287,14 @@ def layer_rows(node: Node, x: torch.Tensor, y: torch.Tensor, gen: torch.Generato
     if x.dim() not in (3, 4):
         return None
     n = x.shape[0]
-    cols = conv_patches(node.attrs, tuple(node.params["weight"].shape[2:]), x)
-    cols = cols.reshape(n, -1, cols.shape[1])  # [n, positions, features]
     yy = y.reshape(n, y.shape[1], -1)
     if out is not None:
         yy = yy[:, out]
-    length = cols.shape[1]
-    if yy.shape[2] != length:
-        return None
+    length = yy.shape[2]
     take = min(POSITIONS, length)
     pick = torch.rand(n, length, generator=gen).argsort(1)[:, :take]  # [n, take]
-    rows = torch.arange(n)[:, None]
-    return cols[rows, pick].reshape(-1, cols.shape[2]), yy.movedim(1, 2)[rows, pick].reshape(-1, yy.shape[1])
+    cols = conv_patches_at(node.attrs, tuple(node.params["weight"].shape[2:]), x, pick)
+    return cols, yy.movedim(1, 2)[torch.arange(n)[:, None], pick].reshape(-1, yy.shape[1])
 
 
 def normal_equations(graph: Graph, side: SideBySide, at: int, node_id: str, seed: int,
@@ -317,10 +313,11 @@ def normal_equations(graph: Graph, side: SideBySide, at: int, node_id: str, seed
         if got is None:
             return None
         xr, yr = got
-        x1 = torch.cat([xr.double(), torch.ones(xr.shape[0], 1, dtype=torch.float64)], 1)
-        y1 = yr.double()
+        x1 = torch.cat([xr.float(), torch.ones(xr.shape[0], 1)], 1)
+        y1 = yr.float()
         held = torch.rand(x1.shape[0], generator=gen) < HELD_OUT
-        parts = [m for k in (~held, held) for m in (x1[k].T @ x1[k], x1[k].T @ y1[k])]
+        # one batch's products in float32 (a few thousand rows: the cost of the refit), summed in float64
+        parts = [m.double() for k in (~held, held) for m in (x1[k].T @ x1[k], x1[k].T @ y1[k])]
         sums = parts if sums is None else [s + p for s, p in zip(sums, parts)]
     if sums is None:
         return None
@@ -350,6 +347,20 @@ def layer_refittable(graph: Graph, node_id: str) -> str | None:
     if w[0].numel() > MAX_LAYER_FEATURES:
         return f"{w[0].numel()} inputs, over {MAX_LAYER_FEATURES}"
     return None
+
+
+def layer_plan(graph: Graph, groups: ChannelGroups, keeps: Mapping[int, list[int]]
+               ) -> tuple[list[str], dict[str, list[int]]]:
+    """What `refit_layers` re-solves after the groups in `keeps` (group id → kept channels, ascending) are cut
+    from `graph` (the pass-start graph `groups` were found on): their conv/linear consumers, and each cut
+    producer's kept output positions (pass-start indices)."""
+    nodes = [n for gid in keeps for n in groups[gid].consumers if graph.node(n).kind in ("conv", "linear")]
+    out: dict[str, list[int]] = {}
+    for gid, keep in keeps.items():
+        for m in groups[gid].members_of("producer"):
+            if m.param is not None and (m.param, m.axis) in spec(graph.node(m.node).kind).produced:
+                out[m.node] = [q for c in keep for q in m.index[c]]
+    return list(dict.fromkeys(nodes)), out
 
 
 def refit_layers(graph: Graph, ref: Graph, ctx: PassContext, nodes: Iterable[str], out: Mapping[str, list[int]],

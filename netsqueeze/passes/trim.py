@@ -314,7 +314,7 @@ class Trim(TransformPass):
     gdnt_mode: Literal["neuron", "groups"] = "neuron"
     gdnt_layer_cap: float = field(default=0.75, metadata={"min": 0.0, "max": 1.0, "unit": "ratio"})
     allocation: Literal["global", "uniform"] = "global"
-    refit: Literal["auto", "none", "least_squares"] = "auto"
+    refit: Literal["auto", "none", "least_squares", "layer"] = "auto"
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         groups = ctx.analysis(DependencyAnalysis, graph).restrict(ctx.selected)
@@ -349,7 +349,13 @@ class Trim(TransformPass):
                 losses = self._losses(graph, ctx, groups, cands, scores, bounds, meter, finish, notes)
                 sel = self._budget(cands, scores, bounds, budget, meter, losses)
         sel = {gid: s for gid, s in sel.items() if len(s.keep) < groups[gid].size}
-        if fits:  # each group refit on the graph as trimmed so far
+        if fits and self.refit == "layer":  # parallel folds, then every consumer re-solved whole on the trimmed graph
+            ref = graph.copy()
+            result = apply_selection(graph, groups, finish(sel))
+            keeps = {gid: sorted(s.keep) for gid, s in sel.items()}
+            consumer_refit.refit_layers(graph, ref, ctx, *consumer_refit.layer_plan(ref, groups, keeps), notes,
+                                        "layer refit")
+        elif fits:  # each group refit on the graph as trimmed so far
             result = consumer_refit.cascade(graph, ctx, groups, {gid: sorted(s.keep) for gid, s in sel.items()})
             notes.append(f"consumers of {len(sel)} trimmed groups refit by least squares, group by group")
         else:
@@ -378,12 +384,12 @@ class Trim(TransformPass):
         for k, v in Budget.of(ctx).limits.items():
             if not 0.0 < v <= 1.0:
                 raise fail(f"budget {k} = {v} must be a ratio in (0, 1]")
-        if self.refit == "least_squares":
+        if self.refit in ("least_squares", "layer"):
             if ctx.stream_fn is None:
-                raise fail("refit = least_squares fits the consumers on calibration data and this compile has "
+                raise fail(f"refit = {self.refit} fits the consumers on calibration data and this compile has "
                            "none: pass calibration=... to compile(), or set refit = none")
             if not self.bias_compensation:
-                raise fail("refit = least_squares refits the consumers' biases (the intercept): it contradicts "
+                raise fail(f"refit = {self.refit} refits the consumers' biases (the intercept): it contradicts "
                            "bias_compensation = false")
         if self.allocation == "uniform" and self.ratio is not None:
             raise fail("allocation = uniform spreads a flops/params/bytes budget over the groups; with a `ratio` "
@@ -394,7 +400,7 @@ class Trim(TransformPass):
     def _refits(self, ctx: PassContext) -> bool:
         """Whether the consumers are refit by least squares: `least_squares`, or `auto` with calibration data
         (and bias compensation on, outside gdnt_mode = groups)."""
-        if self.refit == "least_squares":
+        if self.refit in ("least_squares", "layer"):
             return self.gdnt_mode != "groups"  # groups mode refits its consumers itself (`gdnt_groups.refit`)
         return (self.refit == "auto" and self.bias_compensation and ctx.stream_fn is not None
                 and self.gdnt_mode != "groups")

@@ -134,3 +134,19 @@ def test_layer_refit_lowers_the_output_error_of_a_residual_net_and_keeps_the_sha
     assert total >= 4 and done >= total - 1
     assert any(n.startswith("refit = layer: ") and n.endswith("groups folded in parallel (each of their consumers "
                                                                "re-solved whole), the rest in cascade") for n in notes)
+
+
+@pytest.mark.parametrize(("taps", "attrs", "shape"), [
+    ((3, 3), {"stride": [2, 1], "dilation": [1, 2], "padding": [1, 2, 0, 1]}, (3, 4, 9, 8)),
+    ((3,), {"stride": [2], "dilation": [2], "padding": [2, 1]}, (3, 4, 11)),
+])
+def test_patches_at_picked_positions_are_the_full_unroll_rows(taps: tuple[int, ...], attrs: dict[str, object],
+                                                              shape: tuple[int, ...]) -> None:
+    from netsqueeze.passes.collectors import conv_patches, conv_patches_at
+
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(6))
+    full = conv_patches(attrs, taps, x).reshape(shape[0], -1, shape[1] * int(torch.tensor(taps).prod()))
+    pick = torch.rand(shape[0], full.shape[1], generator=torch.Generator().manual_seed(7)).argsort(1)[:, :5]
+    want = full[torch.arange(shape[0])[:, None], pick].reshape(-1, full.shape[2])
+    assert torch.equal(conv_patches_at(attrs, taps, x, pick), want)
+    assert full.shape[1] == (28 if len(taps) == 2 else 5)  # (4 x 7) and 5 output positions
