@@ -270,16 +270,17 @@ POSITIONS = 16  # conv output positions sampled per calibration sample (at rando
 # on the held-out share of the calibration rows is used for the final fit on all rows
 RIDGES = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 HELD_OUT = 0.2  # the share of calibration rows (drawn at random, seeded) that choose the ridge
+LAYER_ROWS = 32768  # conv rows `refit_layers` aims for: more positions per sample than `POSITIONS` on small data
 MAX_LAYER_FEATURES = 4096  # a layer with more inputs (C·taps, or linear in-features) is not refit whole
 
 Normal = tuple[torch.Tensor, torch.Tensor]  # ([X 1]ᵀ[X 1], [X 1]ᵀY)
 
 
 def layer_rows(node: Node, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator,
-               out: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+               out: list[int] | None = None, positions: int = POSITIONS) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(inputs [rows, features], targets [rows, outputs]) of one batch of a conv or linear node: its input `x`
     and the outputs `y` it should reproduce (only the output channels `out`, when given). Conv rows are
-    `POSITIONS` output positions per sample drawn at random (im2col, `collectors.conv_patches`), linear rows
+    `positions` output positions per sample drawn at random (im2col, `collectors.conv_patches`), linear rows
     every row; None for a conv input that is not 1-d or 2-d, or outputs of another length."""
     if node.kind == "linear":
         yy = y.reshape(-1, y.shape[-1])
@@ -291,14 +292,14 @@ def layer_rows(node: Node, x: torch.Tensor, y: torch.Tensor, gen: torch.Generato
     if out is not None:
         yy = yy[:, out]
     length = yy.shape[2]
-    take = min(POSITIONS, length)
+    take = min(positions, length)
     pick = torch.rand(n, length, generator=gen).argsort(1)[:, :take]  # [n, take]
     cols = conv_patches_at(node.attrs, tuple(node.params["weight"].shape[2:]), x, pick)
     return cols, yy.movedim(1, 2)[torch.arange(n)[:, None], pick].reshape(-1, yy.shape[1])
 
 
 def normal_equations(graph: Graph, side: SideBySide, at: int, node_id: str, seed: int,
-                     out: list[int] | None = None) -> tuple[Normal, Normal] | None:
+                     out: list[int] | None = None, positions: int = POSITIONS) -> tuple[Normal, Normal] | None:
     """([X 1]ᵀ[X 1], [X 1]ᵀY) over the calibration rows, for the fitting rows and for the `HELD_OUT` share held
     out (drawn at random, seeded): X the node's (unrolled) inputs in `graph`, Y the original node's outputs
     (`side`'s pass-start copy; its output channels `out` when given), both read at the node's topological
@@ -309,7 +310,7 @@ def normal_equations(graph: Graph, side: SideBySide, at: int, node_id: str, seed
     gen = torch.Generator().manual_seed(seed)
     sums: list[torch.Tensor] | None = None
     for now, was in side.pairs(at, [src, dst], f"'{node_id}'"):
-        got = layer_rows(node, now[0].detach().float(), was[1].detach().float(), gen, out)
+        got = layer_rows(node, now[0].detach().float(), was[1].detach().float(), gen, out, positions)
         if got is None:
             return None
         xr, yr = got
@@ -372,13 +373,14 @@ def refit_layers(graph: Graph, ref: Graph, ctx: PassContext, nodes: Iterable[str
     reconstruction step of channel pruning (He, Zhang & Sun, "Channel Pruning for Accelerating Very Deep
     Neural Networks", ICCV 2017; ThiNet, Luo et al. 2017). Inputs are the node's inputs as `graph` (rewritten
     and refit so far) computes them, so each fit also corrects the drift of the layers before it; the ridge
-    is chosen per node on held-out rows, and the node keeps its weights when they have the smaller held-out
-    error. Returns how many nodes were refit; `notes` (prefixed `label`) say which were not and why."""
+    is chosen per node on held-out rows. Returns how many nodes were refit; `notes` (prefixed `label`) say which were not and why."""
     topo = graph.topo_order()
     pos = {nid: i for i, nid in enumerate(topo)}
     todo = sorted(set(nodes), key=lambda n: pos[n])
+    samples = sum(ctx.batch_sizes()) if ctx.batches_fn is not None else 0
+    positions = max(POSITIONS, -(-LAYER_ROWS // samples)) if samples else POSITIONS
     side = SideBySide(Frontier.open(graph, ref, ctx, topo), graph, ref, ctx, notes, label, [pos[n] for n in todo])
-    done, kept = 0, []
+    done = 0
     for step, nid in enumerate(todo):
         why = layer_refittable(graph, nid)
         node = graph.node(nid)
@@ -386,25 +388,16 @@ def refit_layers(graph: Graph, ref: Graph, ctx: PassContext, nodes: Iterable[str
         if why is None and len(out.get(nid, range(w.shape[0]))) != w.shape[0]:
             why = "its output channels do not match the pass-start graph's"
         stats = None if why is not None else normal_equations(graph, side, pos[nid], nid, ctx.seed + 7919 * step,
-                                                             out.get(nid))
+                                                             out.get(nid), positions)
         if stats is None:
             notes.append(f"{label}: '{nid}' not refit whole ({why or 'no calibration rows, or an unrolled input rank'})")
             continue
         (fit_a, fit_b), held = stats
         ridge = best_ridge(fit_a, fit_b, *held)
         sol = solve_normal(ridged_normal(fit_a + held[0], ridge), fit_b + held[1])  # [features+1, outputs]
-        bias_name = spec(node.kind).bias["weight"][0]
-        bias = node.params.get(bias_name)
-        assert isinstance(w, torch.Tensor) and (bias is None or isinstance(bias, torch.Tensor))  # layer_refittable
-        now = torch.cat([w.detach().double().reshape(w.shape[0], -1).T,
-                         (torch.zeros(w.shape[0], dtype=torch.float64) if bias is None else bias.double())[None]])
-        fit_only = solve_normal(ridged_normal(fit_a, ridge), fit_b)
-        if held_error(held, now) <= held_error(held, fit_only):
-            kept.append(nid)
-            continue
+        assert isinstance(w, torch.Tensor)  # layer_refittable
         node.params["weight"] = sol[:-1].T.reshape(w.shape).to(w.dtype)
-        node.params[bias_name] = sol[-1].to(w.dtype)
+        node.params[spec(node.kind).bias["weight"][0]] = sol[-1].to(w.dtype)
         done += 1
-    notes.append(f"{label}: {done} of {len(todo)} layers refit whole by least squares to the pass-start outputs"
-                 + (f"; {', '.join(repr(n) for n in kept)} kept their weights (less held-out error)" if kept else ""))
+    notes.append(f"{label}: {done} of {len(todo)} layers refit whole by least squares to the pass-start outputs")
     return done

@@ -18,6 +18,7 @@ from netsqueeze.passes.base import PassContext, PassResult, TransformPass
 from netsqueeze.passes.collectors import channel_rows
 from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups, DependencyAnalysis, Member
 from netsqueeze.passes.goa import ClassReservoirs, GoaResult, goa_select
+from netsqueeze.passes.refit import layer_plan, refit_layers
 from netsqueeze.passes.registry import register_pass
 from netsqueeze.passes.rewrite import ChannelSelection, SharedFold, apply_selection
 
@@ -113,10 +114,11 @@ class SelectFeatures(TransformPass):
     folded into its weights and bias; exact when the removed features are affine functions of the kept
     ones. Consumers whose channels span blocks (flatten→linear) get the removed features' means in the bias.
     Where the group has several consumers (a residual stream: the next block's conv and, after pooling, the
-    classifier), the removal also changes what the later ones read of the kept features; its linear consumers
-    are then refit once more, by least squares with an intercept from what they read after the removal to what
-    they output before it (one more pass over the calibration data, both graphs side by side; after the guard's
-    search, which measures its candidates without it).
+    classifier), the removal also changes what the later ones read of the kept features; every conv (one group)
+    and linear consumer of such a group is then re-solved whole, in graph order, by ridge least squares (every
+    kernel tap of every kept channel, and the bias) from what it reads after the removal to what it output before
+    it (`passes.refit.refit_layers`: both graphs side by side, a few passes over the calibration data; after the
+    guard's search, which measures its candidates without it).
     Guarantees: the graph verifies; unselected and frozen groups are untouched.
     """
 
@@ -177,15 +179,14 @@ class SelectFeatures(TransformPass):
                 notes.append(f"guard not met at the budget's feature counts (guard metric {check[1]:.4g})")
         if not sel:
             return PassResult(changed=False, notes=notes, metrics=metrics)
-        # linear consumers behind another consumer of the group read kept features that the removal changed
-        # upstream (a residual stream's next block): they are refit once more on what they now read
-        again = [s for g, sites in cands if g.id in sel and len(sites) > 1 for s in sites
-                 if s.kind == "linear" and s.foldable]
+        # consumers behind another consumer of the group read kept features that the removal changed upstream (a
+        # residual stream's next block): every conv/linear consumer is re-solved whole on what it now reads
+        again = {g.id: sorted(sel[g.id].keep) for g, sites in cands if g.id in sel and len(sites) > 1}
         reference = graph.copy() if again else None
         result = apply_selection(graph, groups, sel)
         if reference is not None:
-            notes.extend(self._refit_again(graph, reference, ctx, again))
-            result.metrics["refit_again"] = float(sum(n.endswith("(one more pass)") for n in notes))
+            result.metrics["layers_refit"] = float(refit_layers(graph, reference, ctx, *layer_plan(reference, groups, again),
+                                                                notes, "layer refit"))
         after = graph_stats(graph)
         metrics.update({"features_removed": float(sum(groups[gid].size - len(s.keep) for gid, s in sel.items())),
                         "flops_ratio": after.flops / max(1, before.flops),
@@ -314,38 +315,6 @@ class SelectFeatures(TransformPass):
                     shift[list(m.index[c])] = mean[c]
             shifts[m.node] = shift
         return ChannelSelection(keep=keep, fold=folds or None, bias_shift=shifts)
-
-    @staticmethod
-    def _refit_again(graph: Graph, reference: Graph, ctx: PassContext, sites: list[_Site]) -> list[str]:
-        """One more pass over the calibration data, the graph before the removal (`reference`) and after it side
-        by side: each linear consumer in `sites` is refit by least squares with an intercept (ridge 1e-10 of the
-        mean diagonal) from what it now reads to what it gave before the removal."""
-        # a consumer whose own outputs shrank (it also produces a selected group) has no before-target to fit
-        sites = [s for s in sites if graph.node(s.consumer.node).meta[0].shape == reference.node(s.consumer.node).meta[0].shape]
-        acc: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(sites)
-        after = ctx.stream(graph, [s.tap for s in sites])
-        before = ctx.stream(reference, [(s.consumer.node, 0) for s in sites])
-        for xs, ys in zip(after, before):
-            for i, (s, x, y) in enumerate(zip(sites, xs, ys)):
-                z = channel_rows(x, s.value.axis)
-                a = torch.cat([z, torch.ones(z.shape[0], 1, dtype=torch.float64)], 1)
-                t = channel_rows(y, -1)
-                prev = acc[i]
-                acc[i] = (a.T @ a, a.T @ t) if prev is None else (prev[0] + a.T @ a, prev[1] + a.T @ t)
-        notes = []
-        for s, got in zip(sites, acc):
-            node = graph.node(s.consumer.node)
-            w, b = node.params["weight"], node.params.get("bias")
-            if got is None or not isinstance(w, torch.Tensor) or not (b is None or isinstance(b, torch.Tensor)):
-                notes.append(f"'{node.id}' was not refit on the compressed features (encoded weight or no data)")
-                continue
-            gram, cross = got
-            ridge = 1e-10 * float(gram.diagonal().mean()) * torch.eye(gram.shape[0], dtype=torch.float64)
-            beta = torch.linalg.solve(gram + ridge, cross)  # [k + 1, out]
-            node.params["weight"] = beta[:-1].T.contiguous().to(w.dtype)
-            node.params["bias"] = beta[-1].to(w.dtype if b is None else b.dtype)
-            notes.append(f"'{node.id}' refit on the features it reads after the removal (one more pass)")
-        return notes
 
     def _guarded(self, graph: Graph, ctx: PassContext, groups: ChannelGroups,
                  cands: list[tuple[ChannelGroup, list[_Site]]],
