@@ -5,9 +5,11 @@
 
 For the VGG-style and the ResNet-style model of benchmarks/common.py (trained once, cached), under a policy's
 global `budget flops <= X%` and `budget params <= X%` at 2x, 3x and 5x: `fold_bn` + `trim` with its defaults
-(global allocation ranked by measured loss per unit of budget, consumers refit by least squares) for each
+(global allocation ranked by measured loss per unit of budget, every consumer re-solved whole by least squares
+to the original layer's outputs: `refit = layer`) for each
 criterion (fewer at 3x/5x and under params budgets, to keep the run short); at FLOPs targets the ablations of
-the new choices on `l1` (allocation = uniform, refit = none, the previous ranking rule score / group mean, and
+the new choices on `l1` (allocation = uniform, refit = least_squares (the group-by-group fold alone, the default
+before `layer`), refit = none, the previous ranking rule score / group mean, and
 both old choices together: trim as it was); Torch-Pruning group-L1 with its uniform ratio bisected to the same
 budget (`benchmarks.squeeze.tp_prune`), one-shot and with its BatchNorm statistics re-estimated on the same
 calibration images (`benchmarks.squeeze.reestimate_bn`). Per row: achieved params/FLOPs reductions (counted
@@ -61,6 +63,7 @@ CRITERIA = {("flops", 2.0): ("l1", "l2", "bn_scale", "activation", "gdnt", "rand
 PARAMS_CRITERIA = ("l1", "random")
 # the new choices against the old ones, on l1 at FLOPs targets: (label, trim options, ranking rule)
 ABLATIONS = {2.0: (("allocation = uniform", "allocation = uniform", "measured"),
+                   ("refit = least_squares (the fold alone)", "refit = least_squares", "measured"),
                    ("refit = none", "refit = none", "measured"),
                    ("ranking score / group mean", "", "mean"),
                    ("as before (mean ranking, no refit)", "refit = none", "mean")),
@@ -238,7 +241,7 @@ def main() -> None:
            f"trim's channel counts within `bounds {{ {bounds_text(args.round_to, args.align)} }}`, Torch-Pruning's "
            "not rounded") + "; budgets are policy budgets "
         "(`budget flops <= 50%` is the 2x row). trim rows use the pass defaults (global allocation ranked by "
-        "measured loss per unit of budget, `refit = auto`: least squares) unless the row names an option. "
+        "measured loss per unit of budget, `refit = auto`: `layer`, every consumer re-solved whole) unless the row names an option. "
         + ("Top-1 after FT: one epoch on a fixed subset of "
            f"{args.fine_tune:,} training images, trim's BatchNorms kept (no fold_bn)." if keep_bn else
            "One-shot only (no fine-tuning: run with --fine-tune N for it)."),
