@@ -20,9 +20,10 @@ def channel_rows(t: torch.Tensor, axis: int, spatial_mean: bool = False) -> torc
     return t.movedim(axis, -1).reshape(-1, t.shape[axis]).double()
 
 
-def conv_patches(attrs: dict[str, object], taps: tuple[int, ...], x: torch.Tensor) -> torch.Tensor:
-    """A conv input [N, C, *spatial] (1-d or 2-d kernel `taps`, the conv node's stride/dilation/padding
-    attrs) as im2col rows [N·positions, C·taps], in (channel, tap) order."""
+def _padded_2d(attrs: dict[str, object], taps: tuple[int, ...], x: torch.Tensor
+               ) -> tuple[torch.Tensor, tuple[int, ...], list[int], list[int]]:
+    """A conv input zero-padded as the conv pads it, as 2-d (a 1-d conv's input gets a unit height): the padded
+    input, the kernel taps, stride and dilation, each with two spatial entries."""
     d = len(taps)
     stride = list(attrs.get("stride", [1] * d))  # type: ignore[call-overload]
     dil = list(attrs.get("dilation", [1] * d))  # type: ignore[call-overload]
@@ -30,7 +31,13 @@ def conv_patches(attrs: dict[str, object], taps: tuple[int, ...], x: torch.Tenso
     kt: tuple[int, ...] = taps
     if d == 1:
         x, kt, stride, dil, pad = x.unsqueeze(2), (1, taps[0]), [1, *stride], [1, *dil], [0, pad[0], 0, pad[1]]
-    x = F.pad(x, (pad[1], pad[3], pad[0], pad[2]))
+    return F.pad(x, (pad[1], pad[3], pad[0], pad[2])), kt, stride, dil
+
+
+def conv_patches(attrs: dict[str, object], taps: tuple[int, ...], x: torch.Tensor) -> torch.Tensor:
+    """A conv input [N, C, *spatial] (1-d or 2-d kernel `taps`, the conv node's stride/dilation/padding
+    attrs) as im2col rows [N·positions, C·taps], in (channel, tap) order."""
+    x, kt, stride, dil = _padded_2d(attrs, taps, x)
     cols = F.unfold(x, kt, dilation=tuple(dil), stride=tuple(stride))  # [N, C·taps, positions]
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
@@ -39,14 +46,7 @@ def conv_patches_at(attrs: dict[str, object], taps: tuple[int, ...], x: torch.Te
                     ) -> torch.Tensor:
     """`conv_patches` rows at the output positions `pick` [N, k] only (flat indices into each sample's output
     positions): [N·k, C·taps], in (channel, tap) order, without unrolling the other positions."""
-    d = len(taps)
-    stride = list(attrs.get("stride", [1] * d))  # type: ignore[call-overload]
-    dil = list(attrs.get("dilation", [1] * d))  # type: ignore[call-overload]
-    pad = list(attrs.get("padding", [0] * 2 * d))  # type: ignore[call-overload]
-    kt: tuple[int, ...] = taps
-    if d == 1:
-        x, kt, stride, dil, pad = x.unsqueeze(2), (1, taps[0]), [1, *stride], [1, *dil], [0, pad[0], 0, pad[1]]
-    x = F.pad(x, (pad[1], pad[3], pad[0], pad[2]))
+    x, kt, stride, dil = _padded_2d(attrs, taps, x)
     n, c, _, w = x.shape
     out_w = (w - dil[1] * (kt[1] - 1) - 1) // stride[1] + 1
     ky, kx = torch.meshgrid(torch.arange(kt[0]), torch.arange(kt[1]), indexing="ij")
