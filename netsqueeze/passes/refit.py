@@ -30,7 +30,7 @@ from netsqueeze.passes.collectors import conv_patches_at
 from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups, Member, find_groups
 from netsqueeze.passes.frontier import Frontier, SideBySide, first_positions
 from netsqueeze.passes.rewrite import ChannelSelection, SharedFold, apply_selection, axis_vector
-from netsqueeze.passes.squeeze_math import reconstruction, ridged_normal, solve_normal
+from netsqueeze.passes.squeeze_math import cholesky_solve, reconstruction, ridged_normal, solve_normal
 
 
 @dataclass
@@ -331,8 +331,17 @@ def held_error(held: Normal, w: torch.Tensor) -> float:
 
 
 def best_ridge(a_fit: torch.Tensor, b_fit: torch.Tensor, a_held: torch.Tensor, b_held: torch.Tensor) -> float:
-    """The ridge among `RIDGES` whose fit on the fitting rows has the least error on the held-out rows."""
-    return min(RIDGES, key=lambda lam: held_error((a_held, b_held), solve_normal(ridged_normal(a_fit, lam), b_fit)))
+    """The ridge among `RIDGES` whose fit on the fitting rows has the least error on the held-out rows.
+
+    A ridge that leaves the normal matrix too ill-conditioned for Cholesky is not a candidate (the SVD
+    solve it would need costs minutes on a few thousand inputs, and a larger ridge serves); the largest
+    ridge when none is."""
+    errors = {}
+    for lam in RIDGES:
+        sol = cholesky_solve(ridged_normal(a_fit, lam), b_fit)
+        if sol is not None:
+            errors[lam] = held_error((a_held, b_held), sol)
+    return min(errors, key=errors.__getitem__) if errors else RIDGES[-1]
 
 
 def layer_refittable(graph: Graph, node_id: str) -> str | None:

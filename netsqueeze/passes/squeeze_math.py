@@ -174,10 +174,9 @@ def min_norm_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.linalg.lstsq(a.double(), b.double(), driver="gelsd").solution
 
 
-def solve_normal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """x with a·x = b for a symmetric positive semi-definite `a` (normal equations [X 1]ᵀ[X 1] + ridge),
-    deterministic: Cholesky when `a` is comfortably non-singular, else `min_norm_solve` (the
-    minimum-norm solution gelsy would give a rank-deficient system)."""
+def cholesky_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """x with a·x = b by Cholesky for a symmetric `a` that is comfortably positive definite; None when it
+    is not (singular, or too ill-conditioned for the factor to be trusted)."""
     a, b = a.double(), b.double()
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) == 0:
@@ -186,7 +185,15 @@ def solve_normal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         # (max/min of L's diagonal)² bounds cond(a) from below; gelsy truncates at cond ≈ 1/(eps·n)
         if lo > 0 and (hi / lo) ** 2 < 1e-3 / (torch.finfo(torch.float64).eps * max(1, a.shape[0])):
             return torch.cholesky_solve(b, chol)
-    return min_norm_solve(a, b)
+    return None
+
+
+def solve_normal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x with a·x = b for a symmetric positive semi-definite `a` (normal equations [X 1]ᵀ[X 1] + ridge),
+    deterministic: Cholesky when `a` is comfortably non-singular, else `min_norm_solve` (the
+    minimum-norm solution gelsy would give a rank-deficient system)."""
+    x = cholesky_solve(a, b)
+    return min_norm_solve(a, b) if x is None else x
 
 
 def ridged_normal(xtx: torch.Tensor, ridge: float) -> torch.Tensor:
