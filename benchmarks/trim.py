@@ -18,8 +18,9 @@ Runtime latency speed-ups at batch 1 and 64 (2 threads, median) and the batch-64
 reduction, compile time and the compile's full calibration passes (`report.calibration_passes`).
 `--fine-tune N`: adds top-1 after one epoch on a fixed subset of N training images, with trim's BatchNorms kept
 (no `fold_bn`: trimmed, not folded) so they retrain as Torch-Pruning's do. `--points`: only these budget points
-(measure:target, comma-separated). Writes benchmarks/results/trim.md (trim-quick.md with --quick: ResNet-style
-at 2x FLOPs only, 2,000 test images; `--out NAME`: benchmarks/results/NAME.md).
+(measure:target, comma-separated). Writes benchmarks/results/trim.md (trim-round_to-R-align-A.md with
+`--round-to R --align A`; a -quick suffix with --quick: ResNet-style at 2x FLOPs only, 2,000 test images;
+`--out NAME`: benchmarks/results/NAME.md).
 """
 
 from __future__ import annotations
@@ -255,8 +256,12 @@ def main() -> None:
     ]) + "\n"
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out_path = RESULTS / (f"{args.out}.md" if args.out else "trim-quick.md" if args.quick else "trim.md")
-    out_path.write_text(text)
+    stem = "trim" + ("" if args.round_to == 1 else f"-round_to-{args.round_to}") + (
+        "" if args.align == 1 else f"-align-{args.align}")
+    out_path = RESULTS / (f"{args.out}.md" if args.out else f"{stem}-quick.md" if args.quick else f"{stem}.md")
+    tmp = out_path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(out_path)
     print(f"wrote {out_path}")
 
 
