@@ -237,7 +237,8 @@ def gdnt(data: dict[str, torch.Tensor], quick: bool, models: list[str], neuron_o
             f"into the bias (the mode before the refit); R = `least_squares` (the default `auto` with calibration "
             f"data): every cut consumer's remaining weights and bias re-solved by ridge least squares on the "
             f"calibration data against the original's pre-activations, layer by layer. gdnt neuron mode: the "
-            f"one-shot criterion, `trim {{ criterion = gdnt, refit = least_squares }}` without `fold_bn` (whole "
+            f"one-shot criterion, `trim {{ criterion = gdnt }}` with its default `refit = auto` (`layer`: every "
+            f"consumer re-solved whole to the original layer's outputs) without `fold_bn` (whole "
             f"channels ranked by their gdnt score under the same budget; BatchNorm kept, so the fine-tuning trains "
             f"it as the peer's does). recover: `loss = kl`, "
             f"label-free (the images alone) or with labels (`label_weight = 1`), one pass; after the neuron mode's "
@@ -322,7 +323,7 @@ def gdnt(data: dict[str, torch.Tensor], quick: bool, models: list[str], neuron_o
             # the BN'd graph (no fold_bn: fine-tuning then trains BatchNorm as the peer's does)
             t0 = time.perf_counter()
             neuron = (f"budget flops <= {100 * keep:.2f}%\n  trim on type(conv) | type(linear) except "
-                      "last(type(linear)) { criterion = gdnt, refit = least_squares }")
+                      "last(type(linear)) { criterion = gdnt }")
             text = policy(n_sub, neuron)
             what = "gdnt neuron mode (channels by score, BN kept) + refit"
             one = compiled([name, label], what, model, text.replace("batch 250", "batch 64"), xs)
