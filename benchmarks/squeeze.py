@@ -171,6 +171,12 @@ def bounds_text(round_to: int, align: int = 1) -> str:
     return f"round_to = {round_to}" + (f", align = {align}" if align > 1 else "")
 
 
+def bounds_stem(name: str, round_to: int, align: int, default_round_to: int) -> str:
+    """A results file's stem: `name`, then the bounds that differ from the benchmark's defaults."""
+    return name + ("" if round_to == default_round_to else f"-round_to-{round_to}") + (
+        "" if align == 1 else f"-align-{align}")
+
+
 def run_ns(model: nn.Module, passes: list[Any], calib: torch.Tensor, policy_budget: dict[str, float] | None = None,
            round_to: int = ROUND_TO, align: int = 1) -> tuple[ns.CompileResult, float, float]:
     t0 = time.perf_counter()
@@ -612,8 +618,7 @@ def main() -> None:
     text = "\n\n".join(parts) + "\n"
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = "squeeze" if args.round_to == ROUND_TO else f"squeeze-round_to-{args.round_to}"
-    stem += "" if args.align == 1 else f"-align-{args.align}"
+    stem = bounds_stem("squeeze", args.round_to, args.align, ROUND_TO)
     stem += "" if args.search == "fast" else f"-search-{args.search}"
     out = RESULTS / (f"{stem}-quick.md" if args.quick else f"{stem}.md")
     tmp = out.with_suffix(".tmp")

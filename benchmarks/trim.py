@@ -52,7 +52,8 @@ from benchmarks.common import (
     ort_latency,
     trained,
 )
-from benchmarks.squeeze import bounds_text, flops_params, reestimate_bn, run_ns, tp_prune
+from benchmarks.squeeze import bounds_stem, bounds_text, flops_params, reestimate_bn, run_ns, tp_prune
+from netsqueeze.compiler.files import atomic_write
 from netsqueeze.passes.trim import ranking
 
 CALIB = 512  # calibration images (policy `calibrate samples`), also the peers' BatchNorm re-estimation data
@@ -256,12 +257,9 @@ def main() -> None:
     ]) + "\n"
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = "trim" + ("" if args.round_to == 1 else f"-round_to-{args.round_to}") + (
-        "" if args.align == 1 else f"-align-{args.align}")
+    stem = bounds_stem("trim", args.round_to, args.align, 1)
     out_path = RESULTS / (f"{args.out}.md" if args.out else f"{stem}-quick.md" if args.quick else f"{stem}.md")
-    tmp = out_path.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(out_path)
+    atomic_write(out_path, lambda tmp: tmp.write_text(text))
     print(f"wrote {out_path}")
 
 
