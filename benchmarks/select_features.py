@@ -11,12 +11,15 @@ one shrinks the whole stream. Calibration: the first 5,000 training images with 
 
 Rows: all features; `select_features` with its defaults (GOA keeps what it finds necessary); then at one
 quarter of the features (VGG 64, ResNet 16): `select_features { max_features = F/4, min_channels = F/4 }`
-(GOA's set, capped, or filled with the rejected features of largest gain); scikit-learn's
+(GOA's set, capped, or filled with the rejected features the last linear layer's output needs most:
+greedy least squares on the streamed Gram); scikit-learn's
 `mutual_info_classif` (k-NN estimator, 3 neighbours, random_state 0) top-k on the calibration features;
 L1 magnitude (the L1 norm of the weights reading each feature in the last linear layer) top-k; random k
 (seeded). Every baseline's set is removed by the same rewrite and least-squares refit as `select_features`
 (a benchmark-private subclass that only replaces the choice), so the rows differ only in which features are
-kept. Also at GOA's own count. Memory: the reservoir's rows × features and the refit Gram matrices, in float64.
+kept. Also at GOA's own count. On the ResNet, the F/4 choices again with `scope = consumer`: the
+features leave only the classifier's view (a gather on the last residual add's shortcut, the last block's
+second conv narrowed), the stream keeps all 64. Memory: the reservoir's rows × features and the refit Gram matrices, in float64.
 Prints the table and writes benchmarks/results/select.md (select-quick.md with --quick; with --models other than
 both, select-MODELS.md).
 
@@ -151,9 +154,9 @@ def main() -> None:
             write()
             return res, acc
 
-        def fixed(label: str, keep: list[int], after: str = "", note: str = "") -> None:
+        def fixed(label: str, keep: list[int], after: str = "", note: str = "", opts: str = "") -> None:
             FIXED["keep"] = keep
-            run(label, f"bench_select_fixed on {sel}{after}", note)
+            run(label, f"bench_select_fixed on {sel}{opts}{after}", note)
 
         goa, _ = run("select_features (GOA, defaults)", f"select_features on {sel}")
         m = goa.report.passes[0].result.metrics
@@ -188,6 +191,15 @@ def main() -> None:
                 if kk == k:
                     fixed(f"{label} + {long_rec}", keep, f"\n  {long_rec}", long_note)
             fixed(f"random, {tag}", sorted(rnd[:kk]))
+            if kk == k and consumers > 1:  # the same choices cut in the classifier's view only
+                view = " { scope = consumer }"
+                run(f"select_features, max_features = min_channels = {k}, scope = consumer",
+                    f"select_features on {sel} {{ max_features = {k}, min_channels = {k}, scope = consumer }}",
+                    "the last residual add and the classifier lose the features; the stream keeps all")
+                for label, keep in ((f"mutual_info_classif top-k, {tag}", _top(mi, kk)),
+                                    (f"L1 magnitude top-k, {tag}", _top(w.numpy(), kk)),
+                                    (f"random, {tag}", sorted(rnd[:kk]))):
+                    fixed(f"{label}, scope = consumer", keep, opts=view)
 
     for name in args.models.split(","):
         one(name)

@@ -596,6 +596,11 @@ def _slice(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
                            ex.ints(f"{node.id}.axes", [a["axis"]]), ex.ints(f"{node.id}.steps", [a.get("step", 1)])])
 
 
+@emitter("gather")
+def _gather(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
+    return ex.op("Gather", [ins[0], ex.ints(f"{node.id}.indices", list(node.attrs["indices"]))],
+                 {"axis": int(node.attrs["axis"])})
+
 @emitter("flatten")
 def _flatten(ex: _Exporter, node: Node, ins: list[gs.Tensor]) -> list[gs.Tensor]:
     rank = len(ex.ir.input_metas(node.id)[0].shape)

@@ -357,6 +357,13 @@ def _slice(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
     return b.call(operator.getitem, b.call(torch.flip, xs[0], (ax,)), (slice(None),) * ax + (fwd,))
 
 
+@emitter("gather")
+def _gather(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
+    rank = len(node.meta[0].shape)
+    holder = ParamHolder({"indices": torch.tensor(list(node.attrs["indices"]), dtype=torch.int64)}, BUFFERS)
+    index = b.fx.get_attr(f"{b.add_module(node, holder)}.indices")
+    return b.call(torch.index_select, xs[0], node.attrs["axis"] % rank, index)
+
 @emitter("flatten")
 def _flatten(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
     return b.call(torch.flatten, xs[0], node.attrs.get("start_dim", 1), node.attrs.get("end_dim", -1))

@@ -309,6 +309,17 @@ def _slice_rule(cx: Channels, node: Node, side: str, port: int, axis: int) -> No
         cx.freeze(y, f"strided slice '{node.id}' on this axis")
 
 
+def _gather_rule(cx: Channels, node: Node, side: str, port: int, axis: int) -> None:
+    """Output position j along the gathered axis is input channel indices[j]; input channels not gathered are
+    coupled with nothing past the node (the same rule as a slice, with any distinct indices)."""
+    x, y = _io(cx, node, axis)
+    if axis != node.attrs["axis"] % _here_rank(cx, node, side, port):
+        cx.tie(x, y)
+        return
+    for j, i in enumerate(node.attrs["indices"]):
+        cx.union(x[0] + i, y[0] + j)
+
+
 def reshape_map(src: tuple[int, ...], a: int, dst: tuple[int, ...]) -> tuple[int, int] | None:
     """Output axis b and block r such that dst position p along b holds source channel (p // r) % src[a]."""
     inner = math.prod(src[a + 1:])
@@ -466,6 +477,15 @@ def _slice_removed(graph: Graph, node: Node, gone: RemovedFn, old: OldShapeFn) -
         start, end, step = slice(a["start"], a["end"], attr(node, "step")).indices(shape[ax])
         new_start = start - sum(1 for p in lost if p < start)
         a["start"], a["end"] = new_start, new_start + len(range(start, end, step)) - len(gone(node.id, 0, ax))
+
+
+def _gather_removed(graph: Graph, node: Node, gone: RemovedFn, old: OldShapeFn) -> None:
+    src = graph.operands(node.id)[0]
+    ax = node.attrs["axis"] % len(old(src))
+    lost = set(gone(src[0], src[1], ax))
+    if lost:  # a gathered channel goes with its output position (the rule couples them); the rest renumber
+        node.attrs["indices"] = tuple(i - sum(1 for p in lost if p < i) for i in node.attrs["indices"]
+                                      if i not in lost)
 
 
 def _reshape_removed(graph: Graph, node: Node, gone: RemovedFn, old: OldShapeFn) -> None:
@@ -940,6 +960,22 @@ def _slice(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     shape[ax] = slice_len(size, a["start"], a["end"], a.get("step", 1))
     if is_dynamic(size):
         shape[ax] = _dynamic_slice_len(size, a["start"], a["end"], a.get("step", 1), shape[ax])
+    return [TensorMeta(tuple(shape), ins[0].dtype)]
+
+
+@op("gather", attrs={"axis": REQUIRED, "indices": REQUIRED}, channel=_gather_rule, on_remove=_gather_removed)
+def _gather(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
+    """x.index_select(axis, indices): the positions `indices` (distinct, in any order) of a fixed-size axis."""
+    a = node.attrs
+    ax = _axis(node, a["axis"], len(ins[0].shape))
+    size = ins[0].shape[ax]
+    idx = list(a["indices"])
+    if is_dynamic(size):
+        raise _fail(node, f"gathers along axis {ax}, whose size is dynamic")
+    if not idx or len(set(idx)) != len(idx) or not all(isinstance(i, int) and 0 <= i < int(size) for i in idx):
+        raise _fail(node, f"indices must be distinct integers in [0, {int(size)}), got {idx}")
+    shape = list(ins[0].shape)
+    shape[ax] = len(idx)
     return [TensorMeta(tuple(shape), ins[0].dtype)]
 
 

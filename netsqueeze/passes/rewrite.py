@@ -17,7 +17,7 @@ from netsqueeze.ir.graph import Graph, TensorMeta, Value
 from netsqueeze.ir.ops import attr, spec
 from netsqueeze.ir.weights import WeightFormError
 from netsqueeze.passes.base import PassResult
-from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups, Member
+from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups, Member, find_groups
 
 
 @dataclass(frozen=True)
@@ -130,6 +130,14 @@ def axis_vector(graph: Graph, m: Member, values: torch.Tensor) -> torch.Tensor:
     return full
 
 
+def _axis_size(graph: Graph, m: Member) -> int:
+    """The length of member `m`'s axis: positions of this group and of any other group sharing the axis."""
+    node = graph.node(m.node)
+    if m.param is not None:
+        w = node.params[m.param]
+        return int(w.shape[m.axis])
+    return int(node.meta[m.output or 0].shape[m.axis])
+
 def apply_selection(graph: Graph, groups: ChannelGroups, selection: Mapping[int, ChannelSelection]) -> PassResult:
     """Rewrites every member of every selected group, then re-infers shapes and verifies the graph.
 
@@ -154,8 +162,8 @@ def apply_selection(graph: Graph, groups: ChannelGroups, selection: Mapping[int,
         keep = sorted(set(int(k) for k in sel.keep))
         if len(keep) != len(sel.keep) or (keep and (keep[0] < 0 or keep[-1] >= group.size)):
             raise _err(group, f"keep must be distinct channel indices in 0..{group.size - 1}")
-        if not keep:
-            raise _err(group, "a selection must keep at least one channel")
+        if not keep and not all(m.positions < _axis_size(graph, m) for m in group.members):
+            raise _err(group, "a selection must keep at least one channel (its axes hold no other channels)")
         drop = [c for c in range(group.size) if c not in set(keep)]
         if not drop and sel.fold is None and sel.bias_shift is None:
             continue
@@ -286,3 +294,98 @@ def _update_attrs(graph: Graph, removed: dict[tuple[str, str, int], set[int]],
         fn = spec(node.kind).on_remove
         if fn is not None:
             fn(graph, node, gone, old)
+
+
+# ---- a cut in one consumer's view: the group's channels leave what that consumer reads, the rest stay ----------
+_CHANNELWISE = frozenset({"relu", "clip", "leaky_relu", "gelu", "silu", "sigmoid", "tanh", "hardswish",
+                          "hardsigmoid", "identity", "max_pool", "avg_pool", "adaptive_avg_pool"})
+_ELEMENTWISE = frozenset({"add", "sub", "mul", "div"})
+
+
+def view_frontier(graph: Graph, consumer: str) -> list[tuple[Value, str, int]] | str:
+    """The edges (value, user, port) nearest the producers from which `consumer`'s input (port 0) is computed by
+    ops that act on each channel of axis 1 alone and that nothing else reads: elementwise ops and pooling
+    (binary ones on operands of the output's shape; an operand broadcast along axis 1 stays out), and a flatten
+    of [N, C, 1, ...]. A gather of axis 1 placed on these edges therefore changes only what `consumer` reads.
+    A string says why there is no such cut."""
+    out: list[tuple[Value, str, int]] = []
+    todo: list[tuple[Value, str, int]] = [(graph.operands(consumer)[0], consumer, 0)]
+    while todo:
+        v, user, port = todo.pop()
+        node = graph.node(v[0])
+        shape = graph.meta_of(v).shape
+        ins = graph.operands(node.id)
+        if len(shape) < 2 or graph.value_users(v) != [(user, port)]:
+            out.append((v, user, port))
+        elif (node.kind in _CHANNELWISE and len(ins) == 1) or (
+                node.kind == "flatten" and attr(node, "start_dim") == 1
+                and graph.meta_of(ins[0]).shape[1] == shape[1] and len(graph.meta_of(ins[0]).shape) >= 2):
+            todo.append((ins[0], node.id, 0))
+        elif node.kind in _ELEMENTWISE:
+            for i, o in enumerate(ins):
+                s = graph.meta_of(o).shape
+                if tuple(s) == tuple(shape):
+                    todo.append((o, node.id, i))
+                elif len(s) >= len(shape) - 1 and int(s[1 - len(shape) + len(s)]) != 1:
+                    return f"{node.kind} '{node.id}' broadcasts operand {i} of shape {list(s)} along the channels"
+        else:
+            out.append((v, user, port))
+    return sorted(out, key=lambda e: (e[1], e[2]))
+
+
+def cut_view(graph: Graph, group: ChannelGroup, consumer: str, keep: Sequence[int], fold: torch.Tensor,
+             shift: torch.Tensor) -> PassResult:
+    """Removes the channels of `group` not in `keep` from what linear `consumer` reads, and from nothing else.
+
+    A `gather` of the kept channels goes on every edge of `view_frontier(graph, consumer)`, so the ops between
+    there and `consumer` carry only the kept channels while the group's other consumers (a residual stream's
+    next block) still read every channel. The consumer's weight is folded as `apply_selection` folds one:
+    W'[o, s] = Σ_c W[o, c]·T[s, c] with `fold` T [k, C], and its bias takes Σ_c W[o, c]·shift[c]. Channels
+    that only the gathers read afterwards (a residual branch's last conv, which fed the consumer alone) are
+    removed through `apply_selection`; a gather left taking every channel in order is bypassed. Raises
+    `NetsqueezeError` naming the consumer when the cut cannot be placed."""
+    keep = sorted(int(k) for k in keep)
+    node = graph.node(consumer)
+    values = {(m.node, m.output or 0): m for m in group.members if m.param is None}
+    mem = next((m for m in group.members_of("consumer") if m.node == consumer and m.param == "weight"), None)
+    frontier = view_frontier(graph, consumer)
+    why = frontier if isinstance(frontier, str) else None
+    if why is None and (node.kind != "linear" or mem is None or any(len(p) != 1 for p in mem.index)
+                        or mem.positions != _axis_size(graph, mem)):
+        why = "it is not a linear layer reading this group's channels alone, one position each"
+    if why is None and any(e[0] not in values for e in frontier):
+        why = "a value on the way to it does not carry this group's channels"
+    if why is not None:
+        raise NetsqueezeError(Diagnostic(f"channel group {group.id}: cannot remove channels from '{consumer}''s "
+                                         f"view only: {why}", node=consumer))
+    assert not isinstance(frontier, str) and mem is not None
+    gathers = []
+    for v, user, port in frontier:
+        idx = tuple(values[v].index[c][0] for c in keep)
+        gid = graph.add_node(f"{user}.select", "gather", [v], attrs={"axis": 1, "indices": idx}, unique=True)
+        graph.set_operand(user, port, (gid, 0))
+        gathers.append(gid)
+    w = node.dense("weight").double()
+    cols = w[:, [p[0] for p in mem.index]]  # [out, C] in group channel order
+    dtype = node.dense("weight").dtype
+    delta = cols @ shift.double()
+    node.params["bias"] = (delta if "bias" not in node.params else node.dense("bias").double() + delta).to(dtype)
+    node.params["weight"] = (cols @ fold.double().T).to(dtype).contiguous()
+    graph.infer_shapes()
+    # channels the gathers dropped that nothing else reads: their producers stop computing them
+    groups = find_groups(graph)
+    fed = {graph.operands(g)[0] for g in gathers}
+    dead = {g.id: ChannelSelection(keep=[]) for g in groups if g.frozen is None and not g.members_of("consumer")
+            and any(m.param is None and (m.node, m.output or 0) in fed for m in g.members)}
+    touched = {consumer, *gathers}
+    if dead:
+        touched |= apply_selection(graph, groups, dead).touched
+    for g in gathers:
+        src = graph.operands(g)[0]
+        if tuple(graph.node(g).attrs["indices"]) == tuple(range(int(graph.meta_of(src).shape[1]))):
+            graph.replace_uses((g, 0), src)
+            graph.remove_node(g)
+            touched.discard(g)
+    graph.infer_shapes()
+    graph.verify()
+    return PassResult(changed=True, touched=touched)

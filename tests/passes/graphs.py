@@ -144,6 +144,8 @@ def run(graph: Graph, inputs: Sequence[torch.Tensor], extra: Sequence[Value] = (
             idx = [slice(None)] * xs[0].dim()
             idx[a["axis"]] = slice(a["start"], a["end"], a.get("step", 1))
             y = xs[0][tuple(idx)]
+        elif k == "gather":
+            y = xs[0].index_select(a["axis"], torch.tensor(list(a["indices"])))
         elif k == "max_pool":
             y = F.max_pool2d(xs[0], a["kernel"], a["stride"])
         elif k == "adaptive_avg_pool":

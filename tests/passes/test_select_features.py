@@ -355,3 +355,58 @@ def test_linear_consumer_behind_another_is_refit_on_what_it_reads_after_the_remo
     got = torch.cat([g.node("fc3").dense("weight").double().T, g.node("fc3").dense("bias").double()[None]])
     assert _matches_one(got, _ridge_solutions(z, target))
     assert "layer refit: 2 of 2 layers refit whole by least squares to the pass-start outputs" in out.notes
+
+
+def test_scope_consumer_cuts_the_last_layers_view_only_and_refits_it_by_least_squares() -> None:
+    """h (fc1's 8 features) is read by fc2 and, through the add, by fc3: with `scope = consumer` a gather of the
+    kept features goes on the add's h operand, fc2 keeps reading all 8 and computes only the kept rows (the
+    others fed the add alone), and fc3 is the least-squares fit (with intercept) of its original outputs on
+    the kept features of the add's original output."""
+    g = _residual_graph()
+    ref = g.copy()
+    xs = [torch.randn(256, 4, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    ys = [_sign_labels(g, xb) % 4 for xb in xs]
+    out = SelectFeatures(reservoir=16, max_features=5, min_channels=5, scope="consumer").run(
+        g, _labelled_ctx(xs, ys, selected=frozenset({"fc1", "fc2"})))
+    g.verify()
+    gathers = [n for n in g.nodes() if n.kind == "gather"]
+    assert len(gathers) == 1 and g.operands(gathers[0].id) == [("fc1", 0)] and g.users(gathers[0].id) == [("add", 0, 0)]
+    keep = list(gathers[0].attrs["indices"])
+    assert len(keep) == 5 and keep == sorted(keep)
+    assert g.node("fc1").params["weight"].shape == (8, 4) and torch.equal(g.node("fc1").params["weight"],
+                                                                          ref.node("fc1").params["weight"])
+    assert torch.equal(g.node("fc2").params["weight"], ref.node("fc2").params["weight"][keep])
+    assert g.node("fc3").params["weight"].shape == (3, 5) and "layers_refit" not in out.metrics
+    x = torch.cat(xs)
+    s = run(ref, [x], [("add", 0)])[-1].double()
+    a = torch.cat([s[:, keep], torch.ones(len(x), 1, dtype=torch.float64)], 1)
+    want = torch.linalg.lstsq(a, run(ref, [x])[0].double()).solution
+    got = torch.cat([g.node("fc3").dense("weight").double().T, g.node("fc3").dense("bias").double()[None]])
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), float((got - want).abs().max())
+    assert out.notes[-1] == ("group 1: features removed from 'fc3''s view only (scope = consumer); its other "
+                             "consumers read all 8")
+    assert out.metrics["params_ratio"] == pytest.approx((40 + 45 + 18) / (40 + 72 + 27))  # fc1, fc2 5 rows, fc3
+
+
+def test_scope_consumer_fill_follows_the_consumers_output_and_refuses_a_budget() -> None:
+    """Past GOA's own set, the kept features are the ones fc3's output needs most (greedy least squares on the
+    streamed Gram): with fc3 reading features 2 and 6 alone, and GOA capped at one, the second kept is whichever
+    of them GOA did not keep. A budget is refused: it meters the group cut, not the view cut."""
+    g = _residual_graph()
+    w3 = torch.zeros(3, 8)
+    w3[:, 2], w3[:, 6] = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([0.3, 1.0, -1.0])
+    g.node("fc3").params["weight"] = w3
+    xs = [torch.randn(256, 4, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    ys = [_sign_labels(g, xb) % 4 for xb in xs]
+    ref = g.copy()
+    SelectFeatures(reservoir=16, max_features=2, min_channels=2, threshold=1.0, scope="consumer").run(
+        g, _labelled_ctx(xs, ys, selected=frozenset({"fc1", "fc2"})))
+    assert list(next(n for n in g.nodes() if n.kind == "gather").attrs["indices"]) == [2, 6]
+    xt = torch.randn(300, 4, generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(run(ref, [xt])[0], run(g, [xt])[0], rtol=1e-4, atol=1e-4)
+    g = _residual_graph()
+    with pytest.raises(NetsqueezeError) as e:
+        SelectFeatures(reservoir=16, scope="consumer").run(
+            g, _labelled_ctx(xs, ys, selected=frozenset({"fc1", "fc2"}), budget={"params": 0.7}))
+    assert e.value.message == ("select_features: scope = consumer removes features from the classifier's view only, "
+                               "which a flops/params/bytes budget does not meter; use scope = group under a budget")

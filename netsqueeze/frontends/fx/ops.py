@@ -252,6 +252,17 @@ def _slice(cx: _Capture, a: dict[str, Any]) -> Value:
     return (cx.emit("slice", [x], {"axis": dim, "start": start, "end": end, "step": int(a.get("step", 1))}), 0)
 
 
+@handles("index_select")
+def _index_select(cx: _Capture, a: dict[str, Any]) -> Value:
+    """x.index_select(dim, index) with a constant 1-d index of distinct positions: a gather."""
+    if not cx.is_const(a["index"]):
+        raise _Unmappable("index_select with an activation index")
+    dim = int(a["dim"]) % len(cx.shape(a["self"]))
+    idx = [int(i) % cx.shape(a["self"])[dim] for i in cx.const(a["index"]).reshape(-1).tolist()]
+    if len(set(idx)) != len(idx):
+        raise _Unmappable("index_select with repeated positions")
+    return (cx.emit("gather", [cx.val(a["self"])], {"axis": dim, "indices": tuple(idx)}), 0)
+
 @handles("flatten")
 def _flatten(cx: _Capture, a: dict[str, Any]) -> Value:
     return (cx.emit("flatten", [cx.val(a["self"])],

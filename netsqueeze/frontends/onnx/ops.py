@@ -596,6 +596,18 @@ def _gather(imp: _Importer, n: gs.Node) -> bool:
         sl = imp.emit("slice", [imp.value(n.inputs[0])], {"axis": axis, "start": start, "end": end, "step": 1},
                       suffix="slice")
         return _bind(imp, n, imp.emit("squeeze", [sl], {"axes": [axis]}))
+    if isinstance(ind, np.ndarray) and ind.ndim == 1 and len(ind) and table is None:
+        # x.index_select(axis, ind) with distinct constant positions of a fixed-size axis
+        shape = imp.meta(n.inputs[0]).shape
+        axis = _axis(imp, n, int(n.attrs.get("axis", 0)), len(shape))
+        if is_dynamic(shape[axis]):
+            return False
+        size = int(shape[axis])
+        if not all(-size <= int(i) < size for i in ind):
+            raise _refuse(imp, n, f"an index is out of range for axis {axis} of size {size}")
+        idx = tuple(int(i) % size for i in ind)
+        if len(set(idx)) == len(idx):
+            return _bind(imp, n, imp.emit("gather", [imp.value(n.inputs[0])], {"axis": axis, "indices": idx}))
     return False
 
 
