@@ -257,7 +257,10 @@ class SqueezeFold(TransformPass):
             mode = "parallel"
             out = self._squeeze(graph, ctx, groups, keeps, plans, mode)
             result.notes.append(f"cascade reached {check[1]:.2%}, over the guard: kept the parallel fold")
-        out.notes = [*result.notes, *out.notes, f"squeezed {len(keeps)} groups ({mode}): "
+        par = int(out.metrics.pop("groups_parallel"))
+        how = (mode if mode == "parallel" or par == 0 else "parallel folds, every consumer re-solved whole"
+               if par == len(keeps) else f"{par} in parallel, {len(keeps) - par} in cascade")
+        out.notes = [*result.notes, *out.notes, f"squeezed {len(keeps)} groups ({how}): "
                      + ", ".join(f"{groups[g].size}->{len(k)}" for g, k in sorted(keeps.items()))]
         return out
 
@@ -281,6 +284,7 @@ class SqueezeFold(TransformPass):
                 out.notes.append(f"refit = layer: {len(par)} of {len(keeps)} groups folded in parallel (each of "
                                  "their consumers re-solved whole), the rest in cascade")
             refit_layers(graph, ref, ctx, *layer_plan(ref, groups, keeps), out.notes, "layer refit")
+        out.metrics["groups_parallel"] = float(len(par))  # read by the closing note
         return out
 
     def _cascade(self, graph: Graph, ref: Graph, ctx: PassContext, groups: ChannelGroups,
