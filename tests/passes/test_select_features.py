@@ -410,3 +410,58 @@ def test_scope_consumer_fill_follows_the_consumers_output_and_refuses_a_budget()
             g, _labelled_ctx(xs, ys, selected=frozenset({"fc1", "fc2"}), budget={"params": 0.7}))
     assert e.value.message == ("select_features: scope = consumer removes features from the classifier's view only, "
                                "which a flops/params/bytes budget does not meter; use scope = group under a budget")
+
+
+class _TinyResNet(nn.Module):
+    """stem conv (8) = s; t = relu(c2(relu(c1(s))) + s); fc(pool(t)): s's 8 channels are read by c1 and, after
+    the add and the pooling, by fc."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.c1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = torch.relu(self.stem(x))
+        t = torch.relu(self.c2(torch.relu(self.c1(s))) + s)
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(t, 1), 1))
+
+
+def test_scope_consumer_on_torch_and_onnx_inputs_gives_the_same_model(tmp_path: Path) -> None:
+    """Both routes: a gather of the kept 3 features on the add's shortcut, c2 computing 3 channels, the stem and
+    c1 untouched, fc [4, 3]; the two compiled models agree (1e-4), and the torch one equals the original's c1
+    on the stem (the stream is not cut)."""
+    import warnings
+
+    import onnx
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    m = _TinyResNet().eval()
+    x = torch.randn(512, 1, 6, 6, generator=torch.Generator().manual_seed(3))
+    path = tmp_path / "xy.npz"
+    y = (x.mean((1, 2, 3)) > 0).long() + 2 * (x[:, 0, 0, 0] > 0).long()  # 4 classes from the input
+    np.savez(path, x=x.numpy(), labels=y.numpy())
+    text = ("policy p { select_features on first(type(conv)) | last(type(conv)) { max_features = 3, "
+            "min_channels = 3, scope = consumer } }")
+    r = ns.compile(m, text, example_inputs=(x[:4],), calibration=path)
+    f = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(m, (x[:4],), str(f), dynamo=False, opset_version=17, input_names=["x"],
+                          dynamic_axes={"x": {0: "n"}})
+    ro = ns.compile(onnx.load(str(f)), text,
+                    example_inputs=(x[:4],), calibration=path, target="onnx")
+    for res in (r, ro):
+        convs = [n for n in res.graph.nodes() if n.kind == "conv"]
+        assert [tuple(n.dense("weight").shape) for n in convs] == [(8, 1, 3, 3), (8, 8, 3, 3), (3, 8, 3, 3)]
+        gathers = [n for n in res.graph.nodes() if n.kind == "gather"]
+        assert len(gathers) == 1 and len(gathers[0].attrs["indices"]) == 3
+        assert next(n for n in res.graph.nodes() if n.kind == "linear").dense("weight").shape == (4, 3)
+    assert torch.equal(r.graph.node("c1").dense("weight"), m.c1.weight) and torch.equal(
+        r.graph.node("stem").dense("weight"), m.stem.weight)
+    assert isinstance(ro.model, onnx.ModelProto)
+    out = ort.InferenceSession(ro.model.SerializeToString()).run(None, {"x": x.numpy()})[0]
+    assert np.abs(out - r.model(x).numpy()).max() < 1e-4
