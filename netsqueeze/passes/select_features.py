@@ -90,23 +90,24 @@ def _viewed(sites: list[_Site], grams: list[_Gram], consumer: str | None) -> tup
 def _reconstruction_order(gram: torch.Tensor, w: torch.Tensor, kept: list[int]) -> list[int]:
     """The features not in `kept`, in the order a greedy forward selection adds them to best reproduce the
     consumer's output A·Wᵀ (`w` [out, C], group channel order) from the kept ones and an intercept by least
-    squares, from the streamed Gram Σ[a, 1]ᵀ[a, 1] alone: each step adds the feature that most raises
-    tr(Pₛᵀ Gₛₛ⁻¹ Pₛ), P = G[:, :C]·Wᵀ, S the kept and added features and the intercept (ridge 1e-10 of the mean
-    diagonal)."""
+    squares, from the streamed Gram G = Σ[a, 1]ᵀ[a, 1] alone (ridge 1e-10 of the mean diagonal). With
+    P = G[:, :C]·Wᵀ and S the features chosen so far (with the intercept), feature j raises the reproduced
+    output energy tr(Pₛᵀ Gₛₛ⁻¹ Pₛ) by ‖Pⱼ − Gⱼₛ Gₛₛ⁻¹ Pₛ‖² / (Gⱼⱼ − Gⱼₛ Gₛₛ⁻¹ Gₛⱼ) (the Schur complement), all
+    candidates scored by one solve per step; the largest goes next (the first on a tie). A feature that is a
+    linear function of S (relative Schur complement under 1e-12) scores 0, so copies come last."""
     c = w.shape[1]
+    g = gram + 1e-10 * float(gram.diagonal().mean()) * torch.eye(c + 1, dtype=torch.float64)
     p = gram[:, :c] @ w.T.double()  # [C+1, out]
-    ridge = 1e-10 * float(gram.diagonal().mean())
     chosen = [*kept, c]
     rest = [j for j in range(c) if j not in set(kept)]
     order: list[int] = []
     while rest:
-        best, best_score = rest[0], -math.inf
-        for j in rest:
-            idx = [*chosen, j]
-            a = gram[idx][:, idx] + ridge * torch.eye(len(idx), dtype=torch.float64)
-            score = float((p[idx] * torch.linalg.solve(a, p[idx])).sum())
-            if score > best_score:
-                best, best_score = j, score
+        cross = g[chosen][:, rest]
+        q = torch.linalg.solve(g[chosen][:, chosen], cross)  # [S, R]
+        d = g[rest, rest] - (cross * q).sum(0)
+        r = p[rest] - q.T @ p[chosen]
+        score = torch.where(d > 1e-12 * g[rest, rest], (r * r).sum(1) / d.clamp_min(1e-300), torch.zeros_like(d))
+        best = rest[int(torch.argmax(score))]
         order.append(best)
         chosen.append(best)
         rest.remove(best)
