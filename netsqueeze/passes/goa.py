@@ -59,7 +59,8 @@ class GoaResult:
     evaluations: int = 0  # class-conditional dependency estimates (MSTs per class pair) computed
     dependency: float = 0.0  # CGD of the kept set
     history: list[tuple[int, str]] = field(default_factory=list)  # (feature, "admit" | "reject" | "discard")
-    # the rejected features in the order to add them back when more must be kept (bounds, guard): largest gain
+    # the rejected features in the order to add them back when more must be kept (bounds, guard; `select_features`
+    # replaces it by its classifier's reconstruction order where it can): largest gain
     # first, each skipped while it is a linear function of the kept and earlier added ones
     fill: list[int] = field(default_factory=list)
 

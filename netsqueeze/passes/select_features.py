@@ -181,7 +181,7 @@ class SelectFeatures(TransformPass):
     as `trim`'s: the largest count that meets the budget (one common fraction of every selected group's cap —
     `max_features` / `max_fraction`, else its size — bisected, each candidate's FLOPs/params/bytes metered
     exactly by a dry run of the rewrite), within the bounds. GOA runs capped at that count and its set is
-    filled up to it with the rejected features of largest gain; `BudgetError` (at the group's first producer)
+    filled up to it in the fill order (above); `BudgetError` (at the group's first producer)
     when the fewest features the bounds allow miss the budget. The counts are then fixed: a `guard` is
     measured and noted, not searched.
 
@@ -306,7 +306,8 @@ class SelectFeatures(TransformPass):
     def _bounded(self, g: ChannelGroup, ctx: PassContext, goa: GoaResult, extra: int, target: int | None = None
                  ) -> list[int]:
         """GOA's kept set plus `extra` rejected features, raised to the bounds' count (to `target`, the budget's
-        count, when given); added features are the rejected ones of largest gain, those that are linear
+        count, when given); added features follow `goa.fill`: the last linear consumer's reconstruction order
+        where `run` set it, else the rejected ones of largest gain, those that are linear
         functions of the kept and added ones last."""
         want = group_bounds(g, ctx, self.min_channels, self.round_to).clamp(len(goa.kept) + extra)
         if target is not None:
@@ -415,7 +416,7 @@ class SelectFeatures(TransformPass):
                  collected: dict[int, tuple[ClassReservoirs, list[_Gram]]], goas: dict[int, GoaResult],
                  sel: dict[int, ChannelSelection], notes: list[str], views: dict[int, str]
                  ) -> dict[int, ChannelSelection]:
-        """Adds back rejected features (largest gain first), 1, 2, 4, ... per group, until the guard holds."""
+        """Adds back rejected features (in the fill order), 1, 2, 4, ... per group, until the guard holds."""
         extra = 0
         while True:
             trial = graph.copy()
