@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -241,3 +242,59 @@ def test_zoo_model_with_batchnorm_refits_layer_by_layer(name: str) -> None:
     assert res.report.calibration_passes <= 8
     notes = next(r for r in res.report.passes if r.name == "trim").result.notes
     assert any(n.startswith("gdnt refit: ") and "consumers refit by ridge least squares" in n for n in notes)
+
+
+def test_gdnt_groups_on_an_onnx_input_matches_the_torch_route_and_answers_to_the_guard(tmp_path: Any) -> None:
+    """The same small residual CNN, captured from torch and from its ONNX export, cut by GDNT groups to 70% of
+    its FLOPs with the refit: the same channel counts per conv and outputs within 1e-4 of each other (ONNX
+    Runtime for the ONNX route). A guard the cut misses is a `BudgetError` at the guard line naming what was
+    reached."""
+    import warnings
+
+    import onnx
+    import onnxruntime as ort
+
+    import netsqueeze as ns
+    from netsqueeze.errors import BudgetError
+
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1 = torch.nn.Conv2d(2, 16, 3, padding=1)
+            self.c2 = torch.nn.Conv2d(16, 16, 3, padding=1)
+            self.fc = torch.nn.Linear(16, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.c1(x))
+            h = torch.relu(self.c2(h) + h)
+            return self.fc(h.mean((2, 3)))
+
+    model = Net().eval()
+    calib = torch.randn(512, 2, 8, 8, generator=torch.Generator().manual_seed(1))
+    f = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (calib[:2],), str(f), dynamo=False, opset_version=17, input_names=["x"],
+                          dynamic_axes={"x": {0: "n"}})
+    body = ("  calibrate samples 512, batch 128\n  budget flops <= 70%\n  trim on type(conv) { criterion = gdnt, "
+            "gdnt_mode = groups, gdnt_child_groups = 4 }\n")
+    rt = ns.compile(model, f"policy p {{\n{body}}}\n", example_inputs=(calib[:2],), calibration=calib)
+    ro = ns.compile(onnx.load(str(f)), f"policy p {{\n{body}}}\n", example_inputs=(calib[:2],), calibration=calib,
+                    target="onnx")
+    shapes = [[tuple(n.dense("weight").shape) for n in r.graph.nodes() if n.kind in ("conv", "linear")]
+              for r in (rt, ro)]
+    assert shapes[0] == shapes[1] and shapes[0] != [(16, 2, 3, 3), (16, 16, 3, 3), (5, 16)]
+    assert rt.report.after.flops <= 0.7 * rt.report.before.flops
+    assert isinstance(ro.model, onnx.ModelProto)
+    out = ort.InferenceSession(ro.model.SerializeToString()).run(None, {"x": calib.numpy()})[0]
+    with torch.no_grad():
+        assert np.abs(out - rt.model(calib).numpy()).max() < 1e-4
+    with pytest.raises(BudgetError) as e:
+        ns.compile(model, f"policy p {{\n{body}  guard output error <= 0.01%\n}}\n", example_inputs=(calib[:2],),
+                   calibration=calib)
+    d = e.value.diagnostics[0]
+    assert d.span is not None and (d.span.line, d.span.col) == (5, 9)
+    assert d.message.startswith("guard output error <= 0.01% not met: reached ") and d.message.endswith("%")
+    assert float(d.message.rsplit(" ", 1)[1].rstrip("%")) > 1.0  # the cut's error, far over the limit
