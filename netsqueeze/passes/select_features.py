@@ -124,9 +124,13 @@ def _apply(graph: Graph, groups: ChannelGroups, sel: dict[int, ChannelSelection]
         if gid not in sel:
             continue
         old, s = groups[gid], sel[gid]
-        now = next(g for g in find_groups(graph)
-                   if (g.producers, g.consumers, g.size) == (old.producers, old.consumers, old.size))
-        mem = next(m for m in now.members_of("consumer") if m.node == consumer and m.param == "weight")
+        now = next((g for g in find_groups(graph)
+                    if (g.producers, g.consumers, g.size) == (old.producers, old.consumers, old.size)), None)
+        mem = None if now is None else next(
+            (m for m in now.members_of("consumer") if m.node == consumer and m.param == "weight"), None)
+        if now is None or mem is None:
+            raise NetsqueezeError(Diagnostic(f"select_features: group {gid} read by '{consumer}' changed under the "
+                                             "other groups' cuts; select it in a pass of its own", node=consumer))
         assert isinstance(s.fold, dict) and isinstance(s.bias_shift, dict)  # `_refit`'s
         fold = s.fold[consumer]
         assert isinstance(fold, SharedFold)
@@ -222,6 +226,13 @@ class SelectFeatures(TransformPass):
         # scope = consumer: a group read by several layers loses the features in its observed consumer's view only
         views = {g.id: _observed(sites).consumer.node for g, sites in cands
                  if self.scope == "consumer" and len(sites) > 1}
+        for g, sites in cands:
+            obs = _observed(sites)
+            if g.id in views and not (obs.kind == "linear" and obs.foldable):
+                raise NetsqueezeError(Diagnostic(
+                    f"select_features: scope = consumer cuts the view of the group's last linear consumer, reading "
+                    f"one position per feature; group {g.id} is read by '{obs.consumer.node}' ({obs.kind}"
+                    f"{'' if obs.foldable else ', features spread over blocks'})", node=obs.consumer.node))
         if views and budget:
             raise NetsqueezeError(Diagnostic(
                 "select_features: scope = consumer removes features from the classifier's view only, which a "

@@ -465,3 +465,26 @@ def test_scope_consumer_on_torch_and_onnx_inputs_gives_the_same_model(tmp_path: 
     assert isinstance(ro.model, onnx.ModelProto)
     out = ort.InferenceSession(ro.model.SerializeToString()).run(None, {"x": x.numpy()})[0]
     assert np.abs(out - r.model(x).numpy()).max() < 1e-4
+
+
+def test_scope_consumer_needs_a_linear_reader_one_position_per_feature(tmp_path: Path) -> None:
+    class ConvHead(_TinyResNet):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            s = torch.relu(self.stem(x))
+            return self.head(torch.relu(self.c2(torch.relu(self.c1(s))) + s)).mean((2, 3))
+
+    torch.manual_seed(0)
+    m = ConvHead().eval()
+    x = torch.randn(256, 1, 6, 6, generator=torch.Generator().manual_seed(3))
+    path = tmp_path / "xy.npz"
+    np.savez(path, x=x.numpy(), labels=((x.mean((1, 2, 3)) > 0).long() + 2 * (x[:, 0, 0, 0] > 0).long()).numpy())
+    with pytest.raises(NetsqueezeError) as e:
+        ns.compile(m, "policy p { select_features on stem | c2 { max_features = 3, scope = consumer } }",
+                   example_inputs=(x[:4],), calibration=path)
+    d = e.value.diagnostics[0]
+    assert d.message == ("pass 'select_features' (<policy>:1) failed: select_features: scope = consumer cuts the view of the group's last linear consumer, "
+                         "reading one position per feature; group 1 is read by 'head' (conv)") and d.node == "head"
