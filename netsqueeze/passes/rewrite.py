@@ -215,45 +215,9 @@ def apply_selection(graph: Graph, groups: ChannelGroups, selection: Mapping[int,
         return PassResult(changed=False)
     # biases first: t₀ passes through the original weights
     for m, shift in bias_updates:
-        node = graph.node(m.node)
-        bias_name, out_axis = spec(node.kind).bias[m.target]
-        w = node.dense(m.target).double()
-        if grouped_input(graph, m):  # shift over all input channels; output o reads its own group's slice
-            per_group = shift.double().reshape(node.attrs["groups"], 1, -1)  # [G, 1, per_in]
-            w_g = w.reshape(node.attrs["groups"], -1, *w.shape[1:])  # [G, out/G, per_in, taps...]
-            s = per_group.reshape(*per_group.shape, *[1] * (w.dim() - 2))
-            delta = (w_g * s).sum(dim=list(range(2, w_g.dim()))).reshape(-1)
-        else:
-            s = shift.double().reshape([-1 if i == m.axis else 1 for i in range(w.dim())])
-            delta = (w * s).sum(dim=[i for i in range(w.dim()) if i != out_axis])
-            if node.kind == "conv_transpose":
-                # a strided transposed conv spreads each input position's taps over stride-many outputs: an
-                # output position sees on average taps / Π stride of them, so a constant input adds that share
-                delta = delta / math.prod(node.attrs["stride"])
-        if bias_name not in node.params:
-            node.params[bias_name] = torch.zeros(w.shape[out_axis], dtype=node.params[m.target].dtype,
-                                                 device=w.device)
-        node.params[bias_name] = (node.dense(bias_name).double() + delta).to(node.params[m.target].dtype)
+        _shift_bias(graph, m, shift)
     for m, keep, f in folds:
-        node = graph.node(m.node)
-        w = node.dense(m.target)
-        t = f.t
-        if isinstance(f, GroupFold):  # grouped conv: output group γ gets T[γ]
-            wg = w.double().reshape(t.shape[0], -1, *w.shape[1:]).movedim(2, -1)  # [G, out/G, taps..., per_in]
-            folded = torch.einsum("go...c,gsc->go...s", wg, t.double())
-            out = wg.clone()
-            out[..., keep] = folded
-            node.params[m.target] = out.movedim(-1, 2).reshape(w.shape).to(w.dtype).contiguous()
-            continue
-        wm = w.double().movedim(m.axis, -1)
-        idx = torch.tensor([list(p) for p in m.index])  # [channels, block]
-        wc = wm[..., idx]  # [..., channels, block]
-        if isinstance(f, BlockFold):  # kept channel s at block position i stands in for channel c at position j
-            folded = torch.einsum("...cj,sicj->...si", wc, t.double())
-        else:
-            folded = torch.einsum("...cj,sc->...sj", wc, t.double())
-        wm[..., idx[keep]] = folded
-        node.params[m.target] = wm.movedim(-1, m.axis).to(w.dtype).contiguous()
+        _fold_weight(graph, m, keep, f)
     # a bias the dependency analysis did not see (added since, by this rewrite's compensation or by a pass's
     # refit before it) shrinks with its weight's output axis
     for (nid, target, axis), pos in list(removed.items()):
@@ -277,6 +241,54 @@ def apply_selection(graph: Graph, groups: ChannelGroups, selection: Mapping[int,
     graph.infer_shapes()
     graph.verify()
     return PassResult(changed=True, touched=touched)
+
+
+def _shift_bias(graph: Graph, m: Member, shift: torch.Tensor) -> None:
+    """Adds to consumer member `m`'s bias what its weight makes of the constant input `shift` (float64, over
+    the member's whole input axis): a reconstruction's intercept, or removed channels' means."""
+    node = graph.node(m.node)
+    bias_name, out_axis = spec(node.kind).bias[m.target]
+    w = node.dense(m.target).double()
+    if grouped_input(graph, m):  # shift over all input channels; output o reads its own group's slice
+        per_group = shift.double().reshape(node.attrs["groups"], 1, -1)  # [G, 1, per_in]
+        w_g = w.reshape(node.attrs["groups"], -1, *w.shape[1:])  # [G, out/G, per_in, taps...]
+        s = per_group.reshape(*per_group.shape, *[1] * (w.dim() - 2))
+        delta = (w_g * s).sum(dim=list(range(2, w_g.dim()))).reshape(-1)
+    else:
+        s = shift.double().reshape([-1 if i == m.axis else 1 for i in range(w.dim())])
+        delta = (w * s).sum(dim=[i for i in range(w.dim()) if i != out_axis])
+        if node.kind == "conv_transpose":
+            # a strided transposed conv spreads each input position's taps over stride-many outputs: an
+            # output position sees on average taps / Π stride of them, so a constant input adds that share
+            delta = delta / math.prod(node.attrs["stride"])
+    if bias_name not in node.params:
+        node.params[bias_name] = torch.zeros(w.shape[out_axis], dtype=node.params[m.target].dtype,
+                                             device=w.device)
+    node.params[bias_name] = (node.dense(bias_name).double() + delta).to(node.params[m.target].dtype)
+
+
+def _fold_weight(graph: Graph, m: Member, keep: list[int], f: Fold) -> None:
+    """Folds reconstruction `f` into consumer member `m`'s weight in place: the kept channels' positions
+    take what the removed channels contributed (their positions are sliced away afterwards)."""
+    node = graph.node(m.node)
+    w = node.dense(m.target)
+    t = f.t
+    if isinstance(f, GroupFold):  # grouped conv: output group γ gets T[γ]
+        wg = w.double().reshape(t.shape[0], -1, *w.shape[1:]).movedim(2, -1)  # [G, out/G, taps..., per_in]
+        folded = torch.einsum("go...c,gsc->go...s", wg, t.double())
+        out = wg.clone()
+        out[..., keep] = folded
+        node.params[m.target] = out.movedim(-1, 2).reshape(w.shape).to(w.dtype).contiguous()
+        return
+    wm = w.double().movedim(m.axis, -1)
+    idx = torch.tensor([list(p) for p in m.index])  # [channels, block]
+    wc = wm[..., idx]  # [..., channels, block]
+    if isinstance(f, BlockFold):  # kept channel s at block position i stands in for channel c at position j
+        folded = torch.einsum("...cj,sicj->...si", wc, t.double())
+    else:
+        folded = torch.einsum("...cj,sc->...sj", wc, t.double())
+    wm[..., idx[keep]] = folded
+    node.params[m.target] = wm.movedim(-1, m.axis).to(w.dtype).contiguous()
 
 
 def _update_attrs(graph: Graph, removed: dict[tuple[str, str, int], set[int]],
@@ -318,8 +330,7 @@ def view_frontier(graph: Graph, consumer: str) -> list[tuple[Value, str, int]] |
         if len(shape) < 2 or graph.value_users(v) != [(user, port)]:
             out.append((v, user, port))
         elif (node.kind in _CHANNELWISE and len(ins) == 1) or (
-                node.kind == "flatten" and attr(node, "start_dim") == 1
-                and graph.meta_of(ins[0]).shape[1] == shape[1] and len(graph.meta_of(ins[0]).shape) >= 2):
+                node.kind == "flatten" and attr(node, "start_dim") == 1 and graph.meta_of(ins[0]).shape[1:2] == shape[1:2]):
             todo.append((ins[0], node.id, 0))
         elif node.kind in _ELEMENTWISE:
             for i, o in enumerate(ins):
@@ -333,18 +344,17 @@ def view_frontier(graph: Graph, consumer: str) -> list[tuple[Value, str, int]] |
     return sorted(out, key=lambda e: (e[1], e[2]))
 
 
-def cut_view(graph: Graph, group: ChannelGroup, consumer: str, keep: Sequence[int], fold: torch.Tensor,
-             shift: torch.Tensor) -> PassResult:
-    """Removes the channels of `group` not in `keep` from what linear `consumer` reads, and from nothing else.
+def cut_view(graph: Graph, group: ChannelGroup, consumer: str, sel: ChannelSelection) -> PassResult:
+    """Removes the channels of `group` not in `sel.keep` from what linear `consumer` reads, and from nothing else.
 
     A `gather` of the kept channels goes on every edge of `view_frontier(graph, consumer)`, so the ops between
     there and `consumer` carry only the kept channels while the group's other consumers (a residual stream's
-    next block) still read every channel. The consumer's weight is folded as `apply_selection` folds one:
-    W'[o, s] = Σ_c W[o, c]·T[s, c] with `fold` T [k, C], and its bias takes Σ_c W[o, c]·shift[c]. Channels
-    that only the gathers read afterwards (a residual branch's last conv, which fed the consumer alone) are
-    removed through `apply_selection`; a gather left taking every channel in order is bypassed. Raises
-    `NetsqueezeError` naming the consumer when the cut cannot be placed."""
-    keep = sorted(int(k) for k in keep)
+    next block) still read every channel. The consumer takes `sel`'s bias shift and fold for it exactly as
+    `apply_selection` gives them (`_shift_bias`, `_fold_weight`), then keeps the kept channels' columns.
+    Channels that only the gathers read afterwards (a residual branch's last conv, which fed the consumer
+    alone) are removed through `apply_selection`; a gather left taking every channel in order is bypassed.
+    Raises `NetsqueezeError` naming the consumer when the cut cannot be placed."""
+    keep = sorted(int(k) for k in sel.keep)
     node = graph.node(consumer)
     values = {(m.node, m.output or 0): m for m in group.members if m.param is None}
     mem = next((m for m in group.members_of("consumer") if m.node == consumer and m.param == "weight"), None)
@@ -365,12 +375,14 @@ def cut_view(graph: Graph, group: ChannelGroup, consumer: str, keep: Sequence[in
         gid = graph.add_node(f"{user}.select", "gather", [v], attrs={"axis": 1, "indices": idx}, unique=True)
         graph.set_operand(user, port, (gid, 0))
         gathers.append(gid)
-    w = node.dense("weight").double()
-    cols = w[:, [p[0] for p in mem.index]]  # [out, C] in group channel order
-    dtype = node.dense("weight").dtype
-    delta = cols @ shift.double()
-    node.params["bias"] = (delta if "bias" not in node.params else node.dense("bias").double() + delta).to(dtype)
-    node.params["weight"] = (cols @ fold.double().T).to(dtype).contiguous()
+    shift = sel.bias_shift.get(consumer) if isinstance(sel.bias_shift, Mapping) else sel.bias_shift
+    if shift is not None:
+        _shift_bias(graph, mem, shift if isinstance(sel.bias_shift, Mapping) else axis_vector(graph, mem, shift))
+    fold = sel.fold.get(consumer) if isinstance(sel.fold, Mapping) else sel.fold
+    if fold is not None:
+        _fold_weight(graph, mem, keep, _as_fold(fold))
+    cols = torch.tensor([mem.index[c][0] for c in keep], dtype=torch.long)  # the order the gathers give them
+    node.params["weight"] = weights.index_select(node.params["weight"], mem.axis, cols)
     graph.infer_shapes()
     # channels the gathers dropped that nothing else reads: their producers stop computing them
     groups = find_groups(graph)

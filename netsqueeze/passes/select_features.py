@@ -99,7 +99,7 @@ def _reconstruction_order(gram: torch.Tensor, w: torch.Tensor, kept: list[int]) 
     g = gram + 1e-10 * float(gram.diagonal().mean()) * torch.eye(c + 1, dtype=torch.float64)
     p = gram[:, :c] @ w.T.double()  # [C+1, out]
     chosen = [*kept, c]
-    rest = [j for j in range(c) if j not in set(kept)]
+    rest = sorted(set(range(c)) - set(kept))
     order: list[int] = []
     while rest:
         cross = g[chosen][:, rest]
@@ -123,19 +123,13 @@ def _apply(graph: Graph, groups: ChannelGroups, sel: dict[int, ChannelSelection]
     for gid, consumer in views.items():
         if gid not in sel:
             continue
-        old, s = groups[gid], sel[gid]
+        old = groups[gid]
         now = next((g for g in find_groups(graph)
                     if (g.producers, g.consumers, g.size) == (old.producers, old.consumers, old.size)), None)
-        mem = None if now is None else next(
-            (m for m in now.members_of("consumer") if m.node == consumer and m.param == "weight"), None)
-        if now is None or mem is None:
+        if now is None:
             raise NetsqueezeError(Diagnostic(f"select_features: group {gid} read by '{consumer}' changed under the "
                                              "other groups' cuts; select it in a pass of its own", node=consumer))
-        assert isinstance(s.fold, dict) and isinstance(s.bias_shift, dict)  # `_refit`'s
-        fold = s.fold[consumer]
-        assert isinstance(fold, SharedFold)
-        shift = s.bias_shift[consumer][[p[0] for p in mem.index]]
-        got = cut_view(graph, now, consumer, s.keep, fold.t, shift)
+        got = cut_view(graph, now, consumer, sel[gid])
         result.changed, result.touched = True, result.touched | got.touched
     return result
 
@@ -224,11 +218,13 @@ class SelectFeatures(TransformPass):
                 "integer array 'labels' (one class per sample)", node=node))
         budget = Budget.of(ctx)
         # scope = consumer: a group read by several layers loses the features in its observed consumer's view only
-        views = {g.id: _observed(sites).consumer.node for g, sites in cands
-                 if self.scope == "consumer" and len(sites) > 1}
+        views: dict[int, str] = {}
         for g, sites in cands:
             obs = _observed(sites)
-            if g.id in views and not (obs.kind == "linear" and obs.foldable):
+            if self.scope != "consumer" or len(sites) < 2:
+                continue
+            views[g.id] = obs.consumer.node
+            if not (obs.kind == "linear" and obs.foldable):
                 raise NetsqueezeError(Diagnostic(
                     f"select_features: scope = consumer cuts the view of the group's last linear consumer, reading "
                     f"one position per feature; group {g.id} is read by '{obs.consumer.node}' ({obs.kind}"

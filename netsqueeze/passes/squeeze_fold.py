@@ -250,14 +250,13 @@ class SqueezeFold(TransformPass):
             return result
         start = graph.copy() if searching and self.mode == "cascade" and ctx.guard is not None else None
         mode = self.mode
-        out = self._squeeze(graph, ctx, groups, keeps, plans, mode)
+        out, par = self._squeeze(graph, ctx, groups, keeps, plans, mode)
         if start is not None and (check := ctx.guard_check(graph)) is not None and not check[0]:
             # the search measured parallel folds; keep that model when the cascade's refit misses the guard
             graph.assign(start)
             mode = "parallel"
-            out = self._squeeze(graph, ctx, groups, keeps, plans, mode)
+            out, par = self._squeeze(graph, ctx, groups, keeps, plans, mode)
             result.notes.append(f"cascade reached {check[1]:.2%}, over the guard: kept the parallel fold")
-        par = int(out.metrics.pop("groups_parallel"))
         how = (mode if mode == "parallel" or par == 0 else "parallel folds, every consumer re-solved whole"
                if par == len(keeps) else f"{par} in parallel, {len(keeps) - par} in cascade")
         out.notes = [*result.notes, *out.notes, f"squeezed {len(keeps)} groups ({how}): "
@@ -265,7 +264,7 @@ class SqueezeFold(TransformPass):
         return out
 
     def _squeeze(self, graph: Graph, ctx: PassContext, groups: ChannelGroups, keeps: dict[int, list[int]],
-                 plans: dict[int, list[_Probe]], mode: str) -> PassResult:
+                 plans: dict[int, list[_Probe]], mode: str) -> tuple[PassResult, int]:
         ref = graph.copy()
         layered = self.refit == "layer" and ctx.batches_fn is not None
         # a group whose every folded consumer the layer refit re-solves whole needs no cascade: its fold is
@@ -284,8 +283,7 @@ class SqueezeFold(TransformPass):
                 out.notes.append(f"refit = layer: {len(par)} of {len(keeps)} groups folded in parallel (each of "
                                  "their consumers re-solved whole), the rest in cascade")
             refit_layers(graph, ref, ctx, *layer_plan(ref, groups, keeps), out.notes, "layer refit")
-        out.metrics["groups_parallel"] = float(len(par))  # read by the closing note
-        return out
+        return out, len(par)
 
     def _cascade(self, graph: Graph, ref: Graph, ctx: PassContext, groups: ChannelGroups,
                  keeps: dict[int, list[int]], plans: dict[int, list[_Probe]]) -> PassResult:

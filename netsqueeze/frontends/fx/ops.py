@@ -257,8 +257,9 @@ def _index_select(cx: _Capture, a: dict[str, Any]) -> Value:
     """x.index_select(dim, index) with a constant 1-d index of distinct positions: a gather."""
     if not cx.is_const(a["index"]):
         raise _Unmappable("index_select with an activation index")
-    dim = int(a["dim"]) % len(cx.shape(a["self"]))
-    idx = [int(i) % cx.shape(a["self"])[dim] for i in cx.const(a["index"]).reshape(-1).tolist()]
+    shape = cx.shape(a["self"])
+    dim = int(a["dim"]) % len(shape)
+    idx = [int(i) % shape[dim] for i in cx.const(a["index"]).reshape(-1).tolist()]
     if len(set(idx)) != len(idx):
         raise _Unmappable("index_select with repeated positions")
     return (cx.emit("gather", [cx.val(a["self"])], {"axis": dim, "indices": tuple(idx)}), 0)
