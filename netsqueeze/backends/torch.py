@@ -42,6 +42,9 @@ class ModuleBuilder:
         self.root = nn.Module()
         self._paths: dict[str, str] = {}
         self._taken: set[str] = set()
+        # the paths of the nodes that hold params: a node emitted earlier must not take a path inside one
+        # (a gather 'fc.select' before linear 'fc' would push 'fc' off its own name)
+        self._owned = {".".join(self._parts(n.id)) for n in graph.nodes() if n.params}
         self.inputs: dict[str, fx.Node] = {}  # graph input id → placeholder
         self.dim_sources = symbol_sources([(n, graph.node(n).meta[0].shape) for n in graph.inputs])
         self._dims: dict[str, fx.Node] = {}
@@ -73,10 +76,9 @@ class ModuleBuilder:
         """A module path for the node: its id where that is a valid, free dotted path."""
         if node.id in self._paths:
             return self._paths[node.id]
-        # a part that names an nn.Module attribute ('half', 'eval', ...) would shadow it
-        parts = [p + "_" if p in _MODULE_ATTRS else p for p in (re.sub(r"\W", "_", q) or "_" for q in node.id.split("."))]
+        parts = self._parts(node.id)
         cand = ".".join(parts)
-        if not self._free(cand):
+        if not self._free(cand) or any(".".join(parts[:i]) in self._owned for i in range(1, len(parts))):
             cand = re.sub(r"\W", "_", node.id)
             base, i = cand, 1
             while not self._free(cand):
@@ -84,6 +86,11 @@ class ModuleBuilder:
         self._taken.add(cand)
         self._paths[node.id] = cand
         return cand
+
+    @staticmethod
+    def _parts(nid: str) -> list[str]:
+        # a part that names an nn.Module attribute ('half', 'eval', ...) would shadow it
+        return [p + "_" if p in _MODULE_ATTRS else p for p in (re.sub(r"\W", "_", q) or "_" for q in nid.split("."))]
 
     def _free(self, cand: str) -> bool:
         # a module path may neither repeat nor sit inside / above another module's path
@@ -583,14 +590,15 @@ def _check_inputs(b: ModuleBuilder, graph: Graph) -> None:
 
 def _emit(b: ModuleBuilder, graph: Graph, env: dict[Value, fx.Node], nodes: Sequence[Node]) -> list[fx.Node]:
     """Emits `nodes` (topological order) into `b`, reading operands from `env` and adding their outputs
-    to it; returns the operands of the output nodes among them."""
-    outs: list[fx.Node] = []
+    to it; returns the operands of the output nodes among them, in `graph.outputs` order (a rewrite can put
+    the outputs' computations in another topological order)."""
+    outs: dict[str, fx.Node] = {}
     for node in nodes:
         if node.kind == "input":
             continue
         args = [env[v] for v in graph.operands(node.id)]
         if node.kind == "output":
-            outs.append(args[0])
+            outs[node.id] = args[0]
             continue
         emit = EMITTERS.get(node.kind)
         if emit is None:
@@ -599,7 +607,7 @@ def _emit(b: ModuleBuilder, graph: Graph, env: dict[Value, fx.Node], nodes: Sequ
         r = emit(b, node, args)
         for i, fxn in enumerate(r if isinstance(r, list) else [r]):
             env[(node.id, i)] = fxn
-    return outs
+    return [outs[o] for o in graph.outputs if o in outs]
 
 
 def to_torch_segment(graph: Graph, feeds: Sequence[Value], fetch: Sequence[Value]) -> fx.GraphModule:

@@ -138,6 +138,30 @@ def _axis_size(graph: Graph, m: Member) -> int:
         return int(w.shape[m.axis])
     return int(node.meta[m.output or 0].shape[m.axis])
 
+def _checked_keep(graph: Graph, group: ChannelGroup, sel: ChannelSelection, empty_ok: bool = True) -> list[int]:
+    """`sel.keep` sorted, or `NetsqueezeError` unless its channels are distinct indices of `group`; empty only
+    where `empty_ok` and the group's axes hold other channels too."""
+    keep = sorted(set(int(k) for k in sel.keep))
+    if len(keep) != len(sel.keep) or (keep and (keep[0] < 0 or keep[-1] >= group.size)):
+        raise _err(group, f"keep must be distinct channel indices in 0..{group.size - 1}")
+    if not keep and not (empty_ok and all(m.positions < _axis_size(graph, m) for m in group.members)):
+        raise _err(group, "a selection must keep at least one channel (its axes hold no other channels)"
+                   if empty_ok else "a selection must keep at least one channel")
+    return keep
+
+
+def _check_fold(group: ChannelGroup, keep: list[int], f: Fold) -> None:
+    """`NetsqueezeError` unless fold `f` maps `keep` onto the group's channels (its kind's shape)."""
+    t = f.t
+    ok = {SharedFold: tuple(t.shape) == (len(keep), group.size),
+          BlockFold: t.dim() == 4 and tuple(t.shape[::2]) == (len(keep), group.size) and t.shape[1] == t.shape[3],
+          GroupFold: t.dim() == 3 and tuple(t.shape[1:]) == (len(keep), group.size)}[type(f)]
+    if not ok:
+        want = {SharedFold: f"[{len(keep)}, {group.size}]", BlockFold: f"[{len(keep)}, block, {group.size}, block]",
+                GroupFold: f"[groups, {len(keep)}, {group.size}]"}[type(f)]
+        raise _err(group, f"fold has shape {list(t.shape)}, expected {want} ({type(f).__name__})")
+
+
 def apply_selection(graph: Graph, groups: ChannelGroups, selection: Mapping[int, ChannelSelection]) -> PassResult:
     """Rewrites every member of every selected group, then re-infers shapes and verifies the graph.
 
@@ -159,11 +183,7 @@ def apply_selection(graph: Graph, groups: ChannelGroups, selection: Mapping[int,
     folds: list[tuple[Member, list[int], Fold]] = []
     for gid in sorted(selection):
         sel, group = selection[gid], groups[gid]
-        keep = sorted(set(int(k) for k in sel.keep))
-        if len(keep) != len(sel.keep) or (keep and (keep[0] < 0 or keep[-1] >= group.size)):
-            raise _err(group, f"keep must be distinct channel indices in 0..{group.size - 1}")
-        if not keep and not all(m.positions < _axis_size(graph, m) for m in group.members):
-            raise _err(group, "a selection must keep at least one channel (its axes hold no other channels)")
+        keep = _checked_keep(graph, group, sel)
         drop = [c for c in range(group.size) if c not in set(keep)]
         if not drop and sel.fold is None and sel.bias_shift is None:
             continue
@@ -172,14 +192,7 @@ def apply_selection(graph: Graph, groups: ChannelGroups, selection: Mapping[int,
         fold_all = None if sel.fold is None or isinstance(sel.fold, Mapping) else _as_fold(sel.fold)
         fold_of = {k: _as_fold(v) for k, v in sel.fold.items()} if isinstance(sel.fold, Mapping) else None
         for f in list((fold_of or {}).values()) + ([fold_all] if fold_all is not None else []):
-            t = f.t
-            ok = {SharedFold: tuple(t.shape) == (len(keep), group.size),
-                  BlockFold: t.dim() == 4 and tuple(t.shape[::2]) == (len(keep), group.size) and t.shape[1] == t.shape[3],
-                  GroupFold: t.dim() == 3 and tuple(t.shape[1:]) == (len(keep), group.size)}[type(f)]
-            if not ok:
-                want = {SharedFold: f"[{len(keep)}, {group.size}]", BlockFold: f"[{len(keep)}, block, {group.size}, block]",
-                        GroupFold: f"[groups, {len(keep)}, {group.size}]"}[type(f)]
-                raise _err(group, f"fold has shape {list(t.shape)}, expected {want} ({type(f).__name__})")
+            _check_fold(group, keep, f)
         for m in group.members:
             removed.setdefault(_key(m), set()).update(_positions(m, drop))
             touched.add(m.node)
@@ -354,7 +367,7 @@ def cut_view(graph: Graph, group: ChannelGroup, consumer: str, sel: ChannelSelec
     Channels that only the gathers read afterwards (a residual branch's last conv, which fed the consumer
     alone) are removed through `apply_selection`; a gather left taking every channel in order is bypassed.
     Raises `NetsqueezeError` naming the consumer when the cut cannot be placed."""
-    keep = sorted(int(k) for k in sel.keep)
+    keep = _checked_keep(graph, group, sel, empty_ok=False)
     node = graph.node(consumer)
     values = {(m.node, m.output or 0): m for m in group.members if m.param is None}
     mem = next((m for m in group.members_of("consumer") if m.node == consumer and m.param == "weight"), None)
@@ -365,20 +378,31 @@ def cut_view(graph: Graph, group: ChannelGroup, consumer: str, sel: ChannelSelec
         why = "it is not a linear layer reading this group's channels alone, one position each"
     if why is None and any(e[0] not in values for e in frontier):
         why = "a value on the way to it does not carry this group's channels"
+    if why is None and any(values[e[0]].axis != 1 for e in frontier):
+        why = "the group's channels are not on axis 1 of the values on the way to it"
     if why is not None:
         raise NetsqueezeError(Diagnostic(f"channel group {group.id}: cannot remove channels from '{consumer}''s "
                                          f"view only: {why}", node=consumer))
     assert not isinstance(frontier, str) and mem is not None
+    # everything checked before the first change: a bad selection leaves the graph as it was
+    shift = sel.bias_shift.get(consumer) if isinstance(sel.bias_shift, Mapping) else sel.bias_shift
+    width = int(node.params["weight"].shape[mem.axis])
+    if shift is not None and tuple(shift.shape) != ((width,) if isinstance(sel.bias_shift, Mapping) else (group.size,)):
+        raise _err(group, f"bias_shift for '{consumer}' has shape {list(shift.shape)}, expected "
+                          f"[{width if isinstance(sel.bias_shift, Mapping) else group.size}]")
+    fold = sel.fold.get(consumer) if isinstance(sel.fold, Mapping) else sel.fold
+    if fold is not None:
+        if not isinstance(_as_fold(fold), SharedFold):
+            raise _err(group, f"fold for '{consumer}' must be a SharedFold: it reads one position per channel")
+        _check_fold(group, keep, _as_fold(fold))
     gathers = []
     for v, user, port in frontier:
         idx = tuple(values[v].index[c][0] for c in keep)
         gid = graph.add_node(f"{user}.select", "gather", [v], attrs={"axis": 1, "indices": idx}, unique=True)
         graph.set_operand(user, port, (gid, 0))
         gathers.append(gid)
-    shift = sel.bias_shift.get(consumer) if isinstance(sel.bias_shift, Mapping) else sel.bias_shift
     if shift is not None:
         _shift_bias(graph, mem, shift if isinstance(sel.bias_shift, Mapping) else axis_vector(graph, mem, shift))
-    fold = sel.fold.get(consumer) if isinstance(sel.fold, Mapping) else sel.fold
     if fold is not None:
         _fold_weight(graph, mem, keep, _as_fold(fold))
     cols = torch.tensor([mem.index[c][0] for c in keep], dtype=torch.long)  # the order the gathers give them
