@@ -178,7 +178,7 @@ def bounds_stem(name: str, round_to: int, align: int, default_round_to: int) -> 
 
 
 def run_ns(model: nn.Module, passes: list[Any], calib: torch.Tensor, policy_budget: dict[str, float] | None = None,
-           round_to: int = ROUND_TO, align: int = 1) -> tuple[ns.CompileResult, float, float]:
+           round_to: int = ROUND_TO, align: int = 1, seed: int = 0) -> tuple[ns.CompileResult, float, float]:
     t0 = time.perf_counter()
     with PeakRSS() as mem:
         if policy_budget:
@@ -187,9 +187,9 @@ def run_ns(model: nn.Module, passes: list[Any], calib: torch.Tensor, policy_budg
             # channel counts in multiples of 8: what vectorised CPU/GPU kernels need to turn fewer FLOPs into speed
             text = (f"policy bench {{\n  calibrate samples {len(calib)}, batch 256\n  budget {budget}\n"
                     f"  bounds {{ {bounds_text(round_to, align)} }}\n{steps}\n}}\n")
-            res = ns.compile(model, text, example_inputs=(calib[:2],), calibration=calib)
+            res = ns.compile(model, text, example_inputs=(calib[:2],), calibration=calib, seed=seed)
         else:
-            res = ns.compile(model, passes, example_inputs=(calib[:2],), calibration=calib)
+            res = ns.compile(model, passes, example_inputs=(calib[:2],), calibration=calib, seed=seed)
     return res, time.perf_counter() - t0, mem.mib
 
 

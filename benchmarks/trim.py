@@ -7,7 +7,8 @@ For the VGG-style and the ResNet-style model of benchmarks/common.py (trained on
 global `budget flops <= X%` and `budget params <= X%` at 2x, 3x and 5x: `fold_bn` + `trim` with its defaults
 (global allocation ranked by measured loss per unit of budget, every consumer re-solved whole by least squares
 to the original layer's outputs: `refit = layer`) for each
-criterion (fewer at 3x/5x and under params budgets, to keep the run short); at FLOPs targets the ablations of
+criterion (fewer at 3x/5x and under params budgets, to keep the run short; `random`, the sanity floor every
+criterion must beat, with `RANDOM_SEEDS` compile seeds, judged by the mean of its draws); at FLOPs targets the ablations of
 the new choices on `l1` (allocation = uniform, refit = least_squares (the group-by-group fold alone, the default
 before `layer`), refit = none, the previous ranking rule score / group mean, and
 both old choices together: trim as it was); Torch-Pruning group-L1 with its uniform ratio bisected to the same
@@ -63,6 +64,9 @@ CRITERIA = {("flops", 2.0): ("l1", "l2", "bn_scale", "activation", "gdnt", "rand
             ("flops", 3.0): ("l1", "l2", "bn_scale", "activation", "random"),
             ("flops", 5.0): ("l1", "bn_scale", "random")}
 PARAMS_CRITERIA = ("l1", "random")
+# `random` is the sanity floor: a draw of it is one sample, so it runs with this many compile seeds (0 is timed and
+# is the `trim random` row) and the criteria are judged against the mean of the draws, and per draw
+RANDOM_SEEDS = 5
 # the new choices against the old ones, on l1 at FLOPs targets: (label, trim options, ranking rule)
 ABLATIONS = {2.0: (("allocation = uniform", "allocation = uniform", "measured"),
                    ("refit = least_squares (the fold alone)", "refit = least_squares", "measured"),
@@ -104,9 +108,10 @@ class Base:
 
 def add_row(rows: list[list[str]], timed: list[tuple[list[str], Base, nn.Module, float]], base: Base,
             test: tuple[torch.Tensor, torch.Tensor], ft_data: dict[str, torch.Tensor] | None, width: int, budget: str,
-            method: str, m: nn.Module | None, secs: float, passes: float | None, acc_by: dict[str, float]) -> None:
+            method: str, m: nn.Module | None, secs: float, passes: float | None, acc_by: dict[str, float],
+            timed_row: bool = True) -> None:
     """Appends one table row for compressed model `m` (None: a failed cell), its latency cells left for
-    `time_rows`; records its top-1 in `acc_by`."""
+    `time_rows` (or "-" when not `timed_row`); records its top-1 in `acc_by`."""
     if m is None:
         rows.append([base.name, budget, method, "-", "-", "failed", *["-"] * (width - 6)])
         return
@@ -116,10 +121,25 @@ def add_row(rows: list[list[str]], timed: list[tuple[list[str], Base, nn.Module,
     fr = base.fp[0] / fp[0]
     ft = [f"{accuracy(fine_tune(copy.deepcopy(m), ft_data), *test):.2%}"] if ft_data is not None else []
     rows.append([base.name, budget, method, f"{base.fp[1] / fp[1]:.2f}x", f"{fr:.2f}x", f"{acc:.2%}",
-                 f"{(base.acc - acc) * 100:.2f}", *ft, "", "", "", f"{secs:.1f}",
+                 f"{(base.acc - acc) * 100:.2f}", *ft, *(["", "", ""] if timed_row else ["-"] * 3), f"{secs:.1f}",
                  "-" if passes is None else f"{passes:.1f}"])
-    timed.append((rows[-1], base, m, fr))
+    if timed_row:
+        timed.append((rows[-1], base, m, fr))
     print(f"  {base.name} {budget} {method}: {acc:.2%}, {fr:.2f}x FLOPs, {secs:.1f} s", file=sys.stderr, flush=True)
+
+
+def random_verdict(acc_by: dict[str, float], crits: list[str]) -> str | None:
+    """Whether every criterion in `crits` beats `random`: against the mean of its seeded draws (the floor) and,
+    per criterion, how many of the draws it beats; None without a random draw."""
+    draws = [a for m, a in acc_by.items() if m == "trim random" or m.startswith("trim random, seed ")]
+    if not draws:
+        return None
+    mean = sum(draws) / len(draws)
+    got = {c: acc_by[f"trim {c}"] for c in crits if f"trim {c}" in acc_by}
+    lost = [f"{c} {a:.2%}" for c, a in got.items() if a <= mean]
+    return (f"every criterion beats random's mean over {len(draws)} seeds ({mean:.2%}; draws "
+            f"{min(draws):.2%}–{max(draws):.2%}): " + ("met" if not lost else "missed by " + ", ".join(lost))
+            + "; draws beaten: " + ", ".join(f"{c} {sum(a > d for d in draws)}/{len(draws)}" for c, a in got.items()))
 
 
 def time_rows(timed: list[tuple[list[str], Base, nn.Module, float]]) -> None:
@@ -191,15 +211,17 @@ def main() -> None:
             budget = f"{measure} {target:g}x"
             acc_by: dict[str, float] = {}
             crits = CRITERIA[(measure, target)] if measure == "flops" else PARAMS_CRITERIA
-            runs = [(f"trim {c}", c, "", "measured") for c in crits]
+            runs = [(f"trim {c}", c, "", "measured", 0) for c in crits]
+            if "random" in crits:
+                runs += [(f"trim random, seed {k}", "random", "", "measured", k) for k in range(1, RANDOM_SEEDS)]
             if measure == "flops":
-                runs += [(f"trim l1, {label}", "l1", opts, rule) for label, opts, rule in ABLATIONS[target]]
-            for method, crit, opts, rule in runs:
+                runs += [(f"trim l1, {label}", "l1", opts, rule, 0) for label, opts, rule in ABLATIONS[target]]
+            for method, crit, opts, rule, seed in runs:
                 t0 = time.perf_counter()
                 try:
                     with ranking(rule) if rule != "measured" else nullcontext():  # type: ignore[arg-type]
                         res, secs, _ = run_ns(model, pipeline(crit, opts, keep_bn), calib, {measure: keep},
-                                              args.round_to, args.align)
+                                              args.round_to, args.align, seed)
                     out: nn.Module | None = res.model
                     passes = getattr(res.report, "calibration_passes", None)
                 except Exception as err:  # a failed cell is reported, not fatal
@@ -207,7 +229,7 @@ def main() -> None:
                     failures.append(f"{name} {budget} {method}: {type(err).__name__}: "
                                     f"{str(err).splitlines()[0] if str(err) else ''}")
                     traceback.print_exc()
-                row(budget, method, out, secs, passes, acc_by)
+                row(budget, method, out, secs, passes, acc_by, timed_row=seed == 0)
             t0 = time.perf_counter()
             try:
                 pm: nn.Module | None = tp_prune(model, data, keep, "l1", 1, measure=measure)
@@ -221,12 +243,9 @@ def main() -> None:
             pm_bn = reestimate_bn(copy.deepcopy(pm), calib) if pm is not None else None
             row(budget, "torch-pruning group-L1 + BN re-estimation", pm_bn, secs + time.perf_counter() - t1, None,
                 acc_by)
-            rnd = acc_by.get("trim random")
-            if rnd is not None:
-                beaten = [c for c in crits if c != "random" and f"trim {c}" in acc_by]
-                lost = [f"{c} {acc_by[f'trim {c}']:.2%}" for c in beaten if acc_by[f"trim {c}"] <= rnd]
-                verdicts.append(f"- {name} {budget}: every criterion beats random ({rnd:.2%}): "
-                                + ("met" if not lost else "missed by " + ", ".join(lost)))
+            verdict = random_verdict(acc_by, [c for c in crits if c != "random"])
+            if verdict:
+                verdicts.append(f"- {name} {budget}: {verdict}")
 
     time_rows(timed)
     speed = [r for r in rows if r[2].startswith("trim") and r[-3] not in ("-",)]
