@@ -378,7 +378,7 @@ def cut_view(graph: Graph, group: ChannelGroup, consumer: str, sel: ChannelSelec
         why = "it is not a linear layer reading this group's channels alone, one position each"
     if why is None and any(e[0] not in values for e in frontier):
         why = "a value on the way to it does not carry this group's channels"
-    if why is None and any(values[e[0]].axis != 1 for e in frontier):
+    if why is None and any(values[v].axis != 1 for v, _, _ in ([] if isinstance(frontier, str) else frontier)):
         why = "the group's channels are not on axis 1 of the values on the way to it"
     if why is not None:
         raise NetsqueezeError(Diagnostic(f"channel group {group.id}: cannot remove channels from '{consumer}''s "
