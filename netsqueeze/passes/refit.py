@@ -394,7 +394,7 @@ def refit_layers(graph: Graph, ref: Graph, ctx: PassContext, nodes: Iterable[str
         why = layer_refittable(graph, nid)
         node = graph.node(nid)
         w = node.params["weight"]
-        if why is None and len(out.get(nid, range(w.shape[0]))) != w.shape[0]:
+        if why is None and len(out.get(nid, range(ref.node(nid).params["weight"].shape[0]))) != w.shape[0]:
             why = "its output channels do not match the pass-start graph's"
         stats = None if why is not None else normal_equations(graph, side, pos[nid], nid, ctx.seed + 7919 * step,
                                                              out.get(nid), positions)

@@ -287,8 +287,11 @@ class SelectFeatures(TransformPass):
                 notes.append(f"group {gid}: features removed from '{consumer}''s view only (scope = consumer); "
                              f"its other consumers read all {groups[gid].size}")
         if reference is not None:
-            result.metrics["layers_refit"] = float(refit_layers(graph, reference, ctx, *layer_plan(reference, groups, again),
-                                                                notes, "layer refit"))
+            # the re-solved layers: those reading a stream cut whole; their outputs: what every group cut here keeps
+            nodes, _ = layer_plan(reference, groups, again)
+            _, out = layer_plan(reference, groups, {gid: sorted(s.keep) for gid, s in sel.items() if gid not in views})
+            result.metrics["layers_refit"] = float(refit_layers(graph, reference, ctx, nodes, out, notes,
+                                                                "layer refit"))
         after = graph_stats(graph)
         metrics.update({"features_removed": float(sum(groups[gid].size - len(s.keep) for gid, s in sel.items())),
                         "flops_ratio": after.flops / max(1, before.flops),
