@@ -471,7 +471,8 @@ class _Parser:
         try:
             if nm is not None or w in ("coo", "csr"):
                 return self.sparse(start)
-            if w in _INT_TYPES:
+            # `int8[...]` is a plain integer tensor (a zero point), `int8 per-...` an encoded affine weight
+            if w in _INT_TYPES and not self.text.startswith("[", self.pos + len(w)):
                 return self.affine(start)
             if w == "codebook":
                 return self.codebook(start)

@@ -67,3 +67,15 @@ def test_cli_writes_the_compressed_model_file(tmp_path) -> None:  # type: ignore
     assert out.read_bytes() == ref.stored  # the policy's csr format, the same bytes as the Python API
     with torch.no_grad():
         assert torch.equal(ns.load(out)(x), ref.model(x))
+
+
+def test_a_quantized_model_saves_and_loads_bit_identical(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """quantize's activation pairs hold plain integer zero points (`uint8[] 135` in the IR text), which the
+    parser read as encoded weights, so a saved quantized model could not be loaded."""
+    m, x = _model()
+    res = ns.compile(m, "policy q { quantize\n store { format = sham } }", example_inputs=(x,), calibration=[x])
+    zero_points = [n.params["zero_point"] for n in res.graph.nodes() if n.kind == "quantize"]
+    assert zero_points and all(z.dtype in (torch.int8, torch.uint8) and z.dim() == 0 for z in zero_points)
+    res.save(tmp_path / "q.nsq")
+    with torch.no_grad():
+        assert torch.equal(ns.load(tmp_path / "q.nsq")(x), res.model(x))
