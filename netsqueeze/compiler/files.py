@@ -171,11 +171,19 @@ def save_model(model: Any, path: str | os.PathLike[str], example_inputs: tuple[A
         return
     import torch
 
+    # through an open file: torch names the archive's top folder after a path it is given (here the temporary
+    # one, random), after nothing ('archive/') for a file object, so the same model gives the same bytes
+    def through_file(save: Callable[[Any], None]) -> Callable[[Path], None]:
+        def write(p: Path) -> None:
+            with open(p, "wb") as f:
+                save(f)
+        return write
+
     if fmt == "pt":
-        atomic_write(target, lambda p: torch.save(model, str(p)))
+        atomic_write(target, through_file(lambda f: torch.save(model, f)))
         return
     program = torch.export.export(model, tuple(example_inputs or ()))
-    atomic_write(target, lambda p: torch.export.save(program, str(p)))
+    atomic_write(target, through_file(lambda f: torch.export.save(program, f)))
 
 
 # ---- loading model files ------------------------------------------------------------------------------
@@ -190,14 +198,17 @@ def load_pickled_module(path: Path, trust_pickle: bool = False) -> Any:
             return torch.load(str(path), map_location="cpu", weights_only=not trust_pickle)
     except Exception as e:
         text = str(e)
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        found = re.search(r"[Uu]nsupported(?: global:)? GLOBAL ([\w.]+)", text)
         if not trust_pickle and found:
             raise CaptureError(
                 f"refusing to load '{path}': it is a full pickle (it names {found.group(1)}), and unpickling "
                 f"can run arbitrary code; {TRUST_HINT}") from None
         unpickler = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
         if unpickler:
-            raise CaptureError(f"cannot load '{path}': not a valid torch file ({unpickler.group(1).strip()})") from None
+            # a corrupt file, or a pickle the weights-only reader cannot read (another protocol, a plain pickle)
+            raise CaptureError(f"cannot load '{path}': the weights-only reader cannot read it "
+                               f"({unpickler.group(1).strip()}): not a torch file, or a full pickle"
+                               + ("" if trust_pickle else f"; {TRUST_HINT}")) from None
         reason = text.strip().splitlines()[0] if text.strip() else ""
         raise CaptureError(f"cannot load '{path}': {type(e).__name__}: {reason}") from e
 

@@ -61,6 +61,13 @@ class Evil:
         return (open, ("pwned", "w"))
 
 
+class EvilSystem:
+    """A payload naming a module the weights-only reader blocks outright (torch words that refusal otherwise)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, ("touch pwned",))
+
+
 def snapshot(root: Path) -> dict[str, tuple[str, int]]:
     """Every file and link under `root`: content hash (or link target) and mtime."""
     out = {}
@@ -108,6 +115,8 @@ def ws(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     torch.save({"weights": x, "layer": torch.nn.Linear(4, 3)}, tmp_path / "objects.pt")
     torch.save(torch.nn.Sequential(torch.nn.Linear(4, 3)), tmp_path / "module.pt")
     torch.save(Evil(), tmp_path / "evil.pt")
+    torch.save(EvilSystem(), tmp_path / "evil_system.pt")
+    (tmp_path / "plain.pth").write_bytes(pickle.dumps({"layer": [1, 2]}, protocol=4))  # not torch's format
     torch.save(torch.nn.Linear(4, 3).state_dict(), tmp_path / "state.pt")
     (tmp_path / "garbage.pt").write_bytes(b"\x80\x04garbage" * 8)
     (tmp_path / "garbage.pt2").write_bytes(b"PK\x03\x04 not an archive")
@@ -229,8 +238,15 @@ CASES = [
     Case("pt-payload", ["compile", "evil.pt", "-o", "out.pt"], 3, ns.CaptureError,
          "refusing to load 'evil.pt': it is a full pickle (it names io.open)"),
     Case("pt-payload-inspect", ["inspect", "evil.pt"], 3, ns.CaptureError, "refusing to load 'evil.pt'"),
+    Case("pt-payload-blocked-module", ["compile", "evil_system.pt", "-o", "out.pt"], 3, ns.CaptureError,
+         f"refusing to load 'evil_system.pt': it is a full pickle (it names {os.system.__module__}.system), and "
+         "unpickling can run arbitrary code; if you trust this file, pass --trust-pickle"),
     Case("pt-garbage", ["compile", "garbage.pt", "-o", "out.pt"], 3, ns.CaptureError,
-         "cannot load 'garbage.pt': not a valid torch file (Unsupported operand 103)"),
+         "cannot load 'garbage.pt': the weights-only reader cannot read it (Unsupported operand 103): not a torch "
+         "file, or a full pickle; if you trust this file, pass --trust-pickle"),
+    Case("pt-plain-pickle", ["compile", "plain.pth", "-o", "out.pt"], 3, ns.CaptureError,
+         "cannot load 'plain.pth': the weights-only reader cannot read it (Unsupported operand 149): not a torch "
+         "file, or a full pickle; if you trust this file, pass --trust-pickle"),
     Case("pt-state-dict", ["compile", "state.pt", "-o", "out.pt"], 3, ns.CaptureError,
          "'state.pt' holds a OrderedDict, not an nn.Module"),
     Case("pt2-untrusted", ["compile", "garbage.pt2", "-o", "out.pt"], 3, ns.CaptureError,
@@ -510,8 +526,9 @@ def test_unexpected_exception_outside_compile_is_an_internal_error(ws: Path, cap
     real_save = torch.save
 
     def half_then_fail(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
-        real_save(obj, f, *args, **kwargs)
-        Path(f).write_bytes(Path(f).read_bytes()[:100])
+        real_save(obj, f, *args, **kwargs)  # f: the open temporary file
+        f.flush()
+        f.truncate(100)
         raise RuntimeError("disk on fire")
 
     monkeypatch.setattr(torch, "save", half_then_fail)
@@ -545,10 +562,11 @@ signal.signal(signal.SIGINT, signal.default_int_handler)
 real_save = torch.save
 
 def slow_save(obj, f, *args, **kwargs):
-    real_save(obj, f, *args, **kwargs)
-    with open(f, "rb") as fh:
+    real_save(obj, f, *args, **kwargs)  # f: the open temporary file
+    f.flush()
+    with open(f.name, "rb") as fh:
         data = fh.read()
-    with open(f, "wb") as fh:  # half the bytes, then a stall: a kill now truncates whatever file this is
+    with open(f.name, "wb") as fh:  # half the bytes, then a stall: a kill now truncates whatever file this is
         fh.write(data[: len(data) // 2])
         fh.flush()
         print("WRITING", flush=True)

@@ -112,3 +112,22 @@ def test_two_processes_emit_the_same_bytes() -> None:
     for key in first:
         assert first[key]["bytes"] == second[key]["bytes"], f"{key}: emitted bytes differ between runs"
         assert first[key]["report"] == second[key]["report"], f"{key}: reports differ between runs"
+
+
+def test_saving_the_same_model_twice_writes_the_same_bytes(tmp_path: Path) -> None:
+    """`.pt`/`.pt2` are zip archives whose top folder torch names after the path it writes to: the atomic
+    write's temporary name was random, so every save differed."""
+    import zipfile
+
+    import torch
+
+    from netsqueeze.compiler.files import save_model
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU()).eval()
+    example = (torch.randn(2, 4),)  # a .pt2 stores its example inputs
+    for suffix in (".pt", ".pt2"):
+        a, b = tmp_path / f"a{suffix}", tmp_path / f"b{suffix}"
+        save_model(model, a, example)
+        save_model(model, b, example)
+        assert a.read_bytes() == b.read_bytes(), suffix
+        assert {n.split("/")[0] for n in zipfile.ZipFile(a).namelist()} == {"archive"}
