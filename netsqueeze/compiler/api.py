@@ -246,13 +246,15 @@ def load_policy_file(path: str | os.PathLike[str], params: Mapping[str, Any] | N
     p = Path(path)
     try:
         text = p.read_bytes().decode("utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError) as e:
         if isinstance(e, FileNotFoundError):
             reason = "no such file"
         elif isinstance(e, IsADirectoryError):
             reason = "it is a directory"
         elif isinstance(e, UnicodeDecodeError):
             reason = f"not UTF-8 text (byte {e.start})"
+        elif not isinstance(e, OSError):  # ValueError: a NUL in the path, which no file name holds
+            reason = "a file name cannot hold a NUL byte"
         else:
             reason = e.strerror or str(e)
         raise PolicyError(Diagnostic(f"cannot read policy '{p}': {reason}")) from None

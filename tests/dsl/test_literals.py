@@ -31,3 +31,17 @@ def test_a_chain_of_thousands_of_excepts_is_a_located_error() -> None:
         parse_policy(text, "p.sqz")
     assert str(e.value).startswith("p.sqz:2:1: error: the policy nests too deeply to read (an expression or "
                                    "selector chain of thousands of terms); name parts of it with `let`")
+
+
+def test_a_policy_path_or_text_holding_a_nul_byte_is_a_policy_error() -> None:
+    import torch
+
+    import netsqueeze as ns
+
+    m, x = torch.nn.Linear(2, 2), torch.randn(1, 2)
+    with pytest.raises(PolicyError) as e:  # no brace: read as a file name
+        ns.compile(m, "policy p \x00 fold_bn", example_inputs=(x,), progress=False)
+    assert e.value.message == "cannot read policy 'policy p \x00 fold_bn': a file name cannot hold a NUL byte"
+    with pytest.raises(PolicyError) as e:
+        ns.compile(m, "policy p { fold_bn \x00 }", example_inputs=(x,), progress=False)
+    assert str(e.value).startswith("<policy>:1:20: error: unexpected character '\\x00'")
