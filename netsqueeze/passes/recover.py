@@ -174,6 +174,15 @@ def _write(graph: Graph, forms: dict[Key, _Form]) -> None:
         graph.node(nid).params[name] = f.encode(memo)
 
 
+def _no_gradient(graph: Graph) -> NetsqueezeError:
+    """The error for a graph whose outputs no selected trainable parameter reaches with a gradient."""
+    quant = next((n.id for n in graph.nodes() if n.kind in ("quantize", "dequantize")), None)
+    why = (f"quantized activations (from '{quant}' on) stop the gradient: run recover before quantize" if quant
+           else "the ops between them and the outputs have no gradient")
+    return NetsqueezeError(Diagnostic(f"recover: the outputs do not depend differentiably on any trainable param "
+                                      f"of the selected nodes; {why}", node=quant))
+
+
 @register_pass
 @dataclass(frozen=True)
 class Recover(TransformPass):
@@ -264,6 +273,8 @@ class Recover(TransformPass):
                         g["lr"] = self.lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / self.steps))
                     outs = fn({k: f.dense() for k, f in forms.items()}, xs)
                     loss = self._loss(outs, ys, labels)
+                    if not loss.requires_grad:
+                        raise _no_gradient(graph)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()  # type: ignore[no-untyped-call]
                     opt.step()

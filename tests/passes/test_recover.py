@@ -410,3 +410,17 @@ def test_without_a_guard_training_that_raises_the_loss_is_not_kept(digits) -> No
     assert r.changed and r.metrics["data_loss_after"] < r.metrics["data_loss_before"]
     assert r.notes[0].endswith(f"; loss over the calibration data {r.metrics['data_loss_before']:.4g} → "
                                f"{r.metrics['data_loss_after']:.4g}")
+
+
+def test_recover_after_quantized_activations_says_to_run_it_first() -> None:
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).eval()
+    x = torch.randn(64, 6)
+    with pytest.raises(PassError) as e:
+        ns.compile(m, "policy p { quantize\n recover { steps = 2 } }", example_inputs=(x[:4],), calibration=[x],
+                   progress=False)
+    d = e.value.diagnostics[0]
+    assert d.message.startswith("pass 'recover' (<policy>:2) failed: recover: the outputs do not depend "
+                                "differentiably on any trainable param of the selected nodes; quantized activations "
+                                "(from '")
+    assert d.message.endswith("' on) stop the gradient: run recover before quantize")
