@@ -37,7 +37,7 @@ from netsqueeze.passes.allocation import METRICS, Budget, Reached
 from netsqueeze.passes.base import PassContext
 from netsqueeze.passes.dependency import ChannelGroup, Member
 from netsqueeze.passes.frontier import Frontier, SideBySide
-from netsqueeze.passes.refit import HELD_OUT, best_ridge, normal_equations
+from netsqueeze.passes.refit import HELD_OUT, as_solution, best_ridge, held_error, normal_equations
 from netsqueeze.passes.rewrite import ChannelSelection
 from netsqueeze.passes.squeeze_math import ridged_normal, solve_normal
 
@@ -102,6 +102,7 @@ def refit(graph: Graph, ref: Graph, ctx: PassContext, table: list[Entry], cuts: 
     side = SideBySide(Frontier.open(graph, ref, ctx, topo), graph, ref, ctx, notes, "gdnt refit")
     done = 0
     ridges: list[str] = []
+    kept = 0  # child groups whose refit did no better than the cut on held-out rows
     for step, node_id in enumerate(sorted(by_node, key=lambda n: pos[n])):
         node = graph.node(node_id)
         w = node.params["weight"]
@@ -141,6 +142,7 @@ def refit(graph: Graph, ref: Graph, ctx: PassContext, table: list[Entry], cuts: 
         wd = torch.zeros(cout, f, dtype=torch.float64)
         bd = torch.zeros(cout, dtype=torch.float64)
         chosen = []
+        current = as_solution(w, bias)  # the layer as it is, every cut column read as zero below
         for b, rows in enumerate(cb):
             feats = allowed[b].repeat_interleave(taps).nonzero().flatten()
             sel = torch.cat([feats, torch.tensor([f])])
@@ -148,18 +150,26 @@ def refit(graph: Graph, ref: Graph, ctx: PassContext, table: list[Entry], cuts: 
             a_fit, b_fit = fit_a[sel][:, sel], fit_b[sel][:, r]
             a_held, b_held = held_a[sel][:, sel], held_b[sel][:, r]
 
-            ridge = best_ridge(a_fit, b_fit, a_held, b_held)
-            chosen.append(ridge)
-            sol = solve_normal(ridged_normal(a_fit + a_held, ridge), b_fit + b_held)  # [|feats|+1, |rows|]
+            ridge, err = best_ridge(a_fit, b_fit, a_held, b_held)
+            cur = current[sel][:, r]
+            if err >= held_error((a_held, b_held), cur):  # the refit would only fit the calibration rows
+                kept += 1
+                sol = cur
+            else:
+                chosen.append(ridge)
+                sol = solve_normal(ridged_normal(a_fit + a_held, ridge), b_fit + b_held)  # [|feats|+1, |rows|]
             wd[r[:, None], feats[None, :]] = sol[:-1].T
             bd[r] = sol[-1]
-        ridges.append(f"{node_id} {min(chosen):g}..{max(chosen):g}")
+        if chosen:
+            ridges.append(f"{node_id} {min(chosen):g}..{max(chosen):g}")
+            done += 1
         node.params["weight"] = wd.reshape(w.shape).to(w.dtype)
         node.params["bias"] = bd.to(w.dtype if bias is None else bias.dtype)
-        done += 1
-    if ridges:
+    if ridges or kept:
         notes.append(f"gdnt refit: {done} consumers refit by ridge least squares (ridge chosen per child group on "
-                     f"{HELD_OUT:.0%} held-out calibration rows: " + ", ".join(ridges) + ")")
+                     f"{HELD_OUT:.0%} held-out calibration rows: " + ", ".join(ridges) + ")"
+                     + (f"; {kept} child groups kept the cut as it is: their refit was no better on the held-out rows"
+                        if kept else ""))
     return done
 
 

@@ -18,6 +18,7 @@ only the removed channels' means (bias compensation, T = 0).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -330,18 +331,31 @@ def held_error(held: Normal, w: torch.Tensor) -> float:
     return float((w * (held[0] @ w)).sum() - 2 * (w * held[1]).sum())
 
 
-def best_ridge(a_fit: torch.Tensor, b_fit: torch.Tensor, a_held: torch.Tensor, b_held: torch.Tensor) -> float:
-    """The ridge among `RIDGES` whose fit on the fitting rows has the least error on the held-out rows.
+def best_ridge(a_fit: torch.Tensor, b_fit: torch.Tensor, a_held: torch.Tensor, b_held: torch.Tensor
+               ) -> tuple[float, float]:
+    """(ridge, its held-out error `held_error`): the ridge among `RIDGES` whose fit on the fitting rows has the
+    least error on the held-out rows.
 
     A ridge that leaves the normal matrix too ill-conditioned for Cholesky is not a candidate (the SVD
     solve it would need took 10 s per candidate at about a thousand inputs, and a larger ridge serves); the
-    largest ridge when none is."""
+    largest ridge, with an infinite error, when none is."""
     errors = {}
     for lam in RIDGES:
         sol = cholesky_solve(ridged_normal(a_fit, lam), b_fit)
         if sol is not None:
             errors[lam] = held_error((a_held, b_held), sol)
-    return min(errors, key=errors.__getitem__) if errors else RIDGES[-1]
+    if not errors:
+        return RIDGES[-1], math.inf
+    lam = min(errors, key=errors.__getitem__)
+    return lam, errors[lam]
+
+
+def as_solution(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A conv/linear layer's weight [out, ...] and bias [out] as a least-squares solution [features+1, out] (the
+    layout `normal_equations` and `held_error` use), to weigh the layer as it is against a refit."""
+    w = weight.detach().double().reshape(weight.shape[0], -1).T
+    b = torch.zeros(weight.shape[0], dtype=torch.float64) if bias is None else bias.detach().double()
+    return torch.cat([w, b[None]])
 
 
 def layer_refittable(graph: Graph, node_id: str) -> str | None:
@@ -382,7 +396,8 @@ def refit_layers(graph: Graph, ref: Graph, ctx: PassContext, nodes: Iterable[str
     reconstruction step of channel pruning (He, Zhang & Sun, "Channel Pruning for Accelerating Very Deep
     Neural Networks", ICCV 2017; ThiNet, Luo et al. 2017). Inputs are the node's inputs as `graph` (rewritten
     and refit so far) computes them, so each fit also corrects the drift of the layers before it; the ridge
-    is chosen per node on held-out rows. Returns how many nodes were refit; `notes` (prefixed `label`) say which were not and why."""
+    is chosen per node on held-out rows, and a node whose fit on the other rows does no better on the held-out
+    rows than its weights as they are keeps them (a small calibration set would be fitted, not the layer). Returns how many nodes were refit; `notes` (prefixed `label`) say which were not and why."""
     topo = graph.topo_order()
     pos = {nid: i for i, nid in enumerate(topo)}
     todo = sorted(set(nodes), key=lambda n: pos[n])
@@ -402,7 +417,14 @@ def refit_layers(graph: Graph, ref: Graph, ctx: PassContext, nodes: Iterable[str
             notes.append(f"{label}: '{nid}' not refit whole ({why or 'no calibration rows, or an unrolled input rank'})")
             continue
         (fit_a, fit_b), held = stats
-        ridge = best_ridge(fit_a, fit_b, *held)
+        ridge, err = best_ridge(fit_a, fit_b, *held)
+        bias = node.params.get(spec(node.kind).bias["weight"][0])
+        # a refit that does no better than the layer as it is on rows it was not fitted on would only fit the
+        # calibration data (few samples, many inputs): the layer stays as it is
+        if (isinstance(w, torch.Tensor) and (isinstance(bias, torch.Tensor) or bias is None)
+                and err >= held_error(held, as_solution(w, bias))):
+            notes.append(f"{label}: '{nid}' kept as it is: its refit was no better on held-out calibration rows")
+            continue
         sol = solve_normal(ridged_normal(fit_a + held[0], ridge), fit_b + held[1])  # [features+1, outputs]
         assert isinstance(w, torch.Tensor)  # layer_refittable
         node.params["weight"] = sol[:-1].T.reshape(w.shape).to(w.dtype)

@@ -150,3 +150,43 @@ def test_patches_at_picked_positions_are_the_full_unroll_rows(taps: tuple[int, .
     want = full[torch.arange(shape[0])[:, None], pick].reshape(-1, full.shape[2])
     assert torch.equal(conv_patches_at(attrs, taps, x, pick), want)
     assert full.shape[1] == (28 if len(taps) == 2 else 5)  # (4 x 7) and 5 output positions
+
+
+class _DeadChannel(nn.Module):
+    """Three conv-BN-ReLU layers of 8 channels and a linear head: with these seeded BatchNorms one conv3 channel
+    never fires, so `energy = 1` removes it and the fold alone is exact."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv3, self.bn3 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 8 * 8, 10)
+        for bn in (self.bn1, self.bn2, self.bn3):
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 1.5)
+            bn.weight.data.uniform_(0.5, 1.5)
+            bn.bias.data.uniform_(-0.2, 0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        x = torch.relu(self.bn3(self.conv3(x)))
+        return self.fc(x.flatten(1))
+
+
+def test_a_refit_no_better_on_held_out_rows_leaves_the_layer_as_it_is() -> None:
+    """64 calibration samples for fc's 512 inputs: a refit would fit those samples (it took the error on fresh data
+    from 1e-7 to 0.32); held out, it does no better than the exact fold, so fc stays folded."""
+    torch.manual_seed(0)
+    m = _DeadChannel().eval()
+    cal = torch.randn(64, 1, 8, 8)
+    res = ns.compile(m, "policy p { squeeze_fold { energy = 1 } }", example_inputs=(cal[:4],), calibration=cal,
+                     progress=False)
+    assert tuple(res.model.fc.weight.shape) == (10, 448)
+    notes = [n for p in res.report.passes for n in p.result.notes]
+    assert "layer refit: 'fc' kept as it is: its refit was no better on held-out calibration rows" in notes
+    fresh = torch.randn(512, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = m(fresh)
+        assert float((res.model(fresh) - ref).norm() / ref.norm()) < 1e-5

@@ -320,12 +320,13 @@ def test_compile_meets_a_params_budget(tmp_path: Path) -> None:
     assert r.graph.node("head").params["weight"].shape == (4, 7)
 
 
-def _residual_graph() -> Graph:
-    """x[4] → fc1 [8] = h; s = h + relu(fc2(h)); fc3(s) [3]: h's 8 features form one group read by fc2 and fc3."""
+def _residual_graph(inputs: int = 4) -> Graph:
+    """x[inputs] → fc1 [8] = h; s = h + relu(fc2(h)); fc3(s) [3]: h's 8 features form one group read by fc2 and
+    fc3 (with 4 inputs h spans 4 dimensions, so any 5 features rebuild the rest exactly)."""
     torch.manual_seed(1)
     g = Graph("res")
-    x = g.add_node("x", "input", attrs={"shape": (4, 4)})
-    h = g.add_node("fc1", "linear", [x], params={"weight": torch.randn(8, 4), "bias": torch.randn(8)})
+    x = g.add_node("x", "input", attrs={"shape": (4, inputs)})
+    h = g.add_node("fc1", "linear", [x], params={"weight": torch.randn(8, inputs), "bias": torch.randn(8)})
     a = g.add_node("relu", "relu", [g.add_node("fc2", "linear", [h], params={"weight": 0.5 * torch.randn(8, 8),
                                                                             "bias": torch.randn(8)})])
     s = g.add_node("add", "add", [h, a])
@@ -338,23 +339,27 @@ def _residual_graph() -> Graph:
 def test_linear_consumer_behind_another_is_refit_on_what_it_reads_after_the_removal() -> None:
     """fc3 reads the kept features through fc2's block, which the removal changed: after the pass its weights
     are the ridge least-squares fit (with intercept; the ridge one of `refit.RIDGES`) of the original fc3 outputs
-    on its new inputs, on the data (`refit.refit_layers`, which re-solves fc2 first)."""
+    on its new inputs, on the data (`refit.refit_layers`, which re-solves fc2 first). h spans 8 dimensions here,
+    so the removal loses what only the dropped features carried and the refit has something to win."""
     from tests.passes.test_layer_refit import _matches_one, _ridge_solutions
 
-    g = _residual_graph()
+    g = _residual_graph(inputs=8)
     ref = g.copy()
-    xs = [torch.randn(256, 4, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    xs = [torch.randn(256, 8, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     ys = [_sign_labels(g, xb) % 4 for xb in xs]
     out = SelectFeatures(reservoir=16, max_features=5, min_channels=5).run(
         g, _labelled_ctx(xs, ys, selected=frozenset({"fc1", "fc2"})))
     g.verify()
-    assert g.node("fc3").params["weight"].shape == (3, 5) and out.metrics["layers_refit"] == 2.0
+    # fc2 is linear in what it reads: its fold (the kept features' least-squares rebuild of the rest) is its
+    # least-squares refit already, so the refit does no better on held-out rows and fc2 stays as folded
+    assert g.node("fc3").params["weight"].shape == (3, 5) and out.metrics["layers_refit"] == 1.0
     x = torch.cat(xs)
     z = run(g, [x], [("add", 0)])[-1].double()
     target = run(ref, [x])[0].double()
     got = torch.cat([g.node("fc3").dense("weight").double().T, g.node("fc3").dense("bias").double()[None]])
     assert _matches_one(got, _ridge_solutions(z, target))
-    assert "layer refit: 2 of 2 layers refit whole by least squares to the pass-start outputs" in out.notes
+    assert "layer refit: 'fc2' kept as it is: its refit was no better on held-out calibration rows" in out.notes
+    assert "layer refit: 1 of 2 layers refit whole by least squares to the pass-start outputs" in out.notes
 
 
 def test_scope_consumer_cuts_the_last_layers_view_only_and_refits_it_by_least_squares() -> None:
