@@ -201,6 +201,9 @@ def solve_admm(chunk: Chunk, settings: Settings) -> Solution:
     w1, w2 = ax.clone(), w3.clone()
     xw1, xu1 = xs @ w1.T, xs @ u1.T  # X·W1ᵀ and X·U1ᵀ, kept up to date: two products with X per iteration
     tol = settings.tolerance
+    # the data's scale bounds the residual floor from below: iterates that are all zero (the zero weights meet
+    # ε = 100% exactly) would otherwise leave a floor of 1e-300 no float residual reaches
+    y_scale = float(torch.linalg.vector_norm(ys, dim=1).max()) if ys.numel() else 0.0
     primal = dual = math.inf
     it = 0
     converged = False
@@ -229,7 +232,7 @@ def solve_admm(chunk: Chunk, settings: Settings) -> Solution:
         # the W3 step has no objective term, so Aᵀu → 0 at the optimum: the dual residual is measured
         # against ‖Aᵀz‖ (the iterates' scale) instead of Boyd's ‖Aᵀu‖
         sd_col = torch.linalg.vector_norm(xw1 + w2, dim=0)
-        floor = 1e-6 * float(torch.maximum(sp_col.max(), sd_col.max())) + 1e-300
+        floor = 1e-6 * max(float(torch.maximum(sp_col.max(), sd_col.max())), y_scale) + 1e-300
         primal, dual = float(p_col.max()), float(d_col.max())
         small = bool((p_col <= tol * sp_col.clamp_min(floor)).all() & (d_col <= tol * sd_col.clamp_min(floor)).all())
         if small and it >= next_check:
@@ -286,8 +289,16 @@ def solve_cvxpy(chunk: Chunk, settings: Settings) -> Solution:
             continue
         cols.append(np.asarray(u.value, dtype=np.float64))
     w = torch.from_numpy(np.stack(cols, 1))
-    # interior-point solutions are never exactly sparse: entries below 1e-9 of the largest are zeros
-    w = torch.where(w.abs() <= 1e-9 * max(float(w.abs().max()), 1e-300), 0.0, w)
+    # interior-point solutions are never exactly sparse (CLARABEL stops at ~1e-8 relative gaps): an entry whose
+    # contribution to its neuron's output, |u_i|·‖x_i‖, is under 1e-6 of the target ‖y_m‖ is a zero, as long as the
+    # constraints still hold within the settings' feasibility; else only entries under 1e-9 of the largest
+    reach = w.abs() * torch.linalg.vector_norm(chunk.x, dim=1)[:, None]
+    ynorm = torch.linalg.vector_norm(chunk.y, dim=1)[None, :]
+    cut = torch.where((reach <= 1e-6 * ynorm) & (penalised(chunk) > 0), 0.0, w)
+    if within(chunk, *constraints(chunk, cut), settings):
+        w = cut
+    else:
+        w = torch.where(w.abs() <= 1e-9 * max(float(w.abs().max()), 1e-300), 0.0, w)
     ball, excess = constraints(chunk, w)
     return Solution(chunk.layer, chunk.neurons, w, ball, excess, 1, 0.0, 0.0, ok, time.perf_counter() - t0,
                     None, message)

@@ -453,3 +453,23 @@ def test_onnx_emits_sparse_initializers_or_dense_weights() -> None:
         sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
         out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
         np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_epsilon_100_percent_converges_to_zero_weights_with_both_solvers() -> None:
+    """ε_m = ‖y_m‖: the zero weights meet every constraint exactly. The ADMM's residual floor followed its
+    iterates, all zero here, so it never stopped; cvxpy's interior point left every entry a tiny non-zero."""
+    x, _, y = _layer(30, 150, 4, 0, relu=False)
+    ch = Chunk("fc", (0, 4), x, y, None, torch.linalg.vector_norm(y, dim=1), True)
+    for solver in ("admm", "cvxpy"):
+        s = solve(ch, Settings(solver))
+        assert s.converged, solver
+        assert int((s.w[:-1] != 0).sum()) == 0, solver  # every penalised (non-bias) entry an exact zero
+
+
+def test_cvxpy_counts_the_nonzeros_the_admm_counts() -> None:
+    """Entries whose contribution to the output is under 1e-6 of the target are solver leftovers, not weights."""
+    x, _, y = _layer(30, 150, 4, 1)
+    ch = Chunk("fc", (0, 4), x, y, torch.zeros_like(y), 0.3 * torch.linalg.vector_norm(y, dim=1), True)
+    a, c = solve(ch, Settings("admm")), solve(ch, Settings("cvxpy"))
+    assert int((c.w != 0).sum()) == int((a.w != 0).sum())
+    assert bool((c.ball <= 1.0001 * ch.eps).all())
