@@ -218,6 +218,13 @@ class SqueezeFold(TransformPass):
             bad = [m for m in cons if not self._foldable(graph, m)]
             if not cons and not grouped:
                 continue
+            # the per-conv-group fold needs the group's channels to be the conv's weight slots (one channel per
+            # slot, in every conv group); a concat part laid across conv-group boundaries is not
+            split = [m for m in grouped if len(m.index) != int(graph.node(m.node).params["weight"].shape[1])]
+            if split:
+                result.notes.append(f"group {g.id} ({g.producers[0] if g.producers else '?'}): grouped conv "
+                                    f"'{split[0].node}' reads its channels across conv-group boundaries; left alone")
+                continue
             if bad and self.nonlinear == "skip":
                 result.notes.append(f"group {g.id} ({g.producers[0] if g.producers else '?'}): consumer "
                                     f"'{bad[0].node}' is not linear in its input channels; left alone")

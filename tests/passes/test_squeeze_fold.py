@@ -472,3 +472,33 @@ def test_a_candidate_measured_from_its_prefix_has_the_whole_runs_output_error(na
     assert sum(w > 1e-4 and p for (w, _), p in zip(probe.seen, probe.from_prefix)) >= 3
     for whole, part in probe.seen:
         assert part == pytest.approx(whole, rel=1e-5)
+
+
+class _ConcatIntoGroups(torch.nn.Module):
+    """6 + 4 channels concatenated into a conv of 2 groups (5 channels each): the 6-channel part spans both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Conv2d(1, 6, 3, padding=1)
+        self.b = torch.nn.Conv2d(1, 4, 1)
+        self.c = torch.nn.Conv2d(10, 8, 3, padding=1, groups=2)
+        self.fc = torch.nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1)
+        return self.fc(torch.relu(self.c(h)).mean((2, 3)))
+
+
+def test_concat_parts_across_conv_groups_are_left_alone_with_a_note() -> None:
+    import netsqueeze as ns
+
+    m = _ConcatIntoGroups().eval()
+    cal = torch.randn(128, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    res = ns.compile(m, "policy p { squeeze_fold { ratio = 50% } }", example_inputs=(cal[:4],), calibration=cal,
+                     progress=False)
+    notes = [n for p in res.report.passes for n in p.result.notes]
+    assert any(n.endswith("grouped conv 'c' reads its channels across conv-group boundaries; left alone")
+               for n in notes)
+    shapes = {n: tuple(mod.weight.shape) for n, mod in res.model.named_modules() if isinstance(mod, torch.nn.Conv2d)}
+    assert shapes == {"a": (6, 1, 3, 3), "b": (4, 1, 1, 1), "c": (4, 5, 3, 3)}  # c's own output group squeezed
