@@ -96,11 +96,22 @@ def group_bounds(group: ChannelGroup, ctx: PassContext, min_channels: int = 1, r
     """The bounds of `group`: the pass options `min_channels`/`round_to` and the policy's bounds for
     its producers (`ctx.bounds_for`, which alone sets `align`), the most restrictive winning."""
     b = ctx.bounds_for(group.producers)
-    min_keep = max(min_channels, int(b.get("min_channels", 1)), 1)
+    # bounds count channels; a group's unit can hold several (a grouped conv's weight slot is one channel in each
+    # of its conv groups), so they are converted: k units are k·u channels
+    u = channels_per_unit(group)
+    min_keep = -(-max(min_channels, int(b.get("min_channels", 1)), 1) // u)
     if "max_ratio" in b:
         min_keep = max(min_keep, group.size - math.floor(float(b["max_ratio"]) * group.size + 1e-9))
     step = max(round_to, int(b.get("round_to", 1)), 1)
-    return GroupBounds(group.size, min(min_keep, group.size), step, max(int(b.get("align", 1)), 1))
+    align = max(int(b.get("align", 1)), 1)
+    return GroupBounds(group.size, min(min_keep, group.size), step // math.gcd(step, u), align // math.gcd(align, u))
+
+
+def channels_per_unit(group: ChannelGroup) -> int:
+    """Channels each of `group`'s units stands for at its producers: 1, or a grouped conv consumer's number of
+    conv groups when the group is that conv's weight slots (every unit the same number of output channels)."""
+    sizes = {len(p) for m in group.members_of("producer") if m.param is not None for p in m.index}
+    return sizes.pop() if len(sizes) == 1 else 1
 
 
 @dataclass(frozen=True)

@@ -239,3 +239,35 @@ def test_align_holds_under_a_flops_budget_search(pass_name: str, expected: list[
     assert kept == expected
     before, after = graph_stats(ns.compile(model, [], example_inputs=(calib[:2],)).graph), graph_stats(res.graph)
     assert after.flops <= 0.5 * before.flops
+
+
+class _GroupedReaders(torch.nn.Module):
+    """Three 8-channel convs; conv2 has 2 conv groups and conv3 4, so conv1's and conv2's channel groups are
+    their readers' weight slots: 4 units of 2 channels and 2 units of 4."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.conv3 = torch.nn.Conv2d(8, 8, 3, padding=1, groups=4)
+        self.fc = torch.nn.Linear(8 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        return self.fc(torch.relu(self.conv3(x)).flatten(1))
+
+
+@pytest.mark.parametrize(("body", "kept"), [
+    ("trim { ratio = 50%, round_to = 4 }", (4, 4, 4)),  # 4 channels = 2 units of conv1's group, 1 of conv2's
+    ("trim { ratio = 75%, min_channels = 4 }", (4, 4, 4)),
+    ("squeeze_fold { ratio = 50%, round_to = 4 }", (4, 4, 4)),
+])
+def test_bounds_count_channels_when_a_grouped_conv_reads_the_group(body: str, kept: tuple[int, ...]) -> None:
+    import netsqueeze as ns
+
+    m = _GroupedReaders().eval()
+    cal = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    res = ns.compile(m, f"policy p {{ {body} }}", example_inputs=(cal[:4],), calibration=cal, progress=False)
+    assert (res.model.conv1.out_channels, res.model.conv2.out_channels, res.model.conv3.out_channels) == kept
