@@ -47,7 +47,9 @@ def _read_error(path: Path, e: Exception) -> InputMismatchError:
     elif "Weights only load failed" in text:
         reason = "it holds pickled Python objects, which netsqueeze does not load for calibration"
     else:
-        reason = f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+        # an exception type named `error` (struct.error, zipfile's) would read as a second "error:"
+        kind = type(e).__name__ if type(e).__name__ != "error" else f"{type(e).__module__}.error"
+        reason = f"{kind}: {text.splitlines()[0]}" if text else kind
     return InputMismatchError(f"cannot read calibration file '{path}': {reason}")
 
 

@@ -119,6 +119,7 @@ def ws(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     (tmp_path / "plain.pth").write_bytes(pickle.dumps({"layer": [1, 2]}, protocol=4))  # not torch's format
     torch.save(torch.nn.Linear(4, 3).state_dict(), tmp_path / "state.pt")
     (tmp_path / "garbage.pt").write_bytes(b"\x80\x04garbage" * 8)
+    (tmp_path / "junk.pt").write_bytes(b"junk")
     (tmp_path / "garbage.pt2").write_bytes(b"PK\x03\x04 not an archive")
     (tmp_path / "model.h5").write_bytes(b"\x89HDF")
     (tmp_path / "notes.txt").write_text("a regular file\n")
@@ -271,6 +272,8 @@ CASES = [
          "calibration batch 0: input 'x' has dtype float16 but the model expects float32"),
     Case("calib-scalar", [*C, "--calib", "scalar.npy", "-o", "out.pt"], 1, ns.InputMismatchError,
          "calibration file 'scalar.npy' is a 0-d tensor (a single number); expected samples [N, ...]"),
+    Case("calib-junk-pt", [*C, "--calib", "junk.pt", "-o", "out.pt"], 1, ns.InputMismatchError,
+         "cannot read calibration file 'junk.pt': struct.error: unpack requires a buffer of 4 bytes"),
     Case("calib-object-array", [*C, "--calib", "obj.npy", "-o", "out.pt"], 1, ns.InputMismatchError,
          "cannot read calibration file 'obj.npy': it is not a plain NumPy array file"),
     Case("calib-garbage-npy", [*C, "--calib", "garbage.npy", "-o", "out.pt"], 1, ns.InputMismatchError,
