@@ -60,13 +60,13 @@ def test_guard_not_met_is_located(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     with pytest.raises(ns.BudgetError) as e:
         ns.compile(model, "guarded.sqz", example_inputs=inputs, calibration=_calibration())
     assert str(e.value) == (
-        "guarded.sqz:5:9: error: guard output error <= 0.10% not met: reached 37.57%\n"
+        "guarded.sqz:5:9: error: guard output error <= 0.10% not met: reached 37.53%\n"
         "    guard output error <= 0.1%\n"
         "          ^~~~~~~~~~~~~~~~~~~~"
     )
     # the same policy with a guard it can meet compiles, and the budget holds
     res = ns.compile(model, GUARDED.replace("0.1%", "60%"), example_inputs=inputs, calibration=_calibration())
-    assert res.report.fidelity["output_error"] == pytest.approx(0.3757, abs=1e-4)
+    assert res.report.fidelity["output_error"] == pytest.approx(0.3753, abs=1e-4)
     assert res.report.after.params <= 0.9 * res.report.before.params
 
 
