@@ -96,7 +96,8 @@ def cmd_compile(a: argparse.Namespace) -> int:
     if a.calib:
         inputs.append(("calibration file", Path(a.calib)))
     out = check_output_path(a.output, inputs)
-    reports = [check_output_path(r, [*inputs, ("output model", out)]) for r in (a.report, a.report_json) if r]
+    reports = [check_output_path(r, [*inputs, ("output model", out)], flag)
+               for r, flag in ((a.report, "--report"), (a.report_json, "--report-json")) if r]
     if len(reports) == 2 and reports[0].resolve() == reports[1].resolve():
         raise FileError(f"--report and --report-json both name '{reports[0]}'")
     target: Literal["torch", "onnx"] = "onnx" if output_format(out) == "onnx" else "torch"
@@ -160,7 +161,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     if a.json:
         from netsqueeze.compiler.files import check_output_path
 
-        check_output_path(a.json, [("model", Path(m)) for m in a.models])
+        check_output_path(a.json, [("model", Path(m)) for m in a.models], "--json")
     rows = bench(a.models, data=a.data, runtime=a.runtime, batches=batches, threads=a.threads, rounds=a.rounds,
                  trust_pickle=a.trust_pickle)
     print(format_table(rows, a.runtime, a.threads))

@@ -50,13 +50,14 @@ def _same_file(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve()
 
 
-def check_output_path(out: str | os.PathLike[str], inputs: Sequence[tuple[str, str | os.PathLike[str]]] = ()) -> Path:
-    """Checks, before any work is done, that `out` can be written and is none of `inputs`
-    ((role, path) pairs such as ("input model", "m.py")). Returns `out` as a Path; raises `FileError`."""
+def check_output_path(out: str | os.PathLike[str], inputs: Sequence[tuple[str, str | os.PathLike[str]]] = (),
+                      option: str = "-o") -> Path:
+    """Checks, before any work is done, that `out` (given with command-line `option`) can be written and is none
+    of `inputs` ((role, path) pairs such as ("input model", "m.py")). Returns `out` as a Path; raises `FileError`."""
     path = Path(out)
     for role, src in inputs:
         if _same_file(path, Path(src)):
-            raise FileError(f"refusing to overwrite the {role} '{src}': choose another -o path")
+            raise FileError(f"refusing to overwrite the {role} '{src}': choose another {option} path")
     if path.is_dir():
         raise FileError(f"output '{path}' is a directory")
     parent = path.parent
