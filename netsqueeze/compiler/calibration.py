@@ -119,15 +119,17 @@ def calibration_source(data: Any, *, batch_size: int = 64, samples: int | None =
         raise InputMismatchError(f"calibration data of type {type(data).__name__} is not a tensor, a file "
                                  "or an iterable of batches")
     source: Iterable[Any] = data
-    most = [0, -1]  # the most batches any pass read, and the count of the first pass that ran to the end
+    most = 0  # the most batches any pass read
+    first: int | None = None  # the batches of the first pass that ran to the end
 
     def iterate() -> Iterator[Batch]:
+        nonlocal most, first
         seen = 0
         count = 0
         items = iterate_user("the calibration iterator", call_user("iter(calibration data)", iter, source))
         for i, item in enumerate(items):
             count = i + 1
-            most[0] = max(most[0], count)
+            most = max(most, count)
             batch = _as_batch(item, f"batch {i}")
             if any(t.dim() == 0 for t in batch):
                 raise InputMismatchError(f"calibration batch {i} holds a 0-d tensor (a single number); "
@@ -141,12 +143,12 @@ def calibration_source(data: Any, *, batch_size: int = 64, samples: int | None =
             if samples is not None and seen >= samples:
                 break
         else:  # the data ran out: every pass must see the same batches
-            if count < most[0] or (most[1] >= 0 and count != most[1]):
-                was = max(most[0], most[1])
+            if count < most or (first is not None and count != first):
+                was = max(most, first or 0)
                 raise InputMismatchError(
                     f"the calibration iterable gave {was} batch{'es' * (was != 1)} on one pass and {count} on a "
                     "later one: the compile reads the data several times; give a list, a tensor or a file")
-            most[1] = count if most[1] < 0 else most[1]
+            first = count if first is None else first
 
     if isinstance(data, Iterator):
         # a one-shot iterator (a generator): read once and kept, since the compile passes over the data several times

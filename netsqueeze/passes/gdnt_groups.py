@@ -37,9 +37,8 @@ from netsqueeze.passes.allocation import METRICS, Budget, Reached
 from netsqueeze.passes.base import PassContext
 from netsqueeze.passes.dependency import ChannelGroup, Member
 from netsqueeze.passes.frontier import Frontier, SideBySide
-from netsqueeze.passes.refit import HELD_OUT, as_solution, best_ridge, held_error, normal_equations
+from netsqueeze.passes.refit import HELD_OUT, as_solution, normal_equations, ridge_refit
 from netsqueeze.passes.rewrite import ChannelSelection
-from netsqueeze.passes.squeeze_math import ridged_normal, solve_normal
 
 LANDING = 0.05  # a budget cut landing further under the limit than this share of it is walked closer (`closer_cut`)
 
@@ -150,14 +149,11 @@ def refit(graph: Graph, ref: Graph, ctx: PassContext, table: list[Entry], cuts: 
             a_fit, b_fit = fit_a[sel][:, sel], fit_b[sel][:, r]
             a_held, b_held = held_a[sel][:, sel], held_b[sel][:, r]
 
-            ridge, err = best_ridge(a_fit, b_fit, a_held, b_held)
-            cur = current[sel][:, r]
-            if err >= held_error((a_held, b_held), cur):  # the refit would only fit the calibration rows
+            sol, ridge = ridge_refit((a_fit, b_fit), (a_held, b_held), current[sel][:, r])  # [|feats|+1, |rows|]
+            if ridge is None:
                 kept += 1
-                sol = cur
             else:
                 chosen.append(ridge)
-                sol = solve_normal(ridged_normal(a_fit + a_held, ridge), b_fit + b_held)  # [|feats|+1, |rows|]
             wd[r[:, None], feats[None, :]] = sol[:-1].T
             bd[r] = sol[-1]
         if chosen:

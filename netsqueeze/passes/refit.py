@@ -350,6 +350,17 @@ def best_ridge(a_fit: torch.Tensor, b_fit: torch.Tensor, a_held: torch.Tensor, b
     return lam, errors[lam]
 
 
+def ridge_refit(fit: Normal, held: Normal, current: torch.Tensor) -> tuple[torch.Tensor, float | None]:
+    """(solution [features+1, outputs], ridge): the ridge least-squares fit on all rows at the ridge `best_ridge`
+    chooses, or `current` (the layer as it is, `as_solution`) with ridge None when the fit on the fitting rows does
+    no better than it on the held-out rows: with few samples for many inputs it would fit the calibration data,
+    not the layer."""
+    ridge, err = best_ridge(*fit, *held)
+    if err >= held_error(held, current):
+        return current, None
+    return solve_normal(ridged_normal(fit[0] + held[0], ridge), fit[1] + held[1]), ridge
+
+
 def as_solution(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """A conv/linear layer's weight [out, ...] and bias [out] as a least-squares solution [features+1, out] (the
     layout `normal_equations` and `held_error` use), to weigh the layer as it is against a refit."""
@@ -416,17 +427,12 @@ def refit_layers(graph: Graph, ref: Graph, ctx: PassContext, nodes: Iterable[str
         if stats is None:
             notes.append(f"{label}: '{nid}' not refit whole ({why or 'no calibration rows, or an unrolled input rank'})")
             continue
-        (fit_a, fit_b), held = stats
-        ridge, err = best_ridge(fit_a, fit_b, *held)
         bias = node.params.get(spec(node.kind).bias["weight"][0])
-        # a refit that does no better than the layer as it is on rows it was not fitted on would only fit the
-        # calibration data (few samples, many inputs): the layer stays as it is
-        if (isinstance(w, torch.Tensor) and (isinstance(bias, torch.Tensor) or bias is None)
-                and err >= held_error(held, as_solution(w, bias))):
+        assert isinstance(w, torch.Tensor) and (bias is None or isinstance(bias, torch.Tensor))  # layer_refittable
+        sol, ridge = ridge_refit(*stats, as_solution(w, bias))  # [features+1, outputs]
+        if ridge is None:
             notes.append(f"{label}: '{nid}' kept as it is: its refit was no better on held-out calibration rows")
             continue
-        sol = solve_normal(ridged_normal(fit_a + held[0], ridge), fit_b + held[1])  # [features+1, outputs]
-        assert isinstance(w, torch.Tensor)  # layer_refittable
         node.params["weight"] = sol[:-1].T.reshape(w.shape).to(w.dtype)
         node.params[spec(node.kind).bias["weight"][0]] = sol[-1].to(w.dtype)
         done += 1

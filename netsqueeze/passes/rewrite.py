@@ -371,30 +371,32 @@ def cut_view(graph: Graph, group: ChannelGroup, consumer: str, sel: ChannelSelec
     node = graph.node(consumer)
     values = {(m.node, m.output or 0): m for m in group.members if m.param is None}
     mem = next((m for m in group.members_of("consumer") if m.node == consumer and m.param == "weight"), None)
-    frontier = view_frontier(graph, consumer)
-    why = frontier if isinstance(frontier, str) else None
+    found = view_frontier(graph, consumer)
+    frontier = [] if isinstance(found, str) else found
+    why = found if isinstance(found, str) else None
     if why is None and (node.kind != "linear" or mem is None or any(len(p) != 1 for p in mem.index)
                         or mem.positions != _axis_size(graph, mem)):
         why = "it is not a linear layer reading this group's channels alone, one position each"
-    if why is None and any(e[0] not in values for e in frontier):
+    if why is None and any(v not in values for v, _, _ in frontier):
         why = "a value on the way to it does not carry this group's channels"
-    if why is None and any(values[v].axis != 1 for v, _, _ in ([] if isinstance(frontier, str) else frontier)):
+    if why is None and any(values[v].axis != 1 for v, _, _ in frontier):
         why = "the group's channels are not on axis 1 of the values on the way to it"
     if why is not None:
         raise NetsqueezeError(Diagnostic(f"channel group {group.id}: cannot remove channels from '{consumer}''s "
                                          f"view only: {why}", node=consumer))
-    assert not isinstance(frontier, str) and mem is not None
+    assert mem is not None
     # everything checked before the first change: a bad selection leaves the graph as it was
+    per_consumer = isinstance(sel.bias_shift, Mapping)
     shift = sel.bias_shift.get(consumer) if isinstance(sel.bias_shift, Mapping) else sel.bias_shift
-    width = int(node.params["weight"].shape[mem.axis])
-    if shift is not None and tuple(shift.shape) != ((width,) if isinstance(sel.bias_shift, Mapping) else (group.size,)):
-        raise _err(group, f"bias_shift for '{consumer}' has shape {list(shift.shape)}, expected "
-                          f"[{width if isinstance(sel.bias_shift, Mapping) else group.size}]")
-    fold = sel.fold.get(consumer) if isinstance(sel.fold, Mapping) else sel.fold
+    want = int(node.params["weight"].shape[mem.axis]) if per_consumer else group.size
+    if shift is not None and tuple(shift.shape) != (want,):
+        raise _err(group, f"bias_shift for '{consumer}' has shape {list(shift.shape)}, expected [{want}]")
+    given = sel.fold.get(consumer) if isinstance(sel.fold, Mapping) else sel.fold
+    fold = None if given is None else _as_fold(given)
     if fold is not None:
-        if not isinstance(_as_fold(fold), SharedFold):
+        if not isinstance(fold, SharedFold):
             raise _err(group, f"fold for '{consumer}' must be a SharedFold: it reads one position per channel")
-        _check_fold(group, keep, _as_fold(fold))
+        _check_fold(group, keep, fold)
     gathers = []
     for v, user, port in frontier:
         idx = tuple(values[v].index[c][0] for c in keep)
@@ -402,9 +404,9 @@ def cut_view(graph: Graph, group: ChannelGroup, consumer: str, sel: ChannelSelec
         graph.set_operand(user, port, (gid, 0))
         gathers.append(gid)
     if shift is not None:
-        _shift_bias(graph, mem, shift if isinstance(sel.bias_shift, Mapping) else axis_vector(graph, mem, shift))
+        _shift_bias(graph, mem, shift if per_consumer else axis_vector(graph, mem, shift))
     if fold is not None:
-        _fold_weight(graph, mem, keep, _as_fold(fold))
+        _fold_weight(graph, mem, keep, fold)
     cols = torch.tensor([mem.index[c][0] for c in keep], dtype=torch.long)  # the order the gathers give them
     node.params["weight"] = weights.index_select(node.params["weight"], mem.axis, cols)
     graph.infer_shapes()
