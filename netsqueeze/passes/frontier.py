@@ -172,11 +172,15 @@ class Frontier:
         self.at = to
         return True
 
-    def fetch(self, values: list[Value], then: int | None = None) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
-        """Per batch, the tensors at `values` in both graphs, run from the checkpoint. `then`: the position
+    def fetch(self, values: list[Value], then: int | None = None, ref_values: list[Value] | None = None
+              ) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+        """Per batch, the tensors at `values` in the graph being rewritten and at `ref_values` (`values` when
+        None) in the pass-start copy, both run from the checkpoint: a side runs only what its values need
+        (a layer refit reads the layer's input in one and its output in the other). `then`: the position
         the next `advance` will move to; the pass-start copy (which never changes) computes its tensors
         there in the same run, so that advance runs only the graph being rewritten."""
-        if not values or not self.state:
+        ref_values = values if ref_values is None else ref_values
+        if not (values or ref_values) or not self.state:
             return
         extra: list[Value] = []
         if then is not None and then > self.at and (self._ref_next is None or self._ref_next[0] != then):
@@ -184,17 +188,18 @@ class Frontier:
         if extra and not self._fits(extra):
             extra = []
         feeds = list(self.state[0][0])
-        wanted = list(dict.fromkeys([*values, *extra]))
-        run_now, run_ref = self._run(0, values), self._run(1, wanted)
+        wanted = list(dict.fromkeys([*ref_values, *extra]))
+        run_now = self._run(0, values) if values else None
+        run_ref = self._run(1, wanted) if wanted else None
         nxt: list[dict[Value, torch.Tensor]] = []
         for cur, orig in self.state:
             with torch.no_grad():
-                now = run_now([cur[v] for v in feeds])
-                got = run_ref([orig[v] for v in feeds])
+                now = run_now([cur[v] for v in feeds]) if run_now is not None else []
+                got = run_ref([orig[v] for v in feeds]) if run_ref is not None else []
             was = dict(zip(wanted, got))
             if extra:
                 nxt.append({v: was[v] for v in extra})
-            yield now, [was[v] for v in values]
+            yield now, [was[v] for v in ref_values]
         if extra and then is not None:  # every batch ran: the next checkpoint's pass-start side is ready
             self._ref_next = (then, nxt)
 
@@ -217,11 +222,17 @@ class SideBySide:
         if self.frontier is None:
             notes.append(f"{label}: each step streamed both graphs whole (no layer-by-layer runner)")
 
-    def pairs(self, at: int, values: list[Value], step: str) -> Pairs:
+    def pairs(self, at: int, values: list[Value], step: str, ref_values: list[Value] | None = None) -> Pairs:
+        """Per batch, (the tensors at `values` in the graph being rewritten, those at `ref_values` — `values`
+        when None — in the pass-start copy)."""
+        ref_values = values if ref_values is None else ref_values
         if self.frontier is not None and self.frontier.advance(at):
-            return self.frontier.fetch(values, next((p for p in self.checkpoints if p > at), None))
+            return self.frontier.fetch(values, next((p for p in self.checkpoints if p > at), None), ref_values)
         if self.frontier is not None and not self.streamed:
             self.notes.append(f"{self.label}: from {step} on, steps whose checkpoint would hold more than "
                               f"{Frontier.limit_bytes >> 20} MiB of activations streamed both graphs whole")
         self.streamed = True
-        return zip(self.ctx.stream(self.graph, values), self.ctx.stream(self.ref, values)) if values else iter(())
+        if not (values or ref_values):
+            return iter(())
+        now = self.ctx.stream(self.graph, values) if values else itertools.repeat([])
+        return zip(now, self.ctx.stream(self.ref, ref_values) if ref_values else itertools.repeat([]))

@@ -310,8 +310,8 @@ def normal_equations(graph: Graph, side: SideBySide, at: int, node_id: str, seed
     dst: Value = (node_id, 0)
     gen = torch.Generator().manual_seed(seed)
     sums: list[torch.Tensor] | None = None
-    for now, was in side.pairs(at, [src, dst], f"'{node_id}'"):
-        got = layer_rows(node, now[0].detach().float(), was[1].detach().float(), gen, out, positions)
+    for now, was in side.pairs(at, [src], f"'{node_id}'", [dst]):
+        got = layer_rows(node, now[0].detach().float(), was[0].detach().float(), gen, out, positions)
         if got is None:
             return None
         xr, yr = got

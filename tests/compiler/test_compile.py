@@ -168,7 +168,8 @@ def test_the_original_outputs_of_a_first_pass_serve_the_output_error(monkeypatch
     policy = "policy p {\n  calibrate samples 64, batch 16\n  squeeze_fold { energy = 0.95 }\n  fold_bn\n}\n"
     res = ns.compile(model, policy, example_inputs=inputs, calibration=x)
     passes = res.report.calibration_passes
-    assert passes == pytest.approx(4.749 if reuse else 5.749, abs=1e-3)  # one full pass of the original fewer
+    # (4.749 and 5.749 when the layer refit also ran each refit layer on the rewritten side)
+    assert passes == pytest.approx(4.000 if reuse else 5.000, abs=1e-3)  # one full pass of the original fewer
     assert res.report.fidelity["output_error"] == pytest.approx(0.005902, abs=1e-6)  # the same either way
 
 
