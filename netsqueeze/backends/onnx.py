@@ -252,6 +252,8 @@ class _Exporter:
                 self.values[(node.id, i)] = t
         outputs: list[gs.Variable] = []
         taken: set[int] = {id(v) for v in inputs}
+        # an ONNX model may list one tensor as two outputs, or an input as an output: the same tensor again
+        named: dict[tuple[str, int], gs.Tensor] = {(v.name, id(v)): v for v in inputs}
         for nid in g.outputs:
             node = g.node(nid)
             self.cur = node
@@ -259,6 +261,11 @@ class _Exporter:
             meta = node.meta[0]
             dt = _np_dtype(meta.dtype)
             name = self._io_name(node)
+            again = named.get((name, id(src)))
+            if again is not None:
+                outputs.append(again)
+                continue
+            first = id(src)
             if self.fp16 and dt == np.float32 and self.keep_io_fp32:
                 src = self.op1("Cast", [src], {"to": onnx.TensorProto.FLOAT})
             elif self.fp16 and dt == np.float32:
@@ -275,6 +282,7 @@ class _Exporter:
                 shape[0] = BATCH
             src.dtype, src.shape = dt, shape
             outputs.append(src)
+            named[(name, first)] = src
         gs_graph = gs.Graph(self.nodes, inputs, outputs, name=g.name, opset=self.opset)
         return gs_graph
 

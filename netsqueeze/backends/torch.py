@@ -16,7 +16,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from netsqueeze.backends.torch_modules import Attention, Opaque, ParamHolder, SparseLinear, WithEncodedParams
+from netsqueeze.backends.torch_modules import (Attention, Opaque, ParamHolder, SparseLinear, WithEncodedParams,
+                                               resize_nearest)
 from netsqueeze.errors import Diagnostic, NetsqueezeError, UnsupportedOpError
 from netsqueeze.ir.calls import AtenCall, Slot
 from netsqueeze.ir.dims import expr_of, fmt, is_dynamic, lower, reshape_plan, symbol_sources
@@ -324,8 +325,8 @@ def _leaky(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
 @emitter("clip")
 def _clip(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
     lo, hi = node.attrs.get("min"), node.attrs.get("max")
-    if lo is not None and hi is not None:
-        return b.call(F.hardtanh, xs[0], float(lo), float(hi))
+    if lo is not None and hi is not None and float(lo) <= float(hi):
+        return b.call(F.hardtanh, xs[0], float(lo), float(hi))  # min above max: clamp gives max, as ONNX Clip
     return b.call(torch.clamp, xs[0], lo, hi)
 
 
@@ -383,7 +384,7 @@ def _reshape(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
         return b.fx.call_method("reshape", (xs[0], *b.target_shape(xs[0], out, src)))
     # 0 copies the input dim at run time, so the batch size is not baked in
     shape = [b.fx.call_method("size", (xs[0], i)) if d == 0 else int(d) for i, d in enumerate(node.attrs["shape"])]
-    return b.fx.call_method("reshape", (xs[0], *shape))
+    return b.fx.call_method("reshape", (xs[0], *shape) if shape else (xs[0], ()))  # () : to a scalar
 
 
 @emitter("transpose")
@@ -476,10 +477,11 @@ def _resize(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
     kw: dict[str, Any] = {}
     if mode == "nearest":
         nearest = str(a.get("nearest_mode", "floor"))
-        if ctm == "asymmetric" and nearest == "floor":
-            kw["mode"] = "nearest"
-        elif ctm in ("half_pixel", "pytorch_half_pixel") and nearest == "round_prefer_floor":
-            kw["mode"] = "nearest-exact"
+        if ctm != "asymmetric" or nearest != "floor":  # F.interpolate's "nearest-exact" rounds ties up only
+            sizes = tuple(b.size(d) for d in node.meta[0].shape[2:])
+            scales = None if a.get("size") else tuple(float(s) for s in a["scale"])
+            return b.call(resize_nearest, xs[0], sizes, scales, ctm, nearest)
+        kw["mode"] = "nearest"
     elif mode in ("linear", "cubic") and ctm in ("half_pixel", "pytorch_half_pixel", "align_corners"):
         kw["mode"] = {1: "linear", 2: "bilinear", 3: "trilinear"}[dims] if mode == "linear" else "bicubic"
         kw["align_corners"] = ctm == "align_corners" or bool(a.get("align_corners", False))

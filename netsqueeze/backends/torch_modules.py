@@ -13,6 +13,32 @@ from torch.func import functional_call
 from netsqueeze.ir.weights import Encoded, Weight
 
 
+def resize_nearest(x: torch.Tensor, sizes: tuple[Any, ...], scales: tuple[float, ...] | None, ctm: str,
+                   nearest: str) -> torch.Tensor:
+    """ONNX Resize, mode nearest, with any coordinate transformation and rounding (F.interpolate has two of
+    them): per spatial axis, output index d reads input index round(x(d)) clamped to the axis, x(d) the
+    coordinate transformation at scale s (`scales`, else output/input size)."""
+    for i, out in enumerate(sizes):
+        axis = 2 + i
+        n_in, n_out = int(x.shape[axis]), int(out)
+        s = scales[i] if scales is not None else n_out / n_in
+        d = torch.arange(n_out, dtype=torch.float64, device=x.device)
+        if ctm == "asymmetric":
+            c = d / s
+        elif ctm == "align_corners":
+            c = d * ((n_in - 1) / (n_out - 1)) if n_out > 1 else torch.zeros_like(d)
+        elif ctm == "tf_half_pixel_for_nn":
+            c = (d + 0.5) / s
+        elif ctm == "pytorch_half_pixel" and n_out <= 1:
+            c = torch.zeros_like(d)
+        else:  # half_pixel, pytorch_half_pixel
+            c = (d + 0.5) / s - 0.5
+        r = {"floor": torch.floor(c), "ceil": torch.ceil(c), "round_prefer_ceil": torch.floor(c + 0.5)}.get(
+            nearest, torch.ceil(c - 0.5))  # round_prefer_floor, the default
+        x = x.index_select(axis, r.clamp(0, n_in - 1).long())
+    return x
+
+
 class Attention(nn.Module):
     """Multi-head attention whose inner width H·Dh may differ from embed_dim (after head pruning).
 

@@ -183,4 +183,18 @@ def reshape_plan(out: tuple[int, ...], src: tuple[int, ...]) -> list[int | None]
     unknown = [i for i, t in enumerate(plan) if t is None]
     if len(unknown) == 1:
         plan[unknown[0]] = -1
+    elif unknown:  # the one left to infer: a size no backend can compute (floor(3·H / floor(H / 2))), if any
+        hard = [i for i in unknown if not lowerable(expr_of(out[i]))]
+        if hard:
+            plan[hard[0]] = -1
     return plan
+
+
+def lowerable(expr: sympy.Expr) -> bool:
+    """Whether `lower` can build `expr` (a floor over a symbolic denominator it cannot)."""
+    try:
+        lower(expr, symbol=lambda n: 0, const=int, add=lambda a, b: 0, mul=lambda a, b: 0,
+              floordiv=lambda a, b: 0, mod=lambda a, b: 0)
+    except ValueError:
+        return False
+    return True

@@ -1005,6 +1005,8 @@ def _flatten(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
 
 
 def reshape_target(node: Node, src: tuple[int, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+    if any(d == 0 and i >= len(src) for i, d in enumerate(shape)):
+        raise _fail(node, f"target {list(shape)} copies (0) dim {len(src)} or later of a rank-{len(src)} input")
     out = [src[i] if d == 0 else d for i, d in enumerate(shape)]
     if out.count(-1) > 1:
         raise _fail(node, "more than one -1 in the target shape")

@@ -14,7 +14,7 @@ import onnx_graphsurgeon as gs
 import torch
 from onnx import helper
 
-from netsqueeze.errors import CaptureError, InputMismatchError, NetsqueezeError
+from netsqueeze.errors import CaptureError, Diagnostic, InputMismatchError, NetsqueezeError
 from netsqueeze.frontends.onnx.load import (
     _DEFAULT_DOMAINS,
     MAX_OPSET,
@@ -225,6 +225,17 @@ class _Importer:
         check_contents(proto, ids, opset)
         declared = {i.name: _static_shape(i, self.input_shapes.get(i.name)) for i in real_inputs}
         shapes = {k: v[0] for k, v in declared.items()}
+        seen: dict[str, tuple[int, str, int]] = {}
+        for k, (shape, dim_names, _) in declared.items():
+            for axis, (size, dim) in enumerate(zip(shape, dim_names)):
+                if not dim:
+                    continue
+                first = seen.setdefault(dim, (int(size), k, axis))
+                if first[0] != int(size):
+                    raise InputMismatchError(Diagnostic(
+                        f"dynamic dim '{dim}' is {first[0]} in input '{first[1]}' (axis {first[2]}) but {int(size)} "
+                        f"in input '{k}' (axis {axis}): a named dim takes one size in the example inputs",
+                        node=k))
         for _, _, notes in declared.values():
             if notes:
                 g.meta.setdefault("notes", []).extend(notes)

@@ -259,6 +259,8 @@ def _check_value_info(vi: onnx.ValueInfoProto, what: str) -> None:
     tt = vi.type.tensor_type
     if tt.elem_type:
         onnx_dtype_name(tt.elem_type, f"{what} '{vi.name}'")
+    elif what == "model input":
+        raise _fail(f"{what} '{vi.name}' has no element type (elem_type 0)")
     for d in tt.shape.dim:
         if d.HasField("dim_value") and d.dim_value < 0:
             raise _fail(f"{what} '{vi.name}' has a negative dimension {d.dim_value}")

@@ -50,12 +50,11 @@ def _refuse(imp: _Importer, n: gs.Node, problem: str) -> CaptureError:
     return CaptureError(Diagnostic(f"node '{imp.cur_id}' ({n.op}): {problem}", node=imp.cur_id))
 
 
-def _axis(imp: _Importer, n: gs.Node, axis: int, rank: int, what: str = "axis", extra: int = 0) -> int:
-    """`axis` in 0..rank+extra-1 (negative counts from the end); out of range is an error naming the node."""
-    top = rank + extra
-    if not -top <= axis < top:
+def _axis(imp: _Importer, n: gs.Node, axis: int, rank: int, what: str = "axis") -> int:
+    """`axis` in 0..rank-1 (negative counts from the end); out of range is an error naming the node."""
+    if not -rank <= axis < rank:
         raise _refuse(imp, n, f"{what} {axis} is out of range for its rank-{rank} input")
-    return axis % top
+    return axis % rank
 
 
 def _spatial(imp: _Importer, n: gs.Node, name: str, default: list[int], dims: int, lo: int = 1) -> list[int]:
@@ -89,6 +88,9 @@ def _single_output(imp: _Importer, n: gs.Node) -> bool:
 
 def _auto_pads(imp: _Importer, n: gs.Node, spatial: tuple[int, ...], kernel: list[int], stride: list[int],
                dilation: list[int]) -> list[int] | None:
+    """The node's explicit pads (begins then ends); None for `auto_pad` SAME_* with a stride over 1 on a
+    dynamic spatial dim, where the padding changes with the run-time size (the node is then kept opaque,
+    its ONNX form and a torch form that pads at run time)."""
     auto = n.attrs.get("auto_pad", "NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else auto
     dims = len(kernel)
@@ -101,8 +103,12 @@ def _auto_pads(imp: _Importer, n: gs.Node, spatial: tuple[int, ...], kernel: lis
                               f"SAME_LOWER")
     begins, ends = [], []
     for size, k, s, d in zip(spatial, kernel, stride, dilation):
-        out = -(-size // s)
-        total = max(0, (out - 1) * s + (k - 1) * d + 1 - size)
+        if s == 1:  # the output keeps the size: (k - 1)·d padding whatever the size
+            total = (k - 1) * d
+        elif is_dynamic(size):
+            return None
+        else:
+            total = max(0, (-(-int(size) // s) - 1) * s + (k - 1) * d + 1 - int(size))
         small, big = total // 2, total - total // 2
         begins.append(small if auto == "SAME_UPPER" else big)
         ends.append(big if auto == "SAME_UPPER" else small)
@@ -131,9 +137,13 @@ def _conv(imp: _Importer, n: gs.Node) -> bool:
     x = imp.meta(n.inputs[0])
     dims = _conv_dims(imp, n, len(x.shape), w)
     kernel = _spatial(imp, n, "kernel_shape", list(w.shape[2:]), dims)
+    if kernel != list(w.shape[2:]):
+        raise _refuse(imp, n, f"attribute 'kernel_shape' is {kernel} but its weight's kernel is {list(w.shape[2:])}")
     stride = _spatial(imp, n, "strides", [1] * dims, dims)
     dilation = _spatial(imp, n, "dilations", [1] * dims, dims)
     pads = _auto_pads(imp, n, x.shape[2:], kernel, stride, dilation)
+    if pads is None:
+        return False
     params = {"weight": w} | ({"bias": b} if b is not None else {})
     attrs = {"stride": stride, "padding": pads, "dilation": dilation, "groups": _groups(imp, n)}
     return _bind(imp, n, imp.emit("conv", [imp.value(n.inputs[0])], attrs, params))
@@ -163,6 +173,9 @@ def _conv_t(imp: _Importer, n: gs.Node) -> bool:
 def _gemm(imp: _Importer, n: gs.Node) -> bool:
     b, c = _const_in(imp, n, 1), _const_in(imp, n, 2)
     alpha, beta = float(n.attrs.get("alpha", 1.0)), float(n.attrs.get("beta", 1.0))
+    if len(imp.meta(n.inputs[0]).shape) != 2:
+        raise _refuse(imp, n, f"its input A has rank {len(imp.meta(n.inputs[0]).shape)}; Gemm multiplies "
+                              "rank-2 matrices")
     if b is None or b is _ABSENT or c is _ABSENT or len(b.shape) != 2 or not _is_float(b) \
             or imp.is_const(n.inputs[0]) or isinstance(c, Encoded) or (isinstance(b, Encoded) and alpha != 1.0):
         return False
@@ -196,8 +209,11 @@ def _matmul(imp: _Importer, n: gs.Node) -> bool:
 @handles("BatchNormalization")
 def _bn(imp: _Importer, n: gs.Node) -> bool:
     ps = [_const_in(imp, n, i) for i in range(1, 5)]
+    if int(n.attrs.get("training_mode", 0)):
+        raise _refuse(imp, n, "training_mode = 1: it normalises by batch statistics (a training graph); "
+                              "export the model in eval mode")
     if any(p is None or p is _ABSENT for p in ps) or not _single_output(imp, n) \
-            or int(n.attrs.get("training_mode", 0)) or int(n.attrs.get("spatial", 1)) != 1:
+            or int(n.attrs.get("spatial", 1)) != 1:
         return False
     params = dict(zip(("weight", "bias", "running_mean", "running_var"), ps))
     return _bind(imp, n, imp.emit("batch_norm", [imp.value(n.inputs[0])],
@@ -320,6 +336,8 @@ _BINARY = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div"}
 
 @handles(*_BINARY)
 def _binary(imp: _Importer, n: gs.Node) -> bool:
+    if n.op == "Div" and not imp.meta(n.inputs[0]).dtype.startswith(("float", "bfloat")):
+        return False  # integer Div truncates (the IR's div divides): kept opaque, with its torch form
     return _bind(imp, n, imp.emit(_BINARY[n.op], [imp.value(n.inputs[0]), imp.value(n.inputs[1])]))
 
 
@@ -351,6 +369,8 @@ def _split(imp: _Importer, n: gs.Node) -> bool:
         k = int(n.attrs.get("num_outputs", len(n.outputs)))
         if k < 1:
             raise _refuse(imp, n, f"it splits into {k} outputs")
+        if is_dynamic(shape[axis]):
+            return False  # the sizes follow the run-time length: kept opaque
         step = -(-shape[axis] // k)
         sizes = [min(step, shape[axis] - i * step) for i in range(k)]
     v = imp.emit("split", [imp.value(n.inputs[0])], {"axis": axis, "sizes": _ints(sizes)})
@@ -378,6 +398,8 @@ def _slice(imp: _Importer, n: gs.Node) -> bool:
     if not len(st) == len(en) == len(ax) == len(sp) or 0 in sp:
         raise _refuse(imp, n, f"starts {st}, ends {en}, axes {ax} and steps {sp} must be as many, steps not 0")
     todo = [(_axis(imp, n, a, len(shape)), s, e, p) for a, s, e, p in zip(ax, st, en, sp)]
+    if len({a for a, _, _, _ in todo}) != len(todo):
+        raise _refuse(imp, n, f"axes {ax} name an axis twice")
     # INT64 sentinels for "to the end" clip to the axis; python slice semantics handle the rest.
     lim = 1 << 62
     todo = [(a, max(-lim, min(lim, s)), max(-lim, min(lim, e)), p) for a, s, e, p in todo]
@@ -392,7 +414,10 @@ def _slice(imp: _Importer, n: gs.Node) -> bool:
 @handles("Flatten")
 def _flatten(imp: _Importer, n: gs.Node) -> bool:
     rank = len(imp.meta(n.inputs[0]).shape)
-    axis = _axis(imp, n, int(n.attrs.get("axis", 1)), rank, extra=1) if rank else 0
+    axis = int(n.attrs.get("axis", 1))
+    if not -rank <= axis <= rank:  # ONNX: axis in [-r, r], a negative one counts from the end (-1 is r - 1)
+        raise _refuse(imp, n, f"axis {axis} is out of range for its rank-{rank} input")
+    axis = axis + rank if axis < 0 else axis
     x = imp.value(n.inputs[0])
     if axis == 0:
         f = imp.emit("flatten", [x], {"start_dim": 0, "end_dim": -1}, suffix="flatten")
@@ -435,8 +460,13 @@ def _squeeze(imp: _Importer, n: gs.Node) -> bool:
     axes = _axes(imp, n)
     if axes is _ABSENT:
         return False
-    ax = _ints(axes) if axes is not None else [i for i, d in enumerate(shape) if d == 1]
-    return _bind(imp, n, imp.emit("squeeze", [imp.value(n.inputs[0])], {"axes": [_axis(imp, n, a, len(shape)) for a in ax]}))
+    # no axes: every axis of size 1; a dynamic axis is not one, whatever its example size
+    ax = _ints(axes) if axes is not None else [i for i, d in enumerate(shape) if d == 1 and not is_dynamic(d)]
+    ax = [_axis(imp, n, a, len(shape)) for a in ax]
+    wrong = [a for a in ax if not is_dynamic(shape[a]) and shape[a] != 1]
+    if wrong:
+        raise _refuse(imp, n, f"axis {wrong[0]} has size {shape[wrong[0]]}; Squeeze removes axes of size 1")
+    return _bind(imp, n, imp.emit("squeeze", [imp.value(n.inputs[0])], {"axes": ax}))
 
 
 @handles("Unsqueeze")
@@ -446,6 +476,8 @@ def _unsqueeze(imp: _Importer, n: gs.Node) -> bool:
         return False
     rank = len(imp.meta(n.inputs[0]).shape) + len(_ints(axes))
     ax = sorted(_axis(imp, n, a, rank) for a in _ints(axes))
+    if len(set(ax)) != len(ax):
+        raise _refuse(imp, n, f"axes {_ints(axes)} name an output axis twice")
     return _bind(imp, n, imp.emit("unsqueeze", [imp.value(n.inputs[0])], {"axes": ax}))
 
 
@@ -463,6 +495,8 @@ def _pool(imp: _Importer, n: gs.Node) -> bool:
     stride = _spatial(imp, n, "strides", [1] * dims, dims)
     dilation = _spatial(imp, n, "dilations", [1] * dims, dims)
     pads = _auto_pads(imp, n, x.shape[2:], kernel, stride, dilation)
+    if pads is None:
+        return False
     attrs: dict[str, Any] = {"kernel": kernel, "stride": stride, "padding": pads,
                              "ceil_mode": bool(n.attrs.get("ceil_mode", 0))}
     if n.op == "MaxPool":
@@ -555,12 +589,16 @@ def _resize(imp: _Importer, n: gs.Node) -> bool:
         attrs["exclude_outside"] = int(n.attrs.get("exclude_outside", 0))
     if sizes is not None and np.asarray(sizes).size:
         sz = _ints(sizes)
-        if len(sz) != rank or tuple(sz[:2]) != tuple(x.shape[:2]):
+        if len(sz) != rank:
+            raise _refuse(imp, n, f"its sizes have {len(sz)} values for a rank-{rank} input")
+        if tuple(sz[:2]) != tuple(x.shape[:2]):
             return False
         attrs["size"] = sz[2:]
     elif scales is not None and np.asarray(scales).size:
         sc = [float(v) for v in np.asarray(scales).reshape(-1)]
-        if len(sc) != rank or sc[:2] != [1.0, 1.0]:
+        if len(sc) != rank:
+            raise _refuse(imp, n, f"its scales have {len(sc)} values for a rank-{rank} input")
+        if sc[:2] != [1.0, 1.0]:
             return False
         attrs["scale"] = sc[2:]
     else:

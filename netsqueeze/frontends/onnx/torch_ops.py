@@ -136,6 +136,62 @@ def _trilu(p: dict[str, Any], x: torch.Tensor, k: torch.Tensor | None = None) ->
     return torch.triu(x, diag) if _attr(p, "upper", 1) else torch.tril(x, diag)
 
 
+def _same_pads(p: dict[str, Any], x: torch.Tensor, kernel: list[int], value: float) -> tuple[torch.Tensor, list[int], list[int]]:
+    """`x` padded as ONNX `auto_pad` SAME_UPPER / SAME_LOWER asks at its run-time size (output ceil(size /
+    stride)), and the strides and dilations: a conv or pool with dynamic spatial dims and a stride over 1,
+    whose padding changes with the size."""
+    dims = len(kernel)
+    stride = [int(v) for v in _attr(p, "strides", [1] * dims)]
+    dilation = [int(v) for v in _attr(p, "dilations", [1] * dims)]
+    upper = _attr(p, "auto_pad", b"NOTSET") in (b"SAME_UPPER", "SAME_UPPER")
+    pads: list[int] = []
+    for size, k, s, d in reversed(list(zip(x.shape[2:], kernel, stride, dilation))):  # F.pad: last dim first
+        total = max(0, (-(-int(size) // s) - 1) * s + (k - 1) * d + 1 - int(size))
+        small, big = total // 2, total - total // 2
+        pads += [small, big] if upper else [big, small]
+    return F.pad(x, pads, value=value), stride, dilation
+
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+_AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+
+
+def _conv_same(p: dict[str, Any], x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    xp, stride, dilation = _same_pads(p, x, list(w.shape[2:]), 0.0)
+    return _CONV[w.dim() - 2](xp, w, b, stride, 0, dilation, int(_attr(p, "group", 1)))
+
+
+def _max_pool_same(p: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
+    kernel = [int(v) for v in _attr(p, "kernel_shape", [])]
+    xp, stride, dilation = _same_pads(p, x, kernel, float("-inf"))
+    return _MAX_POOL[len(kernel)](xp, kernel, stride, 0, dilation)
+
+
+def _avg_pool_same(p: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
+    """AveragePool with SAME padding: the padded cells count only with `count_include_pad` = 1."""
+    kernel = [int(v) for v in _attr(p, "kernel_shape", [])]
+    xp, stride, _ = _same_pads(p, x, kernel, 0.0)
+    pool = _AVG_POOL[len(kernel)]
+    y = pool(xp, kernel, stride, 0)
+    if int(_attr(p, "count_include_pad", 0)):
+        return y
+    ones, _, _ = _same_pads(p, torch.ones_like(x[:1, :1]), kernel, 0.0)
+    return y / pool(ones, kernel, stride, 0)
+
+
+def _split(p: dict[str, Any], x: torch.Tensor, split: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """ONNX Split: by the sizes given (input or, before opset 13, attribute), else into `num_outputs` parts of
+    ceil(length / parts), the last one shorter (the parts of a dynamic axis follow its run-time length)."""
+    axis = int(_attr(p, "axis", 0)) % x.dim()
+    sizes = [int(v) for v in split.tolist()] if split is not None else _attr(p, "split", None)
+    if sizes:
+        return tuple(torch.split(x, [int(v) for v in sizes], axis))
+    parts = int(p["num_outputs"])
+    step = -(-int(x.shape[axis]) // parts)
+    return tuple(torch.split(x, [min(step, int(x.shape[axis]) - i * step) for i in range(parts)], axis))
+
+
 # Unknown-to-the-IR ONNX ops that still have an exact torch form, so onnx→torch keeps working through them
 # (e.g. the Pow/Sqrt of a LayerNorm exported at an old opset). Each takes the payload and the operands.
 _TORCH_OPS: dict[str, Callable[..., Any]] = {
@@ -174,6 +230,12 @@ _TORCH_OPS: dict[str, Callable[..., Any]] = {
     "Slice": _slice,
     "ScatterND": _scatter_nd,
     "NonZero": lambda p, x: torch.nonzero(x).T.contiguous(),
+    "Div": lambda p, a, b: torch.div(a, b, rounding_mode="trunc") if not a.is_floating_point() else a / b,
+    "Split": _split,  # equal parts of a dynamic axis
+    # only reached for auto_pad SAME with a stride over 1 on dynamic spatial dims (frontends/onnx/ops.py)
+    "Conv": _conv_same,
+    "MaxPool": _max_pool_same,
+    "AveragePool": _avg_pool_same,
 }
 
 
