@@ -16,8 +16,14 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from netsqueeze.backends.torch_modules import (Attention, Opaque, ParamHolder, SparseLinear, WithEncodedParams,
-                                               resize_nearest)
+from netsqueeze.backends.torch_modules import (
+    Attention,
+    Opaque,
+    ParamHolder,
+    SparseLinear,
+    WithEncodedParams,
+    resize_nearest,
+)
 from netsqueeze.errors import Diagnostic, NetsqueezeError, UnsupportedOpError
 from netsqueeze.ir.calls import AtenCall, Slot
 from netsqueeze.ir.dims import expr_of, fmt, is_dynamic, lower, reshape_plan, symbol_sources
