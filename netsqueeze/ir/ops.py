@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any, Protocol
 
 from netsqueeze.errors import Diagnostic, VerifyError
@@ -1125,7 +1126,9 @@ def _resize(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     if node.attrs.get("size"):
         sp = tuple(node.attrs["size"])
     else:
-        sp = tuple(math.floor(d * s) for d, s in zip(x.shape[2:], node.attrs["scale"]))
+        # a dynamic size stays a Dim: floor(d·s) as (d·p) // q with s = p / q exactly
+        sp = tuple((d * Fraction(s).numerator) // Fraction(s).denominator if is_dynamic(d) else math.floor(d * s)
+                   for d, s in zip(x.shape[2:], node.attrs["scale"]))
     return [TensorMeta((*x.shape[:2], *sp), x.dtype)]
 
 

@@ -393,6 +393,12 @@ def _upsample(cx: _Capture, a: dict[str, Any]) -> Value:
     linear = a["_linear"] if "_linear" in a else "nearest" not in str(cx.cur.target)
     # coordinate conventions spelled the ONNX way, so both backends agree on what torch computed
     attrs: dict[str, Any] = {"size": size, "mode": "linear" if linear else "nearest"}
+    # given scale factors set the coordinates (1 / scale, not input / output size): kept, the size follows
+    scales = a.get("scale_factors")
+    if scales is None:
+        scales = [a[k] for k in ("scales_d", "scales_h", "scales_w", "scales") if a.get(k) is not None] or None
+    if scales is not None and len(scales) == len(size):
+        attrs = {"scale": [float(v) for v in scales], "mode": attrs["mode"]}
     if linear:
         align = bool(a.get("align_corners", False))
         attrs["align_corners"] = align
