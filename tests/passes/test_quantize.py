@@ -382,3 +382,29 @@ def test_every_onnx_light_model_quantizes_and_torch_equals_ort(name: str) -> Non
         dq = g.node(g.operands(out.id)[0][0])
         tol = (np.exp(2 * dq.params["scale"].item()) - 1) * float(np.abs(y_ort).max())
     assert np.abs(y_torch - y_ort).max() <= tol + 1e-6, name
+
+
+def test_a_bias_too_large_for_the_int32_grid_raises_its_channels_weight_scale() -> None:
+    # weights of 1e-9 under a bias of 0.5: on the grid input scale × weight scale (~1e-13) the bias is ~5e12,
+    # past int32. Clamped, the channel gave 0 in torch and in ONNX Runtime (whose QDQ fusion requantizes a
+    # float bias itself); its weight scale is raised instead, as ONNX Runtime's quantizer does.
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    with torch.no_grad():
+        m[2].weight[3] = 1e-9 * torch.randn(32)
+        m[2].bias[3] = 0.5
+    x = torch.randn(128, 16)
+    for target in ("torch", "onnx"):
+        r = ns.compile(m, "policy p { quantize }", example_inputs=(x[:4],), calibration=x, target=target)
+        if target == "torch":
+            with torch.no_grad():
+                out = r.model(x)
+        else:
+            s = ort.InferenceSession(r.model.SerializeToString(), providers=["CPUExecutionProvider"])
+            out = torch.from_numpy(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0])
+        assert abs(float(out[:, 3].mean()) - 0.5) < 0.005  # 0.5 within a step of the output's uint8 grid (was 0)
+        assert r.report.fidelity["output_error"] < 0.02
+    node = r.graph.node(next(n.id for n in r.graph.nodes() if n.kind == "linear" and n.params["weight"].shape[0] == 8))
+    w, b = node.params["weight"], node.params["bias"]
+    assert isinstance(w, Affine) and isinstance(b, Affine) and int(b.q.abs().max()) <= 2**31 - 1
+    assert float(w.scale[3]) > 1e-8 > float(w.scale[3 - 1]) * 1e-6  # raised for channel 3 only
