@@ -209,11 +209,13 @@ def ecsq(x: torch.Tensor, k: int, gen: torch.Generator) -> tuple[torch.Tensor, t
         return few[0], few[1], 0.0
     pts = _Sorted(x)
     var = float(x.var()) or 1.0
-    init = kmeanspp(x, 2 * k, gen)
-    lo, hi = 0.0, 1.0
+    # with at most 2k entries, 2k levels hold one entry each and no λ merges them: start from k levels
+    init = kmeanspp(x, 2 * k if x.numel() > 2 * k else k, gen)
+
     def levels(lam: float) -> int:
         return ecsq_iterate(pts, init, lam * var, 80, 1e-6)[0].numel()
 
+    lo, hi = 0.0, 1.0
     while levels(hi) > k and hi < 1e6:
         lo, hi = hi, hi * 4
     for _ in range(24):

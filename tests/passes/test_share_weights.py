@@ -113,6 +113,14 @@ def test_uq_is_the_uniform_grid() -> None:
     assert float((c[a] - x).abs().max()) <= step / 2 + 1e-15
 
 
+@pytest.mark.parametrize("n", [120, 150, 200, 201])
+def test_ecsq_keeps_at_most_k_levels_when_a_weight_has_at_most_2k_entries(n: int) -> None:
+    # 2k initial levels of one entry each are equally likely: no λ merged them (120 levels for k = 100)
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    levels, assign, _ = ecsq(x, 100, _gen())
+    assert 90 <= levels.numel() <= 100 and int(assign.max()) < levels.numel()
+
+
 def test_ecsq_cost_decreases_and_lambda_reaches_k() -> None:
     x = _x()
     pts = _Sorted(x)
