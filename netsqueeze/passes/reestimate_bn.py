@@ -130,6 +130,10 @@ class ReestimateBN(TransformPass):
             if acc.n == 0:
                 raise NetsqueezeError(Diagnostic("reestimate_bn: no calibration sample reached this BatchNorm",
                                                  node=bn.id))
+            if acc.n < 2:  # one value per channel: a variance of 0, and the BatchNorm would divide by √eps
+                raise NetsqueezeError(Diagnostic(
+                    f"reestimate_bn: {acc.n} value per channel reached this BatchNorm (one calibration sample of a "
+                    "per-sample feature); its variance needs at least 2: give more calibration samples", node=bn.id))
             self._set(bn, acc.mean, acc.var)
         return walked
 

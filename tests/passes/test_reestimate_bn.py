@@ -285,3 +285,16 @@ def test_onnx_input_gets_the_same_statistics(tmp_path: Path) -> None:
     out = ort.InferenceSession(res.model.SerializeToString()).run(None, {"x": t.numpy()})[0]
     with torch.no_grad():
         assert np.abs(out - sequential_reference(model, x)(t).numpy()).max() < 1e-4
+
+
+def test_one_value_per_channel_is_refused_not_a_zero_variance() -> None:
+    # one calibration sample into a BatchNorm1d: its variance would be 0 and outputs grew 300-fold
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = torch.randn(1, 8)
+    with pytest.raises(NetsqueezeError) as err:
+        ns.compile(m, "policy p { reestimate_bn { keep = always } }", example_inputs=(x,), calibration=x)
+    assert str(err.value).splitlines()[0] == (
+        "<policy>:1:12: error: pass 'reestimate_bn' (<policy>:1) failed: reestimate_bn: 1 value per channel reached "
+        "this BatchNorm (one calibration sample of a per-sample feature); its variance needs at least 2: give more "
+        "calibration samples (node '1')")
