@@ -204,6 +204,11 @@ class NetTrim(TransformPass):
         for lay, r in zip(layers, res):
             sample = r.sample()
             n = sample.shape[1] // len(streams)
+            if sample.shape[0] < 2:  # one row: the free bias alone meets any ε and every weight goes to zero
+                raise NetsqueezeError(Diagnostic(
+                    f"net_trim: {sample.shape[0]} calibration row reached layer '{lay.node}' (one sample of a linear layer's "
+                    "input); the ε constraint needs at least 2 rows to say anything about its weights: give more "
+                    "calibration samples", node=lay.node))
             parts = [sample[:, k * n:(k + 1) * n].T for k in range(len(streams))]
             if lay.bias:
                 parts = [torch.cat([p, torch.ones(1, p.shape[1], dtype=torch.float64)]) for p in parts]
@@ -329,13 +334,13 @@ class NetTrim(TransformPass):
     def _finish(self, graph: Graph, ctx: PassContext, layers: list[_Layer]) -> PassResult:
         result = PassResult(changed=True, touched={lay.node for lay in layers})
         before = {lay.node: lay.weight.shape[1] * (lay.weight.shape[0] - int(lay.bias)) for lay in layers}
-        for lay in layers:
-            nz = weights.nnz(graph.node(lay.node).params["weight"])
+        removed = self._remove(graph, ctx) if self.remove_channels else 0
+        for lay in layers:  # counted on what is emitted: after the all-zero channels are removed
+            nz = weights.nnz(graph.node(lay.node).params["weight"]) if lay.node in graph else 0
             result.metrics[f"nonzeros:{lay.node}"] = float(nz)
             result.notes.append(f"{lay.node}: {nz:,}/{before[lay.node]:,} weights non-zero "
                                 f"({nz / max(1, before[lay.node]):.1%})")
         if self.remove_channels:
-            removed = self._remove(graph, ctx)
             result.metrics["channels_removed"] = float(removed)
             if removed:
                 result.notes.append(f"{removed} channels removed (all-zero weights)")

@@ -473,3 +473,21 @@ def test_cvxpy_counts_the_nonzeros_the_admm_counts() -> None:
     a, c = solve(ch, Settings("admm")), solve(ch, Settings("cvxpy"))
     assert int((c.w != 0).sum()) == int((a.w != 0).sum())
     assert bool((c.ball <= 1.0001 * ch.eps).all())
+
+
+def test_one_calibration_row_is_refused_and_nonzeros_count_the_emitted_weights() -> None:
+    torch.manual_seed(1)
+    m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    x = torch.randn(1, 16)
+    # one sample: the free bias alone met ε and every weight went to zero (a constant model, no error)
+    with pytest.raises(NetsqueezeError) as err:
+        ns.compile(m, "policy p { net_trim { epsilon = 5% } }", example_inputs=(x,), calibration=x)
+    assert str(err.value).splitlines()[0].endswith(
+        "net_trim: 1 calibration row reached layer '0' (one sample of a linear layer's input); the ε constraint "
+        "needs at least 2 rows to say anything about its weights: give more calibration samples (node '0')")
+    x = torch.randn(256, 16)
+    res = ns.compile(m, "policy p { net_trim { epsilon = 30% } }", example_inputs=(x[:2],), calibration=x)
+    result = res.report.passes[0].result
+    emitted = sum(weights.nnz(n.params["weight"]) for n in res.graph.nodes() if n.kind == "linear")
+    assert result.metrics["channels_removed"] > 0  # so the count after the removal differs from the one before
+    assert result.metrics["nonzeros"] == emitted
