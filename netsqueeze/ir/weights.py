@@ -194,6 +194,9 @@ class Affine(Encoded):
     shape: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
+        # contiguous: a strided q (a permuted view) decodes to a strided weight, which kernels sum in another
+        # order than the contiguous copy a save/load gives (1.5e-8 apart)
+        self.q = self.q.contiguous()
         self.shape = tuple(int(d) for d in self.q.shape)
         if (self.kind, self.bits) not in _INT_RANGES:
             raise _fail(f"unsupported integer type {self.type_name}")
