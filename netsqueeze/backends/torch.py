@@ -6,6 +6,7 @@ Per-kind emitters live in `EMITTERS`; `@emitter("kind")` adds or replaces one (e
 from __future__ import annotations
 
 import copy
+import keyword
 import operator
 import re
 from collections.abc import Callable, Sequence
@@ -35,7 +36,10 @@ from netsqueeze.ir.weights import Encoded, Sparse
 __all__ = ["EMITTERS", "Emitter", "ModuleBuilder", "emitter", "to_torch"]
 
 
-_MODULE_ATTRS = frozenset(dir(nn.Module()))
+# names a part of a module path may not take: nn.Module's and GraphModule's attributes (graph, code, meta,
+# recompile, ...), Python keywords and `self` (the generated forward's code names submodules by their paths)
+_MODULE_ATTRS = frozenset(dir(nn.Module())) | frozenset(dir(fx.GraphModule)) | frozenset(keyword.kwlist) | {
+    "self", "graph", "meta", "code", "_code", "_graph"}
 NODE_PATHS = "netsqueeze.node_paths"  # key of `GraphModule.meta`: node id → the module path holding its params
 
 
