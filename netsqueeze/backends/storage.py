@@ -217,6 +217,8 @@ class _Reader:
     def stream(self, sym_bytes: int) -> tuple[np.ndarray, np.ndarray]:
         """(table, decoded symbols) of a stream written by `_Writer.stream`."""
         k, nbits, nsym = self.u("IQQ")
+        if nsym > nbits:  # every code is at least one bit long
+            raise _fail(f"{self.what}: corrupt Huffman stream: {nsym} symbols in {nbits} bits")
         table = np.frombuffer(self.take(k * sym_bytes), dtype=_RAW[sym_bytes])
         lengths = np.frombuffer(self.take(k), dtype=np.uint8)
         words = self.take((nbits + (-nbits) % WORD_BITS) // 8)
@@ -454,6 +456,7 @@ def decode_model(data: bytes, what: str = "model file") -> tuple[Graph, dict[str
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise FileError(f"{what} has a corrupt header: {err}") from None
     base = 10 + hlen
+    _check_header(header, what)
     graph = parse_graph(header["graph"], file=what)
     for e in header["weights"]:
         lo, hi = base + int(e["offset"]), base + int(e["offset"]) + int(e["length"])
@@ -464,6 +467,23 @@ def decode_model(data: bytes, what: str = "model file") -> tuple[Graph, dict[str
                           f"param '{e['param']}' of node '{e['node']}' in {what}")
         graph.node(e["node"]).params[e["param"]] = t
     return graph, header
+
+
+def _check_header(header: object, what: str) -> None:
+    """The header's fields `decode_model` reads, with their types: a corrupt or hand-made file is a FileError
+    naming the field, not a KeyError."""
+    if not isinstance(header, dict) or not isinstance(header.get("graph"), str) or \
+            not isinstance(header.get("weights"), list):
+        raise FileError(f"{what} has a corrupt header: it needs a 'graph' text and a 'weights' list")
+    want = {"node": str, "param": str, "store": str, "dtype": str, "offset": int, "length": int, "shape": list}
+    for i, e in enumerate(header["weights"]):
+        bad = [k for k, t in want.items() if not isinstance(e, dict) or not isinstance(e.get(k), t)]
+        if not bad and e["dtype"] not in _DTYPES:
+            bad = ["dtype"]
+        if not bad and (any(not isinstance(d, int) or d < 0 for d in e["shape"]) or e["offset"] < 0 or e["length"] < 0):
+            bad = ["shape, offset or length"]
+        if bad:
+            raise FileError(f"{what} has a corrupt header: weight entry {i} has no valid {bad[0]}")
 
 
 def stored_matrices(data: bytes) -> Mapping[str, tuple[str, bytes, tuple[int, ...]]]:

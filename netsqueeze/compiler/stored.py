@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import fx
 
 from netsqueeze.backends.storage import STORES, Store, decode_model, encode_model, stored_matrices
@@ -64,7 +65,10 @@ def load(path: str | os.PathLike[str], *, compressed: bool = False) -> fx.GraphM
     mats = stored_matrices(data)
     for node in graph.nodes():
         entry = mats.get(f"{node.id}/weight")
-        if node.kind != "linear" or entry is None or entry[0] not in ("ham", "sham"):
+        w = node.params.get("weight")
+        # the compressed-domain product reads float32 symbol tables; other dtypes stay decoded
+        if node.kind != "linear" or entry is None or entry[0] not in ("ham", "sham") or \
+                not isinstance(w, torch.Tensor) or w.dtype != torch.float32:
             continue
         store, blob, shape = entry
         layer = CompressedLinear(blob, store, shape[1], shape[0], node.params.get("bias"))  # type: ignore[arg-type]

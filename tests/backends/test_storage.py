@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -231,3 +232,58 @@ def test_code_lengths_are_optimal() -> None:
         ref = huffman_lengths({i: int(x) for i, x in enumerate(c)})
         assert int((got * c).sum()) == sum(ref[i] * int(x) for i, x in enumerate(c))  # same total bits
         assert sum(2.0 ** -got) == pytest.approx(1.0)  # a complete prefix code
+
+
+def _rebuilt(data: bytes, edit: object) -> bytes:
+    """`data` (a model file) with its JSON header replaced by what `edit` makes of it."""
+    import json
+    import struct
+
+    version, hlen = struct.unpack("<HI", data[4:10])
+    header = json.loads(data[10:10 + hlen])
+    raw = json.dumps(edit(header)).encode()  # type: ignore[operator]
+    return data[:4] + struct.pack("<HI", version, len(raw)) + raw + data[10 + hlen:]
+
+
+def test_a_corrupt_header_or_symbol_count_is_a_clear_error_not_a_crash(tmp_path: Path) -> None:
+    res, _ = _compiled()
+    data, _ = encode_model(res.graph, "ham")
+
+    def entry(key: str, value: object) -> object:
+        def edit(h: dict) -> dict:  # type: ignore[type-arg]
+            h["weights"][0][key] = value
+            return h
+        return edit
+
+    cases = [
+        (lambda h: [1, 2], "has a corrupt header: it needs a 'graph' text and a 'weights' list"),
+        (lambda h: {k: v for k, v in h.items() if k != "graph"}, "it needs a 'graph' text and a 'weights' list"),
+        (entry("dtype", "complex64"), "has a corrupt header: weight entry 0 has no valid dtype"),
+        (entry("shape", None), "has a corrupt header: weight entry 0 has no valid shape"),
+        (entry("offset", -5), "has a corrupt header: weight entry 0 has no valid shape, offset or length"),
+    ]
+    for edit, message in cases:
+        with pytest.raises(FileError, match=re.escape(message)):
+            decode_model(_rebuilt(data, edit))
+    # a symbol count past the stream's bits: every code takes a bit (it made the decoder allocate without end)
+    import json
+    import struct
+
+    hlen = struct.unpack("<HI", data[4:10])[1]
+    header = json.loads(data[10:10 + hlen])
+    e = next(e for e in header["weights"] if e["store"] == "ham")
+    at = 10 + hlen + e["offset"] + struct.calcsize("<IIB") + struct.calcsize("<IQ")
+    bad = data[:at] + struct.pack("<Q", 1 << 40) + data[at + 8:]
+    with pytest.raises(NetsqueezeError, match=r"corrupt Huffman stream: 1099511627776 symbols in \d+ bits"):
+        decode_model(bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_compressed_load_keeps_other_dtypes_decoded(dtype: torch.dtype, tmp_path: Path) -> None:
+    # the compressed-domain product reads float32 tables: it read fp16/fp64 streams as corrupt
+    m = MLP().to(dtype).eval()
+    x = torch.randn(4, 20, dtype=dtype)
+    res = ns.compile(m, "policy p { fold_bn }", example_inputs=(x,))
+    ns.save(res.graph, tmp_path / "m.nsq", store="ham")
+    with torch.no_grad():
+        assert torch.equal(ns.load(tmp_path / "m.nsq", compressed=True)(x), res.model(x))
