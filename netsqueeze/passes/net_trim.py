@@ -83,9 +83,10 @@ class NetTrim(TransformPass):
     Solvers: `admm` (default; the reference code's three-split ADMM, one Cholesky factor per chunk of
     `chunk` neurons, residual-balanced ρ) or `cvxpy` (the exact program, CLARABEL; small layers). Chunks
     are the tasks of `ctx.executor` (in-process, local processes, Dask); every task runs on one thread, so
-    the result is the same whatever runs it. A solve that does not converge within `max_iterations`, or
-    ends outside ε by more than 1%, is a `SolverError` naming the layer, ε and the residuals reached, and
-    the graph is not changed.
+    the result is the same whatever runs it. ADMM can stall on a neuron active on a handful of samples: the
+    neurons an ADMM solve leaves outside their constraints after `max_iterations` are solved again by cvxpy
+    (a note says which). A solve that still ends outside ε by more than 1% is a `SolverError` naming the
+    layer, ε and the residuals reached, and the graph is not changed.
 
     Emission: the weights become `Sparse` encoded weights in `layout` (coo or csr); the bias stays dense.
     With `remove_channels`, a channel that no longer matters is removed through `apply_selection`: one
@@ -130,7 +131,9 @@ class NetTrim(TransformPass):
                 notes.append(f"ε search: epsilon = {gain:.2%}")
             else:
                 gain = 0.05 if self.epsilon is None else self.epsilon
-                self._trim(start, graph, layers, ctx, executor, gain, {})
+                sols = self._trim(start, graph, layers, ctx, executor, gain, {})
+                notes += [f"{s.layer} neurons {s.neurons[0]}..{s.neurons[1] - 1}: {s.message}" for s in sols
+                          if s.message]
         finally:
             if own:
                 executor.close()
@@ -246,6 +249,8 @@ class NetTrim(TransformPass):
             bar.close()
         for c, s in zip(chunks, sols):
             self._check(c, s, settings)
+            if s.message:
+                ctx.log(f"net_trim: {c.layer} neurons {c.neurons[0]}..{c.neurons[1] - 1}: {s.message}")
         ctx.log(f"net_trim: {len(chunks)} tasks on {executor.name}")
         return sols
 

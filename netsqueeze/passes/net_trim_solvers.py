@@ -26,6 +26,8 @@ from dataclasses import dataclass, replace
 import torch
 
 _BALANCE_EVERY = 20  # ADMM iterations between adjustments of ρ
+# ρ stays within 1e±4 of where the solve started: unbounded balancing drove it to 1e55 and the iterates to 1e150
+_RHO_SPAN = 1e4
 ACTIVE = 1e-6  # Ω: the original output counts as active above this (the reference code's threshold)
 
 
@@ -162,7 +164,23 @@ def solve(chunk: Chunk, settings: Settings) -> Solution:
 def _solve(chunk: Chunk, settings: Settings) -> Solution:
     if settings.solver == "cvxpy":
         return solve_cvxpy(chunk, settings)
-    return solve_admm(chunk, settings)
+    sol = solve_admm(chunk, settings)
+    if sol.converged and within(chunk, sol.ball, sol.excess, settings):
+        return sol
+    # ADMM can stall on a neuron active on a handful of samples, whatever ρ: the neurons it leaves outside
+    # their constraints (all of them when none is) are solved exactly, one program each
+    slack = settings.feasibility * chunk.eps + 10 * settings.tolerance * torch.linalg.vector_norm(chunk.y, dim=1)
+    out = torch.nonzero((sol.ball > chunk.eps + slack + 1e-12) | (sol.excess > slack + 1e-12)).flatten()
+    redo = out if out.numel() else torch.arange(chunk.y.shape[0])
+    exact = solve_cvxpy(replace(chunk, y=chunk.y[redo], v=None if chunk.v is None else chunk.v[redo],
+                                eps=chunk.eps[redo], warm=None), settings)
+    w = sol.w.clone()
+    w[:, redo] = exact.w
+    ball, excess = constraints(chunk, w)
+    return replace(sol, w=w, ball=ball, excess=excess,
+                   converged=exact.converged and within(chunk, ball, excess, settings),
+                   message=f"{redo.numel()} neuron(s) ADMM left unsolved re-solved by cvxpy"
+                           + (f": {exact.message}" if exact.message else ""))
 
 
 def solve_admm(chunk: Chunk, settings: Settings) -> Solution:
@@ -207,6 +225,7 @@ def solve_admm(chunk: Chunk, settings: Settings) -> Solution:
     primal = dual = math.inf
     it = 0
     converged = False
+    rho_start = rho
     next_check = 0
     for it in range(1, settings.max_iterations + 1):
         z = ax - u1
@@ -247,9 +266,9 @@ def solve_admm(chunk: Chunk, settings: Settings) -> Solution:
             # not depend on it), so it adapts for free; the scaled duals follow, u' = u·ρ/ρ'
             rel_p = float(p_col.norm() / sp_col.norm().clamp_min(1e-300))
             rel_d = float(d_col.norm() / sd_col.norm().clamp_min(1e-300))
-            if rel_p > 10 * rel_d:
+            if rel_p > 10 * rel_d and rho * 2 <= rho_start * _RHO_SPAN:
                 rho, u1, u2, xu1 = rho * 2, u1 / 2, u2 / 2, xu1 / 2
-            elif rel_d > 10 * rel_p:
+            elif rel_d > 10 * rel_p and rho / 2 >= rho_start / _RHO_SPAN:
                 rho, u1, u2, xu1 = rho / 2, u1 * 2, u2 * 2, xu1 * 2
     w = w2 * 1.0  # a copy: W2 holds the exact zeros of the soft threshold
     ball, excess = constraints(chunk, w)

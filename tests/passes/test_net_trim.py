@@ -262,14 +262,26 @@ def test_cascade_options_are_refused_in_parallel_mode(options: dict[str, float],
     NetTrim(mode="cascade", **options)  # type: ignore[arg-type]
 
 
-def test_an_unconverged_solve_is_a_located_solver_error_and_nothing_is_written() -> None:
+def test_an_unconverged_solve_is_a_located_solver_error_and_nothing_is_written(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import netsqueeze.passes.net_trim_solvers as solvers
+
     model, x = _trained_mlp()
     g = _graph(model, x)
+    # 3 ADMM iterations: every neuron is left to the exact solve, which meets ε
+    res = NetTrim(epsilon=0.05, max_iterations=3).run(g.copy(), stream_ctx([[x]], executor=InProcess()))
+    assert any(n.endswith("neuron(s) ADMM left unsolved re-solved by cvxpy") for n in res.notes)
+    # when the exact solve fails too, nothing is written
+    exact = solvers.solve_cvxpy
+    monkeypatch.setattr(solvers, "solve_cvxpy",
+                        lambda chunk, settings: solvers.replace(exact(chunk, settings), converged=False,
+                                                                message="CLARABEL stopped"))
     before = {n.id: {k: v.clone() for k, v in n.params.items()} for n in g.nodes()}
     with pytest.raises(SolverError) as e:
         NetTrim(epsilon=0.05, max_iterations=3).run(g, stream_ctx([[x]], executor=InProcess()))
     msg = str(e.value)
-    assert "did not converge after 3 iterations" in msg and "ε = " in msg and "residuals primal" in msg
+    assert "did not converge (" in msg and "re-solved by cvxpy: CLARABEL stopped) after 3 iterations" in msg
+    assert "ε = " in msg and "residuals primal" in msg
     assert e.value.diagnostics[0].node in [n.id for n in g.by_kind("linear")]
     for n in g.nodes():
         for k, v in n.params.items():
@@ -491,3 +503,34 @@ def test_one_calibration_row_is_refused_and_nonzeros_count_the_emitted_weights()
     emitted = sum(weights.nnz(n.params["weight"]) for n in res.graph.nodes() if n.kind == "linear")
     assert result.metrics["channels_removed"] > 0  # so the count after the removal differs from the one before
     assert result.metrics["nonzeros"] == emitted
+
+
+def test_admm_keeps_rho_bounded_and_hands_a_stalled_neuron_to_cvxpy(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a 1x1 conv neuron active on 4 of 4096 patches: residual balancing doubled ρ without end (the iterates
+    # reached 1e150); bounded, ADMM still stalls on it, and the neurons it leaves outside ε are solved by cvxpy
+    import netsqueeze.passes.net_trim as nt_module
+    from netsqueeze.passes.net_trim_solvers import replace, solve_admm
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 32, 1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.ReLU(),
+                      nn.Conv2d(32, 16, 3, groups=4), nn.Flatten(), nn.Linear(16 * 6 * 6, 5)).eval()
+    x = torch.randn(64, 3, 8, 8)
+    chunks: list[Chunk] = []
+    call = nt_module._Task.__call__
+
+    def grab(self: object, chunk: Chunk) -> object:
+        chunks.append(chunk)
+        return call(self, chunk)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(nt_module._Task, "__call__", grab)
+    res = ns.compile(m, "policy p { net_trim on \"0\" { epsilon = 5% } }", example_inputs=(x[:4],), calibration=x)
+    notes = res.report.passes[0].result.notes
+    assert "0 neurons 0..31: 1 neuron(s) ADMM left unsolved re-solved by cvxpy" in notes
+    c = chunks[0]
+    j = 28
+    one = replace(c, y=c.y[j:j + 1], v=c.v[j:j + 1], eps=c.eps[j:j + 1], neurons=(j, j + 1))
+    assert int((one.y > 1e-6).sum()) == 4
+    sol = solve_admm(one, Settings(max_iterations=20000))
+    assert not sol.converged and float(sol.warm[3]) <= Settings().rho * 1e4  # type: ignore[index]
+    assert float(sol.ball[0]) < 1.0  # bounded: no blow-up
+    assert res.report.fidelity["output_error"] < 0.1
