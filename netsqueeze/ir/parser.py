@@ -41,9 +41,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import sympy
 import torch
 
 from netsqueeze.errors import Diagnostic, NetsqueezeError, SourceSpan, VerifyError, did_you_mean
+from netsqueeze.ir.dims import Dim
 from netsqueeze.ir.graph import Graph, Origin, TensorMeta
 from netsqueeze.ir.ops import OPS, infer_node
 from netsqueeze.ir.weights import Affine, Centroids, Codebook, Sparse, Weight
@@ -362,12 +364,33 @@ class _Parser:
         if w in ("True", "False", "None"):
             self.pos += len(w)
             return {"True": True, "False": False, "None": None}[w]
+        if w == "dim" and self.text.startswith("(", self.pos + 3):
+            return self.dim()
         if w is not None and w not in ("inf", "nan") and torch_dtype(w) is not None:
             return self.tensor()
         m = self.match(_NUMBER)
         if m is None:
             raise self.expected("a value")
         return _number(m[0])
+
+    def dim(self) -> Dim:
+        """`dim(12, "2*H")`: a size that follows the dynamic dims (example value, expression over their names)."""
+        start = self.pos
+        self.pos += len("dim(")
+        value = self.value()
+        self.expect(",", "','")
+        self.ws()
+        text = self.string()
+        if not isinstance(value, int) or isinstance(value, bool) or text is None:
+            raise self.error("dim(...) takes an example size and an expression string: dim(12, \"2*H\")", start,
+                             self.pos)
+        try:
+            expr = sympy.sympify(text[0])
+            expr = expr.subs({s: sympy.Symbol(s.name, integer=True, positive=True) for s in expr.free_symbols})
+        except (sympy.SympifyError, TypeError, SyntaxError) as err:
+            raise self.error(f"dim(...): {text[0]!r} is not a size expression ({err})", start, self.pos) from None
+        self.expect(")", "')'")
+        return Dim(value, expr)
 
     def items(self, close: str) -> list[Any]:
         out: list[Any] = []

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from netsqueeze.errors import Diagnostic, NetsqueezeError
+from netsqueeze.ir.dims import expr_of, is_dynamic
 from netsqueeze.ir.graph import Graph, Node
 from netsqueeze.ir.weights import Affine, Centroids, Codebook, Encoded, Sparse, Weight, describe, form_of
 
@@ -189,6 +190,8 @@ class _Exact:
     def value(self, v: Any, node: str, key: str) -> str:
         if isinstance(v, bool) or v is None:
             return str(v)
+        if is_dynamic(v):  # a size that follows the dynamic dims: its example value and its expression
+            return f"dim({int(v)}, {_quote(str(expr_of(v)))})"
         if isinstance(v, (int, float)):
             return repr(v)
         if isinstance(v, str):

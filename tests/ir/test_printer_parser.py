@@ -4,6 +4,7 @@ hand-written forms (generators, `of` encodings) read as documented; malformed te
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -262,3 +263,32 @@ def test_round_trip_of_captured_models(name: str) -> None:
 
     model, inputs = ZOO[name]()
     _round_trip(import_model(model, inputs))
+
+
+def test_a_size_that_follows_dynamic_dims_round_trips_and_the_saved_model_runs_at_other_sizes(tmp_path: Path) -> None:
+    # the printer wrote Dim(12, 2*s), which the parser refused: a saved model could not be loaded
+    import netsqueeze as ns
+    from netsqueeze.ir.dims import expr_of
+
+    class M(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x.reshape(x.shape[0], x.shape[1] * 2, 4))
+
+    m = M().eval()
+    dims = {0: torch.export.Dim("b"), 1: torch.export.Dim("s")}
+    r = ns.compile(m, "policy p { fold_bn }", example_inputs=(torch.randn(2, 6, 8),), dynamic_shapes=(dims,))
+    text = print_graph(r.graph, values=True)
+    assert "shape=(0, dim(12, '2*s'), -1)" in text
+    (reshape,) = [n for n in parse_graph(text).nodes() if n.kind == "reshape"]
+    size = reshape.attrs["shape"][1]
+    assert int(size) == 12 and str(expr_of(size)) == "2*s" and expr_of(size).free_symbols.pop().is_positive
+    ns.save(r.graph, tmp_path / "m.nsq", store="ham")
+    x = torch.randn(3, 5, 8)
+    with torch.no_grad():
+        assert torch.equal(ns.load(tmp_path / "m.nsq")(x), m(x))
+    with pytest.raises(VerifyError, match=re.escape("dim(...) takes an example size and an expression string")):
+        parse_graph(text.replace("dim(12, '2*s')", "dim('2*s', 12)"))
