@@ -65,14 +65,18 @@ def _example_inputs(graph: Any, precision: str) -> tuple[Any, ...]:
     """Inputs to trace a compiled module for `.pt2`, of each graph input's shape and dtype."""
     import torch
 
+    from netsqueeze.ir.dims import is_dynamic
+
     out = []
     for nid in graph.inputs:
         meta = graph.node(nid).meta[0]
         dtype = getattr(torch, meta.dtype, torch.float32)
+        # a dynamic dim traces at 2 at least: torch.export specialises sizes 0 and 1
+        shape = tuple(max(2, int(d)) if is_dynamic(d) else int(d) for d in meta.shape)
         if dtype.is_floating_point:
-            out.append(torch.randn(tuple(meta.shape)).to(torch.float16 if precision == "fp16" else dtype))
+            out.append(torch.randn(shape).to(torch.float16 if precision == "fp16" else dtype))
         else:
-            out.append(torch.zeros(tuple(meta.shape), dtype=dtype))
+            out.append(torch.zeros(shape, dtype=dtype))
     return tuple(out)
 
 
@@ -84,7 +88,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
         load_policy_file,
         policy_files,
     )
-    from netsqueeze.compiler.files import check_output_path, model_source, output_format, save_model
+    from netsqueeze.compiler.files import check_output_path, model_source, output_format, pt2_dynamic_shapes, save_model
 
     # everything about the output is checked before any work is done
     params = _parse_sets(a.set)
@@ -126,7 +130,8 @@ def cmd_compile(a: argparse.Namespace) -> int:
             attach_store(res, "sham")
         save_model(res.stored, out)
     else:
-        save_model(res.model, out, example_inputs=pt2_inputs)
+        save_model(res.model, out, example_inputs=pt2_inputs,
+                   dynamic_shapes=pt2_dynamic_shapes(res.graph) if pt2_inputs is not None else None)
     written = [out]
     for path, text in ((a.report, res.report.to_html), (a.report_json, res.report.to_json)):
         if path:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from netsqueeze.errors import CaptureError, FileError
+from netsqueeze.errors import CaptureError, Diagnostic, FileError
 
 OutputFormat = Literal["onnx", "pt", "pt2", "nsq"]
 OUTPUT_FORMATS: dict[str, OutputFormat] = {".onnx": "onnx", ".pt": "pt", ".pth": "pt", ".pt2": "pt2", ".nsq": "nsq"}
@@ -148,10 +148,12 @@ def _atomic_write_onnx_external(model: Any, target: Path) -> None:
     _fsync(target.parent, directory=True)
 
 
-def save_model(model: Any, path: str | os.PathLike[str], example_inputs: tuple[Any, ...] | None = None) -> None:
+def save_model(model: Any, path: str | os.PathLike[str], example_inputs: tuple[Any, ...] | None = None,
+               dynamic_shapes: Any = None) -> None:
     """Writes a compiled model atomically in the format `path`'s suffix names: an ONNX ModelProto to
-    `.onnx`, a torch module to `.pt`/`.pth` (pickled) or `.pt2` (torch.export, traced on `example_inputs`),
-    the bytes of a compressed model file (`compile(store=...)`) to `.nsq`."""
+    `.onnx`, a torch module to `.pt`/`.pth` (pickled) or `.pt2` (torch.export, traced on `example_inputs`,
+    its dynamic dims `dynamic_shapes` as torch.export takes them: `pt2_dynamic_shapes`), the bytes of a
+    compressed model file (`compile(store=...)`) to `.nsq`."""
     target = Path(path)
     fmt = output_format(target)
     if fmt == "nsq":  # the compressed model file's bytes (`CompileResult.stored`), read by `netsqueeze.load`
@@ -183,8 +185,34 @@ def save_model(model: Any, path: str | os.PathLike[str], example_inputs: tuple[A
     if fmt == "pt":
         atomic_write(target, through_file(lambda f: torch.save(model, f)))
         return
-    program = torch.export.export(model, tuple(example_inputs or ()))
+    try:
+        program = torch.export.export(model, tuple(example_inputs or ()), dynamic_shapes=dynamic_shapes)
+    except Exception as err:  # torch.export's own errors (a CSR buffer, a size it must specialise)
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise FileError(Diagnostic(
+            f"cannot write '{target}': torch.export could not export the compiled module"
+            + (" with its dynamic dims" if dynamic_shapes else "") + f" ({type(err).__name__}: {first[:300]})",
+            notes=("write .pt (the pickled module) or .onnx instead",))) from None
     atomic_write(target, through_file(lambda f: torch.export.save(program, f)))
+
+
+def pt2_dynamic_shapes(graph: Any) -> tuple[dict[int, Any], ...] | None:
+    """torch.export's `dynamic_shapes` for a compiled graph's inputs: every input axis that is a dynamic dim
+    of the graph (one `torch.export.Dim` per name, shared by the inputs that use it); None when none is."""
+    import torch
+
+    from netsqueeze.ir.dims import expr_of, is_dynamic
+
+    named: dict[str, Any] = {}
+    out: list[dict[int, Any]] = []
+    for nid in graph.inputs:
+        axes = {}
+        for axis, d in enumerate(graph.node(nid).meta[0].shape):
+            if is_dynamic(d) and expr_of(d).is_Symbol:
+                name = str(expr_of(d))
+                axes[axis] = named.setdefault(name, torch.export.Dim(re.sub(r"\W", "_", name)))
+        out.append(axes)
+    return tuple(out) if named else None
 
 
 # ---- loading model files ------------------------------------------------------------------------------
