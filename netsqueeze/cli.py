@@ -88,7 +88,13 @@ def cmd_compile(a: argparse.Namespace) -> int:
         load_policy_file,
         policy_files,
     )
-    from netsqueeze.compiler.files import check_output_path, model_source, output_format, pt2_dynamic_shapes, save_model
+    from netsqueeze.compiler.files import (
+        check_output_path,
+        model_source,
+        output_format,
+        pt2_dynamic_shapes,
+        save_model,
+    )
 
     # everything about the output is checked before any work is done
     params = _parse_sets(a.set)
