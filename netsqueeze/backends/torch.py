@@ -544,7 +544,8 @@ def _dequantize(b: ModuleBuilder, node: Node, xs: list[fx.Node]) -> fx.Node:
     rank = len(node.meta[0].shape)
     s = _qshape(node, b.param(node, "scale"), b, rank)
     z = _qshape(node, b.param(node, "zero_point"), b, rank)
-    x = b.call(torch.sub, b.fx.call_method("to", (xs[0], torch.float32)), z)
+    # to the scale's dtype: float32, or float16 in a module emitted at precision fp16 (.half() converts it)
+    x = b.call(torch.sub, b.fx.call_method("type_as", (xs[0], s)), z)
     return b.call(torch.mul, x, s)
 
 

@@ -408,3 +408,17 @@ def test_a_bias_too_large_for_the_int32_grid_raises_its_channels_weight_scale() 
     w, b = node.params["weight"], node.params["bias"]
     assert isinstance(w, Affine) and isinstance(b, Affine) and int(b.q.abs().max()) <= 2**31 - 1
     assert float(w.scale[3]) > 1e-8 > float(w.scale[3 - 1]) * 1e-6  # raised for channel 3 only
+
+
+def test_a_quantized_model_emitted_at_fp16_runs_in_half_precision() -> None:
+    # dequantize produced float32 whatever the module's precision: the next conv met a half bias and failed
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    x, cal = torch.randn(2, 3, 8, 8), torch.randn(8, 3, 8, 8)
+    full = ns.compile(m, "policy p { quantize }", example_inputs=(x,), calibration=cal, target="torch")
+    half = ns.compile(m, "policy p { quantize }", example_inputs=(x,), calibration=cal, target="torch",
+                      precision="fp16")
+    with torch.no_grad():
+        y16, y32 = half.model(x.half()), full.model(x)
+    assert y16.dtype == torch.float16
+    assert float((y16.float() - y32).norm() / y32.norm()) < 2e-2  # half rounding moves a few values a grid step
