@@ -16,7 +16,7 @@ from typing import ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
-from netsqueeze.errors import Diagnostic, NetsqueezeError
+from netsqueeze.errors import Diagnostic, NetsqueezeError, NonFiniteError
 from netsqueeze.ir.graph import Graph, Node, Value
 from netsqueeze.ir.ops import attr, spec
 from netsqueeze.ir.weights import ENCODED_FORMS, Affine
@@ -217,7 +217,12 @@ class Quantize(TransformPass):
         for batch in ctx.stream(graph, taps):
             batches += 1
             for v in values:
-                obs[v].update(batch[pos[v]])
+                t = batch[pos[v]]
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise NonFiniteError(Diagnostic(
+                        f"quantize: calibration batch {batches - 1} gives non-finite values (NaN or Inf) at the output "
+                        f"of this node: its range, and so its grid, is undefined", node=v[0]))
+                obs[v].update(t)
             for n in corrected:
                 node = graph.node(n)
                 y = layer_forward(node, batch[pos[inputs[n]]].to(torch.float64), deltas[n])

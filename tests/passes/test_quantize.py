@@ -422,3 +422,26 @@ def test_a_quantized_model_emitted_at_fp16_runs_in_half_precision() -> None:
         y16, y32 = half.model(x.half()), full.model(x)
     assert y16.dtype == torch.float16
     assert float((y16.float() - y32).norm() / y32.norm()) < 2e-2  # half rounding moves a few values a grid step
+
+
+@pytest.mark.parametrize("calibrate", ["minmax", "entropy"])
+def test_a_non_finite_activation_is_an_error_naming_its_node(calibrate: str) -> None:
+    # the output is finite (clamped) but relu's is +inf: minmax gave it a scale of 1.0 silently, entropy crashed
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+            with torch.no_grad():
+                self.fc1.weight[0] = 1e38
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(torch.clamp(torch.relu(self.fc1(x)), max=1.0))
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+    with pytest.raises(NetsqueezeError) as err:
+        ns.compile(M().eval(), f"policy p {{ quantize {{ calibrate = {calibrate} }} }}", example_inputs=(x[:2],),
+                   calibration=x)
+    assert str(err.value).splitlines()[0].endswith(
+        "quantize: calibration batch 0 gives non-finite values (NaN or Inf) at the output of this node: its range, "
+        "and so its grid, is undefined (node 'relu')")
