@@ -729,6 +729,21 @@ def compile(
             runner.close()
 
 
+def _check_finite_params(graph: Graph) -> None:
+    """A NaN or Inf in a layer's weight or bias (or a BatchNorm's statistics) is a `NonFiniteError` naming the
+    node and the param: passes that solve on the weights (Net-Trim, GPTQ) would otherwise fail with misleading
+    linear-algebra errors. Other constants (an attention mask of -inf) may hold them."""
+    for node in graph.nodes():
+        for key, w in node.params.items():
+            if key not in ("weight", "bias", "running_mean", "running_var") or node.kind == "constant":
+                continue
+            if isinstance(w, torch.Tensor) and w.is_floating_point() and not bool(torch.isfinite(w).all()):
+                bad = int((~torch.isfinite(w)).sum())
+                raise NonFiniteError(Diagnostic(
+                    f"param '{key}' of node '{node.id}' holds {bad} NaN or Inf value(s) of {w.numel()}: the model's "
+                    "weights must be finite", node=node.id))
+
+
 def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor, ...] | None, calibration: Any,
              target: Target, params: Mapping[str, Any] | None, eval_fn: Callable[[Any], float] | None,
              precision: Literal["fp32", "fp16"], input_shapes: Mapping[str, Sequence[int]] | None, seed: int,
@@ -742,6 +757,7 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
     with _stage("importing the model"):
         graph = import_model(model, example_inputs, input_shapes=input_shapes, trust_pickle=trust_pickle,
                              dynamic_shapes=dynamic_shapes)
+        _check_finite_params(graph)
         original = graph.copy()
         before = graph_stats(graph)
     times["import"] = time.perf_counter() - t0

@@ -189,3 +189,17 @@ def test_same_graph_is_false_for_any_changed_weight() -> None:
     node.params["weight"] = w
     node.attrs = {**node.attrs, "stride": (2, 2)}
     assert not _same_graph(g, h)
+
+
+@pytest.mark.parametrize("policy", ["net_trim { epsilon = 5% }", "quantize_weights { method = gptq }"])
+def test_a_non_finite_weight_is_an_error_naming_it_before_any_pass(policy: str) -> None:
+    # Net-Trim and GPTQ failed on it with "not positive-definite ... raise damp"
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).eval()
+    with torch.no_grad():
+        m[2].weight[1, 3] = float("inf")
+    x = torch.randn(64, 8)
+    with pytest.raises(ns.NetsqueezeError) as err:
+        ns.compile(m, f"policy p {{ {policy} }}", example_inputs=(x[:2],), calibration=x)
+    assert str(err.value) == ("node '2': error: param 'weight' of node '2' holds 1 NaN or Inf value(s) of 128: the "
+                              "model's weights must be finite")
