@@ -306,8 +306,10 @@ class Recover(TransformPass):
             after = self._data_loss(fn, forms, ctx, teacher)
             result.metrics.update({"data_loss_before": before, "data_loss_after": after})
             if not after < before:  # the graph is left as it was (the forms train copies)
-                kept = (f"; training raised the loss over the calibration data ({before:.4g} → {after:.4g}): "
-                        "the weights before it are kept (try a lower `lr`)")
+                kept = (f"; training did not lower the loss over the calibration data ({before:.4g} → {after:.4g}): "
+                        "the weights before it are kept" + (" (try a lower `lr`)" if after > before else
+                                                            " (nothing to recover: the model matches the original)"
+                                                            if before == 0 else ""))
                 result.changed, result.touched = False, set()
             else:
                 kept = f"; loss over the calibration data {before:.4g} → {after:.4g}"

@@ -398,7 +398,7 @@ def test_without_a_guard_training_that_raises_the_loss_is_not_kept(digits) -> No
     assert rec.notes[0].startswith("8 steps on 6 params of 3 nodes, loss ")
     assert rec.metrics["data_loss_after"] > rec.metrics["data_loss_before"]
     assert rec.notes[0].endswith(
-        f"; training raised the loss over the calibration data ({rec.metrics['data_loss_before']:.4g} → "
+        f"; training did not lower the loss over the calibration data ({rec.metrics['data_loss_before']:.4g} → "
         f"{rec.metrics['data_loss_after']:.4g}): the weights before it are kept (try a lower `lr`)")
     for a, b in zip(base.model.state_dict().values(), wild.model.state_dict().values()):
         assert torch.equal(a, b)
@@ -424,3 +424,14 @@ def test_recover_after_quantized_activations_says_to_run_it_first() -> None:
                                 "differentiably on any trainable param of the selected nodes; quantized activations "
                                 "(from '")
     assert d.message.endswith("' on) stop the gradient: run recover before quantize")
+
+
+def test_nothing_to_recover_says_so() -> None:
+    # a model that matches its original: the loss is 0 before and after, which read "training raised the loss"
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+    x = torch.randn(64, 8)
+    res = ns.compile(m, "policy p { recover { steps = 5 } }", example_inputs=(x[:2],), calibration=x)
+    note = res.report.passes[0].result.notes[0]
+    assert note.endswith("; training did not lower the loss over the calibration data (0 → 0): the weights before "
+                         "it are kept (nothing to recover: the model matches the original)")

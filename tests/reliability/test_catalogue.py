@@ -348,11 +348,20 @@ def mlp() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
     return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).eval(), (torch.randn(2, 4),)
 
 
-def nan_model() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+def nan_model(weight: bool = False) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+    """An MLP whose output is NaN: through a NaN weight (refused by name before any run), or, with finite
+    weights, through 0 / 0 of its activations."""
     model, inputs = mlp()
-    with torch.no_grad():
-        model[0].weight[0, 0] = float("nan")
-    return model, inputs
+    if weight:
+        with torch.no_grad():
+            model[0].weight[0, 0] = float("nan")
+        return model, inputs
+
+    class ZeroOverZero(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 0 / (x * 0)
+
+    return torch.nn.Sequential(*model, ZeroOverZero()).eval(), inputs
 
 
 class RaisingLoader:
@@ -428,6 +437,8 @@ API_CASES = [
             "refusing to load 'garbage.pt2'"),
     ApiCase("original-output-nan", lambda: {"model": nan_model(), "calibration": torch.randn(8, 4)}, NonFiniteError,
             "the original model's output 0 on calibration batch 0 contains NaN"),
+    ApiCase("weight-nan", lambda: {"model": nan_model(weight=True), "calibration": torch.randn(8, 4)}, NonFiniteError,
+            "param 'weight' of node '0' holds 1 NaN or Inf value(s) of 32: the model's weights must be finite"),
 ]
 
 
