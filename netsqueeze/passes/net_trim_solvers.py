@@ -121,11 +121,16 @@ def constraints(chunk: Chunk, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return ball, excess
 
 
-def within(chunk: Chunk, ball: torch.Tensor, excess: torch.Tensor, settings: Settings) -> bool:
-    """Whether every neuron meets its constraints within `settings.feasibility` of ε (and a floor of
+def outside(chunk: Chunk, ball: torch.Tensor, excess: torch.Tensor, settings: Settings) -> torch.Tensor:
+    """[M] whether each neuron misses its constraints by more than `settings.feasibility` of ε (and a floor of
     10·tolerance·‖y_m‖ for ε = 0)."""
     slack = settings.feasibility * chunk.eps + 10 * settings.tolerance * torch.linalg.vector_norm(chunk.y, dim=1)
-    return bool(((ball <= chunk.eps + slack + 1e-12) & (excess <= slack + 1e-12)).all())
+    return (ball > chunk.eps + slack + 1e-12) | (excess > slack + 1e-12)
+
+
+def within(chunk: Chunk, ball: torch.Tensor, excess: torch.Tensor, settings: Settings) -> bool:
+    """Whether every neuron meets its constraints (`outside`)."""
+    return not bool(outside(chunk, ball, excess, settings).any())
 
 
 def penalised(chunk: Chunk) -> torch.Tensor:
@@ -169,8 +174,7 @@ def _solve(chunk: Chunk, settings: Settings) -> Solution:
         return sol
     # ADMM can stall on a neuron active on a handful of samples, whatever ρ: the neurons it leaves outside
     # their constraints (all of them when none is) are solved exactly, one program each
-    slack = settings.feasibility * chunk.eps + 10 * settings.tolerance * torch.linalg.vector_norm(chunk.y, dim=1)
-    out = torch.nonzero((sol.ball > chunk.eps + slack + 1e-12) | (sol.excess > slack + 1e-12)).flatten()
+    out = torch.nonzero(outside(chunk, sol.ball, sol.excess, settings)).flatten()
     redo = out if out.numel() else torch.arange(chunk.y.shape[0])
     exact = solve_cvxpy(replace(chunk, y=chunk.y[redo], v=None if chunk.v is None else chunk.v[redo],
                                 eps=chunk.eps[redo], warm=None), settings)

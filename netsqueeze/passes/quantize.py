@@ -185,10 +185,6 @@ class Quantize(TransformPass):
             notes.extend(more)
         graph.assign(candidate)
         graph.infer_shapes()
-        wide = _float_biases(graph, compute)
-        if wide:
-            notes.append(f"quantize: the bias of {', '.join(repr(n) for n in wide)} stays float: on the int32 grid "
-                         "(input scale × weight scale) it would not fit int32")
         result = PassResult(changed=True, touched=set(chosen) - set(kept_float), notes=notes)
         n_pairs = len(graph.by_kind("quantize"))
         result.metrics.update({"quantized_layers": float(len(compute) - len(kept_float)),
@@ -277,9 +273,7 @@ class Quantize(TransformPass):
                 bias = node.dense("bias", accept=ENCODED_FORMS)
                 wq = _room_for_bias(wq, bias, grids[x][0])
                 node.params["weight"] = wq
-                qb = _int32_bias(bias, grids[x][0], wq)
-                if qb is not None:  # else the bias stays float (`_float_biases` notes it)
-                    node.params["bias"] = qb
+                node.params["bias"] = _int32_bias(bias, grids[x][0], wq)
         for v in [*lay.ranged, *lay.same]:
             _insert_pair(graph, v, *grids[v], self.activations)
         graph.infer_shapes()
@@ -315,18 +309,15 @@ class Quantize(TransformPass):
         return build(k), kept, notes
 
 
-def _int32_bias(b: torch.Tensor, x_scale: float, w: Affine) -> Affine | None:
+def _int32_bias(b: torch.Tensor, x_scale: float, w: Affine) -> Affine:
     """The bias as int32 on the grid input scale × weight scale (what integer kernels add to the int32
-    accumulator); None when a value does not fit int32 there (a tiny weight scale under a large bias), which
-    clamping would change: the bias then stays float."""
+    accumulator); `_room_for_bias` made the grid coarse enough for it."""
     ws = w.scale.to(torch.float64).reshape(-1)
     if ws.numel() == 1:
         ws = ws.expand(b.shape[0])
     scale = (ws * x_scale).to(torch.float32)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(b.to(torch.float64) / scale.to(torch.float64))
-    if bool((q.abs() > 2**31 - 1).any()):
-        return None
+    q = torch.round(b.to(torch.float64) / scale.to(torch.float64)).clamp(-(2**31), 2**31 - 1)
     return Affine(q.to(torch.int32), scale.contiguous(), None, 0, 0, 32, True, b.dtype)
 
 
@@ -334,9 +325,8 @@ def _room_for_bias(w: Affine, b: torch.Tensor, x_scale: float) -> Affine:
     """`w` with its scale raised where the int32 bias grid (input scale × weight scale) is too fine for the bias
     (a large bias over tiny weights: 0.5 over weights of 1e-9), as ONNX Runtime's quantizer does; the weights of
     such a channel are requantized on the coarser grid (they are tiny beside it). Runtimes that fuse the QDQ
-    pattern requantize a float bias themselves, clamped: keeping it float is no way out."""
-    if w.block_size or w.axis not in (None, 0):
-        return w
+    pattern requantize a float bias themselves, clamped: keeping it float is no way out. `w` is per tensor or
+    per output channel (axis 0), as `Quantize._weight` makes it."""
     need = b.detach().to(torch.float64).abs() / (x_scale * (2**31 - 1)) * (1 + 1e-6)
     old = w.scale.to(torch.float64)
     new = torch.maximum(old, need.max()) if old.dim() == 0 else torch.maximum(old, need)
@@ -348,17 +338,6 @@ def _room_for_bias(w: Affine, b: torch.Tensor, x_scale: float) -> Affine:
     lo, hi = -(2 ** (w.bits - 1)) if w.signed else 0, 2 ** (w.bits - 1) - 1 if w.signed else 2**w.bits - 1
     q = (torch.round(dense / new.reshape(shape)) + zp).clamp(lo, hi).to(w.q.dtype)
     return Affine(q, new.to(w.scale.dtype), w.zero_point, w.axis, 0, w.bits, w.signed, w.dtype)
-
-
-def _float_biases(graph: Graph, nodes: Iterable[str]) -> list[str]:
-    """The quantized conv/linear layers among `nodes` whose bias stays float: it does not fit int32."""
-    out = []
-    for nid in nodes:
-        node = graph.node(nid)
-        if isinstance(node.params.get("weight"), Affine) and isinstance(node.params.get("bias"), torch.Tensor) \
-                and node.kind in ("conv", "linear") and graph.node(graph.operands(nid)[0][0]).kind == "dequantize":
-            out.append(nid)
-    return out
 
 
 def _insert_pair(graph: Graph, v: Value, scale: float, zp: int, qtype: QType) -> None:

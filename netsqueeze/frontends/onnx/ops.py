@@ -10,6 +10,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from netsqueeze.errors import CaptureError, Diagnostic
+from netsqueeze.frontends.onnx.torch_ops import same_split
 from netsqueeze.frontends.onnx.weights import _is_float, _transposed
 from netsqueeze.ir.dims import is_dynamic
 from netsqueeze.ir.graph import Value
@@ -101,18 +102,12 @@ def _auto_pads(imp: _Importer, n: gs.Node, spatial: tuple[int, ...], kernel: lis
     if auto not in ("SAME_UPPER", "SAME_LOWER"):
         raise _refuse(imp, n, f"attribute 'auto_pad' is '{auto}'; ONNX defines NOTSET, VALID, SAME_UPPER and "
                               f"SAME_LOWER")
-    begins, ends = [], []
-    for size, k, s, d in zip(spatial, kernel, stride, dilation):
-        if s == 1:  # the output keeps the size: (k - 1)·d padding whatever the size
-            total = (k - 1) * d
-        elif is_dynamic(size):
-            return None
-        else:
-            total = max(0, (-(-int(size) // s) - 1) * s + (k - 1) * d + 1 - int(size))
-        small, big = total // 2, total - total // 2
-        begins.append(small if auto == "SAME_UPPER" else big)
-        ends.append(big if auto == "SAME_UPPER" else small)
-    return begins + ends
+    if any(s != 1 and is_dynamic(size) for size, s in zip(spatial, stride)):
+        return None
+    # with stride 1 the padding is (k - 1)·d whatever the size: the example's serves
+    begins, ends = zip(*(same_split(int(size), k, s, d, auto == "SAME_UPPER")
+                         for size, k, s, d in zip(spatial, kernel, stride, dilation)))
+    return [*begins, *ends]
 
 
 def _conv_dims(imp: _Importer, n: gs.Node, rank: int, w: Any) -> int:

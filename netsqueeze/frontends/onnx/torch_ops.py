@@ -136,6 +136,14 @@ def _trilu(p: dict[str, Any], x: torch.Tensor, k: torch.Tensor | None = None) ->
     return torch.triu(x, diag) if _attr(p, "upper", 1) else torch.tril(x, diag)
 
 
+def same_split(size: int, k: int, s: int, d: int, upper: bool) -> tuple[int, int]:
+    """(begin, end) padding of one axis under ONNX `auto_pad` SAME_UPPER (`upper`) / SAME_LOWER: the output
+    keeps ceil(size / stride) positions, the odd cell goes at the end (upper) or the beginning."""
+    total = max(0, (-(-size // s) - 1) * s + (k - 1) * d + 1 - size)
+    small, big = total // 2, total - total // 2
+    return (small, big) if upper else (big, small)
+
+
 def _same_pads(p: dict[str, Any], x: torch.Tensor, kernel: list[int], value: float) -> tuple[torch.Tensor, list[int], list[int]]:
     """`x` padded as ONNX `auto_pad` SAME_UPPER / SAME_LOWER asks at its run-time size (output ceil(size /
     stride)), and the strides and dilations: a conv or pool with dynamic spatial dims and a stride over 1,
@@ -146,9 +154,7 @@ def _same_pads(p: dict[str, Any], x: torch.Tensor, kernel: list[int], value: flo
     upper = _attr(p, "auto_pad", b"NOTSET") in (b"SAME_UPPER", "SAME_UPPER")
     pads: list[int] = []
     for size, k, s, d in reversed(list(zip(x.shape[2:], kernel, stride, dilation))):  # F.pad: last dim first
-        total = max(0, (-(-int(size) // s) - 1) * s + (k - 1) * d + 1 - int(size))
-        small, big = total // 2, total - total // 2
-        pads += [small, big] if upper else [big, small]
+        pads += same_split(int(size), k, s, d, upper)
     return F.pad(x, pads, value=value), stride, dilation
 
 
