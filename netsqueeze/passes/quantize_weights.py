@@ -18,6 +18,7 @@ from netsqueeze.passes.base import PassContext, PassResult, TransformPass
 from netsqueeze.passes.collectors import conv_patches
 from netsqueeze.passes.gptq import Grid, Quantized, gptq, output_error, rtn
 from netsqueeze.passes.registry import register_pass
+from netsqueeze.passes.squeeze_math import gram
 
 
 @dataclass(eq=False)
@@ -239,7 +240,7 @@ class QuantizeWeights(TransformPass):
             for t in stage:
                 x = t.rows(acts[t.value].detach()).double()
                 assert t.gram is not None
-                t.gram += x.T @ x
+                t.gram += gram(x)
                 t.count += x.shape[0]
 
     def _solve(self, graph: Graph, t: _Target, grid: Grid) -> float:

@@ -31,7 +31,7 @@ from netsqueeze.passes.collectors import conv_patches_at
 from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups, Member, find_groups
 from netsqueeze.passes.frontier import Frontier, SideBySide, first_positions
 from netsqueeze.passes.rewrite import ChannelSelection, SharedFold, apply_selection, axis_vector
-from netsqueeze.passes.squeeze_math import cholesky_solve, reconstruction, ridged_normal, solve_normal
+from netsqueeze.passes.squeeze_math import cholesky_solve, gram, reconstruction, ridged_normal, solve_normal
 
 
 @dataclass
@@ -147,7 +147,7 @@ def rows_of(a: torch.Tensor) -> torch.Tensor:
 def add_gram(moment: torch.Tensor, x: torch.Tensor) -> None:
     """Adds [x, 1]ᵀ[x, 1] of rows `x` [N, C] to the (C+1)×(C+1) `moment` (without building [x, 1])."""
     c = x.shape[1]
-    moment[:c, :c] += x.T @ x
+    moment[:c, :c] += gram(x)
     s = x.sum(0)
     moment[:c, c] += s
     moment[c, :c] += s
@@ -270,6 +270,7 @@ POSITIONS = 16  # conv output positions sampled per calibration sample (at rando
 # ridges tried per fit (relative to the mean diagonal, `squeeze_math.ridged_normal`): the one with the least error
 # on the held-out share of the calibration rows is used for the final fit on all rows
 RIDGES = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+RIDGE_START = 1e-3  # where `best_ridge` starts: the ridge most layers of the benchmark models chose
 HELD_OUT = 0.2  # the share of calibration rows (drawn at random, seeded) that choose the ridge
 LAYER_ROWS = 32768  # conv rows `refit_layers` aims for: more positions per sample than `POSITIONS` on small data
 MAX_LAYER_FEATURES = 4096  # a layer with more inputs (C·taps, or linear in-features) is not refit whole
@@ -319,7 +320,7 @@ def normal_equations(graph: Graph, side: SideBySide, at: int, node_id: str, seed
         y1 = yr.float()
         held = torch.rand(x1.shape[0], generator=gen) < HELD_OUT
         # one batch's products in float32 (a few thousand rows: the cost of the refit), summed in float64
-        parts = [m.double() for k in (~held, held) for m in (x1[k].T @ x1[k], x1[k].T @ y1[k])]
+        parts = [m.double() for k in (~held, held) for m in (gram(x1[k]), x1[k].T @ y1[k])]
         sums = parts if sums is None else [s + p for s, p in zip(sums, parts)]
     if sums is None:
         return None
@@ -334,20 +335,31 @@ def held_error(held: Normal, w: torch.Tensor) -> float:
 def best_ridge(a_fit: torch.Tensor, b_fit: torch.Tensor, a_held: torch.Tensor, b_held: torch.Tensor
                ) -> tuple[float, float]:
     """(ridge, its held-out error `held_error`): the ridge among `RIDGES` whose fit on the fitting rows has the
-    least error on the held-out rows.
+    least error on the held-out rows, found downhill: from `RIDGE_START`, to whichever neighbour errs less, while
+    one does. The held-out error falls and then rises along `RIDGES` (on every layer of the benchmark models), so
+    this is the least of them from about half the solves (a solve is a Cholesky factorisation of the normal
+    matrix: the refit's cost on wide layers).
 
     A ridge that leaves the normal matrix too ill-conditioned for Cholesky is not a candidate (the SVD
-    solve it would need took 10 s per candidate at about a thousand inputs, and a larger ridge serves); the
-    largest ridge, with an infinite error, when none is."""
-    errors = {}
-    for lam in RIDGES:
-        sol = cholesky_solve(ridged_normal(a_fit, lam), b_fit)
-        if sol is not None:
-            errors[lam] = held_error((a_held, b_held), sol)
-    if not errors:
-        return RIDGES[-1], math.inf
-    lam = min(errors, key=errors.__getitem__)
-    return lam, errors[lam]
+    solve it would need took 10 s per candidate at about a thousand inputs, and a larger ridge serves): the
+    search starts at the smallest ridge from `RIDGE_START` up that is one; the largest ridge, with an infinite
+    error, when none is."""
+    errors: dict[int, float] = {}
+
+    def error(i: int) -> float:
+        if i not in errors:
+            sol = cholesky_solve(ridged_normal(a_fit, RIDGES[i]), b_fit)
+            errors[i] = math.inf if sol is None else held_error((a_held, b_held), sol)
+        return errors[i]
+
+    i = RIDGES.index(RIDGE_START)
+    while math.isinf(error(i)) and i + 1 < len(RIDGES):  # a larger ridge conditions the matrix better
+        i += 1
+    while True:
+        j = min((k for k in (i - 1, i + 1) if 0 <= k < len(RIDGES)), key=error)
+        if not error(j) < error(i):
+            return RIDGES[i], error(i)
+        i = j
 
 
 def ridge_refit(fit: Normal, held: Normal, current: torch.Tensor) -> tuple[torch.Tensor, float | None]:

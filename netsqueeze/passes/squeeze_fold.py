@@ -44,6 +44,7 @@ from netsqueeze.passes.rewrite import (
 )
 from netsqueeze.passes.squeeze_math import (
     covariance,
+    gram,
     kept_for_error,
     prefix_errors,
     rank_for_energy,
@@ -363,7 +364,7 @@ class SqueezeFold(TransformPass):
                     p.per_group += torch.einsum("ngi,ngj->gij", per, per)
                 if p.full is not None:
                     flat = torch.cat([a.reshape(a.shape[0], -1), torch.ones(a.shape[0], 1, dtype=a.dtype)], 1)
-                    p.full += flat.T @ flat
+                    p.full += gram(flat)
 
     def _refit(self, graph: Graph, ref: Graph, g: ChannelGroup, keep: list[int], probes: list[_Probe],
                values: list[Value], pairs: Pairs) -> ChannelSelection:
@@ -577,7 +578,7 @@ class SqueezeFold(TransformPass):
         seg = ctx.segment(graph, [(nid, 0) for nid in graph.inputs], [*outs, *values])
         if seg is None:
             return {}
-        gram = {id(p): torch.zeros(p.full.shape[0] - 1 if p.full is not None else len(p.member.index),
+        grams = {id(p): torch.zeros(p.full.shape[0] - 1 if p.full is not None else len(p.member.index),
                                    p.full.shape[0] - 1 if p.full is not None else len(p.member.index),
                                    dtype=torch.float64) for ps in plans.values() for p in ps}
         gen = torch.Generator().manual_seed(ctx.seed)
@@ -602,9 +603,9 @@ class SqueezeFold(TransformPass):
                     g = gather(graph, p.member, gv)  # [n, C, block]
                     if p.full is not None:
                         flat = g.reshape(g.shape[0], -1)
-                        gram[id(p)] += flat.T @ flat
+                        grams[id(p)] += gram(flat)
                     else:
-                        gram[id(p)] += torch.einsum("ncb,ndb->cd", g, g)
+                        grams[id(p)] += torch.einsum("ncb,ndb->cd", g, g)
         if energy <= 0:
             return {}
         out: dict[int, list[float]] = {}
@@ -615,11 +616,11 @@ class SqueezeFold(TransformPass):
                 if p.full is not None:
                     cov = covariance(p.full / max(1, p.rows))
                     feats = [c * p.block + j for c in order for j in range(p.block)]
-                    err = prefix_errors(cov, gram[id(p)], feats)[:: p.block]
+                    err = prefix_errors(cov, grams[id(p)], feats)[:: p.block]
                 else:
                     cov = covariance(p.moment / max(1, p.count))
-                    err = prefix_errors(cov, gram[id(p)], order)
-                scale = float((gram[id(p)] * cov).sum())
+                    err = prefix_errors(cov, grams[id(p)], order)
+                scale = float((grams[id(p)] * cov).sum())
                 total = [a + scale * e for a, e in zip(total, err)]
             out[gid] = [t / energy for t in total]
         return out

@@ -190,3 +190,46 @@ def test_a_refit_no_better_on_held_out_rows_leaves_the_layer_as_it_is() -> None:
     with torch.no_grad():
         ref = m(fresh)
         assert float((res.model(fresh) - ref).norm() / ref.norm()) < 1e-5
+
+
+def _normal(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x1 = torch.cat([x.double(), torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
+    return x1.T @ x1, x1.T @ y.double()
+
+
+@pytest.mark.parametrize("case", ["well_posed", "few_rows", "ill_conditioned"])
+def test_best_ridge_finds_the_least_held_out_error_downhill(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`best_ridge` walks from `RIDGE_START` to the neighbour that errs less: it picks the ridge an exhaustive
+    search over `RIDGES` picks (the held-out error is unimodal here, checked) from fewer Cholesky solves; ridges
+    too small for Cholesky are skipped upwards (`ill_conditioned`: Cholesky is made to refuse ridges below 1e-2)."""
+    from netsqueeze.passes import refit
+    from netsqueeze.passes.squeeze_math import cholesky_solve, ridged_normal
+
+    gen = torch.Generator().manual_seed(5)
+    rows = {"well_posed": 4000, "few_rows": 60, "ill_conditioned": 400}[case]
+    x = torch.randn(rows, 40, generator=gen, dtype=torch.float64)
+    y = x[:, :5] @ torch.randn(5, 3, generator=gen, dtype=torch.float64) + 0.5 * torch.randn(rows, 3, generator=gen,
+                                                                                             dtype=torch.float64)
+    fit, held = _normal(x[: rows * 4 // 5], y[: rows * 4 // 5]), _normal(x[rows * 4 // 5:], y[rows * 4 // 5:])
+    scale = float(fit[0].diagonal()[:-1].mean())
+
+    def solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+        added = float((a - fit[0]).diagonal()[0]) / scale if a.shape == fit[0].shape else 1.0
+        return None if case == "ill_conditioned" and added < 1e-2 * (1 - 1e-9) else cholesky_solve(a, b)
+
+    every = []
+    for lam in RIDGES:
+        sol = solve(ridged_normal(fit[0], lam), fit[1])
+        every.append(float("inf") if sol is None else refit.held_error(held, sol))
+    best = min(every)
+    low = every.index(best)
+    finite = [i for i, e in enumerate(every) if e != float("inf")]
+    # unimodal: falls to `low`, then rises
+    assert all(every[i] >= every[i + 1] for i in finite if i < low)
+    assert all(every[i] <= every[i + 1] for i in range(low, len(RIDGES) - 1))
+    assert (case == "ill_conditioned") == (every[0] == float("inf"))
+    solves = []
+    monkeypatch.setattr(refit, "cholesky_solve", lambda a, b: solves.append(1) or solve(a, b))
+    lam, err = refit.best_ridge(*fit, *held)
+    assert (lam, err) == (RIDGES[low], best)
+    assert len(solves) < len(RIDGES), (lam, len(solves))

@@ -1,5 +1,6 @@
 """Squeeze-and-fold linear algebra: exact-rank recovery, selection quality, intercept."""
 
+import pytest
 import torch
 
 from netsqueeze.passes.squeeze_math import Selector, covariance, rank_for_energy, ranking, reconstruction
@@ -121,3 +122,17 @@ def test_block_ranking_keeps_whole_channels_and_its_prefix_errors_are_least_squa
             assert abs(err[k] - want) < 1e-9
     # block = 1 is the plain ranking
     assert ranking(covariance(m), "greedy", met, block=1) == ranking(covariance(m), "greedy", met)
+
+
+@pytest.mark.parametrize("d", [1, 512, 513, 700, 1029])
+def test_gram_is_xtx_from_half_the_products(d: int) -> None:
+    """`gram` multiplies only the upper block triangle of wide inputs (over two blocks of `GRAM_BLOCK`
+    columns) and mirrors it: the same matrix as x.T @ x, exactly symmetric off the diagonal blocks."""
+    from netsqueeze.passes.squeeze_math import GRAM_BLOCK, gram
+
+    x = torch.randn(300, d, dtype=torch.float64, generator=torch.Generator().manual_seed(d))
+    g = gram(x)
+    assert g.shape == (d, d)
+    torch.testing.assert_close(g, x.T @ x, rtol=1e-12, atol=1e-10)
+    if d > 2 * GRAM_BLOCK:  # each off-diagonal block is the transpose of the one product that made it
+        assert torch.equal(g[:GRAM_BLOCK, GRAM_BLOCK:], g[GRAM_BLOCK:, :GRAM_BLOCK].T)
