@@ -172,7 +172,10 @@ def cmd_bench(a: argparse.Namespace) -> int:
     if a.json:
         from netsqueeze.compiler.files import check_output_path
 
-        check_output_path(a.json, [("model", Path(m)) for m in a.models], "--json")
+        from netsqueeze.compiler.files import model_source
+
+        check_output_path(a.json, [("model", model_source(m)) for m in a.models]
+                          + ([("data file", Path(a.data))] if a.data else []), "--json")
     rows = bench(a.models, data=a.data, runtime=a.runtime, batches=batches, threads=a.threads, rounds=a.rounds,
                  trust_pickle=a.trust_pickle)
     print(format_table(rows, a.runtime, a.threads))

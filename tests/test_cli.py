@@ -93,3 +93,37 @@ def test_a_module_torch_export_cannot_take_is_a_clear_error_and_nothing_is_writt
                           "dynamic dims (")
     assert "note: write .pt (the pickled module) or .onnx instead" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.sqz"]
+
+
+def test_bench_json_refuses_to_overwrite_its_data_file_or_a_factory_model(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`bench --json` checks its path against every input: the `--data` file and the file behind `file.py:factory`
+    (which the literal argument does not name), before any work."""
+    import numpy as np
+
+    data = tmp_path / "data.npz"
+    np.savez(data, x=np.zeros((4, 1, 28, 28), dtype=np.float32), labels=np.zeros(4, dtype=np.int64))
+    model = tmp_path / "demo.py"
+    model.write_bytes(Path(DEMO).read_bytes())
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (data, model)}
+    assert main(["bench", f"{model}:build", "--data", str(data), "--json", str(data)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"error: refusing to overwrite the data file '{data}': choose another --json path")
+    assert main(["bench", f"{model}:build", "--json", str(model)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"error: refusing to overwrite the model '{model}': choose another --json path")
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (data, model)} == before
+
+
+def test_compile_refuses_to_overwrite_a_calibration_file_named_through_a_param(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`calibrate data d` with `param d = "cal.pt"` names the same file as the literal form: `-o` may not be it."""
+    cal = tmp_path / "cal.pt"
+    torch.save(torch.randn(8, 1, 28, 28), cal)
+    before = hashlib.sha256(cal.read_bytes()).hexdigest()
+    pol = tmp_path / "p.sqz"
+    pol.write_text('param d = "cal.pt"\npolicy p {\n  calibrate samples 8, batch 4, data d\n  fold_bn\n}\n')
+    assert main(["compile", DEMO, "-p", str(pol), "-o", str(cal), "-q"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"error: refusing to overwrite the calibration file '{cal}': choose another -o path")
+    assert hashlib.sha256(cal.read_bytes()).hexdigest() == before

@@ -285,11 +285,23 @@ def policy_files(policy: Any) -> list[tuple[str, Path]]:
         out.append(("policy file", Path(span.file)))
     from netsqueeze.dsl import ast
 
+    defs: dict[str, Any] = {}
+    for d in getattr(policy, "all_definitions", lambda: ())():
+        defs.setdefault(d.name, d)  # a name defined twice is the checker's error; the first is its definition
+
+    def resolved(v: Any) -> Any:
+        """`v` with references to params and lets followed (`calibrate data d`)."""
+        seen: set[str] = set()
+        while isinstance(v, ast.Ident) and v.name in defs and v.name not in seen:
+            seen.add(v.name)
+            v = defs[v.name].value
+        return ast.Str(v.name) if isinstance(v, ast.SelString) else v
+
     for stmt in getattr(policy, "body", ()):
         if isinstance(stmt, ast.Calibrate):
             for o in stmt.settings:
-                if o.key == "data" and isinstance(o.value, ast.Str):
-                    data = Path(o.value.value)
+                if o.key == "data" and isinstance(value := resolved(o.value), ast.Str):
+                    data = Path(value.value)
                     if not data.is_absolute() and out and out[0][0] == "policy file":
                         data = out[0][1].parent / data
                     out.append(("calibration file", data))
