@@ -170,9 +170,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     if a.threads < 1 or a.rounds < 1:
         raise NetsqueezeError(f"--threads and --rounds must be at least 1 (got {a.threads}, {a.rounds})")
     if a.json:
-        from netsqueeze.compiler.files import check_output_path
-
-        from netsqueeze.compiler.files import model_source
+        from netsqueeze.compiler.files import check_output_path, model_source
 
         check_output_path(a.json, [("model", model_source(m)) for m in a.models]
                           + ([("data file", Path(a.data))] if a.data else []), "--json")

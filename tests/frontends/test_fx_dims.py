@@ -45,3 +45,26 @@ def test_compile_with_dynamic_shapes_runs_at_other_sizes() -> None:
     xs = torch.randn(3, 3, 20, 8)
     with torch.no_grad():
         assert np.abs(r0.model(xs).numpy() - m(xs).numpy()).max() < 1e-5
+
+
+class SpaceToDepth(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        return x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, c * 4, h // 2, w // 2)
+
+
+def test_dynamic_shapes_torch_export_refuses_are_an_error_with_its_suggestion_not_a_static_capture() -> None:
+    """torch.export wants H = 2*h here: a plain Dim("H") is refused, and the capture says so with torch's suggested
+    declaration, where it used to fall back to symbolic_trace with every dim fixed (wrong shapes at 10x12)."""
+    import pytest
+
+    from netsqueeze.errors import CaptureError
+
+    x = torch.randn(2, 3, 6, 8)
+    with pytest.raises(CaptureError) as e:
+        ns.import_model(SpaceToDepth(), (x,), dynamic_shapes={"x": {0: Dim("batch"), 2: Dim("H"), 3: Dim("W")}})
+    assert e.value.diagnostics[0].message.startswith(
+        "cannot capture SpaceToDepth with the given dynamic_shapes: torch.export refuses them (UserError: "
+        "Constraints violated (H, W)!")
+    assert e.value.diagnostics[0].notes == (
+        "torch.export suggests: _H = Dim('_H', max=oo); _W = Dim('_W', max=oo); H = 2*_H; W = 2*_W",)

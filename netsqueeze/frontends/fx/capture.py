@@ -7,6 +7,7 @@ import contextlib
 import inspect
 import io
 import operator
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -447,8 +448,49 @@ def _dim_names(ep: torch.export.ExportedProgram, user: list[fx.Node], input_name
     return mapping, dims
 
 
+def _suggested_fixes(e: BaseException) -> tuple[str, ...]:
+    """The lines of torch.export's "Suggested fixes" in error `e` (how to declare the dims it would accept)."""
+    lines = str(e).splitlines()
+    at = next((i for i, line in enumerate(lines) if line.strip().startswith("Suggested fixes")), None)
+    if at is None:
+        return ()
+    fixes = []
+    for line in lines[at + 1:]:
+        if not line.strip():
+            break
+        fixes.append(line.strip())
+    return ("torch.export suggests: " + "; ".join(fixes),) if fixes else ()
+
+
+def _is_view(nd: Any) -> bool:
+    """Whether fx node `nd` is an aten view of another tensor (slice, select, view, transpose, ...; an item of
+    split/chunk): its result aliases its input."""
+    if not isinstance(nd, fx.Node) or nd.op != "call_function":
+        return False
+    if nd.target is operator.getitem:
+        return _is_view(nd.args[0])
+    t = nd.target
+    return isinstance(t, torch._ops.OpOverload) and any(
+        r.alias_info is not None and not r.alias_info.is_write for r in t._schema.returns)
+
+
+def _writes_through_a_view(gm: fx.GraphModule) -> bool:
+    """Whether an in-place op of `gm` writes into a view (`y[:, 0] = 0`, `y[:, :2] += 1`): the write changes the
+    tensor viewed, which only functionalization turns into values (`slice_scatter`, `select_scatter`)."""
+    for nd in gm.graph.nodes:
+        t = nd.target
+        if nd.op == "call_function" and isinstance(t, torch._ops.OpOverload) and t._schema.arguments and \
+                (info := t._schema.arguments[0].alias_info) is not None and info.is_write and _is_view(nd.args[0]):
+            return True
+    return False
+
+
 def _from_exported(ep: torch.export.ExportedProgram, example_inputs: Sequence[torch.Tensor], name: str,
                    model: nn.Module | None, dynamic_shapes: Any = None) -> Graph:
+    if _writes_through_a_view(ep.graph_module):
+        with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ep = ep.run_decompositions({})  # functional: no op decomposed, every write through a view a value
     cx = _Capture(name, model, aten=True)
     sig = ep.graph_signature
     gm = ep.graph_module
@@ -582,6 +624,10 @@ def from_torch(model: nn.Module | fx.GraphModule | torch.export.ExportedProgram,
         try:
             ep = torch.export.export(model, example_inputs, strict=False, dynamic_shapes=dynamic_shapes)
         except Exception as e:
+            if dynamic_shapes is not None:  # the fallback below captures every dim static: not what was asked
+                raise CaptureError(Diagnostic(
+                    f"cannot capture {type(model).__name__} with the given dynamic_shapes: torch.export refuses "
+                    f"them ({_first_line(e)[:300]})", notes=_suggested_fixes(e))) from None
             export_error: BaseException = e
         else:
             try:
@@ -592,6 +638,11 @@ def from_torch(model: nn.Module | fx.GraphModule | torch.export.ExportedProgram,
             except NetsqueezeError:
                 raise
             except Exception as e:
+                if dynamic_shapes is not None:
+                    raise CaptureError(Diagnostic(
+                        f"cannot capture {type(model).__name__} with the given dynamic_shapes: its exported program "
+                        f"does not lower ({_first_line(e)[:300]}); without dynamic_shapes torch.fx.symbolic_trace "
+                        "may capture it with every dim fixed")) from None
                 export_error = e
         try:
             gm = model if isinstance(model, fx.GraphModule) else fx.symbolic_trace(model)
