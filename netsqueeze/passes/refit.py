@@ -400,13 +400,20 @@ def layer_plan(graph: Graph, groups: ChannelGroups, keeps: Mapping[int, list[int
                ) -> tuple[list[str], dict[str, list[int]]]:
     """What `refit_layers` re-solves after the groups in `keeps` (group id → kept channels, ascending) are cut
     from `graph` (the pass-start graph `groups` were found on): their conv/linear consumers, and each cut
-    producer's kept output positions (pass-start indices)."""
+    producer's kept output positions (pass-start indices, ascending: the order the rewrite leaves its rows in, also
+    when a group channel spans several positions, a gated split's halves or a grouped consumer's slots; and with
+    what other groups of the same producer drop removed as well)."""
     nodes = [n for gid in keeps for n in groups[gid].consumers if graph.node(n).kind in ("conv", "linear")]
-    out: dict[str, list[int]] = {}
+    dropped: dict[str, set[int]] = {}
+    size: dict[str, int] = {}
     for gid, keep in keeps.items():
+        kept = set(keep)
         for m in groups[gid].members_of("producer"):
             if m.param is not None and (m.param, m.axis) in spec(graph.node(m.node).kind).produced:
-                out[m.node] = [q for c in keep for q in m.index[c]]
+                size[m.node] = graph.node(m.node).params[m.param].shape[m.axis]
+                dropped.setdefault(m.node, set()).update(
+                    q for c, qs in enumerate(m.index) if c not in kept for q in qs)
+    out = {nid: [q for q in range(size[nid]) if q not in gone] for nid, gone in dropped.items()}
     return list(dict.fromkeys(nodes)), out
 
 

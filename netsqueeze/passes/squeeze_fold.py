@@ -263,8 +263,9 @@ class SqueezeFold(TransformPass):
             # the search measured parallel folds; keep that model when the cascade's refit misses the guard
             graph.assign(start)
             mode = "parallel"
-            out, par = self._squeeze(graph, ctx, groups, keeps, plans, mode)
-            result.notes.append(f"cascade reached {check[1]:.2%}, over the guard: kept the parallel fold")
+            out, par = self._squeeze(graph, ctx, groups, keeps, plans, mode, layer_refit=False)
+            result.notes.append(f"cascade reached {check[1]:.2%}, over the guard: kept the parallel fold (the "
+                                "model the search measured, without the layer refit)")
         how = (mode if mode == "parallel" or par == 0 else "parallel folds, every consumer re-solved whole"
                if par == len(keeps) else f"{par} in parallel, {len(keeps) - par} in cascade")
         out.notes = [*result.notes, *out.notes, f"squeezed {len(keeps)} groups ({how}): "
@@ -272,9 +273,9 @@ class SqueezeFold(TransformPass):
         return out
 
     def _squeeze(self, graph: Graph, ctx: PassContext, groups: ChannelGroups, keeps: dict[int, list[int]],
-                 plans: dict[int, list[_Probe]], mode: str) -> tuple[PassResult, int]:
+                 plans: dict[int, list[_Probe]], mode: str, layer_refit: bool = True) -> tuple[PassResult, int]:
         ref = graph.copy()
-        layered = self.refit == "layer" and ctx.batches_fn is not None
+        layered = layer_refit and self.refit == "layer" and ctx.batches_fn is not None
         # a group whose every folded consumer the layer refit re-solves whole needs no cascade: its fold is
         # only the refit's starting point (and the fallback where a refit does not take)
         par = {gid: k for gid, k in keeps.items() if mode == "parallel" or (layered and all(

@@ -233,3 +233,35 @@ def test_best_ridge_finds_the_least_held_out_error_downhill(case: str, monkeypat
     lam, err = refit.best_ridge(*fit, *held)
     assert (lam, err) == (RIDGES[low], best)
     assert len(solves) < len(RIDGES), (lam, len(solves))
+
+
+class GatedSplit(nn.Module):
+    """a (3→8) → ReLU → c (8→12) → split in halves p, q → p·sigmoid(q) → d (6→4): one channel of the gated group
+    is output positions i and i + 6 of c, and c is both a refit consumer (of a's group) and that group's producer.
+    Channels 1, 2 of a and gated channel 1 (c's rows 1 and 7) are exactly zero: removing them is exact."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.a, self.c, self.d = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 12, 3, padding=1), nn.Conv2d(6, 4, 1)
+        with torch.no_grad():
+            for conv, rows in ((self.a, [1, 2]), (self.c, [1, 7])):
+                conv.weight[rows] = 0.0
+                conv.bias[rows] = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p, q = torch.split(self.c(torch.relu(self.a(x))), [6, 6], 1)
+        return self.d(p * torch.sigmoid(q))
+
+
+@pytest.mark.parametrize("body", ["trim { ratio = 25%, criterion = activation }", "squeeze_fold { energy = 100% }"])
+def test_the_layer_refit_fits_each_row_to_its_own_channel_when_a_channel_spans_several_positions(body: str) -> None:
+    """The refit's targets for c follow the rows the rewrite leaves (ascending positions 0, 2..6, 8..11), not the
+    group's channel order (0, 6, 2, 8, ...): the default refit fitted rows to other channels' outputs (output
+    error 0.188 where removing dead channels is exact)."""
+    model = GatedSplit().eval()
+    x = torch.randn(128, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    res = ns.compile(model, f"policy p {{\n  calibrate samples 128, batch 64\n  {body}\n}}\n", example_inputs=(x[:2],),
+                     calibration=x, progress=False)
+    assert res.graph.node("c").params["weight"].shape[0] == 10 and res.graph.node("a").params["weight"].shape[0] == 6
+    assert res.report.fidelity["output_error"] < 1e-5
