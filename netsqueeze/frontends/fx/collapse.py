@@ -71,6 +71,17 @@ def _collapse(cx: _Capture, group: list[fx.Node], path: str, typ: str) -> bool:
         byname.update({k.rsplit(".", 1)[-1]: v for k, v in params.items()})
         if "in_proj_weight" not in byname or len(ext) not in (1, 3) or "out_proj.weight" not in byname:
             return False
+        weights = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
+        if any(not any(k == w or k.endswith("." + w) for w in weights) for k in params):
+            return False  # a constant the attention reads besides its weights (a mask buffer): left uncollapsed
+        out_proj = [n for n in group if any(i in cx.consts and cx.const_names.get(i, i.name).endswith("out_proj.weight")
+                                            for i in n.all_input_nodes)]
+        after = set(out_proj)
+        for n in group:  # in graph order: the out_proj product and what the call computes from it
+            if n not in after and any(i in after for i in n.all_input_nodes):
+                after.add(n)
+        if out not in after:
+            return False  # the caller reads the attention weights, not the attention: left uncollapsed
         if isinstance(mod, nn.MultiheadAttention) and (mod.bias_k is not None or mod.add_zero_attn):
             return False
         sdpa = [n for n in group if "scaled_dot_product_attention" in str(n.target)]
