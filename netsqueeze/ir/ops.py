@@ -983,16 +983,16 @@ def _gather(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
 def _dynamic_slice_len(size: int, start: int, end: int, step: int, length: int) -> int:
     """The length of a slice of a dynamic axis as an expression of its size, for the bounds as they fall at the
     example size (a bound past the end stays clamped to it, one counted from the end follows it, one within
-    the axis is fixed): `x[1:]`, `x[:-1]`, `x[-3:]`, `x[::-1]`. Any other step, or an empty slice, keeps the
+    the axis is fixed): `x[1:]`, `x[:-1]`, `x[-3:]`, `x[::-1]`, `x[1::2]`. Any other negative step, or an empty slice, keeps the
     example's length."""
     n = int(size)
     if step == -1 and length == n and (start == -1 or start > n) and end < -n:
         return size  # the whole axis reversed
-    if step != 1 or length <= 0:
+    if step < 1 or length <= 0:
         return length
     lo = start if start >= 0 else size + start if -start <= n else 0
     hi = size if end > n else end if end >= 0 else size + end
-    out = hi - lo
+    out = hi - lo if step == 1 else (hi - lo + step - 1) // step  # x[::2]: ⌈(hi − lo) / step⌉
     return out if int(out) == length else length
 
 

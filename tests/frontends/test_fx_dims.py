@@ -68,3 +68,32 @@ def test_dynamic_shapes_torch_export_refuses_are_an_error_with_its_suggestion_no
         "Constraints violated (H, W)!")
     assert e.value.diagnostics[0].notes == (
         "torch.export suggests: _H = Dim('_H', max=oo); _W = Dim('_W', max=oo); H = 2*_H; W = 2*_W",)
+
+
+class Ends(nn.Module):
+    """Slices and picks counted from a dynamic dim's end, or running to it."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return x[:, :, 2:], x[:, :, 1:-1, 2:], x[:, :, ::2, 1::2], x[:, :, -2:], x[-1:], x[:, :, -1], x[-1]
+
+
+def test_slices_to_the_end_and_negative_picks_follow_a_dynamic_dim() -> None:
+    """`x[:, :, 2:]` ran to the example's end (6) at every size, `x[:, :, -1]` picked the example's last row: both
+    now follow the dim, in torch and in ONNX Runtime."""
+    import onnxruntime as ort
+
+    from netsqueeze.backends.torch import to_torch
+
+    m = Ends()
+    g = ns.import_model(m, (torch.randn(2, 3, 6, 8),),
+                        dynamic_shapes={"x": {0: Dim("batch"), 2: Dim("H", min=4), 3: Dim("W", min=4)}})
+    sess = ort.InferenceSession(to_onnx(g).SerializeToString(), providers=["CPUExecutionProvider"])
+    for shape in ((2, 3, 6, 8), (3, 3, 10, 12), (4, 3, 5, 7)):
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[2]))
+        want = m(x)
+        got = to_torch(g)(x)
+        onnx = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+        for w, t, o in zip(want, got, onnx):
+            assert t.shape == w.shape and o.shape == tuple(w.shape)
+            torch.testing.assert_close(t, w, rtol=0, atol=0)
+            np.testing.assert_array_equal(o, w.numpy())

@@ -15,6 +15,7 @@ from torch import nn
 
 from netsqueeze.frontends.fx.opaque import AtenCall, _Slot
 from netsqueeze.frontends.fx.state import _Capture, _tup, _Unmappable, python_value
+from netsqueeze.ir.dims import is_dynamic
 from netsqueeze.ir.graph import TensorMeta, Value
 from netsqueeze.ir.tables import registrar
 
@@ -238,6 +239,9 @@ def _split(cx: _Capture, a: dict[str, Any]) -> list[Value]:
     return [(nid, i) for i in range(len(sizes))]
 
 
+TO_THE_END = 2**63 - 1  # a slice end past any size (INT64_MAX, as torch and ONNX write it)
+
+
 @handles("slice")
 def _slice(cx: _Capture, a: dict[str, Any]) -> Value:
     x = cx.val(a["self"])
@@ -245,9 +249,11 @@ def _slice(cx: _Capture, a: dict[str, Any]) -> Value:
     size = cx.shape(a["self"])[dim]
     start = 0 if a.get("start") is None else int(a["start"])
     end = size if a.get("end") is None else int(a["end"])
-    # INT64_MAX means "to the end"; store the python-slice form that survives channel pruning
-    end = min(end, size) if end >= 0 else end
-    if start == 0 and end == size and int(a.get("step", 1)) == 1:
+    if is_dynamic(cx.graph.meta_of(x).shape[dim]) and end >= size:
+        end = TO_THE_END  # past the example's end: to the end at every size (the IR's length follows the dim)
+    else:  # INT64_MAX means "to the end"; store the python-slice form that survives channel pruning
+        end = min(end, size) if end >= 0 else end
+    if start == 0 and end in (size, TO_THE_END) and int(a.get("step", 1)) == 1:
         return (cx.emit("identity", [x]), 0)
     return (cx.emit("slice", [x], {"axis": dim, "start": start, "end": end, "step": int(a.get("step", 1))}), 0)
 
@@ -515,8 +521,12 @@ def _select(cx: _Capture, a: dict[str, Any]) -> Value:
     src = cx.shape(a["self"])
     dim = int(a["dim"]) % len(src)
     i = int(a["index"])
-    i = i + src[dim] if i < 0 else i
-    s = (cx.emit("slice", [cx.val(a["self"])], {"axis": dim, "start": i, "end": i + 1, "step": 1}), 0)
+    if i < 0 and is_dynamic(cx.graph.meta_of(cx.val(a["self"])).shape[dim]):  # x[:, -1]: counted from the end
+        start, end = i, (i + 1 if i < -1 else TO_THE_END)
+    else:
+        start = i + src[dim] if i < 0 else i
+        end = start + 1
+    s = (cx.emit("slice", [cx.val(a["self"])], {"axis": dim, "start": start, "end": end, "step": 1}), 0)
     return (cx.emit("squeeze", [s], {"axes": (dim,)}), 0)
 
 
