@@ -733,7 +733,10 @@ def _conv(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
 
 
 def _conv_t_flops(node: Node, ins: list[TensorMeta], outs: list[TensorMeta]) -> int:
-    return 2 * math.prod(node.params["weight"].shape[1:]) * ins[0].numel()
+    """2 per multiply-add (every input element times its [O/g, *k] taps), and the bias once per output element,
+    as for `conv` and `linear`."""
+    return 2 * math.prod(node.params["weight"].shape[1:]) * ins[0].numel() + (
+        outs[0].numel() if "bias" in node.params else 0)
 
 
 @op("conv_transpose", params=("weight",), optional_params=("bias",), flops=_conv_t_flops,

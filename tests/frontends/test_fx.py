@@ -206,3 +206,36 @@ def test_eval_dropout_is_identity() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.3), torch.nn.ReLU()).eval()
     g = from_torch(model, (torch.randn(2, 4),))
     assert [n.kind for n in g.nodes()] == ["input", "linear", "identity", "relu", "output"]
+
+
+class IntTimesHalf(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.long() * 0.5 + x.long().clamp(0.5, 2.5)
+
+
+def test_an_op_torch_promotes_to_another_dtype_is_kept_opaque_and_computes_what_torch_does() -> None:
+    """int64 * 0.5 is float in torch; the canonical op keeps its operand's dtype (it made 0.5 an int 0): such a
+    node is kept opaque, where the capture failed with "frontend bug: node 'mul' infers int64"."""
+    x = torch.tensor([[0.0, 1.0, 3.0], [2.0, 5.0, 7.0]])
+    g = from_torch(IntTimesHalf(), (x,))
+    assert g.meta_of(g.operands(g.outputs[0])[0]).dtype == "float32"
+    assert torch.equal(to_torch(g)(x), IntTimesHalf()(x))
+    assert to_torch(g)(x)[1].tolist() == [3.0, 5.0, 6.0]  # 2·0.5 + 2, 5·0.5 + 2.5, 7·0.5 + 2.5
+
+
+class FloorDiv(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.div(x, 2, rounding_mode="floor") + x.div(3, rounding_mode="trunc")
+
+
+def test_symbolic_trace_keeps_a_div_rounding_mode() -> None:
+    """The symbolic_trace path (torch.export's fallback) bound `div(x, 2, rounding_mode="floor")` to the div.Tensor
+    overload, which has no rounding mode, and lowered a true division (error 0.998): such calls stay opaque."""
+    import torch.fx as fx
+
+    from netsqueeze.frontends.fx.capture import _from_symbolic
+
+    x = torch.linspace(-9, 9, 12).reshape(2, 6)
+    g = _from_symbolic(fx.symbolic_trace(FloorDiv()), (x,), "FloorDiv")
+    assert torch.equal(to_torch(g)(x), FloorDiv()(x))
+    assert to_torch(g)(x)[0, :2].tolist() == [-8.0, -6.0]  # floor(-9/2) + trunc(-9/3), floor(-3.68) + trunc(-2.45)

@@ -86,3 +86,18 @@ def test_copy_is_deep() -> None:
     h.remove_node("out")
     assert g.node("conv").params["weight"].abs().sum() > 0
     assert "out" in g and g.outputs == ["out"]
+
+
+def test_conv_transpose_flops_count_its_bias_as_conv_does() -> None:
+    """ConvTranspose2d(3, 5, 3, stride=2) on 1x3x4x4: 2·(5·3·3)·(3·4·4) = 4,320 multiply-add FLOPs, and its bias
+    once per output element (1·5·9·9 = 405): 4,725; without a bias, 4,320."""
+    from torch import nn
+
+    import netsqueeze as ns
+    from netsqueeze.ir.stats import graph_stats
+
+    x = torch.randn(1, 3, 4, 4)
+    for bias, flops in ((True, 4725), (False, 4320)):
+        g = ns.import_model(nn.Sequential(nn.ConvTranspose2d(3, 5, 3, stride=2, bias=bias)), (x,),
+                            dynamic_shapes={"input": {}})
+        assert graph_stats(g).flops == flops

@@ -316,6 +316,11 @@ def _convert_node(cx: _Capture, nd: fx.Node) -> None:
         first = cx.graph._counter
         try:
             result = HANDLERS[packet](cx, a)
+            obs = cx.out_meta()
+            if isinstance(obs, torch.Tensor) and isinstance(result, tuple) and len(result) == 2 and \
+                    isinstance(result[1], int) and cx.graph.meta_of(result).dtype != str(obs.dtype).removeprefix("torch."):
+                # the canonical op keeps its operand's dtype; torch promoted (int64 tensor * 0.5 is float)
+                raise _Unmappable("a result of another dtype than the op's operand")
         except (_Unmappable, VerifyError, KeyError, IndexError, TypeError, ValueError):
             # outside the canonical op's conventions: drop what the handler made, keep it as an opaque call
             for n in sorted((n for n in cx.graph.nodes() if n.order >= first), key=lambda n: -n.order):
@@ -378,7 +383,10 @@ def _resolve(cx: _Capture, nd: fx.Node) -> tuple[str | None, dict[str, Any]]:
             else _concrete(cx, a) for a in args]
     kw = {k: (v if isinstance(v, fx.Node) and (_is_value(cx.env.get(v)) or v in cx.consts) else _concrete(cx, v))
           for k, v in kwargs.items()}
-    return packet, _bind(_schema_for(packet), args, kw)
+    schema = _schema_for(packet)
+    if set(kw) - {a.name for a in schema.arguments} - {"input", "dim", "dims", "shape"}:
+        return None, {}  # an argument the mapped overload has not (`div(..., rounding_mode=)`): kept opaque
+    return packet, _bind(schema, args, kw)
 
 
 def _concrete(cx: _Capture, a: Any) -> Any:

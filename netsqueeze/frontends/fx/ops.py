@@ -15,7 +15,7 @@ from torch import nn
 
 from netsqueeze.frontends.fx.opaque import AtenCall, _Slot
 from netsqueeze.frontends.fx.state import _Capture, _tup, _Unmappable, python_value
-from netsqueeze.ir.dims import is_dynamic
+from netsqueeze.ir.dims import expr_of, is_dynamic
 from netsqueeze.ir.graph import TensorMeta, Value
 from netsqueeze.ir.tables import registrar
 
@@ -281,12 +281,16 @@ def _reshape(cx: _Capture, a: dict[str, Any]) -> Value:
     x = cx.val(a["self"])
     src = cx.shape(a["self"])
     out = tuple(python_value(d) for d in cx.out_meta().shape)  # dynamic sizes stay Dims
+    # dim 0 kept: the same dynamic expression as the input's (a literal `reshape(2, -1)` of a batch that is 2 in
+    # the example is not: it stays 2 at every batch, and so does it where the capture fixed the batch)
+    d0 = cx.graph.meta_of(x).shape[0] if src else None
+    kept0 = bool(src) and bool(out) and is_dynamic(d0) and is_dynamic(out[0]) and expr_of(d0) == expr_of(out[0])
     # a flatten written as view(x.size(0), -1): keep it batch- and channel-count agnostic
-    if len(src) > 2 and len(out) == 2 and out[0] == src[0]:
+    if len(src) > 2 and len(out) == 2 and kept0:
         return (cx.emit("flatten", [x], {"start_dim": 1, "end_dim": -1}), 0)
     # the observed shape is the truth; the batch dim becomes 0 (copy) and a written -1 stays -1
     target = list(out)
-    if src and out[0] == src[0]:
+    if kept0:
         target[0] = 0
     # sizes read from the tensor at run time (dynamic dims) are graph nodes, not literals: only a literal -1 matters
     size = [int(d) if isinstance(d, int) else None for d in a.get("size") or ()]
