@@ -135,7 +135,7 @@ def _run_line(original: Graph, steps: Sequence[Step], ctx: PassContext, target: 
     goal = target.seconds if target.seconds is not None else (target.ratio or 1.0) * t0
     points: list[tuple[float, float]] = [(float(flops0), t0)]
     attempts: list[dict[str, float]] = []
-    budget_ratio: float | None = None if goal >= t0 else min(1.0, goal * MARGIN / t0)
+    budget_ratio: float | None = 1.0 if goal >= t0 else min(1.0, goal * MARGIN / t0)  # met: the passes run at 100%
     graph: Graph = original
     run: Any = None
     lat: list[Latency] = [base, base]
@@ -144,7 +144,11 @@ def _run_line(original: Graph, steps: Sequence[Step], ctx: PassContext, target: 
     missed: float | None = None  # the fewest FLOPs (ratio) a run missed the target with
     for attempt in range(MAX_ATTEMPTS):
         graph, budget = _fresh_run(original, ctx, user_budget, budget_ratio)
-        run = run_pipeline(graph, steps, ctx)
+        try:
+            run = run_pipeline(graph, steps, ctx)
+        except BudgetError as e:
+            ctx.budget = user_budget
+            raise _unreachable(target, e, budget_ratio, user_budget.get("flops")) from None
         lat = _pair(target, original, graph, inputs)
         flops = graph_stats(graph).flops
         now_flops = flops / max(1, flops0)
@@ -204,6 +208,18 @@ def _not_met(target: LatencyTarget, lat: Sequence[Latency], inputs: tuple[torch.
         f"{lat[0].median_ms:.3f} ms for the original ({ratio:.1%}) on {target.runtime}, batch "
         f"{inputs[0].shape[0] if inputs else 1}, {target.threads} thread(s), after {runs} run(s) of "
         "the pipeline", span=target.span))
+
+
+def _unreachable(target: LatencyTarget, e: BudgetError, budget_ratio: float | None,
+                 user_flops: float | None) -> BudgetError:
+    """The pass's BudgetError under the FLOPs limit the latency search chose (`budget_ratio`), as an error at the
+    latency budget the user wrote; the user's own budget's failure (their FLOPs limit, or ours at 100%) as it is."""
+    if budget_ratio is None or budget_ratio >= min(1.0, user_flops or 1.0):
+        return e
+    return BudgetError(Diagnostic(
+        f"budget latency <= {target.describe()} not met: the passes cannot reach the FLOPs it needs ({budget_ratio:.1%} of the "
+        f"original, chosen by the latency search): {e.diagnostics[0].message if e.diagnostics else e}",
+        span=target.span))
 
 
 def _batch_scale(graph: Graph, inputs: tuple[torch.Tensor, ...]) -> float:
@@ -314,7 +330,7 @@ def _run_per_kind(original: Graph, steps: Sequence[Step], ctx: PassContext, targ
     user_flops = ctx.budget.get("flops")
     user_budget = dict(ctx.budget)
     attempts: list[dict[str, float]] = []
-    budget_ratio: float | None = None if goal >= t0 else min(1.0, pick_flops(curve(model), goal * MARGIN / t0))
+    budget_ratio: float | None = 1.0 if goal >= t0 else min(1.0, pick_flops(curve(model), goal * MARGIN / t0))
     graph: Graph = original
     run: Any = None
     lat: list[Latency] = [timed[0], timed[0]]
@@ -324,11 +340,12 @@ def _run_per_kind(original: Graph, steps: Sequence[Step], ctx: PassContext, targ
         graph, budget = _fresh_run(original, ctx, user_budget, budget_ratio)
         try:
             run = run_pipeline(graph, steps, ctx)
-        except BudgetError:
+        except BudgetError as e:
             # a FLOPs budget of ours below what the pipeline can reach: double it (a run spent), else the
             # user's own budget failed, which is theirs to see
             if budget_ratio is None or budget_ratio >= (user_flops or 1.0) or attempt == MAX_ATTEMPTS - 1:
-                raise
+                ctx.budget = user_budget
+                raise _unreachable(target, e, budget_ratio, user_flops) from None
             log(f"latency budget, run {attempt + 1}: the pipeline cannot reach FLOPs {budget_ratio:.1%}")
             nan = float("nan")
             attempts.append({"flops_budget": budget_ratio, "flops": nan, "predicted": nan, "ratio": nan, "ms": nan})

@@ -140,3 +140,48 @@ def test_latency_budget_met_on_a_zoo_model(vgg: tuple[torch.nn.Module, tuple[tor
     assert len(model_notes) == 1 and " ps/FLOP" in model_notes[0] and "NNLS on " in model_notes[0]
     assert len(predicted) == 1 and len(predicted[0].split("): ", 1)[1].split(", ")) == runs
     assert f"-> {ratio:.1%}" in predicted[0]
+
+
+class _ConvBN(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        nn = torch.nn
+        self.c1, self.b1 = nn.Conv2d(3, 12, 3, padding=1), nn.BatchNorm2d(12)
+        self.c2, self.b2 = nn.Conv2d(12, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.c3, self.b3 = nn.Conv2d(16, 10, 3, padding=1), nn.BatchNorm2d(10)
+        self.fc = nn.Linear(10 * 4 * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.b3(self.c3(torch.relu(self.b2(self.c2(torch.relu(self.b1(self.c1(x)))))))))
+        return self.fc(torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1))
+
+
+@pytest.mark.parametrize("cost_model", ["per_kind", "line"])
+def test_a_latency_budget_the_original_meets_runs_the_passes_at_full_flops(cost_model: str) -> None:
+    """`latency <= 500 ms` holds for the original: the passes run under flops <= 100% (they had no budget at all,
+    and trim / squeeze_fold refused to run without one)."""
+    x, cal = torch.randn(2, 3, 8, 8), torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    for step in ("trim { }", "squeeze_fold { }"):
+        res = ns.compile(_ConvBN().eval(), f"policy p {{\n  runtime {{ cost_model = {cost_model} }}\n  budget latency "
+                         f"<= 500 ms\n  {step}\n}}", example_inputs=(x,), calibration=cal, target="torch",
+                         progress=False)
+        assert res.report.after.flops == res.report.before.flops
+
+
+@pytest.mark.parametrize("cost_model", ["per_kind", "line"])
+def test_a_latency_budget_the_passes_cannot_reach_is_an_error_at_the_latency_budget(cost_model: str) -> None:
+    """The FLOPs limit the latency search chose is ours, not the user's: when the passes cannot reach it the error is
+    at the latency budget (2:3), saying so, with the pass's reason (it was the pass's error at a FLOPs budget the
+    policy never wrote)."""
+    x, cal = torch.randn(2, 3, 8, 8), torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(BudgetError) as e:
+        ns.compile(_ConvBN().eval(), f"policy p {{\n  budget latency <= 30%\n  runtime {{ cost_model = {cost_model} }}"
+                   "\n  trim { min_channels = 8 }\n}", example_inputs=(x,), calibration=cal, target="torch",
+                   progress=False)
+    d = e.value.diagnostics[0]
+    assert (d.span.line, d.span.col) == (2, 10)
+    assert d.message.startswith("budget latency <= 30% of the original not met: the passes cannot reach the FLOPs "
+                                "it needs (")
+    assert "trim cannot meet the budget flops <= " in d.message
+    assert d.message.endswith(": removing every removable channel reaches flops 39.9%, params 47.3% of the original")
