@@ -88,9 +88,9 @@ def test_a_module_torch_export_cannot_take_is_a_clear_error_and_nothing_is_writt
     policy.write_text("policy p {\n  prune on type(linear) { sparsity = 50% }\n}\n")
     out = tmp_path / "m.pt2"
     assert main(["compile", DEMO, "-p", str(policy), "--sparse", "csr", "-o", str(out), "--quiet"]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith(f"error: cannot write '{out}': torch.export could not export the compiled module with its "
-                          "dynamic dims (")
+    err = capsys.readouterr().err  # torch may warn first (sparse CSR is beta), once per process
+    assert err[err.index("error: "):].startswith(
+        f"error: cannot write '{out}': torch.export could not export the compiled module with its dynamic dims (")
     assert "note: write .pt (the pickled module) or .onnx instead" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.sqz"]
 

@@ -239,26 +239,13 @@ class _Resolved:
 
 
 def load_policy_file(path: str | os.PathLike[str], params: Mapping[str, Any] | None = None) -> Any:
-    """Reads and parses a policy file (UTF-8, a leading byte-order mark allowed); an unreadable file is a
-    `PolicyError`."""
+    """Reads and parses a policy file (`dsl.load_policy`: UTF-8, a leading byte-order mark allowed); an unreadable
+    file is a `PolicyError`, located at the first bad byte when it is not UTF-8."""
     from netsqueeze import dsl
 
-    p = Path(path)
-    try:
-        text = p.read_bytes().decode("utf-8-sig")
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        if isinstance(e, FileNotFoundError):
-            reason = "no such file"
-        elif isinstance(e, IsADirectoryError):
-            reason = "it is a directory"
-        elif isinstance(e, UnicodeDecodeError):
-            reason = f"not UTF-8 text (byte {e.start})"
-        elif not isinstance(e, OSError):  # ValueError: a NUL in the path, which no file name holds
-            reason = "a file name cannot hold a NUL byte"
-        else:
-            reason = e.strerror or str(e)
-        raise PolicyError(Diagnostic(f"cannot read policy '{p}': {reason}")) from None
-    return dsl.parse_policy(text, str(path), params={k: str(v) for k, v in (params or {}).items()})
+    if "\0" in os.fspath(path):
+        raise PolicyError(Diagnostic(f"cannot read policy '{Path(path)}': a file name cannot hold a NUL byte"))
+    return dsl.load_policy(path, params={k: str(v) for k, v in (params or {}).items()})
 
 
 def _parse_policy(policy: PolicyLike, params: Mapping[str, Any] | None) -> Any:

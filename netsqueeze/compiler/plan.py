@@ -22,8 +22,8 @@ from netsqueeze.dsl.checker import (
     CALIBRATE_KEYS,
     GUARD_METRICS,
     RUNTIME_KEYS,
-    Checker,
     PassSchema,
+    run_checker,
     sort_diagnostics,
 )
 from netsqueeze.dsl.parser import load_policy
@@ -138,8 +138,7 @@ class _Resolver:
         self.graph = graph
         self.passes = passes
         self.schemas = schemas_of(passes)
-        self.checker = Checker(policy, self.schemas)
-        self.diags = self.checker.check()
+        self.checker, self.diags = run_checker(policy, self.schemas)
         self.sel = SelectorEvaluator(graph, self.checker.env)
 
     def select(self, sel: ast.Selector, expect: ast.Expect | None) -> dict[str, int]:
@@ -367,7 +366,7 @@ def check_file(
     try:
         policy = load_policy(path)
         if graph is None:
-            diags = Checker(policy, schemas_of(passes)).check()
+            _, diags = run_checker(policy, schemas_of(passes))
             return sort_diagnostics(diags)
         resolve(policy, graph, passes)
     except PolicyError as e:

@@ -608,13 +608,20 @@ def sort_diagnostics(diags: list[Diagnostic]) -> list[Diagnostic]:
     return sorted(diags, key=key)
 
 
+def run_checker(policy: ast.Policy, schemas: Mapping[str, PassSchema]) -> tuple[Checker, list[Diagnostic]]:
+    """A `Checker` of `policy` that has checked it, and its diagnostics; a policy too deep to check (thousands of
+    chained terms or definitions) is a `PolicyError` at the policy, not a RecursionError."""
+    checker = Checker(policy, schemas)
+    try:
+        return checker, checker.check()
+    except RecursionError:
+        raise PolicyError(Diagnostic("the policy nests too deeply to check (an expression, selector or let/param "
+                                     "chain of thousands of terms); name parts of it with `let`",
+                                     span=policy.span)) from None
+
+
 def check_policy(policy: ast.Policy, schemas: Mapping[str, PassSchema]) -> None:
     """Checks `policy` against pass `schemas`; raises `PolicyError` carrying every diagnostic."""
-    try:
-        diags = Checker(policy, schemas).check()
-    except RecursionError:
-        span = policy.span
-        raise PolicyError(Diagnostic("the policy nests too deeply to check (an expression or selector chain of "
-                                     "thousands of terms); name parts of it with `let`", span=span)) from None
+    _, diags = run_checker(policy, schemas)
     if diags:
         raise PolicyError(sort_diagnostics(diags))

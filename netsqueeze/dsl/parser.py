@@ -57,6 +57,8 @@ def _quantity(tok: Token, span: SourceSpan) -> ast.Number:
     if m is None:  # the terminal's regex guarantees the match; kept for mypy and safety
         raise _SyntaxProblem(f"malformed number '{tok}'", span)
     text, unit = m.group(1), m.group(2) or m.group(3) or ""
+    if len(text) > 300:  # beyond any quantity (and Python's int() refuses over 4,300 digits)
+        raise _SyntaxProblem(f"number '{str(tok)[:20]}...' ({len(text)} digits) is out of range", span)
     value: int | float = float(text) if any(c in text for c in ".eE") else int(text)
     try:
         big = not math.isfinite(value) or abs(value) > 1e300
@@ -112,8 +114,8 @@ class _Builder(Transformer[Token, Any]):
             if d is None:
                 continue
             n = _quantity(d, self._tspan(d))
-            if not isinstance(n.value, int) or n.unit or n.value < 0:
-                raise _SyntaxProblem(f"a dimension must be a non-negative integer, got '{d}'", n.span)
+            if not isinstance(n.value, int) or n.unit or n.value <= 0:
+                raise _SyntaxProblem(f"a dimension must be a positive integer, got '{d}'", n.span)
             shape.append(n.value)
         return ast.InputDecl(str(name), str(dtype), tuple(shape), span=self._span(meta))
 
@@ -570,7 +572,7 @@ def parse_value(text: str, filename: str = "<value>", *, offset: int = 0, full_t
 
 def parse_policy(text: str, filename: str = "<policy>", *, params: Mapping[str, str] | None = None) -> ast.Policy:
     """Parses a policy (resolving its imports relative to `filename`); raises `PolicyError` with every syntax error."""
-    text = text.removeprefix(BOM)
+    text = normal_lines(text.removeprefix(BOM))
     try:
         return _parse_policy(text, filename, params)
     except RecursionError:
@@ -611,8 +613,15 @@ BOM = "\ufeff"
 
 
 def read_policy_text(path: str | Path) -> str:
-    """The text of a policy file: UTF-8, a leading byte-order mark (as some editors write) dropped."""
-    return Path(path).read_bytes().decode("utf-8-sig")
+    """The text of a policy file: UTF-8, a leading byte-order mark (as some editors write) dropped, line ends
+    read as `\n` (`normal_lines`)."""
+    return normal_lines(Path(path).read_bytes().decode("utf-8-sig"))
+
+
+def normal_lines(text: str) -> str:
+    """`text` with CR LF and lone CR line ends as LF: the parser counts lines by LF, so a file saved with CR ends
+    located every error on line 1."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _read_error(e: OSError | UnicodeDecodeError) -> str:

@@ -9,6 +9,7 @@ import pytest
 from netsqueeze.cli import main
 from netsqueeze.compiler.plan import check_file
 from netsqueeze.dsl import load_policy, parse_policy
+from netsqueeze.errors import PolicyError
 
 BOM = "\ufeff"
 
@@ -50,3 +51,27 @@ def test_not_utf8_is_located(tmp_path: Path) -> None:
     (d,) = check_file(p)
     assert d.message == "cannot import 'lib.sqz': not UTF-8 text (byte 8)"
     assert d.span is not None and d.span.line == 1
+
+
+@pytest.mark.parametrize("end", ["\r", "\r\n"], ids=["cr", "crlf"])
+def test_cr_line_ends_locate_errors_on_their_line(end: str, tmp_path: Path) -> None:
+    """A file saved with CR (old Mac) line ends was one line to the parser: every error was on line 1."""
+    text = end.join(["policy p {", "  budget flops <= 500%", "  fold_bn", "}", ""])
+    p = tmp_path / "p.sqz"
+    p.write_bytes(text.encode())
+    (d,) = check_file(p)
+    assert (d.span.line, d.span.col) == (2, 19)
+    assert d.message == "budget metric 'flops' must be more than 0 and at most 1 (above 0%, up to 100%), got '500%'"
+    with pytest.raises(PolicyError) as e:  # parse_policy on the text itself too
+        parse_policy(text.replace("flops <= 500%", "flops <= 50%").replace("fold_bn", "fold_bn ]"), "<text>")
+    assert (e.value.diagnostics[0].span.line, e.value.diagnostics[0].span.col) == (3, 11)
+
+
+def test_compile_locates_a_byte_that_is_not_utf8_as_check_does(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    p = tmp_path / "latin1.sqz"
+    p.write_bytes("policy p {\n  # caf\xe9\n  fold_bn\n}\n".encode("latin-1"))
+    model = Path(__file__).resolve().parents[2] / "examples" / "demo_model.py"
+    assert main(["compile", str(model), "-p", str(p), "-o", str(tmp_path / "m.pt")]) == 2
+    assert capsys.readouterr().err.splitlines()[0] == (
+        f"{p}:2:8: error: cannot read policy '{p}': not UTF-8 text (byte 18)")

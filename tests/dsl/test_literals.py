@@ -45,3 +45,25 @@ def test_a_policy_path_or_text_holding_a_nul_byte_is_a_policy_error() -> None:
     with pytest.raises(PolicyError) as e:
         ns.compile(m, "policy p { fold_bn \x00 }", example_inputs=(x,), progress=False)
     assert str(e.value).startswith("<policy>:1:20: error: unexpected character '\\x00'")
+
+
+@pytest.mark.parametrize("kind", ["let", "param"])
+def test_a_chain_of_thousands_of_definitions_is_a_policy_error_in_check_and_compile(kind: str, tmp_path: Path) -> None:
+    """`netsqueeze check` and `compile` checked through paths without the recursion guard that `check_policy` has:
+    1,500 chained lets or params ended in an InternalError (RecursionError)."""
+    import torch
+
+    import netsqueeze as ns
+    from netsqueeze.compiler.plan import check_file
+    from netsqueeze.errors import PolicyError
+
+    lines = [f'{kind} v0 = 0.5'] + [f"{kind} v{i} = v{i - 1}" for i in range(1, 1500)]
+    text = "\n".join(lines) + "\npolicy p {\n  squeeze_fold { ratio = v1499 }\n}\n"
+    path = tmp_path / "chain.sqz"
+    path.write_text(text)
+    want = ("the policy nests too deeply to check (an expression, selector or let/param chain of thousands of terms); "
+            "name parts of it with `let`")
+    assert [d.message for d in check_file(path)] == [want]
+    with pytest.raises(PolicyError) as e:
+        ns.compile(torch.nn.Sequential(torch.nn.Linear(4, 4)), str(path), example_inputs=(torch.randn(2, 4),))
+    assert e.value.diagnostics[0].message == want
