@@ -1,8 +1,8 @@
 """The `netsqueeze` command: compile, inspect, check, explain.
 
 Exit codes: 0 success; 1 an error in the model, data, files, budget or guard; 2 a policy error (or a
-usage error); 3 an internal error (a bug: the message asks for a report, `--verbose` shows the
-traceback); 130 interrupted (SIGINT); 143 terminated (SIGTERM). An interrupted compile leaves any
+usage error); 3 a model that cannot be loaded or captured; 4 an internal error (a bug: the message asks for a
+report, `--verbose` shows the traceback); 130 interrupted (SIGINT); 143 terminated (SIGTERM). An interrupted compile leaves any
 previous output file intact.
 """
 
@@ -20,7 +20,15 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Literal
 
-from netsqueeze.errors import CaptureError, Diagnostic, FileError, InternalError, NetsqueezeError, PolicyError
+from netsqueeze.errors import (
+    CaptureError,
+    Diagnostic,
+    FileError,
+    InternalError,
+    NetsqueezeError,
+    PolicyError,
+    UsageError,
+)
 
 EXIT_ERROR, EXIT_POLICY, EXIT_CAPTURE, EXIT_INTERNAL, EXIT_SIGINT, EXIT_SIGTERM = 1, 2, 3, 4, 130, 143
 REPORT_HINT = "this is a bug in netsqueeze: please report it with the command that ran and its --verbose output"
@@ -47,9 +55,9 @@ def _parse_shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
         try:
             shape = tuple(int(d) for d in dims.split(","))
         except ValueError:
-            raise NetsqueezeError(f"--input-shape expects name=1,3,224,224, got '{item}'") from None
+            raise UsageError(f"--input-shape expects name=1,3,224,224, got '{item}'") from None
         if not name or any(d <= 0 for d in shape):
-            raise NetsqueezeError(f"--input-shape expects a name and positive dims (name=1,3,224,224), got '{item}'")
+            raise UsageError(f"--input-shape expects a name and positive dims (name=1,3,224,224), got '{item}'")
         out[name] = shape
     return out
 
@@ -99,6 +107,8 @@ def cmd_compile(a: argparse.Namespace) -> int:
     # everything about the output is checked before any work is done
     params = _parse_sets(a.set)
     shapes = _parse_shapes(a.input_shape)
+    if params and not a.policy:
+        raise UsageError(f"--set {', '.join(params)}: there is no policy (-p) whose params it would set")
     policy: Any = load_policy_file(a.policy, params) if a.policy else []
     inputs: list[tuple[str, Any]] = [("input model", model_source(a.model))]
     if a.policy:
@@ -168,7 +178,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
     batches = parse_batches(a.batch)
     if a.threads < 1 or a.rounds < 1:
-        raise NetsqueezeError(f"--threads and --rounds must be at least 1 (got {a.threads}, {a.rounds})")
+        raise UsageError(f"--threads and --rounds must be at least 1 (got {a.threads}, {a.rounds})")
     if a.json:
         from netsqueeze.compiler.files import check_output_path, model_source
 
@@ -350,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_INTERNAL
         if isinstance(e, CaptureError):
             return EXIT_CAPTURE
-        return EXIT_POLICY if isinstance(e, PolicyError) else EXIT_ERROR
+        return EXIT_POLICY if isinstance(e, (PolicyError, UsageError)) else EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_SIGINT

@@ -86,6 +86,10 @@ class PolicyError(NetsqueezeError):
     """A policy file or text that does not parse or does not check."""
 
 
+class UsageError(NetsqueezeError):
+    """A command-line option given a value it does not take (`--batch 1,x`, `--threads 0`); exit code 2."""
+
+
 class CaptureError(NetsqueezeError):
     """A model the frontend cannot capture or import."""
 

@@ -127,3 +127,38 @@ def test_compile_refuses_to_overwrite_a_calibration_file_named_through_a_param(
     assert capsys.readouterr().err.strip() == (
         f"error: refusing to overwrite the calibration file '{cal}': choose another -o path")
     assert hashlib.sha256(cal.read_bytes()).hexdigest() == before
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", DEMO, "--batch", "abc"], "error: --batch expects positive integers separated by commas (1,64), got 'abc'"),
+    (["bench", DEMO, "--threads", "0"], "error: --threads and --rounds must be at least 1 (got 0, 15)"),
+    (["compile", DEMO, "-o", "m.onnx", "--input-shape", "x=a"], "error: --input-shape expects name=1,3,224,224, got 'x=a'"),
+    (["compile", DEMO, "-o", "m.onnx", "--set", "ratio=30%"],
+     "error: --set ratio: there is no policy (-p) whose params it would set"),
+], ids=["batch", "threads", "input_shape", "set_without_policy"])
+def test_usage_errors_exit_2_as_the_readme_says(argv: list[str], message: str, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_input_shapes_of_a_torch_model_are_an_error_not_ignored() -> None:
+    import netsqueeze as ns
+    from netsqueeze.errors import InputMismatchError
+
+    with pytest.raises(InputMismatchError) as e:
+        ns.import_model(torch.nn.Linear(4, 2), (torch.randn(2, 4),), input_shapes={"bogus": (1, 4)})
+    assert str(e.value) == ("error: input_shapes sets an ONNX model's input sizes: a torch model's come from its "
+                            "example inputs (and its dynamic dims from dynamic_shapes)")
+
+
+def test_a_report_json_with_a_malformed_value_is_a_clear_error() -> None:
+    from netsqueeze.compiler.report import CompileReport
+    from netsqueeze.errors import NetsqueezeError
+
+    with pytest.raises(NetsqueezeError) as e:
+        CompileReport.from_json('{"schema": "netsqueeze.report/1", "passes": 5}')
+    assert str(e.value).startswith("error: netsqueeze report is ")

@@ -73,7 +73,7 @@ def test_bench_refuses_a_batch_a_fixed_model_cannot_run(tmp_path: Path, capsys: 
     assert main(["bench", str(tmp_path / "m.onnx"), "--batch", "1"]) == 1
     assert capsys.readouterr().err.strip() == (f"error: '{tmp_path / 'm.onnx'}': input 'x' has a fixed batch size "
                                                "of 4; it cannot run at batch 1 (--batch)")
-    assert main(["bench", str(tmp_path / "m.onnx"), "--batch", "1,x"]) == 1
+    assert main(["bench", str(tmp_path / "m.onnx"), "--batch", "1,x"]) == 2  # a usage error
     assert "--batch expects positive integers separated by commas (1,64), got '1,x'" in capsys.readouterr().err
 
 

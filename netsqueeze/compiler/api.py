@@ -211,6 +211,9 @@ def import_model(model: Any, example_inputs: Sequence[torch.Tensor] | torch.Tens
         return from_onnx(model, input_shapes=shapes, example_shapes=examples)
     from netsqueeze.frontends.fx import from_torch
 
+    if input_shapes:
+        raise InputMismatchError("input_shapes sets an ONNX model's input sizes: a torch model's come from its example "
+                                 "inputs (and its dynamic dims from dynamic_shapes)")
     if example_inputs is None:
         raise InputMismatchError("a torch model needs example inputs: pass example_inputs=(tensor, ...) "
                                  "or declare `input` shapes in the policy")

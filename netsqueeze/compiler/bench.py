@@ -14,7 +14,7 @@ import torch
 from netsqueeze.compiler.api import import_model, load_model_file
 from netsqueeze.compiler.calibration import split_labels
 from netsqueeze.compiler.latency import Runtime, measure, runner
-from netsqueeze.errors import InputMismatchError, NetsqueezeError
+from netsqueeze.errors import InputMismatchError, UsageError
 from netsqueeze.ir.dims import is_dynamic
 from netsqueeze.ir.stats import graph_stats
 
@@ -25,7 +25,7 @@ def parse_batches(text: str) -> list[int]:
     except ValueError:
         out = []
     if not out or any(b < 1 for b in out):
-        raise NetsqueezeError(f"--batch expects positive integers separated by commas (1,64), got '{text}'")
+        raise UsageError(f"--batch expects positive integers separated by commas (1,64), got '{text}'")
     return out
 
 

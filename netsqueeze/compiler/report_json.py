@@ -114,6 +114,8 @@ def from_dict(d: dict[str, Any]) -> CompileReport:
         )
     except KeyError as e:
         raise NetsqueezeError(f"netsqueeze report is missing the key {e.args[0]!r}") from None
+    except (TypeError, ValueError, AttributeError) as e:  # a key holding the wrong kind of value
+        raise NetsqueezeError(f"netsqueeze report is malformed: {type(e).__name__}: {e}") from None
 
 
 def to_json(r: CompileReport, indent: int | None = 1) -> str:
