@@ -39,7 +39,7 @@ import torch
 
 from netsqueeze.errors import BudgetError, Diagnostic
 from netsqueeze.ir.graph import Graph, Node
-from netsqueeze.ir.ops import node_flops, node_params
+from netsqueeze.ir.ops import node_flops, node_params, spec
 from netsqueeze.ir.stats import GraphStats
 from netsqueeze.ir.weights import Encoded, graph_weight_bytes
 from netsqueeze.passes.base import PassContext
@@ -248,6 +248,17 @@ class Meter:
                         for m in self.groups[gid].members if grouped_input(g, m)
                         and isinstance(w := g.node(m.node).params["weight"], torch.Tensor)})
         return out or None
+
+    def biased(self, nodes: Iterable[str]) -> None:
+        """Meters each of `nodes` with a bias where it has none (a pass that gives each an intercept, as trim's
+        gdnt refit and mean compensation do, must count its params and FLOPs). Before the first allocation."""
+        assert not self._seen, "Meter.biased after an allocation was metered"
+        for nid in nodes:
+            node = self.graph.node(nid)
+            name, axis = (spec(node.kind).bias or {}).get("weight", (None, 0))
+            w = node.params.get("weight")
+            if name is not None and name not in node.params and isinstance(w, torch.Tensor):
+                node.params[name] = torch.empty(w.shape[axis], dtype=w.dtype, device="meta")
 
     @property
     def measured(self) -> int:

@@ -817,6 +817,9 @@ class Trim(TransformPass):
         the largest cut the per-layer cap allows misses the budget, with what that cut reaches."""
         budget = Budget.of(ctx)
         meter = Meter(graph, groups, before, shifted=self.bias_compensation)  # as in `run`
+        if self.bias_compensation or gdnt_groups.refits(self.refit, self.bias_compensation, ctx):
+            # `_zero` and the refit give a bias to consumers whose inputs only lose connections, not channels
+            meter.biased(obs[g.id][i].consumer.node for g, i, *_ in table)
         levels = [*sorted({float(v) for v in scores}), math.inf]
 
         def reached(t: int) -> Reached:
