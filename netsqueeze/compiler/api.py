@@ -48,7 +48,7 @@ from netsqueeze.errors import (
     UserCodeError,
 )
 from netsqueeze.ir.graph import Graph, Value
-from netsqueeze.ir.stats import graph_stats
+from netsqueeze.ir.stats import example_batch, graph_stats
 from netsqueeze.passes.base import ActivationStream, Feeds, Pass, PassContext, Trainable, class_scores
 from netsqueeze.passes.executor import Executor, make_executor
 from netsqueeze.passes.registry import all_passes
@@ -544,8 +544,10 @@ def _trainable(graph: Graph) -> Trainable:
 
 
 def _check_budget(budget: Mapping[str, float], before: Any, after: Any,
-                  spans: Mapping[str, SourceSpan] | None = None, absolute: Mapping[str, float] | None = None) -> None:
-    """Raises BudgetError, located at each missed `budget` item, stating what the pipeline reached."""
+                  spans: Mapping[str, SourceSpan] | None = None, absolute: Mapping[str, float] | None = None,
+                  batch: int = 1) -> None:
+    """Raises BudgetError, located at each missed `budget` item, stating what the pipeline reached. An absolute
+    FLOPs budget is per sample: the FLOPs of the example's `batch` samples over `batch`."""
     # latency is handed to the passes (ctx.budget) but compile() does not measure it
     attr = {"params": "params", "flops": "flops", "bytes": "param_bytes", "nonzeros": "nonzeros"}
     problems = []
@@ -555,9 +557,12 @@ def _check_budget(budget: Mapping[str, float], before: Any, after: Any,
         total, now = getattr(before, attr[key]), getattr(after, attr[key])
         reached = now / max(1, total)
         if key in (absolute or {}):  # `params <= 4.5M`: the limit as the policy wrote it
+            per = " per sample" if key == "flops" and batch > 1 else ""
+            if key == "flops":
+                total, now = total // batch, now // batch
             if now > (absolute or {})[key] + 1e-9:
                 problems.append(Diagnostic(
-                    f"budget {key} <= {(absolute or {})[key]:,.0f} not met: the pipeline reached {now:,} {key} "
+                    f"budget {key} <= {(absolute or {})[key]:,.0f} not met: the pipeline reached {now:,} {key}{per} "
                     f"({reached:.1%} of the original {total:,})", span=(spans or {}).get(key)))
             continue
         if reached > limit + 1e-9:
@@ -839,7 +844,8 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
     times["passes"] = time.perf_counter() - t2
     with _stage("checking the budget"):
         after = graph_stats(graph)
-    _check_budget(resolved.budget, before, after, resolved.budget_spans, resolved.budget_absolute)
+    _check_budget(resolved.budget, before, after, resolved.budget_spans, resolved.budget_absolute,
+                  example_batch(original))
 
     fidelity: dict[str, float] = {}
     notes: list[str] = list(graph.meta.get("notes", []))  # what the frontend had to say about the model

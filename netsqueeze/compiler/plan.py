@@ -245,11 +245,13 @@ class _Resolver:
         return out
 
     def _original_total(self, metric: str) -> int:
-        """The model's total params, FLOPs or weight bytes, that an absolute budget is a ratio of."""
-        from netsqueeze.ir.stats import graph_stats
+        """The model's total params, FLOPs (per sample: `stats.example_batch`) or weight bytes, that an absolute
+        budget is a ratio of."""
+        from netsqueeze.ir.stats import example_batch, graph_stats
 
         st = graph_stats(self.graph)
-        return {"params": st.params, "flops": st.flops, "bytes": st.param_bytes, "nonzeros": st.nonzeros}[metric]
+        return {"params": st.params, "flops": st.flops // example_batch(self.graph), "bytes": st.param_bytes,
+                "nonzeros": st.nonzeros}[metric]
 
     def _statements(self, plan: Plan) -> None:
         conv = self.checker.convert

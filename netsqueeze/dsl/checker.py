@@ -360,8 +360,18 @@ class Checker:
     def convert(self, value: ast.Value, opt: OptionSchema, what: str) -> Any:
         """Converts a policy value to the Python value an option of type `opt.type` takes."""
         v = self.env.value(value)
-        result = self._coerce(v, opt.type, opt, what)
-        self._range(result, v, opt, what)
+        try:
+            result = self._coerce(v, opt.type, opt, what)
+            self._range(result, v, opt, what)
+        except _Bad as b:
+            if v is value or not isinstance(value, ast.Ident) or value.name not in self.env.defs:
+                raise
+            # a param's or let's value that does not fit here: the error is where it is used (the definition
+            # may be right for its other uses), the definition a note
+            d = self.env.defs[value.name]
+            kind = "param" if isinstance(d, ast.Param) else "let"
+            raise _Bad(b.diag.message, value.span, (*b.diag.notes, f"the value of {kind} '{value.name}', defined at "
+                                                                   f"{_short(d.span)}")) from None
         return result
 
     def _coerce(self, v: ast.Value, t: TypeDesc, opt: OptionSchema, what: str) -> Any:
@@ -393,8 +403,8 @@ class Checker:
             raise _Bad(f"{what} expects a string, got {_describe(v)}", v.span)
         if t.kind == "literal":
             word: Any = v.value if isinstance(v, ast.Str) else v.name if isinstance(v, ast.Ident) else None
-            if isinstance(v, ast.Number):
-                word = v.magnitude
+            if isinstance(v, ast.Number):  # a choice of numbers takes them bare: `bits = 400%` is not 4
+                word = v.magnitude if not v.unit else v.to_text()
             for c in t.choices:
                 if c == word and type(c) is not bool:
                     return c

@@ -676,9 +676,10 @@ def _output(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     return [ins[0]]
 
 
-@op("constant", arity=(0, 0), params=("value",), channel=_constant_rule)
+@op("constant", arity=(0, 0), params=("value",), attrs={"trainable": False}, channel=_constant_rule)
 def _constant(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
-    """A constant tensor held in params['value']."""
+    """A constant tensor held in params['value']; `trainable`: one of the source model's parameters (a layer scale,
+    a position embedding), which the params count includes."""
     v = node.params["value"]
     return [TensorMeta(tuple(v.shape), str(v.dtype).removeprefix("torch."))]
 
@@ -1211,7 +1212,7 @@ BUFFERS = frozenset({"running_mean", "running_var", "scale", "zero_point", "valu
 def node_params(node: Node) -> int:
     """Trainable parameters (what `sum(p.numel() for p in module.parameters())` counts)."""
     if node.kind == "constant":
-        return 0
+        return int(node.params["value"].numel()) if node.attrs.get("trainable") else 0
     return sum(int(t.numel()) for k, t in node.params.items() if k not in BUFFERS)
 
 
@@ -1223,7 +1224,7 @@ def node_param_bytes(node: Node, *, tables: bool = True) -> int:
 def node_nonzeros(node: Node) -> int:
     """Non-zero parameter values (trainable params only, as `node_params` counts them)."""
     if node.kind == "constant":
-        return 0
+        return weights.nnz(node.params["value"]) if node.attrs.get("trainable") else 0
     return sum(weights.nnz(t) for k, t in node.params.items() if k not in BUFFERS)
 
 

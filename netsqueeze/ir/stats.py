@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from netsqueeze.ir.dims import expr_of, is_dynamic
 from netsqueeze.ir.graph import Graph
 from netsqueeze.ir.ops import node_flops, node_nonzeros, node_param_bytes, node_params, node_weight_forms
 from netsqueeze.ir.weights import graph_weight_bytes
@@ -43,6 +44,16 @@ class GraphStats:
     def param_bytes(self) -> int:
         """Exact stored bytes of every param in the graph, each shared table counted once."""
         return sum(n.param_bytes for n in self.nodes.values()) - self.shared_bytes
+
+
+def example_batch(graph: Graph) -> int:
+    """How many samples the graph's FLOPs are counted over: the example's batch when dim 0 of every input is one
+    and the same dynamic dim (the batch), else 1 (a model that fixes its dim 0 runs it as one sample). An absolute
+    FLOPs budget (`flops <= 300M`) is per sample."""
+    shapes = [graph.node(nid).meta[0].shape for nid in graph.inputs if graph.node(nid).meta]
+    if shapes and all(s and is_dynamic(s[0]) for s in shapes) and len({expr_of(s[0]) for s in shapes}) == 1:
+        return max(1, int(shapes[0][0]))
+    return 1
 
 
 _SIZES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1, "int64": 8, "int32": 4, "bool": 1}

@@ -11,7 +11,7 @@ from netsqueeze.compiler.latency_budget import fit
 from netsqueeze.compiler.plan import resolve
 from netsqueeze.dsl import parse_policy
 from netsqueeze.errors import BudgetError, PolicyError
-from netsqueeze.ir.stats import graph_stats
+from netsqueeze.ir.stats import example_batch, graph_stats
 from netsqueeze.passes.registry import all_passes
 from tests.zoo import ZOO
 
@@ -37,8 +37,10 @@ def _plan(text: str, vgg: tuple[torch.nn.Module, tuple[torch.Tensor, ...], torch
 def test_absolute_budget_is_a_ratio_of_the_original(vgg: tuple[torch.nn.Module, tuple[torch.Tensor, ...], torch.Tensor],
                                                     item: str, metric: str, absolute: float) -> None:
     model, inputs, _ = vgg
-    st = graph_stats(ns.import_model(model, inputs))
-    total = {"params": st.params, "flops": st.flops, "bytes": st.param_bytes}[metric]
+    g = ns.import_model(model, inputs)
+    st = graph_stats(g)
+    # FLOPs per sample: the example batch's over its size
+    total = {"params": st.params, "flops": st.flops // example_batch(g), "bytes": st.param_bytes}[metric]
     plan = _plan(f"policy p {{\n  budget {item}\n  fold_bn\n}}", vgg)
     assert plan.budget_absolute == {metric: absolute}  # type: ignore[attr-defined]
     assert plan.budget == {metric: pytest.approx(min(1.0, absolute / total))}  # type: ignore[attr-defined]
@@ -185,3 +187,18 @@ def test_a_latency_budget_the_passes_cannot_reach_is_an_error_at_the_latency_bud
                                 "it needs (")
     assert "trim cannot meet the budget flops <= " in d.message
     assert d.message.endswith(": removing every removable channel reaches flops 39.9%, params 47.3% of the original")
+
+
+@pytest.mark.parametrize("batch", [2, 8])
+def test_an_absolute_flops_budget_is_per_sample_whatever_the_example_batch(batch: int) -> None:
+    """`flops <= 0.3K` was a share of the example batch's FLOPs: nothing cut at batch 2, a model 9x under the limit at
+    batch 8. Per sample, both examples give the same budget and the same model."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
+    res = ns.compile(model, "policy p {\n  calibrate samples 64, batch 32\n  budget flops <= 0.3K\n  trim { }\n}",
+                     example_inputs=(x[:batch],), calibration=x, progress=False)
+    per_sample = res.report.before.flops // batch
+    assert per_sample == 2 * (8 * 16 + 16 * 4) + 16 + 4 + 16  # multiply-adds, biases, the ReLU
+    assert res.report.budget["flops"] == pytest.approx(300 / per_sample)
+    assert res.report.after.flops // batch <= 300

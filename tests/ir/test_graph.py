@@ -101,3 +101,28 @@ def test_conv_transpose_flops_count_its_bias_as_conv_does() -> None:
         g = ns.import_model(nn.Sequential(nn.ConvTranspose2d(3, 5, 3, stride=2, bias=bias)), (x,),
                             dynamic_shapes={"input": {}})
         assert graph_stats(g).flops == flops
+
+
+def test_params_count_the_models_parameters_that_are_used_as_tensors() -> None:
+    """A layer scale (`x * gamma`) and a position embedding (`x + pos`) are nn.Parameters the capture holds as
+    constants: graph_stats counts them as `module.parameters()` does (it counted only the conv's 224 of 288)."""
+    from torch import nn
+
+    import netsqueeze as ns
+    from netsqueeze.ir.stats import graph_stats
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.gamma = nn.Parameter(torch.full((8, 1, 1), 0.1))
+            self.pos = nn.Parameter(torch.zeros(1, 8, 4, 4))
+            self.register_buffer("shift", torch.ones(1, 8, 1, 1))  # a buffer: not a parameter
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (self.conv(x) * self.gamma + self.pos) - self.shift
+
+    m = Scaled().eval()
+    g = ns.import_model(m, (torch.randn(2, 3, 4, 4),))
+    assert sum(p.numel() for p in m.parameters()) == 224 + 8 + 128
+    assert graph_stats(g).params == 360

@@ -28,7 +28,7 @@ import torch
 import netsqueeze as ns
 import netsqueeze.cli as cli
 from netsqueeze.compiler import api
-from netsqueeze.errors import FileError, InternalError, NonFiniteError, UserCodeError
+from netsqueeze.errors import FileError, InternalError, NonFiniteError, UsageError, UserCodeError
 from netsqueeze.passes.dead_code import DeadCode
 from netsqueeze.passes.fold_bn import FoldBN
 
@@ -184,11 +184,11 @@ CASES = [
     Case("target-contradicts-suffix", [*C, "--target", "onnx", "-o", "out.pt"], 1, FileError,
          "--target onnx does not match the output 'out.pt': its suffix '.pt' writes a torch model"),
     # bad options
-    Case("negative-input-shape", [*C, "-o", "out.pt", "--input-shape", "x=1,-3"], 1, ns.NetsqueezeError,
+    Case("negative-input-shape", [*C, "-o", "out.pt", "--input-shape", "x=1,-3"], 2, UsageError,
          "--input-shape expects a name and positive dims (name=1,3,224,224), got 'x=1,-3'"),
-    Case("zero-input-shape", [*C, "-o", "out.pt", "--input-shape", "x=0,4"], 1, ns.NetsqueezeError,
+    Case("zero-input-shape", [*C, "-o", "out.pt", "--input-shape", "x=0,4"], 2, UsageError,
          "got 'x=0,4'"),
-    Case("garbage-input-shape", [*C, "-o", "out.pt", "--input-shape", "x=a,b"], 1, ns.NetsqueezeError,
+    Case("garbage-input-shape", [*C, "-o", "out.pt", "--input-shape", "x=a,b"], 2, UsageError,
          "--input-shape expects name=1,3,224,224, got 'x=a,b'"),
     Case("int8-precision", [*C, "-o", "out.pt", "--precision", "int8"], 2, None, "invalid choice: 'int8'"),
     Case("bad-set", [*C, "-p", "p.sqz", "-o", "out.pt", "--set", "r"], 2, ns.PolicyError,

@@ -513,12 +513,15 @@ def _from_exported(ep: torch.export.ExportedProgram, example_inputs: Sequence[to
         user_names = {n.name for n, s in zip(placeholders, specs) if s.kind.name == "USER_INPUT"}
     else:
         user_names = set(sig.user_inputs)
+    trainable = set(sig.inputs_to_parameters.values())
     for n in placeholders:
         if n.name in lookup:
             fqn = lookup[n.name]
             t = ep.state_dict[fqn] if fqn in ep.state_dict else ep.constants[fqn]
             cx.consts[n] = t.detach().clone()
             cx.const_names[n] = fqn
+            if fqn in trainable:
+                cx.trainable.add(n)
     user = [n for n in placeholders if n.name in user_names]
     for n in gm.graph.nodes:
         if "val" in n.meta:

@@ -52,6 +52,7 @@ class _Capture:
         self.aten = aten
         self.env: dict[fx.Node, Any] = {}
         self.consts: dict[fx.Node, torch.Tensor] = {}
+        self.trainable: set[fx.Node] = set()  # consts that are the model's nn.Parameters (counted as params)
         self.const_names: dict[fx.Node, str] = {}
         self.observed: dict[fx.Node, Any] = {}  # what torch saw: FakeTensor / tensor / python value
         self.names: dict[fx.Node, str] = {}  # precomputed base id per node
@@ -116,17 +117,17 @@ class _Capture:
             self.graph.node(nid).meta = _infer(self.graph, nid)
         return nid
 
-    def scalar(self, value: Any, like: Value) -> Value:
+    def scalar(self, value: Any, like: Value, trainable: bool = False) -> Value:
         dt = getattr(torch, self.graph.meta_of(like).dtype)
         t = value.detach().clone() if isinstance(value, torch.Tensor) else torch.tensor(value, dtype=dt)
-        return (self.emit("constant", [], params={"value": t}), 0)
+        return (self.emit("constant", [], {"trainable": True} if trainable else None, params={"value": t}), 0)
 
     def operand(self, a: Any, like: Value) -> Value:
         """An activation, or a constant node for a scalar or a constant tensor."""
         if isinstance(a, fx.Node) and a not in self.consts:
             return self.val(a)
-        if self.is_const(a):
-            return self.scalar(self.const(a), like)
+        if self.is_const(a):  # a layer scale, a position embedding: an nn.Parameter stays one
+            return self.scalar(self.const(a), like, trainable=isinstance(a, fx.Node) and a in self.trainable)
         if isinstance(a, (int, float, bool)):
             return self.scalar(a, like)
         raise _Unmappable(f"unsupported operand {a!r}")
