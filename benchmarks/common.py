@@ -208,6 +208,19 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
+def write_result(name: str, text: str) -> Path:
+    """Prints a benchmark's `text` and writes it to benchmarks/results/`name` atomically (a temporary file renamed
+    over it: an interrupted run leaves the previous results whole)."""
+    print(text)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / name
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(out)
+    print(f"wrote {out}")
+    return out
+
+
 def recover_step(steps: int, label_weight: float = 0.0) -> str:
     """The policy step the benchmarks recover with: distillation (KL) from the original on the calibration images,
     at the learning rate README advises after a refit (the default 1e-3 suits collapsed models)."""

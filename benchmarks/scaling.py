@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, VGGStyle, markdown_table
+from benchmarks.common import VGGStyle, markdown_table, write_result
 
 WIDTHS = (32, 64, 128, 192, 288)  # 0.58M, 1.7M, 5.8M, 12.1M, 25.8M params
 SIZE_CALIB = 256  # calibration images of the model-size sweep (the largest model's forward pass: ~20 s)
@@ -186,13 +186,7 @@ def main() -> None:
         markdown_table(HEADER, [fmt(r) for r in by_calib]),
         "Fitted growth against calibration images:\n" + "\n".join(fits(by_calib, "n", "images")),
     ]) + "\n"
-    print(text)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / ("scaling-quick.md" if args.quick else "scaling.md")
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
-    print(f"wrote {out}")
+    write_result("scaling-quick.md" if args.quick else "scaling.md", text)
 
 
 if __name__ == "__main__":

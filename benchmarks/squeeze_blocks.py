@@ -22,7 +22,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import netsqueeze as ns
-from benchmarks.common import RESULTS, markdown_table
+from benchmarks.common import markdown_table, write_result
 from netsqueeze.backends.onnx import to_onnx
 
 CHANNELS = (16, 24, 32, 40, 48, 56, 64)
@@ -63,12 +63,7 @@ def main() -> None:
         "in turns; in brackets: relative to C = 32. Machine: 2-core x86-64 with AVX-512, shared with other jobs.",
         markdown_table(["C", "FLOPs (rel. to C = 32)", "1 thread", "2 threads"], rows),
     ]) + "\n"
-    print(text)
-    out = RESULTS / "squeeze-blocks.md"
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
-    print(f"wrote {out}")
+    write_result("squeeze-blocks.md", text)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,136 @@
+"""Where ONNX Runtime spends its time, layer by layer, before and after a FLOPs-budgeted squeeze_fold.
+
+    .venv/bin/python benchmarks/ort_profile.py [--models vgg,resnet] [--flops 50] [--threads 1] [--batch 64]
+
+The benchmark models of benchmarks/squeeze.py (trained once, cached), compiled as it compiles them (`squeeze_fold`
+then `fold_bn` under `budget flops <= X%`, `bounds { round_to = 8 }`, the same 2,048 calibration images), both
+emitted to ONNX and run by ONNX Runtime's CPU provider with its profiler on: per node, the median kernel time over
+the timed runs, with the shapes the runtime ran (its blocked convolutions pad channels: a conv cut to 24 channels
+shows 32 on an AVX-512 CPU) and the multiply-add FLOPs of those shapes. The table says which layers the runtime
+runs slowly per FLOP, and so why a FLOPs reduction is not the same speed-up.
+Prints the tables and writes benchmarks/results/ort-profile.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import netsqueeze as ns
+from benchmarks.common import fashion_mnist, markdown_table, trained, write_result
+from benchmarks.squeeze import CALIB_BATCH, ROUND_TO, onnx_blob
+
+WARMUP, RUNS = 5, 40
+
+
+def profile(blob: bytes, threads: int, batch: int) -> tuple[float, list[dict[str, Any]]]:
+    """(fastest whole run in ms, per node: name, op, input/weight/output shapes as run, median kernel ms)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = threads, 1, 3
+    so.enable_profiling = True
+    with tempfile.TemporaryDirectory() as tmp:
+        so.profile_file_prefix = os.path.join(tmp, "ort")
+        sess = ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"])
+        x = np.random.default_rng(0).standard_normal((batch, 1, 28, 28), dtype=np.float32)
+        name = sess.get_inputs()[0].name
+        best = math.inf
+        for i in range(WARMUP + RUNS):
+            t0 = time.perf_counter()
+            sess.run(None, {name: x})
+            if i >= WARMUP:
+                best = min(best, (time.perf_counter() - t0) * 1e3)
+        with open(sess.end_profiling()) as f:
+            events = json.load(f)
+    times: dict[str, list[float]] = collections.defaultdict(list)
+    info: dict[str, dict[str, Any]] = {}
+    for e in events:
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
+            continue
+        times[e["name"]].append(e["dur"] / 1e3)
+        shapes = [next(iter(d.values())) for d in e["args"].get("input_type_shape", [])]
+        outs = [next(iter(d.values())) for d in e["args"].get("output_type_shape", [])]
+        info[e["name"]] = {"node": e["name"].removesuffix("_kernel_time"), "op": e["args"]["op_name"],
+                           "input": shapes[0] if shapes else [], "weight": shapes[1] if len(shapes) > 1 else [],
+                           "output": outs[0] if outs else []}
+    rows = []
+    for key, ts in times.items():  # the first WARMUP runs are warm-up: the median of the rest
+        rows.append({**info[key], "ms": statistics.median(ts[WARMUP:] or ts)})
+    return best, rows
+
+
+def conv_flops(r: dict[str, Any]) -> int:
+    """Multiply-add FLOPs (2 per MAC) of a Conv as the runtime ran it: output elements x (C/g x taps)."""
+    if r["op"] != "Conv" or len(r["weight"]) < 3 or not r["output"]:
+        return 0
+    return 2 * math.prod(r["output"]) * math.prod(r["weight"][1:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="vgg,resnet")
+    ap.add_argument("--flops", type=float, default=50.0, help="the FLOPs budget, percent of the original")
+    ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    ap.add_argument("--batch", type=int, default=64)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    t_start = time.perf_counter()
+    data = fashion_mnist()
+    calib = data["train_x"][torch.randperm(len(data["train_x"]), generator=torch.Generator().manual_seed(0))[:2048]]
+    sections = []
+    for name in args.models.split(","):
+        model = trained(name, data)
+        policy = (f"policy bench {{\n  calibrate samples {len(calib)}, batch {CALIB_BATCH}\n  budget flops <= "
+                  f"{args.flops:g}%\n  bounds {{ round_to = {ROUND_TO} }}\n  squeeze_fold\n  fold_bn\n}}\n")
+        res = ns.compile(model, policy, example_inputs=(calib[:2],), calibration=calib, target="onnx", progress=False)
+        runs = {"original": profile(onnx_blob(model), args.threads, args.batch),
+                "squeeze_fold": profile(res.model.SerializeToString(), args.threads, args.batch)}
+        total_ms = {k: sum(r["ms"] for r in rows) for k, (_, rows) in runs.items()}
+        total_fl = {k: sum(conv_flops(r) for r in rows) for k, (_, rows) in runs.items()}
+        table = []
+        for variant, (_, rows) in runs.items():
+            for r in rows:
+                fl = conv_flops(r)
+                table.append([variant, r["node"], r["op"], "x".join(map(str, r["input"])),
+                              "x".join(map(str, r["weight"])) if r["op"] == "Conv" else "-", f"{r['ms']:.3f}",
+                              f"{r['ms'] / total_ms[variant]:.1%}", f"{fl / max(1, total_fl[variant]):.1%}" if fl else "-",
+                              f"{r['ms'] / (fl / 1e9):.2f}" if fl else "-"])
+        (best0, _), (best1, _) = runs["original"], runs["squeeze_fold"]
+        flops_red = res.report.flops_ratio  # x fewer FLOPs
+        sections.append("\n\n".join([
+            f"## {name}: flops <= {args.flops:g}%",
+            f"Reached {flops_red:.2f}x fewer FLOPs (the IR's count); the runtime's convolutions compute "
+            f"{total_fl['original'] / max(1, total_fl['squeeze_fold']):.2f}x fewer as it runs them (channels padded to "
+            f"its blocks). Fastest run: {best0:.2f} ms -> {best1:.2f} ms, a {best0 / best1:.2f}x speed-up "
+            f"({best0 / best1 / flops_red:.2f} of the FLOPs reduction); kernel time summed over nodes "
+            f"{total_ms['original']:.2f} -> {total_ms['squeeze_fold']:.2f} ms.",
+            markdown_table(["variant", "node (as ONNX Runtime fused it)", "op", "input as run", "weight as run",
+                            "median ms", "share of time", "share of conv FLOPs", "ms per GFLOP"], table),
+        ]))
+    text = "\n\n".join([
+        "# ONNX Runtime per-node profile, before and after squeeze_fold",
+        f"Command: `.venv/bin/python benchmarks/ort_profile.py {' '.join(sys.argv[1:])}`, "
+        f"{(time.perf_counter() - t_start) / 60:.0f} min. ONNX Runtime CPU, batch {args.batch}, {args.threads} "
+        f"thread(s), profiler on ({RUNS} timed runs after {WARMUP} warm-up; per node the median kernel time). FLOPs "
+        "are 2 per multiply-add of the shapes the runtime ran.",
+        *sections]) + "\n"
+    write_result("ort-profile.md", text)
+
+
+if __name__ == "__main__":
+    main()
