@@ -248,7 +248,7 @@ def load_policy_file(path: str | os.PathLike[str], params: Mapping[str, Any] | N
 
     if "\0" in os.fspath(path):
         raise PolicyError(Diagnostic(f"cannot read policy '{Path(path)}': a file name cannot hold a NUL byte"))
-    return dsl.load_policy(path, params={k: str(v) for k, v in (params or {}).items()})
+    return dsl.load_policy(Path(path), params={k: str(v) for k, v in (params or {}).items()})
 
 
 def _parse_policy(policy: PolicyLike, params: Mapping[str, Any] | None) -> Any:

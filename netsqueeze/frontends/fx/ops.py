@@ -283,7 +283,7 @@ def _reshape(cx: _Capture, a: dict[str, Any]) -> Value:
     out = tuple(python_value(d) for d in cx.out_meta().shape)  # dynamic sizes stay Dims
     # dim 0 kept: the same dynamic expression as the input's (a literal `reshape(2, -1)` of a batch that is 2 in
     # the example is not: it stays 2 at every batch, and so does it where the capture fixed the batch)
-    d0 = cx.graph.meta_of(x).shape[0] if src else None
+    d0 = cx.graph.meta_of(x).shape[0] if src else 0
     kept0 = bool(src) and bool(out) and is_dynamic(d0) and is_dynamic(out[0]) and expr_of(d0) == expr_of(out[0])
     # a flatten written as view(x.size(0), -1): keep it batch- and channel-count agnostic
     if len(src) > 2 and len(out) == 2 and kept0:
