@@ -97,3 +97,17 @@ def test_slices_to_the_end_and_negative_picks_follow_a_dynamic_dim() -> None:
             assert t.shape == w.shape and o.shape == tuple(w.shape)
             torch.testing.assert_close(t, w, rtol=0, atol=0)
             np.testing.assert_array_equal(o, w.numpy())
+
+
+def test_a_dynamic_dim_whose_example_is_1_is_refused_with_a_hint() -> None:
+    """torch.export fixes a dim whose example is 1 (it used to be captured static without a word)."""
+    import pytest
+
+    from netsqueeze.errors import CaptureError
+
+    with pytest.raises(CaptureError) as e:
+        ns.import_model(nn.Sequential(nn.Linear(4, 3)), (torch.randn(1, 4),), dynamic_shapes={"input": {0: Dim("batch")}})
+    assert e.value.diagnostics[0].notes == (
+        "torch.export suggests: batch = 1",
+        "the example is 1 at input 0 axis 0: torch.export fixes a dim whose example is 0 or 1; give an example of 2 "
+        "or more there")

@@ -636,9 +636,15 @@ def from_torch(model: nn.Module | fx.GraphModule | torch.export.ExportedProgram,
             ep = torch.export.export(model, example_inputs, strict=False, dynamic_shapes=dynamic_shapes)
         except Exception as e:
             if dynamic_shapes is not None:  # the fallback below captures every dim static: not what was asked
+                ones = [f"input {i} axis {ax}" for i, (x, spec) in enumerate(zip(example_inputs,
+                                                                              _per_tensor(dynamic_shapes)))
+                        for ax in (spec if isinstance(spec, dict) else ())
+                        if isinstance(x, torch.Tensor) and isinstance(ax, int) and ax < x.dim() and x.shape[ax] == 1]
+                hint = (f"the example is 1 at {', '.join(ones)}: torch.export fixes a dim whose example is 0 or 1; "
+                        "give an example of 2 or more there",) if ones else ()
                 raise CaptureError(Diagnostic(
                     f"cannot capture {type(model).__name__} with the given dynamic_shapes: torch.export refuses "
-                    f"them ({_first_line(e)[:300]})", notes=_suggested_fixes(e))) from None
+                    f"them ({_first_line(e)[:300]})", notes=(*_suggested_fixes(e), *hint))) from None
             export_error: BaseException = e
         else:
             try:
