@@ -111,3 +111,21 @@ def test_a_dynamic_dim_whose_example_is_1_is_refused_with_a_hint() -> None:
         "torch.export suggests: batch = 1",
         "the example is 1 at input 0 axis 0: torch.export fixes a dim whose example is 0 or 1; give an example of 2 "
         "or more there")
+
+
+def test_the_demo_model_captures_with_the_demos_dynamic_batch() -> None:
+    """`make demo` compiles examples/digits with a declared dynamic batch (CI does not run the demo: this is its
+    capture)."""
+    import importlib.util
+    from pathlib import Path
+
+    from netsqueeze.ir.dims import is_dynamic
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "digits" / "model.py"
+    spec = importlib.util.spec_from_file_location("digits_model", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model, example = mod.build()
+    g = ns.import_model(model, example, dynamic_shapes={"x": {0: Dim("batch", min=1, max=4096)}})
+    assert is_dynamic(g.node("x").meta[0].shape[0])
