@@ -129,3 +129,19 @@ def test_the_demo_model_captures_with_the_demos_dynamic_batch() -> None:
     model, example = mod.build()
     g = ns.import_model(model, example, dynamic_shapes={"x": {0: Dim("batch", min=1, max=4096)}})
     assert is_dynamic(g.node("x").meta[0].shape[0])
+
+
+class LiteralRows(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(2, -1) * 1
+
+
+def test_a_literal_reshape_size_stays_literal_where_the_example_batch_equals_it() -> None:
+    """`reshape(2, -1)` of a (2, 2, 3) example became flatten (dim 0 copied), so at batch 4 it gave (4, 6) where
+    torch gives (2, 12)."""
+    from netsqueeze.backends.torch import to_torch
+
+    g = ns.import_model(LiteralRows(), (torch.randn(2, 2, 3),))
+    x = torch.randn(4, 2, 3)
+    assert to_torch(g)(x).shape == LiteralRows()(x).shape == (2, 12)
+    torch.testing.assert_close(to_torch(g)(x), LiteralRows()(x), rtol=0, atol=0)
