@@ -43,7 +43,6 @@ from netsqueeze.errors import (
     InternalError,
     NetsqueezeError,
     NonFiniteError,
-    PolicyError,
     SourceSpan,
     UserCodeError,
 )
@@ -246,8 +245,6 @@ def load_policy_file(path: str | os.PathLike[str], params: Mapping[str, Any] | N
     file is a `PolicyError`, located at the first bad byte when it is not UTF-8."""
     from netsqueeze import dsl
 
-    if "\0" in os.fspath(path):
-        raise PolicyError(Diagnostic(f"cannot read policy '{Path(path)}': a file name cannot hold a NUL byte"))
     return dsl.load_policy(Path(path), params={k: str(v) for k, v in (params or {}).items()})
 
 
@@ -274,18 +271,18 @@ def policy_files(policy: Any) -> list[tuple[str, Path]]:
     if span is not None and span.file and not span.file.startswith("<"):
         out.append(("policy file", Path(span.file)))
     from netsqueeze.dsl import ast
+    from netsqueeze.dsl.checker import Env
 
-    defs: dict[str, Any] = {}
+    env = Env()
     for d in getattr(policy, "all_definitions", lambda: ())():
-        defs.setdefault(d.name, d)  # a name defined twice is the checker's error; the first is its definition
+        env.defs.setdefault(d.name, d)  # a name defined twice is the checker's error; the first is its definition
 
     def resolved(v: Any) -> Any:
-        """`v` with references to params and lets followed (`calibrate data d`)."""
-        seen: set[str] = set()
-        while isinstance(v, ast.Ident) and v.name in defs and v.name not in seen:
-            seen.add(v.name)
-            v = defs[v.name].value
-        return ast.Str(v.name) if isinstance(v, ast.SelString) else v
+        """`v` with references to params and lets followed (`calibrate data d`); as written when they loop."""
+        try:
+            return env.value(v)
+        except Exception:  # a cycle: the checker reports it
+            return v
 
     for stmt in getattr(policy, "body", ()):
         if isinstance(stmt, ast.Calibrate):

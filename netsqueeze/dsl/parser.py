@@ -647,4 +647,6 @@ def load_policy(path: str | Path, *, params: Mapping[str, str] | None = None) ->
                                      span=SourceSpan(str(path), line, col))) from None
     except OSError as e:
         raise PolicyError(Diagnostic(f"cannot read policy '{p}': {_read_error(e)}")) from None
+    except ValueError:  # a NUL in the path, which no file name holds
+        raise PolicyError(Diagnostic(f"cannot read policy '{p}': a file name cannot hold a NUL byte")) from None
     return parse_policy(text, str(path), params=params)

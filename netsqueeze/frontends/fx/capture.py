@@ -25,6 +25,7 @@ from netsqueeze.frontends.fx.ops import (
     _VARARGS,
     HANDLERS,
     _bind,
+    _dtype_name,
     _mod_args,
     _schema_for,
 )
@@ -318,7 +319,7 @@ def _convert_node(cx: _Capture, nd: fx.Node) -> None:
             result = HANDLERS[packet](cx, a)
             obs = cx.out_meta()
             if isinstance(obs, torch.Tensor) and isinstance(result, tuple) and len(result) == 2 and \
-                    isinstance(result[1], int) and cx.graph.meta_of(result).dtype != str(obs.dtype).removeprefix("torch."):
+                    isinstance(result[1], int) and cx.graph.meta_of(result).dtype != _dtype_name(obs.dtype):
                 # the canonical op keeps its operand's dtype; torch promoted (int64 tensor * 0.5 is float)
                 raise _Unmappable("a result of another dtype than the op's operand")
         except (_Unmappable, VerifyError, KeyError, IndexError, TypeError, ValueError):
