@@ -517,20 +517,36 @@ def _same_graph(a: Graph, b: Graph) -> bool:
     return True
 
 
-def _keeping_reference(stream: ActivationStream, fidelity: _Fidelity, original: Graph) -> ActivationStream:
-    """`stream`, which also hands the original's outputs to `fidelity` when the graph it runs is the original
-    (a first pass's statistics): the compile's output-error measurements then need not run the original again."""
+def _keeping_reference(stream: ActivationStream, sink: Callable[[Graph], Callable[[int, list[torch.Tensor]], None]
+                       | None]) -> ActivationStream:
+    """`stream`, which also hands the graph's outputs to `sink(graph)` when there is one (the graph computes the
+    original's function) — a first pass's statistics: the compile's output-error measurements then need not run
+    the original again."""
 
     def run(graph: Graph, values: Sequence[Value]) -> Iterator[list[torch.Tensor]]:
-        if not _same_graph(graph, original):
+        keep = sink(graph)
+        if keep is None:
             yield from stream(graph, values)
             return
         outs = graph.output_values()
         for i, got in enumerate(stream(graph, [*values, *outs])):
-            fidelity.keep(i, got[len(values):])
+            keep(i, got[len(values):])
             yield got[: len(values)]
 
     return run
+
+
+def _checked(source: CalibrationSource, graph: Graph) -> CalibrationSource:
+    """`source`, each batch checked against `graph`'s inputs as it is read (`check_batch`: rank, shapes, dtype,
+    finite values), so a pass reading the batches (`PassContext.batches`) meets a bad one as a clear error naming
+    it, as a stream's reader does."""
+
+    def batches() -> Iterator[Batch]:
+        for i, batch in enumerate(source()):
+            check_batch(graph, batch, f"calibration batch {i}")
+            yield batch
+
+    return batches
 
 
 def _trainable(graph: Graph) -> Trainable:
@@ -810,13 +826,25 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
     count = PassCount(source)
     measured_fidelity = _Fidelity(original, eval_batches, eval_fn, data_label, count if eval_batches is source else None)
     stream = activation_stream(source, count) if source is not None else None
-    if stream is not None and eval_batches is source:  # the measurements read the calibration data too
-        stream = _keeping_reference(stream, measured_fidelity, original)
+    references = [original]  # and the graph after exact passes (`run_pipeline`'s on_exact): the same function
+
+    def keep_exact(g: Graph) -> None:
+        references[1:] = [g.copy()]  # the latest such graph only: the earlier ones run no more
+
+    def sink(g: Graph) -> Callable[[int, list[torch.Tensor]], None] | None:
+        """Where the outputs of `g` go as the original's: the measurements read the calibration data too, and
+        `g` is the original or a graph only exact passes rewrote from it (rounding apart)."""
+        return measured_fidelity.keep if eval_batches is source and any(_same_graph(g, r) for r in references) \
+            else None
+
+    if stream is not None:
+        stream = _keeping_reference(stream, sink)
     ctx = PassContext(
         progress_fn=bars.bar,
         stream_fn=bars.stream(stream, n_batches) if stream is not None else None,
-        batches_fn=source,
+        batches_fn=_checked(source, original) if source is not None else None,
         segment_fn=segment_runner(count) if source is not None else None,
+        sink_fn=sink if source is not None else None,
         budget=resolved.budget,
         bounds=resolved.bounds,
         seed=int(cal.get("seed", seed)),
@@ -833,7 +861,7 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
     lat_outcome: LatencyOutcome | None = None
     try:
         if lat_target is None:
-            run = run_pipeline(graph, resolved.steps, ctx)
+            run = run_pipeline(graph, resolved.steps, ctx, on_exact=keep_exact)
         else:  # the pipeline reruns from the original until the measured latency meets the budget
             graph, run, lat_outcome = run_for_latency(original, resolved.steps, ctx, lat_target, ctx.log)
     finally:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from netsqueeze.errors import BudgetError, Diagnostic, NetsqueezeError, PassBudgetError, PassError, SourceSpan
@@ -52,14 +52,18 @@ def _describe(p: Pass) -> str:
     return ", ".join(opts)
 
 
-def run_pipeline(graph: Graph, steps: Sequence[Step | Pass], ctx: PassContext) -> PipelineRun:
-    """Runs `steps` on `graph` in place. Each pass is followed by `graph.verify()`.
+def run_pipeline(graph: Graph, steps: Sequence[Step | Pass], ctx: PassContext,
+                 on_exact: Callable[[Graph], None] | None = None) -> PipelineRun:
+    """Runs `steps` on `graph` in place. Each pass is followed by `graph.verify()`. `on_exact` is called with
+    the graph after each pass that changed it while every change so far came from `exact` passes (the graph
+    still computes the input graph's function, rounding apart).
 
     A failure is re-raised as `PassError` naming the failing pass, where it was written and
     the passes that ran before it; a `NetsqueezeError`'s own diagnostics are kept.
     """
     run = PipelineRun()
     done: list[str] = []
+    exact_so_far = True
     stats = graph_stats(graph)
     for raw in steps:
         step = raw if isinstance(raw, Step) else Step(raw)
@@ -89,6 +93,10 @@ def run_pipeline(graph: Graph, steps: Sequence[Step | Pass], ctx: PassContext) -
                                        notes=(before_txt,))) from e
         seconds = time.perf_counter() - t0
         ctx.invalidate(p.preserves if result.changed else None)
+        if result.changed:
+            exact_so_far = exact_so_far and p.exact
+            if exact_so_far and on_exact is not None:
+                on_exact(graph)
         after = graph_stats(graph)
         run.records.append(PassRecord(p.name, _describe(p), step.where, seconds, result, stats, after))
         stats = after

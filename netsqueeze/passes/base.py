@@ -117,6 +117,9 @@ class PassContext:
     progress_fn: Callable[[str, int | None, str], Any] | None = None
     batches_fn: Callable[[], Iterator[tuple[torch.Tensor, ...]]] | None = None
     segment_fn: Callable[[Graph, Sequence[Value], Sequence[Value]], Segment] | None = None
+    # `outputs_sink`: graph -> where its outputs on calibration batch i go when it computes the original's
+    # function (the compiler keeps them for its output-error measurements), else None
+    sink_fn: Callable[[Graph], Callable[[int, list[torch.Tensor]], None] | None] | None = None
     # (batches_fn, its batch sizes): read once per calibration source (`batch_sizes`)
     _sizes: tuple[Any, list[int]] | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -138,6 +141,13 @@ class PassContext:
         """`graph`'s nodes between `feeds` and `fetch` as one function of the feeds' tensors (no gradient
         unless the caller enables it), or None when the compiler cannot provide one."""
         return None if self.segment_fn is None else self.segment_fn(graph, feeds, fetch)
+
+    def outputs_sink(self, graph: Graph) -> Callable[[int, list[torch.Tensor]], None] | None:
+        """Where a pass that runs `graph` whole over the calibration batches through `segment` hands its outputs
+        on batch i (detached) when `graph` computes what the original does (unchanged, or rewritten by `exact`
+        passes only): the compiler then need not run the original again for the output error it reports. None
+        when it does not, or outside `compile` (`stream` hands them on by itself)."""
+        return None if self.sink_fn is None else self.sink_fn(graph)
 
     def progress(self, desc: str, total: int | None, unit: str) -> Any:
         """A progress bar (update(n), close(), set_postfix(...)) from the compiler, or a silent one."""
@@ -259,6 +269,10 @@ class Pass:
     name: ClassVar[str] = ""
     # Names of analyses this pass keeps valid; None means "all" (analyses and read-only passes).
     preserves: ClassVar[frozenset[str] | None] = frozenset()
+    # True for a rewrite that keeps the function the graph computes, floating-point rounding apart (fold_bn,
+    # dead_code, equalize): the compiler then reads the original's outputs, for the output error it reports,
+    # from a run of the rewritten graph that a later pass makes anyway (`run_pipeline`'s `on_exact`)
+    exact: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         for check in _OPTION_CHECK:

@@ -42,10 +42,11 @@ def conv_patches(attrs: dict[str, object], taps: tuple[int, ...], x: torch.Tenso
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
-def conv_patches_at(attrs: dict[str, object], taps: tuple[int, ...], x: torch.Tensor, pick: torch.Tensor
-                    ) -> torch.Tensor:
+def conv_patches_at(attrs: dict[str, object], taps: tuple[int, ...], x: torch.Tensor, pick: torch.Tensor,
+                    tap_major: bool = False) -> torch.Tensor:
     """`conv_patches` rows at the output positions `pick` [N, k] only (flat indices into each sample's output
-    positions): [N·k, C·taps], in (channel, tap) order, without unrolling the other positions."""
+    positions): [N·k, C·taps], in (channel, tap) order, without unrolling the other positions; in (tap, channel)
+    order with `tap_major`, the order they are gathered in (one copy fewer)."""
     x, kt, stride, dil = _padded_2d(attrs, taps, x)
     n, c, _, w = x.shape
     out_w = (w - dil[1] * (kt[1] - 1) - 1) // stride[1] + 1
@@ -53,7 +54,7 @@ def conv_patches_at(attrs: dict[str, object], taps: tuple[int, ...], x: torch.Te
     rows = (pick // out_w)[..., None] * stride[0] + ky.reshape(-1) * dil[0]  # [N, k, taps]
     cols = (pick % out_w)[..., None] * stride[1] + kx.reshape(-1) * dil[1]
     got = x.permute(0, 2, 3, 1)[torch.arange(n)[:, None, None], rows, cols]  # [N, k, taps, C]
-    return got.movedim(-1, -2).reshape(-1, c * kt[0] * kt[1])
+    return (got if tap_major else got.movedim(-1, -2)).reshape(-1, c * kt[0] * kt[1])
 
 
 class Moments:

@@ -20,6 +20,7 @@ class DeadCode(TransformPass):
     """
 
     name: ClassVar[str] = "dead_code"
+    exact: ClassVar[bool] = True
     remove_identity: bool = True
     preserves: ClassVar[frozenset[str] | None] = frozenset({"shape_inference"})
 

@@ -66,6 +66,7 @@ class Equalize(TransformPass):
     """
 
     name: ClassVar[str] = "equalize"
+    exact: ClassVar[bool] = True
     preserves: ClassVar[frozenset[str] | None] = frozenset({"shape_inference"})
     iterations: int = field(default=20, metadata={"min": 1, "max": 1000})
     tolerance: float = field(default=1e-6, metadata={"min": 0.0})

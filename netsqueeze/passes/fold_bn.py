@@ -26,6 +26,7 @@ class FoldBN(TransformPass):
     """
 
     name: ClassVar[str] = "fold_bn"
+    exact: ClassVar[bool] = True
     preserves: ClassVar[frozenset[str] | None] = frozenset({"shape_inference"})
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:

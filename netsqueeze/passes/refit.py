@@ -278,15 +278,26 @@ MAX_LAYER_FEATURES = 4096  # a layer with more inputs (C·taps, or linear in-fea
 Normal = tuple[torch.Tensor, torch.Tensor]  # ([X 1]ᵀ[X 1], [X 1]ᵀY)
 
 
-def layer_rows(node: Node, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator,
-               out: list[int] | None = None, positions: int = POSITIONS) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(inputs [rows, features], targets [rows, outputs]) of one batch of a conv or linear node: its input `x`
-    and the outputs `y` it should reproduce (only the output channels `out`, when given). Conv rows are
-    `positions` output positions per sample drawn at random (im2col, `collectors.conv_patches`), linear rows
-    every row; None for a conv input that is not 1-d or 2-d, or outputs of another length."""
-    if node.kind == "linear":
-        yy = y.reshape(-1, y.shape[-1])
-        return x.reshape(-1, x.shape[-1]), yy if out is None else yy[:, out]
+Rows = tuple[torch.Tensor, torch.Tensor]  # (inputs [rows, features], targets [rows, outputs])
+
+
+def layer_rows(node: Node, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, out: list[int] | None = None,
+               positions: int = POSITIONS, tap_major: bool = False) -> tuple[Rows, Rows] | None:
+    """The fitting rows and the `HELD_OUT` share held out, each (inputs [rows, features], targets [rows,
+    outputs]), of one batch of a conv or linear node: its input `x` and the outputs `y` it should reproduce (only
+    the output channels `out`, when given). Conv rows are `positions` output positions per sample drawn at random
+    (im2col, `collectors.conv_patches_at`; features in (tap, channel) order with `tap_major`), the held-out ones
+    a share of each sample's drawn positions; linear rows (and a conv's when it has one output position) are
+    every row, each held out at random with probability `HELD_OUT`. None for a conv input that is not 1-d or 2-d.
+    Each part is gathered once, never copied again by a mask."""
+    if node.kind == "linear" or (x.dim() in (3, 4) and y[0, 0].numel() == 1):
+        xx = x.reshape(-1, x.shape[-1]) if node.kind == "linear" else conv_patches_at(
+            node.attrs, tuple(node.params["weight"].shape[2:]), x, torch.zeros(x.shape[0], 1, dtype=torch.long),
+            tap_major)
+        yy = y.reshape(xx.shape[0], -1)
+        yy = yy if out is None else yy[:, out]
+        held = torch.rand(xx.shape[0], generator=gen) < HELD_OUT
+        return (xx[~held], yy[~held]), (xx[held], yy[held])
     if x.dim() not in (3, 4):
         return None
     n = x.shape[0]
@@ -295,35 +306,53 @@ def layer_rows(node: Node, x: torch.Tensor, y: torch.Tensor, gen: torch.Generato
         yy = yy[:, out]
     length = yy.shape[2]
     take = min(positions, length)
-    pick = torch.rand(n, length, generator=gen).argsort(1)[:, :take]  # [n, take]
-    cols = conv_patches_at(node.attrs, tuple(node.params["weight"].shape[2:]), x, pick)
-    return cols, yy.movedim(1, 2)[torch.arange(n)[:, None], pick].reshape(-1, yy.shape[1])
+    pick = torch.rand(n, length, generator=gen).argsort(1)[:, :take]  # [n, take], a random order
+    n_held = max(1, round(take * HELD_OUT))
+
+    def rows(at: torch.Tensor) -> Rows:
+        cols = conv_patches_at(node.attrs, tuple(node.params["weight"].shape[2:]), x, at, tap_major)
+        return cols, yy.movedim(1, 2)[torch.arange(n)[:, None], at].reshape(-1, yy.shape[1])
+
+    return rows(pick[:, n_held:]), rows(pick[:, :n_held])
+
+
+def _products(x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    """[[X 1]ᵀ[X 1], [X 1]ᵀY] in float64 from float32 products of the rows (a few thousand: the cost of the
+    refit), the column of ones never materialised."""
+    s = x.sum(0).double()  # (a float64 accumulation is several times slower)
+    a = torch.empty(x.shape[1] + 1, x.shape[1] + 1, dtype=torch.float64)
+    a[:-1, :-1] = gram(x)
+    a[:-1, -1] = a[-1, :-1] = s
+    a[-1, -1] = x.shape[0]
+    return [a, torch.cat([(x.T @ y).double(), y.sum(0).double()[None]])]
 
 
 def normal_equations(graph: Graph, side: SideBySide, at: int, node_id: str, seed: int,
                      out: list[int] | None = None, positions: int = POSITIONS) -> tuple[Normal, Normal] | None:
     """([X 1]ᵀ[X 1], [X 1]ᵀY) over the calibration rows, for the fitting rows and for the `HELD_OUT` share held
-    out (drawn at random, seeded): X the node's (unrolled) inputs in `graph`, Y the original node's outputs
-    (`side`'s pass-start copy; its output channels `out` when given), both read at the node's topological
-    position `at`."""
+    out (drawn at random, seeded: `layer_rows`): X the node's (unrolled) inputs in `graph`, Y the original node's
+    outputs (`side`'s pass-start copy; its output channels `out` when given), both read at the node's
+    topological position `at`."""
     node = graph.node(node_id)
     src: Value = graph.operands(node_id)[0]
     dst: Value = (node_id, 0)
     gen = torch.Generator().manual_seed(seed)
     sums: list[torch.Tensor] | None = None
     for now, was in side.pairs(at, [src], f"'{node_id}'", [dst]):
-        got = layer_rows(node, now[0].detach().float(), was[0].detach().float(), gen, out, positions)
+        got = layer_rows(node, now[0].detach().float(), was[0].detach().float(), gen, out, positions, tap_major=True)
         if got is None:
             return None
-        xr, yr = got
-        x1 = torch.cat([xr.float(), torch.ones(xr.shape[0], 1)], 1)
-        y1 = yr.float()
-        held = torch.rand(x1.shape[0], generator=gen) < HELD_OUT
-        # one batch's products in float32 (a few thousand rows: the cost of the refit), summed in float64
-        parts = [m.double() for k in (~held, held) for m in (gram(x1[k]), x1[k].T @ y1[k])]
+        parts = [m for xr, yr in got for m in _products(xr, yr)]
         sums = parts if sums is None else [s + p for s, p in zip(sums, parts)]
     if sums is None:
         return None
+    w = node.params["weight"]
+    assert isinstance(w, torch.Tensor)  # the refit's layers have dense weights (`layer_refittable`)
+    if node.kind == "conv":  # features gathered (tap, channel): to the weight's (channel, tap) order
+        c, taps = w.shape[1], w[0, 0].numel()
+        perm = torch.arange(c * taps).reshape(taps, c).T.reshape(-1)  # (channel, tap) j -> its (tap, channel) index
+        perm = torch.cat([perm, torch.tensor([c * taps])])
+        sums = [m[perm][:, perm] if i % 2 == 0 else m[perm] for i, m in enumerate(sums)]
     return (sums[0], sums[1]), (sums[2], sums[3])
 
 

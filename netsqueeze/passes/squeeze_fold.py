@@ -120,6 +120,16 @@ class _Probe(ConsumerStats):
         return int(self.pos_sum.shape[1])
 
 
+@dataclass
+class _Gradients:
+    """What the first-order estimate reads from the backward pass (`SqueezeFold._collect`): per probe (by id),
+    the Gram of the gradients at its consumer input in group-channel space (C·block square for a full block
+    fit); and the outputs' energy Σ‖y‖² over the same batches."""
+
+    grams: dict[int, torch.Tensor]
+    energy: float = 0.0
+
+
 @register_pass
 @dataclass(frozen=True)
 class SqueezeFold(TransformPass):
@@ -238,7 +248,9 @@ class SqueezeFold(TransformPass):
             plans[g.id] = probes
         if not plans:
             return result
-        self._collect(graph, ctx, [p for ps in plans.values() for p in ps])
+        searching = self.energy is None and self.ratio is None
+        weighting = self._weighting(ctx, len(plans)) if searching else "none"
+        gradients = self._collect(graph, ctx, plans, first_order=weighting == "first_order")
         for gid, ps in plans.items():
             for p in ps:
                 if p.full is not None and p.rows <= p.full.shape[0]:  # the feature Gram would be singular
@@ -246,9 +258,8 @@ class SqueezeFold(TransformPass):
                                         f"samples for {p.full.shape[0] - 1} features")
                     p.full = None
         ranks = {gid: self._rank(graph, probes) for gid, probes in plans.items()}
-        searching = self.energy is None and self.ratio is None
         if searching:
-            counts, line = self._search_counts(graph, groups, ranks, plans, ctx)
+            counts, line = self._search_counts(graph, groups, ranks, plans, ctx, weighting, gradients)
             result.notes.append(line)
         else:
             counts = {gid: self._kept(groups[gid], ranks[gid], self.energy, ctx) for gid in plans}
@@ -350,22 +361,65 @@ class SqueezeFold(TransformPass):
         return _Probe(m, graph.operands(m.node)[0], z, torch.zeros(c, n_groups, dtype=torch.float64), at=at,
                       per_group=torch.zeros(n_groups, c + 1, c + 1, dtype=torch.float64))
 
-    def _collect(self, graph: Graph, ctx: PassContext, probes: list[_Probe]) -> None:
+    def _collect(self, graph: Graph, ctx: PassContext, plans: dict[int, list[_Probe]], first_order: bool = False
+                 ) -> _Gradients | None:
+        """Runs the calibration data through `graph` once for every probe's statistics. With `first_order`, the
+        same pass also runs backward on the sensitivity batches (`_sensitivity_batches`) for the gradient Grams
+        of the first-order estimate (`_first_order`), which are returned: one forward pass serves both. None when
+        not asked, or when the estimate does not apply: a grouped conv consumer (it does not cover them), or no
+        segment runner (a pass run outside `compile`)."""
+        probes = [p for ps in plans.values() for p in ps]
         values = list(dict.fromkeys(p.value for p in probes))
-        for batch in ctx.stream(graph, values):
-            acts = dict(zip(values, batch))
+        outs = graph.output_values()
+        seg = ctx.segment(graph, [(nid, 0) for nid in graph.inputs], [*outs, *values]) if first_order and not any(
+            p.per_group is not None for p in probes) else None
+        if seg is None:
+            for batch in ctx.stream(graph, values):
+                self._add(graph, probes, dict(zip(values, batch)))
+            return None
+        grads = _Gradients({id(p): torch.zeros(p.full.shape[0] - 1 if p.full is not None else len(p.member.index),
+                                              p.full.shape[0] - 1 if p.full is not None else len(p.member.index),
+                                              dtype=torch.float64) for p in probes})
+        gen = torch.Generator().manual_seed(ctx.seed)
+        n_batches = self._sensitivity_batches(ctx)
+        keep = ctx.outputs_sink(graph)
+        for i, inputs in enumerate(ctx.batches()):
+            backward = n_batches is None or i < n_batches
+            with torch.set_grad_enabled(backward):
+                got = seg(list(inputs))
+                ys, acts = got[: len(outs)], got[len(outs):]
+                if backward:  # a random ±1 projection of the outputs, back to the probed values
+                    proj = torch.stack([((torch.randint(0, 2, y.shape, generator=gen) * 2 - 1).to(y.dtype) * y).sum()
+                                        for y in ys if y.is_floating_point()]).sum()
+                    by_value = dict(zip(values, torch.autograd.grad(proj, acts, allow_unused=True)))
+            if keep is not None:
+                keep(i, [y.detach() for y in ys])
+            self._add(graph, probes, {v: a.detach() for v, a in zip(values, acts)})
+            if not backward:
+                continue
+            grads.energy += sum(float((y.detach().double() ** 2).sum()) for y in ys if y.is_floating_point())
             for p in probes:
-                if p.count >= self.max_samples:
+                if (gv := by_value[p.value]) is None:
                     continue
-                a = gather(graph, p.member, acts[p.value], p.at)  # [n, C, block]
-                rows = add(p, a)  # samples x C
-                if p.per_group is not None:
-                    aug = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], 1)
-                    per = aug.reshape(-1, a.shape[2], aug.shape[1])  # rows are (sample, conv group) ordered
-                    p.per_group += torch.einsum("ngi,ngj->gij", per, per)
-                if p.full is not None:
-                    flat = torch.cat([a.reshape(a.shape[0], -1), torch.ones(a.shape[0], 1, dtype=a.dtype)], 1)
-                    p.full += gram(flat)
+                g = gather(graph, p.member, gv)  # [n, C, block]
+                grads.grams[id(p)] += gram(g.reshape(g.shape[0], -1)) if p.full is not None else torch.einsum(
+                    "ncb,ndb->cd", g, g)
+        return grads
+
+    def _add(self, graph: Graph, probes: list[_Probe], acts: dict[Value, torch.Tensor]) -> None:
+        """One batch's activations `acts` (by value) into every probe's statistics."""
+        for p in probes:
+            if p.count >= self.max_samples:
+                continue
+            a = gather(graph, p.member, acts[p.value], p.at)  # [n, C, block]
+            rows = add(p, a)  # samples x C
+            if p.per_group is not None:
+                aug = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], 1)
+                per = aug.reshape(-1, a.shape[2], aug.shape[1])  # rows are (sample, conv group) ordered
+                p.per_group += torch.einsum("ngi,ngj->gij", per, per)
+            if p.full is not None:
+                flat = torch.cat([a.reshape(a.shape[0], -1), torch.ones(a.shape[0], 1, dtype=a.dtype)], 1)
+                p.full += gram(flat)
 
     def _refit(self, graph: Graph, ref: Graph, g: ChannelGroup, keep: list[int], probes: list[_Probe],
                values: list[Value], pairs: Pairs) -> ChannelSelection:
@@ -563,68 +617,50 @@ class SqueezeFold(TransformPass):
         used = self._sensitivity_batches(ctx)
         return 1.0 if used is None or not total else used / total
 
-    def _first_order(self, graph: Graph, groups: ChannelGroups,
-                     ranks: dict[int, tuple[list[int], list[float], torch.Tensor]], plans: dict[int, list[_Probe]],
-                     ctx: PassContext) -> dict[int, list[float]]:
+    @staticmethod
+    def _first_order(ranks: dict[int, tuple[list[int], list[float], torch.Tensor]], plans: dict[int, list[_Probe]],
+                     gradients: _Gradients) -> dict[int, list[float]]:
         """Per group, the model's squared relative output error when it keeps its first k ranked channels,
         for every k, to first order: ‖Δy‖² ≈ Σ_rows gᵀ·Σ_res(k)·g, where g = Jᵀr is the gradient of a random
         ±1 projection r of the outputs at a consumer's input (E_r[ggᵀ] = JᵀJ, Hutchinson's estimator) and
-        Σ_res(k) the covariance of the part of the group's channels the kept ones do not reconstruct. One
-        forward and one backward pass over the sensitivity batches serve every group. Empty when a group
-        has a consumer the estimate does not cover (grouped convs) or the compiler gives no runner."""
-        if any(p.per_group is not None for ps in plans.values() for p in ps):
-            return {}
-        values = list(dict.fromkeys(p.value for ps in plans.values() for p in ps))
-        outs = graph.output_values()
-        seg = ctx.segment(graph, [(nid, 0) for nid in graph.inputs], [*outs, *values])
-        if seg is None:
-            return {}
-        grams = {id(p): torch.zeros(p.full.shape[0] - 1 if p.full is not None else len(p.member.index),
-                                   p.full.shape[0] - 1 if p.full is not None else len(p.member.index),
-                                   dtype=torch.float64) for ps in plans.values() for p in ps}
-        gen = torch.Generator().manual_seed(ctx.seed)
-        energy = 0.0
-        n_batches = self._sensitivity_batches(ctx)
-        for i, batch in enumerate(ctx.batches()):
-            if n_batches is not None and i >= n_batches:
-                break
-            with torch.enable_grad():
-                got = seg(list(batch))
-                ys, acts = got[: len(outs)], got[len(outs):]
-                proj = torch.stack([((torch.randint(0, 2, y.shape, generator=gen) * 2 - 1).to(y.dtype) * y).sum()
-                                    for y in ys if y.is_floating_point()]).sum()
-                grads = torch.autograd.grad(proj, acts, allow_unused=True)
-            energy += sum(float((y.detach().double() ** 2).sum()) for y in ys if y.is_floating_point())
-            by_value = dict(zip(values, grads))
-            for ps in plans.values():
-                for p in ps:
-                    gv = by_value[p.value]
-                    if gv is None:
-                        continue
-                    g = gather(graph, p.member, gv)  # [n, C, block]
-                    if p.full is not None:
-                        flat = g.reshape(g.shape[0], -1)
-                        grams[id(p)] += gram(flat)
-                    else:
-                        grams[id(p)] += torch.einsum("ncb,ndb->cd", g, g)
-        if energy <= 0:
+        Σ_res(k) the covariance of the part of the group's channels the kept ones do not reconstruct. The
+        gradients' Grams come from the backward pass `_collect` ran in its forward pass over the sensitivity
+        batches: one forward/backward pass serves every group. Empty when the outputs carry no energy."""
+        if gradients.energy <= 0:
             return {}
         out: dict[int, list[float]] = {}
         for gid, ps in plans.items():
             order = ranks[gid][0]
             total = [0.0] * (len(order) + 1)
             for p in ps:
+                grams = gradients.grams[id(p)]
+                c = len(p.member.index)
+                if p.full is None and grams.shape[0] != c:  # a full block fit dropped after collecting: per channel
+                    grams = torch.einsum("cbdb->cd", grams.reshape(c, p.block, c, p.block))
                 if p.full is not None:
                     cov = covariance(p.full / max(1, p.rows))
                     feats = [c * p.block + j for c in order for j in range(p.block)]
-                    err = prefix_errors(cov, grams[id(p)], feats)[:: p.block]
+                    err = prefix_errors(cov, grams, feats)[:: p.block]
                 else:
                     cov = covariance(p.moment / max(1, p.count))
-                    err = prefix_errors(cov, grams[id(p)], order)
-                scale = float((grams[id(p)] * cov).sum())
+                    err = prefix_errors(cov, grams, order)
+                scale = float((grams * cov).sum())
                 total = [a + scale * e for a, e in zip(total, err)]
-            out[gid] = [t / energy for t in total]
+            out[gid] = [t / gradients.energy for t in total]
         return out
+
+    def _weighting(self, ctx: PassContext, n_groups: int) -> str:
+        """How the search weighs each group's reconstruction error (`Ablation.sensitivity`, `auto` resolved:
+        `output` while measuring `n_groups` groups costs at most `measure_passes` model passes, else
+        `first_order`; `curve` with `search = measured`); `none` for the uniform allocation."""
+        ab = _ABLATION.get()
+        if ab.allocation != "lagrange":
+            return "none"
+        how: str = "curve" if self.search == "measured" else ab.sensitivity
+        if how == "auto":
+            share = self._sensitivity_share(ctx)
+            how = "output" if ab.sensitivity_rounds * n_groups * share <= ab.measure_passes else "first_order"
+        return how
 
     def _curve_grid(self, groups: ChannelGroups, ranks: dict[int, tuple[list[int], list[float], torch.Tensor]],
                     ctx: PassContext) -> dict[int, list[int]]:
@@ -694,7 +730,8 @@ class SqueezeFold(TransformPass):
 
     def _search_counts(self, graph: Graph, groups: ChannelGroups,
                        ranks: dict[int, tuple[list[int], list[float], torch.Tensor]], plans: dict[int, list[_Probe]],
-                       ctx: PassContext) -> tuple[dict[int, int], str]:
+                       ctx: PassContext, how: str, gradients: _Gradients | None
+                       ) -> tuple[dict[int, int], str]:
         """Kept channels per group in search mode: the smallest model that meets the policy's budget and
         guard, and a line for the report.
 
@@ -789,10 +826,6 @@ class SqueezeFold(TransformPass):
 
         t_budget = budget_t() if budget else lo
         line = f"search ({ab.allocation}): budget met at t = {t_budget:.3g}"
-        how: str = "curve" if self.search == "measured" else ab.sensitivity
-        if how == "auto":
-            share = self._sensitivity_share(ctx)
-            how = "output" if ab.sensitivity_rounds * len(ranks) * share <= ab.measure_passes else "first_order"
         if ab.allocation == "lagrange" and how == "curve":
             measured, n_samples = self._curves(graph, groups, ranks, plans, ctx)
             curves.update(measured)
@@ -801,8 +834,8 @@ class SqueezeFold(TransformPass):
                      f"on {n_samples:,} calibration samples)" if measured else
                      " (no output-error curves: this compile cannot measure the output error; reconstruction "
                      "errors unweighted)")
-        if ab.allocation == "lagrange" and how == "first_order":
-            taylor.update(self._first_order(graph, groups, ranks, plans, ctx))
+        if ab.allocation == "lagrange" and how == "first_order" and gradients is not None:
+            taylor.update(self._first_order(ranks, plans, gradients))
             if taylor:
                 t_budget = budget_t() if budget else lo
                 line += (" after a first-order estimate of every group's output error (one forward/backward "

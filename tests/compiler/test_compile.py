@@ -173,6 +173,25 @@ def test_the_original_outputs_of_a_first_pass_serve_the_output_error(monkeypatch
     assert res.report.fidelity["output_error"] == pytest.approx(0.005902, abs=1e-6)  # the same either way
 
 
+@pytest.mark.parametrize("first", ["fold_bn", "dead_code\n  fold_bn", "trim { ratio = 0.5, criterion = l1 }"])
+def test_the_outputs_of_a_graph_only_exact_passes_rewrote_serve_as_the_original(first: str) -> None:
+    # fold_bn (exact up to rounding) runs first, so squeeze_fold's statistics stream runs the folded graph: its
+    # outputs serve as the original's (one pass fewer), the error against the true original differs by rounding
+    # only; after a lossy pass (trim) they must not
+    from netsqueeze.compiler.api import measure_output_error
+
+    model, inputs = ZOO["vgg"]()
+    x = torch.randn(64, *inputs[0].shape[1:], generator=torch.Generator().manual_seed(0))
+    policy = f"policy p {{\n  calibrate samples 64, batch 16\n  {first}\n  squeeze_fold {{ energy = 0.95 }}\n}}\n"
+    res = ns.compile(model, policy, example_inputs=inputs, calibration=x)
+    direct = measure_output_error(model, ns.import_model(res.model, inputs), lambda: ((b,) for b in x.split(16)))
+    assert res.report.fidelity["output_error"] == pytest.approx(direct["output_error"], rel=1e-5)
+    # squeeze_fold: collect 1 + layer refit 2 (its two graphs) + the final measurement 1 (5.0 when fold_bn and
+    # dead_code are not `exact`: the original runs again); after trim the original runs again, as it must
+    want = {"fold_bn": 4.0, "dead_code\n  fold_bn": 4.0}.get(first, 7.0)
+    assert res.report.calibration_passes == pytest.approx(want, abs=1e-2)
+
+
 def test_same_graph_is_false_for_any_changed_weight() -> None:
     from netsqueeze.compiler.api import _same_graph
 

@@ -255,13 +255,13 @@ def test_errors_and_nothing_to_do() -> None:
         with pytest.raises(NetsqueezeError) as err:
             compile_(model, [ReestimateBN(keep=keep)], bad)  # type: ignore[arg-type]
         assert str(err.value) == "error: calibration batch 0: input 'x' contains NaN (1 of 12288 values)"
-    # past the first batch, unmeasured: the pass's own check names the batch and the BatchNorm
+    # past the first batch: every batch a pass reads is checked as it is read, naming it and the input
     with pytest.raises(NetsqueezeError) as err:
         ns.compile(model, "policy p {\n  calibrate batch 32\n  reestimate_bn { keep = always }\n}\n",
                    example_inputs=(x[:2],), calibration=bad)
     assert str(err.value).splitlines()[0] == (
-        "<policy>:3:3: error: pass 'reestimate_bn' (<policy>:3) failed: reestimate_bn: calibration batch 1 gives "
-        "non-finite values at this BatchNorm's input (node 'b1')")
+        "<policy>:3:3: error: pass 'reestimate_bn' (<policy>:3) failed: calibration batch 1: input 'x' contains NaN "
+        "(1 of 6144 values)")
 
 
 def test_onnx_input_gets_the_same_statistics(tmp_path: Path) -> None:

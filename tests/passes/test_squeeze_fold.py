@@ -335,7 +335,7 @@ class TwoBranches(nn.Module):
         return 0.01 * self.a2(torch.relu(self.a1(x))) + self.b2(torch.relu(self.b1(x)))
 
 
-@pytest.mark.parametrize("sensitivity", ["output", "curve"])
+@pytest.mark.parametrize("sensitivity", ["output", "curve", "first_order"])
 def test_search_weights_groups_by_their_effect_on_the_outputs(sensitivity: str) -> None:
     model = TwoBranches().eval()
     calib = torch.randn(512, 10, generator=torch.Generator().manual_seed(3))
@@ -352,6 +352,43 @@ def test_search_weights_groups_by_their_effect_on_the_outputs(sensitivity: str) 
     assert res[sensitivity].report.fidelity["output_error"] < 0.5 * res["none"].report.fidelity["output_error"]
     for r in res.values():
         assert r.report.after.params <= 0.5 * r.report.before.params
+
+
+def test_the_first_order_estimate_runs_backward_in_the_statistics_pass() -> None:
+    # the gradients come from the forward pass that collects the statistics: no pass of its own, the same
+    # passes as a search that weighs nothing (and the original's outputs kept from that pass all the same)
+    from tests.zoo import ZOO
+
+    model, inputs = ZOO["vgg"]()
+    calib = torch.randn(64, *inputs[0].shape[1:], generator=torch.Generator().manual_seed(0))
+    text = "policy p {\n  calibrate samples 64, batch 16\n  budget flops <= 60%\n  squeeze_fold\n}\n"
+    res = {}
+    for s in ("first_order", "none"):
+        with ablation(sensitivity=s):
+            res[s] = ns.compile(model, text, example_inputs=inputs, calibration=calib, progress=False)
+    notes = next(r for r in res["first_order"].report.passes if r.name == "squeeze_fold").result.notes
+    assert any("after a first-order estimate of every group's output error" in n for n in notes)
+    # (the refit's share of the model differs by 3e-6 with the counts)
+    assert res["first_order"].report.calibration_passes == pytest.approx(res["none"].report.calibration_passes,
+                                                                         abs=1e-3)
+    assert res["none"].report.calibration_passes == pytest.approx(4.0, abs=1e-2)  # statistics, refit 2, final 1
+    counts = {s: [n.params["weight"].shape[0] for n in r.graph.nodes() if n.kind == "conv"] for s, r in res.items()}
+    assert counts["first_order"] != counts["none"]  # the estimate moved the allocation
+
+
+def test_the_first_order_statistics_pass_names_a_bad_batch() -> None:
+    # it reads the batches itself (no stream): each is checked as it is read
+    from tests.zoo import ZOO
+
+    model, inputs = ZOO["vgg"]()
+    calib = torch.randn(64, *inputs[0].shape[1:], generator=torch.Generator().manual_seed(0))
+    calib[40, 0, 0, 0] = float("nan")
+    text = "policy p {\n  calibrate samples 64, batch 16\n  budget flops <= 60%\n  squeeze_fold\n}\n"
+    with ablation(sensitivity="first_order"), pytest.raises(NetsqueezeError) as e:
+        ns.compile(model, text, example_inputs=inputs, calibration=calib, progress=False)
+    assert str(e.value).splitlines()[0] == (
+        "<policy>:4:3: error: pass 'squeeze_fold' (<policy>:4) failed: calibration batch 2: input 'x' contains NaN "
+        "(1 of 12288 values)")
 
 
 @pytest.mark.parametrize(("batch", "points"), [(32, "32 points on 352"), (512, "22 points on 512")])
