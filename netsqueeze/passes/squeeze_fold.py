@@ -66,8 +66,8 @@ class Ablation:
     - sensitivity: how much of a group's reconstruction error reaches the model's outputs. `auto`
       (`output` when its measurements cost at most `measure_passes` model passes over the data, else
       `first_order`), `output` (each group's effect measured: the group alone squeezed, the output error
-      measured; `sensitivity_rounds` re-measurements), `first_order` (every group at once from one
-      forward/backward pass: a Taylor estimate of the output error of every kept count), `curve` (a
+      measured; `sensitivity_rounds` re-measurements), `first_order` (every group at once from a
+      backward pass run inside the statistics pass: a Taylor estimate of the output error of every kept count), `curve` (a
       measured output-error curve per group in place of its reconstruction error, at up to `curve_points`
       counts: what the policy option `search = measured` selects) or `none`. `output` and the first-order
       pass use the first calibration batches holding `sensitivity_samples` samples (all of them when 0);
@@ -745,7 +745,7 @@ class SqueezeFold(TransformPass):
           to its count at the budget, the squared relative output error per unit of err_g on the first
           256 calibration samples (`sensitivity_rounds` re-measurements) — while that costs at most 8
           model passes over the data, else a first-order estimate of every group's output-error curve
-          from one forward/backward pass (`_first_order`). With `search = measured`, err_g is instead the
+          from a backward pass inside the statistics pass (`_collect`, `_first_order`). With `search = measured`, err_g is instead the
           group's measured output-error curve: the group alone squeezed to up to 16 allowed counts, the
           squared relative output error on the leading batches (all measurements within 24 model passes,
           each from the tensors live at its group), linear between the points (`_curves`); it costs more
@@ -838,8 +838,8 @@ class SqueezeFold(TransformPass):
             taylor.update(self._first_order(ranks, plans, gradients))
             if taylor:
                 t_budget = budget_t() if budget else lo
-                line += (" after a first-order estimate of every group's output error (one forward/backward "
-                         "pass)")
+                line += (" after a first-order estimate of every group's output error (a backward pass in the "
+                         "statistics pass)")
         elif ab.allocation == "lagrange" and how == "output" and ctx.fidelity_fn is not None:
             measured_at: dict[int, int] = {}
             for _ in range(ab.sensitivity_rounds):

@@ -218,9 +218,9 @@ def solve_normal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def ridged_normal(xtx: torch.Tensor, ridge: float) -> torch.Tensor:
     """The normal matrix [X 1]ᵀ[X 1] with `ridge` (relative to the mean diagonal) on X's block, not the intercept."""
-    reg = ridge * float(xtx.diagonal()[:-1].mean().clamp_min(1e-30)) * torch.eye(xtx.shape[0], dtype=torch.float64)
-    reg[-1, -1] = 0.0
-    return xtx + reg
+    out = xtx.double().clone()  # the ridge added to the diagonal in place: no identity matrix built
+    out.diagonal()[:-1] += ridge * float(out.diagonal()[:-1].mean().clamp_min(1e-30))
+    return out
 
 
 def reconstruction(moment: torch.Tensor, keep: list[int], ridge: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
