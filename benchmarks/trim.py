@@ -252,7 +252,7 @@ def main() -> None:
     ratios = [float(r[-3]) for r in speed]
     text = "\n\n".join([
         "# trim on Fashion-MNIST, one-shot: criteria, allocation and refit vs Torch-Pruning",
-        f"Command: `flock /tmp/bench.lock nice -n 5 .venv/bin/python -m benchmarks.trim {' '.join(sys.argv[1:])}` "
+        f"Command: `.venv/bin/python -m benchmarks.trim {' '.join(sys.argv[1:])}` "
         f"({(time.perf_counter() - t_start) / 60:.1f} min). Machine: {platform.machine()}, {os.cpu_count()} cores "
         f"shared with other jobs (compile times and latencies are noisy), torch {torch.__version__}, 1 thread for "
         "compiles, ONNX Runtime at 2 threads (median of 30 runs at batch 1, 20 at batch 64), timed after every compile, each model right after its original; the original's row shows its latencies.",

@@ -67,10 +67,11 @@ class Ablation:
       (`output` when its measurements cost at most `measure_passes` model passes over the data, else
       `first_order`), `output` (each group's effect measured: the group alone squeezed, the output error
       measured; `sensitivity_rounds` re-measurements), `first_order` (every group at once from a
-      backward pass run inside the statistics pass: a Taylor estimate of the output error of every kept count), `curve` (a
-      measured output-error curve per group in place of its reconstruction error, at up to `curve_points`
-      counts: what the policy option `search = measured` selects) or `none`. `output` and the first-order
-      pass use the first calibration batches holding `sensitivity_samples` samples (all of them when 0);
+      backward pass run inside the statistics pass: a Taylor estimate of the output error of every kept
+      count), `curve` (a measured output-error curve per group in place of its reconstruction error, at up to
+      `curve_points` counts: what the policy option `search = measured` selects) or `none`. `output` and the
+      first-order pass use the first calibration batches holding `sensitivity_samples` samples (all of them
+      when 0);
       `curve` the leading batches that keep its measurements within `curve_passes` model passes.
     - block_fit: `full` (flatten→linear: every feature of a channel's block is its own column, up to
       `max_block_features`) or `shared` (one map shared by the block's positions).
@@ -383,7 +384,9 @@ class SqueezeFold(TransformPass):
         gen = torch.Generator().manual_seed(ctx.seed)
         n_batches = self._sensitivity_batches(ctx)
         keep = ctx.outputs_sink(graph)
+        bar = ctx.progress(f"calibration ({len(values)} tapped values, gradients)", len(ctx.batch_sizes()), "batch")
         for i, inputs in enumerate(ctx.batches()):
+            bar.update(1)
             backward = n_batches is None or i < n_batches
             with torch.set_grad_enabled(backward):
                 got = seg(list(inputs))
@@ -404,6 +407,7 @@ class SqueezeFold(TransformPass):
                 g = gather(graph, p.member, gv)  # [n, C, block]
                 grads.grams[id(p)] += gram(g.reshape(g.shape[0], -1)) if p.full is not None else torch.einsum(
                     "ncb,ndb->cd", g, g)
+        bar.close()
         return grads
 
     def _add(self, graph: Graph, probes: list[_Probe], acts: dict[Value, torch.Tensor]) -> None:
