@@ -250,6 +250,9 @@ class SqueezeFold(TransformPass):
         if not plans:
             return result
         searching = self.energy is None and self.ratio is None
+        if searching and not Budget.of(ctx) and not (ctx.guard is not None and ctx.fidelity_fn is not None):
+            # before any pass over the data
+            raise BudgetError(Diagnostic("squeeze_fold needs `energy`, `ratio`, a flops/params/bytes `budget` or a `guard`"))
         weighting = self._weighting(ctx, len(plans)) if searching else "none"
         gradients = self._collect(graph, ctx, plans, first_order=weighting == "first_order")
         for gid, ps in plans.items():
@@ -367,13 +370,15 @@ class SqueezeFold(TransformPass):
         """Runs the calibration data through `graph` once for every probe's statistics. With `first_order`, the
         same pass also runs backward on the sensitivity batches (`_sensitivity_batches`) for the gradient Grams
         of the first-order estimate (`_first_order`), which are returned: one forward pass serves both. None when
-        not asked, or when the estimate does not apply: a grouped conv consumer (it does not cover them), or no
-        segment runner (a pass run outside `compile`)."""
+        not asked, or when the estimate does not apply: a grouped conv consumer (it does not cover them), no
+        floating-point output, or no segment runner (a pass run outside `compile`)."""
         probes = [p for ps in plans.values() for p in ps]
         values = list(dict.fromkeys(p.value for p in probes))
         outs = graph.output_values()
-        seg = ctx.segment(graph, [(nid, 0) for nid in graph.inputs], [*outs, *values]) if first_order and not any(
-            p.per_group is not None for p in probes) else None
+        # the estimate projects the floating-point outputs: a model without one has nothing to project
+        floats = any(graph.meta_of(v).dtype.startswith(("float", "bfloat")) for v in outs)
+        seg = ctx.segment(graph, [(nid, 0) for nid in graph.inputs], [*outs, *values]) if first_order and floats and \
+            not any(p.per_group is not None for p in probes) else None
         if seg is None:
             for batch in ctx.stream(graph, values):
                 self._add(graph, probes, dict(zip(values, batch)))
@@ -770,8 +775,6 @@ class SqueezeFold(TransformPass):
         ab = _ABLATION.get()
         budget = Budget.of(ctx)
         guarded = ctx.guard is not None and ctx.fidelity_fn is not None
-        if not budget and not guarded:
-            raise BudgetError(Diagnostic("squeeze_fold needs `energy`, `ratio`, a flops/params/bytes `budget` or a `guard`"))
         base = graph_stats(ctx.original or graph)
         now = graph_stats(graph)
         stats_for = Meter(graph, groups, base, shifted=True, grouped_shifted=True)

@@ -376,6 +376,34 @@ def test_the_first_order_estimate_runs_backward_in_the_statistics_pass() -> None
     assert counts["first_order"] != counts["none"]  # the estimate moved the allocation
 
 
+def test_the_first_order_estimate_needs_a_float_output_and_a_budget_before_any_pass() -> None:
+    # an argmax-only model has nothing to project: the estimate is skipped, not a crash ("stack expects a
+    # non-empty TensorList"); without a budget or guard the error comes before the statistics pass
+    class ArgMax(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(10, 32), nn.Linear(32, 24), nn.Linear(24, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c(torch.relu(self.b(torch.relu(self.a(x))))).argmax(1)
+
+    torch.manual_seed(0)
+    model = ArgMax().eval()
+    x = torch.randn(64, 10, generator=torch.Generator().manual_seed(1))
+    head = "policy p {\n  calibrate samples 64, batch 16\n"
+    with ablation(sensitivity="first_order"):
+        res = ns.compile(model, head + "  budget params <= 60%\n  squeeze_fold\n}\n", example_inputs=(x[:2],),
+                         calibration=x, progress=False)
+        assert res.report.after.params <= 0.6 * res.report.before.params
+        notes = next(r for r in res.report.passes if r.name == "squeeze_fold").result.notes
+        assert not any("first-order" in n for n in notes)
+        with pytest.raises(NetsqueezeError) as e:
+            ns.compile(model, head + "  squeeze_fold\n}\n", example_inputs=(x[:2],), calibration=x, progress=False)
+    assert str(e.value).splitlines()[0] == (
+        "<policy>:3:3: error: pass 'squeeze_fold' (<policy>:3) failed: squeeze_fold needs `energy`, `ratio`, a "
+        "flops/params/bytes `budget` or a `guard`")
+
+
 def test_the_first_order_statistics_pass_names_a_bad_batch() -> None:
     # it reads the batches itself (no stream): each is checked as it is read
     from tests.zoo import ZOO
