@@ -547,13 +547,17 @@ def _full_precision(graph: Graph) -> bool:
 
 
 def _checked(source: CalibrationSource, graph: Graph) -> CalibrationSource:
-    """`source`, each batch checked against `graph`'s inputs as it is read (`check_batch`: rank, shapes, dtype,
-    finite values), so a pass reading the batches (`PassContext.batches`) meets a bad one as a clear error naming
-    it, as a stream's reader does."""
+    """`source`, each batch checked against `graph`'s inputs the first time it is read (`check_batch`: rank,
+    shapes, dtype, finite values; a calibration source yields the same batches on every read), so a pass reading
+    the batches (`PassContext.batches`) meets a bad one as a clear error naming it, as a stream's reader does."""
+    checked = 0  # the leading batches checked so far
 
     def batches() -> Iterator[Batch]:
+        nonlocal checked
         for i, batch in enumerate(source()):
-            check_batch(graph, batch, f"calibration batch {i}")
+            if i == checked:
+                check_batch(graph, batch, f"calibration batch {i}")
+                checked += 1
             yield batch
 
     return batches

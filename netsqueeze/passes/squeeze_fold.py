@@ -120,6 +120,11 @@ class _Probe(ConsumerStats):
     def block(self) -> int:
         return int(self.pos_sum.shape[1])
 
+    @property
+    def width(self) -> int:
+        """Features the first-order gradient Gram spans: every C·block feature with a full block fit, else C."""
+        return self.full.shape[0] - 1 if self.full is not None else len(self.member.index)
+
 
 @dataclass
 class _Gradients:
@@ -250,7 +255,7 @@ class SqueezeFold(TransformPass):
         if not plans:
             return result
         searching = self.energy is None and self.ratio is None
-        if searching and not Budget.of(ctx) and not (ctx.guard is not None and ctx.fidelity_fn is not None):
+        if searching and not Budget.of(ctx) and not self._guarded(ctx):
             # before any pass over the data
             raise BudgetError(Diagnostic("squeeze_fold needs `energy`, `ratio`, a flops/params/bytes `budget` or a `guard`"))
         weighting = self._weighting(ctx, len(plans)) if searching else "none"
@@ -383,9 +388,7 @@ class SqueezeFold(TransformPass):
             for batch in ctx.stream(graph, values):
                 self._add(graph, probes, dict(zip(values, batch)))
             return None
-        grads = _Gradients({id(p): torch.zeros(p.full.shape[0] - 1 if p.full is not None else len(p.member.index),
-                                              p.full.shape[0] - 1 if p.full is not None else len(p.member.index),
-                                              dtype=torch.float64) for p in probes})
+        grads = _Gradients({id(p): torch.zeros(p.width, p.width, dtype=torch.float64) for p in probes})
         gen = torch.Generator().manual_seed(ctx.seed)
         n_batches = self._sensitivity_batches(ctx)
         keep = ctx.outputs_sink(graph)
@@ -658,6 +661,11 @@ class SqueezeFold(TransformPass):
             out[gid] = [t / gradients.energy for t in total]
         return out
 
+    @staticmethod
+    def _guarded(ctx: PassContext) -> bool:
+        """Whether the search measures a guard: the policy sets one and the compiler can measure it."""
+        return ctx.guard is not None and ctx.fidelity_fn is not None
+
     def _weighting(self, ctx: PassContext, n_groups: int) -> str:
         """How the search weighs each group's reconstruction error (`Ablation.sensitivity`, `auto` resolved:
         `output` while measuring `n_groups` groups costs at most `measure_passes` model passes, else
@@ -774,7 +782,7 @@ class SqueezeFold(TransformPass):
         """
         ab = _ABLATION.get()
         budget = Budget.of(ctx)
-        guarded = ctx.guard is not None and ctx.fidelity_fn is not None
+        guarded = self._guarded(ctx)
         base = graph_stats(ctx.original or graph)
         now = graph_stats(graph)
         stats_for = Meter(graph, groups, base, shifted=True, grouped_shifted=True)
