@@ -19,7 +19,7 @@ only the removed channels' means (bias compensation, T = 0).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -446,8 +446,13 @@ def layer_plan(graph: Graph, groups: ChannelGroups, keeps: Mapping[int, list[int
     return list(dict.fromkeys(nodes)), out
 
 
+# another rewrite run in `refit_layers`' sweep: (the topological position of the first node it changes, the rewrite,
+# given the sweep's side-by-side source to read the calibration data from at that position)
+SweepStep = tuple[int, Callable[[SideBySide], None]]
+
+
 def refit_layers(graph: Graph, ref: Graph, ctx: PassContext, nodes: Iterable[str], out: Mapping[str, list[int]],
-                 notes: list[str], label: str) -> int:
+                 notes: list[str], label: str, steps: Sequence[SweepStep] = ()) -> int:
     """Re-solves the whole weight and bias of each of `nodes` (conv or linear) in graph order by least squares
     on the calibration data so that its output matches the same node's in `ref` (the pass-start graph: same
     node ids; `out[node]`: the ref output channels the node still computes, all when absent). Every kernel
@@ -456,15 +461,26 @@ def refit_layers(graph: Graph, ref: Graph, ctx: PassContext, nodes: Iterable[str
     Neural Networks", ICCV 2017; ThiNet, Luo et al. 2017). Inputs are the node's inputs as `graph` (rewritten
     and refit so far) computes them, so each fit also corrects the drift of the layers before it; the ridge
     is chosen per node on held-out rows, and a node whose fit on the other rows does no better on the held-out
-    rows than its weights as they are keeps them (a small calibration set would be fitted, not the layer). Returns how many nodes were refit; `notes` (prefixed `label`) say which were not and why."""
+    rows than its weights as they are keeps them (a small calibration set would be fitted, not the layer).
+    Returns how many nodes were refit; `notes` (prefixed `label`) say which were not and why.
+
+    `steps`: other rewrites that read the calibration data side by side (`SweepStep`, positions in
+    `graph.topo_order()`), run in the same sweep in position order, each before the layers from its position on
+    (so a layer is refit on inputs they changed, and with the output channels they cut): one sweep over the data
+    for both, where two sweeps would run both graphs twice."""
     topo = graph.topo_order()
     pos = {nid: i for i, nid in enumerate(topo)}
     todo = sorted(set(nodes), key=lambda n: pos[n])
     samples = sum(ctx.batch_sizes()) if ctx.batches_fn is not None else 0
     positions = max(POSITIONS, -(-LAYER_ROWS // samples)) if samples else POSITIONS
-    side = SideBySide(Frontier.open(graph, ref, ctx, topo), graph, ref, ctx, notes, label, [pos[n] for n in todo])
+    events = sorted([(at, 0, i) for i, (at, _) in enumerate(steps)] + [(pos[n], 1, i) for i, n in enumerate(todo)])
+    side = SideBySide(Frontier.open(graph, ref, ctx, topo), graph, ref, ctx, notes, label, [e[0] for e in events])
     done = 0
-    for step, nid in enumerate(todo):
+    for _, kind, step in events:
+        if kind == 0:
+            steps[step][1](side)
+            continue
+        nid = todo[step]
         why = layer_refittable(graph, nid)
         node = graph.node(nid)
         w = node.params["weight"]

@@ -25,6 +25,7 @@ from netsqueeze.passes.frontier import Pairs, Prefixes, SideBySide, first_positi
 from netsqueeze.passes.refit import (
     ConsumerStats,
     Cross,
+    SweepStep,
     add,
     gather,
     layer_plan,
@@ -303,44 +304,48 @@ class SqueezeFold(TransformPass):
         out = PassResult(changed=True)
         if par:
             out = apply_selection(graph, groups, {gid: self._selection(graph, k, plans[gid]) for gid, k in par.items()})
-        if len(par) < len(keeps):
-            r = self._cascade(graph, ref, ctx, groups, {g: k for g, k in keeps.items() if g not in par}, plans)
-            out.touched |= r.touched
-            out.notes += r.notes
+        steps = self._cascade(graph, ref, groups, {g: k for g, k in keeps.items() if g not in par}, plans, out)
         if layered:
             if mode == "cascade":
                 out.notes.append(f"refit = layer: {len(par)} of {len(keeps)} groups folded in parallel (each of "
-                                 "their consumers re-solved whole), the rest in cascade")
-            refit_layers(graph, ref, ctx, *layer_plan(ref, groups, keeps), out.notes, "layer refit")
+                                 "their consumers re-solved whole), the rest in cascade, in the layer refit's sweep")
+            refit_layers(graph, ref, ctx, *layer_plan(ref, groups, keeps), out.notes, "layer refit", steps)
+        elif steps:
+            side = SideBySide(_Frontier.open(graph, ref, ctx, graph.topo_order()), graph, ref, ctx, out.notes,
+                              "cascade", [at for at, _ in steps])
+            for _, run in steps:
+                run(side)
         return out, len(par)
 
-    def _cascade(self, graph: Graph, ref: Graph, ctx: PassContext, groups: ChannelGroups,
-                 keeps: dict[int, list[int]], plans: dict[int, list[_Probe]]) -> PassResult:
-        """Squeezes one group at a time in graph order, refitting each fold on the current graph.
+    def _cascade(self, graph: Graph, ref: Graph, groups: ChannelGroups, keeps: dict[int, list[int]],
+                 plans: dict[int, list[_Probe]], out: PassResult) -> list[SweepStep]:
+        """The cascade: one step per group of `keeps` that squeezes it, refitting its fold on the current graph,
+        in graph order (`SweepStep`s, positions in `graph.topo_order()`; each adds what it rewrote to
+        `out.touched`).
 
         The data goes through the graph once, layer by layer (`passes.frontier`): the original and the squeezed
         graph run side by side from a checkpoint of the live tensors just before the first node a group
         touches to its consumers' inputs; the checkpoint stays valid after the squeeze (nothing before it
         changes), so the whole cascade costs about two model passes over the data plus the spans of the
-        groups (a residual stream's group spans the model), whatever the number of groups. Without
+        groups (a residual stream's group spans the model), whatever the number of groups; with the layer
+        refit the steps run in its sweep (`refit_layers`), which then costs that once for both. Without
         `ctx.segment` (a pass run outside `compile`) each group streams both graphs whole instead. `ref`: the
         pass-start graph (a copy)."""
-        topo = graph.topo_order()
-        start = first_positions(topo, (groups[gid] for gid in keeps))
-        order = sorted(keeps, key=lambda gid: (start[gid], gid))
-        out = PassResult(changed=True)
-        side = SideBySide(_Frontier.open(graph, ref, ctx, topo), graph, ref, ctx, out.notes, "cascade",
-                          start.values())
-        for gid in order:
-            ident = groups[gid].producers, groups[gid].consumers
-            # earlier rewrites may shift index maps of shared axes (concat): regroup, find this group again
-            now = find_groups(graph)
-            fresh = next(g for g in now if (g.producers, g.consumers) == ident)
-            values = list(dict.fromkeys(p.value for p in plans[gid] if p.per_group is None))
-            sel = self._refit(graph, ref, fresh, keeps[gid], plans[gid], values, side.pairs(start[gid], values, f"group {gid}"))
-            r = apply_selection(graph, now, {fresh.id: sel})
-            out.touched |= r.touched
-        return out
+        start = first_positions(graph.topo_order(), (groups[gid] for gid in keeps))
+
+        def step(gid: int) -> Callable[[SideBySide], None]:
+            def run(side: SideBySide) -> None:
+                ident = groups[gid].producers, groups[gid].consumers
+                # earlier rewrites may shift index maps of shared axes (concat): regroup, find this group again
+                now = find_groups(graph)
+                fresh = next(g for g in now if (g.producers, g.consumers) == ident)
+                values = list(dict.fromkeys(p.value for p in plans[gid] if p.per_group is None))
+                sel = self._refit(graph, ref, fresh, keeps[gid], plans[gid], values,
+                                  side.pairs(start[gid], values, f"group {gid}"))
+                out.touched |= apply_selection(graph, now, {fresh.id: sel}).touched
+            return run
+
+        return [(start[gid], step(gid)) for gid in sorted(keeps, key=lambda gid: (start[gid], gid))]
 
     # ---- pieces ---------------------------------------------------------------------------------
     @staticmethod

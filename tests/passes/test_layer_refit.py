@@ -133,7 +133,7 @@ def test_layer_refit_lowers_the_output_error_of_a_residual_net_and_keeps_the_sha
     done, total = (int(v) for v in line.removeprefix("layer refit: ").split(" layers")[0].split(" of "))
     assert total >= 4 and done >= total - 1
     assert any(n.startswith("refit = layer: ") and n.endswith("groups folded in parallel (each of their consumers "
-                                                               "re-solved whole), the rest in cascade") for n in notes)
+                                                               "re-solved whole), the rest in cascade, in the layer refit's sweep") for n in notes)
 
 
 @pytest.mark.parametrize(("taps", "attrs", "shape"), [
@@ -265,3 +265,28 @@ def test_the_layer_refit_fits_each_row_to_its_own_channel_when_a_channel_spans_s
                      calibration=x, progress=False)
     assert res.graph.node("c").params["weight"].shape[0] == 10 and res.graph.node("a").params["weight"].shape[0] == 6
     assert res.report.fidelity["output_error"] < 1e-5
+
+
+def test_the_cascade_runs_in_the_layer_refits_sweep(monkeypatch: pytest.MonkeyPatch) -> None:
+    # c2 (72 inputs) over the limit: c1's group is folded in cascade; c3 (54 inputs) is refit whole. Both read the
+    # data side by side in one sweep, in graph order: the same model as a cascade sweep followed by a refit sweep
+    # (c1's fold comes before c3's refit either way), in fewer model passes
+    from netsqueeze.passes import refit
+
+    monkeypatch.setattr(refit, "MAX_LAYER_FEATURES", 60)
+    model = Chain(2).eval()
+    x = torch.randn(512, 3, 9, 9, generator=torch.Generator().manual_seed(2))
+    res = ns.compile(model, [SqueezeFold(ratio=0.5, refit="layer")], example_inputs=(x[:2],), calibration=x,
+                     progress=False)
+    assert _notes(res) == [
+        "refit = layer: 1 of 2 groups folded in parallel (each of their consumers re-solved whole), the rest in "
+        "cascade, in the layer refit's sweep",
+        "layer refit: 2 of 2 layers refit whole by least squares to the pass-start outputs",
+        "squeezed 2 groups (1 in parallel, 1 in cascade): 8->4, 6->3"]
+    assert [tuple(res.graph.node(n).params["weight"].shape) for n in ("c1", "c2", "c3")] == [
+        (4, 3, 3, 3), (3, 4, 3, 3), (4, 3, 3, 3)]
+    with torch.no_grad():
+        err = float((res.model(x) - model(x)).norm() / model(x).norm())
+    # a cascade sweep, then a refit sweep, made 5.02 passes
+    assert res.report.calibration_passes == pytest.approx(4.4997, abs=1e-3)
+    assert err == pytest.approx(0.2213665, rel=1e-5)  # the two-sweep model's error, to 1e-7
