@@ -466,8 +466,9 @@ def refit_layers(graph: Graph, ref: Graph, ctx: PassContext, nodes: Iterable[str
 
     `steps`: other rewrites that read the calibration data side by side (`SweepStep`, positions in
     `graph.topo_order()`), run in the same sweep in position order, each before the layers from its position on
-    (so a layer is refit on inputs they changed, and with the output channels they cut): one sweep over the data
-    for both, where two sweeps would run both graphs twice."""
+    (so a layer is refit on inputs they changed, and with the output channels they cut) and after the layers
+    before it (a step reads their refit outputs; run as a sweep of their own, before every layer, it read their
+    outputs before the refit): one sweep over the data for both, where two sweeps would run both graphs twice."""
     topo = graph.topo_order()
     pos = {nid: i for i, nid in enumerate(topo)}
     todo = sorted(set(nodes), key=lambda n: pos[n])
