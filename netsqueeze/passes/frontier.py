@@ -132,9 +132,12 @@ class Frontier:
         state = [(dict(zip(inputs, batch)), dict(zip(inputs, batch))) for batch in ctx.batches()]
         return Frontier((graph, ref), ctx, topo, state)
 
-    def _run(self, which: int, fetch: list[Value]) -> Segment:
-        """Graph `which` (0: the one being rewritten, 1: its pass-start copy) from the checkpoint to `fetch`."""
-        run = self.ctx.segment(self.graphs[which], list(self.state[0][0]) if self.state else [], fetch)
+    def _run(self, which: int, fetch: list[Value], feeds: list[Value] | None = None) -> Segment:
+        """Graph `which` (0: the one being rewritten, 1: its pass-start copy) from `feeds` (the checkpoint's
+        values when None) to `fetch`."""
+        if feeds is None:
+            feeds = list(self.state[0][0]) if self.state else []
+        run = self.ctx.segment(self.graphs[which], feeds, fetch)
         assert run is not None  # open() checked the compiler provides segments
         return run
 
@@ -150,7 +153,8 @@ class Frontier:
     def advance(self, to: int) -> bool:
         """Moves the checkpoint forwards to position `to` (nothing happens for an earlier position); False
         when the tensors live there would not fit `limit_bytes` (the checkpoint then stays where it was).
-        The pass-start copy's side is taken from the last `fetch` when it computed that position."""
+        The pass-start copy's side is taken from the last `fetch` when it computed that position, and runs from
+        there when it computed an earlier one (a checkpoint passed over: a planned step that read nothing)."""
         if to <= self.at or not self.state:
             return True
         keep = self.live.at(to)
@@ -161,12 +165,16 @@ class Frontier:
             self._ref_next = None
         feeds = list(self.state[0][0])
         refs = ready[1] if ready is not None and ready[0] == to else None
-        run_now, run_ref = self._run(0, keep), self._run(1, keep) if refs is None else None
+        # the pass-start copy's tensors to run from: those at a passed-over checkpoint, else the current ones
+        origs = ready[1] if ready is not None and self.at < ready[0] < to else [orig for _, orig in self.state]
+        ref_feeds = list(origs[0]) if origs else feeds
+        run_now = self._run(0, keep)
+        run_ref = self._run(1, keep, ref_feeds) if refs is None else None
         with torch.no_grad():
-            for i, (cur, orig) in enumerate(self.state):
+            for i, (cur, _) in enumerate(self.state):
                 now = dict(zip(keep, run_now([cur[v] for v in feeds])))
                 if run_ref is not None:
-                    self.state[i] = (now, dict(zip(keep, run_ref([orig[v] for v in feeds]))))
+                    self.state[i] = (now, dict(zip(keep, run_ref([origs[i][v] for v in ref_feeds]))))
                 elif refs is not None:
                     self.state[i] = (now, refs[i])
         self.at = to

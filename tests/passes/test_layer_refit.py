@@ -323,3 +323,42 @@ def test_a_cascade_step_reads_the_layers_refit_before_it(monkeypatch: pytest.Mon
     assert err == pytest.approx(0.3507830, rel=1e-5)
     assert res.report.calibration_passes == pytest.approx(3.6662, abs=1e-3)
     assert float(res.graph.node("d").params["weight"].double().norm()) == pytest.approx(0.800601, rel=1e-5)
+
+
+class Head(nn.Module):
+    """a (3→8) → b (8→8), 3x3 convs, flattened into fc1 (648→16) → fc2 (16→4), ReLUs between."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.fc1, self.fc2 = nn.Linear(8 * 81, 16), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.b(torch.relu(self.a(x))))
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+def test_a_planned_layer_that_is_not_refit_costs_no_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    # fc1 (324 inputs after the cut) is planned but over the limit. The fetch before it computed the pass-start
+    # graph's tensors at fc1 for the sweep's next stop; fc1 reads nothing, and the sweep moves on to fc2 from
+    # those tensors. Before, it dropped them and ran the pass-start graph from b again: 5.9781 passes, same model
+    from netsqueeze.passes import refit
+
+    monkeypatch.setattr(refit, "MAX_LAYER_FEATURES", 60)
+    model = Head().eval()
+    x = torch.randn(512, 3, 9, 9, generator=torch.Generator().manual_seed(2))
+    res = ns.compile(model, [SqueezeFold(ratio=0.5, refit="layer")], example_inputs=(x[:2],), calibration=x,
+                     progress=False)
+    assert _notes(res)[1:] == [
+        "refit = layer: 1 of 3 groups folded in parallel (each of their consumers re-solved whole), the rest in "
+        "cascade, in the layer refit's sweep",
+        "layer refit: 'fc1' not refit whole (324 inputs, over 60)",
+        "layer refit: 2 of 3 layers refit whole by least squares to the pass-start outputs",
+        "squeezed 3 groups (1 in parallel, 2 in cascade): 8->4, 8->4, 16->8"]
+    assert [tuple(res.graph.node(n).params["weight"].shape) for n in ("a", "b", "fc1", "fc2")] == [
+        (4, 3, 3, 3), (4, 4, 3, 3), (8, 324), (4, 8)]
+    with torch.no_grad():
+        err = float((res.model(x) - model(x)).norm() / model(x).norm())
+    assert err == pytest.approx(0.0948332, rel=1e-5)
+    assert res.report.calibration_passes == pytest.approx(5.3549, abs=1e-3)
