@@ -165,16 +165,18 @@ class Frontier:
             self._ref_next = None
         feeds = list(self.state[0][0])
         refs = ready[1] if ready is not None and ready[0] == to else None
-        # the pass-start copy's tensors to run from: those at a passed-over checkpoint, else the current ones
-        origs = ready[1] if ready is not None and self.at < ready[0] < to else [orig for _, orig in self.state]
-        ref_feeds = list(origs[0]) if origs else feeds
+        # the pass-start copy runs from a passed-over checkpoint's tensors when the last fetch computed them, else
+        # from the current ones (each batch's released as its new ones replace them)
+        passed = ready[1] if ready is not None and self.at < ready[0] < to else None
+        ref_feeds = list(passed[0]) if passed else feeds
         run_now = self._run(0, keep)
         run_ref = self._run(1, keep, ref_feeds) if refs is None else None
         with torch.no_grad():
-            for i, (cur, _) in enumerate(self.state):
+            for i, (cur, orig) in enumerate(self.state):
                 now = dict(zip(keep, run_now([cur[v] for v in feeds])))
                 if run_ref is not None:
-                    self.state[i] = (now, dict(zip(keep, run_ref([origs[i][v] for v in ref_feeds]))))
+                    src = passed[i] if passed is not None else orig
+                    self.state[i] = (now, dict(zip(keep, run_ref([src[v] for v in ref_feeds]))))
                 elif refs is not None:
                     self.state[i] = (now, refs[i])
         self.at = to
