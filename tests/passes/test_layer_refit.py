@@ -268,17 +268,26 @@ def test_the_layer_refit_fits_each_row_to_its_own_channel_when_a_channel_spans_s
     assert res.report.fidelity["output_error"] < 1e-5
 
 
+def _forced_cascade(monkeypatch: pytest.MonkeyPatch, model: nn.Module) -> tuple[ns.CompileResult, float]:
+    """`model` squeezed by half with the layer refit, layers over 60 inputs not refit whole (so their groups go
+    to the cascade): (result, relative output error on the 512 calibration inputs)."""
+    from netsqueeze.passes import refit
+
+    monkeypatch.setattr(refit, "MAX_LAYER_FEATURES", 60)
+    model = model.eval()
+    x = torch.randn(512, 3, 9, 9, generator=torch.Generator().manual_seed(2))
+    res = ns.compile(model, [SqueezeFold(ratio=0.5, refit="layer")], example_inputs=(x[:2],), calibration=x,
+                     progress=False)
+    with torch.no_grad():
+        err = float((res.model(x) - model(x)).norm() / model(x).norm())
+    return res, err
+
+
 def test_the_cascade_runs_in_the_layer_refits_sweep(monkeypatch: pytest.MonkeyPatch) -> None:
     # c2 (72 inputs) over the limit: c1's group is folded in cascade; c3 (54 inputs) is refit whole. Both read the
     # data side by side in one sweep, in graph order: the same model as a cascade sweep followed by a refit sweep
     # (c1's fold comes before c3's refit either way), in fewer model passes
-    from netsqueeze.passes import refit
-
-    monkeypatch.setattr(refit, "MAX_LAYER_FEATURES", 60)
-    model = Chain(2).eval()
-    x = torch.randn(512, 3, 9, 9, generator=torch.Generator().manual_seed(2))
-    res = ns.compile(model, [SqueezeFold(ratio=0.5, refit="layer")], example_inputs=(x[:2],), calibration=x,
-                     progress=False)
+    res, err = _forced_cascade(monkeypatch, Chain(2))
     assert _notes(res) == [
         "refit = layer: 1 of 2 groups folded in parallel (each of their consumers re-solved whole), the rest in "
         "cascade, in the layer refit's sweep",
@@ -286,8 +295,6 @@ def test_the_cascade_runs_in_the_layer_refits_sweep(monkeypatch: pytest.MonkeyPa
         "squeezed 2 groups (1 in parallel, 1 in cascade): 8->4, 6->3"]
     assert [tuple(res.graph.node(n).params["weight"].shape) for n in ("c1", "c2", "c3")] == [
         (4, 3, 3, 3), (3, 4, 3, 3), (4, 3, 3, 3)]
-    with torch.no_grad():
-        err = float((res.model(x) - model(x)).norm() / model(x).norm())
     # a cascade sweep, then a refit sweep, made 5.02 passes
     assert res.report.calibration_passes == pytest.approx(4.4997, abs=1e-3)
     assert err == pytest.approx(0.2213665, rel=1e-5)  # the two-sweep model's error, to 1e-7
@@ -311,16 +318,8 @@ def test_a_cascade_step_reads_the_layers_refit_before_it(monkeypatch: pytest.Mon
     # the shared sweep b is refit before c's step, which fits d's fold on b's refit outputs. Two sweeps (every fold
     # before every refit) fitted it on b's outputs before the refit: output error 0.3426582 in 4.1712 passes, and
     # d's weight norm 0.755138; here the error is higher, on this model, in fewer passes
-    from netsqueeze.passes import refit
-
-    monkeypatch.setattr(refit, "MAX_LAYER_FEATURES", 60)
-    model = Four().eval()
-    x = torch.randn(512, 3, 9, 9, generator=torch.Generator().manual_seed(2))
-    res = ns.compile(model, [SqueezeFold(ratio=0.5, refit="layer")], example_inputs=(x[:2],), calibration=x,
-                     progress=False)
+    res, err = _forced_cascade(monkeypatch, Four())
     assert "layer refit: 'd' not refit whole (72 inputs, over 60)" in _notes(res)
-    with torch.no_grad():
-        err = float((res.model(x) - model(x)).norm() / model(x).norm())
     assert err == pytest.approx(0.3507830, rel=1e-5)
     assert res.report.calibration_passes == pytest.approx(3.6662, abs=1e-3)
     assert float(res.graph.node("d").params["weight"].double().norm()) == pytest.approx(0.800601, rel=1e-5)
@@ -344,13 +343,7 @@ def test_a_planned_layer_that_is_not_refit_costs_no_pass(monkeypatch: pytest.Mon
     # fc1 (324 inputs after the cut) is planned but over the limit. The fetch before it computed the pass-start
     # graph's tensors at fc1 for the sweep's next stop; fc1 reads nothing, and the sweep moves on to fc2 from
     # those tensors. Before, it dropped them and ran the pass-start graph from b again: 5.9781 passes, same model
-    from netsqueeze.passes import refit
-
-    monkeypatch.setattr(refit, "MAX_LAYER_FEATURES", 60)
-    model = Head().eval()
-    x = torch.randn(512, 3, 9, 9, generator=torch.Generator().manual_seed(2))
-    res = ns.compile(model, [SqueezeFold(ratio=0.5, refit="layer")], example_inputs=(x[:2],), calibration=x,
-                     progress=False)
+    res, err = _forced_cascade(monkeypatch, Head())
     assert _notes(res)[1:] == [
         "refit = layer: 1 of 3 groups folded in parallel (each of their consumers re-solved whole), the rest in "
         "cascade, in the layer refit's sweep",
@@ -359,7 +352,5 @@ def test_a_planned_layer_that_is_not_refit_costs_no_pass(monkeypatch: pytest.Mon
         "squeezed 3 groups (1 in parallel, 2 in cascade): 8->4, 8->4, 16->8"]
     assert [tuple(res.graph.node(n).params["weight"].shape) for n in ("a", "b", "fc1", "fc2")] == [
         (4, 3, 3, 3), (4, 4, 3, 3), (8, 324), (4, 8)]
-    with torch.no_grad():
-        err = float((res.model(x) - model(x)).norm() / model(x).norm())
     assert err == pytest.approx(0.0948332, rel=1e-5)
     assert res.report.calibration_passes == pytest.approx(5.3549, abs=1e-3)
