@@ -165,9 +165,10 @@ class Frontier:
             self._ref_next = None
         feeds = list(self.state[0][0])
         refs = ready[1] if ready is not None and ready[0] == to else None
-        # the pass-start copy runs from a passed-over checkpoint's tensors when the last fetch computed them, else
-        # from the current ones (each batch's released as its new ones replace them)
-        passed = ready[1] if ready is not None and self.at < ready[0] < to else None
+        # the pass-start copy runs from a passed-over checkpoint's tensors when the last fetch computed them (a
+        # look-ahead is always past the checkpoint), else from the current ones (each batch's released as its new
+        # ones replace them)
+        passed = ready[1] if ready is not None and ready[0] < to else None
         ref_feeds = list(passed[0]) if passed else feeds
         run_now = self._run(0, keep)
         run_ref = self._run(1, keep, ref_feeds) if refs is None else None

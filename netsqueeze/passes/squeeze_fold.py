@@ -306,12 +306,11 @@ class SqueezeFold(TransformPass):
             out = apply_selection(graph, groups, {gid: self._selection(graph, k, plans[gid]) for gid, k in par.items()})
         steps = self._cascade(graph, ref, groups, {g: k for g, k in keeps.items() if g not in par}, plans, out)
         if layered:
-            if mode == "cascade" and steps:
+            if mode == "cascade":
                 out.notes.append(f"refit = layer: {len(par)} of {len(keeps)} groups folded in parallel (each of "
-                                 "their consumers re-solved whole), the rest in cascade, in the layer refit's sweep")
-            elif mode == "cascade":
-                out.notes.append(f"refit = layer: all {len(keeps)} groups folded in parallel (each of their "
-                                 "consumers re-solved whole), none in cascade")
+                                 "their consumers re-solved whole), the rest in cascade, in the layer refit's sweep"
+                                 if steps else f"refit = layer: all {len(keeps)} groups folded in parallel (each of "
+                                 "their consumers re-solved whole), none in cascade")
             refit_layers(graph, ref, ctx, *layer_plan(ref, groups, keeps), out.notes, "layer refit", steps)
         elif steps:
             side = SideBySide(_Frontier.open(graph, ref, ctx, graph.topo_order()), graph, ref, ctx, out.notes,
