@@ -5,7 +5,8 @@ Networks", ECML PKDD 2020)."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -15,10 +16,10 @@ import torch
 
 from netsqueeze.errors import BudgetError, Diagnostic, NetsqueezeError
 from netsqueeze.ir.graph import Graph, Value
-from netsqueeze.ir.ops import attr, spec
+from netsqueeze.ir.ops import attr, node_flops, spec
 from netsqueeze.ir.stats import graph_stats
 from netsqueeze.passes.allocation import Budget, GroupBounds, Meter, Reached, bisect, give_back, group_bounds
-from netsqueeze.passes.base import MEASURE_PASSES, PassContext, PassResult, TransformPass
+from netsqueeze.passes.base import PassContext, PassResult, TransformPass
 from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups, DependencyAnalysis, Member, find_groups
 from netsqueeze.passes.frontier import Frontier as _Frontier
 from netsqueeze.passes.frontier import Pairs, Prefixes, SideBySide, first_positions
@@ -53,6 +54,12 @@ from netsqueeze.passes.squeeze_math import (
     reconstruction,
 )
 
+# the most model passes `auto` spends measuring output sensitivities (`SqueezeFold._measure_cost`'s estimate): the
+# rest of a compile makes 4-5 passes and its linear algebra; measurements within about 3 more (2 in fact: the
+# estimate counts unsqueezed candidates) keep the compile near 10x one forward pass (benchmarks/scaling.py), where
+# the first-order estimate costs one backward pass over the sensitivity batches
+SENSITIVITY_PASSES = 3.0
+
 
 @dataclass(frozen=True)
 class Ablation:
@@ -65,8 +72,8 @@ class Ablation:
     - weighting: `consumer` (errors as the consumers' outputs see them, M = Σ WᵀW) or `none` (M = I).
     - allocation: the search family, `lagrange` or `uniform` (one energy threshold for every group).
     - sensitivity: how much of a group's reconstruction error reaches the model's outputs. `auto`
-      (`output` when its measurements cost at most `measure_passes` model passes over the data, else
-      `first_order`), `output` (each group's effect measured: the group alone squeezed, the output error
+      (`output` when its measurements cost at most `measure_passes` model passes over the data, estimated by
+      `SqueezeFold._measure_cost`, else `first_order`), `output` (each group's effect measured: the group alone squeezed, the output error
       measured; `sensitivity_rounds` re-measurements), `first_order` (every group at once from a
       backward pass run inside the statistics pass: a Taylor estimate of the output error of every kept
       count), `curve` (a measured output-error curve per group in place of its reconstruction error, at up to
@@ -84,7 +91,7 @@ class Ablation:
     sensitivity: Literal["auto", "output", "first_order", "curve", "none"] = "auto"
     sensitivity_rounds: int = 2
     sensitivity_samples: int = 256
-    measure_passes: float = MEASURE_PASSES
+    measure_passes: float = SENSITIVITY_PASSES
     curve_points: int = 16
     curve_passes: float = 24.0
     block_fit: Literal["full", "shared"] = "full"
@@ -259,7 +266,7 @@ class SqueezeFold(TransformPass):
         if searching and not Budget.of(ctx) and not self._guarded(ctx):
             # before any pass over the data
             raise BudgetError(Diagnostic("squeeze_fold needs `energy`, `ratio`, a flops/params/bytes `budget` or a `guard`"))
-        weighting = self._weighting(ctx, len(plans)) if searching else "none"
+        weighting = self._weighting(graph, groups, plans, ctx) if searching else "none"
         gradients = self._collect(graph, ctx, plans, first_order=weighting == "first_order")
         for gid, ps in plans.items():
             for p in ps:
@@ -673,18 +680,36 @@ class SqueezeFold(TransformPass):
         """Whether the search measures a guard: the policy sets one and the compiler can measure it."""
         return ctx.guard is not None and ctx.fidelity_fn is not None
 
-    def _weighting(self, ctx: PassContext, n_groups: int) -> str:
+    def _weighting(self, graph: Graph, groups: ChannelGroups, gids: Iterable[int], ctx: PassContext) -> str:
         """How the search weighs each group's reconstruction error (`Ablation.sensitivity`, `auto` resolved:
-        `output` while measuring `n_groups` groups costs at most `measure_passes` model passes, else
-        `first_order`; `curve` with `search = measured`); `none` for the uniform allocation."""
+        `output` while measuring the groups `gids` costs at most `measure_passes` model passes
+        (`_measure_cost`), else `first_order`; `curve` with `search = measured`); `none` for the uniform
+        allocation."""
         ab = _ABLATION.get()
         if ab.allocation != "lagrange":
             return "none"
         how: str = "curve" if self.search == "measured" else ab.sensitivity
         if how == "auto":
-            share = self._sensitivity_share(ctx)
-            how = "output" if ab.sensitivity_rounds * n_groups * share <= ab.measure_passes else "first_order"
+            how = "output" if self._measure_cost(graph, groups, gids, ctx) <= ab.measure_passes else "first_order"
         return how
+
+    def _measure_cost(self, graph: Graph, groups: ChannelGroups, gids: Iterable[int], ctx: PassContext) -> float:
+        """The model passes over the calibration data that measuring the output sensitivity of the groups `gids`
+        (`_sensitivities`) costs, about: over the sensitivity batches, one run of `graph` up to the last group's
+        first node (`Prefixes`) and `sensitivity_rounds` runs of each group's candidate from its first node on,
+        counted at `graph`'s FLOPs from there (a squeezed candidate has fewer). A group near the outputs costs
+        a small part of a pass; one at the inputs, a whole pass."""
+        topo = graph.topo_order()
+        flops = [node_flops(graph, graph.node(nid)) for nid in topo]
+        total = sum(flops)
+        if not total:
+            return 0.0
+        after = list(itertools.accumulate(reversed(flops)))[::-1]  # after[i]: FLOPs from position i on
+        start = list(first_positions(topo, (groups[g] for g in gids)).values())
+        if not start:
+            return 0.0
+        runs = (total - after[max(start)]) + _ABLATION.get().sensitivity_rounds * sum(after[i] for i in start)
+        return self._sensitivity_share(ctx) * runs / total
 
     def _curve_grid(self, groups: ChannelGroups, ranks: dict[int, tuple[list[int], list[float], torch.Tensor]],
                     ctx: PassContext) -> dict[int, list[int]]:

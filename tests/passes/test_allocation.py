@@ -221,11 +221,11 @@ def test_meter_sums_node_costs_seen_before_exactly_as_a_dry_run(name: str) -> No
     assert fast.dry_runs < slow.dry_runs if name == "vgg" else fast.dry_runs <= slow.dry_runs
 
 
-@pytest.mark.parametrize(("pass_name", "expected"), [("trim", [48, 48, 16]), ("squeeze_fold", [48, 48, 16])])
+@pytest.mark.parametrize(("pass_name", "expected"), [("trim", [48, 48, 16]), ("squeeze_fold", [64, 32, 32])])
 def test_align_holds_under_a_flops_budget_search(pass_name: str, expected: list[int]) -> None:
     """Both passes search their counts for `budget flops <= 50%` inside `round_to = 8, align = 16`: every
     kept count is 8 or a whole number of 16-channel blocks (with `round_to = 8` alone they keep 40, 56, 16
-    and 56, 48, 16), and the budget holds. trim's bisection alone stops at 48, 48, 8: its last removal takes
+    and 56, 40, 24), and the budget holds. trim's bisection alone stops at 48, 48, 8: its last removal takes
     the third group down a whole step, and giving channels back while the budget holds restores it to 16."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),

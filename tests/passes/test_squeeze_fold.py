@@ -12,6 +12,8 @@ from torch import nn
 import netsqueeze as ns
 from netsqueeze.compiler.calibration import activation_stream, calibration_source
 from netsqueeze.errors import NetsqueezeError
+from netsqueeze.passes.base import PassContext
+from netsqueeze.passes.dependency import find_groups
 from netsqueeze.passes.squeeze_fold import SqueezeFold, ablation
 
 
@@ -374,6 +376,45 @@ def test_the_first_order_estimate_runs_backward_in_the_statistics_pass() -> None
     assert res["none"].report.calibration_passes == pytest.approx(4.0, abs=1e-2)  # statistics, refit 2, final 1
     counts = {s: [n.params["weight"].shape[0] for n in r.graph.nodes() if n.kind == "conv"] for s, r in res.items()}
     assert counts["first_order"] != counts["none"]  # the estimate moved the allocation
+
+
+class Chain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.a, self.b, self.c = nn.Linear(10, 32), nn.Linear(32, 32), nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+@pytest.mark.parametrize(("samples", "share", "weighting"), [
+    (1024, 0.25, "after weighting groups by measured output sensitivity"),
+    (256, 1.0, "after a first-order estimate of every group's output error")])
+def test_auto_measures_output_sensitivity_only_within_its_pass_budget(samples: int, share: float,
+                                                                     weighting: str) -> None:
+    # measuring costs, over the 256 sensitivity samples, one run up to the last group's producer and two runs of
+    # each group's candidate from its producer on: 0.944 passes on 1,024 samples (measured), 3.776 on 256 (over 3)
+    from netsqueeze.ir.stats import graph_stats
+
+    model = Chain().eval()
+    x = torch.randn(samples, 10, generator=torch.Generator().manual_seed(2))
+    graph = ns.import_model(model, (x[:2],))
+    flops = {n.id: n.flops for n in graph_stats(graph).nodes.values()}
+    topo = graph.topo_order()
+    after = {nid: sum(flops[m] for m in topo[i:]) for i, nid in enumerate(topo)}
+    total = after[topo[0]]
+    expected = share * ((total - after["b"]) + 2 * (after["a"] + after["b"])) / total
+    groups = find_groups(graph)
+    gids = [g.id for g in groups if g.producers in (("a",), ("b",))]
+    assert len(gids) == 2
+    ctx = PassContext(batches_fn=lambda: iter([(x[i : i + 256],) for i in range(0, samples, 256)]))
+    assert SqueezeFold()._measure_cost(graph, groups, gids, ctx) == pytest.approx(expected, rel=1e-12)
+    assert expected == pytest.approx(0.944 if samples == 1024 else 3.776, abs=1e-3)
+    text = f"policy p {{\n  calibrate samples {samples}, batch 256\n  budget params <= 60%\n  squeeze_fold\n}}\n"
+    res = ns.compile(model, text, example_inputs=(x[:2],), calibration=x, progress=False)
+    notes = next(r for r in res.report.passes if r.name == "squeeze_fold").result.notes
+    assert any(weighting in n for n in notes), notes
 
 
 def test_the_first_order_estimate_needs_a_float_output_and_a_budget_before_any_pass() -> None:
