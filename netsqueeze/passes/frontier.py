@@ -70,29 +70,39 @@ class Prefixes:
             return
         inputs = [(nid, 0) for nid in graph.inputs]
         leading = list(itertools.islice(ctx.batches(), batches))
-        samples = sum(int(b[0].shape[0]) for b in leading)
-        live = Liveness(graph, graph.topo_order(), outputs=True)
-        wanted: dict[Value, None] = {}
-        size = 0
-        for p in sorted(set(positions)):
-            vals = live.at(p)
-            if all(v in inputs for v in vals):
-                continue
-            new = [v for v in vals if v not in wanted and v not in inputs]
-            more = sum(bytes_per_sample(graph, v) for v in new) * samples
-            if size + more > self.limit_bytes:
-                continue
-            self.at[p], size = vals, size + more
-            wanted.update(dict.fromkeys(new))
+        self.at = self.kept(graph, positions, sum(int(b[0].shape[0]) for b in leading))
         if not self.at:
             return
-        run = ctx.segment(graph, inputs, list(wanted)) if wanted else None
+        wanted = list(dict.fromkeys(v for vals in self.at.values() for v in vals if v not in inputs))
+        run = ctx.segment(graph, inputs, wanted) if wanted else None
         with torch.no_grad():
             for batch in leading:
                 got: dict[Value, torch.Tensor] = dict(zip(inputs, batch))
                 if run is not None:
                     got.update(zip(wanted, run(list(batch))))
                 self.tensors.append(got)
+
+    @classmethod
+    def kept(cls, graph: Graph, positions: Iterable[int], samples: int) -> dict[int, list[Value]]:
+        """The positions (of `graph.topo_order()`) whose live values the prefixes keep over `samples` samples,
+        with those values: in position order, each whose new values still fit `limit_bytes` with the earlier
+        ones', where something besides the inputs is live."""
+        inputs = [(nid, 0) for nid in graph.inputs]
+        live = Liveness(graph, graph.topo_order(), outputs=True)
+        out: dict[int, list[Value]] = {}
+        wanted: set[Value] = set()
+        size = 0
+        for p in sorted(set(positions)):
+            vals = live.at(p)
+            if all(v in inputs for v in vals):
+                continue
+            new = [v for v in dict.fromkeys(vals) if v not in wanted and v not in inputs]
+            more = sum(bytes_per_sample(graph, v) for v in new) * samples
+            if size + more > cls.limit_bytes:
+                continue
+            out[p], size = vals, size + more
+            wanted.update(new)
+        return out
 
     def feeds(self, position: int) -> tuple[list[Value], list[list[torch.Tensor]]] | None:
         """(values, their tensors per leading batch) live at `position`, or None when not kept."""

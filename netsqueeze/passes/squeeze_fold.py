@@ -695,20 +695,22 @@ class SqueezeFold(TransformPass):
 
     def _measure_cost(self, graph: Graph, groups: ChannelGroups, gids: Iterable[int], ctx: PassContext) -> float:
         """The model passes over the calibration data that measuring the output sensitivity of the groups `gids`
-        (`_sensitivities`) costs, about: over the sensitivity batches, one run of `graph` up to the last group's
-        first node (`Prefixes`) and `sensitivity_rounds` runs of each group's candidate from its first node on,
-        counted at `graph`'s FLOPs from there (a squeezed candidate has fewer). A group near the outputs costs
-        a small part of a pass; one at the inputs, a whole pass."""
+        (`_sensitivities`) costs, about: over the sensitivity batches, one run of `graph` up to the last position
+        the prefixes keep (`Prefixes.kept`) and `sensitivity_rounds` runs of each group's candidate, from its first
+        node on where the prefixes keep that position, else whole, counted at `graph`'s FLOPs (a squeezed
+        candidate has fewer). A group near the outputs costs a small part of a pass; one at the inputs, a whole
+        pass."""
         topo = graph.topo_order()
         flops = [node_flops(graph, graph.node(nid)) for nid in topo]
         total = sum(flops)
-        if not total:
+        start = list(first_positions(topo, (groups[g] for g in gids)).values())
+        if not total or not start:
             return 0.0
         after = list(itertools.accumulate(reversed(flops)))[::-1]  # after[i]: FLOPs from position i on
-        start = list(first_positions(topo, (groups[g] for g in gids)).values())
-        if not start:
-            return 0.0
-        runs = (total - after[max(start)]) + _ABLATION.get().sensitivity_rounds * sum(after[i] for i in start)
+        sizes = ctx.batch_sizes()
+        kept = Prefixes.kept(graph, start, sum(sizes[: self._sensitivity_batches(ctx)]))
+        runs = (total - after[max(kept)] if kept else 0) + _ABLATION.get().sensitivity_rounds * sum(
+            after[i] if i in kept else total for i in start)
         return self._sensitivity_share(ctx) * runs / total
 
     def _curve_grid(self, groups: ChannelGroups, ranks: dict[int, tuple[list[int], list[float], torch.Tensor]],

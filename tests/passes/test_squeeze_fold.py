@@ -14,6 +14,7 @@ from netsqueeze.compiler.calibration import activation_stream, calibration_sourc
 from netsqueeze.errors import NetsqueezeError
 from netsqueeze.passes.base import PassContext
 from netsqueeze.passes.dependency import find_groups
+from netsqueeze.passes.frontier import Prefixes
 from netsqueeze.passes.squeeze_fold import SqueezeFold, ablation
 
 
@@ -391,10 +392,11 @@ class Chain(nn.Module):
 @pytest.mark.parametrize(("samples", "share", "weighting"), [
     (1024, 0.25, "after weighting groups by measured output sensitivity"),
     (256, 1.0, "after a first-order estimate of every group's output error")])
-def test_auto_measures_output_sensitivity_only_within_its_pass_budget(samples: int, share: float,
-                                                                     weighting: str) -> None:
+def test_auto_measures_output_sensitivity_only_within_its_pass_budget(samples: int, share: float, weighting: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     # measuring costs, over the 256 sensitivity samples, one run up to the last group's producer and two runs of
-    # each group's candidate from its producer on: 0.944 passes on 1,024 samples (measured), 3.776 on 256 (over 3)
+    # each group's candidate from its producer on: 0.944 passes on 1,024 samples (measured), 3.776 on 256 (over 3);
+    # a candidate whose prefix `Prefixes` does not keep (over its memory limit) runs whole
     from netsqueeze.ir.stats import graph_stats
 
     model = Chain().eval()
@@ -411,6 +413,12 @@ def test_auto_measures_output_sensitivity_only_within_its_pass_budget(samples: i
     ctx = PassContext(batches_fn=lambda: iter([(x[i : i + 256],) for i in range(0, samples, 256)]))
     assert SqueezeFold()._measure_cost(graph, groups, gids, ctx) == pytest.approx(expected, rel=1e-12)
     assert expected == pytest.approx(0.944 if samples == 1024 else 3.776, abs=1e-3)
+    # b's prefix keeps relu(a(x)) over the 256 sensitivity samples (a's starts at the input: it runs whole)
+    monkeypatch.setattr(Prefixes, "limit_bytes", 256 * 32 * 4)
+    assert SqueezeFold()._measure_cost(graph, groups, gids, ctx) == pytest.approx(expected, rel=1e-12)
+    monkeypatch.setattr(Prefixes, "limit_bytes", 256 * 32 * 4 - 1)  # no prefix kept: four whole runs
+    assert SqueezeFold()._measure_cost(graph, groups, gids, ctx) == pytest.approx(share * 4, rel=1e-12)
+    monkeypatch.undo()
     text = f"policy p {{\n  calibrate samples {samples}, batch 256\n  budget params <= 60%\n  squeeze_fold\n}}\n"
     res = ns.compile(model, text, example_inputs=(x[:2],), calibration=x, progress=False)
     notes = next(r for r in res.report.passes if r.name == "squeeze_fold").result.notes
