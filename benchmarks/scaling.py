@@ -18,16 +18,15 @@ process (VmHWM, reset just before the compile through /proc/self/clear_refs) les
 `--repeats` times (3), each in a fresh process, and shows the run with the median compile / forward ratio beside
 every run's: a process's speed varies with where it lands, by up to a third on the forward pass alone. The same process
 then times one forward pass of the original model over the same calibration images (torch, no gradient, batches
-of 256, after a warm-up batch) for the compile / forward ratio; the compile is timed after torch's one-time import
-of torch.export's tracing machinery (about 1 s, paid once per process by its first capture, like `import torch`),
-which is timed on its own and shown beside the ratio with it added back, and reports the compile's `CompileReport.calibration_passes`. Growth is fitted as time ∝ size^b (least squares on log-log).
+of 256) for the compile / forward ratio, and reports the compile's `CompileReport.calibration_passes`. The
+capture that counts the model's params and FLOPs runs before the timer, so torch's one-time import of
+torch.export's tracing machinery (about 1 s per process) is not in the compile time, as `import torch` is not. Growth is fitted as time ∝ size^b (least squares on log-log).
 Prints the tables and writes benchmarks/results/scaling.md (scaling-quick.md with --quick).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import statistics
@@ -81,10 +80,6 @@ def child(width: int, n: int, threads: int) -> dict[str, Any]:
     stats = graph_stats(ns.import_model(model, (calib[:2],)))
     policy = (f"policy scaling {{\n  calibrate samples {n}, batch {BATCH}\n  budget flops <= 50%\n"
               "  bounds { round_to = 8 }\n  fold_bn\n  squeeze_fold\n}\n")
-    # torch.export imports its tracing machinery (torch._dynamo) on first use, once per process: timed apart
-    t_import = time.perf_counter()
-    importlib.import_module("torch.export._trace")
-    import_s = time.perf_counter() - t_import
     if not reset_peak():
         raise SystemExit("cannot reset the peak resident memory (/proc/self/clear_refs): no memory figure")
     base = _status_kib("VmRSS")
@@ -102,7 +97,7 @@ def child(width: int, n: int, threads: int) -> dict[str, Any]:
             fwd.append(time.perf_counter() - t1)
     passes = getattr(res.report, "calibration_passes", None)
     # graph_stats counts the FLOPs (2 per multiply-add) of the example batch: two images
-    return {"width": width, "n": n, "params": stats.params, "flops": stats.flops // 2, "secs": secs, "import_s": import_s,
+    return {"width": width, "n": n, "params": stats.params, "flops": stats.flops // 2, "secs": secs,
             "fwd": statistics.median(fwd), "peak_mib": (peak - base) / 1024,
             "passes": float(passes) if passes else None, "flops_red": res.report.flops_ratio}
 
@@ -143,16 +138,15 @@ def slope(xs: list[float], ys: list[float]) -> float:
 
 
 HEADER = ["width", "params", "FLOPs / image", "calib. images", "compile s", "forward s", "compile / forward",
-          "each run", "with the import", "calib. passes", "peak MiB", "FLOPs red."]
+          "each run", "calib. passes", "peak MiB", "FLOPs red."]
 
 
 def fmt(r: dict[str, Any]) -> list[str]:
     if "failed" in r:
-        return [str(r["width"]), "-", "-", f"{r['n']:,}", "failed", "-", "-", "-", "-", "-", "-", r["failed"]]
+        return [str(r["width"]), "-", "-", f"{r['n']:,}", "failed", "-", "-", "-", "-", "-", r["failed"]]
     return [str(r["width"]), f"{r['params'] / 1e6:.2f}M", f"{r['flops'] / 1e6:.0f}M", f"{r['n']:,}",
             f"{r['secs']:.1f}", f"{r['fwd']:.2f}", f"{r['secs'] / r['fwd']:.1f}",
             " / ".join(f"{x:.1f}" for x in r.get("ratios", [])),
-            f"{(r['secs'] + r['import_s']) / r['fwd']:.1f} ({r['import_s']:.1f} s)",
             "-" if r["passes"] is None else f"{r['passes']:.1f}", f"{r['peak_mib']:.0f}", f"{r['flops_red']:.2f}x"]
 
 
@@ -202,10 +196,9 @@ def main() -> None:
         "shared with other jobs (noisy). forward s = one forward pass of the original model over the same "
         f"calibration images (batches of {BATCH}, no gradient), timed in the compile's process after it; each point "
         f"ran {args.repeats} time(s), each in a fresh process, and its row is the run with the median compile / "
-        "forward (`each run`: every run's ratio, in run order). compile s leaves out torch's one-time import of "
-        "torch.export's tracing machinery (torch._dynamo: paid once per process, by its first capture), timed "
-        "just before the compile; `with the import` is that run's ratio with it added back, and the import's "
-        "seconds. calib. passes = "
+        "forward (`each run`: every run's ratio, in run order); the capture that counts params and FLOPs runs "
+        "before the timer, so torch's one-time import of torch.export's tracing machinery (about 1 s per process) "
+        "is not in compile s; calib. passes = "
         "`CompileReport.calibration_passes`; peak MiB = the compile process's resident-memory high-water mark "
         "(VmHWM, reset just before the compile) less its resident memory then (model, data and imports loaded).",
         f"## Against model size ({size_n:,} calibration images)",
