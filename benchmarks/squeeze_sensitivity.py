@@ -5,7 +5,7 @@ on both benchmark models at several calibration sizes, one-shot, under FLOPs bud
 measures when `SqueezeFold._measure_cost` estimates the measurements at most `SENSITIVITY_PASSES` model passes
 over the calibration data, else estimates; the `auto` column says which it picked.
 
-    .venv/bin/python benchmarks/squeeze_sensitivity.py [--calib 256,512,1024,2048] [--targets 2,3]
+    .venv/bin/python benchmarks/squeeze_sensitivity.py [--calib 256,512,1024,2048] [--targets 2,3,5]
         → benchmarks/results/squeeze-sensitivity.md
 
 Same models, calibration subset (the first N of benchmarks/squeeze.py's fixed random order of the training
@@ -41,7 +41,7 @@ def weighting(res: object) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calib", default="256,512,1024,2048", help="calibration sizes (images)")
-    ap.add_argument("--targets", default="2,3", help="FLOPs reductions")
+    ap.add_argument("--targets", default="2,3,5", help="FLOPs reductions")
     ap.add_argument("--models", default="vgg,resnet")
     args = ap.parse_args()
     torch.set_num_threads(1)

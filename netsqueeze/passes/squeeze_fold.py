@@ -54,10 +54,11 @@ from netsqueeze.passes.squeeze_math import (
     reconstruction,
 )
 
-# the most model passes `auto` spends measuring output sensitivities (`SqueezeFold._measure_cost`'s estimate): the
-# rest of a compile makes 4-5 passes and its linear algebra; measurements within about 3 more (2 in fact: the
-# estimate counts unsqueezed candidates) keep the compile near 10x one forward pass (benchmarks/scaling.py), where
-# the first-order estimate costs one backward pass over the sensitivity batches
+# the most model passes `auto` spends measuring output sensitivities (`SqueezeFold._measure_cost`'s bound): the rest
+# of a compile makes 4-5 passes and its linear algebra; measurements within 3 more (about 2 in fact: the bound counts
+# unsqueezed candidates and every round whole) keep the compile near 10x one forward pass (benchmarks/scaling.py),
+# where the first-order estimate costs one backward pass over the sensitivity batches and was as good or better on
+# the benchmark models (benchmarks/results/squeeze-sensitivity.md)
 SENSITIVITY_PASSES = 3.0
 
 
@@ -593,15 +594,15 @@ class SqueezeFold(TransformPass):
 
     def _sensitivities(self, graph: Graph, groups: ChannelGroups,
                        ranks: dict[int, tuple[list[int], list[float], torch.Tensor]], plans: dict[int, list[_Probe]],
-                       counts: dict[int, int], ctx: PassContext,
-                       done: dict[int, int] | None = None) -> dict[int, float]:
+                       counts: dict[int, int], ctx: PassContext, done: dict[int, int],
+                       prefixes: Callable[[], tuple[dict[int, int], Prefixes]]) -> dict[int, float]:
         """Per group, the model's squared relative output error per unit of the group's own
         reconstruction error: the group alone squeezed to its count in `counts` (half its channels
         when that keeps them all), folded in parallel on a copy, measured by `ctx.fidelity` from the tensors
-        live at the group's first node (`frontier.Prefixes`, one run for every group). `done`: the
+        live at the group's first node. `prefixes()`: every group's first position and the tensors live there
+        (`frontier.Prefixes`: one run for every group and every round, made when first asked for). `done`: the
         count each group was last measured at (updated here); a group at that count is not measured again."""
         out: dict[int, float] = {}
-        done = {} if done is None else done
         batches = self._sensitivity_batches(ctx)
         todo: dict[int, int] = {}
         for gid, (_, err, _) in ranks.items():
@@ -612,12 +613,11 @@ class SqueezeFold(TransformPass):
         if not todo:
             return out
         # each candidate equals `graph` before the first node its group touches: it runs from there
-        start = first_positions(graph.topo_order(), (groups[gid] for gid in todo))
-        prefixes = Prefixes(graph, ctx, start.values(), batches)
+        start, kept = prefixes()
         for gid, k in todo.items():
             done[gid] = k
             e = ctx.fidelity(self._candidate(graph, groups, ranks, plans, {gid: k}), "output_error", batches,
-                             prefixes.feeds(start[gid]))
+                             kept.feeds(start[gid]))
             if e is not None:
                 out[gid] = max(e * e / ranks[gid][1][k], 1e-6)
         return out
@@ -694,12 +694,13 @@ class SqueezeFold(TransformPass):
         return how
 
     def _measure_cost(self, graph: Graph, groups: ChannelGroups, gids: Iterable[int], ctx: PassContext) -> float:
-        """The model passes over the calibration data that measuring the output sensitivity of the groups `gids`
-        (`_sensitivities`) costs, about: over the sensitivity batches, one run of `graph` up to the last position
-        the prefixes keep (`Prefixes.kept`) and `sensitivity_rounds` runs of each group's candidate, from its first
-        node on where the prefixes keep that position, else whole, counted at `graph`'s FLOPs (a squeezed
-        candidate has fewer). A group near the outputs costs a small part of a pass; one at the inputs, a whole
-        pass."""
+        """The most model passes over the calibration data that measuring the output sensitivity of the groups
+        `gids` (`_sensitivities`) costs: over the sensitivity batches, one run of `graph` up to the last position
+        the prefixes keep (`Prefixes.kept`; none without a layer-by-layer runner) and `sensitivity_rounds` runs of
+        each group's candidate, from its first node on where the prefixes keep that position, else whole, counted
+        at `graph`'s FLOPs. The measurements cost less: a squeezed candidate has fewer FLOPs, and a round after
+        the first measures only the groups whose count moved. A group near the outputs costs a small part of a
+        pass; one at the inputs, a whole pass."""
         topo = graph.topo_order()
         flops = [node_flops(graph, graph.node(nid)) for nid in topo]
         total = sum(flops)
@@ -708,7 +709,7 @@ class SqueezeFold(TransformPass):
             return 0.0
         after = list(itertools.accumulate(reversed(flops)))[::-1]  # after[i]: FLOPs from position i on
         sizes = ctx.batch_sizes()
-        kept = Prefixes.kept(graph, start, sum(sizes[: self._sensitivity_batches(ctx)]))
+        kept = Prefixes.kept(graph, start, sum(sizes[: self._sensitivity_batches(ctx)])) if ctx.segment_fn else {}
         runs = (total - after[max(kept)] if kept else 0) + _ABLATION.get().sensitivity_rounds * sum(
             after[i] if i in kept else total for i in start)
         return self._sensitivity_share(ctx) * runs / total
@@ -794,9 +795,10 @@ class SqueezeFold(TransformPass):
           FLOP/param. The family is indexed by log λ. err_g is weighted by how much of it reaches the
           model's outputs (`Ablation.sensitivity`, default `auto`): measured — each group alone squeezed
           to its count at the budget, the squared relative output error per unit of err_g on the first
-          256 calibration samples (`sensitivity_rounds` re-measurements) — while that costs at most 8
-          model passes over the data, else a first-order estimate of every group's output-error curve
-          from a backward pass inside the statistics pass (`_collect`, `_first_order`). With `search = measured`, err_g is instead the
+          256 calibration samples (`sensitivity_rounds` re-measurements) — while that costs at most
+          `SENSITIVITY_PASSES` model passes over the data (`_measure_cost`), else a first-order estimate of
+          every group's output-error curve from a backward pass inside the statistics pass (`_collect`,
+          `_first_order`). With `search = measured`, err_g is instead the
           group's measured output-error curve: the group alone squeezed to up to 16 allowed counts, the
           squared relative output error on the leading batches (all measurements within 24 model passes,
           each from the tensors live at its group), linear between the points (`_curves`); it costs more
@@ -891,8 +893,17 @@ class SqueezeFold(TransformPass):
                          "statistics pass)")
         elif ab.allocation == "lagrange" and how == "output" and ctx.fidelity_fn is not None:
             measured_at: dict[int, int] = {}
+            made: list[tuple[dict[int, int], Prefixes]] = []
+
+            def prefixes() -> tuple[dict[int, int], Prefixes]:
+                if not made:
+                    start = first_positions(graph.topo_order(), (groups[g] for g in ranks))
+                    made.append((start, Prefixes(graph, ctx, start.values(), self._sensitivity_batches(ctx))))
+                return made[0]
+
             for _ in range(ab.sensitivity_rounds):
-                sens.update(self._sensitivities(graph, groups, ranks, plans, family(t_budget), ctx, measured_at))
+                sens.update(self._sensitivities(graph, groups, ranks, plans, family(t_budget), ctx, measured_at,
+                                                prefixes))
                 t_budget = budget_t() if budget else lo
             line += " after weighting groups by measured output sensitivity (" + ", ".join(
                 f"{groups[g].producers[0] if groups[g].producers else g}: {v:.3g}" for g, v in sorted(sens.items())) + ")"

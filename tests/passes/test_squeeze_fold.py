@@ -394,9 +394,10 @@ class Chain(nn.Module):
     (256, 1.0, "after a first-order estimate of every group's output error")])
 def test_auto_measures_output_sensitivity_only_within_its_pass_budget(samples: int, share: float, weighting: str,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    # measuring costs, over the 256 sensitivity samples, one run up to the last group's producer and two runs of
-    # each group's candidate from its producer on: 0.944 passes on 1,024 samples (measured), 3.776 on 256 (over 3);
-    # a candidate whose prefix `Prefixes` does not keep (over its memory limit) runs whole
+    # measuring costs at most, over the 256 sensitivity samples, one run up to the last group's producer and two
+    # runs of each group's candidate from its producer on: 0.944 passes on 1,024 samples (measured), 3.776 on 256
+    # (over 3); a candidate whose prefix `Prefixes` does not keep (over its memory limit, or without a layer-by-layer
+    # runner) runs whole; what the measurements cost in fact stays under the bound
     from netsqueeze.ir.stats import graph_stats
 
     model = Chain().eval()
@@ -410,7 +411,10 @@ def test_auto_measures_output_sensitivity_only_within_its_pass_budget(samples: i
     groups = find_groups(graph)
     gids = [g.id for g in groups if g.producers in (("a",), ("b",))]
     assert len(gids) == 2
-    ctx = PassContext(batches_fn=lambda: iter([(x[i : i + 256],) for i in range(0, samples, 256)]))
+    batches = lambda: iter([(x[i : i + 256],) for i in range(0, samples, 256)])  # noqa: E731
+    ctx = PassContext(batches_fn=batches)  # no layer-by-layer runner: every candidate runs whole
+    assert SqueezeFold()._measure_cost(graph, groups, gids, ctx) == pytest.approx(share * 4, rel=1e-12)
+    ctx = PassContext(batches_fn=batches, segment_fn=lambda *_: lambda tensors: [])
     assert SqueezeFold()._measure_cost(graph, groups, gids, ctx) == pytest.approx(expected, rel=1e-12)
     assert expected == pytest.approx(0.944 if samples == 1024 else 3.776, abs=1e-3)
     # b's prefix keeps relu(a(x)) over the 256 sensitivity samples (a's starts at the input: it runs whole)
@@ -423,6 +427,12 @@ def test_auto_measures_output_sensitivity_only_within_its_pass_budget(samples: i
     res = ns.compile(model, text, example_inputs=(x[:2],), calibration=x, progress=False)
     notes = next(r for r in res.report.passes if r.name == "squeeze_fold").result.notes
     assert any(weighting in n for n in notes), notes
+    passes = {}
+    for s in ("output", "none"):
+        with ablation(sensitivity=s):
+            passes[s] = ns.compile(model, text, example_inputs=(x[:2],), calibration=x,
+                                   progress=False).report.calibration_passes
+    assert 0 < passes["output"] - passes["none"] <= expected
 
 
 def test_the_first_order_estimate_needs_a_float_output_and_a_budget_before_any_pass() -> None:
