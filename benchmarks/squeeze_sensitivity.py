@@ -24,17 +24,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import netsqueeze as ns
 from benchmarks.common import accuracy, fashion_mnist, markdown_table, trained, write_result
-from benchmarks.squeeze import run_ns
+from benchmarks.squeeze import _notes, run_ns
 from netsqueeze.passes.squeeze_fold import SENSITIVITY_PASSES, ablation
 
 WAYS = {"output": "measured output sensitivity", "first_order": "first-order estimate"}
 
 
-def weighting(res: object) -> str:
+def weighting(res: ns.CompileResult) -> str:
     """Which sensitivity the compile's search used, read from its note."""
-    notes = [n for r in res.report.passes if r.name == "squeeze_fold" for n in r.result.notes]  # type: ignore[attr-defined]
-    line = next((n for n in notes if n.startswith("search")), "")
+    line = next((n for n in _notes(res) if n.startswith("search")), "")
     return next((k for k, words in WAYS.items() if words in line), "?")
 
 

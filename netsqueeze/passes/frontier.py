@@ -96,7 +96,7 @@ class Prefixes:
             vals = live.at(p)
             if all(v in inputs for v in vals):
                 continue
-            new = [v for v in dict.fromkeys(vals) if v not in wanted and v not in inputs]
+            new = [v for v in vals if v not in wanted and v not in inputs]
             more = sum(bytes_per_sample(graph, v) for v in new) * samples
             if size + more > cls.limit_bytes:
                 continue

@@ -5,6 +5,7 @@ Networks", ECML PKDD 2020)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -73,7 +74,7 @@ class Ablation:
     - weighting: `consumer` (errors as the consumers' outputs see them, M = Σ WᵀW) or `none` (M = I).
     - allocation: the search family, `lagrange` or `uniform` (one energy threshold for every group).
     - sensitivity: how much of a group's reconstruction error reaches the model's outputs. `auto`
-      (`output` when its measurements cost at most `measure_passes` model passes over the data, estimated by
+      (`output` when its measurements cost at most `measure_passes` model passes over the data, as bounded by
       `SqueezeFold._measure_cost`, else `first_order`), `output` (each group's effect measured: the group alone squeezed, the output error
       measured; `sensitivity_rounds` re-measurements), `first_order` (every group at once from a
       backward pass run inside the statistics pass: a Taylor estimate of the output error of every kept
@@ -893,13 +894,11 @@ class SqueezeFold(TransformPass):
                          "statistics pass)")
         elif ab.allocation == "lagrange" and how == "output" and ctx.fidelity_fn is not None:
             measured_at: dict[int, int] = {}
-            made: list[tuple[dict[int, int], Prefixes]] = []
 
+            @functools.cache
             def prefixes() -> tuple[dict[int, int], Prefixes]:
-                if not made:
-                    start = first_positions(graph.topo_order(), (groups[g] for g in ranks))
-                    made.append((start, Prefixes(graph, ctx, start.values(), self._sensitivity_batches(ctx))))
-                return made[0]
+                start = first_positions(graph.topo_order(), (groups[g] for g in ranks))
+                return start, Prefixes(graph, ctx, start.values(), self._sensitivity_batches(ctx))
 
             for _ in range(ab.sensitivity_rounds):
                 sens.update(self._sensitivities(graph, groups, ranks, plans, family(t_budget), ctx, measured_at,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from typing import ClassVar
 
 import pytest
@@ -411,7 +412,10 @@ def test_auto_measures_output_sensitivity_only_within_its_pass_budget(samples: i
     groups = find_groups(graph)
     gids = [g.id for g in groups if g.producers in (("a",), ("b",))]
     assert len(gids) == 2
-    batches = lambda: iter([(x[i : i + 256],) for i in range(0, samples, 256)])  # noqa: E731
+
+    def batches() -> Iterator[tuple[torch.Tensor]]:
+        return iter([(x[i : i + 256],) for i in range(0, samples, 256)])
+
     ctx = PassContext(batches_fn=batches)  # no layer-by-layer runner: every candidate runs whole
     assert SqueezeFold()._measure_cost(graph, groups, gids, ctx) == pytest.approx(share * 4, rel=1e-12)
     ctx = PassContext(batches_fn=batches, segment_fn=lambda *_: lambda tensors: [])
