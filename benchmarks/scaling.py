@@ -21,6 +21,9 @@ then times one forward pass of the original model over the same calibration imag
 of 256) for the compile / forward ratio, and reports the compile's `CompileReport.calibration_passes`. The
 capture that counts the model's params and FLOPs runs before the timer, so torch's one-time import of
 torch.export's tracing machinery (about 1 s per process) is not in the compile time, as `import torch` is not. Growth is fitted as time ∝ size^b (least squares on log-log).
+The same process splits the compile time by what it was doing (`PARTS`: capture, the graphs' runs, the
+backward pass, statistics, ranking, the search, the refits' normal equations and solves), each category the
+exclusive wall time of the functions that do it, wrapped in that process only, in forward passes.
 Prints the tables and writes benchmarks/results/scaling.md (scaling-quick.md with --quick).
 """
 
@@ -65,6 +68,89 @@ def reset_peak() -> bool:
     return True
 
 
+# where a compile's time goes: each category's exclusive wall time (time in a nested category is that one's)
+PARTS = {
+    "capture": "capturing the model (torch.export) and copying the graph",
+    "model runs": "the emitted graphs' forward runs: statistics, both graphs side by side, searches, the final check",
+    "emitting": "emitting the graphs and graph segments that run (IR to torch.fx modules)",
+    "backward": "the first-order estimate's backward pass",
+    "statistics": "accumulating the channel statistics (second moments) of every group",
+    "ranking": "ordering each group's channels by reconstruction error (the spectrum and prefix errors)",
+    "search": "the allocation search: channel counts against the budget (dry-run rewrites, FLOPs counts)",
+    "normal eq.": "the refits' normal equations: im2col rows and their Gram / cross products",
+    "solves": "the refits' and folds' solves: Cholesky, the held-out error of each ridge, SVD fallbacks",
+}
+
+
+def replace(fn: Any, by: Any) -> None:
+    """`by` for `fn` wherever a loaded netsqueeze module holds it (modules import functions by name)."""
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("netsqueeze") and mod is not None:
+            for attr, val in list(vars(mod).items()):
+                if val is fn:
+                    setattr(mod, attr, by)
+
+
+class Breakdown:
+    """Exclusive wall time per category of `PARTS`, by wrapping the functions that do the work (in this child
+    process only): a call inside another category's call is taken out of that one's time."""
+
+    def __init__(self) -> None:
+        self.secs = dict.fromkeys(PARTS, 0.0)
+        self.stack: list[list[Any]] = []  # [category, start, time spent in nested categories]
+
+    def timed(self, category: str, fn: Any, unless: str | None = None) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            if unless is not None and any(f[0] == unless for f in self.stack):
+                return fn(*args, **kwargs)
+            self.stack.append([category, time.perf_counter(), 0.0])
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                cat, start, nested = self.stack.pop()
+                took = time.perf_counter() - start
+                self.secs[cat] += took - nested
+                if self.stack:
+                    self.stack[-1][2] += took
+
+        return run
+
+    def wrap(self, category: str, fn: Any, unless: str | None = None) -> None:
+        """Replaces `fn` by its timed version wherever a netsqueeze module holds it."""
+        replace(fn, self.timed(category, fn, unless))
+
+    def install(self) -> None:
+        import netsqueeze.backends.torch as backend
+        import netsqueeze.compiler.api
+        import netsqueeze.passes.refit as refit
+        import netsqueeze.passes.squeeze_fold
+        import netsqueeze.passes.squeeze_math as sm
+
+        self.wrap("capture", netsqueeze.compiler.api.import_model)
+        for fn in (refit._products, refit.layer_rows, sm.gram):
+            self.wrap("normal eq.", fn)
+        for fn in (sm.cholesky_solve, sm.min_norm_solve, refit.held_error):
+            self.wrap("solves", fn)
+        torch.autograd.grad = self.timed("backward", torch.autograd.grad)
+        squeeze = netsqueeze.passes.squeeze_fold.SqueezeFold
+        squeeze._add = self.timed("statistics", squeeze._add)
+        squeeze._rank = self.timed("ranking", squeeze._rank)
+        squeeze._search_counts = self.timed("search", squeeze._search_counts)
+        for emit in (backend.to_torch, backend.to_torch_segment):  # every run of a graph is an emitted module's
+            replace(emit, self.timing_forward(emit))
+
+    def timing_forward(self, emit: Any) -> Any:
+        """`emit` (graph → module) whose modules time their forward runs as "model runs"."""
+        timed_emit = self.timed("emitting", emit)
+
+        def emitted(*args: Any, **kwargs: Any) -> Any:
+            module = timed_emit(*args, **kwargs)
+            module.forward = self.timed("model runs", module.forward)
+            return module
+
+        return emitted
+
+
 def child(width: int, n: int, threads: int) -> dict[str, Any]:
     """One measurement, in this (fresh) process: compile, then one forward pass of the original model."""
     import netsqueeze as ns
@@ -80,6 +166,8 @@ def child(width: int, n: int, threads: int) -> dict[str, Any]:
     stats = graph_stats(ns.import_model(model, (calib[:2],)))
     policy = (f"policy scaling {{\n  calibrate samples {n}, batch {BATCH}\n  budget flops <= 50%\n"
               "  bounds { round_to = 8 }\n  fold_bn\n  squeeze_fold\n}\n")
+    parts = Breakdown()
+    parts.install()
     if not reset_peak():
         raise SystemExit("cannot reset the peak resident memory (/proc/self/clear_refs): no memory figure")
     base = _status_kib("VmRSS")
@@ -99,7 +187,7 @@ def child(width: int, n: int, threads: int) -> dict[str, Any]:
     # graph_stats counts the FLOPs (2 per multiply-add) of the example batch: two images
     return {"width": width, "n": n, "params": stats.params, "flops": stats.flops // 2, "secs": secs,
             "fwd": statistics.median(fwd), "peak_mib": (peak - base) / 1024,
-            "passes": float(passes) if passes else None, "flops_red": res.report.flops_ratio}
+            "passes": float(passes) if passes else None, "flops_red": res.report.flops_ratio, "parts": parts.secs}
 
 
 def measure(width: int, n: int, threads: int, repeats: int) -> dict[str, Any]:
@@ -148,6 +236,20 @@ def fmt(r: dict[str, Any]) -> list[str]:
             f"{r['secs']:.1f}", f"{r['fwd']:.2f}", f"{r['secs'] / r['fwd']:.1f}",
             " / ".join(f"{x:.1f}" for x in r.get("ratios", [])),
             "-" if r["passes"] is None else f"{r['passes']:.1f}", f"{r['peak_mib']:.0f}", f"{r['flops_red']:.2f}x"]
+
+
+def breakdown(rows: list[dict[str, Any]]) -> str:
+    """Each point's compile time by category (`PARTS`), in forward passes of the original model over the same
+    calibration images (compile s / forward s, split)."""
+    ok = [r for r in rows if "failed" not in r and "parts" in r]
+    header = ["width", "calib. images", *PARTS, "other", "compile / forward"]
+    body = []
+    for r in ok:
+        f = r["fwd"]
+        other = r["secs"] - sum(r["parts"].values())
+        body.append([str(r["width"]), f"{r['n']:,}", *(f"{r['parts'][k] / f:.2f}" for k in PARTS), f"{other / f:.2f}",
+                     f"{r['secs'] / f:.1f}"])
+    return markdown_table(header, body)
 
 
 def fits(rows: list[dict[str, Any]], key: str, label: str) -> list[str]:
@@ -207,6 +309,13 @@ def main() -> None:
         f"## Against calibration size (w = {calib_w})",
         markdown_table(HEADER, [fmt(r) for r in by_calib]),
         "Fitted growth against calibration images:\n" + "\n".join(fits(by_calib, "n", "images")),
+        "## Where the compile time goes",
+        "Each row's compile time split by what it was doing, in forward passes of the original model over the same "
+        "calibration images (so a row sums to its compile / forward). Each category is the exclusive wall time of "
+        "the functions that do that work, wrapped in the measuring process only (time in a nested category counts "
+        "there once): " + "; ".join(f"**{k}**: {v}" for k, v in PARTS.items()) + "; **other**: the rest (the "
+        "policy, rewrites, the cascade's folds, reports).",
+        breakdown(by_size + [r for r in by_calib if r not in by_size]),
     ]) + "\n"
     write_result("scaling-quick.md" if args.quick else "scaling.md", text)
 
