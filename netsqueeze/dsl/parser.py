@@ -328,6 +328,34 @@ def _eof_span(filename: str, text: str) -> SourceSpan:
     return SourceSpan(filename, len(lines), len(lines[-1]) + 1, text=text)
 
 
+def _unclosed_brace(text: str) -> tuple[int, int] | None:
+    """(line, column) of the innermost '{' that no '}' closes, strings and comments skipped; None when every
+    '{' is closed."""
+    open_at: list[tuple[int, int]] = []
+    line, col, i = 1, 1, 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "#":  # a comment, to the end of the line
+            while i < len(text) and text[i] != "\n":
+                i, col = i + 1, col + 1
+            continue
+        if ch == '"':  # a string (or a re"..." pattern): nothing in it is a brace
+            i, col = i + 1, col + 1
+            while i < len(text) and text[i] not in '"\n':
+                step = 2 if text[i] == "\\" else 1
+                i, col = i + step, col + step
+        elif ch == "{":
+            open_at.append((line, col))
+        elif ch == "}" and open_at:
+            open_at.pop()
+        if i < len(text) and text[i] == "\n":
+            line, col = line + 1, 1
+        else:
+            col += 1
+        i += 1
+    return open_at[-1] if open_at else None
+
+
 def _syntax_diagnostic(e: UnexpectedInput, filename: str, text: str) -> Diagnostic:
     if isinstance(e, UnexpectedToken) and e.token.type != "$END":
         tok = e.token
@@ -339,7 +367,9 @@ def _syntax_diagnostic(e: UnexpectedInput, filename: str, text: str) -> Diagnost
     if isinstance(e, UnexpectedToken | UnexpectedEOF):
         expected = {str(x) for x in (e.expected or ())}
         span = _eof_span(filename, text)
-        return Diagnostic(f"unexpected end of file; expected {_describe_expected(expected)}", span=span)
+        brace = _unclosed_brace(text) if "RBRACE" in expected else None
+        where = f" (the '{{' at {brace[0]}:{brace[1]} is not closed)" if brace else ""
+        return Diagnostic(f"unexpected end of file{where}; expected {_describe_expected(expected)}", span=span)
     if not isinstance(e, UnexpectedCharacters):
         return Diagnostic(f"syntax error: {e}", span=_eof_span(filename, text))
     span = SourceSpan(filename, e.line, e.column, e.line, e.column + 1, text)
