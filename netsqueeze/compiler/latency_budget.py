@@ -406,16 +406,33 @@ def _run_per_kind(original: Graph, steps: Sequence[Step], ctx: PassContext, targ
     return graph, run, LatencyOutcome(lat[0], lat[1], goal, attempts, "per_kind", coefficients)
 
 
-def _measure(target: LatencyTarget, graphs: Sequence[Graph], inputs: tuple[torch.Tensor, ...]) -> list[Latency]:
+def _measure(target: LatencyTarget, graphs: Sequence[Graph], inputs: tuple[torch.Tensor, ...],
+             purpose: str = "the latency budget") -> list[Latency]:
     try:
         return measure(list(graphs), inputs, runtime=target.runtime, threads=target.threads, rounds=target.rounds)
     except NetsqueezeError:
         raise
     except Exception as e:
         raise NetsqueezeError(Diagnostic(
-            f"cannot time the models on {target.runtime} at batch {inputs[0].shape[0] if inputs else '?'} for the "
-            f"latency budget: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
+            f"cannot time the models on {target.runtime} at batch {inputs[0].shape[0] if inputs else '?'} for "
+            f"{purpose}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
             span=target.span)) from e
+
+
+def runtime_latency(resolved: Any, emit_target: str, original: Graph, graph: Graph, seed: int
+                    ) -> tuple[Latency, Latency] | None:
+    """(original, compressed): both models' latency, timed side by side where the model is emitted to (as
+    `latency_target`) at the policy's `runtime { threads, batch }`, for a policy that declares a runtime without
+    a latency budget: the report shows what the params and FLOPs it reached buy there. None without a runtime
+    block, or with a latency budget (that measures its own)."""
+    rt = resolved.runtime
+    if not rt or latency_target(resolved, emit_target) is not None:
+        return None
+    target = LatencyTarget(ratio=None, seconds=None, runtime="ort" if emit_target == "onnx" else "torch",
+                           threads=int(rt.get("threads") or 1), batch=rt.get("batch"))
+    inputs = timing_inputs(original, target.batch, seed)
+    before, after = _measure(target, [original, graph], inputs, "the runtime block's latency report")
+    return before, after
 
 
 def latency_target(resolved: Any, emit_target: str) -> LatencyTarget | None:

@@ -251,6 +251,9 @@ class Checker:
                             names={"output_error": "output error", "top1_drop": "top1 drop"})
             elif isinstance(s, ast.Invocation):
                 self._invocation(s)
+        if "cost_model" in runtime and "latency" not in budget:
+            self.error("runtime setting 'cost_model' is how a latency budget predicts latency: this policy has no "
+                       "'budget latency'", runtime["cost_model"].span)
         return self.diags
 
     # ---- definitions

@@ -202,3 +202,41 @@ def test_an_absolute_flops_budget_is_per_sample_whatever_the_example_batch(batch
     assert per_sample == 2 * (8 * 16 + 16 * 4) + 16 + 4 + 16  # multiply-adds, biases, the ReLU
     assert res.report.budget["flops"] == pytest.approx(300 / per_sample)
     assert res.report.after.flops // batch <= 300
+
+
+@pytest.mark.parametrize("target, runtime", [("torch", "torch"), ("onnx", "ort")])
+def test_a_runtime_block_without_a_latency_budget_reports_both_latencies(
+        vgg: tuple[torch.nn.Module, tuple[torch.Tensor, ...], torch.Tensor], target: str, runtime: str) -> None:
+    """`runtime { threads, batch }` beside a FLOPs budget: the compile times the original and the compressed
+    model side by side where it emits to, at that batch and thread count, and reports them beside the params and
+    FLOPs it reached; without a runtime block nothing is timed."""
+    model, inputs, calib = vgg
+    body = "  calibrate samples 128, batch 64\n  budget flops <= 70%\n  squeeze_fold\n}\n"
+    res = ns.compile(model, "policy p {\n  runtime { threads = 1, batch = 4 }\n" + body, example_inputs=inputs,
+                     calibration=calib, target=target, progress=False)
+    lat = {x["model"]: x for x in res.report.latency}
+    assert sorted(lat) == ["compressed", "original"]
+    for x in lat.values():
+        assert (x["runtime"], x["batch"], x["threads"], x["rounds"]) == (runtime, 4, 1, 15)
+        assert 0 < x["median_ms"] <= x["p90_ms"]
+    r = res.report
+    was, now = lat["original"]["median_ms"], lat["compressed"]["median_ms"]
+    assert r.notes[-1] == (f"measured on the runtime ({runtime}, batch 4, 1 thread(s)): {was:.3f} -> {now:.3f} ms, "
+                           f"{was / now:.2f}x faster, beside {r.before.flops / r.after.flops:.2f}x fewer FLOPs and "
+                           f"{r.before.params / r.after.params:.2f}x fewer params")
+    assert r.after.flops <= 0.7 * r.before.flops
+    assert f"latency (compressed, {runtime}, batch 4, 1 thread(s)): median {now:.3f} ms" in r.format()
+    plain = ns.compile(model, "policy p {\n" + body, example_inputs=inputs, calibration=calib, target=target,
+                       progress=False)
+    assert plain.report.latency == [] and not any(n.startswith("measured on the runtime") for n in plain.report.notes)
+
+
+def test_a_cost_model_without_a_latency_budget_is_an_error_at_it(
+        vgg: tuple[torch.nn.Module, tuple[torch.Tensor, ...], torch.Tensor]) -> None:
+    """`cost_model` only says how a latency budget predicts latency: without one it would do nothing."""
+    with pytest.raises(PolicyError) as e:
+        _plan("policy p {\n  runtime { batch = 8, cost_model = line }\n  budget flops <= 50%\n  trim\n}\n", vgg)
+    d = e.value.diagnostics[0]
+    assert d.message == ("runtime setting 'cost_model' is how a latency budget predicts latency: this policy has no "
+                         "'budget latency'")
+    assert (d.span.line, d.span.col) == (2, 24)
