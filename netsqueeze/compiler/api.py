@@ -30,7 +30,12 @@ from netsqueeze.compiler.calibration import (
 )
 from netsqueeze.compiler.cost_model import block_note, cpu_block
 from netsqueeze.compiler.files import load_exported_program, load_pickled_module
-from netsqueeze.compiler.latency_budget import LatencyOutcome, latency_target, run_for_latency, runtime_latency
+from netsqueeze.compiler.latency_budget import (
+    LatencyOutcome,
+    latency_target,
+    run_for_latency,
+    runtime_latency,
+)
 from netsqueeze.compiler.pipeline import Step, run_pipeline
 from netsqueeze.compiler.progress import Progress
 from netsqueeze.compiler.progress import enabled as progress_enabled
