@@ -143,18 +143,29 @@ def train(model: nn.Module, data: dict[str, torch.Tensor], epochs: int, lr: floa
     return model.eval()
 
 
+TRAIN_THREADS = 1  # training's torch threads: a matmul's last bits depend on the thread count
+
+
 def trained(name: str, data: dict[str, torch.Tensor], epochs: int = 3,
-            models: dict[str, Callable[[], nn.Module]] | None = None, prefix: str = "") -> nn.Module:
+            models: dict[str, Callable[[], nn.Module]] | None = None, prefix: str = "", seed: int = 0) -> nn.Module:
     """The benchmark model `name` (of `models`, default the shared ones), trained once and cached under
-    benchmarks/cache/ as `{prefix}{name}_e{epochs}.pt`."""
+    benchmarks/cache/ as `{prefix}{name}_e{epochs}_s{seed}.pt`. The same model whichever script trains it first:
+    its initial weights come from `seed` (not from what the calling process drew before), and it trains on
+    `TRAIN_THREADS` threads whatever the caller's setting (same torch build and CPU kind assumed)."""
     CACHE.mkdir(parents=True, exist_ok=True)
-    path = CACHE / f"{prefix}{name}_e{epochs}.pt"
+    path = CACHE / f"{prefix}{name}_e{epochs}_s{seed}.pt"
+    torch.manual_seed(seed)
     model = (models or MODELS)[name]()
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()
     t0 = time.perf_counter()
-    train(model, data, epochs)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(TRAIN_THREADS)
+    try:
+        train(model, data, epochs, seed=seed)
+    finally:
+        torch.set_num_threads(threads)
     torch.save(model.state_dict(), path)
     print(f"trained {name} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return model.eval()
