@@ -612,13 +612,14 @@ def main() -> None:
         "speed drifts over a run; the originals table gives one such time per model); calib. passes = `CompileReport.calibration_passes`; peak "
         "MiB = RSS growth during the compile (a lower bound: reused memory does not show). ORT speed-ups: "
         "original / compressed, ONNX Runtime CPU, 2 threads with the worker threads sleeping between parallel "
-        "sections (`session.intra_op.allow_spinning = 0`, netsqueeze's `runtime { spinning = off }`); at batch 64 "
+        "sections (`session.intra_op.allow_spinning = 0`, as netsqueeze's own timings run); at batch 64 "
         "also with ONNX Runtime's default, the threads busy-waiting (`spinning`), and on 1 thread (no worker "
         f"threads); each the fastest of {LAT_ROUNDS} rounds that time the "
         f"original and every squeeze_fold model of a model in turns ({LAT_RUNS[1]} runs a round at batch 1, "
-        f"{LAT_RUNS[64]} at batch 64): the figure other jobs on the machine disturb least. Why both: on this "
-        "2-core machine the busy-waiting slows a squeezed model more than the original, and by an amount that "
-        "varies from run to run.",
+        f"{LAT_RUNS[64]} at batch 64): the figure other jobs on the machine disturb least. Why both: with the "
+        "threads busy-waiting, the sessions timed in turns in this process slow each other, the faster models the "
+        "most, while with the threads sleeping a model's time in turns stays close to its time alone "
+        "(benchmarks/ort_spinning.py).",
         "## Original models",
         originals,
         "## Results",

@@ -179,20 +179,16 @@ def cmd_bench(a: argparse.Namespace) -> int:
     batches = parse_batches(a.batch)
     if a.threads < 1 or a.rounds < 1:
         raise UsageError(f"--threads and --rounds must be at least 1 (got {a.threads}, {a.rounds})")
-    if a.spinning == "off" and (a.runtime != "ort" or a.threads < 2):
-        raise UsageError("--spinning off lets ONNX Runtime's worker threads sleep: it needs --runtime ort and "
-                         f"--threads 2 or more (got --runtime {a.runtime}, --threads {a.threads})")
     if a.json:
         from netsqueeze.compiler.files import check_output_path, model_source
 
         check_output_path(a.json, [("model", model_source(m)) for m in a.models]
                           + ([("data file", Path(a.data))] if a.data else []), "--json")
     rows = bench(a.models, data=a.data, runtime=a.runtime, batches=batches, threads=a.threads, rounds=a.rounds,
-                 trust_pickle=a.trust_pickle, spinning=a.spinning == "on")
-    print(format_table(rows, a.runtime, a.threads, a.spinning == "on"))
+                 trust_pickle=a.trust_pickle)
+    print(format_table(rows, a.runtime, a.threads))
     if a.json:
-        _write_text(Path(a.json), json.dumps({"runtime": a.runtime, "threads": a.threads,
-                                              "spinning": a.spinning == "on", "models": rows}, indent=1))
+        _write_text(Path(a.json), json.dumps({"runtime": a.runtime, "threads": a.threads, "models": rows}, indent=1))
     return 0
 
 
@@ -302,9 +298,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", default="1", help="batch sizes, comma-separated (default: 1)")
     b.add_argument("--threads", type=int, default=1, help="intra-op threads (default: 1)")
     b.add_argument("--rounds", type=int, default=15, help="timed rounds per model (default: 15)")
-    b.add_argument("--spinning", choices=["on", "off"], default="on",
-                   help="ONNX Runtime's worker threads busy-wait between parallel sections (on, its default) or "
-                        "sleep (off; needs --threads 2 or more)")
     b.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     b.set_defaults(fn=cmd_bench)
 

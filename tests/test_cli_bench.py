@@ -64,23 +64,6 @@ def test_bench_table_and_json(models: tuple[Path, Path, Path, torch.nn.Module, n
         assert all(0 < v["median_ms"] <= v["p90_ms"] for v in r["latency"].values())
 
 
-def test_bench_spinning_off(models: tuple[Path, Path, Path, torch.nn.Module, ns.CompileResult], tmp_path: Path,
-                            capsys: pytest.CaptureFixture[str]) -> None:
-    """--spinning off: ONNX Runtime's worker threads sleep between parallel sections; the table and the JSON say so,
-    and where it would change nothing (torch, 1 thread) it is a usage error."""
-    big, small, _, _, _ = models
-    js = tmp_path / "b.json"
-    assert main(["bench", str(big), str(small), "--threads", "2", "--spinning", "off", "--rounds", "2",
-                 "--json", str(js)]) == 0
-    assert capsys.readouterr().out.splitlines()[-1] == ("ort, 2 thread(s), spinning off; models timed side by side in "
-                                                        "interleaved rounds")
-    got = json.loads(js.read_text())
-    assert (got["threads"], got["spinning"], len(got["models"])) == (2, False, 2)
-    assert main(["bench", str(big), "--spinning", "off"]) == 2
-    assert ("--spinning off lets ONNX Runtime's worker threads sleep: it needs --runtime ort and --threads 2 or more "
-            "(got --runtime ort, --threads 1)") in capsys.readouterr().err
-
-
 def test_bench_refuses_a_batch_a_fixed_model_cannot_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     model, inputs = ZOO["mlp"]()
     proto = ns.compile(model, [], example_inputs=inputs, target="onnx").model

@@ -243,7 +243,6 @@ class _Resolved:
     budget_spans: dict[str, SourceSpan] = field(default_factory=dict)
     budget_absolute: dict[str, float] = field(default_factory=dict)  # absolute budget items, base units
     runtime: dict[str, Any] = field(default_factory=dict)  # `runtime { threads, batch }`
-    runtime_spans: dict[str, SourceSpan] = field(default_factory=dict)
 
 
 def load_policy_file(path: str | os.PathLike[str], params: Mapping[str, Any] | None = None) -> Any:
@@ -325,7 +324,7 @@ def _resolve(policy: PolicyLike, graph: Graph, params: Mapping[str, Any] | None)
     steps = [Step(s.instance, s.selected, f"{s.span.file}:{s.span.line}", s.span) for s in plan.steps]
     return _Resolved(steps, dict(plan.budget), dict(plan.bounds), plan.guard, dict(plan.calibration),
                      plan.policy_hash, plan.to_text(), list(plan.inputs), dict(plan.budget_spans),
-                     dict(plan.budget_absolute), dict(plan.runtime), dict(plan.runtime_spans))
+                     dict(plan.budget_absolute), dict(plan.runtime))
 
 
 def _declared_inputs(policy: PolicyLike, params: Mapping[str, Any] | None) -> tuple[torch.Tensor, ...] | None:
@@ -959,7 +958,7 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
         was, now = runtime_lat
         report.latency = [{"model": "original", **was.to_dict()}, {"model": "compressed", **now.to_dict()}]
         report.notes.append(
-            f"measured on the runtime ({was.where()}): "
+            f"measured on the runtime ({was.runtime}, batch {was.batch}, {was.threads} thread(s)): "
             f"{was.median_ms:.3f} -> {now.median_ms:.3f} ms, {was.median_ms / now.median_ms:.2f}x faster, beside "
             f"{before.flops / max(1, after.flops):.2f}x fewer FLOPs and {before.params / max(1, after.params):.2f}x "
             "fewer params")

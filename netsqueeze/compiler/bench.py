@@ -94,10 +94,9 @@ def _predict(model: _Model, runtime: Runtime, xs: Sequence[torch.Tensor], chunk:
 
 def bench(paths: Sequence[str | os.PathLike[str]], *, data: str | None = None, runtime: Runtime = "ort",
           batches: Sequence[int] = (1,), threads: int = 1, rounds: int = 15,
-          trust_pickle: bool = False, spinning: bool = True) -> list[dict[str, Any]]:
+          trust_pickle: bool = False) -> list[dict[str, Any]]:
     """One row per model: path, bytes, params, flops (of one sample), latency per batch size ({batch: {median_ms, p90_ms}})
-    and, with `data` (an .npz of inputs plus `labels`), top1 and agreement (same argmax as the first model).
-    `spinning=False`: ONNX Runtime's worker threads sleep between parallel sections (`compiler.latency`)."""
+    and, with `data` (an .npz of inputs plus `labels`), top1 and agreement (same argmax as the first model)."""
     models = [_Model(os.fspath(p), trust_pickle) for p in paths]
     xs: tuple[torch.Tensor, ...] | None = None
     labels: torch.Tensor | None = None
@@ -115,8 +114,7 @@ def bench(paths: Sequence[str | os.PathLike[str]], *, data: str | None = None, r
     for b in batches:
         runnables = [m.runnable(runtime, b, xs) for m in models]
         inputs = models[0].inputs(b, xs)
-        for row, lat in zip(rows, measure(runnables, inputs, runtime=runtime, threads=threads, rounds=rounds,
-                                          spinning=spinning)):
+        for row, lat in zip(rows, measure(runnables, inputs, runtime=runtime, threads=threads, rounds=rounds)):
             row["latency"][str(b)] = {"median_ms": lat.median_ms, "p90_ms": lat.p90_ms}
     if xs is not None:
         preds = [_predict(m, runtime, xs) for m in models]
@@ -129,7 +127,7 @@ def bench(paths: Sequence[str | os.PathLike[str]], *, data: str | None = None, r
     return rows
 
 
-def format_table(rows: Sequence[dict[str, Any]], runtime: str, threads: int, spinning: bool = True) -> str:
+def format_table(rows: Sequence[dict[str, Any]], runtime: str, threads: int) -> str:
     batches = list(rows[0]["latency"]) if rows else []
     head = ["model", "size", "params", "FLOPs/sample", *[f"{runtime} b{b} median / p90 ms" for b in batches]]
     extra = [k for k in ("top1", "agreement") if rows and k in rows[0]]
@@ -140,6 +138,5 @@ def format_table(rows: Sequence[dict[str, Any]], runtime: str, threads: int, spi
         cells += [f"{r['latency'][b]['median_ms']:.3f} / {r['latency'][b]['p90_ms']:.3f}" for b in batches]
         cells += [f"{r[k]:.2%}" for k in extra]
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append(f"\n{runtime}, {threads} thread(s){'' if spinning else ', spinning off'}; models timed side by side "
-                 "in interleaved rounds")
+    lines.append(f"\n{runtime}, {threads} thread(s); models timed side by side in interleaved rounds")
     return "\n".join(lines)

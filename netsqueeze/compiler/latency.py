@@ -4,12 +4,15 @@ Timing candidates against the original in interleaved rounds (A, B, A, B, ...) k
 noisy machine: a slow spell hits every model of a round alike. Runtimes: ONNX Runtime (CPU execution
 provider) and torch eager.
 
-ONNX Runtime's worker threads busy-wait for the next parallel section by default ("spinning"). With
-`spinning=False` they sleep instead (`session.intra_op.allow_spinning = 0`). On the 2-core benchmark VM the
-busy-waiting slowed a small model and not a large one: one session alone in its process, 2 threads, batch 64,
-the benchmark VGG at 3x fewer FLOPs ran in 7.9 ms spinning and 6.3 ms not, the original in 16.3 and 17.0 ms. So
-a speed-up measured with spinning there read 2.06x where it was 2.70x without
-(benchmarks/results/squeeze.md times both). Measure as the model will be deployed.
+ONNX Runtime sessions are timed with their worker threads sleeping between parallel sections
+(`session.intra_op.allow_spinning = 0`), not busy-waiting as they do by default. Timed in turns in one process,
+the busy-waiting threads of the session that has just run take the cores from the next one, and the faster model
+loses the most: on the 2-core benchmark machine, 2 threads, batch 64 (`benchmarks/results/ort-spinning.md`), the
+benchmark ResNet squeezed to 2x fewer FLOPs ran 11.77 ms in turns with the original busy-waiting and 7.78 ms
+sleeping, against 7.90 / 7.79 ms alone in its process, while the original ran 11.94 / 11.91 ms in turns. With the
+threads sleeping, the in-turns times of every model there were within 7% of its time alone; alone, busy-waiting
+was faster for some models and slower for others (the VGG squeezed 2x: 11.74 against 9.54 ms; 5x: 3.58 against
+4.03 ms), with no consistent sign on that noisy machine.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -40,20 +43,9 @@ class Latency:
     median_ms: float
     p90_ms: float
     rounds: int
-    spinning: bool = True  # ONNX Runtime's worker threads busy-wait between parallel sections (its default)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-    def where(self) -> str:
-        """Where it was timed: `ort, batch 64, 2 thread(s)`, with `, spinning off` when the threads slept."""
-        return where(self.to_dict())
-
-
-def where(lat: Mapping[str, Any]) -> str:
-    """`Latency.where` of a report's latency entry (a `Latency.to_dict()`; older reports have no `spinning`)."""
-    return (f"{lat['runtime']}, batch {lat['batch']}, {lat['threads']} thread(s)"
-            + ("" if lat.get("spinning", True) else ", spinning off"))
 
 
 @contextlib.contextmanager
@@ -66,9 +58,10 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def ort_session_options(threads: int, spinning: bool = True) -> Any:
-    """ONNX Runtime session options for timing: `threads` intra-op threads, one inter-op thread, warnings off;
-    `spinning=False` lets the worker threads sleep between parallel sections (`session.intra_op.allow_spinning`)."""
+def ort_session_options(threads: int, spinning: bool = False) -> Any:
+    """ONNX Runtime session options for timing: `threads` intra-op threads, one inter-op thread, warnings off, and
+    the worker threads sleeping between parallel sections unless `spinning` (ONNX Runtime's default; see the module
+    docstring for why timing turns it off)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -80,11 +73,10 @@ def ort_session_options(threads: int, spinning: bool = True) -> Any:
     return so
 
 
-def _ort_runner(model: Any, inputs: Sequence[torch.Tensor], threads: int, spinning: bool = True
-                ) -> Callable[[], Any]:
+def _ort_runner(model: Any, inputs: Sequence[torch.Tensor], threads: int) -> Callable[[], Any]:
     import onnxruntime as ort
 
-    so = ort_session_options(threads, spinning)
+    so = ort_session_options(threads)
     data = model if isinstance(model, (str, bytes)) else model.SerializeToString()
     sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
@@ -107,12 +99,9 @@ def _torch_runner(model: Any, inputs: Sequence[torch.Tensor]) -> Callable[[], An
     return run
 
 
-def runner(model: Any, inputs: Sequence[torch.Tensor], runtime: Runtime, threads: int = 1, spinning: bool = True
-           ) -> Callable[[], Any]:
+def runner(model: Any, inputs: Sequence[torch.Tensor], runtime: Runtime, threads: int = 1) -> Callable[[], Any]:
     """A no-argument function that runs `model` once on `inputs` in `runtime`. `model`: an IR `Graph` (emitted
-    for the runtime), an nn.Module (torch), or an ONNX ModelProto, its bytes or a path (ort). `spinning=False`:
-    ONNX Runtime's worker threads sleep between parallel sections (ort only: torch's OpenMP threads take their
-    wait policy from the environment when the process starts)."""
+    for the runtime), an nn.Module (torch), or an ONNX ModelProto, its bytes or a path (ort)."""
     if runtime not in RUNTIMES:
         raise NetsqueezeError(f"unknown runtime '{runtime}' (use {' or '.join(RUNTIMES)})")
     if isinstance(model, Graph):
@@ -127,10 +116,7 @@ def runner(model: Any, inputs: Sequence[torch.Tensor], runtime: Runtime, threads
     if runtime == "ort":
         if isinstance(model, torch.nn.Module):
             raise NetsqueezeError("runtime 'ort' times an ONNX model; emit the graph with to_onnx first")
-        return _ort_runner(model, inputs, threads, spinning)
-    if not spinning:
-        raise NetsqueezeError("spinning = off is ONNX Runtime's setting; torch eager's threads cannot be told to sleep "
-                              "once the process has started (OMP_WAIT_POLICY)")
+        return _ort_runner(model, inputs, threads)
     return _torch_runner(model, inputs)
 
 
@@ -143,7 +129,7 @@ def _percentile(xs: Sequence[float], q: float) -> float:
 
 
 def measure(models: Sequence[Any], inputs: Sequence[torch.Tensor], *, runtime: Runtime = "ort", threads: int = 1,
-            warmup: int = 3, rounds: int = 15, min_round_s: float = 0.002, spinning: bool = True) -> list[Latency]:
+            warmup: int = 3, rounds: int = 15, min_round_s: float = 0.002) -> list[Latency]:
     """Latency of each of `models` on the same `inputs`, timed side by side in interleaved rounds.
 
     Each round runs every model a fixed number of calls (enough that the slowest model's block lasts
@@ -153,7 +139,7 @@ def measure(models: Sequence[Any], inputs: Sequence[torch.Tensor], *, runtime: R
         raise NetsqueezeError(f"threads and rounds must be >= 1 and warmup >= 0 (got {threads}, {rounds}, {warmup})")
     batch = int(inputs[0].shape[0]) if inputs and inputs[0].dim() else 1
     with torch_threads(threads):
-        fns = [runner(m, inputs, runtime, threads, spinning) for m in models]
+        fns = [runner(m, inputs, runtime, threads) for m in models]
         for fn in fns:
             for _ in range(max(1, warmup)):
                 fn()
@@ -173,5 +159,4 @@ def measure(models: Sequence[Any], inputs: Sequence[torch.Tensor], *, runtime: R
                 for _ in range(calls):
                     fn()
                 samples[i].append((time.perf_counter() - t) / calls * 1000.0)
-    return [Latency(runtime, batch, threads, statistics.median(s), _percentile(s, 0.9), rounds, spinning)
-            for s in samples]
+    return [Latency(runtime, batch, threads, statistics.median(s), _percentile(s, 0.9), rounds) for s in samples]

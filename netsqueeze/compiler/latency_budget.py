@@ -65,7 +65,6 @@ class LatencyTarget:
     span: SourceSpan | None = None
     rounds: int = 15
     cost_model: CostModelName = "per_kind"
-    spinning: bool = True  # ONNX Runtime's worker threads busy-wait between parallel sections (`runtime { spinning }`)
 
     def describe(self) -> str:
         return f"{self.ratio:.0%} of the original" if self.ratio is not None else f"{(self.seconds or 0) * 1e3:.3g} ms"
@@ -206,7 +205,8 @@ def _not_met(target: LatencyTarget, lat: Sequence[Latency], inputs: tuple[torch.
     ratio = lat[1].median_ms / lat[0].median_ms
     return BudgetError(Diagnostic(
         f"budget latency <= {target.describe()} not met: measured {lat[1].median_ms:.3f} ms against "
-        f"{lat[0].median_ms:.3f} ms for the original ({ratio:.1%}) on {lat[0].where()}, after {runs} run(s) of "
+        f"{lat[0].median_ms:.3f} ms for the original ({ratio:.1%}) on {target.runtime}, batch "
+        f"{inputs[0].shape[0] if inputs else 1}, {target.threads} thread(s), after {runs} run(s) of "
         "the pipeline", span=target.span))
 
 
@@ -409,8 +409,7 @@ def _run_per_kind(original: Graph, steps: Sequence[Step], ctx: PassContext, targ
 def _measure(target: LatencyTarget, graphs: Sequence[Graph], inputs: tuple[torch.Tensor, ...],
              purpose: str = "the latency budget") -> list[Latency]:
     try:
-        return measure(list(graphs), inputs, runtime=target.runtime, threads=target.threads, rounds=target.rounds,
-                       spinning=target.spinning)
+        return measure(list(graphs), inputs, runtime=target.runtime, threads=target.threads, rounds=target.rounds)
     except NetsqueezeError:
         raise
     except Exception as e:
@@ -429,10 +428,8 @@ def runtime_latency(resolved: Any, emit_target: str, original: Graph, graph: Gra
     rt = resolved.runtime
     if not rt or latency_target(resolved, emit_target) is not None:
         return None
-    runtime: Runtime = "ort" if emit_target == "onnx" else "torch"
-    threads = int(rt.get("threads") or 1)
-    target = LatencyTarget(ratio=None, seconds=None, runtime=runtime, threads=threads, batch=rt.get("batch"),
-                           spinning=_spinning(resolved, runtime, threads))
+    target = LatencyTarget(ratio=None, seconds=None, runtime="ort" if emit_target == "onnx" else "torch",
+                           threads=int(rt.get("threads") or 1), batch=rt.get("batch"))
     inputs = timing_inputs(original, target.batch, seed)
     before, after = _measure(target, [original, graph], inputs, "the runtime block's latency report")
     return before, after
@@ -446,26 +443,6 @@ def latency_target(resolved: Any, emit_target: str) -> LatencyTarget | None:
     if ratio is None and seconds is None:
         return None
     rt = resolved.runtime
-    runtime: Runtime = "ort" if emit_target == "onnx" else "torch"
-    threads = int(rt.get("threads") or 1)
-    return LatencyTarget(ratio=ratio, seconds=seconds, runtime=runtime, threads=threads, batch=rt.get("batch"),
-                         span=resolved.budget_spans.get("latency"), cost_model=rt.get("cost_model") or "per_kind",
-                         spinning=_spinning(resolved, runtime, threads))
-
-
-def _spinning(resolved: Any, runtime: Runtime, threads: int) -> bool:
-    """The policy's `runtime { spinning = on | off }` (default on: ONNX Runtime's own default), refused at its place
-    where it would change nothing: a model timed in torch eager, or ONNX Runtime on one thread (no worker threads)."""
-    value = resolved.runtime.get("spinning")
-    if value is None:
-        return True
-    span = resolved.runtime_spans.get("spinning")
-    if runtime != "ort":
-        raise NetsqueezeError(Diagnostic(
-            f"runtime setting 'spinning = {value}' is ONNX Runtime's: this compile emits a torch module and times it "
-            "in torch eager (emit with target=\"onnx\" to time ONNX Runtime)", span=span))
-    if threads < 2:
-        raise NetsqueezeError(Diagnostic(
-            f"runtime setting 'spinning = {value}' is about ONNX Runtime's worker threads: with threads = {threads} "
-            "there are none (set threads = 2 or more)", span=span))
-    return bool(value == "on")
+    return LatencyTarget(ratio=ratio, seconds=seconds, runtime="ort" if emit_target == "onnx" else "torch",
+                         threads=int(rt.get("threads") or 1), batch=rt.get("batch"),
+                         span=resolved.budget_spans.get("latency"), cost_model=rt.get("cost_model") or "per_kind")

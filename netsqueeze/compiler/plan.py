@@ -83,7 +83,6 @@ class Plan:
     budget: dict[str, float] = field(default_factory=dict)
     # metric -> the `budget` item that set it (`flops <= 50%`), for located budget errors
     budget_spans: dict[str, SourceSpan] = field(default_factory=dict)
-    runtime_spans: dict[str, SourceSpan] = field(default_factory=dict)  # where each runtime setting was written
     bounds: dict[str, Any] = field(default_factory=dict)
     guard: Guard | None = None
     calibration: dict[str, Any] = field(default_factory=dict)
@@ -278,7 +277,6 @@ class _Resolver:
                     for o in s.settings:
                         if o.key in RUNTIME_KEYS:
                             plan.runtime[o.key] = conv(o.value, RUNTIME_KEYS[o.key], o.key)
-                            plan.runtime_spans[o.key] = o.span
                 elif isinstance(s, ast.Guard) and s.metric in GUARD_METRICS:
                     plan.guard = Guard(s.metric, float(conv(s.value, GUARD_METRICS[s.metric], s.metric)),
                                        span=_through(s.span, s.value.span))

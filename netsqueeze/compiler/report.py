@@ -8,7 +8,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from netsqueeze.compiler.latency import where
 from netsqueeze.compiler.pipeline import PassRecord
 from netsqueeze.ir.graph import Graph
 from netsqueeze.ir.stats import GraphStats, NodeStats, graph_stats
@@ -140,7 +139,8 @@ class CompileReport:
             out.append(f"calibration: {self.calibration_passes:.1f} full passes of the model over the data")
         out.extend(f"note: {n}" for n in self.notes)
         for lat in self.latency:
-            out.append(f"latency ({lat['model']}, {where(lat)}): median {lat['median_ms']:.3f} ms, p90 {lat['p90_ms']:.3f} ms")
+            out.append(f"latency ({lat['model']}, {lat['runtime']}, batch {lat['batch']}, {lat['threads']} thread(s)): "
+                       f"median {lat['median_ms']:.3f} ms, p90 {lat['p90_ms']:.3f} ms")
         if self.plan:
             out += ["", "resolved plan:", self.plan]
         return "\n".join(out)

@@ -215,8 +215,7 @@ def render(r: CompileReport) -> str:
     total_s = sum(p.seconds for p in r.passes) or 1.0
     pass_bars = _bars("time per pass (ms)", [(p.name + (f" ({Path(p.where).name})" if p.where else ""), p.seconds * 1000,
                                               0.0) for p in r.passes], single=True) if r.passes else ""
-    lat_rows = [(str(x["model"]), str(x["runtime"]), str(x["batch"]),
-                 str(x["threads"]) + ("" if x.get("spinning", True) else ", spinning off"), f"{x['median_ms']:.3f}",
+    lat_rows = [(str(x["model"]), str(x["runtime"]), str(x["batch"]), str(x["threads"]), f"{x['median_ms']:.3f}",
                  f"{x['p90_ms']:.3f}") for x in r.latency]
     node_rows = []
     for n in ids:

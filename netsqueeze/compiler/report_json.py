@@ -12,7 +12,7 @@ may be added, existing ones keep their meaning. Integers are exact (params, FLOP
      "times": {stage: seconds}, "fidelity": {metric: value}, "notes": [str], "storage": {key: value},
      "budget": {metric: ratio}, "guard": {"metric", "limit"}|null,
      "search": [{"pass", "metric", "value", "params", "flops", "bytes"}],   # candidates the guard measured
-     "latency": [{"model", "runtime", "batch", "threads", "median_ms", "p90_ms", "rounds", "spinning"}],
+     "latency": [{"model", "runtime", "batch", "threads", "median_ms", "p90_ms", "rounds"}],
      "calibration_passes": float}                           # full model passes over the calibration data
 NODE: {"id", "kind", "shapes": [str], "params", "flops", "bytes", "activation_bytes", "nonzeros", "forms"}.
 """

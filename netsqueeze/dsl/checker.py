@@ -104,9 +104,6 @@ RUNTIME_KEYS: dict[str, OptionSchema] = {
     "batch": OptionSchema("batch", _INT, None, min=1, unit="count"),
     # how the latency budget's search predicts latency (compiler.latency_budget): per-op-kind model or one line
     "cost_model": OptionSchema("cost_model", TypeDesc("literal", ("per_kind", "line")), "per_kind"),
-    # ONNX Runtime's worker threads busy-wait for work between parallel sections (its default, `on`) or sleep
-    # (`off`, session.intra_op.allow_spinning = 0); compiler.latency
-    "spinning": OptionSchema("spinning", TypeDesc("literal", ("on", "off")), "on"),
 }
 BOUNDS_KEYS: dict[str, OptionSchema] = {
     "min_channels": OptionSchema("min_channels", _INT, 1, min=1),
