@@ -259,8 +259,8 @@ def main() -> None:
         f"({(time.perf_counter() - t_start) / 60:.1f} min). Machine: {platform.machine()}, {os.cpu_count()} cores "
         f"shared with other jobs (compile times and latencies are noisy), torch {torch.__version__}, 1 thread for "
         "compiles, ONNX Runtime at 2 threads (median of 30 runs at batch 1, 20 at batch 64) with the worker threads "
-        "sleeping between parallel sections (`session.intra_op.allow_spinning = 0`, netsqueeze's `runtime { spinning "
-        "= off }`), and at batch 64 also with ONNX Runtime's default busy-waiting (`spinning`), timed after every "
+        "sleeping between parallel sections (`session.intra_op.allow_spinning = 0`, as netsqueeze's own timings "
+        "run), and at batch 64 also with ONNX Runtime's default busy-waiting (`spinning`), timed after every "
         "compile, each model right after its original; the original's row shows its latencies.",
         f"Test images: {n_test:,}; calibration: {CALIB} training images (statistics, refit, the loss measurements "
         "and Torch-Pruning's BatchNorm re-estimation); "
