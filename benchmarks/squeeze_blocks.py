@@ -4,7 +4,8 @@ convolutions (C -> C -> C channels, 28x28, batch 64) against C, in ONNX Runtime 
     .venv/bin/python benchmarks/squeeze_blocks.py     → benchmarks/results/squeeze-blocks.md
 
 Each figure is the fastest of 15 rounds x 2 runs, the sizes timed in turns (a shared machine slows runs, never
-speeds them up). On a CPU whose ONNX Runtime convolutions work on blocks of channels, time steps with the block
+speeds them up), with ONNX Runtime's worker threads sleeping between runs as netsqueeze times (busy-waiting, the
+sessions timed in turns slow each other: benchmarks/ort_spinning.py). On a CPU whose ONNX Runtime convolutions work on blocks of channels, time steps with the block
 count rather than with C^2, so a channel count that is an odd multiple of 8 costs as much as the next multiple
 of 16 when the block is 16 channels (AVX-512).
 """
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import netsqueeze as ns
 from benchmarks.common import markdown_table, write_result
 from netsqueeze.backends.onnx import to_onnx
+from netsqueeze.compiler.latency import ort_session_options
 
 CHANNELS = (16, 24, 32, 40, 48, 56, 64)
 ROUNDS = 15
@@ -40,10 +42,7 @@ def main() -> None:
     feeds = [np.random.default_rng(0).standard_normal((64, c, 28, 28), dtype=np.float32) for c in CHANNELS]
     best: dict[int, list[float]] = {}
     for threads in (1, 2):
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
+        so = ort_session_options(threads)  # the worker threads sleep between runs (compiler.latency)
         sessions = [ort.InferenceSession(b, so, providers=["CPUExecutionProvider"]) for b in blobs]
         best[threads] = [float("inf")] * len(sessions)
         for _ in range(ROUNDS):
@@ -60,7 +59,8 @@ def main() -> None:
         "# ONNX Runtime convolution time against channel count",
         f"Command: `.venv/bin/python benchmarks/squeeze_blocks.py`. Two 3x3 convolutions C -> C -> C, 28x28, batch 64, "
         f"random weights; ONNX Runtime {ort.__version__} CPU; the fastest of {ROUNDS} rounds x 2 runs, sizes timed "
-        "in turns; in brackets: relative to C = 32. Machine: 2-core x86-64 with AVX-512, shared with other jobs.",
+        "in turns, the worker threads sleeping between runs (`session.intra_op.allow_spinning = 0`); in brackets: "
+        "relative to C = 32. Machine: 2-core x86-64 with AVX-512, shared with other jobs.",
         markdown_table(["C", "FLOPs (rel. to C = 32)", "1 thread", "2 threads"], rows),
     ]) + "\n"
     write_result("squeeze-blocks.md", text)
