@@ -95,13 +95,13 @@ ROUNDS = 15  # latency: medians over rounds that interleave every model of a tab
 
 
 def session(blob: bytes):  # type: ignore[no-untyped-def]
+    """A 2-thread session whose worker threads sleep between runs, as netsqueeze times (compiler.latency): busy-
+    waiting, the sessions timed in turns slow each other (benchmarks/ort_spinning.py)."""
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"])
+    from netsqueeze.compiler.latency import ort_session_options
+
+    return ort.InferenceSession(blob, ort_session_options(2), providers=["CPUExecutionProvider"])
 
 
 def interleaved_latency(blobs: list[bytes], batches: tuple[int, ...] = (1, 64)) -> list[dict[int, float]]:
@@ -202,7 +202,8 @@ def main() -> None:
         rows += run_cnn(name, data)
     text = ["# Static int8 quantization (benchmarks/quantize.py)", "",
             f"Fashion-MNIST, {CALIB} calibration images (the same for every method), top-1 on the 10,000 test "
-            "images in ONNX Runtime; bytes = serialized ONNX model; ORT CPU latency, 2 threads, medians over "
+            "images in ONNX Runtime; bytes = serialized ONNX model; ORT CPU latency, 2 threads (sleeping between runs: "
+            "`session.intra_op.allow_spinning = 0`), medians over "
             f"{ROUNDS} rounds that time the models of a table in turns; ratios against fp32 of the same model in the same run. All int8 rows: per-channel int8 "
             "weights, uint8 activations, QDQ format.", "", markdown_table(HEADER, rows)]
     if not args.no_lm:
