@@ -209,7 +209,6 @@ def ort_latency(onnx_bytes: bytes, batch: int, runs: int = 50, spinning: bool = 
     from netsqueeze.compiler.latency import ort_session_options
 
     so = ort_session_options(2, spinning)
-    so.log_severity_level = 2
     sess = ort.InferenceSession(onnx_bytes, so, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     x = np.random.default_rng(0).standard_normal((batch, 1, 28, 28), dtype=np.float32)

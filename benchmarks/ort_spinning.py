@@ -33,34 +33,26 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import fashion_mnist, markdown_table, trained, write_result
-from benchmarks.squeeze import CALIB_BATCH, ROUND_TO, flops_params, onnx_blob, run_ns
+from benchmarks.squeeze import (
+    CALIB_BATCH,
+    LAT_ROUNDS,
+    LAT_RUNS,
+    ROUND_TO,
+    fastest_latency,
+    flops_params,
+    onnx_blob,
+    run_ns,
+)
 
-BATCH, ROUNDS, RUNS, WARMUP = 64, 30, 2, 3
+BATCH = 64
+ROUNDS, RUNS = LAT_ROUNDS, LAT_RUNS[BATCH]
 
 
 def child(paths: list[str], threads: int, spinning: bool) -> list[float]:
-    """The fastest run (ms) of each ONNX model in `paths`, its sessions in this process timed in turns (RUNS runs
-    each, ROUNDS rounds)."""
-    import numpy as np
-    import onnxruntime as ort
-
-    from netsqueeze.compiler.latency import ort_session_options
-
-    x = np.random.default_rng(0).standard_normal((BATCH, 1, 28, 28), dtype=np.float32)
-    sessions = [ort.InferenceSession(p, ort_session_options(threads, spinning), providers=["CPUExecutionProvider"])
-                for p in paths]
-    feeds = [{s.get_inputs()[0].name: x} for s in sessions]
-    for s, feed in zip(sessions, feeds):
-        for _ in range(WARMUP):
-            s.run(None, feed)
-    best = [float("inf")] * len(sessions)
-    for _ in range(ROUNDS):
-        for i, (s, feed) in enumerate(zip(sessions, feeds)):
-            for _ in range(RUNS):
-                t0 = time.perf_counter()
-                s.run(None, feed)
-                best[i] = min(best[i], (time.perf_counter() - t0) * 1e3)
-    return best
+    """The fastest run (ms) of each ONNX model in `paths`, its sessions in this process timed in turns as
+    benchmarks/squeeze.py times them (`fastest_latency`: RUNS runs each, ROUNDS rounds)."""
+    blobs = [Path(p).read_bytes() for p in paths]
+    return [ms[BATCH] for ms in fastest_latency(blobs, threads, {BATCH: RUNS}, spinning)]
 
 
 def timed(paths: list[Path], threads: int, spinning: bool) -> list[float]:

@@ -432,11 +432,11 @@ def verdicts(points: list[Point], bases: list[Base], n_calib: int) -> list[list[
                 f"{q.flops_red:.2f}x)", p.drop <= q.drop / 2)
     for base in bases:
         sf = [p for p in points if p.model == base.model and p.method == SF and not p.failed and 64 in p.lat]
+        if not sf:
+            continue
         for how, speed in (("2 threads, spinning off", lambda p: p.lat[64]),
                            ("2 threads, ORT's default spinning", lambda p: p.lat_spin or 0.0),
                            ("1 thread", lambda p: p.lat1 or 0.0)):
-            if not sf:
-                continue
             worst = min(sf, key=lambda p: speed(p) / p.flops_red)
             add(f"{base.model}: ORT b64 speed-up >= 0.8 x FLOPs red. (every squeeze_fold row), {how}",
                 f"worst {speed(worst) / worst.flops_red:.2f} ({worst.budget}: {speed(worst):.2f}x at "

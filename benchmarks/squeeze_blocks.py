@@ -5,9 +5,9 @@ convolutions (C -> C -> C channels, 28x28, batch 64) against C, in ONNX Runtime 
 
 Each figure is the fastest of 15 rounds x 2 runs, the sizes timed in turns (a shared machine slows runs, never
 speeds them up), with ONNX Runtime's worker threads sleeping between runs as netsqueeze times (busy-waiting, the
-sessions timed in turns slow each other: benchmarks/ort_spinning.py). On a CPU whose ONNX Runtime convolutions work on blocks of channels, time steps with the block
-count rather than with C^2, so a channel count that is an odd multiple of 8 costs as much as the next multiple
-of 16 when the block is 16 channels (AVX-512).
+sessions timed in turns slow each other: benchmarks/ort_spinning.py). On a CPU whose ONNX Runtime convolutions
+work on blocks of channels, time steps with the block count rather than with C^2, so a channel count that is an
+odd multiple of 8 costs as much as the next multiple of 16 when the block is 16 channels (AVX-512).
 """
 
 from __future__ import annotations

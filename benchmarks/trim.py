@@ -144,13 +144,17 @@ def random_verdict(acc_by: dict[str, float], crits: list[str]) -> str | None:
             + "; draws beaten: " + ", ".join(f"{c} {sum(a > d for d in draws)}/{len(draws)}" for c, a in got.items()))
 
 
-def time_rows(timed: list[tuple[list[str], Base, nn.Module, float]]) -> None:
+def time_rows(timed: list[tuple[list[str], Base, nn.Module, float]]) -> list[tuple[str, float, float]]:
     """Fills the latency cells after every compile: each model timed right after its original, so both see the
-    same load on a shared machine (speed-up = original / compressed)."""
+    same load on a shared machine (speed-up = original / compressed). Returns each row's (method, batch-64 speed-up
+    over its FLOPs reduction with the worker threads sleeping, the same busy-waiting), as its cells show them."""
+    out = []
     for cells, base, m, fr in timed:
         ref, lat = ort_ms(base.model), ort_ms(m)
         b64, spin = ref[1] / lat[1], ref[2] / lat[2]
         cells[-6:-2] = [f"{ref[0] / lat[0]:.2f}x", f"{b64:.2f}x", f"{b64 / fr:.2f}", f"{spin:.2f}x ({spin / fr:.2f})"]
+        out.append((cells[2], round(b64 / fr, 2), round(spin / fr, 2)))
+    return out
 
 
 def main() -> None:
@@ -249,10 +253,8 @@ def main() -> None:
             if verdict:
                 verdicts.append(f"- {name} {budget}: {verdict}")
 
-    time_rows(timed)
-    speed = [r for r in rows if r[2].startswith("trim") and r[-4] not in ("-",)]
-    ratios = [float(r[-4]) for r in speed]
-    ratios_spin = [float(r[-3].split("(")[1].rstrip(")")) for r in speed]
+    speed = [(off, spin) for method, off, spin in time_rows(timed) if method.startswith("trim")]
+    ratios, ratios_spin = [off for off, _ in speed], [spin for _, spin in speed]
     text = "\n\n".join([
         "# trim on Fashion-MNIST, one-shot: criteria, allocation and refit vs Torch-Pruning",
         f"Command: `.venv/bin/python -m benchmarks.trim {' '.join(sys.argv[1:])}` "
