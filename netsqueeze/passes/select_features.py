@@ -164,8 +164,8 @@ class SelectFeatures(TransformPass):
     alone (`_reconstruction_order`; by GOA's gain where the features are read by a conv or as flattened
     blocks); with a `guard`, features are added back in that order until it holds. GOA's own set is a
     minimal set that separates the classes (a handful of features); the fill keeps what the trained
-    classifier reads. On the benchmark ResNet at 16 of 64 features this order lost 0.98 points where the
-    rejected features' GOA gains lost 2.23 (`benchmarks/select_features.py`).
+    classifier reads. On an earlier training of the benchmark ResNet, at 16 of 64 features this order lost 0.98
+    points where the rejected features' GOA gains lost 2.23 (`benchmarks/select_features.py`).
 
     Scope: `scope = group` (default) removes the features from the whole channel group, every producer and
     consumer. Where the group is read by several layers (a residual stream: the next block and, after
