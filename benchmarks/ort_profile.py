@@ -83,12 +83,17 @@ def conv_flops(r: dict[str, Any]) -> int:
     return 2 * math.prod(r["output"]) * math.prod(r["weight"][1:])
 
 
+def totals(rows: list[dict[str, Any]]) -> tuple[float, int]:
+    """(kernel ms summed over the nodes, conv FLOPs as run) of one profiled model."""
+    return sum(r["ms"] for r in rows), sum(conv_flops(r) for r in rows)
+
+
 def node_table(runs: dict[str, tuple[float, list[dict[str, Any]]]]) -> str:
     """Per node of every variant: op, shapes as run, median ms, its share of the variant's kernel time and conv
     FLOPs as run, and ms per GFLOP."""
     table = []
     for variant, (_, rows) in runs.items():
-        total_ms, total_fl = sum(r["ms"] for r in rows), sum(conv_flops(r) for r in rows)
+        total_ms, total_fl = totals(rows)
         for r in rows:
             fl = conv_flops(r)
             table.append([variant, r["node"], r["op"], "x".join(map(str, r["input"])),
@@ -115,7 +120,7 @@ def main() -> None:
     for name in args.models.split(","):
         model = trained(name, data)
         original = profile(onnx_blob(model), args.threads, args.batch)
-        fl0 = sum(conv_flops(r) for r in original[1])
+        ms0, fl0 = totals(original[1])
         for budget in budgets:
             policy = (f"policy bench {{\n  calibrate samples {len(calib)}, batch {CALIB_BATCH}\n  budget flops <= "
                       f"{budget:g}%\n  bounds {{ round_to = {ROUND_TO} }}\n  squeeze_fold\n  fold_bn\n}}\n")
@@ -123,7 +128,8 @@ def main() -> None:
                              progress=False)
             squeezed = profile(res.model.SerializeToString(), args.threads, args.batch)
             ir_red = res.report.flops_ratio  # x fewer FLOPs, the IR's count
-            run_red = fl0 / max(1, sum(conv_flops(r) for r in squeezed[1]))
+            ms1, fl1 = totals(squeezed[1])
+            run_red = fl0 / max(1, fl1)
             speed_up = original[0] / squeezed[0]
             summary.append([name, f"flops <= {budget:g}%", f"{ir_red:.2f}x", f"{run_red:.2f}x",
                             f"{original[0]:.2f}", f"{squeezed[0]:.2f}", f"{speed_up:.2f}x", f"{speed_up / ir_red:.2f}",
@@ -133,8 +139,7 @@ def main() -> None:
                 f"Reached {ir_red:.2f}x fewer FLOPs (the IR's count); the runtime's convolutions compute "
                 f"{run_red:.2f}x fewer as it runs them (channels padded to its blocks). Fastest run: "
                 f"{original[0]:.2f} ms -> {squeezed[0]:.2f} ms, a {speed_up:.2f}x speed-up ({speed_up / ir_red:.2f} of "
-                f"the FLOPs reduction); kernel time summed over nodes {sum(r['ms'] for r in original[1]):.2f} -> "
-                f"{sum(r['ms'] for r in squeezed[1]):.2f} ms.",
+                f"the FLOPs reduction); kernel time summed over nodes {ms0:.2f} -> {ms1:.2f} ms.",
                 node_table({"original": original, "squeeze_fold": squeezed})]))
     text = "\n\n".join([
         "# ONNX Runtime per-node profile, before and after squeeze_fold",
