@@ -512,6 +512,9 @@ def main() -> None:
                     help="squeeze_fold's `search` option (default fast); measured writes squeeze-search-measured.md")
     ap.add_argument("--reestimate-bn", type=int, default=1, choices=(0, 1),
                     help="1 (default): also a squeeze_fold + reestimate_bn row at every point; 0: none")
+    ap.add_argument("--branches", default="keep", choices=("keep", "remove"),
+                    help="squeeze_fold's `branches` option (default keep); remove lets the search remove residual "
+                         "branches whole and adds -branches-remove to the file name")
     ap.add_argument("--peer-round-to", type=int, default=1,
                     help="Torch-Pruning's round_to (default 1: its uniform ratio then lands on the target)")
     args = ap.parse_args()
@@ -529,7 +532,9 @@ def main() -> None:
     grid = [("flops", 2.0)] if args.quick else [(m, t) for m in MEASURES for t in TARGETS]
     hard = grid[-1] if args.quick else HARD_POINT
 
-    sf_step = SF if args.search == "fast" else f"{SF} {{ search = {args.search} }}"
+    opts = [f"search = {args.search}"] * (args.search != "fast") + [f"branches = {args.branches}"] * (
+        args.branches != "keep")
+    sf_step = f"{SF} {{ {', '.join(opts)} }}" if opts else SF
     points: list[Point] = []
     bases: list[Base] = []
     ablations: list[Point] = []
@@ -636,6 +641,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = bounds_stem("squeeze", args.round_to, args.align, ROUND_TO)
     stem += "" if args.search == "fast" else f"-search-{args.search}"
+    stem += "" if args.branches == "keep" else f"-branches-{args.branches}"
     out = RESULTS / (f"{stem}-quick.md" if args.quick else f"{stem}.md")
     tmp = out.with_suffix(".tmp")
     tmp.write_text(text)

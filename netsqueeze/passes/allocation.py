@@ -44,7 +44,13 @@ from netsqueeze.ir.stats import GraphStats
 from netsqueeze.ir.weights import Encoded, graph_weight_bytes
 from netsqueeze.passes.base import PassContext
 from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups
-from netsqueeze.passes.rewrite import ChannelSelection, apply_selection, grouped_input
+from netsqueeze.passes.rewrite import (
+    ChannelSelection,
+    apply_selection,
+    branch_removable,
+    branch_tail,
+    grouped_input,
+)
 
 # the global targets the structural passes can meet, as ratios of the original model
 METRICS = ("flops", "params", "bytes")
@@ -60,10 +66,14 @@ class GroupBounds:
     min_keep: int
     step: int
     align: int = 1
+    empty: bool = False  # 0 is allowed too: the group is a residual branch the pass may remove whole
 
     def clamp(self, k: int) -> int:
         """`k` kept channels within the bounds: at least min_keep (and 1), rounded up to a multiple
-        of step and, when that is at least align, of both step and align; at most size."""
+        of step and, when that is at least align, of both step and align; at most size. 0 stays 0 where
+        the group may be removed whole (`empty`)."""
+        if self.empty and k <= 0:
+            return 0
         k = max(k, self.min_keep, 1)
         k = math.ceil(k / self.step) * self.step
         if k >= self.align:  # a multiple of both (round_to = 8, align = 12: 24, 48, ...)
@@ -77,7 +87,7 @@ class GroupBounds:
 
     def allowed(self) -> list[int]:
         """Every count the bounds allow, ascending (`size` the last)."""
-        return sorted({self.clamp(k) for k in range(1, self.size + 1)})
+        return sorted({self.clamp(k) for k in range(0 if self.empty else 1, self.size + 1)})
 
     def below(self, k: int) -> int:
         """The largest allowed count below `k`; `k` itself when there is none."""
@@ -89,12 +99,15 @@ class GroupBounds:
 
     @property
     def smallest(self) -> int:
-        return self.clamp(1)
+        return self.clamp(0)
 
 
-def group_bounds(group: ChannelGroup, ctx: PassContext, min_channels: int = 1, round_to: int = 1) -> GroupBounds:
+def group_bounds(group: ChannelGroup, ctx: PassContext, min_channels: int = 1, round_to: int = 1,
+                 removable: bool = False) -> GroupBounds:
     """The bounds of `group`: the pass options `min_channels`/`round_to` and the policy's bounds for
-    its producers (`ctx.bounds_for`, which alone sets `align`), the most restrictive winning."""
+    its producers (`ctx.bounds_for`, which alone sets `align`), the most restrictive winning; with
+    `removable`, 0 as well (a residual branch removed whole, `rewrite.branch_removable`: the bounds
+    apply to what a group keeps, not to whether a block stays)."""
     b = ctx.bounds_for(group.producers)
     # bounds count channels; a group's unit can hold several (a grouped conv's weight slot is one channel in each
     # of its conv groups), so they are converted: k units are k·u channels
@@ -104,7 +117,8 @@ def group_bounds(group: ChannelGroup, ctx: PassContext, min_channels: int = 1, r
         min_keep = max(min_keep, group.size - math.floor(float(b["max_ratio"]) * group.size + 1e-9))
     step = max(round_to, int(b.get("round_to", 1)), 1)
     align = max(int(b.get("align", 1)), 1)
-    return GroupBounds(group.size, min(min_keep, group.size), step // math.gcd(step, u), align // math.gcd(align, u))
+    return GroupBounds(group.size, min(min_keep, group.size), step // math.gcd(step, u), align // math.gcd(align, u),
+                       removable)
 
 
 def channels_per_unit(group: ChannelGroup) -> int:
@@ -180,8 +194,10 @@ class Meter:
         # share tables across nodes (their bytes do not add up node by node).
         touch: dict[str, set[int]] = {}
         for g in groups:
-            for m in g.members:
-                touch.setdefault(m.node, set()).add(g.id)
+            # removing a residual branch whole also turns the ops after its consumers into a constant
+            tail = branch_tail(graph, g) if branch_removable(graph, g) is None else []
+            for nid in [m.node for m in g.members] + tail:
+                touch.setdefault(nid, set()).add(g.id)
         self._touch = {nid: tuple(sorted(gids)) for nid, gids in touch.items()}
         nodes = self.graph.nodes()
         self._fixed = {n.id: self._cost(self.graph, n) for n in nodes if n.id not in self._touch}
@@ -223,13 +239,12 @@ class Meter:
                                              for gid, k in key})
         nodes = g.nodes()
         costs = {n.id: self._cost(g, n) for n in nodes}
-        if costs.keys() != self._fixed.keys() | self._touch.keys() or any(
+        if not costs.keys() <= self._fixed.keys() | self._touch.keys() or any(
                 costs.get(nid) != c for nid, c in self._fixed.items()):
             self._additive = False  # a rewrite added a node or moved one outside every group: no shortcut
         kept = dict(key)
-        for nid in self._touch:
-            if nid in costs:
-                self._by_node[self._at(nid, kept)] = costs[nid]
+        for nid in self._touch:  # a node the rewrite deleted (a removed residual branch's) costs nothing
+            self._by_node[self._at(nid, kept)] = costs.get(nid, (0, 0, 0))
         flops, params, _ = _total(costs.values())
         return flops, params, graph_weight_bytes([w for n in nodes for w in n.params.values()])  # tables once
 

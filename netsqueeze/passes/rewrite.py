@@ -6,14 +6,15 @@ Every structural pass (trim, squeeze_fold, custom pruning passes) chooses channe
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+import networkx as nx
 import torch
 
 from netsqueeze.errors import Diagnostic, NetsqueezeError
 from netsqueeze.ir import weights
-from netsqueeze.ir.graph import Graph, TensorMeta, Value
+from netsqueeze.ir.graph import Graph, Node, TensorMeta, Value
 from netsqueeze.ir.ops import attr, spec
 from netsqueeze.ir.weights import WeightFormError
 from netsqueeze.passes.base import PassResult
@@ -140,14 +141,129 @@ def _axis_size(graph: Graph, m: Member) -> int:
 
 def _checked_keep(graph: Graph, group: ChannelGroup, sel: ChannelSelection, empty_ok: bool = True) -> list[int]:
     """`sel.keep` sorted, or `NetsqueezeError` unless its channels are distinct indices of `group`; empty only
-    where `empty_ok` and the group's axes hold other channels too."""
+    where `empty_ok` and the group's axes hold other channels too, or the group is a removable residual branch
+    (`branch_removable`)."""
     keep = sorted(set(int(k) for k in sel.keep))
     if len(keep) != len(sel.keep) or (keep and (keep[0] < 0 or keep[-1] >= group.size)):
         raise _err(group, f"keep must be distinct channel indices in 0..{group.size - 1}")
-    if not keep and not (empty_ok and all(m.positions < _axis_size(graph, m) for m in group.members)):
+    if not keep and not (empty_ok and (all(m.positions < _axis_size(graph, m) for m in group.members)
+                                       or branch_removable(graph, group) is None)):
         raise _err(group, "a selection must keep at least one channel (its axes hold no other channels)"
                    if empty_ok else "a selection must keep at least one channel")
     return keep
+
+
+def _bn_value(node: Node, x: torch.Tensor) -> torch.Tensor:
+    """Inference batch norm of `x` [1, C, 1, ...] (or [C])."""
+    shape = x.shape if x.dim() == 1 else (1, -1, *[1] * (x.dim() - 2))
+    p = {k: node.dense(k).reshape(shape) for k in ("running_mean", "running_var", "weight", "bias") if k in node.params}
+    y = (x - p["running_mean"]) / torch.sqrt(p["running_var"] + float(attr(node, "eps")))
+    return y * p["weight"] + p["bias"] if "weight" in p and "bias" in p else (
+        y * p["weight"] if "weight" in p else y + p["bias"] if "bias" in p else y)
+
+
+# what a removed branch's output may pass through on the way to its add: the constant goes through it
+_THROUGH: dict[str, Callable[[Node, torch.Tensor], torch.Tensor]] = {
+    "batch_norm": _bn_value, "relu": lambda n, x: torch.relu(x), "identity": lambda n, x: x,
+    "sigmoid": lambda n, x: torch.sigmoid(x), "tanh": lambda n, x: torch.tanh(x),
+    "silu": lambda n, x: torch.nn.functional.silu(x)}
+
+
+def _to_add(graph: Graph, consumer: str) -> tuple[list[str], str, int] | str:
+    """The single-user ops (`_THROUGH`) from `consumer`'s output to the add it feeds, that add and the port;
+    a string says why there is no such add."""
+    chain: list[str] = []
+    v: Value = (consumer, 0)
+    while True:
+        users = graph.value_users(v)
+        if len(users) != 1:
+            return f"the output of '{v[0]}' has {len(users)} users, not one add"
+        user, port = users[0]
+        node = graph.node(user)
+        if node.kind in _THROUGH and len(graph.operands(user)) == 1:
+            chain.append(user)
+            v = (user, 0)
+        elif node.kind == "add" and len(graph.operands(user)) == 2:
+            return chain, user, port
+        else:
+            return f"the output of '{consumer}' reaches {node.kind} '{user}', not an add"
+
+
+def branch_tail(graph: Graph, group: ChannelGroup) -> list[str]:
+    """The ops between a removable branch's (`branch_removable`) consumers and their adds: what removing it
+    turns into constants, besides the group's members."""
+    return [n for c in group.consumers if not isinstance(found := _to_add(graph, c), str) for n in found[0]]
+
+
+def branch_removable(graph: Graph, group: ChannelGroup) -> str | None:
+    """Why removing every channel of `group` is not a residual branch removal (None: it is).
+
+    It is when the group's channels are all that its producers compute and its consumers read, every consumer
+    is a conv (one group) or a linear layer reading one position per channel, and each consumer's output
+    reaches, through single-user batch norms and activations, one operand of an `add` whose other operand does
+    not depend on the group (the block's skip path). Emptied, each consumer computes its bias alone: it and the
+    ops after it become the constant that gives (the branch's mean output when the bias holds the removed
+    channels' intercept), and the producers and the ops between them and the consumers are deleted. The skip
+    path carries the input on, so the model still depends on it: this is how whole residual blocks leave a
+    model (depth pruning)."""
+    if group.frozen is not None:
+        return f"frozen ({group.frozen})"
+    cons = group.members_of("consumer")
+    if not cons or not group.producers:
+        return "no producer or no consumer"
+    for m in group.members:
+        if m.positions != _axis_size(graph, m):
+            return f"'{m.node}' holds other channels on the same axis"
+    nodes = list(dict.fromkeys(m.node for m in group.members))  # in order: the first reason is always the same
+    consumers = list(dict.fromkeys(m.node for m in cons))
+    for m in cons:
+        node = graph.node(m.node)
+        if m.param != "weight" or m.axis != 1 or node.kind not in ("conv", "linear") or (
+                node.kind == "conv" and attr(node, "groups") != 1) or any(len(p) != 1 for p in m.index):
+            return f"consumer '{m.node}' is not a conv or linear layer reading one position per channel"
+    for nid in (n for n in nodes if n not in consumers):
+        if any(u not in nodes for u, _, _ in graph.users(nid)) or nid in graph.outputs:
+            return f"'{nid}' has users outside the group"
+    producers = set(group.producers)
+    for c in consumers:
+        found = _to_add(graph, c)
+        if isinstance(found, str):
+            return found
+        _, add, port = found
+        other = graph.operands(add)[1 - port]
+        if producers & (nx.ancestors(graph.nx, other[0]) | {other[0]}):
+            return f"both operands of add '{add}' depend on the group"
+        if graph.meta_of(other).shape != graph.meta_of((add, 0)).shape:
+            return f"the skip operand of add '{add}' is broadcast"
+    return None
+
+
+def _remove_branches(graph: Graph, emptied: Sequence[str]) -> None:
+    """Each consumer node in `emptied` (its input channels all removed) computes its bias alone: that value, put
+    through the ops between it and its add (`_to_add`), becomes a constant node in the last one's place ([1, C,
+    1, ...] after a conv, [C] after a linear layer); the consumer, those ops and every node that only fed them
+    are deleted."""
+    for nid in emptied:
+        node = graph.node(nid)
+        shape = tuple(node.params["weight"].shape)  # [out, 0, taps...]: no input channel left to decode
+        value = node.dense("bias") if "bias" in node.params else torch.zeros(shape[0], dtype=torch.float32)
+        dtype = value.dtype
+        if node.kind == "conv":
+            value = value.reshape(1, shape[0], *[1] * (len(shape) - 2))
+        found = _to_add(graph, nid)
+        assert not isinstance(found, str), found  # `branch_removable` checked it before the rewrite
+        chain = found[0]
+        for c in chain:
+            value = _THROUGH[graph.node(c).kind](graph.node(c), value)
+        last = graph.node(chain[-1] if chain else nid)
+        feeds = {src for src, _ in graph.operands(last.id)}
+        graph.set_operands(last.id, [])
+        last.kind, last.attrs, last.params = "constant", {"trainable": True}, {"value": value.to(dtype)}
+        while feeds:
+            src = feeds.pop()
+            if src in graph and not graph.users(src) and src not in graph.outputs and src not in graph.inputs:
+                feeds |= {s for s, _ in graph.operands(src)}
+                graph.remove_node(src)
 
 
 def _check_fold(group: ChannelGroup, keep: list[int], f: Fold) -> None:
@@ -181,9 +297,12 @@ def apply_selection(graph: Graph, groups: ChannelGroups, selection: Mapping[int,
     touched: set[str] = set()
     bias_updates: list[tuple[Member, torch.Tensor]] = []
     folds: list[tuple[Member, list[int], Fold]] = []
+    emptied: list[str] = []  # consumers of a removed residual branch (`branch_removable`)
     for gid in sorted(selection):
         sel, group = selection[gid], groups[gid]
         keep = _checked_keep(graph, group, sel)
+        if not keep and any(m.positions == _axis_size(graph, m) for m in group.members):
+            emptied.extend(m.node for m in group.members_of("consumer"))
         drop = [c for c in range(group.size) if c not in set(keep)]
         if not drop and sel.fold is None and sel.bias_shift is None:
             continue
@@ -251,6 +370,9 @@ def apply_selection(graph: Graph, groups: ChannelGroups, selection: Mapping[int,
         except WeightFormError as e:
             raise WeightFormError(Diagnostic(f"node '{nid}', param '{target}': {e.message}", node=nid)) from None
     _update_attrs(graph, removed, old_meta)
+    if emptied:
+        _remove_branches(graph, emptied)
+        touched = {n for n in touched if n in graph}
     graph.infer_shapes()
     graph.verify()
     return PassResult(changed=True, touched=touched)

@@ -44,6 +44,7 @@ from netsqueeze.passes.rewrite import (
     SharedFold,
     apply_selection,
     axis_vector,
+    branch_removable,
 )
 from netsqueeze.passes.squeeze_math import (
     covariance,
@@ -101,6 +102,8 @@ class Ablation:
 
 
 _ABLATION: ContextVar[Ablation] = ContextVar("squeeze_fold_ablation", default=Ablation())  # noqa: B039 (frozen)
+# the groups of the running compile that may keep 0 channels (`branches = remove`: residual branches removed whole)
+_REMOVABLE: ContextVar[frozenset[int]] = ContextVar("squeeze_fold_removable", default=frozenset())
 
 
 @contextmanager
@@ -192,6 +195,14 @@ class SqueezeFold(TransformPass):
        On the benchmark ResNet-style model at 2x / 5x fewer FLOPs (`round_to = 8`) it took one-shot top-1 from
        86.55% / 34.13% (the fold alone, cascade) to 90.06% / 82.20%, at about the same compile cost (the
        cascade's passes are saved). `refit = fold` keeps the paper's fold alone.
+    7. `branches = remove`: a group that is the inside of a residual branch (`rewrite.branch_removable`: its
+       consumers' outputs reach, through batch norms and activations, one operand of an add whose other operand,
+       the skip path, does not depend on it) may also keep 0 channels, its error then the whole variance the
+       consumers' outputs carry (err[0]). The search then weighs removing the branch whole against squeezing
+       channels anywhere: the branch's layers are deleted and the constant mean it added stays in the add (depth
+       pruning, one-shot, the layers after it re-solved by the layer refit). Channel counts round to a runtime's
+       blocks, and a CPU convolution of 8 channels runs as one of 16 (ONNX Runtime, AVX-512); a removed branch
+       runs nothing. The report notes which branches went. Default `keep` (no group loses every channel).
     A grouped conv consumer (groups > 1, not depthwise) reads a channel through one weight slot
     shared by its conv groups: the slot goes in every group and each conv group's inputs are rebuilt
     from its own kept slots (one T per group, the group structure kept); in cascade mode its fold is
@@ -228,13 +239,23 @@ class SqueezeFold(TransformPass):
     max_samples: int = field(default=200_000, metadata={"min": 1, "unit": "count"})
     search: Literal["fast", "measured"] = "fast"
     refit: Literal["layer", "fold"] = "layer"
+    branches: Literal["keep", "remove"] = "keep"
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        groups = ctx.analysis(DependencyAnalysis, graph).restrict(ctx.selected)
+        removable = frozenset(g.id for g in groups if self.branches == "remove" and not g.frozen
+                              and branch_removable(graph, g) is None)
+        token = _REMOVABLE.set(removable)
+        try:
+            return self._run(graph, ctx, groups)
+        finally:
+            _REMOVABLE.reset(token)
+
+    def _run(self, graph: Graph, ctx: PassContext, groups: ChannelGroups) -> PassResult:
         if self.search == "measured" and (self.energy is not None or self.ratio is not None):
             raise NetsqueezeError(Diagnostic(
                 "squeeze_fold: search = measured weighs the groups when a budget or guard sets the kept counts; "
                 f"with `{'energy' if self.energy is not None else 'ratio'}` they are fixed: give one of them"))
-        groups = ctx.analysis(DependencyAnalysis, graph).restrict(ctx.selected)
         result = PassResult()
         plans: dict[int, list[_Probe]] = {}
         for g in groups.prunable():
@@ -300,6 +321,11 @@ class SqueezeFold(TransformPass):
                if par == len(keeps) else f"{par} in parallel, {len(keeps) - par} in cascade")
         out.notes = [*result.notes, *out.notes, f"squeezed {len(keeps)} groups ({how}): "
                      + ", ".join(f"{groups[g].size}->{len(k)}" for g, k in sorted(keeps.items()))]
+        gone = [gid for gid, k in sorted(keeps.items()) if not k]
+        if gone:
+            out.notes.append(f"removed {len(gone)} residual branch(es) whole, each now the constant mean it adds: "
+                             + ", ".join(f"{', '.join(groups[g].producers)} -> {', '.join(groups[g].consumers)}"
+                                         for g in gone))
         return out
 
     def _squeeze(self, graph: Graph, ctx: PassContext, groups: ChannelGroups, keeps: dict[int, list[int]],
@@ -308,7 +334,8 @@ class SqueezeFold(TransformPass):
         layered = layer_refit and self.refit == "layer" and ctx.batches_fn is not None
         # a group whose every folded consumer the layer refit re-solves whole needs no cascade: its fold is
         # only the refit's starting point (and the fallback where a refit does not take)
-        par = {gid: k for gid, k in keeps.items() if mode == "parallel" or (layered and all(
+        # a removed branch (no channel kept) has nothing to refit: its consumers become their mean, in parallel
+        par = {gid: k for gid, k in keeps.items() if mode == "parallel" or not k or (layered and all(
             p.per_group is None and layer_refittable(graph, p.member.node) is None for p in plans[gid]))}
         out = PassResult(changed=True)
         if par:
@@ -320,7 +347,10 @@ class SqueezeFold(TransformPass):
                                  "their consumers re-solved whole), the rest in cascade, in the layer refit's sweep"
                                  if steps else f"refit = layer: all {len(keeps)} groups folded in parallel (each of "
                                  "their consumers re-solved whole), none in cascade")
-            refit_layers(graph, ref, ctx, *layer_plan(ref, groups, keeps), out.notes, "layer refit", steps)
+            nodes, kept_out = layer_plan(ref, groups, keeps)
+            # a removed branch's layers are gone (its consumers are constants now)
+            nodes = [n for n in nodes if n in graph and graph.node(n).kind in ("conv", "linear")]
+            refit_layers(graph, ref, ctx, nodes, kept_out, out.notes, "layer refit", steps)
         elif steps:
             side = SideBySide(_Frontier.open(graph, ref, ctx, graph.topo_order()), graph, ref, ctx, out.notes,
                               "cascade", [at for at, _ in steps])
@@ -581,7 +611,7 @@ class SqueezeFold(TransformPass):
     def _bounds(self, g: ChannelGroup, ctx: PassContext) -> GroupBounds:
         """Group `g`'s bounds: this pass's min_channels/round_to and the policy's bounds, the most
         restrictive winning (`passes.allocation`)."""
-        return group_bounds(g, ctx, self.min_channels, self.round_to)
+        return group_bounds(g, ctx, self.min_channels, self.round_to, removable=g.id in _REMOVABLE.get())
 
     def _candidate(self, graph: Graph, groups: ChannelGroups, ranks: dict[int, tuple[list[int], list[float], torch.Tensor]],
                    plans: dict[int, list[_Probe]], counts: dict[int, int]) -> Graph:
@@ -868,7 +898,8 @@ class SqueezeFold(TransformPass):
             def family(t: float) -> dict[int, int]:
                 out = {}
                 for gid, (_, err, _) in ranks.items():
-                    best = min(range(1, len(err)), key=lambda k: value(gid, k) + 10**t * cost[gid] * k)
+                    lowest = 0 if gid in _REMOVABLE.get() else 1
+                    best = min(range(lowest, len(err)), key=lambda k: value(gid, k) + 10**t * cost[gid] * k)
                     out[gid] = self._bounds(groups[gid], ctx).clamp(best)
                 return out
 

@@ -1,0 +1,162 @@
+"""Removing a residual branch whole: `rewrite.branch_removable`, `apply_selection` with nothing kept, and
+squeeze_fold's `branches = remove`, which lets its search trade whole blocks against channels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import netsqueeze as ns
+from netsqueeze.backends.torch import to_torch
+from netsqueeze.errors import NetsqueezeError
+from netsqueeze.ir.stats import graph_stats
+from netsqueeze.passes.allocation import GroupBounds, Meter
+from netsqueeze.passes.dependency import ChannelGroup, find_groups
+from netsqueeze.passes.rewrite import ChannelSelection, apply_selection, branch_removable
+
+
+class TwoBlocks(nn.Module):
+    """A stem and two residual blocks (3x3 conv, BN, relu, 1x1 conv, BN, added to the block's input), then
+    global pooling and a linear head. With `dead`, block 2's first conv has zero weights: its branch adds the
+    same value at every position of every image (a 1x1 second conv has no zero-padded border)."""
+
+    def __init__(self, dead: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a1, self.an1, self.a2, self.an2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+        self.b1, self.bn1, self.b2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 5)
+        with torch.no_grad():
+            for bn in (self.an1, self.an2, self.bn1, self.bn2):
+                bn.running_mean.uniform_(-0.5, 0.5)
+                bn.running_var.uniform_(0.5, 2.0)
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.5, 0.5)
+            if dead:
+                self.b1.weight.zero_()
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        h = torch.relu(h + self.an2(self.a2(torch.relu(self.an1(self.a1(h))))))
+        h = torch.relu(h + self.bn2(self.b2(torch.relu(self.bn1(self.b1(h))))))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def group_of(groups: list[ChannelGroup], producer: str) -> ChannelGroup:
+    return next(g for g in groups if producer in g.producers)
+
+
+def test_bounds_that_allow_removal_add_zero() -> None:
+    b = GroupBounds(8, 1, 4, empty=True)
+    assert b.allowed() == [0, 4, 8]
+    assert (b.clamp(0), b.clamp(1), b.smallest, b.above(0), b.below(4)) == (0, 4, 0, 4, 0)
+    kept = GroupBounds(8, 1, 4)
+    assert (kept.allowed(), kept.clamp(0), kept.smallest) == ([4, 8], 4, 4)
+
+
+def test_a_removed_branch_becomes_its_constant_and_the_model_is_unchanged() -> None:
+    model = TwoBlocks(dead=True)
+    x = torch.randn(16, 3, 8, 8)
+    graph = ns.import_model(model, (x[:2],))
+    groups = find_groups(graph)
+    inner = group_of(groups, "b1")
+    assert branch_removable(graph, inner) is None
+    before = graph_stats(graph)
+    meter = Meter(graph, groups, before, shifted=True)
+    predicted = meter({inner.id: 0})
+    # the channels b2 reads are relu(bn1(b1's bias)) everywhere: their mean is the exact intercept
+    with torch.no_grad():
+        mean = torch.relu(model.bn1(model.b1.bias.view(1, 8, 1, 1))).flatten().double()
+    apply_selection(graph, groups, {inner.id: ChannelSelection(keep=[], bias_shift={"b2": mean})})
+    kinds = {n.id: n.kind for n in graph.nodes()}
+    assert not {"b1", "bn1", "b2"} & kinds.keys()  # the branch's layers are gone ...
+    assert kinds["bn2"] == "constant"  # ... and the last op before the add holds what it added
+    assert tuple(graph.node("bn2").params["value"].shape) == (1, 8, 1, 1)
+    after = graph_stats(graph)
+    conv3, conv1, bn = 8 * 8 * 9 * 64 * 2 + 8 * 64, 8 * 8 * 64 * 2 + 8 * 64, 2 * 8 * 64
+    # the example batch of 2 images: two convs with their biases, two BNs and the relu, at 64 positions each
+    assert before.flops - after.flops == 2 * (conv3 + conv1 + 2 * bn + 8 * 64)
+    # both convs, both BNs (weight and bias; running statistics are not params), less the constant's 8 values
+    assert before.params - after.params == (8 * 8 * 9 + 8) + (8 * 8 + 8) + 2 * 16 - 8
+    assert predicted[:2] == (after.flops / before.flops, after.params / before.params)
+    with torch.no_grad():
+        want = model(x)
+    got = to_torch(graph)(x)
+    assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
+
+
+def test_only_a_branch_into_an_add_may_lose_every_channel() -> None:
+    model = TwoBlocks(dead=False)
+    graph = ns.import_model(model, (torch.randn(2, 3, 8, 8),))
+    groups = find_groups(graph)
+    stream = group_of(groups, "stem")
+    # the residual stream: its consumers' outputs feed further convs, not adds
+    assert branch_removable(graph, stream) == "the output of 'a1' reaches conv 'a2', not an add"
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(16, 2)).eval()
+    g2 = ns.import_model(plain, (torch.randn(2, 3, 6, 6),))
+    first = group_of(find_groups(g2), "0")
+    assert branch_removable(g2, first) == "the output of '2' reaches flatten '4', not an add"
+    with pytest.raises(NetsqueezeError, match="a selection must keep at least one channel"):
+        apply_selection(g2, find_groups(g2), {first.id: ChannelSelection(keep=[])})
+
+
+def squeeze(model: nn.Module, branches: str, flops: float, x: torch.Tensor) -> ns.CompileResult:
+    return ns.compile(model, f"""
+policy p {{
+  budget flops <= {flops:.4%}
+  squeeze_fold {{ branches = {branches} }}
+  fold_bn
+}}
+""", example_inputs=(x[:2],), calibration=x)
+
+
+def test_the_search_removes_the_branch_that_adds_a_constant() -> None:
+    model = TwoBlocks(dead=True)
+    torch.manual_seed(1)
+    x = torch.randn(256, 3, 8, 8)
+    total = graph_stats(ns.import_model(model, (x[:2],))).flops
+    branch = 2 * ((8 * 8 * 9 * 64 * 2 + 8 * 64) + (8 * 8 * 64 * 2 + 8 * 64) + 2 * 2 * 8 * 64 + 8 * 64)  # batch of 2
+    budget = (total - branch + 1) / total  # the branch's FLOPs, less than keeping one of its channels
+    removed = squeeze(model, "remove", budget, x)
+    notes = [n for p in removed.report.passes for n in p.result.notes]
+    assert "removed 1 residual branch(es) whole, each now the constant mean it adds: b1 -> b2" in notes
+    assert removed.report.after.flops <= budget * total
+    kept = squeeze(model, "keep", budget, x)
+    xt = torch.randn(64, 3, 8, 8)
+    with torch.no_grad():
+        want = model(xt)
+        err = {k: float((r.model(xt) - want).norm() / want.norm()) for k, r in (("remove", removed), ("keep", kept))}
+    assert err["remove"] < 1e-5 and err["keep"] > 100 * err["remove"], err
+
+
+def test_a_model_without_a_branch_emits_to_onnx_and_runs() -> None:
+    import numpy as np
+    import onnxruntime as ort
+
+    model = TwoBlocks(dead=True)
+    torch.manual_seed(1)
+    x = torch.randn(256, 3, 8, 8)
+    res = ns.compile(model, """
+policy p {
+  budget flops <= 60%
+  squeeze_fold { branches = remove }
+  fold_bn
+}
+""", example_inputs=(x[:2],), calibration=x, target="onnx")
+    assert "Add" in {n.op_type for n in res.model.graph.node}
+    sess = ort.InferenceSession(res.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    xt = torch.randn(8, 3, 8, 8)
+    back = ns.compile(model, """
+policy p {
+  budget flops <= 60%
+  squeeze_fold { branches = remove }
+  fold_bn
+}
+""", example_inputs=(x[:2],), calibration=x)
+    got = sess.run(None, {sess.get_inputs()[0].name: xt.numpy()})[0]
+    with torch.no_grad():
+        assert np.abs(got - back.model(xt).numpy()).max() < 1e-4
