@@ -30,7 +30,7 @@ from netsqueeze.passes.base import PassContext, PassResult
 from netsqueeze.passes.collectors import conv_patches_at
 from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups, Member, find_groups
 from netsqueeze.passes.frontier import Frontier, SideBySide, first_positions
-from netsqueeze.passes.rewrite import ChannelSelection, SharedFold, apply_selection, axis_vector
+from netsqueeze.passes.rewrite import ChannelSelection, SharedFold, apply_selection, axis_vector, branch_adds
 from netsqueeze.passes.squeeze_math import cholesky_solve, gram, reconstruction, ridged_normal, solve_normal
 
 
@@ -431,8 +431,15 @@ def layer_plan(graph: Graph, groups: ChannelGroups, keeps: Mapping[int, list[int
     from `graph` (the pass-start graph `groups` were found on): their conv/linear consumers, and each cut
     producer's kept output positions (pass-start indices, ascending: the order the rewrite leaves its rows in, also
     when a group channel spans several positions, a gated split's halves or a grouped consumer's slots; and with
-    what other groups of the same producer drop removed as well)."""
-    nodes = [n for gid in keeps for n in groups[gid].consumers if graph.node(n).kind in ("conv", "linear")]
+    what other groups of the same producer drop removed as well). A group that keeps nothing is a residual branch
+    removed whole (`rewrite.branch_removable`): its consumers are gone, and the layers that read the sum it fed
+    (the consumers of the groups its adds belong to) are re-solved instead, the skip path now carrying alone
+    what the block computed."""
+    nodes = [n for gid, keep in keeps.items() for n in groups[gid].consumers if keep]
+    for gid in (gid for gid, keep in keeps.items() if not keep):
+        adds = set(branch_adds(graph, groups[gid]))
+        nodes += [n for g in groups if any(m.node in adds for m in g.members) for n in g.consumers]
+    nodes = [n for n in dict.fromkeys(nodes) if graph.node(n).kind in ("conv", "linear")]
     dropped: dict[str, set[int]] = {}
     size: dict[str, int] = {}
     for gid, keep in keeps.items():
@@ -452,7 +459,7 @@ SweepStep = tuple[int, Callable[[SideBySide], None]]
 
 
 def refit_layers(graph: Graph, ref: Graph, ctx: PassContext, nodes: Iterable[str], out: Mapping[str, list[int]],
-                 notes: list[str], label: str, steps: Sequence[SweepStep] = ()) -> int:
+                 notes: list[str], label: str, steps: Sequence[SweepStep] = (), rows: int = LAYER_ROWS) -> int:
     """Re-solves the whole weight and bias of each of `nodes` (conv or linear) in graph order by least squares
     on the calibration data so that its output matches the same node's in `ref` (the pass-start graph: same
     node ids; `out[node]`: the ref output channels the node still computes, all when absent). Every kernel
@@ -468,12 +475,13 @@ def refit_layers(graph: Graph, ref: Graph, ctx: PassContext, nodes: Iterable[str
     `graph.topo_order()`), run in the same sweep in position order, each before the layers from its position on
     (so a layer is refit on inputs they changed, and with the output channels they cut) and after the layers
     before it (a step reads their refit outputs; run as a sweep of their own, before every layer, it read their
-    outputs before the refit): one sweep over the data for both, where two sweeps would run both graphs twice."""
+    outputs before the refit): one sweep over the data for both, where two sweeps would run both graphs twice.
+    `rows`: the conv rows each layer aims for (`LAYER_ROWS`; fewer make a cheaper, rougher refit)."""
     topo = graph.topo_order()
     pos = {nid: i for i, nid in enumerate(topo)}
     todo = sorted(set(nodes), key=lambda n: pos[n])
     samples = sum(ctx.batch_sizes()) if ctx.batches_fn is not None else 0
-    positions = max(POSITIONS, -(-LAYER_ROWS // samples)) if samples else POSITIONS
+    positions = max(POSITIONS, -(-rows // samples)) if samples else POSITIONS
     events = sorted([(at, 0, i) for i, (at, _) in enumerate(steps)] + [(pos[n], 1, i) for i, n in enumerate(todo)])
     side = SideBySide(Frontier.open(graph, ref, ctx, topo), graph, ref, ctx, notes, label, [e[0] for e in events])
     done = 0

@@ -195,6 +195,11 @@ def branch_tail(graph: Graph, group: ChannelGroup) -> list[str]:
     return [n for c in group.consumers if not isinstance(found := _to_add(graph, c), str) for n in found[0]]
 
 
+def branch_adds(graph: Graph, group: ChannelGroup) -> list[str]:
+    """The adds a removable branch's (`branch_removable`) consumers feed: where its constant goes."""
+    return list(dict.fromkeys(found[1] for c in group.consumers if not isinstance(found := _to_add(graph, c), str)))
+
+
 def branch_removable(graph: Graph, group: ChannelGroup) -> str | None:
     """Why removing every channel of `group` is not a residual branch removal (None: it is).
 

@@ -160,3 +160,36 @@ policy p {
     got = sess.run(None, {sess.get_inputs()[0].name: xt.numpy()})[0]
     with torch.no_grad():
         assert np.abs(got - back.model(xt).numpy()).max() < 1e-4
+
+
+def test_the_search_keeps_a_branch_whose_removal_measures_worse() -> None:
+    model = TwoBlocks(dead=False)
+    torch.manual_seed(1)
+    x = torch.randn(256, 3, 8, 8)
+    removed, kept = squeeze(model, "remove", 0.9, x), squeeze(model, "keep", 0.9, x)
+    line = next(n for p in removed.report.passes for n in p.result.notes if n.startswith("search"))
+    # the measured errors, one per try: no branch out, then each removable branch out alone
+    tries = line.split("branch removal measured (squared relative output error of the model as written, on the "
+                       "sensitivity batches): ")[1].split(", ")
+    assert [t.split(":")[0] for t in tries] == ["none out", "a1 out", "b1 out"]
+    base = float(tries[0].split(": ")[1])
+    assert all(float(t.split(": ")[1]) > base for t in tries[1:])
+    assert not any(n.startswith("removed") for p in removed.report.passes for n in p.result.notes)
+    xt = torch.randn(16, 3, 8, 8)
+    with torch.no_grad():  # nothing removed: the same allocation and model as with branches = keep
+        assert torch.allclose(removed.model(xt), kept.model(xt), atol=1e-6)
+
+
+def test_ratio_100_removes_the_selected_branches() -> None:
+    model = TwoBlocks(dead=False)
+    torch.manual_seed(1)
+    x = torch.randn(64, 3, 8, 8)
+    res = ns.compile(model, """
+policy p {
+  squeeze_fold on a1 | b1 { ratio = 100%, branches = remove }
+}
+""", example_inputs=(x[:2],), calibration=x)
+    kinds = {n.id: n.kind for n in res.graph.nodes()}
+    assert not {"a1", "an1", "a2", "b1", "bn1", "b2"} & kinds.keys()
+    assert (kinds["an2"], kinds["bn2"]) == ("constant", "constant")
+    assert [n.id for n in res.graph.nodes() if n.kind in ("conv", "linear")] == ["stem", "head"]
