@@ -110,7 +110,10 @@ def main() -> None:
     ap.add_argument("--flops", default="50,33.33,20", help="FLOPs budgets, percent of the original, comma-separated")
     ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--branches", default="keep", choices=("keep", "remove"),
+                    help="squeeze_fold's `branches` option; remove writes ort-profile-branches-remove.md")
     args = ap.parse_args()
+    step = "squeeze_fold" if args.branches == "keep" else f"squeeze_fold {{ branches = {args.branches} }}"
     budgets = [float(b) for b in args.flops.split(",")]
     torch.set_num_threads(1)
     t_start = time.perf_counter()
@@ -123,7 +126,7 @@ def main() -> None:
         ms0, fl0 = totals(original[1])
         for budget in budgets:
             policy = (f"policy bench {{\n  calibrate samples {len(calib)}, batch {CALIB_BATCH}\n  budget flops <= "
-                      f"{budget:g}%\n  bounds {{ round_to = {ROUND_TO} }}\n  squeeze_fold\n  fold_bn\n}}\n")
+                      f"{budget:g}%\n  bounds {{ round_to = {ROUND_TO} }}\n  {step}\n  fold_bn\n}}\n")
             res = ns.compile(model, policy, example_inputs=(calib[:2],), calibration=calib, target="onnx",
                              progress=False)
             squeezed = profile(res.model.SerializeToString(), args.threads, args.batch)
@@ -155,7 +158,7 @@ def main() -> None:
                         "speed-up", "speed-up / FLOPs red.", "FLOPs as run red. / FLOPs red.",
                         "speed-up / FLOPs as run red."], summary),
         *sections]) + "\n"
-    write_result("ort-profile.md", text)
+    write_result("ort-profile.md" if args.branches == "keep" else f"ort-profile-branches-{args.branches}.md", text)
 
 
 if __name__ == "__main__":
