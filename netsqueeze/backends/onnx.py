@@ -891,6 +891,13 @@ def _aten_to_onnx(ex: _Exporter, node: Node, call: AtenCall, ins: list[gs.Tensor
         values = ex.op1("Cast", [arg(a[2], out_dt)], {"to": _ONNX_TYPES[out_dt]})
         updates = ex.op1("Expand", [values, shape])
         return ex.op("ScatterND", [data, where, updates], {"reduction": "add"} if accumulate else {})
+    if name == "masked_fill" and len(a) == 3 and isinstance(a[1], Slot) and not isinstance(a[2], Slot):
+        return ex.op("Where", [arg(a[1]), arg(a[2], out_dt), arg(a[0])])  # the mask's value where it is set
+    if name in ("zeros_like", "ones_like", "full_like") and a and isinstance(a[0], Slot) and out_dt in _ONNX_TYPES:
+        # the shape of an operand (a mask expanded to a dynamic batch), filled
+        fill = 0.0 if name == "zeros_like" else 1.0 if name == "ones_like" else float(a[1])
+        value = onnx.helper.make_tensor("value", _ONNX_TYPES[out_dt], [1], [fill])
+        return ex.op("ConstantOfShape", [ex.op1("Shape", [arg(a[0])])], {"value": value})
     if name in ("zeros", "ones", "full") and a and isinstance(a[0], (list, tuple)) and out_dt in _ONNX_TYPES:
         fill = 0.0 if name == "zeros" else 1.0 if name == "ones" else float(a[1])
         sizes = [ex.size(d) if is_dynamic(d) else ex.ints(f"{node.id}.dim", [int(d)]) for d in a[0]]

@@ -74,3 +74,29 @@ def test_batch_of_one_and_an_explicit_empty_spec_stay_static_without_a_note() ->
     for xs, spec in (((x[:1],), None), ((x,), {})):
         g = netsqueeze.import_model(model, xs, dynamic_shapes=spec)
         assert _inputs(g) == [("x", None)] and not g.meta.get("notes")
+
+
+def test_an_opaque_expand_to_the_batch_keeps_the_batch_dim() -> None:
+    # ViT's cls token is expanded to the batch (an opaque aten::expand): its recorded shape must keep the batch
+    # Dim, else the shapes after it say 2 while the attention reshapes keep the Dim, and a graph segment starting
+    # after the embeddings (squeeze_fold's layer refit after a removed MLP block) had no feed to read it from
+    import warnings
+
+    from netsqueeze.backends.torch import to_torch_segment
+    from netsqueeze.ir.dims import is_dynamic
+    from tests.models.test_hf_capture import CASES
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, (x,) = CASES["vit"].build()
+        g = netsqueeze.import_model(model, (x,))
+    expand = g.node("model.embeddings.expand")
+    assert expand.kind == "opaque" and is_dynamic(expand.meta[0].shape[0]) and expand.meta[0].shape[1:] == (1, 32)
+    assert g.node("model.layers.0.attention.reshape").meta[0].shape[1:] == (17, 4, 8)
+    feed = ("model.embeddings.dropout", 0)
+    bigger = torch.cat([x, x[:1]])  # batch 3
+    with torch.no_grad():
+        h = to_torch(g, extra_outputs=[feed, ("model.layers.0.attention.reshape", 0)])(bigger)
+        (got,) = to_torch_segment(g, [feed], [("model.layers.0.attention.reshape", 0)])(h[1])
+    assert tuple(got.shape) == (3, 17, 4, 8) and torch.allclose(got, h[2])

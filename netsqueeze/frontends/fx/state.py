@@ -112,7 +112,10 @@ class _Capture:
         if kind == "opaque":
             obs = self.out_meta()
             outs = obs if isinstance(obs, (list, tuple)) else [obs]
-            self.graph.node(nid).meta = [_meta(o) for o in outs]
+            # a size that follows a dynamic dim stays a Dim (a cls token's expand to the batch): an int would fix
+            # it at the example's, and the shapes inferred after it would disagree with the layers that keep it
+            self.graph.node(nid).meta = [TensorMeta(tuple(python_value(d) for d in o.shape), _dtype(o.dtype))
+                                         for o in outs]
         else:
             self.graph.node(nid).meta = _infer(self.graph, nid)
         return nid
