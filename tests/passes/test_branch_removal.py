@@ -104,14 +104,14 @@ def test_only_a_branch_into_an_add_may_lose_every_channel() -> None:
         apply_selection(g2, find_groups(g2), {first.id: ChannelSelection(keep=[])})
 
 
-def squeeze(model: nn.Module, branches: str, flops: float, x: torch.Tensor) -> ns.CompileResult:
+def squeeze(model: nn.Module, branches: str, flops: float, x: torch.Tensor, target: str = "torch") -> ns.CompileResult:
     return ns.compile(model, f"""
 policy p {{
   budget flops <= {flops:.4%}
   squeeze_fold {{ branches = {branches} }}
   fold_bn
 }}
-""", example_inputs=(x[:2],), calibration=x)
+""", example_inputs=(x[:2],), calibration=x, target=target)
 
 
 def test_the_search_removes_the_branch_that_adds_a_constant() -> None:
@@ -140,23 +140,13 @@ def test_a_model_without_a_branch_emits_to_onnx_and_runs() -> None:
     model = TwoBlocks(dead=True)
     torch.manual_seed(1)
     x = torch.randn(256, 3, 8, 8)
-    res = ns.compile(model, """
-policy p {
-  budget flops <= 60%
-  squeeze_fold { branches = remove }
-  fold_bn
-}
-""", example_inputs=(x[:2],), calibration=x, target="onnx")
-    assert "Add" in {n.op_type for n in res.model.graph.node}
+    res = squeeze(model, "remove", 0.6, x, target="onnx")
+    assert any(n.startswith("removed 1 residual branch") for p in res.report.passes for n in p.result.notes)
+    # the stem and block 1's two convs; block 2's add takes the constant
+    assert [n.op_type for n in res.model.graph.node].count("Conv") == 3
     sess = ort.InferenceSession(res.model.SerializeToString(), providers=["CPUExecutionProvider"])
     xt = torch.randn(8, 3, 8, 8)
-    back = ns.compile(model, """
-policy p {
-  budget flops <= 60%
-  squeeze_fold { branches = remove }
-  fold_bn
-}
-""", example_inputs=(x[:2],), calibration=x)
+    back = squeeze(model, "remove", 0.6, x)
     got = sess.run(None, {sess.get_inputs()[0].name: xt.numpy()})[0]
     with torch.no_grad():
         assert np.abs(got - back.model(xt).numpy()).max() < 1e-4
