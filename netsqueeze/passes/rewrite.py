@@ -166,7 +166,8 @@ def _bn_value(node: Node, x: torch.Tensor) -> torch.Tensor:
 _THROUGH: dict[str, Callable[[Node, torch.Tensor], torch.Tensor]] = {
     "batch_norm": _bn_value, "relu": lambda n, x: torch.relu(x), "identity": lambda n, x: x,
     "sigmoid": lambda n, x: torch.sigmoid(x), "tanh": lambda n, x: torch.tanh(x),
-    "silu": lambda n, x: torch.nn.functional.silu(x)}
+    "silu": lambda n, x: torch.nn.functional.silu(x),
+    "reshape": lambda n, x: x}  # only after a linear layer, whose [C] constant it leaves as it is (`_to_add`)
 
 
 def _to_add(graph: Graph, consumer: str) -> tuple[list[str], str, int] | str:
@@ -181,6 +182,12 @@ def _to_add(graph: Graph, consumer: str) -> tuple[list[str], str, int] | str:
         user, port = users[0]
         node = graph.node(user)
         if node.kind in _THROUGH and len(graph.operands(user)) == 1:
+            chain.append(user)
+            v = (user, 0)
+        elif (node.kind == "reshape" and port == 0 and graph.node(consumer).kind == "linear"
+              and graph.meta_of(v).shape[-1:] == node.meta[0].shape[-1:]):
+            # a linear layer's rows regrouped (GPT-2's Conv1D: view(-1, C) @ W, then view(B, T, C)): its constant
+            # [C] broadcasts over the leading axes whatever their grouping
             chain.append(user)
             v = (user, 0)
         elif node.kind == "add" and len(graph.operands(user)) == 2:
@@ -205,8 +212,9 @@ def branch_removable(graph: Graph, group: ChannelGroup) -> str | None:
 
     It is when the group's channels are all that its producers compute and its consumers read, every consumer
     is a conv (one group) or a linear layer reading one position per channel, and each consumer's output
-    reaches, through single-user batch norms and activations, one operand of an `add` whose other operand does
-    not depend on the group (the block's skip path). Emptied, each consumer computes its bias alone: it and the
+    reaches, through single-user batch norms and activations (and, after a linear layer, reshapes that keep its
+    last axis: GPT-2's Conv1D), one operand of an `add` whose other operand does not depend on the group (the
+    block's skip path). Emptied, each consumer computes its bias alone: it and the
     ops after it become the constant that gives (the branch's mean output when the bias holds the removed
     channels' intercept), and the producers and the ops between them and the consumers are deleted. The skip
     path carries the input on, so the model still depends on it: this is how whole residual blocks leave a

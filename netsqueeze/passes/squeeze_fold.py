@@ -675,7 +675,7 @@ class SqueezeFold(TransformPass):
                                                             sink_fn=None)
             keeps = {gid: sorted(ranks[gid][0][:k]) for gid, k in counts.items() if k < groups[gid].size}
             nodes, kept = layer_plan(graph, groups, keeps)
-            refit_layers(cand, graph, sub, [n for n in nodes if n in cand and cand.node(n).kind in ("conv", "linear")],
+            refit_layers(cand, graph, sub, [nid for nid in nodes if nid in cand and cand.node(nid).kind in ("conv", "linear")],
                          kept, [], "search", rows=MEASURE_ROWS)
         e = ctx.fidelity(cand, "output_error", n)
         return None if e is None else e * e

@@ -183,3 +183,40 @@ policy p {
     assert not {"a1", "an1", "a2", "b1", "bn1", "b2"} & kinds.keys()
     assert (kinds["an2"], kinds["bn2"]) == ("constant", "constant")
     assert [n.id for n in res.graph.nodes() if n.kind in ("conv", "linear")] == ["stem", "head"]
+
+
+def test_gpt2_mlp_blocks_leave_whole_as_their_mean_output() -> None:
+    # GPT-2's MLP (Conv1D: view(-1, C) @ W, then a view back) is a branch into the residual add: removed, its
+    # output becomes the mean it had on the calibration tokens (exact for a linear last layer)
+    import warnings
+
+    import numpy as np
+
+    from netsqueeze.backends.onnx import to_onnx
+    from tests.frontends.onnx_models import run
+    from tests.models.test_hf_capture import CASES
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, xs = CASES["gpt2"].build()
+        calib = [tuple(torch.cat([x, x.flip(0)]) for x in xs)]
+        g0 = ns.import_model(model, xs)
+        res = ns.compile(model, "policy p { squeeze_fold on *mlp.c_fc* { ratio = 100%, branches = remove } }",
+                         example_inputs=xs, calibration=calib, progress=False)
+    notes = [n for p in res.report.passes for n in p.result.notes if n.startswith("removed")]
+    assert notes == ["removed 2 residual branch(es) whole, each now the constant mean it adds: "
+                     "model.h.0.mlp.c_fc.linear -> model.h.0.mlp.c_proj.linear, "
+                     "model.h.1.mlp.c_fc.linear -> model.h.1.mlp.c_proj.linear"]
+    for block in ("0", "1"):
+        tail = f"model.h.{block}.mlp.dropout"  # the last op before the add (an identity in eval mode)
+        assert res.graph.node(tail).kind == "constant"
+        with torch.no_grad():
+            mlp_out = to_torch(g0, extra_outputs=[(tail, 0)])(*calib[0])[1]
+        want = mlp_out.reshape(-1, mlp_out.shape[-1]).mean(0)
+        assert torch.allclose(res.graph.node(tail).params["value"], want, atol=1e-5)
+    (y,) = run(to_onnx(res.graph), *[x.numpy() for x in xs])
+    with torch.no_grad():
+        got = res.model(*xs)
+    got = got[0] if isinstance(got, (tuple, list)) else got
+    assert float(np.abs(y - got.numpy()).max()) <= 1e-5 * max(1.0, float(np.abs(y).max()))
