@@ -44,13 +44,7 @@ from netsqueeze.ir.stats import GraphStats
 from netsqueeze.ir.weights import Encoded, graph_weight_bytes
 from netsqueeze.passes.base import PassContext
 from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups
-from netsqueeze.passes.rewrite import (
-    ChannelSelection,
-    apply_selection,
-    branch_removable,
-    branch_tail,
-    grouped_input,
-)
+from netsqueeze.passes.rewrite import ChannelSelection, apply_selection, branch_paths, grouped_input
 
 # the global targets the structural passes can meet, as ratios of the original model
 METRICS = ("flops", "params", "bytes")
@@ -177,10 +171,11 @@ class Meter:
     original model's stats), each allocation measured once by a dry run of the rewrite on a skeleton
     of `graph` (`skeleton`); with `shifted`, as the pass will write it, with a bias added to every
     consumer of a squeezed group that has none (an intercept's FLOPs). Bytes are the exact stored size: encoded weights at their encoded size,
-    shared tables once."""
+    shared tables once. `removable`: the groups the caller may meter at 0 kept channels (residual branches removed
+    whole, `rewrite.branch_removable`), whose removal also turns the ops after their consumers into a constant."""
 
     def __init__(self, graph: Graph, groups: ChannelGroups, base: GraphStats, shifted: bool = False,
-                 grouped_shifted: bool = False) -> None:
+                 grouped_shifted: bool = False, removable: Iterable[int] = ()) -> None:
         self.graph = skeleton(graph)
         self.groups = groups
         self.shifted = shifted  # the pass shifts every consumer's bias (a consumer without one gets one)
@@ -193,9 +188,10 @@ class Meter:
         # dry run (a node outside every group whose cost moved turns this off), and off when encoded weights
         # share tables across nodes (their bytes do not add up node by node).
         touch: dict[str, set[int]] = {}
+        self._removable = frozenset(removable)
         for g in groups:
             # removing a residual branch whole also turns the ops after its consumers into a constant
-            tail = branch_tail(graph, g) if branch_removable(graph, g) is None else []
+            tail = [n for chain, _, _ in branch_paths(graph, g) for n in chain] if g.id in self._removable else []
             for nid in [m.node for m in g.members] + tail:
                 touch.setdefault(nid, set()).add(g.id)
         self._touch = {nid: tuple(sorted(gids)) for nid, gids in touch.items()}
@@ -213,6 +209,8 @@ class Meter:
 
     def __call__(self, counts: Mapping[int, int]) -> Reached:
         key = tuple(sorted((gid, k) for gid, k in counts.items() if k < self.groups[gid].size))
+        if any(k == 0 and gid not in self._removable for gid, k in key):
+            self._additive = False  # a branch removed that was not declared: its tail's costs are not keyed by it
         if key not in self._seen:
             total = self._summed(dict(key)) if self._additive else None
             if total is None:

@@ -30,7 +30,7 @@ from netsqueeze.passes.base import PassContext, PassResult
 from netsqueeze.passes.collectors import conv_patches_at
 from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups, Member, find_groups
 from netsqueeze.passes.frontier import Frontier, SideBySide, first_positions
-from netsqueeze.passes.rewrite import ChannelSelection, SharedFold, apply_selection, axis_vector, branch_adds
+from netsqueeze.passes.rewrite import ChannelSelection, SharedFold, apply_selection, axis_vector, branch_paths
 from netsqueeze.passes.squeeze_math import cholesky_solve, gram, reconstruction, ridged_normal, solve_normal
 
 
@@ -434,12 +434,14 @@ def layer_plan(graph: Graph, groups: ChannelGroups, keeps: Mapping[int, list[int
     what other groups of the same producer drop removed as well). A group that keeps nothing is a residual branch
     removed whole (`rewrite.branch_removable`): its consumers are gone, and the layers that read the sum it fed
     (the consumers of the groups its adds belong to) are re-solved instead, the skip path now carrying alone
-    what the block computed."""
+    what the block computed; the removed branches' own layers, which the rewrite deletes, are left out."""
     nodes = [n for gid, keep in keeps.items() for n in groups[gid].consumers if keep]
+    gone: set[str] = set()
     for gid in (gid for gid, keep in keeps.items() if not keep):
-        adds = set(branch_adds(graph, groups[gid]))
+        adds = {add for _, add, _ in branch_paths(graph, groups[gid])}
         nodes += [n for g in groups if any(m.node in adds for m in g.members) for n in g.consumers]
-    nodes = [n for n in dict.fromkeys(nodes) if graph.node(n).kind in ("conv", "linear")]
+        gone |= {m.node for m in groups[gid].members}
+    nodes = [n for n in dict.fromkeys(nodes) if n not in gone and graph.node(n).kind in ("conv", "linear")]
     dropped: dict[str, set[int]] = {}
     size: dict[str, int] = {}
     for gid, keep in keeps.items():

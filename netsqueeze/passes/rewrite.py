@@ -158,8 +158,9 @@ def _bn_value(node: Node, x: torch.Tensor) -> torch.Tensor:
     shape = x.shape if x.dim() == 1 else (1, -1, *[1] * (x.dim() - 2))
     p = {k: node.dense(k).reshape(shape) for k in ("running_mean", "running_var", "weight", "bias") if k in node.params}
     y = (x - p["running_mean"]) / torch.sqrt(p["running_var"] + float(attr(node, "eps")))
-    return y * p["weight"] + p["bias"] if "weight" in p and "bias" in p else (
-        y * p["weight"] if "weight" in p else y + p["bias"] if "bias" in p else y)
+    if "weight" in p:
+        y = y * p["weight"]
+    return y + p["bias"] if "bias" in p else y
 
 
 # what a removed branch's output may pass through on the way to its add: the constant goes through it
@@ -196,15 +197,10 @@ def _to_add(graph: Graph, consumer: str) -> tuple[list[str], str, int] | str:
             return f"the output of '{consumer}' reaches {node.kind} '{user}', not an add"
 
 
-def branch_tail(graph: Graph, group: ChannelGroup) -> list[str]:
-    """The ops between a removable branch's (`branch_removable`) consumers and their adds: what removing it
-    turns into constants, besides the group's members."""
-    return [n for c in group.consumers if not isinstance(found := _to_add(graph, c), str) for n in found[0]]
-
-
-def branch_adds(graph: Graph, group: ChannelGroup) -> list[str]:
-    """The adds a removable branch's (`branch_removable`) consumers feed: where its constant goes."""
-    return list(dict.fromkeys(found[1] for c in group.consumers if not isinstance(found := _to_add(graph, c), str)))
+def branch_paths(graph: Graph, group: ChannelGroup) -> list[tuple[list[str], str, int]]:
+    """Per consumer of a removable branch (`branch_removable`): the ops between it and its add (what removing
+    the branch turns into a constant, besides the group's members), that add and the port it feeds."""
+    return [found for c in group.consumers if not isinstance(found := _to_add(graph, c), str)]
 
 
 def branch_removable(graph: Graph, group: ChannelGroup) -> str | None:

@@ -109,6 +109,12 @@ MEASURE_ROWS = 8192
 _REMOVABLE: ContextVar[frozenset[int]] = ContextVar("squeeze_fold_removable", default=frozenset())
 
 
+def _keeps(groups: ChannelGroups, ranks: dict[int, tuple[list[int], list[float], torch.Tensor]],
+           counts: dict[int, int]) -> dict[int, list[int]]:
+    """The channels each group of `counts` keeps (its first ranked ones, ascending), for the groups that shrink."""
+    return {gid: sorted(ranks[gid][0][:k]) for gid, k in counts.items() if k < groups[gid].size}
+
+
 @contextmanager
 def ablation(**changes: Any) -> Iterator[Ablation]:
     """Runs the enclosed `squeeze_fold` passes with these `Ablation` fields changed (benchmark use)."""
@@ -251,8 +257,8 @@ class SqueezeFold(TransformPass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         groups = ctx.analysis(DependencyAnalysis, graph).restrict(ctx.selected)
-        removable = frozenset(g.id for g in groups if self.branches == "remove" and not g.frozen
-                              and branch_removable(graph, g) is None)
+        removable = frozenset(g.id for g in groups if branch_removable(graph, g) is None) \
+            if self.branches == "remove" else frozenset()
         token = _REMOVABLE.set(removable)
         try:
             return self._run(graph, ctx, groups)
@@ -311,8 +317,7 @@ class SqueezeFold(TransformPass):
             result.notes.append(line)
         else:
             counts = {gid: self._kept(groups[gid], ranks[gid], self.energy, ctx) for gid in plans}
-        keeps = {gid: sorted(ranks[gid][0][: counts[gid]]) for gid in plans}
-        keeps = {gid: k for gid, k in keeps.items() if len(k) < groups[gid].size}
+        keeps = _keeps(groups, ranks, counts)
         if not keeps:
             return result
         start = graph.copy() if searching and self.mode == "cascade" and ctx.guard is not None else None
@@ -355,10 +360,7 @@ class SqueezeFold(TransformPass):
                                  "their consumers re-solved whole), the rest in cascade, in the layer refit's sweep"
                                  if steps else f"refit = layer: all {len(keeps)} groups folded in parallel (each of "
                                  "their consumers re-solved whole), none in cascade")
-            nodes, kept_out = layer_plan(ref, groups, keeps)
-            # a removed branch's layers are gone (its consumers are constants now)
-            nodes = [n for n in nodes if n in graph and graph.node(n).kind in ("conv", "linear")]
-            refit_layers(graph, ref, ctx, nodes, kept_out, out.notes, "layer refit", steps)
+            refit_layers(graph, ref, ctx, *layer_plan(ref, groups, keeps), out.notes, "layer refit", steps)
         elif steps:
             side = SideBySide(_Frontier.open(graph, ref, ctx, graph.topo_order()), graph, ref, ctx, out.notes,
                               "cascade", [at for at, _ in steps])
@@ -626,7 +628,7 @@ class SqueezeFold(TransformPass):
         """A copy of `graph` with each group in `counts` squeezed to its count, folded in parallel
         (the pass-start statistics): what the search measures a candidate on."""
         g2 = graph.copy()
-        keeps = {gid: sorted(ranks[gid][0][:k]) for gid, k in counts.items() if k < groups[gid].size}
+        keeps = _keeps(groups, ranks, counts)
         if keeps:
             apply_selection(g2, groups, {gid: self._selection(g2, k, plans[gid]) for gid, k in keeps.items()})
         return g2
@@ -673,10 +675,8 @@ class SqueezeFold(TransformPass):
             full = ctx.batches_fn
             sub = ctx if n is None else dataclasses.replace(ctx, batches_fn=lambda: itertools.islice(full(), n),
                                                             sink_fn=None)
-            keeps = {gid: sorted(ranks[gid][0][:k]) for gid, k in counts.items() if k < groups[gid].size}
-            nodes, kept = layer_plan(graph, groups, keeps)
-            refit_layers(cand, graph, sub, [nid for nid in nodes if nid in cand and cand.node(nid).kind in ("conv", "linear")],
-                         kept, [], "search", rows=MEASURE_ROWS)
+            refit_layers(cand, graph, sub, *layer_plan(graph, groups, _keeps(groups, ranks, counts)), [], "search",
+                         rows=MEASURE_ROWS)
         e = ctx.fidelity(cand, "output_error", n)
         return None if e is None else e * e
 
@@ -883,7 +883,7 @@ class SqueezeFold(TransformPass):
         guarded = self._guarded(ctx)
         base = graph_stats(ctx.original or graph)
         now = graph_stats(graph)
-        stats_for = Meter(graph, groups, base, shifted=True, grouped_shifted=True)
+        stats_for = Meter(graph, groups, base, shifted=True, grouped_shifted=True, removable=_REMOVABLE.get())
         meets = budget.meets
         first_node = groups[next(iter(ranks))].producers[0] if groups[next(iter(ranks))].producers else None
 
