@@ -78,7 +78,7 @@ PARTS = {
     "ranking": "ordering each group's channels by reconstruction error (the spectrum and prefix errors)",
     "search": "the allocation search: channel counts against the budget (dry-run rewrites, FLOPs counts)",
     "normal eq.": "the refits' normal equations: im2col rows and their Gram / cross products",
-    "solves": "the refits' and folds' solves: Cholesky, the held-out error of each ridge, SVD fallbacks",
+    "solves": "the refits' and folds' solves: Cholesky (in row space for a layer with fewer calibration rows than inputs), the held-out error of each ridge, SVD fallbacks",
 }
 
 
@@ -129,7 +129,7 @@ class Breakdown:
         self.wrap("capture", netsqueeze.compiler.api.import_model)
         for fn in (refit._products, refit.layer_rows, sm.gram):
             self.wrap("normal eq.", fn)
-        for fn in (sm.cholesky_solve, sm.min_norm_solve, refit.held_error):
+        for fn in (sm.cholesky_solve, sm.min_norm_solve, refit.held_error, refit.ridge_solve):
             self.wrap("solves", fn)
         torch.autograd.grad = self.timed("backward", torch.autograd.grad)
         squeeze = netsqueeze.passes.squeeze_fold.SqueezeFold

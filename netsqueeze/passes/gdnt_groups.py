@@ -37,7 +37,7 @@ from netsqueeze.passes.allocation import METRICS, Budget, Reached
 from netsqueeze.passes.base import PassContext
 from netsqueeze.passes.dependency import ChannelGroup, Member
 from netsqueeze.passes.frontier import Frontier, SideBySide
-from netsqueeze.passes.refit import HELD_OUT, as_solution, normal_equations, ridge_refit
+from netsqueeze.passes.refit import HELD_OUT, as_solution, normal_equations, ridge_refit, select
 from netsqueeze.passes.rewrite import ChannelSelection
 
 LANDING = 0.05  # a budget cut landing further under the limit than this share of it is walked closer (`closer_cut`)
@@ -136,7 +136,7 @@ def refit(graph: Graph, ref: Graph, ctx: PassContext, table: list[Entry], cuts: 
             notes.append(f"gdnt refit: '{node_id}': no calibration rows (or an input rank the refit does not "
                          "unroll); it keeps the cut with its mean in the bias")
             continue
-        (fit_a, fit_b), (held_a, held_b) = stats
+        fit, held = stats
         f = width * taps
         wd = torch.zeros(cout, f, dtype=torch.float64)
         bd = torch.zeros(cout, dtype=torch.float64)
@@ -146,10 +146,7 @@ def refit(graph: Graph, ref: Graph, ctx: PassContext, table: list[Entry], cuts: 
             feats = allowed[b].repeat_interleave(taps).nonzero().flatten()
             sel = torch.cat([feats, torch.tensor([f])])
             r = torch.from_numpy(rows)
-            a_fit, b_fit = fit_a[sel][:, sel], fit_b[sel][:, r]
-            a_held, b_held = held_a[sel][:, sel], held_b[sel][:, r]
-
-            sol, ridge = ridge_refit((a_fit, b_fit), (a_held, b_held), current[sel][:, r])  # [|feats|+1, |rows|]
+            sol, ridge = ridge_refit(select(fit, feats, r), select(held, feats, r), current[sel][:, r])
             if ridge is None:
                 kept += 1
             else:

@@ -278,6 +278,19 @@ MAX_LAYER_FEATURES = 4096  # a layer with more inputs (C·taps, or linear in-fea
 Normal = tuple[torch.Tensor, torch.Tensor]  # ([X 1]ᵀ[X 1], [X 1]ᵀY)
 
 
+@dataclass(frozen=True)
+class Sample:
+    """Calibration rows kept as they are, where they are fewer than the layer's inputs: inputs X [rows, features]
+    and targets Y [rows, outputs]. Their least squares is solved in row space (`ridge_solve`: an n×n system for
+    n rows, where the normal equations are F×F for F inputs), the same solution."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+Part = Normal | Sample  # one share (fitting or held-out) of a layer's calibration rows, in the smaller form
+
+
 Rows = tuple[torch.Tensor, torch.Tensor]  # (inputs [rows, features], targets [rows, outputs])
 
 
@@ -328,41 +341,84 @@ def _products(x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
 
 
 def normal_equations(graph: Graph, side: SideBySide, at: int, node_id: str, seed: int,
-                     out: list[int] | None = None, positions: int = POSITIONS) -> tuple[Normal, Normal] | None:
+                     out: list[int] | None = None, positions: int = POSITIONS) -> tuple[Part, Part] | None:
     """([X 1]ᵀ[X 1], [X 1]ᵀY) over the calibration rows, for the fitting rows and for the `HELD_OUT` share held
     out (drawn at random, seeded: `layer_rows`): X the node's (unrolled) inputs in `graph`, Y the original node's
     outputs (`side`'s pass-start copy; its output channels `out` when given), both read at the node's
-    topological position `at`."""
+    topological position `at`. When the fitting rows are fewer than X's columns (a linear layer with many inputs
+    on a small calibration set) the rows themselves (`Sample`, X's columns in the same order), which solve in
+    less time and memory than the F×F normal equations."""
     node = graph.node(node_id)
     src: Value = graph.operands(node_id)[0]
     dst: Value = (node_id, 0)
     gen = torch.Generator().manual_seed(seed)
     sums: list[torch.Tensor] | None = None
+    kept: list[tuple[Rows, Rows]] = []  # batches not yet in `sums`: every batch while the fitting rows are few
+    n_fit = 0
     for now, was in side.pairs(at, [src], f"'{node_id}'", [dst]):
         got = layer_rows(node, now[0].detach().float(), was[0].detach().float(), gen, out, positions, tap_major=True)
         if got is None:
             return None
-        parts = [m for xr, yr in got for m in _products(xr, yr)]
-        sums = parts if sums is None else [s + p for s, p in zip(sums, parts)]
-    if sums is None:
+        kept.append(got)
+        n_fit += got[0][0].shape[0]
+        if n_fit < got[0][0].shape[1]:
+            continue
+        for batch in kept:  # as many fitting rows as inputs: the normal equations are the smaller form
+            parts = [m for xr, yr in batch for m in _products(xr, yr)]
+            sums = parts if sums is None else [s + p for s, p in zip(sums, parts)]
+        kept = []
+    if sums is None and not kept:
         return None
     w = node.params["weight"]
     assert isinstance(w, torch.Tensor)  # the refit's layers have dense weights (`layer_refittable`)
+    perm: torch.Tensor | None = None
     if node.kind == "conv":  # features gathered (tap, channel): to the weight's (channel, tap) order
         c, taps = w.shape[1], w[0, 0].numel()
         perm = torch.arange(c * taps).reshape(taps, c).T.reshape(-1)  # (channel, tap) j -> its (tap, channel) index
+    if sums is None:
+        shares = [Sample(torch.cat([b[i][0] for b in kept]), torch.cat([b[i][1] for b in kept])) for i in (0, 1)]
+        if perm is not None:
+            shares = [Sample(sh.x[:, perm], sh.y) for sh in shares]
+        return shares[0], shares[1]
+    if perm is not None:
         perm = torch.cat([perm, torch.tensor([c * taps])])
         sums = [m[perm][:, perm] if i % 2 == 0 else m[perm] for i, m in enumerate(sums)]
     return (sums[0], sums[1]), (sums[2], sums[3])
 
 
-def held_error(held: Normal, w: torch.Tensor) -> float:
+def held_error(held: Part, w: torch.Tensor) -> float:
     """Σ‖[X 1]w − y‖² over the held-out rows, less the constant Σ‖y‖², of the solution `w` [features+1, outputs]."""
+    if isinstance(held, Sample):
+        pred = held.x.double() @ w[:-1] + w[-1]
+        return float((pred * pred).sum() - 2 * (pred * held.y.double()).sum())
     return float((w * (held[0] @ w)).sum() - 2 * (w * held[1]).sum())
 
 
-def best_ridge(a_fit: torch.Tensor, b_fit: torch.Tensor, a_held: torch.Tensor, b_held: torch.Tensor
-               ) -> tuple[float, float]:
+def ridge_solve(part: Part, ridge: float, fallback: bool = False) -> torch.Tensor | None:
+    """The least-squares solution [features+1, outputs] (weights, then the intercept) over the rows of `part` with
+    `ridge` (relative to the mean diagonal of XᵀX, `squeeze_math.ridged_normal`) on the weights, not the
+    intercept. By Cholesky: None when the system is too ill-conditioned for it (`cholesky_solve`), unless
+    `fallback` (then the minimum-norm solution, `solve_normal`). A `Sample` is solved in row space: with the
+    intercept eliminated by centring (X_c, Y_c the rows less their means), w = X_cᵀ(X_cX_cᵀ + λI)⁻¹Y_c, the same
+    w as (X_cᵀX_c + λI)⁻¹X_cᵀY_c, which the normal equations solve."""
+    solve = solve_normal if fallback else cholesky_solve
+    if not isinstance(part, Sample):
+        return solve(ridged_normal(part[0], ridge), part[1])
+    if part.x.shape[0] == 0:
+        return None
+    x, y = part.x.double(), part.y.double()
+    xm, ym = x.mean(0), y.mean(0)
+    xc = x - xm
+    k = xc @ xc.T
+    k.diagonal().add_(ridge * max(float((x * x).sum()) / x.shape[1], 1e-30))
+    alpha = solve(k, y - ym)
+    if alpha is None:
+        return None
+    w = xc.T @ alpha
+    return torch.cat([w, (ym - xm @ w)[None]])
+
+
+def best_ridge(fit: Part, held: Part) -> tuple[float, float]:
     """(ridge, its held-out error `held_error`): the ridge among `RIDGES` whose fit on the fitting rows has the
     least error on the held-out rows, found downhill: from `RIDGE_START`, to whichever neighbour errs less, while
     one does. The held-out error falls and then rises along `RIDGES` (on every layer of the benchmark models), so
@@ -377,8 +433,8 @@ def best_ridge(a_fit: torch.Tensor, b_fit: torch.Tensor, a_held: torch.Tensor, b
 
     def error(i: int) -> float:
         if i not in errors:
-            sol = cholesky_solve(ridged_normal(a_fit, RIDGES[i]), b_fit)
-            errors[i] = math.inf if sol is None else held_error((a_held, b_held), sol)
+            sol = ridge_solve(fit, RIDGES[i])
+            errors[i] = math.inf if sol is None else held_error(held, sol)
         return errors[i]
 
     i = RIDGES.index(RIDGE_START)
@@ -391,15 +447,30 @@ def best_ridge(a_fit: torch.Tensor, b_fit: torch.Tensor, a_held: torch.Tensor, b
         i = j
 
 
-def ridge_refit(fit: Normal, held: Normal, current: torch.Tensor) -> tuple[torch.Tensor, float | None]:
+def ridge_refit(fit: Part, held: Part, current: torch.Tensor) -> tuple[torch.Tensor, float | None]:
     """(solution [features+1, outputs], ridge): the ridge least-squares fit on all rows at the ridge `best_ridge`
     chooses, or `current` (the layer as it is, `as_solution`) with ridge None when the fit on the fitting rows does
     no better than it on the held-out rows: with few samples for many inputs it would fit the calibration data,
     not the layer."""
-    ridge, err = best_ridge(*fit, *held)
+    ridge, err = best_ridge(fit, held)
     if err >= held_error(held, current):
         return current, None
-    return solve_normal(ridged_normal(fit[0] + held[0], ridge), fit[1] + held[1]), ridge
+    if isinstance(fit, Sample) and isinstance(held, Sample):
+        both: Part = Sample(torch.cat([fit.x, held.x]), torch.cat([fit.y, held.y]))
+    else:
+        assert not isinstance(fit, Sample) and not isinstance(held, Sample)  # `normal_equations` forms both alike
+        both = (fit[0] + held[0], fit[1] + held[1])
+    sol = ridge_solve(both, ridge, fallback=True)
+    assert sol is not None  # `fallback`: a solution always
+    return sol, ridge
+
+
+def select(part: Part, feats: torch.Tensor, outs: torch.Tensor) -> Part:
+    """`part` restricted to the input columns `feats` (the intercept kept) and the output columns `outs`."""
+    if isinstance(part, Sample):
+        return Sample(part.x[:, feats], part.y[:, outs])
+    sel = torch.cat([feats, torch.tensor([part[0].shape[0] - 1])])
+    return part[0][sel][:, sel], part[1][sel][:, outs]
 
 
 def as_solution(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

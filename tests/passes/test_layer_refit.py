@@ -231,7 +231,7 @@ def test_best_ridge_finds_the_least_held_out_error_downhill(case: str, monkeypat
     assert (case == "ill_conditioned") == (every[0] == float("inf"))
     solves = []
     monkeypatch.setattr(refit, "cholesky_solve", lambda a, b: solves.append(1) or solve(a, b))
-    lam, err = refit.best_ridge(*fit, *held)
+    lam, err = refit.best_ridge(fit, held)
     assert (lam, err) == (RIDGES[low], best)
     assert len(solves) < len(RIDGES), (lam, len(solves))
 
@@ -354,3 +354,69 @@ def test_a_planned_layer_that_is_not_refit_costs_no_pass(monkeypatch: pytest.Mon
         (4, 3, 3, 3), (4, 4, 3, 3), (8, 324), (4, 8)]
     assert err == pytest.approx(0.0948332, rel=1e-5)
     assert res.report.calibration_passes == pytest.approx(5.3549, abs=1e-3)
+
+
+def test_a_fit_with_fewer_rows_than_inputs_is_solved_in_row_space_to_the_same_solution() -> None:
+    """`ridge_solve` on the rows themselves (`Sample`: an n×n system) gives the solution of the normal equations
+    (F×F) at every ridge, and `ridge_refit` the same choice and fit, when the rows are fewer than the inputs."""
+    from netsqueeze.passes import refit
+
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(70, 120, generator=gen, dtype=torch.float64) + 0.3
+    y = x[:, :10] @ torch.randn(10, 4, generator=gen, dtype=torch.float64) + 0.2 * torch.randn(70, 4, generator=gen,
+                                                                                              dtype=torch.float64)
+    rows, held = refit.Sample(x[:56], y[:56]), refit.Sample(x[56:], y[56:])
+    normal, normal_held = _normal(x[:56], y[:56]), _normal(x[56:], y[56:])
+    for lam, ref in zip(RIDGES, _ridge_solutions(x[:56], y[:56])):
+        got = refit.ridge_solve(rows, lam)
+        assert got is not None and got.shape == (121, 4)
+        assert float((got - ref).abs().max()) <= 1e-8 * float(ref.abs().max()), lam
+    current = torch.zeros(121, 4, dtype=torch.float64)
+    assert refit.held_error(held, current) == pytest.approx(refit.held_error(normal_held, current), rel=1e-12)
+    w_rows, lam_rows = refit.ridge_refit(rows, held, current)
+    w_normal, lam_normal = refit.ridge_refit(normal, normal_held, current)
+    assert lam_rows == lam_normal is not None
+    assert float((w_rows - w_normal).abs().max()) <= 1e-8 * float(w_normal.abs().max())
+    # the selection gdnt's child groups use: columns of the rows, rows and columns of the normal equations
+    feats, outs = torch.tensor([3, 7, 50]), torch.tensor([1, 2])
+    picked = refit.select(rows, feats, outs)
+    assert isinstance(picked, refit.Sample) and torch.equal(picked.x, x[:56, [3, 7, 50]])
+    a, b = refit.select(normal, feats, outs)
+    assert torch.equal(a, normal[0][[3, 7, 50, 120]][:, [3, 7, 50, 120]]) and torch.equal(b, normal[1][[3, 7, 50, 120]][:, [1, 2]])
+
+
+def test_a_wide_linear_consumer_on_few_samples_is_refit_from_its_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A linear layer reading 64 squeezed inputs, calibrated on 48 samples (36 fitting rows): the layer refit keeps
+    the rows (`Sample`: the layer's inputs as squeezed and the original outputs) and decides as the normal
+    equations of the same rows decide (here: the layer stays as it is, its refit no better on the 12 held-out rows)."""
+    from netsqueeze.passes import refit
+
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(12, 128), nn.ReLU(), nn.Linear(128, 6)).eval()
+    x = torch.randn(48, 12, generator=torch.Generator().manual_seed(5))
+    seen: list[tuple[refit.Part, refit.Part, torch.Tensor, tuple[torch.Tensor, float | None]]] = []
+    real = refit.ridge_refit
+
+    def spy(fit: refit.Part, held: refit.Part, cur: torch.Tensor) -> tuple[torch.Tensor, float | None]:
+        out = real(fit, held, cur)
+        seen.append((fit, held, cur, out))
+        return out
+
+    monkeypatch.setattr(refit, "ridge_refit", spy)
+    res = ns.compile(model, [SqueezeFold(ratio=0.5)], example_inputs=(x[:2],), calibration=x, progress=False)
+    [(fit, held, cur, (sol, ridge))] = seen
+    assert isinstance(fit, refit.Sample) and isinstance(held, refit.Sample)
+    assert (fit.x.shape, held.x.shape) == ((36, 64), (12, 64))
+    with torch.no_grad():
+        a = torch.relu(F.linear(x, res.graph.node("0").params["weight"], res.graph.node("0").params["bias"]))
+        y = model(x)
+    rows, targets = torch.cat([fit.x, held.x]), torch.cat([fit.y, held.y])
+    order = [int(((a - r) ** 2).sum(1).argmin()) for r in rows]
+    assert sorted(order) == list(range(48))
+    assert float((rows - a[order]).abs().max()) < 1e-6 and float((targets - y[order]).abs().max()) < 1e-6
+    by_normal = real(_normal(fit.x, fit.y), _normal(held.x, held.y), cur)
+    assert ridge is None and by_normal[1] is None and torch.equal(sol, by_normal[0])
+    w = res.graph.node("2").params["weight"]
+    assert w.shape == (6, 64) and torch.equal(torch.cat([w.T.double(), res.graph.node("2").params["bias"].double()[None]]),
+                                              cur.to(w.dtype).double())
+    assert "layer refit: '2' kept as it is: its refit was no better on held-out calibration rows" in _notes(res)
