@@ -15,36 +15,11 @@ import numpy as np
 import torch
 
 from netsqueeze.passes.collectors import Reservoir
+from netsqueeze.passes.friedman_rafsky import cross_edges
 
 # a candidate whose residual, after least squares on the kept features (with intercept), keeps less than this
 # fraction of its variance is a linear function of them: it adds no geometry the kept set lacks
 LINEAR_TOL = 1e-6
-
-
-def cross_edges(a: np.ndarray, b: np.ndarray) -> int:
-    """The Friedman–Rafsky statistic of `trim.fr_cross_edges` (MST edges over a ∪ b joining a to b), by Prim's
-    algorithm on the dense distance matrix: O(n²) vectorised steps instead of scipy's sparse-graph MST, several
-    times faster at the few hundred points a class pair holds; the same tree wherever distances are distinct."""
-    z = np.vstack([a, b])
-    n, na = z.shape[0], a.shape[0]
-    sq = (z * z).sum(1)
-    d = np.maximum(sq[:, None] + sq[None, :] - 2.0 * (z @ z.T), 0.0)  # squared distances: same tree
-    in_a = np.arange(n) < na
-    out = np.ones(n, dtype=bool)
-    out[0] = False
-    best = d[0].copy()
-    best[0] = np.inf
-    parent = np.zeros(n, dtype=np.int64)
-    r = 0
-    for _ in range(n - 1):
-        j = int(np.argmin(best))
-        r += int(in_a[j] != in_a[parent[j]])
-        out[j] = False
-        best[j] = np.inf
-        closer = out & (d[j] < best)
-        best[closer] = d[j][closer]
-        parent[closer] = j
-    return r
 
 
 @dataclass

@@ -11,8 +11,6 @@ from typing import ClassVar, Literal
 
 import numpy as np
 import torch
-from scipy.sparse.csgraph import minimum_spanning_tree
-from scipy.spatial.distance import pdist, squareform
 
 from netsqueeze.errors import Diagnostic, NetsqueezeError
 from netsqueeze.ir.graph import Graph, Value
@@ -24,6 +22,7 @@ from netsqueeze.passes.allocation import Budget, GroupBounds, Meter, Reached, bi
 from netsqueeze.passes.base import MEASURE_PASSES, PassContext, PassResult, TransformPass
 from netsqueeze.passes.collectors import Moments, Reservoir, channel_rows
 from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups, DependencyAnalysis, Member
+from netsqueeze.passes.friedman_rafsky import BATCH_BYTES, cross_edges_batched, squared_distances
 from netsqueeze.passes.frontier import Prefixes, first_positions
 from netsqueeze.passes.registry import register_pass
 from netsqueeze.passes.rewrite import ChannelSelection, apply_selection
@@ -96,20 +95,9 @@ def _magnitude(graph: Graph, members: Sequence[Member], norm: str) -> torch.Tens
     return torch.stack(parts).mean(0) if parts else None
 
 
-def fr_cross_edges(a: np.ndarray, b: np.ndarray) -> int:
-    """Friedman–Rafsky statistic: edges of the Euclidean MST over a ∪ b that join a point of a to one of b."""
-    z = np.vstack([a, b])
-    d = squareform(pdist(z))
-    d[d == 0] = 1e-12  # scipy reads a zero as "no edge"; duplicates must stay connected
-    np.fill_diagonal(d, 0.0)
-    mst = minimum_spanning_tree(d).tocoo()
-    na = a.shape[0]
-    return int(np.sum((mst.row < na) != (mst.col < na)))
-
-
 def _thirds(parents: torch.Tensor, children: torch.Tensor, seed: int
             ) -> tuple[torch.Generator, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                       tuple[np.ndarray, np.ndarray]]:
+                       tuple[torch.Tensor, torch.Tensor]]:
     """The samples shuffled by `seed` and standardised, split in thirds A, B, C: (generator, parents,
     children, (parents A, B, C), (children A, C))."""
     gen = torch.Generator().manual_seed(seed)
@@ -118,7 +106,7 @@ def _thirds(parents: torch.Tensor, children: torch.Tensor, seed: int
     m3 = p.shape[0] // 3
     if m3 < 2:
         raise ValueError("gdnt needs at least 6 calibration samples")
-    return gen, p, x, (p[:m3], p[m3:2 * m3], p[2 * m3:3 * m3]), (x[:m3].numpy(), x[2 * m3:3 * m3].numpy())
+    return gen, p, x, (p[:m3], p[m3:2 * m3], p[2 * m3:3 * m3]), (x[:m3], x[2 * m3:3 * m3])
 
 
 def gdnt_scores(parents: torch.Tensor, children: torch.Tensor, child_groups: int, seed: int) -> torch.Tensor:
@@ -129,23 +117,29 @@ def gdnt_scores(parents: torch.Tensor, children: torch.Tensor, child_groups: int
     nearest neighbour in B under the other parents z (conditional independence of y and x given z);
     C is the joint sample. Score = 1 − R / (n/3), R = Friedman–Rafsky cross edges between
     {(x_A, y_nn)} and {(x_C, y_C)}: near 0 when the children ignore y, near 1 when they depend on it.
+    The trees of every channel of a child group are computed together (`friedman_rafsky.cross_edges_batched`):
+    their points share the children's coordinates, so only the parent's term of the distances differs.
     """
     gen, p, x, (pa, pb, pc), (xa, xc) = _thirds(parents, children, seed)
     m3 = pa.shape[0]
     d2 = torch.cdist(pa, pb) ** 2
     blocks = [b for b in np.array_split(np.arange(x.shape[1]), min(child_groups, x.shape[1])) if len(b)]
     n = p.shape[1]
-    scores = torch.zeros(n, dtype=torch.float64)
+    y = torch.empty(n, 2 * m3, dtype=torch.float64)  # per parent channel: y_nn over A, then y over C
     for c in range(n):
         if n > 1:
             nn = (d2 - (pa[:, c, None] - pb[None, :, c]) ** 2).argmin(1)
         else:  # no other parents: plain independence, a random pairing
             nn = torch.randperm(m3, generator=gen)
-        y_ind = pb[nn, c].numpy()[:, None]
-        y_joint = pc[:, c].numpy()[:, None]
-        for blk in blocks:
-            r = fr_cross_edges(np.hstack([xa[:, blk], y_ind]), np.hstack([xc[:, blk], y_joint]))
-            scores[c] = max(float(scores[c]), 1.0 - r / m3)
+        y[c, :m3], y[c, m3:] = pb[nn, c], pc[:, c]
+    scores = torch.zeros(n, dtype=torch.float64)
+    chunk = max(1, BATCH_BYTES // (8 * (2 * m3) ** 2))
+    for blk in blocks:
+        dx = squared_distances(torch.cat([xa[:, blk], xc[:, blk]]))
+        for lo in range(0, n, chunk):
+            yc = y[lo:lo + chunk]
+            r = cross_edges_batched(dx + (yc[:, :, None] - yc[:, None, :]) ** 2, m3)
+            scores[lo:lo + chunk] = torch.maximum(scores[lo:lo + chunk], 1.0 - r.double() / m3)
     return scores
 
 
@@ -159,6 +153,7 @@ def gdnt_group_scores(parents: torch.Tensor, children: torch.Tensor, parent_grou
     m3 = pa.shape[0]
     pblocks = [b for b in np.array_split(np.arange(p.shape[1]), min(parent_groups, p.shape[1])) if len(b)]
     cblocks = [b for b in np.array_split(np.arange(x.shape[1]), min(child_groups, x.shape[1])) if len(b)]
+    dx = torch.stack([squared_distances(torch.cat([xa[:, cb], xc[:, cb]])) for cb in cblocks])
     scores = torch.zeros(len(pblocks), len(cblocks), dtype=torch.float64)
     for i, blk in enumerate(pblocks):
         others = torch.ones(p.shape[1], dtype=torch.bool)
@@ -167,10 +162,8 @@ def gdnt_group_scores(parents: torch.Tensor, children: torch.Tensor, parent_grou
             nn = torch.cdist(pa[:, others], pb[:, others]).argmin(1)
         else:  # no other parents: plain independence, a random pairing
             nn = torch.randperm(m3, generator=gen)
-        y_ind, y_joint = pb[nn][:, blk].numpy(), pc[:, blk].numpy()
-        for j, cb in enumerate(cblocks):
-            r = fr_cross_edges(np.hstack([xa[:, cb], y_ind]), np.hstack([xc[:, cb], y_joint]))
-            scores[i, j] = 1.0 - r / m3
+        dy = squared_distances(torch.cat([pb[nn][:, blk], pc[:, blk]]))
+        scores[i] = 1.0 - cross_edges_batched(dx + dy, m3).double() / m3
     return scores
 
 

@@ -15,9 +15,8 @@ import netsqueeze as ns
 from netsqueeze.errors import BudgetError, InputMismatchError, NetsqueezeError
 from netsqueeze.ir.graph import Graph, Value
 from netsqueeze.passes.base import PassContext
-from netsqueeze.passes.goa import ClassReservoirs, cross_edges, goa_select
+from netsqueeze.passes.goa import ClassReservoirs, goa_select
 from netsqueeze.passes.select_features import SelectFeatures
-from netsqueeze.passes.trim import fr_cross_edges
 from tests.passes.graphs import run
 
 
@@ -48,13 +47,6 @@ def _reservoirs(x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, per_class
         idx = order[i:i + 100]
         res.update(x[idx], y[idx])
     return res
-
-
-def test_cross_edges_is_the_friedman_rafsky_statistic_of_trim() -> None:
-    rng = np.random.default_rng(0)
-    for k in (1, 3, 16):
-        a, b = rng.normal(size=(70, k)), rng.normal(size=(90, k)) + 0.4
-        assert cross_edges(a, b) == fr_cross_edges(a, b)
 
 
 def test_goa_admits_label_bits_never_noise_or_duplicates_and_is_order_tolerant() -> None:

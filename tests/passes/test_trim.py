@@ -13,8 +13,9 @@ from netsqueeze.ir.stats import graph_stats
 from netsqueeze.passes.base import PassContext
 from netsqueeze.passes.collectors import Moments, Reservoir, channel_rows
 from netsqueeze.passes.dependency import find_groups
+from netsqueeze.passes.friedman_rafsky import cross_edges
 from netsqueeze.passes.rewrite import ChannelSelection, apply_selection
-from netsqueeze.passes.trim import Trim, fr_cross_edges, gdnt_scores
+from netsqueeze.passes.trim import Trim, gdnt_scores
 from tests.passes.graphs import attention, cnn, input_batches, mlp, run, stream_ctx
 
 
@@ -151,7 +152,7 @@ def test_bias_compensation_restores_removed_means() -> None:
 def test_fr_statistic_and_gdnt_rank_dependent_neurons() -> None:
     rng = np.random.default_rng(0)
     a = rng.normal(size=(50, 2))
-    assert fr_cross_edges(a, a + 100.0) == 1  # separated clouds: one bridge
+    assert cross_edges(a, a + 100.0) == 1  # separated clouds: one bridge
     torch.manual_seed(0)
     n = 300
     parents = torch.randn(n, 4, dtype=torch.float64)
