@@ -60,6 +60,9 @@ def _metric(m: torch.Tensor | None, c: int) -> torch.Tensor:
     return torch.eye(c, dtype=torch.float64) if m is None else m.double()
 
 
+RANK_CUT_EVERY = 64  # greedy ranking: dropped channels cut out of its matrices every this many drops
+
+
 def ranking(cov: torch.Tensor, method: Selector, metric: torch.Tensor | None = None,
             ridge: float = 1e-6, block: int = 1) -> tuple[list[int], list[float]]:
     """Channels in the order they are worth keeping, and the reconstruction error of every prefix.
@@ -111,10 +114,11 @@ def ranking(cov: torch.Tensor, method: Selector, metric: torch.Tensor | None = N
         proj = reg @ p
         mproj = m @ proj
         removed: list[int] = []
-        while len(keep) > 1:
+        dead = torch.zeros(c, dtype=torch.bool)  # per column of the matrices: dropped, not yet cut out
+        for _ in range(c - 1):
             nk = len(keep)
             if block == 1:
-                score = (proj * mproj).sum(0) / p.diagonal()
+                score = torch.where(dead, torch.inf, (proj * mproj).sum(0) / p.diagonal())
             else:
                 pr, mp = proj.reshape(n_feat, nk, block), mproj.reshape(n_feat, nk, block)
                 inner = torch.einsum("fni,fnj->nij", pr, mp)
@@ -123,29 +127,25 @@ def ranking(cov: torch.Tensor, method: Selector, metric: torch.Tensor | None = N
                 score = torch.linalg.solve(pjj, inner).diagonal(dim1=1, dim2=2).sum(1)
             j = int(torch.argmin(score))
             lo, hi = j * block, (j + 1) * block
-            # P_JJ⁻¹·P_J,: over every kept feature; the update zeroes J's own rows and columns, which are then cut
-            # out by slices (one copy per matrix, no index lists)
+            # P_JJ⁻¹·P_J,: over every kept feature; the update zeroes J's own rows and columns (up to rounding),
+            # which no later update of a kept entry reads: they are cut out every `RANK_CUT_EVERY` drops, each
+            # cut one copy per matrix (with blocks, at every drop: the block solve above needs them gone)
             down = torch.linalg.solve(p[lo:hi, lo:hi], p[lo:hi])
-            p = _cut(p.addmm_(p[:, lo:hi].clone(), down, alpha=-1), lo, hi, rows=True)
-            proj = _cut(proj.addmm_(proj[:, lo:hi].clone(), down, alpha=-1), lo, hi)
-            mproj = _cut(mproj.addmm_(mproj[:, lo:hi].clone(), down, alpha=-1), lo, hi)
-            removed.append(keep.pop(j))
-        order = keep + removed[::-1]
+            p.addmm_(p[:, lo:hi].clone(), down, alpha=-1)
+            proj.addmm_(proj[:, lo:hi].clone(), down, alpha=-1)
+            mproj.addmm_(mproj[:, lo:hi].clone(), down, alpha=-1)
+            removed.append(keep[j])
+            dead[j] = True
+            if block > 1 or int(dead.sum()) >= RANK_CUT_EVERY:
+                live = (~dead).nonzero().flatten()
+                cols = (live[:, None] * block + torch.arange(block)).flatten()
+                p = p.index_select(0, cols).index_select(1, cols)
+                proj, mproj = proj.index_select(1, cols), mproj.index_select(1, cols)
+                keep = [keep[i] for i in live.tolist()]
+                dead = torch.zeros(len(keep), dtype=torch.bool)
+        order = [k for k, gone in zip(keep, dead.tolist()) if not gone] + removed[::-1]
     err = prefix_errors(cov, m, feats(order))
     return order, err[::block]
-
-
-def _cut(x: torch.Tensor, lo: int, hi: int, rows: bool = False) -> torch.Tensor:
-    """`x` without columns lo..hi−1 (and, with `rows`, without those rows), in one copy."""
-    n = x.shape[1] - (hi - lo)
-    out = torch.empty((x.shape[0] - (hi - lo) if rows else x.shape[0], n), dtype=x.dtype)
-    src = (x[:lo], x[hi:]) if rows else (x,)
-    at = 0
-    for part in src:
-        out[at:at + part.shape[0], :lo] = part[:, :lo]
-        out[at:at + part.shape[0], lo:] = part[:, hi:]
-        at += part.shape[0]
-    return out
 
 
 def prefix_errors(cov: torch.Tensor, metric: torch.Tensor, order: list[int]) -> list[float]:

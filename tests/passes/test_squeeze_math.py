@@ -136,3 +136,25 @@ def test_gram_is_xtx_from_half_the_products(d: int) -> None:
     torch.testing.assert_close(g, x.T @ x, rtol=1e-12, atol=1e-10)
     if d > 2 * GRAM_BLOCK:  # each off-diagonal block is the transpose of the one product that made it
         assert torch.equal(g[:GRAM_BLOCK, GRAM_BLOCK:], g[GRAM_BLOCK:, :GRAM_BLOCK].T)
+
+
+@pytest.mark.parametrize("block", [1, 3])
+def test_greedy_order_does_not_depend_on_when_dropped_channels_are_cut_out(block: int,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The greedy elimination cuts dropped channels out of its matrices every `RANK_CUT_EVERY` drops (blocks: every
+    drop); cut at every drop, every 7, or only at the end, the order and the prefix errors are the same."""
+    from netsqueeze.passes import squeeze_math
+
+    g = torch.Generator().manual_seed(4)
+    c = 90 // block
+    x = torch.randn(3000, 40, generator=g, dtype=torch.float64) @ torch.randn(40, c * block, generator=g,
+                                                                              dtype=torch.float64)
+    cov = torch.cov(x.T) + 1e-3 * torch.eye(c * block, dtype=torch.float64)
+    w = torch.randn(9, c * block, generator=g, dtype=torch.float64)
+    got = []
+    for every in (1, 7, 10**9):
+        monkeypatch.setattr(squeeze_math, "RANK_CUT_EVERY", every)
+        got.append(ranking(cov, "greedy", w.T @ w, block=block))
+    assert sorted(got[0][0]) == list(range(c))
+    assert got[1][0] == got[0][0] and got[2][0] == got[0][0]
+    assert max(abs(a - b) for run in got[1:] for a, b in zip(run[1], got[0][1])) < 1e-12
