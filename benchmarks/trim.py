@@ -8,7 +8,9 @@ global `budget flops <= X%` and `budget params <= X%` at 2x, 3x and 5x: `fold_bn
 (global allocation ranked by measured loss per unit of budget, every consumer re-solved whole by least squares
 to the original layer's outputs: `refit = layer`) for each
 criterion (fewer at 3x/5x and under params budgets, to keep the run short; `random`, the sanity floor every
-criterion must beat, with `RANDOM_SEEDS` compile seeds, judged by the mean of its draws); at FLOPs targets the ablations of
+criterion must beat, with `RANDOM_SEEDS` compile seeds, judged by the mean of its draws; `gdnt`, whose estimate
+depends on the seeded split of its samples, with as many, the mean of its own draws reported beside); at FLOPs
+targets the ablations of
 the new choices on `l1` (allocation = uniform, refit = least_squares (the group-by-group fold alone, the default
 before `layer`), refit = none, the previous ranking rule score / group mean, and
 both old choices together: trim as it was); Torch-Pruning group-L1 with its uniform ratio bisected to the same
@@ -67,6 +69,7 @@ PARAMS_CRITERIA = ("l1", "random")
 # `random` is the sanity floor: a draw of it is one sample, so it runs with this many compile seeds (0 is timed and
 # is the `trim random` row) and the criteria are judged against the mean of the draws, and per draw
 RANDOM_SEEDS = 5
+SEEDED = ("random", "gdnt")  # the criteria whose draw depends on the compile seed: each runs with RANDOM_SEEDS seeds
 # the new choices against the old ones, on l1 at FLOPs targets: (label, trim options, ranking rule)
 ABLATIONS = {2.0: (("allocation = uniform", "allocation = uniform", "measured"),
                    ("refit = least_squares (the fold alone)", "refit = least_squares", "measured"),
@@ -139,9 +142,13 @@ def random_verdict(acc_by: dict[str, float], crits: list[str]) -> str | None:
     mean = sum(draws) / len(draws)
     got = {c: acc_by[f"trim {c}"] for c in crits if f"trim {c}" in acc_by}
     lost = [f"{c} {a:.2%}" for c, a in got.items() if a <= mean]
+    own = {c: [a for m, a in acc_by.items() if m == f"trim {c}" or m.startswith(f"trim {c}, seed ")] for c in got}
+    seeded = [f"{c} {sum(v) / len(v):.2%} ({min(v):.2%}–{max(v):.2%}), {'above' if sum(v) / len(v) > mean else 'not above'}"
+              f" random's" for c, v in own.items() if len(v) > 1]
     return (f"every criterion beats random's mean over {len(draws)} seeds ({mean:.2%}; draws "
             f"{min(draws):.2%}–{max(draws):.2%}): " + ("met" if not lost else "missed by " + ", ".join(lost))
-            + "; draws beaten: " + ", ".join(f"{c} {sum(a > d for d in draws)}/{len(draws)}" for c, a in got.items()))
+            + "; draws beaten: " + ", ".join(f"{c} {sum(a > d for d in draws)}/{len(draws)}" for c, a in got.items())
+            + ("; a seeded criterion's mean over its own seeds: " + ", ".join(seeded) if seeded else ""))
 
 
 def time_rows(timed: list[tuple[list[str], Base, nn.Module, float]]) -> list[tuple[str, float, float]]:
@@ -218,8 +225,8 @@ def main() -> None:
             acc_by: dict[str, float] = {}
             crits = CRITERIA[(measure, target)] if measure == "flops" else PARAMS_CRITERIA
             runs = [(f"trim {c}", c, "", "measured", 0) for c in crits]
-            if "random" in crits:
-                runs += [(f"trim random, seed {k}", "random", "", "measured", k) for k in range(1, RANDOM_SEEDS)]
+            runs += [(f"trim {c}, seed {k}", c, "", "measured", k) for c in SEEDED if c in crits
+                     for k in range(1, RANDOM_SEEDS)]
             if measure == "flops":
                 runs += [(f"trim l1, {label}", "l1", opts, rule, 0) for label, opts, rule in ABLATIONS[target]]
             for method, crit, opts, rule, seed in runs:
