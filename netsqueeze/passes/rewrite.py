@@ -163,16 +163,18 @@ def _bn_value(node: Node, x: torch.Tensor) -> torch.Tensor:
     return y + p["bias"] if "bias" in p else y
 
 
-# what a removed branch's output may pass through on the way to its add: the constant goes through it
-_THROUGH: dict[str, Callable[[Node, torch.Tensor], torch.Tensor]] = {
+# what a removed branch's output may pass through on the way to its add, per channel: the constant goes through it
+_POINTWISE: dict[str, Callable[[Node, torch.Tensor], torch.Tensor]] = {
     "batch_norm": _bn_value, "relu": lambda n, x: torch.relu(x), "identity": lambda n, x: x,
     "sigmoid": lambda n, x: torch.sigmoid(x), "tanh": lambda n, x: torch.tanh(x),
-    "silu": lambda n, x: torch.nn.functional.silu(x),
-    "reshape": lambda n, x: x}  # only after a linear layer, whose [C] constant it leaves as it is (`_to_add`)
+    "silu": lambda n, x: torch.nn.functional.silu(x)}
+# and what `_to_add` also lets through: a reshape, only after a linear layer and keeping its last axis, which leaves
+# the [C] constant as it is
+_THROUGH = {**_POINTWISE, "reshape": lambda n, x: x}
 
 
 def _to_add(graph: Graph, consumer: str) -> tuple[list[str], str, int] | str:
-    """The single-user ops (`_THROUGH`) from `consumer`'s output to the add it feeds, that add and the port;
+    """The single-user ops (`_POINTWISE`, and `_THROUGH`'s reshape after a linear layer) from `consumer`'s output to the add it feeds, that add and the port;
     a string says why there is no such add."""
     chain: list[str] = []
     v: Value = (consumer, 0)
@@ -182,7 +184,7 @@ def _to_add(graph: Graph, consumer: str) -> tuple[list[str], str, int] | str:
             return f"the output of '{v[0]}' has {len(users)} users, not one add"
         user, port = users[0]
         node = graph.node(user)
-        if node.kind in _THROUGH and len(graph.operands(user)) == 1:
+        if node.kind in _POINTWISE and len(graph.operands(user)) == 1:
             chain.append(user)
             v = (user, 0)
         elif (node.kind == "reshape" and port == 0 and graph.node(consumer).kind == "linear"

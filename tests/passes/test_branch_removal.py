@@ -104,6 +104,26 @@ def test_only_a_branch_into_an_add_may_lose_every_channel() -> None:
         apply_selection(g2, find_groups(g2), {first.id: ChannelSelection(keep=[])})
 
 
+class ConvIntoReshape(nn.Module):
+    """A conv branch whose output is reshaped ([N, 4, 3, 3] to [N, 4, 9]) before its add: its [1, 4, 1, 1]
+    constant would not broadcast as the branch's output does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1), nn.Conv2d(3, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        return self.c(x).reshape(n, 4, 9) + self.b(torch.relu(self.a(x))).reshape(n, 4, 9)
+
+
+def test_a_reshape_after_a_conv_keeps_the_branch() -> None:
+    """Only a linear layer's output may pass a reshape on the way to its add (GPT-2's Conv1D)."""
+    graph = ns.import_model(ConvIntoReshape().eval(), (torch.randn(2, 3, 3, 3),))
+    assert branch_removable(graph, group_of(find_groups(graph), "a")) == \
+        "the output of 'b' reaches reshape 'reshape_1', not an add"
+
+
 def squeeze(model: nn.Module, branches: str, flops: float, x: torch.Tensor, target: str = "torch") -> ns.CompileResult:
     return ns.compile(model, f"""
 policy p {{
