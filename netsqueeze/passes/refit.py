@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -287,6 +288,19 @@ class Sample:
     x: torch.Tensor
     y: torch.Tensor
 
+    @cached_property
+    def x64(self) -> torch.Tensor:
+        """X in float64 (a held-out share's errors read it once per ridge)."""
+        return self.x.double()
+
+    @cached_property
+    def centred(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """What every ridge's solve shares, in float64: (X's column means, Y's, X_c, X_cX_cᵀ, the mean diagonal of
+        XᵀX that a ridge is relative to)."""
+        xm = self.x64.mean(0)
+        xc = self.x64 - xm
+        scale = max(float((self.x64 * self.x64).sum()) / max(1, self.x.shape[1]), 1e-30)
+        return xm, self.y.double().mean(0), xc, xc @ xc.T, scale
 
 Part = Normal | Sample  # one share (fitting or held-out) of a layer's calibration rows, in the smaller form
 
@@ -389,7 +403,7 @@ def normal_equations(graph: Graph, side: SideBySide, at: int, node_id: str, seed
 def held_error(held: Part, w: torch.Tensor) -> float:
     """Σ‖[X 1]w − y‖² over the held-out rows, less the constant Σ‖y‖², of the solution `w` [features+1, outputs]."""
     if isinstance(held, Sample):
-        pred = held.x.double() @ w[:-1] + w[-1]
+        pred = held.x64 @ w[:-1] + w[-1]
         return float((pred * pred).sum() - 2 * (pred * held.y.double()).sum())
     return float((w * (held[0] @ w)).sum() - 2 * (w * held[1]).sum())
 
@@ -406,12 +420,10 @@ def ridge_solve(part: Part, ridge: float, fallback: bool = False) -> torch.Tenso
         return solve(ridged_normal(part[0], ridge), part[1])
     if part.x.shape[0] == 0:
         return None
-    x, y = part.x.double(), part.y.double()
-    xm, ym = x.mean(0), y.mean(0)
-    xc = x - xm
-    k = xc @ xc.T
-    k.diagonal().add_(ridge * max(float((x * x).sum()) / x.shape[1], 1e-30))
-    alpha = solve(k, y - ym)
+    xm, ym, xc, gram_rows, scale = part.centred
+    k = gram_rows.clone()
+    k.diagonal().add_(ridge * scale)
+    alpha = solve(k, part.y.double() - ym)
     if alpha is None:
         return None
     w = xc.T @ alpha
