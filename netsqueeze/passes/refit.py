@@ -274,6 +274,9 @@ RIDGES = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 RIDGE_START = 1e-3  # where `best_ridge` starts: the ridge most layers of the benchmark models chose
 HELD_OUT = 0.2  # the share of calibration rows (drawn at random, seeded) that choose the ridge
 LAYER_ROWS = 32768  # conv rows `refit_layers` aims for: more positions per sample than `POSITIONS` on small data
+# ... but no more than this many rows per input of the layer (C·taps): a ridge fit of F inputs is limited by the
+# layer, not the sample, well before 32·F rows, and a small layer's im2col rows were most of a compile's refit cost
+ROWS_PER_INPUT = 32
 MAX_LAYER_FEATURES = 4096  # a layer with more inputs (C·taps, or linear in-features) is not refit whole
 
 Normal = tuple[torch.Tensor, torch.Tensor]  # ([X 1]ᵀ[X 1], [X 1]ᵀY)
@@ -538,6 +541,15 @@ def layer_plan(graph: Graph, groups: ChannelGroups, keeps: Mapping[int, list[int
     return list(dict.fromkeys(nodes)), out
 
 
+def layer_positions(features: int, samples: int, rows: int = LAYER_ROWS) -> int:
+    """The conv output positions per calibration sample a layer refit of `features` inputs draws from `samples`
+    samples: enough for `rows` rows in all, at most `ROWS_PER_INPUT` rows per input, never fewer than
+    `POSITIONS` (`POSITIONS` when the sample count is unknown)."""
+    if not samples:
+        return POSITIONS
+    return max(POSITIONS, min(-(-rows // samples), -(-ROWS_PER_INPUT * features // samples)))
+
+
 # another rewrite run in `refit_layers`' sweep: (the topological position of the first node it changes, the rewrite,
 # given the sweep's side-by-side source to read the calibration data from at that position)
 SweepStep = tuple[int, Callable[[SideBySide], None]]
@@ -561,12 +573,12 @@ def refit_layers(graph: Graph, ref: Graph, ctx: PassContext, nodes: Iterable[str
     (so a layer is refit on inputs they changed, and with the output channels they cut) and after the layers
     before it (a step reads their refit outputs; run as a sweep of their own, before every layer, it read their
     outputs before the refit): one sweep over the data for both, where two sweeps would run both graphs twice.
-    `rows`: the conv rows each layer aims for (`LAYER_ROWS`; fewer make a cheaper, rougher refit)."""
+    `rows`: the conv rows each layer aims for (`LAYER_ROWS`; fewer make a cheaper, rougher refit), at most
+    `ROWS_PER_INPUT` per input of the layer (`layer_positions`)."""
     topo = graph.topo_order()
     pos = {nid: i for i, nid in enumerate(topo)}
     todo = sorted(set(nodes), key=lambda n: pos[n])
     samples = sum(ctx.batch_sizes()) if ctx.batches_fn is not None else 0
-    positions = max(POSITIONS, -(-rows // samples)) if samples else POSITIONS
     events = sorted([(at, 0, i) for i, (at, _) in enumerate(steps)] + [(pos[n], 1, i) for i, n in enumerate(todo)])
     side = SideBySide(Frontier.open(graph, ref, ctx, topo), graph, ref, ctx, notes, label, [e[0] for e in events])
     done = 0
@@ -581,7 +593,8 @@ def refit_layers(graph: Graph, ref: Graph, ctx: PassContext, nodes: Iterable[str
         if why is None and len(out.get(nid, range(ref.node(nid).params["weight"].shape[0]))) != w.shape[0]:
             why = "its output channels do not match the pass-start graph's"
         stats = None if why is not None else normal_equations(graph, side, pos[nid], nid, ctx.seed + 7919 * step,
-                                                             out.get(nid), positions)
+                                                             out.get(nid), layer_positions(math.prod(w.shape[1:]), samples,
+                                                                                           rows))
         if stats is None:
             notes.append(f"{label}: '{nid}' not refit whole ({why or 'no calibration rows, or an unrolled input rank'})")
             continue

@@ -270,10 +270,12 @@ def test_the_layer_refit_fits_each_row_to_its_own_channel_when_a_channel_spans_s
 
 def _forced_cascade(monkeypatch: pytest.MonkeyPatch, model: nn.Module) -> tuple[ns.CompileResult, float]:
     """`model` squeezed by half with the layer refit, layers over 60 inputs not refit whole (so their groups go
-    to the cascade): (result, relative output error on the 512 calibration inputs)."""
+    to the cascade): (result, relative output error on the 512 calibration inputs). Rows per layer as
+    `LAYER_ROWS` alone draws them (no `ROWS_PER_INPUT` cap), as the two-sweep figures the tests compare were."""
     from netsqueeze.passes import refit
 
     monkeypatch.setattr(refit, "MAX_LAYER_FEATURES", 60)
+    monkeypatch.setattr(refit, "ROWS_PER_INPUT", 10**9)
     model = model.eval()
     x = torch.randn(512, 3, 9, 9, generator=torch.Generator().manual_seed(2))
     res = ns.compile(model, [SqueezeFold(ratio=0.5, refit="layer")], example_inputs=(x[:2],), calibration=x,
@@ -420,3 +422,36 @@ def test_a_wide_linear_consumer_on_few_samples_is_refit_from_its_rows(monkeypatc
     assert w.shape == (6, 64) and torch.equal(torch.cat([w.T.double(), res.graph.node("2").params["bias"].double()[None]]),
                                               cur.to(w.dtype).double())
     assert "layer refit: '2' kept as it is: its refit was no better on held-out calibration rows" in _notes(res)
+
+
+def test_layer_positions_aim_for_the_layer_rows_but_at_most_rows_per_input() -> None:
+    from netsqueeze.passes.refit import LAYER_ROWS, POSITIONS, ROWS_PER_INPUT, layer_positions
+
+    assert (LAYER_ROWS, POSITIONS, ROWS_PER_INPUT) == (32768, 16, 32)
+    assert layer_positions(9, 256) == 16  # 288 rows would do: never under `POSITIONS`
+    assert layer_positions(288, 256) == 36  # 32 x 288 = 9,216 rows, not 32,768
+    assert layer_positions(3241, 256) == 128  # 32,768 rows: `LAYER_ROWS` binds
+    assert layer_positions(3241, 2048) == 16
+    assert layer_positions(144, 256, rows=8192) == 18
+    assert layer_positions(144, 0) == 16  # no sample count
+
+
+def test_a_small_conv_layer_is_refit_from_32_rows_per_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    # c1 squeezed to 4 channels leaves c2 4 x 9 = 36 inputs: on 32 samples it draws 36 of its 8 x 8 output positions
+    # per sample (where `LAYER_ROWS` alone would take all 64), 7 of them held out
+    from netsqueeze.passes import refit
+
+    seen: dict[str, tuple[int, float, float]] = {}
+    real = refit.normal_equations
+
+    def spy(graph, side, at, node_id, seed, out=None, positions=refit.POSITIONS):  # type: ignore[no-untyped-def]
+        got = real(graph, side, at, node_id, seed, out, positions)
+        assert got is not None and not isinstance(got[0], refit.Sample) and not isinstance(got[1], refit.Sample)
+        seen[node_id] = (positions, float(got[0][0][-1, -1]), float(got[1][0][-1, -1]))
+        return got
+
+    monkeypatch.setattr(refit, "normal_equations", spy)
+    x = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    policy = "policy p {\n  calibrate samples 32, batch 16\n  squeeze_fold on c1 { ratio = 0.5 }\n}\n"
+    ns.compile(Chain(2).eval(), policy, example_inputs=(x[:2],), calibration=x, progress=False)
+    assert seen == {"c2": (36, 32.0 * 29, 32.0 * 7)}
