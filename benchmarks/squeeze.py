@@ -1,6 +1,6 @@
 """squeeze_fold on full Fashion-MNIST under params and FLOPs budgets, beside Torch-Pruning, in one run.
 
-    .venv/bin/python benchmarks/squeeze.py [--quick] [--ablation] [--models vgg,resnet] [--calib 2048]
+    .venv/bin/python benchmarks/squeeze.py [--quick] [--ablation] [--models vgg,resnet] [--calib 2048] [--sensitivity auto]
 
 For the VGG-style and the ResNet-style model of benchmarks/common.py (trained once, cached), at 2x, 3x and
 5x fewer params and fewer FLOPs (a policy's `budget params|flops <= X%`, `bounds { round_to = 8 }`), one-shot
@@ -329,6 +329,10 @@ def measured(p: Point, base: Base, m: nn.Module, test: tuple[torch.Tensor, torch
     return p
 
 
+# `Ablation` fields every squeeze_fold compile of the run takes (`--sensitivity`), under a point's own `changes`
+BASE_CHANGES: dict[str, str] = {}
+
+
 def squeeze_point(model: nn.Module, base: Base, measure: str, target: float, calib: torch.Tensor,
                   test: tuple[torch.Tensor, torch.Tensor], method: str = SF, step: str = SF,
                   changes: dict[str, str] | None = None, round_to: int = ROUND_TO,
@@ -340,7 +344,7 @@ def squeeze_point(model: nn.Module, base: Base, measure: str, target: float, cal
     # by tens of percent over a run, and both figures see the same drift
     p.fwd_s = forward_seconds(model, calib)
     try:
-        with ablation(**(changes or {})):
+        with ablation(**{**BASE_CHANGES, **(changes or {})}):
             res, p.secs, p.mib = run_ns(model, [step, "fold_bn"], calib, {measure: 1.0 / target}, round_to, align)
     except ns.NetsqueezeError as err:
         p.failed = str(err).splitlines()[0][:100]
@@ -508,6 +512,9 @@ def main() -> None:
     ap.add_argument("--align", type=int, default=1,
                     help="squeeze_fold's `bounds { align }` (default 1: none; 16 keeps counts of 16 or more in "
                          "ONNX Runtime's AVX-512 conv blocks); a value above 1 adds -align-N to the file name")
+    ap.add_argument("--sensitivity", default="auto", choices=("auto", "first_order", "output"),
+                    help="squeeze_fold's sensitivity ablation (default auto, the pass's default); another writes "
+                         "squeeze-sensitivity-<it>.md")
     ap.add_argument("--search", default="fast", choices=("fast", "measured"),
                     help="squeeze_fold's `search` option (default fast); measured writes squeeze-search-measured.md")
     ap.add_argument("--reestimate-bn", type=int, default=1, choices=(0, 1),
@@ -539,6 +546,7 @@ def main() -> None:
     bases: list[Base] = []
     ablations: list[Point] = []
     alloc: list[str] = []
+    BASE_CHANGES["sensitivity"] = args.sensitivity  # every squeeze_fold compile below
     for name in models:
         model = trained(name, data)
         f0, p0 = flops_params(model)
@@ -641,6 +649,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = bounds_stem("squeeze", args.round_to, args.align, ROUND_TO)
     stem += "" if args.search == "fast" else f"-search-{args.search}"
+    stem += "" if args.sensitivity == "auto" else f"-sensitivity-{args.sensitivity}"
     stem += "" if args.branches == "keep" else f"-branches-{args.branches}"
     out = RESULTS / (f"{stem}-quick.md" if args.quick else f"{stem}.md")
     tmp = out.with_suffix(".tmp")
