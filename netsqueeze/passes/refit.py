@@ -297,13 +297,18 @@ class Sample:
         return self.x.double()
 
     @cached_property
-    def centred(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
-        """What every ridge's solve shares, in float64: (X's column means, Y's, X_c, X_cX_cᵀ, the mean diagonal of
-        XᵀX that a ridge is relative to)."""
-        xm = self.x64.mean(0)
+    def y64(self) -> torch.Tensor:
+        """Y in float64 (read once per ridge, like `x64`)."""
+        return self.y.double()
+
+    @cached_property
+    def centred(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """What every ridge's solve shares, in float64: (X's column means, Y's, X_c, Y_c, X_cX_cᵀ, the mean
+        diagonal of XᵀX that a ridge is relative to)."""
+        xm, ym = self.x64.mean(0), self.y64.mean(0)
         xc = self.x64 - xm
         scale = max(float((self.x64 * self.x64).sum()) / max(1, self.x.shape[1]), 1e-30)
-        return xm, self.y.double().mean(0), xc, xc @ xc.T, scale
+        return xm, ym, xc, self.y64 - ym, xc @ xc.T, scale
 
 Part = Normal | Sample  # one share (fitting or held-out) of a layer's calibration rows, in the smaller form
 
@@ -407,7 +412,7 @@ def held_error(held: Part, w: torch.Tensor) -> float:
     """Σ‖[X 1]w − y‖² over the held-out rows, less the constant Σ‖y‖², of the solution `w` [features+1, outputs]."""
     if isinstance(held, Sample):
         pred = held.x64 @ w[:-1] + w[-1]
-        return float((pred * pred).sum() - 2 * (pred * held.y.double()).sum())
+        return float((pred * pred).sum() - 2 * (pred * held.y64).sum())
     return float((w * (held[0] @ w)).sum() - 2 * (w * held[1]).sum())
 
 
@@ -423,10 +428,10 @@ def ridge_solve(part: Part, ridge: float, fallback: bool = False) -> torch.Tenso
         return solve(ridged_normal(part[0], ridge), part[1])
     if part.x.shape[0] == 0:
         return None
-    xm, ym, xc, gram_rows, scale = part.centred
+    xm, ym, xc, yc, gram_rows, scale = part.centred
     k = gram_rows.clone()
     k.diagonal().add_(ridge * scale)
-    alpha = solve(k, part.y.double() - ym)
+    alpha = solve(k, yc)
     if alpha is None:
         return None
     w = xc.T @ alpha
@@ -592,9 +597,9 @@ def refit_layers(graph: Graph, ref: Graph, ctx: PassContext, nodes: Iterable[str
         w = node.params["weight"]
         if why is None and len(out.get(nid, range(ref.node(nid).params["weight"].shape[0]))) != w.shape[0]:
             why = "its output channels do not match the pass-start graph's"
+        positions = layer_positions(math.prod(w.shape[1:]), samples, rows)
         stats = None if why is not None else normal_equations(graph, side, pos[nid], nid, ctx.seed + 7919 * step,
-                                                             out.get(nid), layer_positions(math.prod(w.shape[1:]), samples,
-                                                                                           rows))
+                                                             out.get(nid), positions)
         if stats is None:
             notes.append(f"{label}: '{nid}' not refit whole ({why or 'no calibration rows, or an unrolled input rank'})")
             continue
