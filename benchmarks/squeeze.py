@@ -47,6 +47,9 @@ from benchmarks.common import RESULTS, accuracy, fashion_mnist, markdown_table, 
 from netsqueeze.ir.stats import graph_stats
 
 ROUND_TO = 8
+# kept counts of 16 or more in whole blocks of the runtime's convolutions (`bounds { align = auto }`: ONNX Runtime's
+# CPU block on the compiling machine); without it the allocations keep counts the runtime pads (24, 72, 80 on VGG)
+ALIGN: int | str = "auto"
 TARGETS = (2.0, 3.0, 5.0)  # x fewer params / FLOPs
 MEASURES = ("flops", "params")
 HARD_POINT = ("flops", 3.0)  # where --ablation measures the design alternatives
@@ -166,19 +169,29 @@ def tp_prune(model: nn.Module, data: dict[str, torch.Tensor], flops_keep: float,
     return best.eval()
 
 
-def bounds_text(round_to: int, align: int = 1) -> str:
-    """The benchmark policy's `bounds` entries."""
-    return f"round_to = {round_to}" + (f", align = {align}" if align > 1 else "")
+def bounds_text(round_to: int, align: int | str = 1) -> str:
+    """The benchmark policy's `bounds` entries (`align`: a block, or `auto`: the compiling CPU's)."""
+    return f"round_to = {round_to}" + (f", align = {align}" if align != 1 else "")
 
 
-def bounds_stem(name: str, round_to: int, align: int, default_round_to: int) -> str:
+def bounds_stem(name: str, round_to: int, align: int | str, default_round_to: int,
+                default_align: int | str = 1) -> str:
     """A results file's stem: `name`, then the bounds that differ from the benchmark's defaults."""
     return name + ("" if round_to == default_round_to else f"-round_to-{round_to}") + (
-        "" if align == 1 else f"-align-{align}")
+        "" if align == default_align else f"-align-{align}")
+
+
+def align_arg(text: str) -> int | str:
+    """`--align`: `auto` or a block of at least 1."""
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expects auto or an integer >= 1, got {text!r}")
+    return int(text)
 
 
 def run_ns(model: nn.Module, passes: list[Any], calib: torch.Tensor, policy_budget: dict[str, float] | None = None,
-           round_to: int = ROUND_TO, align: int = 1, seed: int = 0) -> tuple[ns.CompileResult, float, float]:
+           round_to: int = ROUND_TO, align: int | str = 1, seed: int = 0) -> tuple[ns.CompileResult, float, float]:
     t0 = time.perf_counter()
     with PeakRSS() as mem:
         if policy_budget:
@@ -336,7 +349,7 @@ BASE_CHANGES: dict[str, str] = {}
 def squeeze_point(model: nn.Module, base: Base, measure: str, target: float, calib: torch.Tensor,
                   test: tuple[torch.Tensor, torch.Tensor], method: str = SF, step: str = SF,
                   changes: dict[str, str] | None = None, round_to: int = ROUND_TO,
-                  align: int = 1) -> tuple[Point, list[str]]:
+                  align: int | str = ALIGN) -> tuple[Point, list[str]]:
     from netsqueeze.passes.squeeze_fold import ablation
 
     p = Point(base.model, measure, target, method)
@@ -509,12 +522,13 @@ def main() -> None:
     ap.add_argument("--recover-steps", type=int, default=None,
                     help=f"steps of the squeeze_fold + label-free recover rows at the FLOPs points (default "
                          f"{RECOVER_STEPS}, --quick: 16; 0: no such rows)")
-    ap.add_argument("--align", type=int, default=1,
-                    help="squeeze_fold's `bounds { align }` (default 1: none; 16 keeps counts of 16 or more in "
-                         "ONNX Runtime's AVX-512 conv blocks); a value above 1 adds -align-N to the file name")
-    ap.add_argument("--sensitivity", default="auto", choices=("auto", "first_order", "output"),
-                    help="squeeze_fold's sensitivity ablation (default auto, the pass's default); another writes "
-                         "squeeze-sensitivity-<it>.md")
+    ap.add_argument("--align", type=align_arg, default=ALIGN,
+                    help="squeeze_fold's `bounds { align }` (default auto: ONNX Runtime's CPU channel block on this "
+                         "machine, 16 with AVX-512, 8 with AVX2; 1: none); another value adds -align-N to the file "
+                         "name")
+    ap.add_argument("--sensitivity", default="first_order", choices=("first_order", "auto", "output"),
+                    help="squeeze_fold's sensitivity ablation (default first_order, the pass's default); another "
+                         "writes squeeze-sensitivity-<it>.md")
     ap.add_argument("--search", default="fast", choices=("fast", "measured"),
                     help="squeeze_fold's `search` option (default fast); measured writes squeeze-search-measured.md")
     ap.add_argument("--reestimate-bn", type=int, default=1, choices=(0, 1),
@@ -647,9 +661,9 @@ def main() -> None:
     text = "\n\n".join(parts) + "\n"
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = bounds_stem("squeeze", args.round_to, args.align, ROUND_TO)
+    stem = bounds_stem("squeeze", args.round_to, args.align, ROUND_TO, ALIGN)
     stem += "" if args.search == "fast" else f"-search-{args.search}"
-    stem += "" if args.sensitivity == "auto" else f"-sensitivity-{args.sensitivity}"
+    stem += "" if args.sensitivity == "first_order" else f"-sensitivity-{args.sensitivity}"
     stem += "" if args.branches == "keep" else f"-branches-{args.branches}"
     out = RESULTS / (f"{stem}-quick.md" if args.quick else f"{stem}.md")
     tmp = out.with_suffix(".tmp")

@@ -1,7 +1,8 @@
 """How squeeze_fold's search should learn how much each group's reconstruction error reaches the outputs:
 measured (`output`: each group squeezed alone, the output error measured, twice) against the first-order
 estimate (`first_order`: one backward pass of a random projection of the outputs, inside the statistics pass),
-on both benchmark models at several calibration sizes, one-shot, under FLOPs budgets. The default (`auto`)
+on both benchmark models at several calibration sizes, one-shot, under FLOPs budgets. `auto` (the default
+until this table showed the estimate as good or better where `auto` measures; the default is now `first_order`)
 measures when `SqueezeFold._measure_cost` estimates the measurements at most `SENSITIVITY_PASSES` model passes
 over the calibration data, else estimates; the `auto` column says which it picked.
 
@@ -86,7 +87,7 @@ def main() -> None:
         "`bounds { round_to = 8 }`, batches of 256) and test set (10,000 images) as benchmarks/squeeze.py. "
         "`output`: each group squeezed alone and the output error measured, over the leading 256 calibration "
         "samples, twice; `first_order`: one backward pass of a random projection of the outputs over the same "
-        "samples, inside the statistics pass. `auto picks`: what the default chose (it measures when the "
+        "samples, inside the statistics pass. `auto picks`: what `auto` chose (the default before `first_order`; it measures when the "
         f"measurements are estimated at most {SENSITIVITY_PASSES:g} model passes over the calibration data). "
         "drop = original top-1 less the one-shot model's, in points; compile s on 1 torch thread of a noisy "
         "2-core machine; calib. passes = `CompileReport.calibration_passes` (forward passes: the first-order "

@@ -279,5 +279,6 @@ def block_note(original: Graph, graph: Graph, block: int, cap: str, align: int =
             f"with these channel counts they compute {padded:.0%} of the original's convolution FLOPs, not "
             f"{nominal:.0%}; " + (f"`bounds {{ round_to = {block} }}` keeps every count in whole blocks"
                                   if align % block == 0 else
-                                  f"`bounds {{ align = {block} }}` keeps counts of {block} or more in whole blocks, "
+                                  f"`bounds {{ align = auto }}` ({block} here) keeps counts of {block} or more in "
+                                  "whole blocks, "
                                   f"`round_to = {block}` every count"))

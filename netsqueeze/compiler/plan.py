@@ -33,6 +33,7 @@ from netsqueeze.errors import Diagnostic, PolicyError, SourceSpan
 from netsqueeze.ir.graph import Graph
 from netsqueeze.passes.base import Pass, install_option_check
 
+from .cost_model import cpu_block
 from .selectors import ALL, SPECIFICITY_NAMES, SelectorEvaluator
 
 InputDecl = ast.InputDecl
@@ -93,6 +94,8 @@ class Plan:
     budget_absolute: dict[str, float] = field(default_factory=dict)
     # `runtime { threads, batch }`: where a latency budget is measured
     runtime: dict[str, Any] = field(default_factory=dict)
+    # (block, instruction set) that `align = auto` stood for (`cost_model.cpu_block`), when a bounds said it
+    align_auto: tuple[int, str] | None = None
 
     def to_text(self) -> str:
         """The resolved plan, deterministic: for the report and the ONNX metadata."""
@@ -108,6 +111,9 @@ class Plan:
                 for k, v in items.items()))
         if self.runtime:
             out.append("runtime " + ", ".join(f"{k}={v!r}" for k, v in self.runtime.items()))
+        if self.align_auto is not None:
+            out.append(f"# align = auto: {self.align_auto[0]}, the channel block of ONNX Runtime's CPU convolutions "
+                       f"on this {self.align_auto[1]} CPU")
         if self.bounds:
             glob = {k: v for k, v in self.bounds.items() if k != "per_node"}
             if glob:
@@ -282,6 +288,9 @@ class _Resolver:
                                        span=_through(s.span, s.value.span))
                 elif isinstance(s, ast.Bounds):
                     vals = {o.key: conv(o.value, BOUNDS_KEYS[o.key], o.key) for o in s.options if o.key in BOUNDS_KEYS}
+                    if vals.get("align") == "auto":  # the block of the runtime the model is compiled for
+                        plan.align_auto = cpu_block()
+                        vals["align"] = plan.align_auto[0]
                     if s.selector is None:
                         plan.bounds.update(vals)
                         continue

@@ -25,7 +25,7 @@ class TypeDesc:
     """A small description of an option's Python type: scalars, Literal choices, list/tuple, optional."""
 
     kind: TypeKind
-    choices: tuple[Any, ...] = ()  # literal
+    choices: tuple[Any, ...] = ()  # literal; for int, the words it also takes (`align = auto`)
     args: tuple[TypeDesc, ...] = ()  # list: (item,); tuple: fixed items, or (item,) with variadic; optional: (inner,)
     variadic: bool = True  # tuple[T, ...]
 
@@ -39,9 +39,10 @@ class TypeDesc:
             return f"a list of {plural.get(self.args[0].kind, self.args[0])}" if self.args else "a list"
         if self.kind == "optional":
             return f"{self.args[0]} or none"
+        words = "".join(f" or '{c}'" for c in self.choices) if self.kind == "int" else ""
         return {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}.get(
             self.kind, "any value"
-        )
+        ) + words
 
 
 @dataclass(frozen=True)
@@ -109,8 +110,9 @@ BOUNDS_KEYS: dict[str, OptionSchema] = {
     "min_channels": OptionSchema("min_channels", _INT, 1, min=1),
     "max_ratio": OptionSchema("max_ratio", _RATIO, 1.0, min=0, max=1, unit="ratio"),
     "round_to": OptionSchema("round_to", _INT, 1, min=1),
-    # a runtime's channel block: kept counts of at least `align` are multiples of it (allocation.GroupBounds)
-    "align": OptionSchema("align", _INT, 1, min=1),
+    # a runtime's channel block: kept counts of at least `align` are multiples of it (allocation.GroupBounds);
+    # `auto`: the block of ONNX Runtime's CPU convolutions on the compiling machine (compiler.cost_model.cpu_block)
+    "align": OptionSchema("align", TypeDesc("int", ("auto",)), 1, min=1),
 }
 GUARD_METRICS: dict[str, OptionSchema] = {
     "output_error": OptionSchema("output_error", _RATIO, min=0, max=1, unit="ratio"),
@@ -389,6 +391,8 @@ class Checker:
                 return v.name == "true"
             raise _Bad(f"{what} expects true or false, got {_describe(v)}", v.span)
         if t.kind in ("int", "float"):
+            if t.kind == "int" and isinstance(v, ast.Ident) and v.name in t.choices:
+                return v.name
             if not isinstance(v, ast.Number):
                 raise _Bad(f"{what} expects {t}, got {_describe(v)}", v.span)
             self._unit(v, t, opt, what)
@@ -553,7 +557,7 @@ def _type_problem(value: Any, t: TypeDesc) -> str | None:
         return None
     ok = {
         "bool": lambda: isinstance(value, bool),
-        "int": lambda: isinstance(value, int) and not isinstance(value, bool),
+        "int": lambda: (isinstance(value, int) and not isinstance(value, bool)) or value in t.choices,
         "float": lambda: isinstance(value, int | float) and not isinstance(value, bool),
         "str": lambda: isinstance(value, str),
     }.get(t.kind)

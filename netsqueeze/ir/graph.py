@@ -24,9 +24,10 @@ class TensorMeta:
     dtype: str = "float32"
 
     def numel(self) -> int:
+        """The example's element count, a plain int (`Dim`s multiply through sympy: FLOPs counts stay off it)."""
         n = 1
         for d in self.shape:
-            n *= d
+            n *= int(d)
         return n
 
     def __str__(self) -> str:

@@ -314,7 +314,8 @@ def apply_selection(graph: Graph, groups: ChannelGroups, selection: Mapping[int,
         keep = _checked_keep(graph, group, sel)
         if not keep and any(m.positions == _axis_size(graph, m) for m in group.members):
             emptied.extend(m.node for m in group.members_of("consumer"))
-        drop = [c for c in range(group.size) if c not in set(keep)]
+        kept = set(keep)
+        drop = [c for c in range(group.size) if c not in kept]
         if not drop and sel.fold is None and sel.bias_shift is None:
             continue
         if group.frozen is not None:

@@ -56,11 +56,11 @@ from netsqueeze.passes.squeeze_math import (
     reconstruction,
 )
 
-# the most model passes `auto` spends measuring output sensitivities (`SqueezeFold._measure_cost`'s bound): the rest
-# of a compile makes 4-5 passes and its linear algebra; measurements within 3 more (about 2 in fact: the bound counts
-# unsqueezed candidates and every round whole) keep the compile near 10x one forward pass (benchmarks/scaling.py),
-# where the first-order estimate costs one backward pass over the sensitivity batches and was as good or better on
-# the benchmark models (benchmarks/results/squeeze-sensitivity.md)
+# the most model passes `sensitivity = auto` spends measuring output sensitivities (`SqueezeFold._measure_cost`'s
+# bound): the rest of a compile makes 4-5 passes and its linear algebra; measurements within 3 more (about 2 in fact:
+# the bound counts unsqueezed candidates and every round whole) keep the compile near 10x one forward pass
+# (benchmarks/scaling.py). The default, `first_order`, costs one backward pass over the sensitivity batches and lost
+# less than measuring at 11 of the 12 points where `auto` measures (benchmarks/results/squeeze-sensitivity.md)
 SENSITIVITY_PASSES = 3.0
 
 
@@ -74,12 +74,12 @@ class Ablation:
       variance) or `spectrum` (the share of the covariance eigenvalues, the paper's wording).
     - weighting: `consumer` (errors as the consumers' outputs see them, M = Σ WᵀW) or `none` (M = I).
     - allocation: the search family, `lagrange` or `uniform` (one energy threshold for every group).
-    - sensitivity: how much of a group's reconstruction error reaches the model's outputs. `auto`
-      (`output` when its measurements cost at most `measure_passes` model passes over the data, as bounded by
-      `SqueezeFold._measure_cost`, else `first_order`), `output` (each group's effect measured: the group alone squeezed, the output error
-      measured; `sensitivity_rounds` re-measurements), `first_order` (every group at once from a
-      backward pass run inside the statistics pass: a Taylor estimate of the output error of every kept
-      count), `curve` (a measured output-error curve per group in place of its reconstruction error, at up to
+    - sensitivity: how much of a group's reconstruction error reaches the model's outputs. `first_order`
+      (the default: every group at once from a backward pass run inside the statistics pass, a Taylor
+      estimate of the output error of every kept count), `output` (each group's effect measured: the group
+      alone squeezed, the output error measured; `sensitivity_rounds` re-measurements), `auto` (`output`
+      when its measurements cost at most `measure_passes` model passes over the data, as bounded by
+      `SqueezeFold._measure_cost`, else `first_order`), `curve` (a measured output-error curve per group in place of its reconstruction error, at up to
       `curve_points` counts: what the policy option `search = measured` selects) or `none`. `output` and the
       first-order pass use the first calibration batches holding `sensitivity_samples` samples (all of them
       when 0);
@@ -91,7 +91,7 @@ class Ablation:
     energy_of: Literal["reconstruction", "spectrum"] = "reconstruction"
     weighting: Literal["consumer", "none"] = "consumer"
     allocation: Literal["lagrange", "uniform"] = "lagrange"
-    sensitivity: Literal["auto", "output", "first_order", "curve", "none"] = "auto"
+    sensitivity: Literal["auto", "output", "first_order", "curve", "none"] = "first_order"
     sensitivity_rounds: int = 2
     sensitivity_samples: int = 256
     measure_passes: float = SENSITIVITY_PASSES
@@ -855,12 +855,12 @@ class SqueezeFold(TransformPass):
           group's prefix reconstruction error and cost_g the budget share one of its channels costs
           (measured by removing one channel on a copy); channels go where they buy the least error per
           FLOP/param. The family is indexed by log λ. err_g is weighted by how much of it reaches the
-          model's outputs (`Ablation.sensitivity`, default `auto`): measured — each group alone squeezed
-          to its count at the budget, the squared relative output error per unit of err_g on the first
-          256 calibration samples (`sensitivity_rounds` re-measurements) — while that costs at most
-          `SENSITIVITY_PASSES` model passes over the data (`_measure_cost`), else a first-order estimate of
-          every group's output-error curve from a backward pass inside the statistics pass (`_collect`,
-          `_first_order`). With `search = measured`, err_g is instead the
+          model's outputs (`Ablation.sensitivity`): by default a first-order estimate of every group's
+          output-error curve from a backward pass inside the statistics pass on the first 256 calibration
+          samples (`_collect`, `_first_order`); as alternatives measured — each group alone squeezed to its
+          count at the budget, the squared relative output error per unit of err_g on those samples
+          (`sensitivity_rounds` re-measurements) — always (`output`) or while that costs at most
+          `SENSITIVITY_PASSES` model passes over the data (`auto`, `_measure_cost`). With `search = measured`, err_g is instead the
           group's measured output-error curve: the group alone squeezed to up to 16 allowed counts, the
           squared relative output error on the leading batches (all measurements within 24 model passes,
           each from the tensors live at its group), linear between the points (`_curves`); it costs more

@@ -164,8 +164,8 @@ def _two_convs() -> torch.nn.Module:
 
 @pytest.mark.parametrize(("round_to", "expected"), [
     (8, "ONNX Runtime's CPU convolutions run channels in blocks of 16 on an AVX512 CPU like this one: with these "
-        "channel counts they compute 100% of the original's convolution FLOPs, not 57%; `bounds { align = 16 }` "
-        "keeps counts of 16 or more in whole blocks, `round_to = 16` every count"),
+        "channel counts they compute 100% of the original's convolution FLOPs, not 57%; `bounds { align = auto }` "
+        "(16 here) keeps counts of 16 or more in whole blocks, `round_to = 16` every count"),
     (16, None),
 ])
 def test_report_notes_channel_counts_that_a_blocked_runtime_pads(monkeypatch: pytest.MonkeyPatch, round_to: int,
@@ -203,3 +203,26 @@ def test_block_note_with_align_set_suggests_round_to_alone(monkeypatch: pytest.M
         "ONNX Runtime's CPU convolutions run channels in blocks of 16 on an AVX512 CPU like this one: with these "
         "channel counts they compute 14% of the original's convolution FLOPs, not 7%; `bounds { round_to = 16 }` "
         "keeps every count in whole blocks"]
+
+
+@pytest.mark.parametrize(("block", "cap", "kept"), [(16, "AVX512", 32), (8, "AVX2", 24), (1, "DEFAULT", 24)])
+def test_align_auto_is_the_compiling_cpus_block(monkeypatch: pytest.MonkeyPatch, block: int, cap: str,
+                                                kept: int) -> None:
+    """`bounds { align = auto }` stands for ONNX Runtime's CPU channel block where the compile runs: 24 of 32
+    channels (trim's 30%, rounded to 8) go up to a whole block of 16 on AVX-512 and stay on AVX2; the plan says
+    what `auto` was, and the report has no block note left to give."""
+    import netsqueeze.compiler.api as api
+    import netsqueeze.compiler.plan as plan
+
+    monkeypatch.setattr(plan, "cpu_block", lambda: (block, cap))
+    monkeypatch.setattr(api, "cpu_block", lambda: (block, cap))
+    x = torch.randn(128, 1, 8, 8)
+    policy = ("policy p {\n  calibrate samples 128, batch 64\n  bounds { round_to = 8, align = auto }\n"
+              "  trim on type(conv) { ratio = 0.3 }\n}\n")
+    res = ns.compile(_two_convs(), policy, example_inputs=(x[:2],), calibration=x)
+    assert [tuple(m.weight.shape)[:2] for m in res.model.modules() if isinstance(m, torch.nn.Conv2d)] == [
+        (kept, 1), (kept, kept)]
+    assert res.report.plan is not None
+    assert (f"# align = auto: {block}, the channel block of ONNX Runtime's CPU convolutions on this {cap} CPU\n"
+            f"bounds round_to=8, align={block}\n") in res.report.plan
+    assert not [n for n in res.report.notes if "blocks of" in n]

@@ -393,8 +393,8 @@ class Chain(nn.Module):
 @pytest.mark.parametrize(("samples", "share", "weighting"), [
     (1024, 0.25, "after weighting groups by measured output sensitivity"),
     (256, 1.0, "after a first-order estimate of every group's output error")])
-def test_auto_measures_output_sensitivity_only_within_its_pass_budget(samples: int, share: float, weighting: str,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_measures_output_sensitivity_only_within_its_pass_budget_and_the_default_estimates(
+        samples: int, share: float, weighting: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # measuring costs at most, over the 256 sensitivity samples, one run up to the last group's producer and two
     # runs of each group's candidate from its producer on: 0.944 passes on 1,024 samples (measured), 3.776 on 256
     # (over 3); a candidate whose prefix `Prefixes` does not keep (over its memory limit, or without a layer-by-layer
@@ -428,9 +428,14 @@ def test_auto_measures_output_sensitivity_only_within_its_pass_budget(samples: i
     assert SqueezeFold()._measure_cost(graph, groups, gids, ctx) == pytest.approx(share * 4, rel=1e-12)
     monkeypatch.undo()
     text = f"policy p {{\n  calibrate samples {samples}, batch 256\n  budget params <= 60%\n  squeeze_fold\n}}\n"
-    res = ns.compile(model, text, example_inputs=(x[:2],), calibration=x, progress=False)
+    with ablation(sensitivity="auto"):
+        res = ns.compile(model, text, example_inputs=(x[:2],), calibration=x, progress=False)
     notes = next(r for r in res.report.passes if r.name == "squeeze_fold").result.notes
     assert any(weighting in n for n in notes), notes
+    # the default estimates, whatever measuring would cost
+    res = ns.compile(model, text, example_inputs=(x[:2],), calibration=x, progress=False)
+    notes = next(r for r in res.report.passes if r.name == "squeeze_fold").result.notes
+    assert any("after a first-order estimate of every group's output error" in n for n in notes), notes
     passes = {}
     for s in ("output", "none"):
         with ablation(sensitivity=s):
