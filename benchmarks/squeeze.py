@@ -1,9 +1,10 @@
 """squeeze_fold on full Fashion-MNIST under params and FLOPs budgets, beside Torch-Pruning, in one run.
 
-    .venv/bin/python benchmarks/squeeze.py [--quick] [--ablation] [--models vgg,resnet] [--calib 2048] [--sensitivity auto]
+    .venv/bin/python benchmarks/squeeze.py [--quick] [--ablation] [--models vgg,resnet] [--calib 2048] [--align auto]
+        [--sensitivity first_order]
 
 For the VGG-style and the ResNet-style model of benchmarks/common.py (trained once, cached), at 2x, 3x and
-5x fewer params and fewer FLOPs (a policy's `budget params|flops <= X%`, `bounds { round_to = 8 }`), one-shot
+5x fewer params and fewer FLOPs (a policy's `budget params|flops <= X%`, `bounds { round_to = 8, align = auto }`), one-shot
 (no fine-tuning), on the same calibration images for every method:
 
 - `squeeze_fold` then `fold_bn` (squeezing with the BatchNorms still in place: on the ResNet-style model at 2x
