@@ -46,11 +46,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import netsqueeze as ns
 from benchmarks.common import RESULTS, accuracy, fashion_mnist, markdown_table, recover_step, trained
 from netsqueeze.ir.stats import graph_stats
+from netsqueeze.passes.squeeze_fold import Ablation
 
 ROUND_TO = 8
 # kept counts of 16 or more in whole blocks of the runtime's convolutions (`bounds { align = auto }`: ONNX Runtime's
 # CPU block on the compiling machine); without it the allocations keep counts the runtime pads (24, 72, 80 on VGG)
 ALIGN: int | str = "auto"
+SENSITIVITY_SAMPLES = Ablation().sensitivity_samples  # the pass default
 TARGETS = (2.0, 3.0, 5.0)  # x fewer params / FLOPs
 MEASURES = ("flops", "params")
 HARD_POINT = ("flops", 3.0)  # where --ablation measures the design alternatives
@@ -344,7 +346,7 @@ def measured(p: Point, base: Base, m: nn.Module, test: tuple[torch.Tensor, torch
 
 
 # `Ablation` fields every squeeze_fold compile of the run takes (`--sensitivity`), under a point's own `changes`
-BASE_CHANGES: dict[str, str] = {}
+BASE_CHANGES: dict[str, Any] = {}
 
 
 def squeeze_point(model: nn.Module, base: Base, measure: str, target: float, calib: torch.Tensor,
@@ -530,6 +532,9 @@ def main() -> None:
     ap.add_argument("--sensitivity", default="first_order", choices=("first_order", "auto", "output"),
                     help="squeeze_fold's sensitivity ablation (default first_order, the pass's default); another "
                          "writes squeeze-sensitivity-<it>.md")
+    ap.add_argument("--sensitivity-samples", type=int, default=SENSITIVITY_SAMPLES,
+                    help=f"calibration samples of squeeze_fold's sensitivity estimate (default {SENSITIVITY_SAMPLES}, the "
+                         "pass's default); another writes squeeze-sensitivity_samples-<it>.md")
     ap.add_argument("--search", default="fast", choices=("fast", "measured"),
                     help="squeeze_fold's `search` option (default fast); measured writes squeeze-search-measured.md")
     ap.add_argument("--reestimate-bn", type=int, default=1, choices=(0, 1),
@@ -562,6 +567,7 @@ def main() -> None:
     ablations: list[Point] = []
     alloc: list[str] = []
     BASE_CHANGES["sensitivity"] = args.sensitivity  # every squeeze_fold compile below
+    BASE_CHANGES["sensitivity_samples"] = args.sensitivity_samples
     for name in models:
         model = trained(name, data)
         f0, p0 = flops_params(model)
@@ -665,6 +671,7 @@ def main() -> None:
     stem = bounds_stem("squeeze", args.round_to, args.align, ROUND_TO, ALIGN)
     stem += "" if args.search == "fast" else f"-search-{args.search}"
     stem += "" if args.sensitivity == "first_order" else f"-sensitivity-{args.sensitivity}"
+    stem += "" if args.sensitivity_samples == SENSITIVITY_SAMPLES else f"-sensitivity_samples-{args.sensitivity_samples}"
     stem += "" if args.branches == "keep" else f"-branches-{args.branches}"
     out = RESULTS / (f"{stem}-quick.md" if args.quick else f"{stem}.md")
     tmp = out.with_suffix(".tmp")
