@@ -391,8 +391,9 @@ class Checker:
                 return v.name == "true"
             raise _Bad(f"{what} expects true or false, got {_describe(v)}", v.span)
         if t.kind in ("int", "float"):
-            if t.kind == "int" and isinstance(v, ast.Ident) and v.name in t.choices:
-                return v.name
+            named = v.name if isinstance(v, ast.Ident) else v.value if isinstance(v, ast.Str) else None
+            if t.kind == "int" and named in t.choices:  # `align = auto` or `align = "auto"`
+                return named
             if not isinstance(v, ast.Number):
                 raise _Bad(f"{what} expects {t}, got {_describe(v)}", v.span)
             self._unit(v, t, opt, what)

@@ -229,14 +229,14 @@ def test_align_auto_is_the_compiling_cpus_block(monkeypatch: pytest.MonkeyPatch,
 
 
 def test_align_auto_on_a_selector_resolves_per_node(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`bounds on SELECTOR { align = auto }` resolves the same way: the first conv's 24 kept channels (trim's 30%
-    of 32, rounded to 8) go up to 32 on a 16-channel block, the second conv's stay at 24."""
+    """`bounds on SELECTOR { align = auto }` resolves the same way (the word quoted or not): the first conv's 24
+    kept channels (trim's 30% of 32, rounded to 8) go up to 32 on a 16-channel block, the second conv's stay at 24."""
     import netsqueeze.compiler.plan as plan
 
     monkeypatch.setattr(plan, "cpu_block", lambda: (16, "AVX512"))
     x = torch.randn(128, 1, 8, 8)
     policy = ("policy p {\n  calibrate samples 128, batch 64\n  bounds { round_to = 8 }\n"
-              "  bounds on \"0\" { align = auto }\n  trim on type(conv) { ratio = 0.3 }\n}\n")
+              "  bounds on \"0\" { align = \"auto\" }\n  trim on type(conv) { ratio = 0.3 }\n}\n")
     res = ns.compile(_two_convs(), policy, example_inputs=(x[:2],), calibration=x)
     assert [tuple(m.weight.shape)[:2] for m in res.model.modules() if isinstance(m, torch.nn.Conv2d)] == [
         (32, 1), (24, 32)]
