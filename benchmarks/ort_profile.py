@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/ort_profile.py [--models vgg,resnet] [--flops 50,33.33,20] [--threads 1] [--batch 64]
 
 The benchmark models of benchmarks/squeeze.py (trained once, cached), compiled as it compiles them (`squeeze_fold`
-then `fold_bn` under `budget flops <= X%`, `bounds { round_to = 8 }`, the same 2,048 calibration images), both
+then `fold_bn` under `budget flops <= X%`, `bounds { round_to = 8, align = auto }`, the same 2,048 calibration images), both
 emitted to ONNX and run by ONNX Runtime's CPU provider (worker threads sleeping, as netsqueeze times) with its
 profiler on: per node, the median kernel time over the timed runs, with the shapes the runtime ran (its blocked
 convolutions pad channels: a conv cut to 24 channels shows 32 on an AVX-512 CPU) and the multiply-add FLOPs of
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import netsqueeze as ns
 from benchmarks.common import fashion_mnist, markdown_table, trained, write_result
-from benchmarks.squeeze import CALIB_BATCH, ROUND_TO, onnx_blob
+from benchmarks.squeeze import ALIGN, CALIB_BATCH, ROUND_TO, bounds_text, onnx_blob
 from netsqueeze.compiler.latency import ort_session_options
 
 WARMUP, RUNS = 5, 40
@@ -126,7 +126,7 @@ def main() -> None:
         ms0, fl0 = totals(original[1])
         for budget in budgets:
             policy = (f"policy bench {{\n  calibrate samples {len(calib)}, batch {CALIB_BATCH}\n  budget flops <= "
-                      f"{budget:g}%\n  bounds {{ round_to = {ROUND_TO} }}\n  {step}\n  fold_bn\n}}\n")
+                      f"{budget:g}%\n  bounds {{ {bounds_text(ROUND_TO, ALIGN)} }}\n  {step}\n  fold_bn\n}}\n")
             res = ns.compile(model, policy, example_inputs=(calib[:2],), calibration=calib, target="onnx",
                              progress=False)
             squeezed = profile(res.model.SerializeToString(), args.threads, args.batch)
