@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import netsqueeze as ns
 from benchmarks.common import RESULTS, accuracy, fashion_mnist, markdown_table, recover_step, trained
 from netsqueeze.ir.stats import graph_stats
-from netsqueeze.passes.squeeze_fold import Ablation
+from netsqueeze.passes.squeeze_fold import Ablation, ablation
 
 ROUND_TO = 8
 # kept counts of 16 or more in whole blocks of the runtime's convolutions (`bounds { align = auto }`: ONNX Runtime's
@@ -213,7 +213,6 @@ def variants() -> list[str]:
     """squeeze_fold's design alternatives, `key = value`: every non-default value of its Literal policy options
     in POLICY_OPTIONS and of the Literal switches of its `Ablation` configuration, read from the pass."""
     from netsqueeze.passes.registry import all_passes
-    from netsqueeze.passes.squeeze_fold import Ablation
 
     out: list[str] = []
     for cls, keys in ((all_passes()[SF], POLICY_OPTIONS), (Ablation, None)):
@@ -353,8 +352,6 @@ def squeeze_point(model: nn.Module, base: Base, measure: str, target: float, cal
                   test: tuple[torch.Tensor, torch.Tensor], method: str = SF, step: str = SF,
                   changes: dict[str, str] | None = None, round_to: int = ROUND_TO,
                   align: int | str = ALIGN) -> tuple[Point, list[str]]:
-    from netsqueeze.passes.squeeze_fold import ablation
-
     p = Point(base.model, measure, target, method)
     # the forward pass the compile time is compared with, timed next to it: the 2-core machine's speed drifts
     # by tens of percent over a run, and both figures see the same drift
