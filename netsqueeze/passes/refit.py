@@ -19,7 +19,9 @@ only the removed channels' means (bias compensation, T = 0).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -362,14 +364,76 @@ def _products(x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
     return [a, torch.cat([(x.T @ y).double(), y.sum(0).double()[None]])]
 
 
+# whether `refit_layers` fits a layer that feeds a residual add to the sum (`residual_skip`): not a policy option,
+# the benchmarks' ablation sets it with `residual_targets(...)`
+_RESIDUAL: ContextVar[bool] = ContextVar("refit_residual_targets", default=True)
+
+
+@contextmanager
+def residual_targets(on: bool) -> Iterator[None]:
+    """Runs the enclosed layer refits with (the default) or without the residual target of `residual_skip`
+    (benchmark and test use: the ablation of that choice)."""
+    token = _RESIDUAL.set(on)
+    try:
+        yield
+    finally:
+        _RESIDUAL.reset(token)
+
+
+Skip = tuple[Value, torch.Tensor | None]  # a residual add's other operand, and the scale of a batch norm before it
+
+
+def residual_skip(graph: Graph, node_id: str, pos: Mapping[str, int]) -> Skip | None:
+    """The other operand of the residual add that layer `node_id`'s output alone feeds, directly or through one
+    batch norm of its own (then also that norm's per-channel scale, weight / √(running_var + eps)), when that
+    operand is final by the time the sweep of `refit_layers` reaches the layer (it comes before the layer in the
+    topological order `pos`, so no later refit or step changes it) and has the output's shape; else None.
+
+    Refitting the layer to its own pass-start output leaves the add with the skip path's error (the drift of the
+    layers before it, or of a downsampling branch refit before it). Fitting it to its pass-start output plus
+    that error (divided by the norm's scale) reproduces the sum instead: He, Zhang & Sun's reconstruction of
+    multi-branch blocks ("Channel Pruning for Accelerating Very Deep Neural Networks", ICCV 2017, §3.3). In a
+    block whose downsampling conv comes after the residual branch's last conv, the downsampling conv is the one
+    fitted to the sum."""
+    v: Value = (node_id, 0)
+    norm: Node | None = None
+    while True:
+        users = graph.value_users(v)
+        if len(users) != 1:
+            return None
+        user, port = users[0]
+        node = graph.node(user)
+        if node.kind == "batch_norm" and norm is None and port == 0:
+            norm, v = node, (user, 0)
+            continue
+        break
+    operands = graph.operands(user)
+    if node.kind != "add" or len(operands) != 2:
+        return None
+    other = operands[1 - port]
+    if other == v or other[0] not in pos or pos[other[0]] >= pos[node_id]:
+        return None
+    if graph.meta_of(other).shape != graph.meta_of(v).shape:
+        return None  # a broadcast operand (a bias-like constant) is not a skip path
+    if norm is None:
+        return other, None
+    var = norm.dense("running_var").double()
+    scale = (norm.dense("weight").double() if "weight" in norm.params else torch.ones_like(var))
+    return other, (scale / torch.sqrt(var + float(attr(norm, "eps")))).float()
+
+
 def normal_equations(graph: Graph, side: SideBySide, at: int, node_id: str, seed: int,
-                     out: list[int] | None = None, positions: int = POSITIONS) -> tuple[Part, Part] | None:
+                     out: list[int] | None = None, positions: int = POSITIONS,
+                     skip: Skip | None = None) -> tuple[Part, Part] | None:
     """([X 1]ᵀ[X 1], [X 1]ᵀY) over the calibration rows, for the fitting rows and for the `HELD_OUT` share held
     out (drawn at random, seeded: `layer_rows`): X the node's (unrolled) inputs in `graph`, Y the original node's
     outputs (`side`'s pass-start copy; its output channels `out` when given), both read at the node's
-    topological position `at`. When the fitting rows are fewer than X's columns (a linear layer with many inputs
-    on a small calibration set) the rows themselves (`Sample`, X's columns in the same order), which solve in
-    less time and memory than the F×F normal equations."""
+    topological position `at`. `skip` (`residual_skip`): the other operand of the add the node's output feeds
+    (and the scale of a batch norm between them); Y then also carries what that operand lost, its pass-start
+    value less its value in `graph` (divided by the scale), so that the sum is what the fit reproduces. When the
+    fitting rows are fewer than X's columns (a linear layer with many inputs on a small calibration set) the rows
+    themselves (`Sample`, X's columns in the same order), which solve in less time and memory than the F×F normal
+    equations."""
     node = graph.node(node_id)
     src: Value = graph.operands(node_id)[0]
     dst: Value = (node_id, 0)
@@ -377,8 +441,21 @@ def normal_equations(graph: Graph, side: SideBySide, at: int, node_id: str, seed
     sums: list[torch.Tensor] | None = None
     kept: list[tuple[Rows, Rows]] = []  # batches not yet in `sums`: every batch while the fitting rows are few
     n_fit = 0
-    for now, was in side.pairs(at, [src], f"'{node_id}'", [dst]):
-        got = layer_rows(node, now[0].detach().float(), was[0].detach().float(), gen, out, positions, tap_major=True)
+    extra = [] if skip is None else [skip[0]]
+    for now, was in side.pairs(at, [src, *extra], f"'{node_id}'", [dst, *extra]):
+        target = was[0].detach().float()
+        if skip is not None:  # the sum's target: the layer's own, plus the skip path's drift
+            axis = target.dim() - 1 if node.kind == "linear" else 1
+            index = torch.tensor(out) if out is not None else torch.arange(target.shape[axis])
+            drift = was[1].detach().float().index_select(axis, index) - now[1].detach().float()
+            if skip[1] is not None:  # through the norm: its scale undone, channels it zeroes left alone
+                shape = [1] * drift.dim()
+                shape[axis] = -1
+                scale = skip[1].reshape(shape)
+                live = scale.abs() > 1e-6 * float(scale.abs().max())
+                drift = torch.where(live, drift / scale, torch.zeros_like(drift))
+            target = target.index_add(axis, index, drift)
+        got = layer_rows(node, now[0].detach().float(), target, gen, out, positions, tap_major=True)
         if got is None:
             return None
         kept.append(got)
@@ -598,8 +675,9 @@ def refit_layers(graph: Graph, ref: Graph, ctx: PassContext, nodes: Iterable[str
         if why is None and len(out.get(nid, range(ref.node(nid).params["weight"].shape[0]))) != w.shape[0]:
             why = "its output channels do not match the pass-start graph's"
         positions = layer_positions(math.prod(w.shape[1:]), samples, rows)
+        skip = residual_skip(graph, nid, pos) if _RESIDUAL.get() else None
         stats = None if why is not None else normal_equations(graph, side, pos[nid], nid, ctx.seed + 7919 * step,
-                                                             out.get(nid), positions)
+                                                             out.get(nid), positions, skip)
         if stats is None:
             notes.append(f"{label}: '{nid}' not refit whole ({why or 'no calibration rows, or an unrolled input rank'})")
             continue

@@ -444,8 +444,8 @@ def test_a_small_conv_layer_is_refit_from_32_rows_per_input(monkeypatch: pytest.
     seen: dict[str, tuple[int, float, float]] = {}
     real = refit.normal_equations
 
-    def spy(graph, side, at, node_id, seed, out=None, positions=refit.POSITIONS):  # type: ignore[no-untyped-def]
-        got = real(graph, side, at, node_id, seed, out, positions)
+    def spy(graph, side, at, node_id, seed, out=None, positions=refit.POSITIONS, skip=None):  # type: ignore[no-untyped-def]
+        got = real(graph, side, at, node_id, seed, out, positions, skip)
         assert got is not None and not isinstance(got[0], refit.Sample) and not isinstance(got[1], refit.Sample)
         seen[node_id] = (positions, float(got[0][0][-1, -1]), float(got[1][0][-1, -1]))
         return got
