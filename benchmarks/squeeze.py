@@ -27,6 +27,7 @@ adds squeeze_fold's design alternatives at one hard point (3x fewer FLOPs); `--q
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import statistics
@@ -46,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import netsqueeze as ns
 from benchmarks.common import RESULTS, accuracy, fashion_mnist, markdown_table, recover_step, trained
 from netsqueeze.ir.stats import graph_stats
+from netsqueeze.passes.refit import residual_targets
 from netsqueeze.passes.squeeze_fold import Ablation, ablation
 
 ROUND_TO = 8
@@ -539,9 +541,15 @@ def main() -> None:
     ap.add_argument("--branches", default="keep", choices=("keep", "remove"),
                     help="squeeze_fold's `branches` option (default keep); remove lets the search remove residual "
                          "branches whole and adds -branches-remove to the file name")
+    ap.add_argument("--residual-targets", default="on", choices=("on", "off"),
+                    help="the layer refit's residual targets (default on: a layer feeding a residual add fits the sum); "
+                         "off fits every layer to its own output, as before, and adds -residual_targets-off to the "
+                         "file name")
     ap.add_argument("--peer-round-to", type=int, default=1,
                     help="Torch-Pruning's round_to (default 1: its uniform ratio then lands on the target)")
     args = ap.parse_args()
+    settings = contextlib.ExitStack()  # what the whole run compiles with
+    settings.enter_context(residual_targets(args.residual_targets == "on"))
     if args.recover_steps is None:
         args.recover_steps = 16 if args.quick else RECOVER_STEPS
     torch.set_num_threads(args.threads)
@@ -670,12 +678,14 @@ def main() -> None:
     stem += "" if args.sensitivity == "first_order" else f"-sensitivity-{args.sensitivity}"
     stem += "" if args.sensitivity_samples == SENSITIVITY_SAMPLES else f"-sensitivity_samples-{args.sensitivity_samples}"
     stem += "" if args.branches == "keep" else f"-branches-{args.branches}"
+    stem += "" if args.residual_targets == "on" else "-residual_targets-off"
     out = RESULTS / (f"{stem}-quick.md" if args.quick else f"{stem}.md")
     tmp = out.with_suffix(".tmp")
     tmp.write_text(text)
     tmp.replace(out)
     plot(points, bases, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
+    settings.close()
 
 
 if __name__ == "__main__":

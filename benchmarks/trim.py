@@ -29,13 +29,13 @@ reduction, compile time and the compile's full calibration passes (`report.calib
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import platform
 import sys
 import time
 import traceback
-from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -57,6 +57,7 @@ from benchmarks.common import (
 )
 from benchmarks.squeeze import bounds_stem, bounds_text, flops_params, reestimate_bn, run_ns, tp_prune
 from netsqueeze.compiler.files import atomic_write
+from netsqueeze.passes.refit import residual_targets
 from netsqueeze.passes.trim import ranking
 
 CALIB = 512  # calibration images (policy `calibrate samples`), also the peers' BatchNorm re-estimation data
@@ -179,7 +180,13 @@ def main() -> None:
     ap.add_argument("--align", type=int, default=1,
                     help="trim's `bounds { align }` (default 1: none; 16 keeps counts of 16 or more in ONNX Runtime's "
                          "AVX-512 conv blocks)")
+    ap.add_argument("--residual-targets", default="on", choices=("on", "off"),
+                    help="the layer refit's residual targets (default on: a layer feeding a residual add fits the sum); "
+                         "off fits every layer to its own output, as before, and adds -residual_targets-off to the "
+                         "file name")
     args = ap.parse_args()
+    settings = contextlib.ExitStack()  # what the whole run compiles with
+    settings.enter_context(residual_targets(args.residual_targets == "on"))
     torch.set_num_threads(1)
     t_start = time.perf_counter()
     torch.manual_seed(0)
@@ -232,7 +239,7 @@ def main() -> None:
             for method, crit, opts, rule, seed in runs:
                 t0 = time.perf_counter()
                 try:
-                    with ranking(rule) if rule != "measured" else nullcontext():  # type: ignore[arg-type]
+                    with ranking(rule) if rule != "measured" else contextlib.nullcontext():  # type: ignore[arg-type]
                         res, secs, _ = run_ns(model, pipeline(crit, opts, keep_bn), calib, {measure: keep},
                                               args.round_to, args.align, seed)
                     out: nn.Module | None = res.model
@@ -293,9 +300,11 @@ def main() -> None:
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = bounds_stem("trim", args.round_to, args.align, 1)
+    stem += "" if args.residual_targets == "on" else "-residual_targets-off"
     out_path = RESULTS / (f"{args.out}.md" if args.out else f"{stem}-quick.md" if args.quick else f"{stem}.md")
     atomic_write(out_path, lambda tmp: tmp.write_text(text))
     print(f"wrote {out_path}")
+    settings.close()
 
 
 if __name__ == "__main__":
