@@ -255,12 +255,17 @@ class PassCount:
         self.units += units
 
     @property
-    def passes(self) -> float:
+    def batches(self) -> int:
+        """The calibration batches (0 without a source), counted once."""
         if self.source is None:
-            return 0.0
+            return 0
         if self._batches is None:
             self._batches = max(1, sum(1 for _ in self.source()))
-        return self.units / self._batches
+        return self._batches
+
+    @property
+    def passes(self) -> float:
+        return self.units / self.batches if self.source is not None else 0.0
 
 
 def activation_stream(source: CalibrationSource, count: PassCount | None = None) -> ActivationStream:

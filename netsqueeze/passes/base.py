@@ -120,6 +120,10 @@ class PassContext:
     # `outputs_sink`: graph -> where its outputs on calibration batch i go when it computes the original's
     # function (the compiler keeps them for its output-error measurements), else None
     sink_fn: Callable[[Graph], Callable[[int, list[torch.Tensor]], None] | None] | None = None
+    # (graph, its outputs on every calibration batch): a pass that computed them on its last run over the data hands
+    # them on; the compiler's output-error measurement reads them when the compiled graph is still that graph
+    # (`CompileReport.calibration_passes` then counts no run of it); None outside `compile`
+    result_fn: Callable[[Graph, list[list[torch.Tensor]]], None] | None = None
     # (batches_fn, its batch sizes): read once per calibration source (`batch_sizes`)
     _sizes: tuple[Any, list[int]] | None = field(default=None, init=False, repr=False, compare=False)
 

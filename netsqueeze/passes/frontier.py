@@ -225,6 +225,18 @@ class Frontier:
             self._ref_next = (then, nxt)
 
 
+    def outputs(self) -> list[list[torch.Tensor]] | None:
+        """The graph being rewritten's outputs on every batch, run from the checkpoint (the pass-start copy is not
+        run); None when an output was computed before the checkpoint and not kept there."""
+        graph = self.graphs[0]
+        outs = graph.output_values()
+        pos = self.live.pos
+        if not self.state or any(v not in self.state[0][0] and (v[0] not in pos or pos[v[0]] < self.at)
+                                 for v in outs):
+            return None
+        return [now for now, _ in self.fetch(outs, None, [])]
+
+
 class SideBySide:
     """A cascade's source of side-by-side activations: `pairs(at, values, step)` for each step (a group, or a
     layer) in checkpoint order (`at`: the topological position of the first node the step touches; `step`

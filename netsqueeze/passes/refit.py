@@ -691,4 +691,9 @@ def refit_layers(graph: Graph, ref: Graph, ctx: PassContext, nodes: Iterable[str
         node.params[spec(node.kind).bias["weight"][0]] = sol[-1].to(w.dtype)
         done += 1
     notes.append(f"{label}: {done} of {len(todo)} layers refit whole by least squares to the pass-start outputs")
+    if ctx.result_fn is not None and side.frontier is not None and not side.streamed and side.frontier.at > 0:
+        # the graph as refit, run on from the last checkpoint to its outputs: the compile need not run it again
+        outs = side.frontier.outputs()
+        if outs is not None:
+            ctx.result_fn(graph, outs)
     return done

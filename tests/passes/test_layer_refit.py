@@ -297,8 +297,9 @@ def test_the_cascade_runs_in_the_layer_refits_sweep(monkeypatch: pytest.MonkeyPa
         "squeezed 2 groups (1 in parallel, 1 in cascade): 8->4, 6->3"]
     assert [tuple(res.graph.node(n).params["weight"].shape) for n in ("c1", "c2", "c3")] == [
         (4, 3, 3, 3), (3, 4, 3, 3), (4, 3, 3, 3)]
-    # a cascade sweep, then a refit sweep, made 5.02 passes
-    assert res.report.calibration_passes == pytest.approx(4.4997, abs=1e-3)
+    # a cascade sweep, then a refit sweep, made 5.02 passes; 4.4997 when the final measurement ran the compiled
+    # graph again, where it now reads the sweep's outputs (the sweep runs on from its last layer to them)
+    assert res.report.calibration_passes == pytest.approx(3.6881, abs=1e-3)
     assert err == pytest.approx(0.2213665, rel=1e-5)  # the two-sweep model's error, to 1e-7
 
 
@@ -323,7 +324,7 @@ def test_a_cascade_step_reads_the_layers_refit_before_it(monkeypatch: pytest.Mon
     res, err = _forced_cascade(monkeypatch, Four())
     assert "layer refit: 'd' not refit whole (72 inputs, over 60)" in _notes(res)
     assert err == pytest.approx(0.3507830, rel=1e-5)
-    assert res.report.calibration_passes == pytest.approx(3.6662, abs=1e-3)
+    assert res.report.calibration_passes == pytest.approx(3.4199, abs=1e-3)  # 3.6662 running the compiled graph again
     assert float(res.graph.node("d").params["weight"].double().norm()) == pytest.approx(0.800601, rel=1e-5)
 
 
@@ -355,7 +356,7 @@ def test_a_planned_layer_that_is_not_refit_costs_no_pass(monkeypatch: pytest.Mon
     assert [tuple(res.graph.node(n).params["weight"].shape) for n in ("a", "b", "fc1", "fc2")] == [
         (4, 3, 3, 3), (4, 4, 3, 3), (8, 324), (4, 8)]
     assert err == pytest.approx(0.0948332, rel=1e-5)
-    assert res.report.calibration_passes == pytest.approx(5.3549, abs=1e-3)
+    assert res.report.calibration_passes == pytest.approx(4.3563, abs=1e-3)  # 5.3549 running the compiled graph again
 
 
 def test_a_fit_with_fewer_rows_than_inputs_is_solved_in_row_space_to_the_same_solution() -> None:

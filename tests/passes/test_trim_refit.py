@@ -161,8 +161,9 @@ def test_trim_loss_measurements_cost_a_bounded_number_of_passes_whatever_the_num
     # from the inputs, not from the tensors live at its group's first layer; 8.98 when l1 also weighed the
     # producer rows, which changed the kept sets and so the prefixes' sizes; 9.11 with the group-by-group fold
     # cascade, before refit = layer re-solved every consumer whole; 9.61 when the layer refit also ran each layer
-    # on the rewritten side, whose output it never reads)
-    assert res.report.calibration_passes == pytest.approx(8.72, abs=0.01)
+    # on the rewritten side, whose output it never reads; 8.72 when the final measurement ran the compiled graph
+    # again, where it reads the layer refit's run of it)
+    assert res.report.calibration_passes == pytest.approx(7.74, abs=0.01)
     assert res.report.fidelity["output_error"] < 1e-3
 
 
