@@ -859,12 +859,28 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
 
     if stream is not None:
         stream = _keeping_reference(stream, sink)
-    final: list[tuple[Graph, list[list[torch.Tensor]]]] = []  # the last graph a pass ran to its outputs, and them
+    # the last graph a pass ran to its outputs over the calibration data, and those outputs: the compiled graph's
+    # output error reads them while it is that graph, or that graph rewritten by exact passes only (rounding apart,
+    # as for the original's outputs above)
+    final: list[tuple[Graph, list[list[torch.Tensor]]]] = []
+    recorded = [False]  # by the pass now running
 
     def keep_result(g: Graph, outs: list[list[torch.Tensor]]) -> None:
         # every batch's, while they fit the reference outputs' bound (a language model's logits may not)
         fits = sum(t.numel() for o in outs for t in o) <= measured_fidelity.cache_limit
         final[:] = [(g.copy(), [[t.detach() for t in o] for o in outs])] if fits and len(outs) == count.batches else []
+        recorded[0] = True
+
+    def after_pass(p: Pass, changed: bool) -> None:
+        if recorded[0]:  # the pass that ran the graph may have rewritten it since
+            recorded[0] = False
+            if final and not _same_graph(graph, final[0][0]):
+                final.clear()
+        elif changed and final:
+            if p.exact and _full_precision(graph):
+                final[0] = (graph.copy(), final[0][1])
+            else:
+                final.clear()
     ctx = PassContext(
         progress_fn=bars.bar,
         stream_fn=bars.stream(stream, n_batches) if stream is not None else None,
@@ -888,7 +904,7 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
     lat_outcome: LatencyOutcome | None = None
     try:
         if lat_target is None:
-            run = run_pipeline(graph, resolved.steps, ctx, on_exact=keep_exact)
+            run = run_pipeline(graph, resolved.steps, ctx, on_exact=keep_exact, on_pass=after_pass)
         else:  # the pipeline reruns from the original until the measured latency meets the budget
             graph, run, lat_outcome = run_for_latency(original, resolved.steps, ctx, lat_target, ctx.log)
     finally:
@@ -907,7 +923,7 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
         with _stage("measuring the output error"):
             try:
                 compiled: Graph | Callable[[int, Batch], list[torch.Tensor]] = graph
-                if final and _same_graph(graph, final[0][0]):  # a pass ran the compiled graph over the data last
+                if final and _same_graph(graph, final[0][0]):  # a pass ran the compiled graph over the data
                     kept = final[0][1]
                     compiled = lambda i, batch: kept[i]  # noqa: E731
                 measured = measure_output_error(measured_fidelity.reference, compiled, eval_batches, data=data_label,

@@ -53,10 +53,12 @@ def _describe(p: Pass) -> str:
 
 
 def run_pipeline(graph: Graph, steps: Sequence[Step | Pass], ctx: PassContext,
-                 on_exact: Callable[[Graph], None] | None = None) -> PipelineRun:
+                 on_exact: Callable[[Graph], None] | None = None,
+                 on_pass: Callable[[Pass, bool], None] | None = None) -> PipelineRun:
     """Runs `steps` on `graph` in place. Each pass is followed by `graph.verify()`. `on_exact` is called with
     the graph after each pass that changed it while every change so far came from `exact` passes (the graph
-    still computes the input graph's function, rounding apart).
+    still computes the input graph's function, rounding apart); `on_pass` after every pass, with the pass and
+    whether it changed the graph.
 
     A failure is re-raised as `PassError` naming the failing pass, where it was written and
     the passes that ran before it; a `NetsqueezeError`'s own diagnostics are kept.
@@ -97,6 +99,8 @@ def run_pipeline(graph: Graph, steps: Sequence[Step | Pass], ctx: PassContext,
             exact_so_far = exact_so_far and p.exact
             if exact_so_far and on_exact is not None:
                 on_exact(graph)
+        if on_pass is not None:
+            on_pass(p, result.changed)
         after = graph_stats(graph)
         run.records.append(PassRecord(p.name, _describe(p), step.where, seconds, result, stats, after))
         stats = after
