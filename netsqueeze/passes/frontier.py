@@ -234,7 +234,19 @@ class Frontier:
         if not self.state or any(v not in self.state[0][0] and (v[0] not in pos or pos[v[0]] < self.at)
                                  for v in outs):
             return None
-        return [now for now, _ in self.fetch(outs, None, [])]
+        # the graph inputs fed as well: a size the rest computes from them (an upsampling to the input's size)
+        inputs = [(nid, 0) for nid in graph.inputs]
+        feeds = list(dict.fromkeys([*self.state[0][0], *inputs]))
+        todo = [v for v in outs if v not in feeds]
+        run = self._run(0, todo, feeds) if todo else None
+        got: list[list[torch.Tensor]] = []
+        with torch.no_grad():
+            for (cur, _), batch in zip(self.state, self.ctx.batches()):
+                have = {**cur, **dict(zip(inputs, batch))}
+                if run is not None:
+                    have.update(zip(todo, run([have[v] for v in feeds])))
+                got.append([have[v] for v in outs])
+        return got
 
 
 class SideBySide:
