@@ -224,7 +224,6 @@ class Frontier:
         if extra and then is not None:  # every batch ran: the next checkpoint's pass-start side is ready
             self._ref_next = (then, nxt)
 
-
     def outputs(self) -> list[list[torch.Tensor]] | None:
         """The graph being rewritten's outputs on every batch, run from the checkpoint (the pass-start copy is not
         run); None when an output was computed before the checkpoint and not kept there."""

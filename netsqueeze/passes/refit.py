@@ -397,18 +397,16 @@ def residual_skip(graph: Graph, node_id: str, pos: Mapping[str, int]) -> Skip | 
     fitted to the sum."""
     v: Value = (node_id, 0)
     norm: Node | None = None
-    while True:
+    users = graph.value_users(v)
+    if len(users) == 1 and graph.node(users[0][0]).kind == "batch_norm":
+        norm = graph.node(users[0][0])
+        v = (norm.id, 0)
         users = graph.value_users(v)
-        if len(users) != 1:
-            return None
-        user, port = users[0]
-        node = graph.node(user)
-        if node.kind == "batch_norm" and norm is None and port == 0:
-            norm, v = node, (user, 0)
-            continue
-        break
-    operands = graph.operands(user)
-    if node.kind != "add" or len(operands) != 2:
+    if len(users) != 1:
+        return None
+    add, port = users[0]
+    operands = graph.operands(add)
+    if graph.node(add).kind != "add" or len(operands) != 2:
         return None
     other = operands[1 - port]
     if other == v or other[0] not in pos or pos[other[0]] >= pos[node_id]:
