@@ -195,6 +195,20 @@ def align_arg(text: str) -> int | str:
     return int(text)
 
 
+def residual_targets_arg(ap: argparse.ArgumentParser) -> None:
+    """`--residual-targets on|off` (benchmarks/squeeze.py and trim.py): the layer refit's residual targets;
+    `residual_stem` names the file."""
+    ap.add_argument("--residual-targets", default="on", choices=("on", "off"),
+                    help="the layer refit's residual targets (default on: a layer feeding a residual add fits the sum); "
+                         "off fits every layer to its own output, as before, and adds -residual_targets-off to the "
+                         "file name")
+
+
+def residual_stem(setting: str) -> str:
+    """What `--residual-targets` adds to a results file's stem."""
+    return "" if setting == "on" else "-residual_targets-off"
+
+
 def run_ns(model: nn.Module, passes: list[Any], calib: torch.Tensor, policy_budget: dict[str, float] | None = None,
            round_to: int = ROUND_TO, align: int | str = 1, seed: int = 0) -> tuple[ns.CompileResult, float, float]:
     t0 = time.perf_counter()
@@ -541,10 +555,7 @@ def main() -> None:
     ap.add_argument("--branches", default="keep", choices=("keep", "remove"),
                     help="squeeze_fold's `branches` option (default keep); remove lets the search remove residual "
                          "branches whole and adds -branches-remove to the file name")
-    ap.add_argument("--residual-targets", default="on", choices=("on", "off"),
-                    help="the layer refit's residual targets (default on: a layer feeding a residual add fits the sum); "
-                         "off fits every layer to its own output, as before, and adds -residual_targets-off to the "
-                         "file name")
+    residual_targets_arg(ap)
     ap.add_argument("--peer-round-to", type=int, default=1,
                     help="Torch-Pruning's round_to (default 1: its uniform ratio then lands on the target)")
     args = ap.parse_args()
@@ -678,7 +689,7 @@ def main() -> None:
     stem += "" if args.sensitivity == "first_order" else f"-sensitivity-{args.sensitivity}"
     stem += "" if args.sensitivity_samples == SENSITIVITY_SAMPLES else f"-sensitivity_samples-{args.sensitivity_samples}"
     stem += "" if args.branches == "keep" else f"-branches-{args.branches}"
-    stem += "" if args.residual_targets == "on" else "-residual_targets-off"
+    stem += residual_stem(args.residual_targets)
     out = RESULTS / (f"{stem}-quick.md" if args.quick else f"{stem}.md")
     tmp = out.with_suffix(".tmp")
     tmp.write_text(text)

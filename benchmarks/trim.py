@@ -55,7 +55,16 @@ from benchmarks.common import (
     ort_latency,
     trained,
 )
-from benchmarks.squeeze import bounds_stem, bounds_text, flops_params, reestimate_bn, run_ns, tp_prune
+from benchmarks.squeeze import (
+    bounds_stem,
+    bounds_text,
+    flops_params,
+    reestimate_bn,
+    residual_stem,
+    residual_targets_arg,
+    run_ns,
+    tp_prune,
+)
 from netsqueeze.compiler.files import atomic_write
 from netsqueeze.passes.refit import residual_targets
 from netsqueeze.passes.trim import ranking
@@ -180,10 +189,7 @@ def main() -> None:
     ap.add_argument("--align", type=int, default=1,
                     help="trim's `bounds { align }` (default 1: none; 16 keeps counts of 16 or more in ONNX Runtime's "
                          "AVX-512 conv blocks)")
-    ap.add_argument("--residual-targets", default="on", choices=("on", "off"),
-                    help="the layer refit's residual targets (default on: a layer feeding a residual add fits the sum); "
-                         "off fits every layer to its own output, as before, and adds -residual_targets-off to the "
-                         "file name")
+    residual_targets_arg(ap)
     args = ap.parse_args()
     settings = contextlib.ExitStack()  # what the whole run compiles with
     settings.enter_context(residual_targets(args.residual_targets == "on"))
@@ -300,7 +306,7 @@ def main() -> None:
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = bounds_stem("trim", args.round_to, args.align, 1)
-    stem += "" if args.residual_targets == "on" else "-residual_targets-off"
+    stem += residual_stem(args.residual_targets)
     out_path = RESULTS / (f"{args.out}.md" if args.out else f"{stem}-quick.md" if args.quick else f"{stem}.md")
     atomic_write(out_path, lambda tmp: tmp.write_text(text))
     print(f"wrote {out_path}")

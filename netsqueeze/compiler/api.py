@@ -498,6 +498,48 @@ class _Fidelity:
                                     count=self.count).get(metric)
 
 
+class _PassRun:
+    """The last graph a pass ran to its outputs over every calibration batch (`PassContext.result_fn`, the layer
+    refit's sweep), and those outputs: the compiled graph's output error reads them while the compiled graph is
+    that graph, or that graph rewritten by exact passes only (rounding apart, as the original's outputs are read).
+    Kept while they hold at most `limit` elements (a language model's logits may not)."""
+
+    def __init__(self, count: PassCount, limit: int) -> None:
+        self.count, self.limit = count, limit
+        self.graph: Graph | None = None
+        self.outs: list[list[torch.Tensor]] = []
+        self._fresh = False  # kept by the pass now running
+
+    def keep(self, graph: Graph, outs: list[list[torch.Tensor]]) -> None:
+        fits = sum(t.numel() for o in outs for t in o) <= self.limit and len(outs) == self.count.batches
+        self.graph = graph.copy() if fits else None
+        self.outs = [[t.detach() for t in o] for o in outs] if fits else []
+        self._fresh = True
+
+    def after_pass(self, graph: Graph, p: Pass, changed: bool) -> None:
+        """`run_pipeline`'s `on_pass`: `graph` after pass `p`, which may have rewritten it since it ran it, or
+        rewrote it later (kept through an exact pass, dropped by any other)."""
+        fresh, self._fresh = self._fresh, False
+        if self.graph is None:
+            return
+        if fresh:
+            keep = _same_graph(graph, self.graph)
+        elif changed:
+            keep = p.exact and _full_precision(graph)
+            self.graph = graph.copy() if keep else None
+        else:
+            return
+        if not keep:
+            self.graph, self.outs = None, []
+
+    def runner(self, graph: Graph) -> Callable[[int, Batch], list[torch.Tensor]] | None:
+        """The kept outputs of calibration batch i, when `graph` is the graph they stand for; else None."""
+        if self.graph is None or not _same_graph(graph, self.graph):
+            return None
+        outs = self.outs
+        return lambda i, batch: outs[i]
+
+
 def _same_graph(a: Graph, b: Graph) -> bool:
     """Whether `a` computes what `b` does, conservatively: the same nodes, kinds, attributes and operands, and
     every param the same object or an equal dense tensor."""
@@ -859,35 +901,14 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
 
     if stream is not None:
         stream = _keeping_reference(stream, sink)
-    # the last graph a pass ran to its outputs over the calibration data, and those outputs: the compiled graph's
-    # output error reads them while it is that graph, or that graph rewritten by exact passes only (rounding apart,
-    # as for the original's outputs above)
-    final: list[tuple[Graph, list[list[torch.Tensor]]]] = []
-    recorded = [False]  # by the pass now running
-
-    def keep_result(g: Graph, outs: list[list[torch.Tensor]]) -> None:
-        # every batch's, while they fit the reference outputs' bound (a language model's logits may not)
-        fits = sum(t.numel() for o in outs for t in o) <= measured_fidelity.cache_limit
-        final[:] = [(g.copy(), [[t.detach() for t in o] for o in outs])] if fits and len(outs) == count.batches else []
-        recorded[0] = True
-
-    def after_pass(p: Pass, changed: bool) -> None:
-        if recorded[0]:  # the pass that ran the graph may have rewritten it since
-            recorded[0] = False
-            if final and not _same_graph(graph, final[0][0]):
-                final.clear()
-        elif changed and final:
-            if p.exact and _full_precision(graph):
-                final[0] = (graph.copy(), final[0][1])
-            else:
-                final.clear()
+    refit_run = _PassRun(count, measured_fidelity.cache_limit)
     ctx = PassContext(
         progress_fn=bars.bar,
         stream_fn=bars.stream(stream, n_batches) if stream is not None else None,
         batches_fn=_checked(source, original) if source is not None else None,
         segment_fn=segment_runner(count) if source is not None else None,
         sink_fn=sink if source is not None else None,
-        result_fn=keep_result if source is not None and eval_batches is source else None,
+        result_fn=refit_run.keep if source is not None and eval_batches is source else None,
         budget=resolved.budget,
         bounds=resolved.bounds,
         seed=int(cal.get("seed", seed)),
@@ -904,7 +925,8 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
     lat_outcome: LatencyOutcome | None = None
     try:
         if lat_target is None:
-            run = run_pipeline(graph, resolved.steps, ctx, on_exact=keep_exact, on_pass=after_pass)
+            run = run_pipeline(graph, resolved.steps, ctx, on_exact=keep_exact,
+                               on_pass=lambda p, changed: refit_run.after_pass(graph, p, changed))
         else:  # the pipeline reruns from the original until the measured latency meets the budget
             graph, run, lat_outcome = run_for_latency(original, resolved.steps, ctx, lat_target, ctx.log)
     finally:
@@ -922,11 +944,8 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
     if eval_batches is not None and any(n.kind != "input" for n in graph.nodes()):
         with _stage("measuring the output error"):
             try:
-                compiled: Graph | Callable[[int, Batch], list[torch.Tensor]] = graph
-                if final and _same_graph(graph, final[0][0]):  # a pass ran the compiled graph over the data
-                    kept = final[0][1]
-                    compiled = lambda i, batch: kept[i]  # noqa: E731
-                measured = measure_output_error(measured_fidelity.reference, compiled, eval_batches, data=data_label,
+                measured = measure_output_error(measured_fidelity.reference, refit_run.runner(graph) or graph,
+                                                eval_batches, data=data_label,
                                                 count=count if eval_batches is source else None)
                 fidelity.update({k: v for k, v in measured.items() if k != "top1_change"})
             except (NonFiniteError, UserCodeError, InputMismatchError):

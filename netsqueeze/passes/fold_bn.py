@@ -11,6 +11,7 @@ from netsqueeze.ir.graph import Graph
 from netsqueeze.ir.ops import attr, spec
 from netsqueeze.passes.base import PassContext, PassResult, TransformPass
 from netsqueeze.passes.registry import register_pass
+from netsqueeze.passes.rewrite import batch_norm_scale
 
 
 @register_pass
@@ -47,10 +48,9 @@ class FoldBN(TransformPass):
             p, q = prod.params, bn.params
             w = prod.dense("weight").double()
             dt = p["weight"].dtype
-            var = bn.dense("running_var").double()
-            s = (bn.dense("weight").double() if "weight" in q else torch.ones_like(var)) / torch.sqrt(var + bn.attrs["eps"])
-            beta = bn.dense("bias").double() if "bias" in q else torch.zeros_like(var)
-            b = prod.dense("bias").double() if "bias" in p else torch.zeros_like(var)
+            s = batch_norm_scale(bn)
+            beta = bn.dense("bias").double() if "bias" in q else torch.zeros_like(s)
+            b = prod.dense("bias").double() if "bias" in p else torch.zeros_like(s)
             shape = [1] * w.dim()
             shape[out_axis] = -1
             p["weight"] = (w * s.reshape(shape)).to(dt)

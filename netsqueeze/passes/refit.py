@@ -33,7 +33,14 @@ from netsqueeze.passes.base import PassContext, PassResult
 from netsqueeze.passes.collectors import conv_patches_at
 from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups, Member, find_groups
 from netsqueeze.passes.frontier import Frontier, SideBySide, first_positions
-from netsqueeze.passes.rewrite import ChannelSelection, SharedFold, apply_selection, axis_vector, branch_paths
+from netsqueeze.passes.rewrite import (
+    ChannelSelection,
+    SharedFold,
+    apply_selection,
+    axis_vector,
+    batch_norm_scale,
+    branch_paths,
+)
 from netsqueeze.passes.squeeze_math import cholesky_solve, gram, reconstruction, ridged_normal, solve_normal
 
 
@@ -413,11 +420,23 @@ def residual_skip(graph: Graph, node_id: str, pos: Mapping[str, int]) -> Skip | 
         return None
     if graph.meta_of(other).shape != graph.meta_of(v).shape:
         return None  # a broadcast operand (a bias-like constant) is not a skip path
-    if norm is None:
-        return other, None
-    var = norm.dense("running_var").double()
-    scale = (norm.dense("weight").double() if "weight" in norm.params else torch.ones_like(var))
-    return other, (scale / torch.sqrt(var + float(attr(norm, "eps")))).float()
+    return other, None if norm is None else batch_norm_scale(norm).float()
+
+
+def _sum_target(own: torch.Tensor, skip_was: torch.Tensor, skip_now: torch.Tensor, scale: torch.Tensor | None,
+                out: list[int] | None, axis: int) -> torch.Tensor:
+    """A layer's pass-start output `own` (every channel on `axis`) plus the skip path's drift at the channels `out`
+    it still computes (all when None): the skip's pass-start value less its value now, divided by the layer's norm
+    `scale` when one sits before the add (channels it zeroes left alone)."""
+    index = torch.tensor(out) if out is not None else torch.arange(own.shape[axis])
+    drift = skip_was.index_select(axis, index) - skip_now
+    if scale is not None:
+        shape = [1] * drift.dim()
+        shape[axis] = -1
+        scale = scale.reshape(shape)
+        live = scale.abs() > 1e-6 * float(scale.abs().max())
+        drift = torch.where(live, drift / scale, torch.zeros_like(drift))
+    return own.index_add(axis, index, drift)
 
 
 def normal_equations(graph: Graph, side: SideBySide, at: int, node_id: str, seed: int,
@@ -442,17 +461,9 @@ def normal_equations(graph: Graph, side: SideBySide, at: int, node_id: str, seed
     extra = [] if skip is None else [skip[0]]
     for now, was in side.pairs(at, [src, *extra], f"'{node_id}'", [dst, *extra]):
         target = was[0].detach().float()
-        if skip is not None:  # the sum's target: the layer's own, plus the skip path's drift
-            axis = target.dim() - 1 if node.kind == "linear" else 1
-            index = torch.tensor(out) if out is not None else torch.arange(target.shape[axis])
-            drift = was[1].detach().float().index_select(axis, index) - now[1].detach().float()
-            if skip[1] is not None:  # through the norm: its scale undone, channels it zeroes left alone
-                shape = [1] * drift.dim()
-                shape[axis] = -1
-                scale = skip[1].reshape(shape)
-                live = scale.abs() > 1e-6 * float(scale.abs().max())
-                drift = torch.where(live, drift / scale, torch.zeros_like(drift))
-            target = target.index_add(axis, index, drift)
+        if skip is not None:
+            target = _sum_target(target, was[1].detach().float(), now[1].detach().float(), skip[1], out,
+                                 target.dim() - 1 if node.kind == "linear" else 1)
         got = layer_rows(node, now[0].detach().float(), target, gen, out, positions, tap_major=True)
         if got is None:
             return None

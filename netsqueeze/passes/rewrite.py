@@ -153,6 +153,14 @@ def _checked_keep(graph: Graph, group: ChannelGroup, sel: ChannelSelection, empt
     return keep
 
 
+def batch_norm_scale(node: Node) -> torch.Tensor:
+    """An inference batch norm's per-channel scale, weight / √(running_var + eps), in float64 (weight 1 when it
+    has none): what `fold_bn` multiplies into its producer."""
+    var = node.dense("running_var").double()
+    weight = node.dense("weight").double() if "weight" in node.params else torch.ones_like(var)
+    return weight / torch.sqrt(var + float(attr(node, "eps")))
+
+
 def _bn_value(node: Node, x: torch.Tensor) -> torch.Tensor:
     """Inference batch norm of `x` [1, C, 1, ...] (or [C])."""
     shape = x.shape if x.dim() == 1 else (1, -1, *[1] * (x.dim() - 2))
