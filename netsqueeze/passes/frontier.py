@@ -127,20 +127,33 @@ class Frontier:
     compiler counts what each costs."""
 
     def __init__(self, graphs: tuple[Graph, Graph], ctx: PassContext, topo: list[str],
-                 state: list[tuple[dict[Value, torch.Tensor], dict[Value, torch.Tensor]]]) -> None:
+                 state: list[tuple[dict[Value, torch.Tensor], dict[Value, torch.Tensor]]],
+                 ref_until: int | None = None) -> None:
         self.graphs, self.ctx, self.topo, self.state = graphs, ctx, topo, state
+        # the last checkpoint position the pass-start copy runs to (None: every one); past it a fetch asks the
+        # rewritten graph only
+        self.ref_until = ref_until
         self.at = 0
         # the pass-start copy's tensors at a later checkpoint, computed by the last `fetch` (position, state)
         self._ref_next: tuple[int, list[dict[Value, torch.Tensor]]] | None = None
         self.live = Liveness(graphs[0], topo, outputs=False)  # nothing here needs the graph outputs
 
     @staticmethod
-    def open(graph: Graph, ref: Graph, ctx: PassContext, topo: list[str]) -> Frontier | None:
+    def open(graph: Graph, ref: Graph, ctx: PassContext, topo: list[str], ref_until: int | None = None
+             ) -> Frontier | None:
+        """The frontier at the inputs, or None without a layer-by-layer runner. `ref_until`: the last checkpoint
+        position anything reads the pass-start copy at (None: any); past it the copy is not run (what the rest
+        reads of it comes from elsewhere: `refit.Recorder`), and only the rewritten graph's tensors are kept."""
         if ctx.segment_fn is None or ctx.batches_fn is None:
             return None
         inputs = [(nid, 0) for nid in graph.inputs]
-        state = [(dict(zip(inputs, batch)), dict(zip(inputs, batch))) for batch in ctx.batches()]
-        return Frontier((graph, ref), ctx, topo, state)
+        keep = ref_until is None or ref_until >= 0
+        state = [(dict(zip(inputs, batch)), dict(zip(inputs, batch)) if keep else {}) for batch in ctx.batches()]
+        return Frontier((graph, ref), ctx, topo, state, ref_until)
+
+    def _ref_at(self, position: int) -> bool:
+        """Whether the pass-start copy runs to checkpoint `position`."""
+        return self.ref_until is None or position <= self.ref_until
 
     def _run(self, which: int, fetch: list[Value], feeds: list[Value] | None = None) -> Segment:
         """Graph `which` (0: the one being rewritten, 1: its pass-start copy) from `feeds` (the checkpoint's
@@ -155,10 +168,11 @@ class Frontier:
     # both graphs whole instead (slower, same fold)
     limit_bytes: ClassVar[int] = 2 << 30
 
-    def _fits(self, keep: list[Value]) -> bool:
-        """Whether both graphs' tensors at `keep`, over every batch, fit `limit_bytes`."""
+    def _fits(self, keep: list[Value], both: bool = True) -> bool:
+        """Whether both graphs' tensors at `keep` (the rewritten graph's alone unless `both`), over every batch,
+        fit `limit_bytes`."""
         samples = sum(int(cur[v].shape[0]) for cur, _ in self.state for v in list(cur)[:1])
-        return 2 * sum(bytes_per_sample(self.graphs[0], v) for v in keep) * samples <= self.limit_bytes
+        return (2 if both else 1) * sum(bytes_per_sample(self.graphs[0], v) for v in keep) * samples <= self.limit_bytes
 
     def advance(self, to: int) -> bool:
         """Moves the checkpoint forwards to position `to` (nothing happens for an earlier position); False
@@ -168,7 +182,7 @@ class Frontier:
         if to <= self.at or not self.state:
             return True
         keep = self.live.at(to)
-        if not self._fits(keep):
+        if not self._fits(keep, self._ref_at(to)):
             return False
         ready = self._ref_next
         if ready is not None and ready[0] <= to:  # used now, or for a checkpoint passed over
@@ -181,15 +195,15 @@ class Frontier:
         passed = ready[1] if ready is not None and ready[0] < to else None
         ref_feeds = list(passed[0]) if passed else feeds
         run_now = self._run(0, keep)
-        run_ref = self._run(1, keep, ref_feeds) if refs is None else None
+        run_ref = self._run(1, keep, ref_feeds) if refs is None and self._ref_at(to) else None
         with torch.no_grad():
             for i, (cur, orig) in enumerate(self.state):
                 now = dict(zip(keep, run_now([cur[v] for v in feeds])))
                 if run_ref is not None:
                     src = passed[i] if passed is not None else orig
                     self.state[i] = (now, dict(zip(keep, run_ref([src[v] for v in ref_feeds]))))
-                elif refs is not None:
-                    self.state[i] = (now, refs[i])
+                else:
+                    self.state[i] = (now, refs[i] if refs is not None else {})
         self.at = to
         return True
 
@@ -201,10 +215,11 @@ class Frontier:
         the next `advance` will move to; the pass-start copy (which never changes) computes its tensors
         there in the same run, so that advance runs only the graph being rewritten."""
         ref_values = values if ref_values is None else ref_values
+        assert self._ref_at(self.at) or not ref_values, "the pass-start copy does not run this far"
         if not (values or ref_values) or not self.state:
             return
         extra: list[Value] = []
-        if then is not None and then > self.at and (self._ref_next is None or self._ref_next[0] != then):
+        if then is not None and self._ref_at(then) and then > self.at and (self._ref_next is None or self._ref_next[0] != then):
             extra = self.live.at(then)  # unless an earlier fetch computed it already
         if extra and not self._fits(extra):
             extra = []

@@ -22,8 +22,9 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
+from typing import ClassVar
 
 import torch
 
@@ -325,39 +326,66 @@ Part = Normal | Sample  # one share (fitting or held-out) of a layer's calibrati
 Rows = tuple[torch.Tensor, torch.Tensor]  # (inputs [rows, features], targets [rows, outputs])
 
 
-def layer_rows(node: Node, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, out: list[int] | None = None,
-               positions: int = POSITIONS, tap_major: bool = False) -> tuple[Rows, Rows] | None:
+def every_row(node: Node, y: torch.Tensor) -> bool:
+    """Whether a refit of `node` reads every row of its output `y` (a linear layer; a conv with one output
+    position), where a conv's reads drawn output positions."""
+    return node.kind == "linear" or (y.dim() in (3, 4) and y[0, 0].numel() == 1)
+
+
+def draw_rows(node: Node, y: torch.Tensor, gen: torch.Generator, positions: int) -> torch.Tensor:
+    """Which rows of one batch of `node`'s output `y` a layer refit reads, drawn from `gen`: for `every_row`
+    nodes a mask of the rows held out (each with probability `HELD_OUT`), else per sample its output positions
+    in a random order, the first min(`positions`, positions there are) of it [n, take] (`layer_rows` holds out
+    a `HELD_OUT` share from the front). The draw depends on `y`'s shape only, so a pass that records the
+    targets ahead (`Recorder`) and the refit that reads them draw alike."""
+    if every_row(node, y):
+        return torch.rand(y.numel() // y.shape[-1 if node.kind == "linear" else 1], generator=gen) < HELD_OUT
+    length = y[0, 0].numel()
+    return torch.rand(y.shape[0], length, generator=gen).argsort(1)[:, :min(positions, length)]
+
+
+def rows_at(node: Node, y: torch.Tensor, drawn: torch.Tensor) -> torch.Tensor:
+    """`node`'s output `y` at the rows `drawn` (`draw_rows`), channels last: [rows, C] for `every_row` nodes (every
+    row), else [n, take, C]."""
+    if every_row(node, y):
+        return y.reshape(drawn.shape[0], -1)
+    yy = y.reshape(y.shape[0], y.shape[1], -1)
+    return yy.movedim(1, 2)[torch.arange(y.shape[0])[:, None], drawn]
+
+
+def layer_rows(node: Node, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator | torch.Tensor,
+               out: list[int] | None = None, positions: int = POSITIONS, tap_major: bool = False,
+               y_rows: bool = False) -> tuple[Rows, Rows] | None:
     """The fitting rows and the `HELD_OUT` share held out, each (inputs [rows, features], targets [rows,
     outputs]), of one batch of a conv or linear node: its input `x` and the outputs `y` it should reproduce (only
     the output channels `out`, when given). Conv rows are `positions` output positions per sample drawn at random
     (im2col, `collectors.conv_patches_at`; features in (tap, channel) order with `tap_major`), the held-out ones
     a share of each sample's drawn positions; linear rows (and a conv's when it has one output position) are
-    every row, each held out at random with probability `HELD_OUT`. None for a conv input that is not 1-d or 2-d.
-    Each part is gathered once, never copied again by a mask."""
-    if node.kind == "linear" or (x.dim() in (3, 4) and y[0, 0].numel() == 1):
+    every row, each held out at random with probability `HELD_OUT` (`draw_rows`). `gen`: the generator to draw
+    from, or rows drawn before (`draw_rows`, for a conv as many positions or more), with `y` then already at them
+    (`rows_at`) when `y_rows`. None for a conv input that is not 1-d or 2-d. Each part is gathered once, never
+    copied again by a mask."""
+    if not every_row(node, y) and x.dim() not in (3, 4):
+        return None
+    drawn = draw_rows(node, y, gen, positions) if isinstance(gen, torch.Generator) else gen
+    yy = y if y_rows else rows_at(node, y, drawn)
+    if out is not None:
+        yy = yy[..., out]
+    if node.kind == "linear" or drawn.dim() == 1:
         xx = x.reshape(-1, x.shape[-1]) if node.kind == "linear" else conv_patches_at(
             node.attrs, tuple(node.params["weight"].shape[2:]), x, torch.zeros(x.shape[0], 1, dtype=torch.long),
             tap_major)
-        yy = y.reshape(xx.shape[0], -1)
-        yy = yy if out is None else yy[:, out]
-        held = torch.rand(xx.shape[0], generator=gen) < HELD_OUT
-        return (xx[~held], yy[~held]), (xx[held], yy[held])
-    if x.dim() not in (3, 4):
-        return None
+        return (xx[~drawn], yy[~drawn]), (xx[drawn], yy[drawn])
     n = x.shape[0]
-    yy = y.reshape(n, y.shape[1], -1)
-    if out is not None:
-        yy = yy[:, out]
-    length = yy.shape[2]
-    take = min(positions, length)
-    pick = torch.rand(n, length, generator=gen).argsort(1)[:, :take]  # [n, take], a random order
+    take = min(positions, drawn.shape[1])
     n_held = max(1, round(take * HELD_OUT))
 
-    def rows(at: torch.Tensor) -> Rows:
-        cols = conv_patches_at(node.attrs, tuple(node.params["weight"].shape[2:]), x, at, tap_major)
-        return cols, yy.movedim(1, 2)[torch.arange(n)[:, None], at].reshape(-1, yy.shape[1])
+    def rows(lo: int, hi: int) -> Rows:
+        cols = conv_patches_at(node.attrs, tuple(node.params["weight"].shape[2:]), x, drawn[:, lo:hi], tap_major)
+        return cols, yy[:, lo:hi].reshape(-1, yy.shape[2])
 
-    return rows(pick[:, n_held:]), rows(pick[:, :n_held])
+    assert n == yy.shape[0]
+    return rows(n_held, take), rows(0, n_held)
 
 
 def _products(x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
@@ -439,9 +467,77 @@ def _sum_target(own: torch.Tensor, skip_was: torch.Tensor, skip_now: torch.Tenso
     return own.index_add(axis, index, drift)
 
 
+@dataclass
+class Recorded:
+    """One layer's pass-start rows, recorded by `Recorder`: the generator seed its rows were drawn with, the
+    residual add's other operand it was recorded with (`residual_skip` on the pass-start graph; None without
+    one), and per calibration batch (drawn rows `draw_rows`, the layer's output there `rows_at`, that operand's
+    there or None)."""
+
+    seed: int
+    skip: Value | None
+    batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
+
+
+class Recorder:
+    """What `refit_layers` fits the layers `nodes` to (their pass-start outputs, and the operand a residual add
+    sums them with) at the rows it will read, recorded during a pass that runs the pass-start graph over the
+    calibration data anyway (`squeeze_fold`'s statistics pass: tap `values()`, hand every batch to `add`). The
+    refit's sweep then runs only the graph being rewritten, one model pass over the data fewer; the rows are
+    drawn as the refit would draw them (`draw_rows`, seeded per layer: `ctx.seed` + 7919 × the layer's index
+    in `nodes`, the index the refit seeds it by when it refits all of them), for a conv as many output
+    positions as the layer at its pass-start width would read, of which a narrower refit reads the first.
+    Records nothing (`note` says why) when the rows would take more than `limit_bytes`."""
+
+    limit_bytes: ClassVar[int] = 1 << 30
+
+    def __init__(self, graph: Graph, nodes: Iterable[str], ctx: PassContext, rows: int = LAYER_ROWS) -> None:
+        topo = graph.topo_order()
+        pos = {nid: i for i, nid in enumerate(topo)}
+        order = sorted(set(nodes), key=lambda n: pos[n])
+        samples = sum(ctx.batch_sizes()) if ctx.batches_fn is not None else 0
+        self.layers: dict[str, Recorded] = {}
+        self.positions: dict[str, int] = {}
+        self.note: str | None = None
+        size = 0  # bytes per calibration sample
+        fixed = True
+        for i, nid in enumerate(order):
+            if layer_refittable(graph, nid, limit=False) is not None:  # a layer over the limit may fit it when cut
+                continue
+            node, w = graph.node(nid), graph.node(nid).params["weight"]
+            skip = residual_skip(graph, nid, pos) if _RESIDUAL.get() else None
+            self.positions[nid] = layer_positions(math.prod(w.shape[1:]), samples, rows)
+            self.layers[nid] = Recorded(ctx.seed + 7919 * i, None if skip is None else skip[0])
+            dims = graph.meta_of((nid, 0)).shape[1:]
+            if not all(isinstance(d, int) for d in dims):
+                fixed = False
+                continue
+            width = int(dims[-1] if node.kind == "linear" else dims[0])
+            per_sample = math.prod(dims[:-1]) if node.kind == "linear" else min(self.positions[nid], math.prod(dims[1:]))
+            size += per_sample * (8 + 4 * width * (1 if skip is None else 2))  # the drawn index, the rows
+        if not samples or not fixed or size * samples > self.limit_bytes:
+            self.note = ("no calibration data" if not samples else "a symbolic shape" if not fixed else
+                         f"the rows would take {size * samples >> 20} MiB, over {self.limit_bytes >> 20} MiB")
+            self.layers = {}
+        self._gens = {nid: torch.Generator().manual_seed(r.seed) for nid, r in self.layers.items()}
+        self._nodes = {nid: graph.node(nid) for nid in self.layers}
+
+    def values(self) -> list[Value]:
+        """The values to tap: each recorded layer's output, and the residual operands."""
+        return list(dict.fromkeys([v for nid, r in self.layers.items() for v in ((nid, 0), r.skip) if v is not None]))
+
+    def add(self, acts: Mapping[Value, torch.Tensor]) -> None:
+        """One calibration batch (in the order `ctx.batches()` gives them) of the tapped values."""
+        for nid, r in self.layers.items():
+            node, y = self._nodes[nid], acts[(nid, 0)].detach().float()
+            drawn = draw_rows(node, y, self._gens[nid], self.positions[nid])
+            skip = None if r.skip is None else rows_at(node, acts[r.skip].detach().float(), drawn)
+            r.batches.append((drawn, rows_at(node, y, drawn), skip))
+
+
 def normal_equations(graph: Graph, side: SideBySide, at: int, node_id: str, seed: int,
                      out: list[int] | None = None, positions: int = POSITIONS,
-                     skip: Skip | None = None) -> tuple[Part, Part] | None:
+                     skip: Skip | None = None, recorded: Recorded | None = None) -> tuple[Part, Part] | None:
     """([X 1]ᵀ[X 1], [X 1]ᵀY) over the calibration rows, for the fitting rows and for the `HELD_OUT` share held
     out (drawn at random, seeded: `layer_rows`): X the node's (unrolled) inputs in `graph`, Y the original node's
     outputs (`side`'s pass-start copy; its output channels `out` when given), both read at the node's
@@ -450,7 +546,8 @@ def normal_equations(graph: Graph, side: SideBySide, at: int, node_id: str, seed
     value less its value in `graph` (divided by the scale), so that the sum is what the fit reproduces. When the
     fitting rows are fewer than X's columns (a linear layer with many inputs on a small calibration set) the rows
     themselves (`Sample`, X's columns in the same order), which solve in less time and memory than the F×F normal
-    equations."""
+    equations. `recorded`: the pass-start side recorded ahead (`Recorder`, with the same `skip` operand), read
+    instead of `side`'s pass-start copy, its rows drawn with its own seed instead of `seed`."""
     node = graph.node(node_id)
     src: Value = graph.operands(node_id)[0]
     dst: Value = (node_id, 0)
@@ -459,12 +556,21 @@ def normal_equations(graph: Graph, side: SideBySide, at: int, node_id: str, seed
     kept: list[tuple[Rows, Rows]] = []  # batches not yet in `sums`: every batch while the fitting rows are few
     n_fit = 0
     extra = [] if skip is None else [skip[0]]
-    for now, was in side.pairs(at, [src, *extra], f"'{node_id}'", [dst, *extra]):
-        target = was[0].detach().float()
-        if skip is not None:
-            target = _sum_target(target, was[1].detach().float(), now[1].detach().float(), skip[1], out,
-                                 target.dim() - 1 if node.kind == "linear" else 1)
-        got = layer_rows(node, now[0].detach().float(), target, gen, out, positions, tap_major=True)
+    pairs = side.pairs(at, [src, *extra], f"'{node_id}'", [] if recorded is not None else [dst, *extra])
+    for i, (now, was) in enumerate(pairs):
+        if recorded is not None:  # the pass-start outputs at rows drawn ahead: gather the current side there
+            drawn, target, skip_was = recorded.batches[i]
+            if skip is not None:
+                assert skip_was is not None  # `refit_layers` reads a recording only with its own skip operand
+                target = _sum_target(target, skip_was, rows_at(node, now[1].detach().float(), drawn), skip[1], out,
+                                     target.dim() - 1)
+            got = layer_rows(node, now[0].detach().float(), target, drawn, out, positions, True, y_rows=True)
+        else:
+            target = was[0].detach().float()
+            if skip is not None:
+                target = _sum_target(target, was[1].detach().float(), now[1].detach().float(), skip[1], out,
+                                     target.dim() - 1 if node.kind == "linear" else 1)
+            got = layer_rows(node, now[0].detach().float(), target, gen, out, positions, tap_major=True)
         if got is None:
             return None
         kept.append(got)
@@ -587,9 +693,10 @@ def as_solution(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor
     return torch.cat([w, b[None]])
 
 
-def layer_refittable(graph: Graph, node_id: str) -> str | None:
+def layer_refittable(graph: Graph, node_id: str, limit: bool = True) -> str | None:
     """Why node `node_id`'s whole weight cannot be re-solved by least squares (None: it can): a linear layer
-    or a 1-d/2-d conv with one group, dense weights, at most `MAX_LAYER_FEATURES` inputs."""
+    or a 1-d/2-d conv with one group, dense weights, at most `MAX_LAYER_FEATURES` inputs (unless not `limit`:
+    whether it can once its inputs are cut)."""
     node = graph.node(node_id)
     w, b = node.params.get("weight"), node.params.get("bias")
     if node.kind not in ("conv", "linear") or not isinstance(w, torch.Tensor) or (
@@ -597,7 +704,7 @@ def layer_refittable(graph: Graph, node_id: str) -> str | None:
         return "not a conv or linear layer with dense weights"
     if node.kind == "conv" and (attr(node, "groups") != 1 or w.dim() not in (3, 4)):
         return "a grouped or 3-d conv"
-    if w[0].numel() > MAX_LAYER_FEATURES:
+    if limit and w[0].numel() > MAX_LAYER_FEATURES:
         return f"{w[0].numel()} inputs, over {MAX_LAYER_FEATURES}"
     return None
 
@@ -647,7 +754,8 @@ SweepStep = tuple[int, Callable[[SideBySide], None]]
 
 
 def refit_layers(graph: Graph, ref: Graph, ctx: PassContext, nodes: Iterable[str], out: Mapping[str, list[int]],
-                 notes: list[str], label: str, steps: Sequence[SweepStep] = (), rows: int = LAYER_ROWS) -> int:
+                 notes: list[str], label: str, steps: Sequence[SweepStep] = (), rows: int = LAYER_ROWS,
+                 recorder: Recorder | None = None) -> int:
     """Re-solves the whole weight and bias of each of `nodes` (conv or linear) in graph order by least squares
     on the calibration data so that its output matches the same node's in `ref` (the pass-start graph: same
     node ids; `out[node]`: the ref output channels the node still computes, all when absent). Every kernel
@@ -665,13 +773,28 @@ def refit_layers(graph: Graph, ref: Graph, ctx: PassContext, nodes: Iterable[str
     before it (a step reads their refit outputs; run as a sweep of their own, before every layer, it read their
     outputs before the refit): one sweep over the data for both, where two sweeps would run both graphs twice.
     `rows`: the conv rows each layer aims for (`LAYER_ROWS`; fewer make a cheaper, rougher refit), at most
-    `ROWS_PER_INPUT` per input of the layer (`layer_positions`)."""
+    `ROWS_PER_INPUT` per input of the layer (`layer_positions`). `recorder`: the pass-start rows recorded ahead
+    (`Recorder`, same `rows`), read for every layer it recorded with the residual operand the layer has now;
+    when that is every layer and there are no `steps`, the pass-start copy `ref` does not run at all."""
     topo = graph.topo_order()
     pos = {nid: i for i, nid in enumerate(topo)}
     todo = sorted(set(nodes), key=lambda n: pos[n])
     samples = sum(ctx.batch_sizes()) if ctx.batches_fn is not None else 0
     events = sorted([(at, 0, i) for i, (at, _) in enumerate(steps)] + [(pos[n], 1, i) for i, n in enumerate(todo)])
-    side = SideBySide(Frontier.open(graph, ref, ctx, topo), graph, ref, ctx, notes, label, [e[0] for e in events])
+    # the graph's structure stays through the sweep (steps cut channels only): the residual operands now
+    recorded: dict[str, Recorded] = {}
+    for n in todo:
+        skip = residual_skip(graph, n, pos) if _RESIDUAL.get() else None
+        if recorder is not None and (r := recorder.layers.get(n)) is not None and r.skip == (skip and skip[0]):
+            recorded[n] = r
+    if recorder is not None and recorder.note is not None:
+        notes.append(f"{label}: pass-start outputs not recorded ahead ({recorder.note}): the pass-start graph "
+                     "runs beside the refit")
+    # the pass-start copy runs to the last step or the last layer whose targets were not recorded
+    ref_until = max([at for at, _ in steps] + [pos[n] for n in todo if n not in recorded and
+                                               layer_refittable(graph, n, limit=False) is None], default=-1)
+    side = SideBySide(Frontier.open(graph, ref, ctx, topo, ref_until if recorder is not None else None), graph, ref,
+                      ctx, notes, label, [e[0] for e in events])
     done = 0
     for _, kind, step in events:
         if kind == 0:
@@ -684,9 +807,13 @@ def refit_layers(graph: Graph, ref: Graph, ctx: PassContext, nodes: Iterable[str
         if why is None and len(out.get(nid, range(ref.node(nid).params["weight"].shape[0]))) != w.shape[0]:
             why = "its output channels do not match the pass-start graph's"
         positions = layer_positions(math.prod(w.shape[1:]), samples, rows)
-        skip = residual_skip(graph, nid, pos) if _RESIDUAL.get() else None
-        stats = None if why is not None else normal_equations(graph, side, pos[nid], nid, ctx.seed + 7919 * step,
-                                                             out.get(nid), positions, skip)
+        skip = residual_skip(graph, nid, pos) if _RESIDUAL.get() else None  # after the steps before it
+        rec = recorded.get(nid)
+        if rec is not None and rec.skip != (skip and skip[0]):
+            rec = None  # a step changed it (steps run only where the pass-start copy runs: `ref_until`)
+        stats = None if why is not None else normal_equations(
+            graph, side, pos[nid], nid, ctx.seed + 7919 * step if rec is None else rec.seed, out.get(nid),
+            positions, skip, rec)
         if stats is None:
             notes.append(f"{label}: '{nid}' not refit whole ({why or 'no calibration rows, or an unrolled input rank'})")
             continue

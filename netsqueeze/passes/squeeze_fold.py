@@ -27,6 +27,7 @@ from netsqueeze.passes.frontier import Pairs, Prefixes, SideBySide, first_positi
 from netsqueeze.passes.refit import (
     ConsumerStats,
     Cross,
+    Recorder,
     SweepStep,
     add,
     gather,
@@ -308,7 +309,10 @@ class SqueezeFold(TransformPass):
             # before any pass over the data
             raise BudgetError(Diagnostic("squeeze_fold needs `energy`, `ratio`, a flops/params/bytes `budget` or a `guard`"))
         weighting = self._weighting(graph, groups, plans, ctx) if searching else "none"
-        gradients = self._collect(graph, ctx, plans, first_order=weighting == "first_order")
+        # the layer refit's targets, recorded in the statistics pass: its sweep then runs the squeezed graph alone
+        recorder = Recorder(graph, [n for g in groups.prunable() for n in g.consumers], ctx) \
+            if self.refit == "layer" and ctx.batches_fn is not None else None
+        gradients = self._collect(graph, ctx, plans, first_order=weighting == "first_order", recorder=recorder)
         for gid, ps in plans.items():
             for p in ps:
                 if p.full is not None and p.rows <= p.full.shape[0]:  # the feature Gram would be singular
@@ -326,7 +330,7 @@ class SqueezeFold(TransformPass):
             return result
         start = graph.copy() if searching and self.mode == "cascade" and ctx.guard is not None else None
         mode = self.mode
-        out, par = self._squeeze(graph, ctx, groups, keeps, plans, mode)
+        out, par = self._squeeze(graph, ctx, groups, keeps, plans, mode, recorder=recorder)
         if start is not None and (check := ctx.guard_check(graph)) is not None and not check[0]:
             # the search measured parallel folds; keep that model when the cascade's refit misses the guard
             graph.assign(start)
@@ -346,7 +350,8 @@ class SqueezeFold(TransformPass):
         return out
 
     def _squeeze(self, graph: Graph, ctx: PassContext, groups: ChannelGroups, keeps: dict[int, list[int]],
-                 plans: dict[int, list[_Probe]], mode: str, layer_refit: bool = True) -> tuple[PassResult, int]:
+                 plans: dict[int, list[_Probe]], mode: str, layer_refit: bool = True,
+                 recorder: Recorder | None = None) -> tuple[PassResult, int]:
         ref = graph.copy()
         layered = layer_refit and self.refit == "layer" and ctx.batches_fn is not None
         # a group whose every folded consumer the layer refit re-solves whole needs no cascade: its fold is
@@ -364,7 +369,8 @@ class SqueezeFold(TransformPass):
                                  "their consumers re-solved whole), the rest in cascade, in the layer refit's sweep"
                                  if steps else f"refit = layer: all {len(keeps)} groups folded in parallel (each of "
                                  "their consumers re-solved whole), none in cascade")
-            refit_layers(graph, ref, ctx, *layer_plan(ref, groups, keeps), out.notes, "layer refit", steps)
+            refit_layers(graph, ref, ctx, *layer_plan(ref, groups, keeps), out.notes, "layer refit", steps,
+                         recorder=recorder)
         elif steps:
             side = SideBySide(_Frontier.open(graph, ref, ctx, graph.topo_order()), graph, ref, ctx, out.notes,
                               "cascade", [at for at, _ in steps])
@@ -430,23 +436,28 @@ class SqueezeFold(TransformPass):
         return _Probe(m, graph.operands(m.node)[0], z, torch.zeros(c, n_groups, dtype=torch.float64), at=at,
                       per_group=torch.zeros(n_groups, c + 1, c + 1, dtype=torch.float64))
 
-    def _collect(self, graph: Graph, ctx: PassContext, plans: dict[int, list[_Probe]], first_order: bool = False
-                 ) -> _Gradients | None:
-        """Runs the calibration data through `graph` once for every probe's statistics. With `first_order`, the
+    def _collect(self, graph: Graph, ctx: PassContext, plans: dict[int, list[_Probe]], first_order: bool = False,
+                 recorder: Recorder | None = None) -> _Gradients | None:
+        """Runs the calibration data through `graph` once for every probe's statistics (and the layer refit's
+        targets, into `recorder`). With `first_order`, the
         same pass also runs backward on the sensitivity batches (`_sensitivity_batches`) for the gradient Grams
         of the first-order estimate (`_first_order`), which are returned: one forward pass serves both. None when
         not asked, or when the estimate does not apply: a grouped conv consumer (it does not cover them), no
         floating-point output, or no segment runner (a pass run outside `compile`)."""
         probes = [p for ps in plans.values() for p in ps]
         values = list(dict.fromkeys(p.value for p in probes))
+        tapped = list(dict.fromkeys([*values, *(recorder.values() if recorder is not None else [])]))
         outs = graph.output_values()
         # the estimate projects the floating-point outputs: a model without one has nothing to project
         floats = any(graph.meta_of(v).dtype.startswith(("float", "bfloat")) for v in outs)
-        seg = ctx.segment(graph, [(nid, 0) for nid in graph.inputs], [*outs, *values]) if first_order and floats and \
-            not any(p.per_group is not None for p in probes) else None
+        seg = ctx.segment(graph, [(nid, 0) for nid in graph.inputs], [*outs, *tapped]) if first_order and floats \
+            and not any(p.per_group is not None for p in probes) else None
         if seg is None:
-            for batch in ctx.stream(graph, values):
-                self._add(graph, probes, dict(zip(values, batch)))
+            for batch in ctx.stream(graph, tapped):
+                by_tap = dict(zip(tapped, batch))
+                self._add(graph, probes, by_tap)
+                if recorder is not None:
+                    recorder.add(by_tap)
             return None
         grads = _Gradients({id(p): torch.zeros(p.width, p.width, dtype=torch.float64) for p in probes})
         gen = torch.Generator().manual_seed(ctx.seed)
@@ -458,7 +469,7 @@ class SqueezeFold(TransformPass):
             backward = n_batches is None or i < n_batches
             with torch.set_grad_enabled(backward):
                 got = seg(list(inputs))
-                ys, acts = got[: len(outs)], got[len(outs):]
+                ys, acts = got[: len(outs)], got[len(outs): len(outs) + len(values)]
                 if backward:  # a random ±1 projection of the outputs, back to the probed values
                     proj = torch.stack([((torch.randint(0, 2, y.shape, generator=gen) * 2 - 1).to(y.dtype) * y).sum()
                                         for y in ys if y.is_floating_point()]).sum()
@@ -466,6 +477,8 @@ class SqueezeFold(TransformPass):
             if keep is not None:
                 keep(i, [y.detach() for y in ys])
             self._add(graph, probes, {v: a.detach() for v, a in zip(values, acts)})
+            if recorder is not None:
+                recorder.add(dict(zip(tapped, got[len(outs):])))
             if not backward:
                 continue
             grads.energy += sum(float((y.detach().double() ** 2).sum()) for y in ys if y.is_floating_point())
