@@ -10,7 +10,9 @@ measured on the graph the statistics were streamed from (a parallel fold, one ca
 group), or group by group in graph order on the graph as trimmed so far (`cascade`: the kept channels as the
 trimmed graph computes them, regressed onto the original channels, so each fold also corrects the drift of the
 groups trimmed before it). The cascade runs the data through the trimmed graph and its pass-start copy side by
-side, layer by layer (`passes.frontier`): a few model passes over the data whatever the number of groups.
+side, layer by layer (`passes.frontier`): a few model passes over the data whatever the number of groups. The
+layer refit (`refit_layers`) reads the same sweep, or, with the targets recorded ahead in a pass that ran the
+pass-start graph anyway (`Recorder`), runs the rewritten graph alone.
 Because T, t₀ minimise each channel's squared error, the residual covariance is the least any
 affine rebuild from S reaches, so every consumer's output error E‖W(a − â)‖² is at most the one of keeping
 only the removed channels' means (bias compensation, T = 0).

@@ -206,6 +206,11 @@ class SqueezeFold(TransformPass):
        one-shot drop at 2x / 3x / 5x fewer FLOPs from 2.07 / 4.26 / 6.96 points to 1.82 / 4.10 / 6.11).
        The ridge is chosen per layer on 20% held-out rows. A group whose every folded
        consumer is re-solved this way is folded in parallel (no cascade: its fold is only the starting point).
+       The pass-start outputs each layer is fitted to (and a residual add's other operand) are recorded at the
+       rows its fit will read during the statistics pass, which runs the pass-start graph anyway
+       (`passes.refit.Recorder`, at most 1 GiB of rows): the refit's sweep then runs the squeezed graph alone
+       (a compile of the benchmark models makes 2 calibration passes, where running the pass-start graph
+       beside it made 3), and the pass-start graph runs only up to the last cascade step, if any.
        On the benchmark ResNet-style model at 2x / 5x fewer FLOPs (`round_to = 8`) it took one-shot top-1 from
        86.55% / 34.13% (the fold alone, cascade) to 90.06% / 82.20%, at about the same compile cost (the
        cascade's passes are saved). `refit = fold` keeps the paper's fold alone.
@@ -470,6 +475,9 @@ class SqueezeFold(TransformPass):
             with torch.set_grad_enabled(backward):
                 got = seg(list(inputs))
                 ys, acts = got[: len(outs)], got[len(outs): len(outs) + len(values)]
+                if recorder is not None:  # before the backward pass, so that what only it reads is freed
+                    recorder.add(dict(zip(tapped, got[len(outs):])))
+                del got
                 if backward:  # a random ±1 projection of the outputs, back to the probed values
                     proj = torch.stack([((torch.randint(0, 2, y.shape, generator=gen) * 2 - 1).to(y.dtype) * y).sum()
                                         for y in ys if y.is_floating_point()]).sum()
@@ -477,8 +485,6 @@ class SqueezeFold(TransformPass):
             if keep is not None:
                 keep(i, [y.detach() for y in ys])
             self._add(graph, probes, {v: a.detach() for v, a in zip(values, acts)})
-            if recorder is not None:
-                recorder.add(dict(zip(tapped, got[len(outs):])))
             if not backward:
                 continue
             grads.energy += sum(float((y.detach().double() ** 2).sum()) for y in ys if y.is_floating_point())

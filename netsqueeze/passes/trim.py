@@ -329,7 +329,11 @@ class Trim(TransformPass):
             return PassResult(changed=False, notes=["no prunable channel group"])
         obs = {g.id: _observations(graph, g) for g in cands}
         fits = {g.id: consumer_refit.plan(graph, g) for g in cands} if self._refits(ctx) else {}
-        moments, reservoirs = self._collect(graph, ctx, cands, obs, notes, fits)
+        # the layer refit's targets, recorded in the statistics pass: its sweep then runs the trimmed graph alone
+        layered = bool(fits) and self.refit in ("auto", "layer") and not (
+            self.criterion == "gdnt" and self.gdnt_mode == "groups") and ctx.batches_fn is not None
+        recorder = consumer_refit.Recorder(graph, [n for g in cands for n in g.consumers], ctx) if layered else None
+        moments, reservoirs = self._collect(graph, ctx, cands, obs, notes, fits, recorder)
         if self.criterion == "gdnt" and self.gdnt_mode == "groups":
             return self._published(graph, ctx, groups, cands, bounds, obs, moments, reservoirs, notes)
         scores = {g.id: self._score(graph, g, obs[g.id], moments, reservoirs, notes, ctx.seed) for g in cands}
@@ -357,7 +361,7 @@ class Trim(TransformPass):
             result = apply_selection(graph, groups, finish(sel))
             keeps = {gid: sorted(s.keep) for gid, s in sel.items()}
             consumer_refit.refit_layers(graph, ref, ctx, *consumer_refit.layer_plan(ref, groups, keeps), notes,
-                                        "layer refit")
+                                        "layer refit", recorder=recorder)
         elif fits:  # each group refit on the graph as trimmed so far
             result = consumer_refit.cascade(graph, ctx, groups, {gid: sorted(s.keep) for gid, s in sel.items()})
             notes.append(f"consumers of {len(sel)} trimmed groups refit by least squares, group by group")
@@ -565,8 +569,11 @@ class Trim(TransformPass):
 
     # ---- statistics ----
     def _collect(self, graph: Graph, ctx: PassContext, cands: list[ChannelGroup], obs: dict[int, list[_Obs]],
-                 notes: list[str], fits: dict[int, list[consumer_refit.ConsumerStats]] | None = None
+                 notes: list[str], fits: dict[int, list[consumer_refit.ConsumerStats]] | None = None,
+                 recorder: consumer_refit.Recorder | None = None
                  ) -> tuple[dict[tuple[Value, int], Moments], dict[tuple[int, int], Reservoir]]:
+        """One pass over the calibration data for the criterion's statistics (`Moments`, gdnt's `Reservoir`s), the
+        parallel folds' consumer statistics (`fits`) and the layer refit's targets (`recorder`)."""
         fits = fits or {}
         need_act = self.criterion in ("activation", "gdnt")
         if not need_act and not fits and not (self.bias_compensation and ctx.stream_fn is not None):
@@ -588,6 +595,7 @@ class Trim(TransformPass):
         for st in (st for sts in fits.values() for st in sts):
             if st.value not in values:
                 values.append(st.value)
+        values += [v for v in (recorder.values() if recorder is not None else []) if v not in values]
         if not values:
             return {}, {}
         slot = {v: i for i, v in enumerate(values)}
@@ -604,6 +612,8 @@ class Trim(TransformPass):
                     res.update(torch.cat([par, chi], 1))
             for st in (st for sts in fits.values() for st in sts):
                 consumer_refit.update(graph, st, batch[slot[st.value]])
+            if recorder is not None:
+                recorder.add(dict(zip(values, batch)))
         return moments, reservoirs
 
     def _score(self, graph: Graph, g: ChannelGroup, obs: list[_Obs], moments: dict[tuple[Value, int], Moments],
