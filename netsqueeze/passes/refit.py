@@ -484,8 +484,9 @@ class Recorded:
 class Recorder:
     """What `refit_layers` fits the layers `nodes` to (their pass-start outputs, and the operand a residual add
     sums them with) at the rows it will read, recorded during a pass that runs the pass-start graph over the
-    calibration data anyway (`squeeze_fold`'s statistics pass: tap `values()`, hand every batch to `add`). The
-    refit's sweep then runs only the graph being rewritten, one model pass over the data fewer; the rows are
+    calibration data anyway (`squeeze_fold`'s and `trim`'s statistics passes: tap `values()`, hand every batch
+    to `add`). The refit's sweep then runs only the graph being rewritten, one model pass over the data fewer
+    (the pass-start graph still runs up to a cascade step or a layer not recorded); the rows are
     drawn as the refit would draw them (`draw_rows`, seeded per layer: `ctx.seed` + 7919 × the layer's index
     in `nodes`, the index the refit seeds it by when it refits all of them), for a conv as many output
     positions as the layer at its pass-start width would read, of which a narrower refit reads the first.
