@@ -422,7 +422,8 @@ Skip = tuple[Value, torch.Tensor | None]  # a residual add's other operand, and 
 
 def residual_skip(graph: Graph, node_id: str, pos: Mapping[str, int]) -> Skip | None:
     """The other operand of the residual add that layer `node_id`'s output alone feeds, directly or through one
-    batch norm of its own (then also that norm's per-channel scale, weight / √(running_var + eps)), when that
+    batch norm of its own (then also that norm's per-channel scale, weight / √(running_var + eps)) and identities
+    (a transformer's dropout before its residual add), when that
     operand is final by the time the sweep of `refit_layers` reaches the layer (it comes before the layer in the
     topological order `pos`, so no later refit or step changes it) and has the output's shape; else None.
 
@@ -435,9 +436,13 @@ def residual_skip(graph: Graph, node_id: str, pos: Mapping[str, int]) -> Skip | 
     v: Value = (node_id, 0)
     norm: Node | None = None
     users = graph.value_users(v)
-    if len(users) == 1 and graph.node(users[0][0]).kind == "batch_norm":
-        norm = graph.node(users[0][0])
-        v = (norm.id, 0)
+    # through identities (a dropout in eval mode) and at most one batch norm, each the value's only reader
+    while len(users) == 1 and (kind := graph.node(users[0][0]).kind) in ("identity", "batch_norm"):
+        if kind == "batch_norm":
+            if norm is not None:
+                return None
+            norm = graph.node(users[0][0])
+        v = (users[0][0], 0)
         users = graph.value_users(v)
     if len(users) != 1:
         return None

@@ -108,3 +108,29 @@ def test_residual_skip_finds_the_add_through_one_norm_and_only_a_final_skip_path
     graph = ns.import_model(Block(bias_add=True).eval(), (torch.randn(2, 4, 6, 6),))
     pos = {n: i for i, n in enumerate(graph.topo_order())}
     assert residual_skip(graph, "conv2", pos) is None
+
+
+class DropoutBlock(nn.Module):
+    """A transformer-style residual: h + dropout(out(relu(inner(h)))), the dropout an identity in eval mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem, self.inner, self.out = nn.Linear(6, 8), nn.Linear(8, 16), nn.Linear(16, 8)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        return h + self.drop(self.out(torch.relu(self.inner(h))))
+
+
+def test_residual_skip_looks_through_an_identity_before_the_add() -> None:
+    # BERT, ViT and GPT-2 put a dropout between a block's output projection and its residual add: in eval mode an
+    # identity, which the residual target looks through (it stopped there, and those projections fitted their own
+    # output alone)
+    graph = ns.import_model(DropoutBlock().eval(), (torch.randn(2, 6),))
+    pos = {n: i for i, n in enumerate(graph.topo_order())}
+    [(reader, _)] = graph.value_users(("out", 0))
+    assert graph.node(reader).kind == "identity"
+    assert residual_skip(graph, "out", pos) == (("stem", 0), None)
+    assert residual_skip(graph, "inner", pos) is None
