@@ -201,7 +201,7 @@ class SqueezeFold(TransformPass):
        Networks", ICCV 2017, and of ThiNet, Luo et al. 2017). Every kernel tap of every kept input channel is a
        free column, where the fold only remaps channels per tap, and the inputs are the layer's inputs as the
        squeezed and refit graph computes them. A layer whose output feeds a residual add (directly or through its
-       batch norm) whose other operand is already final matches the add's sum instead: its own output plus what
+       batch norm and identities) whose other operand is already final matches the add's sum instead: its own output plus what
        the skip path lost (`passes.refit.residual_skip`, He et al.'s §3.3; on the benchmark ResNet it took the
        one-shot drop at 2x / 3x / 5x fewer FLOPs from 2.07 / 4.26 / 6.96 points to 1.82 / 4.10 / 6.11).
        The ridge is chosen per layer on 20% held-out rows. A group whose every folded
