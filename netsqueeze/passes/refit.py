@@ -507,8 +507,7 @@ class Recorder:
         self.layers: dict[str, Recorded] = {}
         self.positions: dict[str, int] = {}
         self.note: str | None = None
-        size = 0  # bytes per calibration sample
-        fixed = True
+        size = 0  # bytes per calibration sample, at the example's sizes (a dynamic dim at its example value)
         for i, nid in enumerate(order):
             if layer_refittable(graph, nid, limit=False) is not None:  # a layer over the limit may fit it when cut
                 continue
@@ -516,15 +515,12 @@ class Recorder:
             skip = residual_skip(graph, nid, pos) if _RESIDUAL.get() else None
             self.positions[nid] = layer_positions(math.prod(w.shape[1:]), samples, rows)
             self.layers[nid] = Recorded(ctx.seed + 7919 * i, None if skip is None else skip[0])
-            dims = graph.meta_of((nid, 0)).shape[1:]
-            if not all(isinstance(d, int) for d in dims):
-                fixed = False
-                continue
-            width = int(dims[-1] if node.kind == "linear" else dims[0])
+            dims = [int(d) for d in graph.meta_of((nid, 0)).shape[1:]]
+            width = dims[-1] if node.kind == "linear" else dims[0]
             per_sample = math.prod(dims[:-1]) if node.kind == "linear" else min(self.positions[nid], math.prod(dims[1:]))
             size += per_sample * (8 + 4 * width * (1 if skip is None else 2))  # the drawn index, the rows
-        if not samples or not fixed or size * samples > self.limit_bytes:
-            self.note = ("no calibration data" if not samples else "a symbolic shape" if not fixed else
+        if not samples or size * samples > self.limit_bytes:
+            self.note = ("no calibration data" if not samples else
                          f"the rows would take {size * samples >> 20} MiB, over {self.limit_bytes >> 20} MiB")
             self.layers = {}
         self._gens = {nid: torch.Generator().manual_seed(r.seed) for nid, r in self.layers.items()}

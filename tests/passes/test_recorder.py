@@ -83,3 +83,37 @@ def test_the_recorded_rows_are_the_ones_the_refit_draws() -> None:
     held = refit.draw_rows(linear, torch.randn(2, 6, 8), torch.Generator().manual_seed(7), 16)
     assert held.shape == (12,) and held.dtype == torch.bool
     assert torch.equal(held, torch.rand(12, generator=torch.Generator().manual_seed(7)) < refit.HELD_OUT)
+
+
+def test_a_model_with_dynamic_sizes_records_its_refit_targets() -> None:
+    # H and W declared dynamic (a dim is its example value with an expression, `ir.dims.Dim`): the rows are drawn
+    # from each calibration batch's own output, the memory bound estimated at the example's sizes; the refit runs
+    # the squeezed graph alone, and the model still runs at other sizes
+    from torch.export import Dim
+
+    from tests.frontends.test_fx_dims import Tokens
+
+    seen: list[refit.Recorder] = []
+    real_add = refit.Recorder.add
+
+    def spy(self: refit.Recorder, acts) -> None:  # type: ignore[no-untyped-def]
+        real_add(self, acts)
+        seen.append(self)
+
+    torch.manual_seed(0)
+    model = Tokens().eval()
+    x = torch.randn(32, 3, 16, 12, generator=torch.Generator().manual_seed(1))
+    dyn = {"x": {0: Dim("batch"), 2: Dim("H", min=4), 3: Dim("W", min=4)}}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(refit.Recorder, "add", spy)
+        res = ns.compile(model, "policy p {\n  calibrate samples 32, batch 16\n  squeeze_fold { ratio = 0.5 }\n}\n",
+                         example_inputs=(x[:2],), calibration=x, dynamic_shapes=dyn, progress=False)
+    rec = seen[-1]
+    assert list(rec.layers) == ["fc"] and len(rec.layers["fc"].batches) == 2
+    drawn, rows, skip = rec.layers["fc"].batches[0]
+    # a linear layer reads every row: 16 samples x 48 tokens (8 x 6 after the stride-2 conv), 5 outputs each
+    assert drawn.shape == (16 * 48,) and rows.shape == (16 * 48, 5) and skip is None
+    assert res.report.calibration_passes == pytest.approx(2.0, abs=1e-6)
+    assert res.graph.node("conv").params["weight"].shape[0] == 4
+    with torch.no_grad():
+        assert res.model(torch.randn(2, 3, 20, 8)).shape == (2, 5 * 10 * 4)
