@@ -355,30 +355,23 @@ def rows_at(node: Node, y: torch.Tensor, drawn: torch.Tensor) -> torch.Tensor:
     return yy.movedim(1, 2)[torch.arange(y.shape[0])[:, None], drawn]
 
 
-def layer_rows(node: Node, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator | torch.Tensor,
-               out: list[int] | None = None, positions: int = POSITIONS, tap_major: bool = False,
-               y_rows: bool = False) -> tuple[Rows, Rows] | None:
+def layer_rows(node: Node, x: torch.Tensor, y: torch.Tensor, drawn: torch.Tensor, out: list[int] | None = None,
+               positions: int = POSITIONS, tap_major: bool = False) -> tuple[Rows, Rows] | None:
     """The fitting rows and the `HELD_OUT` share held out, each (inputs [rows, features], targets [rows,
-    outputs]), of one batch of a conv or linear node: its input `x` and the outputs `y` it should reproduce (only
-    the output channels `out`, when given). Conv rows are `positions` output positions per sample drawn at random
-    (im2col, `collectors.conv_patches_at`; features in (tap, channel) order with `tap_major`), the held-out ones
-    a share of each sample's drawn positions; linear rows (and a conv's when it has one output position) are
-    every row, each held out at random with probability `HELD_OUT` (`draw_rows`). `gen`: the generator to draw
-    from, or rows drawn before (`draw_rows`, for a conv as many positions or more), with `y` then already at them
-    (`rows_at`) when `y_rows`. None for a conv input that is not 1-d or 2-d. Each part is gathered once, never
-    copied again by a mask."""
-    if not every_row(node, y) and x.dim() not in (3, 4):
+    outputs]), of one batch of a conv or linear node at the rows `drawn` (`draw_rows`): its input `x` and the
+    outputs it should reproduce there, `y` (`rows_at`; only the output channels `out`, when given). Conv rows
+    are the first `positions` of each sample's drawn output positions (im2col, `collectors.conv_patches_at`;
+    features in (tap, channel) order with `tap_major`), the held-out ones a `HELD_OUT` share from the front;
+    linear rows (and a conv's when it has one output position) are every row, held out where `drawn` says.
+    None for a conv input that is not 1-d or 2-d. Each part is gathered once, never copied again by a mask."""
+    if drawn.dim() == 2 and x.dim() not in (3, 4):
         return None
-    drawn = draw_rows(node, y, gen, positions) if isinstance(gen, torch.Generator) else gen
-    yy = y if y_rows else rows_at(node, y, drawn)
-    if out is not None:
-        yy = yy[..., out]
-    if node.kind == "linear" or drawn.dim() == 1:
+    yy = y if out is None else y[..., out]
+    if drawn.dim() == 1:  # every row (`draw_rows`: a linear layer, a conv with one output position)
         xx = x.reshape(-1, x.shape[-1]) if node.kind == "linear" else conv_patches_at(
             node.attrs, tuple(node.params["weight"].shape[2:]), x, torch.zeros(x.shape[0], 1, dtype=torch.long),
             tap_major)
         return (xx[~drawn], yy[~drawn]), (xx[drawn], yy[drawn])
-    n = x.shape[0]
     take = min(positions, drawn.shape[1])
     n_held = max(1, round(take * HELD_OUT))
 
@@ -386,7 +379,6 @@ def layer_rows(node: Node, x: torch.Tensor, y: torch.Tensor, gen: torch.Generato
         cols = conv_patches_at(node.attrs, tuple(node.params["weight"].shape[2:]), x, drawn[:, lo:hi], tap_major)
         return cols, yy[:, lo:hi].reshape(-1, yy.shape[2])
 
-    assert n == yy.shape[0]
     return rows(n_held, take), rows(0, n_held)
 
 
@@ -568,13 +560,14 @@ def normal_equations(graph: Graph, side: SideBySide, at: int, node_id: str, seed
                 assert skip_was is not None  # `refit_layers` reads a recording only with its own skip operand
                 target = _sum_target(target, skip_was, rows_at(node, now[1].detach().float(), drawn), skip[1], out,
                                      target.dim() - 1)
-            got = layer_rows(node, now[0].detach().float(), target, drawn, out, positions, True, y_rows=True)
+            got = layer_rows(node, now[0].detach().float(), target, drawn, out, positions, True)
         else:
             target = was[0].detach().float()
             if skip is not None:
                 target = _sum_target(target, was[1].detach().float(), now[1].detach().float(), skip[1], out,
                                      target.dim() - 1 if node.kind == "linear" else 1)
-            got = layer_rows(node, now[0].detach().float(), target, gen, out, positions, tap_major=True)
+            drawn = draw_rows(node, target, gen, positions)
+            got = layer_rows(node, now[0].detach().float(), rows_at(node, target, drawn), drawn, out, positions, True)
         if got is None:
             return None
         kept.append(got)
