@@ -43,6 +43,7 @@ from netsqueeze.passes.rewrite import (
     axis_vector,
     batch_norm_scale,
     branch_paths,
+    branch_removal,
 )
 from netsqueeze.passes.squeeze_math import cholesky_solve, gram, reconstruction, ridged_normal, solve_normal
 
@@ -715,13 +716,15 @@ def layer_plan(graph: Graph, groups: ChannelGroups, keeps: Mapping[int, list[int
     what other groups of the same producer drop removed as well). A group that keeps nothing is a residual branch
     removed whole (`rewrite.branch_removable`): its consumers are gone, and the layers that read the sum it fed
     (the consumers of the groups its adds belong to) are re-solved instead, the skip path now carrying alone
-    what the block computed; the removed branches' own layers, which the rewrite deletes, are left out."""
+    what the block computed; the layers the removal deletes (`rewrite.branch_removal`: the branch's own, and in an
+    attention block its projections and sequence reduction) are left out."""
     nodes = [n for gid, keep in keeps.items() for n in groups[gid].consumers if keep]
-    gone: set[str] = set()
-    for gid in (gid for gid, keep in keeps.items() if not keep):
+    removed = [gid for gid, keep in keeps.items() if not keep]
+    chains, gone = branch_removal(graph, [n for gid in removed for n in groups[gid].consumers])
+    gone |= chains.keys()  # each consumer is deleted or becomes its branch's constant
+    for gid in removed:
         adds = {add for _, add, _ in branch_paths(graph, groups[gid])}
         nodes += [n for g in groups if any(m.node in adds for m in g.members) for n in g.consumers]
-        gone |= {m.node for m in groups[gid].members}
     nodes = [n for n in dict.fromkeys(nodes) if n not in gone and graph.node(n).kind in ("conv", "linear")]
     dropped: dict[str, set[int]] = {}
     size: dict[str, int] = {}

@@ -6,7 +6,7 @@ Every structural pass (trim, squeeze_fold, custom pruning passes) chooses channe
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import networkx as nx
@@ -257,32 +257,50 @@ def branch_removable(graph: Graph, group: ChannelGroup) -> str | None:
     return None
 
 
+def branch_removal(graph: Graph, emptied: Iterable[str]) -> tuple[dict[str, list[str]], set[str]]:
+    """What removing the residual branches of the consumers in `emptied` (their input channels all gone) does to
+    `graph`'s structure: per consumer, the ops from it to its add (`_to_add`), the last of which (or the consumer)
+    becomes a constant in place; and the nodes deleted, every node whose users are all deleted or cut off that way
+    (the consumers and the ops before their constants, and upstream whatever only fed them: the branch's producers,
+    and in an attention block the projections and the sequence reduction before them), never a graph input or
+    output."""
+    chains: dict[str, list[str]] = {}
+    for nid in emptied:
+        found = _to_add(graph, nid)
+        assert not isinstance(found, str), found  # `branch_removable` checked it before the rewrite
+        chains[nid] = found[0]
+    lasts = {(chain[-1] if chain else nid) for nid, chain in chains.items()}
+    dead: set[str] = set()
+    todo = [src for last in lasts for src, _ in graph.operands(last)]
+    while todo:
+        src = todo.pop()
+        if src in dead or src in lasts or src in graph.outputs or src in graph.inputs:
+            continue
+        if all(u in dead or u in lasts for u, _, _ in graph.users(src)):
+            dead.add(src)
+            todo += [s for s, _ in graph.operands(src)]
+    return chains, dead
+
+
 def _remove_branches(graph: Graph, emptied: Sequence[str]) -> None:
     """Each consumer node in `emptied` (its input channels all removed) computes its bias alone: that value, put
     through the ops between it and its add (`_to_add`), becomes a constant node in the last one's place ([1, C,
-    1, ...] after a conv, [C] after a linear layer); the consumer, those ops and every node that only fed them
-    are deleted."""
-    for nid in emptied:
+    1, ...] after a conv, [C] after a linear layer); the nodes that only fed those are deleted (`branch_removal`)."""
+    chains, dead = branch_removal(graph, emptied)
+    for nid, chain in chains.items():
         node = graph.node(nid)
         shape = tuple(node.params["weight"].shape)  # [out, 0, taps...]: no input channel left to decode
         value = node.dense("bias") if "bias" in node.params else torch.zeros(shape[0], dtype=torch.float32)
         dtype = value.dtype
         if node.kind == "conv":
             value = value.reshape(1, shape[0], *[1] * (len(shape) - 2))
-        found = _to_add(graph, nid)
-        assert not isinstance(found, str), found  # `branch_removable` checked it before the rewrite
-        chain = found[0]
         for c in chain:
             value = _THROUGH[graph.node(c).kind](graph.node(c), value)
         last = graph.node(chain[-1] if chain else nid)
-        feeds = {src for src, _ in graph.operands(last.id)}
         graph.set_operands(last.id, [])
         last.kind, last.attrs, last.params = "constant", {"trainable": True}, {"value": value.to(dtype)}
-        while feeds:
-            src = feeds.pop()
-            if src in graph and not graph.users(src) and src not in graph.outputs and src not in graph.inputs:
-                feeds |= {s for s, _ in graph.operands(src)}
-                graph.remove_node(src)
+    for nid in reversed([n for n in graph.topo_order() if n in dead]):  # users before what they read
+        graph.remove_node(nid)
 
 
 def _check_fold(group: ChannelGroup, keep: list[int], f: Fold) -> None:
