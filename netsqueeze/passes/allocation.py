@@ -44,7 +44,7 @@ from netsqueeze.ir.stats import GraphStats
 from netsqueeze.ir.weights import Encoded, graph_weight_bytes
 from netsqueeze.passes.base import PassContext
 from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups
-from netsqueeze.passes.rewrite import ChannelSelection, apply_selection, branch_paths, grouped_input
+from netsqueeze.passes.rewrite import ChannelSelection, apply_selection, branch_removal, grouped_input
 
 # the global targets the structural passes can meet, as ratios of the original model
 METRICS = ("flops", "params", "bytes")
@@ -190,8 +190,12 @@ class Meter:
         touch: dict[str, set[int]] = {}
         self._removable = frozenset(removable)
         for g in groups:
-            # removing a residual branch whole also turns the ops after its consumers into a constant
-            tail = [n for chain, _, _ in branch_paths(graph, g) for n in chain] if g.id in self._removable else []
+            # removing a residual branch whole also turns the ops after its consumers into a constant, and deletes
+            # what only fed them (in an attention block, layers of other groups: `rewrite.branch_removal`)
+            tail: list[str] = []
+            if g.id in self._removable:
+                chains, dead = branch_removal(graph, g.consumers)
+                tail = [n for chain in chains.values() for n in chain] + sorted(dead)
             for nid in [m.node for m in g.members] + tail:
                 touch.setdefault(nid, set()).add(g.id)
         self._touch = {nid: tuple(sorted(gids)) for nid, gids in touch.items()}
