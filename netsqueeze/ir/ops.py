@@ -77,6 +77,14 @@ def _mixes(cx: Channels, node: Node, side: str, port: int, axis: int) -> None:
 
 # aten calls that act elementwise (with broadcasting) on their tensor operands: an opaque node holding one
 # passes channels through like add/mul instead of stopping them
+# ONNX ops (default domain) whose output has the numpy broadcast of their inputs' shapes, each element computed from
+# the inputs' elements at its position: the ONNX frontend's shape rule for them, and (kept opaque) channels pass
+ONNX_ELEMENTWISE = frozenset({
+    "Not", "Cast", "CastLike", "IsNaN", "IsInf", "Abs", "Neg", "Sign", "Ceil", "Floor", "Round", "Sqrt", "Reciprocal",
+    "Exp", "Log", "Erf", "Sin", "Cos", "Identity", "Where", "And", "Or", "Xor", "Equal", "Less", "LessOrEqual",
+    "Greater", "GreaterOrEqual", "Add", "Sub", "Mul", "Div", "Pow", "Mod", "BitwiseAnd", "BitwiseOr", "BitwiseNot",
+    "Min", "Max",
+})
 _ELEMENTWISE_ATEN = frozenset({"where", "masked_fill", "to", "_to_copy", "type_as", "rsqrt", "exp", "log", "sqrt",
                                "neg", "abs", "sin", "cos", "erf", "reciprocal", "sign", "pow", "clone",
                                "contiguous", "bitwise_not", "logical_not"})
@@ -1154,7 +1162,8 @@ def _opaque(node: Node, ins: list[TensorMeta]) -> list[TensorMeta]:
     if not node.meta:
         raise _fail(node, "opaque node has no recorded output shapes")
     if _passes_channels(node, ins):  # elementwise: its shape follows its operands (after channel removal too)
-        consts = [tuple(t.shape) for t in _tensors(node.origin.payload.args)]
+        payload = node.origin.payload
+        consts = [tuple(t.shape) for t in _tensors(payload.args)] if isinstance(payload, AtenCall) else []
         return [TensorMeta(broadcast_shapes(node, [m.shape for m in ins] + consts), node.meta[0].dtype)]
     return list(node.meta)
 
@@ -1167,12 +1176,16 @@ def _tensors(args: Any) -> list[Any]:
 
 
 def _passes_channels(node: Node, ins: list[TensorMeta]) -> bool:
-    """An opaque aten call that acts elementwise on operands broadcasting to its recorded output."""
+    """An opaque aten call or ONNX op that acts elementwise on operands broadcasting to its recorded output."""
     call = node.origin.payload
-    if not (isinstance(call, AtenCall) and call.packet in _ELEMENTWISE_ATEN and len(node.meta) == 1 and ins):
+    if len(node.meta) != 1 or not ins:
         return False
-    # a constant tensor inside the call cannot lose channels with its operands: such a node stays a barrier
-    if any(math.prod(t.shape) > 1 for t in _tensors(call.args)):
+    if isinstance(call, AtenCall):
+        # a constant tensor inside the call cannot lose channels with its operands: such a node stays a barrier
+        if call.packet not in _ELEMENTWISE_ATEN or any(math.prod(t.shape) > 1 for t in _tensors(call.args)):
+            return False
+    elif not (node.origin.frontend == "onnx" and isinstance(call, dict) and call.get("domain") in ("", "ai.onnx")
+              and call.get("op_type") in ONNX_ELEMENTWISE):  # an ONNX op's constants are operands, cut with them
         return False
     # the recorded output has the rank the operands broadcast to (sizes may have changed since, by channel removal)
     return max(len(m.shape) for m in ins) == len(node.meta[0].shape)

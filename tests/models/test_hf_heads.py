@@ -4,9 +4,11 @@ whose channels are whole heads, and trim removes heads with a model that still r
 
 from __future__ import annotations
 
+import io
 import warnings
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -89,3 +91,40 @@ def test_t5_trimmed_heads_equal_the_model_with_those_heads_silenced() -> None:
         want = model(*bigger).numpy()
         got = to_torch(g)(*bigger).numpy()
     assert float(np.abs(got - want).max()) <= 1e-5 * float(np.abs(want).max())
+
+
+def _torchscript_onnx(model: torch.nn.Module, xs: tuple[torch.Tensor, ...]) -> onnx.ModelProto:
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, xs, buf, input_names=["ids"], output_names=["out"], dynamo=False, opset_version=17,
+                          dynamic_axes={"ids": {0: "batch", 1: "seq"}, "out": {0: "batch"}})
+    model.eval()
+    return onnx.load_from_string(buf.getvalue())
+
+
+@pytest.mark.parametrize("route", ["netsqueeze", "torchscript"])
+def test_heads_of_an_onnx_model_masked_by_where_are_channel_groups(route: str) -> None:
+    """BERT as ONNX (netsqueeze's own emission, or torch's TorchScript exporter): its attention scores pass an
+    ONNX `Where` (the mask), kept opaque. An elementwise ONNX op passes channels as the torch capture's `where`
+    does, so the heads are groups there too (they were frozen: 'passes opaque op ... (Where)'), and trimming them
+    gives the model the torch import gives."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, xs = CASES["bert"].build()
+        g_torch = netsqueeze.import_model(model, xs)
+    g_onnx = netsqueeze.import_model(to_onnx(g_torch) if route == "netsqueeze" else _torchscript_onnx(model, xs), xs)
+    assert any(n.kind == "opaque" and n.origin.op_type == "Where" for n in g_onnx.nodes())
+    sizes = {name: sorted(gr.size for gr in find_groups(g).prunable()) for name, g in (("torch", g_torch),
+                                                                                          ("onnx", g_onnx))}
+    assert sizes["onnx"] == sizes["torch"] == [4, 4, 64, 64]  # 2 layers: heads and the MLP's channels
+    for g in (g_torch, g_onnx):
+        Trim(criterion="l1", ratio=0.5).run(g, PassContext())
+        g.verify()
+    with torch.no_grad():
+        want = to_torch(g_torch)(*xs).numpy()
+        got = to_torch(g_onnx)(*xs).numpy()
+    assert np.abs(got - want).max() <= 1e-5 * max(1.0, float(np.abs(want).max()))
+    assert np.abs(run(to_onnx(g_onnx), *[x.numpy() for x in xs])[0] - want).max() <= 1e-5 * max(
+        1.0, float(np.abs(want).max()))

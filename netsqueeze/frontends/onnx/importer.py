@@ -36,7 +36,7 @@ from netsqueeze.frontends.onnx.weights import _dense_np, _encoded_weight
 from netsqueeze.ir.canonicalize import canonicalize
 from netsqueeze.ir.dims import Dim, is_dynamic
 from netsqueeze.ir.graph import Graph, Origin, TensorMeta, Value
-from netsqueeze.ir.ops import infer_node
+from netsqueeze.ir.ops import ONNX_ELEMENTWISE, infer_node
 from netsqueeze.ir.weights import SPARSE_LAYOUT_KEY, Centroids, Encoded, Sparse, WeightFormError
 
 # Any default-domain op whose inputs are all constants is evaluated at import, except these: random ops
@@ -46,14 +46,6 @@ _NOT_FOLDABLE = frozenset({
     "If", "Loop", "Scan",
 })
 
-
-# ops whose output has the numpy broadcast of their inputs' shapes (dims kept when shape inference lost them)
-_ELEMENTWISE = frozenset({
-    "Not", "Cast", "CastLike", "IsNaN", "IsInf", "Abs", "Neg", "Sign", "Ceil", "Floor", "Round", "Sqrt", "Reciprocal",
-    "Exp", "Log", "Erf", "Sin", "Cos", "Identity", "Where", "And", "Or", "Xor", "Equal", "Less", "LessOrEqual",
-    "Greater", "GreaterOrEqual", "Add", "Sub", "Mul", "Div", "Pow", "Mod", "BitwiseAnd", "BitwiseOr", "BitwiseNot",
-    "Min", "Max",
-})
 
 # ops whose output has their first input's shape
 _SAME_SHAPE = frozenset({"CumSum", "ScatterND", "ScatterElements", "Trilu", "LogSoftmax", "Hardmax", "Softmax",
@@ -599,7 +591,7 @@ class _Importer:
             return tuple(out)
 
         try:
-            if n.op in _ELEMENTWISE and inputs:
+            if n.op in ONNX_ELEMENTWISE and inputs:
                 out = broadcast([shape_of(t) for t in inputs])
             elif n.op in _SAME_SHAPE and inputs:
                 out = shape_of(inputs[0])
