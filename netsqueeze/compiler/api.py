@@ -25,6 +25,7 @@ from netsqueeze.compiler.calibration import (
     activation_stream,
     calibration_source,
     check_batch,
+    check_static_batch,
     segment_runner,
     split_labels,
 )
@@ -874,6 +875,7 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
             if first is None:
                 raise InputMismatchError("calibration data is empty")
             check_batch(graph, first, "calibration batch 0")
+            check_static_batch(graph, first, "calibration batch 0")
     eval_batches: CalibrationSource | None = source
     data_label = "calibration batch"
     if eval_batches is None and example_inputs is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -266,6 +268,32 @@ class PassCount:
     @property
     def passes(self) -> float:
         return self.units / self.batches if self.source is not None else 0.0
+
+
+def check_static_batch(graph: Graph, batch: Batch, where: str) -> None:
+    """An input whose batch dim the model declares static (no dynamic dim on axis 0, as an ONNX file exported
+    without dynamic axes) while `batch` has another number of rows: the model may run all the same (nothing in it
+    reads the batch size), so it is tried on `batch`, and an InputMismatchError naming the input and its declared
+    size says so when it does not, where a pass would fail on it later."""
+    static = [(nid, int(meta.shape[0]), int(t.shape[0])) for t, nid in zip(batch, graph.inputs)
+              if (meta := graph.node(nid).meta[0]).shape and t.dim() > 0 and int(t.shape[0]) != int(meta.shape[0])
+              and not (graph.node(nid).attrs.get("dims") or (None,))[0]]
+    if not static:
+        return
+    from netsqueeze.backends.torch import to_torch
+
+    try:  # torch.fx prints the generated code's traceback to stderr before raising: the error below says it all
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            to_torch(graph)(*batch)
+    except Exception as e:  # whatever the model raises at that size, the cause is the batch
+        nid, size, rows = static[0]
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise InputMismatchError(Diagnostic(
+            f"{where}: input '{nid}' has {rows} rows, but the model declares its batch dim static at {size} and does "
+            f"not run at {rows} ({type(e).__name__}: {reason})", node=nid,
+            notes=(f"calibrate with batches of {size} (policy `calibrate batch {size}`), or give the model a dynamic "
+                   "batch dim (ONNX: a dim_param on axis 0 of the input, e.g. torch.onnx.export(..., dynamic_axes="
+                   "{'x': {0: 'batch'}}))",))) from None
 
 
 def activation_stream(source: CalibrationSource, count: PassCount | None = None) -> ActivationStream:

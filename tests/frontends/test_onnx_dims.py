@@ -122,3 +122,47 @@ def test_sizes_feeding_other_ops_are_computed_at_run_time() -> None:
         assert np.abs(run(out, x)[0] - want).max() < 1e-6
         with torch.no_grad():
             assert np.abs(module(torch.from_numpy(x)).numpy() - want).max() < 1e-6
+
+
+def _static(m: nn.Module, x: torch.Tensor) -> onnx.ModelProto:
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(m, (x,), buf, input_names=["x"], output_names=["y"], dynamo=False, opset_version=17)
+    return onnx.load_from_string(buf.getvalue())
+
+
+POLICY = "policy p {\n  calibrate samples 32, batch %d\n  trim { criterion = l1, ratio = 25%% }\n}\n"
+
+
+def test_a_static_batch_the_model_reads_is_a_clear_error_at_another_calibration_batch(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """Exported without dynamic axes, `Tokens` reshapes to the example's batch of 2: calibration batches of 16 fail
+    in it. The compile says so before any pass runs (it was a pass failing on a RuntimeError, with torch.fx's
+    traceback on stderr), and calibrating at the declared batch works."""
+    torch.manual_seed(0)
+    m = Tokens().eval()
+    model = _static(m, torch.randn(2, 3, 16, 12))
+    calib = torch.randn(32, 3, 16, 12)
+    capfd.readouterr()
+    with pytest.raises(ns.InputMismatchError) as err:
+        ns.compile(model, POLICY % 16, example_inputs=(calib[:2],), calibration=calib, progress=False)
+    assert str(err.value).splitlines()[0] == (
+        "node 'x': error: calibration batch 0: input 'x' has 16 rows, but the model declares its batch dim static at "
+        "2 and does not run at 16 (RuntimeError: shape '[2, 8, 48]' is invalid for input of size 6144)")
+    assert "calibrate with batches of 2 (policy `calibrate batch 2`)" in str(err.value)
+    assert capfd.readouterr().err == ""
+    res = ns.compile(model, POLICY % 2, example_inputs=(calib[:2],), calibration=calib, progress=False)
+    assert res.graph.node("x").meta[0].shape == (2, 3, 16, 12)
+
+
+def test_a_static_batch_the_model_does_not_read_calibrates_at_any_batch() -> None:
+    """A static export that runs at any batch (its Flatten keeps axis 0) is tried at the calibration batch and
+    compiles: refusing it would make users calibrate at the export's batch for nothing."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 14 * 10, 5)).eval()
+    model = _static(m, torch.randn(2, 3, 16, 12))
+    calib = torch.randn(32, 3, 16, 12)
+    res = ns.compile(model, POLICY % 16, example_inputs=(calib[:2],), calibration=calib, progress=False)
+    assert res.graph.node("x").meta[0].shape == (2, 3, 16, 12)
+    assert any(n.kind == "conv" and n.params["weight"].shape[0] == 6 for n in res.graph.nodes())  # 8 - 25%
