@@ -81,17 +81,26 @@ def _pad(c: int, block: int) -> int:
     return -(-c // block) * block
 
 
+def padded_channels(out_c: int, in_c: int, block: int) -> tuple[int, int]:
+    """(output, input) channels of a dense convolution as a runtime computing in blocks of `block` runs them:
+    output channels rounded up to whole blocks, input channels too when there are at least `block` of them
+    (fewer run unblocked)."""
+    if block <= 1:
+        return out_c, in_c
+    return _pad(out_c, block), (_pad(in_c, block) if in_c >= block else in_c)
+
+
 def _conv_padding(node: Node, block: int) -> float:
-    """How much more a convolution computes when its channels run in blocks of `block`: output channels (and
-    input channels, when there are at least `block` of them) rounded up, per group for a depthwise one."""
+    """How much more a convolution computes when its channels run in blocks of `block` (`padded_channels`), per
+    group for a depthwise one."""
     if block <= 1:
         return 1.0
     shape = tuple(int(d) for d in node.params["weight"].shape)
     groups = int(node.attrs.get("groups", 1) or 1)
     out_c, in_c = (shape[0], shape[1]) if node.kind == "conv" else (shape[1] * groups, shape[0] // max(1, groups))
     if groups == 1:
-        f = _pad(out_c, block) / out_c
-        return f * (_pad(in_c, block) / in_c if in_c >= block else 1.0)
+        out_p, in_p = padded_channels(out_c, in_c, block)
+        return out_p * in_p / (out_c * in_c)
     if groups == out_c and in_c == 1:  # depthwise: the channels are the groups
         return _pad(out_c, block) / out_c
     return 1.0
