@@ -75,16 +75,17 @@ def _mixes(cx: Channels, node: Node, side: str, port: int, axis: int) -> None:
     cx.barrier(node, side, port, axis, f"{node.kind} '{node.id}' mixes channels along this axis")
 
 
-# aten calls that act elementwise (with broadcasting) on their tensor operands: an opaque node holding one
-# passes channels through like add/mul instead of stopping them
 # ONNX ops (default domain) whose output has the numpy broadcast of their inputs' shapes, each element computed from
-# the inputs' elements at its position: the ONNX frontend's shape rule for them, and (kept opaque) channels pass
+# the inputs' elements at its position: the ONNX frontend's shape rule for them; kept opaque, they pass channels
 ONNX_ELEMENTWISE = frozenset({
     "Not", "Cast", "CastLike", "IsNaN", "IsInf", "Abs", "Neg", "Sign", "Ceil", "Floor", "Round", "Sqrt", "Reciprocal",
     "Exp", "Log", "Erf", "Sin", "Cos", "Identity", "Where", "And", "Or", "Xor", "Equal", "Less", "LessOrEqual",
     "Greater", "GreaterOrEqual", "Add", "Sub", "Mul", "Div", "Pow", "Mod", "BitwiseAnd", "BitwiseOr", "BitwiseNot",
     "Min", "Max",
 })
+
+# aten calls that act elementwise (with broadcasting) on their tensor operands: an opaque node holding one
+# passes channels through like add/mul instead of stopping them
 _ELEMENTWISE_ATEN = frozenset({"where", "masked_fill", "to", "_to_copy", "type_as", "rsqrt", "exp", "log", "sqrt",
                                "neg", "abs", "sin", "cos", "erf", "reciprocal", "sign", "pow", "clone",
                                "contiguous", "bitwise_not", "logical_not"})
