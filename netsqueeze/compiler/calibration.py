@@ -271,8 +271,8 @@ class PassCount:
 
 
 def check_static_batch(graph: Graph, batch: Batch, where: str) -> None:
-    """An input whose batch dim the model declares static (no dynamic dim on axis 0, as an ONNX file exported
-    without dynamic axes) while `batch` has another number of rows: the model may run all the same (nothing in it
+    """An input whose batch dim is static (no dynamic dim on axis 0: an ONNX file exported without dynamic axes, a
+    torch capture from an example batch of 1) while `batch` has another number of rows: the model may run all the same (nothing in it
     reads the batch size), so it is tried on `batch`, and an InputMismatchError naming the input and its declared
     size says so when it does not, where a pass would fail on it later."""
     static = [(nid, int(meta.shape[0]), int(t.shape[0])) for t, nid in zip(batch, graph.inputs)
@@ -288,12 +288,14 @@ def check_static_batch(graph: Graph, batch: Batch, where: str) -> None:
     except Exception as e:  # whatever the model raises at that size, the cause is the batch
         nid, size, rows = static[0]
         reason = (str(e).strip().splitlines() or [""])[0]
+        dynamic = ("give an example batch of 2 or more (the capture fixes a batch dim whose example is 1)"
+                   if graph.node(nid).origin.frontend == "fx" else
+                   "give the model a dynamic batch dim (ONNX: a dim_param on axis 0 of the input, e.g. "
+                   "torch.onnx.export(..., dynamic_axes={'x': {0: 'batch'}}))")
         raise InputMismatchError(Diagnostic(
-            f"{where}: input '{nid}' has {rows} rows, but the model declares its batch dim static at {size} and does "
-            f"not run at {rows} ({type(e).__name__}: {reason})", node=nid,
-            notes=(f"calibrate with batches of {size} (policy `calibrate batch {size}`), or give the model a dynamic "
-                   "batch dim (ONNX: a dim_param on axis 0 of the input, e.g. torch.onnx.export(..., dynamic_axes="
-                   "{'x': {0: 'batch'}}))",))) from None
+            f"{where}: input '{nid}' has {rows} rows, but the model's batch dim is static at {size} and it does not "
+            f"run at {rows} ({type(e).__name__}: {reason})", node=nid,
+            notes=(f"calibrate with batches of {size} (policy `calibrate batch {size}`), or {dynamic}",))) from None
 
 
 def activation_stream(source: CalibrationSource, count: PassCount | None = None) -> ActivationStream:

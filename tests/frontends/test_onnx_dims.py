@@ -148,9 +148,10 @@ def test_a_static_batch_the_model_reads_is_a_clear_error_at_another_calibration_
     with pytest.raises(ns.InputMismatchError) as err:
         ns.compile(model, POLICY % 16, example_inputs=(calib[:2],), calibration=calib, progress=False)
     assert str(err.value).splitlines()[0] == (
-        "node 'x': error: calibration batch 0: input 'x' has 16 rows, but the model declares its batch dim static at "
-        "2 and does not run at 16 (RuntimeError: shape '[2, 8, 48]' is invalid for input of size 6144)")
-    assert "calibrate with batches of 2 (policy `calibrate batch 2`)" in str(err.value)
+        "node 'x': error: calibration batch 0: input 'x' has 16 rows, but the model's batch dim is static at 2 and it "
+        "does not run at 16 (RuntimeError: shape '[2, 8, 48]' is invalid for input of size 6144)")
+    assert "calibrate with batches of 2 (policy `calibrate batch 2`), or give the model a dynamic batch dim" in \
+        str(err.value)
     assert capfd.readouterr().err == ""
     res = ns.compile(model, POLICY % 2, example_inputs=(calib[:2],), calibration=calib, progress=False)
     assert res.graph.node("x").meta[0].shape == (2, 3, 16, 12)
@@ -166,3 +167,26 @@ def test_a_static_batch_the_model_does_not_read_calibrates_at_any_batch() -> Non
     res = ns.compile(model, POLICY % 16, example_inputs=(calib[:2],), calibration=calib, progress=False)
     assert res.graph.node("x").meta[0].shape == (2, 3, 16, 12)
     assert any(n.kind == "conv" and n.params["weight"].shape[0] == 6 for n in res.graph.nodes())  # 8 - 25%
+
+
+class _Rows(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.reshape(x.shape[0], -1))
+
+
+def test_a_torch_capture_at_batch_1_that_reads_the_batch_names_the_example() -> None:
+    """From an example batch of 1 the torch capture fixes the batch (its reshape reads 1): the error says to give
+    a larger example, not to re-export."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 3, 4)
+    with pytest.raises(ns.InputMismatchError) as err:
+        ns.compile(_Rows().eval(), POLICY % 16, example_inputs=(x[:1],), calibration=x, progress=False)
+    assert str(err.value).splitlines()[0].startswith(
+        "node 'x': error: calibration batch 0: input 'x' has 16 rows, but the model's batch dim is static at 1 and it "
+        "does not run at 16 (RuntimeError: ")
+    assert "calibrate with batches of 1 (policy `calibrate batch 1`), or give an example batch of 2 or more" in \
+        str(err.value)
