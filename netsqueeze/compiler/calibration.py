@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from netsqueeze.compiler.boundary import call_user, check_finite, iterate_user
-from netsqueeze.errors import Diagnostic, InputMismatchError
+from netsqueeze.errors import Diagnostic, InputMismatchError, NetsqueezeError
 from netsqueeze.ir.graph import Graph, Value
 from netsqueeze.passes.base import ActivationStream, Segment
 
@@ -285,6 +285,8 @@ def check_static_batch(graph: Graph, batch: Batch, where: str) -> None:
     try:  # torch.fx prints the generated code's traceback to stderr before raising: the error below says it all
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             to_torch(graph)(*batch)
+    except NetsqueezeError:
+        raise  # the model cannot run in torch at all (an ONNX op without a torch equivalent): that error says so
     except Exception as e:  # whatever the model raises at that size, the cause is the batch
         nid, size, rows = static[0]
         reason = (str(e).strip().splitlines() or [""])[0]

@@ -190,3 +190,21 @@ def test_a_torch_capture_at_batch_1_that_reads_the_batch_names_the_example() -> 
         "does not run at 16 (RuntimeError: ")
     assert "calibrate with batches of 1 (policy `calibrate batch 1`), or give an example batch of 2 or more" in \
         str(err.value)
+
+
+def test_a_static_batch_model_that_cannot_run_in_torch_says_that() -> None:
+    """The batch check runs the model once; an op without a torch implementation is that op's error, not a
+    static-batch one."""
+    from netsqueeze.compiler.calibration import check_static_batch
+    from netsqueeze.ir.graph import Graph, Origin, TensorMeta
+
+    g = Graph("onnx_model")
+    g.add_node("x", "input", attrs={"shape": (1, 4), "dtype": "float32"}, origin=Origin("onnx", "x", "input"))
+    g.add_node("/blk/Weird_0", "opaque", ["x"], origin=Origin("onnx", "/blk/Weird_0", "Weird", payload=None))
+    g.node("/blk/Weird_0").meta = [TensorMeta((1, 4))]
+    g.add_node("output", "output", ["/blk/Weird_0"])
+    g.infer_shapes()
+    with pytest.raises(ns.UnsupportedOpError) as err:
+        check_static_batch(g, (torch.randn(8, 4),), "calibration batch 0")
+    assert err.value.message == "opaque node '/blk/Weird_0' (op type 'Weird', from onnx) has no torch implementation"
+    check_static_batch(g, (torch.randn(1, 4),), "calibration batch 0")  # the declared batch: nothing to try
