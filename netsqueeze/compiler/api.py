@@ -861,12 +861,12 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
     labels_fn: Callable[[], Iterator[torch.Tensor]] | None = None
     with _stage("reading the calibration data"):
         if calibration is not None:
-            calibration, labels = split_labels(calibration, len(graph.inputs), labelled)
+            calibration, labels = split_labels(calibration, len(graph.inputs), labelled, graph.inputs)
             if labelled and labels is None:
                 raise InputMismatchError(f"labelled=True but the calibration file '{calibration}' holds no "
                                          "'labels' array beside the model's inputs")
             source = calibration_source(calibration, batch_size=int(cal.get("batch", 64)),
-                                        samples=cal.get("samples"))
+                                        samples=cal.get("samples"), names=graph.inputs)
             if labels is not None:
                 label_batches = calibration_source(labels, batch_size=int(cal.get("batch", 64)),
                                                    samples=cal.get("samples"))

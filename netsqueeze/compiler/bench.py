@@ -103,8 +103,9 @@ def bench(paths: Sequence[str | os.PathLike[str]], *, data: str | None = None, r
     if data is not None:
         from netsqueeze.compiler.calibration import calibration_source
 
-        loaded, labels = split_labels(data, len(models[0].graph.inputs))
-        batch = next(iter(calibration_source(loaded, batch_size=1 << 30)()))
+        names = models[0].graph.inputs
+        loaded, labels = split_labels(data, len(names), names=names)
+        batch = next(iter(calibration_source(loaded, batch_size=1 << 30, names=names)()))
         xs = tuple(batch)
     rows: list[dict[str, Any]] = []
     for m in models:

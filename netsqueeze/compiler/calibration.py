@@ -55,7 +55,21 @@ def _read_error(path: Path, e: Exception) -> InputMismatchError:
     return InputMismatchError(f"cannot read calibration file '{path}': {reason}")
 
 
-def _load_file(path: Path) -> list[torch.Tensor]:
+def _by_name(named: dict[str, torch.Tensor], names: Sequence[str], what: str) -> list[torch.Tensor]:
+    """A file's arrays in the model's input order (`names`) when they are named after its inputs, in any order;
+    in the file's order when none is (np.savez's positional arr_0, arr_1, ...); an error when only some are."""
+    keys = list(named)
+    if len(names) < 2 or not set(keys) & set(names):
+        return list(named.values())
+    if set(keys) != set(names):
+        raise InputMismatchError(
+            f"{what} names its arrays {', '.join(repr(k) for k in keys)}, the model's inputs are "
+            f"{', '.join(repr(n) for n in names)}: name every array after an input (in any order), or none "
+            "(np.savez(path, a, b): in the inputs' order)")
+    return [named[n] for n in names]
+
+
+def _load_file(path: Path, names: Sequence[str] = ()) -> list[torch.Tensor]:
     if not path.exists():
         raise InputMismatchError(f"calibration file '{path}' does not exist")
     if path.is_dir():
@@ -68,7 +82,8 @@ def _load_file(path: Path) -> list[torch.Tensor]:
             with np.load(path, allow_pickle=False) as data:
                 if not data.files:
                     raise InputMismatchError(f"calibration file '{path}' holds no arrays")
-                return [_from_numpy(data[k], f"calibration file '{path}' (array '{k}')") for k in data.files]
+                return _by_name({k: _from_numpy(data[k], f"calibration file '{path}' (array '{k}')")
+                                 for k in data.files}, names, f"calibration file '{path}'")
         if path.suffix == ".npy":
             return [_from_numpy(np.load(path, allow_pickle=False), f"calibration file '{path}'")]
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -81,21 +96,23 @@ def _load_file(path: Path) -> list[torch.Tensor]:
     if isinstance(obj, (list, tuple)) and obj and all(isinstance(t, torch.Tensor) for t in obj):
         return list(obj)
     if isinstance(obj, dict) and obj and all(isinstance(t, torch.Tensor) for t in obj.values()):
-        return list(obj.values())
+        return _by_name({str(k): t for k, t in obj.items()}, names, f"calibration file '{path}'")
     raise InputMismatchError(f"calibration file '{path}' holds a {type(obj).__name__}, expected tensors")
 
 
-def calibration_source(data: Any, *, batch_size: int = 64, samples: int | None = None) -> CalibrationSource:
+def calibration_source(data: Any, *, batch_size: int = 64, samples: int | None = None,
+                       names: Sequence[str] = ()) -> CalibrationSource:
     """Turns what the user passed as `calibration=` into a re-iterable source of input batches.
 
     Accepts an iterable of batches (tensor or tuple of tensors; a DataLoader yielding
     (inputs, labels) pairs should be mapped to inputs first), one tensor of samples (split
-    into batches), or a .npz / .npy / .pt file. At most `samples` rows are read.
+    into batches), or a .npz / .npy / .pt file. At most `samples` rows are read. A file's arrays named after
+    the model's inputs (`names`) are fed to those inputs, whatever their order in the file (`_by_name`).
     """
     what = "calibration data"
     if isinstance(data, (str, os.PathLike)):
         what = f"calibration file '{data}'"
-        tensors = _load_file(Path(data))
+        tensors = _load_file(Path(data), names)
         data = tensors[0] if len(tensors) == 1 else tuple(tensors)
     if isinstance(data, np.ndarray):
         data = _from_numpy(data, what)
@@ -183,7 +200,7 @@ class _Part:
                 yield item[0] if self.n_inputs == 1 else tuple(item[:-1])
 
 
-def split_labels(data: Any, n_inputs: int, labelled: bool = False) -> tuple[Any, Any]:
+def split_labels(data: Any, n_inputs: int, labelled: bool = False, names: Sequence[str] = ()) -> tuple[Any, Any]:
     """(inputs, labels) of labelled calibration data: an .npz holding the model's input arrays plus one
     array named `labels` (one row per sample), or, with `labelled`, an iterable of batches `(inputs...,
     labels)` (a DataLoader of (x, y) pairs, a list of tuples). Anything else comes back as it was, with no
@@ -207,7 +224,7 @@ def split_labels(data: Any, n_inputs: int, labelled: bool = False) -> tuple[Any,
     except Exception:
         return data, None  # calibration_source reads it again and says what is wrong
     labels: torch.Tensor = arrays.pop(LABELS)
-    inputs = tuple(arrays.values())
+    inputs = tuple(_by_name(arrays, names, f"calibration file '{path}'"))
     if labels.dim() == 0 or labels.shape[0] != inputs[0].shape[0]:
         rows = "a 0-d array" if labels.dim() == 0 else f"{labels.shape[0]} rows"
         raise InputMismatchError(f"calibration file '{path}': array '{LABELS}' has {rows} but the inputs have "
