@@ -415,9 +415,14 @@ def measure_output_error(original: Graph | torch.nn.Module | Callable[[int, Batc
 
 
 def _evaluate(eval_fn: Callable[[Any], Any], module: torch.nn.Module, which: str) -> float:
-    """The user's `eval_fn(module)` as a finite float; anything else is a clear error naming `which` model."""
+    """The user's `eval_fn(module)` as a finite float in [0, 1] (top-1 as a fraction: the guard's drop is one);
+    anything else is a clear error naming `which` model."""
     what = f"eval_fn on the {which}"
-    return as_number(call_user(what, eval_fn, module), what)
+    value = as_number(call_user(what, eval_fn, module), what)
+    if not 0.0 <= value <= 1.0:
+        raise UserCodeError(f"{what} returned {value:g}; expected top-1 as a fraction in [0, 1]"
+                            + (f" ({value / 100:g} for {value:g}%)" if 1.0 < value <= 100.0 else ""))
+    return value
 
 
 class _Fidelity:

@@ -301,3 +301,12 @@ def test_the_refits_run_of_the_graph_stands_for_it_only_through_exact_passes(aft
     direct = measure_output_error(model, ns.import_model(res.model, inputs), lambda: ((b,) for b in x.split(16)))
     assert res.report.fidelity["output_error"] == pytest.approx(direct["output_error"], rel=1e-5)
     assert res.report.calibration_passes == pytest.approx(want, abs=1e-2)
+
+
+def test_eval_fn_in_percent_is_an_error_not_a_guard_100_times_stricter() -> None:
+    model, inputs = ZOO["mlp"]()
+    policy = "policy p {\n  guard top1 drop <= 1%\n  fold_bn\n}\n"
+    with pytest.raises(ns.NetsqueezeError) as err:
+        ns.compile(model, policy, example_inputs=inputs, eval_fn=lambda m: 92.5)
+    assert err.value.message == ("eval_fn on the original model returned 92.5; expected top-1 as a fraction in "
+                                 "[0, 1] (0.925 for 92.5%)")
