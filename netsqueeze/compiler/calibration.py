@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -244,9 +245,14 @@ def check_batch(graph: Graph, batch: Batch, where: str) -> None:
                 f"{where}: input '{nid}' is a 0-d tensor (a single number); expected a batch "
                 f"[N, {', '.join(str(d) for d in meta.shape[1:])}]", node=nid))
         if tuple(t.shape[1:]) != tuple(meta.shape[1:]):
+            dims = (graph.node(nid).attrs.get("dims") or ())[1:]
+            named = [f"{name} = {int(d)}" if name else str(int(d)) for d, name in
+                     itertools.zip_longest(meta.shape[1:], dims)]
+            dynamic = [name for name in dims if name]
             raise InputMismatchError(Diagnostic(
-                f"{where}: input '{nid}' has shape {list(t.shape)} but the model expects "
-                f"[N, {', '.join(str(d) for d in meta.shape[1:])}]", node=nid))
+                f"{where}: input '{nid}' has shape {list(t.shape)} but the model expects [N, {', '.join(named)}]"
+                + (f" ({', '.join(repr(n) for n in dynamic)} {'is a dynamic dim' if len(dynamic) == 1 else 'are dynamic'}"
+                   ", but calibration batches take the example inputs' sizes there)" if dynamic else ""), node=nid))
         if t.is_floating_point() != meta.dtype.startswith(("float", "bfloat")):
             raise InputMismatchError(Diagnostic(
                 f"{where}: input '{nid}' has dtype {str(t.dtype).removeprefix('torch.')} but the model expects "

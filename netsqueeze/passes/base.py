@@ -25,6 +25,10 @@ T = TypeVar("T")
 MEASURE_PASSES = 8.0
 
 
+# how a user gives calibration data, for the errors of passes that need it
+GIVE_CALIBRATION = "pass calibration=... to compile() (netsqueeze compile: --calib FILE)"
+
+
 @dataclass
 class PassResult:
     """What a transform did: whether it changed the graph, which nodes it touched, notes for the report."""
@@ -130,7 +134,7 @@ class PassContext:
     def batches(self) -> Iterator[tuple[torch.Tensor, ...]]:
         """The calibration batches (the graph's inputs, one tuple per batch)."""
         if self.batches_fn is None:
-            raise NetsqueezeError(Diagnostic("this pass needs calibration data: pass calibration=... to compile()"))
+            raise NetsqueezeError(Diagnostic(f"this pass needs calibration data: {GIVE_CALIBRATION}"))
         return self.batches_fn()
 
     def batch_sizes(self) -> list[int]:
@@ -162,7 +166,7 @@ class PassContext:
 
     def stream(self, graph: Graph, values: Sequence[Value]) -> Iterator[list[torch.Tensor]]:
         if self.stream_fn is None:
-            raise NetsqueezeError(Diagnostic("this pass needs calibration data: pass calibration=... to compile()"))
+            raise NetsqueezeError(Diagnostic(f"this pass needs calibration data: {GIVE_CALIBRATION}"))
         return self.stream_fn(graph, values)
 
     def trainable(self, graph: Graph) -> Trainable:

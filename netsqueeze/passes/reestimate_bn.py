@@ -9,7 +9,7 @@ import torch
 
 from netsqueeze.errors import Diagnostic, NetsqueezeError
 from netsqueeze.ir.graph import Graph, Node, Value
-from netsqueeze.passes.base import PassContext, PassResult, TransformPass, class_scores
+from netsqueeze.passes.base import GIVE_CALIBRATION, PassContext, PassResult, TransformPass, class_scores
 from netsqueeze.passes.collectors import Moments, channel_rows
 from netsqueeze.passes.frontier import Liveness, bytes_per_sample
 from netsqueeze.passes.registry import register_pass
@@ -56,7 +56,7 @@ class ReestimateBN(TransformPass):
         if not bns:
             return PassResult(notes=["no BatchNorm selected: nothing to re-estimate"])
         if ctx.batches_fn is None:
-            raise NetsqueezeError(Diagnostic("reestimate_bn needs calibration data: pass calibration=... to compile()"))
+            raise NetsqueezeError(Diagnostic(f"reestimate_bn needs calibration data: {GIVE_CALIBRATION}"))
         saved = {n.id: (n.params["running_mean"], n.params["running_var"]) for n in bns}
         metric = self.metric
         if metric == "top1_change" and not any(class_scores(graph.meta_of(v).shape) for v in graph.output_values()):

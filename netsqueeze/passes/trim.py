@@ -19,7 +19,7 @@ from netsqueeze.ir.weights import ENCODED_FORMS
 from netsqueeze.passes import allocation, gdnt_groups
 from netsqueeze.passes import refit as consumer_refit
 from netsqueeze.passes.allocation import Budget, GroupBounds, Meter, Reached, bisect_int, group_bounds
-from netsqueeze.passes.base import MEASURE_PASSES, PassContext, PassResult, TransformPass
+from netsqueeze.passes.base import GIVE_CALIBRATION, MEASURE_PASSES, PassContext, PassResult, TransformPass
 from netsqueeze.passes.collectors import Moments, Reservoir, channel_rows
 from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups, DependencyAnalysis, Member
 from netsqueeze.passes.friedman_rafsky import BATCH_BYTES, cross_edges_batched, squared_distances
@@ -394,7 +394,7 @@ class Trim(TransformPass):
         if self.refit in ("least_squares", "layer"):
             if ctx.stream_fn is None:
                 raise fail(f"refit = {self.refit} fits the consumers on calibration data and this compile has "
-                           "none: pass calibration=... to compile(), or set refit = none")
+                           f"none: {GIVE_CALIBRATION}, or set refit = none")
             if not self.bias_compensation:
                 raise fail(f"refit = {self.refit} refits the consumers' biases (the intercept): it contradicts "
                            "bias_compensation = false")

@@ -208,3 +208,53 @@ def test_a_static_batch_model_that_cannot_run_in_torch_says_that() -> None:
         check_static_batch(g, (torch.randn(8, 4),), "calibration batch 0")
     assert err.value.message == "opaque node '/blk/Weird_0' (op type 'Weird', from onnx) has no torch implementation"
     check_static_batch(g, (torch.randn(1, 4),), "calibration batch 0")  # the declared batch: nothing to try
+
+
+class _Back(nn.Module):
+    """A strided stem, then tokens through a linear layer and back to a map of the stem's H and W: past the stem no
+    tensor has the input's H or W as they are, yet the reshape back computes the stem's from them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.fc, self.c = nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.Linear(8, 8), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.a(x))
+        b, c, h, w = y.shape
+        t = torch.relu(self.fc(y.flatten(2).transpose(1, 2)))
+        return self.c(t.transpose(1, 2).reshape(b, c, h, w))
+
+
+@pytest.mark.parametrize("policy", ["trim { criterion = l1, ratio = 50% }", "squeeze_fold { ratio = 50% }",
+                                    "budget params <= 70%\n  trim { criterion = l1 }"])
+def test_passes_that_run_the_model_layer_by_layer_read_dynamic_dims_from_the_inputs(policy: str) -> None:
+    """The refit and the loss measurements run the model from a checkpoint past the stem, where no live tensor
+    carries H or W; the segments get the inputs' sizes (shape-only stand-ins). It was a PassError on a KeyError
+    ('H'), as on HF's SegFormer and wav2vec2 (a mask's arithmetic on the sequence length)."""
+    torch.manual_seed(0)
+    m = _Back().eval()
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(m, (torch.randn(2, 3, 16, 12),), buf, input_names=["x"], output_names=["y"], dynamo=False,
+                          opset_version=17, dynamic_axes={"x": {0: "batch", 2: "H", 3: "W"}, "y": {0: "batch", 2: "H", 3: "W"}})
+    calib = torch.randn(32, 3, 16, 12)
+    res = ns.compile(onnx.load_from_string(buf.getvalue()), f"policy p {{\n  calibrate samples 32, batch 8\n  {policy}\n}}\n",
+                     example_inputs=(calib[:2],), calibration=calib, progress=False)
+    assert res.graph.node("x").attrs["dims"] == ("batch", None, "H", "W")
+    x = torch.randn(3, 3, 20, 10)  # other sizes: the dims stay dynamic
+    with torch.no_grad():
+        y = res.model(x)
+        err = float((y - m(x)).norm() / m(x).norm())
+    assert tuple(y.shape) == (3, 4, 10, 5) and err < 0.5
+
+
+def test_calibration_at_other_sizes_of_a_dynamic_dim_names_the_dims() -> None:
+    _, model = _exported()  # x: [batch, 3, H, W], the example 16 x 12
+    calib = torch.randn(8, 3, 20, 12)
+    with pytest.raises(ns.InputMismatchError) as err:
+        ns.compile(model, "policy p {\n  trim { ratio = 25% }\n}\n", example_inputs=(torch.randn(2, 3, 16, 12),),
+                   calibration=calib, progress=False)
+    assert err.value.message == (
+        "calibration batch 0: input 'x' has shape [8, 3, 20, 12] but the model expects [N, 3, H = 16, W = 12] ('H', "
+        "'W' are dynamic, but calibration batches take the example inputs' sizes there)")

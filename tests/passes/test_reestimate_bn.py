@@ -245,7 +245,7 @@ def test_errors_and_nothing_to_do() -> None:
     with pytest.raises(NetsqueezeError) as err:
         ns.compile(model, [ReestimateBN()], example_inputs=(x[:2],))
     assert str(err.value).splitlines()[0].endswith(
-        "reestimate_bn needs calibration data: pass calibration=... to compile()")
+        "reestimate_bn needs calibration data: pass calibration=... to compile() (netsqueeze compile: --calib FILE)")
     plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
     res = compile_(plain, [ReestimateBN()], x)
     assert notes(res) == ["no BatchNorm selected: nothing to re-estimate"]

@@ -199,7 +199,7 @@ def test_bad_option_combinations_are_errors_naming_a_node() -> None:
     cases = [
         (Trim(ratio=0.5, refit="least_squares"), PassContext(),
          "trim: refit = least_squares fits the consumers on calibration data and this compile has none: pass "
-         "calibration=... to compile(), or set refit = none"),
+         "calibration=... to compile() (netsqueeze compile: --calib FILE), or set refit = none"),
         (Trim(ratio=0.5, refit="least_squares", bias_compensation=False), stream_ctx(input_batches(mlp(), n=1)),
          "trim: refit = least_squares refits the consumers' biases (the intercept): it contradicts "
          "bias_compensation = false"),
@@ -208,7 +208,7 @@ def test_bad_option_combinations_are_errors_naming_a_node() -> None:
          "group loses that ratio already: give one of them"),
         (Trim(criterion="gdnt", gdnt_mode="groups", ratio=0.5, refit="least_squares"), PassContext(),
          "trim: refit = least_squares fits the consumers on calibration data and this compile has none: pass "
-         "calibration=... to compile(), or set refit = none"),
+         "calibration=... to compile() (netsqueeze compile: --calib FILE), or set refit = none"),
     ]
     for p, ctx, msg in cases:
         with pytest.raises(NetsqueezeError) as e:
