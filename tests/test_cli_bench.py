@@ -85,3 +85,24 @@ def test_measure_times_models_side_by_side() -> None:
     assert lw.median_ms > ln.median_ms > 0  # 256x the FLOPs
     with pytest.raises(NetsqueezeError, match=r"unknown runtime 'tvm' \(use ort or torch\)"):
         measure([wide], (torch.randn(1, 256),), runtime="tvm")  # type: ignore[arg-type]
+
+
+def test_bench_says_what_is_wrong_with_the_users_files(models: tuple[Path, Path, Path, torch.nn.Module,
+                                                                     ns.CompileResult],
+                                                       tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A missing model, data of the wrong shape, labels for a model that does not output class scores: errors
+    naming the file (they were internal errors, exit 4, 'this is a bug in netsqueeze')."""
+    big, _, _, _, _ = models
+    assert main(["bench", str(tmp_path / "nosuch.onnx")]) == 3
+    assert capsys.readouterr().err.strip() == f"error: cannot read ONNX model '{tmp_path / 'nosuch.onnx'}': no such file"
+    np.savez(tmp_path / "wrong.npz", x=np.zeros((10, 7), np.float32))
+    assert main(["bench", str(big), "--data", str(tmp_path / "wrong.npz"), "--rounds", "1"]) == 1
+    assert capsys.readouterr().err.strip() == (f"node 'x': error: --data '{tmp_path / 'wrong.npz'}': input 'x' has "
+                                               "shape [10, 7] but the model expects [N, 20]")
+    flat = ns.compile(torch.nn.Sequential(torch.nn.Flatten(0)).eval(), [], example_inputs=(torch.randn(2, 20),),
+                      target="onnx", dynamic_shapes={"input": {0: torch.export.Dim("batch")}})
+    onnx.save(flat.model, tmp_path / "flat.onnx")
+    np.savez(tmp_path / "labelled.npz", input=np.zeros((10, 20), np.float32), labels=np.zeros(10, np.int64))
+    assert main(["bench", str(tmp_path / "flat.onnx"), "--data", str(tmp_path / "labelled.npz"), "--rounds", "1"]) == 1
+    assert capsys.readouterr().err.strip() == (f"error: --data: '{tmp_path / 'flat.onnx'}' outputs shape [200] for 10 "
+                                               "samples, not class scores [N, classes]: top-1 and agreement need them")

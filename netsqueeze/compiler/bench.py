@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from netsqueeze.compiler.api import import_model, load_model_file
-from netsqueeze.compiler.calibration import split_labels
+from netsqueeze.compiler.calibration import check_batch, split_labels
 from netsqueeze.compiler.latency import Runtime, measure, runner
 from netsqueeze.errors import InputMismatchError, UsageError
 from netsqueeze.ir.dims import is_dynamic
@@ -35,12 +35,12 @@ class _Model:
     def __init__(self, path: str, trust_pickle: bool) -> None:
         self.path = path
         self.is_onnx = path.endswith(".onnx")
-        self.size = Path(path.rsplit(":", 1)[0] if ".py:" in path else path).stat().st_size
         self.obj: Any = path
         self.example: tuple[torch.Tensor, ...] | None = None
         if not self.is_onnx:
             self.obj, self.example = load_model_file(path, trust_pickle=trust_pickle)
-        self.graph = import_model(self.obj, self.example)
+        self.graph = import_model(self.obj, self.example)  # a missing or unreadable file: its loader's error
+        self.size = Path(path.rsplit(":", 1)[0] if ".py:" in path else path).stat().st_size
 
     def inputs(self, batch: int, data: Sequence[torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
         g = torch.Generator().manual_seed(0)
@@ -87,8 +87,12 @@ def _predict(model: _Model, runtime: Runtime, xs: Sequence[torch.Tensor], chunk:
         part = tuple(x[i:i + chunk] for x in xs)
         target: Any = model.runnable(runtime, part[0].shape[0], part)
         out = runner(target, part, runtime)()
-        first = out[0] if isinstance(out, (list, tuple)) else out
-        preds.append(torch.as_tensor(np.asarray(first)).argmax(-1))
+        first = torch.as_tensor(np.asarray(out[0] if isinstance(out, (list, tuple)) else out))
+        if first.dim() != 2 or first.shape[0] != part[0].shape[0]:
+            raise InputMismatchError(f"--data: '{model.path}' outputs shape {list(first.shape)} for "
+                                     f"{part[0].shape[0]} samples, not class scores [N, classes]: top-1 and "
+                                     "agreement need them")
+        preds.append(first.argmax(-1))
     return torch.cat(preds)
 
 
@@ -106,6 +110,8 @@ def bench(paths: Sequence[str | os.PathLike[str]], *, data: str | None = None, r
         names = models[0].graph.inputs
         loaded, labels = split_labels(data, len(names), names=names)
         batch = next(iter(calibration_source(loaded, batch_size=1 << 30, names=names)()))
+        for m in models:
+            check_batch(m.graph, batch, f"--data '{data}'")
         xs = tuple(batch)
     rows: list[dict[str, Any]] = []
     for m in models:
