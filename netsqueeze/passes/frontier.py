@@ -66,9 +66,9 @@ class Prefixes:
     def __init__(self, graph: Graph, ctx: PassContext, positions: Iterable[int], batches: int | None) -> None:
         self.at: dict[int, list[Value]] = {}
         self.tensors: list[dict[Value, torch.Tensor]] = []
+        self.inputs = inputs = [(nid, 0) for nid in graph.inputs]
         if ctx.segment_fn is None or ctx.batches_fn is None:
             return
-        inputs = [(nid, 0) for nid in graph.inputs]
         leading = list(itertools.islice(ctx.batches(), batches))
         self.at = self.kept(graph, positions, sum(int(b[0].shape[0]) for b in leading))
         if not self.at:
@@ -105,9 +105,19 @@ class Prefixes:
         return out
 
     def feeds(self, position: int) -> tuple[list[Value], list[list[torch.Tensor]]] | None:
-        """(values, their tensors per leading batch) live at `position`, or None when not kept."""
+        """(values, their tensors per leading batch) live at `position`, or None when not kept; the graph inputs
+        not live there come last, as shape-only stand-ins (`shape_only`), for the dynamic dims read from them."""
         vals = self.at.get(position)
-        return None if vals is None else (vals, [[t[v] for v in vals] for t in self.tensors])
+        if vals is None:
+            return None
+        sized = [v for v in self.inputs if v not in vals]
+        return vals + sized, [[t[v] for v in vals] + [shape_only(t[v]) for v in sized] for t in self.tensors]
+
+
+def shape_only(t: torch.Tensor) -> torch.Tensor:
+    """A "meta" tensor of `t`'s shape and dtype (no data): what a segment feeds for a graph input it reads only
+    the sizes of (a dynamic dim, as an ONNX model's sequence length, read from the input that declares it)."""
+    return t if t.device.type == "meta" else torch.empty(t.shape, dtype=t.dtype, device="meta")
 
 
 def bytes_per_sample(graph: Graph, v: Value) -> int:
@@ -198,14 +208,24 @@ class Frontier:
         run_ref = self._run(1, keep, ref_feeds) if refs is None and self._ref_at(to) else None
         with torch.no_grad():
             for i, (cur, orig) in enumerate(self.state):
-                now = dict(zip(keep, run_now([cur[v] for v in feeds])))
+                now = self._sized(dict(zip(keep, run_now([cur[v] for v in feeds]))), cur)
                 if run_ref is not None:
                     src = passed[i] if passed is not None else orig
-                    self.state[i] = (now, dict(zip(keep, run_ref([src[v] for v in ref_feeds]))))
+                    self.state[i] = (now, self._sized(dict(zip(keep, run_ref([src[v] for v in ref_feeds]))), cur))
                 else:
-                    self.state[i] = (now, refs[i] if refs is not None else {})
+                    self.state[i] = (now, self._sized(refs[i], cur) if refs is not None else {})
         self.at = to
         return True
+
+    def _sized(self, values: dict[Value, torch.Tensor], was: dict[Value, torch.Tensor]) -> dict[Value, torch.Tensor]:
+        """`values` with every graph input they lack as a shape-only ("meta") stand-in of its tensor in `was`: a
+        dynamic dim (an ONNX model's sequence length, H and W) is read from a graph input's size, and the
+        segments that start past every use of that input still need the size (a mask's arithmetic, a reshape)."""
+        for nid in self.graphs[0].inputs:
+            v = (nid, 0)
+            if v not in values and v in was:
+                values[v] = shape_only(was[v])
+        return values
 
     def fetch(self, values: list[Value], then: int | None = None, ref_values: list[Value] | None = None
               ) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
@@ -234,7 +254,7 @@ class Frontier:
                 got = run_ref([orig[v] for v in feeds]) if run_ref is not None else []
             was = dict(zip(wanted, got))
             if extra:
-                nxt.append({v: was[v] for v in extra})
+                nxt.append(self._sized({v: was[v] for v in extra}, cur))
             yield now, [was[v] for v in ref_values]
         if extra and then is not None:  # every batch ran: the next checkpoint's pass-start side is ready
             self._ref_next = (then, nxt)
