@@ -70,6 +70,21 @@ def test_dynamic_shapes_torch_export_refuses_are_an_error_with_its_suggestion_no
         "torch.export suggests: _H = Dim('_H', max=oo); _W = Dim('_W', max=oo); H = 2*_H; W = 2*_W",)
 
 
+def test_following_that_suggestion_is_an_error_not_a_silent_static_capture() -> None:
+    """torch.export's suggestion declares derived dims (H = 2*_H): the capture analysed them at the example and
+    emitted a model fixed at 6 x 8 without a word; it says so instead."""
+    import pytest
+
+    from netsqueeze.errors import CaptureError
+
+    h, w = Dim("_H", max=64), Dim("_W", max=64)
+    x = torch.randn(2, 3, 6, 8)
+    with pytest.raises(CaptureError) as e:
+        ns.import_model(SpaceToDepth(), (x,), dynamic_shapes={"x": {0: Dim("batch"), 2: 2 * h, 3: 2 * w}})
+    assert e.value.diagnostics[0].message == ("input 'x' axis 2 is a derived dim (2*_H); netsqueeze keeps plain dims "
+                                              "dynamic only")
+
+
 class Ends(nn.Module):
     """Slices and picks counted from a dynamic dim's end, or running to it."""
 

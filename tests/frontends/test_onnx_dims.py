@@ -17,6 +17,7 @@ from netsqueeze.backends.onnx import to_onnx
 from netsqueeze.backends.torch import to_torch
 from netsqueeze.errors import CaptureError
 from netsqueeze.frontends.onnx import from_onnx
+from netsqueeze.ir.dims import expr_of, is_dynamic
 from netsqueeze.passes import PassContext
 from netsqueeze.passes.trim import Trim
 from tests.frontends.onnx_models import run
@@ -258,3 +259,32 @@ def test_calibration_at_other_sizes_of_a_dynamic_dim_names_the_dims() -> None:
     assert err.value.message == (
         "calibration batch 0: input 'x' has shape [8, 3, 20, 12] but the model expects [N, 3, H = 16, W = 12] ('H', "
         "'W' are dynamic, but calibration batches take the example inputs' sizes there)")
+
+
+class _ClassToken(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.cls = nn.Parameter(torch.randn(1, 1, 8))
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1))
+
+
+def test_a_class_token_expanded_to_a_batch_analysed_at_1_keeps_the_batch_dynamic() -> None:
+    """Without example inputs a dynamic batch is analysed at 1; broadcast with the class token's fixed 1 in its
+    Expand it stayed 1, and the model ran at batch 1 only (HF's ViT through `netsqueeze compile`)."""
+    torch.manual_seed(0)
+    m = _ClassToken().eval()
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(m, (torch.randn(2, 4, 8),), buf, input_names=["x"], output_names=["y"], dynamo=False,
+                          opset_version=17, dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    g = from_onnx(onnx.load_from_string(buf.getvalue()))
+    y = g.node("y").meta[0].shape
+    assert is_dynamic(y[0]) and str(expr_of(y[0])) == "batch" and tuple(int(d) for d in y) == (1, 5, 8)
+    x = torch.randn(5, 4, 8)
+    with torch.no_grad():
+        assert torch.allclose(to_torch(g)(x), m(x), atol=1e-5)
+    assert run(to_onnx(g), x.numpy())[0].shape == (5, 5, 8)

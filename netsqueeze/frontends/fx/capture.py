@@ -444,11 +444,19 @@ def _dim_names(ep: torch.export.ExportedProgram, user: list[fx.Node], input_name
         names: list[str | None] = []
         for axis, d in enumerate(val.shape):
             expr = d.node.expr if isinstance(d, torch.SymInt) else None
+            given = spec.get(axis) if isinstance(spec, dict) else (spec[axis] if isinstance(spec, (list, tuple))
+                                                                     and axis < len(spec) else None)
+            if expr is not None and not expr.is_Symbol and not expr.is_number:
+                # a derived dim (torch.export's suggestion `seq = 10*_seq`): analysed at its example it would be
+                # captured static, the emitted model refusing every other size
+                raise CaptureError(Diagnostic(
+                    f"input '{iname}' axis {axis} is a derived dim ({getattr(given, '__name__', None) or expr}); "
+                    "netsqueeze keeps plain dims dynamic only",
+                    notes=("declare a plain torch.export.Dim there if the model runs at any size, or leave the axis "
+                           "out of dynamic_shapes to capture it at the example's size",)))
             if expr is None or not expr.is_Symbol:
                 names.append(None)
                 continue
-            given = spec.get(axis) if isinstance(spec, dict) else (spec[axis] if isinstance(spec, (list, tuple))
-                                                                     and axis < len(spec) else None)
             name = str(getattr(given, "__name__", "") or f"{iname}_{axis}")
             mapping.setdefault(expr, Dim.named(name, 1).expr)
             names.append(name)

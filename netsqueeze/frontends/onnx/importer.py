@@ -587,7 +587,10 @@ class _Importer:
             out: list[int] = []
             for col in zip(*[(1,) * (rank - len(sh)) + tuple(sh) for sh in shapes]):
                 big = [d for d in col if int(d) != 1]
-                out.append(next((d for d in big if is_dynamic(d)), big[0] if big else col[0]))
+                # a dynamic dim at 1 (a batch sized 1 when no example says otherwise) broadcast with a fixed 1 stays
+                # dynamic: at another size the fixed 1 is what broadcasts
+                out.append(next((d for d in big if is_dynamic(d)), big[0] if big else
+                                next((d for d in col if is_dynamic(d)), col[0])))
             return tuple(out)
 
         try:
