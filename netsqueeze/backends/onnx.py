@@ -904,6 +904,23 @@ def _aten_to_onnx(ex: _Exporter, node: Node, call: AtenCall, ins: list[gs.Tensor
         shape = ex.op1("Concat", sizes, {"axis": 0}) if sizes else ex.ints(f"{node.id}.shape", [])
         value = onnx.helper.make_tensor("value", _ONNX_TYPES[out_dt], [1], [fill])
         return ex.op("ConstantOfShape", [shape], {"value": value})
+    if (name in ("minimum", "maximum") or (name in ("min", "max") and call.overload == "other")) and len(a) == 2:
+        return ex.op("Min" if name.startswith("min") else "Max", [arg(a[0], out_dt), arg(a[1], out_dt)])
+    if name in ("new_zeros", "new_ones") and len(a) >= 2 and isinstance(a[1], (list, tuple)) and out_dt in _ONNX_TYPES:
+        sizes = [ex.size(d) if is_dynamic(d) else ex.ints(f"{node.id}.dim", [int(d)]) for d in a[1]]
+        shape = ex.op1("Concat", sizes, {"axis": 0}) if sizes else ex.ints(f"{node.id}.shape", [])
+        value = onnx.helper.make_tensor("value", _ONNX_TYPES[out_dt], [1], [1.0 if name == "new_ones" else 0.0])
+        return ex.op("ConstantOfShape", [shape], {"value": value})
+    if name == "slice" and a and not any(isinstance(x, Slot) for x in a[1:]):
+        # x[..., start:end:step] on one axis; a bound may be a dynamic dim (a buffer of positions cut to the sequence)
+        axis, start, end = (a[1] if len(a) > 1 else 0), (a[2] if len(a) > 2 else None), (a[3] if len(a) > 3 else None)
+        step = a[4] if len(a) > 4 else 1
+
+        def bound(v: Any, default: int) -> gs.Tensor:
+            return ex.size(v) if is_dynamic(v) else ex.ints(f"{node.id}.bound", [default if v is None else int(v)])
+
+        return ex.op("Slice", [arg(a[0]), bound(start, 0), bound(end, 2**63 - 1), ex.ints(f"{node.id}.axis", [int(axis)]),
+                               ex.ints(f"{node.id}.step", [int(step)])])
     if name == "arange":
         ends = [x for x in a if not isinstance(x, torch.Tensor)]
         start, end, step = (0, ends[0], 1) if len(ends) == 1 else (ends[0], ends[1], ends[2] if len(ends) > 2 else 1)

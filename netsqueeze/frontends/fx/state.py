@@ -7,6 +7,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
+import sympy
 import torch
 import torch.fx as fx
 from torch import nn
@@ -171,6 +172,17 @@ def _is_value(v: Any) -> bool:
 SYMBOLS: ContextVar[dict[Any, Any] | None] = ContextVar("SYMBOLS", default=None)
 
 
+def plain_sympy(expr: Any) -> Any:
+    """`expr` with torch's own sympy functions for integer division and modulo (`FloorDiv`, `CleanDiv`,
+    `PythonMod`, `Mod`) written as sympy's (floor(a/b), a/b, Mod): one size reached as `(H - 1)//4 + 1` and as
+    floor(H/4 - 1/4) + 1 is then one expression, so a ratio of the two cancels (SegFormer's patch grid)."""
+    from torch.utils._sympy import functions as tf
+
+    return expr.replace(lambda e: isinstance(e, tf.FloorDiv), lambda e: sympy.floor(e.args[0] / e.args[1])) \
+        .replace(lambda e: isinstance(e, tf.CleanDiv), lambda e: e.args[0] / e.args[1]) \
+        .replace(lambda e: isinstance(e, (tf.PythonMod, tf.Mod)), lambda e: sympy.Mod(e.args[0], e.args[1]))
+
+
 def python_value(v: Any) -> Any:
     """A concrete python number for a SymInt/SymFloat/SymBool seen at the example sizes; a size that follows
     a declared dynamic dim is a `Dim` (the example's value, carrying its expression)."""
@@ -179,7 +191,7 @@ def python_value(v: Any) -> Any:
         hint = v.node.hint
         expr = v.node.expr
         if hint is not None and expr.free_symbols and expr.free_symbols <= set(symbols):
-            return make(int(hint), expr.xreplace(symbols))
+            return make(int(hint), plain_sympy(expr.xreplace(symbols)))
     if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
         hint = v.node.hint
         return hint if hint is not None else v
