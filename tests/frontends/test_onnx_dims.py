@@ -37,15 +37,20 @@ class Tokens(nn.Module):
         return self.fc(y.reshape(b, c, h * w).transpose(1, 2)).reshape(b, -1)
 
 
-def _exported() -> tuple[nn.Module, onnx.ModelProto]:
-    torch.manual_seed(0)
-    m = Tokens().eval()
+def _onnx(m: nn.Module, x: torch.Tensor, axes: dict[str, dict[int, str]] | None = None) -> onnx.ModelProto:
+    """`m` exported by torch's TorchScript exporter, input 'x', output 'y', with these dynamic axes (none: static)."""
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(m, (torch.randn(2, 3, 16, 12),), buf, input_names=["x"], output_names=["y"], dynamo=False,
-                          opset_version=17, dynamic_axes={"x": {0: "batch", 2: "H", 3: "W"}, "y": {0: "batch", 1: "L"}})
-    return m, onnx.load_from_string(buf.getvalue())
+        torch.onnx.export(m, (x,), buf, input_names=["x"], output_names=["y"], dynamo=False, opset_version=17,
+                          dynamic_axes=axes)
+    return onnx.load_from_string(buf.getvalue())
+
+
+def _exported() -> tuple[nn.Module, onnx.ModelProto]:
+    torch.manual_seed(0)
+    m = Tokens().eval()
+    return m, _onnx(m, torch.randn(2, 3, 16, 12), {"x": {0: "batch", 2: "H", 3: "W"}, "y": {0: "batch", 1: "L"}})
 
 
 def test_dynamic_dims_survive_import_and_both_backends() -> None:
@@ -125,14 +130,6 @@ def test_sizes_feeding_other_ops_are_computed_at_run_time() -> None:
             assert np.abs(module(torch.from_numpy(x)).numpy() - want).max() < 1e-6
 
 
-def _static(m: nn.Module, x: torch.Tensor) -> onnx.ModelProto:
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(m, (x,), buf, input_names=["x"], output_names=["y"], dynamo=False, opset_version=17)
-    return onnx.load_from_string(buf.getvalue())
-
-
 POLICY = "policy p {\n  calibrate samples 32, batch %d\n  trim { criterion = l1, ratio = 25%% }\n}\n"
 
 
@@ -143,7 +140,7 @@ def test_a_static_batch_the_model_reads_is_a_clear_error_at_another_calibration_
     traceback on stderr), and calibrating at the declared batch works."""
     torch.manual_seed(0)
     m = Tokens().eval()
-    model = _static(m, torch.randn(2, 3, 16, 12))
+    model = _onnx(m, torch.randn(2, 3, 16, 12))
     calib = torch.randn(32, 3, 16, 12)
     capfd.readouterr()
     with pytest.raises(ns.InputMismatchError) as err:
@@ -163,7 +160,7 @@ def test_a_static_batch_the_model_does_not_read_calibrates_at_any_batch() -> Non
     compiles: refusing it would make users calibrate at the export's batch for nothing."""
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 14 * 10, 5)).eval()
-    model = _static(m, torch.randn(2, 3, 16, 12))
+    model = _onnx(m, torch.randn(2, 3, 16, 12))
     calib = torch.randn(32, 3, 16, 12)
     res = ns.compile(model, POLICY % 16, example_inputs=(calib[:2],), calibration=calib, progress=False)
     assert res.graph.node("x").meta[0].shape == (2, 3, 16, 12)
@@ -234,13 +231,9 @@ def test_passes_that_run_the_model_layer_by_layer_read_dynamic_dims_from_the_inp
     ('H'), as on HF's SegFormer and wav2vec2 (a mask's arithmetic on the sequence length)."""
     torch.manual_seed(0)
     m = _Back().eval()
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(m, (torch.randn(2, 3, 16, 12),), buf, input_names=["x"], output_names=["y"], dynamo=False,
-                          opset_version=17, dynamic_axes={"x": {0: "batch", 2: "H", 3: "W"}, "y": {0: "batch", 2: "H", 3: "W"}})
+    model = _onnx(m, torch.randn(2, 3, 16, 12), {"x": {0: "batch", 2: "H", 3: "W"}, "y": {0: "batch", 2: "H", 3: "W"}})
     calib = torch.randn(32, 3, 16, 12)
-    res = ns.compile(onnx.load_from_string(buf.getvalue()), f"policy p {{\n  calibrate samples 32, batch 8\n  {policy}\n}}\n",
+    res = ns.compile(model, f"policy p {{\n  calibrate samples 32, batch 8\n  {policy}\n}}\n",
                      example_inputs=(calib[:2],), calibration=calib, progress=False)
     assert res.graph.node("x").attrs["dims"] == ("batch", None, "H", "W")
     x = torch.randn(3, 3, 20, 10)  # other sizes: the dims stay dynamic
@@ -276,12 +269,7 @@ def test_a_class_token_expanded_to_a_batch_analysed_at_1_keeps_the_batch_dynamic
     Expand it stayed 1, and the model ran at batch 1 only (HF's ViT through `netsqueeze compile`)."""
     torch.manual_seed(0)
     m = _ClassToken().eval()
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(m, (torch.randn(2, 4, 8),), buf, input_names=["x"], output_names=["y"], dynamo=False,
-                          opset_version=17, dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
-    g = from_onnx(onnx.load_from_string(buf.getvalue()))
+    g = from_onnx(_onnx(m, torch.randn(2, 4, 8), {"x": {0: "batch"}, "y": {0: "batch"}}))
     y = g.node("y").meta[0].shape
     assert is_dynamic(y[0]) and str(expr_of(y[0])) == "batch" and tuple(int(d) for d in y) == (1, 5, 8)
     x = torch.randn(5, 4, 8)
