@@ -9,13 +9,14 @@ selected nodes and logging come through `PassContext`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import torch
 
-from netsqueeze.errors import Diagnostic, NetsqueezeError
+from netsqueeze.errors import Diagnostic, NetsqueezeError, NonFiniteError
 from netsqueeze.ir.graph import Graph, Value
 from netsqueeze.passes.executor import Executor
 
@@ -23,6 +24,22 @@ T = TypeVar("T")
 
 # the most model passes over the calibration data one search's output-error measurements may cost
 MEASURE_PASSES = 8.0
+
+
+# the largest float32 whose square is finite
+_SQUARE_LIMIT = math.sqrt(torch.finfo(torch.float32).max)
+
+
+def check_squarable(t: torch.Tensor, node: str, what: str) -> None:
+    """A NonFiniteError naming `node` unless activations `t`, which a pass is about to sum the squares of
+    (second moments, normal equations), are finite and small enough to square in float32: data far off the
+    model's scale (finite inputs at 1e30) made a solver fail with a LAPACK assert."""
+    top = float(t.detach().abs().amax()) if t.is_floating_point() and t.numel() else 0.0
+    if not top <= _SQUARE_LIMIT:  # NaN fails it too
+        raise NonFiniteError(Diagnostic(
+            f"the {what} of '{node}' on the calibration data reach {top:.3g}: past float32's square root, the "
+            "sums of their squares this pass needs overflow", node=node,
+            notes=("the data is far off the model's scale: check its preprocessing",)))
 
 
 # how a user gives calibration data, for the errors of passes that need it

@@ -32,7 +32,7 @@ import torch
 
 from netsqueeze.ir.graph import Graph, Node, Value
 from netsqueeze.ir.ops import attr, spec
-from netsqueeze.passes.base import PassContext, PassResult
+from netsqueeze.passes.base import PassContext, PassResult, check_squarable
 from netsqueeze.passes.collectors import conv_patches_at
 from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups, Member, find_groups
 from netsqueeze.passes.frontier import Frontier, SideBySide, first_positions
@@ -555,6 +555,7 @@ def normal_equations(graph: Graph, side: SideBySide, at: int, node_id: str, seed
     extra = [] if skip is None else [skip[0]]
     pairs = side.pairs(at, [src, *extra], f"'{node_id}'", [] if recorded is not None else [dst, *extra])
     for i, (now, was) in enumerate(pairs):
+        check_squarable(now[0], node_id, "inputs")
         if recorded is not None:  # the pass-start outputs at rows drawn ahead: gather the current side there
             drawn, target, skip_was = recorded.batches[i]
             if skip is not None:

@@ -20,7 +20,7 @@ from netsqueeze.ir.graph import Graph, Value
 from netsqueeze.ir.ops import attr, node_flops, spec
 from netsqueeze.ir.stats import graph_stats
 from netsqueeze.passes.allocation import Budget, GroupBounds, Meter, Reached, bisect, give_back, group_bounds
-from netsqueeze.passes.base import PassContext, PassResult, TransformPass
+from netsqueeze.passes.base import PassContext, PassResult, TransformPass, check_squarable
 from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups, DependencyAnalysis, Member, find_groups
 from netsqueeze.passes.frontier import Frontier as _Frontier
 from netsqueeze.passes.frontier import Pairs, Prefixes, SideBySide, first_positions
@@ -502,6 +502,7 @@ class SqueezeFold(TransformPass):
         for p in probes:
             if p.count >= self.max_samples:
                 continue
+            check_squarable(acts[p.value], p.member.node, "inputs")
             a = gather(graph, p.member, acts[p.value], p.at)  # [n, C, block]
             rows = add(p, a)  # samples x C
             if p.per_group is not None:
