@@ -499,10 +499,15 @@ class SqueezeFold(TransformPass):
 
     def _add(self, graph: Graph, probes: list[_Probe], acts: dict[Value, torch.Tensor]) -> None:
         """One batch's activations `acts` (by value) into every probe's statistics."""
+        read: dict[Value, str] = {}  # each value once, however many consumers probe it (named by the first)
+        for p in probes:
+            if p.count < self.max_samples:
+                read.setdefault(p.value, p.member.node)
+        for v, node in read.items():
+            check_squarable(acts[v], node, "inputs")
         for p in probes:
             if p.count >= self.max_samples:
                 continue
-            check_squarable(acts[p.value], p.member.node, "inputs")
             a = gather(graph, p.member, acts[p.value], p.at)  # [n, C, block]
             rows = add(p, a)  # samples x C
             if p.per_group is not None:
