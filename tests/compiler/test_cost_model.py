@@ -17,7 +17,7 @@ from netsqueeze.compiler.cost_model import (
     graph_work,
     graph_works,
 )
-from netsqueeze.compiler.latency_budget import flops_curve, pick_flops, variants
+from netsqueeze.compiler.latency_budget import bracket_aim, flops_curve, pick_flops, variants
 from netsqueeze.errors import NetsqueezeError
 from netsqueeze.ir.ops import node_flops
 from netsqueeze.ir.stats import graph_stats
@@ -152,6 +152,19 @@ def test_pick_flops_reads_the_curve() -> None:
     assert pick_flops(curve, 0.45) == pytest.approx(0.3)
     assert pick_flops(curve, 0.15) == pytest.approx(0.05)  # below the curve: proportional to its first point
     assert pick_flops(curve, 1.2) == 1.0
+
+
+def test_a_met_run_far_under_the_target_steps_by_false_position() -> None:
+    """The ResNet-style benchmark model at `latency <= 60%` (aiming at 57%): the first run kept 27.9% of the FLOPs at
+    48.4% of the latency, and the model's stepped curve aimed at 29.1%, so the search had stopped there. The line
+    through that run and the original reaches 57% at 39.9% of the FLOPs; between a met and a missed run the line
+    through both, kept in the middle half of the bracket."""
+    assert bracket_aim((0.2787, 0.4840), None, 0.57) == pytest.approx(0.2787 + 0.086 * 0.7213 / 0.516)
+    assert bracket_aim((0.25, 0.20), None, 0.57) == 0.5  # the line says 59.7%: at most twice the run's FLOPs
+    assert bracket_aim((0.28, 0.56), None, 0.57) is None  # 29.6% by the line: no room
+    assert bracket_aim((0.30, 0.50), (0.50, 0.70), 0.57) == pytest.approx(0.37)
+    assert bracket_aim((0.30, 0.50), (0.50, 0.70), 0.51) == pytest.approx(0.35)  # 31% is under the middle half
+    assert bracket_aim((0.30, 0.50), (0.50, 0.50), 0.57) == pytest.approx(0.40)  # a flat bracket: its middle
 
 
 # ---- the report's note on channel blocks (ONNX Runtime's NCHWc convolutions) ----

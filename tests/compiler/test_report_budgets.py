@@ -7,6 +7,9 @@ import pytest
 import torch
 
 import netsqueeze as ns
+import netsqueeze.compiler.latency_budget as latency_budget
+from netsqueeze.compiler.cost_model import conv_flops
+from netsqueeze.compiler.latency import Latency
 from netsqueeze.compiler.latency_budget import fit
 from netsqueeze.compiler.plan import resolve
 from netsqueeze.dsl import parse_policy
@@ -187,6 +190,50 @@ def test_a_latency_budget_the_passes_cannot_reach_is_an_error_at_the_latency_bud
                                 "it needs (")
     assert "trim cannot meet the budget flops <= " in d.message
     assert d.message.endswith(": removing every removable channel reaches flops 39.9%, params 47.3% of the original")
+
+
+class _Wide(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        nn = torch.nn
+        self.convs = nn.ModuleList([nn.Conv2d(3, 64, 3, padding=1), nn.Conv2d(64, 64, 3, padding=1),
+                                    nn.Conv2d(64, 64, 3, padding=1), nn.Conv2d(64, 32, 3, padding=1)])
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for c in self.convs:
+            x = torch.relu(c(x))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize(("percent", "runs"), [
+    (70, "55.9%: 56.8% -> 56.8%, 64.5%: 68.8% -> 68.8%"),
+    (50, "27.2%: 37.1% -> 37.1%, 38.7%: 42.3% -> 42.3%, 43.0%: 52.0% -> 52.0%"),
+])
+def test_a_latency_search_met_far_under_its_target_keeps_more_flops(monkeypatch: pytest.MonkeyPatch, percent: int,
+                                                                    runs: str) -> None:
+    """A runtime that computes convolutions in channel blocks of 16 (a stand-in timer: 0.2 ms + 0.1 ms per million
+    padded conv FLOPs). The cost model's curve scales every group at once, so it climbs in steps and saw no room to
+    keep more above the first run, which met the target far under it: the search stopped at 56.8% for 70% and 37.1%
+    for 50%. It now steps by false position between measured runs (the original the first bracket's end) and keeps
+    the met run with the most FLOPs."""
+    def timer(models: list[object], inputs: tuple[torch.Tensor, ...], *, runtime: str = "ort", threads: int = 1,
+              rounds: int = 15, **_: object) -> list[Latency]:
+        b = int(inputs[0].shape[0])
+        return [Latency(runtime, b, threads, 0.2 + conv_flops(m, 16) * b * 1e-7, 0.0, rounds) for m in models]
+
+    monkeypatch.setattr(latency_budget, "measure", timer)
+    x, cal = torch.randn(2, 3, 8, 8), torch.randn(128, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    res = ns.compile(_Wide().eval(), f"policy p {{\n  runtime {{ batch = 4 }}\n  budget latency <= {percent}%\n"
+                     "  squeeze_fold { round_to = 8 }\n}", example_inputs=(x,), calibration=cal, target="torch",
+                     progress=False)
+    assert f"latency budget runs (FLOPs: predicted -> measured latency, of the original): {runs}" in res.report.notes
+    lat = {x["model"]: x["median_ms"] for x in res.report.latency}
+    kept = max((float(r.split("%: ")[0]), float(r.rsplit("-> ", 1)[1].rstrip("%"))) for r in runs.split(", ")
+               if float(r.rsplit("-> ", 1)[1].rstrip("%")) <= percent)
+    assert round(100 * res.report.after.flops / res.report.before.flops, 1) == kept[0]
+    assert round(100 * lat["compressed"] / lat["original"], 1) == kept[1]
 
 
 @pytest.mark.parametrize("batch", [2, 8])
