@@ -140,6 +140,14 @@ class InternalError(NetsqueezeError):
     """An unexpected exception inside netsqueeze: a bug to report; names the stage, pass or node where known."""
 
 
+def percent(x: float) -> str:
+    """`x` as a percentage: two decimals, or three significant digits under 0.01%, so a guard written as
+    0.001% reads as written, not as 0.00%."""
+    if x != 0 and abs(x) < 1e-4 and x == x:
+        return f"{x * 100:.3g}%"
+    return f"{x:.2%}"
+
+
 def did_you_mean(word: str, choices: Iterable[str], n: int = 3) -> str:
     """' (did you mean 'x'?)' for the closest choices, or '' when nothing is close."""
     close = get_close_matches(word, sorted(set(choices)), n=n, cutoff=0.6)

@@ -51,6 +51,7 @@ from netsqueeze.errors import (
     NonFiniteError,
     SourceSpan,
     UserCodeError,
+    percent,
 )
 from netsqueeze.ir.graph import Graph, Value
 from netsqueeze.ir.stats import example_batch, graph_stats
@@ -665,7 +666,8 @@ def _check_guard(guard: Any, fidelity: Mapping[str, float]) -> None:
             + ("pass eval_fn=... to compile()" if metric == "top1_drop" else "no data to run"), span=span))
     if not fidelity[metric] <= limit + 1e-12:  # fails closed: NaN is not <= anything
         raise BudgetError(Diagnostic(
-            f"guard {metric.replace('_', ' ')} <= {limit:.2%} not met: reached {fidelity[metric]:.2%}", span=span))
+            f"guard {metric.replace('_', ' ')} <= {percent(limit)} not met: reached {percent(fidelity[metric])}",
+            span=span))
 
 
 # ---- compile -------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from netsqueeze.errors import BudgetError, Diagnostic, NetsqueezeError, SolverError
+from netsqueeze.errors import BudgetError, Diagnostic, NetsqueezeError, SolverError, percent
 from netsqueeze.ir import weights
 from netsqueeze.ir.graph import Graph, Node, Value
 from netsqueeze.ir.ops import attr
@@ -325,12 +325,12 @@ class NetTrim(TransformPass):
                 shown = ", ".join(x for x in (str(budget), "" if nz_limit is None else f"nonzeros <= {nz_limit:.1%}")
                                   if x)
                 raise BudgetError(Diagnostic(
-                    f"net_trim cannot meet guard {metric} <= {limit:.2%} within the budget {shown}: the smallest "
+                    f"net_trim cannot meet guard {metric} <= {percent(limit)} within the budget {shown}: the smallest "
                     f"epsilon that meets the budget ({gain:.2%}) reaches {_fmt(at(gain)[3])}", node=layers[0].node))
             gain = bisect(0.0, gain, lambda t: at(t)[1], _SEARCH_STEPS)
             if not at(gain)[1]:
                 raise BudgetError(Diagnostic(
-                    f"net_trim cannot meet guard {metric} <= {limit:.2%}: epsilon = {gain:.2%} reaches "
+                    f"net_trim cannot meet guard {metric} <= {percent(limit)}: epsilon = {gain:.2%} reaches "
                     f"{_fmt(at(gain)[3])}", node=layers[0].node))
         graph.assign(solved[gain])
         return gain
@@ -393,7 +393,7 @@ def _zero(graph: Graph, g: ChannelGroup, c: int) -> bool:
 
 
 def _fmt(value: float | None) -> str:
-    return "an unmeasured value" if value is None else f"{value:.2%}"
+    return "an unmeasured value" if value is None else percent(value)
 
 
 @dataclass(frozen=True)

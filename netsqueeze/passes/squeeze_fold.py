@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from netsqueeze.errors import BudgetError, Diagnostic, NetsqueezeError
+from netsqueeze.errors import BudgetError, Diagnostic, NetsqueezeError, percent
 from netsqueeze.ir.graph import Graph, Value
 from netsqueeze.ir.ops import attr, node_flops, spec
 from netsqueeze.ir.stats import graph_stats
@@ -1050,14 +1050,14 @@ class SqueezeFold(TransformPass):
         name = metric.replace("_", " ")
         if not first[0]:
             raise BudgetError(Diagnostic(
-                f"squeeze_fold cannot meet guard {name} <= {limit:.2%}"
+                f"squeeze_fold cannot meet guard {name} <= {percent(limit)}"
                 + (f" within the budget {budget}" if budget else "")
-                + f": the least squeezed candidate reaches {first[1]:.2%}", node=first_node))
+                + f": the least squeezed candidate reaches {percent(first[1])}", node=first_node))
         end = guard_at(hi)
         if end is not None and end[0]:
             a = hi
         else:  # the smallest candidate found whose guard holds
             a = bisect(t_budget, hi, lambda t: (got := guard_at(t)) is not None and got[0], 14)
         final = guard_at(a)
-        return family(a), (f"{line}; guard {name} <= {limit:.2%}: smallest candidate meeting it at t = {a:.3g} "
-                           f"({final[1] if final else float('nan'):.2%}, {len(seen)} candidates measured)")
+        return family(a), (f"{line}; guard {name} <= {percent(limit)}: smallest candidate meeting it at t = {a:.3g} "
+                           f"({percent(final[1] if final else float('nan'))}, {len(seen)} candidates measured)")

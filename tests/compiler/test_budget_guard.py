@@ -11,6 +11,7 @@ import torch
 import netsqueeze as ns
 from netsqueeze.compiler.plan import Guard, resolve
 from netsqueeze.dsl import parse_policy
+from netsqueeze.errors import percent
 from netsqueeze.passes.registry import all_passes
 from tests.zoo import ZOO
 
@@ -68,6 +69,16 @@ def test_guard_not_met_is_located(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     res = ns.compile(model, GUARDED.replace("0.1%", "60%"), example_inputs=inputs, calibration=_calibration())
     assert res.report.fidelity["output_error"] == pytest.approx(0.3753, abs=1e-4)
     assert res.report.after.params <= 0.9 * res.report.before.params
+
+
+def test_a_guard_under_a_hundredth_of_a_percent_reads_as_written() -> None:
+    """`guard output error <= 0.001%` was shown as "<= 0.00%"; values under 0.01% keep three significant digits."""
+    model, inputs = ZOO["mlp"]()
+    with pytest.raises(ns.BudgetError) as e:
+        ns.compile(model, GUARDED.replace("0.1%", "0.001%"), example_inputs=inputs, calibration=_calibration())
+    assert e.value.diagnostics[0].message == "guard output error <= 0.001% not met: reached 37.53%"
+    assert [percent(x) for x in (0.0, 2.5e-5, 1e-4, 0.3753, float("nan"))] == ["0.00%", "0.0025%", "0.01%", "37.53%",
+                                                                              "nan%"]
 
 
 def test_guard_that_cannot_be_measured_is_located() -> None:
