@@ -141,7 +141,7 @@ def _run_line(original: Graph, steps: Sequence[Step], ctx: PassContext, target: 
     lat: list[Latency] = [base, base]
     user_budget = dict(ctx.budget)
     best: tuple[float, Graph, Any, list[Latency]] | None = None  # the met run with the most FLOPs kept
-    missed: float | None = None  # the fewest FLOPs (ratio) a run missed the target with
+    missed: tuple[float, float] | None = None  # the run that missed the target with the fewest FLOPs: (FLOPs, latency)
     for attempt in range(MAX_ATTEMPTS):
         graph, budget = _fresh_run(original, ctx, user_budget, budget_ratio)
         try:
@@ -158,19 +158,19 @@ def _run_line(original: Graph, steps: Sequence[Step], ctx: PassContext, target: 
                          "ms": lat[1].median_ms})
         log(f"latency budget, run {attempt + 1}: FLOPs {now_flops:.1%} of the original, "
             f"measured {lat[1].median_ms:.3f} ms vs {lat[0].median_ms:.3f} ms ({now_ratio:.1%})")
-        goal_now = goal if target.seconds is not None else (target.ratio or 1.0) * lat[0].median_ms / 1e3
-        if lat[1].median_ms / 1e3 <= goal_now:
+        goal_ratio = goal / t0 if target.seconds is None else goal / (lat[0].median_ms / 1e3)
+        if now_ratio <= goal_ratio:
             if best is None or now_flops > best[0]:
                 best = (now_flops, graph, run, lat)
-            if missed is None or (missed - best[0]) <= REFINE_GAP * missed:
-                break  # met at the first try, or close enough to the FLOPs that missed
-            budget_ratio = (best[0] + missed) / 2  # keep more of the model: bisect towards the miss
-            continue
-        missed = now_flops if missed is None else min(missed, now_flops)
+            if now_ratio >= CLOSE * goal_ratio:
+                break  # close enough to the target
+        elif missed is None or now_flops < missed[0]:
+            missed = (now_flops, now_ratio)
         if best is not None:
-            if (missed - best[0]) <= REFINE_GAP * missed:
+            step = refine(best, missed, goal_ratio)
+            if step is None:
                 break
-            budget_ratio = (best[0] + missed) / 2
+            budget_ratio = step
             continue
         points.append((float(flops), lat[1].median_ms / 1e3 * (t0 / (lat[0].median_ms / 1e3))))
         a, b = fit(points)
@@ -295,6 +295,21 @@ def _interp(curve: Sequence[tuple[float, float]], f: float) -> float:
     return curve[-1][1]
 
 
+def refine(best: tuple[float, Graph, Any, list[Latency]], missed: tuple[float, float] | None, goal_ratio: float
+           ) -> float | None:
+    """The next FLOPs budget once a run met the target (`best`: the met run with the most FLOPs, with its pair of
+    latencies; `missed`: the missed run with the fewest, (FLOPs, latency ratio)), or None to stop: when the two are
+    within REFINE_GAP, or `bracket_aim` sees no room. Between measured runs (or a met run and the original) the
+    measurements decide, not a cost model: `per_kind`'s curve scales every group at once, so in a blocked runtime it
+    climbs in steps that the pipeline's allocation, crossing blocks group by group, does not take (it saw no room
+    above a first run far under the target, and a shift read off a step's edge sent a VGG-style search from 28.7%
+    of the FLOPs at 35.3% of the latency to 41.2% at 60.8%, for 40%)."""
+    met = (best[0], best[3][1].median_ms / best[3][0].median_ms)
+    if missed is not None and missed[0] - met[0] <= REFINE_GAP * missed[0]:
+        return None
+    return bracket_aim(met, missed, goal_ratio * MARGIN)
+
+
 def bracket_aim(met: tuple[float, float], missed: tuple[float, float] | None, want: float) -> float | None:
     """The next FLOPs budget after a run met the target well under it: where the line through the met run with
     the most FLOPs and the missed run with the fewest (`missed`; None: the original, (1, 1)), both (FLOPs ratio,
@@ -393,16 +408,9 @@ def _run_per_kind(original: Graph, steps: Sequence[Step], ctx: PassContext, targ
         elif missed is None or now_flops < missed[0]:
             missed = (now_flops, now_ratio)
         if best is not None:
-            # between two measured runs (or a met run and the original), measurements decide, not the model: its
-            # curve scales every group at once, so in a blocked runtime it climbs in steps that the pipeline's
-            # allocation, crossing blocks group by group, does not take, and a shift read off a step's edge
-            # sent one search past the target by half (VGG-style, 40%: 28.7% of the FLOPs at 35.3% -> 41.2% at 60.8%)
-            met = (best[0], best[3][1].median_ms / best[3][0].median_ms)
-            if missed is not None and missed[0] - met[0] <= REFINE_GAP * missed[0]:
-                break  # the met and the missed FLOPs are close enough
-            step = bracket_aim(met, missed, goal_ratio * MARGIN)
+            step = refine(best, missed, goal_ratio)
             if step is None:
-                break  # the line to the original sees no room to keep more
+                break
             aim = step
         elif aim >= now_flops:
             aim = now_flops * 0.5  # the model sees no gain in fewer FLOPs: halve, the measurement decides
