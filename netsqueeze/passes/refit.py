@@ -42,7 +42,6 @@ from netsqueeze.passes.rewrite import (
     apply_selection,
     axis_vector,
     batch_norm_scale,
-    branch_paths,
     branch_removal,
 )
 from netsqueeze.passes.squeeze_math import cholesky_solve, gram, reconstruction, ridged_normal, solve_normal
@@ -723,9 +722,9 @@ def layer_plan(graph: Graph, groups: ChannelGroups, keeps: Mapping[int, list[int
     removed = [gid for gid, keep in keeps.items() if not keep]
     chains, gone = branch_removal(graph, [n for gid in removed for n in groups[gid].consumers])
     gone |= chains.keys()  # each consumer is deleted or becomes its branch's constant
-    for gid in removed:
-        adds = {add for _, add, _ in branch_paths(graph, groups[gid])}
-        nodes += [n for g in groups if any(m.node in adds for m in g.members) for n in g.consumers]
+    # the add each removed branch fed: the one user of its chain's end
+    adds = {graph.value_users((chain[-1] if chain else nid, 0))[0][0] for nid, chain in chains.items()}
+    nodes += [n for g in groups if any(m.node in adds for m in g.members) for n in g.consumers]
     nodes = [n for n in dict.fromkeys(nodes) if n not in gone and graph.node(n).kind in ("conv", "linear")]
     dropped: dict[str, set[int]] = {}
     size: dict[str, int] = {}

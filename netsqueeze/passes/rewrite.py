@@ -207,12 +207,6 @@ def _to_add(graph: Graph, consumer: str) -> tuple[list[str], str, int] | str:
             return f"the output of '{consumer}' reaches {node.kind} '{user}', not an add"
 
 
-def branch_paths(graph: Graph, group: ChannelGroup) -> list[tuple[list[str], str, int]]:
-    """Per consumer of a removable branch (`branch_removable`): the ops between it and its add (what removing
-    the branch turns into a constant, besides the group's members), that add and the port it feeds."""
-    return [found for c in group.consumers if not isinstance(found := _to_add(graph, c), str)]
-
-
 def branch_removable(graph: Graph, group: ChannelGroup) -> str | None:
     """Why removing every channel of `group` is not a residual branch removal (None: it is).
 
