@@ -9,9 +9,11 @@ arithmetic on one thread (`net_trim_solvers.single_threaded`) from the same inpu
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from netsqueeze.errors import Diagnostic, NetsqueezeError
@@ -58,15 +60,52 @@ class InProcess(Executor):
         return out
 
 
+_LAUNCH = threading.Lock()
+
+
+def _from_main(fn: Callable[..., Any]) -> bool:
+    """Whether `fn` (a function, a callable object, a partial) is defined in the script being run."""
+    target = getattr(fn, "func", fn)
+    return getattr(target, "__module__", type(target).__module__) in ("__main__", "__mp_main__")
+
+
+@contextlib.contextmanager
+def _workers_skip_main() -> Iterator[None]:
+    """Worker processes started inside do not import the caller's `__main__`. A spawned worker imports the
+    script that started it, to find what was defined there, and runs its top level again: a script without an
+    `if __name__ == "__main__":` guard ran once more per worker (its compile too, whose own pool then failed with
+    the 'bootstrapping phase' RuntimeError, and its side effects). netsqueeze's tasks live in netsqueeze, so its
+    workers need none of it. Works by dropping the main module from `multiprocessing.spawn`'s preparation data,
+    only while this process starts workers (under a lock)."""
+    from multiprocessing import spawn
+
+    original = spawn.get_preparation_data
+
+    def prepare(name: str) -> dict[str, Any]:
+        data = original(name)
+        data.pop("init_main_from_path", None)
+        data.pop("init_main_from_name", None)
+        return data
+
+    with _LAUNCH:
+        spawn.get_preparation_data = prepare
+        try:
+            yield
+        finally:
+            spawn.get_preparation_data = original
+
+
 class Processes(Executor):
     """A pool of local worker processes (spawned, so no thread state of the parent is inherited), started on
-    the first map with more than one task and kept until `close`. A single task runs in this process."""
+    the first map with more than one task and kept until `close`. A single task runs in this process. The workers
+    do not run the caller's script (`_workers_skip_main`), unless a task's function is defined there."""
 
     name = "processes"
 
     def __init__(self, workers: int | None = None) -> None:
         self.workers = workers or os.cpu_count() or 1
         self._pool: Any = None
+        self._with_main = False  # whether the pool's workers imported the caller's script
 
     def map(self, fn: Callable[[A], R], tasks: Sequence[A], progress: Progress | None = None) -> list[R]:
         if len(tasks) <= 1 or self.workers == 1:
@@ -74,9 +113,15 @@ class Processes(Executor):
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
+        with_main = _from_main(fn)
+        if self._pool is not None and self._with_main != with_main:
+            self.close()
         if self._pool is None:
             self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
-        futures = {self._pool.submit(fn, t): i for i, t in enumerate(tasks)}
+            self._with_main = with_main
+        # workers start as tasks are submitted
+        with contextlib.nullcontext() if with_main else _workers_skip_main():
+            futures = {self._pool.submit(fn, t): i for i, t in enumerate(tasks)}
         out: list[Any] = [None] * len(tasks)
         for done, f in enumerate(as_completed(futures), 1):
             out[futures[f]] = f.result()
