@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import torch
 
-from netsqueeze.compiler.boundary import as_number, call_user, check_finite, user_traceback
+from netsqueeze.compiler.boundary import as_number, call_user, check_dense, check_finite, user_traceback
 from netsqueeze.compiler.calibration import (
     Batch,
     CalibrationSource,
@@ -49,6 +49,7 @@ from netsqueeze.errors import (
     InternalError,
     NetsqueezeError,
     NonFiniteError,
+    PolicyError,
     SourceSpan,
     UserCodeError,
     percent,
@@ -70,22 +71,20 @@ class CompileResult:
     graph: Graph
     report: CompileReport
     stored: bytes | None = None  # the compressed model file, with compile(store=...)
+    # the files the compile read, as (role, path): `save` refuses to overwrite them
+    sources: tuple[tuple[str, str], ...] = ()
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter((self.model, self.graph, self.report))
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Writes the compressed model file of `compile(store=...)` atomically (`netsqueeze.load` reads it)."""
-        from netsqueeze.compiler.files import atomic_write
+        """Writes the compressed model file of `compile(store=...)` atomically (`netsqueeze.load` reads it): a
+        `.nsq` path that is none of the files the compile read."""
+        from netsqueeze.compiler.stored import check_save_path, write_model_file
 
         if self.stored is None:
             raise NetsqueezeError("nothing to save: compile with store='ham' | 'sham' | 'csr' | 'dense'")
-        data = self.stored
-
-        def write(tmp: Path) -> None:
-            tmp.write_bytes(data)
-
-        atomic_write(path, write)
+        write_model_file(check_save_path(path, self.sources), self.stored)
 
 
 # ---- model import ----------------------------------------------------------------------------------
@@ -118,6 +117,8 @@ def load_model_file(path: str | os.PathLike[str], *,
     Exceptions from the user's code (the import, the factory, `example_inputs()`) are `CaptureError` /
     `UserCodeError`s naming the file and function, with the user's traceback as a note.
     """
+    if not isinstance(trust_pickle, bool):  # "no" is truthy: it would unpickle
+        raise NetsqueezeError(f"trust_pickle must be True or False, got {trust_pickle!r}")
     text = str(path)
     factory_name: str | None = None
     if ".py:" in text:
@@ -189,7 +190,11 @@ def file_calibration(path: str | os.PathLike[str]) -> Any:
 
 
 def check_input_shapes(input_shapes: Mapping[str, Sequence[int]] | None) -> None:
-    """Raises InputMismatchError for an `input_shapes` entry that is not a sequence of positive ints."""
+    """Raises InputMismatchError for an `input_shapes` that is not a mapping of input names to sequences of
+    positive ints."""
+    if input_shapes is not None and not isinstance(input_shapes, Mapping):
+        raise InputMismatchError(f"input_shapes is a {type(input_shapes).__name__}: give a dict of input names to "
+                                 "their dims, e.g. {'x': [1, 3, 224, 224]}")
     for name, dims in (input_shapes or {}).items():
         ok = isinstance(dims, Sequence) and not isinstance(dims, str) and len(dims) > 0
         if ok and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims):
@@ -259,6 +264,8 @@ def _parse_policy(policy: PolicyLike, params: Mapping[str, Any] | None) -> Any:
     from netsqueeze import dsl
     from netsqueeze.dsl.ast import Policy
 
+    if isinstance(policy, str) and not policy.strip():
+        raise PolicyError("the policy is an empty string: give a policy file path, policy text or a list of passes")
     if isinstance(policy, os.PathLike) or (isinstance(policy, str) and "{" not in policy):
         return load_policy_file(policy, params)
     if isinstance(policy, str):
@@ -697,6 +704,9 @@ def _check_example_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...] | Non
     for i, t in enumerate(items):
         if not isinstance(t, torch.Tensor):
             raise InputMismatchError(f"example input {i} is a {type(t).__name__}, not a torch.Tensor")
+        check_dense(t, f"example input {i}")
+        if t.dim() and t.shape[0] == 0:
+            raise InputMismatchError(f"example input {i} has shape {list(t.shape)}: no samples (dim 0 is 0)")
         check_finite(t, f"example input {i}")
     return tuple(t.detach().clone() for t in items)
 
@@ -791,6 +801,8 @@ def compile(
                               "int8 is a pass: put `quantize` or `quantize_weights` in the policy)")
     if eval_fn is not None and not callable(eval_fn):
         raise NetsqueezeError(f"eval_fn is a {type(eval_fn).__name__}, not a function of the model")
+    _check_arguments(seed=seed, trust_pickle=trust_pickle, labelled=labelled, progress=progress, log=log,
+                     params=params)
     if not isinstance(policy, (str, os.PathLike, list, tuple, Pass)):
         _parse_policy(policy, params)  # raises for anything but a parsed Policy
     check_input_shapes(input_shapes)
@@ -800,6 +812,7 @@ def compile(
         check_store(store)
     example_inputs = _check_example_inputs(example_inputs)
     runner = make_executor(executor)
+    model_arg = model
     model, guard_model = _private_copy(model)
     try:
         with guard_model:
@@ -812,10 +825,41 @@ def compile(
 
             with _stage("encoding the compressed model file"):
                 attach_store(result, store)
+        result.sources = _sources(model_arg, policy, calibration)
         return result
     finally:
         if not isinstance(executor, Executor):  # workers this compile started; a caller's executor stays open
             runner.close()
+
+
+def _sources(model: Any, policy: Any, calibration: Any) -> tuple[tuple[str, str], ...]:
+    """The files a compile read, as (role, path) pairs: what `CompileResult.save` refuses to overwrite."""
+    from netsqueeze.compiler.files import model_source
+
+    out = []
+    if isinstance(model, (str, os.PathLike)):
+        out.append(("input model", str(model_source(model))))
+    if isinstance(policy, os.PathLike) or (isinstance(policy, str) and "{" not in policy):
+        out.append(("policy file", os.fspath(policy)))
+    if isinstance(calibration, (str, os.PathLike)):
+        out.append(("calibration file", os.fspath(calibration)))
+    return tuple(out)
+
+
+def _check_arguments(*, seed: Any, trust_pickle: Any, labelled: Any, progress: Any, log: Any, params: Any) -> None:
+    """`compile()`'s plain arguments have the types they say: a `trust_pickle = "no"` was truthy, and unpickled."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 62:
+        raise NetsqueezeError(f"seed must be an integer from 0 to 2**62 - 1, got {seed!r}")
+    for name, value in (("trust_pickle", trust_pickle), ("labelled", labelled)):
+        if not isinstance(value, bool):
+            raise NetsqueezeError(f"{name} must be True or False, got {value!r}")
+    if progress is not None and not isinstance(progress, bool):
+        raise NetsqueezeError(f"progress must be True, False or None (bars on a terminal only), got {progress!r}")
+    if log is not None and not callable(log):
+        raise NetsqueezeError(f"log is a {type(log).__name__}, not a function of a message")
+    if params is not None and not isinstance(params, Mapping):
+        raise NetsqueezeError(f"params is a {type(params).__name__}: give a dict of policy parameter names to "
+                              "values, e.g. {'ratio': '30%'}")
 
 
 def _check_finite_params(graph: Graph) -> None:

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from netsqueeze.errors import NetsqueezeError, NonFiniteError, UserCodeError
+from netsqueeze.errors import InputMismatchError, NetsqueezeError, NonFiniteError, UserCodeError
 
 T = TypeVar("T")
 
@@ -59,6 +59,16 @@ def iterate_user(what: str, it: Iterator[T]) -> Iterator[T]:
             raise user_error(f"{what} (producing item {i})", e) from e
         yield item
         i += 1
+
+
+def check_dense(t: torch.Tensor, where: str) -> None:
+    """Raises `InputMismatchError` naming `where` when `t` holds no data netsqueeze can run on: a meta tensor
+    (shapes only) or a sparse / non-strided one."""
+    if t.device.type == "meta":
+        raise InputMismatchError(f"{where} is a meta tensor (a shape without data): give it real data")
+    if t.layout != torch.strided:
+        raise InputMismatchError(f"{where} is a {str(t.layout).removeprefix('torch.')} tensor: give it dense "
+                                 "(tensor.to_dense())")
 
 
 def check_finite(t: torch.Tensor, where: str) -> None:

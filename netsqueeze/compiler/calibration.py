@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from netsqueeze.compiler.boundary import call_user, check_finite, iterate_user
+from netsqueeze.compiler.boundary import call_user, check_dense, check_finite, iterate_user
 from netsqueeze.errors import Diagnostic, InputMismatchError, NetsqueezeError
 from netsqueeze.ir.graph import Graph, Value
 from netsqueeze.passes.base import ActivationStream, Segment
@@ -122,8 +122,9 @@ def calibration_source(data: Any, *, batch_size: int = 64, samples: int | None =
     ):
         full: Batch = (data,) if isinstance(data, torch.Tensor) else tuple(data)
         for k, t in enumerate(full):
+            name = what if len(full) == 1 else f"{what} (tensor {k})"
+            check_dense(t, name)
             if t.dim() == 0:
-                name = what if len(full) == 1 else f"{what} (tensor {k})"
                 raise InputMismatchError(f"{name} is a 0-d tensor (a single number); expected samples [N, ...]")
         if len({t.shape[0] for t in full}) > 1:
             raise InputMismatchError(f"{what}: its tensors have different sample counts "
@@ -238,8 +239,16 @@ def check_batch(graph: Graph, batch: Batch, where: str) -> None:
     if len(batch) != len(graph.inputs):
         raise InputMismatchError(f"{where} has {len(batch)} tensors but the model takes {len(graph.inputs)} inputs "
                                  f"({', '.join(graph.inputs)})")
+    # inputs whose first dims are one dynamic dim (the batch) take batches of one size
+    firsts = [(graph.node(nid).attrs.get("dims") or (None,))[0] for nid in graph.inputs]
+    sizes = [int(t.shape[0]) for t in batch if t.dim()]
+    if len(graph.inputs) > 1 and firsts[0] and len(set(firsts)) == 1 and len(set(sizes)) > 1:
+        raise InputMismatchError(f"{where}: the inputs have {', '.join(map(str, sizes))} samples "
+                                 f"({', '.join(graph.inputs)}), but the model's inputs share their first dim "
+                                 f"'{firsts[0]}'")
     for t, nid in zip(batch, graph.inputs):
         meta = graph.node(nid).meta[0]
+        check_dense(t, f"{where}: input '{nid}'")
         if t.dim() == 0:
             raise InputMismatchError(Diagnostic(
                 f"{where}: input '{nid}' is a 0-d tensor (a single number); expected a batch "

@@ -5,6 +5,7 @@ compressed and computing on their HAM/sHAM form)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import torch
 from torch import fx
 
 from netsqueeze.backends.storage import STORES, Store, decode_model, encode_model, stored_matrices
-from netsqueeze.compiler.files import atomic_write
+from netsqueeze.compiler.files import atomic_write, check_output_path
 from netsqueeze.errors import FileError, NetsqueezeError
 from netsqueeze.ir.graph import Graph
 
@@ -24,14 +25,35 @@ def check_store(store: Any) -> Store:
     return store  # type: ignore[no-any-return]
 
 
-def save(graph: Graph, path: str | os.PathLike[str], store: Store = "ham") -> dict[str, dict[str, float]]:
-    """Writes `graph` as a compressed model file (atomically: a failed write leaves the old file) and
-    returns per 'node/param' its stored and fp32 bytes."""
-    data, figures = encode_model(graph, check_store(store))
+def check_save_path(path: Any, sources: Sequence[tuple[str, str | os.PathLike[str]]] = ()) -> Path:
+    """`path` if a compressed model file can be written there: a str or PathLike ending in `.nsq` (another
+    suffix names another format: netsqueeze reads `.onnx`, `.pt`, `.py` ... as those), none of the files the
+    compile read (`sources`: (role, path) pairs), in an existing, writable directory; else a `FileError`."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise FileError(f"a compressed model file path is a str or os.PathLike, got {type(path).__name__}")
+    if Path(path).suffix.lower() != ".nsq":
+        raise FileError(f"'{os.fspath(path)}': a compressed model file ends in .nsq (netsqueeze.load reads it; "
+                        "other suffixes name other formats)")
+    return check_output_path(path, sources, option="save")
+
+
+def write_model_file(path: Path, data: bytes) -> None:
+    """Writes a compressed model file's bytes atomically (a failed write leaves the old file)."""
     def write(tmp: Path) -> None:
         tmp.write_bytes(data)
 
     atomic_write(path, write)
+
+
+def save(graph: Graph, path: str | os.PathLike[str], store: Store = "ham") -> dict[str, dict[str, float]]:
+    """Writes `graph` as a compressed model file (atomically: a failed write leaves the old file) and
+    returns per 'node/param' its stored and fp32 bytes."""
+    if not isinstance(graph, Graph):
+        raise NetsqueezeError(f"netsqueeze.save writes a netsqueeze graph (a compile's result.graph), got "
+                              f"{type(graph).__name__}; a compile's result.save(path) writes its model file")
+    target = check_save_path(path)
+    data, figures = encode_model(graph, check_store(store))
+    write_model_file(target, data)
     return figures
 
 
@@ -41,6 +63,8 @@ def load_graph(path: str | os.PathLike[str]) -> Graph:
 
 
 def _read(path: str | os.PathLike[str]) -> bytes:
+    if not isinstance(path, (str, os.PathLike)):
+        raise FileError(f"a compressed model file path is a str or os.PathLike, got {type(path).__name__}")
     p = Path(path)
     try:
         return p.read_bytes()

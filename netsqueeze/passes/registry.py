@@ -67,6 +67,8 @@ def all_passes() -> dict[str, type[Pass]]:
 
 
 def get_pass(name: str) -> type[Pass]:
+    if not isinstance(name, str):
+        raise NetsqueezeError(Diagnostic(f"a pass name is a string, got {type(name).__name__}"))
     passes = all_passes()
     if name not in passes:
         raise NetsqueezeError(Diagnostic(f"unknown pass '{name}'{did_you_mean(name, passes)}"))

@@ -1,0 +1,170 @@
+"""The Python API's arguments, checked where the user passes them: wrong types and values are
+`NetsqueezeError`s that say what was expected (they were bare TypeErrors, AttributeErrors, InternalErrors, or
+were silently taken: `trust_pickle = "no"` unpickled), and `result.save` never overwrites the compile's inputs."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import netsqueeze as ns
+from netsqueeze.errors import FileError
+from tests.zoo import ZOO
+
+POLICY = "policy p {\n  trim on fc1 { ratio = 50%, criterion = l2 }\n}\n"
+
+
+@pytest.fixture(scope="module")
+def mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    model, (x,) = ZOO["mlp"]()
+    return model, x, torch.randn(64, x.shape[1], generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize(("kwargs", "error", "message"), [
+    ({"seed": "a"}, ns.NetsqueezeError, "seed must be an integer from 0 to 2**62 - 1, got 'a'"),
+    ({"seed": None}, ns.NetsqueezeError, "seed must be an integer from 0 to 2**62 - 1, got None"),
+    ({"seed": 1.5}, ns.NetsqueezeError, "seed must be an integer from 0 to 2**62 - 1, got 1.5"),
+    ({"seed": 2 ** 70}, ns.NetsqueezeError, f"seed must be an integer from 0 to 2**62 - 1, got {2 ** 70}"),
+    ({"trust_pickle": "no"}, ns.NetsqueezeError, "trust_pickle must be True or False, got 'no'"),
+    ({"labelled": "yes"}, ns.NetsqueezeError, "labelled must be True or False, got 'yes'"),
+    ({"progress": 1}, ns.NetsqueezeError, "progress must be True, False or None (bars on a terminal only), got 1"),
+    ({"log": 5}, ns.NetsqueezeError, "log is a int, not a function of a message"),
+    ({"params": [1]}, ns.NetsqueezeError,
+     "params is a list: give a dict of policy parameter names to values, e.g. {'ratio': '30%'}"),
+    ({"input_shapes": [1]}, ns.InputMismatchError,
+     "input_shapes is a list: give a dict of input names to their dims, e.g. {'x': [1, 3, 224, 224]}"),
+])
+def test_arguments_of_the_wrong_type_are_refused(mlp: tuple[nn.Module, torch.Tensor, torch.Tensor],
+                                                 kwargs: dict[str, Any], error: type[Exception],
+                                                 message: str) -> None:
+    model, x, cal = mlp
+    with pytest.raises(error) as e:
+        ns.compile(model, POLICY, example_inputs=(x,), calibration=cal, **kwargs)
+    assert e.value.diagnostics[0].message == message  # type: ignore[attr-defined]
+
+
+def test_trust_pickle_must_be_a_bool_before_anything_is_unpickled(tmp_path: Path,
+                                                                   mlp: tuple[nn.Module, torch.Tensor, torch.Tensor]
+                                                                   ) -> None:
+    model, x, _ = mlp
+    torch.save(model, tmp_path / "full.pt")
+    for call in (lambda: ns.compile(tmp_path / "full.pt", POLICY, example_inputs=(x,), trust_pickle="false"),
+                 lambda: ns.import_model(tmp_path / "full.pt", (x,), trust_pickle="false")):
+        with pytest.raises(ns.NetsqueezeError, match=re.escape("trust_pickle must be True or False, got 'false'")):
+            call()
+
+
+@pytest.mark.parametrize(("example", "message"), [
+    (lambda x: x.to("meta"), "example input 0 is a meta tensor (a shape without data): give it real data"),
+    (lambda x: x.to_sparse(), "example input 0 is a sparse_coo tensor: give it dense (tensor.to_dense())"),
+    (lambda x: x[:0], "example input 0 has shape [0, 20]: no samples (dim 0 is 0)"),
+])
+def test_example_inputs_without_data(mlp: tuple[nn.Module, torch.Tensor, torch.Tensor], example: Any,
+                                     message: str) -> None:
+    model, x, _ = mlp
+    with pytest.raises(ns.InputMismatchError) as e:
+        ns.compile(model, POLICY, example_inputs=(example(x),))
+    assert e.value.diagnostics[0].message == message
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    (lambda c: c.to("meta"), "calibration data is a meta tensor (a shape without data): give it real data"),
+    (lambda c: [c[:32].to("meta")], "calibration batch 0: input 'x' is a meta tensor (a shape without data): give it "
+                                    "real data"),
+    (lambda c: c.to_sparse(), "calibration data is a sparse_coo tensor: give it dense (tensor.to_dense())"),
+])
+def test_calibration_without_data(mlp: tuple[nn.Module, torch.Tensor, torch.Tensor], data: Any, message: str) -> None:
+    model, x, cal = mlp
+    with pytest.raises(ns.InputMismatchError) as e:
+        ns.compile(model, POLICY, example_inputs=(x,), calibration=data(cal))
+    assert e.value.diagnostics[0].message == message
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.o = nn.Linear(20, 16), nn.Linear(10, 16), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.o(torch.relu(self.a(x) + self.b(y)))
+
+
+def test_a_calibration_batch_whose_inputs_differ_in_samples() -> None:
+    """Two inputs sharing the dynamic batch, given 16 and 8 samples: an InternalError, with torch.fx's traceback on
+    stderr."""
+    x, y = torch.randn(4, 20), torch.randn(4, 10)
+    policy = "policy p {\n  trim on a { ratio = 50%, criterion = l2 }\n}\n"
+    with pytest.raises(ns.InputMismatchError) as e:
+        ns.compile(_TwoInputs().eval(), policy, example_inputs=(x, y),
+                   calibration=[(torch.randn(16, 20), torch.randn(8, 10))])
+    assert e.value.diagnostics[0].message == ("calibration batch 0: the inputs have 16, 8 samples (x, y), but the "
+                                              "model's inputs share their first dim 'batch'")
+    ns.compile(_TwoInputs().eval(), policy, example_inputs=(x, y), calibration=[(torch.randn(16, 20),
+                                                                                   torch.randn(16, 10))])
+
+
+def test_an_empty_policy_string_and_a_pass_name_that_is_not_a_string(
+        mlp: tuple[nn.Module, torch.Tensor, torch.Tensor]) -> None:
+    model, x, _ = mlp
+    with pytest.raises(ns.PolicyError) as e:
+        ns.compile(model, " ", example_inputs=(x,))
+    assert e.value.diagnostics[0].message == ("the policy is an empty string: give a policy file path, policy text "
+                                              "or a list of passes")
+    with pytest.raises(ns.NetsqueezeError, match=re.escape("a pass name is a string, got NoneType")):
+        ns.get_pass(None)  # type: ignore[arg-type]
+
+
+def test_save_never_overwrites_what_the_compile_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     mlp: tuple[nn.Module, torch.Tensor, torch.Tensor]) -> None:
+    """`result.save` wrote the compressed model over the policy, the calibration file and the model file alike."""
+    model, x, cal = mlp
+    monkeypatch.chdir(tmp_path)
+    Path("p.sqz").write_text(POLICY)
+    np.savez("cal.npz", x=cal.numpy())
+    torch.save(model, "model.pt")
+    res = ns.compile("model.pt", "p.sqz", example_inputs=(x,), calibration="cal.npz", store="sham",
+                     trust_pickle=True)
+    before = {p: Path(p).read_bytes() for p in ("p.sqz", "cal.npz", "model.pt")}
+    for path in ("p.sqz", "cal.npz", "model.pt", "m.onnx"):
+        with pytest.raises(FileError) as e:
+            res.save(path)
+        assert e.value.diagnostics[0].message == (f"'{path}': a compressed model file ends in .nsq (netsqueeze.load "
+                                                  "reads it; other suffixes name other formats)")
+    for bad in (None, 5):
+        with pytest.raises(FileError) as e:
+            res.save(bad)  # type: ignore[arg-type]
+        assert e.value.diagnostics[0].message == (f"a compressed model file path is a str or os.PathLike, got "
+                                                  f"{type(bad).__name__}")
+    assert {p: Path(p).read_bytes() for p in before} == before
+    res.save("small.nsq")
+    assert torch.equal(ns.load("small.nsq")(x), res.model(x))
+    with pytest.raises(ns.NetsqueezeError) as e:
+        ns.save(res.model, "z.nsq")
+    assert e.value.diagnostics[0].message == (f"netsqueeze.save writes a netsqueeze graph (a compile's result.graph), "
+                                              f"got {type(res.model).__name__}; a compile's result.save(path) writes "
+                                              "its model file")
+    with pytest.raises(FileError, match=re.escape("a compressed model file path is a str or os.PathLike, got "
+                                                     "bytes")):
+        ns.load(b"small.nsq")  # type: ignore[arg-type]
+    assert sorted(os.listdir(".")) == ["cal.npz", "model.pt", "p.sqz", "small.nsq"]
+
+
+def test_save_refuses_an_input_with_the_nsq_suffix(tmp_path: Path,
+                                                   mlp: tuple[nn.Module, torch.Tensor, torch.Tensor]) -> None:
+    model, x, _ = mlp
+    policy = tmp_path / "policy.nsq"
+    policy.write_text(POLICY)
+    res = ns.compile(model, policy, example_inputs=(x,), calibration=torch.randn(64, 20), store="dense")
+    with pytest.raises(FileError) as e:
+        res.save(policy)
+    assert e.value.diagnostics[0].message == (f"refusing to overwrite the policy file '{policy}': choose another "
+                                              "save path")
+    assert policy.read_text() == POLICY
