@@ -8,14 +8,21 @@ from netsqueeze.errors import (
     BudgetError,
     CaptureError,
     Diagnostic,
+    FileError,
     InputMismatchError,
+    InternalError,
     NetsqueezeError,
+    NonFiniteError,
     PassBudgetError,
     PassError,
+    PassInputMismatchError,
+    PassNonFiniteError,
+    PassUserCodeError,
     PolicyError,
     SolverError,
     SourceSpan,
     UnsupportedOpError,
+    UserCodeError,
     VerifyError,
 )
 from netsqueeze.ir import Graph
@@ -30,9 +37,10 @@ from netsqueeze.passes import (
 )
 
 __all__ = [
-    "AnalysisPass", "BudgetError", "CaptureError", "CompileReport", "CompileResult", "Diagnostic", "Graph",
-    "InputMismatchError", "NetsqueezeError", "Pass", "PassBudgetError", "PassContext", "PassError", "PassResult", "PolicyError",
-    "SolverError", "SourceSpan", "Step", "TransformPass", "UnsupportedOpError", "VerifyError", "compile",
-    "get_pass", "import_model", "load", "register_pass", "run_pipeline", "save",
+    "AnalysisPass", "BudgetError", "CaptureError", "CompileReport", "CompileResult", "Diagnostic", "FileError", "Graph",
+    "InputMismatchError", "InternalError", "NetsqueezeError", "NonFiniteError", "Pass", "PassBudgetError",
+    "PassContext", "PassError", "PassInputMismatchError", "PassNonFiniteError", "PassResult", "PassUserCodeError",
+    "PolicyError", "SolverError", "SourceSpan", "Step", "TransformPass", "UnsupportedOpError", "UserCodeError",
+    "VerifyError", "compile", "get_pass", "import_model", "load", "register_pass", "run_pipeline", "save",
 ]
 __version__ = "0.1.0"

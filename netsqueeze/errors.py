@@ -136,6 +136,24 @@ class NonFiniteError(NetsqueezeError):
     """A NaN or Inf where a finite number is needed: input data, a measured fidelity, an `eval_fn` result."""
 
 
+class PassUserCodeError(PassError, UserCodeError):
+    """User code (a calibration iterator, `eval_fn`) that failed while a pass ran: catchable as either."""
+
+
+class PassNonFiniteError(PassError, NonFiniteError):
+    """A NaN or Inf (in the calibration data, or an activation a pass must square) met while a pass ran."""
+
+
+class PassInputMismatchError(PassError, InputMismatchError):
+    """Calibration data that does not fit the model, met while a pass ran (a later batch): catchable as either."""
+
+
+# what a pass's error is re-raised as inside a pipeline: the kind of error it was, and located at the pass
+PASS_ERRORS: tuple[tuple[type[NetsqueezeError], type[PassError]], ...] = (
+    (BudgetError, PassBudgetError), (UserCodeError, PassUserCodeError), (NonFiniteError, PassNonFiniteError),
+    (InputMismatchError, PassInputMismatchError))
+
+
 class InternalError(NetsqueezeError):
     """An unexpected exception inside netsqueeze: a bug to report; names the stage, pass or node where known."""
 

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from netsqueeze.errors import BudgetError, Diagnostic, NetsqueezeError, PassBudgetError, PassError, SourceSpan
+from netsqueeze.errors import PASS_ERRORS, Diagnostic, NetsqueezeError, PassError, SourceSpan
 from netsqueeze.ir.graph import Graph
 from netsqueeze.ir.stats import GraphStats, graph_stats
 from netsqueeze.passes.base import Pass, PassContext, PassResult
@@ -61,7 +61,8 @@ def run_pipeline(graph: Graph, steps: Sequence[Step | Pass], ctx: PassContext,
     whether it changed the graph.
 
     A failure is re-raised as `PassError` naming the failing pass, where it was written and
-    the passes that ran before it; a `NetsqueezeError`'s own diagnostics are kept.
+    the passes that ran before it; a `NetsqueezeError`'s own diagnostics are kept, and so is its kind (a budget,
+    user code, non-finite data or mismatched input error is also a `PassBudgetError`, `PassUserCodeError`, ...).
     """
     run = PipelineRun()
     done: list[str] = []
@@ -86,7 +87,8 @@ def run_pipeline(graph: Graph, steps: Sequence[Step | Pass], ctx: PassContext,
                            (*d.notes, before_txt))
                 for d in e.diagnostics
             ]
-            err = (PassBudgetError if isinstance(e, BudgetError) else PassError)(diags)
+            kind = next((located for cause, located in PASS_ERRORS if isinstance(e, cause)), PassError)
+            err = kind(diags)
             for note in getattr(e, "__notes__", ()):  # e.g. the user's traceback from an eval_fn
                 err.add_note(note)
             raise err from e

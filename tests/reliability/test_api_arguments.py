@@ -168,3 +168,33 @@ def test_save_refuses_an_input_with_the_nsq_suffix(tmp_path: Path,
     assert e.value.diagnostics[0].message == (f"refusing to overwrite the policy file '{policy}': choose another "
                                               "save path")
     assert policy.read_text() == POLICY
+
+
+class _Raising:
+    def __init__(self, first: torch.Tensor) -> None:
+        self.first = first
+
+    def __iter__(self) -> Any:
+        yield self.first
+        raise ValueError("boom in the user's iterator")
+
+
+@pytest.mark.parametrize(("data", "kind", "start"), [
+    (lambda c: _Raising(c[:16]), ns.UserCodeError,
+     "pass 'trim' (<policy>:2) failed: the calibration iterator (producing item 1) raised ValueError"),
+    (lambda c: [c[:16], c[16:32], torch.full((16, 20), float("inf"))], ns.NonFiniteError,
+     "pass 'trim' (<policy>:2) failed: calibration batch 2: input 'x' contains Inf (320 of 320 values)"),
+    (lambda c: [c[:16], torch.randn(16, 7)], ns.InputMismatchError,
+     "pass 'trim' (<policy>:2) failed: calibration batch 1: input 'x' has shape [16, 7] but the model expects "
+     "[N, 20]"),
+])
+def test_data_errors_met_while_a_pass_runs_keep_their_kind(mlp: tuple[nn.Module, torch.Tensor, torch.Tensor],
+                                                           data: Any, kind: type[Exception], start: str) -> None:
+    """A calibration iterator that raises, or a later batch with an Inf or the wrong shape, was a plain `PassError`
+    blaming the pass, so `except UserCodeError` / `NonFiniteError` (what the README promises) missed it. It is now
+    both, still located at the pass that was reading the data."""
+    model, x, cal = mlp
+    with pytest.raises(ns.PassError) as e:
+        ns.compile(model, POLICY, example_inputs=(x,), calibration=data(cal))
+    assert isinstance(e.value, kind)
+    assert e.value.diagnostics[0].message.startswith(start)
