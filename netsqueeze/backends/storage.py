@@ -32,6 +32,7 @@ import io
 import json
 import math
 import struct
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -47,7 +48,7 @@ Store = Literal["ham", "sham", "csr", "dense"]
 STORES: tuple[str, ...] = ("ham", "sham", "csr", "dense")
 WORD_BITS = 32  # B: the payload is packed in B-bit words
 MAGIC = b"NSQZ"
-VERSION = 1
+VERSION = 2  # 2: a CRC-32 of the whole file closes it (1: none)
 _DTYPES = {"float32": (torch.float32, np.float32), "float16": (torch.float16, np.float16),
            "float64": (torch.float64, np.float64), "bfloat16": (torch.bfloat16, np.uint16),
            "int64": (torch.int64, np.int64), "int32": (torch.int32, np.int32), "int16": (torch.int16, np.int16),
@@ -436,21 +437,38 @@ def encode_model(graph: Graph, store: Store) -> tuple[bytes, dict[str, dict[str,
         at = found + len(mark)
     text = "".join(parts) + text[at:]
     header = json.dumps({"store": store, "graph": text, "weights": entries}, sort_keys=True).encode()
-    out = MAGIC + struct.pack("<HI", VERSION, len(header)) + header + b"".join(blobs)
-    return out, figures
+    return seal(MAGIC + struct.pack("<HI", VERSION, len(header)) + header + b"".join(blobs)), figures
+
+
+def seal(body: bytes) -> bytes:
+    """A model file's bytes: `body` closed by its CRC-32, which `decode_model` checks."""
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def unsealed(data: bytes, what: str = "model file") -> bytes:
+    """A model file's bytes up to its checksum, checked (a version 1 file has none): a file damaged after it was
+    written is a FileError, not weights that load wrong."""
+    if data[:4] != MAGIC:
+        raise FileError(f"{what} is not a netsqueeze compressed model (no '{MAGIC.decode()}' header)")
+    if len(data) < 10:
+        raise FileError(f"{what} is truncated")
+    version = struct.unpack("<H", data[4:6])[0]
+    if version not in (1, VERSION):
+        raise FileError(f"{what} is format version {version}; this netsqueeze reads versions 1 and {VERSION}")
+    if version == 1:
+        return data
+    if len(data) < 14 or struct.unpack("<I", data[-4:])[0] != zlib.crc32(data[:-4]):
+        raise FileError(f"{what} is corrupt: its checksum does not match its bytes (damaged or truncated after it "
+                        "was written)")
+    return data[:-4]
 
 
 def decode_model(data: bytes, what: str = "model file") -> tuple[Graph, dict[str, object]]:
     """The graph of a compressed model file, every param decoded to a dense tensor, and the file's header."""
     from netsqueeze.ir.parser import parse_graph
 
-    if data[:4] != MAGIC:
-        raise FileError(f"{what} is not a netsqueeze compressed model (no '{MAGIC.decode()}' header)")
-    if len(data) < 10:
-        raise FileError(f"{what} is truncated")
-    version, hlen = struct.unpack("<HI", data[4:10])
-    if version != VERSION:
-        raise FileError(f"{what} is format version {version}; this netsqueeze reads version {VERSION}")
+    data = unsealed(data, what)
+    hlen = struct.unpack("<I", data[6:10])[0]
     try:
         header = json.loads(data[10:10 + hlen].decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -489,6 +507,7 @@ def _check_header(header: object, what: str) -> None:
 def stored_matrices(data: bytes) -> Mapping[str, tuple[str, bytes, tuple[int, ...]]]:
     """Per 'node/param' of a compressed model file: (store, encoded bytes, shape) — what a module that
     computes on the compressed form reads."""
+    data = unsealed(data)
     _, hlen = struct.unpack("<HI", data[4:10])
     header = json.loads(data[10:10 + hlen].decode())
     base = 10 + hlen

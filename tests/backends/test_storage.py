@@ -27,10 +27,13 @@ from netsqueeze.backends.storage import (
     huffman_bound_bits,
     huffman_code,
     psi,
+    seal,
     sham_size_bound,
+    unsealed,
 )
 from netsqueeze.errors import FileError, NetsqueezeError
 from netsqueeze.ir.graph import Graph
+from netsqueeze.ir.printer import print_graph
 from tests.passes.graphs import cnn
 from tests.zoo import MLP
 
@@ -195,8 +198,25 @@ def test_save_and_load_errors(tmp_path: Path) -> None:
     with pytest.raises(NetsqueezeError, match="unknown store 'zip'"):
         ns.save(res.graph, path, store="zip")  # type: ignore[arg-type]
     ns.save(res.graph, path)
-    with pytest.raises(FileError, match="is truncated"):
+    damaged = "is corrupt: its checksum does not match its bytes (damaged or truncated after it was written)"
+    with pytest.raises(FileError, match=re.escape(damaged)):
         decode_model(path.read_bytes()[:-10])
+
+
+def test_a_file_damaged_after_it_was_written_is_refused_and_version_1_files_still_load(tmp_path: Path) -> None:
+    """One flipped bit in a dense file's weights loaded silently, 0.0127 off (the format had no checksum)."""
+    import struct
+
+    res, _ = _compiled()
+    for store in ("dense", "csr", "ham", "sham"):
+        data, _ = encode_model(res.graph, store)  # type: ignore[arg-type]
+        for at in (len(data) - 14, len(data) // 2, 12):
+            bad = bytearray(data)
+            bad[at] ^= 0x40
+            with pytest.raises(FileError, match=re.escape("model file is corrupt: its checksum does not match")):
+                decode_model(bytes(bad))
+        v1 = data[:4] + struct.pack("<H", 1) + data[6:-4]  # written before the checksum: none to check
+        assert print_graph(decode_model(v1)[0], values=True) == print_graph(decode_model(data)[0], values=True)
 
 
 def test_compile_store_option_measures_psi(tmp_path: Path) -> None:
@@ -239,10 +259,11 @@ def _rebuilt(data: bytes, edit: object) -> bytes:
     import json
     import struct
 
+    data = unsealed(data)
     version, hlen = struct.unpack("<HI", data[4:10])
     header = json.loads(data[10:10 + hlen])
     raw = json.dumps(edit(header)).encode()  # type: ignore[operator]
-    return data[:4] + struct.pack("<HI", version, len(raw)) + raw + data[10 + hlen:]
+    return seal(data[:4] + struct.pack("<HI", version, len(raw)) + raw + data[10 + hlen:])
 
 
 def test_a_corrupt_header_or_symbol_count_is_a_clear_error_not_a_crash(tmp_path: Path) -> None:
@@ -273,7 +294,7 @@ def test_a_corrupt_header_or_symbol_count_is_a_clear_error_not_a_crash(tmp_path:
     header = json.loads(data[10:10 + hlen])
     e = next(e for e in header["weights"] if e["store"] == "ham")
     at = 10 + hlen + e["offset"] + struct.calcsize("<IIB") + struct.calcsize("<IQ")
-    bad = data[:at] + struct.pack("<Q", 1 << 40) + data[at + 8:]
+    bad = seal(unsealed(data)[:at] + struct.pack("<Q", 1 << 40) + unsealed(data)[at + 8:])  # a valid checksum
     with pytest.raises(NetsqueezeError, match=r"corrupt Huffman stream: 1099511627776 symbols in \d+ bits"):
         decode_model(bad)
 
