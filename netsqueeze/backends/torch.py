@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from netsqueeze.backends.torch_modules import (
     Attention,
@@ -28,7 +29,7 @@ from netsqueeze.backends.torch_modules import (
 from netsqueeze.errors import Diagnostic, NetsqueezeError, UnsupportedOpError
 from netsqueeze.ir.calls import AtenCall, Slot
 from netsqueeze.ir.dims import expr_of, fmt, is_dynamic, lower, reshape_plan, symbol_sources
-from netsqueeze.ir.graph import Graph, Node, Value
+from netsqueeze.ir.graph import OUTPUT_TREE, Graph, Node, Value
 from netsqueeze.ir.ops import BUFFERS, attr
 from netsqueeze.ir.tables import registrar
 from netsqueeze.ir.weights import Encoded, Sparse
@@ -656,11 +657,13 @@ def to_torch_segment(graph: Graph, feeds: Sequence[Value], fetch: Sequence[Value
 
 
 def to_torch(graph: Graph, *, extra_outputs: Sequence[Value] = (),
-             sparse: Literal["decode", "csr"] = "decode") -> fx.GraphModule:
+             sparse: Literal["decode", "csr"] = "decode", nested: bool = False) -> fx.GraphModule:
     """Emits `graph` as an eval-mode GraphModule whose layers sit at the node ids' dotted paths.
 
     Forward takes the graph inputs positionally and returns one tensor for one output, else a
-    tuple; with `extra_outputs` it always returns `(*outputs, *extras)`. Params are cloned.
+    tuple; with `extra_outputs` it always returns `(*outputs, *extras)`; with `nested`, the outputs nested as
+    the captured model returned them (dicts and lists: graph meta `output_tree`), when they still match it.
+    Params are cloned.
     `sparse`: a linear layer with a sparse weight decodes it to a dense weight with zeros on each call
     (`decode`, the same arithmetic as the dense layer), or keeps a `torch.sparse_csr` weight and
     multiplies with it (`csr`, `SparseLinear`).
@@ -677,8 +680,11 @@ def to_torch(graph: Graph, *, extra_outputs: Sequence[Value] = (),
     _check_inputs(b, graph)
     outs = _emit(b, graph, env, graph.nodes())
     extras = [env[(v[0], v[1])] for v in extra_outputs]
+    tree = graph.meta.get(OUTPUT_TREE) if nested and not extras else None
     if extras:
         b.fx.output((*outs, *extras))
+    elif tree is not None and (spec := pytree.treespec_loads(tree)).num_leaves == len(outs):
+        b.fx.output(pytree.tree_unflatten(list(outs), spec))
     else:
         b.fx.output(outs[0] if len(outs) == 1 else tuple(outs))
     gm = fx.GraphModule(b.root, b.fx, class_name=re.sub(r"\W", "_", graph.name) or "Emitted")

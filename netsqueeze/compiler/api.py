@@ -54,7 +54,7 @@ from netsqueeze.errors import (
     UserCodeError,
     percent,
 )
-from netsqueeze.ir.graph import Graph, Value
+from netsqueeze.ir.graph import OUTPUT_TREE, Graph, Value
 from netsqueeze.ir.stats import example_batch, graph_stats
 from netsqueeze.passes.base import ActivationStream, Feeds, Pass, PassContext, Trainable, class_scores
 from netsqueeze.passes.executor import Executor, make_executor
@@ -832,6 +832,16 @@ def compile(
             runner.close()
 
 
+def output_paths(tree: str) -> list[str]:
+    """Each output's place in the nesting a captured model returned (graph meta `OUTPUT_TREE`), in output order:
+    "['logits']", "['aux'][0]", ..."""
+    from torch.utils import _pytree as pytree
+
+    spec = pytree.treespec_loads(tree)
+    nested = pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
+    return [pytree.keystr(path) for path, _ in pytree.tree_flatten_with_path(nested)[0]]
+
+
 def _sources(model: Any, policy: Any, calibration: Any) -> tuple[tuple[str, str], ...]:
     """The files a compile read, as (role, path) pairs: what `CompileResult.save` refuses to overwrite."""
     from netsqueeze.compiler.files import model_source
@@ -1015,7 +1025,7 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
         if target == "torch":
             from netsqueeze.backends.torch import to_torch
 
-            out_model = to_torch(graph, sparse="csr" if sparse == "csr" else "decode")
+            out_model = to_torch(graph, sparse="csr" if sparse == "csr" else "decode", nested=True)
             if precision == "fp16":
                 out_model = out_model.half()
         else:
@@ -1024,6 +1034,10 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
             meta = {"netsqueeze.policy_hash": resolved.policy_hash or "", "netsqueeze.plan": resolved.plan_text or ""}
             out_model = to_onnx(graph, precision=precision, metadata={k: v for k, v in meta.items() if v},
                                 sparse="dense" if sparse == "dense" else "initializer")
+            if (tree := graph.meta.get(OUTPUT_TREE)) is not None:
+                notes.append("the model nests its outputs; ONNX's are flat, in this order: "
+                             + ", ".join(f"{o.name} = out{path}" for o, path in zip(out_model.graph.output,
+                                                                                  output_paths(tree))))
     times["emit"] = time.perf_counter() - t3
     if eval_fn is not None:
         from netsqueeze.backends.torch import to_torch

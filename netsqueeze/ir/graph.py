@@ -14,6 +14,9 @@ from netsqueeze.errors import Diagnostic, VerifyError, did_you_mean
 from netsqueeze.ir.dims import fmt
 from netsqueeze.ir.weights import Weight, clone, require_dense
 
+# graph meta: how a captured torch model nests its outputs (torch pytree spec, serialized), for the emitted module
+OUTPUT_TREE = "output_tree"
+
 
 @dataclass(frozen=True)
 class TensorMeta:
@@ -86,7 +89,7 @@ class Graph:
         self.inputs: list[str] = []
         self.outputs: list[str] = []
         self._counter = 0
-        self.meta: dict[str, Any] = {}  # graph-level facts: source frontend, opset, ...
+        self.meta: dict[str, Any] = {}  # graph-level facts: source frontend, opset, OUTPUT_TREE, ...
 
     # ---- construction -------------------------------------------------------------
     def add_node(

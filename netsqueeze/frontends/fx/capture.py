@@ -44,7 +44,7 @@ from netsqueeze.frontends.fx.state import (
 )
 from netsqueeze.ir.canonicalize import canonicalize
 from netsqueeze.ir.dims import Dim, is_dynamic
-from netsqueeze.ir.graph import Graph, Origin
+from netsqueeze.ir.graph import OUTPUT_TREE, Graph, Origin
 
 
 # ---- the capture driver ----------------------------------------------------------------------------
@@ -551,9 +551,29 @@ def _from_exported(ep: torch.export.ExportedProgram, example_inputs: Sequence[to
     guard = env.suppress_guards() if env is not None else contextlib.nullcontext()
     try:
         with guard:
-            return _convert(cx, gm, [n.name for n in user], example_inputs, user_outs)
+            graph = _convert(cx, gm, [n.name for n in user], example_inputs, user_outs)
     finally:
         SYMBOLS.reset(token)
+    tree = output_tree(ep.call_spec.out_spec, len(graph.outputs))
+    if tree is not None:
+        graph.meta[OUTPUT_TREE] = tree
+    return graph
+
+
+def output_tree(spec: Any, n_outputs: int) -> str | None:
+    """`spec` (torch.export's output pytree spec) serialized, when the model returns its `n_outputs` tensors
+    nested in dicts and lists (or tuples holding them), so the emitted module returns them the same way; None for
+    one tensor, a flat tuple, or containers other than dict / list / tuple (left flat, in order)."""
+    from torch.utils import _pytree as pytree
+
+    def plain(s: Any) -> bool:
+        return s.type is None or (s.type in (dict, list, tuple) and all(plain(c) for c in s.children()))
+
+    if spec is None or not plain(spec) or spec.num_leaves != n_outputs:
+        return None
+    if spec.type is None or (spec.type is tuple and all(c.type is None for c in spec.children())):
+        return None
+    return str(pytree.treespec_dumps(spec))
 
 
 def _from_symbolic(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], name: str) -> Graph:
