@@ -355,6 +355,23 @@ def _declared_inputs(policy: PolicyLike, params: Mapping[str, Any] | None) -> tu
     return tuple(out)
 
 
+def _check_declared_inputs(decls: Sequence[Any], graph: Graph) -> None:
+    """The policy's `input` declarations agree with the model: each names one of its inputs, with its dtype and
+    its sizes (a dynamic dim may differ). A declaration that contradicts the model was ignored without a word."""
+    for d in decls:
+        if d.name not in graph.inputs:
+            raise PolicyError(Diagnostic(f"input '{d.name}' is not an input of the model (its inputs: "
+                                         f"{', '.join(graph.inputs)})", span=d.span))
+        node = graph.node(d.name)
+        meta, dims = node.meta[0], node.attrs.get("dims") or ()
+        model = f"{meta.dtype}[{', '.join(str(int(x)) for x in meta.shape)}]"
+        same_sizes = len(d.shape) == len(meta.shape) and all(
+            int(a) == int(b) or (i < len(dims) and dims[i]) for i, (a, b) in enumerate(zip(d.shape, meta.shape)))
+        if str(d.dtype) != meta.dtype or not same_sizes:
+            raise PolicyError(Diagnostic(f"input '{d.name}' is declared {d.dtype}[{', '.join(map(str, d.shape))}] "
+                                         f"but the model's is {model}", span=d.span))
+
+
 # ---- fidelity ------------------------------------------------------------------------------------------
 def _run_outputs(module: torch.nn.Module, batch: Batch) -> list[torch.Tensor]:
     with torch.no_grad():
@@ -908,6 +925,7 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
     t1 = time.perf_counter()
     with _stage("resolving the policy"):
         resolved = _resolve(policy, graph, params)
+        _check_declared_inputs(resolved.inputs, graph)
     times["resolve"] = time.perf_counter() - t1
 
     cal = resolved.calibration

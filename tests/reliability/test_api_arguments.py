@@ -198,3 +198,21 @@ def test_data_errors_met_while_a_pass_runs_keep_their_kind(mlp: tuple[nn.Module,
         ns.compile(model, POLICY, example_inputs=(x,), calibration=data(cal))
     assert isinstance(e.value, kind)
     assert e.value.diagnostics[0].message.startswith(start)
+
+
+@pytest.mark.parametrize(("decl", "message"), [
+    ("input x: float32[4, 7]", "input 'x' is declared float32[4, 7] but the model's is float32[4, 20]"),
+    ("input x: float64[4, 20]", "input 'x' is declared float64[4, 20] but the model's is float32[4, 20]"),
+    ("input q: float32[4, 20]", "input 'q' is not an input of the model (its inputs: x)"),
+])
+def test_an_input_declaration_that_contradicts_the_model(mlp: tuple[nn.Module, torch.Tensor, torch.Tensor],
+                                                         decl: str, message: str) -> None:
+    """Beside example inputs, a declaration was ignored without a word, however wrong."""
+    model, x, cal = mlp
+    policy = f"policy p {{\n  {decl}\n  trim on fc1 {{ ratio = 50%, criterion = l2 }}\n}}\n"
+    with pytest.raises(ns.PolicyError) as e:
+        ns.compile(model, policy, example_inputs=(x,), calibration=cal)
+    d = e.value.diagnostics[0]
+    assert (d.message, d.span.line, d.span.col) == (message, 2, 3)  # type: ignore[union-attr]
+    # the dynamic batch may differ from the declaration's
+    ns.compile(model, policy.replace(decl, "input x: float32[9, 20]"), example_inputs=(x,), calibration=cal)
