@@ -209,6 +209,7 @@ def import_model(model: Any, example_inputs: Sequence[torch.Tensor] | torch.Tens
     """Lowers a torch model (Module, GraphModule, ExportedProgram), an ONNX model or a model file into the IR.
     `.pt`/`.pt2` files that need unpickling load only with `trust_pickle=True`."""
     check_input_shapes(input_shapes)
+    example_inputs = _check_example_inputs(example_inputs)
     if isinstance(model, (str, os.PathLike)) and not _is_onnx(model):
         model, file_inputs = load_model_file(model, trust_pickle=trust_pickle)
         example_inputs = example_inputs if example_inputs is not None else file_inputs
@@ -225,12 +226,10 @@ def import_model(model: Any, example_inputs: Sequence[torch.Tensor] | torch.Tens
     if input_shapes:
         raise InputMismatchError("input_shapes sets an ONNX model's input sizes: a torch model's come from its example "
                                  "inputs (and its dynamic dims from dynamic_shapes)")
-    if example_inputs is None:
+    if example_inputs is None and isinstance(model, (torch.nn.Module, torch.export.ExportedProgram)):
         raise InputMismatchError("a torch model needs example inputs: pass example_inputs=(tensor, ...) "
                                  "or declare `input` shapes in the policy")
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    return from_torch(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
+    return from_torch(model, example_inputs or (), dynamic_shapes=dynamic_shapes)  # says what else it cannot capture
 
 
 # ---- policy ------------------------------------------------------------------------------------------

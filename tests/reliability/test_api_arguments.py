@@ -216,3 +216,26 @@ def test_an_input_declaration_that_contradicts_the_model(mlp: tuple[nn.Module, t
     assert (d.message, d.span.line, d.span.col) == (message, 2, 3)  # type: ignore[union-attr]
     # the dynamic batch may differ from the declaration's
     ns.compile(model, policy.replace(decl, "input x: float32[9, 20]"), example_inputs=(x,), calibration=cal)
+
+
+def test_import_model_says_what_is_wrong(mlp: tuple[nn.Module, torch.Tensor, torch.Tensor]) -> None:
+    """import_model(None) asked for example inputs, a dict of inputs was read by its keys ("example input 0 is a
+    str"), and an ONNX model's example of the wrong size was blamed on an input_shapes never given."""
+    from netsqueeze.backends.onnx import to_onnx
+
+    model, x, _ = mlp
+    with pytest.raises(ns.CaptureError) as e:
+        ns.import_model(None)
+    assert e.value.diagnostics[0].message == ("cannot capture a NoneType: expected an nn.Module, a torch.fx.GraphModule "
+                                              "or a torch.export.ExportedProgram")
+    with pytest.raises(ns.InputMismatchError) as e:
+        ns.import_model(model, {"x": x})  # type: ignore[arg-type]
+    assert e.value.diagnostics[0].message == "example_inputs is a dict; expected a tensor or a tuple of tensors"
+    proto = to_onnx(ns.import_model(model, (x,)))
+    with pytest.raises(ns.CaptureError) as e:
+        ns.import_model(proto, (torch.randn(4, 7),))
+    assert e.value.diagnostics[0].message == ("example input 0 ('x', shape [4, 7]) gives 7 for axis 1, which the "
+                                              "model fixes at 20")
+    with pytest.raises(ns.CaptureError) as e:
+        ns.import_model(proto, input_shapes={"x": [4, 7]})
+    assert e.value.diagnostics[0].message == "input_shapes['x'] gives 7 for axis 1, which the model fixes at 20"

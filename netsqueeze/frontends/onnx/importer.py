@@ -123,6 +123,7 @@ class _Importer:
         self.sym_value_info: dict[str, tuple[str | None, ...]] = {}  # dim_params ONNX inference propagated
         self.dim_names: set[str] = set()
         self.input_shapes = input_shapes
+        self.shape_sources: dict[str, str] = {}  # input name → what gave its sizes, when not input_shapes
         self.value_info: dict[str, TensorMeta] = {}
         self.owned: dict[int, str] = {}  # id(array) → name: arrays made at import, not yet handed to a node
         self.cur_id = ""
@@ -215,7 +216,8 @@ class _Importer:
         ids = _node_ids(proto, {i.name for i in real_inputs})
         order = check_structure(proto, ids)
         check_contents(proto, ids, opset)
-        declared = {i.name: _static_shape(i, self.input_shapes.get(i.name)) for i in real_inputs}
+        declared = {i.name: _static_shape(i, self.input_shapes.get(i.name), self.shape_sources.get(i.name))
+                    for i in real_inputs}
         shapes = {k: v[0] for k, v in declared.items()}
         seen: dict[str, tuple[int, str, int]] = {}
         for k, (shape, dim_names, _) in declared.items():
@@ -760,6 +762,8 @@ def from_onnx(
         if len(example_shapes) != len(names):
             raise InputMismatchError(f"{len(example_shapes)} example inputs given, but the ONNX model has "
                                      f"{len(names)} inputs ({', '.join(names)})")
+        from_examples = {n: f"example input {i} ('{n}', shape {list(s)})"
+                         for i, (n, s) in enumerate(zip(names, example_shapes)) if n not in (input_shapes or {})}
         input_shapes = {**dict(zip(names, (tuple(s) for s in example_shapes))), **(input_shapes or {})}
     check_text(proto)
     opset = model_opset(proto)
@@ -767,4 +771,6 @@ def from_onnx(
         raise _fail(f"unsupported ONNX opset {opset} (netsqueeze supports opsets {MIN_OPSET}..{MAX_OPSET})")
     gname = name or proto.graph.name or (os.path.splitext(os.path.basename(os.fspath(model)))[0]
                                          if not isinstance(model, onnx.ModelProto) else "graph")
-    return _Importer(proto, gname, dict(input_shapes or {})).run()
+    importer = _Importer(proto, gname, dict(input_shapes or {}))
+    importer.shape_sources = from_examples if example_shapes is not None else {}
+    return importer.run()

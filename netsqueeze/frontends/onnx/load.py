@@ -327,19 +327,21 @@ def check_text(proto: onnx.ModelProto) -> None:
     _check_graph_text(proto.graph, "the graph")
 
 
-def _static_shape(vi: onnx.ValueInfoProto, given: tuple[int, ...] | None
+def _static_shape(vi: onnx.ValueInfoProto, given: tuple[int, ...] | None, source: str | None = None
                   ) -> tuple[tuple[int, ...], tuple[str | None, ...], list[str]]:
     """(example sizes, the name of each dynamic dim or None, notes) of a model input.
 
     A dim the file leaves open (a `dim_param` or no value) stays dynamic under its `dim_param` (or
     '<input>_<axis>'); its size for analysis comes from `given` (input_shapes / the example inputs). Without
-    one, a leading (batch) dim is taken as 1 with a note; any other open dim is an error naming it.
+    one, a leading (batch) dim is taken as 1 with a note; any other open dim is an error naming it. `source`
+    says what gave `given` when it was not `input_shapes` (an example input).
     """
+    what = source or f"input_shapes['{vi.name}']"
     dims = vi.type.tensor_type.shape.dim
     if given is None and not vi.type.tensor_type.HasField("shape"):
         raise _fail(f"model input '{vi.name}' declares no shape; pass input_shapes={{'{vi.name}': (...)}}")
     if given is not None and vi.type.tensor_type.HasField("shape") and len(given) != len(dims):
-        raise _fail(f"input_shapes['{vi.name}'] has rank {len(given)} but the model input has rank {len(dims)}")
+        raise _fail(f"{what} has rank {len(given)} but the model input has rank {len(dims)}")
     if not vi.type.tensor_type.HasField("shape"):
         return tuple(int(d) for d in given or ()), (None,) * len(given or ()), []
     sizes: list[int] = []
@@ -350,8 +352,8 @@ def _static_shape(vi: onnx.ValueInfoProto, given: tuple[int, ...] | None
         name = None if fixed else (d.dim_param or f"{vi.name}_{axis}")
         if given is not None:
             if fixed and int(given[axis]) != d.dim_value:
-                raise _fail(f"input_shapes['{vi.name}'] gives {int(given[axis])} for axis {axis}, which the model "
-                            f"fixes at {d.dim_value}")
+                raise _fail(f"{what} gives {int(given[axis])} for axis {axis}, which the model fixes at "
+                            f"{d.dim_value}")
             sizes.append(int(given[axis]))
         elif fixed:
             sizes.append(int(d.dim_value))
