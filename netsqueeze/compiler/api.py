@@ -216,6 +216,10 @@ def import_model(model: Any, example_inputs: Sequence[torch.Tensor] | torch.Tens
     if _is_onnx(model):
         from netsqueeze.frontends.onnx import from_onnx
 
+        if dynamic_shapes is not None:
+            raise InputMismatchError("dynamic_shapes declares a torch model's dynamic dims: an ONNX model's open dims "
+                                     "stay dynamic by themselves (input_shapes gives their sizes for analysis)")
+
         shapes = {k: tuple(v) for k, v in input_shapes.items()} if input_shapes else None
         xs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
         # the example's sizes fix the model's dynamic dims for analysis
@@ -913,9 +917,14 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
     t0 = time.perf_counter()
     if example_inputs is None and not _is_onnx(model) and not isinstance(model, (str, os.PathLike)):
         example_inputs = _declared_inputs(policy, params)
+    training = isinstance(model, torch.nn.Module) and any(m.training for m in model.modules())
     with _stage("importing the model"):
         graph = import_model(model, example_inputs, input_shapes=input_shapes, trust_pickle=trust_pickle,
                              dynamic_shapes=dynamic_shapes)
+        if training:
+            graph.meta.setdefault("notes", []).append(
+                "the model was in training mode: it is compiled as in eval mode (BatchNorm's running statistics, "
+                "no dropout), as the compressed model runs; the model you passed keeps its mode")
         _check_finite_params(graph)
         original = graph.copy()
         before = graph_stats(graph)

@@ -239,3 +239,30 @@ def test_import_model_says_what_is_wrong(mlp: tuple[nn.Module, torch.Tensor, tor
     with pytest.raises(ns.CaptureError) as e:
         ns.import_model(proto, input_shapes={"x": [4, 7]})
     assert e.value.diagnostics[0].message == "input_shapes['x'] gives 7 for axis 1, which the model fixes at 20"
+
+
+def test_dynamic_shapes_for_an_onnx_model_and_a_model_in_training_mode(
+        mlp: tuple[nn.Module, torch.Tensor, torch.Tensor]) -> None:
+    """dynamic_shapes with an ONNX model was ignored, and a model in training mode compiled with eval semantics
+    without a word."""
+    from torch.export import Dim
+
+    from netsqueeze.backends.onnx import to_onnx
+
+    model, x, cal = mlp
+    proto = to_onnx(ns.import_model(model, (x,)))
+    with pytest.raises(ns.InputMismatchError) as e:
+        ns.compile(proto, POLICY, example_inputs=(x,), dynamic_shapes={"x": {0: Dim("batch")}})
+    assert e.value.diagnostics[0].message == ("dynamic_shapes declares a torch model's dynamic dims: an ONNX model's "
+                                              "open dims stay dynamic by themselves (input_shapes gives their sizes "
+                                              "for analysis)")
+    model.train()
+    try:
+        res = ns.compile(model, POLICY, example_inputs=(x,), calibration=cal)
+        assert model.training
+    finally:
+        model.eval()
+    assert ("the model was in training mode: it is compiled as in eval mode (BatchNorm's running statistics, no "
+            "dropout), as the compressed model runs; the model you passed keeps its mode") in res.report.notes
+    assert not any("training mode" in n for n in ns.compile(model, POLICY, example_inputs=(x,),
+                                                             calibration=cal).report.notes)
