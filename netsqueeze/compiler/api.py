@@ -359,20 +359,21 @@ def _declared_inputs(policy: PolicyLike, params: Mapping[str, Any] | None) -> tu
 
 
 def _check_declared_inputs(decls: Sequence[Any], graph: Graph) -> None:
-    """The policy's `input` declarations agree with the model: each names one of its inputs, with its dtype and
-    its sizes (a dynamic dim may differ). A declaration that contradicts the model was ignored without a word."""
-    for d in decls:
-        if d.name not in graph.inputs:
-            raise PolicyError(Diagnostic(f"input '{d.name}' is not an input of the model (its inputs: "
-                                         f"{', '.join(graph.inputs)})", span=d.span))
-        node = graph.node(d.name)
+    """The policy's `input` declarations agree with the model, in order (they stand in for example inputs, which
+    are positional; a name need not be the forward argument's): as many as it takes, each with its dtype and sizes
+    (a dynamic dim may differ). A declaration that contradicted the model was ignored without a word."""
+    if decls and len(decls) != len(graph.inputs):
+        raise PolicyError(Diagnostic(f"the policy declares {len(decls)} input(s) but the model takes "
+                                     f"{len(graph.inputs)} ({', '.join(graph.inputs)})", span=decls[0].span))
+    for i, (d, nid) in enumerate(zip(decls, graph.inputs)):
+        node = graph.node(nid)
         meta, dims = node.meta[0], node.attrs.get("dims") or ()
-        model = f"{meta.dtype}[{', '.join(str(int(x)) for x in meta.shape)}]"
         same_sizes = len(d.shape) == len(meta.shape) and all(
-            int(a) == int(b) or (i < len(dims) and dims[i]) for i, (a, b) in enumerate(zip(d.shape, meta.shape)))
+            int(a) == int(b) or (k < len(dims) and dims[k]) for k, (a, b) in enumerate(zip(d.shape, meta.shape)))
         if str(d.dtype) != meta.dtype or not same_sizes:
-            raise PolicyError(Diagnostic(f"input '{d.name}' is declared {d.dtype}[{', '.join(map(str, d.shape))}] "
-                                         f"but the model's is {model}", span=d.span))
+            raise PolicyError(Diagnostic(
+                f"input '{d.name}' is declared {d.dtype}[{', '.join(map(str, d.shape))}] but the model's input {i} "
+                f"('{nid}') is {meta.dtype}[{', '.join(str(int(x)) for x in meta.shape)}]", span=d.span))
 
 
 # ---- fidelity ------------------------------------------------------------------------------------------
@@ -917,7 +918,10 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
     t0 = time.perf_counter()
     if example_inputs is None and not _is_onnx(model) and not isinstance(model, (str, os.PathLike)):
         example_inputs = _declared_inputs(policy, params)
-    training = isinstance(model, torch.nn.Module) and any(m.training for m in model.modules())
+    # modules that compute otherwise in training mode, left in it: the compile runs them as in eval mode
+    training = isinstance(model, torch.nn.Module) and any(
+        m.training for m in model.modules()
+        if isinstance(m, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.dropout._DropoutNd)))
     with _stage("importing the model"):
         graph = import_model(model, example_inputs, input_shapes=input_shapes, trust_pickle=trust_pickle,
                              dynamic_shapes=dynamic_shapes)

@@ -201,21 +201,23 @@ def test_data_errors_met_while_a_pass_runs_keep_their_kind(mlp: tuple[nn.Module,
 
 
 @pytest.mark.parametrize(("decl", "message"), [
-    ("input x: float32[4, 7]", "input 'x' is declared float32[4, 7] but the model's is float32[4, 20]"),
-    ("input x: float64[4, 20]", "input 'x' is declared float64[4, 20] but the model's is float32[4, 20]"),
-    ("input q: float32[4, 20]", "input 'q' is not an input of the model (its inputs: x)"),
+    ("input x: float32[4, 7]", "input 'x' is declared float32[4, 7] but the model's input 0 ('x') is float32[4, 20]"),
+    ("input x: float64[4, 20]", "input 'x' is declared float64[4, 20] but the model's input 0 ('x') is "
+                                "float32[4, 20]"),
+    ("input x: float32[4, 20]\n  input y: float32[4, 20]", "the policy declares 2 input(s) but the model takes 1 (x)"),
 ])
 def test_an_input_declaration_that_contradicts_the_model(mlp: tuple[nn.Module, torch.Tensor, torch.Tensor],
                                                          decl: str, message: str) -> None:
-    """Beside example inputs, a declaration was ignored without a word, however wrong."""
+    """Beside example inputs, a declaration was ignored without a word, however wrong. Declarations stand in for
+    example inputs, in order: a name need not be the forward argument's."""
     model, x, cal = mlp
     policy = f"policy p {{\n  {decl}\n  trim on fc1 {{ ratio = 50%, criterion = l2 }}\n}}\n"
     with pytest.raises(ns.PolicyError) as e:
         ns.compile(model, policy, example_inputs=(x,), calibration=cal)
     d = e.value.diagnostics[0]
     assert (d.message, d.span.line, d.span.col) == (message, 2, 3)  # type: ignore[union-attr]
-    # the dynamic batch may differ from the declaration's
-    ns.compile(model, policy.replace(decl, "input x: float32[9, 20]"), example_inputs=(x,), calibration=cal)
+    # the dynamic batch may differ from the declaration's, and the name from the forward argument's
+    ns.compile(model, policy.replace(decl, "input q: float32[9, 20]"), example_inputs=(x,), calibration=cal)
 
 
 def test_import_model_says_what_is_wrong(mlp: tuple[nn.Module, torch.Tensor, torch.Tensor]) -> None:
@@ -253,16 +255,14 @@ def test_dynamic_shapes_for_an_onnx_model_and_a_model_in_training_mode(
     proto = to_onnx(ns.import_model(model, (x,)))
     with pytest.raises(ns.InputMismatchError) as e:
         ns.compile(proto, POLICY, example_inputs=(x,), dynamic_shapes={"x": {0: Dim("batch")}})
+    model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 4))
+    policy = "policy p {\n  trim on type(linear) { ratio = 50%, criterion = l2 }\n}\n"
     assert e.value.diagnostics[0].message == ("dynamic_shapes declares a torch model's dynamic dims: an ONNX model's "
                                               "open dims stay dynamic by themselves (input_shapes gives their sizes "
                                               "for analysis)")
-    model.train()
-    try:
-        res = ns.compile(model, POLICY, example_inputs=(x,), calibration=cal)
-        assert model.training
-    finally:
-        model.eval()
+    res = ns.compile(model, policy, example_inputs=(x,), calibration=cal)  # a new module is in training mode
+    assert model.training
     assert ("the model was in training mode: it is compiled as in eval mode (BatchNorm's running statistics, no "
             "dropout), as the compressed model runs; the model you passed keeps its mode") in res.report.notes
-    assert not any("training mode" in n for n in ns.compile(model, POLICY, example_inputs=(x,),
+    assert not any("training mode" in n for n in ns.compile(model.eval(), policy, example_inputs=(x,),
                                                              calibration=cal).report.notes)
