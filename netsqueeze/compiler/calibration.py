@@ -47,8 +47,11 @@ def _read_error(path: Path, e: Exception) -> InputMismatchError:
     text = str(e).strip()
     if "allow_pickle" in text:
         reason = "it is not a plain NumPy array file (object arrays and pickles are not loaded)"
-    elif "Weights only load failed" in text:
+    elif "Weights only load failed" in text and "Unsupported global" in text:
         reason = "it holds pickled Python objects, which netsqueeze does not load for calibration"
+    elif "Weights only load failed" in text:  # not a pickle at all: torch's unpickler met a byte it cannot read
+        detail = next((line.strip() for line in text.splitlines()[1:] if line.strip().startswith("Unsupported")), "")
+        reason = "it is not a file torch.save wrote" + (f" ({detail})" if detail else "")
     else:
         # an exception type named `error` (struct.error, zipfile's) would read as a second "error:"
         kind = type(e).__name__ if type(e).__name__ != "error" else f"{type(e).__module__}.error"

@@ -120,6 +120,7 @@ def ws(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     torch.save(torch.nn.Linear(4, 3).state_dict(), tmp_path / "state.pt")
     (tmp_path / "garbage.pt").write_bytes(b"\x80\x04garbage" * 8)
     (tmp_path / "junk.pt").write_bytes(b"junk")
+    (tmp_path / "text.pt").write_bytes(b"garbage bytes, not a torch file")  # was 'holds pickled Python objects'
     (tmp_path / "garbage.pt2").write_bytes(b"PK\x03\x04 not an archive")
     (tmp_path / "model.h5").write_bytes(b"\x89HDF")
     (tmp_path / "notes.txt").write_text("a regular file\n")
@@ -290,6 +291,8 @@ CASES = [
          "calibration data is empty"),
     Case("calib-pickled-objects", [*C, "--calib", "objects.pt", "-o", "out.pt"], 1, ns.InputMismatchError,
          "cannot read calibration file 'objects.pt': it holds pickled Python objects"),
+    Case("calib-not-torch", [*C, "--calib", "text.pt", "-o", "out.pt"], 1, ns.InputMismatchError,
+         "cannot read calibration file 'text.pt': it is not a file torch.save wrote (Unsupported operand 103)"),
     # policies
     Case("policy-missing", [*C, "-p", "nope.sqz", "-o", "out.pt"], 2, ns.PolicyError,
          "error: cannot read policy 'nope.sqz': no such file"),
