@@ -80,11 +80,12 @@ class CompileResult:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Writes the compressed model file of `compile(store=...)` atomically (`netsqueeze.load` reads it): a
         `.nsq` path that is none of the files the compile read."""
-        from netsqueeze.compiler.stored import check_save_path, write_model_file
+        from netsqueeze.compiler.files import write_bytes
+        from netsqueeze.compiler.stored import check_save_path
 
         if self.stored is None:
             raise NetsqueezeError("nothing to save: compile with store='ham' | 'sham' | 'csr' | 'dense'")
-        write_model_file(check_save_path(path, self.sources), self.stored)
+        write_bytes(check_save_path(path, self.sources), self.stored)
 
 
 # ---- model import ----------------------------------------------------------------------------------

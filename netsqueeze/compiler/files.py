@@ -125,6 +125,14 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
     _fsync(target.parent, directory=True)
 
 
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Writes `data` to `path` atomically (`atomic_write`: a failed write leaves the old file)."""
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(data)
+
+    atomic_write(path, write)
+
+
 def _atomic_write_onnx_external(model: Any, target: Path) -> None:
     """A model over 2 GB: its weights go to `<name>.data`; both files are written in a temporary
     directory next to the target and renamed into place, the data first."""
@@ -157,10 +165,7 @@ def save_model(model: Any, path: str | os.PathLike[str], example_inputs: tuple[A
     target = Path(path)
     fmt = output_format(target)
     if fmt == "nsq":  # the compressed model file's bytes (`CompileResult.stored`), read by `netsqueeze.load`
-        def write(tmp: Path) -> None:
-            tmp.write_bytes(model)
-
-        atomic_write(target, write)
+        write_bytes(target, model)
         return
     if fmt == "onnx":
         import onnx

@@ -13,7 +13,7 @@ import torch
 from torch import fx
 
 from netsqueeze.backends.storage import STORES, Store, decode_model, encode_model, stored_matrices
-from netsqueeze.compiler.files import atomic_write, check_output_path
+from netsqueeze.compiler.files import check_output_path, write_bytes
 from netsqueeze.errors import FileError, NetsqueezeError
 from netsqueeze.ir.graph import Graph
 
@@ -37,14 +37,6 @@ def check_save_path(path: Any, sources: Sequence[tuple[str, str | os.PathLike[st
     return check_output_path(path, sources, option="save")
 
 
-def write_model_file(path: Path, data: bytes) -> None:
-    """Writes a compressed model file's bytes atomically (a failed write leaves the old file)."""
-    def write(tmp: Path) -> None:
-        tmp.write_bytes(data)
-
-    atomic_write(path, write)
-
-
 def save(graph: Graph, path: str | os.PathLike[str], store: Store = "ham") -> dict[str, dict[str, float]]:
     """Writes `graph` as a compressed model file (atomically: a failed write leaves the old file) and
     returns per 'node/param' its stored and fp32 bytes."""
@@ -53,7 +45,7 @@ def save(graph: Graph, path: str | os.PathLike[str], store: Store = "ham") -> di
                               f"{type(graph).__name__}; a compile's result.save(path) writes its model file")
     target = check_save_path(path)
     data, figures = encode_model(graph, check_store(store))
-    write_model_file(target, data)
+    write_bytes(target, data)
     return figures
 
 
