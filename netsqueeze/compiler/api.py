@@ -210,7 +210,13 @@ def import_model(model: Any, example_inputs: Sequence[torch.Tensor] | torch.Tens
     """Lowers a torch model (Module, GraphModule, ExportedProgram), an ONNX model or a model file into the IR.
     `.pt`/`.pt2` files that need unpickling load only with `trust_pickle=True`."""
     check_input_shapes(input_shapes)
-    example_inputs = _check_example_inputs(example_inputs)
+    return _import(model, _check_example_inputs(example_inputs), input_shapes=input_shapes,
+                   trust_pickle=trust_pickle, dynamic_shapes=dynamic_shapes)
+
+
+def _import(model: Any, example_inputs: tuple[torch.Tensor, ...] | None, *,
+            input_shapes: Mapping[str, Sequence[int]] | None, trust_pickle: bool, dynamic_shapes: Any) -> Graph:
+    """`import_model` on arguments already checked (`compile()` checks them before its work starts)."""
     if isinstance(model, (str, os.PathLike)) and not _is_onnx(model):
         model, file_inputs = load_model_file(model, trust_pickle=trust_pickle)
         example_inputs = example_inputs if example_inputs is not None else file_inputs
@@ -264,13 +270,20 @@ def load_policy_file(path: str | os.PathLike[str], params: Mapping[str, Any] | N
     return dsl.load_policy(Path(path), params={k: str(v) for k, v in (params or {}).items()})
 
 
+def _policy_path(policy: PolicyLike) -> str | None:
+    """The file `policy` names, when it names one (a path, or a string that is no policy text)."""
+    if isinstance(policy, os.PathLike) or (isinstance(policy, str) and "{" not in policy):
+        return os.fspath(policy)
+    return None
+
+
 def _parse_policy(policy: PolicyLike, params: Mapping[str, Any] | None) -> Any:
     from netsqueeze import dsl
     from netsqueeze.dsl.ast import Policy
 
     if isinstance(policy, str) and not policy.strip():
         raise PolicyError("the policy is an empty string: give a policy file path, policy text or a list of passes")
-    if isinstance(policy, os.PathLike) or (isinstance(policy, str) and "{" not in policy):
+    if _policy_path(policy) is not None:
         return load_policy_file(policy, params)
     if isinstance(policy, str):
         return dsl.parse_policy(policy.removeprefix("\ufeff"), "<policy>",
@@ -871,8 +884,8 @@ def _sources(model: Any, policy: Any, calibration: Any) -> tuple[tuple[str, str]
     out = []
     if isinstance(model, (str, os.PathLike)):
         out.append(("input model", str(model_source(model))))
-    if isinstance(policy, os.PathLike) or (isinstance(policy, str) and "{" not in policy):
-        out.append(("policy file", os.fspath(policy)))
+    if (policy_file := _policy_path(policy)) is not None:
+        out.append(("policy file", policy_file))
     if isinstance(calibration, (str, os.PathLike)):
         out.append(("calibration file", os.fspath(calibration)))
     return tuple(out)
@@ -924,8 +937,8 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
         m.training for m in model.modules()
         if isinstance(m, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.dropout._DropoutNd)))
     with _stage("importing the model"):
-        graph = import_model(model, example_inputs, input_shapes=input_shapes, trust_pickle=trust_pickle,
-                             dynamic_shapes=dynamic_shapes)
+        graph = _import(model, example_inputs, input_shapes=input_shapes, trust_pickle=trust_pickle,
+                        dynamic_shapes=dynamic_shapes)
         if training:
             graph.meta.setdefault("notes", []).append(
                 "the model was in training mode: it is compiled as in eval mode (BatchNorm's running statistics, "

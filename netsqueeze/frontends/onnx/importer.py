@@ -112,7 +112,8 @@ def _fold_shape(op: str, consts: list[Any]) -> tuple[int, ...] | str | None:
 class _Importer:
     """Walks the graphsurgeon nodes in topological order, emitting IR nodes and folding constants."""
 
-    def __init__(self, proto: onnx.ModelProto, name: str, input_shapes: dict[str, tuple[int, ...]]) -> None:
+    def __init__(self, proto: onnx.ModelProto, name: str, input_shapes: dict[str, tuple[int, ...]],
+                 shape_sources: dict[str, str] | None = None) -> None:
         self.proto = proto
         self.opset = model_opset(proto)
         self.graph = Graph(name)
@@ -123,7 +124,7 @@ class _Importer:
         self.sym_value_info: dict[str, tuple[str | None, ...]] = {}  # dim_params ONNX inference propagated
         self.dim_names: set[str] = set()
         self.input_shapes = input_shapes
-        self.shape_sources: dict[str, str] = {}  # input name → what gave its sizes, when not input_shapes
+        self.shape_sources = shape_sources or {}  # input name → what gave its sizes, when not input_shapes
         self.value_info: dict[str, TensorMeta] = {}
         self.owned: dict[int, str] = {}  # id(array) → name: arrays made at import, not yet handed to a node
         self.cur_id = ""
@@ -756,14 +757,15 @@ def from_onnx(
     Raises `CaptureError` for unreadable files, unsupported opsets, dangling inputs and cycles.
     """
     proto = load_model(model)
+    sources: dict[str, str] = {}  # input name → the example input that gave its sizes
     if example_shapes is not None:
         inits = {t.name for t in proto.graph.initializer}
         names = [i.name for i in proto.graph.input if i.name not in inits]
         if len(example_shapes) != len(names):
             raise InputMismatchError(f"{len(example_shapes)} example inputs given, but the ONNX model has "
                                      f"{len(names)} inputs ({', '.join(names)})")
-        from_examples = {n: f"example input {i} ('{n}', shape {list(s)})"
-                         for i, (n, s) in enumerate(zip(names, example_shapes)) if n not in (input_shapes or {})}
+        sources = {n: f"example input {i} ('{n}', shape {list(s)})"
+                   for i, (n, s) in enumerate(zip(names, example_shapes)) if n not in (input_shapes or {})}
         input_shapes = {**dict(zip(names, (tuple(s) for s in example_shapes))), **(input_shapes or {})}
     check_text(proto)
     opset = model_opset(proto)
@@ -771,6 +773,4 @@ def from_onnx(
         raise _fail(f"unsupported ONNX opset {opset} (netsqueeze supports opsets {MIN_OPSET}..{MAX_OPSET})")
     gname = name or proto.graph.name or (os.path.splitext(os.path.basename(os.fspath(model)))[0]
                                          if not isinstance(model, onnx.ModelProto) else "graph")
-    importer = _Importer(proto, gname, dict(input_shapes or {}))
-    importer.shape_sources = from_examples if example_shapes is not None else {}
-    return importer.run()
+    return _Importer(proto, gname, dict(input_shapes or {}), sources).run()
