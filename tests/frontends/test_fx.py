@@ -172,6 +172,27 @@ def test_wrong_shape_input() -> None:
     assert "reason: RuntimeError" in str(e.value) and e.value.diagnostics[0].node == "conv1"
 
 
+def test_mismatch_between_layers_blames_no_layer() -> None:
+    """Inputs that every layer accepts but the forward's own code rejects (an add of 8x8 and 4x4 maps) are not
+    blamed on the last layer that ran, whose input fit."""
+
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1)
+
+        def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.a(image)) + torch.relu(self.b(mask))
+
+    with pytest.raises(InputMismatchError) as e:
+        from_torch(Two().eval(), (torch.randn(2, 3, 8, 8), torch.randn(2, 3, 4, 4)))
+    assert e.value.message == ("example inputs ('image' = float32[2, 3, 8, 8], 'mask' = float32[2, 3, 4, 4]) do "
+                               "not fit the model: its forward failed after layer 'b' (Conv2d) returned, outside "
+                               "any layer")
+    assert e.value.diagnostics[0].node is None
+    assert "reason: RuntimeError: The size of tensor a (8) must match the size of tensor b (4)" in str(e.value)
+
+
 def test_wrong_dtype_input() -> None:
     model, _ = ZOO["mlp"]()
     with pytest.raises(InputMismatchError) as e:

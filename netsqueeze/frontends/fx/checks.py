@@ -34,16 +34,26 @@ def _expected(mod: nn.Module) -> str | None:
 def _check_inputs(model: nn.Module, names: list[str], example_inputs: tuple[torch.Tensor, ...]) -> None:
     """Runs the model once; a failure is reported against the input and the layer that rejected it."""
     entered: list[tuple[str, nn.Module, tuple[Any, ...]]] = []
+    finished: list[str] = []  # the leaf layers whose forward returned, in order
     handles_ = []
     for path, m in model.named_modules():
         if path and not list(m.children()):
             handles_.append(m.register_forward_pre_hook(
                 lambda mod, args, p=path: entered.append((p, mod, args))))  # type: ignore[misc]
+            handles_.append(m.register_forward_hook(
+                lambda mod, args, out, p=path: finished.append(p)))  # type: ignore[misc]
     try:
         with torch.no_grad():
             model(*example_inputs)
     except Exception as e:
         given = ", ".join(f"'{n}' = {_meta(t)}" for n, t in zip(names, example_inputs))
+        if entered and len(finished) == len(entered):
+            # every layer entered returned: the failure is in the forward's own code between layers (an add of
+            # mismatched shapes, a reshape), not in a layer the inputs reached
+            raise InputMismatchError(Diagnostic(
+                f"example inputs ({given}) do not fit the model: its forward failed after layer "
+                f"'{entered[-1][0]}' ({type(entered[-1][1]).__name__}) returned, outside any layer",
+                notes=(f"reason: {_first_line(e)}",))) from None
         culprit = None
         if entered:
             path, mod, args = entered[-1]
