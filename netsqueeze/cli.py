@@ -62,11 +62,66 @@ def _parse_shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def _input_shapes(items: Sequence[str], model: str | None) -> dict[str, tuple[int, ...]]:
+    """`--input-shape` values checked against the model they size: an ONNX model's declared inputs (names, ranks,
+    fixed dims); a usage error for any other model, whose sizes come from its example inputs."""
+    from netsqueeze.compiler.files import is_onnx_file
+
+    shapes = _parse_shapes(items)
+    if not shapes:
+        return shapes
+    if model is None:
+        raise UsageError("--input-shape sizes the inputs of a model: give the model with --model")
+    if not is_onnx_file(model):
+        raise UsageError(f"--input-shape sizes an ONNX model's inputs; '{model}' is a torch model, whose input sizes "
+                         "come from its example inputs")
+    from netsqueeze.frontends.onnx.load import declared_inputs, given_shape_problem
+
+    declared = declared_inputs(model)
+    if declared is None:  # a missing or unreadable model: loading it says why
+        return shapes
+    by_name = {vi.name: vi for vi in declared}
+    for item in items:
+        name = item.partition("=")[0]
+        if name not in by_name:
+            raise UsageError(f"--input-shape {item}: the model has no input '{name}' (its inputs: "
+                             f"{', '.join(repr(n) for n in by_name) or 'none'})")
+        problem = given_shape_problem(by_name[name], shapes[name])
+        if problem:
+            raise UsageError(f"--input-shape {item} {problem}")
+    return shapes
+
+
 def _graph(a: argparse.Namespace, model: str) -> Any:
     from netsqueeze.compiler.api import import_model
 
-    shapes = _parse_shapes(a.input_shape)
+    shapes = _input_shapes(a.input_shape, model)
     return import_model(model, input_shapes=shapes or None, trust_pickle=a.trust_pickle)
+
+
+def _check_options(a: argparse.Namespace, out: Path, fmt: str) -> None:
+    """Usage errors for options that contradict the output (its suffix picks the format) or name nothing."""
+    target = "onnx" if fmt == "onnx" else "torch"
+    if a.target and a.target != target:
+        raise UsageError(f"--target {a.target} does not match the output '{out}': its suffix '{out.suffix}' writes "
+                         f"{'an ONNX' if target == 'onnx' else 'a torch'} model")
+    if fmt == "nsq":  # the compressed model file holds the weights in its store format, whatever these say
+        for flag, value in (("--precision", a.precision if a.precision != "fp32" else None), ("--sparse", a.sparse)):
+            if value is not None:
+                raise UsageError(f"{flag} {value} does not apply to the output '{out}': a compressed model file "
+                                 "(.nsq) holds the weights in its store format (the policy's `store`, else sHAM); "
+                                 f"{flag} applies to .onnx, .pt and .pt2 outputs")
+    if fmt == "onnx" and a.sparse == "csr":
+        raise UsageError(f"--sparse csr does not apply to the output '{out}': csr makes torch linear layers keep a "
+                         "torch.sparse_csr weight (.pt, .pt2); an ONNX model keeps sparse weights as "
+                         "sparse_initializer (the default) or dense (--sparse dense)")
+    if a.executor is not None:
+        from netsqueeze.passes.executor import make_executor
+
+        try:
+            make_executor(a.executor).close()  # nothing starts before its first task
+        except NetsqueezeError as e:
+            raise UsageError(f"--executor: {e.message}") from None
 
 
 def _example_inputs(graph: Any, precision: str) -> tuple[Any, ...]:
@@ -98,19 +153,20 @@ def cmd_compile(a: argparse.Namespace) -> int:
     )
     from netsqueeze.compiler.files import (
         check_output_path,
-        model_source,
+        is_onnx_file,
+        model_files,
         output_format,
         pt2_dynamic_shapes,
         save_model,
     )
 
-    # everything about the output is checked before any work is done
+    # everything about the options and the output is checked before any work is done
     params = _parse_sets(a.set)
-    shapes = _parse_shapes(a.input_shape)
+    shapes = _input_shapes(a.input_shape, a.model)
     if params and not a.policy:
         raise UsageError(f"--set {', '.join(params)}: there is no policy (-p) whose params it would set")
     policy: Any = load_policy_file(a.policy, params) if a.policy else []
-    inputs: list[tuple[str, Any]] = [("input model", model_source(a.model))]
+    inputs: list[tuple[str, Any]] = model_files(a.model)
     if a.policy:
         inputs += policy_files(policy)
     if a.calib:
@@ -120,15 +176,14 @@ def cmd_compile(a: argparse.Namespace) -> int:
                for r, flag in ((a.report, "--report"), (a.report_json, "--report-json")) if r]
     if len(reports) == 2 and reports[0].resolve() == reports[1].resolve():
         raise FileError(f"--report and --report-json both name '{reports[0]}'")
-    target: Literal["torch", "onnx"] = "onnx" if output_format(out) == "onnx" else "torch"
-    if a.target and a.target != target:
-        raise FileError(f"--target {a.target} does not match the output '{out}': its suffix '{out.suffix}' "
-                        f"writes a {target} model")
+    fmt = output_format(out)
+    _check_options(a, out, fmt)
+    target: Literal["torch", "onnx"] = "onnx" if fmt == "onnx" else "torch"
 
     model: Any = a.model
     example = None
     calib: Any = a.calib
-    if not a.model.endswith(".onnx"):
+    if not is_onnx_file(a.model):
         model, example = load_model_file(a.model, trust_pickle=a.trust_pickle)
         if calib is None:
             calib = file_calibration(a.model)
@@ -138,8 +193,8 @@ def cmd_compile(a: argparse.Namespace) -> int:
                   log=_stderr_log if a.verbose and not a.quiet else None)
     if not a.quiet:
         print(res.report)
-    pt2_inputs = _example_inputs(res.graph, a.precision) if out.suffix == ".pt2" else None
-    if output_format(out) == "nsq":  # the compressed model file: the policy's `store` format, else sHAM
+    pt2_inputs = _example_inputs(res.graph, a.precision) if fmt == "pt2" else None
+    if fmt == "nsq":  # the compressed model file: the policy's `store` format, else sHAM
         if res.stored is None:
             from netsqueeze.compiler.stored import attach_store
 
@@ -180,9 +235,9 @@ def cmd_bench(a: argparse.Namespace) -> int:
     if a.threads < 1 or a.rounds < 1:
         raise UsageError(f"--threads and --rounds must be at least 1 (got {a.threads}, {a.rounds})")
     if a.json:
-        from netsqueeze.compiler.files import check_output_path, model_source
+        from netsqueeze.compiler.files import check_output_path, model_files
 
-        check_output_path(a.json, [("model", model_source(m)) for m in a.models]
+        check_output_path(a.json, [f for m in a.models for f in model_files(m, "model")]
                           + ([("data file", Path(a.data))] if a.data else []), "--json")
     rows = bench(a.models, data=a.data, runtime=a.runtime, batches=batches, threads=a.threads, rounds=a.rounds,
                  trust_pickle=a.trust_pickle)
@@ -216,8 +271,14 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 def cmd_check(a: argparse.Namespace) -> int:
     from netsqueeze.compiler.plan import check_file
 
+    if a.model is None:
+        _input_shapes(a.input_shape, None)  # --input-shape without --model: a usage error
     graph = _graph(a, a.model) if a.model else None
     diags = check_file(a.policy, graph)
+    if not any(d.severity == "error" for d in diags):
+        from netsqueeze.compiler.api import compile_checks, load_policy_file
+
+        diags += compile_checks(load_policy_file(a.policy), graph)  # what compile would refuse before any pass
     for d in diags:
         print(d.format(), file=sys.stderr)
     errors = sum(d.severity == "error" for d in diags)
@@ -229,12 +290,18 @@ def cmd_check(a: argparse.Namespace) -> int:
 
 
 def cmd_explain(a: argparse.Namespace) -> int:
-    from netsqueeze.compiler.api import load_policy_file
+    from netsqueeze.compiler.api import compile_checks, load_policy_file
     from netsqueeze.compiler.plan import explain, resolve
     from netsqueeze.passes.registry import all_passes
 
     graph = _graph(a, a.model)
-    plan = resolve(load_policy_file(a.policy, _parse_sets(a.set)), graph, all_passes())
+    policy = load_policy_file(a.policy, _parse_sets(a.set))
+    plan = resolve(policy, graph, all_passes())
+    problems = compile_checks(policy, graph)
+    if any(d.severity == "error" for d in problems):
+        raise PolicyError([d for d in problems if d.severity == "error"])
+    for d in problems:
+        print(d.format(), file=sys.stderr)
     print(explain(plan, graph))
     return 0
 
@@ -271,14 +338,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "file netsqueeze.load reads, in the policy's `store` format or sHAM)")
     c.add_argument("--calib", help="calibration data (.npz, .npy or .pt)")
     c.add_argument("--target", choices=["torch", "onnx"])
-    c.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    c.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
+                   help="fp16: emit the .onnx, .pt or .pt2 model in half precision (a .nsq file keeps its store "
+                        "format)")
     c.add_argument("--executor", default=None, metavar="SPEC",
                    help="where independent solves (net_trim) run: local, processes[:N] (default), "
                         "dask://HOST:PORT (an existing Dask scheduler) or dask://local[:N]")
     c.add_argument("--sparse", choices=("dense", "csr"), default=None,
                    help="sparse weights: dense (dense weights with zeros, torch and ONNX) or csr (torch linear "
-                        "layers multiplying with a torch.sparse_csr weight); default: ONNX sparse_initializer, "
-                        "torch layers decoding to dense")
+                        "layers multiplying with a torch.sparse_csr weight: .pt and .pt2 only); default: ONNX "
+                        "sparse_initializer, torch layers decoding to dense; not for .nsq (its store format decides)")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a policy param")
     c.add_argument("--input-shape", action="append", default=[], help=shape_help)
     c.add_argument("--report", metavar="HTML", help="also write the report as one self-contained HTML page")
@@ -349,10 +418,11 @@ def _sigterm_raises() -> Iterator[None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    verbose = bool(getattr(args, "verbose", False))
+    verbose = False
     try:
         with _sigterm_raises():
+            args = build_parser().parse_args(argv)
+            verbose = bool(getattr(args, "verbose", False))
             return int(args.fn(args))
     except NetsqueezeError as e:
         _print_error(e, verbose)

@@ -7,6 +7,7 @@ mismatch, an infeasible budget or solve) is a `NetsqueezeError` holding one or m
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from difflib import get_close_matches
@@ -54,16 +55,43 @@ class Diagnostic:
         out = [head]
         line = self.span.source_line() if self.span is not None else None
         if line is not None and self.span is not None:
-            out.append(f"  {line}")
+            shown, cols = _display(line)
+            out.append(f"  {shown}")
+
+            def column(i: int) -> int:  # where character i starts on screen; one column each past the line's end
+                return cols[i] if i < len(cols) else cols[-1] + i - len(line)
+
+            first = max(self.span.col, 1) - 1
             width = 1
             if self.span.end_col is not None and (self.span.end_line in (None, self.span.line)):
-                width = max(1, self.span.end_col - self.span.col)
-            out.append("  " + " " * (self.span.col - 1) + "^" + "~" * (width - 1))
+                width = max(1, column(max(self.span.end_col - 1, first)) - column(first))
+            out.append("  " + " " * column(first) + "^" + "~" * (width - 1))
         out.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(out)
 
     def __str__(self) -> str:
         return self.format()
+
+
+TAB_WIDTH = 8  # a tab in a source line moves to the next multiple of 8 columns, as on a terminal
+
+
+def _display(line: str) -> tuple[str, list[int]]:
+    """`line` as a diagnostic shows it, its tabs expanded to spaces (so the caret line below it, all spaces, lines
+    up whatever the terminal's tab stops), and the column at which each character starts (one entry more: the end).
+    East Asian wide characters take two columns, combining marks none."""
+    cols = [0]
+    shown = []
+    for ch in line:
+        at = cols[-1]
+        if ch == "\t":
+            step = TAB_WIDTH - at % TAB_WIDTH
+            shown.append(" " * step)
+        else:
+            step = 0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+            shown.append(ch)
+        cols.append(at + step)
+    return "".join(shown), cols
 
 
 class NetsqueezeError(Exception):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import importlib.util
 import itertools
 import math
@@ -41,6 +42,7 @@ from netsqueeze.compiler.pipeline import Step, run_pipeline
 from netsqueeze.compiler.progress import Progress
 from netsqueeze.compiler.progress import enabled as progress_enabled
 from netsqueeze.compiler.report import CompileReport, SearchRecorder
+from netsqueeze.dsl.checker import install_op_kinds
 from netsqueeze.errors import (
     BudgetError,
     CaptureError,
@@ -55,10 +57,15 @@ from netsqueeze.errors import (
     percent,
 )
 from netsqueeze.ir.graph import OUTPUT_TREE, Graph, Value
+from netsqueeze.ir.ops import OPS
 from netsqueeze.ir.stats import example_batch, graph_stats
 from netsqueeze.passes.base import ActivationStream, Feeds, Pass, PassContext, Trainable, class_scores
 from netsqueeze.passes.executor import Executor, make_executor
 from netsqueeze.passes.registry import all_passes
+
+# `type(...)` selectors name the IR's op kinds: the policy checker (which may not import ir) checks them against
+# this table, in every selector, one no statement uses too, with or without a model
+install_op_kinds(OPS)
 
 Target = Literal["torch", "onnx"]
 PRECISIONS = ("fp32", "fp16")
@@ -91,7 +98,9 @@ class CompileResult:
 # ---- model import ----------------------------------------------------------------------------------
 def _is_onnx(model: Any) -> bool:
     if isinstance(model, (str, os.PathLike)):
-        return str(model).endswith(".onnx")
+        from netsqueeze.compiler.files import is_onnx_file
+
+        return is_onnx_file(model)
     return type(model).__name__ == "ModelProto"
 
 
@@ -129,9 +138,10 @@ def load_model_file(path: str | os.PathLike[str], *,
         raise CaptureError(f"model file '{p}' does not exist")
     if p.is_dir():
         raise CaptureError(f"model file '{p}' is a directory")
-    if p.suffix == ".onnx":
+    suffix = p.suffix.lower()  # `-o OUT.ONNX` writes ONNX: the same file read back is ONNX too
+    if suffix == ".onnx":
         return str(p), None
-    if p.suffix == ".py":
+    if suffix == ".py":
         spec = importlib.util.spec_from_file_location(f"_netsqueeze_model_{p.stem}", p)
         if spec is None or spec.loader is None:
             raise CaptureError(f"cannot import '{p}'")
@@ -164,13 +174,13 @@ def load_model_file(path: str | os.PathLike[str], *,
             return out, None
         what = f"example_inputs() in '{p}'"
         return out, _as_inputs(call_user(what, ex), what)
-    if p.suffix == ".pt2":
+    if suffix == ".pt2":
         program = load_exported_program(p, trust_pickle)
         saved = getattr(program, "example_inputs", None)
         args = saved[0] if isinstance(saved, tuple) and saved and isinstance(saved[0], tuple) else None
         ok = args is not None and all(isinstance(t, torch.Tensor) for t in args)
         return program, tuple(args) if ok and args is not None else None
-    if p.suffix in (".pt", ".pth"):
+    if suffix in (".pt", ".pth"):
         obj = load_pickled_module(p, trust_pickle)
         if not isinstance(obj, torch.nn.Module):
             raise CaptureError(f"'{p}' holds a {type(obj).__name__}, not an nn.Module (a state_dict needs its model class)")
@@ -260,6 +270,8 @@ class _Resolved:
     budget_spans: dict[str, SourceSpan] = field(default_factory=dict)
     budget_absolute: dict[str, float] = field(default_factory=dict)  # absolute budget items, base units
     runtime: dict[str, Any] = field(default_factory=dict)  # `runtime { threads, batch }`
+    # the `calibrate data "FILE"` item, for the file's place (relative to its policy file) and located errors
+    calibration_span: SourceSpan | None = None
 
 
 def load_policy_file(path: str | os.PathLike[str], params: Mapping[str, Any] | None = None) -> Any:
@@ -346,11 +358,80 @@ def _resolve(policy: PolicyLike, graph: Graph, params: Mapping[str, Any] | None)
         return _Resolved(steps, {}, {}, None, {}, None, None, [])
     from netsqueeze.compiler.plan import resolve
 
-    plan = resolve(_parse_policy(policy, params), graph, all_passes())
+    parsed = _parse_policy(policy, params)
+    plan = resolve(parsed, graph, all_passes())
     steps = [Step(s.instance, s.selected, f"{s.span.file}:{s.span.line}", s.span) for s in plan.steps]
     return _Resolved(steps, dict(plan.budget), dict(plan.bounds), plan.guard, dict(plan.calibration),
                      plan.policy_hash, plan.to_text(), list(plan.inputs), dict(plan.budget_spans),
-                     dict(plan.budget_absolute), dict(plan.runtime))
+                     dict(plan.budget_absolute), dict(plan.runtime), _calibration_data_span(parsed))
+
+
+def _through(start: SourceSpan, end: SourceSpan) -> SourceSpan:
+    """The span from `start` to the end of `end` on its line (`data "calib.npz"`), or `start` if `end` is elsewhere."""
+    if end.file == start.file and end.line == start.line and end.end_col is not None:
+        return SourceSpan(start.file, start.line, start.col, start.line, end.end_col, start.text)
+    return start
+
+
+def _calibration_data_span(policy: Any) -> SourceSpan | None:
+    """The span of the policy's `calibrate data "FILE"` item (from `data` to the end of its value), or None."""
+    from netsqueeze.dsl import ast
+
+    for stmt in getattr(policy, "body", ()):
+        if isinstance(stmt, ast.Calibrate):
+            for o in stmt.settings:
+                if o.key == "data":
+                    return _through(o.span, o.value.span)
+    return None
+
+
+def _policy_data_path(data: Any, span: SourceSpan | None) -> Path:
+    """The file a policy's `calibrate data` names: a relative path is read from the policy file's folder (from the
+    working directory for policy text), as `netsqueeze check` and `policy_files` read it."""
+    path = Path(str(data))
+    if not path.is_absolute() and span is not None and not span.file.startswith("<"):
+        path = Path(span.file).parent / path
+    return path
+
+
+@contextlib.contextmanager
+def _located(span: SourceSpan | None) -> Iterator[None]:
+    """Locates an error in the data without a place (the file missing or unreadable, its arrays misnamed, a batch
+    that does not fit the model), raised inside, at `span`: the policy's `calibrate data` item that named the file.
+    The same error type, its notes kept."""
+    try:
+        yield
+    except (InputMismatchError, NonFiniteError) as e:
+        if span is None or all(d.span is not None for d in e.diagnostics):
+            raise
+        located = type(e)(tuple(d if d.span is not None else dataclasses.replace(d, span=span)
+                                for d in e.diagnostics))
+        for note in getattr(e, "__notes__", ()):
+            located.add_note(note)
+        raise located from e
+
+
+def compile_checks(policy: Any, graph: Graph | None = None, *, eval_fn: bool = False) -> list[Diagnostic]:
+    """What `compile()` would refuse in a parsed `policy` (`load_policy_file`) that checks and resolves cleanly
+    (`plan.check_file`), found without running a pass; for `netsqueeze check` and `explain`. With `graph`, the
+    policy's `input` declarations are checked against the model's inputs (`check_declared_inputs`: errors, as
+    compile raises them). Without `eval_fn` (`netsqueeze compile` has no way to give one), a `guard top1 drop` is a
+    warning at the guard: compile fails on it."""
+    out: list[Diagnostic] = []
+    if graph is not None:
+        try:
+            check_declared_inputs(getattr(policy, "inputs", ()), graph)
+        except PolicyError as e:
+            out += e.diagnostics
+    from netsqueeze.dsl import ast
+
+    for stmt in getattr(policy, "body", ()):
+        if isinstance(stmt, ast.Guard) and stmt.metric == "top1_drop" and not eval_fn:
+            out.append(Diagnostic(
+                "guard top1 drop is measured by the eval_fn given to compile() (Python): `netsqueeze compile` cannot "
+                "give one and fails on this guard", severity="warning", span=_through(stmt.span, stmt.value.span),
+                notes=("on the command line, use `guard output error <= ...`",)))
+    return out
 
 
 def _declared_inputs(policy: PolicyLike, params: Mapping[str, Any] | None) -> tuple[torch.Tensor, ...] | None:
@@ -372,7 +453,7 @@ def _declared_inputs(policy: PolicyLike, params: Mapping[str, Any] | None) -> tu
     return tuple(out)
 
 
-def _check_declared_inputs(decls: Sequence[Any], graph: Graph) -> None:
+def check_declared_inputs(decls: Sequence[Any], graph: Graph) -> None:
     """The policy's `input` declarations agree with the model, in order (they stand in for example inputs, which
     are positional; a name need not be the forward argument's): as many as it takes, each with its dtype and sizes
     (a dynamic dim may differ). A declaration that contradicted the model was ignored without a word."""
@@ -879,11 +960,11 @@ def output_paths(tree: str) -> list[str]:
 
 def _sources(model: Any, policy: Any, calibration: Any) -> tuple[tuple[str, str], ...]:
     """The files a compile read, as (role, path) pairs: what `CompileResult.save` refuses to overwrite."""
-    from netsqueeze.compiler.files import model_source
+    from netsqueeze.compiler.files import model_files
 
     out = []
-    if isinstance(model, (str, os.PathLike)):
-        out.append(("input model", str(model_source(model))))
+    if isinstance(model, (str, os.PathLike)):  # an ONNX model's external data files too
+        out += [(role, str(path)) for role, path in model_files(model)]
     if (policy_file := _policy_path(policy)) is not None:
         out.append(("policy file", policy_file))
     if isinstance(calibration, (str, os.PathLike)):
@@ -951,20 +1032,20 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
     t1 = time.perf_counter()
     with _stage("resolving the policy"):
         resolved = _resolve(policy, graph, params)
-        _check_declared_inputs(resolved.inputs, graph)
+        check_declared_inputs(resolved.inputs, graph)
+    if resolved.guard is not None and str(resolved.guard.metric) == "top1_drop" and eval_fn is None:
+        _check_guard(resolved.guard, {})  # it cannot be measured: said before any pass runs
     times["resolve"] = time.perf_counter() - t1
 
     cal = resolved.calibration
     source: CalibrationSource | None = None
+    data_span: SourceSpan | None = None  # where the policy names the data, when the compile reads that file
     if calibration is None and cal.get("data"):
         # `calibrate data "file"` in the policy: relative to the policy file
-        data = Path(str(cal["data"]))
-        policy_file = resolved.steps[0].span.file if resolved.steps and resolved.steps[0].span else None
-        if not data.is_absolute() and policy_file and Path(policy_file).exists():
-            data = Path(policy_file).parent / data
-        calibration = data
+        calibration = _policy_data_path(cal["data"], resolved.calibration_span)
+        data_span = resolved.calibration_span
     labels_fn: Callable[[], Iterator[torch.Tensor]] | None = None
-    with _stage("reading the calibration data"):
+    with _stage("reading the calibration data"), _located(data_span):
         if calibration is not None:
             calibration, labels = split_labels(calibration, len(graph.inputs), labelled, graph.inputs)
             if labelled and labels is None:

@@ -3,30 +3,53 @@ labelled data, top-1 and agreement with the first model."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from netsqueeze.compiler.api import import_model, load_model_file
-from netsqueeze.compiler.calibration import check_batch, split_labels
+from netsqueeze.compiler.calibration import LABELS, check_batch, split_labels
+from netsqueeze.compiler.files import is_onnx_file, model_source
 from netsqueeze.compiler.latency import Runtime, measure, runner
-from netsqueeze.errors import InputMismatchError, UsageError
+from netsqueeze.errors import InputMismatchError, NetsqueezeError, UsageError
 from netsqueeze.ir.dims import is_dynamic
 from netsqueeze.ir.stats import graph_stats
 
+MAX_BATCH = 2**31 - 1  # the largest batch --batch takes; the inputs must also fit in memory (`_Model.inputs`)
+
 
 def parse_batches(text: str) -> list[int]:
-    try:
-        out = [int(b) for b in text.split(",") if b.strip()]
-    except ValueError:
-        out = []
-    if not out or any(b < 1 for b in out):
-        raise UsageError(f"--batch expects positive integers separated by commas (1,64), got '{text}'")
+    """`--batch`: distinct batch sizes from 1 to `MAX_BATCH`, comma-separated; anything else is a `UsageError`."""
+    usage = f"--batch expects positive integers separated by commas (1,64), got '{text}'"
+    out: list[int] = []
+    for k, item in enumerate(text.split(","), 1):
+        if not item.strip():
+            raise UsageError(f"--batch '{text}': item {k} is empty; give batch sizes separated by commas (1,64)")
+        try:
+            b = int(item)
+        except ValueError:
+            raise UsageError(usage) from None
+        if b < 1:
+            raise UsageError(usage)
+        if b > MAX_BATCH:
+            raise UsageError(f"--batch '{text}': batch size {item.strip()} is too large (at most {MAX_BATCH})")
+        if b in out:
+            raise UsageError(f"--batch '{text}' gives batch size {b} twice")
+        out.append(b)
     return out
+
+
+def _memory_bytes() -> int | None:
+    """This machine's physical memory, where the platform says."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 class _Model:
@@ -34,15 +57,21 @@ class _Model:
 
     def __init__(self, path: str, trust_pickle: bool) -> None:
         self.path = path
-        self.is_onnx = path.endswith(".onnx")
+        self.is_onnx = is_onnx_file(path)
         self.obj: Any = path
         self.example: tuple[torch.Tensor, ...] | None = None
         if not self.is_onnx:
             self.obj, self.example = load_model_file(path, trust_pickle=trust_pickle)
         self.graph = import_model(self.obj, self.example)  # a missing or unreadable file: its loader's error
-        self.size = Path(path.rsplit(":", 1)[0] if ".py:" in path else path).stat().st_size
+        self.size = model_source(path).stat().st_size
 
     def inputs(self, batch: int, data: Sequence[torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
+        need = sum(batch * math.prod(int(d) for d in self.graph.node(nid).meta[0].shape[1:])
+                   * _itemsize(self.graph.node(nid).meta[0].dtype) for nid in self.graph.inputs)
+        memory = _memory_bytes()
+        if memory is not None and need > memory:
+            raise UsageError(f"--batch {batch}: the inputs of '{self.path}' at batch {batch} take {need / 2**30:,.1f} "
+                             f"GiB, more than this machine's {memory / 2**30:,.1f} GiB of memory")
         g = torch.Generator().manual_seed(0)
         out = []
         for k, nid in enumerate(self.graph.inputs):
@@ -80,8 +109,51 @@ class _Model:
                             if self.is_onnx else None)
 
 
-def _predict(model: _Model, runtime: Runtime, xs: Sequence[torch.Tensor], chunk: int = 256) -> torch.Tensor:
+def _itemsize(dtype: str) -> int:
+    """Bytes per element of an input `_Model.inputs` makes: random float32 for a floating-point input."""
+    t = getattr(torch, dtype, torch.float32)
+    return 4 if not isinstance(t, torch.dtype) or t.is_floating_point else t.itemsize
+
+
+def _data_error(e: NetsqueezeError) -> NetsqueezeError:
+    """An error reading `--data` as the calibration reader words it, said of the --data file: bench has no
+    calibration input."""
+    diags = tuple(dataclasses.replace(d, message=d.message.replace("calibration file '", "--data file '"))
+                  for d in e.diagnostics)
+    err = type(e)(diags)
+    for note in getattr(e, "__notes__", ()):
+        err.add_note(note)
+    return err
+
+
+def _check_labels(labels: torch.Tensor, data: str) -> torch.Tensor:
+    """`labels` as class indices (int64, one per sample), or an InputMismatchError naming the file and the first
+    value that is not one: a fraction, a negative number, NaN."""
+    where = f"--data file '{data}': array '{LABELS}'"
+    if labels.dim() == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.dim() != 1:
+        raise InputMismatchError(f"{where} has shape {list(labels.shape)}: top-1 needs one class index per sample, "
+                                 f"shape [{labels.shape[0]}]")
+    if labels.is_complex():
+        raise InputMismatchError(f"{where} holds complex numbers, not class indices")
+    values = labels.to(torch.float64) if labels.is_floating_point() else labels.to(torch.int64)
+    bad = ~torch.isfinite(values) | (values != values.round()) if labels.is_floating_point() \
+        else torch.zeros_like(values, dtype=torch.bool)
+    bad |= values < 0
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        v = values[row].item()
+        raise InputMismatchError(f"{where} holds {v:g} at row {row}, which is not a class index (a whole number "
+                                 "from 0)")
+    return values.to(torch.int64)
+
+
+def _predict(model: _Model, runtime: Runtime, xs: Sequence[torch.Tensor],
+             chunk: int = 256) -> tuple[torch.Tensor, int]:
+    """The class each sample is given (argmax of the first output) and the number of classes."""
     preds = []
+    classes = 0
     n = xs[0].shape[0]
     for i in range(0, n, chunk):
         part = tuple(x[i:i + chunk] for x in xs)
@@ -93,7 +165,8 @@ def _predict(model: _Model, runtime: Runtime, xs: Sequence[torch.Tensor], chunk:
                                      f"{part[0].shape[0]} samples, not class scores [N, classes]: top-1 and "
                                      "agreement need them")
         preds.append(first.argmax(-1))
-    return torch.cat(preds)
+        classes = int(first.shape[1])
+    return torch.cat(preds), classes
 
 
 def bench(paths: Sequence[str | os.PathLike[str]], *, data: str | None = None, runtime: Runtime = "ort",
@@ -108,8 +181,13 @@ def bench(paths: Sequence[str | os.PathLike[str]], *, data: str | None = None, r
         from netsqueeze.compiler.calibration import calibration_source
 
         names = models[0].graph.inputs
-        loaded, labels = split_labels(data, len(names), names=names)
-        batch = next(iter(calibration_source(loaded, batch_size=1 << 30, names=names)()))
+        try:
+            loaded, labels = split_labels(data, len(names), names=names)
+            batch = next(iter(calibration_source(loaded, batch_size=1 << 30, names=names)()))
+        except NetsqueezeError as e:
+            raise _data_error(e) from None
+        if labels is not None:
+            labels = _check_labels(labels, data)
         for m in models:
             check_batch(m.graph, batch, f"--data '{data}'")
         xs = tuple(batch)
@@ -118,19 +196,24 @@ def bench(paths: Sequence[str | os.PathLike[str]], *, data: str | None = None, r
         st = graph_stats(m.graph)
         rows.append({"model": m.path, "bytes": m.size, "params": st.params, "flops": m.flops_per_sample(),
                      "latency": {}})
+    if xs is not None:  # before the timing: a label no model can give is an error, not a top-1 of 0%
+        preds = [_predict(m, runtime, xs) for m in models]
+        for row, m, (p, classes) in zip(rows, models, preds):
+            if labels is not None:
+                if labels.shape[0] != p.shape[0]:
+                    raise InputMismatchError(f"--data: {labels.shape[0]} labels for {p.shape[0]} samples")
+                if int(labels.max()) >= classes:
+                    row_at = int((labels >= classes).nonzero()[0, 0])
+                    raise InputMismatchError(
+                        f"--data file '{data}': array '{LABELS}' holds {int(labels[row_at])} at row {row_at}, but "
+                        f"'{m.path}' outputs {classes} class scores (class indices 0 to {classes - 1})")
+                row["top1"] = float((p == labels).float().mean())
+            row["agreement"] = float((p == preds[0][0]).float().mean())
     for b in batches:
         runnables = [m.runnable(runtime, b, xs) for m in models]
         inputs = models[0].inputs(b, xs)
         for row, lat in zip(rows, measure(runnables, inputs, runtime=runtime, threads=threads, rounds=rounds)):
             row["latency"][str(b)] = {"median_ms": lat.median_ms, "p90_ms": lat.p90_ms}
-    if xs is not None:
-        preds = [_predict(m, runtime, xs) for m in models]
-        for row, p in zip(rows, preds):
-            if labels is not None:
-                if labels.shape[0] != p.shape[0]:
-                    raise InputMismatchError(f"--data: {labels.shape[0]} labels for {p.shape[0]} samples")
-                row["top1"] = float((p == labels.reshape(-1)).float().mean())
-            row["agreement"] = float((p == preds[0]).float().mean())
     return rows
 
 

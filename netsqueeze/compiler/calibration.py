@@ -6,7 +6,9 @@ import contextlib
 import io
 import itertools
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
@@ -59,16 +61,38 @@ def _read_error(path: Path, e: Exception) -> InputMismatchError:
     return InputMismatchError(f"cannot read calibration file '{path}': {reason}")
 
 
+LABELS = "labels"  # the .npz array that holds a labelled calibration file's labels
+_UNNAMED = re.compile(r"arr_\d+")  # the names np.savez(path, a, b) gives arrays passed by position
+
+
 def _by_name(named: dict[str, torch.Tensor], names: Sequence[str], what: str) -> list[torch.Tensor]:
     """A file's arrays in the model's input order (`names`) when they are named after its inputs, in any order;
-    in the file's order when none is (np.savez's positional arr_0, arr_1, ...); an error when only some are."""
+    in the file's order when none is named (np.savez's positional arr_0, arr_1, ...). For a model of several
+    inputs, an array named after none of them is an error listing the inputs (misspelt names were fed by position:
+    one input's data to another), and so is a file naming only some; `labels` (`LABELS`), unless an input's name,
+    is left out (a labelled file's labels: `split_labels` takes them). A model of one input takes the file's arrays
+    as they are, whatever their names: one array cannot go to the wrong input, and several are too many for it
+    (`check_batch` says so)."""
     keys = list(named)
-    if len(names) < 2 or not set(keys) & set(names):
+    if len(names) < 2:  # the model's input names unknown, or one input
         return list(named.values())
-    if set(keys) != set(names):
+    given = [k for k in keys if not (k == LABELS and k not in names)] or keys
+    if all(_UNNAMED.fullmatch(k) for k in given):  # np.savez(path, a, b): the inputs' order
+        return [named[k] for k in given]
+    inputs = ", ".join(repr(n) for n in names)
+    foreign = [k for k in given if k not in names]
+    if foreign and not set(given) & set(names):
+        close = [f"'{m[0]}' for '{k}'" for k in foreign if (m := get_close_matches(k, names, n=1, cutoff=0.6))]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        plural = len(given) != 1
+        raise InputMismatchError(
+            f"{what} names its array{'s' * plural} {', '.join(repr(k) for k in given)}, but the model's inputs are "
+            f"{inputs}{hint}: name every array after an input (in any order), or none (np.savez(path, a, b): in the "
+            f"inputs' order); an array named '{LABELS}' holds labels")
+    if set(given) != set(names):
         raise InputMismatchError(
             f"{what} names its arrays {', '.join(repr(k) for k in keys)}, the model's inputs are "
-            f"{', '.join(repr(n) for n in names)}: name every array after an input (in any order), or none "
+            f"{inputs}: name every array after an input (in any order), or none "
             "(np.savez(path, a, b): in the inputs' order)")
     return [named[n] for n in names]
 
@@ -180,8 +204,6 @@ def calibration_source(data: Any, *, batch_size: int = 64, samples: int | None =
         return lambda: iter(kept)
     return iterate
 
-
-LABELS = "labels"  # the .npz array that holds a labelled calibration file's labels
 
 
 class _Part:

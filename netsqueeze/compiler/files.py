@@ -43,35 +43,82 @@ def model_source(model: str | os.PathLike[str]) -> Path:
     return Path(text)
 
 
+def is_onnx_file(model: str | os.PathLike[str]) -> bool:
+    """Whether a model argument names an ONNX file: its suffix is `.onnx`, in any case, as for `-o`."""
+    return Path(os.fspath(model)).suffix.lower() == ".onnx"
+
+
+def model_files(model: str | os.PathLike[str], role: str = "input model") -> list[tuple[str, Path]]:
+    """Every file a model argument reads, as (role, path) pairs for `check_output_path`: the model's file and,
+    for an ONNX model, each external-data file its tensors name (an output there would corrupt the model)."""
+    src = model_source(model)
+    out: list[tuple[str, Path]] = [(role, src)]
+    if is_onnx_file(src):
+        from netsqueeze.frontends.onnx.load import external_data_files
+
+        out += [(f"{role}'s external data file", p) for p in external_data_files(src)]
+    return out
+
+
 def _same_file(a: Path, b: Path) -> bool:
     with contextlib.suppress(OSError):
         if a.exists() and b.exists():
             return os.path.samefile(a, b)  # also catches hard links
-    return a.resolve() == b.resolve()
+    with contextlib.suppress(OSError, RuntimeError):  # RuntimeError: a symbolic link that loops (Python 3.11)
+        return a.resolve() == b.resolve()
+    return False
+
+
+def write_target(path: str | os.PathLike[str]) -> Path:
+    """The file a write to `path` replaces. A symbolic link is written through: its target (every link followed;
+    a link to no file yet names the file to create) is replaced atomically and the link itself is kept, as `cp`
+    and editors do. A link that loops is a `FileError`."""
+    p = Path(path)
+    if not p.is_symlink():
+        return p
+    try:
+        return p.resolve(strict=True)
+    except FileNotFoundError:
+        return p.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: Python 3.11's "Symlink loop"
+        raise FileError(f"output '{p}' is a symbolic link that loops") from None
 
 
 def check_output_path(out: str | os.PathLike[str], inputs: Sequence[tuple[str, str | os.PathLike[str]]] = (),
                       option: str = "-o") -> Path:
     """Checks, before any work is done, that `out` (given with command-line `option`) can be written and is none
-    of `inputs` ((role, path) pairs such as ("input model", "m.py")). Returns `out` as a Path; raises `FileError`."""
+    of `inputs` ((role, path) pairs such as ("input model", "m.py")). A symbolic link is checked as the file it
+    points to (`write_target`: the write goes through the link). Returns `out` as a Path; raises `FileError`."""
     path = Path(out)
+    target = write_target(path)
+    # an ONNX model too big for one file is written with its weights in `<name>.data` beside it
+    companion = target.with_name(target.name + ".data") if target.suffix.lower() == ".onnx" else None
     for role, src in inputs:
         if _same_file(path, Path(src)):
             raise FileError(f"refusing to overwrite the {role} '{src}': choose another {option} path")
-    if path.is_dir():
-        raise FileError(f"output '{path}' is a directory")
-    parent = path.parent
+        if companion is not None and _same_file(companion, Path(src)):
+            raise FileError(f"refusing to overwrite the {role} '{src}': an ONNX output over 2 GB keeps its weights "
+                            f"in '{companion.name}' beside it; choose another {option} path")
+    shown = f"output '{path}' (a link to '{target}')" if target != path else f"output '{path}'"
+    if target != path:
+        want, have = OUTPUT_FORMATS.get(path.suffix.lower()), OUTPUT_FORMATS.get(target.suffix.lower())
+        if want is not None and have is not None and want != have:
+            raise FileError(f"{shown}: the link's suffix '{path.suffix}' and its target's '{target.suffix}' name "
+                            f"different formats; choose another {option} path")
+    if target.is_dir():
+        raise FileError(f"{shown} is a directory")
+    parent = target.parent
     if not parent.is_dir():
         for anc in (parent, *parent.parents):
             if anc.exists() and not anc.is_dir():
-                raise FileError(f"output '{path}': '{anc}' is a file, not a directory")
+                raise FileError(f"{shown}: '{anc}' is a file, not a directory")
             if anc.is_dir():
                 break
-        raise FileError(f"output '{path}': directory '{parent}' does not exist")
+        raise FileError(f"{shown}: directory '{parent}' does not exist")
     try:
-        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".probe")
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{target.name}.", suffix=".probe")
     except OSError as e:
-        raise FileError(f"output '{path}': directory '{parent}' is not writable ({e.strerror})") from None
+        raise FileError(f"{shown}: directory '{parent}' is not writable ({e.strerror})") from None
     os.close(fd)
     os.unlink(probe)
     return path
@@ -105,7 +152,7 @@ def _fsync(path: Path, directory: bool = False) -> None:
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
     """Calls `write(tmp)` on a fresh temporary file next to `path`, syncs it and renames it over `path`.
     On any failure or interrupt the temporary file is removed and `path` is left as it was."""
-    target = Path(path)
+    target = write_target(path)
     tmp: Path | None = None
     try:
         fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}")
@@ -135,9 +182,11 @@ def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 
 def _atomic_write_onnx_external(model: Any, target: Path) -> None:
     """A model over 2 GB: its weights go to `<name>.data`; both files are written in a temporary
-    directory next to the target and renamed into place, the data first."""
+    directory next to the target (a symbolic link's target: `write_target`) and renamed into place, the data
+    first."""
     from netsqueeze.backends.onnx import save_onnx
 
+    target = write_target(target)
     tmpdir = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
         save_onnx(model, tmpdir / target.name)

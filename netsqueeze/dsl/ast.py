@@ -10,6 +10,8 @@ from netsqueeze.dsl.values import dimension, format_number, magnitude
 from netsqueeze.errors import SourceSpan
 
 NOSPAN = SourceSpan("<generated>", 1, 1)
+# the file name of values given as parameter overrides (`--set key=value`, `compile(params=...)`)
+OVERRIDE_FILE = "<--set>"
 
 
 def _quote(s: str, prefix: str = "") -> str:
@@ -484,3 +486,64 @@ def _all_modules(mods: tuple[Module, ...], seen: set[str] | None = None) -> list
         out += _all_modules(m.modules, seen)
         out.append(m)
     return out
+
+
+# ---- references ----------------------------------------------------------------------------------
+def _value_names(v: Value | Selector | Condition) -> list[str]:
+    """The words in a value, selector or condition that may name a `let` or `param` (whether they do is the
+    caller's to say: a word names a definition when one of that name exists)."""
+    if isinstance(v, Ident | SelName):
+        return [v.name]
+    if isinstance(v, Words):
+        return [w.name for w in v.words]
+    if isinstance(v, ListValue):
+        return [n for i in v.items for n in _value_names(i)]
+    if isinstance(v, SelFunc):
+        return _value_names(v.arg)
+    if isinstance(v, SelBetween):
+        return _value_names(v.start) + _value_names(v.end)
+    if isinstance(v, SelWhere):
+        return _value_names(v.base) + _value_names(v.cond)
+    if isinstance(v, SelBinary):
+        return _value_names(v.left) + _value_names(v.right)
+    if isinstance(v, Compare):
+        return _value_names(v.value)
+    if isinstance(v, BoolOp):
+        return _value_names(v.left) + _value_names(v.right)
+    if isinstance(v, NotCond):
+        return _value_names(v.cond)
+    return []
+
+
+def _statement_names(s: Statement) -> list[str]:
+    out: list[str] = []
+    if isinstance(s, Invocation | Bounds) and s.selector is not None:
+        out += _value_names(s.selector)
+    options: tuple[Option, ...] = ()
+    if isinstance(s, Invocation | Bounds):
+        options = s.options
+    elif isinstance(s, Calibrate | Runtime):
+        options = s.settings
+    elif isinstance(s, Budget):
+        out += [n for i in s.items for n in _value_names(i.value)]
+    elif isinstance(s, Guard):
+        out += _value_names(s.value)
+    return out + [n for o in options for n in _value_names(o.value)]
+
+
+def names_read(policy: Policy) -> set[str]:
+    """The `let` and `param` names the policy's statements read, directly or through other definitions: a
+    definition outside this set changes nothing (an override of such a param is an error)."""
+    defs: dict[str, list[Definition]] = {}
+    for d in policy.all_definitions():
+        defs.setdefault(d.name, []).append(d)
+    todo = [n for s in policy.body if not isinstance(s, Let | Param) for n in _statement_names(s)]
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in defs:
+            continue
+        seen.add(name)
+        for d in defs[name]:
+            todo += _value_names(d.value)
+    return seen

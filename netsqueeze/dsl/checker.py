@@ -6,15 +6,17 @@ The same value conversion (`Checker.option_values`) builds pass options in the c
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from netsqueeze.dsl import ast
 from netsqueeze.dsl.values import DIMENSION_WORDS
-from netsqueeze.errors import Diagnostic, PolicyError, SourceSpan, did_you_mean
+from netsqueeze.errors import Diagnostic, NetsqueezeError, PolicyError, SourceSpan, did_you_mean
 
 TypeKind = Literal["int", "float", "bool", "str", "literal", "list", "tuple", "optional", "any"]
 Unit = Literal["ratio", "count", "duration"]
@@ -60,11 +62,17 @@ class OptionSchema:
     min_exclusive: bool = False  # `min` itself is out of range (a budget of 0% leaves nothing)
 
 
+# a pass's check of its option combination (`Pass.option_conflicts`): the options a policy sets (converted values)
+# -> (option, message) for each combination the pass cannot run with, found from the options alone
+ConflictCheck = Callable[[Mapping[str, Any]], Sequence[tuple[str, str]]]
+
+
 @dataclass(frozen=True)
 class PassSchema:
     name: str
     options: tuple[OptionSchema, ...] = ()
     doc: str = ""
+    conflicts: ConflictCheck | None = field(default=None, compare=False, repr=False)
 
     def option(self, name: str) -> OptionSchema | None:
         return next((o for o in self.options if o.name == name), None)
@@ -118,6 +126,20 @@ GUARD_METRICS: dict[str, OptionSchema] = {
     "output_error": OptionSchema("output_error", _RATIO, min=0, max=1, unit="ratio"),
     "top1_drop": OptionSchema("top1_drop", _RATIO, min=0, max=1, unit="ratio"),
 }
+
+
+# the calibration file forms `compile()` reads (`compiler.calibration`): `calibrate data` must name one
+CALIBRATION_SUFFIXES = (".npz", ".npy", ".pt", ".pth")
+
+# the op kinds `type(...)` may name: the IR's op table, installed by the compiler (dsl does not import ir), so a
+# kind no op has is an error in every selector, one no statement uses too, with or without a model
+_OP_KINDS: list[Collection[str]] = []
+
+
+def install_op_kinds(kinds: Collection[str]) -> None:
+    """Sets the op kinds `type(...)` selectors are checked against (a live collection: kinds registered later
+    count)."""
+    _OP_KINDS[:] = [kinds]
 
 
 class _Bad(Exception):
@@ -187,6 +209,13 @@ def _short(span: SourceSpan) -> str:
     return f"{span.file}:{span.line}"
 
 
+def _through(start: SourceSpan, end: SourceSpan) -> SourceSpan:
+    """The span from `start` to the end of `end` (a whole `key = value`), or `start` if `end` is elsewhere."""
+    if end.file != start.file or end.end_col is None or (end.end_line or end.line) != start.line:
+        return start
+    return SourceSpan(start.file, start.line, start.col, start.line, end.end_col, start.text)
+
+
 class Checker:
     """Collects every diagnostic of a policy; reusable by the compiler to convert option values."""
 
@@ -224,7 +253,9 @@ class Checker:
                     self.error(f"unknown dtype '{s.dtype}'{did_you_mean(s.dtype, DTYPES) or ' (one of ' + ', '.join(DTYPES) + ')'}", s.span)
             elif isinstance(s, ast.Calibrate):
                 for o in s.settings:
-                    self._fixed(o.key, o.value, o.span, CALIBRATE_KEYS, "calibration setting", calib, o)
+                    value = self._fixed(o.key, o.value, o.span, CALIBRATE_KEYS, "calibration setting", calib, o)
+                    if o.key == "data" and isinstance(value, str):
+                        self._calibration_file(value, o)
             elif isinstance(s, ast.Budget):
                 for item in s.items:
                     if item.metric in UNSUPPORTED_BUDGET:
@@ -295,6 +326,29 @@ class Checker:
         seen[key] = node
         return self.guard(lambda: self.convert(value, table[key], f"{what} '{shown}'"))
 
+    def _calibration_file(self, data: str, o: ast.Option) -> None:
+        """`calibrate data "FILE"` names a calibration file compile() can read: relative to the policy file (as
+        compile resolves it; to the working directory for policy text), an existing file of a form it reads."""
+        span = _through(o.span, o.value.span)
+        path = Path(data)
+        if not path.is_absolute() and not o.span.file.startswith("<"):
+            path = Path(o.span.file).parent / path
+        if path.is_dir():
+            self.error(f"calibration file '{path}' is a directory", span)
+        elif not path.exists():
+            siblings: list[str] = []
+            if path.parent.is_dir():
+                with contextlib.suppress(OSError):
+                    siblings = [p.name for p in path.parent.iterdir() if p.suffix in CALIBRATION_SUFFIXES]
+            hint = did_you_mean(path.name, siblings)
+            if not hint and not path.parent.is_dir():
+                hint = f" (no folder '{path.parent}')"
+            relative = not Path(data).is_absolute() and not o.span.file.startswith("<")
+            self.error(f"calibration file '{path}' does not exist{hint}", span,
+                       *(["a relative path is read from the policy file's folder"] if relative else []))
+        elif path.suffix not in CALIBRATION_SUFFIXES:
+            self.error(f"calibration file '{path}': unsupported format '{path.suffix}' (use .npz, .npy or .pt)", span)
+
     # ---- invocations
     def _invocation(self, inv: ast.Invocation) -> None:
         schema = self.schemas.get(inv.pass_name)
@@ -311,7 +365,24 @@ class Checker:
             elif inv.expect.high is not None and inv.expect.high < inv.expect.low:
                 self.error(f"empty range in '{inv.expect.to_text()}'", inv.expect.span)
         if schema is not None:
-            self.option_values(inv, schema, report=True)
+            before = len(self.diags)
+            values = self.option_values(inv, schema, report=True)
+            if schema.conflicts is not None and len(self.diags) == before:  # every option it sets is valid
+                self._conflicts(inv, schema, values)
+
+    def _conflicts(self, inv: ast.Invocation, schema: PassSchema, values: Mapping[str, Any]) -> None:
+        """The pass's own check of its option combination (`Pass.option_conflicts`), each problem located at the
+        option it names (the pass name when the policy does not set that option)."""
+        assert schema.conflicts is not None
+        spans: dict[str, SourceSpan] = {}
+        for o in inv.options:
+            spans.setdefault(o.key, _through(o.span, o.value.span))
+        try:
+            problems = list(schema.conflicts(values))
+        except NetsqueezeError as e:
+            problems = [("", e.message)]
+        for key, message in problems:
+            self.error(f"pass '{schema.name}': {message}", spans.get(key, inv.name_span))
 
     def option_values(self, inv: ast.Invocation, schema: PassSchema, report: bool = False) -> dict[str, Any]:
         """The converted options of `inv` (only those it sets); problems go to `self.diags` if `report`."""
@@ -371,6 +442,11 @@ class Checker:
         except _Bad as b:
             if v is value or not isinstance(value, ast.Ident) or value.name not in self.env.defs:
                 raise
+            if b.diag.span is not None and b.diag.span.file == ast.OVERRIDE_FILE:
+                # a value given by `--set` (`compile(params=...)`): the error is at the override, which the user
+                # typed, the place it is used a note
+                raise _Bad(b.diag.message, b.diag.span, (*b.diag.notes, f"the value of '{value.name}', used at "
+                                                                        f"{value.span}")) from None
             # a param's or let's value that does not fit here: the error is where it is used (the definition
             # may be right for its other uses), the definition a note
             d = self.env.defs[value.name]
@@ -469,6 +545,12 @@ class Checker:
                 re.compile(sel.pattern)
             except re.error as e:
                 self.error(f"invalid regular expression: {e}", sel.span)
+            return
+        if isinstance(sel, ast.SelType) and _OP_KINDS:
+            kinds = _OP_KINDS[0]
+            for k in sel.kinds:
+                if k not in kinds:  # worded as the selector evaluator words it, so a model's check says it once
+                    self.error(f"unknown op kind '{k}'{did_you_mean(k, kinds)}", sel.span)
             return
         if isinstance(sel, ast.SelWhere):
             self._condition(sel.cond)

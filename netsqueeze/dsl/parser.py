@@ -546,10 +546,11 @@ def _apply_overrides(policy: ast.Policy, params: Mapping[str, str]) -> tuple[ast
     """Replaces `param` defaults by `--set key=value` / `params={...}` values (parsed as policy values)."""
     diags: list[Diagnostic] = []
     declared = {d.name: d for d in policy.all_definitions() if isinstance(d, ast.Param)}
+    read = ast.names_read(policy)
     new_values: dict[str, ast.Value] = {}
     for key, raw in params.items():
         src = f"{key}={raw}"
-        where = SourceSpan("<--set>", 1, 1, 1, len(key) + 1, src)
+        where = SourceSpan(ast.OVERRIDE_FILE, 1, 1, 1, len(key) + 1, src)
         if key not in declared:
             known = sorted(declared)
             hint = did_you_mean(key, known) or (
@@ -557,8 +558,13 @@ def _apply_overrides(policy: ast.Policy, params: Mapping[str, str]) -> tuple[ast
             )
             diags.append(Diagnostic(f"unknown parameter '{key}'{hint}", span=where))
             continue
+        if key not in read:  # the user believes it changed something: it changes nothing
+            diags.append(Diagnostic(
+                f"parameter '{key}' is set, but no statement of the policy reads it: setting it changes nothing",
+                span=where, notes=(f"'{key}' is declared at {declared[key].span}",)))
+            continue
         try:
-            value = parse_value(str(raw), "<--set>", offset=len(key) + 1, full_text=src)
+            value = parse_value(str(raw), ast.OVERRIDE_FILE, offset=len(key) + 1, full_text=src)
         except PolicyError as e:
             diags += e.diagnostics
             continue

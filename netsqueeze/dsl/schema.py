@@ -14,7 +14,7 @@ import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from netsqueeze.dsl.checker import OptionSchema, PassSchema, TypeDesc, option_problem
+from netsqueeze.dsl.checker import ConflictCheck, OptionSchema, PassSchema, TypeDesc, option_problem
 from netsqueeze.errors import Diagnostic, NetsqueezeError
 
 
@@ -79,7 +79,21 @@ def _schema(cls: type) -> PassSchema:
     doc = (cls.__doc__ or "").strip().split("\n")[0]
     if doc.startswith(cls.__name__ + "("):  # the signature dataclass puts in place of a missing docstring
         doc = ""
-    return PassSchema(str(getattr(cls, "name", "") or cls.__name__), tuple(opts), doc)
+    return PassSchema(str(getattr(cls, "name", "") or cls.__name__), tuple(opts), doc, _conflict_check(cls))
+
+
+def _conflict_check(cls: type) -> ConflictCheck | None:
+    """The class's `option_conflicts(given)` classmethod (`passes.base.Pass.option_conflicts`), for the checker to
+    call on the options a policy sets; None when the class has none. Holds the class weakly, as `_SCHEMAS` does."""
+    if not callable(getattr(cls, "option_conflicts", None)):
+        return None
+    ref = weakref.ref(cls)
+
+    def check(given: Mapping[str, Any]) -> list[tuple[str, str]]:
+        c = ref()
+        return [] if c is None else [(str(k), str(m)) for k, m in c.option_conflicts(given)]  # type: ignore[attr-defined]
+
+    return check
 
 
 def check_options(instance: Any) -> None:

@@ -310,6 +310,29 @@ class Pass:
     def options(cls) -> list[dataclasses.Field[Any]]:
         return [f for f in dataclasses.fields(cls) if f.init]
 
+    @classmethod
+    def option_defaults(cls) -> dict[str, Any]:
+        """Each option's default value (options without a default left out)."""
+        out: dict[str, Any] = {}
+        for f in cls.options():
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                out[f.name] = f.default_factory()
+        return out
+
+    @classmethod
+    def option_conflicts(cls, given: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """The combinations of options this pass cannot run with that the options alone show, as (option, message)
+        pairs: the policy checker reports each at check time (`netsqueeze check`, `explain`, before a compile runs
+        anything), located at that option when the policy sets it, else at the pass name, as
+        "pass 'NAME': MESSAGE". `given` holds the options the policy sets, each a valid value of its type; the
+        others take their defaults (`option_defaults()`), so a pass can also refuse an option that is set but does
+        nothing under the others (`trim`'s `activation_stat` without `criterion = activation`) while its default
+        stays silent. Nothing here may depend on the model, the data or the compile's arguments: those are the
+        pass's to check when it runs. None by default."""
+        return []
+
 
 @dataclass(frozen=True)
 class AnalysisPass(Pass, Generic[T]):

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -183,6 +183,33 @@ def _standardise(t: torch.Tensor) -> torch.Tensor:
     return torch.where(sd > 1e-12, (t - t.mean(0, keepdim=True)) / sd.clamp_min(1e-12), torch.zeros_like(t))
 
 
+def _combination_conflicts(o: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(option, message) for each combination of trim's options `o` (every option, defaults included) that it cannot
+    run with: the policy checker reports them at check time (`Trim.option_conflicts`), `Trim._check` when a pass
+    built from Python runs."""
+    out = []
+    crit, mode, allocation, refit = o["criterion"], o["gdnt_mode"], o["allocation"], o["refit"]
+    if mode == "groups" and crit != "gdnt":
+        out.append(("gdnt_mode", f"gdnt_mode = groups applies to criterion = gdnt, not {crit}"))
+    if refit in ("least_squares", "layer") and not o["bias_compensation"]:
+        out.append(("refit", f"refit = {refit} refits the consumers' biases (the intercept): it contradicts "
+                             "bias_compensation = false"))
+    if allocation == "uniform" and o["ratio"] is not None:
+        out.append(("allocation", _allocation_with_ratio(allocation)))
+    if allocation == "uniform" and mode == "groups":
+        out.append(("allocation", _allocation_with_groups(allocation)))
+    return out
+
+
+def _allocation_with_ratio(allocation: str) -> str:
+    return (f"allocation = {allocation} spreads a flops/params/bytes budget over the groups; with a `ratio` every "
+            "group loses that ratio already: give one of them")
+
+
+def _allocation_with_groups(allocation: str) -> str:
+    return f"allocation = {allocation} ranks whole channels; gdnt_mode = groups sets its own cut"
+
+
 @register_pass
 @dataclass(frozen=True)
 class Trim(TransformPass):
@@ -319,6 +346,33 @@ class Trim(TransformPass):
     allocation: Literal["global", "uniform"] = "global"
     refit: Literal["auto", "none", "least_squares", "layer"] = "auto"
 
+    @classmethod
+    def option_conflicts(cls, given: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """The option combinations trim refuses (`_combination_conflicts`), and every option the policy sets that
+        does nothing under its other options: `activation_stat` without `criterion = activation`; `gdnt_samples`,
+        `gdnt_child_groups` and `gdnt_mode` without `criterion = gdnt`; `gdnt_layer_cap` outside
+        `gdnt_mode = groups`; `allocation` with a `ratio` or under `gdnt_mode = groups` (it spreads a budget over
+        whole channels). A default never counts as set."""
+        o = {**cls.option_defaults(), **given}
+        out = _combination_conflicts(o)
+        crit, mode = o["criterion"], o["gdnt_mode"]
+        if "activation_stat" in given and crit != "activation":
+            out.append(("activation_stat", f"activation_stat applies to criterion = activation, not {crit}"))
+        for key in ("gdnt_samples", "gdnt_child_groups", "gdnt_mode"):
+            if key in given and crit != "gdnt" and not (key == "gdnt_mode" and mode == "groups"):
+                out.append((key, f"{key} applies to criterion = gdnt, not {crit}"))
+        if "gdnt_layer_cap" in given and crit != "gdnt":
+            out.append(("gdnt_layer_cap", f"gdnt_layer_cap applies to criterion = gdnt with gdnt_mode = groups, not "
+                                          f"{crit}"))
+        elif "gdnt_layer_cap" in given and mode != "groups":
+            out.append(("gdnt_layer_cap", f"gdnt_layer_cap applies to gdnt_mode = groups, not {mode}"))
+        if "allocation" in given and o["allocation"] != "uniform":  # uniform's conflicts are above
+            if o["ratio"] is not None:
+                out.append(("allocation", _allocation_with_ratio(o["allocation"])))
+            elif mode == "groups" and crit == "gdnt":
+                out.append(("allocation", _allocation_with_groups(o["allocation"])))
+        return out
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         groups = ctx.analysis(DependencyAnalysis, graph).restrict(ctx.selected)
         bounds = {g.id: group_bounds(g, ctx, self.min_channels, self.round_to) for g in groups.prunable()}
@@ -382,8 +436,10 @@ class Trim(TransformPass):
 
         if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
             raise fail(f"ratio {self.ratio} leaves no channel; it must be in [0, 1)")
-        if self.gdnt_mode == "groups" and self.criterion != "gdnt":
-            raise fail(f"gdnt_mode = groups applies to criterion = gdnt, not {self.criterion}")
+        # what the policy checker reports at check time (`option_conflicts`): here for a pass built from Python
+        conflicts = _combination_conflicts({f.name: getattr(self, f.name) for f in self.options()})
+        if conflicts and conflicts[0][0] == "gdnt_mode":
+            raise fail(conflicts[0][1])
         if self.ratio is None and not Budget.of(ctx):
             raise fail("needs a `ratio` or a flops/params/bytes budget in the policy")
         if self.min_channels < 1 or self.round_to < 1:
@@ -391,18 +447,11 @@ class Trim(TransformPass):
         for k, v in Budget.of(ctx).limits.items():
             if not 0.0 < v <= 1.0:
                 raise fail(f"budget {k} = {v} must be a ratio in (0, 1]")
-        if self.refit in ("least_squares", "layer"):
-            if ctx.stream_fn is None:
-                raise fail(f"refit = {self.refit} fits the consumers on calibration data and this compile has "
-                           f"none: {GIVE_CALIBRATION}, or set refit = none")
-            if not self.bias_compensation:
-                raise fail(f"refit = {self.refit} refits the consumers' biases (the intercept): it contradicts "
-                           "bias_compensation = false")
-        if self.allocation == "uniform" and self.ratio is not None:
-            raise fail("allocation = uniform spreads a flops/params/bytes budget over the groups; with a `ratio` "
-                       "every group loses that ratio already: give one of them")
-        if self.allocation == "uniform" and self.gdnt_mode == "groups":
-            raise fail("allocation = uniform ranks whole channels; gdnt_mode = groups sets its own cut")
+        if self.refit in ("least_squares", "layer") and ctx.stream_fn is None:
+            raise fail(f"refit = {self.refit} fits the consumers on calibration data and this compile has "
+                       f"none: {GIVE_CALIBRATION}, or set refit = none")
+        if conflicts:
+            raise fail(conflicts[0][1])
 
     def _refits(self, ctx: PassContext) -> bool:
         """Whether the consumers are refit by least squares: `least_squares`, or `auto` with calibration data

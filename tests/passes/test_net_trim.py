@@ -438,7 +438,7 @@ def test_cli_executor_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     Path("p.sqz").write_text(CLI_POLICY)
     torch.save(torch.randn(300, 20, generator=torch.Generator().manual_seed(0)), "calib.pt")
     model = f"{Path(__file__).resolve().parents[1] / 'compiler' / 'zoo_models.py'}:mlp"
-    assert main(["compile", model, "-p", "p.sqz", "--calib", "calib.pt", "-o", "bad.pt", "--executor", "dask:/x"]) == 1
+    assert main(["compile", model, "-p", "p.sqz", "--calib", "calib.pt", "-o", "bad.pt", "--executor", "dask:/x"]) == 2
     assert "unknown executor 'dask:/x'" in capsys.readouterr().err
     assert not Path("bad.pt").exists()
     assert main(["compile", model, "-p", "p.sqz", "--calib", "calib.pt", "-o", "m.pt", "--executor", "local"]) == 0

@@ -182,7 +182,7 @@ CASES = [
          "output 'notes.txt/m.pt': 'notes.txt' is a file, not a directory"),
     Case("out-deep-under-a-file", [*C, "-o", "notes.txt/a/b/m.pt"], 1, FileError,
          "'notes.txt' is a file, not a directory"),
-    Case("target-contradicts-suffix", [*C, "--target", "onnx", "-o", "out.pt"], 1, FileError,
+    Case("target-contradicts-suffix", [*C, "--target", "onnx", "-o", "out.pt"], 2, UsageError,
          "--target onnx does not match the output 'out.pt': its suffix '.pt' writes a torch model"),
     # bad options
     Case("negative-input-shape", [*C, "-o", "out.pt", "--input-shape", "x=1,-3"], 2, UsageError,

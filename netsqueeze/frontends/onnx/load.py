@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -29,8 +32,50 @@ def _fail(msg: str, node: str | None = None) -> CaptureError:
     return CaptureError(Diagnostic(msg, node=node))
 
 
+def _graph_tensors(g: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from g.initializer
+    for t in g.sparse_initializer:
+        yield from (t.values, t.indices)
+    yield from _node_tensors(g.node)
+
+
+def _node_tensors(nodes: Iterable[onnx.NodeProto]) -> Iterator[onnx.TensorProto]:
+    for n in nodes:
+        for a in n.attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            if a.HasField("sparse_tensor"):
+                yield from (a.sparse_tensor.values, a.sparse_tensor.indices)
+            for g in [a.g] if a.HasField("g") else list(a.graphs):
+                yield from _graph_tensors(g)
+
+
+def _external_locations(proto: onnx.ModelProto) -> list[tuple[str, str]]:
+    """(tensor name, `location`) of every tensor whose data the model keeps in another file, in file order."""
+    tensors = itertools.chain(_graph_tensors(proto.graph), *(_node_tensors(f.node) for f in proto.functions))
+    out = []
+    for t in tensors:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            where = next((e.value for e in t.external_data if e.key == "location"), "")
+            out.append((t.name, where))
+    return out
+
+
+def external_data_files(path: str | os.PathLike[str]) -> list[Path]:
+    """The external-data files an ONNX model file names (beside the model, as ONNX resolves them), each once;
+    none for a file that cannot be read (loading it says why)."""
+    try:
+        proto = onnx.load_model(os.fspath(path), load_external_data=False)
+    except Exception:
+        return []
+    base = Path(os.path.dirname(os.fspath(path)))
+    return list(dict.fromkeys(base / where for _, where in _external_locations(proto) if where))
+
+
 def load_model(model: str | os.PathLike[str] | onnx.ModelProto) -> onnx.ModelProto:
-    """Reads a model without ever writing to its file; a given ModelProto is only read, never changed."""
+    """Reads a model without ever writing to its file; a given ModelProto is only read, never changed. An
+    external-data file the model names that is missing is a `CaptureError` naming it."""
     if isinstance(model, onnx.ModelProto):
         return model
     path = os.fspath(model)
@@ -40,13 +85,26 @@ def load_model(model: str | os.PathLike[str] | onnx.ModelProto) -> onnx.ModelPro
         with open(path, "rb") as f:
             data = f.read()
         proto = onnx.load_from_string(data)
-        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
-            onnx.load_external_data_for_model(proto, os.path.dirname(os.path.abspath(path)))
     except Exception as e:  # protobuf raises DecodeError, RuntimeWarning-ish and others for corrupt files
         raise _fail(f"cannot parse ONNX model '{path}': the file is malformed or truncated "
                     f"({type(e).__name__}: {e})") from None
     if not proto.HasField("graph") or (not proto.graph.node and not proto.graph.output):
         raise _fail(f"cannot parse ONNX model '{path}': the file is malformed or truncated (it holds no graph)")
+    external = _external_locations(proto)
+    for name, where in external:
+        file = os.path.join(os.path.dirname(path), where)
+        if where and not os.path.exists(file):
+            raise _fail(f"cannot read ONNX model '{path}': the external data file '{file}' it references "
+                        f"(tensor '{name}') does not exist")
+        if where and not os.path.isfile(file):
+            raise _fail(f"cannot read ONNX model '{path}': the external data file '{file}' it references "
+                        f"(tensor '{name}') is not a regular file")
+    try:
+        if external:
+            onnx.load_external_data_for_model(proto, os.path.dirname(os.path.abspath(path)))
+    except Exception as e:  # a location outside the model's directory, data past the end of the file, ...
+        raise _fail(f"cannot read ONNX model '{path}': its external data cannot be loaded "
+                    f"({type(e).__name__}: {e})") from None
     return proto
 
 
@@ -327,6 +385,31 @@ def check_text(proto: onnx.ModelProto) -> None:
     _check_graph_text(proto.graph, "the graph")
 
 
+def given_shape_problem(vi: onnx.ValueInfoProto, given: Sequence[int]) -> str | None:
+    """What is wrong with sizes `given` for model input `vi` (phrased to follow the name of what gave them): a
+    rank other than the input's, or a size other than one the model fixes; None when they fit."""
+    if not vi.type.tensor_type.HasField("shape"):
+        return None
+    dims = vi.type.tensor_type.shape.dim
+    if len(given) != len(dims):
+        return f"has rank {len(given)} but the model input has rank {len(dims)}"
+    for axis, d in enumerate(dims):
+        if d.HasField("dim_value") and d.dim_value > 0 and int(given[axis]) != d.dim_value:
+            return f"gives {int(given[axis])} for axis {axis}, which the model fixes at {d.dim_value}"
+    return None
+
+
+def declared_inputs(path: str | os.PathLike[str]) -> list[onnx.ValueInfoProto] | None:
+    """The inputs an ONNX model file declares (initializers excluded), read without its external data; None for
+    a file that cannot be read (loading it says why)."""
+    try:
+        proto = onnx.load_model(os.fspath(path), load_external_data=False)
+    except Exception:
+        return None
+    inits = {t.name for t in proto.graph.initializer}
+    return [i for i in proto.graph.input if i.name not in inits]
+
+
 def _static_shape(vi: onnx.ValueInfoProto, given: tuple[int, ...] | None, source: str | None = None
                   ) -> tuple[tuple[int, ...], tuple[str | None, ...], list[str]]:
     """(example sizes, the name of each dynamic dim or None, notes) of a model input.
@@ -340,8 +423,8 @@ def _static_shape(vi: onnx.ValueInfoProto, given: tuple[int, ...] | None, source
     dims = vi.type.tensor_type.shape.dim
     if given is None and not vi.type.tensor_type.HasField("shape"):
         raise _fail(f"model input '{vi.name}' declares no shape; pass input_shapes={{'{vi.name}': (...)}}")
-    if given is not None and vi.type.tensor_type.HasField("shape") and len(given) != len(dims):
-        raise _fail(f"{what} has rank {len(given)} but the model input has rank {len(dims)}")
+    if given is not None and (problem := given_shape_problem(vi, given)):
+        raise _fail(f"{what} {problem}")
     if not vi.type.tensor_type.HasField("shape"):
         return tuple(int(d) for d in given or ()), (None,) * len(given or ()), []
     sizes: list[int] = []
@@ -351,9 +434,6 @@ def _static_shape(vi: onnx.ValueInfoProto, given: tuple[int, ...] | None, source
         fixed = d.HasField("dim_value") and d.dim_value > 0
         name = None if fixed else (d.dim_param or f"{vi.name}_{axis}")
         if given is not None:
-            if fixed and int(given[axis]) != d.dim_value:
-                raise _fail(f"{what} gives {int(given[axis])} for axis {axis}, which the model fixes at "
-                            f"{d.dim_value}")
             sizes.append(int(given[axis]))
         elif fixed:
             sizes.append(int(d.dim_value))
