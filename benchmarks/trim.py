@@ -8,8 +8,9 @@ global `budget flops <= X%` and `budget params <= X%` at 2x, 3x and 5x: `fold_bn
 (global allocation ranked by measured loss per unit of budget, every consumer re-solved whole by least squares
 to the original layer's outputs: `refit = layer`) for each
 criterion (fewer at 3x/5x and under params budgets, to keep the run short; `random`, the sanity floor every
-criterion must beat, with `RANDOM_SEEDS` compile seeds, judged by the mean of its draws; `gdnt`, whose estimate
-depends on the seeded split of its samples, with as many, the mean of its own draws reported beside); at FLOPs
+criterion must beat; every criterion runs with `SEEDS` compile seeds, since the layer refit's sampled rows and
+held-out share are seeded (and `gdnt`'s split of its samples, and `random`'s draw): a criterion is judged by the
+mean of its draws against `random`'s, and seed by seed, each against `random`'s draw of the same seed); at FLOPs
 targets the ablations of
 the new choices on `l1` (allocation = uniform, refit = least_squares (the group-by-group fold alone, the default
 before `layer`), refit = none, the previous ranking rule score / group mean, and
@@ -76,10 +77,10 @@ CRITERIA = {("flops", 2.0): ("l1", "l2", "bn_scale", "activation", "gdnt", "rand
             ("flops", 3.0): ("l1", "l2", "bn_scale", "activation", "random"),
             ("flops", 5.0): ("l1", "bn_scale", "random")}
 PARAMS_CRITERIA = ("l1", "random")
-# `random` is the sanity floor: a draw of it is one sample, so it runs with this many compile seeds (0 is timed and
-# is the `trim random` row) and the criteria are judged against the mean of the draws, and per draw
-RANDOM_SEEDS = 5
-SEEDED = ("random", "gdnt")  # the criteria whose draw depends on the compile seed: each runs with RANDOM_SEEDS seeds
+# a trim compile's top-1 depends on its seed for every criterion (the layer refit draws its rows and its held-out
+# share at random, seeded; `random` and `gdnt` draw their choice too): each criterion runs with this many compile
+# seeds (0 is timed and is the `trim CRITERION` row) and is judged by the mean of its draws against `random`'s
+SEEDS = 5
 # the new choices against the old ones, on l1 at FLOPs targets: (label, trim options, ranking rule)
 ABLATIONS = {2.0: (("allocation = uniform", "allocation = uniform", "measured"),
                    ("refit = least_squares (the fold alone)", "refit = least_squares", "measured"),
@@ -143,22 +144,27 @@ def add_row(rows: list[list[str]], timed: list[tuple[list[str], Base, nn.Module,
     print(f"  {base.name} {budget} {method}: {acc:.2%}, {fr:.2f}x FLOPs, {secs:.1f} s", file=sys.stderr, flush=True)
 
 
+def draws_of(acc_by: dict[str, float], crit: str) -> list[float]:
+    """`crit`'s top-1 per compile seed, in seed order (seed 0 is the `trim CRIT` row)."""
+    return [a for m, a in acc_by.items() if m == f"trim {crit}" or m.startswith(f"trim {crit}, seed ")]
+
+
 def random_verdict(acc_by: dict[str, float], crits: list[str]) -> str | None:
-    """Whether every criterion in `crits` beats `random`: against the mean of its seeded draws (the floor) and,
-    per criterion, how many of the draws it beats; None without a random draw."""
-    draws = [a for m, a in acc_by.items() if m == "trim random" or m.startswith("trim random, seed ")]
-    if not draws:
+    """Whether every criterion in `crits` beats `random`: the mean of its draws over the compile seeds against the
+    mean of `random`'s (the floor), with each draw's range, and per criterion how many seeds it beats `random`'s
+    draw of the same seed (the same refit rows); None without a random draw."""
+    floor = draws_of(acc_by, "random")
+    if not floor:
         return None
-    mean = sum(draws) / len(draws)
-    got = {c: acc_by[f"trim {c}"] for c in crits if f"trim {c}" in acc_by}
-    lost = [f"{c} {a:.2%}" for c, a in got.items() if a <= mean]
-    own = {c: [a for m, a in acc_by.items() if m == f"trim {c}" or m.startswith(f"trim {c}, seed ")] for c in got}
-    seeded = [f"{c} {sum(v) / len(v):.2%} ({min(v):.2%}–{max(v):.2%}), {'above' if sum(v) / len(v) > mean else 'not above'}"
-              f" random's" for c, v in own.items() if len(v) > 1]
-    return (f"every criterion beats random's mean over {len(draws)} seeds ({mean:.2%}; draws "
-            f"{min(draws):.2%}–{max(draws):.2%}): " + ("met" if not lost else "missed by " + ", ".join(lost))
-            + "; draws beaten: " + ", ".join(f"{c} {sum(a > d for d in draws)}/{len(draws)}" for c, a in got.items())
-            + ("; a seeded criterion's mean over its own seeds: " + ", ".join(seeded) if seeded else ""))
+    mean = sum(floor) / len(floor)
+    own = {c: v for c in crits if (v := draws_of(acc_by, c))}
+    lost = [f"{c} {sum(v) / len(v):.2%}" for c, v in own.items() if sum(v) / len(v) <= mean]
+    return (f"every criterion's mean over {len(floor)} seeds beats random's ({mean:.2%}; draws "
+            f"{min(floor):.2%}–{max(floor):.2%}): " + ("met" if not lost else "missed by " + ", ".join(lost))
+            + "; means (draws): " + ", ".join(f"{c} {sum(v) / len(v):.2%} ({min(v):.2%}–{max(v):.2%})"
+                                             for c, v in own.items())
+            + "; seeds beating random's same seed: "
+            + ", ".join(f"{c} {sum(a > b for a, b in zip(v, floor))}/{min(len(v), len(floor))}" for c, v in own.items()))
 
 
 def time_rows(timed: list[tuple[list[str], Base, nn.Module, float]]) -> list[tuple[str, float, float]]:
@@ -238,8 +244,7 @@ def main() -> None:
             acc_by: dict[str, float] = {}
             crits = CRITERIA[(measure, target)] if measure == "flops" else PARAMS_CRITERIA
             runs = [(f"trim {c}", c, "", "measured", 0) for c in crits]
-            runs += [(f"trim {c}, seed {k}", c, "", "measured", k) for c in SEEDED if c in crits
-                     for k in range(1, RANDOM_SEEDS)]
+            runs += [(f"trim {c}, seed {k}", c, "", "measured", k) for c in crits for k in range(1, SEEDS)]
             if measure == "flops":
                 runs += [(f"trim l1, {label}", "l1", opts, rule, 0) for label, opts, rule in ABLATIONS[target]]
             for method, crit, opts, rule, seed in runs:
