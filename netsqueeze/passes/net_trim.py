@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -108,6 +109,14 @@ class NetTrim(TransformPass):
     tolerance: float = field(default=1e-4, metadata={"min": 0.0, "min_exclusive": True})
     layout: Literal["coo", "csr"] = "csr"
     remove_channels: bool = True
+
+    @classmethod
+    def option_conflicts(cls, given: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """`kappa` and `gamma` written with parallel mode (the default), for the policy checker: at the option."""
+        if given.get("mode", "parallel") != "parallel":
+            return []
+        return [(k, f"option '{k}' applies to mode = cascade only (parallel mode solves every layer at epsilon)")
+                for k in ("kappa", "gamma") if k in given]
 
     def __post_init__(self) -> None:
         super().__post_init__()

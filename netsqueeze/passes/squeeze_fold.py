@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -159,6 +159,18 @@ class _Gradients:
     energy: float = 0.0
 
 
+def _option_conflicts(o: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(option, message) for each combination of squeeze_fold's options `o` (defaults included) it cannot run with."""
+    out = []
+    if o["energy"] is not None and o["ratio"] is not None:
+        out.append(("ratio", "give `energy` or `ratio`, not both: `ratio` fixes every group's count and `energy` "
+                             "would do nothing"))
+    elif o["search"] == "measured" and (o["energy"] is not None or o["ratio"] is not None):
+        out.append(("search", "search = measured weighs the groups when a budget or guard sets the kept counts; with "
+                              f"`{'energy' if o['energy'] is not None else 'ratio'}` they are fixed: give one of them"))
+    return out
+
+
 @register_pass
 @dataclass(frozen=True)
 class SqueezeFold(TransformPass):
@@ -265,6 +277,11 @@ class SqueezeFold(TransformPass):
     refit: Literal["layer", "fold"] = "layer"
     branches: Literal["keep", "remove"] = "keep"
 
+    @classmethod
+    def option_conflicts(cls, given: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """What the options alone show squeeze_fold cannot run with (`_option_conflicts`), for the policy checker."""
+        return _option_conflicts({**cls.option_defaults(), **given})
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         groups = ctx.analysis(DependencyAnalysis, graph).restrict(ctx.selected)
         removable = frozenset(g.id for g in groups if branch_removable(graph, g) is None) \
@@ -276,10 +293,9 @@ class SqueezeFold(TransformPass):
             _REMOVABLE.reset(token)
 
     def _run(self, graph: Graph, ctx: PassContext, groups: ChannelGroups) -> PassResult:
-        if self.search == "measured" and (self.energy is not None or self.ratio is not None):
-            raise NetsqueezeError(Diagnostic(
-                "squeeze_fold: search = measured weighs the groups when a budget or guard sets the kept counts; "
-                f"with `{'energy' if self.energy is not None else 'ratio'}` they are fixed: give one of them"))
+        conflicts = _option_conflicts({f.name: getattr(self, f.name) for f in self.options()})
+        if conflicts:  # the checker reports these at the option; here for a pass built from Python
+            raise NetsqueezeError(Diagnostic(f"squeeze_fold: {conflicts[0][1]}"))
         result = PassResult()
         plans: dict[int, list[_Probe]] = {}
         for g in groups.prunable():

@@ -262,6 +262,23 @@ def test_cascade_options_are_refused_in_parallel_mode(options: dict[str, float],
     NetTrim(mode="cascade", **options)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("options, where, name", [("epsilon = 5%, kappa = 50%", 28, "kappa"),
+                                                  ("epsilon = 5%, gamma = 1.1", 28, "gamma")])
+def test_cascade_options_in_a_parallel_policy_are_located_at_the_option(options: str, where: int, name: str,
+                                                                          tmp_path: Path) -> None:
+    """Checked at check time, at the option the policy wrote (a `gamma` equal to its default included), not
+    when the pass is built (at the pass name, and only for a gamma other than the default)."""
+    from netsqueeze.compiler.plan import check_file
+
+    path = tmp_path / "p.sqz"
+    path.write_text(f"policy p {{\n  net_trim {{ {options} }}\n}}\n")
+    assert [d.format().splitlines()[0] for d in check_file(path)] == [
+        f"{path}:2:{where}: error: pass 'net_trim': option '{name}' applies to mode = cascade only (parallel mode "
+        "solves every layer at epsilon)"]
+    path.write_text(f"policy p {{\n  net_trim {{ {options}, mode = cascade }}\n}}\n")
+    assert check_file(path) == []
+
+
 def test_an_unconverged_solve_is_a_located_solver_error_and_nothing_is_written(
         monkeypatch: pytest.MonkeyPatch) -> None:
     import netsqueeze.passes.net_trim_solvers as solvers

@@ -511,15 +511,23 @@ def test_search_measured_takes_output_error_curves_within_the_measurement_passes
     assert measured.report.after.params <= 0.5 * measured.report.before.params
 
 
-def test_search_measured_with_a_fixed_count_is_an_error_at_the_step() -> None:
+@pytest.mark.parametrize("options, message", [
+    ("energy = 99%, search = measured", "search = measured weighs the groups when a budget or guard sets the kept "
+     "counts; with `energy` they are fixed: give one of them"),
+    ("energy = 99%, ratio = 50%", "give `energy` or `ratio`, not both: `ratio` fixes every group's count and "
+     "`energy` would do nothing"),  # ratio won silently before
+], ids=["measured_energy", "energy_ratio"])
+def test_options_that_fix_the_counts_twice_are_policy_errors_at_the_option(options: str, message: str) -> None:
     model = TwoBranches().eval()
     calib = torch.randn(64, 10, generator=torch.Generator().manual_seed(3))
-    with pytest.raises(NetsqueezeError) as e:
-        ns.compile(model, "policy p {\n  squeeze_fold { energy = 99%, search = measured }\n}\n",
+    with pytest.raises(ns.PolicyError) as e:  # before any pass runs: `netsqueeze check` finds it too
+        ns.compile(model, f"policy p {{\n  squeeze_fold {{ {options} }}\n}}\n",
                    example_inputs=(calib[:2],), calibration=calib, progress=False)
-    assert str(e.value).splitlines()[0] == (
-        "<policy>:2:3: error: pass 'squeeze_fold' (<policy>:2) failed: squeeze_fold: search = measured weighs the "
-        "groups when a budget or guard sets the kept counts; with `energy` they are fixed: give one of them")
+    assert str(e.value).splitlines()[0] == f"<policy>:2:32: error: pass 'squeeze_fold': {message}"
+    with pytest.raises(NetsqueezeError) as f:  # a pass built from Python is refused when it runs
+        kw = dict(energy=0.99, search="measured") if "search" in options else dict(energy=0.99, ratio=0.5)
+        ns.compile(model, [SqueezeFold(**kw)], example_inputs=(calib[:2],), calibration=calib, progress=False)
+    assert f"squeeze_fold: {message}" in str(f.value)
 
 
 @pytest.mark.parametrize("name", ["resnet", "densenet"])
