@@ -9,9 +9,9 @@ same way, so a torch module and its ONNX model compute the same values.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -168,6 +168,19 @@ class Quantize(TransformPass):
     bins: int = field(default=2048, metadata={"min": 256, "max": 65536})
     bias_correction: bool = True
     mixed_precision: bool = True
+
+    @classmethod
+    def option_conflicts(cls, given: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """An observer option written with a `calibrate` method that does not read it, at the option: `percentile`
+        is read by `percentile` alone, `bins` (the histogram's) by `percentile`, `entropy` and `mse`."""
+        method = given.get("calibrate", "minmax")
+        out = []
+        if "percentile" in given and method != "percentile":
+            out.append(("percentile", f"option 'percentile' applies to calibrate = percentile, not {method}"))
+        if "bins" in given and method == "minmax":
+            out.append(("bins", "option 'bins' applies to calibrate = percentile, entropy or mse (a histogram), not "
+                                "minmax"))
+        return out
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         chosen = [n.id for n in graph.nodes() if ctx.is_selected(n.id) and n.kind in COMPUTE | RANGED | SAME_GRID]

@@ -4,9 +4,9 @@ round-to-nearest or GPTQ, for linear layers, matmuls with a constant weight and 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -88,6 +88,13 @@ class QuantizeWeights(TransformPass):
     inputs: Literal["quantized", "original"] = field(
         default="quantized", metadata={"doc": "GPTQ: measure each layer's Gram with the earlier layers "
                                               "quantized (sequential) or on the original graph"})
+
+    @classmethod
+    def option_conflicts(cls, given: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """GPTQ's options written with `method = rtn` (the default), which rounds each weight alone: at the option."""
+        method = given.get("method", "rtn")
+        return [(k, f"option '{k}' applies to method = gptq, not {method}") for k in ("damp", "act_order", "inputs")
+                if k in given and method != "gptq"]
 
     @property
     def block_size(self) -> int:

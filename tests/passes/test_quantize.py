@@ -3,6 +3,8 @@ placement that ONNX Runtime fuses and TensorRT accepts, torch = ORT, selectors, 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -445,3 +447,24 @@ def test_a_non_finite_activation_is_an_error_naming_its_node(calibrate: str) -> 
     assert str(err.value).splitlines()[0].endswith(
         "quantize: calibration batch 0 gives non-finite values (NaN or Inf) at the output of this node: its range, "
         "and so its grid, is undefined (node 'relu')")
+
+
+@pytest.mark.parametrize("options, col, message", [
+    ("percentile = 99.9", 14, "option 'percentile' applies to calibrate = percentile, not minmax"),
+    ("calibrate = entropy, percentile = 99.9", 35,
+     "option 'percentile' applies to calibrate = percentile, not entropy"),
+    ("bins = 4096", 14, "option 'bins' applies to calibrate = percentile, entropy or mse (a histogram), not minmax"),
+])
+def test_observer_options_another_method_ignores_are_errors(options: str, col: int, message: str,
+                                                            tmp_path: Path) -> None:
+    """An observer option the `calibrate` method does not read did nothing: an error the check finds."""
+    from netsqueeze.compiler.plan import check_file
+
+    path = tmp_path / "p.sqz"
+    path.write_text(f"policy p {{\n  quantize {{ {options} }}\n}}\n")
+    assert [d.format().splitlines()[0] for d in check_file(path)] == [
+        f"{path}:2:{col}: error: pass 'quantize': {message}"]
+    path.write_text("policy p {\n  quantize { calibrate = percentile, percentile = 99.9, bins = 4096 }\n}\n")
+    assert check_file(path) == []
+    path.write_text("policy p {\n  quantize { calibrate = mse, bins = 4096 }\n}\n")
+    assert check_file(path) == []

@@ -344,3 +344,21 @@ def test_a_saved_and_loaded_int8_conv_model_gives_the_compiled_models_bits(tmp_p
     r.save(tmp_path / "m.nsq")
     with torch.no_grad():
         assert torch.equal(ns.load(tmp_path / "m.nsq")(x), r.model(x))
+
+
+@pytest.mark.parametrize("options, col, message", [
+    ("bits = 8, damp = 5%", 48, "option 'damp' applies to method = gptq, not rtn"),
+    ("bits = 8, method = rtn, act_order = true", 62, "option 'act_order' applies to method = gptq, not rtn"),
+    ("bits = 8, inputs = original", 48, "option 'inputs' applies to method = gptq, not rtn"),
+])
+def test_gptq_options_with_rtn_are_errors_at_the_option(options: str, col: int, message: str, tmp_path: Path) -> None:
+    """GPTQ's options did nothing under round-to-nearest (the default method): an error the check finds."""
+    from netsqueeze.compiler.plan import check_file
+
+    path = tmp_path / "p.sqz"
+    path.write_text(f"policy p {{\n  quantize_weights on type(linear) {{ {options} }}\n}}\n")
+    assert [d.format().splitlines()[0] for d in check_file(path)] == [
+        f"{path}:2:{col}: error: pass 'quantize_weights': {message}"]
+    gptq = options.replace("method = rtn", "method = gptq") + ("" if "method" in options else ", method = gptq")
+    path.write_text(f"policy p {{\n  quantize_weights on type(linear) {{ {gptq} }}\n}}\n")
+    assert check_file(path) == []
