@@ -3,7 +3,6 @@ labelled data, top-1 and agreement with the first model."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from collections.abc import Sequence
@@ -16,7 +15,7 @@ from netsqueeze.compiler.api import import_model, load_model_file
 from netsqueeze.compiler.calibration import LABELS, check_batch, split_labels
 from netsqueeze.compiler.files import is_onnx_file, model_source
 from netsqueeze.compiler.latency import Runtime, measure, runner
-from netsqueeze.errors import InputMismatchError, NetsqueezeError, UsageError
+from netsqueeze.errors import InputMismatchError, UsageError
 from netsqueeze.ir.dims import is_dynamic
 from netsqueeze.ir.stats import graph_stats
 
@@ -115,17 +114,6 @@ def _itemsize(dtype: str) -> int:
     return 4 if not isinstance(t, torch.dtype) or t.is_floating_point else t.itemsize
 
 
-def _data_error(e: NetsqueezeError) -> NetsqueezeError:
-    """An error reading `--data` as the calibration reader words it, said of the --data file: bench has no
-    calibration input."""
-    diags = tuple(dataclasses.replace(d, message=d.message.replace("calibration file '", "--data file '"))
-                  for d in e.diagnostics)
-    err = type(e)(diags)
-    for note in getattr(e, "__notes__", ()):
-        err.add_note(note)
-    return err
-
-
 def _check_labels(labels: torch.Tensor, data: str) -> torch.Tensor:
     """`labels` as class indices (int64, one per sample), or an InputMismatchError naming the file and the first
     value that is not one: a fraction, a negative number, NaN."""
@@ -181,11 +169,8 @@ def bench(paths: Sequence[str | os.PathLike[str]], *, data: str | None = None, r
         from netsqueeze.compiler.calibration import calibration_source
 
         names = models[0].graph.inputs
-        try:
-            loaded, labels = split_labels(data, len(names), names=names)
-            batch = next(iter(calibration_source(loaded, batch_size=1 << 30, names=names)()))
-        except NetsqueezeError as e:
-            raise _data_error(e) from None
+        loaded, labels = split_labels(data, len(names), names=names, kind="--data file")
+        batch = next(iter(calibration_source(loaded, batch_size=1 << 30, names=names, kind="--data file")()))
         if labels is not None:
             labels = _check_labels(labels, data)
         for m in models:

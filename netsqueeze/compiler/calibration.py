@@ -45,7 +45,7 @@ def _from_numpy(array: Any, where: str) -> torch.Tensor:
         raise InputMismatchError(f"{where} holds an array of dtype {array.dtype}, expected numbers") from None
 
 
-def _read_error(path: Path, e: Exception) -> InputMismatchError:
+def _read_error(path: Path, e: Exception, kind: str = "calibration file") -> InputMismatchError:
     text = str(e).strip()
     if "allow_pickle" in text:
         reason = "it is not a plain NumPy array file (object arrays and pickles are not loaded)"
@@ -56,9 +56,9 @@ def _read_error(path: Path, e: Exception) -> InputMismatchError:
         reason = "it is not a file torch.save wrote" + (f" ({detail})" if detail else "")
     else:
         # an exception type named `error` (struct.error, zipfile's) would read as a second "error:"
-        kind = type(e).__name__ if type(e).__name__ != "error" else f"{type(e).__module__}.error"
-        reason = f"{kind}: {text.splitlines()[0]}" if text else kind
-    return InputMismatchError(f"cannot read calibration file '{path}': {reason}")
+        cls = type(e).__name__ if type(e).__name__ != "error" else f"{type(e).__module__}.error"
+        reason = f"{cls}: {text.splitlines()[0]}" if text else cls
+    return InputMismatchError(f"cannot read {kind} '{path}': {reason}")
 
 
 LABELS = "labels"  # the .npz array that holds a labelled calibration file's labels
@@ -97,50 +97,53 @@ def _by_name(named: dict[str, torch.Tensor], names: Sequence[str], what: str) ->
     return [named[n] for n in names]
 
 
-def _load_file(path: Path, names: Sequence[str] = ()) -> list[torch.Tensor]:
+def _load_file(path: Path, names: Sequence[str] = (),
+               kind: str = "calibration file") -> list[torch.Tensor]:
+    """The tensors of a data file, named in messages as `kind` (bench's `--data file`)."""
     if not path.exists():
-        raise InputMismatchError(f"calibration file '{path}' does not exist")
+        raise InputMismatchError(f"{kind} '{path}' does not exist")
     if path.is_dir():
-        raise InputMismatchError(f"calibration file '{path}' is a directory")
+        raise InputMismatchError(f"{kind} '{path}' is a directory")
     if path.suffix not in (".npz", ".npy", ".pt", ".pth"):
         raise InputMismatchError(
-            f"calibration file '{path}': unsupported format '{path.suffix}' (use .npz, .npy or .pt)")
+            f"{kind} '{path}': unsupported format '{path.suffix}' (use .npz, .npy or .pt)")
     try:
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as data:
                 if not data.files:
-                    raise InputMismatchError(f"calibration file '{path}' holds no arrays")
-                return _by_name({k: _from_numpy(data[k], f"calibration file '{path}' (array '{k}')")
-                                 for k in data.files}, names, f"calibration file '{path}'")
+                    raise InputMismatchError(f"{kind} '{path}' holds no arrays")
+                return _by_name({k: _from_numpy(data[k], f"{kind} '{path}' (array '{k}')")
+                                 for k in data.files}, names, f"{kind} '{path}'")
         if path.suffix == ".npy":
-            return [_from_numpy(np.load(path, allow_pickle=False), f"calibration file '{path}'")]
+            return [_from_numpy(np.load(path, allow_pickle=False), f"{kind} '{path}'")]
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except InputMismatchError:
         raise
     except Exception as e:
-        raise _read_error(path, e) from None
+        raise _read_error(path, e, kind) from None
     if isinstance(obj, torch.Tensor):
         return [obj]
     if isinstance(obj, (list, tuple)) and obj and all(isinstance(t, torch.Tensor) for t in obj):
         return list(obj)
     if isinstance(obj, dict) and obj and all(isinstance(t, torch.Tensor) for t in obj.values()):
-        return _by_name({str(k): t for k, t in obj.items()}, names, f"calibration file '{path}'")
-    raise InputMismatchError(f"calibration file '{path}' holds a {type(obj).__name__}, expected tensors")
+        return _by_name({str(k): t for k, t in obj.items()}, names, f"{kind} '{path}'")
+    raise InputMismatchError(f"{kind} '{path}' holds a {type(obj).__name__}, expected tensors")
 
 
 def calibration_source(data: Any, *, batch_size: int = 64, samples: int | None = None,
-                       names: Sequence[str] = ()) -> CalibrationSource:
+                       names: Sequence[str] = (), kind: str = "calibration file") -> CalibrationSource:
     """Turns what the user passed as `calibration=` into a re-iterable source of input batches.
 
     Accepts an iterable of batches (tensor or tuple of tensors; a DataLoader yielding
     (inputs, labels) pairs should be mapped to inputs first), one tensor of samples (split
     into batches), or a .npz / .npy / .pt file. At most `samples` rows are read. A file's arrays named after
-    the model's inputs (`names`) are fed to those inputs, whatever their order in the file (`_by_name`).
+    the model's inputs (`names`) are fed to those inputs, whatever their order in the file (`_by_name`). Messages
+    name a file as `kind`.
     """
     what = "calibration data"
     if isinstance(data, (str, os.PathLike)):
-        what = f"calibration file '{data}'"
-        tensors = _load_file(Path(data), names)
+        what = f"{kind} '{data}'"
+        tensors = _load_file(Path(data), names, kind)
         data = tensors[0] if len(tensors) == 1 else tuple(tensors)
     if isinstance(data, np.ndarray):
         data = _from_numpy(data, what)
@@ -227,11 +230,12 @@ class _Part:
                 yield item[0] if self.n_inputs == 1 else tuple(item[:-1])
 
 
-def split_labels(data: Any, n_inputs: int, labelled: bool = False, names: Sequence[str] = ()) -> tuple[Any, Any]:
+def split_labels(data: Any, n_inputs: int, labelled: bool = False, names: Sequence[str] = (),
+                 kind: str = "calibration file") -> tuple[Any, Any]:
     """(inputs, labels) of labelled calibration data: an .npz holding the model's input arrays plus one
     array named `labels` (one row per sample), or, with `labelled`, an iterable of batches `(inputs...,
     labels)` (a DataLoader of (x, y) pairs, a list of tuples). Anything else comes back as it was, with no
-    labels."""
+    labels. Messages name a file as `kind`."""
     if labelled and not isinstance(data, (str, os.PathLike)):
         if not isinstance(data, Iterable) or isinstance(data, (torch.Tensor, np.ndarray, bytes, dict)):
             raise InputMismatchError(f"labelled calibration data must be an iterable of (inputs..., labels) "
@@ -245,16 +249,16 @@ def split_labels(data: Any, n_inputs: int, labelled: bool = False, names: Sequen
             keys = list(f.files)
             if LABELS not in keys or len(keys) != n_inputs + 1:
                 return data, None
-            arrays = {k: _from_numpy(f[k], f"calibration file '{path}' (array '{k}')") for k in keys}
+            arrays = {k: _from_numpy(f[k], f"{kind} '{path}' (array '{k}')") for k in keys}
     except InputMismatchError:
         raise
     except Exception:
         return data, None  # calibration_source reads it again and says what is wrong
     labels: torch.Tensor = arrays.pop(LABELS)
-    inputs = tuple(_by_name(arrays, names, f"calibration file '{path}'"))
+    inputs = tuple(_by_name(arrays, names, f"{kind} '{path}'"))
     if labels.dim() == 0 or labels.shape[0] != inputs[0].shape[0]:
         rows = "a 0-d array" if labels.dim() == 0 else f"{labels.shape[0]} rows"
-        raise InputMismatchError(f"calibration file '{path}': array '{LABELS}' has {rows} but the inputs have "
+        raise InputMismatchError(f"{kind} '{path}': array '{LABELS}' has {rows} but the inputs have "
                                  f"{inputs[0].shape[0]} samples")
     return (inputs[0] if len(inputs) == 1 else inputs), labels
 
