@@ -302,3 +302,61 @@ def test_the_meter_keys_what_a_removal_deletes_by_the_removed_group() -> None:
     both = meter({ga: 4, gb: 4})
     assert meter.dry_runs == dry_runs  # summed from the costs seen
     assert both == Meter(graph, groups, base, removable={gb})({ga: 4, gb: 4})
+
+
+class CheapAndCostlyBlocks(nn.Module):
+    """Two residual blocks on 8 channels: `a` of two 1x1 convs whose output is scaled down (little error to
+    remove, few FLOPs), `b` of two 3x3 convs (most of the model's FLOPs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a1, self.an1, self.a2, self.an2 = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+        self.b1, self.bn1, self.b2, self.bn2 = (nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8),
+                                                nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.head = nn.Linear(8, 5)
+        with torch.no_grad():
+            self.an2.weight.mul_(0.2)
+            self.an2.bias.mul_(0.2)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        h = torch.relu(h + self.an2(self.a2(torch.relu(self.an1(self.a1(h))))))
+        h = torch.relu(h + self.bn2(self.b2(torch.relu(self.bn1(self.b1(h))))))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def test_a_branch_taken_out_while_the_budget_was_missed_goes_back_when_a_later_one_meets_it() -> None:
+    """With `round_to = 8` a block keeps all 8 channels or none, so the budget below is met by taking out `b`
+    alone. The search takes `a` out first (the least estimated error per FLOP), still over the budget, then `b`;
+    `a` then goes back in, and the model keeps its output."""
+    from netsqueeze.ir.ops import node_flops
+
+    model = CheapAndCostlyBlocks()
+    torch.manual_seed(1)
+    x = torch.randn(256, 3, 8, 8)
+    graph = ns.import_model(model, (x[:2],))
+    total = graph_stats(graph).flops
+    in_b = sum(node_flops(graph, graph.node(n)) for n in ("b1", "bn1", "relu_1", "b2", "bn2"))
+    budget = (total - 0.8 * in_b) / total
+    res = ns.compile(model, f"""
+policy p {{
+  budget flops <= {budget:.4%}
+  bounds {{ round_to = 8 }}
+  squeeze_fold {{ branches = remove }}
+}}
+""", example_inputs=(x[:2],), calibration=x)
+    notes = [n for p in res.report.passes for n in p.result.notes]
+    line = next(n for n in notes if n.startswith("search"))
+    tries = dict(t.split(": ") for t in line.split("sensitivity batches): ")[1].split(", "))
+    assert list(tries) == ["none out", "a1 out", "b1 out", "a1 back"]
+    assert (tries["none out"], tries["a1 out"]) == ("over the budget", "over the budget")
+    assert float(tries["a1 back"]) < float(tries["b1 out"])
+    assert "removed 1 residual branch(es) whole, each now the constant mean it adds: b1 -> b2" in notes
+    assert res.report.after.flops <= budget * total
+    xt = torch.randn(64, 3, 8, 8)
+    with torch.no_grad():
+        want = model(xt)
+        assert float((res.model(xt) - want).norm() / want.norm()) < 0.02
