@@ -1060,7 +1060,7 @@ class SqueezeFold(TransformPass):
                 e = None if got is None else self._measured_error(graph, groups, ranks, plans, got, ctx)
                 name = groups[gid].producers[0]
                 tried.append(f"{name} back: {e:.3g}" if e is not None else f"{name} back: over the budget")
-                if got is not None and e is not None and e < best:
+                if got is not None and e is not None and best is not None and e < best:
                     best, counts = e, got
                 else:
                     removed.add(gid)
