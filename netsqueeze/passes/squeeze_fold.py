@@ -1039,12 +1039,18 @@ class SqueezeFold(TransformPass):
             best = self._measured_error(graph, groups, ranks, plans, counts, ctx) if meets(stats_for(counts)) else None
             tried = [f"none out: {best:.3g}" if best is not None else "none out: over the budget"]
             taken: list[int] = []  # the branches taken out while the budget was still missed, in that order
-            for gid in sorted(branches, key=lambda g: (value(g, 0) / (cost[g] * groups[g].size), g)):
-                removed.add(gid)
+
+            def measure(gid: int, move: str) -> tuple[dict[int, int] | None, float | None]:
+                """The allocation with the branches in `removed` out and its measured error (None, None: over the
+                budget), logged in `tried` as `gid` `move`d."""
                 got = allocate()
                 e = None if got is None else self._measured_error(graph, groups, ranks, plans, got, ctx)
-                name = groups[gid].producers[0]
-                tried.append(f"{name} out: {e:.3g}" if e is not None else f"{name} out: over the budget")
+                tried.append(f"{groups[gid].producers[0]} {move}: " + (f"{e:.3g}" if e is not None else "over the budget"))
+                return got, e
+
+            for gid in sorted(branches, key=lambda g: (value(g, 0) / (cost[g] * groups[g].size), g)):
+                removed.add(gid)
+                got, e = measure(gid, "out")
                 if got is not None and e is not None and (best is None or e < best):
                     best, counts = e, got
                 elif got is not None or best is not None:
@@ -1056,10 +1062,7 @@ class SqueezeFold(TransformPass):
             # less output error with it (its channels then come from the same search)
             for gid in reversed(taken if best is not None else []):
                 removed.discard(gid)
-                got = allocate()
-                e = None if got is None else self._measured_error(graph, groups, ranks, plans, got, ctx)
-                name = groups[gid].producers[0]
-                tried.append(f"{name} back: {e:.3g}" if e is not None else f"{name} back: over the budget")
+                got, e = measure(gid, "back")
                 if got is not None and e is not None and best is not None and e < best:
                     best, counts = e, got
                 else:
