@@ -322,12 +322,22 @@ class Pass:
         return out
 
     @classmethod
+    def with_defaults(cls, given: Mapping[str, Any]) -> dict[str, Any]:
+        """Every option's value: `given`, the rest at their defaults."""
+        return {**cls.option_defaults(), **given}
+
+    def option_values(self) -> dict[str, Any]:
+        """This instance's value of every option (what `option_conflicts` checks when a pass built from Python
+        runs)."""
+        return {f.name: getattr(self, f.name) for f in self.options()}
+
+    @classmethod
     def option_conflicts(cls, given: Mapping[str, Any]) -> list[tuple[str, str]]:
         """The combinations of options this pass cannot run with that the options alone show, as (option, message)
         pairs: the policy checker reports each at check time (`netsqueeze check`, `explain`, before a compile runs
         anything), located at that option when the policy sets it, else at the pass name, as
         "pass 'NAME': MESSAGE". `given` holds the options the policy sets, each a valid value of its type; the
-        others take their defaults (`option_defaults()`), so a pass can also refuse an option that is set but does
+        others take their defaults (`with_defaults(given)`), so a pass can also refuse an option that is set but does
         nothing under the others (`trim`'s `activation_stat` without `criterion = activation`) while its default
         stays silent. Nothing here may depend on the model, the data or the compile's arguments: those are the
         pass's to check when it runs. None by default."""

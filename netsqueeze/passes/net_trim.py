@@ -113,7 +113,7 @@ class NetTrim(TransformPass):
     @classmethod
     def option_conflicts(cls, given: Mapping[str, Any]) -> list[tuple[str, str]]:
         """`kappa` and `gamma` written with parallel mode (the default), for the policy checker: at the option."""
-        if given.get("mode", "parallel") != "parallel":
+        if cls.with_defaults(given)["mode"] != "parallel":
             return []
         return [(k, f"option '{k}' applies to mode = cascade only (parallel mode solves every layer at epsilon)")
                 for k in ("kappa", "gamma") if k in given]

@@ -173,7 +173,7 @@ class Quantize(TransformPass):
     def option_conflicts(cls, given: Mapping[str, Any]) -> list[tuple[str, str]]:
         """An observer option written with a `calibrate` method that does not read it, at the option: `percentile`
         is read by `percentile` alone, `bins` (the histogram's) by `percentile`, `entropy` and `mse`."""
-        method = given.get("calibrate", "minmax")
+        method = cls.with_defaults(given)["calibrate"]
         out = []
         if "percentile" in given and method != "percentile":
             out.append(("percentile", f"option 'percentile' applies to calibrate = percentile, not {method}"))

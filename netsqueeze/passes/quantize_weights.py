@@ -92,7 +92,7 @@ class QuantizeWeights(TransformPass):
     @classmethod
     def option_conflicts(cls, given: Mapping[str, Any]) -> list[tuple[str, str]]:
         """GPTQ's options written with `method = rtn` (the default), which rounds each weight alone: at the option."""
-        method = given.get("method", "rtn")
+        method = cls.with_defaults(given)["method"]
         return [(k, f"option '{k}' applies to method = gptq, not {method}") for k in ("damp", "act_order", "inputs")
                 if k in given and method != "gptq"]
 

@@ -283,7 +283,7 @@ class SqueezeFold(TransformPass):
     @classmethod
     def option_conflicts(cls, given: Mapping[str, Any]) -> list[tuple[str, str]]:
         """What the options alone show squeeze_fold cannot run with (`_option_conflicts`), for the policy checker."""
-        return _option_conflicts({**cls.option_defaults(), **given})
+        return _option_conflicts(cls.with_defaults(given))
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         groups = ctx.analysis(DependencyAnalysis, graph).restrict(ctx.selected)
@@ -296,7 +296,7 @@ class SqueezeFold(TransformPass):
             _REMOVABLE.reset(token)
 
     def _run(self, graph: Graph, ctx: PassContext, groups: ChannelGroups) -> PassResult:
-        conflicts = _option_conflicts({f.name: getattr(self, f.name) for f in self.options()})
+        conflicts = _option_conflicts(self.option_values())
         if conflicts:  # the checker reports these at the option; here for a pass built from Python
             raise NetsqueezeError(Diagnostic(f"squeeze_fold: {conflicts[0][1]}"))
         result = PassResult()
@@ -1040,20 +1040,20 @@ class SqueezeFold(TransformPass):
             tried = [f"none out: {best:.3g}" if best is not None else "none out: over the budget"]
             taken: list[int] = []  # the branches taken out while the budget was still missed, in that order
 
-            def measure(gid: int, move: str) -> tuple[dict[int, int] | None, float | None]:
-                """The allocation with the branches in `removed` out and its measured error (None, None: over the
-                budget), logged in `tried` as `gid` `move`d."""
+            def measure(gid: int, move: str) -> tuple[dict[int, int], float] | None:
+                """The allocation with the branches in `removed` out and its measured error (None: over the budget),
+                logged in `tried` as `gid` `move`d."""
                 got = allocate()
                 e = None if got is None else self._measured_error(graph, groups, ranks, plans, got, ctx)
                 tried.append(f"{groups[gid].producers[0]} {move}: " + (f"{e:.3g}" if e is not None else "over the budget"))
-                return got, e
+                return None if got is None or e is None else (got, e)
 
             for gid in sorted(branches, key=lambda g: (value(g, 0) / (cost[g] * groups[g].size), g)):
                 removed.add(gid)
-                got, e = measure(gid, "out")
-                if got is not None and e is not None and (best is None or e < best):
-                    best, counts = e, got
-                elif got is not None or best is not None:
+                m = measure(gid, "out")
+                if m is not None and (best is None or m[1] < best):
+                    counts, best = m
+                elif m is not None or best is not None:
                     removed.discard(gid)  # worse; or the budget is met without it
                 else:
                     taken.append(gid)
@@ -1062,9 +1062,9 @@ class SqueezeFold(TransformPass):
             # less output error with it (its channels then come from the same search)
             for gid in reversed(taken if best is not None else []):
                 removed.discard(gid)
-                got, e = measure(gid, "back")
-                if got is not None and e is not None and best is not None and e < best:
-                    best, counts = e, got
+                m = measure(gid, "back")
+                if m is not None and best is not None and m[1] < best:
+                    counts, best = m
                 else:
                     removed.add(gid)
             if best is None:

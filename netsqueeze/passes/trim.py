@@ -353,7 +353,7 @@ class Trim(TransformPass):
         `gdnt_child_groups` and `gdnt_mode` without `criterion = gdnt`; `gdnt_layer_cap` outside
         `gdnt_mode = groups`; `allocation` with a `ratio` or under `gdnt_mode = groups` (it spreads a budget over
         whole channels). A default never counts as set."""
-        o = {**cls.option_defaults(), **given}
+        o = cls.with_defaults(given)
         out = _combination_conflicts(o)
         crit, mode = o["criterion"], o["gdnt_mode"]
         if "activation_stat" in given and crit != "activation":
@@ -437,7 +437,7 @@ class Trim(TransformPass):
         if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
             raise fail(f"ratio {self.ratio} leaves no channel; it must be in [0, 1)")
         # what the policy checker reports at check time (`option_conflicts`): here for a pass built from Python
-        conflicts = _combination_conflicts({f.name: getattr(self, f.name) for f in self.options()})
+        conflicts = _combination_conflicts(self.option_values())
         if conflicts and conflicts[0][0] == "gdnt_mode":
             raise fail(conflicts[0][1])
         if self.ratio is None and not Budget.of(ctx):
