@@ -61,6 +61,7 @@ from netsqueeze.ir.ops import OPS
 from netsqueeze.ir.stats import example_batch, graph_stats
 from netsqueeze.passes.base import ActivationStream, Feeds, Pass, PassContext, Trainable, class_scores
 from netsqueeze.passes.executor import Executor, make_executor
+from netsqueeze.passes.refit import FIT_ROWS, SHORT_FITS
 from netsqueeze.passes.registry import all_passes
 
 # `type(...)` selectors name the IR's op kinds: the policy checker (which may not import ir) checks them against
@@ -1140,6 +1141,12 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
                 raise
             except NetsqueezeError as e:  # e.g. an opaque ONNX op the torch backend cannot run
                 notes.append(f"output error not measured: {e.message}")
+    if (short := int(sum(r.result.metrics.get(SHORT_FITS, 0.0) for r in run.records))) and fidelity:
+        notes.append(f"the output error is measured on the calibration data, which {short} fold(s) were fit on with "
+                     f"fewer than {FIT_ROWS} rows per coefficient (the passes' notes name them): it understates the "
+                     "error on new inputs" + (", and so does the guard" if guard is not None
+                                              and str(guard.metric) == "output_error" else "")
+                     + "; calibrate on more samples")
 
     with _stage("timing the models on the policy's runtime"):
         runtime_lat = runtime_latency(resolved, target, original, graph, ctx.seed)

@@ -328,7 +328,8 @@ class PassCount:
 
     @property
     def passes(self) -> float:
-        return self.units / self.batches if self.source is not None else 0.0
+        # units add up per batch in floats: rounded so that whole passes read whole (3.0, not 3.000000000000001)
+        return round(self.units / self.batches, 9) if self.source is not None else 0.0
 
 
 def check_static_batch(graph: Graph, batch: Batch, where: str) -> None:

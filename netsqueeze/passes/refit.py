@@ -183,6 +183,27 @@ def update(graph: Graph, stats: ConsumerStats, x: torch.Tensor) -> None:
     add(stats, gather(graph, stats.member, x))
 
 
+FIT_ROWS = 4  # calibration rows per fitted coefficient under which a fold's error on them understates new data's
+SHORT_FITS = "short_fits"  # PassResult.metrics key: how many folds `short_fits` named (the compile reports it)
+
+
+def short_fits(fits: Iterable[tuple[str, int, int]], result: PassResult) -> None:
+    """Notes the folds fit on fewer than `FIT_ROWS` calibration rows per coefficient, each (consumer, rows, kept
+    inputs; an intercept too), and counts them in `result.metrics[SHORT_FITS]`. Least squares with p coefficients
+    on n rows leaves about (1 − p/n) of the noise on those rows and adds about (1 + p/n) on new ones: a fold that
+    close to its rows follows the calibration data (with n ≤ p it matches it exactly), so the output error
+    measured on that data, and an `output error` guard, understate the error on new inputs."""
+    short = sorted({f for f in fits if f[1] < FIT_ROWS * (f[2] + 1)}, key=lambda f: (f[1] / (f[2] + 1), f[0]))
+    if not short:
+        return
+    node, rows, k = short[0]
+    result.metrics[SHORT_FITS] = float(len(short))
+    result.notes.append(f"{len(short)} fold(s) fit on fewer than {FIT_ROWS} calibration rows per coefficient (the "
+                        f"fewest: '{node}', {k} kept channels on {rows} rows): they follow the calibration data, so "
+                        "the output error measured on it understates the error on new inputs; calibrate on more "
+                        "samples")
+
+
 def parallel_fit(stats: ConsumerStats, keep: list[int], ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(T [k, C], t₀ [C, block]) rebuilding the consumer's channels from the kept ones on the graph the
     statistics were streamed from; per-position intercept: each position's mean minus the kept channels'

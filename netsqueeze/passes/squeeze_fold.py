@@ -35,6 +35,7 @@ from netsqueeze.passes.refit import (
     layer_refittable,
     parallel_fit,
     refit_layers,
+    short_fits,
 )
 from netsqueeze.passes.registry import register_pass
 from netsqueeze.passes.rewrite import (
@@ -142,6 +143,14 @@ class _Probe(ConsumerStats):
     @property
     def block(self) -> int:
         return int(self.pos_sum.shape[1])
+
+    def fit_rows(self, kept: int) -> tuple[str, int, int]:
+        """(consumer, calibration rows, coefficients) of its fold from `kept` channels (`refit.short_fits`)."""
+        if self.full is not None:
+            return self.member.node, self.rows, kept * self.block
+        if self.per_group is not None:  # each conv group fit apart, from its own rows
+            return self.member.node, self.count // self.per_group.shape[0], kept
+        return self.member.node, self.count, kept
 
     @property
     def width(self) -> int:
@@ -287,13 +296,19 @@ class SqueezeFold(TransformPass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         groups = ctx.analysis(DependencyAnalysis, graph).restrict(ctx.selected)
-        removable = frozenset(g.id for g in groups if branch_removable(graph, g) is None) \
-            if self.branches == "remove" else frozenset()
+        why = {g.id: branch_removable(graph, g) for g in groups.prunable()} if self.branches == "remove" else {}
+        removable = frozenset(gid for gid, reason in why.items() if reason is None)
         token = _REMOVABLE.set(removable)
         try:
-            return self._run(graph, ctx, groups)
+            result = self._run(graph, ctx, groups)
         finally:
             _REMOVABLE.reset(token)
+        if why and not removable:  # said, not silently the same as `keep`
+            result.notes.insert(0, "branches = remove: no channel group is a residual branch that can be removed "
+                                "whole (" + "; ".join(f"{', '.join(groups[gid].producers)}: {reason}"
+                                                       for gid, reason in list(why.items())[:3])
+                                + (f"; {len(why) - 3} more" if len(why) > 3 else "") + ")")
+        return result
 
     def _run(self, graph: Graph, ctx: PassContext, groups: ChannelGroups) -> PassResult:
         conflicts = _option_conflicts(self.option_values())
@@ -371,6 +386,7 @@ class SqueezeFold(TransformPass):
             out.notes.append(f"removed {len(gone)} residual branch(es) whole, each now the constant mean it adds: "
                              + ", ".join(f"{', '.join(groups[g].producers)} -> {', '.join(groups[g].consumers)}"
                                          for g in gone))
+        short_fits((p.fit_rows(len(k)) for gid, k in keeps.items() if k for p in plans[gid]), out)
         return out
 
     def _squeeze(self, graph: Graph, ctx: PassContext, groups: ChannelGroups, keeps: dict[int, list[int]],

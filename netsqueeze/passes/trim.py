@@ -18,7 +18,15 @@ from netsqueeze.ir.stats import GraphStats, graph_stats
 from netsqueeze.ir.weights import ENCODED_FORMS
 from netsqueeze.passes import allocation, gdnt_groups
 from netsqueeze.passes import refit as consumer_refit
-from netsqueeze.passes.allocation import Budget, GroupBounds, Meter, Reached, bisect_int, group_bounds
+from netsqueeze.passes.allocation import (
+    METRICS,
+    Budget,
+    GroupBounds,
+    Meter,
+    Reached,
+    bisect_int,
+    group_bounds,
+)
 from netsqueeze.passes.base import GIVE_CALIBRATION, MEASURE_PASSES, PassContext, PassResult, TransformPass
 from netsqueeze.passes.collectors import Moments, Reservoir, channel_rows
 from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups, DependencyAnalysis, Member
@@ -427,6 +435,8 @@ class Trim(TransformPass):
                                "flops_ratio": after.flops / max(1, before.flops),
                                "params_ratio": after.params / max(1, before.params)})
         result.notes.extend(notes)
+        consumer_refit.short_fits(((st.member.node, st.count, len(s.keep)) for gid, s in sel.items()
+                                   for st in fits.get(gid, [])), result)
         return result
 
     # ---- checks and targets ----
@@ -547,8 +557,15 @@ class Trim(TransformPass):
                                      "uniform)", meter({g.id: bounds[g.id].for_ratio(_MAX_RATIO) for g in cands}),
                                      cands[0].producers[0])
         got = meter({g.id: bounds[g.id].for_ratio(r) for g in cands})
-        notes.append(f"allocation = uniform: ratio {r:.2%} of every group's channels removed, the smallest that "
-                     f"meets the budget {budget} (flops {got[0]:.1%}, params {got[1]:.1%} of the original)")
+        line = (f"allocation = uniform: ratio {r:.2%} of every group's channels removed, the smallest that meets the "
+                f"budget {budget} (flops {got[0]:.1%}, params {got[1]:.1%} of the original)")
+        below = meter({g.id: bounds[g.id].for_ratio(max(0.0, r - 1e-6)) for g in cands})  # the next smaller step
+        if not budget.meets(below) and any(got[i] < 0.9 * budget.limits[k] for i, k in enumerate(METRICS)
+                                           if k in budget.limits):
+            line += (f"; the counts the bounds allow change in coarse steps: the step before removes less and "
+                     f"reaches flops {below[0]:.1%}, params {below[1]:.1%}, over the budget (`allocation = global` "
+                     "lands closer)")
+        notes.append(line)
         return {g.id: self._keep_top(scores[g.id], bounds[g.id].for_ratio(r)) for g in cands}
 
     def _losses(self, graph: Graph, ctx: PassContext, groups: ChannelGroups, cands: list[ChannelGroup],

@@ -6,6 +6,7 @@ from typing import ClassVar
 import pytest
 import torch
 
+from netsqueeze.compiler.calibration import PassCount
 from netsqueeze.compiler.pipeline import Step, run_pipeline
 from netsqueeze.errors import NetsqueezeError, PassError
 from netsqueeze.ir import Graph
@@ -125,3 +126,12 @@ def test_register_rejects_non_frozen() -> None:
 
     with pytest.raises(NetsqueezeError, match="must be a frozen dataclass"):
         register_pass(Loose)
+
+
+def test_whole_calibration_passes_read_whole() -> None:
+    """The pass count adds shares of the model per batch in floats: ten runs of a tenth of the model over each of
+    3 batches are 1 pass, not 0.9999999999999999 (the report printed 3.000000000000001)."""
+    count = PassCount(lambda: iter([(torch.zeros(1),)] * 3))
+    for _ in range(30):
+        count.add(0.1)
+    assert count.units != 3.0 and count.passes == 1.0

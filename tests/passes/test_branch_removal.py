@@ -354,3 +354,34 @@ policy p {{
     with torch.no_grad():
         want = model(xt)
         assert float((res.model(xt) - want).norm() / want.norm()) < 0.02
+
+
+class ScaledBlocks(TwoBlocks):
+    """TwoBlocks with each branch scaled channels-last before the add (ConvNeXt's layer scale): no branch
+    reaches an add through the ops removal goes through."""
+
+    def __init__(self) -> None:
+        super().__init__(dead=False)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 8))
+
+    def _scaled(self, b: torch.Tensor) -> torch.Tensor:
+        return (b.permute(0, 2, 3, 1) * self.scale).permute(0, 3, 1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        h = torch.relu(h + self._scaled(self.an2(self.a2(torch.relu(self.an1(self.a1(h)))))))
+        h = torch.relu(h + self._scaled(self.bn2(self.b2(torch.relu(self.bn1(self.b1(h)))))))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def test_branches_remove_with_no_removable_branch_says_why_instead_of_running_as_keep_silently() -> None:
+    x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    res = {b: ns.compile(ScaledBlocks(), "policy p { calibrate samples 64, batch 32\n budget flops <= 60%\n "
+                         f"squeeze_fold {{ branches = {b} }} }}", example_inputs=(x[:2],), calibration=x,
+                         progress=False) for b in ("keep", "remove")}
+    notes = {b: [n for rec in r.report.passes for n in rec.result.notes] for b, r in res.items()}
+    assert notes["remove"][0] == (
+        "branches = remove: no channel group is a residual branch that can be removed whole (stem, a2, b2: the output "
+        "of 'a1' reaches conv 'a2', not an add; a1: the output of 'a2' reaches transpose 'transpose', not an add; b1: "
+        "the output of 'b2' reaches transpose 'transpose_2', not an add)")
+    assert notes["remove"][1:] == notes["keep"]  # the same compile otherwise

@@ -60,6 +60,19 @@ def test_uniform_removes_one_ratio_from_every_group() -> None:
                                "(allocation = uniform) reaches flops 18.6%, params 18.9% of the original")  # k1 = k2 = 4: 79 params
 
 
+def test_uniform_says_when_the_bounds_steps_force_it_far_under_the_budget() -> None:
+    """round_to = 8: fc1 keeps 16 or 8, fc2 12 or 8. Under params <= 70% the uniform ratios below 50% keep
+    (16, 8), 339 params (80.9%), and 50% keeps (8, 8): 187 (44.6%), under 90% of the limit: the note says why."""
+    g = mlp()
+    res = Trim(allocation="uniform", round_to=8).run(g, PassContext(budget={"params": 0.7}))
+    assert graph_stats(g).params == 187
+    assert res.notes[1] == (
+        "allocation = uniform: ratio 50.00% of every group's channels removed, the smallest that meets the budget "
+        "params <= 70.0% (flops 44.4%, params 44.6% of the original); the counts the bounds allow change in coarse "
+        "steps: the step before removes less and reaches flops 80.8%, params 80.9%, over the budget "
+        "(`allocation = global` lands closer)")
+
+
 # ---- refit = least_squares ----
 def _dependent_mlp() -> Graph:
     """fc1's channels 8..15 are 0.5× channels 0..7 (so after relu too), and fc2 reads them weakly: l1 removes them,
