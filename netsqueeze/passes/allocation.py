@@ -143,12 +143,25 @@ class Budget:
     def __str__(self) -> str:
         return ", ".join(f"{k} <= {v:.1%}" for k, v in sorted(self.limits.items()))
 
-    def unreachable(self, pass_name: str, how: str, reached: Reached, node: str | None) -> BudgetError:
-        """The error for a budget that even the smallest allocation misses, with what it reached."""
-        extra = f", bytes {reached[2]:.1%}" if "bytes" in self.limits else ""
+    def unreachable(self, pass_name: str, how: str, reached: Reached, node: str | None,
+                    unbounded: Reached | None = None) -> BudgetError:
+        """The error for a budget that even the smallest allocation misses, with what it reached; `unbounded`:
+        what one channel per group would reach, when the bounds keep more (said, so that a user sees whether the
+        bounds or the model stop the budget)."""
+
+        def amounts(r: Reached) -> str:
+            return f"flops {r[0]:.1%}, params {r[1]:.1%}" + (f", bytes {r[2]:.1%}" if "bytes" in self.limits else "")
+
         return BudgetError(Diagnostic(
-            f"{pass_name} cannot meet the budget {self}: {how} reaches flops {reached[0]:.1%}, "
-            f"params {reached[1]:.1%}{extra} of the original", node=node))
+            f"{pass_name} cannot meet the budget {self}: {how} reaches {amounts(reached)} of the original"
+            + (f"; its bounds (min_channels, round_to, align) hold it there: one channel per group would reach "
+               f"{amounts(unbounded)}"
+               if unbounded is not None else ""), node=node))
+
+    @staticmethod
+    def unbounded(bounds: Mapping[int, GroupBounds], meter: Callable[[dict[int, int]], Reached]) -> Reached | None:
+        """What one channel per group reaches (`unreachable`'s `unbounded`), when the bounds' minimums keep more."""
+        return meter(dict.fromkeys(bounds, 1)) if any(b.smallest > 1 for b in bounds.values()) else None
 
 
 def skeleton(graph: Graph) -> Graph:

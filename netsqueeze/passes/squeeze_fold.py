@@ -951,9 +951,11 @@ class SqueezeFold(TransformPass):
         meets = budget.meets
         first_node = groups[next(iter(ranks))].producers[0] if groups[next(iter(ranks))].producers else None
 
-        smallest = {gid: self._bounds(groups[gid], ctx).smallest for gid in ranks}
+        bounds = {gid: self._bounds(groups[gid], ctx) for gid in ranks}
+        smallest = {gid: b.smallest for gid, b in bounds.items()}
         if budget and not meets(reached := stats_for(smallest)):
-            raise budget.unreachable("squeeze_fold", "squeezing every group to its minimum", reached, first_node)
+            raise budget.unreachable("squeeze_fold", "squeezing every group to its minimum", reached, first_node,
+                                     Budget.unbounded(bounds, stats_for))
         family: Callable[[float], dict[int, int]]
         sens: dict[int, float] = dict.fromkeys(ranks, 1.0)
         curves: dict[int, dict[int, float]] = {}

@@ -510,7 +510,7 @@ class Trim(TransformPass):
 
         if not ok(len(entries)):
             raise budget.unreachable("trim", "removing every removable channel", meter(counts(len(entries))),
-                                     cands[0].producers[0])
+                                     cands[0].producers[0], Budget.unbounded({g.id: bounds[g.id] for g in cands}, meter))
         if ok(0):
             return {}
         t = bisect_int(len(entries), 0, ok)

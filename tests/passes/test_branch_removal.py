@@ -385,3 +385,16 @@ def test_branches_remove_with_no_removable_branch_says_why_instead_of_running_as
         "of 'a1' reaches conv 'a2', not an add; a1: the output of 'a2' reaches transpose 'transpose', not an add; b1: "
         "the output of 'b2' reaches transpose 'transpose_2', not an add)")
     assert notes["remove"][1:] == notes["keep"]  # the same compile otherwise
+
+
+def test_squeeze_fold_says_when_the_policy_bounds_hold_it_over_the_budget() -> None:
+    x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    with pytest.raises(NetsqueezeError) as e:  # every group has 8 channels: round_to = 8 keeps them all
+        ns.compile(TwoBlocks(dead=False), "policy p {\n  calibrate samples 64, batch 32\n  budget flops <= 50%\n"
+                   "  bounds { round_to = 8 }\n  squeeze_fold\n}", example_inputs=(x[:2],), calibration=x,
+                   progress=False)
+    d = e.value.diagnostics[0]
+    assert (d.message, d.node) == (
+        "pass 'squeeze_fold' (<policy>:5) failed: squeeze_fold cannot meet the budget flops <= 50.0%: squeezing every "
+        "group to its minimum reaches flops 100.0%, params 100.0% of the original; its bounds (min_channels, "
+        "round_to, align) hold it there: one channel per group would reach flops 3.6%, params 4.3%", "stem")

@@ -119,6 +119,15 @@ def test_unsatisfiable_budget_states_what_was_reached() -> None:
     assert e.value.diagnostics[0].node == "fc1"
 
 
+def test_an_unsatisfiable_budget_says_when_the_bounds_hold_it_and_what_one_channel_per_group_reaches() -> None:
+    with pytest.raises(BudgetError) as e:
+        Trim(round_to=8).run(mlp(), PassContext(budget={"params": 0.3}))
+    assert e.value.diagnostics[0].message == (
+        "trim cannot meet the budget params <= 30.0%: removing every removable channel reaches flops 44.4%, "
+        "params 44.6% of the original; its bounds (min_channels, round_to, align) hold it there: one channel per "
+        "group would reach flops 4.2%, params 4.5%")
+
+
 def test_bad_options_are_errors_naming_a_node() -> None:
     g = mlp()
     with pytest.raises(NetsqueezeError) as e:  # checked when the pass is built, as the policy checker does
