@@ -44,7 +44,15 @@ from netsqueeze.passes.rewrite import (
     batch_norm_scale,
     branch_removal,
 )
-from netsqueeze.passes.squeeze_math import cholesky_solve, gram, reconstruction, ridged_normal, solve_normal
+from netsqueeze.passes.squeeze_math import (
+    FIT_ROWS,
+    cholesky_solve,
+    gcv_ridge,
+    gram,
+    reconstruction,
+    ridged_normal,
+    solve_normal,
+)
 
 
 @dataclass
@@ -71,6 +79,7 @@ class Cross:
     sum_ref: torch.Tensor  # [C, block] per-position sums of a
     count: int = 0  # rows in `xtx`
     rows: int = 0  # rows per position in the sums
+    yy: float = 0.0  # tr(aᵀa) over the rows: what `gcv_ridge` needs besides the normal equations
 
     @staticmethod
     def empty(k: int, c: int, block: int) -> Cross:
@@ -90,10 +99,14 @@ class Cross:
         self.sum_ref += a.sum(0)
         self.count += x.shape[0]
         self.rows += a.shape[0]
+        self.yy += float((y.double() ** 2).sum())
 
     def fit(self, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(T [k, C], t₀ [C, block]): least squares with a per-position intercept; the kept channels are
-        refit too, which corrects their drift."""
+        refit too, which corrects their drift. On fewer than `FIT_ROWS` rows per coefficient the ridge is
+        `gcv_ridge`'s."""
+        if self.count < FIT_ROWS * self.xtx.shape[0]:
+            ridge = gcv_ridge(self.xtx, self.xty, self.yy, self.count, ridge)
         t = solve_normal(ridged_normal(self.xtx, ridge), self.xty)[:-1]  # the last row (intercept): per position
         n = max(1, self.rows)
         return t, self.sum_ref / n - torch.einsum("sj,sc->cj", self.sum_now / n, t)
@@ -183,7 +196,6 @@ def update(graph: Graph, stats: ConsumerStats, x: torch.Tensor) -> None:
     add(stats, gather(graph, stats.member, x))
 
 
-FIT_ROWS = 4  # calibration rows per fitted coefficient under which a fold's error on them understates new data's
 SHORT_FITS = "short_fits"  # PassResult.metrics key: how many folds `short_fits` named (the compile reports it)
 
 
@@ -199,16 +211,17 @@ def short_fits(fits: Iterable[tuple[str, int, int]], result: PassResult) -> None
     node, rows, k = short[0]
     result.metrics[SHORT_FITS] = float(len(short))
     result.notes.append(f"{len(short)} fold(s) fit on fewer than {FIT_ROWS} calibration rows per coefficient (the "
-                        f"fewest: '{node}', {k} kept channels on {rows} rows): they follow the calibration data, so "
-                        "the output error measured on it understates the error on new inputs; calibrate on more "
-                        "samples")
+                        f"fewest: '{node}', {k + 1} coefficients on {rows} rows): they take their ridge by "
+                        "generalised cross-validation and still fit the calibration data better than new inputs, so "
+                        "the output error measured on that data understates the error on new inputs; calibrate on "
+                        "more samples")
 
 
 def parallel_fit(stats: ConsumerStats, keep: list[int], ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(T [k, C], t₀ [C, block]) rebuilding the consumer's channels from the kept ones on the graph the
     statistics were streamed from; per-position intercept: each position's mean minus the kept channels'
     mapped mean there."""
-    t, t0 = reconstruction(stats.moment / max(1, stats.count), keep, ridge)
+    t, t0 = reconstruction(stats.moment / max(1, stats.count), keep, ridge, stats.count)
     mean_pos = stats.pos_sum / max(1, stats.rows)  # [C, block]
     if mean_pos.shape[1] == 1:
         return t, t0[:, None]

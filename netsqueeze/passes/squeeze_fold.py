@@ -202,7 +202,9 @@ class SqueezeFold(TransformPass):
        by the shared rule of `passes.allocation`: the options `min_channels`/`round_to` and the
        policy's `bounds` combine, the most restrictive winning; `ratio` removes ⌊ratio·size⌋.
        `search = fast` (default) or `measured` chooses how the search weighs a group's error.
-    4. Per consumer, least squares with intercept a ≈ a_S·T + t₀ (`ridge` for ill-conditioned Grams),
+    4. Per consumer, least squares with intercept a ≈ a_S·T + t₀ (`ridge` for ill-conditioned Grams; on
+       fewer than `squeeze_math.FIT_ROWS` calibration rows per coefficient the ridge by generalised
+       cross-validation, `squeeze_math.gcv_ridge`, and a note, `refit.short_fits`),
        folded: W'[o,s] = Σ_c W[o,c]·T[s,c] per kernel tap; for flatten→linear with the full block fit
        every removed (channel, position) feature is rebuilt from every kept feature,
        W'[o,(s,i)] = Σ_{c,j} W[o,(c,j)]·T[(s,i),(c,j)] (a superset of one T shared by all positions,
@@ -643,7 +645,7 @@ class SqueezeFold(TransformPass):
                 continue
             if p.full is not None:
                 feats = [s * p.block + j for s in keep for j in range(p.block)]
-                tf, t0f = reconstruction(p.full / max(1, p.rows), feats, self.ridge)
+                tf, t0f = reconstruction(p.full / max(1, p.rows), feats, self.ridge, p.rows)
                 fits[p.member.node] = self._shaped(p, len(keep), tf, t0f)
                 continue
             t, t0_pos = parallel_fit(p, keep, self.ridge)
@@ -655,7 +657,7 @@ class SqueezeFold(TransformPass):
         intercept over all input channels (channel γ·per_in + c gets t₀_γ[c])."""
         assert p.per_group is not None
         per_count = max(1, p.count // p.per_group.shape[0])
-        fits = [reconstruction(m / per_count, keep, self.ridge) for m in p.per_group]
+        fits = [reconstruction(m / per_count, keep, self.ridge, per_count) for m in p.per_group]
         return torch.stack([t for t, _ in fits]), torch.cat([t0 for _, t0 in fits])
 
     @staticmethod

@@ -7,6 +7,7 @@ M = E[[a, 1][a, 1]ᵀ] (C+1 × C+1, last row/column = the mean), so no activatio
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -223,14 +224,50 @@ def ridged_normal(xtx: torch.Tensor, ridge: float) -> torch.Tensor:
     return out
 
 
-def reconstruction(moment: torch.Tensor, keep: list[int], ridge: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+FIT_ROWS = 4  # calibration rows per fitted coefficient under which a fold's error on them understates new data's
+GCV_RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # tried by `gcv_ridge`, relative to the mean diagonal
+
+
+def gcv_ridge(a: torch.Tensor, b: torch.Tensor, yy: float, rows: int, ridge: float) -> float:
+    """The ridge (relative to the mean diagonal, `ridged_normal`) of least squares Y ≈ [X 1]·W, chosen by
+    generalised cross-validation (Golub, Heath & Wahba 1979) over `ridge` and `GCV_RIDGES`: the least
+    RSS(α) / (1 − df(α)/n)², n = `rows`, df(α) = tr((A + αI)⁻¹A) (the intercept included). It needs only the
+    normal equations: `a` = [X 1]ᵀ[X 1], `b` = [X 1]ᵀY and `yy` = tr(YᵀY), all summed over the n rows (or all
+    averaged). Where the rows are few for the coefficients the smallest ridge's near-exact fit leaves no degrees
+    of freedom, and GCV takes a larger one: what error on new inputs prefers."""
+    a, b = a.double(), b.double()
+    best, best_score = ridge, math.inf
+    for rel in dict.fromkeys((ridge, *GCV_RIDGES)):
+        ar = ridged_normal(a, rel)
+        w = solve_normal(ar, b)
+        df = float(torch.trace(solve_normal(ar, a)))
+        if df >= rows:
+            continue
+        rss = yy - 2.0 * float((w * b).sum()) + float((w * (a @ w)).sum())
+        score = max(rss, 0.0) / (1.0 - df / rows) ** 2
+        if score < best_score:
+            best, best_score = rel, score
+    return best
+
+
+def reconstruction(moment: torch.Tensor, keep: list[int], ridge: float = 0.0,
+                   rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Least squares with intercept: a ≈ a_S·T + t₀ over the calibration distribution.
 
     Returns T (|S| × C) and t₀ (C). Kept channels reconstruct themselves exactly (T[s, keep[s]] = 1).
-    `ridge` (relative to the mean variance) regularises ill-conditioned Σ_SS.
+    `ridge` (relative to the mean variance) regularises ill-conditioned Σ_SS. Given the calibration `rows` the
+    moment averages, with fewer than `FIT_ROWS` of them per coefficient, the ridge is `gcv_ridge`'s instead.
     """
     m = moment.double()
     c = m.shape[0] - 1
+    if rows is not None and rows < FIT_ROWS * (len(keep) + 1):  # the ridge by GCV, solved in its own terms
+        aug = [*keep, c]
+        a, b = m[aug][:, aug], m[aug][:, :c]
+        w = solve_normal(ridged_normal(a, gcv_ridge(a, b, float(m[:c, :c].trace()), rows, ridge)), b)
+        t, t0 = w[:-1].clone(), w[-1].clone()
+        t[:, keep] = torch.eye(len(keep), dtype=t.dtype)
+        t0[keep] = 0.0
+        return t, t0
     cov = covariance(m)
     mu = m[:-1, -1]
     css = cov[keep][:, keep]
