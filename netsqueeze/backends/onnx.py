@@ -948,6 +948,20 @@ def _aten_to_onnx(ex: _Exporter, node: Node, call: AtenCall, ins: list[gs.Tensor
         return ex.op("GatherElements", [arg(a[0]), arg(a[2])], {"axis": int(a[1])})
     if name == "repeat" and len(a[1]) == len(in_metas[0].shape):
         return ex.op("Tile", [arg(a[0]), ex.ints(f"{node.id}.repeats", [int(r) for r in a[1]])])
+    if name == "roll" and len(a) >= 3 and len(a[1]) == len(a[2]) > 0 and all(
+            not is_dynamic(in_metas[0].shape[int(d)]) for d in a[2]):
+        # torch.roll(x, shifts, dims): y[i] = x[(i − s) mod n] along each dim, the two slices x[n−s:], x[:n−s] joined
+        x = x0 = arg(a[0])
+        for s, d in zip(a[1], a[2]):
+            n = int(in_metas[0].shape[int(d)])
+            s = int(s) % n
+            if s:
+                def part(lo: int, hi: int, x: gs.Tensor = x, d: int = int(d)) -> gs.Tensor:
+                    return ex.op1("Slice", [x, ex.ints(f"{node.id}.lo", [lo]), ex.ints(f"{node.id}.hi", [hi]),
+                                            ex.ints(f"{node.id}.a", [d])])
+
+                x = ex.op1("Concat", [part(n - s, n), part(0, n - s)], {"axis": d})
+        return [x] if x is not x0 else ex.op("Identity", [x])
     if name == "flip":
         x = arg(a[0])
         for d in a[1]:

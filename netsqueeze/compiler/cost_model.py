@@ -286,7 +286,8 @@ def block_note(original: Graph, graph: Graph, block: int, cap: str, align: int =
         return None
     return (f"ONNX Runtime's CPU convolutions run channels in blocks of {block} on an {cap} CPU like this one: "
             f"with these channel counts they compute {padded:.0%} of the original's convolution FLOPs, not "
-            f"{nominal:.0%}; " + (f"`bounds {{ round_to = {block} }}` keeps every count in whole blocks"
+            f"{nominal:.0%}; " + (f"the counts under one block, which `align` allows, run as one block: "
+                                  f"`bounds {{ round_to = {block} }}` keeps every count in whole blocks"
                                   if align % block == 0 else
                                   f"`bounds {{ align = auto }}` ({block} here) keeps counts of {block} or more in "
                                   "whole blocks, "

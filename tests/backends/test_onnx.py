@@ -237,3 +237,29 @@ def test_scalar_constants_stay_scalars() -> None:
     assert dims == [[]]  # numpy's ascontiguousarray would have made it [1]
     x = np.ones((2, 3), np.float32)
     assert np.array_equal(run(m, x)[0], 2 * x)
+
+
+class _Rolls(torch.nn.Module):
+    """torch.roll as Swin's shifted windows use it (two spatial dims, negative shifts), one shift past the
+    dim's size, one of zero: each an opaque aten node that emits as Slice + Concat."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.roll(x, shifts=(-2, -2), dims=(1, 2))
+        b = torch.roll(x, shifts=7, dims=3)  # 7 mod 5 = 2
+        c = torch.roll(x, shifts=(0,), dims=(1,))
+        return a * 2 + b - c
+
+
+def test_roll_emits_to_onnx_and_runs_as_torch_does() -> None:
+    import onnxruntime as ort
+
+    from netsqueeze.frontends.fx import from_torch
+
+    x = torch.randn(2, 6, 6, 5, generator=torch.Generator().manual_seed(0))
+    g = from_torch(_Rolls(), (x,))
+    assert sorted(n.origin.op_type for n in g.by_kind("opaque")) == ["aten::roll.default"] * 3
+    m = to_onnx(g)
+    assert [n.op_type for n in m.graph.node].count("Concat") == 3  # dims 1 and 2, then dim 3; the zero shift none
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(got, _Rolls()(x).numpy(), rtol=0, atol=1e-6)

@@ -214,8 +214,8 @@ def test_block_note_with_align_set_suggests_round_to_alone(monkeypatch: pytest.M
         (8, 1, 3, 3), (8, 8, 3, 3)]
     assert [n for n in res.report.notes if "blocks of" in n] == [
         "ONNX Runtime's CPU convolutions run channels in blocks of 16 on an AVX512 CPU like this one: with these "
-        "channel counts they compute 14% of the original's convolution FLOPs, not 7%; `bounds { round_to = 16 }` "
-        "keeps every count in whole blocks"]
+        "channel counts they compute 14% of the original's convolution FLOPs, not 7%; the counts under one block, "
+        "which `align` allows, run as one block: `bounds { round_to = 16 }` keeps every count in whole blocks"]
 
 
 @pytest.mark.parametrize(("block", "cap", "kept"), [(16, "AVX512", 32), (8, "AVX2", 24), (1, "DEFAULT", 24)])
