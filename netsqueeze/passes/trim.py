@@ -218,6 +218,20 @@ def _allocation_with_groups(allocation: str) -> str:
     return f"allocation = {allocation} ranks whole channels; gdnt_mode = groups sets its own cut"
 
 
+def _fallback_notes(criterion: str, fallbacks: list[str], groups: int) -> list[str]:
+    """One note per reason the criterion fell back to l1 (`fallbacks`: "group id<TAB>reason" from `Trim._score`),
+    naming the groups, and saying when it was every group: the compile then ranked by l1 alone."""
+    by: dict[str, list[str]] = {}
+    for f in fallbacks:
+        gid, why = f.split("\t", 1)
+        by.setdefault(why, []).append(gid)
+    return [(f"{criterion} fell back to l1 in " + (f"every group ({len(ids)})" if len(ids) == groups else
+                                                   f"{len(ids)} of {groups} groups")
+             + f", {why}: group(s) {', '.join(ids)}"
+             + ("; bn_scale reads batch/group/layer norms: put trim before fold_bn" if why == "no norm layer" else ""))
+            for why, ids in by.items()]
+
+
 @register_pass
 @dataclass(frozen=True)
 class Trim(TransformPass):
@@ -398,7 +412,9 @@ class Trim(TransformPass):
         moments, reservoirs = self._collect(graph, ctx, cands, obs, notes, fits, recorder)
         if self.criterion == "gdnt" and self.gdnt_mode == "groups":
             return self._published(graph, ctx, groups, cands, bounds, obs, moments, reservoirs, notes)
-        scores = {g.id: self._score(graph, g, obs[g.id], moments, reservoirs, notes, ctx.seed) for g in cands}
+        fallbacks: list[str] = []
+        scores = {g.id: self._score(graph, g, obs[g.id], moments, reservoirs, fallbacks, ctx.seed) for g in cands}
+        notes += _fallback_notes(self.criterion, fallbacks, len(cands))
         before = graph_stats(ctx.original or graph)
 
         def finish(sel: dict[int, ChannelSelection]) -> dict[int, ChannelSelection]:
@@ -683,8 +699,10 @@ class Trim(TransformPass):
         return moments, reservoirs
 
     def _score(self, graph: Graph, g: ChannelGroup, obs: list[_Obs], moments: dict[tuple[Value, int], Moments],
-               reservoirs: dict[tuple[int, int], Reservoir], notes: list[str], seed: int) -> torch.Tensor:
-        """Per-channel scores of group `g` (higher = kept); random draws are seeded by `seed` + group id."""
+               reservoirs: dict[tuple[int, int], Reservoir], fallbacks: list[str], seed: int) -> torch.Tensor:
+        """Per-channel scores of group `g` (higher = kept); random draws are seeded by `seed` + group id. Where the
+        criterion cannot score the group it falls back to l1 and adds "group id<TAB>reason" to `fallbacks`
+        (`_fallback_notes` words them)."""
         crit = self.criterion
         if crit == "random":
             return torch.rand(g.size, generator=torch.Generator().manual_seed(seed + g.id), dtype=torch.float64)
@@ -694,7 +712,7 @@ class Trim(TransformPass):
             if norms:
                 return sum((_per_channel(graph.node(m.node).dense("weight", accept=ENCODED_FORMS).double().abs(), m) for m in norms),
                            torch.zeros(g.size, dtype=torch.float64))
-            notes.append(f"group {g.id}: no norm layer, bn_scale fell back to l1")
+            fallbacks.append(f"{g.id}\tno norm layer")
             crit = "l1"
         if crit == "activation" and obs:
             stats = []
@@ -724,7 +742,7 @@ class Trim(TransformPass):
                 use = _magnitude(graph, g.members_of("consumer"), "l2")
                 return best if use is None else best + 1e-9 * use / use.max().clamp_min(1e-30)
         if crit in ("activation", "gdnt"):
-            notes.append(f"group {g.id}: no observable consumer input, {crit} fell back to l1")
+            fallbacks.append(f"{g.id}\tno observable consumer input")
             crit = "l1"
         # the consumer columns the channel feeds: how strongly the next layers read it; the producer rows
         # (Torch-Pruning's group magnitude adds them) measure its own scale, which the refit makes up for

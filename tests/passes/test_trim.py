@@ -128,6 +128,15 @@ def test_an_unsatisfiable_budget_says_when_the_bounds_hold_it_and_what_one_chann
         "group would reach flops 4.2%, params 4.5%")
 
 
+def test_a_criterion_that_falls_back_to_l1_in_every_group_says_so_once() -> None:
+    """The mlp has no norm layer: bn_scale ranks every group by l1, and one note says it (one per group before,
+    which a report's pass table cut short)."""
+    res = Trim(criterion="bn_scale", ratio=0.25).run(mlp(), PassContext())
+    assert [n for n in res.notes if "fell back" in n] == [
+        "bn_scale fell back to l1 in every group (2), no norm layer: group(s) 1, 2; bn_scale reads batch/group/layer "
+        "norms: put trim before fold_bn"]
+
+
 def test_bad_options_are_errors_naming_a_node() -> None:
     g = mlp()
     with pytest.raises(NetsqueezeError) as e:  # checked when the pass is built, as the policy checker does
