@@ -61,8 +61,9 @@ from netsqueeze.ir.ops import OPS
 from netsqueeze.ir.stats import example_batch, graph_stats
 from netsqueeze.passes.base import ActivationStream, Feeds, Pass, PassContext, Trainable, class_scores
 from netsqueeze.passes.executor import Executor, make_executor
-from netsqueeze.passes.refit import FIT_ROWS, SHORT_FITS
+from netsqueeze.passes.refit import SHORT_FITS
 from netsqueeze.passes.registry import all_passes
+from netsqueeze.passes.squeeze_math import FIT_ROWS
 
 # `type(...)` selectors name the IR's op kinds: the policy checker (which may not import ir) checks them against
 # this table, in every selector, one no statement uses too, with or without a model

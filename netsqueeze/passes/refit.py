@@ -51,6 +51,7 @@ from netsqueeze.passes.squeeze_math import (
     gram,
     reconstruction,
     ridged_normal,
+    short_fit,
     solve_normal,
 )
 
@@ -105,7 +106,7 @@ class Cross:
         """(T [k, C], t₀ [C, block]): least squares with a per-position intercept; the kept channels are
         refit too, which corrects their drift. On fewer than `FIT_ROWS` rows per coefficient the ridge is
         `gcv_ridge`'s."""
-        if self.count < FIT_ROWS * self.xtx.shape[0]:
+        if short_fit(self.count, self.xtx.shape[0] - 1):
             ridge = gcv_ridge(self.xtx, self.xty, self.yy, self.count, ridge)
         t = solve_normal(ridged_normal(self.xtx, ridge), self.xty)[:-1]  # the last row (intercept): per position
         n = max(1, self.rows)
@@ -205,7 +206,7 @@ def short_fits(fits: Iterable[tuple[str, int, int]], result: PassResult) -> None
     on n rows leaves about (1 − p/n) of the noise on those rows and adds about (1 + p/n) on new ones: a fold that
     close to its rows follows the calibration data (with n ≤ p it matches it exactly), so the output error
     measured on that data, and an `output error` guard, understate the error on new inputs."""
-    short = sorted({f for f in fits if f[1] < FIT_ROWS * (f[2] + 1)}, key=lambda f: (f[1] / (f[2] + 1), f[0]))
+    short = sorted({f for f in fits if short_fit(f[1], f[2])}, key=lambda f: (f[1] / (f[2] + 1), f[0]))
     if not short:
         return
     node, rows, k = short[0]

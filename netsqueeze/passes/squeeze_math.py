@@ -228,6 +228,12 @@ FIT_ROWS = 4  # calibration rows per fitted coefficient under which a fold's err
 GCV_RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # tried by `gcv_ridge`, relative to the mean diagonal
 
 
+def short_fit(rows: int, inputs: int) -> bool:
+    """Whether a least-squares fit of `inputs` coefficients and an intercept on `rows` rows is short of `FIT_ROWS`
+    rows per coefficient: its ridge is then `gcv_ridge`'s, and the pass says so (`refit.short_fits`)."""
+    return rows < FIT_ROWS * (inputs + 1)
+
+
 def gcv_ridge(a: torch.Tensor, b: torch.Tensor, yy: float, rows: int, ridge: float) -> float:
     """The ridge (relative to the mean diagonal, `ridged_normal`) of least squares Y ≈ [X 1]·W, chosen by
     generalised cross-validation (Golub, Heath & Wahba 1979) over `ridge` and `GCV_RIDGES`: the least
@@ -238,9 +244,9 @@ def gcv_ridge(a: torch.Tensor, b: torch.Tensor, yy: float, rows: int, ridge: flo
     a, b = a.double(), b.double()
     best, best_score = ridge, math.inf
     for rel in dict.fromkeys((ridge, *GCV_RIDGES)):
-        ar = ridged_normal(a, rel)
-        w = solve_normal(ar, b)
-        df = float(torch.trace(solve_normal(ar, a)))
+        wa = solve_normal(ridged_normal(a, rel), torch.cat([b, a], 1))  # one factorisation: W and (A + αI)⁻¹A
+        w = wa[:, :b.shape[1]]
+        df = float(torch.trace(wa[:, b.shape[1]:]))
         if df >= rows:
             continue
         rss = yy - 2.0 * float((w * b).sum()) + float((w * (a @ w)).sum())
@@ -260,25 +266,23 @@ def reconstruction(moment: torch.Tensor, keep: list[int], ridge: float = 0.0,
     """
     m = moment.double()
     c = m.shape[0] - 1
-    if rows is not None and rows < FIT_ROWS * (len(keep) + 1):  # the ridge by GCV, solved in its own terms
+    if rows is not None and short_fit(rows, len(keep)):  # the ridge by GCV, solved in its own terms
         aug = [*keep, c]
         a, b = m[aug][:, aug], m[aug][:, :c]
         w = solve_normal(ridged_normal(a, gcv_ridge(a, b, float(m[:c, :c].trace()), rows, ridge)), b)
         t, t0 = w[:-1].clone(), w[-1].clone()
-        t[:, keep] = torch.eye(len(keep), dtype=t.dtype)
-        t0[keep] = 0.0
-        return t, t0
-    cov = covariance(m)
-    mu = m[:-1, -1]
-    css = cov[keep][:, keep]
-    if ridge > 0:
-        css = _ridge(css, ridge)
-    rhs = cov[keep]  # |S| × C
-    try:
-        t = torch.linalg.solve(css, rhs)
-    except RuntimeError:
-        t = min_norm_solve(css, rhs)
-    t0 = mu - mu[keep] @ t
+    else:
+        cov = covariance(m)
+        mu = m[:-1, -1]
+        css = cov[keep][:, keep]
+        if ridge > 0:
+            css = _ridge(css, ridge)
+        rhs = cov[keep]  # |S| × C
+        try:
+            t = torch.linalg.solve(css, rhs)
+        except RuntimeError:
+            t = min_norm_solve(css, rhs)
+        t0 = mu - mu[keep] @ t
     # kept channels copy themselves exactly (removes solver round-off on the identity block)
     t[:, keep] = torch.eye(len(keep), dtype=t.dtype)
     t0[keep] = 0.0

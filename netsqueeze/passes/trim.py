@@ -218,13 +218,12 @@ def _allocation_with_groups(allocation: str) -> str:
     return f"allocation = {allocation} ranks whole channels; gdnt_mode = groups sets its own cut"
 
 
-def _fallback_notes(criterion: str, fallbacks: list[str], groups: int) -> list[str]:
-    """One note per reason the criterion fell back to l1 (`fallbacks`: "group id<TAB>reason" from `Trim._score`),
+def _fallback_notes(criterion: str, fallbacks: list[tuple[int, str]], groups: int) -> list[str]:
+    """One note per reason the criterion fell back to l1 (`fallbacks`: (group id, reason) from `Trim._score`),
     naming the groups, and saying when it was every group: the compile then ranked by l1 alone."""
     by: dict[str, list[str]] = {}
-    for f in fallbacks:
-        gid, why = f.split("\t", 1)
-        by.setdefault(why, []).append(gid)
+    for gid, why in fallbacks:
+        by.setdefault(why, []).append(str(gid))
     return [(f"{criterion} fell back to l1 in " + (f"every group ({len(ids)})" if len(ids) == groups else
                                                    f"{len(ids)} of {groups} groups")
              + f", {why}: group(s) {', '.join(ids)}"
@@ -412,7 +411,7 @@ class Trim(TransformPass):
         moments, reservoirs = self._collect(graph, ctx, cands, obs, notes, fits, recorder)
         if self.criterion == "gdnt" and self.gdnt_mode == "groups":
             return self._published(graph, ctx, groups, cands, bounds, obs, moments, reservoirs, notes)
-        fallbacks: list[str] = []
+        fallbacks: list[tuple[int, str]] = []
         scores = {g.id: self._score(graph, g, obs[g.id], moments, reservoirs, fallbacks, ctx.seed) for g in cands}
         notes += _fallback_notes(self.criterion, fallbacks, len(cands))
         before = graph_stats(ctx.original or graph)
@@ -575,9 +574,9 @@ class Trim(TransformPass):
         got = meter({g.id: bounds[g.id].for_ratio(r) for g in cands})
         line = (f"allocation = uniform: ratio {r:.2%} of every group's channels removed, the smallest that meets the "
                 f"budget {budget} (flops {got[0]:.1%}, params {got[1]:.1%} of the original)")
-        below = meter({g.id: bounds[g.id].for_ratio(max(0.0, r - 1e-6)) for g in cands})  # the next smaller step
-        if not budget.meets(below) and any(got[i] < 0.9 * budget.limits[k] for i, k in enumerate(METRICS)
-                                           if k in budget.limits):
+        far = any(got[i] < 0.9 * budget.limits[k] for i, k in enumerate(METRICS) if k in budget.limits)
+        below = meter({g.id: bounds[g.id].for_ratio(max(0.0, r - 1e-6)) for g in cands}) if far else None
+        if below is not None and not budget.meets(below):  # the next smaller step misses: the steps forced it
             line += (f"; the counts the bounds allow change in coarse steps: the step before removes less and "
                      f"reaches flops {below[0]:.1%}, params {below[1]:.1%}, over the budget (`allocation = global` "
                      "lands closer)")
@@ -699,9 +698,9 @@ class Trim(TransformPass):
         return moments, reservoirs
 
     def _score(self, graph: Graph, g: ChannelGroup, obs: list[_Obs], moments: dict[tuple[Value, int], Moments],
-               reservoirs: dict[tuple[int, int], Reservoir], fallbacks: list[str], seed: int) -> torch.Tensor:
+               reservoirs: dict[tuple[int, int], Reservoir], fallbacks: list[tuple[int, str]], seed: int) -> torch.Tensor:
         """Per-channel scores of group `g` (higher = kept); random draws are seeded by `seed` + group id. Where the
-        criterion cannot score the group it falls back to l1 and adds "group id<TAB>reason" to `fallbacks`
+        criterion cannot score the group it falls back to l1 and adds (group id, reason) to `fallbacks`
         (`_fallback_notes` words them)."""
         crit = self.criterion
         if crit == "random":
@@ -712,7 +711,7 @@ class Trim(TransformPass):
             if norms:
                 return sum((_per_channel(graph.node(m.node).dense("weight", accept=ENCODED_FORMS).double().abs(), m) for m in norms),
                            torch.zeros(g.size, dtype=torch.float64))
-            fallbacks.append(f"{g.id}\tno norm layer")
+            fallbacks.append((g.id, "no norm layer"))
             crit = "l1"
         if crit == "activation" and obs:
             stats = []
@@ -742,7 +741,7 @@ class Trim(TransformPass):
                 use = _magnitude(graph, g.members_of("consumer"), "l2")
                 return best if use is None else best + 1e-9 * use / use.max().clamp_min(1e-30)
         if crit in ("activation", "gdnt"):
-            fallbacks.append(f"{g.id}\tno observable consumer input")
+            fallbacks.append((g.id, "no observable consumer input"))
             crit = "l1"
         # the consumer columns the channel feeds: how strongly the next layers read it; the producer rows
         # (Torch-Pruning's group magnitude adds them) measure its own scale, which the refit makes up for
