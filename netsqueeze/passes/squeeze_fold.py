@@ -56,6 +56,7 @@ from netsqueeze.passes.squeeze_math import (
     rank_for_energy,
     ranking,
     reconstruction,
+    shrink,
 )
 
 # the most model passes `sensitivity = auto` spends measuring output sensitivities (`SqueezeFold._measure_cost`'s
@@ -101,6 +102,7 @@ class Ablation:
     curve_passes: float = 24.0
     block_fit: Literal["full", "shared"] = "full"
     max_block_features: int = 4096
+    shrinkage: bool = True
 
 
 _ABLATION: ContextVar[Ablation] = ContextVar("squeeze_fold_ablation", default=Ablation())  # noqa: B039 (frozen)
@@ -109,6 +111,39 @@ _ABLATION: ContextVar[Ablation] = ContextVar("squeeze_fold_ablation", default=Ab
 MEASURE_ROWS = 8192
 # the groups of the running compile that may keep 0 channels (`branches = remove`: residual branches removed whole)
 _REMOVABLE: ContextVar[frozenset[int]] = ContextVar("squeeze_fold_removable", default=frozenset())
+
+
+def _shrink(plans: dict[int, list[_Probe]], result: PassResult) -> None:
+    """Marks every probe's covariance to be read shrunk (`_Probe.covariance`) when some group's has no more rows
+    than channels, and says so in `result`'s notes and metrics (`shrinkage`: the largest intensity ρ).
+
+    With no more rows than channels a sample covariance has rank at most rows − 1 whatever the channels do: the
+    directions the rows did not reach read as empty, and the channels as redundant down to the rows' rank. Then
+    every group is shrunk, so that the search weighs all of them on one footing (a group of many rows gets a ρ near
+    0). With more rows everywhere, a rank deficiency is the channels' own (exact redundancy, which stays exact) and
+    every sample covariance is read as it is."""
+    if not _ABLATION.get().shrinkage:
+        return
+    short: list[tuple[float, str, int, str]] = []
+    for ps in plans.values():
+        for p in ps:
+            cov, rows = p.sample_covariance(full=True)
+            if rows <= cov.shape[0]:
+                what = f"{cov.shape[0]} {'features (channels x positions)' if p.full is not None else 'channels'}"
+                short.append((shrink(cov, rows)[1], p.member.node, rows, what))
+    if not short:
+        return
+    for ps in plans.values():
+        for p in ps:
+            p.shrunk = True
+    rho, node, rows, what = max(short)
+    result.metrics["shrinkage"] = round(rho, 6)
+    result.notes.append(
+        f"{len(short)} consumer(s) read with no more calibration rows than channels (the most shrunk '{node}': "
+        f"{rows} rows for {what}, ρ = {rho:.2f}): every group was ranked on its channel covariance shrunk toward "
+        "its diagonal (each channel's variance kept, the correlations shrunk by the oracle approximating shrinkage "
+        "intensity, Chen et al. 2010). Unshrunk, such a covariance reads the channels as redundant down to the "
+        "rows' rank; calibrate on more samples for a sharper ranking")
 
 
 def _keeps(groups: ChannelGroups, ranks: dict[int, tuple[list[int], list[float], torch.Tensor]],
@@ -139,6 +174,7 @@ class _Probe(ConsumerStats):
     # the augmented second moment [G, C+1, C+1]; `member` is its weight's input-axis member
     at: list[list[int]] | None = None
     per_group: torch.Tensor | None = None
+    shrunk: bool = False  # the ranking reads the covariance shrunk (`_shrink`)
 
     @property
     def block(self) -> int:
@@ -151,6 +187,19 @@ class _Probe(ConsumerStats):
         if self.per_group is not None:  # each conv group fit apart, from its own rows
             return self.member.node, self.count // self.per_group.shape[0], kept
         return self.member.node, self.count, kept
+
+    def sample_covariance(self, full: bool = False) -> tuple[torch.Tensor, int]:
+        """(the channels' sample covariance, its rows); `full`: over the C·block features of a full block fit, one
+        row per sample."""
+        if full and self.full is not None:
+            return covariance(self.full / max(1, self.rows)), self.rows
+        return covariance(self.moment / max(1, self.count)), self.count
+
+    def covariance(self, full: bool = False) -> torch.Tensor:
+        """The sample covariance, shrunk toward its diagonal (`squeeze_math.shrink`) when `shrunk` (`_shrink`):
+        what the ranking, the prefix errors and the first-order estimate read."""
+        cov, rows = self.sample_covariance(full)
+        return shrink(cov, rows)[0] if self.shrunk else cov
 
     @property
     def width(self) -> int:
@@ -195,7 +244,13 @@ class SqueezeFold(TransformPass):
     2. Channels ranked once per group by `greedy` backward elimination (default) or column-pivoted
        `qr`, each prefix with its reconstruction error as the consumers' outputs see it
        (tr(M·Σ_res)/tr(M·Σ), M = Σ WᵀW of the consumers); for a full
-       block fit, whole channels (blocks of H·W features) are eliminated / pivoted.
+       block fit, whole channels (blocks of H·W features) are eliminated / pivoted. When some consumer is read
+       on no more calibration rows than channels (its sample covariance then has rank ≤ rows − 1 whatever the
+       channels do, and every group would read as redundant down to that rank), every group is ranked on its
+       covariance shrunk toward its diagonal, the correlations by the oracle approximating shrinkage intensity
+       (`squeeze_math.shrink`, Chen et al. 2010), with a note; on an MLP trained on digits calibrated on 64
+       samples a `params <= 30%` search kept 63 of every group's 256/256/128 channels and was 0.064 off on
+       held-out digits, shrunk it keeps 137/107/95 and is 0.029 off (`tests/passes/test_shrinkage.py`).
     3. The kept count: the smallest r whose reconstruction keeps `energy` of that variance, or
        `ratio` of channels removed, or — when neither is given — the search mode: the smallest model
        that meets the policy's `budget` and `guard` (see `_search_counts`). Every count is clamped
@@ -360,6 +415,7 @@ class SqueezeFold(TransformPass):
                     result.notes.append(f"group {gid}: '{p.member.node}' fits blocks shared, {p.rows} calibration "
                                         f"samples for {p.full.shape[0] - 1} features")
                     p.full = None
+        _shrink(plans, result)
         ranks = {gid: self._rank(graph, probes) for gid, probes in plans.items()}
         if searching:
             counts, line = self._search_counts(graph, groups, ranks, plans, ctx, weighting, gradients)
@@ -383,6 +439,7 @@ class SqueezeFold(TransformPass):
                if par == len(keeps) else f"{par} in parallel, {len(keeps) - par} in cascade")
         out.notes = [*result.notes, *out.notes, f"squeezed {len(keeps)} groups ({how}): "
                      + ", ".join(f"{groups[g].size}->{len(k)}" for g, k in sorted(keeps.items()))]
+        out.metrics = {**result.metrics, **out.metrics}
         gone = [gid for gid, k in sorted(keeps.items()) if not k]
         if gone:
             out.notes.append(f"removed {len(gone)} residual branch(es) whole, each now the constant mean it adds: "
@@ -600,11 +657,10 @@ class SqueezeFold(TransformPass):
         if len(probes) == 1 and full is not None:  # flatten→linear: rank channels by their blocks
             p = probes[0]
             met = self._metric(graph, p.member, full=True) if weighted else None
-            order, err = ranking(covariance(full / max(1, p.rows)), self.method, met, max(self.ridge, 1e-9),
-                                 block=p.block)
-            return order, err, covariance(p.moment / max(1, p.count))
+            order, err = ranking(p.covariance(full=True), self.method, met, max(self.ridge, 1e-9), block=p.block)
+            return order, err, p.covariance()
         for p in probes:
-            cov = covariance(p.moment / max(1, p.count))
+            cov = p.covariance()
             cov = cov / cov.trace().clamp_min(1e-30)
             met = self._metric(graph, p.member) if weighted else torch.eye(cov.shape[0], dtype=cov.dtype)
             met = met / torch.trace(met @ cov).clamp_min(1e-30)
@@ -788,11 +844,11 @@ class SqueezeFold(TransformPass):
                 if p.full is None and grams.shape[0] != c:  # a full block fit dropped after collecting: per channel
                     grams = torch.einsum("cbdb->cd", grams.reshape(c, p.block, c, p.block))
                 if p.full is not None:
-                    cov = covariance(p.full / max(1, p.rows))
+                    cov = p.covariance(full=True)
                     feats = [c * p.block + j for c in order for j in range(p.block)]
                     err = prefix_errors(cov, grams, feats)[:: p.block]
                 else:
-                    cov = covariance(p.moment / max(1, p.count))
+                    cov = p.covariance()
                     err = prefix_errors(cov, grams, order)
                 scale = float((grams * cov).sum())
                 total = [a + scale * e for a, e in zip(total, err)]

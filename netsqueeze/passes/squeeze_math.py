@@ -42,6 +42,35 @@ def covariance(moment: torch.Tensor) -> torch.Tensor:
     return m[:-1, :-1] - torch.outer(mu, mu)
 
 
+def shrink(cov: torch.Tensor, rows: int) -> tuple[torch.Tensor, float]:
+    """(Σ̂, ρ): the sample covariance `cov` of `rows` rows shrunk toward its diagonal, Σ̂ = (1 − ρ)·Σ + ρ·diag Σ:
+    each channel keeps its variance (a constant channel stays exactly removable), the correlations shrink by 1 − ρ.
+    ρ is the oracle approximating shrinkage intensity (OAS; Chen, Wiesel, Eldar & Hero, IEEE Trans. Signal
+    Process. 58(10), 2010, eq. 23) of the correlation matrix R toward I, over the p channels that vary:
+    ρ = min(1, ((1 − 2/p)·tr R² + (tr R)²) / ((n + 1 − 2/p)·(tr R² − (tr R)²/p))) — shrinking R toward I is
+    shrinking Σ toward its diagonal (Schäfer & Strimmer, Stat. Appl. Genet. Mol. Biol. 4(1), 2005, target D),
+    which suits channels of very different scales.
+
+    A sample covariance of fewer rows than channels has rank < p: the directions its rows did not reach read as
+    carrying no variance, so a channel looks exactly reconstructed from the others when new inputs would not have
+    it so. ρ grows as the rows get few against the effective rank (tr R)²/tr R² and vanishes as they grow (about
+    (p_eff + 1)/n): on convolutions, whose rows are every spatial position, it is nil."""
+    cov = cov.double()
+    var = cov.diagonal()
+    live = var > 1e-12 * float(var.max().clamp_min(1e-300))
+    p = int(live.sum())
+    if p < 2:
+        return cov, 0.0
+    sd = var[live].sqrt()
+    r = cov[live][:, live] / torch.outer(sd, sd)
+    tr2 = float((r * r).sum())
+    den = (rows + 1 - 2 / p) * (tr2 - p)  # tr R = p
+    if den <= 0:  # R = I already
+        return cov, 0.0
+    rho = min(1.0, ((1 - 2 / p) * tr2 + p * p) / den)
+    return (1 - rho) * cov + rho * torch.diag(var), rho
+
+
 def rank_for_energy(cov: torch.Tensor, energy: float) -> int:
     """Smallest r whose leading eigenvalues of Σ hold `energy` of its trace (at least 1)."""
     ev = torch.linalg.eigvalsh(cov.double()).flip(0).clamp_min(0)
