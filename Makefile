@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check netsqueeze tests examples benchmarks
+	$(BIN)/ruff check netsqueeze netsqueeze_entry tests examples benchmarks
 	$(BIN)/mypy
 
 # what CI runs: everything but the tests marked slow (see pyproject's pytest markers)

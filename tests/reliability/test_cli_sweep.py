@@ -279,13 +279,17 @@ class Interrupt:  # Ctrl-C while torch is being imported, the longest part of th
 
 
 sys.meta_path.insert(0, Interrupt())
-from netsqueeze.cli import main  # as the netsqueeze console script starts
+from netsqueeze_entry import main  # as the netsqueeze console script starts
 sys.exit(main(["inspect", "m.onnx"]))
 """
 
 
-@pytest.mark.xfail(strict=True, reason="netsqueeze/__init__.py imports torch, so importing netsqueeze.cli does, "
-                                       "before main() can catch an interrupt")
+def test_the_command_starts_from_the_entry_that_guards_the_imports() -> None:
+    from importlib.metadata import entry_points
+
+    assert [e.value for e in entry_points(group="console_scripts", name="netsqueeze")] == ["netsqueeze_entry:main"]
+
+
 def test_an_interrupt_during_the_imports_prints_interrupted_not_a_traceback(ws: Path) -> None:
     p = subprocess.run([sys.executable, "-c", INTERRUPT_ON_IMPORT], capture_output=True, text=True, cwd=ws,
                        env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
