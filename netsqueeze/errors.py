@@ -49,6 +49,8 @@ class Diagnostic:
 
     def format(self) -> str:
         where = str(self.span) if self.span is not None else (f"node '{self.node}'" if self.node else "")
+        if self.span is None and where and self.message.startswith(where):
+            where = ""  # the message names its node first: once is enough
         head = f"{where}: {self.severity}: {self.message}" if where else f"{self.severity}: {self.message}"
         if self.span is not None and self.node:
             head += f" (node '{self.node}')"

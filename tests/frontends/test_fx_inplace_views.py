@@ -60,5 +60,5 @@ def test_a_written_view_without_an_onnx_form_is_refused_by_name() -> None:
     g = ns.import_model(ZeroChannel(), (torch.randn(2, 3, 4, 5),))
     with pytest.raises(UnsupportedOpError) as e:
         to_onnx(g)
-    assert str(e.value) == ("node 'fill': error: node 'fill' is an opaque fx op (aten::fill.Tensor) with no ONNX "
+    assert str(e.value) == ("error: node 'fill' is an opaque fx op (aten::fill.Tensor) with no ONNX "
                             "equivalent")
