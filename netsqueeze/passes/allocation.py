@@ -143,20 +143,36 @@ class Budget:
     def __str__(self) -> str:
         return ", ".join(f"{k} <= {v:.1%}" for k, v in sorted(self.limits.items()))
 
+    def missed(self, reached: Reached) -> str | None:
+        """The first measure of the budget that `reached` is over, if any."""
+        got = dict(zip(METRICS, reached))
+        return next((k for k in METRICS if k in self.limits and got[k] > self.limits[k] + 1e-12), None)
+
     def unreachable(self, pass_name: str, how: str, reached: Reached, node: str | None,
-                    unbounded: Reached | None = None) -> BudgetError:
+                    unbounded: Reached | None = None,
+                    held: tuple[Meter, Mapping[int, int]] | None = None) -> BudgetError:
         """The error for a budget that even the smallest allocation misses, with what it reached; `unbounded`:
         what one channel per group would reach, when the bounds keep more (said, so that a user sees whether the
-        bounds or the model stop the budget)."""
+        bounds or the model stop the budget); `held`: (the meter, that allocation), to name the nodes that hold
+        the most of the measure it misses (`Meter.holders`) — the error is then at the first of them, not at
+        `node`."""
 
         def amounts(r: Reached) -> str:
             return f"flops {r[0]:.1%}, params {r[1]:.1%}" + (f", bytes {r[2]:.1%}" if "bytes" in self.limits else "")
 
+        where = ""
+        measure = self.missed(reached)
+        if held is not None and measure is not None and (top := held[0].holders(held[1], measure)):
+            node = top[0][0]
+            said = {"cut": "cut to its minimum", "held": "its channels all kept", "fixed": "in no group it can shrink"}
+            where = f"; the most of its {measure} is at " + ", ".join(
+                f"'{nid}' ({share:.1%}{f' of the original {measure}' if not i else ''}, {said[state]})"
+                for i, (nid, share, state) in enumerate(top))
         return BudgetError(Diagnostic(
             f"{pass_name} cannot meet the budget {self}: {how} reaches {amounts(reached)} of the original"
             + (f"; its bounds (min_channels, round_to, align) hold it there: one channel per group would reach "
                f"{amounts(unbounded)}"
-               if unbounded is not None else ""), node=node))
+               if unbounded is not None else "") + where, node=node))
 
     @staticmethod
     def unbounded(bounds: Mapping[int, GroupBounds], meter: Callable[[dict[int, int]], Reached]) -> Reached | None:
@@ -245,13 +261,36 @@ class Meter:
             return None
         return _total([self._rest, *(c for c in costs if c is not None)])
 
-    def _dry_run(self, key: tuple[tuple[int, int], ...]) -> tuple[int, int, int]:
-        self.dry_runs += 1
+    def _rewritten(self, key: tuple[tuple[int, int], ...]) -> Graph:
+        """The skeleton with the allocation `key` applied."""
         g = self.graph.copy()
         if key:
             apply_selection(g, self.groups, {gid: ChannelSelection(keep=list(range(k)),
                                                                    bias_shift=self._shifts(g, gid))
                                              for gid, k in key})
+        return g
+
+    def holders(self, counts: Mapping[int, int], measure: str, top: int = 3) -> list[tuple[str, float, str]]:
+        """The `top` nodes holding the most of `measure` (flops, params or bytes) at the allocation `counts`, each
+        as (node, its share of the original's total, how the allocation left it: `cut`, `held` — a group of
+        `counts` reaches it but keeps every channel, as bounds may make it — or `fixed`, no group of `counts`
+        reaches it): where a budget the allocation misses is held (`Budget.unreachable`). Bytes are counted per
+        node (a shared table at each user)."""
+        i = METRICS.index(measure)
+        key = tuple(sorted((gid, k) for gid, k in counts.items() if k < self.groups[gid].size))
+        g = self._rewritten(key)
+        costs = sorted(((self._cost(g, n)[i], n.id) for n in g.nodes()), key=lambda c: (-c[0], c[1]))
+
+        def state(nid: str, cost: int) -> str:
+            if nid in self.graph and cost < self._cost(self.graph, self.graph.node(nid))[i]:
+                return "cut"
+            return "held" if any(gid in counts for gid in self._touch.get(nid, ())) else "fixed"
+
+        return [(nid, c / self.base[i], state(nid, c)) for c, nid in costs[:top] if c > 0]
+
+    def _dry_run(self, key: tuple[tuple[int, int], ...]) -> tuple[int, int, int]:
+        self.dry_runs += 1
+        g = self._rewritten(key)
         nodes = g.nodes()
         costs = {n.id: self._cost(g, n) for n in nodes}
         if not costs.keys() <= self._fixed.keys() | self._touch.keys() or any(

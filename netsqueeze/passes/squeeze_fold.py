@@ -1013,7 +1013,7 @@ class SqueezeFold(TransformPass):
         smallest = {gid: b.smallest for gid, b in bounds.items()}
         if budget and not meets(reached := stats_for(smallest)):
             raise budget.unreachable("squeeze_fold", "squeezing every group to its minimum", reached, first_node,
-                                     Budget.unbounded(bounds, stats_for))
+                                     Budget.unbounded(bounds, stats_for), held=(stats_for, smallest))
         family: Callable[[float], dict[int, int]]
         sens: dict[int, float] = dict.fromkeys(ranks, 1.0)
         curves: dict[int, dict[int, float]] = {}

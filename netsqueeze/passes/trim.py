@@ -525,7 +525,8 @@ class Trim(TransformPass):
 
         if not ok(len(entries)):
             raise budget.unreachable("trim", "removing every removable channel", meter(counts(len(entries))),
-                                     cands[0].producers[0], Budget.unbounded({g.id: bounds[g.id] for g in cands}, meter))
+                                     cands[0].producers[0], Budget.unbounded({g.id: bounds[g.id] for g in cands}, meter),
+                                     held=(meter, counts(len(entries))))
         if ok(0):
             return {}
         t = bisect_int(len(entries), 0, ok)
@@ -568,9 +569,9 @@ class Trim(TransformPass):
         channels."""
         r = self._uniform_ratio(cands, bounds, budget, meter)
         if r is None:
+            most = {g.id: bounds[g.id].for_ratio(_MAX_RATIO) for g in cands}
             raise budget.unreachable("trim", f"removing {_MAX_RATIO:.1%} of every group's channels (allocation = "
-                                     "uniform)", meter({g.id: bounds[g.id].for_ratio(_MAX_RATIO) for g in cands}),
-                                     cands[0].producers[0])
+                                     "uniform)", meter(most), cands[0].producers[0], held=(meter, most))
         got = meter({g.id: bounds[g.id].for_ratio(r) for g in cands})
         line = (f"allocation = uniform: ratio {r:.2%} of every group's channels removed, the smallest that meets the "
                 f"budget {budget} (flops {got[0]:.1%}, params {got[1]:.1%} of the original)")

@@ -271,3 +271,28 @@ def test_bounds_count_channels_when_a_grouped_conv_reads_the_group(body: str, ke
     cal = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     res = ns.compile(m, f"policy p {{ {body} }}", example_inputs=(cal[:4],), calibration=cal, progress=False)
     assert (res.model.conv1.out_channels, res.model.conv2.out_channels, res.model.conv3.out_channels) == kept
+
+
+class _Skip(nn.Module):
+    """out = skip(x) + fc2(relu(fc1(x))): `skip` reads the inputs and writes the outputs, so no group shrinks it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.skip, self.fc1, self.fc2 = nn.Linear(256, 16), nn.Linear(256, 128), nn.Linear(128, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.skip(x) + self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_an_unmeetable_budget_names_the_nodes_that_hold_it_and_is_placed_at_the_first() -> None:
+    """`skip` holds 10.5% of the params whatever the pass removes: a 10% budget is out of reach, and the error says
+    where the rest sits (the first group's producer, fc1, was named before, though it is cut to one channel)."""
+    g = ns.import_model(_Skip().eval(), (torch.randn(2, 256),))
+    with pytest.raises(BudgetError) as e:
+        Trim().run(g, PassContext(budget={"params": 0.1}))
+    d = e.value.diagnostics[0]
+    assert (d.message, d.node) == (
+        "trim cannot meet the budget params <= 10.0%: removing every removable channel reaches flops 11.2%, params "
+        "11.3% of the original; the most of its params is at 'skip' (10.5% of the original params, in no group it "
+        "can shrink), 'fc1' (0.7%, cut to its minimum), 'fc2' (0.1%, cut to its minimum)", "skip")
