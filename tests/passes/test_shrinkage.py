@@ -126,3 +126,32 @@ def test_with_more_rows_than_channels_everywhere_nothing_is_shrunk() -> None:
     assert err == raw_err
     assert "shrinkage" not in res.report.passes[0].result.metrics
     assert not any("calibration rows than channels" in n for p in res.report.passes for n in p.result.notes)
+
+
+class _Fork(nn.Module):
+    """conv1's 32 channels are read by conv2 (a row per image and position) and, pooled, by fc (a row per image)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.conv2 = nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 8, 3, padding=1)
+        self.fc = nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv1(x))
+        return self.conv2(h).mean((2, 3)) + self.fc(h.mean((2, 3)))
+
+
+def test_a_group_with_one_well_sampled_consumer_shrinks_nothing() -> None:
+    """16 images: fc reads conv1's 32 channels on 16 rows, conv2 on 16 x 64. The group's covariance from conv2 has
+    full rank, so nothing is shrunk (shrinking fc's probe alone cost the benchmark ResNet points at 32 images)."""
+    x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    outs = []
+    for shrinkage in (True, False):
+        with ablation(shrinkage=shrinkage):
+            res = ns.compile(_Fork().eval(), "policy p { calibrate samples 16, batch 16\n budget flops <= 50%\n "
+                             "squeeze_fold }", example_inputs=(x[:2],), calibration=x, progress=False)
+        outs.append(res)
+    assert "shrinkage" not in outs[0].report.passes[0].result.metrics
+    assert outs[0].graph.node("conv1").params["weight"].shape == outs[1].graph.node("conv1").params["weight"].shape
+    assert torch.equal(outs[0].graph.node("conv1").params["weight"], outs[1].graph.node("conv1").params["weight"])
