@@ -20,9 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, accuracy, fashion_mnist, markdown_table, trained
+from benchmarks.common import accuracy, fashion_mnist, markdown_table, trained, write_result
 from benchmarks.squeeze import ALIGN, ROUND_TO, run_ns
-from netsqueeze.compiler.files import atomic_write
 from netsqueeze.passes.squeeze_fold import ablation
 
 SIZES = (16, 32, 64, 128)
@@ -80,11 +79,7 @@ def main() -> None:
         markdown_table(["model", "budget", "calibration images", "drop per draw, shrinkage off",
                         "mean, off", "drop per draw, shrinkage on (default)", "mean, on", "largest ρ"], rows),
     ]) + "\n"
-    print(text)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "squeeze-few-samples.md"
-    atomic_write(out, lambda tmp: tmp.write_text(text) and None)
-    print(f"wrote {out}")
+    write_result("squeeze-few-samples.md", text)
 
 
 if __name__ == "__main__":

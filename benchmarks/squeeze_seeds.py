@@ -21,9 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, accuracy, fashion_mnist, markdown_table, trained
+from benchmarks.common import accuracy, fashion_mnist, markdown_table, trained, write_result
 from benchmarks.squeeze import ALIGN, ROUND_TO, run_ns
-from netsqueeze.compiler.files import atomic_write
 
 CALIB = 2048
 # (model, FLOPs reduction, the most points it may lose): issue 17's one-shot targets
@@ -65,11 +64,7 @@ def main() -> None:
         markdown_table(["model", "budget", "target drop (pts)", "drop per seed", "mean", "range", "seeds within",
                         "target on the mean"], rows),
     ]) + "\n"
-    print(text)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "squeeze-seeds.md"
-    atomic_write(out, lambda tmp: tmp.write_text(text) and None)
-    print(f"wrote {out}")
+    write_result("squeeze-seeds.md", text)
 
 
 if __name__ == "__main__":

@@ -131,10 +131,10 @@ def _shrink(plans: dict[int, list[_Probe]], result: PassResult) -> None:
         return
     short: list[tuple[float, str, int, str]] = []
     for ps in plans.values():
-        read = [(p, *p.sample_covariance(full=True)) for p in ps]
-        if not read or any(rows > cov.shape[0] for _, cov, rows in read):
+        if not ps or any(p.sampled()[0] > p.sampled()[1] for p in ps):
             continue
-        for p, cov, rows in read:
+        for p in ps:
+            cov, rows = p.sample_covariance(full=True)
             what = f"{cov.shape[0]} {'features (channels x positions)' if p.full is not None else 'channels'}"
             short.append((shrink(cov, rows)[1], p.member.node, rows, what))
     if not short:
@@ -193,6 +193,13 @@ class _Probe(ConsumerStats):
         if self.per_group is not None:  # each conv group fit apart, from its own rows
             return self.member.node, self.count // self.per_group.shape[0], kept
         return self.member.node, self.count, kept
+
+    def sampled(self) -> tuple[int, int]:
+        """(rows, features) of the covariance the ranking reads: over every C·block feature with a full block fit
+        (one row per sample), else over the C channels."""
+        if self.full is not None:
+            return self.rows, self.full.shape[0] - 1
+        return self.count, self.moment.shape[0] - 1
 
     def sample_covariance(self, full: bool = False) -> tuple[torch.Tensor, int]:
         """(the channels' sample covariance, its rows); `full`: over the C·block features of a full block fit, one
