@@ -17,10 +17,10 @@ from netsqueeze.passes.squeeze_fold import ablation
 from netsqueeze.passes.squeeze_math import shrink
 
 NOTE = ("3 consumer(s) read with no more calibration rows than channels (the most shrunk '2': 64 rows for 256 "
-        "channels, ρ = {rho}): every group was ranked on its channel covariance shrunk toward its diagonal (each "
-        "channel's variance kept, the correlations shrunk by the oracle approximating shrinkage intensity, Chen et al. "
-        "2010). Unshrunk, such a covariance reads the channels as redundant down to the rows' rank; calibrate on more "
-        "samples for a sharper ranking")
+        "channels, ρ = {rho}): the 3 read on fewer than 4 rows per channel were ranked on their channel covariances "
+        "shrunk toward their diagonals (each channel's variance kept, the correlations shrunk by the oracle "
+        "approximating shrinkage intensity, Chen et al. 2010). Unshrunk, such a covariance reads the channels as "
+        "redundant down to the rows' rank; calibrate on more samples for a sharper ranking")
 
 
 def _sample(n: int, p: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,3 +155,31 @@ def test_a_group_with_one_well_sampled_consumer_shrinks_nothing() -> None:
     assert "shrinkage" not in outs[0].report.passes[0].result.metrics
     assert outs[0].graph.node("conv1").params["weight"].shape == outs[1].graph.node("conv1").params["weight"].shape
     assert torch.equal(outs[0].graph.node("conv1").params["weight"], outs[1].graph.node("conv1").params["weight"])
+
+
+class _Head(nn.Module):
+    """conv1 (32 channels, read by conv2 at 64 positions per image) -> conv2 (8, read pooled by fc1: a row per image)
+    -> fc1 (64, read by fc2: a row per image) -> fc2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.conv2 = nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 8, 3, padding=1)
+        self.fc1, self.fc2 = nn.Linear(8, 64), nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv2(torch.relu(self.conv1(x)))).mean((2, 3))
+        return self.fc2(torch.relu(self.fc1(h)))
+
+
+def test_the_deficient_group_switches_it_on_and_only_the_few_rows_per_channel_are_shrunk() -> None:
+    """16 images: fc1's 64 channels on 16 rows (deficient) switch it on; conv2's 8 channels on 16 rows (full rank, but
+    under 4 rows per channel) are shrunk too; conv1's 32 channels on 16 x 64 rows are read as sampled."""
+    x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    res = ns.compile(_Head().eval(), "policy p { calibrate samples 16, batch 16\n budget flops <= 60%\n squeeze_fold }",
+                     example_inputs=(x[:2],), calibration=x, progress=False)
+    notes = [n for p in res.report.passes for n in p.result.notes]
+    rho = res.report.passes[0].result.metrics["shrinkage"]
+    assert ("1 consumer(s) read with no more calibration rows than channels (the most shrunk 'fc2': 16 rows for 64 "
+            f"channels, ρ = {rho:.2f}): the 2 read on fewer than 4 rows per channel were ranked on their channel "
+            "covariances shrunk toward their diagonals") in " ".join(notes)
