@@ -1089,7 +1089,7 @@ class SqueezeFold(TransformPass):
             return bisect(hi, lo, lambda t: meets(stats_for(family(t))), steps)
 
         t_budget = budget_t() if budget else lo
-        line = f"search ({ab.allocation}): budget met at t = {t_budget:.3g}"
+        line = ""  # how the groups were weighed; the head, with the final t, is put on below
         if ab.allocation == "lagrange" and how == "curve":
             measured, n_samples = self._curves(graph, groups, ranks, plans, ctx)
             curves.update(measured)
@@ -1118,6 +1118,12 @@ class SqueezeFold(TransformPass):
                 t_budget = budget_t() if budget else lo
             line += " after weighting groups by measured output sensitivity (" + ", ".join(
                 f"{groups[g].producers[0] if groups[g].producers else g}: {v:.3g}" for g, v in sorted(sens.items())) + ")"
+        # t: the uniform allocation's energy threshold (−t), or log10 of the Lagrange price λ of a unit of budget
+        # in reconstruction error; the last one the budget search found, after the weighting
+        line = (f"search ({ab.allocation}): "
+                + (f"budget met at energy {-t_budget:.3g}" if ab.allocation == "uniform" else
+                   f"budget met at λ = 10^{t_budget:.3g} (error per unit of budget)" if budget else
+                   "no budget") + line)
         if not guarded or ctx.guard is None:
             if not budget or ab.allocation != "lagrange":
                 return family(t_budget), line
@@ -1196,5 +1202,6 @@ class SqueezeFold(TransformPass):
         else:  # the smallest candidate found whose guard holds
             a = bisect(t_budget, hi, lambda t: (got := guard_at(t)) is not None and got[0], 14)
         final = guard_at(a)
-        return family(a), (f"{line}; guard {name} <= {percent(limit)}: smallest candidate meeting it at t = {a:.3g} "
+        at = f"energy {-a:.3g}" if ab.allocation == "uniform" else f"λ = 10^{a:.3g}"
+        return family(a), (f"{line}; guard {name} <= {percent(limit)}: smallest candidate meeting it at {at} "
                            f"({percent(final[1] if final else float('nan'))}, {len(seen)} candidates measured)")

@@ -645,3 +645,23 @@ def test_concat_parts_across_conv_groups_are_left_alone_with_a_note() -> None:
                for n in notes)
     shapes = {n: tuple(mod.weight.shape) for n, mod in res.model.named_modules() if isinstance(mod, torch.nn.Conv2d)}
     assert shapes == {"a": (6, 1, 3, 3), "b": (4, 1, 1, 1), "c": (4, 5, 3, 3)}  # c's own output group squeezed
+
+
+def test_the_search_line_says_what_it_met_the_budget_at_after_the_weighting() -> None:
+    """The line gave the Lagrange t of the first, unweighted search as "t = ..." before the first-order weighting
+    moved it; it now gives the final one, as the price λ of a unit of budget (uniform allocation: the energy)."""
+    import re
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+    calib = torch.randn(512, 32, generator=torch.Generator().manual_seed(1))
+    lines = []
+    for kw in ({}, {"allocation": "uniform"}):
+        with ablation(**kw):
+            res = ns.compile(model, "policy p { calibrate samples 512, batch 64\n budget params <= 50%\n squeeze_fold }",
+                             example_inputs=(calib[:2],), calibration=calib, progress=False)
+        lines += [n for p in res.report.passes for n in p.result.notes if n.startswith("search")]
+    assert re.fullmatch(r"search \(lagrange\): budget met at λ = 10\^-?[0-9.]+ \(error per unit of budget\) after a "
+                        r"first-order estimate of every group's output error \(a backward pass in the statistics "
+                        r"pass\)", lines[0])
+    assert lines[1] == "search (uniform): budget met at energy 0.912"
