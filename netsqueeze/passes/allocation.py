@@ -240,8 +240,12 @@ class Meter:
         # the counts graph_stats totals, read from shapes (a meta tensor has no nonzeros to count)
         return node_flops(g, n), node_params(n), graph_weight_bytes(list(n.params.values()))
 
+    def _key(self, counts: Mapping[int, int]) -> tuple[tuple[int, int], ...]:
+        """The allocation `counts` as (group, kept) pairs of the groups that shrink, sorted."""
+        return tuple(sorted((gid, k) for gid, k in counts.items() if k < self.groups[gid].size))
+
     def __call__(self, counts: Mapping[int, int]) -> Reached:
-        key = tuple(sorted((gid, k) for gid, k in counts.items() if k < self.groups[gid].size))
+        key = self._key(counts)
         if any(k == 0 and gid not in self._removable for gid, k in key):
             self._additive = False  # a branch removed that was not declared: its tail's costs are not keyed by it
         if key not in self._seen:
@@ -277,8 +281,7 @@ class Meter:
         reaches it): where a budget the allocation misses is held (`Budget.unreachable`). Bytes are counted per
         node (a shared table at each user)."""
         i = METRICS.index(measure)
-        key = tuple(sorted((gid, k) for gid, k in counts.items() if k < self.groups[gid].size))
-        g = self._rewritten(key)
+        g = self._rewritten(self._key(counts))
         costs = sorted(((self._cost(g, n)[i], n.id) for n in g.nodes()), key=lambda c: (-c[0], c[1]))
 
         def state(nid: str, cost: int) -> str:

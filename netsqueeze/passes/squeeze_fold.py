@@ -136,7 +136,7 @@ def _shrink(plans: dict[int, list[_Probe]], result: PassResult) -> None:
         return
     short: list[tuple[float, str, int, str]] = []
     for ps in plans.values():
-        if not ps or any(p.sampled()[0] > p.sampled()[1] for p in ps):
+        if not ps or any(rows > features for rows, features in (p.sampled() for p in ps)):
             continue
         for p in ps:
             cov, rows = p.sample_covariance(full=True)
@@ -224,8 +224,8 @@ class _Probe(ConsumerStats):
 
     @property
     def width(self) -> int:
-        """Features the first-order gradient Gram spans: every C·block feature with a full block fit, else C."""
-        return self.full.shape[0] - 1 if self.full is not None else len(self.member.index)
+        """Features the first-order gradient Gram spans: those of the covariance the ranking reads (`sampled`)."""
+        return self.sampled()[1]
 
 
 @dataclass
@@ -1089,12 +1089,12 @@ class SqueezeFold(TransformPass):
             return bisect(hi, lo, lambda t: meets(stats_for(family(t))), steps)
 
         t_budget = budget_t() if budget else lo
-        line = ""  # how the groups were weighed; the head, with the final t, is put on below
+        weighed = ""  # how the groups' errors were weighed, said after the final t
         if ab.allocation == "lagrange" and how == "curve":
             measured, n_samples = self._curves(graph, groups, ranks, plans, ctx)
             curves.update(measured)
             t_budget = budget_t() if budget else lo
-            line += (f" after measuring output-error curves ({sum(len(c) - 1 for c in curves.values())} points "
+            weighed += (f" after measuring output-error curves ({sum(len(c) - 1 for c in curves.values())} points "
                      f"on {n_samples:,} calibration samples)" if measured else
                      " (no output-error curves: this compile cannot measure the output error; reconstruction "
                      "errors unweighted)")
@@ -1102,7 +1102,7 @@ class SqueezeFold(TransformPass):
             taylor.update(self._first_order(ranks, plans, gradients))
             if taylor:
                 t_budget = budget_t() if budget else lo
-                line += (" after a first-order estimate of every group's output error (a backward pass in the "
+                weighed += (" after a first-order estimate of every group's output error (a backward pass in the "
                          "statistics pass)")
         elif ab.allocation == "lagrange" and how == "output" and ctx.fidelity_fn is not None:
             measured_at: dict[int, int] = {}
@@ -1116,14 +1116,14 @@ class SqueezeFold(TransformPass):
                 sens.update(self._sensitivities(graph, groups, ranks, plans, family(t_budget), ctx, measured_at,
                                                 prefixes))
                 t_budget = budget_t() if budget else lo
-            line += " after weighting groups by measured output sensitivity (" + ", ".join(
+            weighed += " after weighting groups by measured output sensitivity (" + ", ".join(
                 f"{groups[g].producers[0] if groups[g].producers else g}: {v:.3g}" for g, v in sorted(sens.items())) + ")"
         # t: the uniform allocation's energy threshold (−t), or log10 of the Lagrange price λ of a unit of budget
         # in reconstruction error; the last one the budget search found, after the weighting
         line = (f"search ({ab.allocation}): "
                 + (f"budget met at energy {-t_budget:.3g}" if ab.allocation == "uniform" else
                    f"budget met at λ = 10^{t_budget:.3g} (error per unit of budget)" if budget else
-                   "no budget") + line)
+                   "no budget") + weighed)
         if not guarded or ctx.guard is None:
             if not budget or ab.allocation != "lagrange":
                 return family(t_budget), line

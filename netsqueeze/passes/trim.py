@@ -524,9 +524,9 @@ class Trim(TransformPass):
             return budget.meets(meter(counts(t)))
 
         if not ok(len(entries)):
-            raise budget.unreachable("trim", "removing every removable channel", meter(counts(len(entries))),
-                                     cands[0].producers[0], Budget.unbounded({g.id: bounds[g.id] for g in cands}, meter),
-                                     held=(meter, counts(len(entries))))
+            most = counts(len(entries))
+            raise budget.unreachable("trim", "removing every removable channel", meter(most), cands[0].producers[0],
+                                     Budget.unbounded({g.id: bounds[g.id] for g in cands}, meter), held=(meter, most))
         if ok(0):
             return {}
         t = bisect_int(len(entries), 0, ok)
