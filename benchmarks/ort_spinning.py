@@ -38,6 +38,7 @@ from benchmarks.squeeze import (
     LAT_ROUNDS,
     LAT_RUNS,
     ROUND_TO,
+    bounds_text,
     fastest_latency,
     flops_params,
     onnx_blob,
@@ -132,7 +133,7 @@ def main() -> None:
         f"{ROUNDS * RUNS} runs. In turns: the original's and the model's sessions in a fresh process, {RUNS} runs "
         f"each in turns for {ROUNDS} rounds, the fastest of each. Each cell: the fastest of {args.repeats} processes, the slowest in brackets; "
         "spinning = ONNX Runtime's default, sleeping = `session.intra_op.allow_spinning = 0`. Models: "
-        f"benchmarks/squeeze.py's (`squeeze_fold` then `fold_bn`, `bounds {{ round_to = {ROUND_TO} }}`, 2,048 "
+        f"benchmarks/squeeze.py's (`squeeze_fold` then `fold_bn`, `bounds {{ {bounds_text(ROUND_TO)} }}`, 2,048 "
         f"calibration images, batch {CALIB_BATCH}).",
         table,
     ]) + "\n"

@@ -174,13 +174,14 @@ def tp_prune(model: nn.Module, data: dict[str, torch.Tensor], flops_keep: float,
     return best.eval()
 
 
-def bounds_text(round_to: int, align: int | str = 1) -> str:
-    """The benchmark policy's `bounds` entries (`align`: a block, or `auto`: the compiling CPU's)."""
-    return f"round_to = {round_to}" + (f", align = {align}" if align != 1 else "")
+def bounds_text(round_to: int, align: int | str | None = 1) -> str:
+    """The benchmark policy's `bounds` entries (`align`: a block, `auto`: the compiling CPU's, or None: not set, the
+    passes' default: 16 for the channels a 2-D convolution computes or reads, `allocation.DEFAULT_ALIGN`)."""
+    return f"round_to = {round_to}" + (f", align = {align}" if align is not None else "")
 
 
-def bounds_stem(name: str, round_to: int, align: int | str, default_round_to: int,
-                default_align: int | str = 1) -> str:
+def bounds_stem(name: str, round_to: int, align: int | str | None, default_round_to: int,
+                default_align: int | str | None = None) -> str:
     """A results file's stem: `name`, then the bounds that differ from the benchmark's defaults."""
     return name + ("" if round_to == default_round_to else f"-round_to-{round_to}") + (
         "" if align == default_align else f"-align-{align}")
@@ -210,7 +211,7 @@ def residual_stem(setting: str) -> str:
 
 
 def run_ns(model: nn.Module, passes: list[Any], calib: torch.Tensor, policy_budget: dict[str, float] | None = None,
-           round_to: int = ROUND_TO, align: int | str = 1, seed: int = 0) -> tuple[ns.CompileResult, float, float]:
+           round_to: int = ROUND_TO, align: int | str | None = 1, seed: int = 0) -> tuple[ns.CompileResult, float, float]:
     t0 = time.perf_counter()
     with PeakRSS() as mem:
         if policy_budget:

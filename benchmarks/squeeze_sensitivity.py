@@ -84,7 +84,7 @@ def main() -> None:
         "# squeeze_fold: measured output sensitivity against the first-order estimate",
         f"Command: `.venv/bin/python benchmarks/squeeze_sensitivity.py {' '.join(sys.argv[1:])}`, {minutes:.0f} min. "
         "Models, calibration subset, policy (`squeeze_fold` then `fold_bn` under `budget flops <= X%`, "
-        "`bounds { round_to = 8 }`, batches of 256) and test set (10,000 images) as benchmarks/squeeze.py. "
+        "`bounds { round_to = 8, align = 1 }`, batches of 256) and test set (10,000 images) as benchmarks/squeeze.py. "
         "`output`: each group squeezed alone and the output error measured, over the leading 256 calibration "
         "samples, twice; `first_order`: one backward pass of a random projection of the outputs over the same "
         "samples, inside the statistics pass. `auto picks`: what `auto` chose (the default before `first_order`; it measures when the "

@@ -23,7 +23,7 @@ reduction, compile time and the compile's full calibration passes (`report.calib
 `--fine-tune N`: adds top-1 after one epoch on a fixed subset of N training images, with trim's BatchNorms kept
 (no `fold_bn`: trimmed, not folded) so they retrain as Torch-Pruning's do. `--points`: only these budget points
 (measure:target, comma-separated). Writes benchmarks/results/trim.md (trim-round_to-R-align-A.md with
-`--round-to R --align A`; a -quick suffix with --quick: ResNet-style at 2x FLOPs only, 2,000 test images;
+`--round-to R --align A`, trim-align-1.md with `--align 1`: any count, the default before counts were aligned; a -quick suffix with --quick: ResNet-style at 2x FLOPs only, 2,000 test images;
 `--out NAME`: benchmarks/results/NAME.md).
 """
 
@@ -192,9 +192,9 @@ def main() -> None:
                          "BatchNorms then kept, not folded)")
     ap.add_argument("--round-to", type=int, default=1,
                     help="trim's `bounds { round_to }` (default 1: counts not rounded; the peer is never rounded)")
-    ap.add_argument("--align", type=int, default=1,
-                    help="trim's `bounds { align }` (default 1: none; 16 keeps counts of 16 or more in ONNX Runtime's "
-                         "AVX-512 conv blocks)")
+    ap.add_argument("--align", type=int, default=None,
+                    help="trim's `bounds { align }` (default: not set, the pass default: counts of 16 or more that a "
+                         "convolution computes in whole blocks of 16, ONNX Runtime's AVX-512 conv blocks; 1: any count)")
     residual_targets_arg(ap)
     args = ap.parse_args()
     settings = contextlib.ExitStack()  # what the whole run compiles with
@@ -291,7 +291,9 @@ def main() -> None:
         "compile, each model right after its original; the original's row shows its latencies.",
         f"Test images: {n_test:,}; calibration: {CALIB} training images (statistics, refit, the loss measurements "
         "and Torch-Pruning's BatchNorm re-estimation); "
-        + ("channel counts not rounded" if args.round_to == args.align == 1 else
+        + ("channel counts as trim's defaults allow (those of 16 or more that a convolution computes in multiples "
+           "of 16, any other count), Torch-Pruning's not rounded" if args.round_to == 1 and args.align is None else
+           "channel counts not rounded" if args.round_to == args.align == 1 else
            f"trim's channel counts within `bounds {{ {bounds_text(args.round_to, args.align)} }}`, Torch-Pruning's "
            "not rounded") + "; budgets are policy budgets "
         "(`budget flops <= 50%` is the 2x row). trim rows use the pass defaults (global allocation ranked by "
@@ -310,7 +312,7 @@ def main() -> None:
     ]) + "\n"
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = bounds_stem("trim", args.round_to, args.align, 1)
+    stem = bounds_stem("trim", args.round_to, args.align, 1, None)
     stem += residual_stem(args.residual_targets)
     out_path = RESULTS / (f"{args.out}.md" if args.out else f"{stem}-quick.md" if args.quick else f"{stem}.md")
     atomic_write(out_path, lambda tmp: tmp.write_text(text))

@@ -59,6 +59,7 @@ from netsqueeze.errors import (
 from netsqueeze.ir.graph import OUTPUT_TREE, Graph, Value
 from netsqueeze.ir.ops import OPS
 from netsqueeze.ir.stats import example_batch, graph_stats
+from netsqueeze.passes.allocation import DEFAULT_ALIGN
 from netsqueeze.passes.base import ActivationStream, Feeds, Pass, PassContext, Trainable, class_scores
 from netsqueeze.passes.executor import Executor, make_executor
 from netsqueeze.passes.refit import SHORT_FITS
@@ -1129,7 +1130,8 @@ def _compile(model: Any, policy: PolicyLike, example_inputs: tuple[torch.Tensor,
 
     fidelity: dict[str, float] = {}
     notes: list[str] = list(graph.meta.get("notes", []))  # what the frontend had to say about the model
-    if (line := block_note(original, graph, *cpu_block(), align=int(ctx.bounds.get("align", 1)))) is not None:
+    align = int(ctx.bounds.get("align", DEFAULT_ALIGN))  # the convolutions' channel groups have it by default
+    if (line := block_note(original, graph, *cpu_block(), align=align)) is not None:
         notes.append(line)
     if eval_batches is not None and any(n.kind != "input" for n in graph.nodes()):
         with _stage("measuring the output error"):

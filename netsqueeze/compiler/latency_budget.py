@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -167,7 +167,7 @@ def _run_line(original: Graph, steps: Sequence[Step], ctx: PassContext, target: 
         elif missed is None or now_flops < missed[0]:
             missed = (now_flops, now_ratio)
         if best is not None:
-            step = refine(best, missed, goal_ratio)
+            step = None if _repeated(attempts) else refine(best, missed, goal_ratio)
             if step is None:
                 break
             budget_ratio = step
@@ -295,6 +295,13 @@ def _interp(curve: Sequence[tuple[float, float]], f: float) -> float:
     return curve[-1][1]
 
 
+def _repeated(attempts: Sequence[Mapping[str, float]]) -> bool:
+    """Whether the last run reached the FLOPs of an earlier one: the pipeline mapped its budget to a model it had
+    built, so the bracket `refine` aims in is unchanged and the next aim would bring the same model again (with
+    channel counts in blocks, budgets a block apart build the same model)."""
+    return any(a["flops"] == attempts[-1]["flops"] for a in attempts[:-1])
+
+
 def refine(best: tuple[float, Graph, Any, list[Latency]], missed: tuple[float, float] | None, goal_ratio: float
            ) -> float | None:
     """The next FLOPs budget once a run met the target (`best`: the met run with the most FLOPs, with its pair of
@@ -408,7 +415,7 @@ def _run_per_kind(original: Graph, steps: Sequence[Step], ctx: PassContext, targ
         elif missed is None or now_flops < missed[0]:
             missed = (now_flops, now_ratio)
         if best is not None:
-            step = refine(best, missed, goal_ratio)
+            step = None if _repeated(attempts) else refine(best, missed, goal_ratio)
             if step is None:
                 break
             aim = step

@@ -118,7 +118,8 @@ BOUNDS_KEYS: dict[str, OptionSchema] = {
     "min_channels": OptionSchema("min_channels", _INT, 1, min=1),
     "max_ratio": OptionSchema("max_ratio", _RATIO, 1.0, min=0, max=1, unit="ratio"),
     "round_to": OptionSchema("round_to", _INT, 1, min=1),
-    # a runtime's channel block: kept counts of at least `align` are multiples of it (allocation.GroupBounds);
+    # a runtime's channel block: kept counts of at least `align` are multiples of it (allocation.GroupBounds; when
+    # no bounds sets it, allocation.DEFAULT_ALIGN for the channels of 2-D convolutions);
     # `auto`: the block of ONNX Runtime's CPU convolutions on the compiling machine (compiler.cost_model.cpu_block)
     "align": OptionSchema("align", TypeDesc("int", ("auto",)), 1, min=1),
 }

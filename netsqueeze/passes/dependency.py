@@ -56,6 +56,9 @@ class ChannelGroup:
     size: int
     members: tuple[Member, ...]
     frozen: str | None = None
+    # a 2-D convolution computes or reads these channels: runtimes run it in channel blocks (NCHWc), which sets
+    # the default `align` of the channel allocation (`allocation.DEFAULT_ALIGN`)
+    blocked: bool = False
 
     @property
     def producers(self) -> tuple[str, ...]:
@@ -301,6 +304,13 @@ def find_groups(graph: Graph) -> ChannelGroups:
         if not why and not any(m.role == "producer" for m in members):
             why = ["no producer creates these channels"]
         frozen = "; ".join(why[:3]) + (f" (+{len(why) - 3} more)" if len(why) > 3 else "") if why else None
-        raw.append((topo[members[0].node], members[0].target, members[0].index[0], len(roots), members, frozen))
+        blocked = any(m.param == "weight" and _is_conv2d(graph.node(m.node)) for m in members)
+        raw.append((topo[members[0].node], members[0].target, members[0].index[0], len(roots), members, frozen,
+                    blocked))
     raw.sort(key=lambda t: (t[0], t[1], t[2]))
-    return ChannelGroups(tuple(ChannelGroup(i, n, tuple(ms), fr) for i, (_, _, _, n, ms, fr) in enumerate(raw)))
+    return ChannelGroups(tuple(ChannelGroup(i, n, tuple(ms), fr, bl) for i, (_, _, _, n, ms, fr, bl) in enumerate(raw)))
+
+
+def _is_conv2d(node: Node) -> bool:
+    w = node.params.get("weight")
+    return node.kind == "conv" and w is not None and len(w.shape) == 4

@@ -264,7 +264,8 @@ class Trim(TransformPass):
     `BudgetError` states what was reached when it cannot. Bounds and ratio → count follow the shared
     rule of `passes.allocation`: the options `min_channels`/`round_to` and the policy's `bounds`
     combine, the most restrictive winning; `ratio` removes ⌊ratio·size⌋ channels of a group; kept
-    counts are rounded up to a multiple of `round_to` (and of `align` too from `align` up). When
+    counts are rounded up to a multiple of `round_to` (and of `align` too from `align` up; with no `align` in the
+    policy, 16 for the groups a 2-D convolution computes or reads, `allocation.DEFAULT_ALIGN`). When
     that rounding takes the `global` allocation's last removal a whole step past the budget, channels go
     back one allowed step of one group at a time, the highest-ranked first, while the budget holds.
 

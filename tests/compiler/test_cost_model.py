@@ -187,7 +187,8 @@ def test_report_notes_channel_counts_that_a_blocked_runtime_pads(monkeypatch: py
 
     monkeypatch.setattr(api, "cpu_block", lambda: (16, "AVX512"))
     x = torch.randn(128, 1, 8, 8)
-    policy = (f"policy p {{\n  calibrate samples 128, batch 64\n  bounds {{ round_to = {round_to} }}\n"
+    # align = 1: counts in any step (by default those of 16 or more a convolution computes are whole blocks)
+    policy = (f"policy p {{\n  calibrate samples 128, batch 64\n  bounds {{ round_to = {round_to}, align = 1 }}\n"
               "  trim on type(conv) { ratio = 0.3 }\n}\n")
     res = ns.compile(_two_convs(), policy, example_inputs=(x[:2],), calibration=x)
     convs = [tuple(m.weight.shape) for m in res.model.modules() if isinstance(m, torch.nn.Conv2d)]
@@ -243,12 +244,13 @@ def test_align_auto_is_the_compiling_cpus_block(monkeypatch: pytest.MonkeyPatch,
 
 def test_align_auto_on_a_selector_resolves_per_node(monkeypatch: pytest.MonkeyPatch) -> None:
     """`bounds on SELECTOR { align = auto }` resolves the same way (the word quoted or not): the first conv's 24
-    kept channels (trim's 30% of 32, rounded to 8) go up to 32 on a 16-channel block, the second conv's stay at 24."""
+    kept channels (trim's 30% of 32, rounded to 8) go up to 32 on a 16-channel block, the second conv's stay at 24 (the global bounds' `align = 1` turns off the
+    default alignment there)."""
     import netsqueeze.compiler.plan as plan
 
     monkeypatch.setattr(plan, "cpu_block", lambda: (16, "AVX512"))
     x = torch.randn(128, 1, 8, 8)
-    policy = ("policy p {\n  calibrate samples 128, batch 64\n  bounds { round_to = 8 }\n"
+    policy = ("policy p {\n  calibrate samples 128, batch 64\n  bounds { round_to = 8, align = 1 }\n"
               "  bounds on \"0\" { align = \"auto\" }\n  trim on type(conv) { ratio = 0.3 }\n}\n")
     res = ns.compile(_two_convs(), policy, example_inputs=(x[:2],), calibration=x)
     assert [tuple(m.weight.shape)[:2] for m in res.model.modules() if isinstance(m, torch.nn.Conv2d)] == [
