@@ -278,7 +278,9 @@ class SqueezeFold(TransformPass):
        `ratio` of channels removed, or — when neither is given — the search mode: the smallest model
        that meets the policy's `budget` and `guard` (see `_search_counts`). Every count is clamped
        by the shared rule of `passes.allocation`: the options `min_channels`/`round_to` and the
-       policy's `bounds` combine, the most restrictive winning; `ratio` removes ⌊ratio·size⌋.
+       policy's `bounds` combine, the most restrictive winning (with no `align` in the policy, counts of 16 or more
+       that a 2-D convolution computes are whole blocks of 16, `allocation.DEFAULT_ALIGN`); `ratio` removes
+       ⌊ratio·size⌋.
        `search = fast` (default) or `measured` chooses how the search weighs a group's error.
     4. Per consumer, least squares with intercept a ≈ a_S·T + t₀ (`ridge` for ill-conditioned Grams; on
        fewer than `squeeze_math.FIT_ROWS` calibration rows per coefficient the ridge by generalised

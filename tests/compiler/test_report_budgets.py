@@ -210,19 +210,11 @@ class _Wide(torch.nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-@pytest.mark.parametrize(("cost_model", "percent", "runs"), [
-    ("per_kind", 70, "55.9%: 56.8% -> 56.8%, 64.5%: 68.8% -> 68.8%"),
-    ("per_kind", 50, "27.2%: 37.1% -> 37.1%, 38.7%: 42.3% -> 42.3%, 43.0%: 52.0% -> 52.0%"),
-    ("line", 90, "83.5% -> 100.0%, 41.2% -> 42.3%, 68.1% -> 68.8%, 74.3% -> 80.8%"),
-])
-def test_a_latency_search_steps_by_false_position_between_measured_runs(monkeypatch: pytest.MonkeyPatch,
-                                                                       cost_model: str, percent: int,
-                                                                       runs: str) -> None:
-    """A runtime that computes convolutions in channel blocks of 16 (a stand-in timer: 0.2 ms + 0.1 ms per million
-    padded conv FLOPs), the counts unaligned (`align = 1`: the runs land between blocks). `per_kind`'s curve scales every group at once, so it climbs in steps and saw no room to keep
-    more above a first run that met the target far under it: the search stopped at 56.8% for 70% and 37.1% for 50%.
-    The line search bisected, and ended at 68.8% for 90%. After a met run both now step by false position between
-    measured runs (the original the first bracket's end), and keep the met run with the most FLOPs."""
+def _blocked_latency_search(monkeypatch: pytest.MonkeyPatch, cost_model: str, percent: int, bounds: str,
+                            runs: str) -> ns.CompileResult:
+    """`_Wide` squeezed under `budget latency <= percent%` and `bounds`, timed by a stand-in for a runtime that
+    computes convolutions in channel blocks of 16 (0.2 ms + 0.1 ms per million padded conv FLOPs); asserts the
+    report's line of runs is `runs`."""
     def timer(models: list[object], inputs: tuple[torch.Tensor, ...], *, runtime: str = "ort", threads: int = 1,
               rounds: int = 15, **_: object) -> list[Latency]:
         b = int(inputs[0].shape[0])
@@ -231,10 +223,28 @@ def test_a_latency_search_steps_by_false_position_between_measured_runs(monkeypa
     monkeypatch.setattr(latency_budget, "measure", timer)
     x, cal = torch.randn(2, 3, 8, 8), torch.randn(128, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     res = ns.compile(_Wide().eval(), f"policy p {{\n  runtime {{ batch = 4, cost_model = {cost_model} }}\n"
-                     f"  budget latency <= {percent}%\n  bounds {{ align = 1 }}\n  squeeze_fold {{ round_to = 8 }}\n}}", example_inputs=(x,),
-                     calibration=cal, target="torch", progress=False)
+                     f"  budget latency <= {percent}%\n  {bounds}\n  squeeze_fold {{ round_to = 8 }}\n}}",
+                     example_inputs=(x,), calibration=cal, target="torch", progress=False)
     shown = "FLOPs: predicted -> measured latency" if cost_model == "per_kind" else "FLOPs -> measured latency"
     assert f"latency budget runs ({shown}, of the original): {runs}" in res.report.notes
+    return res
+
+
+@pytest.mark.parametrize(("cost_model", "percent", "runs"), [
+    ("per_kind", 70, "55.9%: 56.8% -> 56.8%, 64.5%: 68.8% -> 68.8%"),
+    ("per_kind", 50, "27.2%: 37.1% -> 37.1%, 38.7%: 42.3% -> 42.3%, 43.0%: 52.0% -> 52.0%"),
+    ("line", 90, "83.5% -> 100.0%, 41.2% -> 42.3%, 68.1% -> 68.8%, 74.3% -> 80.8%"),
+])
+def test_a_latency_search_steps_by_false_position_between_measured_runs(monkeypatch: pytest.MonkeyPatch,
+                                                                       cost_model: str, percent: int,
+                                                                       runs: str) -> None:
+    """A runtime that computes convolutions in channel blocks of 16 (`_blocked_latency_search`), the counts
+    unaligned (`align = 1`: the runs land between blocks). `per_kind`'s curve scales every group at once, so it
+    climbs in steps and saw no room to keep more above a first run that met the target far under it: the search
+    stopped at 56.8% for 70% and 37.1% for 50%.
+    The line search bisected, and ended at 68.8% for 90%. After a met run both now step by false position between
+    measured runs (the original the first bracket's end), and keep the met run with the most FLOPs."""
+    res = _blocked_latency_search(monkeypatch, cost_model, percent, "bounds { align = 1 }", runs)
     lat = {x["model"]: x["median_ms"] for x in res.report.latency}
     kept = max((float(r.split("%")[0]), float(r.rsplit("-> ", 1)[1].rstrip("%"))) for r in runs.split(", ")
                if float(r.rsplit("-> ", 1)[1].rstrip("%")) <= percent)
@@ -253,18 +263,7 @@ def test_a_latency_search_stops_when_a_run_rebuilds_an_earlier_model(monkeypatch
     search aimed at next built the model it had (55.9% of the FLOPs for 70%: 64 -> 48 and 64 -> 32 channels; the
     next allowed step, 64 -> 48 twice, is 68.1%). The bracket was then unchanged, so every run after it rebuilt that
     model again: four identical runs. The search stops at the first repeat."""
-    def timer(models: list[object], inputs: tuple[torch.Tensor, ...], *, runtime: str = "ort", threads: int = 1,
-              rounds: int = 15, **_: object) -> list[Latency]:
-        b = int(inputs[0].shape[0])
-        return [Latency(runtime, b, threads, 0.2 + conv_flops(m, 16) * b * 1e-7, 0.0, rounds) for m in models]
-
-    monkeypatch.setattr(latency_budget, "measure", timer)
-    x, cal = torch.randn(2, 3, 8, 8), torch.randn(128, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    res = ns.compile(_Wide().eval(), f"policy p {{\n  runtime {{ batch = 4, cost_model = {cost_model} }}\n"
-                     f"  budget latency <= {percent}%\n  squeeze_fold {{ round_to = 8 }}\n}}", example_inputs=(x,),
-                     calibration=cal, target="torch", progress=False)
-    shown = "FLOPs: predicted -> measured latency" if cost_model == "per_kind" else "FLOPs -> measured latency"
-    assert f"latency budget runs ({shown}, of the original): {runs}" in res.report.notes
+    _blocked_latency_search(monkeypatch, cost_model, percent, "", runs)
 
 
 @pytest.mark.parametrize("batch", [2, 8])
