@@ -48,7 +48,7 @@ TARGETS = (0.8, 0.6, 0.4)
 FLOPS_BUDGETS = (0.8, 0.6, 0.4, 0.25)
 SEARCH = """policy latency {{
   runtime {{ threads = 1, batch = {batch}, cost_model = {model} }}
-  budget latency <= {target:.0%}
+  budget latency <= {target:.0%}{bounds}
   fold_bn
   squeeze_fold on type(conv) | type(linear) except last(type(linear)) {{ round_to = {round_to} }}
 }}"""
@@ -110,7 +110,7 @@ def prediction(name: str, model: torch.nn.Module, data: dict[str, torch.Tensor],
 
 
 def search(name: str, model: torch.nn.Module, data: dict[str, torch.Tensor], targets: tuple[float, ...],
-           round_tos: tuple[int, ...], cm: str) -> list[list[str]]:
+           round_tos: tuple[int, ...], cm: str, align: int | None = None) -> list[list[str]]:
     xt, yt = data["test_x"][:2000], data["test_y"][:2000]
     example = (xt[:2],)  # 2: torch.export fixes a batch dim whose example is 1
     original = to_onnx(ns.import_model(model, example, dynamic_shapes=DYN))
@@ -120,7 +120,8 @@ def search(name: str, model: torch.nn.Module, data: dict[str, torch.Tensor], tar
         for target in targets:
             t = time.perf_counter()
             try:
-                res = ns.compile(model, SEARCH.format(batch=BATCH, model=cm, target=target, round_to=round_to),
+                res = ns.compile(model, SEARCH.format(batch=BATCH, model=cm, target=target, round_to=round_to,
+                                               bounds="" if align is None else f"\n  bounds {{ align = {align} }}"),
                                  example_inputs=example, calibration=data["train_x"][:512], target="onnx",
                                  dynamic_shapes=DYN, progress=False)
             except NetsqueezeError as e:  # a miss is a result too
@@ -144,9 +145,11 @@ def search(name: str, model: torch.nn.Module, data: dict[str, torch.Tensor], tar
     return rows
 
 
-def render(res: dict) -> str:  # type: ignore[type-arg]
+def render(res: dict, align: int | None = None) -> str:  # type: ignore[type-arg]
+    """The results' markdown: the prediction part where it was run, the searches (`align`: their bounds)."""
+    predicted = "rows" in res["prediction"]
     pred = markdown_table(["model", "pipeline result", "FLOPs", "measured latency", "per-kind predicts", "error",
-                           "line predicts", "error"], res["prediction"]["rows"])
+                           "line predicts", "error"], res["prediction"]["rows"]) if predicted else ""
     search_rows = [r for cm in ("per_kind", "line") for r in res["search"].get(cm, {}).get("rows", [])]
     search_rows.sort(key=lambda r: (r[0] != "vgg", -float(r[1].split()[1].rstrip("%")), r[3] != "per_kind"))
     runs = markdown_table(["model", "latency budget", "round_to", "cost model", "first met at run", "runs",
@@ -160,19 +163,21 @@ def render(res: dict) -> str:  # type: ignore[type-arg]
             summary.append(f"- `{cm}`: {len(met)} of {len(rows)} budgets met" + (
                 f", first met at run {statistics.mean(int(r[4]) for r in met):.1f} and "
                 f"{statistics.mean(int(r[5]) for r in met):.1f} runs in all on average over those met" if met else ""))
-    when = "; ".join([f"prediction: {res['prediction']['when']}"]
+    when = "; ".join([f"prediction: {res['prediction']['when']}" for _ in range(predicted)]
                      + [f"{cm} searches: {res['search'][cm]['when']}" for cm in ("per_kind", "line")
                         if cm in res["search"]])
     return ("# Measured latency budgets and cost models (Fashion-MNIST, ONNX Runtime CPU, batch 64, 1 thread)\n\n"
             "Latency ratios are of the original model, timed side by side with it in one process. Other jobs "
             "shared the 2-core machine during these runs (benchmarks and tests of other work), so single figures "
             f"carry several percent of noise. Runs (UTC): {when}.\n\n"
-            "## Prediction error: per-op-kind model vs single line\n\n"
-            "Both fitted on the same measurements (the original and its channel-scaled calibration variants); "
-            "predicting pipeline results (fold_bn + squeeze_fold at a FLOPs budget) they never saw.\n\n"
-            f"{pred}\n\nFitted coefficients:\n\n" + "\n".join(f"- {c}" for c in res["prediction"]["fitted"])
-            + "\n\n## Searches for a latency budget\n\n"
-            "fold_bn, then squeeze_fold searching FLOPs (no guard, no fine-tuning); `runs` is the number of "
+            + ("## Prediction error: per-op-kind model vs single line\n\n"
+               "Both fitted on the same measurements (the original and its channel-scaled calibration variants); "
+               "predicting pipeline results (fold_bn + squeeze_fold at a FLOPs budget) they never saw.\n\n"
+               f"{pred}\n\nFitted coefficients:\n\n" + "\n".join(f"- {c}" for c in res["prediction"]["fitted"])
+               + "\n\n" if predicted else "")
+            + "## Searches for a latency budget\n\n"
+            "fold_bn, then squeeze_fold searching FLOPs"
+            + ("" if align is None else f" under `bounds {{ align = {align} }}`") + " (no guard, no fine-tuning); `runs` is the number of "
             "pipeline runs the search made, `first met at run` the first whose measured latency met the budget "
             "(0: none did); the `line` search's runs show FLOPs -> measured (it predicts no ratio per run).\n\n"
             + "\n".join(summary) + f"\n\n{runs}\n")
@@ -184,12 +189,16 @@ def main() -> None:
     ap.add_argument("--parts", default="prediction,search", help="which parts to run (the others are kept from "
                     "results/latency_budget.json; 'none' renders the markdown from it)")
     ap.add_argument("--cost-models", default="per_kind,line", help="the searches' cost models to run")
+    ap.add_argument("--align", type=int, default=None, help="the searches' `bounds { align }` (default: not set, the "
+                    "passes' default, whole blocks of 16 for convolutions' counts of 16 or more; 1: any count); "
+                    "another value writes latency_budget-align-N.json/.md")
     args = ap.parse_args()
     torch.set_num_threads(1)
     data = fashion_mnist()
     names = ("vgg",) if args.quick else ("vgg", "resnet")
     parts = set(args.parts.split(","))
-    stem = "latency_budget_quick" if args.quick else "latency_budget"
+    stem = ("latency_budget_quick" if args.quick else "latency_budget") + (
+        "" if args.align is None else f"-align-{args.align}")
     store = Path(__file__).with_name("results") / f"{stem}.json"
     res = json.loads(store.read_text()) if store.exists() else {"prediction": {}, "search": {}}
     now = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
@@ -206,11 +215,12 @@ def main() -> None:
         for cm in args.cost_models.split(","):
             rows = []
             for name in names:
-                rows += search(name, trained(name, data), data, TARGETS[:1] if args.quick else TARGETS, (8,), cm)
+                rows += search(name, trained(name, data), data, TARGETS[:1] if args.quick else TARGETS, (8,), cm,
+                               args.align)
             res["search"][cm] = {"rows": rows, "when": now}
     store.parent.mkdir(exist_ok=True)
     store.write_text(json.dumps(res, indent=1))
-    text = render(res)
+    text = render(res, args.align)
     print(text)
     (store.parent / f"{stem}.md").write_text(text)
 
