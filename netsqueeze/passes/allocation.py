@@ -123,6 +123,23 @@ def group_bounds(group: ChannelGroup, ctx: PassContext, min_channels: int = 1, r
                        removable)
 
 
+def ratio_note(groups: Iterable[ChannelGroup], bounds: Mapping[int, GroupBounds], ratio: float) -> str | None:
+    """A note on the groups whose bounds keep more channels than `ratio` asks (⌊ratio·size⌋ removed): how many, how
+    many of them whole, the first three (`'producer' asked -> kept of size`) and why; None when there are none. A
+    ratio that removes nothing from a group in blocks must not pass unsaid."""
+    raised = [(g, g.size - math.floor(ratio * g.size + 1e-9), bounds[g.id].for_ratio(ratio)) for g in groups]
+    raised = [(g, want, got) for g, want, got in raised if got > want]
+    if not raised:
+        return None
+    whole = sum(got == g.size for g, _, got in raised)
+    shown = ", ".join(f"'{g.producers[0] if g.producers else g.id}' {want} -> {got} of {g.size}"
+                      for g, want, got in raised[:3])
+    return (f"ratio {ratio:g}: the bounds keep more channels than it asks in {len(raised)} group(s), {whole} of them "
+            f"whole ({shown}{', ...' if len(raised) > 3 else ''}): counts go up to `min_channels`, to a multiple of "
+            "`round_to` and, from one block up, to whole blocks of `align` (16 for the channels of 2-D convolutions "
+            "unless a bounds sets it; `bounds { align = 1 }` allows any count)")
+
+
 def channels_per_unit(group: ChannelGroup) -> int:
     """Channels each of `group`'s units stands for at its producers: 1, or a grouped conv consumer's number of
     conv groups when the group is that conv's weight slots (every unit the same number of output channels)."""

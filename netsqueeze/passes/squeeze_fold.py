@@ -19,7 +19,16 @@ from netsqueeze.errors import BudgetError, Diagnostic, NetsqueezeError, percent
 from netsqueeze.ir.graph import Graph, Value
 from netsqueeze.ir.ops import attr, node_flops, spec
 from netsqueeze.ir.stats import graph_stats
-from netsqueeze.passes.allocation import Budget, GroupBounds, Meter, Reached, bisect, give_back, group_bounds
+from netsqueeze.passes.allocation import (
+    Budget,
+    GroupBounds,
+    Meter,
+    Reached,
+    bisect,
+    give_back,
+    group_bounds,
+    ratio_note,
+)
 from netsqueeze.passes.base import PassContext, PassResult, TransformPass, check_squarable
 from netsqueeze.passes.dependency import ChannelGroup, ChannelGroups, DependencyAnalysis, Member, find_groups
 from netsqueeze.passes.frontier import Frontier as _Frontier
@@ -447,6 +456,10 @@ class SqueezeFold(TransformPass):
             result.notes.append(line)
         else:
             counts = {gid: self._kept(groups[gid], ranks[gid], self.energy, ctx) for gid in plans}
+            if self.ratio is not None and (raised := ratio_note(
+                    [groups[gid] for gid in plans], {gid: self._bounds(groups[gid], ctx) for gid in plans},
+                    self.ratio)) is not None:
+                result.notes.append(raised)
         keeps = _keeps(groups, ranks, counts)
         if not keeps:
             return result

@@ -26,6 +26,7 @@ from netsqueeze.passes.allocation import (
     Reached,
     bisect_int,
     group_bounds,
+    ratio_note,
 )
 from netsqueeze.passes.base import GIVE_CALIBRATION, MEASURE_PASSES, PassContext, PassResult, TransformPass
 from netsqueeze.passes.collectors import Moments, Reservoir, channel_rows
@@ -424,6 +425,8 @@ class Trim(TransformPass):
 
         if self.ratio is not None:
             sel = {g.id: self._keep_top(scores[g.id], bounds[g.id].for_ratio(self.ratio)) for g in cands}
+            if (line := ratio_note(cands, bounds, self.ratio)) is not None:
+                notes.append(line)
         else:
             # bias compensation (which every refit implies) gives a bias to each consumer without one: count it
             meter = Meter(graph, groups, before, shifted=self.bias_compensation)

@@ -56,6 +56,15 @@ def test_counts_a_convolution_computes_are_whole_blocks_of_16_by_default(bounds:
                      "  trim { ratio = 0.3 }\n}\n", example_inputs=(x[:2],), calibration=x, progress=False)
     m = res.model
     assert [m.c0.out_channels, m.c1.out_channels, m.fc0.out_features] == kept
+    # what the ratio asked and what the bounds kept are said (a ratio that removes nothing must not pass unsaid)
+    notes = [n for r in res.report.passes if r.name == "trim" for n in r.result.notes if n.startswith("ratio")]
+    raised = [f"'{n}' {want} -> {got} of {size}" for n, want, got, size in
+              zip(("c0", "c1", "fc0"), (45, 45, 28), kept, (64, 64, 40)) if got > want]
+    assert notes == ([] if not raised else [
+        f"ratio 0.3: the bounds keep more channels than it asks in {len(raised)} group(s), 0 of them whole "
+        f"({', '.join(raised)}): counts go up to `min_channels`, to a multiple of `round_to` and, from one block up, "
+        "to whole blocks of `align` (16 for the channels of 2-D convolutions unless a bounds sets it; "
+        "`bounds { align = 1 }` allows any count)"])
 
 
 def test_a_conv1d_computes_no_blocked_channels() -> None:
