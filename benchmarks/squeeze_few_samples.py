@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import accuracy, fashion_mnist, markdown_table, trained, write_result
-from benchmarks.squeeze import ALIGN, ROUND_TO, run_ns
+from benchmarks.squeeze import ALIGN, ROUND_TO, bounds_text, run_ns
 from netsqueeze.passes.squeeze_fold import ablation
 
 SIZES = (16, 32, 64, 128)
@@ -70,7 +70,7 @@ def main() -> None:
         "# squeeze_fold on few calibration images: covariance shrinkage on and off",
         f"Command: `.venv/bin/python -m benchmarks.squeeze_few_samples {' '.join(sys.argv[1:])}` "
         f"({(time.perf_counter() - t_start) / 60:.1f} min). The compile of benchmarks/squeeze.py (`squeeze_fold` "
-        f"then `fold_bn`, `bounds {{ round_to = {ROUND_TO}, align = {ALIGN} }}`) on n calibration images, "
+        f"then `fold_bn`, `bounds {{ {bounds_text(ROUND_TO, ALIGN)} }}`) on n calibration images, "
         f"{args.draws} random draws of them per n (the same draws for both columns), compile seed 0. Drop = the "
         "original's top-1 minus the compressed model's on the 10,000 test images, in points. `shrinkage off` is "
         "the pass with `ablation(shrinkage=False)`: every covariance read as sampled. ρ: the largest shrinkage "

@@ -59,6 +59,12 @@ METRICS = ("flops", "params", "bytes")
 Reached = tuple[float, float, float]  # (flops, params, bytes) ratios, in METRICS order
 
 
+def kept_for_ratio(size: int, ratio: float) -> int:
+    """What a group of `size` keeps when `ratio` of it goes, before any bounds: ⌊ratio·size⌋ removed (never more
+    than the ratio asks; `ratio`, `max_ratio` and the note on rounded-up ratios read it alike)."""
+    return size - math.floor(ratio * size + 1e-9)
+
+
 @dataclass(frozen=True)
 class GroupBounds:
     """How far one channel group may shrink: keep at least `min_keep` channels, counts in
@@ -97,7 +103,7 @@ class GroupBounds:
 
     def for_ratio(self, ratio: float) -> int:
         """Channels kept when `ratio` of them are removed: ⌊ratio·size⌋ removed, then clamped."""
-        return self.clamp(self.size - math.floor(ratio * self.size + 1e-9))
+        return self.clamp(kept_for_ratio(self.size, ratio))
 
     @property
     def smallest(self) -> int:
@@ -116,7 +122,7 @@ def group_bounds(group: ChannelGroup, ctx: PassContext, min_channels: int = 1, r
     u = channels_per_unit(group)
     min_keep = -(-max(min_channels, int(b.get("min_channels", 1)), 1) // u)
     if "max_ratio" in b:
-        min_keep = max(min_keep, group.size - math.floor(float(b["max_ratio"]) * group.size + 1e-9))
+        min_keep = max(min_keep, kept_for_ratio(group.size, float(b["max_ratio"])))
     step = max(round_to, int(b.get("round_to", 1)), 1)
     align = max(int(b["align"]) if "align" in b else DEFAULT_ALIGN if group.blocked else 1, 1)
     return GroupBounds(group.size, min(min_keep, group.size), step // math.gcd(step, u), align // math.gcd(align, u),
@@ -127,7 +133,7 @@ def ratio_note(groups: Iterable[ChannelGroup], bounds: Mapping[int, GroupBounds]
     """A note on the groups whose bounds keep more channels than `ratio` asks (⌊ratio·size⌋ removed): how many, how
     many of them whole, the first three (`'producer' asked -> kept of size`) and why; None when there are none. A
     ratio that removes nothing from a group in blocks must not pass unsaid."""
-    raised = [(g, g.size - math.floor(ratio * g.size + 1e-9), bounds[g.id].for_ratio(ratio)) for g in groups]
+    raised = [(g, kept_for_ratio(g.size, ratio), bounds[g.id].for_ratio(ratio)) for g in groups]
     raised = [(g, want, got) for g, want, got in raised if got > want]
     if not raised:
         return None
